@@ -1,0 +1,200 @@
+//! What PID 1 does before it can serve the host: the pseudo filesystems, sane
+//! stdio descriptors, the loopback interface; and, on request, the container
+//! root (read-only image disk + writable scratch disk under overlayfs).
+
+use std::fs;
+use std::io;
+use std::os::fd::AsRawFd;
+
+use vmc_guest::RootSpec;
+
+use crate::sys::{check, mount};
+
+/// Where the container root is assembled; processes are moved into it.
+pub const ROOT: &str = "/run/vmc/root";
+const IMAGE: &str = "/run/vmc/image";
+const SCRATCH: &str = "/run/vmc/scratch";
+
+/// Mounts /proc, /sys, /dev (+pts, shm), /run and /tmp for the agent itself.
+pub fn early_init() -> io::Result<()> {
+    for d in ["/proc", "/sys", "/dev", "/run", "/tmp"] {
+        fs::create_dir_all(d)?;
+    }
+    let nodev = libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC;
+    mount(Some("proc"), "/proc", Some("proc"), nodev, None)?;
+    mount(Some("sysfs"), "/sys", Some("sysfs"), nodev, None)?;
+    mount(
+        Some("devtmpfs"),
+        "/dev",
+        Some("devtmpfs"),
+        libc::MS_NOSUID,
+        Some("mode=0755"),
+    )?;
+    ensure_stdio();
+    fs::create_dir_all("/dev/pts")?;
+    fs::create_dir_all("/dev/shm")?;
+    mount(
+        Some("devpts"),
+        "/dev/pts",
+        Some("devpts"),
+        libc::MS_NOSUID | libc::MS_NOEXEC,
+        Some("newinstance,ptmxmode=0666,mode=0620,gid=5"),
+    )?;
+    mount(
+        Some("shm"),
+        "/dev/shm",
+        Some("tmpfs"),
+        nodev,
+        Some("mode=1777"),
+    )?;
+    mount(
+        Some("tmpfs"),
+        "/run",
+        Some("tmpfs"),
+        libc::MS_NOSUID | libc::MS_NODEV,
+        Some("mode=0755"),
+    )?;
+    mount(
+        Some("tmpfs"),
+        "/tmp",
+        Some("tmpfs"),
+        libc::MS_NOSUID | libc::MS_NODEV,
+        Some("mode=1777"),
+    )?;
+    // /dev/ptmx must point into this devpts instance.
+    let _ = fs::remove_file("/dev/ptmx");
+    let _ = std::os::unix::fs::symlink("pts/ptmx", "/dev/ptmx");
+    if let Err(e) = loopback_up() {
+        eprintln!("vmc-guest: cannot bring up lo: {e}");
+    }
+    Ok(())
+}
+
+/// The kernel opens /dev/console for init; without a console it opens nothing,
+/// and the first sockets would become fds 0-2. Point missing ones at /dev/null.
+fn ensure_stdio() {
+    for fd in 0..3 {
+        // SAFETY: F_GETFD only queries the descriptor.
+        if unsafe { libc::fcntl(fd, libc::F_GETFD) } >= 0 {
+            continue;
+        }
+        let path = if fd == 0 { "/dev/null" } else { "/dev/console" };
+        let file = fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(path)
+            .or_else(|_| fs::OpenOptions::new().read(true).write(true).open("/dev/null"));
+        if let Ok(f) = file {
+            // SAFETY: dup2 onto a closed low descriptor; f stays valid during the call.
+            unsafe { libc::dup2(f.as_raw_fd(), fd) };
+        }
+    }
+}
+
+fn loopback_up() -> io::Result<()> {
+    // SAFETY: plain socket(2); checked below.
+    let s = check(unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) })?;
+    // SAFETY: s is a fresh descriptor owned here.
+    let s = unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(s) };
+    // SAFETY: ifreq is plain old data; zeroed is valid.
+    let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
+    for (i, b) in b"lo".iter().enumerate() {
+        req.ifr_name[i] = *b as libc::c_char;
+    }
+    // SAFETY: SIOCGIFFLAGS reads into the ifreq we pass.
+    check(unsafe { libc::ioctl(s.as_raw_fd(), libc::SIOCGIFFLAGS, &mut req) })?;
+    // SAFETY: the union member ifru_flags is the one SIOCGIFFLAGS filled in.
+    unsafe { req.ifr_ifru.ifru_flags |= (libc::IFF_UP | libc::IFF_RUNNING) as libc::c_short };
+    // SAFETY: SIOCSIFFLAGS reads the ifreq we pass.
+    check(unsafe { libc::ioctl(s.as_raw_fd(), libc::SIOCSIFFLAGS, &req) })?;
+    Ok(())
+}
+
+/// Assembles the container root at [`ROOT`] and sets the hostname.
+pub fn mount_root(spec: &RootSpec) -> io::Result<()> {
+    for d in [IMAGE, SCRATCH, ROOT] {
+        fs::create_dir_all(d)?;
+    }
+    mount(
+        Some(&spec.image_dev),
+        IMAGE,
+        Some(&spec.image_fstype),
+        libc::MS_RDONLY,
+        None,
+    )?;
+    mount(
+        Some(&spec.scratch_dev),
+        SCRATCH,
+        Some("ext4"),
+        libc::MS_NOATIME,
+        None,
+    )?;
+    let upper = format!("{SCRATCH}/upper");
+    let work = format!("{SCRATCH}/work");
+    fs::create_dir_all(&upper)?;
+    fs::create_dir_all(&work)?;
+    mount(
+        Some("overlay"),
+        ROOT,
+        Some("overlay"),
+        0,
+        Some(&format!("lowerdir={IMAGE},upperdir={upper},workdir={work}")),
+    )?;
+    for d in ["proc", "sys", "dev"] {
+        fs::create_dir_all(format!("{ROOT}/{d}"))?;
+    }
+    let nodev = libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC;
+    mount(Some("proc"), &format!("{ROOT}/proc"), Some("proc"), nodev, None)?;
+    mount(
+        Some("sysfs"),
+        &format!("{ROOT}/sys"),
+        Some("sysfs"),
+        nodev | libc::MS_RDONLY,
+        None,
+    )?;
+    mount(
+        Some("/dev"),
+        &format!("{ROOT}/dev"),
+        None,
+        libc::MS_BIND | libc::MS_REC,
+        None,
+    )?;
+    set_hostname(&spec.hostname)
+}
+
+/// sethostname(2).
+pub fn set_hostname(name: &str) -> io::Result<()> {
+    if name.is_empty() {
+        return Ok(());
+    }
+    // SAFETY: name points to name.len() valid bytes.
+    check(unsafe { libc::sethostname(name.as_ptr().cast(), name.len()) })?;
+    Ok(())
+}
+
+/// Flushes every filesystem, then resets the machine (the kernel's `reboot=k`
+/// turns this into an i8042 reset, which the VMM treats as a clean exit).
+pub fn reboot() -> ! {
+    // SAFETY: sync and reboot take no pointers.
+    unsafe {
+        libc::sync();
+    }
+    // SAFETY: as above; reboot only returns on failure.
+    unsafe {
+        libc::reboot(libc::RB_AUTOBOOT);
+    }
+    eprintln!(
+        "vmc-guest: reboot failed: {}",
+        std::io::Error::last_os_error()
+    );
+    loop {
+        // SAFETY: pause has no arguments.
+        unsafe { libc::pause() };
+    }
+}
+
+/// Used by sessions: sync all filesystems.
+pub fn sync() {
+    // SAFETY: sync takes no arguments.
+    unsafe { libc::sync() };
+}

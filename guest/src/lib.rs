@@ -1,0 +1,327 @@
+//! The host <-> guest agent protocol of vmc, defined once and used by both sides.
+//!
+//! The host opens a vsock stream to [`AGENT_PORT`] (through the VMM's Unix-socket
+//! bridge) and exchanges length-prefixed frames: a little-endian `u32` payload
+//! length followed by a postcard-encoded [`HostMsg`] or [`GuestMsg`]. Every
+//! connection starts with a [`HostMsg::Hello`] / [`GuestMsg::Hello`] pair carrying
+//! [`PROTOCOL_VERSION`]; either side closes the connection on a version it does
+//! not speak, after sending an error that says so.
+//!
+//! One connection carries one process session: `Hello`, optionally `Mount`,
+//! then `Start`, then stdin / signals from the host and output / exit from the
+//! guest.
+
+use std::io::{self, Read, Write};
+
+use serde::{Deserialize, Serialize};
+
+/// Version of the frames below; bumped on every incompatible change.
+pub const PROTOCOL_VERSION: u32 = 1;
+
+/// vsock port on which the guest agent listens.
+pub const AGENT_PORT: u32 = 1024;
+
+/// Largest frame either side accepts. Output is sent in chunks well below it.
+pub const MAX_FRAME: usize = 1 << 20;
+
+/// Largest chunk of stdio data put in one frame.
+pub const IO_CHUNK: usize = 64 * 1024;
+
+/// How the container's root filesystem is assembled inside the guest.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RootSpec {
+    /// Read-only disk holding the image (e.g. `/dev/vda`).
+    pub image_dev: String,
+    /// Filesystem type of the image disk (`erofs` or `ext4`).
+    pub image_fstype: String,
+    /// Writable disk for the overlay's upper and work dirs (e.g. `/dev/vdb`).
+    pub scratch_dev: String,
+    /// Hostname of the container.
+    pub hostname: String,
+}
+
+/// A process to start in the container.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct ProcessSpec {
+    /// argv; argv\[0\] is looked up in `PATH` from `env` when it has no `/`.
+    pub args: Vec<String>,
+    /// Environment as `KEY=VALUE` strings.
+    pub env: Vec<String>,
+    /// Working directory inside the container root.
+    pub cwd: String,
+    /// `user[:group]`, names or numeric ids; empty means root.
+    pub user: String,
+    /// Whether the host will send stdin data (otherwise stdin is /dev/null).
+    pub stdin: bool,
+    /// When the process exits, report and then reboot the VM.
+    pub reboot_on_exit: bool,
+}
+
+/// How a process ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ExitStatus {
+    /// Normal exit with this code.
+    Code(i32),
+    /// Killed by this signal.
+    Signal(i32),
+}
+
+impl ExitStatus {
+    /// The exit code a shell (and Docker) reports: the code, or 128 + signal.
+    pub fn shell_code(self) -> i32 {
+        match self {
+            ExitStatus::Code(c) => c,
+            ExitStatus::Signal(s) => 128 + s,
+        }
+    }
+}
+
+/// Why a process could not be started; mirrors the exit codes Docker uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum StartFailure {
+    /// The executable was not found (exit code 127).
+    NotFound,
+    /// The executable could not be run: permission denied, not executable (126).
+    CannotExecute,
+    /// Anything else in setting up the process (125, as `docker run` itself failing).
+    Setup,
+}
+
+impl StartFailure {
+    /// Exit code the CLI returns for this failure.
+    pub fn exit_code(self) -> i32 {
+        match self {
+            StartFailure::NotFound => 127,
+            StartFailure::CannotExecute => 126,
+            StartFailure::Setup => 125,
+        }
+    }
+}
+
+/// Frames from the host to the guest agent.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum HostMsg {
+    /// First frame on a connection.
+    Hello { version: u32 },
+    /// Assemble the container root (once per VM; later sessions skip it).
+    Mount(RootSpec),
+    /// Start a process.
+    Start(ProcessSpec),
+    /// Data for the process's stdin.
+    Stdin(#[serde(with = "serde_bytes")] Vec<u8>),
+    /// Close the process's stdin.
+    StdinEof,
+    /// Deliver a signal to the process.
+    Signal(i32),
+}
+
+/// Frames from the guest agent to the host.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum GuestMsg {
+    /// Answer to [`HostMsg::Hello`].
+    Hello { version: u32 },
+    /// The root filesystem is assembled.
+    Mounted,
+    /// The process runs with this pid (inside the guest).
+    Started { pid: u32 },
+    /// The process could not be started.
+    StartFailed { kind: StartFailure, message: String },
+    /// Output on stdout.
+    Stdout(#[serde(with = "serde_bytes")] Vec<u8>),
+    /// Output on stderr.
+    Stderr(#[serde(with = "serde_bytes")] Vec<u8>),
+    /// The process ended; all its output was sent before this frame.
+    Exited(ExitStatus),
+    /// The request failed; the message names the problem.
+    Error(String),
+}
+
+/// Errors reading or writing frames.
+#[derive(Debug)]
+pub enum FrameError {
+    /// The underlying stream failed.
+    Io(io::Error),
+    /// The peer closed the stream at a frame boundary.
+    Closed,
+    /// A frame announced a length above [`MAX_FRAME`].
+    TooLarge(usize),
+    /// A frame's payload did not decode.
+    Decode(postcard::Error),
+}
+
+impl std::fmt::Display for FrameError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            FrameError::Io(e) => write!(f, "agent connection: {e}"),
+            FrameError::Closed => write!(f, "agent connection closed"),
+            FrameError::TooLarge(n) => write!(f, "agent frame of {n} bytes exceeds the limit"),
+            FrameError::Decode(e) => write!(f, "malformed agent frame: {e}"),
+        }
+    }
+}
+
+impl std::error::Error for FrameError {}
+
+impl From<io::Error> for FrameError {
+    fn from(e: io::Error) -> Self {
+        FrameError::Io(e)
+    }
+}
+
+/// Encodes `msg` as one frame (length prefix included).
+pub fn encode<T: Serialize>(msg: &T) -> Vec<u8> {
+    let mut buf = vec![0u8; 4];
+    // Serialising our own enums into a Vec cannot fail.
+    let body = postcard::to_stdvec(msg).unwrap_or_default();
+    buf.extend_from_slice(&body);
+    let len = (buf.len() - 4) as u32;
+    buf[..4].copy_from_slice(&len.to_le_bytes());
+    buf
+}
+
+/// Writes `msg` as one frame.
+pub fn write_frame<W: Write, T: Serialize>(w: &mut W, msg: &T) -> io::Result<()> {
+    w.write_all(&encode(msg))?;
+    w.flush()
+}
+
+/// Reads one frame. [`FrameError::Closed`] on a clean end of stream.
+pub fn read_frame<R: Read, T: for<'de> Deserialize<'de>>(r: &mut R) -> Result<T, FrameError> {
+    let mut len = [0u8; 4];
+    let mut got = 0;
+    while got < 4 {
+        match r.read(&mut len[got..]) {
+            Ok(0) if got == 0 => return Err(FrameError::Closed),
+            Ok(0) => return Err(FrameError::Io(io::ErrorKind::UnexpectedEof.into())),
+            Ok(n) => got += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+    let len = u32::from_le_bytes(len) as usize;
+    if len > MAX_FRAME {
+        return Err(FrameError::TooLarge(len));
+    }
+    let mut body = vec![0u8; len];
+    r.read_exact(&mut body)?;
+    postcard::from_bytes(&body).map_err(FrameError::Decode)
+}
+
+/// Incremental frame decoder for non-blocking readers: feed bytes, take frames.
+#[derive(Default)]
+pub struct FrameDecoder {
+    buf: Vec<u8>,
+}
+
+impl FrameDecoder {
+    /// Appends received bytes.
+    pub fn feed(&mut self, data: &[u8]) {
+        self.buf.extend_from_slice(data);
+    }
+
+    /// Takes the next complete frame, if any.
+    pub fn next<T: for<'de> Deserialize<'de>>(&mut self) -> Result<Option<T>, FrameError> {
+        if self.buf.len() < 4 {
+            return Ok(None);
+        }
+        let len = u32::from_le_bytes([self.buf[0], self.buf[1], self.buf[2], self.buf[3]]) as usize;
+        if len > MAX_FRAME {
+            return Err(FrameError::TooLarge(len));
+        }
+        if self.buf.len() < 4 + len {
+            return Ok(None);
+        }
+        let msg = postcard::from_bytes(&self.buf[4..4 + len]).map_err(FrameError::Decode);
+        self.buf.drain(..4 + len);
+        msg.map(Some)
+    }
+
+    /// Bytes buffered but not yet decoded.
+    pub fn pending(&self) -> usize {
+        self.buf.len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn frames_round_trip_through_a_stream() {
+        let msgs = vec![
+            HostMsg::Hello {
+                version: PROTOCOL_VERSION,
+            },
+            HostMsg::Start(ProcessSpec {
+                args: vec!["sh".into(), "-c".into(), "exit 7".into()],
+                env: vec!["PATH=/bin".into()],
+                cwd: "/".into(),
+                ..Default::default()
+            }),
+            HostMsg::Stdin(vec![0, 1, 2, 255]),
+            HostMsg::Signal(15),
+        ];
+        let mut wire = Vec::new();
+        for m in &msgs {
+            write_frame(&mut wire, m).unwrap();
+        }
+        let mut r = &wire[..];
+        for m in &msgs {
+            let got: HostMsg = read_frame(&mut r).unwrap();
+            assert_eq!(&got, m);
+        }
+        assert!(matches!(
+            read_frame::<_, HostMsg>(&mut r),
+            Err(FrameError::Closed)
+        ));
+    }
+
+    #[test]
+    fn oversized_and_truncated_frames_are_rejected() {
+        let mut wire = ((MAX_FRAME + 1) as u32).to_le_bytes().to_vec();
+        wire.extend_from_slice(&[0; 8]);
+        assert!(matches!(
+            read_frame::<_, GuestMsg>(&mut &wire[..]),
+            Err(FrameError::TooLarge(_))
+        ));
+        let frame = encode(&GuestMsg::Stdout(vec![7; 100]));
+        assert!(matches!(
+            read_frame::<_, GuestMsg>(&mut &frame[..50]),
+            Err(FrameError::Io(_))
+        ));
+        let garbage = [3u8, 0, 0, 0, 0xff, 0xff, 0xff];
+        assert!(matches!(
+            read_frame::<_, GuestMsg>(&mut &garbage[..]),
+            Err(FrameError::Decode(_))
+        ));
+    }
+
+    #[test]
+    fn decoder_handles_split_and_joined_frames() {
+        let mut wire = encode(&GuestMsg::Stdout(b"hello".to_vec()));
+        wire.extend(encode(&GuestMsg::Exited(ExitStatus::Code(7))));
+        let mut d = FrameDecoder::default();
+        let mut out = Vec::new();
+        for b in wire.chunks(3) {
+            d.feed(b);
+            while let Some(m) = d.next::<GuestMsg>().unwrap() {
+                out.push(m);
+            }
+        }
+        assert_eq!(
+            out,
+            vec![
+                GuestMsg::Stdout(b"hello".to_vec()),
+                GuestMsg::Exited(ExitStatus::Code(7))
+            ]
+        );
+        assert_eq!(d.pending(), 0);
+    }
+
+    #[test]
+    fn exit_codes_follow_the_shell_convention() {
+        assert_eq!(ExitStatus::Code(7).shell_code(), 7);
+        assert_eq!(ExitStatus::Signal(9).shell_code(), 137);
+        assert_eq!(StartFailure::NotFound.exit_code(), 127);
+    }
+}

@@ -1,0 +1,318 @@
+//! One host connection: handshake, optional root mount, one process, its stdio
+//! and exit status.
+
+use std::collections::VecDeque;
+use std::io;
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::sync::Mutex;
+
+use vmc_guest::{
+    read_frame, write_frame, ExitStatus, FrameDecoder, GuestMsg, HostMsg, ProcessSpec,
+    IO_CHUNK, PROTOCOL_VERSION,
+};
+
+use crate::vsock::VsockStream;
+use crate::{init, reaper, spawn, sys};
+
+/// Whether the container root is mounted (once per VM).
+static MOUNTED: Mutex<bool> = Mutex::new(false);
+
+/// Stop reading host frames while this much stdin is waiting for the process.
+const STDIN_HIGH_WATER: usize = 1 << 20;
+
+fn send(conn: &VsockStream, msg: &GuestMsg) -> io::Result<()> {
+    write_frame(&mut &*conn, msg)
+}
+
+/// Serves one connection until its process has exited and been reported.
+pub fn serve(conn: VsockStream) {
+    match handshake_and_start(&conn) {
+        Ok(Some((spec, proc_))) => {
+            let reboot = spec.reboot_on_exit;
+            let status = proc_.pump(&conn);
+            if reboot {
+                init::sync();
+                if let Some(status) = status {
+                    let _ = send(&conn, &GuestMsg::Exited(status));
+                }
+                conn.shutdown_write();
+                wait_for_close(&conn);
+                init::reboot();
+            } else if let Some(status) = status {
+                let _ = send(&conn, &GuestMsg::Exited(status));
+            }
+        }
+        Ok(None) => {}
+        Err(e) => {
+            let _ = send(&conn, &GuestMsg::Error(e));
+        }
+    }
+}
+
+/// Gives the host a moment to read the last frame and close; a reboot right
+/// after the write could drop it before the VMM processes the queue.
+fn wait_for_close(conn: &VsockStream) {
+    let mut pfd = libc::pollfd {
+        fd: conn.as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
+    let mut buf = [0u8; 256];
+    while std::time::Instant::now() < deadline {
+        // SAFETY: one valid pollfd.
+        let r = unsafe { libc::poll(&mut pfd, 1, 100) };
+        if r > 0 && matches!(sys::read(conn.as_raw_fd(), &mut buf), Ok(0) | Err(_)) {
+            return;
+        }
+    }
+}
+
+fn handshake_and_start(conn: &VsockStream) -> Result<Option<(ProcessSpec, Running)>, String> {
+    let mut r = conn;
+    match read_frame::<_, HostMsg>(&mut r) {
+        Ok(HostMsg::Hello { version }) if version == PROTOCOL_VERSION => {}
+        Ok(HostMsg::Hello { version }) => {
+            return Err(format!(
+                "protocol version {version} is not supported by this guest agent (speaks {PROTOCOL_VERSION})"
+            ))
+        }
+        Ok(other) => return Err(format!("expected Hello, got {other:?}")),
+        Err(e) => return Err(e.to_string()),
+    }
+    send(conn, &GuestMsg::Hello { version: PROTOCOL_VERSION }).map_err(|e| e.to_string())?;
+    loop {
+        match read_frame::<_, HostMsg>(&mut r) {
+            Ok(HostMsg::Mount(root)) => {
+                let mut mounted = MOUNTED.lock().unwrap_or_else(|e| e.into_inner());
+                if !*mounted {
+                    init::mount_root(&root).map_err(|e| format!("assembling the root: {e}"))?;
+                    *mounted = true;
+                }
+                send(conn, &GuestMsg::Mounted).map_err(|e| e.to_string())?;
+            }
+            Ok(HostMsg::Start(spec)) => {
+                if !*MOUNTED.lock().unwrap_or_else(|e| e.into_inner()) {
+                    return Err("Start before Mount: the container root is not assembled".into());
+                }
+                return match Running::start(&spec) {
+                    Ok(p) => {
+                        send(conn, &GuestMsg::Started { pid: p.pid }).map_err(|e| e.to_string())?;
+                        Ok(Some((spec, p)))
+                    }
+                    Err(e) => {
+                        let _ = send(
+                            conn,
+                            &GuestMsg::StartFailed {
+                                kind: e.kind,
+                                message: e.message,
+                            },
+                        );
+                        Ok(None)
+                    }
+                };
+            }
+            Ok(other) => return Err(format!("unexpected frame before Start: {other:?}")),
+            Err(vmc_guest::FrameError::Closed) => return Ok(None),
+            Err(e) => return Err(e.to_string()),
+        }
+    }
+}
+
+/// A started process and the agent's ends of its pipes.
+struct Running {
+    pid: u32,
+    stdin: Option<OwnedFd>,
+    stdout: Option<OwnedFd>,
+    stderr: Option<OwnedFd>,
+    exit: OwnedFd,
+    /// The exit status was collected; pipes are drained, not waited on.
+    exited: bool,
+}
+
+impl Running {
+    fn start(spec: &ProcessSpec) -> Result<Running, spawn::SpawnError> {
+        let prepared = spawn::prepare(spec, init::ROOT)?;
+        let io_err = |e: io::Error| spawn::SpawnError {
+            kind: vmc_guest::StartFailure::Setup,
+            message: format!("stdio pipes: {e}"),
+        };
+        let (in_r, in_w) = if spec.stdin {
+            let (r, w) = sys::pipe().map_err(io_err)?;
+            (r, Some(w))
+        } else {
+            let null = std::fs::File::open("/dev/null").map_err(io_err)?;
+            (OwnedFd::from(null), None)
+        };
+        let (out_r, out_w) = sys::pipe().map_err(io_err)?;
+        let (err_r, err_w) = sys::pipe().map_err(io_err)?;
+        let stdio = [in_r.as_raw_fd(), out_w.as_raw_fd(), err_w.as_raw_fd()];
+        let mut failure = None;
+        let res = reaper::spawn_registered(|| match spawn::spawn(&prepared, stdio) {
+            Ok(pid) => Ok(((), pid)),
+            Err(e) => {
+                failure = Some(e);
+                Err(io::Error::other("spawn failed"))
+            }
+        });
+        let (_, pid, exit) = match res {
+            Ok(v) => v,
+            Err(e) => {
+                return Err(failure.unwrap_or(spawn::SpawnError {
+                    kind: vmc_guest::StartFailure::Setup,
+                    message: e.to_string(),
+                }))
+            }
+        };
+        for fd in [&out_r, &err_r] {
+            let _ = sys::set_nonblocking(fd, true);
+        }
+        if let Some(w) = &in_w {
+            let _ = sys::set_nonblocking(w, true);
+        }
+        Ok(Running {
+            pid,
+            stdin: in_w,
+            stdout: Some(out_r),
+            stderr: Some(err_r),
+            exit,
+            exited: false,
+        })
+    }
+
+    /// Moves data until the process exits; returns its status (None if the
+    /// reaper's pipe failed, which should not happen).
+    fn pump(mut self, conn: &VsockStream) -> Option<ExitStatus> {
+        let mut decoder = FrameDecoder::default();
+        let mut stdin_buf: VecDeque<u8> = VecDeque::new();
+        let mut stdin_eof = false;
+        let mut host_open = true;
+        let mut buf = vec![0u8; IO_CHUNK];
+        loop {
+            let mut fds = Vec::with_capacity(5);
+            let want_host = host_open && stdin_buf.len() < STDIN_HIGH_WATER;
+            fds.push(pfd(conn.as_raw_fd(), if want_host { libc::POLLIN } else { 0 }));
+            fds.push(pfd(self.exit.as_raw_fd(), libc::POLLIN));
+            fds.push(pfd(raw(&self.stdout), libc::POLLIN));
+            fds.push(pfd(raw(&self.stderr), libc::POLLIN));
+            let stdin_events = if stdin_buf.is_empty() { 0 } else { libc::POLLOUT };
+            fds.push(pfd(raw(&self.stdin), stdin_events));
+            // SAFETY: fds is a valid array of pollfd; negative fds are ignored by poll.
+            let r = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, -1) };
+            if r < 0 {
+                continue;
+            }
+            if fds[0].revents != 0 {
+                match sys::read(conn.as_raw_fd(), &mut buf) {
+                    Ok(0) | Err(_) => host_open = false,
+                    Ok(n) => decoder.feed(&buf[..n]),
+                }
+                loop {
+                    match decoder.next::<HostMsg>() {
+                        Ok(Some(HostMsg::Stdin(d))) if !stdin_eof => stdin_buf.extend(d),
+                        Ok(Some(HostMsg::StdinEof)) => stdin_eof = true,
+                        Ok(Some(HostMsg::Signal(sig))) => {
+                            // SAFETY: kill takes plain integers.
+                            unsafe { libc::kill(self.pid as libc::pid_t, sig) };
+                        }
+                        Ok(Some(_)) => {}
+                        Ok(None) => break,
+                        Err(_) => {
+                            host_open = false;
+                            break;
+                        }
+                    }
+                }
+            }
+            if fds[4].revents != 0 {
+                self.write_stdin(&mut stdin_buf);
+            }
+            if stdin_eof && stdin_buf.is_empty() {
+                self.stdin = None;
+            }
+            for (idx, is_err) in [(2usize, false), (3, true)] {
+                if fds[idx].revents != 0 {
+                    self.forward(conn, is_err, &mut buf);
+                }
+            }
+            if fds[1].revents != 0 {
+                let status = reaper::read_status(&self.exit).ok().map(reaper::decode);
+                self.exited = true;
+                // Whatever the process wrote before it exited is in the pipes now.
+                while self.stdout.is_some() || self.stderr.is_some() {
+                    self.forward(conn, false, &mut buf);
+                    self.forward(conn, true, &mut buf);
+                }
+                return status;
+            }
+        }
+    }
+
+    fn write_stdin(&mut self, pending: &mut VecDeque<u8>) {
+        let Some(fd) = &self.stdin else {
+            pending.clear();
+            return;
+        };
+        while !pending.is_empty() {
+            let (a, _) = pending.as_slices();
+            match sys::write(fd.as_raw_fd(), a) {
+                Ok(n) => {
+                    pending.drain(..n);
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(_) => {
+                    // The process closed its stdin; drop what is left.
+                    pending.clear();
+                    self.stdin = None;
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Reads what is available on stdout or stderr and sends it; closes the
+    /// pipe on end of file.
+    fn forward(&mut self, conn: &VsockStream, is_err: bool, buf: &mut [u8]) {
+        let slot = if is_err {
+            &mut self.stderr
+        } else {
+            &mut self.stdout
+        };
+        let Some(fd) = slot else { return };
+        match sys::read(fd.as_raw_fd(), buf) {
+            Ok(0) => *slot = None,
+            Ok(n) => {
+                let data = buf[..n].to_vec();
+                let msg = if is_err {
+                    GuestMsg::Stderr(data)
+                } else {
+                    GuestMsg::Stdout(data)
+                };
+                // A vanished host does not stop the process; its output is dropped.
+                let _ = send(conn, &msg);
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                // Drained for now; after exit this means nobody else writes
+                // (or a leftover child holds the pipe: stop waiting for it).
+                if self.exited {
+                    *slot = None;
+                }
+            }
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(_) => *slot = None,
+        }
+    }
+}
+
+fn raw(fd: &Option<OwnedFd>) -> RawFd {
+    fd.as_ref().map_or(-1, |f| f.as_raw_fd())
+}
+
+fn pfd(fd: RawFd, events: libc::c_short) -> libc::pollfd {
+    libc::pollfd {
+        fd,
+        events,
+        revents: 0,
+    }
+}

@@ -1,0 +1,352 @@
+//! Starting a workload process inside the container root.
+//!
+//! Written on fork/execve rather than `std::process::Command` because PID 1's
+//! reaper collects every child with `waitpid(-1)`, while `Command::spawn`
+//! itself waits for a child whose exec failed and asserts that this wait
+//! succeeds, which races with the reaper. Everything is prepared before the
+//! fork; the child only makes system calls.
+
+use std::ffi::CString;
+use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::path::{Component, Path};
+
+use vmc_guest::{ProcessSpec, StartFailure};
+
+use crate::sys::{self, check, cstr};
+use crate::user::{self, ExecUser};
+
+/// A start failure with the Docker-style message the CLI prints.
+#[derive(Debug)]
+pub struct SpawnError {
+    pub kind: StartFailure,
+    pub message: String,
+}
+
+impl SpawnError {
+    fn setup(message: impl Into<String>) -> Self {
+        SpawnError {
+            kind: StartFailure::Setup,
+            message: message.into(),
+        }
+    }
+}
+
+const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+
+/// Opens `path` inside `root` (symlinks resolve within the root) as O_PATH.
+fn open_in_root(root: &OwnedFd, path: &str, flags: u64) -> io::Result<OwnedFd> {
+    let p = cstr(path)?;
+    // SAFETY: open_how is plain data; all-zero is valid (and required for unused fields).
+    let mut how: libc::open_how = unsafe { std::mem::zeroed() };
+    how.flags = flags | libc::O_CLOEXEC as u64;
+    how.resolve = libc::RESOLVE_IN_ROOT;
+    // SAFETY: p is NUL-terminated and how is a valid open_how of the size passed.
+    let fd = unsafe {
+        libc::syscall(
+            libc::SYS_openat2,
+            root.as_raw_fd(),
+            p.as_ptr(),
+            &how as *const libc::open_how,
+            std::mem::size_of::<libc::open_how>(),
+        )
+    };
+    let fd = check(fd as libc::c_int)?;
+    // SAFETY: openat2 returned a fresh descriptor that we now own.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+fn read_in_root(root: &OwnedFd, path: &str) -> String {
+    open_in_root(root, path, libc::O_RDONLY as u64)
+        .map(|fd| std::io::read_to_string(std::fs::File::from(fd)).unwrap_or_default())
+        .unwrap_or_default()
+}
+
+/// Looks up argv\[0\] as execvp would, but inside `root`.
+fn resolve_executable(root: &OwnedFd, prog: &str, path_var: &str) -> Result<String, SpawnError> {
+    let not_found = || SpawnError {
+        kind: StartFailure::NotFound,
+        message: if prog.contains('/') {
+            format!("exec: \"{prog}\": stat {prog}: no such file or directory")
+        } else {
+            format!("exec: \"{prog}\": executable file not found in $PATH")
+        },
+    };
+    let candidates: Vec<String> = if prog.contains('/') {
+        vec![prog.to_string()]
+    } else {
+        path_var
+            .split(':')
+            .map(|d| if d.is_empty() { "." } else { d })
+            .map(|d| format!("{}/{prog}", d.trim_end_matches('/')))
+            .collect()
+    };
+    let mut denied = None;
+    for c in candidates {
+        let Ok(fd) = open_in_root(root, &c, libc::O_PATH as u64) else {
+            continue;
+        };
+        // SAFETY: stat is plain data filled by fstat.
+        let mut st: libc::stat = unsafe { std::mem::zeroed() };
+        // SAFETY: fd is open; st is a valid out pointer.
+        if unsafe { libc::fstat(fd.as_raw_fd(), &mut st) } != 0 {
+            continue;
+        }
+        if st.st_mode & libc::S_IFMT == libc::S_IFREG && st.st_mode & 0o111 != 0 {
+            return Ok(c);
+        }
+        denied.get_or_insert(c);
+    }
+    match denied {
+        Some(c) => Err(SpawnError {
+            kind: StartFailure::CannotExecute,
+            message: format!("exec: \"{c}\": permission denied"),
+        }),
+        None => Err(not_found()),
+    }
+}
+
+/// Everything the child needs, prepared before fork.
+pub struct Prepared {
+    path: CString,
+    argv: Vec<CString>,
+    envp: Vec<CString>,
+    root: CString,
+    cwd_prefixes: Vec<CString>,
+    cwd: CString,
+    user: ExecUser,
+}
+
+/// Validates `spec` against the container root and prepares it for [`spawn`].
+pub fn prepare(spec: &ProcessSpec, root: &str) -> Result<Prepared, SpawnError> {
+    if spec.args.is_empty() {
+        return Err(SpawnError::setup("no command given"));
+    }
+    let root_fd = std::fs::File::open(root)
+        .map(OwnedFd::from)
+        .map_err(|e| SpawnError::setup(format!("container root {root}: {e}")))?;
+    let user = user::resolve(
+        &spec.user,
+        &read_in_root(&root_fd, "/etc/passwd"),
+        &read_in_root(&root_fd, "/etc/group"),
+    )
+    .map_err(SpawnError::setup)?;
+    let mut env: Vec<String> = spec.env.clone();
+    if !env.iter().any(|e| e.starts_with("PATH=")) {
+        env.push(format!("PATH={DEFAULT_PATH}"));
+    }
+    if !env.iter().any(|e| e.starts_with("HOME=")) {
+        env.push(format!("HOME={}", user.home));
+    }
+    let path_var = env
+        .iter()
+        .rev()
+        .find_map(|e| e.strip_prefix("PATH="))
+        .unwrap_or(DEFAULT_PATH)
+        .to_string();
+    let path = resolve_executable(&root_fd, &spec.args[0], &path_var)?;
+    let cwd = if spec.cwd.is_empty() { "/" } else { &spec.cwd };
+    if !cwd.starts_with('/') {
+        return Err(SpawnError::setup(format!(
+            "the working directory '{cwd}' is invalid, it needs to be an absolute path"
+        )));
+    }
+    let mut cwd_prefixes = Vec::new();
+    let mut acc = String::new();
+    for c in Path::new(cwd).components() {
+        if let Component::Normal(n) = c {
+            acc.push('/');
+            acc.push_str(&n.to_string_lossy());
+            cwd_prefixes.push(cstr(&acc).map_err(|e| SpawnError::setup(e.to_string()))?);
+        }
+    }
+    let c = |s: &str| CString::new(s).map_err(|_| SpawnError::setup("argument contains a NUL byte"));
+    Ok(Prepared {
+        path: c(&path)?,
+        argv: spec.args.iter().map(|a| c(a)).collect::<Result<_, _>>()?,
+        envp: env.iter().map(|a| c(a)).collect::<Result<_, _>>()?,
+        root: c(root)?,
+        cwd_prefixes,
+        cwd: c(cwd)?,
+        user,
+    })
+}
+
+/// Where in the child a step failed; reported with errno through a pipe.
+#[repr(u8)]
+#[derive(Clone, Copy)]
+enum Step {
+    Stdio = 1,
+    Namespace,
+    Root,
+    Session,
+    Identity,
+    Workdir,
+    Exec,
+}
+
+impl Step {
+    fn describe(v: u8) -> &'static str {
+        match v {
+            1 => "set up stdio",
+            2 => "create the mount namespace",
+            3 => "enter the container root",
+            4 => "start a session",
+            5 => "switch user",
+            6 => "enter the working directory",
+            _ => "exec",
+        }
+    }
+}
+
+/// Forks and execs `p` with the given stdio descriptors (child ends).
+/// Returns the pid; the process is reaped by the reaper.
+pub fn spawn(p: &Prepared, stdio: [RawFd; 3]) -> Result<u32, SpawnError> {
+    let ptrs = |v: &[CString]| {
+        let mut out: Vec<*const libc::c_char> = v.iter().map(|s| s.as_ptr()).collect();
+        out.push(std::ptr::null());
+        out
+    };
+    let argv = ptrs(&p.argv);
+    let envp = ptrs(&p.envp);
+    let groups: Vec<libc::gid_t> = p.user.groups.clone();
+    let (err_r, err_w) = sys::pipe().map_err(|e| SpawnError::setup(e.to_string()))?;
+
+    // SAFETY: fork in a multithreaded process: the child below only makes
+    // async-signal-safe system calls on data prepared before the fork, then
+    // execs or _exits.
+    let pid = unsafe { libc::fork() };
+    if pid < 0 {
+        return Err(SpawnError::setup(format!(
+            "fork: {}",
+            io::Error::last_os_error()
+        )));
+    }
+    if pid == 0 {
+        // SAFETY: see above; child_main never returns.
+        unsafe { child_main(p, stdio, &argv, &envp, &groups, err_w.as_raw_fd()) }
+    }
+    drop(err_w);
+    let mut buf = [0u8; 5];
+    let n = read_full(&err_r, &mut buf);
+    if n == 0 {
+        return Ok(pid as u32);
+    }
+    let errno = i32::from_ne_bytes([buf[1], buf[2], buf[3], buf[4]]);
+    let err = io::Error::from_raw_os_error(errno);
+    let prog = p.argv[0].to_string_lossy();
+    let kind = match (buf[0], errno) {
+        (7, libc::ENOENT) => StartFailure::NotFound,
+        (7, libc::EACCES | libc::ENOEXEC | libc::EPERM | libc::EISDIR) => StartFailure::CannotExecute,
+        _ => StartFailure::Setup,
+    };
+    let message = if buf[0] == Step::Exec as u8 {
+        format!("exec {prog}: {err}")
+    } else {
+        format!("failed to {}: {err}", Step::describe(buf[0]))
+    };
+    Err(SpawnError { kind, message })
+}
+
+fn read_full(fd: &OwnedFd, buf: &mut [u8]) -> usize {
+    let mut got = 0;
+    while got < buf.len() {
+        match sys::read(fd.as_raw_fd(), &mut buf[got..]) {
+            Ok(0) => break,
+            Ok(n) => got += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(_) => break,
+        }
+    }
+    got
+}
+
+/// The forked child. Only system calls from here on.
+///
+/// # Safety
+/// Must only be called in the child right after fork.
+unsafe fn child_main(
+    p: &Prepared,
+    stdio: [RawFd; 3],
+    argv: &[*const libc::c_char],
+    envp: &[*const libc::c_char],
+    groups: &[libc::gid_t],
+    err_fd: RawFd,
+) -> ! {
+    let fail = |step: Step| -> ! {
+        // SAFETY: __errno_location is always valid in the calling thread.
+        let errno = unsafe { *libc::__errno_location() };
+        let e = errno.to_ne_bytes();
+        let msg = [step as u8, e[0], e[1], e[2], e[3]];
+        // SAFETY: writing a stack buffer to our error pipe, then exiting without unwinding.
+        unsafe {
+            libc::write(err_fd, msg.as_ptr().cast(), msg.len());
+            libc::_exit(127)
+        }
+    };
+    // SAFETY: all calls below are system calls on valid, NUL-terminated data
+    // prepared by the parent; each result is checked.
+    unsafe {
+        // The agent blocks SIGCHLD; the workload starts with an empty mask.
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        libc::sigprocmask(libc::SIG_SETMASK, &set, std::ptr::null_mut());
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+
+        for (target, &fd) in stdio.iter().enumerate() {
+            if fd == target as RawFd {
+                let flags = libc::fcntl(fd, libc::F_GETFD);
+                if flags < 0 || libc::fcntl(fd, libc::F_SETFD, flags & !libc::FD_CLOEXEC) < 0 {
+                    fail(Step::Stdio);
+                }
+            } else if libc::dup2(fd, target as RawFd) < 0 {
+                fail(Step::Stdio);
+            }
+        }
+        if libc::setsid() < 0 {
+            fail(Step::Session);
+        }
+        if libc::unshare(libc::CLONE_NEWNS) < 0 {
+            fail(Step::Namespace);
+        }
+        let root_c = c"/";
+        if libc::mount(
+            std::ptr::null(),
+            root_c.as_ptr(),
+            std::ptr::null(),
+            libc::MS_REC | libc::MS_PRIVATE,
+            std::ptr::null(),
+        ) < 0
+        {
+            fail(Step::Namespace);
+        }
+        let dot = c".";
+        if libc::chdir(p.root.as_ptr()) < 0
+            || libc::mount(
+                dot.as_ptr(),
+                root_c.as_ptr(),
+                std::ptr::null(),
+                libc::MS_MOVE,
+                std::ptr::null(),
+            ) < 0
+            || libc::chroot(dot.as_ptr()) < 0
+            || libc::chdir(root_c.as_ptr()) < 0
+        {
+            fail(Step::Root);
+        }
+        for d in &p.cwd_prefixes {
+            libc::mkdir(d.as_ptr(), 0o755);
+        }
+        if libc::setgroups(groups.len(), groups.as_ptr()) < 0
+            || libc::setgid(p.user.gid) < 0
+            || libc::setuid(p.user.uid) < 0
+        {
+            fail(Step::Identity);
+        }
+        if libc::chdir(p.cwd.as_ptr()) < 0 {
+            fail(Step::Workdir);
+        }
+        libc::execve(p.path.as_ptr(), argv.as_ptr(), envp.as_ptr());
+        fail(Step::Exec)
+    }
+}

@@ -1,0 +1,8 @@
+//! vmc: Docker's workflow with a microVM boundary.
+//!
+//! Data flows one way: CLI -> runtime -> (vmm + devices) -> guest. Nothing
+//! below `runtime` knows about the CLI; nothing in `vmm` or `devices` knows
+//! about images or containers.
+
+pub mod devices;
+pub mod vmm;

@@ -1,0 +1,123 @@
+//! Which virtualisation backend sits behind /dev/kvm, and what a guest needs
+//! on it.
+//!
+//! On hardware virtualisation (Intel VMX, AMD SVM) a stock kernel runs as is.
+//! Under the `kvm_pvm` module in native mode (software virtualisation, see
+//! HOST-KVM.md in the project's shared notes) the guest kernel needs a few
+//! command-line flags and vmc's kernel patch, switched on by `vmc.pvm`.
+
+use std::fmt;
+use std::fs;
+
+/// The backend found on this host.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    /// Intel VT-x.
+    Vmx,
+    /// AMD-V.
+    Svm,
+    /// kvm_pvm with `pvm_native=Y`: privileged guest instructions are emulated.
+    PvmNative,
+    /// kvm_pvm in its paravirtual mode (needs a PVM-enabled guest kernel).
+    Pvm,
+    /// /dev/kvm exists but the CPU flags name no known backend (e.g. nested
+    /// virtualisation that hides vmx/svm).
+    Unknown,
+}
+
+impl Backend {
+    /// Detects the backend from /sys/module and /proc/cpuinfo.
+    pub fn detect() -> Backend {
+        Self::from_probe(
+            fs::read_to_string("/sys/module/kvm_pvm/parameters/pvm_native").ok(),
+            fs::metadata("/sys/module/kvm_pvm").is_ok(),
+            &fs::read_to_string("/proc/cpuinfo").unwrap_or_default(),
+        )
+    }
+
+    fn from_probe(pvm_native: Option<String>, pvm_loaded: bool, cpuinfo: &str) -> Backend {
+        if let Some(v) = pvm_native {
+            if v.trim() == "Y" || v.trim() == "1" {
+                return Backend::PvmNative;
+            }
+        }
+        if pvm_loaded {
+            return Backend::Pvm;
+        }
+        let flags = cpuinfo
+            .lines()
+            .find(|l| l.starts_with("flags"))
+            .unwrap_or_default();
+        let has = |f: &str| flags.split_whitespace().any(|x| x == f);
+        if has("vmx") {
+            Backend::Vmx
+        } else if has("svm") {
+            Backend::Svm
+        } else {
+            Backend::Unknown
+        }
+    }
+
+    /// Whether the guest needs vmc's kvm_pvm workarounds.
+    pub fn needs_pvm_quirks(self) -> bool {
+        self == Backend::PvmNative
+    }
+
+    /// Kernel command-line flags this backend needs (empty on hardware).
+    ///
+    /// Under pvm_native the emulator cannot run an XRSTOR in FPU setup,
+    /// CMPXCHG16B (SLUB's double-word cmpxchg), POPCNT and CLAC/STAC (SMAP) in
+    /// the kernel; RDRAND/RDSEED, FSGSBASE and PCID/INVPCID are off as a
+    /// precaution. `vmc.pvm` enables the kernel patch in kernels/patches/.
+    pub fn guest_cmdline(self) -> &'static str {
+        if self.needs_pvm_quirks() {
+            "vmc.pvm noxsave clearcpuid=141,151,158,306,308 nofsgsbase nopcid noinvpcid"
+        } else {
+            ""
+        }
+    }
+}
+
+impl fmt::Display for Backend {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Backend::Vmx => "hardware (Intel VT-x)",
+            Backend::Svm => "hardware (AMD-V)",
+            Backend::PvmNative => "kvm_pvm native mode (software virtualisation)",
+            Backend::Pvm => "kvm_pvm (paravirtual mode)",
+            Backend::Unknown => "unknown (no vmx/svm flag; nested or hidden)",
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pvm_native_wins_over_cpu_flags() {
+        let b = Backend::from_probe(Some("Y\n".into()), true, "flags : fpu svm");
+        assert_eq!(b, Backend::PvmNative);
+        assert!(b.needs_pvm_quirks());
+        assert!(b.guest_cmdline().contains("vmc.pvm"));
+    }
+
+    #[test]
+    fn hardware_backends_need_no_quirks() {
+        let vmx = Backend::from_probe(None, false, "processor: 0\nflags\t\t: fpu vmx sse\n");
+        assert_eq!(vmx, Backend::Vmx);
+        assert_eq!(vmx.guest_cmdline(), "");
+        assert_eq!(
+            Backend::from_probe(None, false, "flags : fpu svm"),
+            Backend::Svm
+        );
+        assert_eq!(
+            Backend::from_probe(None, false, "flags : fpu sse"),
+            Backend::Unknown
+        );
+        assert_eq!(
+            Backend::from_probe(Some("N".into()), true, "flags : fpu"),
+            Backend::Pvm
+        );
+    }
+}

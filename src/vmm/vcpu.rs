@@ -1,0 +1,179 @@
+//! vCPU threads: run KVM_RUN, dispatch port and MMIO exits to the buses, and
+//! turn resets, shutdowns and errors into a VM exit reason.
+//!
+//! The exit dispatch is a pure function over the buses so it can be tested
+//! without KVM. A stopping VMM kicks each vCPU thread with a real-time signal
+//! whose handler sets `immediate_exit` in the thread's kvm_run, so a vCPU
+//! about to enter the guest returns at once instead of missing the kick.
+
+use std::cell::Cell;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use kvm_ioctls::{VcpuExit, VcpuFd};
+
+use super::exit::{ExitState, VmExit};
+use crate::devices::bus::Bus;
+
+/// What the vCPU loop does after an exit.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Next {
+    Continue,
+    Stop(VmExit),
+}
+
+/// KVM_SYSTEM_EVENT types.
+const SYSTEM_EVENT_SHUTDOWN: u32 = 1;
+const SYSTEM_EVENT_RESET: u32 = 2;
+const SYSTEM_EVENT_CRASH: u32 = 3;
+
+/// Handles one exit. Unclaimed port reads return all ones (an empty ISA bus);
+/// unclaimed MMIO reads return zeros; unclaimed writes are dropped.
+pub fn dispatch(exit: VcpuExit, pio: &Bus, mmio: &Bus) -> Next {
+    match exit {
+        VcpuExit::IoIn(port, data) => {
+            if !pio.read(port as u64, data) {
+                data.fill(0xff);
+            }
+            Next::Continue
+        }
+        VcpuExit::IoOut(port, data) => {
+            pio.write(port as u64, data);
+            Next::Continue
+        }
+        VcpuExit::MmioRead(addr, data) => {
+            if !mmio.read(addr, data) {
+                data.fill(0);
+            }
+            Next::Continue
+        }
+        VcpuExit::MmioWrite(addr, data) => {
+            mmio.write(addr, data);
+            Next::Continue
+        }
+        VcpuExit::Hlt | VcpuExit::Intr | VcpuExit::IrqWindowOpen | VcpuExit::IoapicEoi(_) => {
+            Next::Continue
+        }
+        VcpuExit::Shutdown => Next::Stop(VmExit::Crashed(
+            "the guest triple-faulted (CPU shutdown)".into(),
+        )),
+        VcpuExit::SystemEvent(SYSTEM_EVENT_RESET, _) => Next::Stop(VmExit::Reset),
+        VcpuExit::SystemEvent(SYSTEM_EVENT_SHUTDOWN, _) => Next::Stop(VmExit::Reset),
+        VcpuExit::SystemEvent(SYSTEM_EVENT_CRASH, _) => {
+            Next::Stop(VmExit::Crashed("the guest reported a crash".into()))
+        }
+        VcpuExit::InternalError => Next::Stop(VmExit::Crashed(
+            "KVM internal error: the virtualisation backend could not emulate a guest instruction"
+                .into(),
+        )),
+        VcpuExit::FailEntry(reason, cpu) => Next::Stop(VmExit::Crashed(format!(
+            "KVM could not enter the guest (hardware reason {reason:#x} on cpu {cpu})"
+        ))),
+        other => Next::Stop(VmExit::Crashed(format!("unexpected vCPU exit {other:?}"))),
+    }
+}
+
+thread_local! {
+    static IMMEDIATE_EXIT: Cell<*mut u8> = const { Cell::new(std::ptr::null_mut()) };
+}
+
+extern "C" fn kick_handler(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {
+    let p = IMMEDIATE_EXIT.with(|c| c.get());
+    if !p.is_null() {
+        // SAFETY: p points at this thread's kvm_run->immediate_exit, mapped for
+        // as long as the thread's VcpuFd lives (the pointer is cleared first).
+        unsafe { std::ptr::write_volatile(p, 1) };
+    }
+}
+
+/// The signal used to kick vCPU threads out of KVM_RUN.
+pub fn kick_signal() -> libc::c_int {
+    vmm_sys_util::signal::SIGRTMIN()
+}
+
+/// Installs the kick handler (process-wide, idempotent).
+pub fn install_kick_handler() -> std::io::Result<()> {
+    vmm_sys_util::signal::register_signal_handler(kick_signal(), kick_handler)
+        .map_err(|e| std::io::Error::from_raw_os_error(e.errno()))
+}
+
+/// One vCPU's thread body.
+pub fn run(mut vcpu: VcpuFd, pio: Bus, mmio: Bus, stop: Arc<AtomicBool>, exit: Arc<ExitState>) {
+    let ptr: *mut u8 = &mut vcpu.get_kvm_run().immediate_exit;
+    IMMEDIATE_EXIT.with(|c| c.set(ptr));
+    while !stop.load(Ordering::SeqCst) {
+        match vcpu.run() {
+            Ok(e) => {
+                if let Next::Stop(reason) = dispatch(e, &pio, &mmio) {
+                    if let VmExit::Crashed(_) = reason {
+                        log::debug!("vCPU registers: {:?}", vcpu.get_regs());
+                    }
+                    exit.signal(reason);
+                    break;
+                }
+            }
+            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
+                vcpu.set_kvm_immediate_exit(0);
+            }
+            Err(e) => {
+                exit.signal(VmExit::Crashed(format!("KVM_RUN failed: {e}")));
+                break;
+            }
+        }
+    }
+    IMMEDIATE_EXIT.with(|c| c.set(std::ptr::null_mut()));
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Mutex;
+
+    use super::*;
+    use crate::devices::bus::BusDevice;
+
+    struct Byte(u8, Vec<u8>);
+    impl BusDevice for Byte {
+        fn read(&mut self, _o: u64, d: &mut [u8]) {
+            d.fill(self.0);
+        }
+        fn write(&mut self, _o: u64, d: &[u8]) {
+            self.1.extend_from_slice(d);
+        }
+    }
+
+    #[test]
+    fn port_and_mmio_exits_reach_the_buses() {
+        let dev = Arc::new(Mutex::new(Byte(0x42, Vec::new())));
+        let mut pio = Bus::default();
+        pio.insert(dev.clone(), 0x60, 5).unwrap();
+        let mmio = Bus::default();
+        let mut d = [0u8; 1];
+        assert_eq!(dispatch(VcpuExit::IoIn(0x64, &mut d), &pio, &mmio), Next::Continue);
+        assert_eq!(d[0], 0x42);
+        assert_eq!(dispatch(VcpuExit::IoIn(0x80, &mut d), &pio, &mmio), Next::Continue);
+        assert_eq!(d[0], 0xff, "empty port");
+        dispatch(VcpuExit::IoOut(0x64, &[0xfe]), &pio, &mmio);
+        assert_eq!(dev.lock().unwrap().1, vec![0xfe]);
+        let mut m = [9u8; 4];
+        dispatch(VcpuExit::MmioRead(0xd000_0000, &mut m), &pio, &mmio);
+        assert_eq!(m, [0; 4], "empty mmio");
+    }
+
+    #[test]
+    fn resets_and_faults_stop_the_vm() {
+        let (pio, mmio) = (Bus::default(), Bus::default());
+        assert_eq!(
+            dispatch(VcpuExit::SystemEvent(SYSTEM_EVENT_RESET, &[]), &pio, &mmio),
+            Next::Stop(VmExit::Reset)
+        );
+        assert!(matches!(
+            dispatch(VcpuExit::Shutdown, &pio, &mmio),
+            Next::Stop(VmExit::Crashed(_))
+        ));
+        assert!(matches!(
+            dispatch(VcpuExit::InternalError, &pio, &mmio),
+            Next::Stop(VmExit::Crashed(m)) if m.contains("emulate")
+        ));
+        assert_eq!(dispatch(VcpuExit::Hlt, &pio, &mmio), Next::Continue);
+    }
+}
