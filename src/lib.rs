@@ -6,3 +6,6 @@
 
 pub mod devices;
 pub mod vmm;
+pub mod assets;
+pub mod cli;
+pub mod runtime;

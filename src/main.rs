@@ -1,1 +1,144 @@
-fn main(){}
+//! vmc's command line: parse, dispatch, print any error once, exit with the
+//! right code (the workload's own, or 125 when vmc itself failed).
+
+use std::io::IsTerminal;
+
+use anyhow::{bail, Context, Result};
+use clap::Parser;
+use vmc::cli::{Cli, Command, RunArgs};
+use vmc::runtime::{self, ContainerConfig, ProcessSpec, Resources};
+use vmc::{assets, vmm};
+
+/// Docker's exit code for "the runtime itself failed".
+const EXIT_VMC_ERROR: i32 = 125;
+
+struct StderrLogger(log::LevelFilter);
+
+impl log::Log for StderrLogger {
+    fn enabled(&self, m: &log::Metadata) -> bool {
+        m.level() <= self.0
+    }
+    fn log(&self, r: &log::Record) {
+        if self.enabled(r.metadata()) {
+            eprintln!("vmc [{}] {}", r.level().as_str().to_lowercase(), r.args());
+        }
+    }
+    fn flush(&self) {}
+}
+
+fn init_logging() {
+    let level = match std::env::var("VMC_LOG").as_deref() {
+        Ok("debug") | Ok("trace") => log::LevelFilter::Debug,
+        Ok("info") => log::LevelFilter::Info,
+        Ok("error") => log::LevelFilter::Error,
+        _ => log::LevelFilter::Warn,
+    };
+    let logger = Box::leak(Box::new(StderrLogger(level)));
+    if log::set_logger(logger).is_ok() {
+        log::set_max_level(level);
+    }
+}
+
+fn main() {
+    init_logging();
+    let cli = Cli::parse();
+    let code = match dispatch(cli) {
+        Ok(code) => code,
+        Err(e) => {
+            let chain: Vec<String> = e.chain().map(|c| c.to_string()).collect();
+            eprintln!("vmc: {}", chain.join(": "));
+            EXIT_VMC_ERROR
+        }
+    };
+    std::process::exit(code);
+}
+
+fn dispatch(cli: Cli) -> Result<i32> {
+    match cli.command {
+        Command::Run(args) => run(args),
+        Command::Info => info(),
+        Command::Bench(_) => bail!("vmc bench: not built into this binary yet"),
+    }
+}
+
+fn run(args: RunArgs) -> Result<i32> {
+    if args.memory < vmm::MIN_MEMORY {
+        bail!(
+            "--memory {}: a microVM needs at least {} MiB",
+            args.memory,
+            vmm::MIN_MEMORY >> 20
+        );
+    }
+    if !args.rootfs.is_dir() {
+        bail!(
+            "--rootfs {}: no such directory (give the root filesystem of the container)",
+            args.rootfs.display()
+        );
+    }
+    let kernel = assets::kernel(args.kernel.as_deref())?;
+    let id = runtime::new_id();
+    let hostname = args.hostname.clone().unwrap_or_else(|| id[..12].to_string());
+    let mut env = vec![format!("HOSTNAME={hostname}")];
+    for e in &args.env {
+        match e.split_once('=') {
+            Some(_) => env.push(e.clone()),
+            None => {
+                if let Ok(v) = std::env::var(e) {
+                    env.push(format!("{e}={v}"));
+                }
+            }
+        }
+    }
+    let cfg = ContainerConfig {
+        id: id.clone(),
+        rootfs: args.rootfs.clone(),
+        process: ProcessSpec {
+            args: args.command.clone(),
+            env,
+            cwd: args.workdir.clone().unwrap_or_else(|| "/".into()),
+            user: args.user.clone().unwrap_or_default(),
+            ..Default::default()
+        },
+        hostname,
+        resources: Resources {
+            cpus: args.cpus,
+            memory: args.memory,
+        },
+        kernel,
+        debug: args.debug,
+    };
+    let forward_stdin = args.interactive || !std::io::stdin().is_terminal();
+    let dir = runtime::vmc_home().join("containers").join(&id);
+    let result = runtime::microvm::run_attached(&cfg, &dir, forward_stdin);
+    if args.rm {
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+    result.context("run")
+}
+
+fn info() -> Result<i32> {
+    println!("vmc {}", env!("CARGO_PKG_VERSION"));
+    println!("backend: {}", vmm::Backend::detect());
+    match vmm::open_kvm() {
+        Ok(kvm) => println!(
+            "kvm: API {}, up to {} vCPUs",
+            kvm.get_api_version(),
+            kvm.get_max_vcpus()
+        ),
+        Err(e) => println!("kvm: unavailable ({e})"),
+    }
+    let extra = vmm::Backend::detect().guest_cmdline();
+    if !extra.is_empty() {
+        println!("guest workarounds: {extra}");
+    }
+    match assets::kernel(None) {
+        Ok(p) => println!("kernel: {}", p.display()),
+        Err(e) => println!("kernel: missing ({e})"),
+    }
+    match assets::guest_binary() {
+        Ok(p) => println!("guest agent: {}", p.display()),
+        Err(e) => println!("guest agent: missing ({e})"),
+    }
+    println!("state: {}", runtime::vmc_home().display());
+    Ok(0)
+}

@@ -137,6 +137,23 @@ impl RunningVm {
         self.exit.signal(VmExit::Stopped);
     }
 
+    /// Whether the VM still runs.
+    pub fn is_running(&self) -> bool {
+        self.event_loop.as_ref().is_some_and(|h| !h.is_finished())
+    }
+
+    /// Waits up to `timeout` for the VM to end by itself, then stops it.
+    pub fn wait_or_stop(self, timeout: std::time::Duration) -> VmExit {
+        let deadline = std::time::Instant::now() + timeout;
+        while self.is_running() && std::time::Instant::now() < deadline {
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        if self.is_running() {
+            self.stop();
+        }
+        self.wait()
+    }
+
     /// A handle that can stop the VM from another thread.
     pub fn stopper(&self) -> Stopper {
         Stopper(self.exit.clone())

@@ -1,0 +1,172 @@
+//! Command-line types (clap derive only; no logic beyond value parsing).
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+
+/// Docker's workflow with a microVM boundary: every container boots its own
+/// minimal Linux kernel under KVM.
+#[derive(Parser, Debug)]
+#[command(
+    name = "vmc",
+    version,
+    about,
+    long_about = "vmc runs containers the way Docker does, but each one inside its own \
+                  lightweight virtual machine: a minimal Linux kernel boots under KVM and \
+                  runs the container's root filesystem, with vmc's agent as PID 1.\n\n\
+                  Environment: VMC_HOME (state, default /var/lib/vmc for root), \
+                  VMC_ASSETS (guest kernel and agent, default ~/.local/share/vmc), \
+                  VMC_KERNEL, VMC_GUEST, VMC_LOG (error|warn|info|debug)."
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Run a command in a new microVM container.
+    #[command(
+        long_about = "Run a command in a new container inside its own microVM.\n\n\
+                      The container's root filesystem is DIR (--rootfs); it is never modified: \
+                      writes go to a per-container scratch disk. The command's stdout and \
+                      stderr arrive on vmc's stdout and stderr, stdin is forwarded when it is \
+                      not a terminal (or with -i), SIGINT/SIGTERM/SIGHUP/SIGQUIT/SIGUSR1/SIGUSR2 \
+                      sent to vmc reach the command, and vmc exits with the command's exit \
+                      code (128+N when it was killed by signal N; 127 when the command does \
+                      not exist, 126 when it cannot be executed, 125 when vmc itself failed).",
+        after_help = "Examples:\n  vmc run --rm --rootfs ./rootfs -- echo hello\n  \
+                      echo hi | vmc run --rm --rootfs ./rootfs -- cat\n  \
+                      vmc run --rm --cpus 2 --memory 1G --rootfs ./rootfs -- nproc"
+    )]
+    Run(RunArgs),
+    /// Show the virtualisation backend, guest kernel and agent vmc will use.
+    Info,
+    /// Measure vmc (boot time, VMM overhead).
+    Bench(BenchArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct RunArgs {
+    /// Root filesystem directory of the container.
+    #[arg(long, value_name = "DIR")]
+    pub rootfs: PathBuf,
+
+    /// Remove the container's state (scratch disk) when it exits.
+    #[arg(long)]
+    pub rm: bool,
+
+    /// Number of virtual CPUs.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u8).range(1..=64))]
+    pub cpus: u8,
+
+    /// Guest memory, e.g. 256M or 1G (units b, k, m, g).
+    #[arg(short = 'm', long, default_value = "256M", value_parser = parse_size)]
+    pub memory: u64,
+
+    /// Guest kernel (default: the one `make kernel` installed).
+    #[arg(long, value_name = "PATH", env = "VMC_KERNEL")]
+    pub kernel: Option<PathBuf>,
+
+    /// Show the guest kernel's console on stderr (slow: every byte is a VM exit).
+    #[arg(long)]
+    pub debug: bool,
+
+    /// Set an environment variable (KEY=VALUE, or KEY to copy vmc's own).
+    #[arg(short = 'e', long = "env", value_name = "KEY=VALUE")]
+    pub env: Vec<String>,
+
+    /// Working directory inside the container.
+    #[arg(short = 'w', long = "workdir", value_name = "DIR")]
+    pub workdir: Option<String>,
+
+    /// User to run as: name, uid, name:group or uid:gid.
+    #[arg(short = 'u', long = "user")]
+    pub user: Option<String>,
+
+    /// Container hostname (default: the short container id).
+    #[arg(long)]
+    pub hostname: Option<String>,
+
+    /// Keep stdin open and forward it even when it is a terminal.
+    #[arg(short = 'i', long)]
+    pub interactive: bool,
+
+    /// The command and its arguments.
+    #[arg(last = true, required = true, value_name = "CMD")]
+    pub command: Vec<String>,
+}
+
+#[derive(Args, Debug)]
+pub struct BenchArgs {
+    /// Scenarios to run (default: boot).
+    #[arg(value_name = "SCENARIO")]
+    pub scenarios: Vec<String>,
+    /// Measured runs per scenario (after one warm-up run).
+    #[arg(long, default_value_t = 10)]
+    pub runs: usize,
+    /// Root filesystem for the benchmark container (default: a busybox tree).
+    #[arg(long, value_name = "DIR")]
+    pub rootfs: Option<PathBuf>,
+    /// Guest kernel.
+    #[arg(long, value_name = "PATH", env = "VMC_KERNEL")]
+    pub kernel: Option<PathBuf>,
+    /// Write the results as JSON to FILE.
+    #[arg(long, value_name = "FILE")]
+    pub json: Option<PathBuf>,
+}
+
+/// Parses sizes like `256M`, `1g`, `512MiB`, `1048576`.
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let lower = t.to_ascii_lowercase();
+    let digits_end = lower
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(lower.len());
+    let (num, unit) = lower.split_at(digits_end);
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("invalid size '{s}': expected a number with an optional unit (b, k, m, g)"))?;
+    let mult: u64 = match unit.trim_end_matches("ib").trim_end_matches('b') {
+        "" if unit.is_empty() || unit == "b" => 1,
+        "k" => 1 << 10,
+        "m" => 1 << 20,
+        "g" => 1 << 30,
+        _ => return Err(format!("invalid size '{s}': unknown unit '{unit}' (use b, k, m or g)")),
+    };
+    n.checked_mul(mult)
+        .ok_or_else(|| format!("invalid size '{s}': too large"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_parse_like_docker() {
+        assert_eq!(parse_size("256M"), Ok(256 << 20));
+        assert_eq!(parse_size("1g"), Ok(1 << 30));
+        assert_eq!(parse_size("512MiB"), Ok(512 << 20));
+        assert_eq!(parse_size("4096"), Ok(4096));
+        assert_eq!(parse_size("10b"), Ok(10));
+        assert_eq!(parse_size("0"), Ok(0));
+        assert!(parse_size("12q").is_err());
+        assert!(parse_size("M").is_err());
+        assert!(parse_size("99999999999g").is_err());
+    }
+
+    #[test]
+    fn cli_definition_is_consistent() {
+        use clap::CommandFactory;
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn run_requires_a_command_after_the_separator() {
+        let ok = Cli::try_parse_from(["vmc", "run", "--rootfs", "r", "--", "echo", "-n", "hi"]).unwrap();
+        let Command::Run(r) = ok.command else { panic!() };
+        assert_eq!(r.command, vec!["echo", "-n", "hi"]);
+        assert!(Cli::try_parse_from(["vmc", "run", "--rootfs", "r"]).is_err());
+        assert!(Cli::try_parse_from(["vmc", "run", "--cpus", "0", "--rootfs", "r", "--", "x"]).is_err());
+    }
+}

@@ -1,0 +1,267 @@
+//! The microVM runtime: disks from the container's root filesystem, a VM with
+//! the guest agent as PID 1, and a session that runs the container's process
+//! with its stdio and exit status carried over vsock.
+
+use std::io::{Read, Write};
+use std::os::unix::fs::DirBuilderExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicI32, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use vmc_guest::{GuestMsg, HostMsg, RootSpec, AGENT_PORT, IO_CHUNK};
+
+use super::agent::{AgentConn, AgentError};
+use super::{disk, ContainerConfig, RuntimeError};
+use crate::assets;
+use crate::vmm::{self, Backend, DiskConfig, RunningVm, VmConfig, VmExit};
+
+/// Guest CID of every VM (each VM has its own vsock device and host socket).
+pub const GUEST_CID: u64 = 3;
+/// Size of the sparse scratch disk (the container's writable layer).
+pub const SCRATCH_SIZE: u64 = 8 << 30;
+/// How long the guest may take to boot to its agent. Software virtualisation
+/// needs tens of seconds; hardware well under one.
+pub const BOOT_TIMEOUT: Duration = Duration::from_secs(300);
+/// How long the guest may take to reset itself after its process exited.
+const RESET_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// A booted (or booting) microVM.
+pub struct MicroVm {
+    vm: RunningVm,
+    vsock: PathBuf,
+}
+
+impl MicroVm {
+    /// Builds the disks in `dir` and starts the VM.
+    pub fn boot(cfg: &ContainerConfig, dir: &Path) -> Result<MicroVm, RuntimeError> {
+        if !cfg.rootfs.is_dir() {
+            return Err(RuntimeError::NoRootfs(cfg.rootfs.display().to_string()));
+        }
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)
+            .map_err(|source| RuntimeError::State {
+                path: dir.display().to_string(),
+                source,
+            })?;
+        let image = dir.join("image.erofs");
+        disk::build_erofs(&cfg.rootfs, &image)?;
+        let scratch = dir.join("scratch.ext4");
+        disk::build_scratch(&scratch, SCRATCH_SIZE)?;
+        let initrd = assets::initramfs(&assets::guest_binary()?)?;
+        let vsock = dir.join("vsock.sock");
+        let console: Option<Box<dyn Write + Send>> = if cfg.debug {
+            Some(Box::new(std::io::stderr()))
+        } else {
+            None
+        };
+        let vm = vmm::start(VmConfig {
+            vcpus: cfg.resources.cpus,
+            mem_size: cfg.resources.memory,
+            kernel: cfg.kernel.clone(),
+            initrd: Some(initrd),
+            cmdline: Vec::new(),
+            disks: vec![
+                DiskConfig {
+                    path: image,
+                    read_only: true,
+                    id: "vmc-image".into(),
+                },
+                DiskConfig {
+                    path: scratch,
+                    read_only: false,
+                    id: "vmc-scratch".into(),
+                },
+            ],
+            vsock: Some((GUEST_CID, vsock.clone())),
+            rng: true,
+            console,
+            backend: Backend::detect(),
+        })?;
+        Ok(MicroVm { vm, vsock })
+    }
+
+    /// Connects to the guest agent, waiting for the guest to boot.
+    pub fn connect(&self, timeout: Duration) -> Result<AgentConn, AgentError> {
+        AgentConn::connect(&self.vsock, AGENT_PORT, timeout, &|| self.vm.is_running())
+    }
+
+    /// The root filesystem layout inside the guest.
+    pub fn root_spec(hostname: &str) -> RootSpec {
+        RootSpec {
+            image_dev: "/dev/vda".into(),
+            image_fstype: "erofs".into(),
+            scratch_dev: "/dev/vdb".into(),
+            hostname: hostname.into(),
+        }
+    }
+
+    /// Lets the guest finish resetting (or stops it) and returns how it ended.
+    pub fn finish(self, timeout: Duration) -> VmExit {
+        self.vm.wait_or_stop(timeout)
+    }
+
+    /// Stops the VM now.
+    pub fn stop(self) -> VmExit {
+        self.vm.stop();
+        self.vm.wait()
+    }
+
+    /// A handle that stops the VM from another thread.
+    pub fn stopper(&self) -> vmm::Stopper {
+        self.vm.stopper()
+    }
+}
+
+/// Signals vmc forwards to the workload.
+const FORWARDED: [libc::c_int; 6] = [
+    libc::SIGINT,
+    libc::SIGTERM,
+    libc::SIGHUP,
+    libc::SIGQUIT,
+    libc::SIGUSR1,
+    libc::SIGUSR2,
+];
+
+fn forwarded_set() -> libc::sigset_t {
+    // SAFETY: sigset_t is plain data initialised by sigemptyset.
+    let mut set: libc::sigset_t = unsafe { std::mem::zeroed() };
+    // SAFETY: set is a valid sigset_t.
+    unsafe {
+        libc::sigemptyset(&mut set);
+        for s in FORWARDED {
+            libc::sigaddset(&mut set, s);
+        }
+    }
+    set
+}
+
+/// Runs the container attached to this process's stdio and returns the exit
+/// code vmc should exit with. SIGINT/SIGTERM/... reach the workload.
+pub fn run_attached(cfg: &ContainerConfig, dir: &Path, forward_stdin: bool) -> Result<i32, RuntimeError> {
+    // Block the forwarded signals before any thread starts, so that only the
+    // forwarding thread (sigwait) ever receives them.
+    let set = forwarded_set();
+    // SAFETY: set is a valid sigset_t; the old mask is not needed.
+    unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) };
+
+    let mvm = MicroVm::boot(cfg, dir)?;
+    let writer: Arc<Mutex<Option<AgentConn>>> = Arc::new(Mutex::new(None));
+    let interrupted = Arc::new(AtomicI32::new(0));
+    {
+        let (writer, interrupted, stopper) = (writer.clone(), interrupted.clone(), mvm.stopper());
+        std::thread::spawn(move || loop {
+            let mut sig: libc::c_int = 0;
+            // SAFETY: set and sig are valid for the call.
+            if unsafe { libc::sigwait(&set, &mut sig) } != 0 {
+                continue;
+            }
+            let mut w = writer.lock().unwrap_or_else(|e| e.into_inner());
+            match w.as_mut() {
+                Some(conn) => {
+                    let _ = conn.send(&HostMsg::Signal(sig));
+                }
+                None => {
+                    interrupted.store(sig, Ordering::SeqCst);
+                    stopper.stop();
+                }
+            }
+        });
+    }
+
+    let mut conn = match mvm.connect(BOOT_TIMEOUT) {
+        Ok(c) => c,
+        Err(e) => {
+            let sig = interrupted.load(Ordering::SeqCst);
+            let exit = mvm.stop();
+            if sig != 0 {
+                return Ok(128 + sig);
+            }
+            return Err(match (e, exit) {
+                (AgentError::VmStopped, VmExit::Crashed(why)) => RuntimeError::VmCrashed(why),
+                (e, _) => e.into(),
+            });
+        }
+    };
+    conn.send(&HostMsg::Mount(MicroVm::root_spec(&cfg.hostname)))?;
+    match conn.recv()? {
+        GuestMsg::Mounted => {}
+        GuestMsg::Error(e) => return Err(AgentError::Remote(e).into()),
+        other => return Err(AgentError::Unexpected(format!("{other:?}")).into()),
+    }
+    let mut spec = cfg.process.clone();
+    spec.stdin = forward_stdin;
+    spec.reboot_on_exit = true;
+    conn.send(&HostMsg::Start(spec))?;
+    match conn.recv()? {
+        GuestMsg::Started { .. } => {}
+        GuestMsg::StartFailed { kind, message } => {
+            eprintln!("vmc: {message}");
+            mvm.stop();
+            return Ok(kind.exit_code());
+        }
+        GuestMsg::Error(e) => return Err(AgentError::Remote(e).into()),
+        other => return Err(AgentError::Unexpected(format!("{other:?}")).into()),
+    }
+    *writer.lock().unwrap_or_else(|e| e.into_inner()) = Some(conn.try_clone().map_err(AgentError::Io)?);
+    if forward_stdin {
+        let writer = writer.clone();
+        std::thread::spawn(move || pump_stdin(writer));
+    }
+
+    let code = pump_output(&mut conn);
+    conn.close();
+    writer.lock().unwrap_or_else(|e| e.into_inner()).take();
+    let exit = mvm.finish(RESET_TIMEOUT);
+    match code {
+        Some(code) => Ok(code),
+        None => Err(RuntimeError::VmCrashed(match exit {
+            VmExit::Crashed(why) => why,
+            _ => "the guest agent closed the connection before the process exited".into(),
+        })),
+    }
+}
+
+/// Copies vmc's stdin to the workload until end of file.
+fn pump_stdin(writer: Arc<Mutex<Option<AgentConn>>>) {
+    let mut stdin = std::io::stdin().lock();
+    let mut buf = vec![0u8; IO_CHUNK];
+    loop {
+        let msg = match stdin.read(&mut buf) {
+            Ok(0) | Err(_) => HostMsg::StdinEof,
+            Ok(n) => HostMsg::Stdin(buf[..n].to_vec()),
+        };
+        let eof = msg == HostMsg::StdinEof;
+        let mut w = writer.lock().unwrap_or_else(|e| e.into_inner());
+        let sent = w.as_mut().is_some_and(|conn| conn.send(&msg).is_ok());
+        if !sent || eof {
+            return;
+        }
+    }
+}
+
+/// Writes the workload's output to vmc's stdout/stderr until it exits;
+/// returns its exit code, or None if the connection ended first.
+fn pump_output(conn: &mut AgentConn) -> Option<i32> {
+    let mut out = std::io::stdout().lock();
+    let mut err = std::io::stderr().lock();
+    loop {
+        match conn.recv() {
+            Ok(GuestMsg::Stdout(d)) => {
+                let _ = out.write_all(&d).and_then(|_| out.flush());
+            }
+            Ok(GuestMsg::Stderr(d)) => {
+                let _ = err.write_all(&d).and_then(|_| err.flush());
+            }
+            Ok(GuestMsg::Exited(status)) => return Some(status.shell_code()),
+            Ok(GuestMsg::Error(e)) => {
+                eprintln!("vmc: guest agent: {e}");
+                return None;
+            }
+            Ok(_) => {}
+            Err(_) => return None,
+        }
+    }
+}

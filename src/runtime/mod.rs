@@ -1,0 +1,94 @@
+//! Running containers: what a container is ([`ContainerConfig`]), where vmc
+//! keeps state, and the microVM runtime. The namespace runtime joins it later.
+
+pub mod agent;
+pub mod disk;
+pub mod microvm;
+
+use std::path::PathBuf;
+
+pub use vmc_guest::ProcessSpec;
+
+/// CPU and memory given to a container.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Resources {
+    pub cpus: u8,
+    pub memory: u64,
+}
+
+/// A container to run: its root filesystem, process and limits.
+#[derive(Debug, Clone)]
+pub struct ContainerConfig {
+    pub id: String,
+    /// Root filesystem directory.
+    pub rootfs: PathBuf,
+    pub process: ProcessSpec,
+    pub hostname: String,
+    pub resources: Resources,
+    /// Guest kernel (VM mode).
+    pub kernel: PathBuf,
+    /// Show the guest kernel's console on stderr.
+    pub debug: bool,
+}
+
+/// Errors running a container.
+#[derive(Debug, thiserror::Error)]
+pub enum RuntimeError {
+    #[error("rootfs {0} is not a directory")]
+    NoRootfs(String),
+    #[error("state directory {path}: {source}")]
+    State {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Disk(#[from] disk::DiskError),
+    #[error(transparent)]
+    Assets(#[from] crate::assets::AssetError),
+    #[error(transparent)]
+    Vmm(#[from] crate::vmm::VmmError),
+    #[error(transparent)]
+    Agent(#[from] agent::AgentError),
+    #[error("the VM stopped unexpectedly: {0}")]
+    VmCrashed(String),
+}
+
+/// vmc's state directory: `$VMC_HOME`, else /var/lib/vmc for root, else
+/// `$XDG_DATA_HOME/vmc` (or ~/.local/share/vmc).
+pub fn vmc_home() -> PathBuf {
+    if let Some(d) = std::env::var_os("VMC_HOME") {
+        return PathBuf::from(d);
+    }
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } == 0 {
+        return PathBuf::from("/var/lib/vmc");
+    }
+    crate::assets::assets_dir()
+}
+
+/// A new random container id (64 hex digits, like Docker's).
+pub fn new_id() -> String {
+    let mut b = [0u8; 32];
+    let mut done = 0;
+    while done < b.len() {
+        // SAFETY: the pointer and length describe the unfilled tail of b.
+        let n = unsafe { libc::getrandom(b[done..].as_mut_ptr().cast(), b.len() - done, 0) };
+        if n > 0 {
+            done += n as usize;
+        }
+    }
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ids_are_64_hex_digits_and_differ() {
+        let a = new_id();
+        assert_eq!(a.len(), 64);
+        assert!(a.chars().all(|c| c.is_ascii_hexdigit()));
+        assert_ne!(a, new_id());
+    }
+}
