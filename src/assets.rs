@@ -10,7 +10,9 @@ use std::path::{Path, PathBuf};
 /// Errors locating or reading assets.
 #[derive(Debug, thiserror::Error)]
 pub enum AssetError {
-    #[error("no guest kernel at {0}: build and install it with `make kernel` (or pass --kernel PATH)")]
+    #[error(
+        "no guest kernel at {0}: build and install it with `make kernel` (or pass --kernel PATH)"
+    )]
     NoKernel(String),
     #[error("no guest agent at {0}: build and install it with `make guest` (or set VMC_GUEST)")]
     NoGuest(String),
@@ -158,8 +160,12 @@ mod tests {
         let out = child.wait_with_output().unwrap();
         let listing = String::from_utf8_lossy(&out.stdout);
         assert!(listing.contains("init"), "{listing}");
-        assert!(listing.lines().any(|l| l.starts_with("crw") && l.contains("dev/console")));
-        assert!(listing.lines().any(|l| l.starts_with("-rwxr-xr-x") && l.contains(" 15 ")));
+        assert!(listing
+            .lines()
+            .any(|l| l.starts_with("crw") && l.contains("dev/console")));
+        assert!(listing
+            .lines()
+            .any(|l| l.starts_with("-rwxr-xr-x") && l.contains(" 15 ")));
     }
 
     #[test]

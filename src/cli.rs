@@ -124,15 +124,19 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
         .find(|c: char| !c.is_ascii_digit())
         .unwrap_or(lower.len());
     let (num, unit) = lower.split_at(digits_end);
-    let n: u64 = num
-        .parse()
-        .map_err(|_| format!("invalid size '{s}': expected a number with an optional unit (b, k, m, g)"))?;
+    let n: u64 = num.parse().map_err(|_| {
+        format!("invalid size '{s}': expected a number with an optional unit (b, k, m, g)")
+    })?;
     let mult: u64 = match unit.trim_end_matches("ib").trim_end_matches('b') {
         "" if unit.is_empty() || unit == "b" => 1,
         "k" => 1 << 10,
         "m" => 1 << 20,
         "g" => 1 << 30,
-        _ => return Err(format!("invalid size '{s}': unknown unit '{unit}' (use b, k, m or g)")),
+        _ => {
+            return Err(format!(
+                "invalid size '{s}': unknown unit '{unit}' (use b, k, m or g)"
+            ))
+        }
     };
     n.checked_mul(mult)
         .ok_or_else(|| format!("invalid size '{s}': too large"))
@@ -163,10 +167,15 @@ mod tests {
 
     #[test]
     fn run_requires_a_command_after_the_separator() {
-        let ok = Cli::try_parse_from(["vmc", "run", "--rootfs", "r", "--", "echo", "-n", "hi"]).unwrap();
-        let Command::Run(r) = ok.command else { panic!() };
+        let ok =
+            Cli::try_parse_from(["vmc", "run", "--rootfs", "r", "--", "echo", "-n", "hi"]).unwrap();
+        let Command::Run(r) = ok.command else {
+            panic!()
+        };
         assert_eq!(r.command, vec!["echo", "-n", "hi"]);
         assert!(Cli::try_parse_from(["vmc", "run", "--rootfs", "r"]).is_err());
-        assert!(Cli::try_parse_from(["vmc", "run", "--cpus", "0", "--rootfs", "r", "--", "x"]).is_err());
+        assert!(
+            Cli::try_parse_from(["vmc", "run", "--cpus", "0", "--rootfs", "r", "--", "x"]).is_err()
+        );
     }
 }

@@ -4,8 +4,9 @@
 //! below `runtime` knows about the CLI; nothing in `vmm` or `devices` knows
 //! about images or containers.
 
-pub mod devices;
-pub mod vmm;
 pub mod assets;
+pub mod bench;
 pub mod cli;
+pub mod devices;
 pub mod runtime;
+pub mod vmm;

@@ -7,7 +7,7 @@ use anyhow::{bail, Context, Result};
 use clap::Parser;
 use vmc::cli::{Cli, Command, RunArgs};
 use vmc::runtime::{self, ContainerConfig, ProcessSpec, Resources};
-use vmc::{assets, vmm};
+use vmc::{assets, bench, vmm};
 
 /// Docker's exit code for "the runtime itself failed".
 const EXIT_VMC_ERROR: i32 = 125;
@@ -41,7 +41,20 @@ fn init_logging() {
 
 fn main() {
     init_logging();
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) if !e.use_stderr() => e.exit(), // --help, --version
+        Err(e) => {
+            // One line, like every other vmc error: clap's first line is the problem.
+            let msg = e.to_string();
+            let first = msg.lines().next().unwrap_or("invalid arguments");
+            eprintln!(
+                "vmc: {} (see vmc --help)",
+                first.trim_start_matches("error: ")
+            );
+            std::process::exit(EXIT_VMC_ERROR);
+        }
+    };
     let code = match dispatch(cli) {
         Ok(code) => code,
         Err(e) => {
@@ -57,11 +70,13 @@ fn dispatch(cli: Cli) -> Result<i32> {
     match cli.command {
         Command::Run(args) => run(args),
         Command::Info => info(),
-        Command::Bench(_) => bail!("vmc bench: not built into this binary yet"),
+        Command::Bench(args) => bench::run(args).map(|_| 0).map_err(Into::into),
     }
 }
 
 fn run(args: RunArgs) -> Result<i32> {
+    // Fail before anything else when KVM cannot be used at all.
+    vmm::open_kvm()?;
     if args.memory < vmm::MIN_MEMORY {
         bail!(
             "--memory {}: a microVM needs at least {} MiB",
@@ -77,7 +92,10 @@ fn run(args: RunArgs) -> Result<i32> {
     }
     let kernel = assets::kernel(args.kernel.as_deref())?;
     let id = runtime::new_id();
-    let hostname = args.hostname.clone().unwrap_or_else(|| id[..12].to_string());
+    let hostname = args
+        .hostname
+        .clone()
+        .unwrap_or_else(|| id[..12].to_string());
     let mut env = vec![format!("HOSTNAME={hostname}")];
     for e in &args.env {
         match e.split_once('=') {
@@ -110,7 +128,8 @@ fn run(args: RunArgs) -> Result<i32> {
     let forward_stdin = args.interactive || !std::io::stdin().is_terminal();
     let dir = runtime::vmc_home().join("containers").join(&id);
     let result = runtime::microvm::run_attached(&cfg, &dir, forward_stdin);
-    if args.rm {
+    // A run that failed in vmc itself leaves nothing behind.
+    if args.rm || result.is_err() {
         let _ = std::fs::remove_dir_all(&dir);
     }
     result.context("run")

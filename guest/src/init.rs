@@ -83,7 +83,12 @@ fn ensure_stdio() {
             .read(true)
             .write(true)
             .open(path)
-            .or_else(|_| fs::OpenOptions::new().read(true).write(true).open("/dev/null"));
+            .or_else(|_| {
+                fs::OpenOptions::new()
+                    .read(true)
+                    .write(true)
+                    .open("/dev/null")
+            });
         if let Ok(f) = file {
             // SAFETY: dup2 onto a closed low descriptor; f stays valid during the call.
             unsafe { libc::dup2(f.as_raw_fd(), fd) };
@@ -93,7 +98,8 @@ fn ensure_stdio() {
 
 fn loopback_up() -> io::Result<()> {
     // SAFETY: plain socket(2); checked below.
-    let s = check(unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) })?;
+    let s =
+        check(unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) })?;
     // SAFETY: s is a fresh descriptor owned here.
     let s = unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(s) };
     // SAFETY: ifreq is plain old data; zeroed is valid.
@@ -144,7 +150,13 @@ pub fn mount_root(spec: &RootSpec) -> io::Result<()> {
         fs::create_dir_all(format!("{ROOT}/{d}"))?;
     }
     let nodev = libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC;
-    mount(Some("proc"), &format!("{ROOT}/proc"), Some("proc"), nodev, None)?;
+    mount(
+        Some("proc"),
+        &format!("{ROOT}/proc"),
+        Some("proc"),
+        nodev,
+        None,
+    )?;
     mount(
         Some("sysfs"),
         &format!("{ROOT}/sys"),

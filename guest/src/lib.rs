@@ -220,7 +220,7 @@ impl FrameDecoder {
     }
 
     /// Takes the next complete frame, if any.
-    pub fn next<T: for<'de> Deserialize<'de>>(&mut self) -> Result<Option<T>, FrameError> {
+    pub fn next_frame<T: for<'de> Deserialize<'de>>(&mut self) -> Result<Option<T>, FrameError> {
         if self.buf.len() < 4 {
             return Ok(None);
         }
@@ -304,7 +304,7 @@ mod tests {
         let mut out = Vec::new();
         for b in wire.chunks(3) {
             d.feed(b);
-            while let Some(m) = d.next::<GuestMsg>().unwrap() {
+            while let Some(m) = d.next_frame::<GuestMsg>().unwrap() {
                 out.push(m);
             }
         }

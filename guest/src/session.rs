@@ -7,8 +7,8 @@ use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::sync::Mutex;
 
 use vmc_guest::{
-    read_frame, write_frame, ExitStatus, FrameDecoder, GuestMsg, HostMsg, ProcessSpec,
-    IO_CHUNK, PROTOCOL_VERSION,
+    read_frame, write_frame, ExitStatus, FrameDecoder, GuestMsg, HostMsg, ProcessSpec, IO_CHUNK,
+    PROTOCOL_VERSION,
 };
 
 use crate::vsock::VsockStream;
@@ -80,7 +80,13 @@ fn handshake_and_start(conn: &VsockStream) -> Result<Option<(ProcessSpec, Runnin
         Ok(other) => return Err(format!("expected Hello, got {other:?}")),
         Err(e) => return Err(e.to_string()),
     }
-    send(conn, &GuestMsg::Hello { version: PROTOCOL_VERSION }).map_err(|e| e.to_string())?;
+    send(
+        conn,
+        &GuestMsg::Hello {
+            version: PROTOCOL_VERSION,
+        },
+    )
+    .map_err(|e| e.to_string())?;
     loop {
         match read_frame::<_, HostMsg>(&mut r) {
             Ok(HostMsg::Mount(root)) => {
@@ -191,11 +197,18 @@ impl Running {
         loop {
             let mut fds = Vec::with_capacity(5);
             let want_host = host_open && stdin_buf.len() < STDIN_HIGH_WATER;
-            fds.push(pfd(conn.as_raw_fd(), if want_host { libc::POLLIN } else { 0 }));
+            fds.push(pfd(
+                conn.as_raw_fd(),
+                if want_host { libc::POLLIN } else { 0 },
+            ));
             fds.push(pfd(self.exit.as_raw_fd(), libc::POLLIN));
             fds.push(pfd(raw(&self.stdout), libc::POLLIN));
             fds.push(pfd(raw(&self.stderr), libc::POLLIN));
-            let stdin_events = if stdin_buf.is_empty() { 0 } else { libc::POLLOUT };
+            let stdin_events = if stdin_buf.is_empty() {
+                0
+            } else {
+                libc::POLLOUT
+            };
             fds.push(pfd(raw(&self.stdin), stdin_events));
             // SAFETY: fds is a valid array of pollfd; negative fds are ignored by poll.
             let r = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, -1) };
@@ -208,7 +221,7 @@ impl Running {
                     Ok(n) => decoder.feed(&buf[..n]),
                 }
                 loop {
-                    match decoder.next::<HostMsg>() {
+                    match decoder.next_frame::<HostMsg>() {
                         Ok(Some(HostMsg::Stdin(d))) if !stdin_eof => stdin_buf.extend(d),
                         Ok(Some(HostMsg::StdinEof)) => stdin_eof = true,
                         Ok(Some(HostMsg::Signal(sig))) => {

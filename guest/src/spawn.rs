@@ -160,7 +160,8 @@ pub fn prepare(spec: &ProcessSpec, root: &str) -> Result<Prepared, SpawnError> {
             cwd_prefixes.push(cstr(&acc).map_err(|e| SpawnError::setup(e.to_string()))?);
         }
     }
-    let c = |s: &str| CString::new(s).map_err(|_| SpawnError::setup("argument contains a NUL byte"));
+    let c =
+        |s: &str| CString::new(s).map_err(|_| SpawnError::setup("argument contains a NUL byte"));
     Ok(Prepared {
         path: c(&path)?,
         argv: spec.args.iter().map(|a| c(a)).collect::<Result<_, _>>()?,
@@ -237,7 +238,9 @@ pub fn spawn(p: &Prepared, stdio: [RawFd; 3]) -> Result<u32, SpawnError> {
     let prog = p.argv[0].to_string_lossy();
     let kind = match (buf[0], errno) {
         (7, libc::ENOENT) => StartFailure::NotFound,
-        (7, libc::EACCES | libc::ENOEXEC | libc::EPERM | libc::EISDIR) => StartFailure::CannotExecute,
+        (7, libc::EACCES | libc::ENOEXEC | libc::EPERM | libc::EISDIR) => {
+            StartFailure::CannotExecute
+        }
         _ => StartFailure::Setup,
     };
     let message = if buf[0] == Step::Exec as u8 {

@@ -105,4 +105,3 @@ pub fn write_all(fd: RawFd, mut buf: &[u8]) -> io::Result<()> {
     }
     Ok(())
 }
-

@@ -21,7 +21,12 @@ pub enum DiskError {
     },
 }
 
-fn run(tool: &'static str, package: &'static str, path: &Path, cmd: &mut Command) -> Result<(), DiskError> {
+fn run(
+    tool: &'static str,
+    package: &'static str,
+    path: &Path,
+    cmd: &mut Command,
+) -> Result<(), DiskError> {
     let out = cmd.output().map_err(|e| {
         if e.kind() == std::io::ErrorKind::NotFound {
             DiskError::MissingTool { tool, package }
@@ -110,7 +115,11 @@ mod tests {
         let meta = std::fs::metadata(&p).unwrap();
         use std::os::unix::fs::MetadataExt;
         assert_eq!(meta.len(), 1 << 30);
-        assert!(meta.blocks() * 512 < 64 << 20, "sparse: {} blocks", meta.blocks());
+        assert!(
+            meta.blocks() * 512 < 64 << 20,
+            "sparse: {} blocks",
+            meta.blocks()
+        );
         let sb = std::fs::read(&p).unwrap();
         assert_eq!(&sb[1024 + 0x38..1024 + 0x3a], &[0x53, 0xef], "ext4 magic");
     }

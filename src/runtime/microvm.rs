@@ -62,7 +62,10 @@ impl MicroVm {
             mem_size: cfg.resources.memory,
             kernel: cfg.kernel.clone(),
             initrd: Some(initrd),
-            cmdline: Vec::new(),
+            // For experiments and debugging: extra guest kernel parameters.
+            cmdline: std::env::var("VMC_KERNEL_ARGS")
+                .map(|a| a.split_whitespace().map(String::from).collect())
+                .unwrap_or_default(),
             disks: vec![
                 DiskConfig {
                     path: image,
@@ -95,6 +98,18 @@ impl MicroVm {
             image_fstype: "erofs".into(),
             scratch_dev: "/dev/vdb".into(),
             hostname: hostname.into(),
+        }
+    }
+
+    /// For `vmc bench`: writes this process's peak RSS and the guest's
+    /// resident memory to the file named by `VMC_MEM_REPORT`, if set.
+    pub fn write_mem_report(&self) {
+        if let Some(p) = std::env::var_os("VMC_MEM_REPORT") {
+            let doc = serde_json::json!({
+                "vm_hwm_kib": vmm::memory::peak_rss_kib(),
+                "guest_rss_kib": self.vm.guest_rss_kib(),
+            });
+            let _ = std::fs::write(p, doc.to_string());
         }
     }
 
@@ -140,7 +155,11 @@ fn forwarded_set() -> libc::sigset_t {
 
 /// Runs the container attached to this process's stdio and returns the exit
 /// code vmc should exit with. SIGINT/SIGTERM/... reach the workload.
-pub fn run_attached(cfg: &ContainerConfig, dir: &Path, forward_stdin: bool) -> Result<i32, RuntimeError> {
+pub fn run_attached(
+    cfg: &ContainerConfig,
+    dir: &Path,
+    forward_stdin: bool,
+) -> Result<i32, RuntimeError> {
     // Block the forwarded signals before any thread starts, so that only the
     // forwarding thread (sigwait) ever receives them.
     let set = forwarded_set();
@@ -205,13 +224,15 @@ pub fn run_attached(cfg: &ContainerConfig, dir: &Path, forward_stdin: bool) -> R
         GuestMsg::Error(e) => return Err(AgentError::Remote(e).into()),
         other => return Err(AgentError::Unexpected(format!("{other:?}")).into()),
     }
-    *writer.lock().unwrap_or_else(|e| e.into_inner()) = Some(conn.try_clone().map_err(AgentError::Io)?);
+    *writer.lock().unwrap_or_else(|e| e.into_inner()) =
+        Some(conn.try_clone().map_err(AgentError::Io)?);
     if forward_stdin {
         let writer = writer.clone();
         std::thread::spawn(move || pump_stdin(writer));
     }
 
     let code = pump_output(&mut conn);
+    mvm.write_mem_report();
     conn.close();
     writer.lock().unwrap_or_else(|e| e.into_inner()).take();
     let exit = mvm.finish(RESET_TIMEOUT);

@@ -65,9 +65,10 @@ impl Backend {
 
     /// Kernel command-line flags this backend needs (empty on hardware).
     ///
-    /// Under pvm_native the emulator cannot run an XRSTOR in FPU setup,
-    /// CMPXCHG16B (SLUB's double-word cmpxchg), POPCNT and CLAC/STAC (SMAP) in
-    /// the kernel; RDRAND/RDSEED, FSGSBASE and PCID/INVPCID are off as a
+    /// Under pvm_native the emulator cannot run the XRSTOR of FPU setup
+    /// (`noxsave`; the kernel reads it early and also reports it as unknown),
+    /// CMPXCHG16B (SLUB's double-word cmpxchg), POPCNT and CLAC/STAC (SMAP)
+    /// in the kernel; RDRAND/RDSEED, FSGSBASE and PCID/INVPCID are off as a
     /// precaution. `vmc.pvm` enables the kernel patch in kernels/patches/.
     pub fn guest_cmdline(self) -> &'static str {
         if self.needs_pvm_quirks() {

@@ -47,6 +47,9 @@ pub const IRQ_MAX: u32 = 23;
 pub const COM1_PORT: u16 = 0x3f8;
 pub const COM1_IRQ: u32 = 4;
 
+// Device windows must sit in the hole, never over RAM.
+const _: () = assert!(VIRTIO_MMIO_BASE >= MMIO_GAP_START && VIRTIO_MMIO_BASE < MMIO_GAP_END);
+
 /// The RAM regions for a guest of `size` bytes.
 pub fn ram_regions(size: u64) -> Vec<(GuestAddress, usize)> {
     if size <= MMIO_GAP_START {
@@ -54,10 +57,7 @@ pub fn ram_regions(size: u64) -> Vec<(GuestAddress, usize)> {
     } else {
         vec![
             (GuestAddress(0), MMIO_GAP_START as usize),
-            (
-                GuestAddress(MMIO_GAP_END),
-                (size - MMIO_GAP_START) as usize,
-            ),
+            (GuestAddress(MMIO_GAP_END), (size - MMIO_GAP_START) as usize),
         ]
     }
 }
@@ -83,9 +83,75 @@ pub fn e820_map(size: u64) -> Vec<(u64, u64)> {
     map
 }
 
+/// Resident KiB of this process's mappings that start at the given host
+/// addresses (guest RAM), from /proc/self/smaps.
+pub fn resident_kib(starts: &[u64]) -> u64 {
+    let Ok(smaps) = std::fs::read_to_string("/proc/self/smaps") else {
+        return 0;
+    };
+    let mut total = 0;
+    let mut in_guest = false;
+    for line in smaps.lines() {
+        if let Some((range, _)) = line.split_once(' ') {
+            if let Some((start, _)) = range.split_once('-') {
+                if let Ok(a) = u64::from_str_radix(start, 16) {
+                    in_guest = starts.contains(&a);
+                    continue;
+                }
+            }
+        }
+        if in_guest {
+            if let Some(v) = line.strip_prefix("Rss:") {
+                total += v
+                    .trim()
+                    .trim_end_matches("kB")
+                    .trim()
+                    .parse::<u64>()
+                    .unwrap_or(0);
+            }
+        }
+    }
+    total
+}
+
+/// Peak resident set size of this process, KiB (VmHWM).
+pub fn peak_rss_kib() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("VmHWM:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        })
+        .unwrap_or(0)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn touched_guest_memory_shows_as_resident() {
+        use vm_memory::{Bytes, GuestMemoryBackend, GuestMemoryRegion, MemoryRegionAddress};
+        let mem = create(64 << 20).unwrap();
+        let start = mem
+            .iter()
+            .next()
+            .unwrap()
+            .get_host_address(MemoryRegionAddress(0))
+            .unwrap() as u64;
+        let before = resident_kib(&[start]);
+        for i in 0..256u64 {
+            mem.write_obj(1u8, GuestAddress(i * 4096)).unwrap();
+        }
+        let after = resident_kib(&[start]);
+        assert!(after >= before + 1000, "{before} -> {after}");
+        assert!(
+            after <= 64 << 10,
+            "MAP_NORESERVE: untouched pages cost nothing"
+        );
+        assert!(peak_rss_kib() >= after);
+    }
 
     #[test]
     fn small_guests_have_one_region() {
@@ -107,6 +173,5 @@ mod tests {
         let e = e820_map(size);
         assert_eq!(e[1], (HIMEM_START, MMIO_GAP_START - HIMEM_START));
         assert_eq!(e[2], (MMIO_GAP_END, 1 << 30));
-        assert!(VIRTIO_MMIO_BASE >= MMIO_GAP_START && VIRTIO_MMIO_BASE < MMIO_GAP_END);
     }
 }

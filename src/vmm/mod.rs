@@ -21,7 +21,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
-use kvm_bindings::{kvm_pit_config, kvm_userspace_memory_region, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY};
+use kvm_bindings::{
+    kvm_pit_config, kvm_userspace_memory_region, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY,
+};
 use kvm_ioctls::{IoEventAddress, Kvm, VmFd};
 use vm_memory::{GuestMemoryBackend, GuestMemoryRegion, MemoryRegionAddress};
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
@@ -35,8 +37,8 @@ use crate::devices::virtio::rng::Rng;
 use crate::devices::virtio::vsock::Vsock;
 use crate::devices::virtio::{EventRegistry, Interrupt, Mem, Token, VirtioDevice};
 pub use backend::Backend;
-pub use exit::VmExit;
 use exit::ExitState;
+pub use exit::VmExit;
 use memory::{COM1_IRQ, COM1_PORT, IRQ_MAX, VIRTIO_IRQ_BASE, VIRTIO_MMIO_BASE, VIRTIO_MMIO_SIZE};
 
 /// Smallest guest accepted: the kernel alone occupies 16-30 MiB.
@@ -137,6 +139,17 @@ impl RunningVm {
         self.exit.signal(VmExit::Stopped);
     }
 
+    /// Resident KiB of guest RAM (pages the guest touched).
+    pub fn guest_rss_kib(&self) -> u64 {
+        let starts: Vec<u64> = self
+            ._mem
+            .iter()
+            .filter_map(|r| r.get_host_address(MemoryRegionAddress(0)).ok())
+            .map(|p| p as u64)
+            .collect();
+        memory::resident_kib(&starts)
+    }
+
     /// Whether the VM still runs.
     pub fn is_running(&self) -> bool {
         self.event_loop.as_ref().is_some_and(|h| !h.is_finished())
@@ -216,7 +229,8 @@ pub fn start(cfg: VmConfig) -> Result<RunningVm, VmmError> {
         return Err(VmmError::MemoryTooSmall(cfg.mem_size >> 20));
     }
     let vm = kvm.create_vm().map_err(kvm_err("create VM"))?;
-    vm.set_tss_address(0xfffb_d000).map_err(kvm_err("set TSS address"))?;
+    vm.set_tss_address(0xfffb_d000)
+        .map_err(kvm_err("set TSS address"))?;
     vm.create_irq_chip().map_err(kvm_err("create irqchip"))?;
     vm.create_pit2(kvm_pit_config {
         flags: KVM_PIT_SPEAKER_DUMMY,
@@ -252,15 +266,28 @@ pub fn start(cfg: VmConfig) -> Result<RunningVm, VmmError> {
     let mut cmdline: Vec<String> = base_cmdline(cfg.console.is_some(), cfg.backend);
     if let Some(out) = cfg.console {
         let irq = EventFd::new(libc::EFD_NONBLOCK).map_err(setup_err)?;
-        vm.register_irqfd(&irq, COM1_IRQ).map_err(kvm_err("register serial irqfd"))?;
-        pio.insert(Arc::new(Mutex::new(SerialDevice::new(irq, out))), COM1_PORT as u64, 8)
-            .map_err(setup_err)?;
+        vm.register_irqfd(&irq, COM1_IRQ)
+            .map_err(kvm_err("register serial irqfd"))?;
+        pio.insert(
+            Arc::new(Mutex::new(SerialDevice::new(irq, out))),
+            COM1_PORT as u64,
+            8,
+        )
+        .map_err(setup_err)?;
     }
 
     let mut devices: Vec<Arc<Mutex<dyn VirtioDevice>>> = Vec::new();
     for (i, d) in cfg.disks.iter().enumerate() {
-        let id = if d.id.is_empty() { format!("vmc{i}") } else { d.id.clone() };
-        devices.push(Arc::new(Mutex::new(Block::open(&d.path, d.read_only, &id)?)));
+        let id = if d.id.is_empty() {
+            format!("vmc{i}")
+        } else {
+            d.id.clone()
+        };
+        devices.push(Arc::new(Mutex::new(Block::open(
+            &d.path,
+            d.read_only,
+            &id,
+        )?)));
     }
     if let Some((cid, path)) = &cfg.vsock {
         let v = Vsock::new(*cid, path).map_err(|source| VmmError::Vsock {
@@ -280,8 +307,13 @@ pub fn start(cfg: VmConfig) -> Result<RunningVm, VmmError> {
         }
         let base = VIRTIO_MMIO_BASE + i as u64 * VIRTIO_MMIO_SIZE;
         let irqfd = EventFd::new(libc::EFD_NONBLOCK).map_err(setup_err)?;
-        vm.register_irqfd(&irqfd, irq).map_err(kvm_err("register irqfd"))?;
-        let nqueues = dev.lock().unwrap_or_else(|e| e.into_inner()).queue_max_sizes().len();
+        vm.register_irqfd(&irqfd, irq)
+            .map_err(kvm_err("register irqfd"))?;
+        let nqueues = dev
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .queue_max_sizes()
+            .len();
         let mut evts = Vec::new();
         let mut loop_evts = Vec::new();
         for q in 0..nqueues {
@@ -376,10 +408,6 @@ fn base_cmdline(console: bool, backend: Backend) -> Vec<String> {
     let mut c: Vec<String> = [
         "reboot=k",
         "panic=-1",
-        "nomodule",
-        "i8042.noaux",
-        "i8042.nomux",
-        "i8042.dumbkbd",
         "clocksource=kvm-clock",
         "tsc=reliable",
         "rdinit=/init",

@@ -148,9 +148,15 @@ mod tests {
         pio.insert(dev.clone(), 0x60, 5).unwrap();
         let mmio = Bus::default();
         let mut d = [0u8; 1];
-        assert_eq!(dispatch(VcpuExit::IoIn(0x64, &mut d), &pio, &mmio), Next::Continue);
+        assert_eq!(
+            dispatch(VcpuExit::IoIn(0x64, &mut d), &pio, &mmio),
+            Next::Continue
+        );
         assert_eq!(d[0], 0x42);
-        assert_eq!(dispatch(VcpuExit::IoIn(0x80, &mut d), &pio, &mmio), Next::Continue);
+        assert_eq!(
+            dispatch(VcpuExit::IoIn(0x80, &mut d), &pio, &mmio),
+            Next::Continue
+        );
         assert_eq!(d[0], 0xff, "empty port");
         dispatch(VcpuExit::IoOut(0x64, &[0xfe]), &pio, &mmio);
         assert_eq!(dev.lock().unwrap().1, vec![0xfe]);

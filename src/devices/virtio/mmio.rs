@@ -162,11 +162,13 @@ impl MmioTransport {
             reg::DEVICE_FEATURES_SEL => self.device_features_sel = v,
             reg::DRIVER_FEATURES_SEL => self.driver_features_sel = v,
             reg::DRIVER_FEATURES => {
-                let negotiating = self.status & status::DRIVER != 0
-                    && self.status & status::FEATURES_OK == 0;
+                let negotiating =
+                    self.status & status::DRIVER != 0 && self.status & status::FEATURES_OK == 0;
                 if negotiating {
                     match self.driver_features_sel {
-                        0 => self.driver_features = (self.driver_features & !0xffff_ffff) | v as u64,
+                        0 => {
+                            self.driver_features = (self.driver_features & !0xffff_ffff) | v as u64
+                        }
                         1 => {
                             self.driver_features =
                                 (self.driver_features & 0xffff_ffff) | ((v as u64) << 32)
@@ -198,13 +200,9 @@ impl MmioTransport {
             reg::QUEUE_DESC_LOW => self.with_queue(|q| q.set_desc_table_address(Some(v), None)),
             reg::QUEUE_DESC_HIGH => self.with_queue(|q| q.set_desc_table_address(None, Some(v))),
             reg::QUEUE_DRIVER_LOW => self.with_queue(|q| q.set_avail_ring_address(Some(v), None)),
-            reg::QUEUE_DRIVER_HIGH => {
-                self.with_queue(|q| q.set_avail_ring_address(None, Some(v)))
-            }
+            reg::QUEUE_DRIVER_HIGH => self.with_queue(|q| q.set_avail_ring_address(None, Some(v))),
             reg::QUEUE_DEVICE_LOW => self.with_queue(|q| q.set_used_ring_address(Some(v), None)),
-            reg::QUEUE_DEVICE_HIGH => {
-                self.with_queue(|q| q.set_used_ring_address(None, Some(v)))
-            }
+            reg::QUEUE_DEVICE_HIGH => self.with_queue(|q| q.set_used_ring_address(None, Some(v))),
             _ => log::debug!("virtio-mmio: write to unknown register {offset:#x}"),
         }
     }
@@ -285,7 +283,10 @@ impl MmioTransport {
     }
 
     fn needs_reset(&mut self, why: &str) {
-        log::warn!("virtio-mmio: device type {} not started: {why}", self.dev().device_type());
+        log::warn!(
+            "virtio-mmio: device type {} not started: {why}",
+            self.dev().device_type()
+        );
         self.status |= status::DEVICE_NEEDS_RESET;
         self.interrupt.config();
     }
@@ -378,7 +379,12 @@ mod tests {
         fn queue_notify(&mut self, _idx: usize) {}
     }
 
-    fn transport() -> (MmioTransport, Arc<AtomicUsize>, Arc<AtomicUsize>, Vec<EventFd>) {
+    fn transport() -> (
+        MmioTransport,
+        Arc<AtomicUsize>,
+        Arc<AtomicUsize>,
+        Vec<EventFd>,
+    ) {
         let dev = Dummy::default();
         let (a, r) = (dev.activations.clone(), dev.resets.clone());
         let evts: Vec<EventFd> = (0..2)
@@ -427,7 +433,11 @@ mod tests {
         wr(t, reg::DRIVER_FEATURES, 1);
         wr(t, reg::DRIVER_FEATURES_SEL, 0);
         wr(t, reg::DRIVER_FEATURES, 1 << 5);
-        wr(t, reg::STATUS, status::ACKNOWLEDGE | status::DRIVER | status::FEATURES_OK);
+        wr(
+            t,
+            reg::STATUS,
+            status::ACKNOWLEDGE | status::DRIVER | status::FEATURES_OK,
+        );
     }
 
     #[test]
@@ -473,7 +483,11 @@ mod tests {
         wr(&mut t, reg::DRIVER_FEATURES, 1);
         wr(&mut t, reg::DRIVER_FEATURES_SEL, 0);
         wr(&mut t, reg::DRIVER_FEATURES, 1 << 7);
-        wr(&mut t, reg::STATUS, status::ACKNOWLEDGE | status::DRIVER | status::FEATURES_OK);
+        wr(
+            &mut t,
+            reg::STATUS,
+            status::ACKNOWLEDGE | status::DRIVER | status::FEATURES_OK,
+        );
         assert_eq!(rd(&mut t, reg::STATUS) & status::FEATURES_OK, 0);
     }
 
@@ -489,7 +503,10 @@ mod tests {
         );
         assert_eq!(act.load(Ordering::SeqCst), 0);
         assert_ne!(t.status() & status::DEVICE_NEEDS_RESET, 0);
-        assert_ne!(rd(&mut t, reg::INTERRUPT_STATUS) & super::super::INT_CONFIG, 0);
+        assert_ne!(
+            rd(&mut t, reg::INTERRUPT_STATUS) & super::super::INT_CONFIG,
+            0
+        );
         // A reset brings it back.
         wr(&mut t, reg::STATUS, 0);
         assert_eq!(t.status(), 0);
@@ -508,10 +525,18 @@ mod tests {
         );
         wr(&mut t, reg::QUEUE_SEL, 0);
         wr(&mut t, reg::QUEUE_NUM, 4);
-        assert_eq!(rd(&mut t, reg::QUEUE_READY), 0, "queues moved to the device");
+        assert_eq!(
+            rd(&mut t, reg::QUEUE_READY),
+            0,
+            "queues moved to the device"
+        );
         wr(&mut t, reg::STATUS, 0);
         assert_eq!(resets.load(Ordering::SeqCst), 1);
-        assert_eq!(rd(&mut t, reg::QUEUE_NUM_MAX), 16, "fresh queues after reset");
+        assert_eq!(
+            rd(&mut t, reg::QUEUE_NUM_MAX),
+            16,
+            "fresh queues after reset"
+        );
     }
 
     #[test]

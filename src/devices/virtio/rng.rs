@@ -116,7 +116,10 @@ mod tests {
         rng.queue_notify(0);
         let mut got = vec![0u8; 4096];
         mem.read_slice(&mut got, GuestAddress(0x10000)).unwrap();
-        assert!(got.iter().filter(|&&b| b == 0).count() < 100, "random bytes");
+        assert!(
+            got.iter().filter(|&&b| b == 0).count() < 100,
+            "random bytes"
+        );
         assert_eq!(vq.used().idx().load(), 3);
         assert_eq!(vq.used().ring().ref_at(0).unwrap().load().len(), 4096);
         assert_eq!(vq.used().ring().ref_at(1).unwrap().load().len(), 0);

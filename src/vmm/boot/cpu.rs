@@ -8,9 +8,7 @@
 //! Plus what every vCPU needs: CPUID (with its APIC id and topology), the boot
 //! MSRs, the x87/SSE control words and the local APIC's LINT pins.
 
-use kvm_bindings::{
-    kvm_fpu, kvm_msr_entry, kvm_regs, kvm_segment, kvm_sregs, CpuId, Msrs,
-};
+use kvm_bindings::{kvm_fpu, kvm_msr_entry, kvm_regs, kvm_segment, kvm_sregs, CpuId, Msrs};
 use kvm_ioctls::VcpuFd;
 use vm_memory::{Bytes, GuestAddress};
 
@@ -144,7 +142,10 @@ pub fn setup_sregs(mem: &Mem, vcpu: &VcpuFd, mode: EntryMode) -> Result<(), CpuE
 
 /// Identity-maps the first GiB with 2 MiB pages.
 fn write_identity_map(mem: &Mem) -> Result<(), CpuError> {
-    let w = |v: u64, at: u64| mem.write_obj(v, GuestAddress(at)).map_err(|_| CpuError::Memory);
+    let w = |v: u64, at: u64| {
+        mem.write_obj(v, GuestAddress(at))
+            .map_err(|_| CpuError::Memory)
+    };
     w(PDPTE | 0x03, PML4)?;
     w(PDE | 0x03, PDPTE)?;
     for i in 0..512u64 {
@@ -204,7 +205,7 @@ pub fn setup_msrs(vcpu: &VcpuFd) -> Result<(), CpuError> {
         (SYSCALL_MASK, 0),
         (LSTAR, 0),
         (IA32_TSC, 0),
-        (IA32_MISC_ENABLE, 1), // fast strings
+        (IA32_MISC_ENABLE, 1),          // fast strings
         (MTRR_DEF_TYPE, (1 << 11) | 6), // MTRRs on, default write-back
     ]
     .iter()
@@ -239,8 +240,8 @@ pub fn setup_lapic(vcpu: &VcpuFd) -> Result<(), CpuError> {
     let mut lapic = vcpu.get_lapic().map_err(kvm("get lapic"))?;
     for (off, mode) in [(LVT0, EXTINT), (LVT1, NMI)] {
         let mut b = [0u8; 4];
-        for i in 0..4 {
-            b[i] = lapic.regs[off + i] as u8;
+        for (i, x) in b.iter_mut().enumerate() {
+            *x = lapic.regs[off + i] as u8;
         }
         let v = (u32::from_le_bytes(b) & !0x700) | (mode << 8);
         for (i, x) in v.to_le_bytes().iter().enumerate() {
@@ -263,10 +264,8 @@ pub fn vcpu_cpuid(base: &CpuId, id: u8, count: u8) -> CpuId {
                     e.edx |= 1 << 28; // HTT: more than one logical CPU
                 }
             }
-            0x4 => {
-                if e.eax & 0x1f != 0 {
-                    e.eax = (e.eax & 0x03ff_ffff) | ((count as u32 - 1) << 26);
-                }
+            0x4 if e.eax & 0x1f != 0 => {
+                e.eax = (e.eax & 0x03ff_ffff) | ((count as u32 - 1) << 26);
             }
             0x7 if e.index == 0 => {
                 e.edx &= !(1 << 29); // no IA32_ARCH_CAPABILITIES
@@ -310,8 +309,14 @@ mod tests {
     #[test]
     fn gdt_entries_decode_to_the_segments_kvm_expects() {
         let code64 = segment(gdt_entry(0xa09b, 0, 0xfffff), 1);
-        assert_eq!((code64.selector, code64.l, code64.db, code64.type_), (8, 1, 0, 0xb));
-        assert_eq!((code64.limit, code64.present, code64.s, code64.g), (0xffff_ffff, 1, 1, 1));
+        assert_eq!(
+            (code64.selector, code64.l, code64.db, code64.type_),
+            (8, 1, 0, 0xb)
+        );
+        assert_eq!(
+            (code64.limit, code64.present, code64.s, code64.g),
+            (0xffff_ffff, 1, 1, 1)
+        );
         let code32 = segment(gdt_entry(0xc09b, 0, 0xfffff), 1);
         assert_eq!((code32.l, code32.db), (0, 1));
         let tss = segment(gdt_entry(0x008b, 0, 0x67), 3);

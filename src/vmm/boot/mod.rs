@@ -12,7 +12,9 @@ use linux_loader::configurator::linux::LinuxBootConfigurator;
 use linux_loader::configurator::pvh::PvhBootConfigurator;
 use linux_loader::configurator::{BootConfigurator, BootParams};
 use linux_loader::loader::bootparam::{boot_params, setup_header};
-use linux_loader::loader::elf::start_info::{hvm_memmap_table_entry, hvm_modlist_entry, hvm_start_info};
+use linux_loader::loader::elf::start_info::{
+    hvm_memmap_table_entry, hvm_modlist_entry, hvm_start_info,
+};
 use linux_loader::loader::elf::{Elf, PvhBootCapability};
 use linux_loader::loader::{load_cmdline, BzImage, Cmdline, KernelLoader};
 use vm_memory::{Bytes, GuestAddress};
@@ -40,7 +42,9 @@ pub enum BootError {
         path: String,
         source: std::io::Error,
     },
-    #[error("{path} is not a Linux kernel for x86_64 (neither an ELF vmlinux nor a bzImage): {detail}")]
+    #[error(
+        "{path} is not a Linux kernel for x86_64 (neither an ELF vmlinux nor a bzImage): {detail}"
+    )]
     NotAKernel { path: String, detail: String },
     #[error("the kernel command line is too long or invalid: {0}")]
     Cmdline(String),
@@ -189,7 +193,8 @@ fn write_pvh(mem: &Mem, map: &[(u64, u64)], initrd: Option<(u64, u64)>) -> Resul
         };
         params.set_modules(&[module], GuestAddress(PVH_MODLIST));
     }
-    PvhBootConfigurator::write_bootparams(&params, mem).map_err(|e| BootError::Params(e.to_string()))
+    PvhBootConfigurator::write_bootparams(&params, mem)
+        .map_err(|e| BootError::Params(e.to_string()))
 }
 
 fn write_zero_page(

@@ -65,7 +65,11 @@ impl Block {
                 path: name.clone(),
                 source,
             })?;
-        let op = if read_only { libc::LOCK_SH } else { libc::LOCK_EX };
+        let op = if read_only {
+            libc::LOCK_SH
+        } else {
+            libc::LOCK_EX
+        };
         // SAFETY: flock on a descriptor we own.
         if unsafe { libc::flock(file.as_raw_fd(), op | libc::LOCK_NB) } != 0 {
             return Err(BlockError::Locked { path: name });
@@ -262,8 +266,13 @@ mod tests {
         };
         // 1: write 1024 bytes of 0x11 at sector 2.
         header(&mem, 0x10000, T_OUT, 2);
-        mem.write_slice(&[0x11; 1024], GuestAddress(0x11000)).unwrap();
-        rig.chain(&[(0x10000, 16, false), (0x11000, 1024, false), (0x12000, 1, true)]);
+        mem.write_slice(&[0x11; 1024], GuestAddress(0x11000))
+            .unwrap();
+        rig.chain(&[
+            (0x10000, 16, false),
+            (0x11000, 1024, false),
+            (0x12000, 1, true),
+        ]);
         // 2: read 512 bytes at sector 2 into two descriptors.
         header(&mem, 0x13000, T_IN, 2);
         rig.chain(&[
@@ -276,7 +285,11 @@ mod tests {
         header(&mem, 0x17000, T_FLUSH, 0);
         rig.chain(&[(0x17000, 16, false), (0x17100, 1, true)]);
         header(&mem, 0x18000, T_GET_ID, 0);
-        rig.chain(&[(0x18000, 16, false), (0x18100, 20, true), (0x18200, 1, true)]);
+        rig.chain(&[
+            (0x18000, 16, false),
+            (0x18100, 20, true),
+            (0x18200, 1, true),
+        ]);
 
         let sig = run(&mut dev, &mem, &rig.vq);
         assert_eq!(mem.read_obj::<u8>(GuestAddress(0x12000)).unwrap(), S_OK);
@@ -312,10 +325,18 @@ mod tests {
         mem.write_slice(&[0xff; 8], GuestAddress(0x12000)).unwrap();
         // Past the end of the disk.
         header(&mem, 0x10000, T_IN, 8);
-        rig.chain(&[(0x10000, 16, false), (0x11000, 512, true), (0x12000, 1, true)]);
+        rig.chain(&[
+            (0x10000, 16, false),
+            (0x11000, 512, true),
+            (0x12000, 1, true),
+        ]);
         // Not a whole sector.
         header(&mem, 0x10100, T_OUT, 0);
-        rig.chain(&[(0x10100, 16, false), (0x11000, 100, false), (0x12001, 1, true)]);
+        rig.chain(&[
+            (0x10100, 16, false),
+            (0x11000, 100, false),
+            (0x12001, 1, true),
+        ]);
         // Unknown type.
         header(&mem, 0x10200, 99, 0);
         rig.chain(&[(0x10200, 16, false), (0x12002, 1, true)]);
@@ -323,13 +344,21 @@ mod tests {
         rig.chain(&[(0x10300, 8, false), (0x12003, 1, true)]);
         // Data buffer outside guest memory.
         header(&mem, 0x10400, T_IN, 0);
-        rig.chain(&[(0x10400, 16, false), (0xffff_0000, 512, true), (0x12004, 1, true)]);
+        rig.chain(&[
+            (0x10400, 16, false),
+            (0xffff_0000, 512, true),
+            (0x12004, 1, true),
+        ]);
         // No status byte at all.
         header(&mem, 0x10500, T_IN, 0);
         rig.chain(&[(0x10500, 16, false)]);
         // Sector overflow.
         header(&mem, 0x10600, T_IN, u64::MAX);
-        rig.chain(&[(0x10600, 16, false), (0x11000, 512, true), (0x12006, 1, true)]);
+        rig.chain(&[
+            (0x10600, 16, false),
+            (0x11000, 512, true),
+            (0x12006, 1, true),
+        ]);
 
         run(&mut dev, &mem, &rig.vq);
         let st = |off: u64| mem.read_obj::<u8>(GuestAddress(0x12000 + off)).unwrap();
@@ -350,8 +379,13 @@ mod tests {
             next_desc: 0,
         };
         header(&mem, 0x10000, T_OUT, 0);
-        mem.write_slice(&[0x22; 512], GuestAddress(0x11000)).unwrap();
-        rig.chain(&[(0x10000, 16, false), (0x11000, 512, false), (0x12000, 1, true)]);
+        mem.write_slice(&[0x22; 512], GuestAddress(0x11000))
+            .unwrap();
+        rig.chain(&[
+            (0x10000, 16, false),
+            (0x11000, 512, false),
+            (0x12000, 1, true),
+        ]);
         run(&mut dev, &mem, &rig.vq);
         assert_eq!(mem.read_obj::<u8>(GuestAddress(0x12000)).unwrap(), S_IOERR);
         let mut first = [0u8; 512];

@@ -73,7 +73,12 @@ pub fn handle(chain: &DescriptorChain<&Mem>, mem: &Mem, disk: &Disk, buf: &mut V
     written + 1
 }
 
-fn execute(mut reader: Reader<'_>, writer: &mut Writer<'_>, disk: &Disk, buf: &mut Vec<u8>) -> (u8, u32) {
+fn execute(
+    mut reader: Reader<'_>,
+    writer: &mut Writer<'_>,
+    disk: &Disk,
+    buf: &mut Vec<u8>,
+) -> (u8, u32) {
     let Ok(hdr) = reader.read_obj::<Header>() else {
         return (S_IOERR, 0);
     };

@@ -266,7 +266,10 @@ mod tests {
         dev.backend_event(muxer::LISTENER_SUB, EventSet::IN);
         // REQUEST: op at offset 30 of the header, dst_port at 20.
         assert_eq!(read_u16(&mem, 0x10000 + 30), op::REQUEST);
-        assert_eq!(mem.read_obj::<u32>(GuestAddress(0x10000 + 20)).unwrap(), 1024);
+        assert_eq!(
+            mem.read_obj::<u32>(GuestAddress(0x10000 + 20)).unwrap(),
+            1024
+        );
         let local = mem.read_obj::<u32>(GuestAddress(0x10000 + 16)).unwrap();
         assert_eq!(rxq.used().idx().load(), 1);
 

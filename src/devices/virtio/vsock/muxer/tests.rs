@@ -15,7 +15,17 @@ fn muxer() -> (tempfile::TempDir, Muxer, PathBuf) {
     (dir, m, path)
 }
 
-fn from_guest(m: &mut Muxer, local: u32, peer: u32, opcode: u16, flags: u32, data: &[u8], buf_alloc: u32, fwd: u32) {
+#[allow(clippy::too_many_arguments)]
+fn from_guest(
+    m: &mut Muxer,
+    local: u32,
+    peer: u32,
+    opcode: u16,
+    flags: u32,
+    data: &[u8],
+    buf_alloc: u32,
+    fwd: u32,
+) {
     m.on_guest_packet(
         &Hdr {
             src_cid: CID,
@@ -57,7 +67,12 @@ fn host_connect(m: &mut Muxer, path: &Path, port: u32) -> (UnixStream, u64, u32)
     assert!(req.src_port >= 1 << 30);
     from_guest(m, req.src_port, port, op::RESPONSE, 0, &[], 4096, 0);
     assert_eq!(read_line(&mut s), format!("OK {}\n", req.src_port));
-    let id = m.by_id.iter().find(|(_, k)| k.peer == port).map(|(i, _)| *i).unwrap();
+    let id = m
+        .by_id
+        .iter()
+        .find(|(_, k)| k.peer == port)
+        .map(|(i, _)| *i)
+        .unwrap();
     (s, id, req.src_port)
 }
 
@@ -70,14 +85,26 @@ fn host_initiated_connection_carries_data_both_ways_and_closes() {
     let (h, data) = m.next_rx(4096).unwrap();
     assert_eq!((h.op, data.as_slice()), (op::RW, &b"hello"[..]));
     assert_eq!(h.buf_alloc, CONN_BUF);
-    assert!(m.next_rx(4096).is_none(), "nothing more until the host writes");
+    assert!(
+        m.next_rx(4096).is_none(),
+        "nothing more until the host writes"
+    );
 
     from_guest(&mut m, local, 1024, op::RW, 0, b"world", 4096, 5);
     let mut got = [0u8; 5];
     s.read_exact(&mut got).unwrap();
     assert_eq!(&got, b"world");
 
-    from_guest(&mut m, local, 1024, op::SHUTDOWN, SHUTDOWN_RCV | SHUTDOWN_SEND, &[], 4096, 5);
+    from_guest(
+        &mut m,
+        local,
+        1024,
+        op::SHUTDOWN,
+        SHUTDOWN_RCV | SHUTDOWN_SEND,
+        &[],
+        4096,
+        5,
+    );
     let (h, _) = m.next_rx(4096).unwrap();
     assert_eq!(h.op, op::RST);
     assert_eq!(m.connection_count(), 0);
@@ -138,7 +165,11 @@ fn sending_to_the_guest_respects_its_credit() {
     let (_, d) = m.next_rx(4096).unwrap();
     assert_eq!(d.len(), 8);
     from_guest(&mut m, local, 1024, op::CREDIT_UPDATE, 0, &[], 8, 16);
-    assert_eq!(m.next_rx(2).unwrap().1.len(), 2, "and the guest's buffer size");
+    assert_eq!(
+        m.next_rx(2).unwrap().1.len(),
+        2,
+        "and the guest's buffer size"
+    );
 }
 
 #[test]
@@ -176,7 +207,16 @@ fn half_close_from_the_host_keeps_the_other_direction() {
     s.read_exact(&mut got).unwrap();
     assert_eq!(&got, b"reply");
     // Guest half-closes too: the host reads end of stream.
-    from_guest(&mut m, local, 1024, op::SHUTDOWN, SHUTDOWN_SEND, &[], 4096, 4);
+    from_guest(
+        &mut m,
+        local,
+        1024,
+        op::SHUTDOWN,
+        SHUTDOWN_SEND,
+        &[],
+        4096,
+        4,
+    );
     let mut rest = Vec::new();
     s.read_to_end(&mut rest).unwrap();
     assert!(rest.is_empty());
@@ -185,7 +225,12 @@ fn half_close_from_the_host_keeps_the_other_direction() {
 #[test]
 fn malformed_handshakes_are_dropped() {
     let (_d, mut m, path) = muxer();
-    for bad in ["CONNECT x\n", "HELLO 1\n", "CONNECT 1\nextra", "CONNECT 99999999999999999999\n"] {
+    for bad in [
+        "CONNECT x\n",
+        "HELLO 1\n",
+        "CONNECT 1\nextra",
+        "CONNECT 99999999999999999999\n",
+    ] {
         let mut s = UnixStream::connect(&path).unwrap();
         s.write_all(bad.as_bytes()).unwrap();
         m.on_event(LISTENER_SUB, EventSet::IN);

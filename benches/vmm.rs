@@ -1,0 +1,54 @@
+//! `cargo bench --bench vmm`: the VMM's own cost with the tiny PVH guest
+//! (a few dozen bytes that print a line and reset through the i8042):
+//! VM setup, run to reset, and teardown, each as median/min/max over 30 runs.
+
+use std::time::Instant;
+
+use vmc::bench::{tiny_guest, Stats};
+use vmc::vmm::{self, Backend, VmConfig, VmExit};
+
+fn main() {
+    let kernel = std::env::temp_dir().join(format!("vmc-bench-tiny-{}.elf", std::process::id()));
+    std::fs::write(&kernel, tiny_guest::elf(b"ready\n", true)).expect("write tiny guest");
+    let (mut setup, mut run, mut teardown) = (Vec::new(), Vec::new(), Vec::new());
+    for i in 0..=30 {
+        let t0 = Instant::now();
+        let vm = vmm::start(VmConfig {
+            vcpus: 1,
+            mem_size: 128 << 20,
+            kernel: kernel.clone(),
+            initrd: None,
+            cmdline: Vec::new(),
+            disks: Vec::new(),
+            vsock: None,
+            rng: true,
+            console: Some(Box::new(std::io::sink())),
+            backend: Backend::detect(),
+        })
+        .expect("start the tiny guest");
+        let t1 = t0.elapsed();
+        while vm.is_running() {
+            std::hint::spin_loop();
+        }
+        let t2 = t0.elapsed();
+        assert_eq!(vm.wait(), VmExit::Reset);
+        let t3 = t0.elapsed();
+        if i > 0 {
+            setup.push(t1.as_secs_f64() * 1e3);
+            run.push((t2 - t1).as_secs_f64() * 1e3);
+            teardown.push((t3 - t2).as_secs_f64() * 1e3);
+        }
+    }
+    let _ = std::fs::remove_file(&kernel);
+    println!("backend: {}", Backend::detect());
+    for s in [
+        Stats::of("setup (KVM VM, memory, devices, vCPU)", "ms", &setup),
+        Stats::of("run to i8042 reset", "ms", &run),
+        Stats::of("teardown (vCPU join, KVM VM destroy)", "ms", &teardown),
+    ] {
+        println!(
+            "{:<45} n={:<3} median {:>7.2} {}  min {:>7.2}  max {:>7.2}",
+            s.metric, s.n, s.median, s.unit, s.min, s.max
+        );
+    }
+}

@@ -1,0 +1,217 @@
+//! The `vmc` command line end to end: real boots for stdio, exit codes and
+//! signals; bad input checked before anything boots.
+
+mod common;
+
+use std::io::{BufRead, BufReader, Write};
+use std::path::Path;
+use std::process::{Command, Stdio};
+
+use common::{kernel, kvm_available, rootfs};
+
+fn vmc(home: &Path) -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_vmc"));
+    c.env("VMC_HOME", home);
+    c
+}
+
+fn containers_left(home: &Path) -> usize {
+    std::fs::read_dir(home.join("containers"))
+        .map(|d| d.count())
+        .unwrap_or(0)
+}
+
+#[test]
+fn run_pipes_stdin_separates_output_and_returns_the_exit_code() {
+    if !kvm_available() {
+        return;
+    }
+    let home = tempfile::tempdir().unwrap();
+    let mut child = vmc(home.path())
+        .args(["run", "--rm", "--rootfs"])
+        .arg(rootfs())
+        .args(["--", "sh", "-c", "cat; echo to-stderr >&2; exit 7"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child.stdin.take().unwrap().write_all(b"hi\n").unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "hi\n");
+    assert_eq!(String::from_utf8_lossy(&out.stderr), "to-stderr\n");
+    assert_eq!(out.status.code(), Some(7));
+    assert_eq!(containers_left(home.path()), 0, "--rm leaves no state");
+}
+
+#[test]
+fn sigterm_to_vmc_reaches_the_workload() {
+    if !kvm_available() {
+        return;
+    }
+    let home = tempfile::tempdir().unwrap();
+    let mut child = vmc(home.path())
+        .args(["run", "--rm", "--rootfs"])
+        .arg(rootfs())
+        .args([
+            "--",
+            "sh",
+            "-c",
+            "trap 'echo got TERM; exit 42' TERM; echo ready; while true; do sleep 1; done",
+        ])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    assert_eq!(lines.next().unwrap().unwrap(), "ready");
+    // SAFETY: kill(2) on our own child's pid.
+    unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGTERM) };
+    assert_eq!(lines.next().unwrap().unwrap(), "got TERM");
+    assert_eq!(child.wait().unwrap().code(), Some(42));
+}
+
+/// Runs vmc expecting a one-line error that mentions `needle`.
+fn expect_error(home: &Path, args: &[&str], needle: &str) {
+    let out = vmc(home).args(args).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{args:?} succeeded");
+    assert_eq!(out.status.code(), Some(125), "{args:?}: {err}");
+    assert_eq!(
+        err.trim_end().lines().count(),
+        1,
+        "{args:?}: not one line: {err}"
+    );
+    assert!(err.contains(needle), "{args:?}: {err}");
+    assert!(!err.contains("panicked"), "{err}");
+}
+
+#[test]
+fn bad_input_gets_a_clear_one_line_error() {
+    let home = tempfile::tempdir().unwrap();
+    let r = rootfs();
+    let r = r.to_str().unwrap();
+    expect_error(
+        home.path(),
+        &[
+            "run",
+            "--kernel",
+            "/nonexistent/vmlinux",
+            "--rootfs",
+            r,
+            "--",
+            "true",
+        ],
+        "no guest kernel at /nonexistent/vmlinux",
+    );
+    expect_error(
+        home.path(),
+        &[
+            "run",
+            "--kernel",
+            "/etc/passwd",
+            "--rootfs",
+            r,
+            "--",
+            "true",
+        ],
+        "/etc/passwd is not a Linux kernel",
+    );
+    expect_error(
+        home.path(),
+        &["run", "--rootfs", "/nonexistent/rootfs", "--", "true"],
+        "--rootfs /nonexistent/rootfs: no such directory",
+    );
+    expect_error(
+        home.path(),
+        &["run", "--memory", "0", "--rootfs", r, "--", "true"],
+        "--memory 0",
+    );
+    expect_error(
+        home.path(),
+        &["run", "--cpus", "0", "--rootfs", r, "--", "true"],
+        "--cpus",
+    );
+    expect_error(
+        home.path(),
+        &["run", "--memory", "12q", "--rootfs", r, "--", "true"],
+        "unknown unit",
+    );
+    assert_eq!(
+        containers_left(home.path()),
+        0,
+        "failed runs leave no state"
+    );
+}
+
+#[test]
+fn no_access_to_dev_kvm_is_named() {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 || !Path::new("/dev/kvm").exists() {
+        eprintln!("skipping: needs root (to drop to an unprivileged user) and /dev/kvm");
+        return;
+    }
+    let home = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(
+        home.path(),
+        std::os::unix::fs::PermissionsExt::from_mode(0o777),
+    )
+    .unwrap();
+    let out = Command::new("setpriv")
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups", "--"])
+        .arg(env!("CARGO_BIN_EXE_vmc"))
+        .env("VMC_HOME", home.path())
+        .arg("run")
+        .arg("--kernel")
+        .arg(kernel())
+        .arg("--rootfs")
+        .arg(rootfs())
+        .args(["--", "true"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    let world_accessible = std::fs::metadata("/dev/kvm").is_ok_and(|m| {
+        use std::os::unix::fs::PermissionsExt;
+        m.permissions().mode() & 0o006 != 0
+    });
+    if world_accessible {
+        eprintln!("skipping: /dev/kvm is world-accessible here");
+        return;
+    }
+    assert_eq!(out.status.code(), Some(125), "{err}");
+    assert!(err.contains("no permission to open /dev/kvm"), "{err}");
+    assert_eq!(err.trim_end().lines().count(), 1, "{err}");
+}
+
+#[test]
+fn version_and_help_work() {
+    let out = Command::new(env!("CARGO_BIN_EXE_vmc"))
+        .arg("--version")
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    assert!(String::from_utf8_lossy(&out.stdout).starts_with("vmc "));
+    let out = Command::new(env!("CARGO_BIN_EXE_vmc"))
+        .args(["run", "--help"])
+        .output()
+        .unwrap();
+    let help = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success());
+    for needle in [
+        "--rootfs",
+        "--cpus",
+        "--memory",
+        "--kernel",
+        "--debug",
+        "--rm",
+        "exit code",
+    ] {
+        assert!(help.contains(needle), "run --help lacks {needle}");
+    }
+    let out = Command::new(env!("CARGO_BIN_EXE_vmc"))
+        .arg("info")
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    assert!(String::from_utf8_lossy(&out.stdout).contains("backend: "));
+}

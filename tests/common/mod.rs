@@ -1,0 +1,198 @@
+//! Shared fixtures for the end-to-end tests: prerequisites (KVM, the installed
+//! guest kernel and agent), a busybox root filesystem, and `TestVm`, one
+//! booted guest that serves many checks through the agent protocol.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use vmc::runtime::agent::AgentConn;
+use vmc::runtime::microvm::{MicroVm, BOOT_TIMEOUT};
+use vmc::runtime::{ContainerConfig, ProcessSpec, Resources};
+use vmc_guest::{ExitStatus, GuestMsg, HostMsg, StartFailure};
+
+/// Whether KVM tests can run. Without /dev/kvm they skip with a reason,
+/// except under CI=true, where a missing /dev/kvm is a failure.
+pub fn kvm_available() -> bool {
+    let ok = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+        .is_ok();
+    if !ok {
+        assert!(
+            std::env::var("CI").as_deref() != Ok("true"),
+            "CI=true but /dev/kvm cannot be opened: KVM tests must not skip in CI"
+        );
+        eprintln!("skipping: /dev/kvm is not available on this machine");
+    }
+    ok
+}
+
+/// The installed guest kernel (`make setup` puts it there).
+pub fn kernel() -> PathBuf {
+    vmc::assets::kernel(None).expect("the guest kernel is installed: run `make setup`")
+}
+
+/// The project's root directory.
+pub fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// A busybox root filesystem (built once per machine, shared, never modified
+/// by the tests: every VM writes to its own scratch disk).
+pub fn rootfs() -> PathBuf {
+    static ROOTFS: OnceLock<PathBuf> = OnceLock::new();
+    ROOTFS
+        .get_or_init(|| {
+            let out = vmc::bench::default_rootfs();
+            let st = std::process::Command::new(repo().join("scripts/busybox-rootfs.sh"))
+                .arg(&out)
+                .status()
+                .expect("run scripts/busybox-rootfs.sh");
+            assert!(st.success(), "building the busybox rootfs failed");
+            out
+        })
+        .clone()
+}
+
+/// A listing of a directory tree (path, size, mode) to show it is unchanged.
+pub fn tree_fingerprint(dir: &Path) -> Vec<String> {
+    fn walk(base: &Path, dir: &Path, out: &mut Vec<String>) {
+        let mut entries: Vec<_> = std::fs::read_dir(dir).unwrap().flatten().collect();
+        entries.sort_by_key(|e| e.file_name());
+        for e in entries {
+            let m = std::fs::symlink_metadata(e.path()).unwrap();
+            use std::os::unix::fs::MetadataExt;
+            out.push(format!(
+                "{} {} {:o} {}",
+                e.path().strip_prefix(base).unwrap().display(),
+                m.len(),
+                m.mode(),
+                m.mtime()
+            ));
+            if m.is_dir() {
+                walk(base, &e.path(), out);
+            }
+        }
+    }
+    let mut v = Vec::new();
+    walk(dir, dir, &mut v);
+    v
+}
+
+/// What a process in the test VM did.
+#[derive(Debug)]
+pub struct Output {
+    pub stdout: Vec<u8>,
+    pub stderr: Vec<u8>,
+    pub status: Result<ExitStatus, (StartFailure, String)>,
+}
+
+impl Output {
+    pub fn stdout_str(&self) -> String {
+        String::from_utf8_lossy(&self.stdout).into_owned()
+    }
+    pub fn code(&self) -> i32 {
+        match &self.status {
+            Ok(s) => s.shell_code(),
+            Err((k, _)) => k.exit_code(),
+        }
+    }
+}
+
+/// One booted guest with its container root mounted.
+pub struct TestVm {
+    pub vm: MicroVm,
+    pub dir: tempfile::TempDir,
+    pub hostname: String,
+}
+
+impl TestVm {
+    pub fn boot(cpus: u8, memory_mib: u64) -> TestVm {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let hostname = "testvm".to_string();
+        let cfg = ContainerConfig {
+            id: vmc::runtime::new_id(),
+            rootfs: rootfs(),
+            process: ProcessSpec::default(),
+            hostname: hostname.clone(),
+            resources: Resources {
+                cpus,
+                memory: memory_mib << 20,
+            },
+            kernel: kernel(),
+            debug: false,
+        };
+        let vm = MicroVm::boot(&cfg, dir.path()).expect("boot the test VM");
+        let mut conn = vm.connect(BOOT_TIMEOUT).expect("agent answers");
+        conn.send(&HostMsg::Mount(MicroVm::root_spec(&hostname)))
+            .unwrap();
+        assert_eq!(conn.recv().unwrap(), GuestMsg::Mounted);
+        TestVm { vm, dir, hostname }
+    }
+
+    fn conn(&self) -> AgentConn {
+        self.vm
+            .connect(Duration::from_secs(60))
+            .expect("agent connection")
+    }
+
+    /// Runs `spec` to completion, feeding `stdin` if given.
+    pub fn run(&self, mut spec: ProcessSpec, stdin: Option<&[u8]>) -> Output {
+        let mut conn = self.conn();
+        spec.stdin = stdin.is_some();
+        conn.send(&HostMsg::Start(spec)).unwrap();
+        let mut out = Output {
+            stdout: Vec::new(),
+            stderr: Vec::new(),
+            status: Err((StartFailure::Setup, "no answer".into())),
+        };
+        match conn.recv().unwrap() {
+            GuestMsg::Started { .. } => {}
+            GuestMsg::StartFailed { kind, message } => {
+                out.status = Err((kind, message));
+                return out;
+            }
+            other => panic!("unexpected answer to Start: {other:?}"),
+        }
+        let writer = stdin.map(|data| {
+            let mut w = conn.try_clone().unwrap();
+            let data = data.to_vec();
+            std::thread::spawn(move || {
+                for chunk in data.chunks(vmc_guest::IO_CHUNK) {
+                    w.send(&HostMsg::Stdin(chunk.to_vec())).unwrap();
+                }
+                w.send(&HostMsg::StdinEof).unwrap();
+            })
+        });
+        loop {
+            match conn.recv().expect("frame from the agent") {
+                GuestMsg::Stdout(d) => out.stdout.extend(d),
+                GuestMsg::Stderr(d) => out.stderr.extend(d),
+                GuestMsg::Exited(s) => {
+                    out.status = Ok(s);
+                    break;
+                }
+                other => panic!("unexpected frame: {other:?}"),
+            }
+        }
+        if let Some(w) = writer {
+            w.join().unwrap();
+        }
+        out
+    }
+
+    /// Runs a shell command as root in /.
+    pub fn sh(&self, script: &str) -> Output {
+        self.run(
+            ProcessSpec {
+                args: vec!["sh".into(), "-c".into(), script.into()],
+                cwd: "/".into(),
+                ..Default::default()
+            },
+            None,
+        )
+    }
+}
