@@ -44,13 +44,24 @@ if [ -f "$out/vmlinux" ]; then
     exit 0
 fi
 
+# One build at a time per cache; a build that died leaves only its work dir,
+# which the next build removes.
+mkdir -p "$cache_root/kernel"
+exec 9>"$cache_root/kernel/.lock"
+flock 9
+if [ -f "$out/vmlinux" ]; then
+    install_kernel
+    exit 0
+fi
+rm -rf "$cache_root"/kernel/build-* "$cache_root"/kernel/*.tmp
+
 for tool in make gcc flex bison bc; do
     command -v "$tool" >/dev/null || die "$tool is missing; run: make setup (or apt-get install build-essential flex bison bc libelf-dev libssl-dev)"
 done
 
 work="$cache_root/kernel/build-$key"
-rm -rf "$work"
 mkdir -p "$work"
+trap 'rm -rf "$work"' EXIT
 echo "kernels/build.sh: building guest kernel $key with -j$jobs (about 5 minutes on 2 cores)" >&2
 tar -C "$work" -xf "$tarball"
 src="$work/$series"

@@ -1,5 +1,4 @@
-//! Where vmc finds its runtime assets (the guest kernel and the guest agent),
-//! and the initramfs it builds from the agent for every VM.
+//! Where vmc finds its runtime assets: the guest kernel and the guest agent.
 //!
 //! Lookup: an explicit path (flag or environment), else the assets directory
 //! `$VMC_ASSETS`, else `$XDG_DATA_HOME/vmc`, else `~/.local/share/vmc`, which is
@@ -16,11 +15,6 @@ pub enum AssetError {
     NoKernel(String),
     #[error("no guest agent at {0}: build and install it with `make guest` (or set VMC_GUEST)")]
     NoGuest(String),
-    #[error("reading {path}: {source}")]
-    Read {
-        path: String,
-        source: std::io::Error,
-    },
 }
 
 fn home() -> PathBuf {
@@ -64,109 +58,9 @@ pub fn guest_binary() -> Result<PathBuf, AssetError> {
     }
 }
 
-/// The initramfs: an uncompressed newc cpio holding `/init` (the agent), the
-/// mount points it needs, `/dev/console` and `/dev/null`. Uncompressed because
-/// decompression runs slowly under software virtualisation, and built in
-/// memory per VM because it is a single copy of a ~1 MiB file.
-pub fn initramfs(agent: &Path) -> Result<Vec<u8>, AssetError> {
-    let data = std::fs::read(agent).map_err(|source| AssetError::Read {
-        path: agent.display().to_string(),
-        source,
-    })?;
-    let mut w = CpioWriter::default();
-    for d in ["dev", "proc", "sys", "run", "tmp"] {
-        w.entry(d, 0o040_755, 0, &[]);
-    }
-    w.entry("dev/console", 0o020_600, (5 << 8) | 1, &[]);
-    // Without a console the kernel starts init with fds 0-2 closed, and Rust's
-    // runtime aborts unless it can open /dev/null in their place.
-    w.entry("dev/null", 0o020_666, (1 << 8) | 3, &[]);
-    w.entry("init", 0o100_755, 0, &data);
-    Ok(w.finish())
-}
-
-/// Writes the "newc" cpio format (what the kernel's initramfs unpacker reads).
-#[derive(Default)]
-struct CpioWriter {
-    out: Vec<u8>,
-    ino: u32,
-}
-
-impl CpioWriter {
-    /// `rdev` is major << 8 | minor for device nodes.
-    fn entry(&mut self, name: &str, mode: u32, rdev: u32, data: &[u8]) {
-        self.ino += 1;
-        let fields = [
-            self.ino,
-            mode,
-            0, // uid
-            0, // gid
-            if mode & 0o040_000 != 0 { 2 } else { 1 },
-            0, // mtime
-            data.len() as u32,
-            0,
-            0,
-            rdev >> 8,
-            rdev & 0xff,
-            name.len() as u32 + 1,
-            0,
-        ];
-        self.out.extend_from_slice(b"070701");
-        for f in fields {
-            self.out.extend_from_slice(format!("{f:08x}").as_bytes());
-        }
-        self.out.extend_from_slice(name.as_bytes());
-        self.out.push(0);
-        self.pad();
-        self.out.extend_from_slice(data);
-        self.pad();
-    }
-
-    fn pad(&mut self) {
-        while self.out.len() % 4 != 0 {
-            self.out.push(0);
-        }
-    }
-
-    fn finish(mut self) -> Vec<u8> {
-        self.entry("TRAILER!!!", 0, 0, &[]);
-        self.out
-    }
-}
-
 #[cfg(test)]
 mod tests {
-    use std::process::{Command, Stdio};
-
     use super::*;
-
-    #[test]
-    fn initramfs_is_a_cpio_that_cpio_lists() {
-        let dir = tempfile::tempdir().unwrap();
-        let agent = dir.path().join("agent");
-        std::fs::write(&agent, b"\x7fELF fake agent").unwrap();
-        let img = initramfs(&agent).unwrap();
-        assert_eq!(&img[..6], b"070701");
-        assert_eq!(img.len() % 4, 0);
-        let mut child = Command::new("cpio")
-            .args(["-t", "-v"])
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("cpio(1) is installed by make setup");
-        use std::io::Write;
-        child.stdin.take().unwrap().write_all(&img).unwrap();
-        let out = child.wait_with_output().unwrap();
-        let listing = String::from_utf8_lossy(&out.stdout);
-        assert!(listing.contains("init"), "{listing}");
-        assert!(listing
-            .lines()
-            .any(|l| l.starts_with("crw") && l.contains("dev/console")));
-        assert!(listing
-            .lines()
-            .any(|l| l.starts_with("-rwxr-xr-x") && l.contains(" 15 ")));
-    }
 
     #[test]
     fn missing_assets_name_the_fix() {

@@ -23,13 +23,16 @@ pub fn early_init() -> io::Result<()> {
     let nodev = libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC;
     mount(Some("proc"), "/proc", Some("proc"), nodev, None)?;
     mount(Some("sysfs"), "/sys", Some("sysfs"), nodev, None)?;
-    mount(
-        Some("devtmpfs"),
-        "/dev",
-        Some("devtmpfs"),
-        libc::MS_NOSUID,
-        Some("mode=0755"),
-    )?;
+    // The kernel mounts devtmpfs on /dev itself (CONFIG_DEVTMPFS_MOUNT).
+    if !std::path::Path::new("/dev/null").exists() {
+        mount(
+            Some("devtmpfs"),
+            "/dev",
+            Some("devtmpfs"),
+            libc::MS_NOSUID,
+            Some("mode=0755"),
+        )?;
+    }
     ensure_stdio();
     fs::create_dir_all("/dev/pts")?;
     fs::create_dir_all("/dev/shm")?;
@@ -70,8 +73,9 @@ pub fn early_init() -> io::Result<()> {
     Ok(())
 }
 
-/// The kernel opens /dev/console for init; without a console it opens nothing,
-/// and the first sockets would become fds 0-2. Point missing ones at /dev/null.
+/// The kernel opens /dev/console for init; without a console it opens nothing
+/// (Rust's runtime then points fds 0-2 at /dev/null). Make sure they are open
+/// so that no socket ever becomes fd 0-2.
 fn ensure_stdio() {
     for fd in 0..3 {
         // SAFETY: F_GETFD only queries the descriptor.

@@ -1,4 +1,5 @@
-//! Starting a workload process inside the container root.
+//! Starting a workload process inside the container root: its own mount
+//! namespace, pivot_root into the assembled root, then user, cwd, execve.
 //!
 //! Written on fork/execve rather than `std::process::Command` because PID 1's
 //! reaper collects every child with `waitpid(-1)`, while `Command::spawn`
@@ -323,16 +324,12 @@ unsafe fn child_main(
         {
             fail(Step::Namespace);
         }
+        // pivot_root(".", ".") stacks the old root on the new one; detaching
+        // it leaves the container root as the whole view.
         let dot = c".";
         if libc::chdir(p.root.as_ptr()) < 0
-            || libc::mount(
-                dot.as_ptr(),
-                root_c.as_ptr(),
-                std::ptr::null(),
-                libc::MS_MOVE,
-                std::ptr::null(),
-            ) < 0
-            || libc::chroot(dot.as_ptr()) < 0
+            || libc::syscall(libc::SYS_pivot_root, dot.as_ptr(), dot.as_ptr()) < 0
+            || libc::umount2(dot.as_ptr(), libc::MNT_DETACH) < 0
             || libc::chdir(root_c.as_ptr()) < 0
         {
             fail(Step::Root);

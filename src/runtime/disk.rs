@@ -1,9 +1,14 @@
-//! Disk images for VM mode, built without mounting anything: a read-only EROFS
-//! image of a root filesystem directory (mkfs.erofs) and an empty ext4
-//! scratch disk for the container's writable layer (mkfs.ext4).
+//! Disk images for VM mode, built without mounting anything: the guest's root
+//! disk holding the agent, a read-only EROFS image of a root filesystem
+//! directory (mkfs.erofs), and an empty ext4 scratch disk for the container's
+//! writable layer (mkfs.ext4).
 
-use std::path::Path;
+use std::io::Read;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
 use std::process::Command;
+
+use sha2::{Digest, Sha256};
 
 /// Errors building disks.
 #[derive(Debug, thiserror::Error)]
@@ -67,6 +72,69 @@ pub fn build_erofs(dir: &Path, out: &Path) -> Result<(), DiskError> {
     )
 }
 
+/// The guest's own root disk: a small EROFS image with the agent as `/init`
+/// and the mount points it needs, built once per agent binary and cached in
+/// `cache` as `agent-<sha256 prefix>.erofs`. The kernel mounts it as `/`, so the
+/// agent is paged in from disk on demand instead of being copied out of an
+/// initramfs by the guest CPU, which is slow under software virtualisation.
+pub fn agent_disk(agent: &Path, cache: &Path) -> Result<PathBuf, DiskError> {
+    let failed = |detail: String| DiskError::Failed {
+        tool: "mkfs.erofs",
+        path: agent.display().to_string(),
+        detail,
+    };
+    let mut hasher = Sha256::new();
+    let mut f = std::fs::File::open(agent).map_err(|e| failed(e.to_string()))?;
+    let mut buf = vec![0u8; 1 << 16];
+    loop {
+        let n = f.read(&mut buf).map_err(|e| failed(e.to_string()))?;
+        if n == 0 {
+            break;
+        }
+        hasher.update(&buf[..n]);
+    }
+    let digest: String = hasher
+        .finalize()
+        .iter()
+        .take(8)
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    let out = cache.join(format!("agent-{digest}.erofs"));
+    if out.is_file() {
+        return Ok(out);
+    }
+    std::fs::create_dir_all(cache).map_err(|e| failed(e.to_string()))?;
+    let tag = format!(
+        "{}.{}",
+        std::process::id(),
+        crate::runtime::new_id().get(..8).unwrap_or("")
+    );
+    let staging = cache.join(format!(".agent-{digest}.{tag}"));
+    let tmp = cache.join(format!(".agent-{digest}.{tag}.erofs"));
+    let result = (|| {
+        for d in ["dev", "proc", "sys", "run", "tmp"] {
+            std::fs::create_dir_all(staging.join(d)).map_err(|e| failed(e.to_string()))?;
+        }
+        let init = staging.join("init");
+        std::fs::copy(agent, &init).map_err(|e| failed(e.to_string()))?;
+        std::fs::set_permissions(&init, std::fs::Permissions::from_mode(0o755))
+            .map_err(|e| failed(e.to_string()))?;
+        run(
+            "mkfs.erofs",
+            "erofs-utils",
+            &staging,
+            Command::new("mkfs.erofs")
+                .args(["--quiet", "--all-root"])
+                .arg(&tmp)
+                .arg(&staging),
+        )?;
+        std::fs::rename(&tmp, &out).map_err(|e| failed(e.to_string()))
+    })();
+    let _ = std::fs::remove_dir_all(&staging);
+    let _ = std::fs::remove_file(&tmp);
+    result.map(|_| out)
+}
+
 /// Creates an empty, sparse ext4 filesystem of `size` bytes at `out`, without
 /// a journal (the scratch layer is per container) and with lazily
 /// initialised inode tables so creation writes only a few MiB.
@@ -122,6 +190,32 @@ mod tests {
         );
         let sb = std::fs::read(&p).unwrap();
         assert_eq!(&sb[1024 + 0x38..1024 + 0x3a], &[0x53, 0xef], "ext4 magic");
+    }
+
+    #[test]
+    fn the_agent_disk_is_built_once_per_agent_binary() {
+        let dir = tempfile::tempdir().unwrap();
+        let agent = dir.path().join("agent");
+        std::fs::write(&agent, b"\x7fELF agent v1").unwrap();
+        let cache = dir.path().join("cache");
+        let a = agent_disk(&agent, &cache).unwrap();
+        let b = agent_disk(&agent, &cache).unwrap();
+        assert_eq!(a, b);
+        let img = std::fs::read(&a).unwrap();
+        assert_eq!(
+            &img[1024..1028],
+            &0xe0f5_e1e2u32.to_le_bytes(),
+            "EROFS magic"
+        );
+        std::fs::write(&agent, b"\x7fELF agent v2").unwrap();
+        let c = agent_disk(&agent, &cache).unwrap();
+        assert_ne!(a, c, "a new agent gets a new disk");
+        let left: Vec<_> = std::fs::read_dir(&cache)
+            .unwrap()
+            .flatten()
+            .map(|e| e.file_name())
+            .collect();
+        assert_eq!(left.len(), 2, "no staging leftovers: {left:?}");
     }
 
     #[test]

@@ -50,23 +50,33 @@ impl MicroVm {
         disk::build_erofs(&cfg.rootfs, &image)?;
         let scratch = dir.join("scratch.ext4");
         disk::build_scratch(&scratch, SCRATCH_SIZE)?;
-        let initrd = assets::initramfs(&assets::guest_binary()?)?;
+        let agent = disk::agent_disk(&assets::guest_binary()?, &super::vmc_home().join("cache"))?;
         let vsock = dir.join("vsock.sock");
         let console: Option<Box<dyn Write + Send>> = if cfg.debug {
             Some(Box::new(std::io::stderr()))
         } else {
             None
         };
+        // The agent's disk is the guest's root; extra parameters (VMC_KERNEL_ARGS)
+        // are for experiments and debugging.
+        let mut cmdline: Vec<String> = ["root=/dev/vda", "ro", "rootfstype=erofs", "init=/init"]
+            .map(String::from)
+            .to_vec();
+        if let Ok(extra) = std::env::var("VMC_KERNEL_ARGS") {
+            cmdline.extend(extra.split_whitespace().map(String::from));
+        }
         let vm = vmm::start(VmConfig {
             vcpus: cfg.resources.cpus,
             mem_size: cfg.resources.memory,
             kernel: cfg.kernel.clone(),
-            initrd: Some(initrd),
-            // For experiments and debugging: extra guest kernel parameters.
-            cmdline: std::env::var("VMC_KERNEL_ARGS")
-                .map(|a| a.split_whitespace().map(String::from).collect())
-                .unwrap_or_default(),
+            initrd: None,
+            cmdline,
             disks: vec![
+                DiskConfig {
+                    path: agent,
+                    read_only: true,
+                    id: "vmc-agent".into(),
+                },
                 DiskConfig {
                     path: image,
                     read_only: true,
@@ -94,9 +104,9 @@ impl MicroVm {
     /// The root filesystem layout inside the guest.
     pub fn root_spec(hostname: &str) -> RootSpec {
         RootSpec {
-            image_dev: "/dev/vda".into(),
+            image_dev: "/dev/vdb".into(),
             image_fstype: "erofs".into(),
-            scratch_dev: "/dev/vdb".into(),
+            scratch_dev: "/dev/vdc".into(),
             hostname: hostname.into(),
         }
     }

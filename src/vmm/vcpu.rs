@@ -97,8 +97,18 @@ pub fn install_kick_handler() -> std::io::Result<()> {
         .map_err(|e| std::io::Error::from_raw_os_error(e.errno()))
 }
 
-/// One vCPU's thread body.
-pub fn run(mut vcpu: VcpuFd, pio: Bus, mmio: Bus, stop: Arc<AtomicBool>, exit: Arc<ExitState>) {
+/// Guest instruction pointers sampled while profiling (see [`profile_sampler`]).
+pub type Samples = Arc<std::sync::Mutex<Vec<u64>>>;
+
+/// One vCPU's thread body. With `samples`, every kick records the guest RIP.
+pub fn run(
+    mut vcpu: VcpuFd,
+    pio: Bus,
+    mmio: Bus,
+    stop: Arc<AtomicBool>,
+    exit: Arc<ExitState>,
+    samples: Option<Samples>,
+) {
     let ptr: *mut u8 = &mut vcpu.get_kvm_run().immediate_exit;
     IMMEDIATE_EXIT.with(|c| c.set(ptr));
     while !stop.load(Ordering::SeqCst) {
@@ -114,6 +124,9 @@ pub fn run(mut vcpu: VcpuFd, pio: Bus, mmio: Bus, stop: Arc<AtomicBool>, exit: A
             }
             Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
                 vcpu.set_kvm_immediate_exit(0);
+                if let (Some(s), Ok(regs)) = (&samples, vcpu.get_regs()) {
+                    s.lock().unwrap_or_else(|e| e.into_inner()).push(regs.rip);
+                }
             }
             Err(e) => {
                 exit.signal(VmExit::Crashed(format!("KVM_RUN failed: {e}")));
@@ -122,6 +135,21 @@ pub fn run(mut vcpu: VcpuFd, pio: Bus, mmio: Bus, stop: Arc<AtomicBool>, exit: A
         }
     }
     IMMEDIATE_EXIT.with(|c| c.set(std::ptr::null_mut()));
+}
+
+/// Kicks `thread` out of the guest every `period` until `stop`, so that its
+/// vCPU loop samples the guest RIP: a sampling profiler of the guest kernel
+/// (enabled with `VMC_GUEST_PROFILE=FILE`).
+pub fn profile_sampler(
+    thread: libc::pthread_t,
+    stop: Arc<AtomicBool>,
+    period: std::time::Duration,
+) {
+    while !stop.load(Ordering::SeqCst) {
+        std::thread::sleep(period);
+        // SAFETY: the vCPU thread outlives this loop (stop is set before it is joined).
+        unsafe { libc::pthread_kill(thread, kick_signal()) };
+    }
 }
 
 #[cfg(test)]
