@@ -159,7 +159,7 @@ pub fn build_scratch(out: &Path, size: u64) -> Result<(), DiskError> {
                 "-q",
                 "-F",
                 "-O",
-                "^has_journal",
+                "^has_journal,^metadata_csum",
                 "-E",
                 "lazy_itable_init=1,lazy_journal_init=1,nodiscard",
                 "-m",
