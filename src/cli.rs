@@ -44,6 +44,15 @@ pub enum Command {
     Info,
     /// Measure vmc (boot time, VMM overhead).
     Bench(BenchArgs),
+    /// Manage vmc's own data.
+    #[command(subcommand)]
+    System(SystemCommand),
+}
+
+#[derive(Subcommand, Debug)]
+pub enum SystemCommand {
+    /// Remove warm-start snapshots and cached agent disks (rebuilt on demand).
+    Prune,
 }
 
 #[derive(Args, Debug)]
@@ -68,9 +77,14 @@ pub struct RunArgs {
     #[arg(long, value_name = "PATH", env = "VMC_KERNEL")]
     pub kernel: Option<PathBuf>,
 
-    /// Show the guest kernel's console on stderr (slow: every byte is a VM exit).
+    /// Show the guest kernel's console on stderr (slow: every byte is a VM
+    /// exit). Implies --cold, so the boot is there to see.
     #[arg(long)]
     pub debug: bool,
+
+    /// Boot the guest kernel instead of restoring the warm-start snapshot.
+    #[arg(long)]
+    pub cold: bool,
 
     /// Set an environment variable (KEY=VALUE, or KEY to copy vmc's own).
     #[arg(short = 'e', long = "env", value_name = "KEY=VALUE")]

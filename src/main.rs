@@ -5,7 +5,7 @@ use std::io::IsTerminal;
 
 use anyhow::{bail, Context, Result};
 use clap::Parser;
-use vmc::cli::{Cli, Command, RunArgs};
+use vmc::cli::{Cli, Command, RunArgs, SystemCommand};
 use vmc::runtime::{self, ContainerConfig, ProcessSpec, Resources};
 use vmc::{assets, bench, vmm};
 
@@ -40,6 +40,7 @@ fn init_logging() {
 }
 
 fn main() {
+    vmc::runtime::elapsed_ms();
     init_logging();
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
@@ -71,6 +72,7 @@ fn dispatch(cli: Cli) -> Result<i32> {
         Command::Run(args) => run(args),
         Command::Info => info(),
         Command::Bench(args) => bench::run(args).map(|_| 0).map_err(Into::into),
+        Command::System(SystemCommand::Prune) => prune(),
     }
 }
 
@@ -124,15 +126,43 @@ fn run(args: RunArgs) -> Result<i32> {
         },
         kernel,
         debug: args.debug,
+        snapshots: runtime::snapshots_dir(),
     };
     let forward_stdin = args.interactive || !std::io::stdin().is_terminal();
     let dir = runtime::vmc_home().join("containers").join(&id);
-    let result = runtime::microvm::run_attached(&cfg, &dir, forward_stdin);
+    let how = if args.cold {
+        runtime::microvm::Start::Cold
+    } else {
+        runtime::microvm::Start::Warm
+    };
+    let result = runtime::microvm::run_attached(&cfg, &dir, forward_stdin, how);
     // A run that failed in vmc itself leaves nothing behind.
     if args.rm || result.is_err() {
         let _ = std::fs::remove_dir_all(&dir);
     }
     result.context("run")
+}
+
+fn prune() -> Result<i32> {
+    let dir = runtime::snapshots_dir();
+    let (n, bytes) =
+        runtime::snapshot::prune(&dir).with_context(|| format!("pruning {}", dir.display()))?;
+    let cache = runtime::vmc_home().join("cache");
+    let mut disks = 0;
+    if let Ok(entries) = std::fs::read_dir(&cache) {
+        for e in entries.flatten() {
+            if e.file_name().to_string_lossy().starts_with("agent-")
+                && std::fs::remove_file(e.path()).is_ok()
+            {
+                disks += 1;
+            }
+        }
+    }
+    println!(
+        "removed {n} snapshot(s) ({:.1} MiB) and {disks} cached agent disk(s)",
+        bytes as f64 / (1 << 20) as f64
+    );
+    Ok(0)
 }
 
 fn info() -> Result<i32> {
@@ -159,5 +189,6 @@ fn info() -> Result<i32> {
         Err(e) => println!("guest agent: missing ({e})"),
     }
     println!("state: {}", runtime::vmc_home().display());
+    println!("snapshots: {}", runtime::snapshots_dir().display());
     Ok(0)
 }

@@ -11,7 +11,8 @@ use common::{kernel, kvm_available, rootfs};
 
 fn vmc(home: &Path) -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_vmc"));
-    c.env("VMC_HOME", home);
+    c.env("VMC_HOME", home)
+        .env("VMC_SNAPSHOTS", common::snapshots());
     c
 }
 

@@ -120,11 +120,66 @@ fn loopback_up() -> io::Result<()> {
     Ok(())
 }
 
+/// Waits until the kernel sees block device `dev` (e.g. `/dev/vdb`) with
+/// `sectors` sectors: after a snapshot restore the new size arrives through a
+/// config interrupt that the driver handles asynchronously.
+fn wait_for_size(dev: &str, sectors: u64) -> io::Result<()> {
+    let name = dev.trim_start_matches("/dev/");
+    let path = format!("/sys/block/{name}/size");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        let now: u64 = fs::read_to_string(&path)?.trim().parse().unwrap_or(0);
+        if now == sectors || sectors == 0 {
+            return Ok(());
+        }
+        if std::time::Instant::now() > deadline {
+            return Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                format!("{dev} has {now} sectors, expected {sectors}"),
+            ));
+        }
+        std::thread::sleep(std::time::Duration::from_millis(2));
+    }
+}
+
+/// Sets the wall clock and reseeds the kernel's random number generator with
+/// host entropy: after a snapshot restore the guest's clock is the snapshot's
+/// and every restored VM would otherwise share one random state.
+pub fn refresh(realtime_ns: u64, entropy: &[u8]) -> io::Result<()> {
+    let ts = libc::timespec {
+        tv_sec: (realtime_ns / 1_000_000_000) as libc::time_t,
+        tv_nsec: (realtime_ns % 1_000_000_000) as libc::c_long,
+    };
+    // SAFETY: ts is a valid timespec.
+    check(unsafe { libc::clock_settime(libc::CLOCK_REALTIME, &ts) })?;
+    if entropy.is_empty() {
+        return Ok(());
+    }
+    // struct rand_pool_info { int entropy_count; int buf_size; __u32 buf[]; }
+    let mut info = Vec::with_capacity(8 + entropy.len());
+    info.extend_from_slice(&((entropy.len() * 8) as i32).to_ne_bytes());
+    info.extend_from_slice(&(entropy.len() as i32).to_ne_bytes());
+    info.extend_from_slice(entropy);
+    let f = fs::OpenOptions::new().write(true).open("/dev/urandom")?;
+    const RNDADDENTROPY: libc::c_ulong = 0x4008_5203;
+    const RNDRESEEDCRNG: libc::c_ulong = 0x5207;
+    // SAFETY: info is a rand_pool_info of the size its header states.
+    check(unsafe { libc::ioctl(f.as_raw_fd(), RNDADDENTROPY, info.as_ptr()) })?;
+    // SAFETY: RNDRESEEDCRNG takes no argument.
+    match check(unsafe { libc::ioctl(f.as_raw_fd(), RNDRESEEDCRNG) }) {
+        // Not initialised yet: the entropy just credited initialises it.
+        Err(e) if e.raw_os_error() == Some(libc::ENODATA) => Ok(()),
+        r => r.map(|_| ()),
+    }
+}
+
 /// Assembles the container root at [`ROOT`] and sets the hostname.
 pub fn mount_root(spec: &RootSpec) -> io::Result<()> {
     for d in [IMAGE, SCRATCH, ROOT] {
         fs::create_dir_all(d)?;
     }
+    wait_for_size(&spec.image_dev, spec.image_sectors)?;
+    wait_for_size(&spec.scratch_dev, spec.scratch_sectors)?;
     mount(
         Some(&spec.image_dev),
         IMAGE,

@@ -16,7 +16,7 @@ use std::io::{self, Read, Write};
 use serde::{Deserialize, Serialize};
 
 /// Version of the frames below; bumped on every incompatible change.
-pub const PROTOCOL_VERSION: u32 = 1;
+pub const PROTOCOL_VERSION: u32 = 2;
 
 /// vsock port on which the guest agent listens.
 pub const AGENT_PORT: u32 = 1024;
@@ -38,6 +38,11 @@ pub struct RootSpec {
     pub scratch_dev: String,
     /// Hostname of the container.
     pub hostname: String,
+    /// Sizes of the image and scratch disks in 512-byte sectors. A guest
+    /// restored from a snapshot learns them through a config interrupt; the
+    /// agent waits until the kernel sees these sizes before mounting.
+    pub image_sectors: u64,
+    pub scratch_sectors: u64,
 }
 
 /// A process to start in the container.
@@ -103,6 +108,13 @@ impl StartFailure {
 pub enum HostMsg {
     /// First frame on a connection.
     Hello { version: u32 },
+    /// After a snapshot restore: set the wall clock (nanoseconds since the
+    /// epoch) and mix fresh host entropy into the kernel's pool, reseeding it.
+    Refresh {
+        realtime_ns: u64,
+        #[serde(with = "serde_bytes")]
+        entropy: Vec<u8>,
+    },
     /// Assemble the container root (once per VM; later sessions skip it).
     Mount(RootSpec),
     /// Start a process.
@@ -120,6 +132,8 @@ pub enum HostMsg {
 pub enum GuestMsg {
     /// Answer to [`HostMsg::Hello`].
     Hello { version: u32 },
+    /// The clock and entropy pool are refreshed.
+    Refreshed,
     /// The root filesystem is assembled.
     Mounted,
     /// The process runs with this pid (inside the guest).

@@ -89,6 +89,14 @@ fn handshake_and_start(conn: &VsockStream) -> Result<Option<(ProcessSpec, Runnin
     .map_err(|e| e.to_string())?;
     loop {
         match read_frame::<_, HostMsg>(&mut r) {
+            Ok(HostMsg::Refresh {
+                realtime_ns,
+                entropy,
+            }) => {
+                init::refresh(realtime_ns, &entropy)
+                    .map_err(|e| format!("refreshing the guest: {e}"))?;
+                send(conn, &GuestMsg::Refreshed).map_err(|e| e.to_string())?;
+            }
             Ok(HostMsg::Mount(root)) => {
                 let mut mounted = MOUNTED.lock().unwrap_or_else(|e| e.into_inner());
                 if !*mounted {

@@ -12,9 +12,9 @@ use std::time::Duration;
 use vmc_guest::{GuestMsg, HostMsg, RootSpec, AGENT_PORT, IO_CHUNK};
 
 use super::agent::{AgentConn, AgentError};
-use super::{disk, ContainerConfig, RuntimeError};
+use super::{disk, snapshot, ContainerConfig, RuntimeError};
 use crate::assets;
-use crate::vmm::{self, Backend, DiskConfig, RunningVm, VmConfig, VmExit};
+use crate::vmm::{self, Backend, DiskConfig, RunningVm, VmConfig, VmExit, VmmError};
 
 /// Guest CID of every VM (each VM has its own vsock device and host socket).
 pub const GUEST_CID: u64 = 3;
@@ -26,15 +26,78 @@ pub const BOOT_TIMEOUT: Duration = Duration::from_secs(300);
 /// How long the guest may take to reset itself after its process exited.
 const RESET_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// The VM layout shared by cold boots, snapshot creation and restores (a
+/// restore needs the same devices in the same order): the agent's root disk,
+/// the image disk, the scratch disk, vsock, rng.
+#[allow(clippy::too_many_arguments)]
+pub fn vm_config(
+    kernel: &Path,
+    agent_disk: &Path,
+    image: &Path,
+    scratch: &Path,
+    vsock: &Path,
+    cpus: u8,
+    memory: u64,
+    console: Option<Box<dyn Write + Send>>,
+) -> VmConfig {
+    // The agent's disk is the guest's root; extra parameters (VMC_KERNEL_ARGS)
+    // are for experiments and debugging.
+    let mut cmdline: Vec<String> = ["root=/dev/vda", "ro", "rootfstype=erofs", "init=/init"]
+        .map(String::from)
+        .to_vec();
+    if let Ok(extra) = std::env::var("VMC_KERNEL_ARGS") {
+        cmdline.extend(extra.split_whitespace().map(String::from));
+    }
+    let disk = |path: &Path, read_only, id: &str| DiskConfig {
+        path: path.to_path_buf(),
+        read_only,
+        id: id.into(),
+    };
+    VmConfig {
+        vcpus: cpus,
+        mem_size: memory,
+        kernel: kernel.to_path_buf(),
+        initrd: None,
+        cmdline,
+        disks: vec![
+            disk(agent_disk, true, "vmc-agent"),
+            disk(image, true, "vmc-image"),
+            disk(scratch, false, "vmc-scratch"),
+        ],
+        vsock: Some((GUEST_CID, vsock.to_path_buf())),
+        rng: true,
+        console,
+        backend: Backend::detect(),
+    }
+}
+
+/// How a microVM starts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Start {
+    /// Boot the kernel.
+    Cold,
+    /// Restore the warm-start snapshot (made on first need).
+    Warm,
+}
+
 /// A booted (or booting) microVM.
 pub struct MicroVm {
     vm: RunningVm,
     vsock: PathBuf,
+    /// Sizes in sectors of the image and scratch disks, for the agent.
+    disk_sectors: (u64, u64),
+    restored: bool,
 }
 
 impl MicroVm {
-    /// Builds the disks in `dir` and starts the VM.
+    /// Builds the disks in `dir` and boots the VM cold.
     pub fn boot(cfg: &ContainerConfig, dir: &Path) -> Result<MicroVm, RuntimeError> {
+        Self::start(cfg, dir, Start::Cold)
+    }
+
+    /// Builds the disks in `dir` and starts the VM, cold or from the
+    /// warm-start snapshot (`--debug` always boots cold, to show the boot).
+    pub fn start(cfg: &ContainerConfig, dir: &Path, how: Start) -> Result<MicroVm, RuntimeError> {
         if !cfg.rootfs.is_dir() {
             return Err(RuntimeError::NoRootfs(cfg.rootfs.display().to_string()));
         }
@@ -46,54 +109,100 @@ impl MicroVm {
                 path: dir.display().to_string(),
                 source,
             })?;
+        crate::phase!("start: building disks");
         let image = dir.join("image.erofs");
         disk::build_erofs(&cfg.rootfs, &image)?;
         let scratch = dir.join("scratch.ext4");
         disk::build_scratch(&scratch, SCRATCH_SIZE)?;
-        let agent = disk::agent_disk(&assets::guest_binary()?, &super::vmc_home().join("cache"))?;
+        crate::phase!("disks built");
+        let home = super::vmc_home();
+        let agent = disk::agent_disk(&assets::guest_binary()?, &home.join("cache"))?;
         let vsock = dir.join("vsock.sock");
-        let console: Option<Box<dyn Write + Send>> = if cfg.debug {
-            Some(Box::new(std::io::stderr()))
-        } else {
-            None
+        let disk_sectors = (sectors(&image), SCRATCH_SIZE / 512);
+        let (cpus, memory) = (cfg.resources.cpus, cfg.resources.memory);
+        let config = |console| {
+            vm_config(
+                &cfg.kernel,
+                &agent,
+                &image,
+                &scratch,
+                &vsock,
+                cpus,
+                memory,
+                console,
+            )
         };
-        // The agent's disk is the guest's root; extra parameters (VMC_KERNEL_ARGS)
-        // are for experiments and debugging.
-        let mut cmdline: Vec<String> = ["root=/dev/vda", "ro", "rootfstype=erofs", "init=/init"]
-            .map(String::from)
-            .to_vec();
-        if let Ok(extra) = std::env::var("VMC_KERNEL_ARGS") {
-            cmdline.extend(extra.split_whitespace().map(String::from));
+        if how == Start::Cold || cfg.debug {
+            let console: Option<Box<dyn Write + Send>> = if cfg.debug {
+                Some(Box::new(std::io::stderr()))
+            } else {
+                None
+            };
+            let vm = vmm::start(config(console))?;
+            return Ok(MicroVm {
+                vm,
+                vsock,
+                disk_sectors,
+                restored: false,
+            });
         }
-        let vm = vmm::start(VmConfig {
-            vcpus: cfg.resources.cpus,
-            mem_size: cfg.resources.memory,
-            kernel: cfg.kernel.clone(),
-            initrd: None,
-            cmdline,
-            disks: vec![
-                DiskConfig {
-                    path: agent,
-                    read_only: true,
-                    id: "vmc-agent".into(),
-                },
-                DiskConfig {
-                    path: image,
-                    read_only: true,
-                    id: "vmc-image".into(),
-                },
-                DiskConfig {
-                    path: scratch,
-                    read_only: false,
-                    id: "vmc-scratch".into(),
-                },
-            ],
-            vsock: Some((GUEST_CID, vsock.clone())),
-            rng: true,
-            console,
+        let spec = snapshot::SnapshotSpec {
+            kernel: &cfg.kernel,
+            agent_disk: &agent,
+            cpus,
+            memory,
             backend: Backend::detect(),
-        })?;
-        Ok(MicroVm { vm, vsock })
+        };
+        let (snap, key) = snapshot::ensure(&cfg.snapshots, &spec, false)?;
+        crate::phase!("snapshot ready; restoring");
+        let vm = match vmm::restore(config(None), &snap, &key) {
+            Ok(vm) => vm,
+            Err(VmmError::Snapshot(e)) => {
+                eprintln!(
+                    "vmc: warning: the warm-start snapshot {} is unusable ({e}); rebuilding it",
+                    snap.display()
+                );
+                let (snap, key) = snapshot::ensure(&cfg.snapshots, &spec, true)?;
+                vmm::restore(config(None), &snap, &key)?
+            }
+            Err(e) => return Err(e.into()),
+        };
+        crate::phase!("restored; vCPUs running");
+        Ok(MicroVm {
+            vm,
+            vsock,
+            disk_sectors,
+            restored: true,
+        })
+    }
+
+    /// Whether the VM was restored from a snapshot (its clock and entropy
+    /// need a [`HostMsg::Refresh`] before use).
+    pub fn restored(&self) -> bool {
+        self.restored
+    }
+
+    /// The refresh message for a restored guest: host time and 64 fresh bytes.
+    pub fn refresh_msg() -> HostMsg {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos() as u64)
+            .unwrap_or(0);
+        let mut entropy = vec![0u8; 64];
+        let mut done = 0;
+        while done < entropy.len() {
+            // SAFETY: the pointer and length describe the unfilled tail of entropy.
+            let n = unsafe {
+                libc::getrandom(entropy[done..].as_mut_ptr().cast(), entropy.len() - done, 0)
+            };
+            if n > 0 {
+                done += n as usize;
+            }
+        }
+        HostMsg::Refresh {
+            realtime_ns: now,
+            entropy,
+        }
     }
 
     /// Connects to the guest agent, waiting for the guest to boot.
@@ -102,12 +211,14 @@ impl MicroVm {
     }
 
     /// The root filesystem layout inside the guest.
-    pub fn root_spec(hostname: &str) -> RootSpec {
+    pub fn root_spec(&self, hostname: &str) -> RootSpec {
         RootSpec {
             image_dev: "/dev/vdb".into(),
             image_fstype: "erofs".into(),
             scratch_dev: "/dev/vdc".into(),
             hostname: hostname.into(),
+            image_sectors: self.disk_sectors.0,
+            scratch_sectors: self.disk_sectors.1,
         }
     }
 
@@ -140,6 +251,11 @@ impl MicroVm {
     }
 }
 
+/// Whole 512-byte sectors of a disk image file (what the guest will see).
+fn sectors(path: &Path) -> u64 {
+    std::fs::metadata(path).map(|m| m.len() / 512).unwrap_or(0)
+}
+
 /// Signals vmc forwards to the workload.
 const FORWARDED: [libc::c_int; 6] = [
     libc::SIGINT,
@@ -169,6 +285,7 @@ pub fn run_attached(
     cfg: &ContainerConfig,
     dir: &Path,
     forward_stdin: bool,
+    how: Start,
 ) -> Result<i32, RuntimeError> {
     // Block the forwarded signals before any thread starts, so that only the
     // forwarding thread (sigwait) ever receives them.
@@ -176,7 +293,7 @@ pub fn run_attached(
     // SAFETY: set is a valid sigset_t; the old mask is not needed.
     unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) };
 
-    let mvm = MicroVm::boot(cfg, dir)?;
+    let mvm = MicroVm::start(cfg, dir, how)?;
     let writer: Arc<Mutex<Option<AgentConn>>> = Arc::new(Mutex::new(None));
     let interrupted = Arc::new(AtomicI32::new(0));
     {
@@ -214,9 +331,19 @@ pub fn run_attached(
             });
         }
     };
-    conn.send(&HostMsg::Mount(MicroVm::root_spec(&cfg.hostname)))?;
+    crate::phase!("agent connected");
+    if mvm.restored() {
+        conn.send(&MicroVm::refresh_msg())?;
+        match conn.recv()? {
+            GuestMsg::Refreshed => {}
+            GuestMsg::Error(e) => return Err(AgentError::Remote(e).into()),
+            other => return Err(AgentError::Unexpected(format!("{other:?}")).into()),
+        }
+    }
+    crate::phase!("guest refreshed");
+    conn.send(&HostMsg::Mount(mvm.root_spec(&cfg.hostname)))?;
     match conn.recv()? {
-        GuestMsg::Mounted => {}
+        GuestMsg::Mounted => crate::phase!("root mounted"),
         GuestMsg::Error(e) => return Err(AgentError::Remote(e).into()),
         other => return Err(AgentError::Unexpected(format!("{other:?}")).into()),
     }
@@ -225,7 +352,7 @@ pub fn run_attached(
     spec.reboot_on_exit = true;
     conn.send(&HostMsg::Start(spec))?;
     match conn.recv()? {
-        GuestMsg::Started { .. } => {}
+        GuestMsg::Started { .. } => crate::phase!("process started"),
         GuestMsg::StartFailed { kind, message } => {
             eprintln!("vmc: {message}");
             mvm.stop();
@@ -242,10 +369,12 @@ pub fn run_attached(
     }
 
     let code = pump_output(&mut conn);
+    crate::phase!("process exited");
     mvm.write_mem_report();
     conn.close();
     writer.lock().unwrap_or_else(|e| e.into_inner()).take();
     let exit = mvm.finish(RESET_TIMEOUT);
+    crate::phase!("VM ended: {exit:?}");
     match code {
         Some(code) => Ok(code),
         None => Err(RuntimeError::VmCrashed(match exit {
@@ -276,14 +405,16 @@ fn pump_stdin(writer: Arc<Mutex<Option<AgentConn>>>) {
 /// Writes the workload's output to vmc's stdout/stderr until it exits;
 /// returns its exit code, or None if the connection ended first.
 fn pump_output(conn: &mut AgentConn) -> Option<i32> {
-    let mut out = std::io::stdout().lock();
-    let mut err = std::io::stderr().lock();
+    // The std handles are locked per write, never across the loop: VMM
+    // threads log to stderr, and a held lock would stall them.
     loop {
         match conn.recv() {
             Ok(GuestMsg::Stdout(d)) => {
+                let mut out = std::io::stdout().lock();
                 let _ = out.write_all(&d).and_then(|_| out.flush());
             }
             Ok(GuestMsg::Stderr(d)) => {
+                let mut err = std::io::stderr().lock();
                 let _ = err.write_all(&d).and_then(|_| err.flush());
             }
             Ok(GuestMsg::Exited(status)) => return Some(status.shell_code()),

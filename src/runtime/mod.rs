@@ -4,6 +4,7 @@
 pub mod agent;
 pub mod disk;
 pub mod microvm;
+pub mod snapshot;
 
 use std::path::PathBuf;
 
@@ -29,6 +30,8 @@ pub struct ContainerConfig {
     pub kernel: PathBuf,
     /// Show the guest kernel's console on stderr.
     pub debug: bool,
+    /// Where warm-start snapshots live (see [`snapshots_dir`]).
+    pub snapshots: PathBuf,
 }
 
 /// Errors running a container.
@@ -64,6 +67,32 @@ pub fn vmc_home() -> PathBuf {
         return PathBuf::from("/var/lib/vmc");
     }
     crate::assets::assets_dir()
+}
+
+/// Milliseconds since this process started using the runtime, for phase
+/// timing in debug logs (`VMC_LOG=debug`).
+pub fn elapsed_ms() -> f64 {
+    static START: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
+    START
+        .get_or_init(std::time::Instant::now)
+        .elapsed()
+        .as_secs_f64()
+        * 1000.0
+}
+
+/// Logs a phase with its time since start.
+#[macro_export]
+macro_rules! phase {
+    ($($arg:tt)*) => {
+        log::debug!("[{:9.1} ms] {}", $crate::runtime::elapsed_ms(), format!($($arg)*))
+    };
+}
+
+/// Where warm-start snapshots live: `$VMC_SNAPSHOTS`, else `$VMC_HOME/snapshots`.
+pub fn snapshots_dir() -> PathBuf {
+    std::env::var_os("VMC_SNAPSHOTS")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| vmc_home().join("snapshots"))
 }
 
 /// A new random container id (64 hex digits, like Docker's).

@@ -8,36 +8,25 @@
 
 pub mod backend;
 pub mod boot;
+mod builder;
 pub mod event_loop;
 pub mod exit;
 pub mod memory;
+mod running;
+pub mod snapshot;
 pub mod vcpu;
 
 use std::io::Write;
-use std::os::fd::AsRawFd;
-use std::os::unix::thread::JoinHandleExt;
-use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
-use std::thread::JoinHandle;
+use std::path::{Path, PathBuf};
 
-use kvm_bindings::{kvm_userspace_memory_region, KVM_MAX_CPUID_ENTRIES};
-use kvm_ioctls::{IoEventAddress, Kvm, VmFd};
-use vm_memory::{GuestMemoryBackend, GuestMemoryRegion, MemoryRegionAddress};
-use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
-use vmm_sys_util::eventfd::EventFd;
+use kvm_ioctls::Kvm;
 
-use crate::devices::bus::Bus;
-use crate::devices::legacy::{SerialDevice, I8042};
-use crate::devices::virtio::block::{Block, BlockError};
-use crate::devices::virtio::mmio::{MmioTransport, NOTIFY_OFFSET};
-use crate::devices::virtio::rng::Rng;
-use crate::devices::virtio::vsock::Vsock;
-use crate::devices::virtio::{EventRegistry, Interrupt, Mem, Token, VirtioDevice};
+use crate::devices::virtio::block::BlockError;
 pub use backend::Backend;
-use exit::ExitState;
 pub use exit::VmExit;
-use memory::{COM1_IRQ, COM1_PORT, IRQ_MAX, VIRTIO_IRQ_BASE, VIRTIO_MMIO_BASE, VIRTIO_MMIO_SIZE};
+use memory::{IRQ_MAX, VIRTIO_IRQ_BASE};
+pub use running::{RunningVm, Stopper};
+use snapshot::{SnapshotError, VmState};
 
 /// Smallest guest accepted: the kernel alone occupies 16-30 MiB.
 pub const MIN_MEMORY: u64 = 64 << 20;
@@ -99,13 +88,15 @@ pub enum VmmError {
     TooManyDevices,
     #[error("VMM setup: {0}")]
     Setup(String),
+    #[error(transparent)]
+    Snapshot(#[from] SnapshotError),
 }
 
-fn kvm_err(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VmmError {
+pub(crate) fn kvm_err(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VmmError {
     move |source| VmmError::Kvm { what, source }
 }
 
-fn setup_err(e: impl std::fmt::Display) -> VmmError {
+pub(crate) fn setup_err(e: impl std::fmt::Display) -> VmmError {
     VmmError::Setup(e.to_string())
 }
 
@@ -120,303 +111,109 @@ pub fn open_kvm() -> Result<Kvm, VmmError> {
     })
 }
 
-/// A started VM.
-pub struct RunningVm {
-    profile: Option<(PathBuf, vcpu::Samples)>,
-    exit: Arc<ExitState>,
-    stop: Arc<AtomicBool>,
-    vcpus: Vec<JoinHandle<()>>,
-    event_loop: Option<JoinHandle<()>>,
-    // Field order: the VM goes before the memory it maps.
-    _vm: VmFd,
-    _mem: Mem,
-}
-
-impl RunningVm {
-    /// Asks the VM to stop (the vCPUs are kicked out of the guest).
-    pub fn stop(&self) {
-        self.exit.signal(VmExit::Stopped);
-    }
-
-    /// Resident KiB of guest RAM (pages the guest touched).
-    pub fn guest_rss_kib(&self) -> u64 {
-        let starts: Vec<u64> = self
-            ._mem
-            .iter()
-            .filter_map(|r| r.get_host_address(MemoryRegionAddress(0)).ok())
-            .map(|p| p as u64)
-            .collect();
-        memory::resident_kib(&starts)
-    }
-
-    /// Whether the VM still runs.
-    pub fn is_running(&self) -> bool {
-        self.event_loop.as_ref().is_some_and(|h| !h.is_finished())
-    }
-
-    /// Waits up to `timeout` for the VM to end by itself, then stops it.
-    pub fn wait_or_stop(self, timeout: std::time::Duration) -> VmExit {
-        let deadline = std::time::Instant::now() + timeout;
-        while self.is_running() && std::time::Instant::now() < deadline {
-            std::thread::sleep(std::time::Duration::from_millis(5));
-        }
-        if self.is_running() {
-            self.stop();
-        }
-        self.wait()
-    }
-
-    /// A handle that can stop the VM from another thread.
-    pub fn stopper(&self) -> Stopper {
-        Stopper(self.exit.clone())
-    }
-
-    /// Waits for the VM to end and tears it down.
-    pub fn wait(mut self) -> VmExit {
-        if let Some(h) = self.event_loop.take() {
-            let _ = h.join();
-        }
-        self.shutdown();
-        self.exit.reason()
-    }
-
-    fn shutdown(&mut self) {
-        self.stop.store(true, Ordering::SeqCst);
-        for h in &self.vcpus {
-            // SAFETY: pthread_kill on a thread we spawned and have not joined yet.
-            unsafe { libc::pthread_kill(h.as_pthread_t(), vcpu::kick_signal()) };
-        }
-        for h in self.vcpus.drain(..) {
-            let _ = h.join();
-        }
-        if let Some((path, samples)) = self.profile.take() {
-            let s = samples.lock().unwrap_or_else(|e| e.into_inner());
-            let text: String = s.iter().map(|rip| format!("{rip:x}\n")).collect();
-            let _ = std::fs::write(path, text);
-        }
-    }
-}
-
-impl Drop for RunningVm {
-    fn drop(&mut self) {
-        if self.event_loop.is_some() || !self.vcpus.is_empty() {
-            self.stop();
-            if let Some(h) = self.event_loop.take() {
-                let _ = h.join();
-            }
-            self.shutdown();
-        }
-    }
-}
-
-/// Stops a VM from anywhere.
-#[derive(Clone)]
-pub struct Stopper(Arc<ExitState>);
-
-impl Stopper {
-    pub fn stop(&self) {
-        self.0.signal(VmExit::Stopped);
-    }
-}
-
-/// Builds the VM described by `cfg` and starts its vCPUs.
-pub fn start(cfg: VmConfig) -> Result<RunningVm, VmmError> {
+/// Boots a VM from its kernel as described by `cfg`.
+pub fn start(mut cfg: VmConfig) -> Result<RunningVm, VmmError> {
     let kvm = open_kvm()?;
-    let max_vcpus = kvm.get_max_vcpus().min(boot::mptable::MAX_CPUS as usize) as u8;
-    if cfg.vcpus == 0 || cfg.vcpus > max_vcpus {
-        return Err(VmmError::Vcpus {
-            vcpus: cfg.vcpus,
-            max: max_vcpus,
-        });
-    }
     if cfg.mem_size < MIN_MEMORY {
         return Err(VmmError::MemoryTooSmall(cfg.mem_size >> 20));
     }
-    let vm = kvm.create_vm().map_err(kvm_err("create VM"))?;
-    vm.set_tss_address(0xfffb_d000)
-        .map_err(kvm_err("set TSS address"))?;
-    // In-kernel PIC, IOAPIC and LAPICs. No PIT: the guest keeps time with
-    // kvm-clock and the LAPIC timer, and KVM's PIT costs 10-15 ms of teardown.
-    vm.create_irq_chip().map_err(kvm_err("create irqchip"))?;
-
     let mem = memory::create(cfg.mem_size)
         .map_err(|e| VmmError::Memory(cfg.mem_size >> 20, e.to_string()))?;
-    register_memory(&vm, &mem)?;
+    let m = builder::build(kvm, &mut cfg, mem)?;
 
-    let kernel = boot::load_kernel(&mem, &cfg.kernel)?;
+    let kernel = boot::load_kernel(&m.mem, &cfg.kernel)?;
     let initrd = match &cfg.initrd {
-        Some(data) => Some(boot::load_initrd(&mem, cfg.mem_size, kernel.end, data)?),
+        Some(data) => Some(boot::load_initrd(&m.mem, cfg.mem_size, kernel.end, data)?),
         None => None,
     };
-
-    let exit = Arc::new(ExitState::new().map_err(setup_err)?);
-    let epoll = Arc::new(Epoll::new().map_err(setup_err)?);
-    epoll
-        .ctl(
-            ControlOperation::Add,
-            exit.eventfd().as_raw_fd(),
-            EpollEvent::new(EventSet::IN, Token::Exit.encode()),
-        )
-        .map_err(setup_err)?;
-
-    let mut pio = Bus::default();
-    let mut mmio = Bus::default();
-    let reset = exit.eventfd().try_clone().map_err(setup_err)?;
-    pio.insert(Arc::new(Mutex::new(I8042::new(reset))), 0x60, 5)
-        .map_err(setup_err)?;
-    let mut cmdline: Vec<String> = base_cmdline(cfg.console.is_some(), cfg.backend);
-    if let Some(out) = cfg.console {
-        let irq = EventFd::new(libc::EFD_NONBLOCK).map_err(setup_err)?;
-        vm.register_irqfd(&irq, COM1_IRQ)
-            .map_err(kvm_err("register serial irqfd"))?;
-        pio.insert(
-            Arc::new(Mutex::new(SerialDevice::new(irq, out))),
-            COM1_PORT as u64,
-            8,
-        )
-        .map_err(setup_err)?;
-    }
-
-    let mut devices: Vec<Arc<Mutex<dyn VirtioDevice>>> = Vec::new();
-    for (i, d) in cfg.disks.iter().enumerate() {
-        let id = if d.id.is_empty() {
-            format!("vmc{i}")
-        } else {
-            d.id.clone()
-        };
-        devices.push(Arc::new(Mutex::new(Block::open(
-            &d.path,
-            d.read_only,
-            &id,
-        )?)));
-    }
-    if let Some((cid, path)) = &cfg.vsock {
-        let v = Vsock::new(*cid, path).map_err(|source| VmmError::Vsock {
-            path: path.display().to_string(),
-            source,
-        })?;
-        devices.push(Arc::new(Mutex::new(v)));
-    }
-    if cfg.rng {
-        devices.push(Arc::new(Mutex::new(Rng::default())));
-    }
-    let mut loop_devices = Vec::new();
-    for (i, dev) in devices.into_iter().enumerate() {
-        let irq = VIRTIO_IRQ_BASE + i as u32;
-        if irq > IRQ_MAX {
-            return Err(VmmError::TooManyDevices);
-        }
-        let base = VIRTIO_MMIO_BASE + i as u64 * VIRTIO_MMIO_SIZE;
-        let irqfd = EventFd::new(libc::EFD_NONBLOCK).map_err(setup_err)?;
-        vm.register_irqfd(&irqfd, irq)
-            .map_err(kvm_err("register irqfd"))?;
-        let nqueues = dev
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .queue_max_sizes()
-            .len();
-        let mut evts = Vec::new();
-        let mut loop_evts = Vec::new();
-        for q in 0..nqueues {
-            let evt = EventFd::new(libc::EFD_NONBLOCK).map_err(setup_err)?;
-            vm.register_ioevent(&evt, &IoEventAddress::Mmio(base + NOTIFY_OFFSET), q as u32)
-                .map_err(kvm_err("register ioeventfd"))?;
-            epoll
-                .ctl(
-                    ControlOperation::Add,
-                    evt.as_raw_fd(),
-                    EpollEvent::new(
-                        EventSet::IN,
-                        Token::Queue {
-                            dev: i as u8,
-                            queue: q as u16,
-                        }
-                        .encode(),
-                    ),
-                )
-                .map_err(setup_err)?;
-            loop_evts.push(evt.try_clone().map_err(setup_err)?);
-            evts.push(evt);
-        }
-        let transport = MmioTransport::new(
-            dev.clone(),
-            mem.clone(),
-            Arc::new(Interrupt::new(irqfd)),
-            EventRegistry::new(epoll.clone(), i as u8),
-            evts,
-        );
-        mmio.insert(Arc::new(Mutex::new(transport)), base, VIRTIO_MMIO_SIZE)
-            .map_err(setup_err)?;
-        cmdline.push(format!("virtio_mmio.device=4K@{base:#x}:{irq}"));
-        loop_devices.push(event_loop::LoopDevice {
-            device: dev,
-            queue_evts: loop_evts,
-        });
-    }
+    let mut cmdline = m.cmdline.clone();
     cmdline.extend(cfg.cmdline.iter().cloned());
     let cmdline = boot::cmdline(&cmdline)?;
-    boot::configure(&mem, &kernel, &cmdline, initrd, cfg.mem_size, cfg.vcpus)?;
+    boot::configure(&m.mem, &kernel, &cmdline, initrd, cfg.mem_size, cfg.vcpus)?;
 
-    let base_cpuid = kvm
-        .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+    let base_cpuid = m
+        .kvm
+        .get_supported_cpuid(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
         .map_err(kvm_err("get supported CPUID"))?;
     let mut vcpu_fds = Vec::new();
     for id in 0..cfg.vcpus {
-        let vcpu = vm.create_vcpu(id as u64).map_err(kvm_err("create vCPU"))?;
+        let vcpu =
+            m.vm.create_vcpu(id as u64)
+                .map_err(kvm_err("create vCPU"))?;
         vcpu.set_cpuid2(&boot::cpu::vcpu_cpuid(&base_cpuid, id, cfg.vcpus))
             .map_err(kvm_err("set CPUID"))?;
         boot::cpu::setup_msrs(&vcpu)?;
         boot::cpu::setup_fpu(&vcpu)?;
         boot::cpu::setup_lapic(&vcpu)?;
         if id == 0 {
-            boot::cpu::setup_sregs(&mem, &vcpu, kernel.mode)?;
+            boot::cpu::setup_sregs(&m.mem, &vcpu, kernel.mode)?;
             boot::cpu::setup_regs(&vcpu, kernel.mode, kernel.entry)?;
         }
         vcpu_fds.push(vcpu);
     }
+    builder::launch(m, vcpu_fds)
+}
 
-    vcpu::install_kick_handler().map_err(setup_err)?;
-    let event_loop = {
-        let epoll = epoll.clone();
-        std::thread::Builder::new()
-            .name("vmm-events".into())
-            .spawn(move || event_loop::run(epoll, loop_devices))
-            .map_err(setup_err)?
-    };
-    let stop = Arc::new(AtomicBool::new(false));
-    // Debugging aid: sample the boot vCPU's RIP at 1 kHz into a file.
-    let profile =
-        std::env::var_os("VMC_GUEST_PROFILE").map(|p| (PathBuf::from(p), vcpu::Samples::default()));
-    let mut vcpus = Vec::new();
-    for (id, fd) in vcpu_fds.into_iter().enumerate() {
-        let (pio, mmio, stop, exit) = (pio.clone(), mmio.clone(), stop.clone(), exit.clone());
-        let samples = profile.as_ref().filter(|_| id == 0).map(|(_, s)| s.clone());
-        let h = std::thread::Builder::new()
-            .name(format!("vcpu{id}"))
-            .spawn(move || vcpu::run(fd, pio, mmio, stop, exit, samples))
-            .map_err(setup_err)?;
-        vcpus.push(h);
+/// Restores the snapshot in `dir` with the devices of `cfg` (same kinds and
+/// order as when the snapshot was taken; the disks' files may differ). The
+/// kernel and command line in `cfg` are not used. `key` must match the one the
+/// snapshot was written with.
+pub fn restore(mut cfg: VmConfig, dir: &Path, key: &str) -> Result<RunningVm, VmmError> {
+    let kvm = open_kvm()?;
+    let state = VmState::read(dir)?;
+    let invalid = |why: String| VmmError::Snapshot(SnapshotError::Invalid(why));
+    if state.key != key {
+        return Err(invalid(format!("it was made for {}, not {key}", state.key)));
     }
-    if profile.is_some() {
-        let (thread, stop) = (vcpus[0].as_pthread_t(), stop.clone());
-        std::thread::spawn(move || {
-            vcpu::profile_sampler(thread, stop, std::time::Duration::from_millis(1))
-        });
+    if state.mem_size != cfg.mem_size || state.vcpus.len() != cfg.vcpus as usize {
+        return Err(invalid(format!(
+            "it has {} vCPUs and {} MiB, the VM {} and {} MiB",
+            state.vcpus.len(),
+            state.mem_size >> 20,
+            cfg.vcpus,
+            cfg.mem_size >> 20
+        )));
     }
-    Ok(RunningVm {
-        profile,
-        exit,
-        stop,
-        vcpus,
-        event_loop: Some(event_loop),
-        _vm: vm,
-        _mem: mem,
-    })
+    let mem = snapshot::map_memory(&dir.join("memory.img"), &memory::ram_regions(cfg.mem_size))?;
+    let m = builder::build(kvm, &mut cfg, mem)?;
+    if m.transports.len() != state.devices.len() {
+        return Err(invalid(format!(
+            "it has {} devices, the VM {}",
+            state.devices.len(),
+            m.transports.len()
+        )));
+    }
+    for (t, s) in m.transports.iter().zip(&state.devices) {
+        t.lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .restore(s)
+            .map_err(invalid)?;
+    }
+    let mut vcpu_fds = Vec::new();
+    for (id, vs) in state.vcpus.iter().enumerate() {
+        let vcpu =
+            m.vm.create_vcpu(id as u64)
+                .map_err(kvm_err("create vCPU"))?;
+        vs.restore(&vcpu)?;
+        vcpu_fds.push(vcpu);
+    }
+    snapshot::restore_vm(&m.vm, &state)?;
+    let vm = builder::launch(m, vcpu_fds)?;
+    // Disks may have changed size (the snapshot had empty placeholders), and a
+    // queue notification pending at snapshot time must not be lost.
+    for (t, s) in vm.transports().iter().zip(&state.devices) {
+        let mut t = t.lock().unwrap_or_else(|e| e.into_inner());
+        if s.device_type == crate::devices::virtio::TYPE_BLOCK && s.active {
+            t.config_changed();
+        }
+        t.kick_queues();
+    }
+    Ok(vm)
 }
 
 /// vmc's own command line: quiet, reset via the i8042, no probing of absent
 /// hardware, plus what the backend needs.
-fn base_cmdline(console: bool, backend: Backend) -> Vec<String> {
+pub(crate) fn base_cmdline(console: bool, backend: Backend) -> Vec<String> {
     let mut c: Vec<String> = [
         "reboot=k",
         "panic=-1",
@@ -438,23 +235,4 @@ fn base_cmdline(console: bool, backend: Backend) -> Vec<String> {
         c.extend(extra.split_whitespace().map(String::from));
     }
     c
-}
-
-fn register_memory(vm: &VmFd, mem: &Mem) -> Result<(), VmmError> {
-    for (slot, region) in mem.iter().enumerate() {
-        let host = region
-            .get_host_address(MemoryRegionAddress(0))
-            .map_err(|e| VmmError::Memory(region.len() >> 20, e.to_string()))?;
-        let r = kvm_userspace_memory_region {
-            slot: slot as u32,
-            guest_phys_addr: region.start_addr().0,
-            memory_size: region.len(),
-            userspace_addr: host as u64,
-            flags: 0,
-        };
-        // SAFETY: the region is a live mapping owned by `mem`, which outlives
-        // the VM (the RunningVm's devices and vCPUs hold clones of it).
-        unsafe { vm.set_user_memory_region(r) }.map_err(kvm_err("set memory region"))?;
-    }
-    Ok(())
 }

@@ -13,6 +13,7 @@ use std::sync::Arc;
 use kvm_ioctls::{VcpuExit, VcpuFd};
 
 use super::exit::{ExitState, VmExit};
+use super::snapshot::VcpuState;
 use crate::devices::bus::Bus;
 
 /// What the vCPU loop does after an exit.
@@ -100,36 +101,119 @@ pub fn install_kick_handler() -> std::io::Result<()> {
 /// Guest instruction pointers sampled while profiling (see [`profile_sampler`]).
 pub type Samples = Arc<std::sync::Mutex<Vec<u64>>>;
 
-/// One vCPU's thread body. With `samples`, every kick records the guest RIP.
-pub fn run(
-    mut vcpu: VcpuFd,
-    pio: Bus,
-    mmio: Bus,
-    stop: Arc<AtomicBool>,
-    exit: Arc<ExitState>,
-    samples: Option<Samples>,
-) {
+/// Pausing vCPUs for a snapshot: each vCPU thread, once out of KVM_RUN with
+/// any pending I/O completed, saves its own state here and waits.
+#[derive(Default)]
+pub struct PauseCtl {
+    state: std::sync::Mutex<PauseState>,
+    cv: std::sync::Condvar,
+}
+
+#[derive(Default)]
+struct PauseState {
+    requested: bool,
+    saved: Vec<Option<Result<VcpuState, String>>>,
+}
+
+impl PauseCtl {
+    /// Asks `count` vCPUs to pause (the caller then kicks them).
+    pub fn request(&self, count: usize) {
+        let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        st.requested = true;
+        st.saved = (0..count).map(|_| None).collect();
+    }
+
+    fn requested(&self) -> bool {
+        self.state
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .requested
+    }
+
+    /// Waits until every vCPU saved its state, up to `timeout`.
+    pub fn wait_saved(
+        &self,
+        timeout: std::time::Duration,
+    ) -> Option<Vec<Result<VcpuState, String>>> {
+        let deadline = std::time::Instant::now() + timeout;
+        let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        loop {
+            if st.saved.iter().all(Option::is_some) {
+                return Some(st.saved.iter_mut().filter_map(Option::take).collect());
+            }
+            let left = deadline.checked_duration_since(std::time::Instant::now())?;
+            st = self
+                .cv
+                .wait_timeout(st, left.min(std::time::Duration::from_millis(10)))
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+    }
+
+    /// Lets paused vCPUs run again.
+    pub fn resume(&self) {
+        let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        st.requested = false;
+        self.cv.notify_all();
+    }
+
+    fn park(&self, id: usize, vcpu: &VcpuFd, msr_list: &[u32], stop: &AtomicBool) {
+        let saved = VcpuState::save(vcpu, msr_list).map_err(|e| e.to_string());
+        let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(slot) = st.saved.get_mut(id) {
+            *slot = Some(saved);
+        }
+        self.cv.notify_all();
+        while st.requested && !stop.load(Ordering::SeqCst) {
+            st = self
+                .cv
+                .wait_timeout(st, std::time::Duration::from_millis(20))
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+    }
+}
+
+/// What a vCPU thread shares with the VMM.
+pub struct VcpuCtx {
+    pub id: usize,
+    pub pio: Bus,
+    pub mmio: Bus,
+    pub stop: Arc<AtomicBool>,
+    pub exit: Arc<ExitState>,
+    pub pause: Arc<PauseCtl>,
+    pub msr_list: Arc<Vec<u32>>,
+    /// With samples, every kick records the guest RIP.
+    pub samples: Option<Samples>,
+}
+
+/// One vCPU's thread body.
+pub fn run(mut vcpu: VcpuFd, ctx: VcpuCtx) {
     let ptr: *mut u8 = &mut vcpu.get_kvm_run().immediate_exit;
     IMMEDIATE_EXIT.with(|c| c.set(ptr));
-    while !stop.load(Ordering::SeqCst) {
+    while !ctx.stop.load(Ordering::SeqCst) {
         match vcpu.run() {
             Ok(e) => {
-                if let Next::Stop(reason) = dispatch(e, &pio, &mmio) {
+                if let Next::Stop(reason) = dispatch(e, &ctx.pio, &ctx.mmio) {
                     if let VmExit::Crashed(_) = reason {
                         log::debug!("vCPU registers: {:?}", vcpu.get_regs());
                     }
-                    exit.signal(reason);
+                    ctx.exit.signal(reason);
                     break;
                 }
             }
             Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
                 vcpu.set_kvm_immediate_exit(0);
-                if let (Some(s), Ok(regs)) = (&samples, vcpu.get_regs()) {
+                if let (Some(s), Ok(regs)) = (&ctx.samples, vcpu.get_regs()) {
                     s.lock().unwrap_or_else(|e| e.into_inner()).push(regs.rip);
+                }
+                if ctx.pause.requested() {
+                    ctx.pause.park(ctx.id, &vcpu, &ctx.msr_list, &ctx.stop);
                 }
             }
             Err(e) => {
-                exit.signal(VmExit::Crashed(format!("KVM_RUN failed: {e}")));
+                ctx.exit
+                    .signal(VmExit::Crashed(format!("KVM_RUN failed: {e}")));
                 break;
             }
         }

@@ -8,7 +8,7 @@ use std::sync::OnceLock;
 use std::time::Duration;
 
 use vmc::runtime::agent::AgentConn;
-use vmc::runtime::microvm::{MicroVm, BOOT_TIMEOUT};
+use vmc::runtime::microvm::{MicroVm, Start, BOOT_TIMEOUT};
 use vmc::runtime::{ContainerConfig, ProcessSpec, Resources};
 use vmc_guest::{ExitStatus, GuestMsg, HostMsg, StartFailure};
 
@@ -55,6 +55,17 @@ pub fn rootfs() -> PathBuf {
             out
         })
         .clone()
+}
+
+/// Warm-start snapshots shared by every test on this machine: the first test
+/// that needs one pays a full boot, the others restore it.
+pub fn snapshots() -> PathBuf {
+    let d = vmc::bench::default_rootfs()
+        .parent()
+        .map(|p| p.join("test-snapshots"))
+        .expect("cache dir");
+    std::fs::create_dir_all(&d).expect("snapshot dir");
+    d
 }
 
 /// A listing of a directory tree (path, size, mode) to show it is unchanged.
@@ -111,11 +122,16 @@ pub struct TestVm {
 
 impl TestVm {
     pub fn boot(cpus: u8, memory_mib: u64) -> TestVm {
+        Self::boot_rootfs(&rootfs(), cpus, memory_mib)
+    }
+
+    /// A VM (restored from the shared warm-start snapshot) running `rootfs`.
+    pub fn boot_rootfs(rootfs: &Path, cpus: u8, memory_mib: u64) -> TestVm {
         let dir = tempfile::tempdir().expect("tempdir");
         let hostname = "testvm".to_string();
         let cfg = ContainerConfig {
             id: vmc::runtime::new_id(),
-            rootfs: rootfs(),
+            rootfs: rootfs.to_path_buf(),
             process: ProcessSpec::default(),
             hostname: hostname.clone(),
             resources: Resources {
@@ -124,11 +140,15 @@ impl TestVm {
             },
             kernel: kernel(),
             debug: false,
+            snapshots: snapshots(),
         };
-        let vm = MicroVm::boot(&cfg, dir.path()).expect("boot the test VM");
+        let vm = MicroVm::start(&cfg, dir.path(), Start::Warm).expect("start the test VM");
         let mut conn = vm.connect(BOOT_TIMEOUT).expect("agent answers");
-        conn.send(&HostMsg::Mount(MicroVm::root_spec(&hostname)))
-            .unwrap();
+        if vm.restored() {
+            conn.send(&MicroVm::refresh_msg()).unwrap();
+            assert_eq!(conn.recv().unwrap(), GuestMsg::Refreshed);
+        }
+        conn.send(&HostMsg::Mount(vm.root_spec(&hostname))).unwrap();
         assert_eq!(conn.recv().unwrap(), GuestMsg::Mounted);
         TestVm { vm, dir, hostname }
     }

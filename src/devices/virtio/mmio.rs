@@ -16,6 +16,7 @@ use super::{
     VIRTIO_RING_F_EVENT_IDX,
 };
 use crate::devices::bus::BusDevice;
+use crate::vmm::snapshot::{QueueSnap, TransportSnap};
 
 const MAGIC: u32 = 0x7472_6976; // "virt"
 const VERSION: u32 = 2;
@@ -75,6 +76,7 @@ pub struct MmioTransport {
     driver_features: u64,
     queue_sel: u32,
     status: u32,
+    config_generation: u32,
     active: bool,
 }
 
@@ -99,6 +101,7 @@ impl MmioTransport {
             driver_features: 0,
             queue_sel: 0,
             status: 0,
+            config_generation: 0,
             active: false,
         };
         t.fresh_queues();
@@ -148,7 +151,7 @@ impl MmioTransport {
             reg::QUEUE_READY => queue.map_or(0, |q| q.ready() as u32),
             reg::INTERRUPT_STATUS => self.interrupt.status(),
             reg::STATUS => self.status,
-            reg::CONFIG_GENERATION => 0,
+            reg::CONFIG_GENERATION => self.config_generation,
             _ => 0,
         }
     }
@@ -306,6 +309,128 @@ impl MmioTransport {
     }
 }
 
+fn queue_snap(q: &Queue) -> QueueSnap {
+    QueueSnap {
+        max_size: q.max_size(),
+        size: q.size(),
+        ready: q.ready(),
+        desc_table: q.desc_table(),
+        avail_ring: q.avail_ring(),
+        used_ring: q.used_ring(),
+        next_avail: q.next_avail(),
+        next_used: q.next_used(),
+        event_idx: q.event_idx_enabled(),
+    }
+}
+
+fn queue_from(s: &QueueSnap) -> Option<Queue> {
+    let mut q = Queue::new(s.max_size).ok()?;
+    q.set_size(s.size);
+    let split = |a: u64| (Some(a as u32), Some((a >> 32) as u32));
+    let (lo, hi) = split(s.desc_table);
+    q.set_desc_table_address(lo, hi);
+    let (lo, hi) = split(s.avail_ring);
+    q.set_avail_ring_address(lo, hi);
+    let (lo, hi) = split(s.used_ring);
+    q.set_used_ring_address(lo, hi);
+    q.set_next_avail(s.next_avail);
+    q.set_next_used(s.next_used);
+    q.set_event_idx(s.event_idx);
+    q.set_ready(s.ready);
+    Some(q)
+}
+
+impl MmioTransport {
+    /// The transport's registers and queue positions, for a snapshot.
+    pub fn snapshot(&self) -> TransportSnap {
+        self.snapshot_of(&*self.dev())
+    }
+
+    /// Like [`Self::snapshot`], with the device already locked by the caller
+    /// (who holds every device so that no queue moves meanwhile).
+    pub fn snapshot_of(&self, dev: &dyn VirtioDevice) -> TransportSnap {
+        let queues = if self.active {
+            dev.queues().iter().map(queue_snap).collect()
+        } else {
+            self.queues.iter().map(queue_snap).collect()
+        };
+        TransportSnap {
+            device_type: dev.device_type(),
+            status: self.status,
+            driver_features: self.driver_features,
+            device_features_sel: self.device_features_sel,
+            driver_features_sel: self.driver_features_sel,
+            queue_sel: self.queue_sel,
+            interrupt_status: self.interrupt.status(),
+            config_generation: self.config_generation,
+            active: self.active,
+            queues,
+        }
+    }
+
+    /// Loads a snapshot into a fresh transport of the same device type,
+    /// starting the device if it was running.
+    pub fn restore(&mut self, s: &TransportSnap) -> Result<(), String> {
+        let (dtype, sizes) = {
+            let dev = self.dev();
+            (dev.device_type(), dev.queue_max_sizes().to_vec())
+        };
+        if s.device_type != dtype {
+            return Err(format!(
+                "device type {} in the snapshot, {dtype} here",
+                s.device_type
+            ));
+        }
+        let snap_sizes: Vec<u16> = s.queues.iter().map(|q| q.max_size).collect();
+        if snap_sizes != sizes {
+            return Err(format!(
+                "queue sizes {snap_sizes:?} in the snapshot, {sizes:?} here"
+            ));
+        }
+        self.queues = s
+            .queues
+            .iter()
+            .map(queue_from)
+            .collect::<Option<Vec<_>>>()
+            .ok_or("invalid queue in the snapshot")?;
+        self.status = s.status;
+        self.driver_features = s.driver_features;
+        self.device_features_sel = s.device_features_sel;
+        self.driver_features_sel = s.driver_features_sel;
+        self.queue_sel = s.queue_sel;
+        self.config_generation = s.config_generation;
+        self.interrupt.clear();
+        if s.interrupt_status != 0 {
+            self.interrupt.set(s.interrupt_status);
+        }
+        if s.active {
+            if self.driver_features & !self.offered_features() != 0 {
+                return Err("the snapshot's features are not offered here".into());
+            }
+            self.dev().ack_features(self.driver_features);
+            self.activate();
+            if !self.active {
+                return Err("the device did not start from the snapshot's queues".into());
+            }
+        }
+        Ok(())
+    }
+
+    /// Tells the driver the device configuration changed (e.g. a disk's size).
+    pub fn config_changed(&mut self) {
+        self.config_generation = self.config_generation.wrapping_add(1);
+        self.interrupt.config();
+    }
+
+    /// Makes the device look at every queue, as if the driver had notified
+    /// it: a notification pending at snapshot time must not be lost.
+    pub fn kick_queues(&self) {
+        for e in &self.queue_evts {
+            let _ = e.write(1);
+        }
+    }
+}
+
 impl BusDevice for MmioTransport {
     fn read(&mut self, offset: u64, data: &mut [u8]) {
         if offset >= reg::CONFIG {
@@ -350,6 +475,7 @@ mod tests {
         activations: Arc<AtomicUsize>,
         resets: Arc<AtomicUsize>,
         queues_got: usize,
+        queues: Vec<Queue>,
     }
 
     impl VirtioDevice for Dummy {
@@ -370,11 +496,15 @@ mod tests {
         }
         fn activate(&mut self, ctx: ActivateContext) -> Result<(), ActivateError> {
             self.queues_got = ctx.queues.len();
+            self.queues = ctx.queues;
             self.activations.fetch_add(1, Ordering::SeqCst);
             Ok(())
         }
         fn reset(&mut self) {
             self.resets.fetch_add(1, Ordering::SeqCst);
+        }
+        fn queues(&self) -> &[Queue] {
+            &self.queues
         }
         fn queue_notify(&mut self, _idx: usize) {}
     }
@@ -557,6 +687,40 @@ mod tests {
         t.write(reg::STATUS + 1, &[1, 0, 0, 0]);
         assert_eq!(t.status(), 0);
         let _ = GuestAddress(0);
+    }
+
+    #[test]
+    fn an_active_transport_survives_snapshot_and_restore() {
+        let (mut t, act, ..) = transport();
+        negotiate(&mut t);
+        setup_queue(&mut t, 0, 0x10000);
+        setup_queue(&mut t, 1, 0x20000);
+        wr(
+            &mut t,
+            reg::STATUS,
+            status::ACKNOWLEDGE | status::DRIVER | status::FEATURES_OK | status::DRIVER_OK,
+        );
+        let snap = t.snapshot();
+        assert!(snap.active);
+        assert_eq!(snap.queues[1].desc_table, 0x20000);
+        let (mut fresh, act2, ..) = transport();
+        fresh.restore(&snap).unwrap();
+        assert_eq!(
+            act2.load(Ordering::SeqCst),
+            1,
+            "device started from the snapshot"
+        );
+        assert_eq!(fresh.snapshot(), snap);
+        assert_eq!(act.load(Ordering::SeqCst), 1);
+        let mut bad = snap.clone();
+        bad.device_type = 7;
+        assert!(transport().0.restore(&bad).is_err());
+        let mut bad = snap;
+        bad.queues[0].desc_table = 0xfff_0000_0000;
+        assert!(
+            transport().0.restore(&bad).is_err(),
+            "queues are validated again"
+        );
     }
 
     #[test]

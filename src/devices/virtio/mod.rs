@@ -76,6 +76,11 @@ impl Interrupt {
         self.status.fetch_and(!bits, Ordering::SeqCst);
     }
 
+    /// Sets bits without raising the interrupt (restoring a snapshot).
+    pub fn set(&self, bits: u32) {
+        self.status.fetch_or(bits, Ordering::SeqCst);
+    }
+
     /// Clears everything (device reset).
     pub fn clear(&self) {
         self.status.store(0, Ordering::SeqCst);
@@ -199,10 +204,16 @@ pub trait VirtioDevice: Send {
     fn activate(&mut self, ctx: ActivateContext) -> Result<(), ActivateError>;
     /// Drops the queues and returns to the inactive state.
     fn reset(&mut self);
+    /// The queues of an active device (empty when inactive), for snapshots.
+    fn queues(&self) -> &[Queue];
     /// The driver notified queue `idx`.
     fn queue_notify(&mut self, idx: usize);
     /// A descriptor the device registered became ready.
     fn backend_event(&mut self, _sub: u64, _events: EventSet) {}
+    /// Open host connections (vsock); a snapshot waits for none.
+    fn connection_count(&self) -> usize {
+        0
+    }
 }
 
 /// Reads `data.len()` bytes at `offset` of a little-endian config struct;

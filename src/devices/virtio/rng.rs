@@ -67,6 +67,12 @@ impl VirtioDevice for Rng {
         self.state = None;
     }
 
+    fn queues(&self) -> &[Queue] {
+        self.state
+            .as_ref()
+            .map_or(&[], |(_, q, _)| std::slice::from_ref(q))
+    }
+
     fn queue_notify(&mut self, _idx: usize) {
         let Some((mem, queue, signal)) = &mut self.state else {
             return;

@@ -165,6 +165,12 @@ impl VirtioDevice for Block {
         self.state = None;
     }
 
+    fn queues(&self) -> &[Queue] {
+        self.state
+            .as_ref()
+            .map_or(&[], |a| std::slice::from_ref(&a.queue))
+    }
+
     fn queue_notify(&mut self, idx: usize) {
         if idx == 0 {
             self.process();

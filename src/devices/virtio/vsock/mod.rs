@@ -174,6 +174,10 @@ impl VirtioDevice for Vsock {
         self.state = None;
     }
 
+    fn queues(&self) -> &[Queue] {
+        self.state.as_ref().map_or(&[], |a| a.queues.as_slice())
+    }
+
     fn queue_notify(&mut self, idx: usize) {
         match idx {
             TX => self.process_tx(),
@@ -181,6 +185,10 @@ impl VirtioDevice for Vsock {
             _ => return, // event queue: nothing to consume
         }
         self.process_rx();
+    }
+
+    fn connection_count(&self) -> usize {
+        self.muxer.connection_count()
     }
 
     fn backend_event(&mut self, sub: u64, events: EventSet) {

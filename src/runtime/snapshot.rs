@@ -1,0 +1,264 @@
+//! Warm start: a snapshot of a booted guest whose agent waits for its first
+//! command, made once per (kernel, agent, vCPUs, memory, backend, vmc version)
+//! and restored for every later container.
+//!
+//! Layout: `$VMC_HOME/snapshots/<key>/{state.bin,memory.img}` (or under
+//! `$VMC_SNAPSHOTS`). Creation happens
+//! under `<key>.lock` (concurrent first runs wait for one builder) in a
+//! temporary directory renamed into place when complete, so a crash leaves
+//! nothing half-written. The snapshot's guest has empty placeholder disks in
+//! the image and scratch slots; a restored VM gets the container's real disks
+//! and learns their sizes through a config interrupt before the agent mounts
+//! them.
+
+use std::fs::File;
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use sha2::{Digest, Sha256};
+use vmc_guest::{AGENT_PORT, PROTOCOL_VERSION};
+
+use super::agent::AgentConn;
+use super::microvm::{vm_config, BOOT_TIMEOUT};
+use super::RuntimeError;
+use crate::vmm::{self, snapshot::FORMAT_VERSION, Backend, VmExit};
+
+/// What a snapshot depends on.
+pub struct SnapshotSpec<'a> {
+    pub kernel: &'a Path,
+    pub agent_disk: &'a Path,
+    pub cpus: u8,
+    pub memory: u64,
+    pub backend: Backend,
+}
+
+fn file_identity(p: &Path) -> String {
+    match std::fs::metadata(p) {
+        Ok(m) => format!(
+            "{} {} {} {}.{}",
+            p.display(),
+            m.len(),
+            m.ino(),
+            m.mtime(),
+            m.mtime_nsec()
+        ),
+        Err(_) => format!("{} missing", p.display()),
+    }
+}
+
+impl SnapshotSpec<'_> {
+    /// The cache key: a hash of everything the snapshot depends on. The
+    /// kernel is identified by path, size, inode and mtime (hashing 19 MB on
+    /// every run would cost more than the restore); the agent disk's file
+    /// name carries its content hash.
+    pub fn key(&self) -> String {
+        let desc = format!(
+            "vmc {}\nsnapshot format {FORMAT_VERSION}\nprotocol {PROTOCOL_VERSION}\nkernel {}\nagent {}\ncpus {}\nmemory {}\nbackend {:?}\n",
+            env!("CARGO_PKG_VERSION"),
+            file_identity(self.kernel),
+            self.agent_disk.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default(),
+            self.cpus,
+            self.memory,
+            self.backend,
+        );
+        Sha256::digest(desc.as_bytes())
+            .iter()
+            .take(10)
+            .map(|b| format!("{b:02x}"))
+            .collect()
+    }
+}
+
+/// The snapshot for `spec` under `root`, creating it if missing (or if `rebuild`).
+pub fn ensure(
+    root: &Path,
+    spec: &SnapshotSpec,
+    rebuild: bool,
+) -> Result<(PathBuf, String), RuntimeError> {
+    let key = spec.key();
+    let root = root.to_path_buf();
+    let dir = root.join(&key);
+    if !rebuild && dir.join("state.bin").is_file() {
+        return Ok((dir, key));
+    }
+    let state_err = |e: std::io::Error| RuntimeError::State {
+        path: root.display().to_string(),
+        source: e,
+    };
+    std::fs::create_dir_all(&root).map_err(state_err)?;
+    let lock = File::create(root.join(format!("{key}.lock"))).map_err(state_err)?;
+    // SAFETY: flock on a descriptor we own; blocks until a concurrent builder is done.
+    if unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX) } != 0 {
+        return Err(state_err(std::io::Error::last_os_error()));
+    }
+    if dir.join("state.bin").is_file() {
+        if !rebuild {
+            return Ok((dir, key));
+        }
+        // Running VMs keep their mappings of the old memory file.
+        let trash = root.join(format!(".trash-{}", super::new_id()));
+        std::fs::rename(&dir, &trash).map_err(state_err)?;
+        let _ = std::fs::remove_dir_all(&trash);
+    }
+    // Leftovers of builders that died.
+    if let Ok(entries) = std::fs::read_dir(&root) {
+        for e in entries.flatten() {
+            if e.file_name()
+                .to_string_lossy()
+                .starts_with(&format!(".{key}.tmp."))
+            {
+                let _ = std::fs::remove_dir_all(e.path());
+            }
+        }
+    }
+    let tmp = root.join(format!(".{key}.tmp.{}", &super::new_id()[..12]));
+    let result = create(&tmp, spec, &key);
+    if let Err(e) = result {
+        let _ = std::fs::remove_dir_all(&tmp);
+        return Err(e);
+    }
+    std::fs::rename(&tmp, &dir).map_err(state_err)?;
+    if let Ok(d) = File::open(&root) {
+        let _ = d.sync_all();
+    }
+    Ok((dir, key))
+}
+
+/// Boots a template VM into `tmp`, waits for its agent, and snapshots it.
+fn create(tmp: &Path, spec: &SnapshotSpec, key: &str) -> Result<(), RuntimeError> {
+    let io = |e: std::io::Error| RuntimeError::State {
+        path: tmp.display().to_string(),
+        source: e,
+    };
+    std::fs::create_dir_all(tmp).map_err(io)?;
+    let image = tmp.join("placeholder-image");
+    let scratch = tmp.join("placeholder-scratch");
+    File::create(&image).map_err(io)?;
+    File::create(&scratch).map_err(io)?;
+    let vsock = tmp.join("v.sock");
+    log::info!("creating the warm-start snapshot {key} (a full boot, once)");
+    let cfg = vm_config(
+        spec.kernel,
+        spec.agent_disk,
+        &image,
+        &scratch,
+        &vsock,
+        spec.cpus,
+        spec.memory,
+        None,
+    );
+    let vm = vmm::start(cfg)?;
+    let conn = AgentConn::connect(&vsock, AGENT_PORT, BOOT_TIMEOUT, &|| vm.is_running());
+    match conn {
+        Ok(c) => c.close(),
+        Err(e) => {
+            vm.stop();
+            return Err(match vm.wait() {
+                VmExit::Crashed(why) => RuntimeError::VmCrashed(why),
+                _ => e.into(),
+            });
+        }
+    }
+    let snap = vm.snapshot(tmp, key, Duration::from_secs(30));
+    vm.stop();
+    vm.wait();
+    snap.map_err(|e| RuntimeError::Vmm(e.into()))?;
+    for f in [&image, &scratch, &vsock] {
+        let _ = std::fs::remove_file(f);
+    }
+    Ok(())
+}
+
+/// Removes every snapshot under `root` and leftovers (they are caches,
+/// rebuilt on demand); returns (entries removed, bytes freed).
+pub fn prune(root: &Path) -> std::io::Result<(usize, u64)> {
+    let mut count = 0;
+    let mut bytes = 0;
+    let Ok(entries) = std::fs::read_dir(root) else {
+        return Ok((0, 0));
+    };
+    for e in entries.flatten() {
+        let p = e.path();
+        if p.is_dir() {
+            bytes += dir_usage(&p);
+            std::fs::remove_dir_all(&p)?;
+            count += 1;
+        } else if p.extension().is_some_and(|x| x == "lock") {
+            let _ = std::fs::remove_file(&p);
+        }
+    }
+    Ok((count, bytes))
+}
+
+/// Bytes actually allocated under `dir` (snapshots' memory files are sparse).
+fn dir_usage(dir: &Path) -> u64 {
+    let mut total = 0;
+    if let Ok(entries) = std::fs::read_dir(dir) {
+        for e in entries.flatten() {
+            if let Ok(m) = e.metadata() {
+                total += if m.is_dir() {
+                    dir_usage(&e.path())
+                } else {
+                    m.blocks() * 512
+                };
+            }
+        }
+    }
+    total
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_change_with_every_input() {
+        let dir = tempfile::tempdir().unwrap();
+        let k = dir.path().join("vmlinux");
+        let a = dir.path().join("agent.erofs");
+        std::fs::write(&k, b"kernel").unwrap();
+        std::fs::write(&a, b"agent").unwrap();
+        let spec = |cpus, memory| SnapshotSpec {
+            kernel: &k,
+            agent_disk: &a,
+            cpus,
+            memory,
+            backend: Backend::Vmx,
+        };
+        let base = spec(1, 256 << 20).key();
+        assert_eq!(base, spec(1, 256 << 20).key(), "stable");
+        assert_eq!(base.len(), 20);
+        assert_ne!(base, spec(2, 256 << 20).key());
+        assert_ne!(base, spec(1, 512 << 20).key());
+        std::thread::sleep(Duration::from_millis(10));
+        std::fs::write(&k, b"kernel, rebuilt").unwrap();
+        assert_ne!(base, spec(1, 256 << 20).key(), "a new kernel file");
+        let a2 = dir.path().join("agent-2.erofs");
+        std::fs::write(&a2, b"agent").unwrap();
+        let other = SnapshotSpec {
+            kernel: &k,
+            agent_disk: &a2,
+            cpus: 1,
+            memory: 256 << 20,
+            backend: Backend::Vmx,
+        };
+        assert_ne!(spec(1, 256 << 20).key(), other.key(), "another agent");
+    }
+
+    #[test]
+    fn prune_removes_snapshots_and_leftovers() {
+        let home = tempfile::tempdir().unwrap();
+        let root = home.path().join("snapshots");
+        std::fs::create_dir_all(root.join("abc")).unwrap();
+        std::fs::write(root.join("abc/memory.img"), vec![1u8; 8192]).unwrap();
+        std::fs::create_dir_all(root.join(".abc.tmp.123")).unwrap();
+        std::fs::write(root.join("abc.lock"), b"").unwrap();
+        let (n, bytes) = prune(&root).unwrap();
+        assert_eq!(n, 2);
+        assert!(bytes >= 8192);
+        assert_eq!(std::fs::read_dir(&root).unwrap().count(), 0);
+        assert_eq!(prune(&root).unwrap(), (0, 0));
+    }
+}

@@ -1,0 +1,262 @@
+//! Building the machine shared by a cold boot and a snapshot restore: the KVM
+//! VM with its irqchip, guest memory slots, the legacy devices, the virtio
+//! devices on their mmio windows (ioeventfds, irqfds), and finally the vCPU
+//! and event-loop threads.
+
+use std::os::fd::AsRawFd;
+use std::os::unix::thread::JoinHandleExt;
+use std::path::PathBuf;
+use std::sync::atomic::AtomicBool;
+use std::sync::{Arc, Mutex};
+
+use kvm_bindings::kvm_userspace_memory_region;
+use kvm_ioctls::{IoEventAddress, Kvm, VcpuFd, VmFd};
+use vm_memory::{GuestMemoryBackend, GuestMemoryRegion, MemoryRegionAddress};
+use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
+use vmm_sys_util::eventfd::EventFd;
+
+use super::exit::ExitState;
+use super::memory::{
+    COM1_IRQ, COM1_PORT, IRQ_MAX, VIRTIO_IRQ_BASE, VIRTIO_MMIO_BASE, VIRTIO_MMIO_SIZE,
+};
+use super::running::RunningVm;
+use super::{base_cmdline, event_loop, kvm_err, setup_err, vcpu, VmConfig, VmmError};
+use crate::devices::bus::Bus;
+use crate::devices::legacy::{SerialDevice, I8042};
+use crate::devices::virtio::block::Block;
+use crate::devices::virtio::mmio::{MmioTransport, NOTIFY_OFFSET};
+use crate::devices::virtio::rng::Rng;
+use crate::devices::virtio::vsock::Vsock;
+use crate::devices::virtio::{EventRegistry, Interrupt, Mem, Token, VirtioDevice};
+
+/// A VM with memory and devices, before its vCPUs run.
+pub struct Machine {
+    pub kvm: Kvm,
+    pub vm: VmFd,
+    pub mem: Mem,
+    pub exit: Arc<ExitState>,
+    pub epoll: Arc<Epoll>,
+    pub pio: Bus,
+    pub mmio: Bus,
+    pub transports: Vec<Arc<Mutex<MmioTransport>>>,
+    pub devices: Vec<Arc<Mutex<dyn VirtioDevice>>>,
+    pub loop_devices: Vec<event_loop::LoopDevice>,
+    /// vmc's kernel command line for these devices (used by a cold boot).
+    pub cmdline: Vec<String>,
+    pub msr_list: Arc<Vec<u32>>,
+}
+
+/// Creates the VM, registers `mem`, and attaches the devices of `cfg`.
+pub fn build(kvm: Kvm, cfg: &mut VmConfig, mem: Mem) -> Result<Machine, VmmError> {
+    let max_vcpus = kvm
+        .get_max_vcpus()
+        .min(super::boot::mptable::MAX_CPUS as usize) as u8;
+    if cfg.vcpus == 0 || cfg.vcpus > max_vcpus {
+        return Err(VmmError::Vcpus {
+            vcpus: cfg.vcpus,
+            max: max_vcpus,
+        });
+    }
+    let vm = kvm.create_vm().map_err(kvm_err("create VM"))?;
+    vm.set_tss_address(0xfffb_d000)
+        .map_err(kvm_err("set TSS address"))?;
+    // In-kernel PIC, IOAPIC and LAPICs. No PIT: the guest keeps time with
+    // kvm-clock and the LAPIC timer, and KVM's PIT costs 10-15 ms of teardown.
+    vm.create_irq_chip().map_err(kvm_err("create irqchip"))?;
+    register_memory(&vm, &mem)?;
+    let exit = Arc::new(ExitState::new().map_err(setup_err)?);
+    let epoll = Arc::new(Epoll::new().map_err(setup_err)?);
+    epoll
+        .ctl(
+            ControlOperation::Add,
+            exit.eventfd().as_raw_fd(),
+            EpollEvent::new(EventSet::IN, Token::Exit.encode()),
+        )
+        .map_err(setup_err)?;
+
+    let mut pio = Bus::default();
+    let mut mmio = Bus::default();
+    let reset = exit.eventfd().try_clone().map_err(setup_err)?;
+    pio.insert(Arc::new(Mutex::new(I8042::new(reset))), 0x60, 5)
+        .map_err(setup_err)?;
+    let mut cmdline = base_cmdline(cfg.console.is_some(), cfg.backend);
+    if let Some(out) = cfg.console.take() {
+        let irq = EventFd::new(libc::EFD_NONBLOCK).map_err(setup_err)?;
+        vm.register_irqfd(&irq, COM1_IRQ)
+            .map_err(kvm_err("register serial irqfd"))?;
+        pio.insert(
+            Arc::new(Mutex::new(SerialDevice::new(irq, out))),
+            COM1_PORT as u64,
+            8,
+        )
+        .map_err(setup_err)?;
+    }
+
+    let mut devices: Vec<Arc<Mutex<dyn VirtioDevice>>> = Vec::new();
+    for (i, d) in cfg.disks.iter().enumerate() {
+        let id = if d.id.is_empty() {
+            format!("vmc{i}")
+        } else {
+            d.id.clone()
+        };
+        devices.push(Arc::new(Mutex::new(Block::open(
+            &d.path,
+            d.read_only,
+            &id,
+        )?)));
+    }
+    if let Some((cid, path)) = &cfg.vsock {
+        let v = Vsock::new(*cid, path).map_err(|source| VmmError::Vsock {
+            path: path.display().to_string(),
+            source,
+        })?;
+        devices.push(Arc::new(Mutex::new(v)));
+    }
+    if cfg.rng {
+        devices.push(Arc::new(Mutex::new(Rng::default())));
+    }
+    let mut transports = Vec::new();
+    let mut loop_devices = Vec::new();
+    for (i, dev) in devices.iter().enumerate() {
+        let irq = VIRTIO_IRQ_BASE + i as u32;
+        if irq > IRQ_MAX {
+            return Err(VmmError::TooManyDevices);
+        }
+        let base = VIRTIO_MMIO_BASE + i as u64 * VIRTIO_MMIO_SIZE;
+        let irqfd = EventFd::new(libc::EFD_NONBLOCK).map_err(setup_err)?;
+        vm.register_irqfd(&irqfd, irq)
+            .map_err(kvm_err("register irqfd"))?;
+        let nqueues = dev
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .queue_max_sizes()
+            .len();
+        let mut evts = Vec::new();
+        let mut loop_evts = Vec::new();
+        for q in 0..nqueues {
+            let evt = EventFd::new(libc::EFD_NONBLOCK).map_err(setup_err)?;
+            vm.register_ioevent(&evt, &IoEventAddress::Mmio(base + NOTIFY_OFFSET), q as u32)
+                .map_err(kvm_err("register ioeventfd"))?;
+            let token = Token::Queue {
+                dev: i as u8,
+                queue: q as u16,
+            };
+            epoll
+                .ctl(
+                    ControlOperation::Add,
+                    evt.as_raw_fd(),
+                    EpollEvent::new(EventSet::IN, token.encode()),
+                )
+                .map_err(setup_err)?;
+            loop_evts.push(evt.try_clone().map_err(setup_err)?);
+            evts.push(evt);
+        }
+        let transport = Arc::new(Mutex::new(MmioTransport::new(
+            dev.clone(),
+            mem.clone(),
+            Arc::new(Interrupt::new(irqfd)),
+            EventRegistry::new(epoll.clone(), i as u8),
+            evts,
+        )));
+        mmio.insert(transport.clone(), base, VIRTIO_MMIO_SIZE)
+            .map_err(setup_err)?;
+        transports.push(transport);
+        cmdline.push(format!("virtio_mmio.device=4K@{base:#x}:{irq}"));
+        loop_devices.push(event_loop::LoopDevice {
+            device: dev.clone(),
+            queue_evts: loop_evts,
+        });
+    }
+    let msr_list = Arc::new(
+        kvm.get_msr_index_list()
+            .map(|l| l.as_slice().to_vec())
+            .unwrap_or_default(),
+    );
+    Ok(Machine {
+        kvm,
+        vm,
+        mem,
+        exit,
+        epoll,
+        pio,
+        mmio,
+        transports,
+        devices,
+        loop_devices,
+        cmdline,
+        msr_list,
+    })
+}
+
+fn register_memory(vm: &VmFd, mem: &Mem) -> Result<(), VmmError> {
+    for (slot, region) in mem.iter().enumerate() {
+        let host = region
+            .get_host_address(MemoryRegionAddress(0))
+            .map_err(|e| VmmError::Memory(region.len() >> 20, e.to_string()))?;
+        let r = kvm_userspace_memory_region {
+            slot: slot as u32,
+            guest_phys_addr: region.start_addr().0,
+            memory_size: region.len(),
+            userspace_addr: host as u64,
+            flags: 0,
+        };
+        // SAFETY: the region is a live mapping owned by `mem`, which the
+        // RunningVm keeps until after the VM fd is closed.
+        unsafe { vm.set_user_memory_region(r) }.map_err(kvm_err("set memory region"))?;
+    }
+    Ok(())
+}
+
+/// Starts the event loop and one thread per vCPU.
+pub fn launch(m: Machine, vcpu_fds: Vec<VcpuFd>) -> Result<RunningVm, VmmError> {
+    vcpu::install_kick_handler().map_err(setup_err)?;
+    let event_loop = {
+        let epoll = m.epoll.clone();
+        let devices = m.loop_devices;
+        std::thread::Builder::new()
+            .name("vmm-events".into())
+            .spawn(move || event_loop::run(epoll, devices))
+            .map_err(setup_err)?
+    };
+    let stop = Arc::new(AtomicBool::new(false));
+    let pause = Arc::new(vcpu::PauseCtl::default());
+    // Debugging aid: sample the boot vCPU's RIP at 1 kHz into a file.
+    let profile =
+        std::env::var_os("VMC_GUEST_PROFILE").map(|p| (PathBuf::from(p), vcpu::Samples::default()));
+    let mut vcpus = Vec::new();
+    for (id, fd) in vcpu_fds.into_iter().enumerate() {
+        let ctx = vcpu::VcpuCtx {
+            id,
+            pio: m.pio.clone(),
+            mmio: m.mmio.clone(),
+            stop: stop.clone(),
+            exit: m.exit.clone(),
+            pause: pause.clone(),
+            msr_list: m.msr_list.clone(),
+            samples: profile.as_ref().filter(|_| id == 0).map(|(_, s)| s.clone()),
+        };
+        let h = std::thread::Builder::new()
+            .name(format!("vcpu{id}"))
+            .spawn(move || vcpu::run(fd, ctx))
+            .map_err(setup_err)?;
+        vcpus.push(h);
+    }
+    if profile.is_some() {
+        let (thread, stop) = (vcpus[0].as_pthread_t(), stop.clone());
+        std::thread::spawn(move || {
+            vcpu::profile_sampler(thread, stop, std::time::Duration::from_millis(1))
+        });
+    }
+    Ok(RunningVm::new(
+        m.vm,
+        m.mem,
+        m.exit,
+        stop,
+        pause,
+        vcpus,
+        event_loop,
+        m.transports,
+        m.devices,
+        profile,
+    ))
+}

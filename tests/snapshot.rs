@@ -1,0 +1,178 @@
+//! Warm start: guests restored from one snapshot are independent (own disks,
+//! own randomness), concurrent first runs build the snapshot once, and a
+//! corrupted or mismatched snapshot is refused and rebuilt.
+
+mod common;
+
+use std::path::Path;
+use std::process::Command;
+
+use common::{kernel, kvm_available, rootfs, snapshots, TestVm};
+
+/// A copy of the busybox rootfs with a marker file.
+fn marked_rootfs(dir: &Path, marker: &str) -> std::path::PathBuf {
+    let out = dir.join(format!("rootfs-{marker}"));
+    let st = Command::new("cp")
+        .arg("-a")
+        .arg(rootfs())
+        .arg(&out)
+        .status()
+        .unwrap();
+    assert!(st.success());
+    std::fs::write(out.join("marker"), marker).unwrap();
+    out
+}
+
+#[test]
+fn two_restored_guests_have_their_own_disks_and_randomness() {
+    if !kvm_available() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let (ra, rb) = (
+        marked_rootfs(dir.path(), "A"),
+        marked_rootfs(dir.path(), "B"),
+    );
+    let (a, b) = std::thread::scope(|s| {
+        let a = s.spawn(|| TestVm::boot_rootfs(&ra, 1, 256));
+        let b = s.spawn(|| TestVm::boot_rootfs(&rb, 1, 256));
+        (a.join().unwrap(), b.join().unwrap())
+    });
+    assert!(
+        a.vm.restored() && b.vm.restored(),
+        "both restored from the snapshot"
+    );
+    let script = "cat /marker; echo; head -c 16 /dev/urandom | od -An -tx1 | tr -d ' \\n'; echo; \
+                  echo written-by-$(cat /marker) > /shared-name; cat /shared-name";
+    let (oa, ob) = std::thread::scope(|s| {
+        let ja = s.spawn(|| a.sh(script));
+        let jb = s.spawn(|| b.sh(script));
+        (ja.join().unwrap(), jb.join().unwrap())
+    });
+    let (la, lb): (Vec<String>, Vec<String>) = (
+        oa.stdout_str().lines().map(String::from).collect(),
+        ob.stdout_str().lines().map(String::from).collect(),
+    );
+    assert_eq!(la[0], "A", "{oa:?}");
+    assert_eq!(lb[0], "B", "{ob:?}");
+    assert_eq!(la[1].len(), 32);
+    assert_ne!(la[1], lb[1], "restored guests must not share random state");
+    assert_eq!(la[2], "written-by-A");
+    assert_eq!(lb[2], "written-by-B");
+    // The guest clock was set from the host's at restore.
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let guest: u64 = a.sh("date +%s").stdout_str().trim().parse().unwrap();
+    assert!(guest.abs_diff(now) < 60, "guest {guest}, host {now}");
+}
+
+fn run_vmc(home: &Path, snaps: &Path) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_vmc"))
+        .env("VMC_HOME", home)
+        .env("VMC_SNAPSHOTS", snaps)
+        .args(["run", "--rm", "--rootfs"])
+        .arg(rootfs())
+        .args(["--", "echo", "ok"])
+        .output()
+        .unwrap()
+}
+
+#[test]
+fn first_runs_build_one_snapshot_and_bad_ones_are_rebuilt() {
+    if !kvm_available() {
+        return;
+    }
+    let home = tempfile::tempdir().unwrap();
+    let snaps = home.path().join("snapshots");
+    // Two concurrent first runs: one builds, the other waits on the lock.
+    let (o1, o2) = std::thread::scope(|s| {
+        let a = s.spawn(|| run_vmc(home.path(), &snaps));
+        let b = s.spawn(|| run_vmc(home.path(), &snaps));
+        (a.join().unwrap(), b.join().unwrap())
+    });
+    for o in [&o1, &o2] {
+        assert_eq!(String::from_utf8_lossy(&o.stdout), "ok\n", "{o:?}");
+        assert!(o.status.success());
+    }
+    let entries: Vec<_> = std::fs::read_dir(&snaps)
+        .unwrap()
+        .flatten()
+        .filter(|e| e.path().is_dir())
+        .collect();
+    assert_eq!(entries.len(), 1, "exactly one snapshot, no leftovers");
+    let snap = entries[0].path();
+
+    // Corrupt it: the next run warns, rebuilds, and still works.
+    let state = snap.join("state.bin");
+    let mut data = std::fs::read(&state).unwrap();
+    let mid = data.len() / 2;
+    data[mid] ^= 0x55;
+    std::fs::write(&state, &data).unwrap();
+    let o = run_vmc(home.path(), &snaps);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{err}");
+    assert_eq!(String::from_utf8_lossy(&o.stdout), "ok\n");
+    assert!(
+        err.contains("warm-start snapshot") && err.contains("rebuilding"),
+        "{err}"
+    );
+    assert!(
+        vmc::vmm::snapshot::VmState::read(&snap).is_ok(),
+        "rebuilt in place"
+    );
+    assert_eq!(
+        std::fs::read_dir(&snaps)
+            .unwrap()
+            .flatten()
+            .filter(|e| e.path().is_dir())
+            .count(),
+        1
+    );
+}
+
+#[test]
+fn a_mismatched_snapshot_is_refused_before_anything_runs() {
+    if !kvm_available() {
+        return;
+    }
+    // Make sure the shared snapshot exists, then present it under a wrong key.
+    let _vm = TestVm::boot(1, 256);
+    let shared = snapshots();
+    let good = std::fs::read_dir(&shared)
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .find(|p| p.join("state.bin").is_file())
+        .expect("a snapshot");
+    let state = vmc::vmm::snapshot::VmState::read(&good).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = |vsock: &Path| {
+        let (img, scratch) = (dir.path().join("i"), dir.path().join("s"));
+        std::fs::write(&img, b"").unwrap();
+        std::fs::write(&scratch, b"").unwrap();
+        let agent = dir.path().join("agent.erofs");
+        std::fs::write(&agent, b"").unwrap();
+        vmc::runtime::microvm::vm_config(
+            &kernel(),
+            &agent,
+            &img,
+            &scratch,
+            vsock,
+            1,
+            state.mem_size,
+            None,
+        )
+    };
+    let err = vmc::vmm::restore(cfg(&dir.path().join("v1")), &good, "some-other-key")
+        .err()
+        .expect("refused");
+    assert!(err.to_string().contains("not some-other-key"), "{err}");
+    let mut wrong_size = cfg(&dir.path().join("v2"));
+    wrong_size.mem_size *= 2;
+    let err = vmc::vmm::restore(wrong_size, &good, &state.key)
+        .err()
+        .expect("refused");
+    assert!(err.to_string().contains("MiB"), "{err}");
+}
