@@ -136,6 +136,13 @@ pub fn prepare(spec: &ProcessSpec, root: &str) -> Result<Prepared, SpawnError> {
     if !env.iter().any(|e| e.starts_with("PATH=")) {
         env.push(format!("PATH={DEFAULT_PATH}"));
     }
+    // A backend workaround the VMM passed to the agent (see vmc's backend.rs)
+    // applies to every process, unless the container sets its own.
+    if let Ok(t) = std::env::var("GLIBC_TUNABLES") {
+        if !env.iter().any(|e| e.starts_with("GLIBC_TUNABLES=")) {
+            env.push(format!("GLIBC_TUNABLES={t}"));
+        }
+    }
     if !env.iter().any(|e| e.starts_with("HOME=")) {
         env.push(format!("HOME={}", user.home));
     }

@@ -55,13 +55,14 @@ impl SnapshotSpec<'_> {
     /// name carries its content hash.
     pub fn key(&self) -> String {
         let desc = format!(
-            "vmc {}\nsnapshot format {FORMAT_VERSION}\nprotocol {PROTOCOL_VERSION}\nkernel {}\nagent {}\ncpus {}\nmemory {}\nbackend {:?}\n",
+            "vmc {}\nsnapshot format {FORMAT_VERSION}\nprotocol {PROTOCOL_VERSION}\nkernel {}\nagent {}\ncpus {}\nmemory {}\nbackend {:?}\ncmdline {}\n",
             env!("CARGO_PKG_VERSION"),
             file_identity(self.kernel),
             self.agent_disk.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default(),
             self.cpus,
             self.memory,
             self.backend,
+            crate::vmm::base_cmdline(false, self.backend).join(" "),
         );
         Sha256::digest(desc.as_bytes())
             .iter()

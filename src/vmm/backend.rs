@@ -65,6 +65,13 @@ impl Backend {
 
     /// Kernel command-line flags this backend needs (empty on hardware).
     ///
+    /// Besides the kernel flags, under pvm_native guest user code runs with
+    /// the host's XCR0 and so uses AVX, but the guest kernel (noxsave, as
+    /// XRSTOR cannot be emulated) switches tasks with FXSAVE, which loses the
+    /// YMM high halves: glibc programs are told not to use AVX through
+    /// `GLIBC_TUNABLES`, which the kernel passes to the agent's environment
+    /// and the agent to every process it starts.
+    ///
     /// Under pvm_native the emulator cannot run the XRSTOR of FPU setup
     /// (`noxsave`; the kernel reads it early and also reports it as unknown),
     /// CMPXCHG16B (SLUB's double-word cmpxchg), POPCNT and CLAC/STAC (SMAP)
@@ -72,7 +79,8 @@ impl Backend {
     /// precaution. `vmc.pvm` enables the kernel patch in kernels/patches/.
     pub fn guest_cmdline(self) -> &'static str {
         if self.needs_pvm_quirks() {
-            "vmc.pvm noxsave clearcpuid=141,151,158,306,308 nofsgsbase nopcid noinvpcid"
+            "vmc.pvm noxsave clearcpuid=141,151,158,306,308 nofsgsbase nopcid noinvpcid \
+             GLIBC_TUNABLES=glibc.cpu.hwcaps=-AVX_Fast_Unaligned_Load,-AVX,-AVX2,-AVX512F,-AVX512VL,-AVX512BW,-AVX512DQ,-AVX512CD"
         } else {
             ""
         }

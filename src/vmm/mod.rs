@@ -213,7 +213,7 @@ pub fn restore(mut cfg: VmConfig, dir: &Path, key: &str) -> Result<RunningVm, Vm
 
 /// vmc's own command line: quiet, reset via the i8042, no probing of absent
 /// hardware, plus what the backend needs.
-pub(crate) fn base_cmdline(console: bool, backend: Backend) -> Vec<String> {
+pub fn base_cmdline(console: bool, backend: Backend) -> Vec<String> {
     let mut c: Vec<String> = [
         "reboot=k",
         "panic=-1",
