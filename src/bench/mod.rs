@@ -2,9 +2,12 @@
 //!
 //! * `vmm`: the tiny PVH guest ([`tiny_guest`]) booted in-process, start to
 //!   reset: the VMM's own cost (Firecracker runs such a guest in ~10 ms here).
-//! * `boot`: `vmc run --rm ... -- echo ready` as a subprocess: wall time from
-//!   process start to the workload's first output and to exit, and the VMM's
-//!   memory overhead (peak RSS minus the guest memory the guest touched).
+//! * `warm` and `boot`: `vmc run --rm ... -- echo ready` as a subprocess,
+//!   restoring the warm-start snapshot or booting cold (`--cold`): wall time
+//!   from process start to the VM running, to the workload's first output and
+//!   to exit, and memory: the VMM's overhead (peak RSS minus guest memory the
+//!   guest touched) and, when restored, the guest memory the VM dirtied (its
+//!   private copies of the snapshot's shared pages).
 
 pub mod tiny_guest;
 
@@ -19,7 +22,7 @@ use crate::vmm::{self, Backend, VmConfig, VmExit};
 /// Errors running benchmarks.
 #[derive(Debug, thiserror::Error)]
 pub enum BenchError {
-    #[error("unknown scenario '{0}' (available: vmm, boot)")]
+    #[error("unknown scenario '{0}' (available: vmm, warm, boot)")]
     Scenario(String),
     #[error("no root filesystem for the benchmark: pass --rootfs DIR or run `make rootfs`")]
     NoRootfs,
@@ -78,7 +81,7 @@ impl Stats {
 /// Runs the requested scenarios and prints a table (and JSON if asked).
 pub fn run(args: BenchArgs) -> Result<Vec<Stats>, BenchError> {
     let scenarios = if args.scenarios.is_empty() {
-        vec!["vmm".to_string(), "boot".to_string()]
+        vec!["vmm".to_string(), "warm".to_string()]
     } else {
         args.scenarios.clone()
     };
@@ -87,7 +90,8 @@ pub fn run(args: BenchArgs) -> Result<Vec<Stats>, BenchError> {
     for s in &scenarios {
         let stats = match s.as_str() {
             "vmm" => bench_vmm(args.runs.max(1) * 2)?,
-            "boot" => bench_boot(&args, &kernel)?,
+            "warm" => bench_run(&args, &kernel, false)?,
+            "boot" => bench_run(&args, &kernel, true)?,
             other => return Err(BenchError::Scenario(other.into())),
         };
         all.extend(stats);
@@ -168,7 +172,7 @@ pub fn bench_vmm(runs: usize) -> Result<Vec<Stats>, BenchError> {
     )])
 }
 
-fn bench_boot(args: &BenchArgs, kernel: &Path) -> Result<Vec<Stats>, BenchError> {
+fn bench_run(args: &BenchArgs, kernel: &Path, cold: bool) -> Result<Vec<Stats>, BenchError> {
     let rootfs = match &args.rootfs {
         Some(r) => r.clone(),
         None => Some(default_rootfs())
@@ -177,13 +181,21 @@ fn bench_boot(args: &BenchArgs, kernel: &Path) -> Result<Vec<Stats>, BenchError>
     };
     let exe = std::env::current_exe()?;
     let dir = tempdir()?;
-    let (mut first, mut exit, mut overhead) = (Vec::new(), Vec::new(), Vec::new());
+    let name = if cold { "boot" } else { "warm" };
+    let (mut running, mut first, mut exit) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut overhead, mut dirty) = (Vec::new(), Vec::new());
+    // Run 0 warms up (and creates the snapshot if it is missing).
     for i in 0..=args.runs {
         let report = dir.join(format!("mem-{i}.json"));
-        eprint!("\rbench boot: run {i}/{} (0 is warm-up)  ", args.runs);
+        eprint!("\rbench {name}: run {i}/{} (0 is warm-up)  ", args.runs);
         let t0 = Instant::now();
-        let mut child = Command::new(&exe)
-            .args(["run", "--rm", "--rootfs"])
+        let mut cmd = Command::new(&exe);
+        cmd.args(["run", "--rm"]);
+        if cold {
+            cmd.arg("--cold");
+        }
+        let mut child = cmd
+            .arg("--rootfs")
             .arg(&rootfs)
             .arg("--kernel")
             .arg(kernel)
@@ -213,23 +225,41 @@ fn bench_boot(args: &BenchArgs, kernel: &Path) -> Result<Vec<Stats>, BenchError>
         exit.push(ms(t_exit));
         if let Ok(doc) = std::fs::read(&report) {
             let v: serde_json::Value = serde_json::from_slice(&doc).unwrap_or_default();
-            let hwm = v["vm_hwm_kib"].as_f64().unwrap_or(f64::NAN);
-            let guest = v["guest_rss_kib"].as_f64().unwrap_or(f64::NAN);
-            overhead.push((hwm - guest) / 1024.0);
+            let num = |k: &str| v[k].as_f64().unwrap_or(f64::NAN);
+            overhead.push((num("vm_hwm_kib") - num("guest_rss_kib")) / 1024.0);
+            dirty.push(num("guest_dirty_kib") / 1024.0);
+            running.push(num("running_ms"));
         }
     }
     eprintln!();
     let _ = std::io::stderr().flush();
     let _ = std::fs::remove_dir_all(&dir);
-    Ok(vec![
-        Stats::of("boot: process start to first output", "ms", &first),
-        Stats::of("boot: process start to exit", "ms", &exit),
+    let mut rows = vec![
         Stats::of(
-            "boot: VMM overhead (peak RSS - guest RSS)",
+            &format!("{name}: vmc start to vCPUs running"),
+            "ms",
+            &running,
+        ),
+        Stats::of(
+            &format!("{name}: process start to first output"),
+            "ms",
+            &first,
+        ),
+        Stats::of(&format!("{name}: process start to exit"), "ms", &exit),
+        Stats::of(
+            &format!("{name}: VMM overhead (peak RSS - guest RSS)"),
             "MiB",
             &overhead,
         ),
-    ])
+    ];
+    if !cold {
+        rows.push(Stats::of(
+            "warm: guest memory the VM dirtied",
+            "MiB",
+            &dirty,
+        ));
+    }
+    Ok(rows)
 }
 
 /// Where `make rootfs` puts the busybox root filesystem.

@@ -19,7 +19,7 @@ use crate::vmm::{self, Backend, DiskConfig, RunningVm, VmConfig, VmExit, VmmErro
 /// Guest CID of every VM (each VM has its own vsock device and host socket).
 pub const GUEST_CID: u64 = 3;
 /// Size of the sparse scratch disk (the container's writable layer).
-pub const SCRATCH_SIZE: u64 = 8 << 30;
+pub const SCRATCH_SIZE: u64 = 2 << 30;
 /// How long the guest may take to boot to its agent. Software virtualisation
 /// needs tens of seconds; hardware well under one.
 pub const BOOT_TIMEOUT: Duration = Duration::from_secs(300);
@@ -87,6 +87,8 @@ pub struct MicroVm {
     /// Sizes in sectors of the image and scratch disks, for the agent.
     disk_sectors: (u64, u64),
     restored: bool,
+    /// When the vCPUs started (ms since process start), for `vmc bench`.
+    running_ms: f64,
 }
 
 impl MicroVm {
@@ -144,6 +146,7 @@ impl MicroVm {
                 vsock,
                 disk_sectors,
                 restored: false,
+                running_ms: super::elapsed_ms(),
             });
         }
         let spec = snapshot::SnapshotSpec {
@@ -173,6 +176,7 @@ impl MicroVm {
             vsock,
             disk_sectors,
             restored: true,
+            running_ms: super::elapsed_ms(),
         })
     }
 
@@ -229,6 +233,8 @@ impl MicroVm {
             let doc = serde_json::json!({
                 "vm_hwm_kib": vmm::memory::peak_rss_kib(),
                 "guest_rss_kib": self.vm.guest_rss_kib(),
+                "guest_dirty_kib": self.vm.guest_private_dirty_kib(),
+                "running_ms": self.running_ms,
             });
             let _ = std::fs::write(p, doc.to_string());
         }

@@ -83,12 +83,14 @@ pub fn e820_map(size: u64) -> Vec<(u64, u64)> {
     map
 }
 
-/// Resident KiB of this process's mappings that start at the given host
-/// addresses (guest RAM), from /proc/self/smaps.
-pub fn resident_kib(starts: &[u64]) -> u64 {
+/// Sums a field (e.g. `Rss`, `Private_Dirty`) in KiB over this process's
+/// mappings that start at the given host addresses (guest RAM), from
+/// /proc/self/smaps.
+pub fn smaps_kib(starts: &[u64], field: &str) -> u64 {
     let Ok(smaps) = std::fs::read_to_string("/proc/self/smaps") else {
         return 0;
     };
+    let prefix = format!("{field}:");
     let mut total = 0;
     let mut in_guest = false;
     for line in smaps.lines() {
@@ -101,7 +103,7 @@ pub fn resident_kib(starts: &[u64]) -> u64 {
             }
         }
         if in_guest {
-            if let Some(v) = line.strip_prefix("Rss:") {
+            if let Some(v) = line.strip_prefix(prefix.as_str()) {
                 total += v
                     .trim()
                     .trim_end_matches("kB")
@@ -112,6 +114,11 @@ pub fn resident_kib(starts: &[u64]) -> u64 {
         }
     }
     total
+}
+
+/// Resident KiB of the guest RAM mappings starting at `starts`.
+pub fn resident_kib(starts: &[u64]) -> u64 {
+    smaps_kib(starts, "Rss")
 }
 
 /// Peak resident set size of this process, KiB (VmHWM).

@@ -74,15 +74,23 @@ impl RunningVm {
         self.event_loop.as_ref().is_some_and(|h| !h.is_finished())
     }
 
-    /// Resident KiB of guest RAM (pages the guest touched).
-    pub fn guest_rss_kib(&self) -> u64 {
-        let starts: Vec<u64> = self
-            .mem
+    fn guest_starts(&self) -> Vec<u64> {
+        self.mem
             .iter()
             .filter_map(|r| r.get_host_address(MemoryRegionAddress(0)).ok())
             .map(|p| p as u64)
-            .collect();
-        memory::resident_kib(&starts)
+            .collect()
+    }
+
+    /// Resident KiB of guest RAM (pages the guest touched).
+    pub fn guest_rss_kib(&self) -> u64 {
+        memory::resident_kib(&self.guest_starts())
+    }
+
+    /// KiB of guest RAM this VM alone holds: pages it wrote (for a restored
+    /// VM, its copies of the snapshot's shared pages).
+    pub fn guest_private_dirty_kib(&self) -> u64 {
+        memory::smaps_kib(&self.guest_starts(), "Private_Dirty")
     }
 
     /// The device transports, in mmio order (for restore fix-ups).
