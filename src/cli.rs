@@ -28,20 +28,33 @@ pub enum Command {
     /// Run a command in a new microVM container.
     #[command(
         long_about = "Run a command in a new container inside its own microVM.\n\n\
-                      The container's root filesystem is DIR (--rootfs); it is never modified: \
-                      writes go to a per-container scratch disk. The command's stdout and \
+                      The container's root filesystem is an image from the store (vmc images) or \
+                      a directory (--rootfs); it is never modified: writes go to a per-container \
+                      scratch disk. The command is the image's Entrypoint followed by the given \
+                      arguments (or its Cmd), as with docker run. The command's stdout and \
                       stderr arrive on vmc's stdout and stderr, stdin is forwarded when it is \
                       not a terminal (or with -i), SIGINT/SIGTERM/SIGHUP/SIGQUIT/SIGUSR1/SIGUSR2 \
                       sent to vmc reach the command, and vmc exits with the command's exit \
                       code (128+N when it was killed by signal N; 127 when the command does \
                       not exist, 126 when it cannot be executed, 125 when vmc itself failed).",
-        after_help = "Examples:\n  vmc run --rm --rootfs ./rootfs -- echo hello\n  \
-                      echo hi | vmc run --rm --rootfs ./rootfs -- cat\n  \
-                      vmc run --rm --cpus 2 --memory 1G --rootfs ./rootfs -- nproc"
+        after_help = "Examples:\n  vmc run --rm busybox echo hello\n  \
+                      vmc run --rm --rootfs ./rootfs -- echo hello\n  \
+                      echo hi | vmc run --rm busybox cat\n  \
+                      vmc run --rm --cpus 2 --memory 1G busybox nproc"
     )]
     Run(RunArgs),
     /// Show the virtualisation backend, guest kernel and agent vmc will use.
     Info,
+    /// List images.
+    Images(ImagesArgs),
+    /// Show an image's configuration as JSON.
+    Inspect(InspectArgs),
+    /// Give an image another name.
+    Tag(TagArgs),
+    /// Remove images.
+    Rmi(RmiArgs),
+    /// Make an image from a root filesystem tarball (plain, gzip or zstd).
+    Import(ImportArgs),
     /// Measure vmc (boot time, VMM overhead).
     Bench(BenchArgs),
     /// Manage vmc's own data.
@@ -57,9 +70,13 @@ pub enum SystemCommand {
 
 #[derive(Args, Debug)]
 pub struct RunArgs {
-    /// Root filesystem directory of the container.
+    /// Run a root filesystem directory instead of an image (every argument is then the command).
     #[arg(long, value_name = "DIR")]
-    pub rootfs: PathBuf,
+    pub rootfs: Option<PathBuf>,
+
+    /// Override the image's entrypoint ("" clears it).
+    #[arg(long, value_name = "CMD")]
+    pub entrypoint: Option<String>,
 
     /// Remove the container's state (scratch disk) when it exits.
     #[arg(long)]
@@ -106,9 +123,53 @@ pub struct RunArgs {
     #[arg(short = 'i', long)]
     pub interactive: bool,
 
-    /// The command and its arguments.
-    #[arg(last = true, required = true, value_name = "CMD")]
-    pub command: Vec<String>,
+    /// IMAGE [CMD [ARG...]], or with --rootfs: CMD [ARG...].
+    #[arg(
+        trailing_var_arg = true,
+        allow_hyphen_values = true,
+        value_name = "IMAGE [CMD]"
+    )]
+    pub args: Vec<String>,
+}
+
+#[derive(Args, Debug)]
+pub struct ImagesArgs {
+    /// Only show image ids.
+    #[arg(short, long)]
+    pub quiet: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct InspectArgs {
+    /// Image name, id or id prefix.
+    #[arg(required = true)]
+    pub images: Vec<String>,
+}
+
+#[derive(Args, Debug)]
+pub struct TagArgs {
+    /// The existing image.
+    pub source: String,
+    /// The new name (NAME[:TAG]).
+    pub target: String,
+}
+
+#[derive(Args, Debug)]
+pub struct RmiArgs {
+    /// Remove even if a container uses the image.
+    #[arg(short, long)]
+    pub force: bool,
+    /// Images to remove.
+    #[arg(required = true)]
+    pub images: Vec<String>,
+}
+
+#[derive(Args, Debug)]
+pub struct ImportArgs {
+    /// The tarball (a root filesystem, e.g. from mmdebstrap).
+    pub file: PathBuf,
+    /// Name for the image (NAME[:TAG]).
+    pub name: Option<String>,
 }
 
 #[derive(Args, Debug)]
@@ -180,14 +241,24 @@ mod tests {
     }
 
     #[test]
-    fn run_requires_a_command_after_the_separator() {
+    fn run_takes_the_image_and_everything_after_it_as_the_command() {
         let ok =
             Cli::try_parse_from(["vmc", "run", "--rootfs", "r", "--", "echo", "-n", "hi"]).unwrap();
         let Command::Run(r) = ok.command else {
             panic!()
         };
-        assert_eq!(r.command, vec!["echo", "-n", "hi"]);
-        assert!(Cli::try_parse_from(["vmc", "run", "--rootfs", "r"]).is_err());
+        assert_eq!(r.args, vec!["echo", "-n", "hi"]);
+        let ok =
+            Cli::try_parse_from(["vmc", "run", "--rm", "alpine", "ls", "-la", "--rm"]).unwrap();
+        let Command::Run(r) = ok.command else {
+            panic!()
+        };
+        assert!(r.rm);
+        assert_eq!(
+            r.args,
+            vec!["alpine", "ls", "-la", "--rm"],
+            "options after the image belong to the command"
+        );
         assert!(
             Cli::try_parse_from(["vmc", "run", "--cpus", "0", "--rootfs", "r", "--", "x"]).is_err()
         );

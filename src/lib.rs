@@ -8,5 +8,7 @@ pub mod assets;
 pub mod bench;
 pub mod cli;
 pub mod devices;
+pub mod disk;
+pub mod image;
 pub mod runtime;
 pub mod vmm;

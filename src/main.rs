@@ -5,8 +5,12 @@ use std::io::IsTerminal;
 
 use anyhow::{bail, Context, Result};
 use clap::Parser;
-use vmc::cli::{Cli, Command, RunArgs, SystemCommand};
-use vmc::runtime::{self, ContainerConfig, ProcessSpec, Resources};
+use vmc::cli::{
+    Cli, Command, ImagesArgs, ImportArgs, InspectArgs, RmiArgs, RunArgs, SystemCommand, TagArgs,
+};
+use vmc::image::{self, Reference, Store};
+use vmc::runtime::spec::{self, RunOverrides};
+use vmc::runtime::{self, ContainerConfig, Resources, Rootfs};
 use vmc::{assets, bench, vmm};
 
 /// Docker's exit code for "the runtime itself failed".
@@ -71,9 +75,19 @@ fn dispatch(cli: Cli) -> Result<i32> {
     match cli.command {
         Command::Run(args) => run(args),
         Command::Info => info(),
+        Command::Images(a) => images(a),
+        Command::Inspect(a) => inspect(a),
+        Command::Tag(a) => tag(a),
+        Command::Rmi(a) => rmi(a),
+        Command::Import(a) => import(a),
         Command::Bench(args) => bench::run(args).map(|_| 0).map_err(Into::into),
         Command::System(SystemCommand::Prune) => prune(),
     }
+}
+
+/// The image store at $VMC_HOME.
+fn store() -> Result<Store> {
+    Ok(Store::open(&runtime::vmc_home())?)
 }
 
 fn run(args: RunArgs) -> Result<i32> {
@@ -86,19 +100,8 @@ fn run(args: RunArgs) -> Result<i32> {
             vmm::MIN_MEMORY >> 20
         );
     }
-    if !args.rootfs.is_dir() {
-        bail!(
-            "--rootfs {}: no such directory (give the root filesystem of the container)",
-            args.rootfs.display()
-        );
-    }
     let kernel = assets::kernel(args.kernel.as_deref())?;
-    let id = runtime::new_id();
-    let hostname = args
-        .hostname
-        .clone()
-        .unwrap_or_else(|| id[..12].to_string());
-    let mut env = vec![format!("HOSTNAME={hostname}")];
+    let mut env = Vec::new();
     for e in &args.env {
         match e.split_once('=') {
             Some(_) => env.push(e.clone()),
@@ -109,16 +112,57 @@ fn run(args: RunArgs) -> Result<i32> {
             }
         }
     }
+    let (rootfs, image_config, command, image_id) = match &args.rootfs {
+        Some(dir) => {
+            if !dir.is_dir() {
+                bail!(
+                    "--rootfs {}: no such directory (give the root filesystem of the container)",
+                    dir.display()
+                );
+            }
+            if args.args.is_empty() {
+                bail!("no command given: vmc run --rootfs DIR -- CMD [ARG...]");
+            }
+            (Rootfs::Dir(dir.clone()), None, args.args.clone(), None)
+        }
+        None => {
+            let Some((name, command)) = args.args.split_first() else {
+                bail!("no image given: vmc run [OPTIONS] IMAGE [CMD...] (or --rootfs DIR -- CMD)");
+            };
+            let store = store()?;
+            let img = store.resolve(name)?;
+            let disk = image::disk::root_disk(&store, &img, &runtime::vmc_home().join("cache"))
+                .with_context(|| format!("building the root disk of {name}"))?;
+            (
+                Rootfs::Disk(disk),
+                img.config.config().clone(),
+                command.to_vec(),
+                Some(img.id()),
+            )
+        }
+    };
+    let process = spec::process(
+        image_config.as_ref(),
+        &RunOverrides {
+            command,
+            entrypoint: args.entrypoint.clone(),
+            env,
+            workdir: args.workdir.clone(),
+            user: args.user.clone(),
+        },
+    )?;
+    let id = runtime::new_id();
+    let hostname = args
+        .hostname
+        .clone()
+        .unwrap_or_else(|| id[..12].to_string());
+    let mut process = process;
+    spec::merge_env(&mut process.env, &[format!("HOSTNAME={hostname}")]);
     let cfg = ContainerConfig {
         id: id.clone(),
-        rootfs: args.rootfs.clone(),
-        process: ProcessSpec {
-            args: args.command.clone(),
-            env,
-            cwd: args.workdir.clone().unwrap_or_else(|| "/".into()),
-            user: args.user.clone().unwrap_or_default(),
-            ..Default::default()
-        },
+        rootfs,
+        image_id,
+        process,
         hostname,
         resources: Resources {
             cpus: args.cpus,
@@ -141,6 +185,137 @@ fn run(args: RunArgs) -> Result<i32> {
         let _ = std::fs::remove_dir_all(&dir);
     }
     result.context("run")
+}
+
+fn images(a: ImagesArgs) -> Result<i32> {
+    let store = store()?;
+    let list = store.images()?;
+    if a.quiet {
+        for img in &list {
+            println!("{}", img.short_id());
+        }
+        return Ok(0);
+    }
+    println!(
+        "{:<40} {:<20} {:<14} {:<22} {:>10}",
+        "REPOSITORY", "TAG", "IMAGE ID", "CREATED", "SIZE"
+    );
+    for img in &list {
+        let created = img.config.created().clone().unwrap_or_default();
+        let size = format!("{:.1}MB", img.size() as f64 / 1e6);
+        let names: Vec<(String, String)> = if img.names.is_empty() {
+            vec![("<none>".into(), "<none>".into())]
+        } else {
+            img.names
+                .iter()
+                .map(|n| match n.rsplit_once(':') {
+                    Some((r, t)) if !t.contains('/') => (r.to_string(), t.to_string()),
+                    _ => (n.clone(), "<none>".into()),
+                })
+                .collect()
+        };
+        for (repo, tag) in names {
+            println!(
+                "{repo:<40} {tag:<20} {:<14} {created:<22} {size:>10}",
+                img.short_id()
+            );
+        }
+    }
+    Ok(0)
+}
+
+fn inspect(a: InspectArgs) -> Result<i32> {
+    let store = store()?;
+    let mut out = Vec::new();
+    for name in &a.images {
+        let img = store.resolve(name)?;
+        out.push(serde_json::json!({
+            "Id": img.id(),
+            "RepoTags": img.names,
+            "ManifestDigest": img.manifest_digest.to_string(),
+            "Created": img.config.created(),
+            "Architecture": img.config.architecture().to_string(),
+            "Os": img.config.os().to_string(),
+            "Size": img.size(),
+            "Config": img.config.config(),
+            "RootFS": img.config.rootfs(),
+            "History": img.config.history(),
+        }));
+    }
+    println!("{}", serde_json::to_string_pretty(&out)?);
+    Ok(0)
+}
+
+fn tag(a: TagArgs) -> Result<i32> {
+    let store = store()?;
+    let img = store.resolve(&a.source)?;
+    let target = Reference::parse(&a.target)?;
+    let desc = oci_spec::image::Descriptor::new(
+        oci_spec::image::MediaType::ImageManifest,
+        img.manifest_size,
+        img.manifest_digest.clone(),
+    );
+    store.tag(&target.store_name(), &desc)?;
+    Ok(0)
+}
+
+/// Image ids used by containers whose state is still on disk.
+fn images_in_use() -> Vec<String> {
+    let dir = runtime::vmc_home().join("containers");
+    let mut ids = Vec::new();
+    if let Ok(entries) = std::fs::read_dir(dir) {
+        for e in entries.flatten() {
+            if let Ok(id) = std::fs::read_to_string(e.path().join("image-id")) {
+                ids.push(id.trim().to_string());
+            }
+        }
+    }
+    ids
+}
+
+fn rmi(a: RmiArgs) -> Result<i32> {
+    let store = store()?;
+    let in_use = images_in_use();
+    for name in &a.images {
+        let img = store.resolve(name)?;
+        // A name removes that name only, like docker rmi, unless it is the last.
+        let by_name = Reference::parse(name)
+            .ok()
+            .map(|r| r.store_name())
+            .filter(|n| img.names.contains(n));
+        let last = img.names.len() <= 1 || by_name.is_none();
+        if last && !a.force && in_use.contains(&img.id()) {
+            bail!(
+                "image {name} is used by a container; remove the container first or use vmc rmi -f"
+            );
+        }
+        match by_name {
+            Some(n) if img.names.len() > 1 => {
+                store.untag(&n)?;
+                println!("Untagged: {n}");
+            }
+            _ => {
+                for n in &img.names {
+                    println!("Untagged: {n}");
+                }
+                store.remove_manifest(&img.manifest_digest)?;
+                println!("Deleted: {}", img.id());
+            }
+        }
+    }
+    store.gc()?;
+    Ok(0)
+}
+
+fn import(a: ImportArgs) -> Result<i32> {
+    let store = store()?;
+    let name = match &a.name {
+        Some(n) => Some(Reference::parse(n)?.store_name()),
+        None => None,
+    };
+    let img = image::import::import_rootfs(&store, &a.file, name.as_deref())?;
+    println!("{}", img.id());
+    Ok(0)
 }
 
 fn prune() -> Result<i32> {

@@ -12,8 +12,9 @@ use std::time::Duration;
 use vmc_guest::{GuestMsg, HostMsg, RootSpec, AGENT_PORT, IO_CHUNK};
 
 use super::agent::{AgentConn, AgentError};
-use super::{disk, snapshot, ContainerConfig, RuntimeError};
+use super::{snapshot, ContainerConfig, RuntimeError};
 use crate::assets;
+use crate::disk;
 use crate::vmm::{self, Backend, DiskConfig, RunningVm, VmConfig, VmExit, VmmError};
 
 /// Guest CID of every VM (each VM has its own vsock device and host socket).
@@ -100,8 +101,10 @@ impl MicroVm {
     /// Builds the disks in `dir` and starts the VM, cold or from the
     /// warm-start snapshot (`--debug` always boots cold, to show the boot).
     pub fn start(cfg: &ContainerConfig, dir: &Path, how: Start) -> Result<MicroVm, RuntimeError> {
-        if !cfg.rootfs.is_dir() {
-            return Err(RuntimeError::NoRootfs(cfg.rootfs.display().to_string()));
+        if let super::Rootfs::Dir(d) = &cfg.rootfs {
+            if !d.is_dir() {
+                return Err(RuntimeError::NoRootfs(d.display().to_string()));
+            }
         }
         std::fs::DirBuilder::new()
             .recursive(true)
@@ -111,9 +114,22 @@ impl MicroVm {
                 path: dir.display().to_string(),
                 source,
             })?;
+        if let Some(id) = &cfg.image_id {
+            // Lets `vmc rmi` see which images containers use.
+            std::fs::write(dir.join("image-id"), id).map_err(|source| RuntimeError::State {
+                path: dir.display().to_string(),
+                source,
+            })?;
+        }
         crate::phase!("start: building disks");
-        let image = dir.join("image.erofs");
-        disk::build_erofs(&cfg.rootfs, &image)?;
+        let image = match &cfg.rootfs {
+            super::Rootfs::Dir(d) => {
+                let image = dir.join("image.erofs");
+                disk::build_erofs(d, &image)?;
+                image
+            }
+            super::Rootfs::Disk(p) => p.clone(),
+        };
         let scratch = dir.join("scratch.ext4");
         disk::build_scratch(&scratch, SCRATCH_SIZE)?;
         crate::phase!("disks built");

@@ -2,9 +2,10 @@
 //! keeps state, and the microVM runtime. The namespace runtime joins it later.
 
 pub mod agent;
-pub mod disk;
+
 pub mod microvm;
 pub mod snapshot;
+pub mod spec;
 
 use std::path::PathBuf;
 
@@ -17,12 +18,22 @@ pub struct Resources {
     pub memory: u64,
 }
 
+/// Where a container's root filesystem comes from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Rootfs {
+    /// A directory (`--rootfs`): made into a disk for every run.
+    Dir(PathBuf),
+    /// An image's prebuilt, cached read-only disk (EROFS).
+    Disk(PathBuf),
+}
+
 /// A container to run: its root filesystem, process and limits.
 #[derive(Debug, Clone)]
 pub struct ContainerConfig {
     pub id: String,
-    /// Root filesystem directory.
-    pub rootfs: PathBuf,
+    pub rootfs: Rootfs,
+    /// The image's id (config digest), when run from an image.
+    pub image_id: Option<String>,
     pub process: ProcessSpec,
     pub hostname: String,
     pub resources: Resources,
@@ -45,7 +56,7 @@ pub enum RuntimeError {
         source: std::io::Error,
     },
     #[error(transparent)]
-    Disk(#[from] disk::DiskError),
+    Disk(#[from] crate::disk::DiskError),
     #[error(transparent)]
     Assets(#[from] crate::assets::AssetError),
     #[error(transparent)]

@@ -131,7 +131,8 @@ impl TestVm {
         let hostname = "testvm".to_string();
         let cfg = ContainerConfig {
             id: vmc::runtime::new_id(),
-            rootfs: rootfs.to_path_buf(),
+            rootfs: vmc::runtime::Rootfs::Dir(rootfs.to_path_buf()),
+            image_id: None,
             process: ProcessSpec::default(),
             hostname: hostname.clone(),
             resources: Resources {

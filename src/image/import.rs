@@ -1,0 +1,130 @@
+//! `vmc import`: a plain root filesystem tarball (e.g. from `mmdebstrap`)
+//! becomes a one-layer image. The tarball is stored as its layer blob as it
+//! is (plain, gzip or zstd); its diff id is computed over the uncompressed
+//! stream while the tar is checked entry by entry.
+
+use std::fs::File;
+use std::io::{BufRead, BufReader, Read};
+use std::path::Path;
+
+use oci_spec::image::{
+    Arch, Descriptor, HistoryBuilder, ImageConfigurationBuilder, MediaType, Os, RootFsBuilder,
+};
+use sha2::{Digest as _, Sha256};
+
+use super::store::{rfc3339_now, Store, StoredImage};
+use super::{layer, ImageError};
+
+/// A reader that hashes what passes through it.
+pub struct HashingReader<R> {
+    inner: R,
+    hasher: Sha256,
+    pub count: u64,
+}
+
+impl<R: Read> HashingReader<R> {
+    pub fn new(inner: R) -> Self {
+        HashingReader {
+            inner,
+            hasher: Sha256::new(),
+            count: 0,
+        }
+    }
+
+    /// The sha256 of everything read so far, as `sha256:<hex>`.
+    pub fn digest(self) -> String {
+        let hex: String = self
+            .hasher
+            .finalize()
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect();
+        format!("sha256:{hex}")
+    }
+}
+
+impl<R: Read> Read for HashingReader<R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.hasher.update(&buf[..n]);
+        self.count += n as u64;
+        Ok(n)
+    }
+}
+
+/// The media type of a layer blob from its first bytes.
+pub fn layer_media_type(path: &Path) -> Result<MediaType, ImageError> {
+    let mut f = BufReader::new(File::open(path).map_err(ImageError::io(path))?);
+    let head = f.fill_buf().map_err(ImageError::io(path))?;
+    Ok(if head.starts_with(&[0x1f, 0x8b]) {
+        MediaType::ImageLayerGzip
+    } else if head.starts_with(&[0x28, 0xb5, 0x2f, 0xfd]) {
+        MediaType::ImageLayerZstd
+    } else {
+        MediaType::ImageLayer
+    })
+}
+
+/// Checks that the blob at `path` is a tar archive (after decompression) and
+/// returns its diff id.
+pub fn diff_id(path: &Path) -> Result<String, ImageError> {
+    let f = File::open(path).map_err(ImageError::io(path))?;
+    let mut h = HashingReader::new(layer::decompress(f).map_err(ImageError::io(path))?);
+    {
+        let mut a = tar::Archive::new(&mut h);
+        let entries = a.entries().map_err(|e| not_tar(path, e))?;
+        for e in entries {
+            let mut e = e.map_err(|e| not_tar(path, e))?;
+            std::io::copy(&mut e, &mut std::io::sink()).map_err(|e| not_tar(path, e))?;
+        }
+    }
+    // Trailing padding after the end-of-archive blocks belongs to the stream too.
+    std::io::copy(&mut h, &mut std::io::sink()).map_err(ImageError::io(path))?;
+    if h.count == 0 {
+        return Err(ImageError::Invalid(format!(
+            "{} is empty, not a tar archive",
+            path.display()
+        )));
+    }
+    Ok(h.digest())
+}
+
+fn not_tar(path: &Path, e: std::io::Error) -> ImageError {
+    ImageError::Invalid(format!(
+        "{} is not a valid tar archive ({e}); give a root filesystem tarball, plain or compressed with gzip or zstd",
+        path.display()
+    ))
+}
+
+/// Imports the tarball at `path` as an image named `name` (`name:tag`).
+pub fn import_rootfs(
+    store: &Store,
+    path: &Path,
+    name: Option<&str>,
+) -> Result<StoredImage, ImageError> {
+    let _w = store.writer()?;
+    let diff = diff_id(path)?;
+    let media = layer_media_type(path)?;
+    let (digest, size) = store.put_blob(File::open(path).map_err(ImageError::io(path))?, None)?;
+    let now = rfc3339_now();
+    let config = ImageConfigurationBuilder::default()
+        .architecture(Arch::Amd64)
+        .os(Os::Linux)
+        .created(now.clone())
+        .rootfs(
+            RootFsBuilder::default()
+                .typ("layers")
+                .diff_ids(vec![diff])
+                .build()
+                .map_err(|e| ImageError::Invalid(e.to_string()))?,
+        )
+        .history(vec![HistoryBuilder::default()
+            .created(now)
+            .created_by(format!("vmc import {}", path.display()))
+            .build()
+            .map_err(|e| ImageError::Invalid(e.to_string()))?])
+        .build()
+        .map_err(|e| ImageError::Invalid(e.to_string()))?;
+    let layer = Descriptor::new(media, size, digest);
+    Ok(store.commit(&config, vec![layer], name)?)
+}

@@ -1,0 +1,170 @@
+//! The image store end to end: import, list, inspect, tag, run, rmi; the store
+//! read by skopeo and umoci; bad input refused without damage.
+
+mod common;
+
+use std::path::Path;
+use std::process::{Command, Output};
+
+use common::{kvm_available, rootfs, snapshots};
+
+fn vmc(home: &Path, args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_vmc"))
+        .env("VMC_HOME", home)
+        .env("VMC_SNAPSHOTS", snapshots())
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+fn ok(o: &Output) -> String {
+    assert!(
+        o.status.success(),
+        "failed: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+/// The busybox rootfs as a gzip tarball.
+fn tarball(dir: &Path) -> std::path::PathBuf {
+    let out = dir.join("busybox.tar.gz");
+    let st = Command::new("tar")
+        .arg("-C")
+        .arg(rootfs())
+        .arg("-czf")
+        .arg(&out)
+        .arg(".")
+        .status()
+        .unwrap();
+    assert!(st.success());
+    out
+}
+
+#[test]
+fn import_list_inspect_tag_and_remove() {
+    let home = tempfile::tempdir().unwrap();
+    let h = home.path();
+    let tar = tarball(h);
+    let id = ok(&vmc(h, &["import", tar.to_str().unwrap(), "bb:1"]));
+    assert!(id.trim().starts_with("sha256:"));
+    let list = ok(&vmc(h, &["images"]));
+    assert!(
+        list.lines()
+            .any(|l| l.starts_with("bb ") && l.contains(" 1 ")),
+        "{list}"
+    );
+    ok(&vmc(h, &["tag", "bb:1", "other/name:two"]));
+    let v: serde_json::Value =
+        serde_json::from_str(&ok(&vmc(h, &["inspect", "other/name:two"]))).unwrap();
+    assert_eq!(v[0]["Id"].as_str().unwrap(), id.trim());
+    let tags: Vec<&str> = v[0]["RepoTags"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t.as_str().unwrap())
+        .collect();
+    assert!(tags.contains(&"bb:1") && tags.contains(&"other/name:two"));
+    let short = &id.trim()["sha256:".len()..][..12];
+    assert_eq!(ok(&vmc(h, &["images", "-q"])).trim(), short);
+
+    // skopeo and umoci read the store as the OCI layout it is.
+    let o = Command::new("skopeo")
+        .arg("inspect")
+        .arg(format!("oci:{}:bb:1", h.display()))
+        .output()
+        .expect("skopeo is installed by make setup");
+    let s: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap_or_default();
+    assert_eq!(
+        s["Architecture"],
+        "amd64",
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    let out = h.join("unpacked");
+    let o = Command::new("umoci")
+        .args(["unpack", "--image"])
+        .arg(format!("{}:bb:1", h.display()))
+        .arg(&out)
+        .output()
+        .expect("umoci is installed by make setup");
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(out.join("rootfs/bin/busybox").is_file());
+
+    // Removing one name keeps the image; removing the last removes it and its blobs.
+    assert!(ok(&vmc(h, &["rmi", "bb:1"])).contains("Untagged: bb:1"));
+    assert!(ok(&vmc(h, &["rmi", "other/name:two"])).contains("Deleted:"));
+    assert!(ok(&vmc(h, &["images", "-q"])).trim().is_empty());
+    assert_eq!(
+        std::fs::read_dir(h.join("blobs/sha256")).unwrap().count(),
+        0,
+        "garbage collected"
+    );
+}
+
+#[test]
+fn a_run_from_an_image_uses_its_disk_and_blocks_rmi() {
+    if !kvm_available() {
+        return;
+    }
+    let home = tempfile::tempdir().unwrap();
+    let h = home.path();
+    let tar = tarball(h);
+    ok(&vmc(h, &["import", tar.to_str().unwrap(), "bb"]));
+    let out = ok(&vmc(
+        h,
+        &[
+            "run",
+            "bb",
+            "sh",
+            "-c",
+            "cat /etc/passwd | head -1; echo $HOSTNAME | wc -c",
+        ],
+    ));
+    assert_eq!(out, "root:x:0:0:root:/root:/bin/sh\n13\n");
+    // The container (no --rm) still holds the image.
+    let o = vmc(h, &["rmi", "bb"]);
+    assert!(!o.status.success());
+    assert!(String::from_utf8_lossy(&o.stderr).contains("used by a container"));
+    ok(&vmc(h, &["rmi", "-f", "bb"]));
+}
+
+#[test]
+fn bad_imports_and_unknown_images_are_clear_errors() {
+    let home = tempfile::tempdir().unwrap();
+    let h = home.path();
+    let junk = h.join("junk.tar");
+    std::fs::write(
+        &junk,
+        b"this is not a tar archive at all, not even close.....",
+    )
+    .unwrap();
+    let o = vmc(h, &["import", junk.to_str().unwrap(), "x"]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(125));
+    assert!(err.contains("not a valid tar archive"), "{err}");
+    assert_eq!(err.trim_end().lines().count(), 1);
+    assert_eq!(
+        std::fs::read_dir(h.join("blobs/sha256")).unwrap().count(),
+        0,
+        "nothing stored"
+    );
+    for args in [
+        &["run", "--rm", "nosuchimage"][..],
+        &["inspect", "nosuchimage"],
+        &["rmi", "nosuchimage"],
+    ] {
+        let o = vmc(h, args);
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(!o.status.success());
+        if args[0] == "run" && !Path::new("/dev/kvm").exists() {
+            continue;
+        }
+        assert!(
+            err.contains("no such image: nosuchimage"),
+            "{args:?}: {err}"
+        );
+    }
+    let o = vmc(h, &["tag", "x", "Bad Name"]);
+    assert!(!o.status.success());
+}
