@@ -55,6 +55,10 @@ pub enum Command {
     Rmi(RmiArgs),
     /// Make an image from a root filesystem tarball (plain, gzip or zstd).
     Import(ImportArgs),
+    /// Load images from a docker-archive (docker save) or an OCI archive.
+    Load(LoadArgs),
+    /// Write images to an OCI archive (readable by skopeo, umoci, podman load).
+    Save(SaveArgs),
     /// Measure vmc (boot time, VMM overhead).
     Bench(BenchArgs),
     /// Manage vmc's own data.
@@ -170,6 +174,26 @@ pub struct ImportArgs {
     pub file: PathBuf,
     /// Name for the image (NAME[:TAG]).
     pub name: Option<String>,
+}
+
+#[derive(Args, Debug)]
+pub struct LoadArgs {
+    /// The archive to read (plain, gzip or zstd tar).
+    #[arg(short, long, value_name = "FILE")]
+    pub input: PathBuf,
+    /// Print only the loaded image ids.
+    #[arg(short, long)]
+    pub quiet: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct SaveArgs {
+    /// Where to write the archive.
+    #[arg(short, long, value_name = "FILE")]
+    pub output: PathBuf,
+    /// Images to save (names, tags or ids).
+    #[arg(required = true)]
+    pub images: Vec<String>,
 }
 
 #[derive(Args, Debug)]

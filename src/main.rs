@@ -6,7 +6,8 @@ use std::io::IsTerminal;
 use anyhow::{bail, Context, Result};
 use clap::Parser;
 use vmc::cli::{
-    Cli, Command, ImagesArgs, ImportArgs, InspectArgs, RmiArgs, RunArgs, SystemCommand, TagArgs,
+    Cli, Command, ImagesArgs, ImportArgs, InspectArgs, LoadArgs, RmiArgs, RunArgs, SaveArgs,
+    SystemCommand, TagArgs,
 };
 use vmc::image::{self, Reference, Store};
 use vmc::runtime::spec::{self, RunOverrides};
@@ -63,8 +64,17 @@ fn main() {
     let code = match dispatch(cli) {
         Ok(code) => code,
         Err(e) => {
-            let chain: Vec<String> = e.chain().map(|c| c.to_string()).collect();
-            eprintln!("vmc: {}", chain.join(": "));
+            // Causes already spelled out by their parent's message are not repeated.
+            let mut line = String::new();
+            for cause in e.chain().map(|c| c.to_string()) {
+                if !line.contains(&cause) {
+                    if !line.is_empty() {
+                        line.push_str(": ");
+                    }
+                    line.push_str(&cause);
+                }
+            }
+            eprintln!("vmc: {line}");
             EXIT_VMC_ERROR
         }
     };
@@ -80,6 +90,8 @@ fn dispatch(cli: Cli) -> Result<i32> {
         Command::Tag(a) => tag(a),
         Command::Rmi(a) => rmi(a),
         Command::Import(a) => import(a),
+        Command::Load(a) => load(a),
+        Command::Save(a) => save(a),
         Command::Bench(args) => bench::run(args).map(|_| 0).map_err(Into::into),
         Command::System(SystemCommand::Prune) => prune(),
     }
@@ -315,6 +327,29 @@ fn import(a: ImportArgs) -> Result<i32> {
     };
     let img = image::import::import_rootfs(&store, &a.file, name.as_deref())?;
     println!("{}", img.id());
+    Ok(0)
+}
+
+fn load(a: LoadArgs) -> Result<i32> {
+    let store = store()?;
+    let loaded = image::archive::load(&store, &a.input)?;
+    for img in &loaded {
+        if a.quiet {
+            println!("{}", img.id());
+        } else if img.names.is_empty() {
+            println!("Loaded image ID: {}", img.id());
+        } else {
+            for n in &img.names {
+                println!("Loaded image: {n}");
+            }
+        }
+    }
+    Ok(0)
+}
+
+fn save(a: SaveArgs) -> Result<i32> {
+    let store = store()?;
+    image::archive::save(&store, &a.images, &a.output)?;
     Ok(0)
 }
 

@@ -168,3 +168,43 @@ fn bad_imports_and_unknown_images_are_clear_errors() {
     let o = vmc(h, &["tag", "x", "Bad Name"]);
     assert!(!o.status.success());
 }
+
+#[test]
+fn save_then_load_round_trips_and_skopeo_reads_the_archive() {
+    let home = tempfile::tempdir().unwrap();
+    let h = home.path();
+    let tar = tarball(h);
+    let id = ok(&vmc(h, &["import", tar.to_str().unwrap(), "bb:1"]));
+    let archive = h.join("bb.tar");
+    ok(&vmc(h, &["save", "-o", archive.to_str().unwrap(), "bb:1"]));
+    let o = Command::new("skopeo")
+        .args(["inspect", "--raw"])
+        .arg(format!("oci-archive:{}", archive.display()))
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let manifest: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(manifest["config"]["digest"].as_str().unwrap(), id.trim());
+
+    // A fresh store loads it under the same name and id.
+    let other = tempfile::tempdir().unwrap();
+    let out = ok(&vmc(
+        other.path(),
+        &["load", "-i", archive.to_str().unwrap()],
+    ));
+    assert_eq!(out.trim(), "Loaded image: bb:1");
+    let v: serde_json::Value =
+        serde_json::from_str(&ok(&vmc(other.path(), &["inspect", "bb:1"]))).unwrap();
+    assert_eq!(v[0]["Id"].as_str().unwrap(), id.trim());
+
+    // A truncated archive is refused in one line and leaves the store as it was.
+    let data = std::fs::read(&archive).unwrap();
+    let cut = h.join("cut.tar");
+    std::fs::write(&cut, &data[..data.len() / 2]).unwrap();
+    let third = tempfile::tempdir().unwrap();
+    let o = vmc(third.path(), &["load", "-i", cut.to_str().unwrap()]);
+    assert_eq!(o.status.code(), Some(125));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(err.trim_end().lines().count(), 1, "{err}");
+    assert!(ok(&vmc(third.path(), &["images", "-q"])).trim().is_empty());
+}

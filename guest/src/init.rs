@@ -196,43 +196,37 @@ pub fn mount_root(spec: &RootSpec) -> io::Result<()> {
         libc::MS_NOATIME,
         Some("noblock_validity"),
     )?;
-    let upper = format!("{SCRATCH}/upper");
-    let work = format!("{SCRATCH}/work");
-    fs::create_dir_all(&upper)?;
-    fs::create_dir_all(&work)?;
-    mount(
-        Some("overlay"),
-        ROOT,
-        Some("overlay"),
-        0,
-        Some(&format!("lowerdir={IMAGE},upperdir={upper},workdir={work}")),
-    )?;
+    crate::layers::mount_stack(IMAGE, SCRATCH, ROOT)?;
+    set_hostname(&spec.hostname)
+}
+
+/// Mounts /proc, /sys and /dev inside the container root.
+pub fn mount_pseudo(root: &str) -> io::Result<()> {
     for d in ["proc", "sys", "dev"] {
-        fs::create_dir_all(format!("{ROOT}/{d}"))?;
+        fs::create_dir_all(format!("{root}/{d}"))?;
     }
     let nodev = libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC;
     mount(
         Some("proc"),
-        &format!("{ROOT}/proc"),
+        &format!("{root}/proc"),
         Some("proc"),
         nodev,
         None,
     )?;
     mount(
         Some("sysfs"),
-        &format!("{ROOT}/sys"),
+        &format!("{root}/sys"),
         Some("sysfs"),
         nodev | libc::MS_RDONLY,
         None,
     )?;
     mount(
         Some("/dev"),
-        &format!("{ROOT}/dev"),
+        &format!("{root}/dev"),
         None,
         libc::MS_BIND | libc::MS_REC,
         None,
-    )?;
-    set_hostname(&spec.hostname)
+    )
 }
 
 /// sethostname(2).

@@ -16,7 +16,7 @@ use std::io::{self, Read, Write};
 use serde::{Deserialize, Serialize};
 
 /// Version of the frames below; bumped on every incompatible change.
-pub const PROTOCOL_VERSION: u32 = 2;
+pub const PROTOCOL_VERSION: u32 = 3;
 
 /// vsock port on which the guest agent listens.
 pub const AGENT_PORT: u32 = 1024;
@@ -117,6 +117,12 @@ pub enum HostMsg {
     },
     /// Assemble the container root (once per VM; later sessions skip it).
     Mount(RootSpec),
+    /// Builds: the layer tar that follows (as `Stdin` frames ended by
+    /// `StdinEof`) is unpacked into the root and becomes a layer of its own.
+    ApplyLayer,
+    /// Builds: stream the changes since the last layer as an OCI layer tar
+    /// (`Stdout` frames, then `Committed`) and start a new layer.
+    Commit,
     /// Start a process.
     Start(ProcessSpec),
     /// Data for the process's stdin.
@@ -136,6 +142,10 @@ pub enum GuestMsg {
     Refreshed,
     /// The root filesystem is assembled.
     Mounted,
+    /// The layer sent with `ApplyLayer` is in place.
+    Applied,
+    /// The layer tar of a `Commit` is complete.
+    Committed,
     /// The process runs with this pid (inside the guest).
     Started { pid: u32 },
     /// The process could not be started.

@@ -6,6 +6,7 @@
 //! process in the VM and reboots the VM when the host's main process exits.
 
 mod init;
+mod layers;
 mod reaper;
 mod session;
 mod spawn;

@@ -2,7 +2,7 @@
 //! and exit status.
 
 use std::collections::VecDeque;
-use std::io;
+use std::io::{self, Read, Write};
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::sync::Mutex;
 
@@ -105,6 +105,30 @@ fn handshake_and_start(conn: &VsockStream) -> Result<Option<(ProcessSpec, Runnin
                 }
                 send(conn, &GuestMsg::Mounted).map_err(|e| e.to_string())?;
             }
+            Ok(HostMsg::ApplyLayer) => {
+                if !*MOUNTED.lock().unwrap_or_else(|e| e.into_inner()) {
+                    return Err("ApplyLayer before Mount".into());
+                }
+                let reader = FrameReader {
+                    conn,
+                    buf: Vec::new(),
+                    pos: 0,
+                    done: false,
+                };
+                crate::layers::apply(reader).map_err(|e| format!("applying a layer: {e}"))?;
+                send(conn, &GuestMsg::Applied).map_err(|e| e.to_string())?;
+            }
+            Ok(HostMsg::Commit) => {
+                if !*MOUNTED.lock().unwrap_or_else(|e| e.into_inner()) {
+                    return Err("Commit before Mount".into());
+                }
+                let mut w = FrameWriter {
+                    conn,
+                    buf: Vec::with_capacity(IO_CHUNK),
+                };
+                crate::layers::commit(&mut w).map_err(|e| format!("committing a layer: {e}"))?;
+                send(conn, &GuestMsg::Committed).map_err(|e| e.to_string())?;
+            }
             Ok(HostMsg::Start(spec)) => {
                 if !*MOUNTED.lock().unwrap_or_else(|e| e.into_inner()) {
                     return Err("Start before Mount: the container root is not assembled".into());
@@ -130,6 +154,67 @@ fn handshake_and_start(conn: &VsockStream) -> Result<Option<(ProcessSpec, Runnin
             Err(vmc_guest::FrameError::Closed) => return Ok(None),
             Err(e) => return Err(e.to_string()),
         }
+    }
+}
+
+/// Reads the bytes of `Stdin` frames until `StdinEof`.
+struct FrameReader<'a> {
+    conn: &'a VsockStream,
+    buf: Vec<u8>,
+    pos: usize,
+    done: bool,
+}
+
+impl Read for FrameReader<'_> {
+    fn read(&mut self, out: &mut [u8]) -> io::Result<usize> {
+        while self.pos == self.buf.len() {
+            if self.done {
+                return Ok(0);
+            }
+            let mut r = self.conn;
+            match read_frame::<_, HostMsg>(&mut r) {
+                Ok(HostMsg::Stdin(d)) => {
+                    self.buf = d;
+                    self.pos = 0;
+                }
+                Ok(HostMsg::StdinEof) => self.done = true,
+                Ok(other) => {
+                    return Err(io::Error::other(format!(
+                        "unexpected frame in a layer: {other:?}"
+                    )))
+                }
+                Err(e) => return Err(io::Error::other(e.to_string())),
+            }
+        }
+        let n = out.len().min(self.buf.len() - self.pos);
+        out[..n].copy_from_slice(&self.buf[self.pos..self.pos + n]);
+        self.pos += n;
+        Ok(n)
+    }
+}
+
+/// Sends what is written as `Stdout` frames.
+struct FrameWriter<'a> {
+    conn: &'a VsockStream,
+    buf: Vec<u8>,
+}
+
+impl Write for FrameWriter<'_> {
+    fn write(&mut self, data: &[u8]) -> io::Result<usize> {
+        let n = data.len().min(IO_CHUNK - self.buf.len());
+        self.buf.extend_from_slice(&data[..n]);
+        if self.buf.len() == IO_CHUNK {
+            self.flush()?;
+        }
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        if !self.buf.is_empty() {
+            let chunk = std::mem::replace(&mut self.buf, Vec::with_capacity(IO_CHUNK));
+            send(self.conn, &GuestMsg::Stdout(chunk))?;
+        }
+        Ok(())
     }
 }
 

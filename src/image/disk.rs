@@ -93,6 +93,28 @@ pub fn root_disk(store: &Store, img: &StoredImage, cache: &Path) -> Result<PathB
     result.map(|_| out)
 }
 
+/// An EROFS disk holding an empty root directory, for `FROM scratch`
+/// builds; built once into `cache`.
+pub fn empty_disk(cache: &Path) -> Result<PathBuf, ImageError> {
+    let dir = cache.join("disks");
+    let out = dir.join("empty.erofs");
+    if out.is_file() {
+        return Ok(out);
+    }
+    fs::create_dir_all(&dir).map_err(ImageError::io(&dir))?;
+    let tag = &crate::runtime::new_id()[..12];
+    let tree = dir.join(format!(".tree-{tag}"));
+    let tmp = dir.join(format!(".disk-{tag}.erofs"));
+    let result = (|| {
+        fs::create_dir_all(&tree).map_err(ImageError::io(&tree))?;
+        crate::disk::build_erofs(&tree, &tmp)?;
+        fs::rename(&tmp, &out).map_err(ImageError::io(&out))
+    })();
+    let _ = fs::remove_dir_all(&tree);
+    let _ = fs::remove_file(&tmp);
+    result.map(|_| out)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -1,6 +1,7 @@
 //! Images: the OCI store, references, layers, imports and the root disks
 //! built from them. Nothing here knows about containers.
 
+pub mod archive;
 pub mod disk;
 pub mod import;
 pub mod layer;

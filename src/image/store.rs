@@ -297,6 +297,17 @@ impl Store {
         })
     }
 
+    /// Lists the manifest `m` in the index without a name (an image shown as
+    /// `<none>`), unless an entry, named or not, already lists it.
+    pub fn add_unnamed(&self, m: &Descriptor) -> Result<(), StoreError> {
+        let d = Descriptor::new(MediaType::ImageManifest, m.size(), m.digest().clone());
+        self.update_index(|entries| {
+            if !entries.iter().any(|e| e.digest() == d.digest()) {
+                entries.push(d);
+            }
+        })
+    }
+
     /// Removes the name; the manifest stays reachable if other names or an
     /// unnamed entry keep it. Returns whether the name existed.
     pub fn untag(&self, name: &str) -> Result<bool, StoreError> {
@@ -339,11 +350,7 @@ impl Store {
         let desc = Descriptor::new(MediaType::ImageManifest, ms, md.clone());
         match name {
             Some(n) => self.tag(n, &desc)?,
-            None => self.update_index(|entries| {
-                if !entries.iter().any(|e| e.digest() == &md) {
-                    entries.push(desc.clone());
-                }
-            })?,
+            None => self.add_unnamed(&desc)?,
         }
         self.load(&md, ms)
     }
@@ -433,6 +440,17 @@ impl Store {
                 }
             }
         }
+        // Build cache entries (cache/build/*.json) refer to layers of their own.
+        if let Ok(entries) = fs::read_dir(self.root.join("cache").join("build")) {
+            for e in entries.flatten() {
+                let parsed = fs::read(e.path())
+                    .ok()
+                    .and_then(|d| serde_json::from_slice::<serde_json::Value>(&d).ok());
+                if let Some(v) = parsed {
+                    collect_digests(&v, &mut keep);
+                }
+            }
+        }
         let mut removed = 0;
         let dir = self.blobs_dir();
         for e in fs::read_dir(&dir).map_err(io_err(&dir))?.flatten() {
@@ -442,6 +460,20 @@ impl Store {
             }
         }
         Ok(removed)
+    }
+}
+
+/// Every `sha256:<hex>` string in a JSON document, as its hex.
+fn collect_digests(v: &serde_json::Value, out: &mut HashSet<String>) {
+    match v {
+        serde_json::Value::String(s) => {
+            if let Some(hex) = s.strip_prefix("sha256:") {
+                out.insert(hex.to_string());
+            }
+        }
+        serde_json::Value::Array(a) => a.iter().for_each(|x| collect_digests(x, out)),
+        serde_json::Value::Object(o) => o.values().for_each(|x| collect_digests(x, out)),
+        _ => {}
     }
 }
 
@@ -543,6 +575,27 @@ mod tests {
         assert!(s.untag("app:1").unwrap() && s.untag("app:latest").unwrap());
         assert!(s.images().unwrap().is_empty());
         assert_eq!(s.gc().unwrap(), 3, "layer, config and manifest");
+    }
+
+    #[test]
+    fn unnamed_entries_are_added_once_and_give_way_to_names() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(dir.path()).unwrap();
+        let (ld, ls) = s.put_bytes(b"layer").unwrap();
+        let layer = Descriptor::new(MediaType::ImageLayer, ls, ld.clone());
+        let img = s.commit(&config(ld.as_ref()), vec![layer], None).unwrap();
+        let m = Descriptor::new(
+            MediaType::ImageManifest,
+            img.manifest_size,
+            img.manifest_digest.clone(),
+        );
+        s.add_unnamed(&m).unwrap();
+        assert_eq!(s.index().unwrap().manifests().len(), 1, "listed once");
+        s.tag("app:1", &m).unwrap();
+        s.add_unnamed(&m).unwrap();
+        let index = s.index().unwrap();
+        assert_eq!(index.manifests().len(), 1, "the name replaced it");
+        assert_eq!(ref_name(&index.manifests()[0]), Some("app:1"));
     }
 
     #[test]
