@@ -43,6 +43,19 @@ pub enum Command {
                       vmc run --rm --cpus 2 --memory 1G busybox nproc"
     )]
     Run(RunArgs),
+    /// Build an image from a Dockerfile; RUN steps execute in a microVM.
+    #[command(
+        long_about = "Build an image from a Dockerfile and a build context directory.\n\n\
+                      COPY and ADD take files from the context (minus .dockerignore); every RUN \
+                      step executes inside a microVM (one per build stage, restored from the \
+                      warm-start snapshot), and its changes come back as a layer. Each step is \
+                      cached: an unchanged rebuild uses the cache throughout. A failing RUN \
+                      stops the build with the command's exit code; nothing half-built is named.",
+        after_help = "Examples:\n  vmc build -t hello .\n  \
+                      vmc build -t app:1 -f docker/Dockerfile --build-arg VERSION=2 .\n  \
+                      vmc build --no-cache -t app ."
+    )]
+    Build(BuildArgs),
     /// Show the virtualisation backend, guest kernel and agent vmc will use.
     Info,
     /// List images.
@@ -174,6 +187,40 @@ pub struct ImportArgs {
     pub file: PathBuf,
     /// Name for the image (NAME[:TAG]).
     pub name: Option<String>,
+}
+
+#[derive(Args, Debug)]
+pub struct BuildArgs {
+    /// Name and optionally a tag (NAME[:TAG]); may be given more than once.
+    #[arg(short = 't', long = "tag", value_name = "NAME[:TAG]")]
+    pub tags: Vec<String>,
+    /// The Dockerfile (default: CONTEXT/Dockerfile).
+    #[arg(short = 'f', long = "file", value_name = "FILE")]
+    pub file: Option<PathBuf>,
+    /// Set a build argument (KEY=VALUE, or KEY to take vmc's own environment).
+    #[arg(long = "build-arg", value_name = "KEY=VALUE")]
+    pub build_args: Vec<String>,
+    /// Run every step, ignoring the build cache.
+    #[arg(long)]
+    pub no_cache: bool,
+    /// Where RUN steps execute: vm (a microVM, the default) or ns (namespaces).
+    #[arg(long, default_value = "vm", value_parser = ["vm", "ns"])]
+    pub mode: String,
+    /// Virtual CPUs of the build VM.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u8).range(1..=64))]
+    pub cpus: u8,
+    /// Memory of the build VM, e.g. 512M or 1G.
+    #[arg(short = 'm', long, default_value = "256M", value_parser = parse_size)]
+    pub memory: u64,
+    /// Guest kernel (default: the one `make kernel` installed).
+    #[arg(long, value_name = "PATH", env = "VMC_KERNEL")]
+    pub kernel: Option<PathBuf>,
+    /// Print only the image id.
+    #[arg(short, long)]
+    pub quiet: bool,
+    /// The build context directory.
+    #[arg(value_name = "CONTEXT")]
+    pub context: PathBuf,
 }
 
 #[derive(Args, Debug)]

@@ -6,6 +6,7 @@
 
 pub mod assets;
 pub mod bench;
+pub mod build;
 pub mod cli;
 pub mod devices;
 pub mod disk;

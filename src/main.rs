@@ -6,8 +6,8 @@ use std::io::IsTerminal;
 use anyhow::{bail, Context, Result};
 use clap::Parser;
 use vmc::cli::{
-    Cli, Command, ImagesArgs, ImportArgs, InspectArgs, LoadArgs, RmiArgs, RunArgs, SaveArgs,
-    SystemCommand, TagArgs,
+    BuildArgs, Cli, Command, ImagesArgs, ImportArgs, InspectArgs, LoadArgs, RmiArgs, RunArgs,
+    SaveArgs, SystemCommand, TagArgs,
 };
 use vmc::image::{self, Reference, Store};
 use vmc::runtime::spec::{self, RunOverrides};
@@ -84,6 +84,7 @@ fn main() {
 fn dispatch(cli: Cli) -> Result<i32> {
     match cli.command {
         Command::Run(args) => run(args),
+        Command::Build(a) => build(a),
         Command::Info => info(),
         Command::Images(a) => images(a),
         Command::Inspect(a) => inspect(a),
@@ -328,6 +329,71 @@ fn import(a: ImportArgs) -> Result<i32> {
     let img = image::import::import_rootfs(&store, &a.file, name.as_deref())?;
     println!("{}", img.id());
     Ok(0)
+}
+
+fn build(a: BuildArgs) -> Result<i32> {
+    if a.mode == "ns" {
+        bail!("--mode ns: namespace-mode builds are not available yet; use the default --mode vm");
+    }
+    if a.memory < vmm::MIN_MEMORY {
+        bail!(
+            "--memory {}: a microVM needs at least {} MiB",
+            a.memory,
+            vmm::MIN_MEMORY >> 20
+        );
+    }
+    if !a.context.is_dir() {
+        bail!(
+            "build context {}: no such directory (give the directory holding your Dockerfile, e.g. .)",
+            a.context.display()
+        );
+    }
+    // Tags are checked before any work is done.
+    for t in &a.tags {
+        Reference::parse(t).with_context(|| format!("-t {t}"))?;
+    }
+    let mut build_args = Vec::new();
+    for b in &a.build_args {
+        match b.split_once('=') {
+            Some((k, v)) => build_args.push((k.to_string(), v.to_string())),
+            None => {
+                if let Ok(v) = std::env::var(b) {
+                    build_args.push((b.clone(), v));
+                }
+            }
+        }
+    }
+    let store = store()?;
+    let o = vmc::build::BuildOptions {
+        context: a.context.clone(),
+        dockerfile: a.file.clone(),
+        tags: a.tags.clone(),
+        build_args,
+        no_cache: a.no_cache,
+        kernel: a.kernel.clone(),
+        resources: Resources {
+            cpus: a.cpus,
+            memory: a.memory,
+        },
+        snapshots: runtime::snapshots_dir(),
+    };
+    let mut sink: Box<dyn std::io::Write> = if a.quiet {
+        Box::new(std::io::sink())
+    } else {
+        Box::new(std::io::stdout())
+    };
+    match vmc::build::build(&store, &o, &mut sink) {
+        Ok(img) => {
+            if a.quiet {
+                println!("{}", img.id());
+            }
+            Ok(0)
+        }
+        Err(e) => {
+            eprintln!("vmc: build failed: {e}");
+            Ok(e.exit_code())
+        }
+    }
 }
 
 fn load(a: LoadArgs) -> Result<i32> {

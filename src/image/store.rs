@@ -325,16 +325,15 @@ impl Store {
         self.update_index(|entries| entries.retain(|e| e.digest() != digest))
     }
 
-    /// Writes config and manifest for `layers` and names the image.
+    /// Writes config and manifest for `layers` and names the image. The same
+    /// config and layers always give the same digests.
     pub fn commit(
         &self,
         config: &ImageConfiguration,
         layers: Vec<Descriptor>,
         name: Option<&str>,
     ) -> Result<StoredImage, StoreError> {
-        let cfg = config
-            .to_string()
-            .map_err(|e| StoreError::Damaged(e.to_string()))?;
+        let cfg = canonical_json(config)?;
         let (cd, cs) = self.put_bytes(cfg.as_bytes())?;
         let manifest = oci_spec::image::ImageManifestBuilder::default()
             .schema_version(2u32)
@@ -343,9 +342,7 @@ impl Store {
             .layers(layers)
             .build()
             .map_err(|e| StoreError::Damaged(e.to_string()))?;
-        let mj = manifest
-            .to_string()
-            .map_err(|e| StoreError::Damaged(e.to_string()))?;
+        let mj = canonical_json(&manifest)?;
         let (md, ms) = self.put_bytes(mj.as_bytes())?;
         let desc = Descriptor::new(MediaType::ImageManifest, ms, md.clone());
         match name {
@@ -511,6 +508,15 @@ pub fn rfc3339(secs: i64) -> String {
         rem % 3600 / 60,
         rem % 60
     )
+}
+
+/// JSON with object keys sorted: oci-spec keeps labels and annotations in
+/// HashMaps, whose order changes from process to process, and a digest must
+/// not.
+pub fn canonical_json<T: serde::Serialize>(v: &T) -> Result<String, StoreError> {
+    serde_json::to_value(v)
+        .and_then(|v| serde_json::to_string(&v))
+        .map_err(|e| StoreError::Damaged(e.to_string()))
 }
 
 #[cfg(test)]

@@ -1,0 +1,688 @@
+//! The build context: the directory handed to `vmc build`, its
+//! `.dockerignore`, and COPY/ADD turned into layer tarballs.
+//!
+//! Sources are resolved inside their root the way a chroot would: `..` never
+//! climbs out and symlinks are followed relative to the root, so neither a
+//! hostile Dockerfile nor a symlink in the context can read host files
+//! outside it. Inside a copied directory symlinks are copied as symlinks,
+//! never followed.
+
+mod pattern;
+
+use std::fs::{self, File};
+use std::io::{self, Read, Write};
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+
+use sha2::{Digest, Sha256};
+
+use pattern::{clean, has_meta, Ignore, Pattern};
+
+/// Errors reading the context or writing a COPY layer.
+#[derive(Debug, thiserror::Error)]
+pub enum ContextError {
+    #[error("build context {0}: not a directory (give the directory holding your files, e.g. .)")]
+    NotADirectory(String),
+    #[error(".dockerignore:{0}: bad pattern '{1}'")]
+    Ignore(usize, String),
+    #[error("'{0}' is outside the build context (paths are relative to the context; '..' cannot leave it)")]
+    Outside(String),
+    #[error("'{0}' not found in the build context (or excluded by .dockerignore)")]
+    NotFound(String),
+    #[error("bad pattern '{0}'")]
+    BadPattern(String),
+    #[error("when copying more than one source the destination must be a directory ending in '/' (got '{0}')")]
+    DestNotDir(String),
+    #[error("ADD from a URL ('{0}') is not supported: download it into the build context and ADD the file")]
+    Url(String),
+    #[error("{path}: {source}")]
+    Io { path: String, source: io::Error },
+}
+
+fn io_at(path: &Path) -> impl Fn(io::Error) -> ContextError + '_ {
+    move |source| ContextError::Io {
+        path: path.display().to_string(),
+        source,
+    }
+}
+
+/// What one COPY or ADD copies, after variable expansion.
+#[derive(Debug, Clone)]
+pub struct CopySpec {
+    /// Source paths or globs, relative to the context (or to `from_dir`).
+    pub sources: Vec<String>,
+    /// The destination; relative destinations are under `workdir`.
+    pub dest: String,
+    pub workdir: String,
+    /// `--chown`: owner of every copied entry (default root).
+    pub chown: Option<(u32, u32)>,
+    /// `COPY --from`: the unpacked root to copy from instead of the context.
+    pub from_dir: Option<PathBuf>,
+    /// ADD: local tar archives (plain, gzip, zstd) are unpacked.
+    pub add: bool,
+}
+
+/// The result of writing a COPY layer.
+#[derive(Debug, Clone)]
+pub struct CopyOutcome {
+    /// sha256 over every copied entry's path, type, mode, owner, link target
+    /// and content: the layer cache key part (modification times excluded,
+    /// as in Docker, so a touched but unchanged file still hits the cache).
+    pub content_hash: String,
+    /// Entries written.
+    pub entries: usize,
+}
+
+/// An opened build context.
+#[derive(Debug)]
+pub struct Context {
+    root: PathBuf,
+    ignore: Ignore,
+}
+
+/// Symlinks followed while resolving one path, as Linux's limit.
+const MAX_LINKS: usize = 40;
+
+impl Context {
+    /// Opens `dir` and reads its `.dockerignore`.
+    pub fn open(dir: &Path) -> Result<Context, ContextError> {
+        let root = fs::canonicalize(dir)
+            .ok()
+            .filter(|p| p.is_dir())
+            .ok_or_else(|| ContextError::NotADirectory(dir.display().to_string()))?;
+        let ignore = match fs::read_to_string(root.join(".dockerignore")) {
+            Ok(text) => Ignore::parse(&text).map_err(|(n, l)| ContextError::Ignore(n, l))?,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ignore::default(),
+            Err(e) => return Err(io_at(&root.join(".dockerignore"))(e)),
+        };
+        Ok(Context { root, ignore })
+    }
+
+    /// Whether the context-relative path `rel` is excluded by `.dockerignore`.
+    pub fn is_ignored(&self, rel: &str) -> bool {
+        let parts: Vec<&str> = rel
+            .split('/')
+            .filter(|p| !p.is_empty() && *p != ".")
+            .collect();
+        self.ignore.is_ignored(&parts)
+    }
+
+    /// Writes the layer for `spec` as an uncompressed tar to `out`.
+    pub fn copy_layer(
+        &self,
+        spec: &CopySpec,
+        out: &mut dyn Write,
+    ) -> Result<CopyOutcome, ContextError> {
+        let (base, ignore) = match &spec.from_dir {
+            Some(d) => (d.as_path(), None),
+            None => (self.root.as_path(), Some(&self.ignore)),
+        };
+        let mut found: Vec<(PathBuf, String)> = Vec::new(); // (host path, base name)
+        for s in &spec.sources {
+            if spec.add && (s.contains("://") || s.starts_with("git@")) {
+                return Err(ContextError::Url(s.clone()));
+            }
+            let segs = clean(s).map_err(|_| ContextError::Outside(s.clone()))?;
+            if has_meta(s) {
+                let pat = Pattern::new(&segs.join("/"))
+                    .map_err(|_| ContextError::BadPattern(s.clone()))?;
+                let mut hits = Vec::new();
+                glob_walk(base, &mut Vec::new(), &pat, ignore, &mut hits)?;
+                if hits.is_empty() {
+                    return Err(ContextError::NotFound(s.clone()));
+                }
+                for rel in hits {
+                    let name = rel.last().cloned().unwrap_or_default();
+                    found.push((resolve_in(base, &rel, s)?, name));
+                }
+            } else {
+                let refs: Vec<&str> = segs.iter().map(String::as_str).collect();
+                if ignore.is_some_and(|i| i.is_ignored(&refs)) {
+                    return Err(ContextError::NotFound(s.clone()));
+                }
+                let name = segs.last().cloned().unwrap_or_default();
+                found.push((resolve_in(base, &segs, s)?, name));
+            }
+        }
+        let dest_is_dir = spec.dest.ends_with('/') || spec.dest.ends_with("/.") || spec.dest == ".";
+        if found.len() > 1 && !dest_is_dir {
+            return Err(ContextError::DestNotDir(spec.dest.clone()));
+        }
+        let dest_abs = if spec.dest.starts_with('/') {
+            spec.dest.clone()
+        } else {
+            format!("{}/{}", spec.workdir, spec.dest)
+        };
+        let dest = clean(&dest_abs).map_err(|_| ContextError::Outside(spec.dest.clone()))?;
+
+        let mut w = LayerWriter {
+            tar: tar::Builder::new(out),
+            hash: Sha256::new(),
+            entries: 0,
+            chown: spec.chown,
+        };
+        for (path, name) in &found {
+            let md = fs::metadata(path).map_err(io_at(path))?;
+            if md.is_dir() {
+                let rel_ignore = match (ignore, path.strip_prefix(base)) {
+                    (Some(i), Ok(r)) => Some((i, r.to_path_buf())),
+                    _ => None,
+                };
+                w.copy_dir(
+                    path,
+                    &dest,
+                    rel_ignore.as_ref().map(|(i, r)| (*i, r.as_path())),
+                )?;
+            } else if spec.add && is_archive(path)? {
+                w.unpack_archive(path, &dest)?;
+            } else {
+                let mut target = dest.clone();
+                if dest_is_dir || target.is_empty() {
+                    target.push(name.clone());
+                }
+                w.copy_file(path, &md, &target.join("/"))?;
+            }
+        }
+        w.tar.finish().map_err(io_at(Path::new("layer")))?;
+        Ok(CopyOutcome {
+            content_hash: format!("{:x}", w.hash.finalize()),
+            entries: w.entries,
+        })
+    }
+}
+
+/// Resolves `segs` inside `base`, following symlinks as if `base` were `/`.
+fn resolve_in(base: &Path, segs: &[String], shown: &str) -> Result<PathBuf, ContextError> {
+    let mut todo: Vec<String> = segs.iter().rev().cloned().collect();
+    let mut cur: Vec<String> = Vec::new();
+    let mut links = 0;
+    while let Some(seg) = todo.pop() {
+        match seg.as_str() {
+            "" | "." => continue,
+            ".." => {
+                cur.pop();
+                continue;
+            }
+            _ => {}
+        }
+        let candidate = base.join(cur.join("/")).join(&seg);
+        let md = fs::symlink_metadata(&candidate)
+            .map_err(|_| ContextError::NotFound(shown.to_string()))?;
+        if md.file_type().is_symlink() {
+            links += 1;
+            if links > MAX_LINKS {
+                return Err(ContextError::NotFound(shown.to_string()));
+            }
+            let target = fs::read_link(&candidate).map_err(io_at(&candidate))?;
+            let t = target.to_string_lossy().into_owned();
+            if t.starts_with('/') {
+                cur.clear();
+            }
+            for part in t.split('/').rev() {
+                todo.push(part.to_string());
+            }
+        } else {
+            cur.push(seg);
+        }
+    }
+    Ok(base.join(cur.join("/")))
+}
+
+/// Collects every path under `base` (relative, as segments) that `pat`
+/// matches, skipping ignored ones.
+fn glob_walk(
+    base: &Path,
+    rel: &mut Vec<String>,
+    pat: &Pattern,
+    ignore: Option<&Ignore>,
+    hits: &mut Vec<Vec<String>>,
+) -> Result<(), ContextError> {
+    let has_any = (0..pat.segment_count()).any(|i| pat.is_any(i));
+    if rel.len() >= pat.segment_count() && !has_any {
+        return Ok(());
+    }
+    let dir = base.join(rel.join("/"));
+    let mut names: Vec<String> = fs::read_dir(&dir)
+        .map_err(io_at(&dir))?
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    for n in names {
+        rel.push(n);
+        let refs: Vec<&str> = rel.iter().map(String::as_str).collect();
+        let ignored = ignore.is_some_and(|i| i.is_ignored(&refs));
+        if !ignored && pat.matches(&refs) {
+            hits.push(rel.clone());
+        }
+        let is_dir = fs::symlink_metadata(base.join(rel.join("/"))).is_ok_and(|m| m.is_dir());
+        // Without `**`, only directories matching the pattern so far can hold hits.
+        let may_hold = has_any || pat.segment_matches(rel.len() - 1, &rel[rel.len() - 1]);
+        if is_dir && may_hold && (!ignored || ignore.is_some_and(|i| i.has_exceptions())) {
+            glob_walk(base, rel, pat, ignore, hits)?;
+        }
+        rel.pop();
+    }
+    Ok(())
+}
+
+/// Whether `path` holds a tar archive (possibly gzip or zstd compressed):
+/// ADD unpacks those and copies anything else as a file.
+fn is_archive(path: &Path) -> Result<bool, ContextError> {
+    let f = File::open(path).map_err(io_at(path))?;
+    let Ok(mut r) = crate::image::layer::decompress(f) else {
+        return Ok(false);
+    };
+    let mut head = [0u8; 512];
+    let mut got = 0;
+    while got < head.len() {
+        match r.read(&mut head[got..]) {
+            Ok(0) => break,
+            Ok(n) => got += n,
+            Err(_) => return Ok(false),
+        }
+    }
+    Ok(got == 512 && &head[257..262] == b"ustar")
+}
+
+struct LayerWriter<'a> {
+    tar: tar::Builder<&'a mut dyn Write>,
+    hash: Sha256,
+    entries: usize,
+    chown: Option<(u32, u32)>,
+}
+
+impl LayerWriter<'_> {
+    fn note(&mut self, kind: char, path: &str, mode: u32, owner: (u64, u64), link: &str) {
+        self.hash.update(format!(
+            "{kind}\0{path}\0{mode:o}\0{}:{}\0{link}\0",
+            owner.0, owner.1
+        ));
+        self.entries += 1;
+    }
+
+    fn header(&self, md: &fs::Metadata, kind: tar::EntryType) -> tar::Header {
+        let mut h = tar::Header::new_gnu();
+        h.set_entry_type(kind);
+        h.set_mode(md.permissions().mode() & 0o7777);
+        let (uid, gid) = self.chown.unwrap_or((0, 0));
+        h.set_uid(uid.into());
+        h.set_gid(gid.into());
+        h.set_mtime(md.mtime().max(0) as u64);
+        h.set_size(0);
+        h
+    }
+
+    fn copy_file(
+        &mut self,
+        path: &Path,
+        md: &fs::Metadata,
+        target: &str,
+    ) -> Result<(), ContextError> {
+        let mut h = self.header(md, tar::EntryType::Regular);
+        h.set_size(md.len());
+        let f = File::open(path).map_err(io_at(path))?;
+        // Hash the content on its way into the tar.
+        let mut content = Sha256::new();
+        let reader = HashingReader {
+            inner: f.take(md.len()),
+            hash: &mut content,
+        };
+        self.tar
+            .append_data(&mut h, target, reader)
+            .map_err(io_at(path))?;
+        let digest = format!("{:x}", content.finalize());
+        self.note('f', target, h.mode().unwrap_or(0), owner(&h), &digest);
+        Ok(())
+    }
+
+    /// Copies the contents of `dir` (not `dir` itself) under `dest`.
+    fn copy_dir(
+        &mut self,
+        dir: &Path,
+        dest: &[String],
+        ignore: Option<(&Ignore, &Path)>,
+    ) -> Result<(), ContextError> {
+        let mut names: Vec<_> = fs::read_dir(dir)
+            .map_err(io_at(dir))?
+            .flatten()
+            .map(|e| e.file_name())
+            .collect();
+        names.sort();
+        if names.is_empty() && !dest.is_empty() {
+            let md = fs::metadata(dir).map_err(io_at(dir))?;
+            self.dir_entry(&md, &dest.join("/"))?;
+        }
+        for name in names {
+            let path = dir.join(&name);
+            let name = name.to_string_lossy().into_owned();
+            let rel = ignore.map(|(i, r)| (i, r.join(&name)));
+            if let Some((i, r)) = &rel {
+                let parts: Vec<String> =
+                    r.iter().map(|c| c.to_string_lossy().into_owned()).collect();
+                let refs: Vec<&str> = parts.iter().map(String::as_str).collect();
+                if i.is_ignored(&refs) && !i.has_exceptions() {
+                    continue;
+                }
+                if i.is_ignored(&refs) {
+                    // An ignored directory may still hold re-included files.
+                    if path.is_dir() && !path.is_symlink() {
+                        let mut sub = dest.to_vec();
+                        sub.push(name.clone());
+                        self.copy_dir(&path, &sub, Some((i, r)))?;
+                    }
+                    continue;
+                }
+            }
+            let md = fs::symlink_metadata(&path).map_err(io_at(&path))?;
+            let mut target = dest.to_vec();
+            target.push(name);
+            let target_s = target.join("/");
+            let ft = md.file_type();
+            if ft.is_symlink() {
+                let link = fs::read_link(&path).map_err(io_at(&path))?;
+                let mut h = self.header(&md, tar::EntryType::Symlink);
+                h.set_mode(0o777);
+                self.tar
+                    .append_link(&mut h, &target_s, &link)
+                    .map_err(io_at(&path))?;
+                self.note('l', &target_s, 0o777, owner(&h), &link.to_string_lossy());
+            } else if ft.is_dir() {
+                self.dir_entry(&md, &target_s)?;
+                let sub_ignore = rel.as_ref().map(|(i, r)| (*i, r.as_path()));
+                self.copy_dir(&path, &target, sub_ignore)?;
+            } else if ft.is_file() {
+                self.copy_file(&path, &md, &target_s)?;
+            }
+            // Sockets, fifos and device nodes are not copied (as in Docker).
+        }
+        Ok(())
+    }
+
+    fn dir_entry(&mut self, md: &fs::Metadata, target: &str) -> Result<(), ContextError> {
+        let mut h = self.header(md, tar::EntryType::Directory);
+        let path = format!("{target}/");
+        self.tar
+            .append_data(&mut h, &path, io::empty())
+            .map_err(io_at(Path::new(target)))?;
+        self.note('d', target, h.mode().unwrap_or(0), owner(&h), "");
+        Ok(())
+    }
+
+    /// ADD of a local archive: its entries re-rooted under `dest`, with
+    /// `..` entries dropped (the image unpacker checks links again).
+    fn unpack_archive(&mut self, path: &Path, dest: &[String]) -> Result<(), ContextError> {
+        let f = File::open(path).map_err(io_at(path))?;
+        let r = crate::image::layer::decompress(f).map_err(io_at(path))?;
+        let mut a = tar::Archive::new(r);
+        let prefix = dest.join("/");
+        let under = |p: &str| -> Option<String> {
+            let segs = clean(p).ok()?;
+            if p.split('/').any(|s| s == "..") || segs.is_empty() {
+                return None;
+            }
+            Some(if prefix.is_empty() {
+                segs.join("/")
+            } else {
+                format!("{prefix}/{}", segs.join("/"))
+            })
+        };
+        for entry in a.entries().map_err(io_at(path))? {
+            let mut e = entry.map_err(io_at(path))?;
+            let name = e
+                .path()
+                .map_err(io_at(path))?
+                .to_string_lossy()
+                .into_owned();
+            let Some(target) = under(&name) else { continue };
+            let mut h = e.header().clone();
+            if let Some((u, g)) = self.chown {
+                h.set_uid(u.into());
+                h.set_gid(g.into());
+            }
+            let mode = h.mode().unwrap_or(0);
+            match h.entry_type() {
+                tar::EntryType::Regular | tar::EntryType::Continuous => {
+                    let mut content = Sha256::new();
+                    let size = e.size();
+                    h.set_entry_type(tar::EntryType::Regular);
+                    h.set_size(size);
+                    let reader = HashingReader {
+                        inner: (&mut e).take(size),
+                        hash: &mut content,
+                    };
+                    self.tar
+                        .append_data(&mut h, &target, reader)
+                        .map_err(io_at(path))?;
+                    let d = format!("{:x}", content.finalize());
+                    self.note('f', &target, mode, owner(&h), &d);
+                }
+                tar::EntryType::Directory => {
+                    h.set_size(0);
+                    self.tar
+                        .append_data(&mut h, format!("{target}/"), io::empty())
+                        .map_err(io_at(path))?;
+                    self.note('d', &target, mode, owner(&h), "");
+                }
+                tar::EntryType::Symlink => {
+                    let link = e.link_name().map_err(io_at(path))?.unwrap_or_default();
+                    self.tar
+                        .append_link(&mut h, &target, &link)
+                        .map_err(io_at(path))?;
+                    self.note('l', &target, mode, owner(&h), &link.to_string_lossy());
+                }
+                tar::EntryType::Link => {
+                    let link = e.link_name().map_err(io_at(path))?.unwrap_or_default();
+                    let Some(link) = under(&link.to_string_lossy()) else {
+                        continue;
+                    };
+                    self.tar
+                        .append_link(&mut h, &target, &link)
+                        .map_err(io_at(path))?;
+                    self.note('h', &target, mode, owner(&h), &link);
+                }
+                _ => {} // devices, fifos: dropped
+            }
+        }
+        Ok(())
+    }
+}
+
+fn owner(h: &tar::Header) -> (u64, u64) {
+    (h.uid().unwrap_or(0), h.gid().unwrap_or(0))
+}
+
+struct HashingReader<'h, R> {
+    inner: R,
+    hash: &'h mut Sha256,
+}
+
+impl<R: Read> Read for HashingReader<'_, R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.hash.update(&buf[..n]);
+        Ok(n)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn layer(ctx: &Context, spec: &CopySpec) -> Result<Vec<(String, String)>, ContextError> {
+        let mut buf = Vec::new();
+        ctx.copy_layer(spec, &mut buf)?;
+        let mut a = tar::Archive::new(&buf[..]);
+        let mut out = Vec::new();
+        for e in a.entries().unwrap() {
+            let mut e = e.unwrap();
+            let p = e.path().unwrap().to_string_lossy().into_owned();
+            let s = if e.header().entry_type().is_symlink() {
+                e
+                    .link_name()
+                    .unwrap()
+                    .unwrap()
+                    .to_string_lossy()
+                    .into_owned()
+            } else {
+                let mut b = Vec::new();
+                e.read_to_end(&mut b).unwrap();
+                String::from_utf8_lossy(&b).into_owned()
+            };
+            out.push((p, s));
+        }
+        Ok(out)
+    }
+
+    fn spec(sources: &[&str], dest: &str) -> CopySpec {
+        CopySpec {
+            sources: sources.iter().map(|s| s.to_string()).collect(),
+            dest: dest.into(),
+            workdir: "/app".into(),
+            chown: None,
+            from_dir: None,
+            add: false,
+        }
+    }
+
+    fn context() -> (tempfile::TempDir, Context) {
+        let d = tempfile::tempdir().unwrap();
+        let r = d.path();
+        fs::create_dir_all(r.join("src/lib")).unwrap();
+        fs::create_dir_all(r.join("node_modules/x")).unwrap();
+        fs::write(r.join("a.js"), "a").unwrap();
+        fs::write(r.join("b.js"), "b").unwrap();
+        fs::write(r.join("src/main.rs"), "main").unwrap();
+        fs::write(r.join("src/lib/l.rs"), "lib").unwrap();
+        fs::write(r.join("node_modules/x/i.js"), "dep").unwrap();
+        fs::write(r.join("secret.env"), "pw").unwrap();
+        std::os::unix::fs::symlink("/etc", r.join("etc-link")).unwrap();
+        std::os::unix::fs::symlink("a.js", r.join("src/alias")).unwrap();
+        fs::write(r.join(".dockerignore"), "node_modules\n*.env\n").unwrap();
+        let c = Context::open(r).unwrap();
+        (d, c)
+    }
+
+    #[test]
+    fn files_globs_and_dirs_land_where_docker_puts_them() {
+        let (_d, c) = context();
+        assert_eq!(
+            layer(&c, &spec(&["a.js"], "/x/y.js")).unwrap(),
+            [("x/y.js".into(), "a".into())]
+        );
+        assert_eq!(
+            layer(&c, &spec(&["a.js"], "lib/")).unwrap(),
+            [("app/lib/a.js".into(), "a".into())]
+        );
+        let g = layer(&c, &spec(&["*.js"], "/out/")).unwrap();
+        assert_eq!(
+            g,
+            [
+                ("out/a.js".into(), "a".into()),
+                ("out/b.js".into(), "b".into())
+            ]
+        );
+        let dir = layer(&c, &spec(&["src"], "/s")).unwrap();
+        let names: Vec<&str> = dir.iter().map(|(p, _)| p.as_str()).collect();
+        assert_eq!(names, ["s/alias", "s/lib/", "s/lib/l.rs", "s/main.rs"]);
+        assert_eq!(
+            dir[0].1, "a.js",
+            "symlinks inside a directory stay symlinks"
+        );
+        // The whole context, minus .dockerignore'd paths.
+        let all = layer(&c, &spec(&["."], ".")).unwrap();
+        assert!(all.iter().any(|(p, _)| p == "app/src/lib/l.rs"));
+        assert!(!all
+            .iter()
+            .any(|(p, _)| p.contains("node_modules") || p.contains("secret")));
+    }
+
+    #[test]
+    fn escapes_ignored_and_missing_sources_are_refused() {
+        let (_d, c) = context();
+        assert!(matches!(
+            layer(&c, &spec(&["../x"], "/")),
+            Err(ContextError::Outside(_))
+        ));
+        // A symlink to /etc resolves inside the context, where there is no /etc.
+        assert!(matches!(
+            layer(&c, &spec(&["etc-link/passwd"], "/")),
+            Err(ContextError::NotFound(_))
+        ));
+        assert!(matches!(
+            layer(&c, &spec(&["secret.env"], "/")),
+            Err(ContextError::NotFound(_))
+        ));
+        assert!(matches!(
+            layer(&c, &spec(&["*.none"], "/")),
+            Err(ContextError::NotFound(_))
+        ));
+        assert!(matches!(
+            layer(&c, &spec(&["a.js", "b.js"], "/x")),
+            Err(ContextError::DestNotDir(_))
+        ));
+        let mut s = spec(&["https://example.com/x"], "/");
+        s.add = true;
+        assert!(matches!(layer(&c, &s), Err(ContextError::Url(_))));
+    }
+
+    #[test]
+    fn content_hash_follows_content_and_owner_not_mtime() {
+        let (d, c) = context();
+        let h = |s: &CopySpec| c.copy_layer(s, &mut Vec::new()).unwrap().content_hash;
+        let base = h(&spec(&["src"], "/s"));
+        filetime_touch(&d.path().join("src/main.rs"));
+        assert_eq!(h(&spec(&["src"], "/s")), base);
+        let mut owned = spec(&["src"], "/s");
+        owned.chown = Some((1000, 1000));
+        assert_ne!(h(&owned), base);
+        fs::write(d.path().join("src/main.rs"), "changed").unwrap();
+        assert_ne!(h(&spec(&["src"], "/s")), base);
+    }
+
+    fn filetime_touch(p: &Path) {
+        let f = File::options().append(true).open(p).unwrap();
+        f.set_modified(std::time::SystemTime::UNIX_EPOCH).unwrap();
+    }
+
+    #[test]
+    fn add_unpacks_local_archives_and_drops_escaping_entries() {
+        let (d, c) = context();
+        let mut b = tar::Builder::new(Vec::new());
+        let mut h = tar::Header::new_gnu();
+        h.set_size(2);
+        h.set_mode(0o644);
+        b.append_data(&mut h, "in/ok.txt", &b"ok"[..]).unwrap();
+        // tar's builder refuses '..' in names; write the name bytes directly.
+        let mut h = tar::Header::new_gnu();
+        h.set_size(3);
+        h.set_mode(0o644);
+        h.as_gnu_mut().unwrap().name[..9].copy_from_slice(b"../evil.t");
+        h.set_cksum();
+        b.append(&h, &b"bad"[..]).unwrap();
+        let data = b.into_inner().unwrap();
+        let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+        gz.write_all(&data).unwrap();
+        fs::write(d.path().join("bundle.tar.gz"), gz.finish().unwrap()).unwrap();
+        let mut s = spec(&["bundle.tar.gz"], "/opt/");
+        s.add = true;
+        let c2 = Context::open(d.path()).unwrap();
+        assert_eq!(
+            layer(&c2, &s).unwrap(),
+            [("opt/in/ok.txt".into(), "ok".into())]
+        );
+        // COPY keeps the archive as a file.
+        assert_eq!(
+            layer(&c, &spec(&["bundle.tar.gz"], "/opt/")).unwrap()[0].0,
+            "opt/bundle.tar.gz"
+        );
+    }
+
+    #[test]
+    fn bad_dockerignore_names_the_line() {
+        let d = tempfile::tempdir().unwrap();
+        fs::write(d.path().join(".dockerignore"), "ok\n[bad\n").unwrap();
+        let e = Context::open(d.path()).unwrap_err().to_string();
+        assert_eq!(e, ".dockerignore:2: bad pattern '[bad'");
+    }
+}

@@ -1,0 +1,138 @@
+//! The microVM a build stage's RUN steps execute in: started once per stage
+//! from the warm-start snapshot with the stage's base image as its root disk,
+//! fed the stage's other layers with `ApplyLayer`, and asked for each RUN
+//! step's changes with `Commit`.
+
+use std::io::{Read, Write};
+use std::path::Path;
+use std::time::Duration;
+
+use vmc_guest::{ExitStatus, GuestMsg, HostMsg, ProcessSpec, StartFailure, IO_CHUNK};
+
+use crate::runtime::agent::{AgentConn, AgentError};
+use crate::runtime::microvm::{MicroVm, Start, BOOT_TIMEOUT};
+use crate::runtime::{ContainerConfig, Resources, Rootfs, RuntimeError};
+
+/// How a RUN step ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RunResult {
+    Exited(ExitStatus),
+    StartFailed(StartFailure, String),
+}
+
+/// A running build VM.
+pub struct BuildVm {
+    vm: MicroVm,
+}
+
+fn unexpected(m: GuestMsg) -> RuntimeError {
+    match m {
+        GuestMsg::Error(e) => AgentError::Remote(e).into(),
+        other => AgentError::Unexpected(format!("{other:?}")).into(),
+    }
+}
+
+impl BuildVm {
+    /// Starts a VM whose root is the EROFS disk `base` (the stage's base
+    /// image), with its state in `dir`.
+    pub fn start(
+        base: &Path,
+        dir: &Path,
+        kernel: &Path,
+        resources: Resources,
+        snapshots: &Path,
+    ) -> Result<BuildVm, RuntimeError> {
+        let cfg = ContainerConfig {
+            id: crate::runtime::new_id(),
+            rootfs: Rootfs::Disk(base.to_path_buf()),
+            image_id: None,
+            process: ProcessSpec::default(),
+            hostname: "buildkitsandbox".into(),
+            resources,
+            kernel: kernel.to_path_buf(),
+            debug: false,
+            snapshots: snapshots.to_path_buf(),
+        };
+        let vm = MicroVm::start(&cfg, dir, Start::Warm)?;
+        let mut conn = vm.connect(BOOT_TIMEOUT)?;
+        if vm.restored() {
+            conn.send(&MicroVm::refresh_msg())?;
+            match conn.recv()? {
+                GuestMsg::Refreshed => {}
+                m => return Err(unexpected(m)),
+            }
+        }
+        conn.send(&HostMsg::Mount(vm.root_spec("buildkitsandbox")))?;
+        match conn.recv()? {
+            GuestMsg::Mounted => {}
+            m => return Err(unexpected(m)),
+        }
+        Ok(BuildVm { vm })
+    }
+
+    fn conn(&self) -> Result<AgentConn, RuntimeError> {
+        Ok(self.vm.connect(Duration::from_secs(60))?)
+    }
+
+    /// Makes the uncompressed layer tar `layer` part of the VM's root.
+    pub fn apply_layer(&self, mut layer: impl Read) -> Result<(), RuntimeError> {
+        let mut conn = self.conn()?;
+        conn.send(&HostMsg::ApplyLayer)?;
+        let mut buf = vec![0u8; IO_CHUNK];
+        loop {
+            let n = layer.read(&mut buf).map_err(AgentError::Io)?;
+            if n == 0 {
+                break;
+            }
+            conn.send(&HostMsg::Stdin(buf[..n].to_vec()))?;
+        }
+        conn.send(&HostMsg::StdinEof)?;
+        match conn.recv()? {
+            GuestMsg::Applied => Ok(()),
+            m => Err(unexpected(m)),
+        }
+    }
+
+    /// Runs a step's process; its output goes to `out` (stdout, stderr).
+    pub fn run(
+        &self,
+        spec: ProcessSpec,
+        out: &mut dyn FnMut(bool, &[u8]),
+    ) -> Result<RunResult, RuntimeError> {
+        let mut conn = self.conn()?;
+        conn.send(&HostMsg::Start(spec))?;
+        match conn.recv()? {
+            GuestMsg::Started { .. } => {}
+            GuestMsg::StartFailed { kind, message } => {
+                return Ok(RunResult::StartFailed(kind, message))
+            }
+            m => return Err(unexpected(m)),
+        }
+        loop {
+            match conn.recv()? {
+                GuestMsg::Stdout(d) => out(false, &d),
+                GuestMsg::Stderr(d) => out(true, &d),
+                GuestMsg::Exited(s) => return Ok(RunResult::Exited(s)),
+                m => return Err(unexpected(m)),
+            }
+        }
+    }
+
+    /// Writes the changes since the last layer (an OCI layer tar) to `sink`.
+    pub fn commit(&self, sink: &mut dyn Write) -> Result<(), RuntimeError> {
+        let mut conn = self.conn()?;
+        conn.send(&HostMsg::Commit)?;
+        loop {
+            match conn.recv()? {
+                GuestMsg::Stdout(d) => sink.write_all(&d).map_err(AgentError::Io)?,
+                GuestMsg::Committed => return Ok(()),
+                m => return Err(unexpected(m)),
+            }
+        }
+    }
+
+    /// Stops the VM.
+    pub fn stop(self) {
+        self.vm.stop();
+    }
+}

@@ -1,0 +1,314 @@
+//! `vmc build` end to end: every Dockerfile instruction, multi-stage builds,
+//! RUN steps in a real microVM, the layer cache, and failures that name the
+//! line and leave the store as it was.
+
+mod common;
+
+use std::fs;
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Command, Output, Stdio};
+
+use common::{kvm_available, rootfs, snapshots};
+
+fn vmc(home: &Path, args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_vmc"))
+        .env("VMC_HOME", home)
+        .env("VMC_SNAPSHOTS", snapshots())
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+fn ok(o: &Output) -> String {
+    assert!(
+        o.status.success(),
+        "failed ({:?}): {}\n{}",
+        o.status.code(),
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+/// A store holding the busybox rootfs as `busybox`.
+fn store_with_busybox() -> tempfile::TempDir {
+    let home = tempfile::tempdir().unwrap();
+    let tar = home.path().join("busybox.tar");
+    let st = Command::new("tar")
+        .arg("-C")
+        .arg(rootfs())
+        .arg("-cf")
+        .arg(&tar)
+        .arg(".")
+        .status()
+        .unwrap();
+    assert!(st.success());
+    ok(&vmc(
+        home.path(),
+        &["import", tar.to_str().unwrap(), "busybox"],
+    ));
+    home
+}
+
+fn write(dir: &Path, name: &str, content: &str) {
+    let p = dir.join(name);
+    fs::create_dir_all(p.parent().unwrap()).unwrap();
+    fs::write(p, content).unwrap();
+}
+
+const MULTI_STAGE: &str = r#"# syntax=docker/dockerfile:1
+ARG BASE=busybox
+FROM $BASE AS builder
+ARG GREETING=hello
+ENV OUT=/out DEBUG_LEVEL=1
+WORKDIR $OUT
+COPY src/*.txt ./
+COPY --chown=1000:1000 src/owned.txt /owned/
+ADD bundle.tar.gz /opt/
+RUN echo "$GREETING from the build VM" > made.txt && cat a.txt
+RUN ["sh", "-c", "echo exec-form > exec.txt"]
+RUN <<EOF
+mkdir -p /out/sub
+echo heredoc > /out/sub/here.txt
+rm /etc/group
+EOF
+SHELL ["/bin/sh", "-e", "-c"]
+RUN test ! -e /etc/group && echo "group gone"
+RUN echo "owner $(stat -c '%u:%g' /owned/owned.txt)"
+
+FROM busybox
+LABEL org.example.purpose="vmc build test" stage=final
+COPY --from=builder /out /app
+COPY --from=builder /opt/inner /opt/inner
+COPY --from=builder /owned /owned
+WORKDIR /app
+EXPOSE 8080 9000/udp
+VOLUME ["/data"]
+STOPSIGNAL SIGINT
+USER 1000:1000
+ENTRYPOINT ["sh", "-c", "cat /app/made.txt /app/exec.txt /app/sub/here.txt /opt/inner/in.txt; id -u; echo \"cmd: $0\""]
+CMD ["default-arg"]
+"#;
+
+fn context(dir: &Path) {
+    write(dir, "Dockerfile", MULTI_STAGE);
+    write(dir, "src/a.txt", "file a\n");
+    write(dir, "src/b.txt", "file b\n");
+    write(dir, "src/skip.md", "not copied\n");
+    write(dir, "src/owned.txt", "owned\n");
+    write(dir, "src/secret.txt", "must not be copied\n");
+    write(dir, ".dockerignore", "src/secret.txt\n");
+    // A gzip tarball that ADD unpacks.
+    let inner = dir.join("inner");
+    write(&inner, "inner/in.txt", "from the tarball\n");
+    let st = Command::new("tar")
+        .arg("-C")
+        .arg(&inner)
+        .arg("-czf")
+        .arg(dir.join("bundle.tar.gz"))
+        .arg("inner")
+        .status()
+        .unwrap();
+    assert!(st.success());
+    fs::remove_dir_all(&inner).unwrap();
+}
+
+#[test]
+fn a_multi_stage_build_with_every_instruction_runs_and_rebuilds_from_cache() {
+    if !kvm_available() {
+        return;
+    }
+    let home = store_with_busybox();
+    let h = home.path();
+    let ctx = tempfile::tempdir().unwrap();
+    context(ctx.path());
+    let c = ctx.path().to_str().unwrap();
+
+    let out = ok(&vmc(h, &["build", "-t", "app:1", "-t", "app:latest", c]));
+    assert!(out.contains("Step 1/"), "{out}");
+    assert!(out.contains("file a\n"), "RUN output is streamed: {out}");
+    assert!(out.contains("group gone"), "{out}");
+    assert!(out.contains("owner 1000:1000"), "--chown: {out}");
+    assert!(out.contains("Successfully tagged app:1"), "{out}");
+    let id = |out: &str| {
+        out.lines()
+            .find_map(|l| l.strip_prefix("Successfully built "))
+            .expect("image id")
+            .to_string()
+    };
+    let first = id(&out);
+
+    // The image config carries every config instruction.
+    let v: serde_json::Value = serde_json::from_str(&ok(&vmc(h, &["inspect", "app:1"]))).unwrap();
+    let cfg = &v[0]["Config"];
+    assert_eq!(cfg["WorkingDir"], "/app");
+    assert_eq!(cfg["User"], "1000:1000");
+    assert_eq!(cfg["StopSignal"], "SIGINT");
+    assert_eq!(cfg["Cmd"], serde_json::json!(["default-arg"]));
+    assert_eq!(cfg["Labels"]["stage"], "final");
+    assert_eq!(cfg["Labels"]["org.example.purpose"], "vmc build test");
+    assert!(cfg["ExposedPorts"].get("8080/tcp").is_some(), "{cfg}");
+    assert!(cfg["ExposedPorts"].get("9000/udp").is_some(), "{cfg}");
+    assert!(cfg["Volumes"].get("/data").is_some(), "{cfg}");
+    // The final stage's env is the base's, not the builder's.
+    assert!(!cfg["Env"].to_string().contains("DEBUG_LEVEL"), "{cfg}");
+
+    // Running it: files from both stages, the user, entrypoint + cmd.
+    let run = ok(&vmc(h, &["run", "--rm", "app:1"]));
+    assert_eq!(
+        run,
+        "hello from the build VM\nexec-form\nheredoc\nfrom the tarball\n1000\ncmd: default-arg\n"
+    );
+    let files = ok(&vmc(
+        h,
+        &[
+            "run",
+            "--rm",
+            "-u",
+            "0",
+            "--entrypoint",
+            "",
+            "app:1",
+            "sh",
+            "-c",
+            "ls /app; stat -c '%u:%g' /owned/owned.txt; test -e /etc/group && echo base-group-kept",
+        ],
+    ));
+    assert_eq!(
+        files, "a.txt\nb.txt\nexec.txt\nmade.txt\nowned.txt\nsub\n0:0\nbase-group-kept\n",
+        "globs and .dockerignore; COPY without --chown gives root, as in Docker"
+    );
+
+    // An unchanged rebuild: every step from the cache, the same image.
+    let again = ok(&vmc(h, &["build", "-t", "app:1", c]));
+    assert!(!again.contains("Running in"), "{again}");
+    assert_eq!(id(&again), first);
+
+    // A changed source file invalidates its COPY and everything after.
+    write(ctx.path(), "src/a.txt", "file a, edited\n");
+    let changed = ok(&vmc(h, &["build", "-t", "app:2", c]));
+    assert!(changed.contains("file a, edited"), "{changed}");
+    assert_ne!(id(&changed), first);
+
+    // --build-arg reaches RUN.
+    let arg = ok(&vmc(
+        h,
+        &["build", "--build-arg", "GREETING=bonjour", "-t", "app:3", c],
+    ));
+    assert!(arg.contains("Running in"), "{arg}");
+    let run = ok(&vmc(h, &["run", "--rm", "app:3"]));
+    assert!(run.starts_with("bonjour from the build VM\n"), "{run}");
+}
+
+#[test]
+fn a_failing_run_stops_the_build_with_its_code_and_names_the_line() {
+    if !kvm_available() {
+        return;
+    }
+    let home = store_with_busybox();
+    let h = home.path();
+    let ctx = tempfile::tempdir().unwrap();
+    write(
+        ctx.path(),
+        "Dockerfile",
+        "FROM busybox\nRUN echo before\nRUN echo failing >&2; exit 3\nRUN echo never\n",
+    );
+    let before = ok(&vmc(h, &["images", "-q"]));
+    let o = vmc(h, &["build", "-t", "broken", ctx.path().to_str().unwrap()]);
+    assert_eq!(o.status.code(), Some(3));
+    let out = String::from_utf8_lossy(&o.stdout);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(out.contains("failing"), "{out}");
+    assert!(!out.contains("never"), "{out}");
+    assert!(
+        err.contains(
+            "Dockerfile:3: RUN echo failing >&2; exit 3: the command returned a non-zero code: 3"
+        ),
+        "{err}"
+    );
+    assert_eq!(ok(&vmc(h, &["images", "-q"])), before, "nothing named");
+    assert!(!vmc(h, &["inspect", "broken"]).status.success());
+}
+
+#[test]
+fn bad_dockerfiles_and_contexts_are_one_line_errors() {
+    let home = tempfile::tempdir().unwrap();
+    let h = home.path();
+    let ctx = tempfile::tempdir().unwrap();
+    let c = ctx.path().to_str().unwrap();
+    let cases: &[(&str, &str)] = &[
+        ("FROM busybox\nRUN true\nFROBNICATE x\n", "Dockerfile:3:"),
+        ("RUN true\n", "Dockerfile:1:"),
+        ("FROM nosuchimage\nRUN true\n", "no such image: nosuchimage"),
+        (
+            "FROM scratch\nCOPY missing.txt /\n",
+            "Dockerfile:2: COPY missing.txt /: 'missing.txt' not found",
+        ),
+        (
+            "FROM scratch\nCOPY ../../etc/passwd /\n",
+            "outside the build context",
+        ),
+        ("FROM scratch\nCOPY --from=nowhere /x /\n", "Dockerfile:2:"),
+    ];
+    for (dockerfile, expect) in cases {
+        write(ctx.path(), "Dockerfile", dockerfile);
+        let o = vmc(h, &["build", "-t", "x", c]);
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(!o.status.success(), "{dockerfile}");
+        assert!(err.contains(expect), "{dockerfile}: {err}");
+        assert_eq!(err.trim_end().lines().count(), 1, "{err}");
+    }
+    let o = vmc(h, &["build", "-t", "x", "/nonexistent/context"]);
+    assert!(String::from_utf8_lossy(&o.stderr).contains("no such directory"));
+    let o = vmc(h, &["build", "-t", "Bad Name", c]);
+    assert!(!o.status.success());
+    assert!(ok(&vmc(h, &["images", "-q"])).trim().is_empty());
+}
+
+#[test]
+fn a_build_killed_mid_run_leaves_the_store_consistent() {
+    if !kvm_available() {
+        return;
+    }
+    let home = store_with_busybox();
+    let h = home.path();
+    let ctx = tempfile::tempdir().unwrap();
+    write(
+        ctx.path(),
+        "Dockerfile",
+        "FROM busybox\nRUN echo started && sleep 600\n",
+    );
+    let mut child = Command::new(env!("CARGO_BIN_EXE_vmc"))
+        .env("VMC_HOME", h)
+        .env("VMC_SNAPSHOTS", snapshots())
+        .args(["build", "-t", "killed", ctx.path().to_str().unwrap()])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    for l in lines.by_ref() {
+        if l.unwrap().contains("started") {
+            break;
+        }
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    assert!(!vmc(h, &["inspect", "killed"]).status.success());
+    // The store still works: the next build succeeds and cleans the leftovers.
+    write(
+        ctx.path(),
+        "Dockerfile",
+        "FROM busybox\nRUN echo fine > /f\n",
+    );
+    ok(&vmc(
+        h,
+        &["build", "-t", "after", ctx.path().to_str().unwrap()],
+    ));
+    assert_eq!(
+        ok(&vmc(h, &["run", "--rm", "after", "cat", "/f"])),
+        "fine\n"
+    );
+    let tmp = h.join("cache/build-tmp");
+    assert_eq!(fs::read_dir(tmp).unwrap().count(), 0, "no build leftovers");
+}
