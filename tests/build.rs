@@ -312,3 +312,28 @@ fn a_build_killed_mid_run_leaves_the_store_consistent() {
     let tmp = h.join("cache/build-tmp");
     assert_eq!(fs::read_dir(tmp).unwrap().count(), 0, "no build leftovers");
 }
+
+#[test]
+fn deletions_in_cached_layers_hold_for_the_steps_that_follow() {
+    if !kvm_available() {
+        return;
+    }
+    let home = store_with_busybox();
+    let h = home.path();
+    let ctx = tempfile::tempdir().unwrap();
+    let c = ctx.path().to_str().unwrap();
+    let base =
+        "FROM busybox\nRUN rm /etc/group && mkdir -p /d && touch /d/keep /d/drop\nRUN rm /d/drop\n";
+    write(ctx.path(), "Dockerfile", base);
+    ok(&vmc(h, &["build", "-t", "one", c]));
+    // Both RUNs now come from the cache: their layers (with whiteouts) are
+    // fed to the new build VM before the new step runs.
+    write(
+        ctx.path(),
+        "Dockerfile",
+        &format!("{base}RUN ls /etc /d | tr '\\n' ' '\n"),
+    );
+    let out = ok(&vmc(h, &["build", "-t", "two", c]));
+    assert!(out.contains("/d: keep  /etc: passwd \n"), "{out}");
+    assert_eq!(out.matches("Using cache").count(), 2, "{out}");
+}

@@ -8,12 +8,12 @@
 //! upper. `apply` writes a layer the host made (COPY, ADD) into the root and
 //! rotates too, so every layer stays separate.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::ffi::CString;
 use std::fs;
 use std::io::{self, Read, Write};
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
-use std::path::{Path, PathBuf};
+use std::path::{Component, Path, PathBuf};
 use std::sync::Mutex;
 
 use crate::sys::{check, cstr, mount};
@@ -116,11 +116,57 @@ pub fn apply<R: Read>(reader: R) -> io::Result<()> {
     a.set_preserve_mtime(true);
     a.set_unpack_xattrs(true);
     a.set_overwrite(true);
+    // What this layer itself wrote: an opaque marker hides only what was
+    // there before it, never its own siblings.
+    let mut written: HashSet<PathBuf> = HashSet::new();
     for entry in a.entries()? {
         let mut entry = entry?;
-        entry.unpack_in(&root)?;
+        let rel: PathBuf = entry
+            .path()?
+            .components()
+            .filter(|c| matches!(c, Component::Normal(_)))
+            .collect();
+        if entry
+            .path()?
+            .components()
+            .any(|c| c == Component::ParentDir)
+        {
+            continue;
+        }
+        let name = rel
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let dir = rel.parent().map(Path::to_path_buf).unwrap_or_default();
+        if name == ".wh..wh..opq" {
+            // Deleting through the overlay hides the lower entries.
+            if let Ok(children) = fs::read_dir(Path::new(&root).join(&dir)) {
+                for c in children.flatten() {
+                    if !written.contains(&dir.join(c.file_name())) {
+                        remove_any(&c.path())?;
+                    }
+                }
+            }
+        } else if let Some(gone) = name.strip_prefix(".wh.") {
+            remove_any(&Path::new(&root).join(&dir).join(gone))?;
+        } else {
+            entry.unpack_in(&root)?;
+            written.insert(rel);
+        }
     }
     rotate()
+}
+
+fn remove_any(p: &Path) -> io::Result<()> {
+    let r = match fs::symlink_metadata(p) {
+        Ok(m) if m.is_dir() => fs::remove_dir_all(p),
+        Ok(_) => fs::remove_file(p),
+        Err(_) => Ok(()),
+    };
+    match r {
+        Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
+        _ => Ok(()),
+    }
 }
 
 /// Streams the upper directory as an OCI layer tar into `out`, then rotates.

@@ -518,8 +518,7 @@ mod tests {
             let mut e = e.unwrap();
             let p = e.path().unwrap().to_string_lossy().into_owned();
             let s = if e.header().entry_type().is_symlink() {
-                e
-                    .link_name()
+                e.link_name()
                     .unwrap()
                     .unwrap()
                     .to_string_lossy()

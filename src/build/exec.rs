@@ -661,12 +661,20 @@ impl Builder<'_> {
             &crate::runtime::new_id()[..12]
         ));
         let out = &mut *self.out;
+        let mut at_line_start = true;
         let mut sink = |_err: bool, d: &[u8]| {
             let _ = out.write_all(d);
             let _ = out.flush();
+            if let Some(&last) = d.last() {
+                at_line_start = last == b'\n';
+            }
         };
         let vm = st.vm.as_ref().expect("started above");
-        let code = match vm.run(spec, &mut sink)? {
+        let result = vm.run(spec, &mut sink)?;
+        if !at_line_start {
+            self.say("");
+        }
+        let code = match result {
             RunResult::Exited(ExitStatus::Code(0)) => None,
             RunResult::Exited(s) => Some(s.shell_code()),
             RunResult::StartFailed(kind, message) => {
