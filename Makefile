@@ -37,9 +37,12 @@ rootfs:
 	@scripts/busybox-rootfs.sh $(DEMO_ROOTFS)
 
 demo: setup
-	@echo '$$ vmc run --rm --rootfs $(DEMO_ROOTFS) -- sh -c "echo hello from a microVM; uname -sr; cat /proc/cpuinfo | grep -m1 -i hypervisor >/dev/null && echo running under a hypervisor"'
-	@echo '(software virtualisation here: the guest kernel takes tens of seconds to boot)'
-	@time $(VMC) run --rm --rootfs $(DEMO_ROOTFS) -- sh -c 'echo hello from a microVM; uname -sr; grep -qi hypervisor /proc/cpuinfo && echo running under a hypervisor'
+	@echo '$$ vmc import $(DEMO_ROOTFS).tar busybox      # a base image (busybox, from Debian)'
+	@$(VMC) inspect busybox >/dev/null 2>&1 || { tar -C $(DEMO_ROOTFS) -cf $(DEMO_ROOTFS).tar . && $(VMC) import $(DEMO_ROOTFS).tar busybox >/dev/null; }
+	@echo '$$ vmc build -t hello-app examples/hello      # the RUN step executes in a microVM'
+	@$(VMC) build -t hello-app examples/hello
+	@echo '$$ vmc run --rm hello-app'
+	@time $(VMC) run --rm hello-app
 
 check:
 	$(CARGO) fmt --all -- --check

@@ -122,6 +122,12 @@ fn a_run_from_an_image_uses_its_disk_and_blocks_rmi() {
         ],
     ));
     assert_eq!(out, "root:x:0:0:root:/root:/bin/sh\n13\n");
+    // A relative command path is found from the working directory, as execve does.
+    let out = ok(&vmc(
+        h,
+        &["run", "--rm", "-w", "/bin", "bb", "./echo", "relative"],
+    ));
+    assert_eq!(out, "relative\n");
     // The container (no --rm) still holds the image.
     let o = vmc(h, &["rmi", "bb"]);
     assert!(!o.status.success());

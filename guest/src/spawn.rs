@@ -64,7 +64,14 @@ fn read_in_root(root: &OwnedFd, path: &str) -> String {
 }
 
 /// Looks up argv\[0\] as execvp would, but inside `root`.
-fn resolve_executable(root: &OwnedFd, prog: &str, path_var: &str) -> Result<String, SpawnError> {
+/// Finds `prog` as execve will (relative paths from the working directory
+/// `cwd`, where the child execs), checking inside the container's root.
+fn resolve_executable(
+    root: &OwnedFd,
+    prog: &str,
+    path_var: &str,
+    cwd: &str,
+) -> Result<String, SpawnError> {
     let not_found = || SpawnError {
         kind: StartFailure::NotFound,
         message: if prog.contains('/') {
@@ -84,7 +91,12 @@ fn resolve_executable(root: &OwnedFd, prog: &str, path_var: &str) -> Result<Stri
     };
     let mut denied = None;
     for c in candidates {
-        let Ok(fd) = open_in_root(root, &c, libc::O_PATH as u64) else {
+        let in_root = if c.starts_with('/') {
+            c.clone()
+        } else {
+            format!("{}/{c}", cwd.trim_end_matches('/'))
+        };
+        let Ok(fd) = open_in_root(root, &in_root, libc::O_PATH as u64) else {
             continue;
         };
         // SAFETY: stat is plain data filled by fstat.
@@ -152,13 +164,13 @@ pub fn prepare(spec: &ProcessSpec, root: &str) -> Result<Prepared, SpawnError> {
         .find_map(|e| e.strip_prefix("PATH="))
         .unwrap_or(DEFAULT_PATH)
         .to_string();
-    let path = resolve_executable(&root_fd, &spec.args[0], &path_var)?;
     let cwd = if spec.cwd.is_empty() { "/" } else { &spec.cwd };
     if !cwd.starts_with('/') {
         return Err(SpawnError::setup(format!(
             "the working directory '{cwd}' is invalid, it needs to be an absolute path"
         )));
     }
+    let path = resolve_executable(&root_fd, &spec.args[0], &path_var, cwd)?;
     let mut cwd_prefixes = Vec::new();
     let mut acc = String::new();
     for c in Path::new(cwd).components() {
