@@ -95,6 +95,11 @@ pub struct RunArgs {
     #[arg(long, value_name = "CMD")]
     pub entrypoint: Option<String>,
 
+    /// Where the container runs: vm (its own microVM, the default) or ns
+    /// (Linux namespaces on the host, like crun; root only).
+    #[arg(long, default_value = "vm", value_parser = ["vm", "ns"])]
+    pub mode: String,
+
     /// Remove the container's state (scratch disk) when it exits.
     #[arg(long)]
     pub rm: bool,

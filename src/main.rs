@@ -2,6 +2,7 @@
 //! right code (the workload's own, or 125 when vmc itself failed).
 
 use std::io::IsTerminal;
+use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
 use clap::Parser;
@@ -104,8 +105,11 @@ fn store() -> Result<Store> {
 }
 
 fn run(args: RunArgs) -> Result<i32> {
+    let ns = args.mode == "ns";
     // Fail before anything else when KVM cannot be used at all.
-    vmm::open_kvm()?;
+    if !ns {
+        vmm::open_kvm()?;
+    }
     if args.memory < vmm::MIN_MEMORY {
         bail!(
             "--memory {}: a microVM needs at least {} MiB",
@@ -113,7 +117,11 @@ fn run(args: RunArgs) -> Result<i32> {
             vmm::MIN_MEMORY >> 20
         );
     }
-    let kernel = assets::kernel(args.kernel.as_deref())?;
+    let kernel = if ns {
+        PathBuf::new()
+    } else {
+        assets::kernel(args.kernel.as_deref())?
+    };
     let mut env = Vec::new();
     for e in &args.env {
         match e.split_once('=') {
@@ -144,10 +152,19 @@ fn run(args: RunArgs) -> Result<i32> {
             };
             let store = store()?;
             let img = store.resolve(name)?;
-            let disk = image::disk::root_disk(&store, &img, &runtime::vmc_home().join("cache"))
-                .with_context(|| format!("building the root disk of {name}"))?;
+            let cache = runtime::vmc_home().join("cache");
+            let root = if ns {
+                let lowers = image::disk::layer_dirs(&store, &img, &cache)
+                    .with_context(|| format!("unpacking the layers of {name}"))?;
+                Rootfs::Layers(lowers)
+            } else {
+                Rootfs::Disk(
+                    image::disk::root_disk(&store, &img, &cache)
+                        .with_context(|| format!("building the root disk of {name}"))?,
+                )
+            };
             (
-                Rootfs::Disk(disk),
+                root,
                 img.config.config().clone(),
                 command.to_vec(),
                 Some(img.id()),
@@ -187,6 +204,22 @@ fn run(args: RunArgs) -> Result<i32> {
     };
     let forward_stdin = args.interactive || !std::io::stdin().is_terminal();
     let dir = runtime::vmc_home().join("containers").join(&id);
+    if ns {
+        let lowers = match &cfg.rootfs {
+            Rootfs::Layers(l) => l.clone(),
+            Rootfs::Dir(d) => vec![d.clone()],
+            Rootfs::Disk(_) => unreachable!("namespace mode never builds a disk"),
+        };
+        std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+        if let Some(img) = &cfg.image_id {
+            let _ = std::fs::write(dir.join("image-id"), img);
+        }
+        let result = runtime::ns::run_attached(&cfg, &lowers, &dir);
+        if args.rm || result.is_err() {
+            let _ = std::fs::remove_dir_all(&dir);
+        }
+        return result.context("run");
+    }
     let how = if args.cold {
         runtime::microvm::Start::Cold
     } else {

@@ -8,7 +8,7 @@ use std::os::fd::AsRawFd;
 
 use vmc_guest::RootSpec;
 
-use crate::sys::{check, mount};
+use vmc_guest::sys::{check, mount};
 
 /// Where the container root is assembled; processes are moved into it.
 pub const ROOT: &str = "/run/vmc/root";

@@ -16,7 +16,7 @@ use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::{Component, Path, PathBuf};
 use std::sync::Mutex;
 
-use crate::sys::{check, cstr, mount};
+use vmc_guest::sys::{check, cstr, mount};
 
 struct Stack {
     image: String,

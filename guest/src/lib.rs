@@ -11,6 +11,14 @@
 //! then `Start`, then stdin / signals from the host and output / exit from the
 //! guest.
 
+/// Running a process in a container root: used by the guest agent in the
+/// microVM and by namespace mode on the host.
+pub mod spawn;
+/// Small checked wrappers around system calls.
+pub mod sys;
+/// `USER` resolution against the container's passwd and group files.
+pub mod user;
+
 use std::io::{self, Read, Write};
 
 use serde::{Deserialize, Serialize};

@@ -9,9 +9,6 @@ mod init;
 mod layers;
 mod reaper;
 mod session;
-mod spawn;
-mod sys;
-mod user;
 mod vsock;
 
 use vmc_guest::AGENT_PORT;

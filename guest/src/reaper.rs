@@ -11,7 +11,7 @@ use std::io;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::sync::{Mutex, OnceLock};
 
-use crate::sys;
+use vmc_guest::sys;
 
 /// Maps a pid to the write end of its session's exit pipe.
 static WAITERS: OnceLock<Mutex<HashMap<u32, OwnedFd>>> = OnceLock::new();

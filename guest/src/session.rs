@@ -12,7 +12,8 @@ use vmc_guest::{
 };
 
 use crate::vsock::VsockStream;
-use crate::{init, reaper, spawn, sys};
+use crate::{init, reaper};
+use vmc_guest::{spawn, sys};
 
 /// Whether the container root is mounted (once per VM).
 static MOUNTED: Mutex<bool> = Mutex::new(false);

@@ -12,7 +12,7 @@ use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::path::{Component, Path};
 
-use vmc_guest::{ProcessSpec, StartFailure};
+use crate::{ProcessSpec, StartFailure};
 
 use crate::sys::{self, check, cstr};
 use crate::user::{self, ExecUser};
@@ -31,6 +31,154 @@ impl SpawnError {
             message: message.into(),
         }
     }
+}
+
+/// One step of preparing a container's root in the child, before it pivots
+/// into it (namespace mode). Paths are absolute host paths.
+#[derive(Debug, Clone)]
+pub enum RootOp {
+    Mkdir(String, u32),
+    /// mount(2); `optional` steps may fail (a path the image lacks).
+    Mount {
+        source: String,
+        target: String,
+        fstype: String,
+        flags: libc::c_ulong,
+        data: String,
+        optional: bool,
+    },
+    Symlink {
+        target: String,
+        link: String,
+    },
+    /// An empty file to bind-mount onto.
+    Touch(String),
+}
+
+/// How a container started on the host is confined (namespace mode). The
+/// microVM needs none of this: the VM is the boundary.
+#[derive(Debug, Clone, Default)]
+pub struct Isolation {
+    /// Namespaces for the new process (`CLONE_NEWPID | CLONE_NEWUTS | ...`);
+    /// with CLONE_NEWPID the workload is PID 1 of its namespace.
+    pub clone_flags: libc::c_int,
+    /// Root preparation, run in the child's own mount namespace.
+    pub ops: Vec<RootOp>,
+    pub hostname: Option<String>,
+    /// Bring the loopback interface up (a new network namespace has it down).
+    pub loopback_up: bool,
+    /// Capabilities kept (bit n = capability n); all others are dropped from
+    /// the bounding, permitted, effective and inheritable sets.
+    pub keep_caps: Option<u64>,
+    pub no_new_privs: bool,
+}
+
+/// Docker's default capability set: CHOWN, DAC_OVERRIDE, FOWNER, FSETID,
+/// KILL, SETGID, SETUID, SETPCAP, NET_BIND_SERVICE, NET_RAW, SYS_CHROOT,
+/// MKNOD, AUDIT_WRITE, SETFCAP.
+pub const DOCKER_DEFAULT_CAPS: u64 = (1 << 0)
+    | (1 << 1)
+    | (1 << 3)
+    | (1 << 4)
+    | (1 << 5)
+    | (1 << 6)
+    | (1 << 7)
+    | (1 << 8)
+    | (1 << 10)
+    | (1 << 13)
+    | (1 << 18)
+    | (1 << 27)
+    | (1 << 29)
+    | (1 << 31);
+
+/// The highest capability number the kernel may know (CAP_LAST_CAP is 40 in 6.x).
+const MAX_CAP: u32 = 63;
+
+struct PreparedOp {
+    kind: u8, // 0 mkdir, 1 mount, 2 symlink, 3 touch
+    a: CString,
+    b: CString,
+    c: CString,
+    d: CString,
+    flags: libc::c_ulong,
+    mode: u32,
+    optional: bool,
+}
+
+struct PreparedIsolation {
+    clone_flags: libc::c_int,
+    ops: Vec<PreparedOp>,
+    hostname: Option<CString>,
+    loopback_up: bool,
+    keep_caps: Option<u64>,
+    no_new_privs: bool,
+}
+
+fn prepare_isolation(iso: &Isolation) -> io::Result<PreparedIsolation> {
+    let empty = || CString::new("").expect("no NUL");
+    let ops = iso
+        .ops
+        .iter()
+        .map(|op| {
+            Ok(match op {
+                RootOp::Mkdir(p, mode) => PreparedOp {
+                    kind: 0,
+                    a: cstr(p)?,
+                    b: empty(),
+                    c: empty(),
+                    d: empty(),
+                    flags: 0,
+                    mode: *mode,
+                    optional: false,
+                },
+                RootOp::Mount {
+                    source,
+                    target,
+                    fstype,
+                    flags,
+                    data,
+                    optional,
+                } => PreparedOp {
+                    kind: 1,
+                    a: cstr(source)?,
+                    b: cstr(target)?,
+                    c: cstr(fstype)?,
+                    d: cstr(data)?,
+                    flags: *flags,
+                    mode: 0,
+                    optional: *optional,
+                },
+                RootOp::Symlink { target, link } => PreparedOp {
+                    kind: 2,
+                    a: cstr(target)?,
+                    b: cstr(link)?,
+                    c: empty(),
+                    d: empty(),
+                    flags: 0,
+                    mode: 0,
+                    optional: true,
+                },
+                RootOp::Touch(p) => PreparedOp {
+                    kind: 3,
+                    a: cstr(p)?,
+                    b: empty(),
+                    c: empty(),
+                    d: empty(),
+                    flags: 0,
+                    mode: 0o644,
+                    optional: true,
+                },
+            })
+        })
+        .collect::<io::Result<_>>()?;
+    Ok(PreparedIsolation {
+        clone_flags: iso.clone_flags,
+        ops,
+        hostname: iso.hostname.as_deref().map(cstr).transpose()?,
+        loopback_up: iso.loopback_up,
+        keep_caps: iso.keep_caps,
+        no_new_privs: iso.no_new_privs,
+    })
 }
 
 const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
@@ -128,6 +276,7 @@ pub struct Prepared {
     cwd_prefixes: Vec<CString>,
     cwd: CString,
     user: ExecUser,
+    iso: Option<PreparedIsolation>,
 }
 
 /// Validates `spec` against the container root and prepares it for [`spawn`].
@@ -190,7 +339,25 @@ pub fn prepare(spec: &ProcessSpec, root: &str) -> Result<Prepared, SpawnError> {
         cwd_prefixes,
         cwd: c(cwd)?,
         user,
+        iso: None,
     })
+}
+
+/// Like [`prepare`], for a container started on the host: `root` is where
+/// the child's first `RootOp`s mount the container root, and `view` a
+/// directory showing the same files now (the image's top layer stack, or
+/// the same path when already mounted), used to resolve the user and the
+/// executable before the fork.
+pub fn prepare_isolated(
+    spec: &ProcessSpec,
+    root: &str,
+    view: &str,
+    iso: &Isolation,
+) -> Result<Prepared, SpawnError> {
+    let mut p = prepare(spec, view)?;
+    p.root = cstr(root).map_err(|e| SpawnError::setup(e.to_string()))?;
+    p.iso = Some(prepare_isolation(iso).map_err(|e| SpawnError::setup(e.to_string()))?);
+    Ok(p)
 }
 
 /// Where in the child a step failed; reported with errno through a pipe.
@@ -204,6 +371,7 @@ enum Step {
     Identity,
     Workdir,
     Exec,
+    Isolate,
 }
 
 impl Step {
@@ -215,6 +383,7 @@ impl Step {
             4 => "start a session",
             5 => "switch user",
             6 => "enter the working directory",
+            8 => "isolate the container (namespaces, mounts, capabilities)",
             _ => "exec",
         }
     }
@@ -233,13 +402,27 @@ pub fn spawn(p: &Prepared, stdio: [RawFd; 3]) -> Result<u32, SpawnError> {
     let groups: Vec<libc::gid_t> = p.user.groups.clone();
     let (err_r, err_w) = sys::pipe().map_err(|e| SpawnError::setup(e.to_string()))?;
 
-    // SAFETY: fork in a multithreaded process: the child below only makes
-    // async-signal-safe system calls on data prepared before the fork, then
-    // execs or _exits.
-    let pid = unsafe { libc::fork() };
+    let pid = match p.iso.as_ref().map(|i| i.clone_flags).unwrap_or(0) {
+        // SAFETY: fork in a multithreaded process: the child below only makes
+        // async-signal-safe system calls on data prepared before the fork,
+        // then execs or _exits.
+        0 => unsafe { libc::fork() },
+        // SAFETY: as fork: clone without a new stack or CLONE_VM behaves as
+        // fork, with the new namespaces for the child.
+        flags => unsafe {
+            libc::syscall(
+                libc::SYS_clone,
+                (flags | libc::SIGCHLD) as libc::c_ulong,
+                0usize,
+                0usize,
+                0usize,
+                0usize,
+            ) as libc::pid_t
+        },
+    };
     if pid < 0 {
         return Err(SpawnError::setup(format!(
-            "fork: {}",
+            "fork (clone): {}",
             io::Error::last_os_error()
         )));
     }
@@ -343,6 +526,11 @@ unsafe fn child_main(
         {
             fail(Step::Namespace);
         }
+        if let Some(iso) = &p.iso {
+            if isolate_root(iso) < 0 {
+                fail(Step::Isolate);
+            }
+        }
         // pivot_root(".", ".") stacks the old root on the new one; detaching
         // it leaves the container root as the whole view.
         let dot = c".";
@@ -356,6 +544,11 @@ unsafe fn child_main(
         for d in &p.cwd_prefixes {
             libc::mkdir(d.as_ptr(), 0o755);
         }
+        if let Some(iso) = &p.iso {
+            if confine(iso) < 0 {
+                fail(Step::Isolate);
+            }
+        }
         if libc::setgroups(groups.len(), groups.as_ptr()) < 0
             || libc::setgid(p.user.gid) < 0
             || libc::setuid(p.user.uid) < 0
@@ -365,7 +558,150 @@ unsafe fn child_main(
         if libc::chdir(p.cwd.as_ptr()) < 0 {
             fail(Step::Workdir);
         }
+        if p.iso.as_ref().is_some_and(|i| i.no_new_privs)
+            && libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) < 0
+        {
+            fail(Step::Isolate);
+        }
         libc::execve(p.path.as_ptr(), argv.as_ptr(), envp.as_ptr());
         fail(Step::Exec)
+    }
+}
+
+/// In the child, in its own mount namespace: runs the root preparation,
+/// sets the hostname and brings loopback up. Returns -1 on failure (errno set).
+///
+/// # Safety
+/// Child after fork only: system calls on prepared data.
+unsafe fn isolate_root(iso: &PreparedIsolation) -> libc::c_int {
+    // SAFETY: system calls on NUL-terminated strings prepared before the fork.
+    unsafe {
+        for op in &iso.ops {
+            let r = match op.kind {
+                0 => {
+                    let r = libc::mkdir(op.a.as_ptr(), op.mode as libc::mode_t);
+                    if r < 0 && *libc::__errno_location() == libc::EEXIST {
+                        0
+                    } else {
+                        r
+                    }
+                }
+                1 => libc::mount(
+                    if op.a.is_empty() {
+                        std::ptr::null()
+                    } else {
+                        op.a.as_ptr()
+                    },
+                    op.b.as_ptr(),
+                    if op.c.is_empty() {
+                        std::ptr::null()
+                    } else {
+                        op.c.as_ptr()
+                    },
+                    op.flags,
+                    if op.d.is_empty() {
+                        std::ptr::null()
+                    } else {
+                        op.d.as_ptr().cast()
+                    },
+                ),
+                2 => libc::symlink(op.a.as_ptr(), op.b.as_ptr()),
+                _ => {
+                    let fd = libc::open(
+                        op.a.as_ptr(),
+                        libc::O_CREAT | libc::O_WRONLY | libc::O_CLOEXEC | libc::O_NOFOLLOW,
+                        op.mode as libc::c_uint,
+                    );
+                    if fd >= 0 {
+                        libc::close(fd);
+                    }
+                    fd.min(0)
+                }
+            };
+            if r < 0 && !op.optional {
+                return -1;
+            }
+        }
+        if let Some(h) = &iso.hostname {
+            if libc::sethostname(h.as_ptr(), h.as_bytes().len()) < 0 {
+                return -1;
+            }
+        }
+        if iso.loopback_up {
+            let fd = libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0);
+            if fd < 0 {
+                return -1;
+            }
+            let mut req: libc::ifreq = std::mem::zeroed();
+            for (i, b) in b"lo".iter().enumerate() {
+                req.ifr_name[i] = *b as libc::c_char;
+            }
+            let ok = libc::ioctl(fd, libc::SIOCGIFFLAGS, &mut req) >= 0 && {
+                req.ifr_ifru.ifru_flags |= libc::IFF_UP as libc::c_short;
+                libc::ioctl(fd, libc::SIOCSIFFLAGS, &req) >= 0
+            };
+            libc::close(fd);
+            if !ok {
+                return -1;
+            }
+        }
+        0
+    }
+}
+
+#[repr(C)]
+struct CapHeader {
+    version: u32,
+    pid: libc::c_int,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct CapData {
+    effective: u32,
+    permitted: u32,
+    inheritable: u32,
+}
+
+/// In the child, after pivoting, before switching user: drops every
+/// capability outside `keep_caps` (bounding set first, then the process's
+/// sets). Returns -1 on failure.
+///
+/// # Safety
+/// Child after fork only.
+unsafe fn confine(iso: &PreparedIsolation) -> libc::c_int {
+    let Some(keep) = iso.keep_caps else { return 0 };
+    // SAFETY: prctl and capset on plain data.
+    unsafe {
+        for cap in 0..=MAX_CAP {
+            if keep & (1 << cap) == 0
+                && libc::prctl(libc::PR_CAPBSET_DROP, cap as libc::c_ulong, 0, 0, 0) < 0
+                && *libc::__errno_location() != libc::EINVAL
+            {
+                return -1;
+            }
+        }
+        let header = CapHeader {
+            version: 0x2008_0522, // _LINUX_CAPABILITY_VERSION_3
+            pid: 0,
+        };
+        let lo = keep as u32;
+        let hi = (keep >> 32) as u32;
+        let data = [
+            CapData {
+                effective: lo,
+                permitted: lo,
+                inheritable: lo,
+            },
+            CapData {
+                effective: hi,
+                permitted: hi,
+                inheritable: hi,
+            },
+        ];
+        if libc::syscall(libc::SYS_capset, &header, data.as_ptr()) < 0 {
+            return -1;
+        }
+        0
     }
 }

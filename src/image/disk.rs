@@ -63,6 +63,55 @@ pub fn unpack_image(
     Ok(())
 }
 
+/// Each layer of `img` unpacked on its own (whiteouts as overlayfs
+/// whiteouts) under `cache/layers/<digest>`, once, for namespace mode's
+/// overlay; returned bottom layer first. Unpacking goes to a temporary
+/// directory renamed into place, so a crash never leaves half a layer.
+pub fn layer_dirs(
+    store: &Store,
+    img: &StoredImage,
+    cache: &Path,
+) -> Result<Vec<PathBuf>, ImageError> {
+    let base = cache.join("layers");
+    fs::create_dir_all(&base).map_err(ImageError::io(&base))?;
+    let mut out = Vec::new();
+    for l in img.manifest.layers() {
+        let dir = base.join(l.digest().digest());
+        if !dir.is_dir() {
+            let tmp = base.join(format!(
+                ".tmp-{}-{}",
+                l.digest().digest(),
+                std::process::id()
+            ));
+            let _ = fs::remove_dir_all(&tmp);
+            fs::create_dir_all(&tmp).map_err(ImageError::io(&tmp))?;
+            let p = store.blob_path(l.digest());
+            let f = File::open(&p).map_err(ImageError::io(&p))?;
+            let mut h = HashingReader::new(f);
+            {
+                let r = layer::decompress(&mut h).map_err(ImageError::io(&p))?;
+                layer::unpack(r, &tmp, Whiteouts::Overlay, Limits::default())?;
+            }
+            std::io::copy(&mut h, &mut std::io::sink()).map_err(ImageError::io(&p))?;
+            if h.digest() != l.digest().to_string() {
+                let _ = fs::remove_dir_all(&tmp);
+                return Err(ImageError::Store(super::StoreError::Damaged(format!(
+                    "layer {} does not match its digest",
+                    l.digest()
+                ))));
+            }
+            if let Err(e) = fs::rename(&tmp, &dir) {
+                let _ = fs::remove_dir_all(&tmp);
+                if !dir.is_dir() {
+                    return Err(ImageError::io(&dir)(e));
+                }
+            }
+        }
+        out.push(dir);
+    }
+    Ok(out)
+}
+
 /// The image's EROFS root disk, built on first use into `cache`.
 pub fn root_disk(store: &Store, img: &StoredImage, cache: &Path) -> Result<PathBuf, ImageError> {
     let chain = chain_id(img.config.rootfs().diff_ids());

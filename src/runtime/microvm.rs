@@ -129,6 +129,12 @@ impl MicroVm {
                 image
             }
             super::Rootfs::Disk(p) => p.clone(),
+            super::Rootfs::Layers(_) => {
+                return Err(RuntimeError::Namespace(
+                    "unpacked layers are for namespace mode; a microVM takes the image's disk"
+                        .into(),
+                ))
+            }
         };
         let scratch = dir.join("scratch.ext4");
         disk::build_scratch(&scratch, SCRATCH_SIZE)?;

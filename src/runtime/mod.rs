@@ -4,6 +4,7 @@
 pub mod agent;
 
 pub mod microvm;
+pub mod ns;
 pub mod snapshot;
 pub mod spec;
 
@@ -25,6 +26,9 @@ pub enum Rootfs {
     Dir(PathBuf),
     /// An image's prebuilt, cached read-only disk (EROFS).
     Disk(PathBuf),
+    /// An image's layers, each unpacked in its own directory, bottom first
+    /// (namespace mode's overlayfs lowers).
+    Layers(Vec<PathBuf>),
 }
 
 /// A container to run: its root filesystem, process and limits.
@@ -65,6 +69,8 @@ pub enum RuntimeError {
     Agent(#[from] agent::AgentError),
     #[error("the VM stopped unexpectedly: {0}")]
     VmCrashed(String),
+    #[error("namespace mode: {0}")]
+    Namespace(String),
 }
 
 /// vmc's state directory: `$VMC_HOME`, else /var/lib/vmc for root, else

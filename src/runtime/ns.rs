@@ -1,0 +1,341 @@
+//! Namespace mode: the same container (image, process spec) run as a plain
+//! Linux container on the host, the way crun would, instead of in a microVM.
+//!
+//! vmc moves itself into a private mount namespace and mounts the
+//! container's root there: overlayfs over the image's layers (each unpacked
+//! once into the store's cache) with a per-container upper directory. The
+//! workload is started by the same code the guest agent uses in the VM
+//! (`vmc_guest::spawn`), with new pid, mount, uts, ipc, net and cgroup
+//! namespaces; in its namespace it mounts /proc, a read-only /sys and a
+//! minimal /dev, masks what Docker masks, pivots into the root, keeps Docker's
+//! default capabilities only, sets no_new_privs and execs. All mounts vanish
+//! with the processes: nothing is left mounted on the host.
+
+use std::path::{Path, PathBuf};
+
+use vmc_guest::spawn::{self, Isolation, RootOp, DOCKER_DEFAULT_CAPS};
+use vmc_guest::ExitStatus;
+
+use super::{ContainerConfig, RuntimeError};
+
+/// Errors specific to namespace mode.
+#[derive(Debug, thiserror::Error)]
+pub enum NsError {
+    #[error("namespace mode needs root (user namespaces are not supported yet): run vmc as root or use --mode vm")]
+    NotRoot,
+    #[error("{what}: {source}")]
+    Sys {
+        what: String,
+        source: std::io::Error,
+    },
+    #[error("{0}")]
+    Start(String),
+}
+
+impl From<NsError> for RuntimeError {
+    fn from(e: NsError) -> Self {
+        RuntimeError::Namespace(e.to_string())
+    }
+}
+
+fn sys(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> NsError {
+    let what = what.into();
+    move |source| NsError::Sys { what, source }
+}
+
+fn check(r: libc::c_int, what: &str) -> Result<(), NsError> {
+    if r < 0 {
+        Err(sys(what)(std::io::Error::last_os_error()))
+    } else {
+        Ok(())
+    }
+}
+
+/// The mounts and links that make `root` look like a Docker container's
+/// root from inside (run in the workload's own pid and mount namespaces).
+pub fn root_ops(root: &str) -> Vec<RootOp> {
+    let at = |p: &str| format!("{root}{p}");
+    let mount = |source: &str,
+                 target: String,
+                 fstype: &str,
+                 flags: libc::c_ulong,
+                 data: &str,
+                 optional: bool| {
+        RootOp::Mount {
+            source: source.into(),
+            target,
+            fstype: fstype.into(),
+            flags,
+            data: data.into(),
+            optional,
+        }
+    };
+    let nodev = libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC;
+    let mut ops = vec![
+        RootOp::Mkdir(at("/proc"), 0o555),
+        mount("proc", at("/proc"), "proc", nodev, "", false),
+        RootOp::Mkdir(at("/sys"), 0o555),
+        mount(
+            "sysfs",
+            at("/sys"),
+            "sysfs",
+            nodev | libc::MS_RDONLY,
+            "",
+            false,
+        ),
+        RootOp::Mkdir(at("/dev"), 0o755),
+        mount(
+            "tmpfs",
+            at("/dev"),
+            "tmpfs",
+            libc::MS_NOSUID | libc::MS_STRICTATIME,
+            "mode=755,size=65536k",
+            false,
+        ),
+    ];
+    for n in ["null", "zero", "full", "random", "urandom", "tty"] {
+        ops.push(RootOp::Touch(at(&format!("/dev/{n}"))));
+        ops.push(mount(
+            &format!("/dev/{n}"),
+            at(&format!("/dev/{n}")),
+            "",
+            libc::MS_BIND,
+            "",
+            false,
+        ));
+    }
+    ops.extend([
+        RootOp::Mkdir(at("/dev/pts"), 0o755),
+        mount(
+            "devpts",
+            at("/dev/pts"),
+            "devpts",
+            libc::MS_NOSUID | libc::MS_NOEXEC,
+            "newinstance,ptmxmode=0666,mode=0620",
+            false,
+        ),
+        RootOp::Symlink {
+            target: "pts/ptmx".into(),
+            link: at("/dev/ptmx"),
+        },
+        RootOp::Mkdir(at("/dev/shm"), 0o1777),
+        mount(
+            "shm",
+            at("/dev/shm"),
+            "tmpfs",
+            nodev,
+            "mode=1777,size=65536k",
+            false,
+        ),
+        RootOp::Mkdir(at("/dev/mqueue"), 0o755),
+        mount("mqueue", at("/dev/mqueue"), "mqueue", nodev, "", true),
+        RootOp::Symlink {
+            target: "/proc/self/fd".into(),
+            link: at("/dev/fd"),
+        },
+    ]);
+    for (i, n) in ["stdin", "stdout", "stderr"].iter().enumerate() {
+        ops.push(RootOp::Symlink {
+            target: format!("/proc/self/fd/{i}"),
+            link: at(&format!("/dev/{n}")),
+        });
+    }
+    // Docker's masked paths: files hidden behind /dev/null, directories
+    // behind an empty read-only tmpfs.
+    for f in [
+        "/proc/kcore",
+        "/proc/keys",
+        "/proc/timer_list",
+        "/proc/sched_debug",
+        "/proc/latency_stats",
+    ] {
+        ops.push(mount("/dev/null", at(f), "", libc::MS_BIND, "", true));
+    }
+    for d in [
+        "/proc/acpi",
+        "/proc/scsi",
+        "/sys/firmware",
+        "/sys/devices/virtual/powercap",
+    ] {
+        ops.push(mount(
+            "tmpfs",
+            at(d),
+            "tmpfs",
+            libc::MS_RDONLY,
+            "size=0",
+            true,
+        ));
+    }
+    // ... and its read-only ones.
+    for d in [
+        "/proc/bus",
+        "/proc/fs",
+        "/proc/irq",
+        "/proc/sys",
+        "/proc/sysrq-trigger",
+    ] {
+        ops.push(mount(
+            &at(d),
+            at(d),
+            "",
+            libc::MS_BIND | libc::MS_REC,
+            "",
+            true,
+        ));
+        ops.push(mount(
+            "",
+            at(d),
+            "",
+            libc::MS_BIND | libc::MS_REMOUNT | libc::MS_RDONLY | libc::MS_REC,
+            "",
+            true,
+        ));
+    }
+    ops
+}
+
+/// Runs `cfg` attached (stdio inherited) with its root made of `lowers`
+/// (bottom first, read-only) and a writable upper in `dir`; returns the exit
+/// code as Docker reports it.
+pub fn run_attached(
+    cfg: &ContainerConfig,
+    lowers: &[PathBuf],
+    dir: &Path,
+) -> Result<i32, RuntimeError> {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        return Err(NsError::NotRoot.into());
+    }
+    let mk =
+        |p: &Path| std::fs::create_dir_all(p).map_err(sys(format!("creating {}", p.display())));
+    let (upper, work, root) = (dir.join("upper"), dir.join("work"), dir.join("rootfs"));
+    for p in [&upper, &work, &root] {
+        mk(p)?;
+    }
+    let mut lowers: Vec<PathBuf> = lowers.iter().rev().cloned().collect();
+    if lowers.is_empty() {
+        let empty = dir.join("empty");
+        mk(&empty)?;
+        lowers.push(empty);
+    }
+    // vmc's own private mount namespace: the container's mounts are seen by
+    // no one else and go away with the last process in it.
+    // SAFETY: unshare/mount with valid arguments; results checked.
+    unsafe {
+        check(libc::unshare(libc::CLONE_NEWNS), "unshare(CLONE_NEWNS)")?;
+        check(
+            libc::mount(
+                std::ptr::null(),
+                c"/".as_ptr(),
+                std::ptr::null(),
+                libc::MS_REC | libc::MS_PRIVATE,
+                std::ptr::null(),
+            ),
+            "making / private",
+        )?;
+    }
+    let lowerdir = lowers
+        .iter()
+        .map(|p| p.display().to_string())
+        .collect::<Vec<_>>()
+        .join(":");
+    let data = format!(
+        "lowerdir={lowerdir},upperdir={},workdir={}",
+        upper.display(),
+        work.display()
+    );
+    vmc_guest::sys::mount(
+        Some("overlay"),
+        &root.display().to_string(),
+        Some("overlay"),
+        0,
+        Some(&data),
+    )
+    .map_err(sys("mounting the container root (overlayfs)"))?;
+    // Unmounted when the run ends, however it ends, so that the state
+    // directory can be removed without reaching into the mounted root.
+    let _mounted = Unmount(root.clone());
+
+    let root_s = root.display().to_string();
+    let iso = Isolation {
+        clone_flags: libc::CLONE_NEWPID
+            | libc::CLONE_NEWUTS
+            | libc::CLONE_NEWIPC
+            | libc::CLONE_NEWNET
+            | libc::CLONE_NEWCGROUP,
+        ops: root_ops(&root_s),
+        hostname: Some(cfg.hostname.clone()),
+        loopback_up: true,
+        keep_caps: Some(DOCKER_DEFAULT_CAPS),
+        no_new_privs: true,
+    };
+    let prepared = match spawn::prepare_isolated(&cfg.process, &root_s, &root_s, &iso) {
+        Ok(p) => p,
+        Err(e) => {
+            eprintln!("vmc: {}", e.message);
+            return Ok(e.kind.exit_code());
+        }
+    };
+
+    // Signals for the container are forwarded from vmc; block them before
+    // the child exists so that none is lost (the child resets its mask).
+    let forwarded = [
+        libc::SIGINT,
+        libc::SIGTERM,
+        libc::SIGHUP,
+        libc::SIGQUIT,
+        libc::SIGUSR1,
+        libc::SIGUSR2,
+        libc::SIGCHLD,
+    ];
+    // SAFETY: plain sigset manipulation on a local.
+    let set = unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        for s in forwarded {
+            libc::sigaddset(&mut set, s);
+        }
+        libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
+        set
+    };
+    let pid = match spawn::spawn(&prepared, [0, 1, 2]) {
+        Ok(pid) => pid as libc::pid_t,
+        Err(e) => {
+            eprintln!("vmc: {}", e.message);
+            return Ok(e.kind.exit_code());
+        }
+    };
+    loop {
+        let mut status = 0;
+        // SAFETY: waitpid on our child with a valid out pointer.
+        let r = unsafe { libc::waitpid(pid, &mut status, libc::WNOHANG) };
+        if r == pid {
+            let st = if libc::WIFSIGNALED(status) {
+                ExitStatus::Signal(libc::WTERMSIG(status))
+            } else {
+                ExitStatus::Code(libc::WEXITSTATUS(status))
+            };
+            return Ok(st.shell_code());
+        }
+        let mut sig = 0;
+        // SAFETY: set and sig are valid.
+        if unsafe { libc::sigwait(&set, &mut sig) } != 0 {
+            continue;
+        }
+        if sig != libc::SIGCHLD {
+            // SAFETY: kill on our own child.
+            unsafe { libc::kill(pid, sig) };
+        }
+    }
+}
+
+struct Unmount(PathBuf);
+
+impl Drop for Unmount {
+    fn drop(&mut self) {
+        if let Ok(c) = vmc_guest::sys::cstr(&self.0) {
+            // SAFETY: umount2 on a NUL-terminated path.
+            unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) };
+        }
+    }
+}

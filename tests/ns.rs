@@ -1,0 +1,208 @@
+//! Namespace mode (`vmc run --mode ns`): the same image as a plain Linux
+//! container on the host, with Docker's confinement.
+
+mod common;
+
+use std::path::Path;
+use std::process::{Command, Output, Stdio};
+
+use common::rootfs;
+
+fn vmc(home: &Path, args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_vmc"))
+        .env("VMC_HOME", home)
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap()
+}
+
+fn is_root() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    let root = unsafe { libc::geteuid() } == 0;
+    if !root {
+        assert!(
+            std::env::var("CI").as_deref() != Ok("true"),
+            "CI=true but not root: namespace-mode tests must not skip in CI"
+        );
+        eprintln!("skipping: namespace mode needs root");
+    }
+    root
+}
+
+fn store_with_busybox() -> tempfile::TempDir {
+    let home = tempfile::tempdir().unwrap();
+    let tar = home.path().join("busybox.tar");
+    let st = Command::new("tar")
+        .arg("-C")
+        .arg(rootfs())
+        .arg("-cf")
+        .arg(&tar)
+        .arg(".")
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let o = vmc(home.path(), &["import", tar.to_str().unwrap(), "busybox"]);
+    assert!(o.status.success());
+    home
+}
+
+fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+#[test]
+fn a_namespace_container_is_confined_like_dockers() {
+    if !is_root() {
+        return;
+    }
+    let home = store_with_busybox();
+    let h = home.path();
+    let script = "echo pid=$$; hostname; grep -E '^(CapEff|CapBnd|NoNewPrivs)' /proc/self/status; \
+                  ls /dev | tr '\\n' ' '; echo; cat /proc/net/dev | grep -c ':'; \
+                  echo x > /proc/sys/kernel/domainname 2>/dev/null || echo proc-sys-ro; \
+                  touch /sys/x 2>/dev/null || echo sys-ro; echo data > /written; exit 3";
+    let o = vmc(
+        h,
+        &[
+            "run",
+            "--mode",
+            "ns",
+            "--hostname",
+            "box",
+            "busybox",
+            "sh",
+            "-c",
+            script,
+        ],
+    );
+    assert_eq!(
+        o.status.code(),
+        Some(3),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    let out = stdout(&o);
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(
+        lines[0], "pid=1",
+        "the workload is PID 1 of its own pid namespace"
+    );
+    assert_eq!(lines[1], "box");
+    // Docker's default capability set, nothing more, and no_new_privs.
+    assert!(out.contains("NoNewPrivs:\t1"), "{out}");
+    assert!(out.contains("CapEff:\t00000000a80425fb"), "{out}");
+    assert!(out.contains("CapBnd:\t00000000a80425fb"), "{out}");
+    assert!(
+        out.contains(
+            "fd full mqueue null ptmx pts random shm stderr stdin stdout tty urandom zero "
+        ),
+        "a minimal /dev: {out}"
+    );
+    assert!(
+        out.contains("\n1\n"),
+        "a network namespace with loopback only: {out}"
+    );
+    assert!(out.contains("proc-sys-ro\nsys-ro\n"), "{out}");
+
+    // The image is untouched; the container's writes stayed in its upper dir.
+    let o = vmc(
+        h,
+        &[
+            "run",
+            "--rm",
+            "--mode",
+            "ns",
+            "busybox",
+            "sh",
+            "-c",
+            "cat /written 2>&1; true",
+        ],
+    );
+    assert!(stdout(&o).contains("No such file"), "{}", stdout(&o));
+    // Nothing stays mounted on the host.
+    let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    assert!(!mounts.contains(h.to_str().unwrap()), "{mounts}");
+}
+
+#[test]
+fn users_workdirs_stdin_and_start_failures_behave_as_in_vm_mode() {
+    if !is_root() {
+        return;
+    }
+    let home = store_with_busybox();
+    let h = home.path();
+    let o = vmc(
+        h,
+        &[
+            "run",
+            "--rm",
+            "--mode",
+            "ns",
+            "-u",
+            "1000:1000",
+            "-w",
+            "/tmp/new",
+            "-e",
+            "A=b",
+            "busybox",
+            "sh",
+            "-c",
+            "id -u; id -g; pwd; echo $A",
+        ],
+    );
+    assert_eq!(
+        stdout(&o),
+        "1000\n1000\n/tmp/new\nb\n",
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+
+    let mut child = Command::new(env!("CARGO_BIN_EXE_vmc"))
+        .env("VMC_HOME", h)
+        .args(["run", "--rm", "--mode", "ns", "busybox", "cat"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::io::Write::write_all(child.stdin.as_mut().unwrap(), b"piped through\n").unwrap();
+    drop(child.stdin.take());
+    let o = child.wait_with_output().unwrap();
+    assert_eq!(stdout(&o), "piped through\n");
+
+    let o = vmc(
+        h,
+        &["run", "--rm", "--mode", "ns", "busybox", "nosuchcommand"],
+    );
+    assert_eq!(o.status.code(), Some(127));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("executable file not found in $PATH"));
+    // Signals sent to vmc reach the workload (PID 1 of the container).
+    let mut child = Command::new(env!("CARGO_BIN_EXE_vmc"))
+        .env("VMC_HOME", h)
+        .args([
+            "run",
+            "--rm",
+            "--mode",
+            "ns",
+            "busybox",
+            "sh",
+            "-c",
+            "trap 'echo got TERM; exit 7' TERM; echo ready; while true; do sleep 0.1; done",
+        ])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut out = std::io::BufReader::new(child.stdout.take().unwrap());
+    let mut line = String::new();
+    std::io::BufRead::read_line(&mut out, &mut line).unwrap();
+    assert_eq!(line, "ready\n");
+    // SAFETY: kill on our own child.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let status = child.wait().unwrap();
+    let mut rest = String::new();
+    std::io::Read::read_to_string(&mut out, &mut rest).unwrap();
+    assert_eq!(rest, "got TERM\n");
+    assert_eq!(status.code(), Some(7));
+    // --rm leaves no state behind.
+    assert_eq!(std::fs::read_dir(h.join("containers")).unwrap().count(), 0);
+}
