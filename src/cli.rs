@@ -68,6 +68,20 @@ pub enum Command {
     Rmi(RmiArgs),
     /// Make an image from a root filesystem tarball (plain, gzip or zstd).
     Import(ImportArgs),
+    /// Pull an image from a registry (OCI distribution or Docker registry API).
+    #[command(
+        long_about = "Pull an image from a registry into the store.\n\n\
+                      REF is [REGISTRY/]NAME[:TAG][@DIGEST]; names without a registry host are \
+                      Docker Hub's. Multi-platform images give their linux/amd64 image. Every \
+                      manifest and blob is checked against its digest, layers are stored as \
+                      the registry serves them (gzip or zstd compressed), and the image keeps \
+                      the registry's id. Pulls are anonymous. Registries are spoken to over \
+                      https; --insecure uses plain http (a local or test registry).",
+        after_help = "Examples:\n  vmc pull alpine:3.20\n  \
+                      vmc pull --insecure localhost:5000/app:1\n  \
+                      vmc pull -q registry.example.com/team/app@sha256:<64 hex digits>"
+    )]
+    Pull(PullArgs),
     /// Load images from a docker-archive (docker save) or an OCI archive.
     Load(LoadArgs),
     /// Write images to an OCI archive (readable by skopeo, umoci, podman load).
@@ -226,6 +240,19 @@ pub struct BuildArgs {
     /// The build context directory.
     #[arg(value_name = "CONTEXT")]
     pub context: PathBuf,
+}
+
+#[derive(Args, Debug)]
+pub struct PullArgs {
+    /// Speak plain http to the registry instead of https.
+    #[arg(long)]
+    pub insecure: bool,
+    /// Print only the image id.
+    #[arg(short, long)]
+    pub quiet: bool,
+    /// The image: [REGISTRY/]NAME[:TAG][@DIGEST].
+    #[arg(value_name = "REF")]
+    pub reference: String,
 }
 
 #[derive(Args, Debug)]

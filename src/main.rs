@@ -7,8 +7,8 @@ use std::path::PathBuf;
 use anyhow::{bail, Context, Result};
 use clap::Parser;
 use vmc::cli::{
-    BuildArgs, Cli, Command, ImagesArgs, ImportArgs, InspectArgs, LoadArgs, RmiArgs, RunArgs,
-    SaveArgs, SystemCommand, TagArgs,
+    BuildArgs, Cli, Command, ImagesArgs, ImportArgs, InspectArgs, LoadArgs, PullArgs, RmiArgs,
+    RunArgs, SaveArgs, SystemCommand, TagArgs,
 };
 use vmc::image::{self, Reference, Store};
 use vmc::runtime::spec::{self, RunOverrides};
@@ -92,6 +92,7 @@ fn dispatch(cli: Cli) -> Result<i32> {
         Command::Tag(a) => tag(a),
         Command::Rmi(a) => rmi(a),
         Command::Import(a) => import(a),
+        Command::Pull(a) => pull(a),
         Command::Load(a) => load(a),
         Command::Save(a) => save(a),
         Command::Bench(args) => bench::run(args).map(|_| 0).map_err(Into::into),
@@ -427,6 +428,26 @@ fn build(a: BuildArgs) -> Result<i32> {
             Ok(e.exit_code())
         }
     }
+}
+
+fn pull(a: PullArgs) -> Result<i32> {
+    let reference = Reference::parse(&a.reference)?;
+    let store = store()?;
+    let opts = image::pull::PullOptions {
+        insecure: a.insecure,
+        // Bars only for a person watching; logs and pipes get plain lines.
+        progress: !a.quiet && std::io::stderr().is_terminal(),
+    };
+    let mut out: Box<dyn std::io::Write> = if a.quiet {
+        Box::new(std::io::sink())
+    } else {
+        Box::new(std::io::stdout())
+    };
+    let pulled = image::pull::pull(&store, &reference, &opts, &mut out)?;
+    if a.quiet {
+        println!("{}", pulled.image.id());
+    }
+    Ok(0)
 }
 
 fn load(a: LoadArgs) -> Result<i32> {

@@ -58,15 +58,15 @@ use super::{ImageError, Reference};
 
 /// Largest JSON document read into memory (`manifest.json`, `index.json`,
 /// manifests, configs).
-const MAX_JSON: u64 = 8 << 20;
+pub(crate) const MAX_JSON: u64 = 8 << 20;
 /// Largest file an archive may hold (as [`layer::Limits`] bounds a layer).
-const MAX_ENTRY: u64 = 64 << 30;
+pub(crate) const MAX_ENTRY: u64 = 64 << 30;
 /// Most entries an archive may hold.
 const MAX_ENTRIES: usize = 1 << 20;
 /// Most images an archive may hold.
 const MAX_IMAGES: usize = 4096;
 /// Most layers an image may have.
-const MAX_LAYERS: usize = 1000;
+pub(crate) const MAX_LAYERS: usize = 1000;
 /// Most links followed to find a file.
 const MAX_LINK_HOPS: usize = 16;
 /// Deepest nesting of image indexes followed.
@@ -76,11 +76,11 @@ const MAX_NESTING: usize = 4;
 /// `org.opencontainers.image.ref.name` is only the tag).
 const CONTAINERD_NAME: &str = "io.containerd.image.name";
 /// Docker's media types, which its manifests and lists may carry.
-const DOCKER_MANIFEST: &str = "application/vnd.docker.distribution.manifest.v2+json";
-const DOCKER_LIST: &str = "application/vnd.docker.distribution.manifest.list.v2+json";
-const DOCKER_CONFIG: &str = "application/vnd.docker.container.image.v1+json";
+pub(crate) const DOCKER_MANIFEST: &str = "application/vnd.docker.distribution.manifest.v2+json";
+pub(crate) const DOCKER_LIST: &str = "application/vnd.docker.distribution.manifest.list.v2+json";
+pub(crate) const DOCKER_CONFIG: &str = "application/vnd.docker.container.image.v1+json";
 /// Layer media types vmc can unpack (it detects the compression itself).
-const LAYER_TYPES: &[&str] = &[
+pub(crate) const LAYER_TYPES: &[&str] = &[
     "application/vnd.oci.image.layer.v1.tar",
     "application/vnd.oci.image.layer.v1.tar+gzip",
     "application/vnd.oci.image.layer.v1.tar+zstd",
@@ -102,11 +102,11 @@ const OCI_LAYOUT_FILE: &str = "oci-layout";
 // Loading, first pass: the archive's files become blobs.
 // ---------------------------------------------------------------------------
 
-/// A file of the archive, now a blob in the store.
+/// A file of the archive (or a download), now a blob in the store.
 #[derive(Debug, Clone)]
-struct Blob {
-    digest: Digest,
-    size: u64,
+pub(crate) struct Blob {
+    pub digest: Digest,
+    pub size: u64,
 }
 
 /// What the first pass found in the archive.
@@ -337,11 +337,9 @@ struct DockerEntry {
 
 /// The second pass's state.
 struct Loader<'a> {
-    store: &'a Store,
     archive: &'a Path,
     contents: Contents,
-    /// Diff ids (sha256 of the uncompressed tar) of layers already checked.
-    diff_ids: HashMap<Digest, String>,
+    check: Checker<'a>,
 }
 
 impl Loader<'_> {
@@ -384,103 +382,6 @@ impl Loader<'_> {
         Ok(blob.clone())
     }
 
-    /// The content of a JSON blob, bounded in size.
-    fn json_blob(&self, blob: &Blob, what: &str) -> Result<Vec<u8>, ImageError> {
-        if blob.size > MAX_JSON {
-            return Err(self.invalid(format!(
-                "{what} {} has {} bytes, more than the {} MiB allowed",
-                blob.digest,
-                blob.size,
-                MAX_JSON >> 20
-            )));
-        }
-        Ok(self.store.read_blob(&blob.digest)?)
-    }
-
-    /// The diff id of a layer blob: the sha256 of its uncompressed content.
-    fn diff_id(&mut self, blob: &Blob) -> Result<String, ImageError> {
-        if let Some(d) = self.diff_ids.get(&blob.digest) {
-            return Ok(d.clone());
-        }
-        let p = self.store.blob_path(&blob.digest);
-        let id = if layer_media_type(&p)? == MediaType::ImageLayer {
-            blob.digest.to_string() // uncompressed: the diff id is the digest
-        } else {
-            let f = File::open(&p).map_err(ImageError::io(&p))?;
-            let mut h = HashingReader::new(layer::decompress(f).map_err(ImageError::io(&p))?);
-            io::copy(&mut h, &mut io::sink()).map_err(|e| {
-                self.invalid(format!("layer {} cannot be decompressed: {e}", blob.digest))
-            })?;
-            h.digest()
-        };
-        self.diff_ids.insert(blob.digest.clone(), id.clone());
-        Ok(id)
-    }
-
-    /// Checks that `config` is an image configuration whose diff ids are
-    /// those of `layers`, in order.
-    fn check_image(&mut self, config: &Blob, layers: &[Blob]) -> Result<(), ImageError> {
-        let data = self.json_blob(config, "config")?;
-        let cfg = ImageConfiguration::from_reader(&data[..]).map_err(|e| {
-            self.invalid(format!(
-                "config {} is not an image configuration: {e}",
-                config.digest
-            ))
-        })?;
-        let want = cfg.rootfs().diff_ids();
-        if layers.len() > MAX_LAYERS {
-            return Err(self.invalid(format!(
-                "image {} has {} layers, more than the {MAX_LAYERS} allowed",
-                config.digest,
-                layers.len()
-            )));
-        }
-        if want.len() != layers.len() {
-            return Err(self.invalid(format!(
-                "image {} has {} layers but its config lists {} diff ids",
-                config.digest,
-                layers.len(),
-                want.len()
-            )));
-        }
-        for (layer, want) in layers.iter().zip(want) {
-            let got = self.diff_id(layer)?;
-            if got != *want {
-                return Err(self.invalid(format!(
-                    "layer {} of image {} uncompresses to {got}, but the config says {want}",
-                    layer.digest, config.digest
-                )));
-            }
-        }
-        Ok(())
-    }
-
-    /// Writes an OCI manifest for `config` and `layers` (stored as they are;
-    /// layer media types from their first bytes); returns its descriptor.
-    fn write_manifest(&self, config: &Blob, layers: &[Blob]) -> Result<Descriptor, ImageError> {
-        let mut descs = Vec::with_capacity(layers.len());
-        for l in layers {
-            let media = layer_media_type(&self.store.blob_path(&l.digest))?;
-            descs.push(Descriptor::new(media, l.size, l.digest.clone()));
-        }
-        let manifest = ImageManifestBuilder::default()
-            .schema_version(2u32)
-            .media_type(MediaType::ImageManifest)
-            .config(Descriptor::new(
-                MediaType::ImageConfig,
-                config.size,
-                config.digest.clone(),
-            ))
-            .layers(descs)
-            .build()
-            .map_err(|e| ImageError::Invalid(e.to_string()))?;
-        let json = manifest
-            .to_string()
-            .map_err(|e| ImageError::Invalid(e.to_string()))?;
-        let (digest, size) = self.store.put_bytes(json.as_bytes())?;
-        Ok(Descriptor::new(MediaType::ImageManifest, size, digest))
-    }
-
     /// The images of a docker-archive.
     fn docker_images(&mut self, doc: &[u8]) -> Result<Vec<Prepared>, ImageError> {
         let entries: Vec<DockerEntry> = serde_json::from_slice(doc).map_err(|e| {
@@ -501,7 +402,7 @@ impl Loader<'_> {
                 .iter()
                 .map(|l| self.docker_file(l))
                 .collect::<Result<Vec<_>, _>>()?;
-            self.check_image(&config, &layers)?;
+            self.check.check_image(&config, &layers)?;
             let names = e
                 .repo_tags
                 .iter()
@@ -512,7 +413,7 @@ impl Loader<'_> {
                     })
                 })
                 .collect::<Result<Vec<_>, _>>()?;
-            let manifest = self.write_manifest(&config, &layers)?;
+            let manifest = self.check.write_manifest(&config, &layers)?;
             out.push(Prepared { manifest, names });
         }
         Ok(out)
@@ -571,7 +472,7 @@ impl Loader<'_> {
         if depth >= MAX_NESTING {
             return Err(self.invalid(format!("image indexes nested more than {MAX_NESTING} deep")));
         }
-        let data = self.json_blob(&self.oci_blob(d)?, "image index")?;
+        let data = self.check.json_blob(&self.oci_blob(d)?, "image index")?;
         let index = ImageIndex::from_reader(&data[..])
             .map_err(|e| self.invalid(format!("{} is not an image index: {e}", d.digest())))?;
         let wanted = |e: &&Descriptor| {
@@ -592,7 +493,7 @@ impl Loader<'_> {
     /// OCI manifest written for its config and layers. `None` when its
     /// config is not an image configuration (an artifact).
     fn oci_image(&mut self, m: &Descriptor) -> Result<Option<Descriptor>, ImageError> {
-        let data = self.json_blob(&self.oci_blob(m)?, "manifest")?;
+        let data = self.check.json_blob(&self.oci_blob(m)?, "manifest")?;
         let manifest = ImageManifest::from_reader(&data[..])
             .map_err(|e| self.invalid(format!("{} is not an image manifest: {e}", m.digest())))?;
         let config_type = manifest.config().media_type().to_string();
@@ -622,7 +523,7 @@ impl Loader<'_> {
             .iter()
             .map(|l| self.oci_blob(l))
             .collect::<Result<Vec<_>, _>>()?;
-        self.check_image(&config, &layers)?;
+        self.check.check_image(&config, &layers)?;
         if is_plain_oci(m, &manifest) {
             return Ok(Some(Descriptor::new(
                 MediaType::ImageManifest,
@@ -630,19 +531,144 @@ impl Loader<'_> {
                 m.digest().clone(),
             )));
         }
-        self.write_manifest(&config, &layers).map(Some)
+        self.check.write_manifest(&config, &layers).map(Some)
+    }
+}
+
+/// Checks images assembled from blobs of the store (loaded from an archive
+/// or pulled from a registry) and writes their manifests. Problems are
+/// worded by `invalid`, which says where the image came from.
+pub(crate) struct Checker<'a> {
+    store: &'a Store,
+    invalid: Box<dyn Fn(String) -> ImageError + 'a>,
+    /// Diff ids (sha256 of the uncompressed tar) of layers already checked.
+    diff_ids: HashMap<Digest, String>,
+}
+
+impl<'a> Checker<'a> {
+    pub(crate) fn new(store: &'a Store, invalid: impl Fn(String) -> ImageError + 'a) -> Self {
+        Checker {
+            store,
+            invalid: Box::new(invalid),
+            diff_ids: HashMap::new(),
+        }
+    }
+
+    fn invalid(&self, msg: impl Display) -> ImageError {
+        (self.invalid)(msg.to_string())
+    }
+
+    /// The content of a JSON blob, bounded in size.
+    pub(crate) fn json_blob(&self, blob: &Blob, what: &str) -> Result<Vec<u8>, ImageError> {
+        if blob.size > MAX_JSON {
+            return Err(self.invalid(format!(
+                "{what} {} has {} bytes, more than the {} MiB allowed",
+                blob.digest,
+                blob.size,
+                MAX_JSON >> 20
+            )));
+        }
+        Ok(self.store.read_blob(&blob.digest)?)
+    }
+
+    /// The diff id of a layer blob: the sha256 of its uncompressed content.
+    fn diff_id(&mut self, blob: &Blob) -> Result<String, ImageError> {
+        if let Some(d) = self.diff_ids.get(&blob.digest) {
+            return Ok(d.clone());
+        }
+        let p = self.store.blob_path(&blob.digest);
+        let id = if layer_media_type(&p)? == MediaType::ImageLayer {
+            blob.digest.to_string() // uncompressed: the diff id is the digest
+        } else {
+            let f = File::open(&p).map_err(ImageError::io(&p))?;
+            let mut h = HashingReader::new(layer::decompress(f).map_err(ImageError::io(&p))?);
+            io::copy(&mut h, &mut io::sink()).map_err(|e| {
+                self.invalid(format!("layer {} cannot be decompressed: {e}", blob.digest))
+            })?;
+            h.digest()
+        };
+        self.diff_ids.insert(blob.digest.clone(), id.clone());
+        Ok(id)
+    }
+
+    /// Checks that `config` is an image configuration whose diff ids are
+    /// those of `layers`, in order.
+    pub(crate) fn check_image(&mut self, config: &Blob, layers: &[Blob]) -> Result<(), ImageError> {
+        let data = self.json_blob(config, "config")?;
+        let cfg = ImageConfiguration::from_reader(&data[..]).map_err(|e| {
+            self.invalid(format!(
+                "config {} is not an image configuration: {e}",
+                config.digest
+            ))
+        })?;
+        let want = cfg.rootfs().diff_ids();
+        if layers.len() > MAX_LAYERS {
+            return Err(self.invalid(format!(
+                "image {} has {} layers, more than the {MAX_LAYERS} allowed",
+                config.digest,
+                layers.len()
+            )));
+        }
+        if want.len() != layers.len() {
+            return Err(self.invalid(format!(
+                "image {} has {} layers but its config lists {} diff ids",
+                config.digest,
+                layers.len(),
+                want.len()
+            )));
+        }
+        for (layer, want) in layers.iter().zip(want) {
+            let got = self.diff_id(layer)?;
+            if got != *want {
+                return Err(self.invalid(format!(
+                    "layer {} of image {} uncompresses to {got}, but the config says {want}",
+                    layer.digest, config.digest
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    /// Writes an OCI manifest for `config` and `layers` (stored as they are;
+    /// layer media types from their first bytes); returns its descriptor.
+    pub(crate) fn write_manifest(
+        &self,
+        config: &Blob,
+        layers: &[Blob],
+    ) -> Result<Descriptor, ImageError> {
+        let mut descs = Vec::with_capacity(layers.len());
+        for l in layers {
+            let media = layer_media_type(&self.store.blob_path(&l.digest))?;
+            descs.push(Descriptor::new(media, l.size, l.digest.clone()));
+        }
+        let manifest = ImageManifestBuilder::default()
+            .schema_version(2u32)
+            .media_type(MediaType::ImageManifest)
+            .config(Descriptor::new(
+                MediaType::ImageConfig,
+                config.size,
+                config.digest.clone(),
+            ))
+            .layers(descs)
+            .build()
+            .map_err(|e| ImageError::Invalid(e.to_string()))?;
+        let json = manifest
+            .to_string()
+            .map_err(|e| ImageError::Invalid(e.to_string()))?;
+        let (digest, size) = self.store.put_bytes(json.as_bytes())?;
+        Ok(Descriptor::new(MediaType::ImageManifest, size, digest))
     }
 }
 
 /// What a descriptor's media type says it points to.
 #[derive(Debug, PartialEq, Eq)]
-enum Kind {
+pub(crate) enum Kind {
     Manifest,
     Index,
     Other,
 }
 
-fn kind(media: &MediaType) -> Kind {
+pub(crate) fn kind(media: &MediaType) -> Kind {
     match media {
         MediaType::ImageManifest => Kind::Manifest,
         MediaType::ImageIndex => Kind::Index,
@@ -653,7 +679,7 @@ fn kind(media: &MediaType) -> Kind {
 }
 
 /// Whether the manifest can be listed as it is: OCI media types throughout.
-fn is_plain_oci(d: &Descriptor, m: &ImageManifest) -> bool {
+pub(crate) fn is_plain_oci(d: &Descriptor, m: &ImageManifest) -> bool {
     let oci_layer = |l: &Descriptor| {
         matches!(
             l.media_type(),
@@ -671,11 +697,7 @@ fn is_plain_oci(d: &Descriptor, m: &ImageManifest) -> bool {
 /// The store name (`name:tag`) of an image reference; `None` when it is not
 /// one, or names only a digest.
 fn store_name(s: &str) -> Option<String> {
-    let r = Reference::parse(s).ok()?;
-    if r.digest.is_some() && r.tag.is_none() {
-        return None;
-    }
-    Some(r.store_name())
+    Reference::parse(s).ok()?.tag_name()
 }
 
 /// The name an OCI archive gives the image of an `index.json` entry.
@@ -747,10 +769,9 @@ pub fn load(store: &Store, path: &Path) -> Result<Vec<StoredImage>, ImageError> 
     let _w = store.writer()?;
     let contents = scan(store, path)?;
     let mut loader = Loader {
-        store,
         archive: path,
         contents,
-        diff_ids: HashMap::new(),
+        check: Checker::new(store, move |msg| invalid(path, msg)),
     };
     let docs = &loader.contents.docs;
     let prepared = if let Some(doc) = docs.get(DOCKER_MANIFEST_JSON).cloned() {

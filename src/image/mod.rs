@@ -5,6 +5,7 @@ pub mod archive;
 pub mod disk;
 pub mod import;
 pub mod layer;
+pub mod pull;
 pub mod reference;
 pub mod store;
 
@@ -29,6 +30,9 @@ pub enum ImageError {
     },
     #[error("{0}")]
     Invalid(String),
+    /// A registry could not be reached, refused or sent something wrong.
+    #[error("{0}")]
+    Registry(String),
 }
 
 impl ImageError {

@@ -135,6 +135,32 @@ impl Reference {
     pub fn store_name(&self) -> String {
         format!("{}:{}", self.familiar_name(), self.tag_or_latest())
     }
+
+    /// The store name an image fetched by this reference gets: `None` when it
+    /// names only a digest (`app@sha256:...`), which names no tag, as with
+    /// `docker pull`.
+    pub fn tag_name(&self) -> Option<String> {
+        if self.digest.is_some() && self.tag.is_none() {
+            return None;
+        }
+        Some(self.store_name())
+    }
+
+    /// The reference in full, registry included (`docker.io/library/alpine:latest`,
+    /// `localhost:5000/app@sha256:...`): what a registry is asked for. A
+    /// missing tag is `latest` unless a digest is given.
+    pub fn remote_name(&self) -> String {
+        let mut s = format!("{}/{}", self.registry, self.repository);
+        match (&self.tag, &self.digest) {
+            (Some(t), _) => s.push_str(&format!(":{t}")),
+            (None, None) => s.push_str(":latest"),
+            (None, Some(_)) => {}
+        }
+        if let Some(d) = &self.digest {
+            s.push_str(&format!("@{d}"));
+        }
+        s
+    }
 }
 
 impl fmt::Display for Reference {
@@ -183,6 +209,46 @@ mod tests {
         let d = format!("sha256:{}", "a".repeat(64));
         let r = Reference::parse(&format!("app@{d}")).unwrap();
         assert_eq!(r.digest.as_deref(), Some(d.as_str()));
+    }
+
+    #[test]
+    fn registry_references_keep_host_repository_tag_and_digest() {
+        let r = Reference::parse("localhost:5000/busybox:1").unwrap();
+        assert_eq!(
+            (r.registry.as_str(), r.repository.as_str(), r.tag.as_deref()),
+            ("localhost:5000", "busybox", Some("1"))
+        );
+        assert_eq!(r.tag_name().as_deref(), Some("localhost:5000/busybox:1"));
+        assert_eq!(r.remote_name(), "localhost:5000/busybox:1");
+
+        let d = format!("sha256:{}", "0123456789abcdef".repeat(4));
+        let r = Reference::parse(&format!("127.0.0.1:5999/test/bb@{d}")).unwrap();
+        assert_eq!(
+            (r.registry.as_str(), r.repository.as_str(), r.tag.as_deref()),
+            ("127.0.0.1:5999", "test/bb", None)
+        );
+        assert_eq!(r.digest.as_deref(), Some(d.as_str()));
+        assert_eq!(r.tag_name(), None, "a digest alone names no tag");
+        assert_eq!(r.remote_name(), format!("127.0.0.1:5999/test/bb@{d}"));
+
+        let r = Reference::parse(&format!("registry.example.com/a/b/c:v2@{d}")).unwrap();
+        assert_eq!(r.registry, "registry.example.com");
+        assert_eq!(r.repository, "a/b/c");
+        assert_eq!(
+            r.tag_name().as_deref(),
+            Some("registry.example.com/a/b/c:v2")
+        );
+
+        // Docker Hub: the full name is what the registry is asked for.
+        let r = Reference::parse("busybox").unwrap();
+        assert_eq!(r.remote_name(), "docker.io/library/busybox:latest");
+        assert_eq!(r.tag_name().as_deref(), Some("busybox:latest"));
+        // A first component without '.', ':' or "localhost" is a path, not a host.
+        let r = Reference::parse("myhost/app:1").unwrap();
+        assert_eq!(r.registry, "docker.io");
+        assert_eq!(r.repository, "myhost/app");
+        assert!(Reference::parse("localhost:5000/Busy:1").is_err());
+        assert!(Reference::parse("localhost:5000/").is_err());
     }
 
     #[test]
