@@ -604,13 +604,24 @@ impl Builder<'_> {
                 .map_err(|e| BuildError::Input(format!("RUN needs a microVM: {e}")))?;
             let kernel = crate::assets::kernel(self.o.kernel.as_deref())
                 .map_err(|e| BuildError::Input(e.to_string()))?;
+            // Starting the VM takes seconds on slow backends: show it on a terminal.
+            let spinner = std::io::IsTerminal::is_terminal(&std::io::stderr()).then(|| {
+                let s = indicatif::ProgressBar::new_spinner()
+                    .with_message("starting the build microVM");
+                s.enable_steady_tick(std::time::Duration::from_millis(120));
+                s
+            });
             let vm = BuildVm::start(
                 &st.base_disk,
                 &dir,
                 &kernel,
                 self.o.resources,
                 &self.o.snapshots,
-            )?;
+            );
+            if let Some(s) = spinner {
+                s.finish_and_clear();
+            }
+            let vm = vm?;
             st.vm = Some(vm);
             st.vm_layers = st.base_layers;
         }

@@ -189,9 +189,34 @@ fn invalid(archive: &Path, msg: impl Display) -> ImageError {
     ImageError::Invalid(format!("{}: {msg}", archive.display()))
 }
 
+/// Clears a progress bar when the work it shows ends, however it ends.
+struct ClearOnDrop(Option<indicatif::ProgressBar>);
+
+impl Drop for ClearOnDrop {
+    fn drop(&mut self) {
+        if let Some(b) = &self.0 {
+            b.finish_and_clear();
+        }
+    }
+}
+
 /// Streams the archive's entries into the store.
 fn scan(store: &Store, archive: &Path) -> Result<Contents, ImageError> {
     let file = File::open(archive).map_err(ImageError::io(archive))?;
+    // A progress bar over the archive's bytes when stderr is a terminal.
+    let bar = std::io::IsTerminal::is_terminal(&io::stderr()).then(|| {
+        let len = file.metadata().map(|m| m.len()).unwrap_or(0);
+        indicatif::ProgressBar::new(len).with_style(
+            indicatif::ProgressStyle::with_template("Loading [{bar:25}] {bytes}/{total_bytes}")
+                .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
+                .progress_chars("=> "),
+        )
+    });
+    let _clear = ClearOnDrop(bar.clone());
+    let file: Box<dyn Read> = match &bar {
+        Some(b) => Box::new(b.wrap_read(file)),
+        None => Box::new(file),
+    };
     let reader = layer::decompress(file).map_err(ImageError::io(archive))?;
     let mut tar = tar::Archive::new(reader);
     let mut contents = Contents::default();
