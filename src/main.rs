@@ -366,9 +366,6 @@ fn import(a: ImportArgs) -> Result<i32> {
 }
 
 fn build(a: BuildArgs) -> Result<i32> {
-    if a.mode == "ns" {
-        bail!("--mode ns: namespace-mode builds are not available yet; use the default --mode vm");
-    }
     if a.memory < vmm::MIN_MEMORY {
         bail!(
             "--memory {}: a microVM needs at least {} MiB",
@@ -404,6 +401,7 @@ fn build(a: BuildArgs) -> Result<i32> {
         tags: a.tags.clone(),
         build_args,
         no_cache: a.no_cache,
+        ns: a.mode == "ns",
         kernel: a.kernel.clone(),
         resources: Resources {
             cpus: a.cpus,

@@ -206,3 +206,47 @@ fn users_workdirs_stdin_and_start_failures_behave_as_in_vm_mode() {
     // --rm leaves no state behind.
     assert_eq!(std::fs::read_dir(h.join("containers")).unwrap().count(), 0);
 }
+
+#[test]
+fn builds_run_their_steps_in_namespaces_with_mode_ns() {
+    if !is_root() {
+        return;
+    }
+    let home = store_with_busybox();
+    let h = home.path();
+    let ctx = tempfile::tempdir().unwrap();
+    std::fs::write(ctx.path().join("in.txt"), "copied\n").unwrap();
+    std::fs::write(
+        ctx.path().join("Dockerfile"),
+        "FROM busybox\nCOPY in.txt /app/\nRUN echo \"pid $$\"; cat /app/in.txt; echo made > /app/made; rm /etc/group\n\
+         RUN test ! -e /etc/group && echo group-gone\nCMD [\"cat\", \"/app/made\"]\n",
+    )
+    .unwrap();
+    let c = ctx.path().to_str().unwrap();
+    let o = vmc(h, &["build", "--mode", "ns", "-t", "nsbuilt", c]);
+    let out = stdout(&o);
+    assert!(
+        o.status.success(),
+        "{out}{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    assert!(out.contains("pid 1\ncopied\n"), "{out}");
+    assert!(out.contains("group-gone"), "{out}");
+    let o = vmc(h, &["run", "--rm", "--mode", "ns", "nsbuilt"]);
+    assert_eq!(stdout(&o), "made\n");
+    let o = vmc(h, &["run", "--rm", "--mode", "ns", "nsbuilt", "ls", "/etc"]);
+    assert_eq!(stdout(&o), "passwd\n", "the deletion is in the image");
+
+    std::fs::write(ctx.path().join("Dockerfile"), "FROM busybox\nRUN exit 4\n").unwrap();
+    let o = vmc(h, &["build", "--mode", "ns", "-t", "broken", c]);
+    assert_eq!(o.status.code(), Some(4));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("Dockerfile:2: RUN exit 4"));
+    let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    assert!(!mounts.contains(h.to_str().unwrap()), "{mounts}");
+    assert_eq!(
+        std::fs::read_dir(h.join("cache/build-tmp"))
+            .unwrap()
+            .count(),
+        0
+    );
+}

@@ -16,6 +16,8 @@
 pub mod spawn;
 /// Small checked wrappers around system calls.
 pub mod sys;
+/// An overlayfs upper directory as an OCI layer tar.
+pub mod upper;
 /// `USER` resolution against the container's passwd and group files.
 pub mod user;
 

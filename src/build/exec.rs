@@ -24,6 +24,7 @@ use vmc_guest::{ExitStatus, ProcessSpec};
 use super::cache::{self, Cache};
 use super::context::{Context, CopySpec};
 use super::dockerfile::{self, Cmd, Stage, Step, StepKind};
+use super::ns::BuildNs;
 use super::vm::{BuildVm, RunResult};
 use super::words;
 use crate::image::layer::Whiteouts;
@@ -39,6 +40,8 @@ pub struct BuildOptions {
     pub tags: Vec<String>,
     pub build_args: Vec<(String, String)>,
     pub no_cache: bool,
+    /// Run RUN steps in Linux namespaces on the host instead of a microVM.
+    pub ns: bool,
     /// The guest kernel (`None`: the installed one); looked up, like KVM
     /// itself, only when a RUN step needs a VM.
     pub kernel: Option<PathBuf>,
@@ -116,11 +119,12 @@ struct State {
     key: String,
     args: BTreeMap<String, String>,
     shell: Vec<String>,
-    /// The base image's root disk (for the build VM).
-    base_disk: PathBuf,
+    /// The base image (`None`: scratch); its root disk or layer directories
+    /// are made when the first RUN needs them.
+    base_image: Option<StoredImage>,
     /// Layers belonging to the base image (already in its disk).
     base_layers: usize,
-    vm: Option<BuildVm>,
+    vm: Option<Sandbox>,
     /// Layers the VM has (base, applied or committed in it).
     vm_layers: usize,
     /// Whether this stage set CMD (a later ENTRYPOINT then keeps it).
@@ -285,46 +289,44 @@ impl Builder<'_> {
 
     /// The state a stage starts from: scratch, an earlier stage, or an image.
     fn base(&mut self, from: &str, stage: &Stage) -> Result<State, BuildError> {
-        let empty = |config, layers: Vec<Descriptor>, key: String, disk: PathBuf| State {
-            base_layers: layers.len(),
-            vm_layers: layers.len(),
-            config,
-            layers,
-            key,
-            args: BTreeMap::new(),
-            shell: vec!["/bin/sh".into(), "-c".into()],
-            base_disk: disk,
-            vm: None,
-            cmd_set: false,
-        };
-        let cache_dir = self.store.root().join("cache");
+        let empty =
+            |config, layers: Vec<Descriptor>, key: String, base: Option<StoredImage>| State {
+                base_layers: layers.len(),
+                vm_layers: layers.len(),
+                config,
+                layers,
+                key,
+                args: BTreeMap::new(),
+                shell: vec!["/bin/sh".into(), "-c".into()],
+                base_image: base,
+                vm: None,
+                cmd_set: false,
+            };
         if from == "scratch" {
-            let disk = crate::image::disk::empty_disk(&cache_dir)?;
             return Ok(empty(
                 default_config(),
                 Vec::new(),
                 cache::chain("", &["scratch"]),
-                disk,
+                None,
             ));
         }
         if let Some(s) = self.stages.iter().find(|s| s.name.as_deref() == Some(from)) {
             // An earlier stage: its layers become this stage's base.
             let (config, layers) = (s.config.clone(), s.layers.clone());
             let img = self.store.commit(&config, layers.clone(), None)?;
-            let disk = crate::image::disk::root_disk(self.store, &img, &cache_dir)?;
-            return Ok(empty(config, layers, cache::chain("", &[&img.id()]), disk));
+            let key = cache::chain("", &[&img.id()]);
+            return Ok(empty(config, layers, key, Some(img)));
         }
         let img = self.store.resolve(from).map_err(|e| BuildError::Step {
             line: stage.line,
             text: first_line(&stage.text),
             message: e.to_string(),
         })?;
-        let disk = crate::image::disk::root_disk(self.store, &img, &cache_dir)?;
         Ok(empty(
             img.config.clone(),
             img.manifest.layers().clone(),
             cache::chain("", &[&img.id()]),
-            disk,
+            Some(img),
         ))
     }
 
@@ -597,32 +599,43 @@ impl Builder<'_> {
 
     fn ensure_vm(&mut self, st: &mut State) -> Result<(), BuildError> {
         if st.vm.is_none() {
-            let dir = self
-                .tmp
-                .join(format!("vm-{}", &crate::runtime::new_id()[..8]));
-            crate::vmm::open_kvm()
-                .map_err(|e| BuildError::Input(format!("RUN needs a microVM: {e}")))?;
-            let kernel = crate::assets::kernel(self.o.kernel.as_deref())
-                .map_err(|e| BuildError::Input(e.to_string()))?;
-            // Starting the VM takes seconds on slow backends: show it on a terminal.
-            let spinner = std::io::IsTerminal::is_terminal(&std::io::stderr()).then(|| {
-                let s = indicatif::ProgressBar::new_spinner()
-                    .with_message("starting the build microVM");
-                s.enable_steady_tick(std::time::Duration::from_millis(120));
-                s
-            });
-            let vm = BuildVm::start(
-                &st.base_disk,
-                &dir,
-                &kernel,
-                self.o.resources,
-                &self.o.snapshots,
-            );
-            if let Some(s) = spinner {
-                s.finish_and_clear();
-            }
-            let vm = vm?;
-            st.vm = Some(vm);
+            let cache_dir = self.store.root().join("cache");
+            let id = &crate::runtime::new_id()[..8];
+            let sandbox = if self.o.ns {
+                let lowers = match &st.base_image {
+                    Some(img) => crate::image::disk::layer_dirs(self.store, img, &cache_dir)?,
+                    None => Vec::new(),
+                };
+                Sandbox::Ns(BuildNs::start(lowers, &self.tmp.join(format!("ns-{id}")))?)
+            } else {
+                crate::vmm::open_kvm()
+                    .map_err(|e| BuildError::Input(format!("RUN needs a microVM: {e}")))?;
+                let kernel = crate::assets::kernel(self.o.kernel.as_deref())
+                    .map_err(|e| BuildError::Input(e.to_string()))?;
+                let disk = match &st.base_image {
+                    Some(img) => crate::image::disk::root_disk(self.store, img, &cache_dir)?,
+                    None => crate::image::disk::empty_disk(&cache_dir)?,
+                };
+                // Starting the VM takes seconds on slow backends: show it on a terminal.
+                let spinner = std::io::IsTerminal::is_terminal(&std::io::stderr()).then(|| {
+                    let s = indicatif::ProgressBar::new_spinner()
+                        .with_message("starting the build microVM");
+                    s.enable_steady_tick(std::time::Duration::from_millis(120));
+                    s
+                });
+                let vm = BuildVm::start(
+                    &disk,
+                    &self.tmp.join(format!("vm-{id}")),
+                    &kernel,
+                    self.o.resources,
+                    &self.o.snapshots,
+                );
+                if let Some(s) = spinner {
+                    s.finish_and_clear();
+                }
+                Sandbox::Vm(vm?)
+            };
+            st.vm = Some(sandbox);
             st.vm_layers = st.base_layers;
         }
         // Layers made since (COPY, cache hits) go in before the step runs.
@@ -633,7 +646,7 @@ impl Builder<'_> {
                 File::open(&p).map_err(|e| BuildError::Input(format!("{}: {e}", p.display())))?;
             let r =
                 crate::image::layer::decompress(f).map_err(|e| BuildError::Input(e.to_string()))?;
-            st.vm.as_ref().expect("started above").apply_layer(r)?;
+            st.vm.as_mut().expect("started above").apply_layer(r)?;
             st.vm_layers += 1;
         }
         Ok(())
@@ -680,7 +693,7 @@ impl Builder<'_> {
                 at_line_start = last == b'\n';
             }
         };
-        let vm = st.vm.as_ref().expect("started above");
+        let vm = st.vm.as_mut().expect("started above");
         let result = vm.run(spec, &mut sink)?;
         if !at_line_start {
             self.say("");
@@ -934,4 +947,44 @@ fn tempfile_in(dir: &Path) -> Result<File, BuildError> {
         .map_err(|e| BuildError::Input(format!("{}: {e}", p.display())))?;
     let _ = fs::remove_file(&p);
     Ok(f)
+}
+
+/// Where a stage's RUN steps execute.
+enum Sandbox {
+    Vm(BuildVm),
+    Ns(BuildNs),
+}
+
+impl Sandbox {
+    fn apply_layer(&mut self, r: impl std::io::Read) -> Result<(), crate::runtime::RuntimeError> {
+        match self {
+            Sandbox::Vm(v) => v.apply_layer(r),
+            Sandbox::Ns(n) => n.apply_layer(r),
+        }
+    }
+
+    fn run(
+        &mut self,
+        spec: ProcessSpec,
+        out: &mut dyn FnMut(bool, &[u8]),
+    ) -> Result<RunResult, crate::runtime::RuntimeError> {
+        match self {
+            Sandbox::Vm(v) => v.run(spec, out),
+            Sandbox::Ns(n) => n.run(spec, out),
+        }
+    }
+
+    fn commit(&mut self, sink: &mut dyn Write) -> Result<(), crate::runtime::RuntimeError> {
+        match self {
+            Sandbox::Vm(v) => v.commit(sink),
+            Sandbox::Ns(n) => n.commit(sink),
+        }
+    }
+
+    fn stop(self) {
+        match self {
+            Sandbox::Vm(v) => v.stop(),
+            Sandbox::Ns(n) => n.stop(),
+        }
+    }
 }

@@ -4,6 +4,7 @@ pub mod cache;
 pub mod context;
 pub mod dockerfile;
 pub mod exec;
+pub mod ns;
 pub mod vm;
 pub mod words;
 

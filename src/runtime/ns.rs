@@ -194,32 +194,14 @@ pub fn root_ops(root: &str) -> Vec<RootOp> {
     ops
 }
 
-/// Runs `cfg` attached (stdio inherited) with its root made of `lowers`
-/// (bottom first, read-only) and a writable upper in `dir`; returns the exit
-/// code as Docker reports it.
-pub fn run_attached(
-    cfg: &ContainerConfig,
-    lowers: &[PathBuf],
-    dir: &Path,
-) -> Result<i32, RuntimeError> {
+/// Moves this process into a private mount namespace of its own: the
+/// container's mounts are seen by no one else and go away with the last
+/// process in it. Idempotent in effect (a second call nests another one).
+pub fn private_mounts() -> Result<(), NsError> {
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } != 0 {
-        return Err(NsError::NotRoot.into());
+        return Err(NsError::NotRoot);
     }
-    let mk =
-        |p: &Path| std::fs::create_dir_all(p).map_err(sys(format!("creating {}", p.display())));
-    let (upper, work, root) = (dir.join("upper"), dir.join("work"), dir.join("rootfs"));
-    for p in [&upper, &work, &root] {
-        mk(p)?;
-    }
-    let mut lowers: Vec<PathBuf> = lowers.iter().rev().cloned().collect();
-    if lowers.is_empty() {
-        let empty = dir.join("empty");
-        mk(&empty)?;
-        lowers.push(empty);
-    }
-    // vmc's own private mount namespace: the container's mounts are seen by
-    // no one else and go away with the last process in it.
     // SAFETY: unshare/mount with valid arguments; results checked.
     unsafe {
         check(libc::unshare(libc::CLONE_NEWNS), "unshare(CLONE_NEWNS)")?;
@@ -232,43 +214,101 @@ pub fn run_attached(
                 std::ptr::null(),
             ),
             "making / private",
-        )?;
+        )
     }
-    let lowerdir = lowers
-        .iter()
-        .map(|p| p.display().to_string())
-        .collect::<Vec<_>>()
-        .join(":");
-    let data = format!(
-        "lowerdir={lowerdir},upperdir={},workdir={}",
-        upper.display(),
-        work.display()
-    );
-    vmc_guest::sys::mount(
-        Some("overlay"),
-        &root.display().to_string(),
-        Some("overlay"),
-        0,
-        Some(&data),
-    )
-    .map_err(sys("mounting the container root (overlayfs)"))?;
-    // Unmounted when the run ends, however it ends, so that the state
-    // directory can be removed without reaching into the mounted root.
-    let _mounted = Unmount(root.clone());
+}
 
-    let root_s = root.display().to_string();
-    let iso = Isolation {
+/// An overlayfs root mounted at `root`, unmounted (lazily) on drop.
+pub struct OverlayRoot {
+    root: PathBuf,
+}
+
+impl OverlayRoot {
+    /// Mounts `lowers` (bottom first; an empty list is an empty root) with
+    /// `upper` and `work` at `root`, creating the directories. `scratch` is
+    /// where an empty lower can be made.
+    pub fn mount(
+        lowers: &[PathBuf],
+        upper: &Path,
+        work: &Path,
+        root: &Path,
+        scratch: &Path,
+    ) -> Result<OverlayRoot, NsError> {
+        let mk =
+            |p: &Path| std::fs::create_dir_all(p).map_err(sys(format!("creating {}", p.display())));
+        for p in [upper, work, root] {
+            mk(p)?;
+        }
+        let mut lowers: Vec<PathBuf> = lowers.iter().rev().cloned().collect();
+        if lowers.is_empty() {
+            let empty = scratch.join("empty");
+            mk(&empty)?;
+            lowers.push(empty);
+        }
+        let lowerdir = lowers
+            .iter()
+            .map(|p| p.display().to_string())
+            .collect::<Vec<_>>()
+            .join(":");
+        let data = format!(
+            "lowerdir={lowerdir},upperdir={},workdir={}",
+            upper.display(),
+            work.display()
+        );
+        vmc_guest::sys::mount(
+            Some("overlay"),
+            &root.display().to_string(),
+            Some("overlay"),
+            0,
+            Some(&data),
+        )
+        .map_err(sys("mounting the container root (overlayfs)"))?;
+        Ok(OverlayRoot {
+            root: root.to_path_buf(),
+        })
+    }
+}
+
+impl Drop for OverlayRoot {
+    fn drop(&mut self) {
+        if let Ok(c) = vmc_guest::sys::cstr(&self.root) {
+            // SAFETY: umount2 on a NUL-terminated path.
+            unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) };
+        }
+    }
+}
+
+/// Docker's confinement for a container whose root is mounted at `root`.
+pub fn isolation(root: &str, hostname: &str) -> Isolation {
+    Isolation {
         clone_flags: libc::CLONE_NEWPID
             | libc::CLONE_NEWUTS
             | libc::CLONE_NEWIPC
             | libc::CLONE_NEWNET
             | libc::CLONE_NEWCGROUP,
-        ops: root_ops(&root_s),
-        hostname: Some(cfg.hostname.clone()),
+        ops: root_ops(root),
+        hostname: Some(hostname.to_string()),
         loopback_up: true,
         keep_caps: Some(DOCKER_DEFAULT_CAPS),
         no_new_privs: true,
-    };
+    }
+}
+
+/// Runs `cfg` attached (stdio inherited) with its root made of `lowers`
+/// (bottom first, read-only) and a writable upper in `dir`; returns the exit
+/// code as Docker reports it.
+pub fn run_attached(
+    cfg: &ContainerConfig,
+    lowers: &[PathBuf],
+    dir: &Path,
+) -> Result<i32, RuntimeError> {
+    private_mounts()?;
+    let root = dir.join("rootfs");
+    // Unmounted when the run ends, however it ends, so that the state
+    // directory can be removed without reaching into the mounted root.
+    let _mounted = OverlayRoot::mount(lowers, &dir.join("upper"), &dir.join("work"), &root, dir)?;
+    let root_s = root.display().to_string();
+    let iso = isolation(&root_s, &cfg.hostname);
     let prepared = match spawn::prepare_isolated(&cfg.process, &root_s, &root_s, &iso) {
         Ok(p) => p,
         Err(e) => {
@@ -325,17 +365,6 @@ pub fn run_attached(
         if sig != libc::SIGCHLD {
             // SAFETY: kill on our own child.
             unsafe { libc::kill(pid, sig) };
-        }
-    }
-}
-
-struct Unmount(PathBuf);
-
-impl Drop for Unmount {
-    fn drop(&mut self) {
-        if let Ok(c) = vmc_guest::sys::cstr(&self.0) {
-            // SAFETY: umount2 on a NUL-terminated path.
-            unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) };
         }
     }
 }

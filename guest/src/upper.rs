@@ -1,0 +1,115 @@
+//! An overlayfs upper directory as an OCI layer tar: overlay whiteouts
+//! (0/0 character devices) become `.wh.NAME` entries and opaque directories
+//! (`trusted.overlay.opaque=y`) get a `.wh..wh..opq` entry. Used by the guest
+//! agent for RUN steps in a microVM and by namespace-mode builds on the host.
+
+use std::collections::HashMap;
+use std::ffi::CString;
+use std::fs;
+use std::io::{self, Write};
+use std::os::unix::fs::{FileTypeExt, MetadataExt};
+use std::path::{Path, PathBuf};
+
+/// Writes the contents of `upper` as a layer tar to `out`.
+pub fn write_layer<W: Write>(upper: &Path, out: W) -> io::Result<()> {
+    let mut b = tar::Builder::new(out);
+    b.mode(tar::HeaderMode::Complete);
+    b.follow_symlinks(false);
+    let mut links = HashMap::new();
+    append_dir(&mut b, upper, Path::new(""), &mut links)?;
+    b.into_inner()?.flush()
+}
+
+fn xattr(path: &Path, name: &str) -> Option<Vec<u8>> {
+    let p = CString::new(path.as_os_str().as_encoded_bytes()).ok()?;
+    let n = CString::new(name).ok()?;
+    let mut buf = vec![0u8; 4096];
+    // SAFETY: valid strings and buffer; lgetxattr does not follow symlinks.
+    let len =
+        unsafe { libc::lgetxattr(p.as_ptr(), n.as_ptr(), buf.as_mut_ptr().cast(), buf.len()) };
+    (len >= 0).then(|| {
+        buf.truncate(len as usize);
+        buf
+    })
+}
+
+fn header_for(meta: &fs::Metadata, kind: tar::EntryType) -> tar::Header {
+    let mut h = tar::Header::new_gnu();
+    h.set_entry_type(kind);
+    h.set_mode(meta.mode() & 0o7777);
+    h.set_uid(meta.uid() as u64);
+    h.set_gid(meta.gid() as u64);
+    h.set_mtime(meta.mtime().max(0) as u64);
+    h.set_size(0);
+    h
+}
+
+fn append_xattrs<W: Write>(b: &mut tar::Builder<W>, path: &Path) -> io::Result<()> {
+    let mut pax = Vec::new();
+    for name in ["security.capability"] {
+        if let Some(v) = xattr(path, name) {
+            pax.push((format!("SCHILY.xattr.{name}"), v));
+        }
+    }
+    if !pax.is_empty() {
+        b.append_pax_extensions(pax.iter().map(|(k, v)| (k.as_str(), v.as_slice())))?;
+    }
+    Ok(())
+}
+
+fn append_dir<W: Write>(
+    b: &mut tar::Builder<W>,
+    dir: &Path,
+    rel: &Path,
+    links: &mut HashMap<(u64, u64), PathBuf>,
+) -> io::Result<()> {
+    let mut entries: Vec<_> = fs::read_dir(dir)?.collect::<Result<_, _>>()?;
+    entries.sort_by_key(|e| e.file_name());
+    for e in entries {
+        let path = e.path();
+        let name = e.file_name();
+        let relp = rel.join(&name);
+        let meta = fs::symlink_metadata(&path)?;
+        let ft = meta.file_type();
+        if ft.is_char_device() && meta.rdev() == 0 {
+            // An overlayfs whiteout: the file was deleted.
+            let wh = rel.join(format!(".wh.{}", name.to_string_lossy()));
+            let mut h = header_for(&meta, tar::EntryType::Regular);
+            h.set_mode(0o644);
+            b.append_data(&mut h, &wh, io::empty())?;
+            continue;
+        }
+        if ft.is_dir() {
+            let mut h = header_for(&meta, tar::EntryType::Directory);
+            append_xattrs(b, &path)?;
+            b.append_data(&mut h, &relp, io::empty())?;
+            if xattr(&path, "trusted.overlay.opaque").as_deref() == Some(b"y") {
+                let mut h = header_for(&meta, tar::EntryType::Regular);
+                h.set_mode(0o644);
+                b.append_data(&mut h, relp.join(".wh..wh..opq"), io::empty())?;
+            }
+            append_dir(b, &path, &relp, links)?;
+        } else if ft.is_symlink() {
+            let mut h = header_for(&meta, tar::EntryType::Symlink);
+            b.append_link(&mut h, &relp, fs::read_link(&path)?)?;
+        } else if ft.is_file() {
+            if meta.nlink() > 1 {
+                if let Some(first) = links.get(&(meta.dev(), meta.ino())) {
+                    let mut h = header_for(&meta, tar::EntryType::Link);
+                    b.append_link(&mut h, &relp, first)?;
+                    continue;
+                }
+                links.insert((meta.dev(), meta.ino()), relp.clone());
+            }
+            let mut h = header_for(&meta, tar::EntryType::Regular);
+            h.set_size(meta.len());
+            append_xattrs(b, &path)?;
+            b.append_data(&mut h, &relp, fs::File::open(&path)?)?;
+        } else if ft.is_fifo() {
+            let mut h = header_for(&meta, tar::EntryType::Fifo);
+            b.append_data(&mut h, &relp, io::empty())?;
+        }
+        // Sockets and device nodes are not part of a layer.
+    }
+    Ok(())
+}

@@ -1,0 +1,160 @@
+//! RUN steps in Linux namespaces (`vmc build --mode ns`): the stage's layers
+//! are overlayfs lowers, each step runs confined as in `vmc run --mode ns`
+//! over a fresh upper directory, and that upper becomes the step's layer
+//! (the same tar writer as the guest agent's) and then the next lower.
+
+use std::fs;
+use std::io::{Read, Write};
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::path::{Path, PathBuf};
+
+use vmc_guest::{spawn, ExitStatus, ProcessSpec};
+
+use super::vm::RunResult;
+use crate::image::layer::{self, Limits, Whiteouts};
+use crate::runtime::ns::{isolation, private_mounts, OverlayRoot};
+use crate::runtime::RuntimeError;
+
+/// A namespace build sandbox for one stage.
+pub struct BuildNs {
+    dir: PathBuf,
+    /// Bottom first.
+    lowers: Vec<PathBuf>,
+    upper: PathBuf,
+    next: usize,
+}
+
+fn err(what: &str) -> impl Fn(std::io::Error) -> RuntimeError + '_ {
+    move |e| RuntimeError::Namespace(format!("{what}: {e}"))
+}
+
+impl BuildNs {
+    /// A sandbox over `base` (the base image's layer directories, bottom
+    /// first), working in `dir`.
+    pub fn start(base: Vec<PathBuf>, dir: &Path) -> Result<BuildNs, RuntimeError> {
+        private_mounts()?;
+        fs::create_dir_all(dir).map_err(err("creating the build directory"))?;
+        let mut ns = BuildNs {
+            dir: dir.to_path_buf(),
+            lowers: base,
+            upper: PathBuf::new(),
+            next: 0,
+        };
+        ns.upper = ns.fresh("upper")?;
+        Ok(ns)
+    }
+
+    fn fresh(&mut self, what: &str) -> Result<PathBuf, RuntimeError> {
+        self.next += 1;
+        let p = self.dir.join(format!("{what}-{}", self.next));
+        fs::create_dir_all(&p).map_err(err("creating a layer directory"))?;
+        Ok(p)
+    }
+
+    /// Adds the uncompressed layer tar `r` on top.
+    pub fn apply_layer(&mut self, r: impl Read) -> Result<(), RuntimeError> {
+        let d = self.fresh("layer")?;
+        layer::unpack(r, &d, Whiteouts::Overlay, Limits::default())
+            .map_err(|e| RuntimeError::Namespace(format!("unpacking a layer: {e}")))?;
+        self.lowers.push(d);
+        Ok(())
+    }
+
+    /// Runs a step's process; its output goes to `out` (is-stderr, bytes).
+    pub fn run(
+        &mut self,
+        spec: ProcessSpec,
+        out: &mut dyn FnMut(bool, &[u8]),
+    ) -> Result<RunResult, RuntimeError> {
+        let root = self.dir.join("rootfs");
+        let work = self.fresh("work")?;
+        let _mounted = OverlayRoot::mount(&self.lowers, &self.upper, &work, &root, &self.dir)?;
+        let root_s = root.display().to_string();
+        let iso = isolation(&root_s, "buildkitsandbox");
+        let prepared = match spawn::prepare_isolated(&spec, &root_s, &root_s, &iso) {
+            Ok(p) => p,
+            Err(e) => return Ok(RunResult::StartFailed(e.kind, e.message)),
+        };
+        let null = fs::File::open("/dev/null").map_err(err("/dev/null"))?;
+        let (out_r, out_w) = vmc_guest::sys::pipe().map_err(err("pipe"))?;
+        let (err_r, err_w) = vmc_guest::sys::pipe().map_err(err("pipe"))?;
+        let pid = match spawn::spawn(
+            &prepared,
+            [null.as_raw_fd(), out_w.as_raw_fd(), err_w.as_raw_fd()],
+        ) {
+            Ok(pid) => pid as libc::pid_t,
+            Err(e) => return Ok(RunResult::StartFailed(e.kind, e.message)),
+        };
+        drop((out_w, err_w, null));
+        pump(&out_r, &err_r, out);
+        let mut status = 0;
+        loop {
+            // SAFETY: waitpid on our own child with a valid out pointer.
+            let r = unsafe { libc::waitpid(pid, &mut status, 0) };
+            if r == pid {
+                break;
+            }
+            if std::io::Error::last_os_error().kind() != std::io::ErrorKind::Interrupted {
+                return Err(RuntimeError::Namespace(
+                    "waiting for the step's process".into(),
+                ));
+            }
+        }
+        Ok(RunResult::Exited(if libc::WIFSIGNALED(status) {
+            ExitStatus::Signal(libc::WTERMSIG(status))
+        } else {
+            ExitStatus::Code(libc::WEXITSTATUS(status))
+        }))
+    }
+
+    /// Writes the last step's changes as a layer tar to `sink`; they become
+    /// a lower for the steps that follow.
+    pub fn commit(&mut self, sink: &mut dyn Write) -> Result<(), RuntimeError> {
+        vmc_guest::upper::write_layer(&self.upper, sink).map_err(err("writing the layer"))?;
+        let done = std::mem::take(&mut self.upper);
+        self.lowers.push(done);
+        self.upper = self.fresh("upper")?;
+        Ok(())
+    }
+
+    /// Removes the sandbox's directories.
+    pub fn stop(self) {
+        let _ = fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// Copies both pipes to `out` until both reach end of file.
+fn pump(out_r: &OwnedFd, err_r: &OwnedFd, out: &mut dyn FnMut(bool, &[u8])) {
+    let mut open = [true, true];
+    let mut buf = vec![0u8; 64 * 1024];
+    while open[0] || open[1] {
+        let mut fds = [
+            libc::pollfd {
+                fd: if open[0] { out_r.as_raw_fd() } else { -1 },
+                events: libc::POLLIN,
+                revents: 0,
+            },
+            libc::pollfd {
+                fd: if open[1] { err_r.as_raw_fd() } else { -1 },
+                events: libc::POLLIN,
+                revents: 0,
+            },
+        ];
+        // SAFETY: fds is a valid array of two pollfd.
+        if unsafe { libc::poll(fds.as_mut_ptr(), 2, -1) } < 0 {
+            if std::io::Error::last_os_error().kind() == std::io::ErrorKind::Interrupted {
+                continue;
+            }
+            return;
+        }
+        for (i, fd) in fds.iter().enumerate() {
+            if fd.fd < 0 || fd.revents == 0 {
+                continue;
+            }
+            match vmc_guest::sys::read(fd.fd, &mut buf) {
+                Ok(0) | Err(_) => open[i] = false,
+                Ok(n) => out(i == 1, &buf[..n]),
+            }
+        }
+    }
+}
