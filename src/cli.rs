@@ -56,6 +56,21 @@ pub enum Command {
                       vmc build --no-cache -t app ."
     )]
     Build(BuildArgs),
+    /// List containers.
+    Ps(PsArgs),
+    /// Show a container's output.
+    Logs(LogsArgs),
+    /// Stop running containers (the stop signal, then SIGKILL after a timeout).
+    Stop(StopArgs),
+    /// Send a signal to running containers.
+    Kill(KillArgs),
+    /// Remove containers.
+    Rm(RmArgs),
+    /// Wait for containers to exit and print their exit codes.
+    Wait(WaitArgs),
+    /// (internal) Supervise a detached container.
+    #[command(name = "__supervise", hide = true)]
+    Supervise { dir: PathBuf },
     /// Show the virtualisation backend, guest kernel and agent vmc will use.
     Info,
     /// List images.
@@ -113,6 +128,14 @@ pub struct RunArgs {
     /// (Linux namespaces on the host, like crun; root only).
     #[arg(long, default_value = "vm", value_parser = ["vm", "ns"])]
     pub mode: String,
+
+    /// Run in the background and print the container id (see vmc ps, logs, stop).
+    #[arg(short = 'd', long)]
+    pub detach: bool,
+
+    /// A name for the container (default: a generated one).
+    #[arg(long)]
+    pub name: Option<String>,
 
     /// Remove the container's state (scratch disk) when it exits.
     #[arg(long)]
@@ -253,6 +276,63 @@ pub struct PullArgs {
     /// The image: [REGISTRY/]NAME[:TAG][@DIGEST].
     #[arg(value_name = "REF")]
     pub reference: String,
+}
+
+#[derive(Args, Debug)]
+pub struct PsArgs {
+    /// Show every container (default: running ones).
+    #[arg(short, long)]
+    pub all: bool,
+    /// Only ids.
+    #[arg(short, long)]
+    pub quiet: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct LogsArgs {
+    /// Keep printing new output until the container stops.
+    #[arg(short, long)]
+    pub follow: bool,
+    /// Only the last N lines ("all" for every line).
+    #[arg(short = 'n', long, default_value = "all")]
+    pub tail: String,
+    /// Prefix each line with its time.
+    #[arg(short, long)]
+    pub timestamps: bool,
+    pub container: String,
+}
+
+#[derive(Args, Debug)]
+pub struct StopArgs {
+    /// Seconds to wait after the stop signal before SIGKILL.
+    #[arg(short = 't', long = "time", default_value_t = 10)]
+    pub time: u64,
+    #[arg(required = true)]
+    pub containers: Vec<String>,
+}
+
+#[derive(Args, Debug)]
+pub struct KillArgs {
+    /// The signal (name or number).
+    #[arg(short, long, default_value = "KILL")]
+    pub signal: String,
+    #[arg(required = true)]
+    pub containers: Vec<String>,
+}
+
+#[derive(Args, Debug)]
+pub struct RmArgs {
+    /// Kill and remove running containers too.
+    #[arg(short, long)]
+    pub force: bool,
+    #[arg(required = true)]
+    pub containers: Vec<String>,
+}
+
+#[derive(Args, Debug)]
+pub struct WaitArgs {
+    #[arg(required = true)]
+    pub containers: Vec<String>,
 }
 
 #[derive(Args, Debug)]

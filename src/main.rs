@@ -7,11 +7,13 @@ use std::path::PathBuf;
 use anyhow::{bail, Context, Result};
 use clap::Parser;
 use vmc::cli::{
-    BuildArgs, Cli, Command, ImagesArgs, ImportArgs, InspectArgs, LoadArgs, PullArgs, RmiArgs,
-    RunArgs, SaveArgs, SystemCommand, TagArgs,
+    BuildArgs, Cli, Command, ImagesArgs, ImportArgs, InspectArgs, KillArgs, LoadArgs, LogsArgs,
+    PsArgs, PullArgs, RmArgs, RmiArgs, RunArgs, SaveArgs, StopArgs, SystemCommand, TagArgs,
+    WaitArgs,
 };
 use vmc::image::{self, Reference, Store};
 use vmc::runtime::spec::{self, RunOverrides};
+use vmc::runtime::state::{self as cstate, Container, Status};
 use vmc::runtime::{self, ContainerConfig, Resources, Rootfs};
 use vmc::{assets, bench, vmm};
 
@@ -87,6 +89,13 @@ fn dispatch(cli: Cli) -> Result<i32> {
         Command::Run(args) => run(args),
         Command::Build(a) => build(a),
         Command::Info => info(),
+        Command::Ps(a) => ps(a),
+        Command::Logs(a) => logs(a),
+        Command::Stop(a) => stop(a),
+        Command::Kill(a) => kill(a),
+        Command::Rm(a) => rm(a),
+        Command::Wait(a) => wait(a),
+        Command::Supervise { dir } => supervise(&dir),
         Command::Images(a) => images(a),
         Command::Inspect(a) => inspect(a),
         Command::Tag(a) => tag(a),
@@ -107,6 +116,16 @@ fn store() -> Result<Store> {
 
 fn run(args: RunArgs) -> Result<i32> {
     let ns = args.mode == "ns";
+    if let Some(n) = &args.name {
+        if n.is_empty()
+            || !n
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "_.-".contains(c))
+        {
+            bail!("--name '{n}': use letters, digits, '_', '.' and '-'");
+        }
+        cstate::check_name_free(n)?;
+    }
     // Fail before anything else when KVM cannot be used at all.
     if !ns {
         vmm::open_kvm()?;
@@ -182,6 +201,14 @@ fn run(args: RunArgs) -> Result<i32> {
             user: args.user.clone(),
         },
     )?;
+    let stop_signal = image_config
+        .as_ref()
+        .and_then(|c| c.stop_signal().clone())
+        .unwrap_or_else(|| "SIGTERM".into());
+    let image_shown = match &args.rootfs {
+        Some(d) => d.display().to_string(),
+        None => args.args[0].clone(),
+    };
     let id = runtime::new_id();
     let hostname = args
         .hostname
@@ -203,35 +230,433 @@ fn run(args: RunArgs) -> Result<i32> {
         debug: args.debug,
         snapshots: runtime::snapshots_dir(),
     };
-    let forward_stdin = args.interactive || !std::io::stdin().is_terminal();
-    let dir = runtime::vmc_home().join("containers").join(&id);
-    if ns {
-        let lowers = match &cfg.rootfs {
-            Rootfs::Layers(l) => l.clone(),
-            Rootfs::Dir(d) => vec![d.clone()],
-            Rootfs::Disk(_) => unreachable!("namespace mode never builds a disk"),
-        };
-        std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    let forward_stdin = !args.detach && (args.interactive || !std::io::stdin().is_terminal());
+    let dir = cstate::containers_dir().join(&id);
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    let setup = || -> Result<Container> {
+        let cfg_json = serde_json::to_vec_pretty(&cfg)?;
+        std::fs::write(dir.join("config.json"), cfg_json)?;
         if let Some(img) = &cfg.image_id {
-            let _ = std::fs::write(dir.join("image-id"), img);
+            std::fs::write(dir.join("image-id"), img)?;
         }
-        let result = runtime::ns::run_attached(&cfg, &lowers, &dir);
-        if args.rm || result.is_err() {
-            let _ = std::fs::remove_dir_all(&dir);
-        }
-        return result.context("run");
-    }
-    let how = if args.cold {
-        runtime::microvm::Start::Cold
-    } else {
-        runtime::microvm::Start::Warm
+        let c = Container {
+            dir: dir.clone(),
+            state: cstate::State {
+                id: id.clone(),
+                name: args
+                    .name
+                    .clone()
+                    .unwrap_or_else(|| cstate::generate_name(&id)),
+                image: image_shown.clone(),
+                command: cfg.process.args.clone(),
+                mode: args.mode.clone(),
+                created: cstate::now_secs(),
+                status: Status::Created,
+                pid: None,
+                pid_start: None,
+                started: None,
+                finished: None,
+                exit_code: None,
+                stop_signal: stop_signal.clone(),
+                auto_remove: args.rm,
+            },
+        };
+        c.save()?;
+        Ok(c)
     };
-    let result = runtime::microvm::run_attached(&cfg, &dir, forward_stdin, how);
+    let mut c = match setup() {
+        Ok(c) => c,
+        Err(e) => {
+            let _ = std::fs::remove_dir_all(&dir);
+            return Err(e.context("creating the container"));
+        }
+    };
+    if args.detach {
+        use std::os::unix::process::CommandExt;
+        let mut cmd = std::process::Command::new(std::env::current_exe()?);
+        cmd.arg("__supervise")
+            .arg(&dir)
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null());
+        // SAFETY: setsid in the child before exec; async-signal-safe.
+        unsafe {
+            cmd.pre_exec(|| {
+                libc::setsid();
+                Ok(())
+            });
+        }
+        if let Err(e) = cmd.spawn() {
+            let _ = std::fs::remove_dir_all(&dir);
+            bail!("starting the container's supervisor: {e}");
+        }
+        // Until the supervisor has taken over (it records itself at once).
+        for _ in 0..100 {
+            match Container::load(&dir) {
+                Some(c) if c.state.status != Status::Created => break,
+                None => break,
+                _ => std::thread::sleep(std::time::Duration::from_millis(20)),
+            }
+        }
+        println!("{id}");
+        return Ok(0);
+    }
+    // Attached: this process is the supervisor.
+    mark_running(&mut c)?;
+    let result = execute(&cfg, &dir, ns, forward_stdin, args.cold);
+    c.state.status = Status::Exited;
+    c.state.exit_code = Some(*result.as_ref().unwrap_or(&EXIT_VMC_ERROR));
+    c.state.finished = Some(cstate::now_secs());
+    let _ = c.save();
     // A run that failed in vmc itself leaves nothing behind.
     if args.rm || result.is_err() {
         let _ = std::fs::remove_dir_all(&dir);
     }
     result.context("run")
+}
+
+fn mark_running(c: &mut Container) -> Result<()> {
+    let pid = std::process::id() as i32;
+    c.state.status = Status::Running;
+    c.state.pid = Some(pid);
+    c.state.pid_start = cstate::process_start(pid);
+    c.state.started = Some(cstate::now_secs());
+    c.save()?;
+    Ok(())
+}
+
+/// Runs the container in this process, in its mode.
+fn execute(
+    cfg: &ContainerConfig,
+    dir: &std::path::Path,
+    ns: bool,
+    forward_stdin: bool,
+    cold: bool,
+) -> Result<i32> {
+    if ns {
+        let lowers = match &cfg.rootfs {
+            Rootfs::Layers(l) => l.clone(),
+            Rootfs::Dir(d) => vec![d.clone()],
+            Rootfs::Disk(_) => bail!("namespace mode takes an image's layers, not its disk"),
+        };
+        return Ok(runtime::ns::run_attached(cfg, &lowers, dir)?);
+    }
+    let how = if cold {
+        runtime::microvm::Start::Cold
+    } else {
+        runtime::microvm::Start::Warm
+    };
+    Ok(runtime::microvm::run_attached(
+        cfg,
+        dir,
+        forward_stdin,
+        how,
+    )?)
+}
+
+/// `vmc __supervise DIR`: runs a detached container with its output going
+/// to its log, and records how it ended.
+fn supervise(dir: &std::path::Path) -> Result<i32> {
+    let mut c = Container::load(dir).context("reading the container's state")?;
+    let cfg = c.config().context("reading the container's config")?;
+    let log = c.log_path();
+    let pipe = || -> Result<(std::fs::File, std::fs::File)> {
+        let (r, w) = vmc_guest::sys::pipe()?;
+        Ok((r.into(), w.into()))
+    };
+    let (out_r, out_w) = pipe()?;
+    let (err_r, err_w) = pipe()?;
+    let null = std::fs::File::open("/dev/null")?;
+    use std::os::fd::AsRawFd;
+    // SAFETY: dup2 onto our own standard descriptors.
+    unsafe {
+        libc::dup2(null.as_raw_fd(), 0);
+        libc::dup2(out_w.as_raw_fd(), 1);
+        libc::dup2(err_w.as_raw_fd(), 2);
+    }
+    drop((out_w, err_w));
+    // The signals the container gets forwarded are blocked before any thread
+    // exists, so that only the runtime's forwarding ever receives them.
+    // SAFETY: plain sigset manipulation on a local.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        for s in [
+            libc::SIGINT,
+            libc::SIGTERM,
+            libc::SIGHUP,
+            libc::SIGQUIT,
+            libc::SIGUSR1,
+            libc::SIGUSR2,
+            libc::SIGCHLD,
+        ] {
+            libc::sigaddset(&mut set, s);
+        }
+        libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
+    }
+    let (l1, l2) = (log.clone(), log.clone());
+    let t1 = std::thread::spawn(move || cstate::log_stream(out_r, &l1, "stdout"));
+    let t2 = std::thread::spawn(move || cstate::log_stream(err_r, &l2, "stderr"));
+    mark_running(&mut c)?;
+    let result = execute(&cfg, dir, c.state.mode == "ns", false, false);
+    let code = match &result {
+        Ok(code) => *code,
+        Err(e) => {
+            let chain: Vec<String> = e.chain().map(|c| c.to_string()).collect();
+            eprintln!("vmc: {}", chain.join(": "));
+            EXIT_VMC_ERROR
+        }
+    };
+    // SAFETY: as above; the loggers then see end of file.
+    unsafe {
+        libc::dup2(null.as_raw_fd(), 1);
+        libc::dup2(null.as_raw_fd(), 2);
+    }
+    let _ = (t1.join(), t2.join());
+    c.state.status = Status::Exited;
+    c.state.exit_code = Some(code);
+    c.state.finished = Some(cstate::now_secs());
+    c.save()?;
+    if c.state.auto_remove {
+        let _ = std::fs::remove_dir_all(dir);
+    }
+    Ok(0)
+}
+
+fn ps(a: PsArgs) -> Result<i32> {
+    let mut list = cstate::list();
+    for c in &mut list {
+        c.refresh();
+    }
+    list.retain(|c| a.all || c.state.status == Status::Running);
+    if a.quiet {
+        for c in &list {
+            println!("{}", &c.state.id[..12]);
+        }
+        return Ok(0);
+    }
+    println!(
+        "{:<14}{:<24}{:<24}{:<20}{:<32}{:<6}{}",
+        "CONTAINER ID", "IMAGE", "COMMAND", "CREATED", "STATUS", "MODE", "NAMES"
+    );
+    let now = cstate::now_secs();
+    for c in &list {
+        let s = &c.state;
+        let mut cmd = format!("\"{}\"", s.command.join(" "));
+        if cmd.chars().count() > 22 {
+            cmd = format!("{}…\"", cmd.chars().take(20).collect::<String>());
+        }
+        let status = match s.status {
+            Status::Running => format!(
+                "Up {}",
+                cstate::human_duration(now.saturating_sub(s.started.unwrap_or(now)))
+            ),
+            Status::Exited => format!(
+                "Exited ({}) {} ago",
+                s.exit_code.unwrap_or(0),
+                cstate::human_duration(now.saturating_sub(s.finished.unwrap_or(now)))
+            ),
+            Status::Created => "Created".into(),
+        };
+        println!(
+            "{:<14}{:<24}{:<24}{:<20}{:<32}{:<6}{}",
+            &s.id[..12],
+            s.image,
+            cmd,
+            format!(
+                "{} ago",
+                cstate::human_duration(now.saturating_sub(s.created))
+            ),
+            status,
+            s.mode,
+            s.name
+        );
+    }
+    Ok(0)
+}
+
+fn logs(a: LogsArgs) -> Result<i32> {
+    use std::io::Write;
+    let mut c = cstate::resolve(&a.container)?;
+    let path = c.log_path();
+    let lines = cstate::read_log(&path);
+    let skip = match a.tail.as_str() {
+        "all" => 0,
+        n => {
+            let n: usize = n
+                .parse()
+                .map_err(|_| anyhow::anyhow!("--tail {n}: give a number of lines or 'all'"))?;
+            lines.len().saturating_sub(n)
+        }
+    };
+    let print = |l: &cstate::LogLine| {
+        let text = if a.timestamps {
+            format!("{} {}", l.time, l.log)
+        } else {
+            l.log.clone()
+        };
+        if l.stream == "stderr" {
+            let _ = std::io::stderr().write_all(text.as_bytes());
+        } else {
+            let mut o = std::io::stdout();
+            let _ = o.write_all(text.as_bytes());
+            let _ = o.flush();
+        }
+    };
+    for l in &lines[skip..] {
+        print(l);
+    }
+    if a.follow {
+        let mut seen = lines.len();
+        loop {
+            let running = c.refresh() == Status::Running;
+            let lines = cstate::read_log(&path);
+            for l in lines.iter().skip(seen) {
+                print(l);
+            }
+            seen = seen.max(lines.len());
+            if !running {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+    }
+    Ok(0)
+}
+
+/// Signals the supervisor of a running container; true if it was running.
+fn signal_container(c: &mut Container, sig: i32) -> bool {
+    if c.refresh() != Status::Running {
+        return false;
+    }
+    if let Some(pid) = c.state.pid {
+        // SAFETY: kill with a pid we verified by its start time.
+        unsafe { libc::kill(pid, sig) };
+    }
+    true
+}
+
+/// Waits up to `timeout` for the container to stop running.
+fn wait_exit(c: &mut Container, timeout: std::time::Duration) -> bool {
+    let end = std::time::Instant::now() + timeout;
+    while std::time::Instant::now() < end {
+        if let Some(fresh) = Container::load(&c.dir) {
+            *c = fresh;
+        }
+        if c.refresh() != Status::Running {
+            return true;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    false
+}
+
+fn force_kill(c: &mut Container) {
+    if signal_container(c, libc::SIGKILL) {
+        wait_exit(c, std::time::Duration::from_secs(10));
+    }
+}
+
+fn stop(a: StopArgs) -> Result<i32> {
+    let mut failed = false;
+    for name in &a.containers {
+        let mut c = match cstate::resolve(name) {
+            Ok(c) => c,
+            Err(e) => {
+                eprintln!("vmc: {e}");
+                failed = true;
+                continue;
+            }
+        };
+        let sig = cstate::signal_number(&c.state.stop_signal).unwrap_or(libc::SIGTERM);
+        if signal_container(&mut c, sig)
+            && !wait_exit(&mut c, std::time::Duration::from_secs(a.time))
+        {
+            force_kill(&mut c);
+        }
+        println!("{name}");
+    }
+    Ok(if failed { 1 } else { 0 })
+}
+
+fn kill(a: KillArgs) -> Result<i32> {
+    let sig = cstate::signal_number(&a.signal)
+        .ok_or_else(|| anyhow::anyhow!("--signal {}: unknown signal", a.signal))?;
+    const FORWARDED: [i32; 7] = [
+        libc::SIGKILL,
+        libc::SIGTERM,
+        libc::SIGINT,
+        libc::SIGHUP,
+        libc::SIGQUIT,
+        libc::SIGUSR1,
+        libc::SIGUSR2,
+    ];
+    if !FORWARDED.contains(&sig) {
+        bail!(
+            "--signal {}: vmc forwards KILL, TERM, INT, HUP, QUIT, USR1 and USR2",
+            a.signal
+        );
+    }
+    let mut failed = false;
+    for name in &a.containers {
+        match cstate::resolve(name) {
+            Ok(mut c) => {
+                if sig == libc::SIGKILL {
+                    if c.refresh() == Status::Running {
+                        force_kill(&mut c);
+                        println!("{name}");
+                        continue;
+                    }
+                } else if signal_container(&mut c, sig) {
+                    println!("{name}");
+                    continue;
+                }
+                eprintln!("vmc: container {name} is not running");
+                failed = true;
+            }
+            Err(e) => {
+                eprintln!("vmc: {e}");
+                failed = true;
+            }
+        }
+    }
+    Ok(if failed { 1 } else { 0 })
+}
+
+fn rm(a: RmArgs) -> Result<i32> {
+    let mut failed = false;
+    for name in &a.containers {
+        let mut c = match cstate::resolve(name) {
+            Ok(c) => c,
+            Err(e) => {
+                eprintln!("vmc: {e}");
+                failed = true;
+                continue;
+            }
+        };
+        if c.refresh() == Status::Running {
+            if !a.force {
+                eprintln!(
+                    "vmc: container {name} is running: stop it first (vmc stop {name}) or use vmc rm -f"
+                );
+                failed = true;
+                continue;
+            }
+            force_kill(&mut c);
+        }
+        std::fs::remove_dir_all(&c.dir).with_context(|| format!("removing {}", c.dir.display()))?;
+        println!("{name}");
+    }
+    Ok(if failed { 1 } else { 0 })
+}
+
+fn wait(a: WaitArgs) -> Result<i32> {
+    for name in &a.containers {
+        let mut c = cstate::resolve(name)?;
+        while !wait_exit(&mut c, std::time::Duration::from_secs(3600)) {}
+        println!("{}", c.state.exit_code.unwrap_or(0));
+    }
+    Ok(0)
 }
 
 fn images(a: ImagesArgs) -> Result<i32> {
@@ -275,6 +700,39 @@ fn inspect(a: InspectArgs) -> Result<i32> {
     let store = store()?;
     let mut out = Vec::new();
     for name in &a.images {
+        // A container by that name or id first, as docker inspect does.
+        if let Ok(mut c) = cstate::resolve(name) {
+            c.refresh();
+            let s = &c.state;
+            let cfg = c.config();
+            let time = |t: Option<u64>| t.map(|t| image::store::rfc3339(t as i64));
+            out.push(serde_json::json!({
+                "Id": s.id,
+                "Name": s.name,
+                "Created": image::store::rfc3339(s.created as i64),
+                "Image": s.image,
+                "ImageId": cfg.as_ref().and_then(|c| c.image_id.clone()),
+                "Mode": s.mode,
+                "State": {
+                    "Status": s.status,
+                    "Running": s.status == Status::Running,
+                    "Pid": s.pid,
+                    "ExitCode": s.exit_code,
+                    "StartedAt": time(s.started),
+                    "FinishedAt": time(s.finished),
+                },
+                "Config": cfg.as_ref().map(|c| serde_json::json!({
+                    "Cmd": c.process.args,
+                    "Env": c.process.env,
+                    "WorkingDir": c.process.cwd,
+                    "User": c.process.user,
+                    "Hostname": c.hostname,
+                    "StopSignal": s.stop_signal,
+                })),
+                "LogPath": c.log_path(),
+            }));
+            continue;
+        }
         let img = store.resolve(name)?;
         out.push(serde_json::json!({
             "Id": img.id(),

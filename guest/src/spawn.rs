@@ -576,6 +576,18 @@ unsafe fn child_main(
 unsafe fn isolate_root(iso: &PreparedIsolation) -> libc::c_int {
     // SAFETY: system calls on NUL-terminated strings prepared before the fork.
     unsafe {
+        // A container on the host dies with the vmc process that supervises
+        // it, even when that process is killed with SIGKILL.
+        if libc::prctl(
+            libc::PR_SET_PDEATHSIG,
+            libc::SIGKILL as libc::c_ulong,
+            0,
+            0,
+            0,
+        ) < 0
+        {
+            return -1;
+        }
         for op in &iso.ops {
             let r = match op.kind {
                 0 => {

@@ -7,20 +7,21 @@ pub mod microvm;
 pub mod ns;
 pub mod snapshot;
 pub mod spec;
+pub mod state;
 
 use std::path::PathBuf;
 
 pub use vmc_guest::ProcessSpec;
 
 /// CPU and memory given to a container.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Resources {
     pub cpus: u8,
     pub memory: u64,
 }
 
 /// Where a container's root filesystem comes from.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum Rootfs {
     /// A directory (`--rootfs`): made into a disk for every run.
     Dir(PathBuf),
@@ -32,7 +33,7 @@ pub enum Rootfs {
 }
 
 /// A container to run: its root filesystem, process and limits.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct ContainerConfig {
     pub id: String,
     pub rootfs: Rootfs,

@@ -1,0 +1,339 @@
+//! Container state on disk, daemonless: each container is a directory
+//! `$VMC_HOME/containers/<id>/` with its `config.json` (what to run),
+//! `state.json` (what happened) and `container.log`. A detached container's
+//! supervisor (the VMM in VM mode) records its pid with the pid's start
+//! time, so a supervisor that died without a word (kill -9, a crash) is
+//! recognised as dead, never trusted as running.
+
+use std::fs;
+use std::io::{self, BufRead, Write};
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use super::{vmc_home, ContainerConfig};
+
+/// What a container is doing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Status {
+    Created,
+    Running,
+    Exited,
+}
+
+/// `state.json`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct State {
+    pub id: String,
+    pub name: String,
+    /// The image as the user named it (or the rootfs directory).
+    pub image: String,
+    pub command: Vec<String>,
+    /// `vm` or `ns`.
+    pub mode: String,
+    /// Seconds since the epoch.
+    pub created: u64,
+    pub status: Status,
+    /// The supervisor process and its start time (clock ticks since boot).
+    pub pid: Option<i32>,
+    pub pid_start: Option<u64>,
+    pub started: Option<u64>,
+    pub finished: Option<u64>,
+    pub exit_code: Option<i32>,
+    /// Signal `vmc stop` sends first (the image's STOPSIGNAL, else SIGTERM).
+    pub stop_signal: String,
+    /// `--rm`: the supervisor removes the container when it exits.
+    pub auto_remove: bool,
+}
+
+/// Errors finding containers.
+#[derive(Debug, thiserror::Error)]
+pub enum StateError {
+    #[error("no such container: {0}")]
+    NotFound(String),
+    #[error(
+        "container name or id prefix '{0}' matches more than one container; give more of the id"
+    )]
+    Ambiguous(String),
+    #[error("the name '{0}' is already in use by container {1}: remove it (vmc rm {0}) or choose another name")]
+    NameInUse(String, String),
+    #[error("container state {path}: {source}")]
+    Io { path: String, source: io::Error },
+}
+
+fn io_at(p: &Path) -> impl Fn(io::Error) -> StateError + '_ {
+    move |source| StateError::Io {
+        path: p.display().to_string(),
+        source,
+    }
+}
+
+/// The directory holding every container.
+pub fn containers_dir() -> PathBuf {
+    vmc_home().join("containers")
+}
+
+/// A container found on disk.
+#[derive(Debug, Clone)]
+pub struct Container {
+    pub dir: PathBuf,
+    pub state: State,
+}
+
+impl Container {
+    pub fn load(dir: &Path) -> Option<Container> {
+        let data = fs::read(dir.join("state.json")).ok()?;
+        let state = serde_json::from_slice(&data).ok()?;
+        Some(Container {
+            dir: dir.to_path_buf(),
+            state,
+        })
+    }
+
+    /// Writes `state.json` atomically.
+    pub fn save(&self) -> Result<(), StateError> {
+        let p = self.dir.join("state.json");
+        let data = serde_json::to_vec_pretty(&self.state).expect("state serialises");
+        crate::image::store::write_atomic(&p, &data).map_err(io_at(&p))
+    }
+
+    pub fn config(&self) -> Option<ContainerConfig> {
+        let data = fs::read(self.dir.join("config.json")).ok()?;
+        serde_json::from_slice(&data).ok()
+    }
+
+    /// Whether the supervisor recorded in the state is still that process.
+    pub fn supervisor_alive(&self) -> bool {
+        match (self.state.pid, self.state.pid_start) {
+            (Some(pid), Some(start)) => process_start(pid) == Some(start),
+            _ => false,
+        }
+    }
+
+    /// The status as it really is: a `running` state whose supervisor is
+    /// gone is an exit nobody recorded (reported as killed, 137).
+    pub fn refresh(&mut self) -> Status {
+        // Always from disk: the supervisor may have recorded the exit since.
+        if let Some(fresh) = Container::load(&self.dir) {
+            self.state = fresh.state;
+        }
+        if self.state.status == Status::Running && !self.supervisor_alive() {
+            // A supervisor writes its state before it exits: read once more.
+            if let Some(fresh) = Container::load(&self.dir) {
+                self.state = fresh.state;
+            }
+        }
+        if self.state.status == Status::Running && !self.supervisor_alive() {
+            self.state.status = Status::Exited;
+            self.state.exit_code.get_or_insert(137);
+            self.state.finished.get_or_insert_with(now_secs);
+            let _ = self.save();
+        }
+        self.state.status
+    }
+
+    pub fn log_path(&self) -> PathBuf {
+        self.dir.join("container.log")
+    }
+}
+
+/// The start time of `pid` (field 22 of /proc/PID/stat), if it exists and
+/// is not a zombie (a killed supervisor nobody has reaped yet is dead).
+pub fn process_start(pid: i32) -> Option<u64> {
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name (field 2) may hold spaces and parentheses.
+    let rest = &stat[stat.rfind(')')? + 2..];
+    let mut fields = rest.split(' ');
+    if matches!(fields.next(), Some("Z") | Some("X") | None) {
+        return None;
+    }
+    fields.nth(18)?.parse().ok()
+}
+
+/// Every container with a readable state, newest first.
+pub fn list() -> Vec<Container> {
+    let mut out: Vec<Container> = fs::read_dir(containers_dir())
+        .map(|rd| {
+            rd.flatten()
+                .filter_map(|e| Container::load(&e.path()))
+                .collect()
+        })
+        .unwrap_or_default();
+    out.sort_by_key(|c| std::cmp::Reverse(c.state.created));
+    out
+}
+
+/// Finds a container by exact name, exact id, or unique id prefix, as Docker does.
+pub fn resolve(what: &str) -> Result<Container, StateError> {
+    let all = list();
+    if let Some(c) = all
+        .iter()
+        .find(|c| c.state.name == what || c.state.id == what)
+    {
+        return Ok(c.clone());
+    }
+    let hits: Vec<&Container> = all
+        .iter()
+        .filter(|c| c.state.id.starts_with(what))
+        .collect();
+    match hits.as_slice() {
+        [one] if !what.is_empty() => Ok((*one).clone()),
+        [] | [_] => Err(StateError::NotFound(what.to_string())),
+        _ => Err(StateError::Ambiguous(what.to_string())),
+    }
+}
+
+/// Fails if `name` is taken.
+pub fn check_name_free(name: &str) -> Result<(), StateError> {
+    match list().into_iter().find(|c| c.state.name == name) {
+        Some(c) => Err(StateError::NameInUse(
+            name.to_string(),
+            c.state.id[..12].to_string(),
+        )),
+        None => Ok(()),
+    }
+}
+
+/// A Docker-style generated name.
+pub fn generate_name(id: &str) -> String {
+    const ADJ: [&str; 8] = [
+        "brave", "calm", "eager", "gentle", "jolly", "keen", "quiet", "swift",
+    ];
+    const NOUN: [&str; 8] = [
+        "turing", "hopper", "lovelace", "knuth", "ritchie", "thompson", "liskov", "dijkstra",
+    ];
+    let n = u64::from_str_radix(&id[..8], 16).unwrap_or(0);
+    format!(
+        "{}_{}_{}",
+        ADJ[(n % 8) as usize],
+        NOUN[((n >> 3) % 8) as usize],
+        &id[..4]
+    )
+}
+
+/// One line of `container.log`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct LogLine {
+    pub stream: String,
+    pub time: String,
+    pub log: String,
+}
+
+/// Appends the lines read from `r` to the log as `stream`, each with its
+/// time; a final line without a newline is kept as it is.
+pub fn log_stream(r: impl io::Read, log: &Path, stream: &str) {
+    let Ok(mut f) = fs::OpenOptions::new().create(true).append(true).open(log) else {
+        return;
+    };
+    let mut r = io::BufReader::new(r);
+    let mut buf = Vec::new();
+    loop {
+        buf.clear();
+        match r.read_until(b'\n', &mut buf) {
+            Ok(0) | Err(_) => return,
+            Ok(_) => {
+                let line = LogLine {
+                    stream: stream.to_string(),
+                    time: now_precise(),
+                    log: String::from_utf8_lossy(&buf).into_owned(),
+                };
+                let mut data = serde_json::to_vec(&line).expect("log line serialises");
+                data.push(b'\n');
+                // One write per line (O_APPEND): lines of two streams never interleave.
+                let _ = f.write_all(&data);
+            }
+        }
+    }
+}
+
+/// Seconds since the epoch.
+pub fn now_secs() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+/// "5 seconds", "3 minutes", ... as in `docker ps`.
+pub fn human_duration(secs: u64) -> String {
+    match secs {
+        0 => "Less than a second".into(),
+        1 => "1 second".into(),
+        s if s < 60 => format!("{s} seconds"),
+        s if s < 120 => "About a minute".into(),
+        s if s < 3600 => format!("{} minutes", s / 60),
+        s if s < 7200 => "About an hour".into(),
+        s if s < 86_400 => format!("{} hours", s / 3600),
+        s => format!("{} days", s / 86_400),
+    }
+}
+
+/// Signal numbers from Docker's spellings: `SIGTERM`, `TERM`, `15`.
+pub fn signal_number(s: &str) -> Option<i32> {
+    if let Ok(n) = s.parse::<i32>() {
+        return (1..=64).contains(&n).then_some(n);
+    }
+    let name = s.trim_start_matches("SIG").to_ascii_uppercase();
+    Some(match name.as_str() {
+        "HUP" => libc::SIGHUP,
+        "INT" => libc::SIGINT,
+        "QUIT" => libc::SIGQUIT,
+        "KILL" => libc::SIGKILL,
+        "USR1" => libc::SIGUSR1,
+        "USR2" => libc::SIGUSR2,
+        "TERM" => libc::SIGTERM,
+        "PIPE" => libc::SIGPIPE,
+        "ALRM" => libc::SIGALRM,
+        "CONT" => libc::SIGCONT,
+        "STOP" => libc::SIGSTOP,
+        "WINCH" => libc::SIGWINCH,
+        _ => return None,
+    })
+}
+
+/// RFC 3339 with nanoseconds, as Docker's log timestamps.
+pub fn now_precise() -> String {
+    let d = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    let base = crate::image::store::rfc3339(d.as_secs() as i64);
+    format!("{}.{:09}Z", base.trim_end_matches('Z'), d.subsec_nanos())
+}
+
+/// Reads the log's lines.
+pub fn read_log(path: &Path) -> Vec<LogLine> {
+    fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn signals_parse_like_docker() {
+        assert_eq!(signal_number("SIGTERM"), Some(15));
+        assert_eq!(signal_number("term"), Some(15));
+        assert_eq!(signal_number("9"), Some(9));
+        assert_eq!(signal_number("SIGNOPE"), None);
+        assert_eq!(signal_number("0"), None);
+    }
+
+    #[test]
+    fn our_own_start_time_is_found_and_a_dead_pid_has_none() {
+        let me = std::process::id() as i32;
+        assert!(process_start(me).is_some());
+        assert_eq!(process_start(i32::MAX), None);
+    }
+
+    #[test]
+    fn durations_read_like_docker_ps() {
+        assert_eq!(human_duration(5), "5 seconds");
+        assert_eq!(human_duration(90), "About a minute");
+        assert_eq!(human_duration(600), "10 minutes");
+    }
+}

@@ -1,0 +1,225 @@
+//! The container lifecycle in both modes: run -d, ps, logs, stop, kill, rm,
+//! wait, inspect; supervisors killed with SIGKILL; bad input.
+
+mod common;
+
+use std::path::Path;
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use common::{kvm_available, rootfs, snapshots};
+
+fn vmc(home: &Path, args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_vmc"))
+        .env("VMC_HOME", home)
+        .env("VMC_SNAPSHOTS", snapshots())
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap()
+}
+
+fn ok(o: &Output) -> String {
+    assert!(
+        o.status.success(),
+        "failed ({:?}): {}{}",
+        o.status.code(),
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+fn store_with_busybox() -> tempfile::TempDir {
+    let home = tempfile::tempdir().unwrap();
+    let tar = home.path().join("busybox.tar");
+    let st = Command::new("tar")
+        .arg("-C")
+        .arg(rootfs())
+        .arg("-cf")
+        .arg(&tar)
+        .arg(".")
+        .status()
+        .unwrap();
+    assert!(st.success());
+    ok(&vmc(
+        home.path(),
+        &["import", tar.to_str().unwrap(), "busybox"],
+    ));
+    home
+}
+
+/// Polls `vmc logs NAME` until it contains `what`.
+fn wait_for_log(h: &Path, name: &str, what: &str, timeout: Duration) -> String {
+    let end = Instant::now() + timeout;
+    loop {
+        let out = ok(&vmc(h, &["logs", name]));
+        if out.contains(what) || Instant::now() > end {
+            return out;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+fn supervisor_pid(h: &Path, name: &str) -> i32 {
+    let v: serde_json::Value = serde_json::from_str(&ok(&vmc(h, &["inspect", name]))).unwrap();
+    v[0]["State"]["Pid"].as_i64().unwrap() as i32
+}
+
+fn lifecycle(mode: &str) {
+    let home = store_with_busybox();
+    let h = home.path();
+    let boot = Duration::from_secs(180);
+    let script = "trap 'echo stopping; exit 3' TERM; echo started; echo to-stderr >&2; \
+                  i=0; while true; do i=$((i+1)); echo tick $i; sleep 0.2; done";
+    let id = ok(&vmc(
+        h,
+        &[
+            "run", "-d", "--mode", mode, "--name", "app", "busybox", "sh", "-c", script,
+        ],
+    ));
+    assert_eq!(id.trim().len(), 64, "{id}");
+    let out = wait_for_log(h, "app", "tick 2", boot);
+    assert!(out.starts_with("started\n"), "{out}");
+    // stderr stays stderr in the logs.
+    let o = vmc(h, &["logs", "app"]);
+    assert_eq!(String::from_utf8_lossy(&o.stderr), "to-stderr\n");
+    let ps = ok(&vmc(h, &["ps"]));
+    assert!(
+        ps.contains(&id[..12]) && ps.contains("Up ") && ps.contains(" app"),
+        "{ps}"
+    );
+    assert_eq!(ok(&vmc(h, &["ps", "-q"])).trim(), &id[..12]);
+    // --tail and -t.
+    let tail = ok(&vmc(h, &["logs", "--tail", "1", "-t", &id[..6]]));
+    assert_eq!(tail.lines().count(), 1, "{tail}");
+    assert!(tail.starts_with("20") && tail.contains("Z tick "), "{tail}");
+
+    // A duplicate name and rm of a running container are refused.
+    let o = vmc(
+        h,
+        &[
+            "run", "-d", "--mode", mode, "--name", "app", "busybox", "true",
+        ],
+    );
+    assert_eq!(o.status.code(), Some(125));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("already in use"));
+    let o = vmc(h, &["rm", "app"]);
+    assert!(!o.status.success());
+    assert!(String::from_utf8_lossy(&o.stderr).contains("is running"));
+
+    // logs -f follows until the container stops; stop delivers SIGTERM.
+    let follower = Command::new(env!("CARGO_BIN_EXE_vmc"))
+        .env("VMC_HOME", h)
+        .args(["logs", "-f", "app"])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(ok(&vmc(h, &["stop", "app"])).trim(), "app");
+    let followed = follower.wait_with_output().unwrap();
+    let followed = String::from_utf8_lossy(&followed.stdout);
+    assert!(followed.ends_with("stopping\n"), "{followed}");
+    assert_eq!(ok(&vmc(h, &["wait", "app"])).trim(), "3");
+    let ps = ok(&vmc(h, &["ps", "-a"]));
+    assert!(ps.contains("Exited (3)"), "{ps}");
+    assert!(ok(&vmc(h, &["ps"])).lines().count() == 1, "only the header");
+    // Logs survive the exit until rm.
+    assert!(ok(&vmc(h, &["logs", "app"])).contains("stopping"));
+    ok(&vmc(h, &["rm", "app"]));
+    assert!(!vmc(h, &["logs", "app"]).status.success());
+
+    // A supervisor killed with SIGKILL: ps tells the truth, rm cleans up.
+    ok(&vmc(
+        h,
+        &[
+            "run", "-d", "--mode", mode, "--name", "victim", "busybox", "sleep", "1000",
+        ],
+    ));
+    let pid = supervisor_pid(h, "victim");
+    // SAFETY: kill on the supervisor we started.
+    unsafe { libc::kill(pid, libc::SIGKILL) };
+    std::thread::sleep(Duration::from_millis(500));
+    let ps = ok(&vmc(h, &["ps", "-a"]));
+    assert!(ps.contains("Exited (137)") && ps.contains("victim"), "{ps}");
+    if mode == "ns" {
+        // The container's processes died with it.
+        let out = Command::new("pgrep")
+            .args(["-f", "sleep 1000"])
+            .output()
+            .unwrap();
+        assert!(out.stdout.is_empty(), "a leaked container process");
+    }
+    ok(&vmc(h, &["rm", "victim"]));
+
+    // kill -s and rm -f of a running container.
+    ok(&vmc(
+        h,
+        &[
+            "run",
+            "-d",
+            "--mode",
+            mode,
+            "--name",
+            "k",
+            "busybox",
+            "sh",
+            "-c",
+            "trap 'echo usr1; exit 5' USR1; echo up; while true; do sleep 0.2; done",
+        ],
+    ));
+    wait_for_log(h, "k", "up", boot);
+    ok(&vmc(h, &["kill", "-s", "USR1", "k"]));
+    assert_eq!(ok(&vmc(h, &["wait", "k"])).trim(), "5");
+    ok(&vmc(
+        h,
+        &[
+            "run", "-d", "--mode", mode, "--name", "f", "busybox", "sleep", "1000",
+        ],
+    ));
+    ok(&vmc(h, &["rm", "-f", "f", "k"]));
+    assert_eq!(
+        std::fs::read_dir(h.join("containers")).unwrap().count(),
+        0,
+        "no state left"
+    );
+    let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    assert!(!mounts.contains(h.to_str().unwrap()), "{mounts}");
+
+    // Missing containers are clear errors.
+    for args in [
+        &["stop", "nosuch"][..],
+        &["rm", "nosuch"],
+        &["logs", "nosuch"],
+        &["kill", "nosuch"],
+    ] {
+        let o = vmc(h, args);
+        assert!(!o.status.success(), "{args:?}");
+        assert!(
+            String::from_utf8_lossy(&o.stderr).contains("no such container: nosuch"),
+            "{args:?}"
+        );
+    }
+}
+
+#[test]
+fn lifecycle_in_namespace_mode() {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        assert!(
+            std::env::var("CI").as_deref() != Ok("true"),
+            "CI must run as root"
+        );
+        eprintln!("skipping: namespace mode needs root");
+        return;
+    }
+    lifecycle("ns");
+}
+
+#[test]
+fn lifecycle_in_vm_mode() {
+    if !kvm_available() {
+        return;
+    }
+    lifecycle("vm");
+}
