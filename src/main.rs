@@ -436,8 +436,8 @@ fn ps(a: PsArgs) -> Result<i32> {
         return Ok(0);
     }
     println!(
-        "{:<14}{:<24}{:<24}{:<20}{:<32}{:<6}{}",
-        "CONTAINER ID", "IMAGE", "COMMAND", "CREATED", "STATUS", "MODE", "NAMES"
+        "{:<14}{:<24}{:<24}{:<20}{:<32}{:<6}NAMES",
+        "CONTAINER ID", "IMAGE", "COMMAND", "CREATED", "STATUS", "MODE"
     );
     let now = cstate::now_secs();
     for c in &list {
