@@ -68,6 +68,8 @@ pub enum Command {
     Rm(RmArgs),
     /// Wait for containers to exit and print their exit codes.
     Wait(WaitArgs),
+    /// List a container's published ports.
+    Port { container: String },
     /// (internal) Supervise a detached container.
     #[command(name = "__supervise", hide = true)]
     Supervise { dir: PathBuf },
@@ -132,6 +134,10 @@ pub struct RunArgs {
     /// Run in the background and print the container id (see vmc ps, logs, stop).
     #[arg(short = 'd', long)]
     pub detach: bool,
+
+    /// Publish a container port on the host: [IP:]HOST_PORT:CONTAINER_PORT[/tcp] (repeatable).
+    #[arg(short = 'p', long = "publish", value_name = "[IP:]HOST:CONTAINER")]
+    pub publish: Vec<String>,
 
     /// A name for the container (default: a generated one).
     #[arg(long)]

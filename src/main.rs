@@ -95,6 +95,13 @@ fn dispatch(cli: Cli) -> Result<i32> {
         Command::Kill(a) => kill(a),
         Command::Rm(a) => rm(a),
         Command::Wait(a) => wait(a),
+        Command::Port { container } => {
+            let c = cstate::resolve(&container)?;
+            for m in c.config().map(|c| c.ports).unwrap_or_default() {
+                println!("{m}");
+            }
+            Ok(0)
+        }
         Command::Supervise { dir } => supervise(&dir),
         Command::Images(a) => images(a),
         Command::Inspect(a) => inspect(a),
@@ -201,6 +208,12 @@ fn run(args: RunArgs) -> Result<i32> {
             user: args.user.clone(),
         },
     )?;
+    let mut ports = Vec::new();
+    for p in &args.publish {
+        ports.push(runtime::ports::parse(p).map_err(anyhow::Error::msg)?);
+    }
+    // A port in use fails the run before anything starts.
+    drop(runtime::ports::bind(&ports).map_err(anyhow::Error::msg)?);
     let stop_signal = image_config
         .as_ref()
         .and_then(|c| c.stop_signal().clone())
@@ -229,6 +242,7 @@ fn run(args: RunArgs) -> Result<i32> {
         kernel,
         debug: args.debug,
         snapshots: runtime::snapshots_dir(),
+        ports,
     };
     let forward_stdin = !args.detach && (args.interactive || !std::io::stdin().is_terminal());
     let dir = cstate::containers_dir().join(&id);
@@ -339,8 +353,14 @@ fn execute(
             Rootfs::Dir(d) => vec![d.clone()],
             Rootfs::Disk(_) => bail!("namespace mode takes an image's layers, not its disk"),
         };
-        return Ok(runtime::ns::run_attached(cfg, &lowers, dir)?);
+        let listeners = runtime::ports::bind(&cfg.ports).map_err(anyhow::Error::msg)?;
+        return Ok(runtime::ns::run_attached(cfg, &lowers, dir, listeners)?);
     }
+    let listeners = runtime::ports::bind(&cfg.ports).map_err(anyhow::Error::msg)?;
+    runtime::ports::serve(
+        listeners,
+        runtime::ports::Target::Vm(dir.join("vsock.sock")),
+    );
     let how = if cold {
         runtime::microvm::Start::Cold
     } else {

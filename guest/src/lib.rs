@@ -26,7 +26,7 @@ use std::io::{self, Read, Write};
 use serde::{Deserialize, Serialize};
 
 /// Version of the frames below; bumped on every incompatible change.
-pub const PROTOCOL_VERSION: u32 = 3;
+pub const PROTOCOL_VERSION: u32 = 4;
 
 /// vsock port on which the guest agent listens.
 pub const AGENT_PORT: u32 = 1024;
@@ -141,6 +141,10 @@ pub enum HostMsg {
     StdinEof,
     /// Deliver a signal to the process.
     Signal(i32),
+    /// Published ports: connect to this TCP port on the guest's loopback;
+    /// after `Connected` the connection carries the TCP stream's bytes both
+    /// ways, unframed, with half-closes passed on.
+    Connect { port: u16 },
 }
 
 /// Frames from the guest agent to the host.
@@ -156,6 +160,8 @@ pub enum GuestMsg {
     Applied,
     /// The layer tar of a `Commit` is complete.
     Committed,
+    /// Answer to `Connect`: raw bytes follow.
+    Connected,
     /// The process runs with this pid (inside the guest).
     Started { pid: u32 },
     /// The process could not be started.

@@ -130,6 +130,13 @@ fn handshake_and_start(conn: &VsockStream) -> Result<Option<(ProcessSpec, Runnin
                 crate::layers::commit(&mut w).map_err(|e| format!("committing a layer: {e}"))?;
                 send(conn, &GuestMsg::Committed).map_err(|e| e.to_string())?;
             }
+            Ok(HostMsg::Connect { port }) => {
+                let tcp = std::net::TcpStream::connect(("127.0.0.1", port))
+                    .map_err(|e| format!("connecting to port {port} in the guest: {e}"))?;
+                send(conn, &GuestMsg::Connected).map_err(|e| e.to_string())?;
+                relay(conn, tcp);
+                return Ok(None);
+            }
             Ok(HostMsg::Start(spec)) => {
                 if !*MOUNTED.lock().unwrap_or_else(|e| e.into_inner()) {
                     return Err("Start before Mount: the container root is not assembled".into());
@@ -422,4 +429,43 @@ fn pfd(fd: RawFd, events: libc::c_short) -> libc::pollfd {
         events,
         revents: 0,
     }
+}
+
+/// Copies bytes between the host's connection and a TCP stream in the guest
+/// until both directions are closed; each end-of-file becomes a half-close.
+fn relay(conn: &VsockStream, tcp: std::net::TcpStream) {
+    let Ok(tcp_read) = tcp.try_clone() else {
+        return;
+    };
+    let vsock_fd = conn.as_raw_fd();
+    let to_host = std::thread::spawn(move || {
+        let mut tcp_read = tcp_read;
+        let mut buf = vec![0u8; 64 * 1024];
+        loop {
+            match io::Read::read(&mut tcp_read, &mut buf) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => {
+                    if sys::write_all(vsock_fd, &buf[..n]).is_err() {
+                        break;
+                    }
+                }
+            }
+        }
+        // SAFETY: shutdown on the connection's descriptor, which outlives this thread (joined below).
+        unsafe { libc::shutdown(vsock_fd, libc::SHUT_WR) };
+    });
+    let mut tcp_write = tcp;
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        match sys::read(vsock_fd, &mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => {
+                if io::Write::write_all(&mut tcp_write, &buf[..n]).is_err() {
+                    break;
+                }
+            }
+        }
+    }
+    let _ = tcp_write.shutdown(std::net::Shutdown::Write);
+    let _ = to_host.join();
 }

@@ -52,6 +52,7 @@ impl BuildVm {
             kernel: kernel.to_path_buf(),
             debug: false,
             snapshots: snapshots.to_path_buf(),
+            ports: Vec::new(),
         };
         let vm = MicroVm::start(&cfg, dir, Start::Warm)?;
         let mut conn = vm.connect(BOOT_TIMEOUT)?;

@@ -110,6 +110,11 @@ impl AgentConn {
         })
     }
 
+    /// The underlying stream (after a `Connect`, it carries raw bytes).
+    pub fn into_stream(self) -> UnixStream {
+        self.stream
+    }
+
     /// Closes the connection in both directions.
     pub fn close(&self) {
         let _ = self.stream.shutdown(std::net::Shutdown::Both);

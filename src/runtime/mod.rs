@@ -5,6 +5,7 @@ pub mod agent;
 
 pub mod microvm;
 pub mod ns;
+pub mod ports;
 pub mod snapshot;
 pub mod spec;
 pub mod state;
@@ -48,6 +49,9 @@ pub struct ContainerConfig {
     pub debug: bool,
     /// Where warm-start snapshots live (see [`snapshots_dir`]).
     pub snapshots: PathBuf,
+    /// Published ports.
+    #[serde(default)]
+    pub ports: Vec<ports::PortMap>,
 }
 
 /// Errors running a container.

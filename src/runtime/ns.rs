@@ -301,6 +301,7 @@ pub fn run_attached(
     cfg: &ContainerConfig,
     lowers: &[PathBuf],
     dir: &Path,
+    listeners: Vec<(std::net::TcpListener, super::ports::PortMap)>,
 ) -> Result<i32, RuntimeError> {
     private_mounts()?;
     let root = dir.join("rootfs");
@@ -345,6 +346,7 @@ pub fn run_attached(
             return Ok(e.kind.exit_code());
         }
     };
+    super::ports::serve(listeners, super::ports::Target::Ns(pid));
     loop {
         let mut status = 0;
         // SAFETY: waitpid on our child with a valid out pointer.

@@ -142,6 +142,7 @@ impl TestVm {
             kernel: kernel(),
             debug: false,
             snapshots: snapshots(),
+            ports: Vec::new(),
         };
         let vm = MicroVm::start(&cfg, dir.path(), Start::Warm).expect("start the test VM");
         let mut conn = vm.connect(BOOT_TIMEOUT).expect("agent answers");

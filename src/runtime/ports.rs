@@ -1,0 +1,233 @@
+//! Published ports (`-p [IP:]HOST:CONTAINER[/tcp]`): vmc listens on the host
+//! and carries every accepted connection into the container. VM mode: over
+//! vsock to the guest agent, which connects to the port on the guest's
+//! loopback (no TAP, no iptables). Namespace mode: a socket created inside
+//! the container's network namespace connects to its loopback. Each
+//! direction is copied by its own thread; an end-of-file becomes a
+//! half-close on the other side.
+
+use std::io::{self, Read, Write};
+use std::net::{IpAddr, Ipv4Addr, Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::os::fd::AsRawFd;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use vmc_guest::{GuestMsg, HostMsg, AGENT_PORT};
+
+use super::agent::AgentConn;
+
+/// One `-p` mapping.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PortMap {
+    pub host_ip: IpAddr,
+    pub host_port: u16,
+    pub container_port: u16,
+}
+
+impl std::fmt::Display for PortMap {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{}/tcp -> {}",
+            self.container_port,
+            SocketAddr::new(self.host_ip, self.host_port)
+        )
+    }
+}
+
+/// Parses `[IP:]HOST:CONTAINER[/tcp]` as Docker does (no ranges, tcp only).
+pub fn parse(spec: &str) -> Result<PortMap, String> {
+    let bad =
+        |why: &str| format!("-p {spec}: {why} (the form is [IP:]HOST_PORT:CONTAINER_PORT[/tcp])");
+    let (body, proto) = spec.split_once('/').unwrap_or((spec, "tcp"));
+    if proto != "tcp" {
+        return Err(bad("only tcp ports can be published"));
+    }
+    let port = |s: &str| -> Result<u16, String> {
+        match s.parse::<u16>() {
+            Ok(p) if p > 0 => Ok(p),
+            _ => Err(bad(&format!("'{s}' is not a port number (1-65535)"))),
+        }
+    };
+    let parts: Vec<&str> = body.split(':').collect();
+    let (ip, h, c) = match parts.as_slice() {
+        [h, c] => (IpAddr::V4(Ipv4Addr::UNSPECIFIED), *h, *c),
+        [ip, h, c] => {
+            let addr: IpAddr = ip
+                .parse()
+                .map_err(|_| bad(&format!("'{ip}' is not an IPv4 address")))?;
+            (addr, *h, *c)
+        }
+        [_] => return Err(bad("give both the host and the container port")),
+        _ => return Err(bad("too many ':' (IPv6 host addresses are not supported)")),
+    };
+    Ok(PortMap {
+        host_ip: ip,
+        host_port: port(h)?,
+        container_port: port(c)?,
+    })
+}
+
+/// Binds every mapping's host address; fails with the address in use.
+pub fn bind(maps: &[PortMap]) -> Result<Vec<(TcpListener, PortMap)>, String> {
+    maps.iter()
+        .map(|m| {
+            let addr = SocketAddr::new(m.host_ip, m.host_port);
+            TcpListener::bind(addr)
+                .map(|l| (l, *m))
+                .map_err(|e| match e.kind() {
+                    io::ErrorKind::AddrInUse => format!(
+                        "-p {}:{}: {addr} is already in use: choose another host port",
+                        m.host_port, m.container_port
+                    ),
+                    _ => format!(
+                        "-p {}:{}: cannot listen on {addr}: {e}",
+                        m.host_port, m.container_port
+                    ),
+                })
+        })
+        .collect()
+}
+
+/// How a connection reaches the container.
+#[derive(Clone)]
+pub enum Target {
+    /// The guest agent's vsock, through the VMM's Unix socket.
+    Vm(PathBuf),
+    /// The network namespace of this process (the container's PID 1).
+    Ns(i32),
+}
+
+/// Serves the listeners until the process exits (threads are detached).
+pub fn serve(listeners: Vec<(TcpListener, PortMap)>, target: Target) {
+    let target = Arc::new(target);
+    for (l, m) in listeners {
+        let target = target.clone();
+        std::thread::spawn(move || {
+            for conn in l.incoming().flatten() {
+                let target = target.clone();
+                std::thread::spawn(move || {
+                    if let Err(e) = forward(conn, m.container_port, &target) {
+                        log::info!("port {}: {e}", m.container_port);
+                    }
+                });
+            }
+        });
+    }
+}
+
+fn forward(client: TcpStream, port: u16, target: &Target) -> io::Result<()> {
+    match target {
+        Target::Vm(uds) => {
+            let mut agent = AgentConn::connect(uds, AGENT_PORT, Duration::from_secs(5), &|| true)
+                .map_err(io::Error::other)?;
+            agent
+                .send(&HostMsg::Connect { port })
+                .map_err(io::Error::other)?;
+            match agent.recv().map_err(io::Error::other)? {
+                GuestMsg::Connected => {}
+                other => return Err(io::Error::other(format!("{other:?}"))),
+            }
+            let inner = agent.into_stream();
+            let inner2 = inner.try_clone()?;
+            relay(
+                client,
+                Box::new(inner),
+                Box::new(inner2),
+                move |s: &std::os::unix::net::UnixStream| {
+                    let _ = s.shutdown(Shutdown::Write);
+                },
+            );
+            Ok(())
+        }
+        Target::Ns(pid) => {
+            let inner = connect_in_netns(*pid, port)?;
+            let inner2 = inner.try_clone()?;
+            relay(
+                client,
+                Box::new(inner),
+                Box::new(inner2),
+                |s: &TcpStream| {
+                    let _ = s.shutdown(Shutdown::Write);
+                },
+            );
+            Ok(())
+        }
+    }
+}
+
+/// Connects to 127.0.0.1:`port` inside the network namespace of `pid`, from
+/// a thread that enters it (setns affects only the calling thread; the
+/// socket keeps the namespace it was created in).
+fn connect_in_netns(pid: i32, port: u16) -> io::Result<TcpStream> {
+    let ns = std::fs::File::open(format!("/proc/{pid}/ns/net"))?;
+    std::thread::spawn(move || {
+        // SAFETY: setns on an open namespace file, in this short-lived thread only.
+        if unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) } < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        TcpStream::connect(("127.0.0.1", port))
+    })
+    .join()
+    .map_err(|_| io::Error::other("the namespace thread panicked"))?
+}
+
+/// Copies both ways between `client` and the inner stream.
+fn relay<S: Read + Write + Send + 'static>(
+    client: TcpStream,
+    inner_read: Box<S>,
+    inner_write: Box<S>,
+    shutdown_inner: impl Fn(&S) + Send + 'static,
+) {
+    let Ok(client_read) = client.try_clone() else {
+        return;
+    };
+    let up = std::thread::spawn(move || {
+        let mut r = client_read;
+        let mut w = inner_write;
+        let _ = io::copy(&mut r, &mut *w);
+        shutdown_inner(&w);
+    });
+    let mut r = inner_read;
+    let mut w = client;
+    let _ = io::copy(&mut *r, &mut w);
+    let _ = w.shutdown(Shutdown::Write);
+    let _ = up.join();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn port_specs_parse_like_docker() {
+        let m = parse("8080:80").unwrap();
+        assert_eq!((m.host_port, m.container_port), (8080, 80));
+        assert_eq!(m.host_ip, IpAddr::V4(Ipv4Addr::UNSPECIFIED));
+        let m = parse("127.0.0.1:3000:3000/tcp").unwrap();
+        assert_eq!(m.host_ip, "127.0.0.1".parse::<IpAddr>().unwrap());
+        assert_eq!((m.host_port, m.container_port), (3000, 3000));
+        for bad in [
+            "80",
+            "0:80",
+            "a:80",
+            "80:70000",
+            "1.2.3:80:80",
+            "80:80/udp",
+            "",
+        ] {
+            assert!(parse(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn a_port_in_use_is_named() {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = l.local_addr().unwrap().port();
+        let m = parse(&format!("127.0.0.1:{port}:80")).unwrap();
+        let e = bind(&[m]).unwrap_err();
+        assert!(e.contains("already in use"), "{e}");
+    }
+}

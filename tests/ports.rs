@@ -1,0 +1,183 @@
+//! Published ports (`-p`) in both modes: a byte-exact echo through a
+//! half-close, concurrent connections, a port in use.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::{Shutdown, TcpListener, TcpStream};
+use std::path::Path;
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use common::{kvm_available, rootfs, snapshots};
+
+fn vmc(home: &Path, args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_vmc"))
+        .env("VMC_HOME", home)
+        .env("VMC_SNAPSHOTS", snapshots())
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap()
+}
+
+fn ok(o: &Output) -> String {
+    assert!(
+        o.status.success(),
+        "failed ({:?}): {}{}",
+        o.status.code(),
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+fn store_with_busybox() -> tempfile::TempDir {
+    let home = tempfile::tempdir().unwrap();
+    let tar = home.path().join("busybox.tar");
+    let st = Command::new("tar")
+        .arg("-C")
+        .arg(rootfs())
+        .arg("-cf")
+        .arg(&tar)
+        .arg(".")
+        .status()
+        .unwrap();
+    assert!(st.success());
+    ok(&vmc(
+        home.path(),
+        &["import", tar.to_str().unwrap(), "busybox"],
+    ));
+    home
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Sends `data`, half-closes, and reads the echo to the end.
+fn echo(port: u16, data: &[u8]) -> std::io::Result<Vec<u8>> {
+    let mut s = TcpStream::connect(("127.0.0.1", port))?;
+    s.set_read_timeout(Some(Duration::from_secs(120)))?;
+    let mut w = s.try_clone()?;
+    let data = data.to_vec();
+    let writer = std::thread::spawn(move || {
+        w.write_all(&data)?;
+        w.shutdown(Shutdown::Write)
+    });
+    let mut back = Vec::new();
+    s.read_to_end(&mut back)?;
+    writer.join().unwrap()?;
+    Ok(back)
+}
+
+fn published(mode: &str, size: usize, concurrent: usize) {
+    let home = store_with_busybox();
+    let h = home.path();
+    let port = free_port();
+    let map = format!("127.0.0.1:{port}:7000");
+    ok(&vmc(
+        h,
+        &[
+            "run",
+            "-d",
+            "--mode",
+            mode,
+            "--name",
+            "echo",
+            "-p",
+            &map,
+            "busybox",
+            "sh",
+            "-c",
+            "echo listening; exec nc -ll -p 7000 -e cat",
+        ],
+    ));
+    // Until the server inside answers (a VM restores and starts it first).
+    let deadline = Instant::now() + Duration::from_secs(180);
+    loop {
+        match echo(port, b"ping") {
+            Ok(b) if b == b"ping" => break,
+            r => {
+                assert!(
+                    Instant::now() < deadline,
+                    "the published port never answered: {r:?}"
+                );
+                std::thread::sleep(Duration::from_millis(300));
+            }
+        }
+    }
+    assert_eq!(
+        ok(&vmc(h, &["port", "echo"])),
+        format!("7000/tcp -> 127.0.0.1:{port}\n")
+    );
+    // Byte-exact through the half-close.
+    let data: Vec<u8> = (0..size).map(|i| (i * 7 + i / 251) as u8).collect();
+    assert!(
+        echo(port, &data).unwrap() == data,
+        "{size} bytes came back changed"
+    );
+    // Concurrent connections, each its own echo.
+    let threads: Vec<_> = (0..concurrent)
+        .map(|i| {
+            std::thread::spawn(move || {
+                let msg = format!("connection {i} ").repeat(100).into_bytes();
+                assert_eq!(echo(port, &msg).unwrap(), msg);
+            })
+        })
+        .collect();
+    for t in threads {
+        t.join().unwrap();
+    }
+    // The host port is taken while the container runs.
+    let o = vmc(
+        h,
+        &["run", "--rm", "--mode", mode, "-p", &map, "busybox", "true"],
+    );
+    assert_eq!(o.status.code(), Some(125));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("already in use"));
+    ok(&vmc(h, &["rm", "-f", "echo"]));
+    // ... and free again after.
+    // (The killed supervisor's threads may take a moment to let go.)
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while TcpListener::bind(("127.0.0.1", port)).is_err() {
+        assert!(Instant::now() < deadline, "the port is never released");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // Bad -p values are refused before anything runs.
+    let o = vmc(
+        h,
+        &["run", "--rm", "--mode", mode, "-p", "80", "busybox", "true"],
+    );
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("-p 80:"),
+        "{o:?}"
+    );
+}
+
+#[test]
+fn ports_in_namespace_mode() {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        assert!(
+            std::env::var("CI").as_deref() != Ok("true"),
+            "CI must run as root"
+        );
+        eprintln!("skipping: namespace mode needs root");
+        return;
+    }
+    published("ns", 8 << 20, 50);
+}
+
+#[test]
+fn ports_in_vm_mode() {
+    if !kvm_available() {
+        return;
+    }
+    // Smaller figures: every guest instruction is emulated on kvm_pvm hosts.
+    published("vm", 256 << 10, 8);
+}
