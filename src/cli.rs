@@ -68,6 +68,8 @@ pub enum Command {
     Rm(RmArgs),
     /// Wait for containers to exit and print their exit codes.
     Wait(WaitArgs),
+    /// Run a command in a running container.
+    Exec(ExecArgs),
     /// List a container's published ports.
     Port { container: String },
     /// (internal) Supervise a detached container.
@@ -333,6 +335,27 @@ pub struct RmArgs {
     pub force: bool,
     #[arg(required = true)]
     pub containers: Vec<String>,
+}
+
+#[derive(Args, Debug)]
+pub struct ExecArgs {
+    /// Forward stdin even when it is a terminal.
+    #[arg(short = 'i', long)]
+    pub interactive: bool,
+    /// Set an environment variable (KEY=VALUE).
+    #[arg(short = 'e', long = "env", value_name = "KEY=VALUE")]
+    pub env: Vec<String>,
+    /// Working directory inside the container.
+    #[arg(short = 'w', long = "workdir", value_name = "DIR")]
+    pub workdir: Option<String>,
+    /// User to run as: name, uid, name:group or uid:gid.
+    #[arg(short = 'u', long = "user")]
+    pub user: Option<String>,
+    /// The container.
+    pub container: String,
+    /// The command and its arguments.
+    #[arg(trailing_var_arg = true, allow_hyphen_values = true, required = true)]
+    pub command: Vec<String>,
 }
 
 #[derive(Args, Debug)]

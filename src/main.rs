@@ -7,9 +7,9 @@ use std::path::PathBuf;
 use anyhow::{bail, Context, Result};
 use clap::Parser;
 use vmc::cli::{
-    BuildArgs, Cli, Command, ImagesArgs, ImportArgs, InspectArgs, KillArgs, LoadArgs, LogsArgs,
-    PsArgs, PullArgs, RmArgs, RmiArgs, RunArgs, SaveArgs, StopArgs, SystemCommand, TagArgs,
-    WaitArgs,
+    BuildArgs, Cli, Command, ExecArgs, ImagesArgs, ImportArgs, InspectArgs, KillArgs, LoadArgs,
+    LogsArgs, PsArgs, PullArgs, RmArgs, RmiArgs, RunArgs, SaveArgs, StopArgs, SystemCommand,
+    TagArgs, WaitArgs,
 };
 use vmc::image::{self, Reference, Store};
 use vmc::runtime::spec::{self, RunOverrides};
@@ -95,6 +95,7 @@ fn dispatch(cli: Cli) -> Result<i32> {
         Command::Kill(a) => kill(a),
         Command::Rm(a) => rm(a),
         Command::Wait(a) => wait(a),
+        Command::Exec(a) => exec(a),
         Command::Port { container } => {
             let c = cstate::resolve(&container)?;
             for m in c.config().map(|c| c.ports).unwrap_or_default() {
@@ -668,6 +669,55 @@ fn rm(a: RmArgs) -> Result<i32> {
         println!("{name}");
     }
     Ok(if failed { 1 } else { 0 })
+}
+
+fn exec(a: ExecArgs) -> Result<i32> {
+    let mut c = cstate::resolve(&a.container)?;
+    if c.refresh() != Status::Running {
+        bail!(
+            "container {} is not running: start a new one with vmc run",
+            a.container
+        );
+    }
+    let cfg = c.config().context("reading the container's config")?;
+    let mut spec = cfg.process.clone();
+    spec.args = a.command.clone();
+    let mut env = Vec::new();
+    for e in &a.env {
+        match e.split_once('=') {
+            Some(_) => env.push(e.clone()),
+            None => {
+                if let Ok(v) = std::env::var(e) {
+                    env.push(format!("{e}={v}"));
+                }
+            }
+        }
+    }
+    spec::merge_env(&mut spec.env, &env);
+    if let Some(w) = &a.workdir {
+        spec.cwd = w.clone();
+    }
+    if let Some(u) = &a.user {
+        spec.user = u.clone();
+    }
+    let forward_stdin = a.interactive || !std::io::stdin().is_terminal();
+    if c.state.mode == "ns" {
+        let pid: i32 = std::fs::read_to_string(c.dir.join("init.pid"))
+            .ok()
+            .and_then(|p| p.trim().parse().ok())
+            .context("the container's process is not known yet: try again")?;
+        if !forward_stdin {
+            // SAFETY: redirecting our own stdin to /dev/null before the child inherits it.
+            let null = std::fs::File::open("/dev/null")?;
+            unsafe { libc::dup2(std::os::fd::AsRawFd::as_raw_fd(&null), 0) };
+        }
+        return Ok(runtime::ns::exec_attached(pid, &spec)?);
+    }
+    Ok(runtime::microvm::exec_attached(
+        &c.dir.join("vsock.sock"),
+        spec,
+        forward_stdin,
+    )?)
 }
 
 fn wait(a: WaitArgs) -> Result<i32> {

@@ -95,6 +95,45 @@ fn lifecycle(mode: &str) {
     assert_eq!(tail.lines().count(), 1, "{tail}");
     assert!(tail.starts_with("20") && tail.contains("Z tick "), "{tail}");
 
+    // exec: into the same container (its files, its env), exit codes, stdin.
+    let o = vmc(
+        h,
+        &[
+            "exec",
+            "-e",
+            "X=y",
+            "app",
+            "sh",
+            "-c",
+            "echo $X; cat /proc/1/cmdline | tr '\\0' ' '; echo; exit 4",
+        ],
+    );
+    assert_eq!(
+        o.status.code(),
+        Some(4),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    let out = String::from_utf8_lossy(&o.stdout).into_owned();
+    assert!(out.starts_with("y\n"), "{out}");
+    if mode == "ns" {
+        // The container's own pid namespace: its PID 1 is the workload.
+        assert!(out.contains("sh -c trap"), "{out}");
+    }
+    let mut child = Command::new(env!("CARGO_BIN_EXE_vmc"))
+        .env("VMC_HOME", h)
+        .args(["exec", "app", "cat"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::io::Write::write_all(child.stdin.as_mut().unwrap(), b"through exec\n").unwrap();
+    drop(child.stdin.take());
+    let o = child.wait_with_output().unwrap();
+    assert_eq!(String::from_utf8_lossy(&o.stdout), "through exec\n");
+    let o = vmc(h, &["exec", "app", "nosuchcommand"]);
+    assert_eq!(o.status.code(), Some(127));
+
     // A duplicate name and rm of a running container are refused.
     let o = vmc(
         h,
@@ -126,6 +165,9 @@ fn lifecycle(mode: &str) {
     assert!(ok(&vmc(h, &["ps"])).lines().count() == 1, "only the header");
     // Logs survive the exit until rm.
     assert!(ok(&vmc(h, &["logs", "app"])).contains("stopping"));
+    let o = vmc(h, &["exec", "app", "true"]);
+    assert_eq!(o.status.code(), Some(125));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("is not running"));
     ok(&vmc(h, &["rm", "app"]));
     assert!(!vmc(h, &["logs", "app"]).status.success());
 

@@ -71,6 +71,9 @@ pub struct Isolation {
     /// the bounding, permitted, effective and inheritable sets.
     pub keep_caps: Option<u64>,
     pub no_new_privs: bool,
+    /// Already in the container's mount namespace, at its root (`vmc exec`
+    /// after setns): no new mount namespace, no pivot.
+    pub in_root: bool,
 }
 
 /// Docker's default capability set: CHOWN, DAC_OVERRIDE, FOWNER, FSETID,
@@ -112,6 +115,7 @@ struct PreparedIsolation {
     loopback_up: bool,
     keep_caps: Option<u64>,
     no_new_privs: bool,
+    in_root: bool,
 }
 
 fn prepare_isolation(iso: &Isolation) -> io::Result<PreparedIsolation> {
@@ -178,6 +182,7 @@ fn prepare_isolation(iso: &Isolation) -> io::Result<PreparedIsolation> {
         loopback_up: iso.loopback_up,
         keep_caps: iso.keep_caps,
         no_new_privs: iso.no_new_privs,
+        in_root: iso.in_root,
     })
 }
 
@@ -512,34 +517,10 @@ unsafe fn child_main(
         if libc::setsid() < 0 {
             fail(Step::Session);
         }
-        if libc::unshare(libc::CLONE_NEWNS) < 0 {
-            fail(Step::Namespace);
-        }
-        let root_c = c"/";
-        if libc::mount(
-            std::ptr::null(),
-            root_c.as_ptr(),
-            std::ptr::null(),
-            libc::MS_REC | libc::MS_PRIVATE,
-            std::ptr::null(),
-        ) < 0
-        {
-            fail(Step::Namespace);
-        }
-        if let Some(iso) = &p.iso {
-            if isolate_root(iso) < 0 {
-                fail(Step::Isolate);
+        if !p.iso.as_ref().is_some_and(|i| i.in_root) {
+            if let Err(step) = enter_root(p) {
+                fail(step);
             }
-        }
-        // pivot_root(".", ".") stacks the old root on the new one; detaching
-        // it leaves the container root as the whole view.
-        let dot = c".";
-        if libc::chdir(p.root.as_ptr()) < 0
-            || libc::syscall(libc::SYS_pivot_root, dot.as_ptr(), dot.as_ptr()) < 0
-            || libc::umount2(dot.as_ptr(), libc::MNT_DETACH) < 0
-            || libc::chdir(root_c.as_ptr()) < 0
-        {
-            fail(Step::Root);
         }
         for d in &p.cwd_prefixes {
             libc::mkdir(d.as_ptr(), 0o755);
@@ -716,4 +697,44 @@ unsafe fn confine(iso: &PreparedIsolation) -> libc::c_int {
         }
         0
     }
+}
+
+/// The child's own mount namespace, pivoted into the container root.
+///
+/// # Safety
+/// Child after fork only.
+unsafe fn enter_root(p: &Prepared) -> Result<(), Step> {
+    // SAFETY: system calls on NUL-terminated data prepared before the fork.
+    unsafe {
+        if libc::unshare(libc::CLONE_NEWNS) < 0 {
+            return Err(Step::Namespace);
+        }
+        let root_c = c"/";
+        if libc::mount(
+            std::ptr::null(),
+            root_c.as_ptr(),
+            std::ptr::null(),
+            libc::MS_REC | libc::MS_PRIVATE,
+            std::ptr::null(),
+        ) < 0
+        {
+            return Err(Step::Namespace);
+        }
+        if let Some(iso) = &p.iso {
+            if isolate_root(iso) < 0 {
+                return Err(Step::Isolate);
+            }
+        }
+        // pivot_root(".", ".") stacks the old root on the new one; detaching
+        // it leaves the container root as the whole view.
+        let dot = c".";
+        if libc::chdir(p.root.as_ptr()) < 0
+            || libc::syscall(libc::SYS_pivot_root, dot.as_ptr(), dot.as_ptr()) < 0
+            || libc::umount2(dot.as_ptr(), libc::MNT_DETACH) < 0
+            || libc::chdir(root_c.as_ptr()) < 0
+        {
+            return Err(Step::Root);
+        }
+    }
+    Ok(())
 }

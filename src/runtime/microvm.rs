@@ -412,6 +412,62 @@ pub fn run_attached(
     }
 }
 
+/// `vmc exec` in VM mode: runs another process in the running container's
+/// VM through its agent (reached over the VMM's vsock socket `vsock`), with
+/// this process's stdio and signals; returns its exit code.
+pub fn exec_attached(
+    vsock: &Path,
+    mut spec: vmc_guest::ProcessSpec,
+    forward_stdin: bool,
+) -> Result<i32, RuntimeError> {
+    let set = forwarded_set();
+    // SAFETY: set is a valid sigset_t; the old mask is not needed.
+    unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) };
+    let mut conn = AgentConn::connect(
+        vsock,
+        vmc_guest::AGENT_PORT,
+        Duration::from_secs(10),
+        &|| vsock.exists(),
+    )?;
+    spec.stdin = forward_stdin;
+    spec.reboot_on_exit = false;
+    conn.send(&HostMsg::Start(spec))?;
+    match conn.recv()? {
+        GuestMsg::Started { .. } => {}
+        GuestMsg::StartFailed { kind, message } => {
+            eprintln!("vmc: {message}");
+            return Ok(kind.exit_code());
+        }
+        GuestMsg::Error(e) => return Err(AgentError::Remote(e).into()),
+        other => return Err(AgentError::Unexpected(format!("{other:?}")).into()),
+    }
+    let writer: Arc<Mutex<Option<AgentConn>>> =
+        Arc::new(Mutex::new(Some(conn.try_clone().map_err(AgentError::Io)?)));
+    {
+        let writer = writer.clone();
+        std::thread::spawn(move || loop {
+            let mut sig: libc::c_int = 0;
+            // SAFETY: set and sig are valid for the call.
+            if unsafe { libc::sigwait(&set, &mut sig) } != 0 {
+                continue;
+            }
+            if let Some(conn) = writer.lock().unwrap_or_else(|e| e.into_inner()).as_mut() {
+                let _ = conn.send(&HostMsg::Signal(sig));
+            }
+        });
+    }
+    if forward_stdin {
+        let writer = writer.clone();
+        std::thread::spawn(move || pump_stdin(writer));
+    }
+    let code = pump_output(&mut conn);
+    conn.close();
+    writer.lock().unwrap_or_else(|e| e.into_inner()).take();
+    code.ok_or_else(|| {
+        RuntimeError::VmCrashed("the container stopped while the process ran".into())
+    })
+}
+
 /// Copies vmc's stdin to the workload until end of file.
 fn pump_stdin(writer: Arc<Mutex<Option<AgentConn>>>) {
     let mut stdin = std::io::stdin().lock();

@@ -291,6 +291,7 @@ pub fn isolation(root: &str, hostname: &str) -> Isolation {
         loopback_up: true,
         keep_caps: Some(DOCKER_DEFAULT_CAPS),
         no_new_privs: true,
+        in_root: false,
     }
 }
 
@@ -318,27 +319,9 @@ pub fn run_attached(
         }
     };
 
-    // Signals for the container are forwarded from vmc; block them before
-    // the child exists so that none is lost (the child resets its mask).
-    let forwarded = [
-        libc::SIGINT,
-        libc::SIGTERM,
-        libc::SIGHUP,
-        libc::SIGQUIT,
-        libc::SIGUSR1,
-        libc::SIGUSR2,
-        libc::SIGCHLD,
-    ];
-    // SAFETY: plain sigset manipulation on a local.
-    let set = unsafe {
-        let mut set: libc::sigset_t = std::mem::zeroed();
-        libc::sigemptyset(&mut set);
-        for s in forwarded {
-            libc::sigaddset(&mut set, s);
-        }
-        libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
-        set
-    };
+    // Signals for the container are forwarded from vmc; blocked before the
+    // child exists so that none is lost (the child resets its mask).
+    let set = block_forwarded();
     let pid = match spawn::spawn(&prepared, [0, 1, 2]) {
         Ok(pid) => pid as libc::pid_t,
         Err(e) => {
@@ -347,6 +330,78 @@ pub fn run_attached(
         }
     };
     super::ports::serve(listeners, super::ports::Target::Ns(pid));
+    // Where `vmc exec` finds the container's namespaces.
+    let _ = std::fs::write(dir.join("init.pid"), pid.to_string());
+    Ok(wait_forwarding(pid, &set))
+}
+
+/// `vmc exec` in namespace mode: joins the namespaces of the container whose
+/// PID 1 is `pid` (this process must still be single-threaded: a mount
+/// namespace can only be joined then) and runs `spec` there, confined like
+/// the container, with this process's stdio; returns its exit code.
+pub fn exec_attached(pid: i32, spec: &vmc_guest::ProcessSpec) -> Result<i32, RuntimeError> {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        return Err(NsError::NotRoot.into());
+    }
+    for ns in ["ipc", "uts", "net", "cgroup", "pid", "mnt"] {
+        let p = format!("/proc/{pid}/ns/{ns}");
+        let f = std::fs::File::open(&p).map_err(sys(p.clone()))?;
+        // SAFETY: setns on an open namespace file.
+        check(
+            unsafe { libc::setns(std::os::fd::AsRawFd::as_raw_fd(&f), 0) },
+            &format!("joining {p}"),
+        )?;
+    }
+    let iso = Isolation {
+        keep_caps: Some(DOCKER_DEFAULT_CAPS),
+        no_new_privs: true,
+        in_root: true,
+        ..Default::default()
+    };
+    let prepared = match spawn::prepare_isolated(spec, "/", "/", &iso) {
+        Ok(p) => p,
+        Err(e) => {
+            eprintln!("vmc: {}", e.message);
+            return Ok(e.kind.exit_code());
+        }
+    };
+    let set = block_forwarded();
+    let child = match spawn::spawn(&prepared, [0, 1, 2]) {
+        Ok(pid) => pid as libc::pid_t,
+        Err(e) => {
+            eprintln!("vmc: {}", e.message);
+            return Ok(e.kind.exit_code());
+        }
+    };
+    Ok(wait_forwarding(child, &set))
+}
+
+/// Blocks the signals vmc forwards to a container (and SIGCHLD, to wait).
+fn block_forwarded() -> libc::sigset_t {
+    // SAFETY: plain sigset manipulation on a local.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        for s in [
+            libc::SIGINT,
+            libc::SIGTERM,
+            libc::SIGHUP,
+            libc::SIGQUIT,
+            libc::SIGUSR1,
+            libc::SIGUSR2,
+            libc::SIGCHLD,
+        ] {
+            libc::sigaddset(&mut set, s);
+        }
+        libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
+        set
+    }
+}
+
+/// Waits for `pid`, forwarding the blocked signals to it; its exit code as
+/// Docker reports it.
+fn wait_forwarding(pid: libc::pid_t, set: &libc::sigset_t) -> i32 {
     loop {
         let mut status = 0;
         // SAFETY: waitpid on our child with a valid out pointer.
@@ -357,11 +412,11 @@ pub fn run_attached(
             } else {
                 ExitStatus::Code(libc::WEXITSTATUS(status))
             };
-            return Ok(st.shell_code());
+            return st.shell_code();
         }
         let mut sig = 0;
         // SAFETY: set and sig are valid.
-        if unsafe { libc::sigwait(&set, &mut sig) } != 0 {
+        if unsafe { libc::sigwait(set, &mut sig) } != 0 {
             continue;
         }
         if sig != libc::SIGCHLD {
