@@ -707,9 +707,10 @@ fn exec(a: ExecArgs) -> Result<i32> {
             .and_then(|p| p.trim().parse().ok())
             .context("the container's process is not known yet: try again")?;
         if !forward_stdin {
-            // SAFETY: redirecting our own stdin to /dev/null before the child inherits it.
             let null = std::fs::File::open("/dev/null")?;
-            unsafe { libc::dup2(std::os::fd::AsRawFd::as_raw_fd(&null), 0) };
+            let fd = std::os::fd::AsRawFd::as_raw_fd(&null);
+            // SAFETY: redirecting our own stdin to /dev/null before the child inherits it.
+            unsafe { libc::dup2(fd, 0) };
         }
         return Ok(runtime::ns::exec_attached(pid, &spec)?);
     }

@@ -347,11 +347,10 @@ pub fn exec_attached(pid: i32, spec: &vmc_guest::ProcessSpec) -> Result<i32, Run
     for ns in ["ipc", "uts", "net", "cgroup", "pid", "mnt"] {
         let p = format!("/proc/{pid}/ns/{ns}");
         let f = std::fs::File::open(&p).map_err(sys(p.clone()))?;
+        let fd = std::os::fd::AsRawFd::as_raw_fd(&f);
         // SAFETY: setns on an open namespace file.
-        check(
-            unsafe { libc::setns(std::os::fd::AsRawFd::as_raw_fd(&f), 0) },
-            &format!("joining {p}"),
-        )?;
+        let r = unsafe { libc::setns(fd, 0) };
+        check(r, &format!("joining {p}"))?;
     }
     let iso = Isolation {
         keep_caps: Some(DOCKER_DEFAULT_CAPS),
