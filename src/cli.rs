@@ -149,13 +149,23 @@ pub struct RunArgs {
     #[arg(long)]
     pub rm: bool,
 
-    /// Number of virtual CPUs.
-    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u8).range(1..=64))]
-    pub cpus: u8,
+    /// CPUs: the VM's vCPUs (default 1); in namespace mode a CPU-time
+    /// limit (default none).
+    #[arg(long, value_parser = clap::value_parser!(u8).range(1..=64))]
+    pub cpus: Option<u8>,
 
-    /// Guest memory, e.g. 256M or 1G (units b, k, m, g).
-    #[arg(short = 'm', long, default_value = "256M", value_parser = parse_size)]
-    pub memory: u64,
+    /// Memory, e.g. 256M or 1G (units b, k, m, g): the VM's RAM (default
+    /// 256M); in namespace mode a cgroup limit (default none).
+    #[arg(short = 'm', long, value_parser = parse_size)]
+    pub memory: Option<u64>,
+
+    /// Namespace mode: the most processes the container may have.
+    #[arg(long, value_name = "N")]
+    pub pids_limit: Option<u64>,
+
+    /// Read environment variables from a file (KEY=VALUE lines; repeatable).
+    #[arg(long = "env-file", value_name = "FILE")]
+    pub env_file: Vec<PathBuf>,
 
     /// Guest kernel (default: the one `make kernel` installed).
     #[arg(long, value_name = "PATH", env = "VMC_KERNEL")]

@@ -138,12 +138,18 @@ fn run(args: RunArgs) -> Result<i32> {
     if !ns {
         vmm::open_kvm()?;
     }
-    if args.memory < vmm::MIN_MEMORY {
+    let vm_memory = args.memory.unwrap_or(256 << 20);
+    if !ns && vm_memory < vmm::MIN_MEMORY {
         bail!(
-            "--memory {}: a microVM needs at least {} MiB",
-            args.memory,
+            "--memory {vm_memory}: a microVM needs at least {} MiB",
             vmm::MIN_MEMORY >> 20
         );
+    }
+    if ns && args.memory.is_some_and(|m| m < (4 << 20)) {
+        bail!("--memory: a container needs at least 4 MiB");
+    }
+    if !ns && args.pids_limit.is_some() {
+        bail!("--pids-limit is for namespace mode (--mode ns); a microVM is limited by its memory");
     }
     let kernel = if ns {
         PathBuf::new()
@@ -151,6 +157,32 @@ fn run(args: RunArgs) -> Result<i32> {
         assets::kernel(args.kernel.as_deref())?
     };
     let mut env = Vec::new();
+    // --env-file first: -e overrides it, as in Docker.
+    for f in &args.env_file {
+        let text =
+            std::fs::read_to_string(f).with_context(|| format!("--env-file {}", f.display()))?;
+        for (n, line) in text.lines().enumerate() {
+            let line = line.trim_start();
+            if line.is_empty() || line.starts_with('#') {
+                continue;
+            }
+            match line.split_once('=') {
+                Some((k, _)) if !k.is_empty() && !k.contains(char::is_whitespace) => {
+                    env.push(line.to_string())
+                }
+                Some(_) => bail!(
+                    "--env-file {}:{}: '{line}' is not KEY=VALUE",
+                    f.display(),
+                    n + 1
+                ),
+                None => {
+                    if let Ok(v) = std::env::var(line.trim()) {
+                        env.push(format!("{}={v}", line.trim()));
+                    }
+                }
+            }
+        }
+    }
     for e in &args.env {
         match e.split_once('=') {
             Some(_) => env.push(e.clone()),
@@ -237,13 +269,18 @@ fn run(args: RunArgs) -> Result<i32> {
         process,
         hostname,
         resources: Resources {
-            cpus: args.cpus,
-            memory: args.memory,
+            cpus: args.cpus.unwrap_or(1),
+            memory: vm_memory,
         },
         kernel,
         debug: args.debug,
         snapshots: runtime::snapshots_dir(),
         ports,
+        limits: runtime::NsLimits {
+            memory: args.memory,
+            cpus: args.cpus,
+            pids: args.pids_limit,
+        },
     };
     let forward_stdin = !args.detach && (args.interactive || !std::io::stdin().is_terminal());
     let dir = cstate::containers_dir().join(&id);
@@ -665,6 +702,8 @@ fn rm(a: RmArgs) -> Result<i32> {
             }
             force_kill(&mut c);
         }
+        // Cgroups a killed supervisor could not remove itself.
+        runtime::cgroup::remove_listed(&c.dir.join("cgroups"));
         std::fs::remove_dir_all(&c.dir).with_context(|| format!("removing {}", c.dir.display()))?;
         println!("{name}");
     }

@@ -79,24 +79,19 @@ fn published(mode: &str, size: usize, concurrent: usize) {
     let home = store_with_busybox();
     let h = home.path();
     let port = free_port();
+    let web = free_port();
     let map = format!("127.0.0.1:{port}:7000");
-    ok(&vmc(
-        h,
-        &[
-            "run",
-            "-d",
-            "--mode",
-            mode,
-            "--name",
-            "echo",
-            "-p",
-            &map,
-            "busybox",
-            "sh",
-            "-c",
-            "echo listening; exec nc -ll -p 7000 -e cat",
-        ],
-    ));
+    let web_map = format!("127.0.0.1:{web}:7001");
+    // An echo server (busybox nc: it re-listens after each connection, so
+    // it is used one connection at a time) and a web server (busybox httpd,
+    // concurrent).
+    let script = "mkdir -p /www && echo served > /www/index.html && httpd -p 7001 -h /www && \
+                  echo listening; exec nc -ll -p 7000 -e cat";
+    let args = [
+        "run", "-d", "--mode", mode, "--name", "echo", "-p", &map, "-p", &web_map, "busybox", "sh",
+        "-c", script,
+    ];
+    ok(&vmc(h, &args));
     // Until the server inside answers (a VM restores and starts it first).
     let deadline = Instant::now() + Duration::from_secs(180);
     loop {
@@ -113,7 +108,7 @@ fn published(mode: &str, size: usize, concurrent: usize) {
     }
     assert_eq!(
         ok(&vmc(h, &["port", "echo"])),
-        format!("7000/tcp -> 127.0.0.1:{port}\n")
+        format!("7000/tcp -> 127.0.0.1:{port}\n7001/tcp -> 127.0.0.1:{web}\n")
     );
     // Byte-exact through the half-close.
     let data: Vec<u8> = (0..size).map(|i| (i * 7 + i / 251) as u8).collect();
@@ -121,12 +116,17 @@ fn published(mode: &str, size: usize, concurrent: usize) {
         echo(port, &data).unwrap() == data,
         "{size} bytes came back changed"
     );
-    // Concurrent connections, each its own echo.
+    // Concurrent connections, each with its own answer.
     let threads: Vec<_> = (0..concurrent)
         .map(|i| {
             std::thread::spawn(move || {
-                let msg = format!("connection {i} ").repeat(100).into_bytes();
-                assert_eq!(echo(port, &msg).unwrap(), msg);
+                let req = format!("GET /index.html?{i} HTTP/1.0\r\n\r\n");
+                let answer = echo(web, req.as_bytes()).unwrap();
+                let answer = String::from_utf8_lossy(&answer).into_owned();
+                assert!(
+                    answer.starts_with("HTTP/1.") && answer.ends_with("\r\n\r\nserved\n"),
+                    "{answer}"
+                );
             })
         })
         .collect();

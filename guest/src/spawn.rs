@@ -53,6 +53,12 @@ pub enum RootOp {
     },
     /// An empty file to bind-mount onto.
     Touch(String),
+    /// Write `data` to an existing file (joining a cgroup: `0` to its
+    /// `cgroup.procs`).
+    Write {
+        path: String,
+        data: String,
+    },
 }
 
 /// How a container started on the host is confined (namespace mode). The
@@ -98,7 +104,7 @@ pub const DOCKER_DEFAULT_CAPS: u64 = (1 << 0)
 const MAX_CAP: u32 = 63;
 
 struct PreparedOp {
-    kind: u8, // 0 mkdir, 1 mount, 2 symlink, 3 touch
+    kind: u8, // 0 mkdir, 1 mount, 2 symlink, 3 touch, 4 write
     a: CString,
     b: CString,
     c: CString,
@@ -161,6 +167,16 @@ fn prepare_isolation(iso: &Isolation) -> io::Result<PreparedIsolation> {
                     flags: 0,
                     mode: 0,
                     optional: true,
+                },
+                RootOp::Write { path, data } => PreparedOp {
+                    kind: 4,
+                    a: cstr(path)?,
+                    b: CString::new(data.as_bytes()).map_err(io::Error::other)?,
+                    c: empty(),
+                    d: empty(),
+                    flags: 0,
+                    mode: 0,
+                    optional: false,
                 },
                 RootOp::Touch(p) => PreparedOp {
                     kind: 3,
@@ -599,6 +615,21 @@ unsafe fn isolate_root(iso: &PreparedIsolation) -> libc::c_int {
                     },
                 ),
                 2 => libc::symlink(op.a.as_ptr(), op.b.as_ptr()),
+                4 => {
+                    let fd = libc::open(op.a.as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC);
+                    if fd < 0 {
+                        -1
+                    } else {
+                        let data = op.b.as_bytes();
+                        let n = libc::write(fd, data.as_ptr().cast(), data.len());
+                        libc::close(fd);
+                        if n == data.len() as isize {
+                            0
+                        } else {
+                            -1
+                        }
+                    }
+                }
                 _ => {
                     let fd = libc::open(
                         op.a.as_ptr(),

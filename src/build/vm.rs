@@ -53,6 +53,7 @@ impl BuildVm {
             debug: false,
             snapshots: snapshots.to_path_buf(),
             ports: Vec::new(),
+            limits: Default::default(),
         };
         let vm = MicroVm::start(&cfg, dir, Start::Warm)?;
         let mut conn = vm.connect(BOOT_TIMEOUT)?;

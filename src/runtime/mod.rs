@@ -2,6 +2,7 @@
 //! keeps state, and the microVM runtime. The namespace runtime joins it later.
 
 pub mod agent;
+pub mod cgroup;
 
 pub mod microvm;
 pub mod ns;
@@ -19,6 +20,14 @@ pub use vmc_guest::ProcessSpec;
 pub struct Resources {
     pub cpus: u8,
     pub memory: u64,
+}
+
+/// Cgroup limits of a namespace-mode container; `None` is unlimited.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct NsLimits {
+    pub memory: Option<u64>,
+    pub cpus: Option<u8>,
+    pub pids: Option<u64>,
 }
 
 /// Where a container's root filesystem comes from.
@@ -52,6 +61,9 @@ pub struct ContainerConfig {
     /// Published ports.
     #[serde(default)]
     pub ports: Vec<ports::PortMap>,
+    /// Namespace mode's cgroup limits (the VM is limited by its size).
+    #[serde(default)]
+    pub limits: NsLimits,
 }
 
 /// Errors running a container.

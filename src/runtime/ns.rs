@@ -310,7 +310,19 @@ pub fn run_attached(
     // directory can be removed without reaching into the mounted root.
     let _mounted = OverlayRoot::mount(lowers, &dir.join("upper"), &dir.join("work"), &root, dir)?;
     let root_s = root.display().to_string();
-    let iso = isolation(&root_s, &cfg.hostname);
+    let mut iso = isolation(&root_s, &cfg.hostname);
+    // Limits: the workload joins its cgroups first thing, before it execs;
+    // they are removed (on drop) once it is gone.
+    let cgroup = super::cgroup::Cgroup::create(&cfg.id, &cfg.limits)?;
+    if let Some(cg) = &cgroup {
+        let list: Vec<String> = cg.dirs().iter().map(|d| d.display().to_string()).collect();
+        let _ = std::fs::write(dir.join("cgroups"), list.join("\n"));
+        let joins = cg.procs_files().into_iter().map(|p| RootOp::Write {
+            path: p.display().to_string(),
+            data: "0".into(),
+        });
+        iso.ops.splice(0..0, joins);
+    }
     let prepared = match spawn::prepare_isolated(&cfg.process, &root_s, &root_s, &iso) {
         Ok(p) => p,
         Err(e) => {

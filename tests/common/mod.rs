@@ -143,6 +143,7 @@ impl TestVm {
             debug: false,
             snapshots: snapshots(),
             ports: Vec::new(),
+            limits: Default::default(),
         };
         let vm = MicroVm::start(&cfg, dir.path(), Start::Warm).expect("start the test VM");
         let mut conn = vm.connect(BOOT_TIMEOUT).expect("agent answers");
