@@ -546,9 +546,13 @@ unsafe fn child_main(
                 fail(Step::Isolate);
             }
         }
-        if libc::setgroups(groups.len(), groups.as_ptr()) < 0
-            || libc::setgid(p.user.gid) < 0
-            || libc::setuid(p.user.uid) < 0
+        // Raw system calls, not glibc's wrappers: those change the
+        // credentials of every thread glibc knows of and wait for them, and
+        // a child made by a raw clone of a multithreaded parent still lists
+        // the parent's threads, so it would wait forever.
+        if libc::syscall(libc::SYS_setgroups, groups.len(), groups.as_ptr()) < 0
+            || libc::syscall(libc::SYS_setgid, p.user.gid) < 0
+            || libc::syscall(libc::SYS_setuid, p.user.uid) < 0
         {
             fail(Step::Identity);
         }
