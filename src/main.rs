@@ -435,23 +435,7 @@ fn supervise(dir: &std::path::Path) -> Result<i32> {
     drop((out_w, err_w));
     // The signals the container gets forwarded are blocked before any thread
     // exists, so that only the runtime's forwarding ever receives them.
-    // SAFETY: plain sigset manipulation on a local.
-    unsafe {
-        let mut set: libc::sigset_t = std::mem::zeroed();
-        libc::sigemptyset(&mut set);
-        for s in [
-            libc::SIGINT,
-            libc::SIGTERM,
-            libc::SIGHUP,
-            libc::SIGQUIT,
-            libc::SIGUSR1,
-            libc::SIGUSR2,
-            libc::SIGCHLD,
-        ] {
-            libc::sigaddset(&mut set, s);
-        }
-        libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
-    }
+    runtime::ns::block_forwarded();
     let (l1, l2) = (log.clone(), log.clone());
     let t1 = std::thread::spawn(move || cstate::log_stream(out_r, &l1, "stdout"));
     let t2 = std::thread::spawn(move || cstate::log_stream(err_r, &l2, "stderr"));

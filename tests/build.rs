@@ -7,49 +7,9 @@ mod common;
 use std::fs;
 use std::io::{BufRead, BufReader};
 use std::path::Path;
-use std::process::{Command, Output, Stdio};
+use std::process::{Command, Stdio};
 
-use common::{kvm_available, rootfs, snapshots};
-
-fn vmc(home: &Path, args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_vmc"))
-        .env("VMC_HOME", home)
-        .env("VMC_SNAPSHOTS", snapshots())
-        .args(args)
-        .output()
-        .unwrap()
-}
-
-fn ok(o: &Output) -> String {
-    assert!(
-        o.status.success(),
-        "failed ({:?}): {}\n{}",
-        o.status.code(),
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    );
-    String::from_utf8_lossy(&o.stdout).into_owned()
-}
-
-/// A store holding the busybox rootfs as `busybox`.
-fn store_with_busybox() -> tempfile::TempDir {
-    let home = tempfile::tempdir().unwrap();
-    let tar = home.path().join("busybox.tar");
-    let st = Command::new("tar")
-        .arg("-C")
-        .arg(rootfs())
-        .arg("-cf")
-        .arg(&tar)
-        .arg(".")
-        .status()
-        .unwrap();
-    assert!(st.success());
-    ok(&vmc(
-        home.path(),
-        &["import", tar.to_str().unwrap(), "busybox"],
-    ));
-    home
-}
+use common::{kvm_available, ok, snapshots, store_with_busybox, vmc};
 
 fn write(dir: &Path, name: &str, content: &str) {
     let p = dir.join(name);

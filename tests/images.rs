@@ -4,27 +4,9 @@
 mod common;
 
 use std::path::Path;
-use std::process::{Command, Output};
+use std::process::Command;
 
-use common::{kvm_available, rootfs, snapshots};
-
-fn vmc(home: &Path, args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_vmc"))
-        .env("VMC_HOME", home)
-        .env("VMC_SNAPSHOTS", snapshots())
-        .args(args)
-        .output()
-        .unwrap()
-}
-
-fn ok(o: &Output) -> String {
-    assert!(
-        o.status.success(),
-        "failed: {}",
-        String::from_utf8_lossy(&o.stderr)
-    );
-    String::from_utf8_lossy(&o.stdout).into_owned()
-}
+use common::{kvm_available, ok, rootfs, vmc};
 
 /// The busybox rootfs as a gzip tarball.
 fn tarball(dir: &Path) -> std::path::PathBuf {

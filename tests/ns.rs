@@ -6,16 +6,7 @@ mod common;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 
-use common::rootfs;
-
-fn vmc(home: &Path, args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_vmc"))
-        .env("VMC_HOME", home)
-        .args(args)
-        .stdin(Stdio::null())
-        .output()
-        .unwrap()
-}
+use common::{store_with_busybox, vmc};
 
 fn is_root() -> bool {
     // SAFETY: geteuid has no preconditions.
@@ -28,23 +19,6 @@ fn is_root() -> bool {
         eprintln!("skipping: namespace mode needs root");
     }
     root
-}
-
-fn store_with_busybox() -> tempfile::TempDir {
-    let home = tempfile::tempdir().unwrap();
-    let tar = home.path().join("busybox.tar");
-    let st = Command::new("tar")
-        .arg("-C")
-        .arg(rootfs())
-        .arg("-cf")
-        .arg(&tar)
-        .arg(".")
-        .status()
-        .unwrap();
-    assert!(st.success());
-    let o = vmc(home.path(), &["import", tar.to_str().unwrap(), "busybox"]);
-    assert!(o.status.success());
-    home
 }
 
 fn stdout(o: &Output) -> String {

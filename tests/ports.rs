@@ -5,51 +5,9 @@ mod common;
 
 use std::io::{Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream};
-use std::path::Path;
-use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{kvm_available, rootfs, snapshots};
-
-fn vmc(home: &Path, args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_vmc"))
-        .env("VMC_HOME", home)
-        .env("VMC_SNAPSHOTS", snapshots())
-        .args(args)
-        .stdin(Stdio::null())
-        .output()
-        .unwrap()
-}
-
-fn ok(o: &Output) -> String {
-    assert!(
-        o.status.success(),
-        "failed ({:?}): {}{}",
-        o.status.code(),
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    );
-    String::from_utf8_lossy(&o.stdout).into_owned()
-}
-
-fn store_with_busybox() -> tempfile::TempDir {
-    let home = tempfile::tempdir().unwrap();
-    let tar = home.path().join("busybox.tar");
-    let st = Command::new("tar")
-        .arg("-C")
-        .arg(rootfs())
-        .arg("-cf")
-        .arg(&tar)
-        .arg(".")
-        .status()
-        .unwrap();
-    assert!(st.success());
-    ok(&vmc(
-        home.path(),
-        &["import", tar.to_str().unwrap(), "busybox"],
-    ));
-    home
-}
+use common::{kvm_available, ok, store_with_busybox, vmc};
 
 fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")

@@ -10,29 +10,11 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{kvm_available, rootfs, snapshots};
+use common::{kvm_available, ok, rootfs, vmc};
 use sha2::{Digest as _, Sha256};
 
 const REGISTRY: &str = "/usr/bin/docker-registry";
 const SKOPEO: &str = "/usr/bin/skopeo";
-
-fn vmc(home: &Path, args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_vmc"))
-        .env("VMC_HOME", home)
-        .env("VMC_SNAPSHOTS", snapshots())
-        .args(args)
-        .output()
-        .unwrap()
-}
-
-fn ok(o: &Output) -> String {
-    assert!(
-        o.status.success(),
-        "failed: {}",
-        String::from_utf8_lossy(&o.stderr)
-    );
-    String::from_utf8_lossy(&o.stdout).into_owned()
-}
 
 /// The one-line error of a failed vmc command (exit code 125).
 fn fails(o: &Output) -> String {

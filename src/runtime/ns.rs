@@ -389,7 +389,7 @@ pub fn exec_attached(pid: i32, spec: &vmc_guest::ProcessSpec) -> Result<i32, Run
 }
 
 /// Blocks the signals vmc forwards to a container (and SIGCHLD, to wait).
-fn block_forwarded() -> libc::sigset_t {
+pub fn block_forwarded() -> libc::sigset_t {
     // SAFETY: plain sigset manipulation on a local.
     unsafe {
         let mut set: libc::sigset_t = std::mem::zeroed();

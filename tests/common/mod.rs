@@ -219,3 +219,47 @@ impl TestVm {
         )
     }
 }
+
+/// Runs the vmc binary with `home` as its store (stdin: /dev/null) and the
+/// shared warm-start snapshots.
+pub fn vmc(home: &Path, args: &[&str]) -> std::process::Output {
+    std::process::Command::new(env!("CARGO_BIN_EXE_vmc"))
+        .env("VMC_HOME", home)
+        .env("VMC_SNAPSHOTS", snapshots())
+        .args(args)
+        .stdin(std::process::Stdio::null())
+        .output()
+        .unwrap()
+}
+
+/// The stdout of a command that must have succeeded.
+pub fn ok(o: &std::process::Output) -> String {
+    assert!(
+        o.status.success(),
+        "failed ({:?}): {}{}",
+        o.status.code(),
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+/// A fresh store holding the busybox rootfs as the image `busybox`.
+pub fn store_with_busybox() -> tempfile::TempDir {
+    let home = tempfile::tempdir().unwrap();
+    let tar = home.path().join("busybox.tar");
+    let st = std::process::Command::new("tar")
+        .arg("-C")
+        .arg(rootfs())
+        .arg("-cf")
+        .arg(&tar)
+        .arg(".")
+        .status()
+        .unwrap();
+    assert!(st.success());
+    ok(&vmc(
+        home.path(),
+        &["import", tar.to_str().unwrap(), "busybox"],
+    ));
+    home
+}
