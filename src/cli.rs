@@ -200,6 +200,11 @@ pub struct RunArgs {
     #[arg(short = 'i', long)]
     pub interactive: bool,
 
+    /// Allocate a pseudo-terminal in the container (its stdin, stdout and
+    /// stderr; vmc's window size is forwarded).
+    #[arg(short = 't', long)]
+    pub tty: bool,
+
     /// IMAGE [CMD [ARG...]], or with --rootfs: CMD [ARG...].
     #[arg(
         trailing_var_arg = true,
@@ -352,6 +357,9 @@ pub struct ExecArgs {
     /// Forward stdin even when it is a terminal.
     #[arg(short = 'i', long)]
     pub interactive: bool,
+    /// Allocate a pseudo-terminal for the command.
+    #[arg(short = 't', long)]
+    pub tty: bool,
     /// Set an environment variable (KEY=VALUE).
     #[arg(short = 'e', long = "env", value_name = "KEY=VALUE")]
     pub env: Vec<String>,

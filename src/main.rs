@@ -261,6 +261,9 @@ fn run(args: RunArgs) -> Result<i32> {
         .clone()
         .unwrap_or_else(|| id[..12].to_string());
     let mut process = process;
+    if args.tty {
+        process.tty = Some(runtime::tty::initial_size());
+    }
     spec::merge_env(&mut process.env, &[format!("HOSTNAME={hostname}")]);
     let cfg = ContainerConfig {
         id: id.clone(),
@@ -282,7 +285,10 @@ fn run(args: RunArgs) -> Result<i32> {
             pids: args.pids_limit,
         },
     };
-    let forward_stdin = !args.detach && (args.interactive || !std::io::stdin().is_terminal());
+    // Like Docker: -i forwards stdin; so does a pipe or file without -t (a
+    // terminal's input only goes to a container that asks for it).
+    let forward_stdin =
+        !args.detach && (args.interactive || (!args.tty && !std::io::stdin().is_terminal()));
     let dir = cstate::containers_dir().join(&id);
     std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
     let setup = || -> Result<Container> {
@@ -342,16 +348,7 @@ fn run(args: RunArgs) -> Result<i32> {
             let _ = std::fs::remove_dir_all(&dir);
             bail!("starting the container's supervisor: {e}");
         }
-        // Until the supervisor has taken over (it records itself at once).
-        for _ in 0..100 {
-            match Container::load(&dir) {
-                Some(c) if c.state.status != Status::Created => break,
-                None => break,
-                _ => std::thread::sleep(std::time::Duration::from_millis(20)),
-            }
-        }
-        println!("{id}");
-        return Ok(0);
+        return wait_started(&dir, &id);
     }
     // Attached: this process is the supervisor.
     mark_running(&mut c)?;
@@ -365,6 +362,42 @@ fn run(args: RunArgs) -> Result<i32> {
         let _ = std::fs::remove_dir_all(&dir);
     }
     result.context("run")
+}
+
+/// `run -d`: returns once the supervisor has started the workload, as
+/// Docker's does, so that `exec` and published ports work right after it.
+/// A workload that could not start fails the run with its error and code.
+fn wait_started(dir: &std::path::Path, id: &str) -> Result<i32> {
+    let deadline = std::time::Instant::now() + runtime::microvm::BOOT_TIMEOUT * 2;
+    loop {
+        let Some(mut c) = Container::load(dir) else {
+            // Removed already: an --rm container that ran and ended.
+            println!("{id}");
+            return Ok(0);
+        };
+        if c.started() {
+            println!("{id}");
+            return Ok(0);
+        }
+        if c.state.status != Status::Created && c.refresh() == Status::Exited {
+            let why = cstate::read_log(&c.log_path())
+                .into_iter()
+                .filter(|l| l.stream == "stderr")
+                .map(|l| l.log.trim_end().to_string())
+                .next_back()
+                .unwrap_or_else(|| "the container's supervisor ended".into());
+            eprintln!("vmc: {}", why.trim_start_matches("vmc: "));
+            return Ok(c.state.exit_code.unwrap_or(EXIT_VMC_ERROR));
+        }
+        if std::time::Instant::now() > deadline {
+            bail!(
+                "container {} did not start in time (see vmc logs {})",
+                &id[..12],
+                &id[..12]
+            );
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
 }
 
 fn mark_running(c: &mut Container) -> Result<()> {
@@ -392,7 +425,13 @@ fn execute(
             Rootfs::Disk(_) => bail!("namespace mode takes an image's layers, not its disk"),
         };
         let listeners = runtime::ports::bind(&cfg.ports).map_err(anyhow::Error::msg)?;
-        return Ok(runtime::ns::run_attached(cfg, &lowers, dir, listeners)?);
+        return Ok(runtime::ns::run_attached(
+            cfg,
+            &lowers,
+            dir,
+            listeners,
+            forward_stdin,
+        )?);
     }
     let listeners = runtime::ports::bind(&cfg.ports).map_err(anyhow::Error::msg)?;
     runtime::ports::serve(
@@ -477,10 +516,16 @@ fn ps(a: PsArgs) -> Result<i32> {
         }
         return Ok(0);
     }
-    println!(
-        "{:<14}{:<24}{:<24}{:<20}{:<32}{:<6}NAMES",
-        "CONTAINER ID", "IMAGE", "COMMAND", "CREATED", "STATUS", "MODE"
-    );
+    let mut rows = vec![[
+        "CONTAINER ID",
+        "IMAGE",
+        "COMMAND",
+        "CREATED",
+        "STATUS",
+        "MODE",
+        "NAMES",
+    ]
+    .map(String::from)];
     let now = cstate::now_secs();
     for c in &list {
         let s = &c.state;
@@ -500,21 +545,43 @@ fn ps(a: PsArgs) -> Result<i32> {
             ),
             Status::Created => "Created".into(),
         };
-        println!(
-            "{:<14}{:<24}{:<24}{:<20}{:<32}{:<6}{}",
-            &s.id[..12],
-            s.image,
+        rows.push([
+            s.id[..12].to_string(),
+            s.image.clone(),
             cmd,
             format!(
                 "{} ago",
                 cstate::human_duration(now.saturating_sub(s.created))
             ),
             status,
-            s.mode,
-            s.name
-        );
+            s.mode.clone(),
+            s.name.clone(),
+        ]);
     }
+    print_table(&rows);
     Ok(0)
+}
+
+/// Prints rows as columns as wide as their widest cell, three spaces
+/// apart, like Docker's tables.
+fn print_table<const N: usize>(rows: &[[String; N]]) {
+    let mut widths = [0usize; N];
+    for r in rows {
+        for (w, cell) in widths.iter_mut().zip(r) {
+            *w = (*w).max(cell.chars().count());
+        }
+    }
+    for r in rows {
+        let mut line = String::new();
+        for (i, cell) in r.iter().enumerate() {
+            if i + 1 == N {
+                line.push_str(cell);
+            } else {
+                line.push_str(&format!("{cell:<w$}   ", w = widths[i]));
+            }
+        }
+        println!("{}", line.trim_end());
+    }
 }
 
 fn logs(a: LogsArgs) -> Result<i32> {
@@ -723,7 +790,10 @@ fn exec(a: ExecArgs) -> Result<i32> {
     if let Some(u) = &a.user {
         spec.user = u.clone();
     }
-    let forward_stdin = a.interactive || !std::io::stdin().is_terminal();
+    if a.tty {
+        spec.tty = Some(runtime::tty::initial_size());
+    }
+    let forward_stdin = a.interactive || (!a.tty && !std::io::stdin().is_terminal());
     if c.state.mode == "ns" {
         let pid: i32 = std::fs::read_to_string(c.dir.join("init.pid"))
             .ok()
@@ -735,7 +805,7 @@ fn exec(a: ExecArgs) -> Result<i32> {
             // SAFETY: redirecting our own stdin to /dev/null before the child inherits it.
             unsafe { libc::dup2(fd, 0) };
         }
-        return Ok(runtime::ns::exec_attached(pid, &spec)?);
+        return Ok(runtime::ns::exec_attached(pid, &spec, forward_stdin)?);
     }
     Ok(runtime::microvm::exec_attached(
         &c.dir.join("vsock.sock"),

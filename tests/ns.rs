@@ -6,20 +6,7 @@ mod common;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 
-use common::{store_with_busybox, vmc};
-
-fn is_root() -> bool {
-    // SAFETY: geteuid has no preconditions.
-    let root = unsafe { libc::geteuid() } == 0;
-    if !root {
-        assert!(
-            std::env::var("CI").as_deref() != Ok("true"),
-            "CI=true but not root: namespace-mode tests must not skip in CI"
-        );
-        eprintln!("skipping: namespace mode needs root");
-    }
-    root
-}
+use common::{is_root, store_with_busybox, vmc};
 
 fn stdout(o: &Output) -> String {
     String::from_utf8_lossy(&o.stdout).into_owned()

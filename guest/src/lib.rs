@@ -26,7 +26,7 @@ use std::io::{self, Read, Write};
 use serde::{Deserialize, Serialize};
 
 /// Version of the frames below; bumped on every incompatible change.
-pub const PROTOCOL_VERSION: u32 = 4;
+pub const PROTOCOL_VERSION: u32 = 5;
 
 /// vsock port on which the guest agent listens.
 pub const AGENT_PORT: u32 = 1024;
@@ -70,6 +70,25 @@ pub struct ProcessSpec {
     pub stdin: bool,
     /// When the process exits, report and then reboot the VM.
     pub reboot_on_exit: bool,
+    /// Run on a new pseudo-terminal of this size (`-t`): it is the process's
+    /// stdin, stdout and stderr and its controlling terminal; all output
+    /// arrives as `Stdout`.
+    #[serde(default)]
+    pub tty: Option<WinSize>,
+}
+
+/// A terminal's size in character cells.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WinSize {
+    pub rows: u16,
+    pub cols: u16,
+}
+
+impl Default for WinSize {
+    /// What a terminal without a size reports to programs that ask.
+    fn default() -> Self {
+        WinSize { rows: 24, cols: 80 }
+    }
 }
 
 /// How a process ended.
@@ -141,6 +160,9 @@ pub enum HostMsg {
     StdinEof,
     /// Deliver a signal to the process.
     Signal(i32),
+    /// The host terminal changed size: resize the process's pseudo-terminal
+    /// (the kernel sends it SIGWINCH).
+    Resize(WinSize),
     /// Published ports: connect to this TCP port on the guest's loopback;
     /// after `Connected` the connection carries the TCP stream's bytes both
     /// ways, unframed, with half-closes passed on.

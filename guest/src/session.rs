@@ -7,8 +7,8 @@ use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::sync::Mutex;
 
 use vmc_guest::{
-    read_frame, write_frame, ExitStatus, FrameDecoder, GuestMsg, HostMsg, ProcessSpec, IO_CHUNK,
-    PROTOCOL_VERSION,
+    read_frame, write_frame, ExitStatus, FrameDecoder, GuestMsg, HostMsg, ProcessSpec, WinSize,
+    IO_CHUNK, PROTOCOL_VERSION,
 };
 
 use crate::vsock::VsockStream;
@@ -232,6 +232,8 @@ struct Running {
     stdin: Option<OwnedFd>,
     stdout: Option<OwnedFd>,
     stderr: Option<OwnedFd>,
+    /// `-t`: the pseudo-terminal's master, for resizes.
+    terminal: Option<OwnedFd>,
     exit: OwnedFd,
     /// The exit status was collected; pipes are drained, not waited on.
     exited: bool,
@@ -244,6 +246,9 @@ impl Running {
             kind: vmc_guest::StartFailure::Setup,
             message: format!("stdio pipes: {e}"),
         };
+        if let Some(size) = spec.tty {
+            return Self::start_pty(&prepared, size);
+        }
         let (in_r, in_w) = if spec.stdin {
             let (r, w) = sys::pipe().map_err(io_err)?;
             (r, Some(w))
@@ -282,6 +287,48 @@ impl Running {
             stdin: in_w,
             stdout: Some(out_r),
             stderr: Some(err_r),
+            terminal: None,
+            exit,
+            exited: false,
+        })
+    }
+
+    /// `-t`: the process runs on a new pseudo-terminal; its master is both
+    /// the process's input (a duplicate, so that closing stdin leaves the
+    /// output open) and its only output.
+    fn start_pty(prepared: &spawn::Prepared, size: WinSize) -> Result<Running, spawn::SpawnError> {
+        let mut failure = None;
+        let mut master = None;
+        let res = reaper::spawn_registered(|| match spawn::spawn_pty(prepared, size) {
+            Ok((pid, m)) => {
+                master = Some(m);
+                Ok(((), pid))
+            }
+            Err(e) => {
+                failure = Some(e);
+                Err(io::Error::other("spawn failed"))
+            }
+        });
+        let setup = |message: String| spawn::SpawnError {
+            kind: vmc_guest::StartFailure::Setup,
+            message,
+        };
+        let (_, pid, exit) = res.map_err(|e| failure.take().unwrap_or(setup(e.to_string())))?;
+        let master = master.ok_or_else(|| setup("no terminal".into()))?;
+        let input = master
+            .try_clone()
+            .map_err(|e| setup(format!("terminal: {e}")))?;
+        let _ = sys::set_nonblocking(&master, true);
+        Ok(Running {
+            pid,
+            stdin: Some(input),
+            stdout: Some(
+                master
+                    .try_clone()
+                    .map_err(|e| setup(format!("terminal: {e}")))?,
+            ),
+            stderr: None,
+            terminal: Some(master),
             exit,
             exited: false,
         })
@@ -325,6 +372,11 @@ impl Running {
                     match decoder.next_frame::<HostMsg>() {
                         Ok(Some(HostMsg::Stdin(d))) if !stdin_eof => stdin_buf.extend(d),
                         Ok(Some(HostMsg::StdinEof)) => stdin_eof = true,
+                        Ok(Some(HostMsg::Resize(size))) => {
+                            if let Some(t) = &self.terminal {
+                                let _ = sys::set_winsize(t, size);
+                            }
+                        }
                         Ok(Some(HostMsg::Signal(sig))) => {
                             // SAFETY: kill takes plain integers.
                             unsafe { libc::kill(self.pid as libc::pid_t, sig) };

@@ -12,7 +12,7 @@ use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::path::{Component, Path};
 
-use crate::{ProcessSpec, StartFailure};
+use crate::{ProcessSpec, StartFailure, WinSize};
 
 use crate::sys::{self, check, cstr};
 use crate::user::{self, ExecUser};
@@ -393,6 +393,7 @@ enum Step {
     Workdir,
     Exec,
     Isolate,
+    Terminal,
 }
 
 impl Step {
@@ -405,14 +406,50 @@ impl Step {
             5 => "switch user",
             6 => "enter the working directory",
             8 => "isolate the container (namespaces, mounts, capabilities)",
+            9 => "open a pseudo-terminal (/dev/ptmx)",
             _ => "exec",
         }
     }
 }
 
+/// The workload's stdin, stdout and stderr.
+#[derive(Clone, Copy)]
+enum ChildIo {
+    /// These descriptors (the child's ends of pipes, or inherited ones).
+    Fds([RawFd; 3]),
+    /// A new pseudo-terminal, opened by the child inside the container root
+    /// (so that it belongs to the container's devpts and `tty` names
+    /// /dev/pts/N there); the master is sent back over `sock`.
+    Pty { sock: RawFd, size: WinSize },
+}
+
 /// Forks and execs `p` with the given stdio descriptors (child ends).
 /// Returns the pid; the process is reaped by the reaper.
 pub fn spawn(p: &Prepared, stdio: [RawFd; 3]) -> Result<u32, SpawnError> {
+    spawn_io(p, ChildIo::Fds(stdio))
+}
+
+/// Forks and execs `p` on a new pseudo-terminal of `size`, which becomes its
+/// controlling terminal and stdio. Returns the pid and the terminal's master.
+pub fn spawn_pty(p: &Prepared, size: WinSize) -> Result<(u32, OwnedFd), SpawnError> {
+    let (ours, theirs) =
+        sys::socketpair().map_err(|e| SpawnError::setup(format!("socketpair: {e}")))?;
+    let pid = spawn_io(
+        p,
+        ChildIo::Pty {
+            sock: theirs.as_raw_fd(),
+            size,
+        },
+    )?;
+    drop(theirs);
+    // The child sent the master before it exec'd, and spawn_io returned only
+    // after the exec: it is waiting in the socket.
+    let master = sys::recv_fd(&ours)
+        .map_err(|e| SpawnError::setup(format!("receiving the terminal: {e}")))?;
+    Ok((pid, master))
+}
+
+fn spawn_io(p: &Prepared, io: ChildIo) -> Result<u32, SpawnError> {
     let ptrs = |v: &[CString]| {
         let mut out: Vec<*const libc::c_char> = v.iter().map(|s| s.as_ptr()).collect();
         out.push(std::ptr::null());
@@ -449,7 +486,7 @@ pub fn spawn(p: &Prepared, stdio: [RawFd; 3]) -> Result<u32, SpawnError> {
     }
     if pid == 0 {
         // SAFETY: see above; child_main never returns.
-        unsafe { child_main(p, stdio, &argv, &envp, &groups, err_w.as_raw_fd()) }
+        unsafe { child_main(p, io, &argv, &envp, &groups, err_w.as_raw_fd()) }
     }
     drop(err_w);
     let mut buf = [0u8; 5];
@@ -494,7 +531,7 @@ fn read_full(fd: &OwnedFd, buf: &mut [u8]) -> usize {
 /// Must only be called in the child right after fork.
 unsafe fn child_main(
     p: &Prepared,
-    stdio: [RawFd; 3],
+    io: ChildIo,
     argv: &[*const libc::c_char],
     envp: &[*const libc::c_char],
     groups: &[libc::gid_t],
@@ -520,13 +557,8 @@ unsafe fn child_main(
         libc::sigprocmask(libc::SIG_SETMASK, &set, std::ptr::null_mut());
         libc::signal(libc::SIGPIPE, libc::SIG_DFL);
 
-        for (target, &fd) in stdio.iter().enumerate() {
-            if fd == target as RawFd {
-                let flags = libc::fcntl(fd, libc::F_GETFD);
-                if flags < 0 || libc::fcntl(fd, libc::F_SETFD, flags & !libc::FD_CLOEXEC) < 0 {
-                    fail(Step::Stdio);
-                }
-            } else if libc::dup2(fd, target as RawFd) < 0 {
+        if let ChildIo::Fds(stdio) = io {
+            if install_stdio(stdio) < 0 {
                 fail(Step::Stdio);
             }
         }
@@ -536,6 +568,11 @@ unsafe fn child_main(
         if !p.iso.as_ref().is_some_and(|i| i.in_root) {
             if let Err(step) = enter_root(p) {
                 fail(step);
+            }
+        }
+        if let ChildIo::Pty { sock, size } = io {
+            if open_terminal(sock, size, p.user.uid) < 0 {
+                fail(Step::Terminal);
             }
         }
         for d in &p.cwd_prefixes {
@@ -567,6 +604,84 @@ unsafe fn child_main(
         libc::execve(p.path.as_ptr(), argv.as_ptr(), envp.as_ptr());
         fail(Step::Exec)
     }
+}
+
+/// Makes `stdio` the child's descriptors 0, 1 and 2. Returns -1 on failure.
+///
+/// # Safety
+/// Child after fork only.
+unsafe fn install_stdio(stdio: [RawFd; 3]) -> libc::c_int {
+    // SAFETY: fcntl and dup2 on descriptors the parent passed.
+    unsafe {
+        for (target, &fd) in stdio.iter().enumerate() {
+            if fd == target as RawFd {
+                let flags = libc::fcntl(fd, libc::F_GETFD);
+                if flags < 0 || libc::fcntl(fd, libc::F_SETFD, flags & !libc::FD_CLOEXEC) < 0 {
+                    return -1;
+                }
+            } else if libc::dup2(fd, target as RawFd) < 0 {
+                return -1;
+            }
+        }
+    }
+    0
+}
+
+/// In the child, a session leader inside the container root: opens a new
+/// pseudo-terminal from the root's /dev/ptmx, sends the master over `sock`,
+/// and makes the slave its controlling terminal and stdio, sized `size` and
+/// owned by the user the process will run as. Returns -1 on failure.
+///
+/// # Safety
+/// Child after fork only.
+unsafe fn open_terminal(sock: RawFd, size: WinSize, uid: libc::uid_t) -> libc::c_int {
+    // SAFETY: system calls on descriptors this function opens and on
+    // stack data; each result is checked.
+    unsafe {
+        let master = libc::open(
+            c"/dev/ptmx".as_ptr(),
+            libc::O_RDWR | libc::O_NOCTTY | libc::O_CLOEXEC,
+        );
+        if master < 0 {
+            return -1;
+        }
+        let unlock: libc::c_int = 0;
+        if libc::ioctl(master, libc::TIOCSPTLCK, &unlock) < 0 {
+            return -1;
+        }
+        // The slave of this master, opened without a path lookup (Linux 4.13).
+        let slave = libc::ioctl(master, libc::TIOCGPTPEER, libc::O_RDWR | libc::O_NOCTTY);
+        if slave < 0 {
+            return -1;
+        }
+        let ws = libc::winsize {
+            ws_row: size.rows,
+            ws_col: size.cols,
+            ws_xpixel: 0,
+            ws_ypixel: 0,
+        };
+        if libc::ioctl(slave, libc::TIOCSWINSZ, &ws) < 0 {
+            return -1;
+        }
+        // Like a login: the terminal belongs to the user; a failure (a
+        // read-only devpts) leaves it usable through the open descriptors.
+        libc::fchown(slave, uid, libc::gid_t::MAX);
+        if sys::send_fd_raw(sock, master) < 0 {
+            return -1;
+        }
+        libc::close(master);
+        libc::close(sock);
+        if install_stdio([slave; 3]) < 0 {
+            return -1;
+        }
+        if slave > 2 {
+            libc::close(slave);
+        }
+        if libc::ioctl(0, libc::TIOCSCTTY, 0) < 0 {
+            return -1;
+        }
+    }
+    0
 }
 
 /// In the child, in its own mount namespace: runs the root preparation,

@@ -105,3 +105,107 @@ pub fn write_all(fd: RawFd, mut buf: &[u8]) -> io::Result<()> {
     }
     Ok(())
 }
+
+/// A connected pair of Unix stream sockets, both close-on-exec.
+pub fn socketpair() -> io::Result<(OwnedFd, OwnedFd)> {
+    let mut fds = [0 as RawFd; 2];
+    // SAFETY: fds has room for the two descriptors socketpair writes.
+    check(unsafe {
+        libc::socketpair(
+            libc::AF_UNIX,
+            libc::SOCK_STREAM | libc::SOCK_CLOEXEC,
+            0,
+            fds.as_mut_ptr(),
+        )
+    })?;
+    // SAFETY: socketpair succeeded; both descriptors are ours alone.
+    Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
+}
+
+/// Room for one descriptor in a control message, aligned for cmsghdr.
+#[repr(C, align(8))]
+struct FdCmsg([u8; 64]);
+
+/// Sends descriptor `fd` over the Unix socket `sock` (SCM_RIGHTS) with one
+/// byte of data. Async-signal-safe (no allocation): usable in a forked child.
+/// Returns -1 on failure.
+///
+/// # Safety
+/// `sock` and `fd` must be open descriptors.
+pub unsafe fn send_fd_raw(sock: RawFd, fd: RawFd) -> libc::c_int {
+    let mut byte = [0u8; 1];
+    let mut cbuf = FdCmsg([0; 64]);
+    // SAFETY: msghdr and iovec point at the stack buffers above, which
+    // outlive the call; CMSG_SPACE(4) is well below the 64 bytes of cbuf.
+    unsafe {
+        let mut iov = libc::iovec {
+            iov_base: byte.as_mut_ptr().cast(),
+            iov_len: 1,
+        };
+        let mut msg: libc::msghdr = std::mem::zeroed();
+        msg.msg_iov = &mut iov;
+        msg.msg_iovlen = 1;
+        msg.msg_control = cbuf.0.as_mut_ptr().cast();
+        msg.msg_controllen = libc::CMSG_SPACE(std::mem::size_of::<RawFd>() as u32) as _;
+        let cmsg = libc::CMSG_FIRSTHDR(&msg);
+        (*cmsg).cmsg_level = libc::SOL_SOCKET;
+        (*cmsg).cmsg_type = libc::SCM_RIGHTS;
+        (*cmsg).cmsg_len = libc::CMSG_LEN(std::mem::size_of::<RawFd>() as u32) as _;
+        std::ptr::write_unaligned(libc::CMSG_DATA(cmsg).cast::<RawFd>(), fd);
+        if libc::sendmsg(sock, &msg, libc::MSG_NOSIGNAL) == 1 {
+            0
+        } else {
+            -1
+        }
+    }
+}
+
+/// Receives one descriptor sent with [`send_fd_raw`]; it arrives close-on-exec.
+pub fn recv_fd(sock: &impl AsRawFd) -> io::Result<OwnedFd> {
+    let mut byte = [0u8; 1];
+    let mut cbuf = FdCmsg([0; 64]);
+    // SAFETY: as in send_fd_raw; the kernel writes at most msg_controllen
+    // bytes of control data into cbuf, and we read a descriptor only from a
+    // complete SCM_RIGHTS message of the right length.
+    unsafe {
+        let mut iov = libc::iovec {
+            iov_base: byte.as_mut_ptr().cast(),
+            iov_len: 1,
+        };
+        let mut msg: libc::msghdr = std::mem::zeroed();
+        msg.msg_iov = &mut iov;
+        msg.msg_iovlen = 1;
+        msg.msg_control = cbuf.0.as_mut_ptr().cast();
+        msg.msg_controllen = cbuf.0.len() as _;
+        let n = libc::recvmsg(sock.as_raw_fd(), &mut msg, libc::MSG_CMSG_CLOEXEC);
+        if n < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        let cmsg = libc::CMSG_FIRSTHDR(&msg);
+        if n == 0
+            || cmsg.is_null()
+            || (*cmsg).cmsg_level != libc::SOL_SOCKET
+            || (*cmsg).cmsg_type != libc::SCM_RIGHTS
+            || (*cmsg).cmsg_len as usize
+                != libc::CMSG_LEN(std::mem::size_of::<RawFd>() as u32) as usize
+        {
+            return Err(io::Error::other("no descriptor in the message"));
+        }
+        let fd = std::ptr::read_unaligned(libc::CMSG_DATA(cmsg).cast::<RawFd>());
+        Ok(OwnedFd::from_raw_fd(fd))
+    }
+}
+
+/// Sets the size of the terminal `fd` (a pty master or slave); the kernel
+/// sends SIGWINCH to the terminal's foreground process group.
+pub fn set_winsize(fd: &impl AsRawFd, size: crate::WinSize) -> io::Result<()> {
+    let ws = libc::winsize {
+        ws_row: size.rows,
+        ws_col: size.cols,
+        ws_xpixel: 0,
+        ws_ypixel: 0,
+    };
+    // SAFETY: TIOCSWINSZ reads one winsize from a valid pointer.
+    check(unsafe { libc::ioctl(fd.as_raw_fd(), libc::TIOCSWINSZ, &ws) })?;
+    Ok(())
+}

@@ -294,17 +294,53 @@ const FORWARDED: [libc::c_int; 6] = [
     libc::SIGUSR2,
 ];
 
-fn forwarded_set() -> libc::sigset_t {
+/// The forwarded signals, plus SIGWINCH with a terminal (it becomes a
+/// `Resize`), blocked in the calling thread.
+fn block_forwarded(tty: bool) -> libc::sigset_t {
     // SAFETY: sigset_t is plain data initialised by sigemptyset.
     let mut set: libc::sigset_t = unsafe { std::mem::zeroed() };
-    // SAFETY: set is a valid sigset_t.
+    // SAFETY: set is a valid sigset_t; the old mask is not needed.
     unsafe {
         libc::sigemptyset(&mut set);
         for s in FORWARDED {
             libc::sigaddset(&mut set, s);
         }
+        if tty {
+            libc::sigaddset(&mut set, libc::SIGWINCH);
+        }
+        libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
     }
     set
+}
+
+/// The connection the signal and stdin threads write to, once the process
+/// runs (None before, and after it ended).
+type Writer = Arc<Mutex<Option<AgentConn>>>;
+
+/// A thread that takes the blocked signals in `set` for the workload: each
+/// goes to it as a `Signal` (SIGWINCH as a `Resize`). Before the process
+/// runs, `early` is called with the signal instead (SIGWINCH is dropped).
+fn forward_signals(set: libc::sigset_t, writer: Writer, early: impl Fn(i32) + Send + 'static) {
+    std::thread::spawn(move || loop {
+        let mut sig: libc::c_int = 0;
+        // SAFETY: set and sig are valid for the call.
+        if unsafe { libc::sigwait(&set, &mut sig) } != 0 {
+            continue;
+        }
+        let mut w = writer.lock().unwrap_or_else(|e| e.into_inner());
+        match (w.as_mut(), sig) {
+            (Some(conn), libc::SIGWINCH) => {
+                if let Some(size) = super::tty::host_size() {
+                    let _ = conn.send(&HostMsg::Resize(size));
+                }
+            }
+            (Some(conn), _) => {
+                let _ = conn.send(&HostMsg::Signal(sig));
+            }
+            (None, libc::SIGWINCH) => {}
+            (None, _) => early(sig),
+        }
+    });
 }
 
 /// Runs the container attached to this process's stdio and returns the exit
@@ -317,31 +353,18 @@ pub fn run_attached(
 ) -> Result<i32, RuntimeError> {
     // Block the forwarded signals before any thread starts, so that only the
     // forwarding thread (sigwait) ever receives them.
-    let set = forwarded_set();
-    // SAFETY: set is a valid sigset_t; the old mask is not needed.
-    unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) };
+    let tty = cfg.process.tty.is_some();
+    let set = block_forwarded(tty);
 
     let mvm = MicroVm::start(cfg, dir, how)?;
-    let writer: Arc<Mutex<Option<AgentConn>>> = Arc::new(Mutex::new(None));
+    let writer: Writer = Arc::new(Mutex::new(None));
     let interrupted = Arc::new(AtomicI32::new(0));
     {
-        let (writer, interrupted, stopper) = (writer.clone(), interrupted.clone(), mvm.stopper());
-        std::thread::spawn(move || loop {
-            let mut sig: libc::c_int = 0;
-            // SAFETY: set and sig are valid for the call.
-            if unsafe { libc::sigwait(&set, &mut sig) } != 0 {
-                continue;
-            }
-            let mut w = writer.lock().unwrap_or_else(|e| e.into_inner());
-            match w.as_mut() {
-                Some(conn) => {
-                    let _ = conn.send(&HostMsg::Signal(sig));
-                }
-                None => {
-                    interrupted.store(sig, Ordering::SeqCst);
-                    stopper.stop();
-                }
-            }
+        let (interrupted, stopper) = (interrupted.clone(), mvm.stopper());
+        // A signal before the process runs stops the VM.
+        forward_signals(set, writer.clone(), move |sig| {
+            interrupted.store(sig, Ordering::SeqCst);
+            stopper.stop();
         });
     }
 
@@ -380,7 +403,10 @@ pub fn run_attached(
     spec.reboot_on_exit = true;
     conn.send(&HostMsg::Start(spec))?;
     match conn.recv()? {
-        GuestMsg::Started { .. } => crate::phase!("process started"),
+        GuestMsg::Started { .. } => {
+            crate::phase!("process started");
+            super::state::mark_started(dir);
+        }
         GuestMsg::StartFailed { kind, message } => {
             eprintln!("vmc: {message}");
             mvm.stop();
@@ -391,9 +417,10 @@ pub fn run_attached(
     }
     *writer.lock().unwrap_or_else(|e| e.into_inner()) =
         Some(conn.try_clone().map_err(AgentError::Io)?);
+    let _raw = (tty && forward_stdin).then(super::tty::RawMode::enter);
     if forward_stdin {
         let writer = writer.clone();
-        std::thread::spawn(move || pump_stdin(writer));
+        std::thread::spawn(move || pump_stdin(writer, tty));
     }
 
     let code = pump_output(&mut conn);
@@ -420,9 +447,8 @@ pub fn exec_attached(
     mut spec: vmc_guest::ProcessSpec,
     forward_stdin: bool,
 ) -> Result<i32, RuntimeError> {
-    let set = forwarded_set();
-    // SAFETY: set is a valid sigset_t; the old mask is not needed.
-    unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) };
+    let tty = spec.tty.is_some();
+    let set = block_forwarded(tty);
     let mut conn = AgentConn::connect(
         vsock,
         vmc_guest::AGENT_PORT,
@@ -441,24 +467,12 @@ pub fn exec_attached(
         GuestMsg::Error(e) => return Err(AgentError::Remote(e).into()),
         other => return Err(AgentError::Unexpected(format!("{other:?}")).into()),
     }
-    let writer: Arc<Mutex<Option<AgentConn>>> =
-        Arc::new(Mutex::new(Some(conn.try_clone().map_err(AgentError::Io)?)));
-    {
-        let writer = writer.clone();
-        std::thread::spawn(move || loop {
-            let mut sig: libc::c_int = 0;
-            // SAFETY: set and sig are valid for the call.
-            if unsafe { libc::sigwait(&set, &mut sig) } != 0 {
-                continue;
-            }
-            if let Some(conn) = writer.lock().unwrap_or_else(|e| e.into_inner()).as_mut() {
-                let _ = conn.send(&HostMsg::Signal(sig));
-            }
-        });
-    }
+    let writer: Writer = Arc::new(Mutex::new(Some(conn.try_clone().map_err(AgentError::Io)?)));
+    forward_signals(set, writer.clone(), |_| {});
+    let _raw = (tty && forward_stdin).then(super::tty::RawMode::enter);
     if forward_stdin {
         let writer = writer.clone();
-        std::thread::spawn(move || pump_stdin(writer));
+        std::thread::spawn(move || pump_stdin(writer, tty));
     }
     let code = pump_output(&mut conn);
     conn.close();
@@ -468,18 +482,25 @@ pub fn exec_attached(
     })
 }
 
-/// Copies vmc's stdin to the workload until end of file.
-fn pump_stdin(writer: Arc<Mutex<Option<AgentConn>>>) {
+/// Copies vmc's stdin to the workload until end of file, which a terminal
+/// (`tty`) gets as its end-of-file character.
+fn pump_stdin(writer: Writer, tty: bool) {
     let mut stdin = std::io::stdin().lock();
     let mut buf = vec![0u8; IO_CHUNK];
     loop {
-        let msg = match stdin.read(&mut buf) {
-            Ok(0) | Err(_) => HostMsg::StdinEof,
-            Ok(n) => HostMsg::Stdin(buf[..n].to_vec()),
+        let msgs = match stdin.read(&mut buf) {
+            Ok(0) | Err(_) if tty => vec![
+                HostMsg::Stdin(vec![super::tty::EOF_BYTE]),
+                HostMsg::StdinEof,
+            ],
+            Ok(0) | Err(_) => vec![HostMsg::StdinEof],
+            Ok(n) => vec![HostMsg::Stdin(buf[..n].to_vec())],
         };
-        let eof = msg == HostMsg::StdinEof;
+        let eof = msgs.last() == Some(&HostMsg::StdinEof);
         let mut w = writer.lock().unwrap_or_else(|e| e.into_inner());
-        let sent = w.as_mut().is_some_and(|conn| conn.send(&msg).is_ok());
+        let sent = w
+            .as_mut()
+            .is_some_and(|conn| msgs.iter().all(|m| conn.send(m).is_ok()));
         if !sent || eof {
             return;
         }

@@ -10,6 +10,7 @@ pub mod ports;
 pub mod snapshot;
 pub mod spec;
 pub mod state;
+pub mod tty;
 
 use std::path::PathBuf;
 

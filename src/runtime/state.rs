@@ -136,6 +136,19 @@ impl Container {
     pub fn log_path(&self) -> PathBuf {
         self.dir.join("container.log")
     }
+
+    /// Whether the workload has been started (see [`mark_started`]).
+    pub fn started(&self) -> bool {
+        self.dir.join(STARTED).exists()
+    }
+}
+
+const STARTED: &str = "started";
+
+/// Records in a container's state directory that its workload runs: what
+/// `vmc run -d` waits for before it returns, as Docker's does.
+pub fn mark_started(dir: &Path) {
+    let _ = fs::write(dir.join(STARTED), b"");
 }
 
 /// The start time of `pid` (field 22 of /proc/PID/stat), if it exists and

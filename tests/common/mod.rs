@@ -30,6 +30,21 @@ pub fn kvm_available() -> bool {
     ok
 }
 
+/// Whether namespace-mode tests can run (they need root). Otherwise they
+/// skip with a reason, except under CI=true, where that is a failure.
+pub fn is_root() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    let root = unsafe { libc::geteuid() } == 0;
+    if !root {
+        assert!(
+            std::env::var("CI").as_deref() != Ok("true"),
+            "CI=true but not root: namespace-mode tests must not skip in CI"
+        );
+        eprintln!("skipping: namespace mode needs root");
+    }
+    root
+}
+
 /// The installed guest kernel (`make setup` puts it there).
 pub fn kernel() -> PathBuf {
     vmc::assets::kernel(None).expect("the guest kernel is installed: run `make setup`")
@@ -244,9 +259,41 @@ pub fn ok(o: &std::process::Output) -> String {
     String::from_utf8_lossy(&o.stdout).into_owned()
 }
 
+/// A test's `VMC_HOME`. Dropped (also when the test panics), it removes
+/// every container still in it, so that no detached supervisor, VM or
+/// namespace container outlives a failed test.
+pub struct TestHome {
+    dir: tempfile::TempDir,
+}
+
+impl TestHome {
+    pub fn new() -> TestHome {
+        TestHome {
+            dir: tempfile::tempdir().unwrap(),
+        }
+    }
+
+    pub fn path(&self) -> &Path {
+        self.dir.path()
+    }
+}
+
+impl Drop for TestHome {
+    fn drop(&mut self) {
+        let ids = vmc(self.path(), &["ps", "-aq"]);
+        let ids = String::from_utf8_lossy(&ids.stdout).into_owned();
+        let ids: Vec<&str> = ids.split_whitespace().collect();
+        if !ids.is_empty() {
+            let mut args = vec!["rm", "-f"];
+            args.extend(ids);
+            let _ = vmc(self.path(), &args);
+        }
+    }
+}
+
 /// A fresh store holding the busybox rootfs as the image `busybox`.
-pub fn store_with_busybox() -> tempfile::TempDir {
-    let home = tempfile::tempdir().unwrap();
+pub fn store_with_busybox() -> TestHome {
+    let home = TestHome::new();
     let tar = home.path().join("busybox.tar");
     let st = std::process::Command::new("tar")
         .arg("-C")
