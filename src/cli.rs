@@ -141,6 +141,16 @@ pub struct RunArgs {
     #[arg(short = 'p', long = "publish", value_name = "[IP:]HOST:CONTAINER")]
     pub publish: Vec<String>,
 
+    /// Network: passt (user-mode networking, the default where passt is
+    /// installed; namespace mode for now) or none (loopback only).
+    #[arg(long, value_name = "MODE")]
+    pub network: Option<String>,
+
+    /// A nameserver for the container's /etc/resolv.conf (repeatable;
+    /// default: the host's).
+    #[arg(long, value_name = "IP")]
+    pub dns: Vec<std::net::IpAddr>,
+
     /// A name for the container (default: a generated one).
     #[arg(long)]
     pub name: Option<String>,
@@ -271,6 +281,10 @@ pub struct BuildArgs {
     /// Where RUN steps execute: vm (a microVM, the default) or ns (namespaces).
     #[arg(long, default_value = "vm", value_parser = ["vm", "ns"])]
     pub mode: String,
+    /// Network for RUN steps: passt (the default where installed; namespace
+    /// builds for now) or none.
+    #[arg(long, value_name = "MODE")]
+    pub network: Option<String>,
     /// Virtual CPUs of the build VM.
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u8).range(1..=64))]
     pub cpus: u8,

@@ -241,6 +241,7 @@ fn run(args: RunArgs) -> Result<i32> {
             user: args.user.clone(),
         },
     )?;
+    let network = network_for(ns, args.network.as_deref())?;
     let mut ports = Vec::new();
     for p in &args.publish {
         ports.push(runtime::ports::parse(p).map_err(anyhow::Error::msg)?);
@@ -284,6 +285,8 @@ fn run(args: RunArgs) -> Result<i32> {
             cpus: args.cpus,
             pids: args.pids_limit,
         },
+        network,
+        dns: args.dns.iter().map(|d| d.to_string()).collect(),
     };
     // Like Docker: -i forwards stdin; so does a pipe or file without -t (a
     // terminal's input only goes to a container that asks for it).
@@ -397,6 +400,19 @@ fn wait_started(dir: &std::path::Path, id: &str) -> Result<i32> {
             );
         }
         std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}
+
+/// `--network MODE` of run and build, in namespace mode (`ns`) or a VM.
+fn network_for(ns: bool, requested: Option<&str>) -> Result<runtime::net::Network> {
+    match (ns, requested) {
+        (true, requested) => runtime::net::Network::choose(requested).map_err(anyhow::Error::msg),
+        // The microVM's virtio-net device on passt is not there yet: VMs
+        // have loopback only.
+        (false, None | Some("none")) => Ok(runtime::net::Network::None),
+        (false, Some(m)) => bail!(
+            "--network {m}: VM mode has no network device yet (loopback only); use --mode ns for {m}, or --network none"
+        ),
     }
 }
 
@@ -755,7 +771,13 @@ fn rm(a: RmArgs) -> Result<i32> {
         }
         // Cgroups a killed supervisor could not remove itself.
         runtime::cgroup::remove_listed(&c.dir.join("cgroups"));
-        std::fs::remove_dir_all(&c.dir).with_context(|| format!("removing {}", c.dir.display()))?;
+        // Another remover (a second `rm`, an --rm supervisor) may be at
+        // the same directory: what counts is that it is gone.
+        if let Err(e) = std::fs::remove_dir_all(&c.dir) {
+            if c.dir.exists() && std::fs::remove_dir_all(&c.dir).is_err() && c.dir.exists() {
+                return Err(e).with_context(|| format!("removing {}", c.dir.display()));
+            }
+        }
         println!("{name}");
     }
     Ok(if failed { 1 } else { 0 })
@@ -1030,6 +1052,7 @@ fn build(a: BuildArgs) -> Result<i32> {
             memory: a.memory,
         },
         snapshots: runtime::snapshots_dir(),
+        network: network_for(a.mode == "ns", a.network.as_deref())?,
     };
     let mut sink: Box<dyn std::io::Write> = if a.quiet {
         Box::new(std::io::sink())

@@ -394,6 +394,7 @@ enum Step {
     Exec,
     Isolate,
     Terminal,
+    Gate,
 }
 
 impl Step {
@@ -407,6 +408,7 @@ impl Step {
             6 => "enter the working directory",
             8 => "isolate the container (namespaces, mounts, capabilities)",
             9 => "open a pseudo-terminal (/dev/ptmx)",
+            10 => "wait for the container's setup",
             _ => "exec",
         }
     }
@@ -426,12 +428,32 @@ enum ChildIo {
 /// Forks and execs `p` with the given stdio descriptors (child ends).
 /// Returns the pid; the process is reaped by the reaper.
 pub fn spawn(p: &Prepared, stdio: [RawFd; 3]) -> Result<u32, SpawnError> {
-    spawn_io(p, ChildIo::Fds(stdio))
+    spawn_io(p, ChildIo::Fds(stdio), None)
 }
 
 /// Forks and execs `p` on a new pseudo-terminal of `size`, which becomes its
 /// controlling terminal and stdio. Returns the pid and the terminal's master.
 pub fn spawn_pty(p: &Prepared, size: WinSize) -> Result<(u32, OwnedFd), SpawnError> {
+    let (pid, master) = spawn_with(p, Some(size), [0, 1, 2], None)?;
+    let master = master.ok_or_else(|| SpawnError::setup("no terminal"))?;
+    Ok((pid, master))
+}
+
+/// Work the parent does for a child that exists but has not exec'd yet
+/// (e.g. connecting its new network namespace); the child execs only once
+/// it returns Ok, and fails with its message otherwise.
+pub type Gate<'a> = &'a mut dyn FnMut(u32) -> Result<(), String>;
+
+/// [`spawn`] or [`spawn_pty`] (with `tty`), with an optional [`Gate`].
+pub fn spawn_with(
+    p: &Prepared,
+    tty: Option<WinSize>,
+    stdio: [RawFd; 3],
+    gate: Option<Gate>,
+) -> Result<(u32, Option<OwnedFd>), SpawnError> {
+    let Some(size) = tty else {
+        return spawn_io(p, ChildIo::Fds(stdio), gate).map(|pid| (pid, None));
+    };
     let (ours, theirs) =
         sys::socketpair().map_err(|e| SpawnError::setup(format!("socketpair: {e}")))?;
     let pid = spawn_io(
@@ -440,16 +462,17 @@ pub fn spawn_pty(p: &Prepared, size: WinSize) -> Result<(u32, OwnedFd), SpawnErr
             sock: theirs.as_raw_fd(),
             size,
         },
+        gate,
     )?;
     drop(theirs);
     // The child sent the master before it exec'd, and spawn_io returned only
     // after the exec: it is waiting in the socket.
     let master = sys::recv_fd(&ours)
         .map_err(|e| SpawnError::setup(format!("receiving the terminal: {e}")))?;
-    Ok((pid, master))
+    Ok((pid, Some(master)))
 }
 
-fn spawn_io(p: &Prepared, io: ChildIo) -> Result<u32, SpawnError> {
+fn spawn_io(p: &Prepared, io: ChildIo, gate: Option<Gate>) -> Result<u32, SpawnError> {
     let ptrs = |v: &[CString]| {
         let mut out: Vec<*const libc::c_char> = v.iter().map(|s| s.as_ptr()).collect();
         out.push(std::ptr::null());
@@ -459,6 +482,11 @@ fn spawn_io(p: &Prepared, io: ChildIo) -> Result<u32, SpawnError> {
     let envp = ptrs(&p.envp);
     let groups: Vec<libc::gid_t> = p.user.groups.clone();
     let (err_r, err_w) = sys::pipe().map_err(|e| SpawnError::setup(e.to_string()))?;
+    let gate_pipe = match gate {
+        Some(_) => Some(sys::pipe().map_err(|e| SpawnError::setup(e.to_string()))?),
+        None => None,
+    };
+    let gate_fd = gate_pipe.as_ref().map_or(-1, |(r, _)| r.as_raw_fd());
 
     let pid = match p.iso.as_ref().map(|i| i.clone_flags).unwrap_or(0) {
         // SAFETY: fork in a multithreaded process: the child below only makes
@@ -486,11 +514,26 @@ fn spawn_io(p: &Prepared, io: ChildIo) -> Result<u32, SpawnError> {
     }
     if pid == 0 {
         // SAFETY: see above; child_main never returns.
-        unsafe { child_main(p, io, &argv, &envp, &groups, err_w.as_raw_fd()) }
+        unsafe { child_main(p, io, &argv, &envp, &groups, err_w.as_raw_fd(), gate_fd) }
     }
     drop(err_w);
+    let mut gate_failure = None;
+    if let (Some(gate), Some((r, w))) = (gate, gate_pipe) {
+        drop(r);
+        match gate(pid as u32) {
+            // The child waits for this byte before it execs.
+            Ok(()) => {
+                let _ = sys::write_all(w.as_raw_fd(), b"1");
+            }
+            // Closing the pipe unread makes the child give up.
+            Err(e) => gate_failure = Some(e),
+        }
+    }
     let mut buf = [0u8; 5];
     let n = read_full(&err_r, &mut buf);
+    if let Some(message) = gate_failure {
+        return Err(SpawnError::setup(message));
+    }
     if n == 0 {
         return Ok(pid as u32);
     }
@@ -536,6 +579,7 @@ unsafe fn child_main(
     envp: &[*const libc::c_char],
     groups: &[libc::gid_t],
     err_fd: RawFd,
+    gate_fd: RawFd,
 ) -> ! {
     let fail = |step: Step| -> ! {
         // SAFETY: __errno_location is always valid in the calling thread.
@@ -600,6 +644,13 @@ unsafe fn child_main(
             && libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) < 0
         {
             fail(Step::Isolate);
+        }
+        if gate_fd >= 0 {
+            let mut go = 0u8;
+            if libc::read(gate_fd, (&mut go as *mut u8).cast(), 1) != 1 {
+                *libc::__errno_location() = libc::ECANCELED;
+                fail(Step::Gate);
+            }
         }
         libc::execve(p.path.as_ptr(), argv.as_ptr(), envp.as_ptr());
         fail(Step::Exec)

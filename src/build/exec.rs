@@ -47,6 +47,8 @@ pub struct BuildOptions {
     pub kernel: Option<PathBuf>,
     pub resources: Resources,
     pub snapshots: PathBuf,
+    /// Network of RUN steps (namespace builds).
+    pub network: crate::runtime::net::Network,
 }
 
 /// Why a build failed.
@@ -606,7 +608,11 @@ impl Builder<'_> {
                     Some(img) => crate::image::disk::layer_dirs(self.store, img, &cache_dir)?,
                     None => Vec::new(),
                 };
-                Sandbox::Ns(BuildNs::start(lowers, &self.tmp.join(format!("ns-{id}")))?)
+                Sandbox::Ns(BuildNs::start(
+                    lowers,
+                    &self.tmp.join(format!("ns-{id}")),
+                    self.o.network,
+                )?)
             } else {
                 crate::vmm::open_kvm()
                     .map_err(|e| BuildError::Input(format!("RUN needs a microVM: {e}")))?;

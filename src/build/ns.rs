@@ -8,10 +8,12 @@ use std::io::{Read, Write};
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
 
+use vmc_guest::spawn::RootOp;
 use vmc_guest::{spawn, ExitStatus, ProcessSpec};
 
 use super::vm::RunResult;
 use crate::image::layer::{self, Limits, Whiteouts};
+use crate::runtime::net::{Network, Pasta};
 use crate::runtime::ns::{isolation, private_mounts, OverlayRoot};
 use crate::runtime::RuntimeError;
 
@@ -22,6 +24,7 @@ pub struct BuildNs {
     lowers: Vec<PathBuf>,
     upper: PathBuf,
     next: usize,
+    network: Network,
 }
 
 fn err(what: &str) -> impl Fn(std::io::Error) -> RuntimeError + '_ {
@@ -31,7 +34,11 @@ fn err(what: &str) -> impl Fn(std::io::Error) -> RuntimeError + '_ {
 impl BuildNs {
     /// A sandbox over `base` (the base image's layer directories, bottom
     /// first), working in `dir`.
-    pub fn start(base: Vec<PathBuf>, dir: &Path) -> Result<BuildNs, RuntimeError> {
+    pub fn start(
+        base: Vec<PathBuf>,
+        dir: &Path,
+        network: Network,
+    ) -> Result<BuildNs, RuntimeError> {
         private_mounts()?;
         fs::create_dir_all(dir).map_err(err("creating the build directory"))?;
         let mut ns = BuildNs {
@@ -39,6 +46,7 @@ impl BuildNs {
             lowers: base,
             upper: PathBuf::new(),
             next: 0,
+            network,
         };
         ns.upper = ns.fresh("upper")?;
         Ok(ns)
@@ -70,7 +78,23 @@ impl BuildNs {
         let work = self.fresh("work")?;
         let _mounted = OverlayRoot::mount(&self.lowers, &self.upper, &work, &root, &self.dir)?;
         let root_s = root.display().to_string();
-        let iso = isolation(&root_s, "buildkitsandbox");
+        let mut iso = isolation(&root_s, "buildkitsandbox");
+        if self.network == Network::Passt {
+            // The host's nameservers over the image's resolv.conf, if it has
+            // one: a bind mount, so that the step's layer does not change.
+            let resolv = self.dir.join("resolv.conf");
+            let host = fs::read_to_string("/etc/resolv.conf").unwrap_or_default();
+            fs::write(&resolv, crate::runtime::net::resolv_conf(&host, &[]))
+                .map_err(err("writing resolv.conf"))?;
+            iso.ops.push(RootOp::Mount {
+                source: resolv.display().to_string(),
+                target: format!("{root_s}/etc/resolv.conf"),
+                fstype: String::new(),
+                flags: libc::MS_BIND,
+                data: String::new(),
+                optional: true,
+            });
+        }
         let prepared = match spawn::prepare_isolated(&spec, &root_s, &root_s, &iso) {
             Ok(p) => p,
             Err(e) => return Ok(RunResult::StartFailed(e.kind, e.message)),
@@ -78,11 +102,22 @@ impl BuildNs {
         let null = fs::File::open("/dev/null").map_err(err("/dev/null"))?;
         let (out_r, out_w) = vmc_guest::sys::pipe().map_err(err("pipe"))?;
         let (err_r, err_w) = vmc_guest::sys::pipe().map_err(err("pipe"))?;
-        let pid = match spawn::spawn(
+        // The step's network is connected before it execs and goes with it.
+        let mut pasta = None;
+        let dir = self.dir.clone();
+        let mut connect = |pid: u32| -> Result<(), String> {
+            if self.network == Network::Passt {
+                pasta = Some(Pasta::attach(pid, &dir)?);
+            }
+            Ok(())
+        };
+        let pid = match spawn::spawn_with(
             &prepared,
+            None,
             [null.as_raw_fd(), out_w.as_raw_fd(), err_w.as_raw_fd()],
+            Some(&mut connect),
         ) {
-            Ok(pid) => pid as libc::pid_t,
+            Ok((pid, _)) => pid as libc::pid_t,
             Err(e) => return Ok(RunResult::StartFailed(e.kind, e.message)),
         };
         drop((out_w, err_w, null));

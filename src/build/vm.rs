@@ -54,6 +54,8 @@ impl BuildVm {
             snapshots: snapshots.to_path_buf(),
             ports: Vec::new(),
             limits: Default::default(),
+            network: Default::default(),
+            dns: Vec::new(),
         };
         let vm = MicroVm::start(&cfg, dir, Start::Warm)?;
         let mut conn = vm.connect(BOOT_TIMEOUT)?;

@@ -5,6 +5,7 @@ pub mod agent;
 pub mod cgroup;
 
 pub mod microvm;
+pub mod net;
 pub mod ns;
 pub mod ports;
 pub mod snapshot;
@@ -65,6 +66,12 @@ pub struct ContainerConfig {
     /// Namespace mode's cgroup limits (the VM is limited by its size).
     #[serde(default)]
     pub limits: NsLimits,
+    /// How the container reaches the network.
+    #[serde(default)]
+    pub network: net::Network,
+    /// `--dns`: nameservers for its /etc/resolv.conf (default: the host's).
+    #[serde(default)]
+    pub dns: Vec<String>,
 }
 
 /// Errors running a container.

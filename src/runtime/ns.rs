@@ -17,6 +17,7 @@ use std::path::{Path, PathBuf};
 use vmc_guest::spawn::{self, Isolation, RootOp, DOCKER_DEFAULT_CAPS};
 use vmc_guest::ExitStatus;
 
+use super::net::{Network, Pasta};
 use super::{ContainerConfig, RuntimeError};
 
 /// Errors specific to namespace mode.
@@ -325,6 +326,18 @@ pub fn run_attached(
         });
         iso.ops.splice(0..0, joins);
     }
+    for (name, file) in network_files(cfg, dir)? {
+        let target = format!("{root_s}/etc/{name}");
+        iso.ops.push(RootOp::Touch(target.clone()));
+        iso.ops.push(RootOp::Mount {
+            source: file.display().to_string(),
+            target,
+            fstype: String::new(),
+            flags: libc::MS_BIND,
+            data: String::new(),
+            optional: true,
+        });
+    }
     let prepared = match spawn::prepare_isolated(&cfg.process, &root_s, &root_s, &iso) {
         Ok(p) => p,
         Err(e) => {
@@ -336,7 +349,16 @@ pub fn run_attached(
     // Signals for the container are forwarded from vmc; blocked before the
     // child exists so that none is lost (the child resets its mask).
     let set = block_forwarded();
-    let (pid, terminal) = match start(&prepared, cfg.process.tty) {
+    // The network is connected while the child waits before its exec, so
+    // the workload starts with it; pasta goes when this returns.
+    let mut pasta = None;
+    let mut connect = |pid: u32| -> Result<(), String> {
+        if cfg.network == Network::Passt {
+            pasta = Some(Pasta::attach(pid, dir)?);
+        }
+        Ok(())
+    };
+    let (pid, terminal) = match start(&prepared, cfg.process.tty, Some(&mut connect)) {
         Ok(v) => v,
         Err(e) => {
             eprintln!("vmc: {}", e.message);
@@ -355,13 +377,37 @@ pub fn run_attached(
 fn start(
     prepared: &spawn::Prepared,
     tty: Option<vmc_guest::WinSize>,
+    gate: Option<spawn::Gate>,
 ) -> Result<(libc::pid_t, Option<OwnedFd>), spawn::SpawnError> {
-    match tty {
-        Some(size) => {
-            spawn::spawn_pty(prepared, size).map(|(pid, m)| (pid as libc::pid_t, Some(m)))
-        }
-        None => spawn::spawn(prepared, [0, 1, 2]).map(|pid| (pid as libc::pid_t, None)),
+    spawn::spawn_with(prepared, tty, [0, 1, 2], gate).map(|(pid, m)| (pid as libc::pid_t, m))
+}
+
+/// Writes the container's /etc/resolv.conf, /etc/hosts and /etc/hostname
+/// into its state directory; returns (name in /etc, file) pairs to bind.
+fn network_files(
+    cfg: &ContainerConfig,
+    dir: &Path,
+) -> Result<Vec<(&'static str, PathBuf)>, NsError> {
+    let host_resolv = std::fs::read_to_string("/etc/resolv.conf").unwrap_or_default();
+    let addr = match cfg.network {
+        Network::Passt => super::net::host_address(),
+        Network::None => None,
+    };
+    let files = [
+        (
+            "resolv.conf",
+            super::net::resolv_conf(&host_resolv, &cfg.dns),
+        ),
+        ("hosts", super::net::hosts(&cfg.hostname, addr.as_deref())),
+        ("hostname", format!("{}\n", cfg.hostname)),
+    ];
+    let mut out = Vec::new();
+    for (name, text) in files {
+        let path = dir.join(name);
+        std::fs::write(&path, text).map_err(sys(path.display().to_string()))?;
+        out.push((name, path));
     }
+    Ok(out)
 }
 
 /// Waits for the started process, forwarding signals; with a terminal, also
@@ -546,7 +592,7 @@ pub fn exec_attached(
         }
     };
     let set = block_forwarded();
-    let (child, terminal) = match start(&prepared, spec.tty) {
+    let (child, terminal) = match start(&prepared, spec.tty, None) {
         Ok(v) => v,
         Err(e) => {
             eprintln!("vmc: {}", e.message);

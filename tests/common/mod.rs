@@ -159,6 +159,8 @@ impl TestVm {
             snapshots: snapshots(),
             ports: Vec::new(),
             limits: Default::default(),
+            network: Default::default(),
+            dns: Vec::new(),
         };
         let vm = MicroVm::start(&cfg, dir.path(), Start::Warm).expect("start the test VM");
         let mut conn = vm.connect(BOOT_TIMEOUT).expect("agent answers");

@@ -1,0 +1,281 @@
+//! Container networking without TAP devices or host firewall rules.
+//!
+//! `--network passt` (the default where passt is installed): namespace
+//! mode attaches `pasta` (passt's namespace mode) to the container's network
+//! namespace. pasta makes a tap interface in it with the host's address,
+//! routes and MTU, and carries the container's TCP, UDP and ICMP through
+//! ordinary sockets of its own on the host; the gateway address leads to the
+//! host's loopback. `--network none` leaves the namespace with loopback only.
+//! Either way the container gets its own /etc/resolv.conf, /etc/hosts and
+//! /etc/hostname, bind-mounted over the image's, as Docker does.
+
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// How a container reaches the network.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Network {
+    /// Loopback only.
+    #[default]
+    None,
+    /// User-mode networking through passt (VM) or pasta (namespaces).
+    Passt,
+}
+
+impl Network {
+    /// `--network MODE`; without it, passt where it is installed.
+    pub fn choose(requested: Option<&str>) -> Result<Network, String> {
+        match requested {
+            // As Docker's default bridge: there when it can work (passt
+            // needs a host route to copy), loopback only otherwise.
+            None => Ok(if pasta_installed() && host_gateway().is_some() {
+                Network::Passt
+            } else {
+                Network::None
+            }),
+            Some("none") => Ok(Network::None),
+            Some("passt" | "pasta") => {
+                if pasta_installed() {
+                    Ok(Network::Passt)
+                } else {
+                    Err("--network passt: passt is not installed (apt-get install passt), or use --network none".into())
+                }
+            }
+            Some(other) => Err(format!(
+                "--network {other}: unknown network mode (use passt or none)"
+            )),
+        }
+    }
+}
+
+const PASTA: &str = "pasta";
+
+fn pasta_installed() -> bool {
+    std::env::var_os("PATH")
+        .is_some_and(|paths| std::env::split_paths(&paths).any(|d| d.join(PASTA).is_file()))
+}
+
+/// A pasta process serving one container's network namespace; it is
+/// killed on drop (and dies with vmc: PR_SET_PDEATHSIG).
+pub struct Pasta {
+    child: Child,
+    netns: PathBuf,
+}
+
+impl Pasta {
+    /// Connects the network namespace of process `pid` and returns once
+    /// its interface is configured (a default route exists). `dir` is the
+    /// container's state directory; this process must be in a private mount
+    /// namespace (the namespace's bind mount stays there).
+    pub fn attach(pid: u32, dir: &Path) -> Result<Pasta, String> {
+        // pasta opens the namespace by path after dropping privileges it
+        // would need for /proc/PID/ns/net, so it gets a bind mount of it.
+        let netns = dir.join("netns");
+        std::fs::write(&netns, b"").map_err(|e| format!("{}: {e}", netns.display()))?;
+        let src = vmc_guest::sys::cstr(format!("/proc/{pid}/ns/net")).map_err(|e| e.to_string())?;
+        let dst = vmc_guest::sys::cstr(&netns).map_err(|e| e.to_string())?;
+        // SAFETY: mount with valid NUL-terminated paths.
+        let r = unsafe {
+            libc::mount(
+                src.as_ptr(),
+                dst.as_ptr(),
+                std::ptr::null(),
+                libc::MS_BIND,
+                std::ptr::null(),
+            )
+        };
+        if r != 0 {
+            return Err(format!(
+                "binding the container's network namespace: {}",
+                std::io::Error::last_os_error()
+            ));
+        }
+        let mut cmd = Command::new(PASTA);
+        cmd.args([
+            "--foreground",
+            "--quiet",
+            "--config-net",
+            // As root it would switch to nobody, who cannot open the namespace.
+            "--runas",
+            "0",
+            // Published ports are vmc's (-p); pasta forwards none by itself.
+            "-t",
+            "none",
+            "-u",
+            "none",
+            "-T",
+            "none",
+            "-U",
+            "none",
+            "--netns",
+        ])
+        .arg(&netns)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+        // SAFETY: prctl is async-signal-safe.
+        unsafe {
+            cmd.pre_exec(|| {
+                libc::prctl(
+                    libc::PR_SET_PDEATHSIG,
+                    libc::SIGKILL as libc::c_ulong,
+                    0,
+                    0,
+                    0,
+                );
+                Ok(())
+            });
+        }
+        let child = cmd
+            .spawn()
+            .map_err(|e| format!("starting pasta: {e} (apt-get install passt)"))?;
+        let mut pasta = Pasta { child, netns };
+        pasta.wait_configured(pid)?;
+        Ok(pasta)
+    }
+
+    fn wait_configured(&mut self, pid: u32) -> Result<(), String> {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let routes = format!("/proc/{pid}/net/route");
+        loop {
+            let table = std::fs::read_to_string(&routes).unwrap_or_default();
+            // A default route: destination 00000000 on some interface.
+            if table
+                .lines()
+                .skip(1)
+                .any(|l| l.split_whitespace().nth(1) == Some("00000000"))
+            {
+                return Ok(());
+            }
+            if let Ok(Some(st)) = self.child.try_wait() {
+                let mut err = String::new();
+                if let Some(mut e) = self.child.stderr.take() {
+                    let _ = std::io::Read::read_to_string(&mut e, &mut err);
+                }
+                let err: Vec<&str> = err.lines().filter(|l| !l.contains("syslog")).collect();
+                return Err(format!("pasta exited ({st}): {}", err.join("; ")));
+            }
+            if Instant::now() > deadline {
+                return Err("pasta did not configure the container's network within 10 s".into());
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+}
+
+impl Drop for Pasta {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        if let Ok(p) = vmc_guest::sys::cstr(&self.netns) {
+            // SAFETY: umount2 on a path we mounted.
+            unsafe { libc::umount2(p.as_ptr(), libc::MNT_DETACH) };
+        }
+        let _ = std::fs::remove_file(&self.netns);
+    }
+}
+
+/// The container's /etc/resolv.conf, as Docker writes it: `dns` if given,
+/// else the host's nameservers except loopback ones (unreachable from the
+/// container), else public resolvers; the host's search and options lines.
+pub fn resolv_conf(host: &str, dns: &[String]) -> String {
+    let mut servers: Vec<String> = dns.to_vec();
+    let mut rest = Vec::new();
+    for line in host.lines() {
+        let mut words = line.split_whitespace();
+        match words.next() {
+            Some("nameserver") => {
+                if let Some(ip) = words.next() {
+                    let loopback = ip
+                        .parse::<std::net::IpAddr>()
+                        .map(|a| a.is_loopback())
+                        .unwrap_or(true);
+                    if dns.is_empty() && !loopback {
+                        servers.push(ip.to_string());
+                    }
+                }
+            }
+            Some("search" | "domain" | "options") => rest.push(line.trim().to_string()),
+            _ => {}
+        }
+    }
+    if servers.is_empty() {
+        servers = vec!["8.8.8.8".into(), "8.8.4.4".into()];
+    }
+    let mut out: String = servers
+        .iter()
+        .map(|s| format!("nameserver {s}\n"))
+        .collect();
+    for l in rest {
+        out.push_str(&l);
+        out.push('\n');
+    }
+    out
+}
+
+/// The container's /etc/hosts: localhost, and its hostname on `addr`
+/// (loopback without a network).
+pub fn hosts(hostname: &str, addr: Option<&str>) -> String {
+    format!(
+        "127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n{}\t{hostname}\n",
+        addr.unwrap_or("127.0.1.1")
+    )
+}
+
+/// The host's IPv4 address on its default-route interface (what pasta
+/// gives the container), if there is one.
+pub fn host_address() -> Option<String> {
+    // A UDP socket "connected" to the gateway shows the source address the
+    // host would use (no packet is sent).
+    let s = std::net::UdpSocket::bind("0.0.0.0:0").ok()?;
+    s.connect((host_gateway()?, 53)).ok()?;
+    Some(s.local_addr().ok()?.ip().to_string())
+}
+
+/// The host's IPv4 default gateway (the container reaches the host's
+/// loopback through it with passt).
+pub fn host_gateway() -> Option<std::net::Ipv4Addr> {
+    let routes = std::fs::read_to_string("/proc/net/route").ok()?;
+    let gw = routes
+        .lines()
+        .skip(1)
+        .find(|l| l.split_whitespace().nth(1) == Some("00000000"))?
+        .split_whitespace()
+        .nth(2)?;
+    let gw = u32::from_str_radix(gw, 16).ok()?;
+    Some(std::net::Ipv4Addr::from(gw.swap_bytes()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn resolv_conf_drops_loopback_servers_and_keeps_search() {
+        let host =
+            "nameserver 127.0.0.53\nnameserver 10.0.0.2\nsearch example.org\noptions edns0\n";
+        assert_eq!(
+            resolv_conf(host, &[]),
+            "nameserver 10.0.0.2\nsearch example.org\noptions edns0\n"
+        );
+        assert_eq!(
+            resolv_conf("nameserver 127.0.0.1\n", &[]),
+            "nameserver 8.8.8.8\nnameserver 8.8.4.4\n"
+        );
+        assert_eq!(
+            resolv_conf(host, &["192.0.2.1".into()]),
+            "nameserver 192.0.2.1\nsearch example.org\noptions edns0\n"
+        );
+    }
+
+    #[test]
+    fn network_modes_parse() {
+        assert_eq!(Network::choose(Some("none")), Ok(Network::None));
+        assert!(Network::choose(Some("bridge"))
+            .unwrap_err()
+            .contains("unknown network mode"));
+    }
+}

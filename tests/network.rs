@@ -1,0 +1,226 @@
+//! Outbound networking (`--network passt|none`), traffic to loopback only:
+//! the container fetches a page from an HTTP server the test runs on the
+//! host's 127.0.0.1 (reached through passt's mapping of the gateway to the
+//! host), resolves a name through a DNS server the test runs on the host's
+//! 127.0.0.1:53, has no route with `--network none`, gets Docker's
+//! /etc/resolv.conf, /etc/hosts and /etc/hostname, and leaves no pasta
+//! process behind.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::{TcpListener, UdpSocket};
+use std::path::Path;
+
+use common::{ok, store_with_busybox, vmc};
+
+/// An HTTP server on 127.0.0.1 answering every request with `body`.
+fn http_server(body: &'static str) -> u16 {
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = l.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        for mut s in l.incoming().flatten() {
+            let mut buf = [0u8; 4096];
+            let _ = s.read(&mut buf);
+            let _ = write!(
+                s,
+                "HTTP/1.0 200 OK\r\nContent-Length: {}\r\n\r\n{body}",
+                body.len()
+            );
+        }
+    });
+    port
+}
+
+/// A DNS server on 127.0.0.1:53 that answers every A query with `addr`.
+fn dns_server(addr: [u8; 4]) {
+    let sock = UdpSocket::bind("127.0.0.1:53").expect("port 53 on 127.0.0.1 is free");
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 512];
+        while let Ok((n, from)) = sock.recv_from(&mut buf) {
+            if n < 12 {
+                continue;
+            }
+            // The question: labels up to a zero byte, then type and class.
+            let mut end = 12;
+            while end < n && buf[end] != 0 {
+                end += buf[end] as usize + 1;
+            }
+            let qend = end + 5;
+            if qend > n {
+                continue;
+            }
+            let qtype = u16::from_be_bytes([buf[end + 1], buf[end + 2]]);
+            let mut resp = buf[..qend].to_vec();
+            resp[2] = 0x81; // response, recursion desired
+            resp[3] = 0x80; // recursion available, no error
+            resp[6..8].copy_from_slice(&(u16::from(qtype == 1)).to_be_bytes()); // answers
+            resp[8..12].fill(0);
+            if qtype == 1 {
+                // Name pointer to the question, A, IN, TTL 60, 4 bytes.
+                resp.extend_from_slice(&[0xc0, 12, 0, 1, 0, 1, 0, 0, 0, 60, 0, 4]);
+                resp.extend_from_slice(&addr);
+            }
+            let _ = sock.send_to(&resp, from);
+        }
+    });
+}
+
+/// pasta processes serving containers of the store at `home` (their
+/// command line names a namespace under it).
+fn pasta_processes(home: &Path) -> usize {
+    let needle = format!("--netns {}", home.display());
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter(|e| {
+            std::fs::read(e.path().join("cmdline")).is_ok_and(|c| {
+                String::from_utf8_lossy(&c)
+                    .replace('\0', " ")
+                    .contains(&needle)
+            })
+        })
+        .count()
+}
+
+fn run(h: &Path, args: &[&str]) -> std::process::Output {
+    let mut all = vec!["run", "--rm", "--mode", "ns"];
+    all.extend_from_slice(args);
+    vmc(h, &all)
+}
+
+#[test]
+fn namespace_containers_reach_the_host_through_pasta() {
+    if !common::is_root() {
+        return;
+    }
+    let gw = vmc::runtime::net::host_gateway()
+        .expect("a default route (passt copies the host's)")
+        .to_string();
+    let home = store_with_busybox();
+    let h = home.path();
+    let port = http_server("hello from the host");
+
+    // The gateway address leads to the host's loopback.
+    let url = format!("http://{gw}:{port}/");
+    let out = ok(&run(h, &["busybox", "wget", "-q", "-O", "-", &url]));
+    assert_eq!(out, "hello from the host");
+    let out = ok(&run(
+        h,
+        &["--network", "passt", "busybox", "sh", "-c", "ip route"],
+    ));
+    assert!(out.contains(&format!("default via {gw}")), "{out}");
+
+    // DNS: --dns puts the gateway in resolv.conf; the query reaches the
+    // test's server on the host's 127.0.0.1:53 through pasta.
+    dns_server([10, 11, 12, 13]);
+    let out = ok(&run(
+        h,
+        &[
+            "--dns",
+            &gw,
+            "busybox",
+            "sh",
+            "-c",
+            "cat /etc/resolv.conf; nslookup vmc-test.example",
+        ],
+    ));
+    assert!(out.starts_with(&format!("nameserver {gw}\n")), "{out}");
+    assert!(out.contains("Address: 10.11.12.13"), "{out}");
+
+    // Docker's /etc files, over the image's (which stay untouched).
+    let out = ok(&run(
+        h,
+        &[
+            "--hostname",
+            "web1",
+            "busybox",
+            "sh",
+            "-c",
+            "cat /etc/hostname; grep web1 /etc/hosts; grep -c localhost /etc/hosts",
+        ],
+    ));
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(lines[0], "web1");
+    assert!(lines[1].ends_with("\tweb1"), "{out}");
+    assert_eq!(lines[2], "2");
+
+    // --network none: loopback only, no route out.
+    let o = run(
+        h,
+        &[
+            "--network",
+            "none",
+            "busybox",
+            "sh",
+            "-c",
+            "ip route; ip -o link | cut -d: -f2; nc -w 3 \"$0\" 80 </dev/null",
+            &gw,
+        ],
+    );
+    assert!(!o.status.success());
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert_eq!(out.trim(), "lo", "{out}");
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("unreachable"),
+        "{o:?}"
+    );
+
+    // Builds: RUN steps get the network; --network none takes it away.
+    let ctx = tempfile::tempdir().unwrap();
+    std::fs::write(
+        ctx.path().join("Dockerfile"),
+        format!("FROM busybox\nRUN wget -q -O /fetched {url}\nCMD [\"cat\", \"/fetched\"]\n"),
+    )
+    .unwrap();
+    let ctx_s = ctx.path().to_str().unwrap();
+    ok(&vmc(
+        h,
+        &["build", "--mode", "ns", "-q", "-t", "fetched", ctx_s],
+    ));
+    assert_eq!(ok(&run(h, &["fetched"])), "hello from the host");
+    let o = vmc(
+        h,
+        &[
+            "build",
+            "--mode",
+            "ns",
+            "--no-cache",
+            "--network",
+            "none",
+            "-t",
+            "nonet",
+            ctx_s,
+        ],
+    );
+    assert!(!o.status.success(), "{o:?}");
+    let all = format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    assert!(all.contains("Network is unreachable"), "{all}");
+
+    // Bad modes are clear errors.
+    let o = run(h, &["--network", "bridge", "busybox", "true"]);
+    assert_eq!(o.status.code(), Some(125));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("unknown network mode"));
+
+    // A detached container's pasta goes with it.
+    ok(&vmc(
+        h,
+        &[
+            "run", "-d", "--mode", "ns", "--name", "net", "busybox", "sleep", "600",
+        ],
+    ));
+    assert_eq!(pasta_processes(h), 1);
+    ok(&vmc(h, &["rm", "-f", "net"]));
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while pasta_processes(h) != 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "a pasta process was left"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+}
