@@ -22,6 +22,7 @@ fn main() {
             disks: Vec::new(),
             vsock: None,
             rng: true,
+            net: None,
             console: Some(Box::new(std::io::sink())),
             backend: Backend::detect(),
         })

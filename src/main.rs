@@ -405,15 +405,8 @@ fn wait_started(dir: &std::path::Path, id: &str) -> Result<i32> {
 
 /// `--network MODE` of run and build, in namespace mode (`ns`) or a VM.
 fn network_for(ns: bool, requested: Option<&str>) -> Result<runtime::net::Network> {
-    match (ns, requested) {
-        (true, requested) => runtime::net::Network::choose(requested).map_err(anyhow::Error::msg),
-        // The microVM's virtio-net device on passt is not there yet: VMs
-        // have loopback only.
-        (false, None | Some("none")) => Ok(runtime::net::Network::None),
-        (false, Some(m)) => bail!(
-            "--network {m}: VM mode has no network device yet (loopback only); use --mode ns for {m}, or --network none"
-        ),
-    }
+    let _ = ns; // the same choice in both modes: passt serves VMs, pasta namespaces
+    runtime::net::Network::choose(requested).map_err(anyhow::Error::msg)
 }
 
 fn mark_running(c: &mut Container) -> Result<()> {
@@ -677,8 +670,11 @@ fn wait_exit(c: &mut Container, timeout: std::time::Duration) -> bool {
 }
 
 fn force_kill(c: &mut Container) {
+    // A killed VMM can take a while to die (its guest memory is torn down,
+    // slowly under software virtualisation and with many at once); rm waits
+    // for it, so that its ports and files are free when rm returns.
     if signal_container(c, libc::SIGKILL) {
-        wait_exit(c, std::time::Duration::from_secs(10));
+        wait_exit(c, std::time::Duration::from_secs(60));
     }
 }
 

@@ -89,18 +89,44 @@ fn run(h: &Path, args: &[&str]) -> std::process::Output {
     vmc(h, &all)
 }
 
+/// The number of live passt processes (pasta's comm is passt's too;
+/// zombies of pasta's short-lived helpers are not counted).
+fn passt_processes() -> usize {
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter(|e| {
+            let stat = std::fs::read_to_string(e.path().join("stat")).unwrap_or_default();
+            // "PID (comm) STATE ...": the state follows the last ')'.
+            let live = stat
+                .rsplit_once(')')
+                .is_some_and(|(_, rest)| !rest.trim_start().starts_with('Z'));
+            live && std::fs::read_to_string(e.path().join("comm"))
+                .is_ok_and(|c| c.trim().starts_with("passt") || c.trim() == "pasta")
+        })
+        .count()
+}
+
+/// One test, so that the process counts are not disturbed by another
+/// test's sandboxes, and one DNS server on port 53.
 #[test]
-fn namespace_containers_reach_the_host_through_pasta() {
-    if !common::is_root() {
-        return;
-    }
+fn networking_in_both_modes() {
     let gw = vmc::runtime::net::host_gateway()
         .expect("a default route (passt copies the host's)")
         .to_string();
     let home = store_with_busybox();
     let h = home.path();
     let port = http_server("hello from the host");
+    dns_server([10, 11, 12, 13]);
+    if common::is_root() {
+        namespace_mode(h, &gw, port);
+    }
+    if common::kvm_available() {
+        vm_mode(h, &gw, port);
+    }
+}
 
+fn namespace_mode(h: &Path, gw: &str, port: u16) {
     // The gateway address leads to the host's loopback.
     let url = format!("http://{gw}:{port}/");
     let out = ok(&run(h, &["busybox", "wget", "-q", "-O", "-", &url]));
@@ -113,12 +139,11 @@ fn namespace_containers_reach_the_host_through_pasta() {
 
     // DNS: --dns puts the gateway in resolv.conf; the query reaches the
     // test's server on the host's 127.0.0.1:53 through pasta.
-    dns_server([10, 11, 12, 13]);
     let out = ok(&run(
         h,
         &[
             "--dns",
-            &gw,
+            gw,
             "busybox",
             "sh",
             "-c",
@@ -155,7 +180,7 @@ fn namespace_containers_reach_the_host_through_pasta() {
             "sh",
             "-c",
             "ip route; ip -o link | cut -d: -f2; nc -w 3 \"$0\" 80 </dev/null",
-            &gw,
+            gw,
         ],
     );
     assert!(!o.status.success());
@@ -220,6 +245,112 @@ fn namespace_containers_reach_the_host_through_pasta() {
         assert!(
             std::time::Instant::now() < deadline,
             "a pasta process was left"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+}
+
+fn vm_mode(h: &Path, gw: &str, port: u16) {
+    let before = passt_processes();
+    let vm = |args: &[&str]| {
+        let mut all = vec!["run", "--rm"];
+        all.extend_from_slice(args);
+        vmc(h, &all)
+    };
+    // One guest does it all: its address and route, a page from the host's
+    // loopback through the gateway, a name through the test's DNS server,
+    // Docker's /etc files.
+    let url = format!("http://{gw}:{port}/");
+    let script = "ip -4 -o addr show eth0 | cut -d' ' -f7; ip route | grep default; \
+                  wget -q -O - \"$0\"; echo; nslookup vmc-test.example | grep '^Address: 10'; \
+                  cat /etc/hostname; grep -c localhost /etc/hosts";
+    let out = ok(&vm(&[
+        "--dns",
+        gw,
+        "--hostname",
+        "vm1",
+        "busybox",
+        "sh",
+        "-c",
+        script,
+        &url,
+    ]));
+    let lines: Vec<&str> = out.lines().collect();
+    let host = vmc::runtime::net::host_ipv4().unwrap();
+    assert_eq!(
+        lines[0],
+        format!("{}/{}", host.address, host.prefix),
+        "{out}"
+    );
+    assert!(
+        lines[1].starts_with(&format!("default via {gw} dev eth0")),
+        "{out}"
+    );
+    assert_eq!(lines[2], "hello from the host", "{out}");
+    assert_eq!(lines[3], "Address: 10.11.12.13", "{out}");
+    assert_eq!(lines[4], "vm1", "{out}");
+    assert_eq!(lines[5], "2", "{out}");
+
+    // --network none: the NIC is there (the snapshot's guest has it) but
+    // unconfigured: no route out.
+    let o = vm(&[
+        "--network",
+        "none",
+        "busybox",
+        "sh",
+        "-c",
+        "ip route; nc -w 3 \"$0\" 80 </dev/null",
+        gw,
+    ]);
+    assert!(!o.status.success());
+    assert_eq!(String::from_utf8_lossy(&o.stdout), "");
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("unreachable"),
+        "{o:?}"
+    );
+
+    // A build's RUN steps in a microVM have the network.
+    let ctx = tempfile::tempdir().unwrap();
+    std::fs::write(
+        ctx.path().join("Dockerfile"),
+        format!("FROM busybox\nRUN wget -q -O /fetched {url}\nCMD [\"cat\", \"/fetched\"]\n"),
+    )
+    .unwrap();
+    ok(&vmc(
+        h,
+        &[
+            "build",
+            "-q",
+            "-t",
+            "vmfetched",
+            ctx.path().to_str().unwrap(),
+        ],
+    ));
+    assert_eq!(
+        ok(&vm(&["--mode", "ns", "vmfetched"])),
+        "hello from the host"
+    );
+
+    // Twenty networked VMs, four at a time, leave no passt behind.
+    let h = h.to_path_buf();
+    let threads: Vec<_> = (0..4)
+        .map(|_| {
+            let h = h.clone();
+            std::thread::spawn(move || {
+                for _ in 0..5 {
+                    ok(&vmc(&h, &["run", "--rm", "busybox", "true"]));
+                }
+            })
+        })
+        .collect();
+    for t in threads {
+        t.join().unwrap();
+    }
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while passt_processes() > before {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "passt processes left behind"
         );
         std::thread::sleep(std::time::Duration::from_millis(50));
     }

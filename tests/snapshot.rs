@@ -163,6 +163,7 @@ fn a_mismatched_snapshot_is_refused_before_anything_runs() {
             1,
             state.mem_size,
             None,
+            vmc::runtime::microvm::unplugged().unwrap(),
         )
     };
     let err = vmc::vmm::restore(cfg(&dir.path().join("v1")), &good, "some-other-key")

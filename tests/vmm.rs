@@ -39,6 +39,7 @@ fn config(
         disks: Vec::new(),
         vsock,
         rng: true,
+        net: None,
         console: Some(Box::new(console)),
         backend: Backend::detect(),
     }

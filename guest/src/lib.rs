@@ -26,7 +26,7 @@ use std::io::{self, Read, Write};
 use serde::{Deserialize, Serialize};
 
 /// Version of the frames below; bumped on every incompatible change.
-pub const PROTOCOL_VERSION: u32 = 5;
+pub const PROTOCOL_VERSION: u32 = 6;
 
 /// vsock port on which the guest agent listens.
 pub const AGENT_PORT: u32 = 1024;
@@ -53,6 +53,21 @@ pub struct RootSpec {
     /// agent waits until the kernel sees these sizes before mounting.
     pub image_sectors: u64,
     pub scratch_sectors: u64,
+    /// The network interface to configure (none: loopback only).
+    pub network: Option<NetSpec>,
+    /// Files bind-mounted over the root's /etc (resolv.conf, hosts,
+    /// hostname), as (name, content); empty for builds.
+    pub etc: Vec<(String, String)>,
+}
+
+/// A guest network interface's configuration (IPv4).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NetSpec {
+    pub ifname: String,
+    pub address: [u8; 4],
+    pub prefix: u8,
+    pub gateway: [u8; 4],
+    pub mtu: u16,
 }
 
 /// A process to start in the container.

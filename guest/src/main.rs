@@ -7,6 +7,7 @@
 
 mod init;
 mod layers;
+mod netcfg;
 mod reaper;
 mod session;
 mod vsock;

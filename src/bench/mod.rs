@@ -152,6 +152,7 @@ pub fn bench_vmm(runs: usize) -> Result<Vec<Stats>, BenchError> {
             disks: Vec::new(),
             vsock: None,
             rng: false,
+            net: None,
             console: Some(Box::new(std::io::sink())),
             backend: Backend::detect(),
         })?;

@@ -47,7 +47,7 @@ pub struct BuildOptions {
     pub kernel: Option<PathBuf>,
     pub resources: Resources,
     pub snapshots: PathBuf,
-    /// Network of RUN steps (namespace builds).
+    /// Network of RUN steps.
     pub network: crate::runtime::net::Network,
 }
 
@@ -635,6 +635,7 @@ impl Builder<'_> {
                     &kernel,
                     self.o.resources,
                     &self.o.snapshots,
+                    self.o.network,
                 );
                 if let Some(s) = spinner {
                     s.finish_and_clear();

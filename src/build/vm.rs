@@ -41,6 +41,7 @@ impl BuildVm {
         kernel: &Path,
         resources: Resources,
         snapshots: &Path,
+        network: crate::runtime::net::Network,
     ) -> Result<BuildVm, RuntimeError> {
         let cfg = ContainerConfig {
             id: crate::runtime::new_id(),
@@ -54,7 +55,7 @@ impl BuildVm {
             snapshots: snapshots.to_path_buf(),
             ports: Vec::new(),
             limits: Default::default(),
-            network: Default::default(),
+            network,
             dns: Vec::new(),
         };
         let vm = MicroVm::start(&cfg, dir, Start::Warm)?;
@@ -66,7 +67,7 @@ impl BuildVm {
                 m => return Err(unexpected(m)),
             }
         }
-        conn.send(&HostMsg::Mount(vm.root_spec("buildkitsandbox")))?;
+        conn.send(&HostMsg::Mount(vm.root_spec("buildkitsandbox", Vec::new())))?;
         match conn.recv()? {
             GuestMsg::Mounted => {}
             m => return Err(unexpected(m)),

@@ -29,7 +29,8 @@ const RESET_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// The VM layout shared by cold boots, snapshot creation and restores (a
 /// restore needs the same devices in the same order): the agent's root disk,
-/// the image disk, the scratch disk, vsock, rng.
+/// the image disk, the scratch disk, vsock, rng, net. The network device is
+/// always there (the snapshot's guest has probed it); `net` is its backend.
 #[allow(clippy::too_many_arguments)]
 pub fn vm_config(
     kernel: &Path,
@@ -40,6 +41,7 @@ pub fn vm_config(
     cpus: u8,
     memory: u64,
     console: Option<Box<dyn Write + Send>>,
+    net: std::os::unix::net::UnixStream,
 ) -> VmConfig {
     // The agent's disk is the guest's root; extra parameters (VMC_KERNEL_ARGS)
     // are for experiments and debugging.
@@ -67,9 +69,22 @@ pub fn vm_config(
         ],
         vsock: Some((GUEST_CID, vsock.to_path_buf())),
         rng: true,
+        net: Some((GUEST_MAC, net)),
         console,
         backend: Backend::detect(),
     }
+}
+
+/// The guest NIC's hardware address (locally administered). passt learns
+/// it from the guest's frames; every VM may use the same one, each behind
+/// its own passt.
+pub const GUEST_MAC: [u8; 6] = [0x02, 0x76, 0x6d, 0x63, 0x00, 0x01];
+
+/// A network backend that is not connected: a socket whose peer is closed
+/// (the device drops what the guest sends; nothing arrives).
+pub fn unplugged() -> std::io::Result<std::os::unix::net::UnixStream> {
+    let (a, _b) = std::os::unix::net::UnixStream::pair()?;
+    Ok(a)
 }
 
 /// How a microVM starts.
@@ -90,6 +105,8 @@ pub struct MicroVm {
     restored: bool,
     /// When the vCPUs started (ms since process start), for `vmc bench`.
     running_ms: f64,
+    /// The VM's passt and the addressing it serves (with `--network passt`).
+    passt: Option<(super::net::Passt, super::net::HostIpv4)>,
 }
 
 impl MicroVm {
@@ -144,7 +161,30 @@ impl MicroVm {
         let vsock = dir.join("vsock.sock");
         let disk_sectors = (sectors(&image), SCRATCH_SIZE / 512);
         let (cpus, memory) = (cfg.resources.cpus, cfg.resources.memory);
-        let config = |console| {
+        // The network: passt on one end of a socket pair, the device on the
+        // other; without one, an unplugged device.
+        let host = match cfg.network {
+            super::net::Network::Passt => Some(super::net::host_ipv4().ok_or_else(|| {
+                RuntimeError::Network(
+                    "--network passt: the host has no IPv4 default route for passt to copy; use --network none".into(),
+                )
+            })?),
+            super::net::Network::None => None,
+        };
+        let state_err = |source| RuntimeError::State {
+            path: dir.display().to_string(),
+            source,
+        };
+        let (ours, passt) = match host {
+            Some(h) => {
+                let (ours, theirs) = std::os::unix::net::UnixStream::pair().map_err(state_err)?;
+                let p = super::net::Passt::start(theirs, &h).map_err(RuntimeError::Network)?;
+                (ours, Some((p, h)))
+            }
+            None => (unplugged().map_err(state_err)?, None),
+        };
+        let mut net = Some(ours);
+        let mut config = |console| {
             vm_config(
                 &cfg.kernel,
                 &agent,
@@ -154,6 +194,9 @@ impl MicroVm {
                 cpus,
                 memory,
                 console,
+                net.take()
+                    .map_or_else(unplugged, Ok)
+                    .expect("a socket pair"),
             )
         };
         if how == Start::Cold || cfg.debug {
@@ -169,6 +212,7 @@ impl MicroVm {
                 disk_sectors,
                 restored: false,
                 running_ms: super::elapsed_ms(),
+                passt,
             });
         }
         let spec = snapshot::SnapshotSpec {
@@ -199,6 +243,7 @@ impl MicroVm {
             disk_sectors,
             restored: true,
             running_ms: super::elapsed_ms(),
+            passt,
         })
     }
 
@@ -236,8 +281,9 @@ impl MicroVm {
         AgentConn::connect(&self.vsock, AGENT_PORT, timeout, &|| self.vm.is_running())
     }
 
-    /// The root filesystem layout inside the guest.
-    pub fn root_spec(&self, hostname: &str) -> RootSpec {
+    /// The root filesystem layout inside the guest (with `etc`: Docker's
+    /// resolv.conf, hosts and hostname over the image's), and its network.
+    pub fn root_spec(&self, hostname: &str, etc: Vec<(String, String)>) -> RootSpec {
         RootSpec {
             image_dev: "/dev/vdb".into(),
             image_fstype: "erofs".into(),
@@ -245,7 +291,20 @@ impl MicroVm {
             hostname: hostname.into(),
             image_sectors: self.disk_sectors.0,
             scratch_sectors: self.disk_sectors.1,
+            network: self.passt.as_ref().map(|(_, h)| vmc_guest::NetSpec {
+                ifname: "eth0".into(),
+                address: h.address.octets(),
+                prefix: h.prefix,
+                gateway: h.gateway.octets(),
+                mtu: crate::devices::virtio::net::MTU,
+            }),
+            etc,
         }
+    }
+
+    /// The guest's IPv4 address, if it has a network.
+    pub fn address(&self) -> Option<std::net::Ipv4Addr> {
+        self.passt.as_ref().map(|(_, h)| h.address)
     }
 
     /// For `vmc bench`: writes this process's peak RSS and the guest's
@@ -392,7 +451,8 @@ pub fn run_attached(
         }
     }
     crate::phase!("guest refreshed");
-    conn.send(&HostMsg::Mount(mvm.root_spec(&cfg.hostname)))?;
+    let etc = super::net::etc_files(cfg, mvm.address().map(|a| a.to_string()).as_deref());
+    conn.send(&HostMsg::Mount(mvm.root_spec(&cfg.hostname, etc)))?;
     match conn.recv()? {
         GuestMsg::Mounted => crate::phase!("root mounted"),
         GuestMsg::Error(e) => return Err(AgentError::Remote(e).into()),

@@ -96,6 +96,8 @@ pub enum RuntimeError {
     VmCrashed(String),
     #[error("namespace mode: {0}")]
     Namespace(String),
+    #[error("{0}")]
+    Network(String),
 }
 
 /// vmc's state directory: `$VMC_HOME`, else /var/lib/vmc for root, else

@@ -31,7 +31,7 @@ impl Network {
         match requested {
             // As Docker's default bridge: there when it can work (passt
             // needs a host route to copy), loopback only otherwise.
-            None => Ok(if pasta_installed() && host_gateway().is_some() {
+            None => Ok(if pasta_installed() && host_ipv4().is_some() {
                 Network::Passt
             } else {
                 Network::None
@@ -228,11 +228,135 @@ pub fn hosts(hostname: &str, addr: Option<&str>) -> String {
 /// The host's IPv4 address on its default-route interface (what pasta
 /// gives the container), if there is one.
 pub fn host_address() -> Option<String> {
-    // A UDP socket "connected" to the gateway shows the source address the
-    // host would use (no packet is sent).
-    let s = std::net::UdpSocket::bind("0.0.0.0:0").ok()?;
-    s.connect((host_gateway()?, 53)).ok()?;
-    Some(s.local_addr().ok()?.ip().to_string())
+    host_ipv4().map(|h| h.address.to_string())
+}
+
+/// The host's IPv4 setup that passt and pasta copy to the sandbox.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HostIpv4 {
+    pub address: std::net::Ipv4Addr,
+    pub prefix: u8,
+    pub gateway: std::net::Ipv4Addr,
+}
+
+/// The address and prefix of the default-route interface, and the gateway.
+pub fn host_ipv4() -> Option<HostIpv4> {
+    let routes = std::fs::read_to_string("/proc/net/route").ok()?;
+    let iface = routes
+        .lines()
+        .skip(1)
+        .find(|l| l.split_whitespace().nth(1) == Some("00000000"))?
+        .split_whitespace()
+        .next()?
+        .to_string();
+    let gateway = host_gateway()?;
+    let mut list: *mut libc::ifaddrs = std::ptr::null_mut();
+    // SAFETY: getifaddrs fills a list that we walk read-only and free below.
+    if unsafe { libc::getifaddrs(&mut list) } != 0 {
+        return None;
+    }
+    let mut found = None;
+    let mut cur = list;
+    while !cur.is_null() {
+        // SAFETY: cur is a node of the list getifaddrs returned.
+        let ifa = unsafe { &*cur };
+        cur = ifa.ifa_next;
+        if ifa.ifa_addr.is_null() || ifa.ifa_netmask.is_null() || ifa.ifa_name.is_null() {
+            continue;
+        }
+        // SAFETY: ifa_name is a NUL-terminated string owned by the list.
+        let name = unsafe { std::ffi::CStr::from_ptr(ifa.ifa_name) }.to_string_lossy();
+        // SAFETY: ifa_addr points to a sockaddr of at least its family's size.
+        if name != iface || i32::from(unsafe { (*ifa.ifa_addr).sa_family }) != libc::AF_INET {
+            continue;
+        }
+        // SAFETY: AF_INET: both are sockaddr_in.
+        let (addr, mask) = unsafe {
+            (
+                *(ifa.ifa_addr as *const libc::sockaddr_in),
+                *(ifa.ifa_netmask as *const libc::sockaddr_in),
+            )
+        };
+        found = Some(HostIpv4 {
+            address: std::net::Ipv4Addr::from(u32::from_be(addr.sin_addr.s_addr)),
+            prefix: u32::from_be(mask.sin_addr.s_addr).count_ones() as u8,
+            gateway,
+        });
+        break;
+    }
+    // SAFETY: list came from getifaddrs and is freed once.
+    unsafe { libc::freeifaddrs(list) };
+    found
+}
+
+/// A passt process serving one microVM's virtio-net device over a socket
+/// pair (`--fd`: no socket file); killed on drop. passt drops to nobody,
+/// which clears PR_SET_PDEATHSIG, but it exits by itself once the VMM's end
+/// of the socket closes, so a VMM killed with SIGKILL leaves none behind.
+pub struct Passt {
+    child: Child,
+}
+
+impl Passt {
+    /// Starts passt on `sock` (the other end goes to the device), giving the
+    /// guest `host`'s address, prefix and gateway (what the agent sets).
+    pub fn start(sock: std::os::unix::net::UnixStream, host: &HostIpv4) -> Result<Passt, String> {
+        use std::os::fd::AsRawFd;
+        let fd = sock.as_raw_fd();
+        let mut cmd = Command::new("passt");
+        cmd.args([
+            "--foreground",
+            "--quiet",
+            "--fd",
+            "3",
+            "-t",
+            "none",
+            "-u",
+            "none",
+        ])
+        .args(["--address", &host.address.to_string()])
+        .args(["--netmask", &host.prefix.to_string()])
+        .args(["--gateway", &host.gateway.to_string()])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+        // SAFETY: dup2 and prctl are async-signal-safe; fd stays open in the
+        // parent until spawn returns.
+        unsafe {
+            cmd.pre_exec(move || {
+                // dup2 leaves the new descriptor open across exec; if it is
+                // already 3, clear close-on-exec instead.
+                let r = if fd == 3 {
+                    libc::fcntl(3, libc::F_SETFD, 0)
+                } else {
+                    libc::dup2(fd, 3)
+                };
+                if r < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                libc::prctl(
+                    libc::PR_SET_PDEATHSIG,
+                    libc::SIGKILL as libc::c_ulong,
+                    0,
+                    0,
+                    0,
+                );
+                Ok(())
+            });
+        }
+        let child = cmd
+            .spawn()
+            .map_err(|e| format!("starting passt: {e} (apt-get install passt)"))?;
+        drop(sock);
+        Ok(Passt { child })
+    }
+}
+
+impl Drop for Passt {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
 }
 
 /// The host's IPv4 default gateway (the container reaches the host's
@@ -247,6 +371,17 @@ pub fn host_gateway() -> Option<std::net::Ipv4Addr> {
         .nth(2)?;
     let gw = u32::from_str_radix(gw, 16).ok()?;
     Some(std::net::Ipv4Addr::from(gw.swap_bytes()))
+}
+
+/// Docker's /etc files for a container: resolv.conf, hosts (its hostname on
+/// `addr`), hostname, as (name, content).
+pub fn etc_files(cfg: &super::ContainerConfig, addr: Option<&str>) -> Vec<(String, String)> {
+    let host_resolv = std::fs::read_to_string("/etc/resolv.conf").unwrap_or_default();
+    vec![
+        ("resolv.conf".into(), resolv_conf(&host_resolv, &cfg.dns)),
+        ("hosts".into(), hosts(&cfg.hostname, addr)),
+        ("hostname".into(), format!("{}\n", cfg.hostname)),
+    ]
 }
 
 #[cfg(test)]

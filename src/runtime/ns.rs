@@ -384,26 +384,14 @@ fn start(
 
 /// Writes the container's /etc/resolv.conf, /etc/hosts and /etc/hostname
 /// into its state directory; returns (name in /etc, file) pairs to bind.
-fn network_files(
-    cfg: &ContainerConfig,
-    dir: &Path,
-) -> Result<Vec<(&'static str, PathBuf)>, NsError> {
-    let host_resolv = std::fs::read_to_string("/etc/resolv.conf").unwrap_or_default();
+fn network_files(cfg: &ContainerConfig, dir: &Path) -> Result<Vec<(String, PathBuf)>, NsError> {
     let addr = match cfg.network {
         Network::Passt => super::net::host_address(),
         Network::None => None,
     };
-    let files = [
-        (
-            "resolv.conf",
-            super::net::resolv_conf(&host_resolv, &cfg.dns),
-        ),
-        ("hosts", super::net::hosts(&cfg.hostname, addr.as_deref())),
-        ("hostname", format!("{}\n", cfg.hostname)),
-    ];
     let mut out = Vec::new();
-    for (name, text) in files {
-        let path = dir.join(name);
+    for (name, text) in super::net::etc_files(cfg, addr.as_deref()) {
+        let path = dir.join(&name);
         std::fs::write(&path, text).map_err(sys(path.display().to_string()))?;
         out.push((name, path));
     }

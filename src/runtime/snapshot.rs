@@ -149,6 +149,7 @@ fn create(tmp: &Path, spec: &SnapshotSpec, key: &str) -> Result<(), RuntimeError
         spec.cpus,
         spec.memory,
         None,
+        crate::runtime::microvm::unplugged().map_err(|e| RuntimeError::Network(e.to_string()))?,
     );
     let vm = vmm::start(cfg)?;
     let conn = AgentConn::connect(&vsock, AGENT_PORT, BOOT_TIMEOUT, &|| vm.is_running());

@@ -115,6 +115,10 @@ pub fn build(kvm: Kvm, cfg: &mut VmConfig, mem: Mem) -> Result<Machine, VmmError
     if cfg.rng {
         devices.push(Arc::new(Mutex::new(Rng::default())));
     }
+    if let Some((mac, sock)) = cfg.net.take() {
+        let n = crate::devices::virtio::net::Net::new(mac, sock).map_err(setup_err)?;
+        devices.push(Arc::new(Mutex::new(n)));
+    }
     let mut transports = Vec::new();
     let mut loop_devices = Vec::new();
     for (i, dev) in devices.iter().enumerate() {

@@ -52,6 +52,9 @@ pub struct VmConfig {
     /// Guest CID and host Unix socket of the vsock device.
     pub vsock: Option<(u64, PathBuf)>,
     pub rng: bool,
+    /// A virtio-net device with this MAC whose frames go through this socket
+    /// (to passt; a socket whose peer is gone makes a cable-less NIC).
+    pub net: Option<([u8; 6], std::os::unix::net::UnixStream)>,
     /// Kernel console (8250 on ttyS0) output; None leaves the UART out entirely.
     pub console: Option<Box<dyn Write + Send>>,
     pub backend: Backend,

@@ -168,7 +168,8 @@ impl TestVm {
             conn.send(&MicroVm::refresh_msg()).unwrap();
             assert_eq!(conn.recv().unwrap(), GuestMsg::Refreshed);
         }
-        conn.send(&HostMsg::Mount(vm.root_spec(&hostname))).unwrap();
+        conn.send(&HostMsg::Mount(vm.root_spec(&hostname, Vec::new())))
+            .unwrap();
         assert_eq!(conn.recv().unwrap(), GuestMsg::Mounted);
         TestVm { vm, dir, hostname }
     }
