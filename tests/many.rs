@@ -51,7 +51,28 @@ fn processes_mentioning(needle: &str) -> Vec<String> {
     found
 }
 
+/// Live passt processes (pasta's comm is passt's too).
+fn passt_processes() -> usize {
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter(|e| {
+            let stat = std::fs::read_to_string(e.path().join("stat")).unwrap_or_default();
+            let live = stat
+                .rsplit_once(')')
+                .is_some_and(|(_, rest)| !rest.trim_start().starts_with('Z'));
+            live && std::fs::read_to_string(e.path().join("comm"))
+                .is_ok_and(|c| c.trim().starts_with("passt") || c.trim() == "pasta")
+        })
+        .count()
+}
+
+/// The two tests count processes: one at a time.
+static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 fn many(mode: &str) {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let passt_before = passt_processes();
     let home = store_with_busybox();
     let h: &Path = home.path();
     let ports: Vec<u16> = (0..COUNT).map(|_| free_port()).collect();
@@ -102,6 +123,13 @@ fn many(mode: &str) {
     assert!(left.is_empty(), "processes left: {left:?}");
     let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
     assert!(!mounts.contains(home_s), "mounts left: {mounts}");
+    // Each container had its network (passt for a VM, pasta for a namespace
+    // container, both by default); none outlives the rm -f.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while passt_processes() > passt_before {
+        assert!(Instant::now() < deadline, "passt processes left behind");
+        std::thread::sleep(Duration::from_millis(100));
+    }
     for port in &ports {
         // (A killed supervisor's sockets close as it finishes dying.)
         let deadline = Instant::now() + Duration::from_secs(10);
