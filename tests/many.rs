@@ -8,17 +8,9 @@ use std::io::{Read, Write};
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use common::{kvm_available, ok, store_with_busybox, vmc};
+use common::{free_port, kvm_available, ok, passt_processes, store_with_busybox, vmc};
 
 const COUNT: usize = 10;
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
 
 fn http_get(port: u16) -> Option<String> {
     let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
@@ -49,22 +41,6 @@ fn processes_mentioning(needle: &str) -> Vec<String> {
         }
     }
     found
-}
-
-/// Live passt processes (pasta's comm is passt's too).
-fn passt_processes() -> usize {
-    std::fs::read_dir("/proc")
-        .unwrap()
-        .flatten()
-        .filter(|e| {
-            let stat = std::fs::read_to_string(e.path().join("stat")).unwrap_or_default();
-            let live = stat
-                .rsplit_once(')')
-                .is_some_and(|(_, rest)| !rest.trim_start().starts_with('Z'));
-            live && std::fs::read_to_string(e.path().join("comm"))
-                .is_ok_and(|c| c.trim().starts_with("passt") || c.trim() == "pasta")
-        })
-        .count()
 }
 
 /// The two tests count processes: one at a time.

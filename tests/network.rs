@@ -12,7 +12,7 @@ use std::io::{Read, Write};
 use std::net::{TcpListener, UdpSocket};
 use std::path::Path;
 
-use common::{ok, store_with_busybox, vmc};
+use common::{ok, passt_processes, store_with_busybox, vmc};
 
 /// An HTTP server on 127.0.0.1 answering every request with `body`.
 fn http_server(body: &'static str) -> u16 {
@@ -87,24 +87,6 @@ fn run(h: &Path, args: &[&str]) -> std::process::Output {
     let mut all = vec!["run", "--rm", "--mode", "ns"];
     all.extend_from_slice(args);
     vmc(h, &all)
-}
-
-/// The number of live passt processes (pasta's comm is passt's too;
-/// zombies of pasta's short-lived helpers are not counted).
-fn passt_processes() -> usize {
-    std::fs::read_dir("/proc")
-        .unwrap()
-        .flatten()
-        .filter(|e| {
-            let stat = std::fs::read_to_string(e.path().join("stat")).unwrap_or_default();
-            // "PID (comm) STATE ...": the state follows the last ')'.
-            let live = stat
-                .rsplit_once(')')
-                .is_some_and(|(_, rest)| !rest.trim_start().starts_with('Z'));
-            live && std::fs::read_to_string(e.path().join("comm"))
-                .is_ok_and(|c| c.trim().starts_with("passt") || c.trim() == "pasta")
-        })
-        .count()
 }
 
 /// One test, so that the process counts are not disturbed by another

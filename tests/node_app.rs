@@ -10,7 +10,7 @@ use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use common::{kvm_available, ok, repo, vmc, TestHome};
+use common::{free_port, kvm_available, ok, repo, vmc, TestHome};
 
 /// The cached Debian + nodejs root filesystem tarball (made on first use).
 fn node_base_tar() -> PathBuf {
@@ -24,14 +24,6 @@ fn node_base_tar() -> PathBuf {
         .expect("run scripts/node-base.sh");
     assert!(st.success(), "building the Debian + nodejs base failed");
     out
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 /// One HTTP GET on 127.0.0.1:port; the response, or None if nobody answered.

@@ -7,15 +7,7 @@ use std::io::{Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream};
 use std::time::{Duration, Instant};
 
-use common::{kvm_available, ok, store_with_busybox, vmc};
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
+use common::{free_port, kvm_available, ok, store_with_busybox, vmc};
 
 /// Sends `data`, half-closes, and reads the echo to the end.
 fn echo(port: u16, data: &[u8]) -> std::io::Result<Vec<u8>> {

@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{kvm_available, ok, rootfs, vmc};
+use common::{free_port, kvm_available, ok, rootfs, vmc};
 use sha2::{Digest as _, Sha256};
 
 const REGISTRY: &str = "/usr/bin/docker-registry";
@@ -44,14 +44,6 @@ fn tools() -> bool {
 }
 
 /// A free TCP port on the loopback address.
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 /// `docker-registry serve` on 127.0.0.1, storing into a temporary
 /// directory; killed when dropped.
 struct Registry {

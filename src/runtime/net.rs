@@ -58,6 +58,21 @@ fn pasta_installed() -> bool {
         .is_some_and(|paths| std::env::split_paths(&paths).any(|d| d.join(PASTA).is_file()))
 }
 
+/// In a child before exec: SIGKILL when vmc's spawning thread ends.
+fn die_with_parent() -> std::io::Result<()> {
+    // SAFETY: prctl with plain integers; async-signal-safe.
+    unsafe {
+        libc::prctl(
+            libc::PR_SET_PDEATHSIG,
+            libc::SIGKILL as libc::c_ulong,
+            0,
+            0,
+            0,
+        )
+    };
+    Ok(())
+}
+
 /// A pasta process serving one container's network namespace; it is
 /// killed on drop (and dies with vmc: PR_SET_PDEATHSIG).
 pub struct Pasta {
@@ -116,19 +131,8 @@ impl Pasta {
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::piped());
-        // SAFETY: prctl is async-signal-safe.
-        unsafe {
-            cmd.pre_exec(|| {
-                libc::prctl(
-                    libc::PR_SET_PDEATHSIG,
-                    libc::SIGKILL as libc::c_ulong,
-                    0,
-                    0,
-                    0,
-                );
-                Ok(())
-            });
-        }
+        // SAFETY: die_with_parent only makes an async-signal-safe call.
+        unsafe { cmd.pre_exec(die_with_parent) };
         let child = cmd
             .spawn()
             .map_err(|e| format!("starting pasta: {e} (apt-get install passt)"))?;
@@ -334,14 +338,7 @@ impl Passt {
                 if r < 0 {
                     return Err(std::io::Error::last_os_error());
                 }
-                libc::prctl(
-                    libc::PR_SET_PDEATHSIG,
-                    libc::SIGKILL as libc::c_ulong,
-                    0,
-                    0,
-                    0,
-                );
-                Ok(())
+                die_with_parent()
             });
         }
         let child = cmd

@@ -262,6 +262,33 @@ pub fn ok(o: &std::process::Output) -> String {
     String::from_utf8_lossy(&o.stdout).into_owned()
 }
 
+/// A TCP port on 127.0.0.1 that was free a moment ago.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// The number of live passt processes (pasta's comm is passt's too;
+/// zombies of pasta's short-lived helpers are not counted).
+pub fn passt_processes() -> usize {
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter(|e| {
+            let stat = std::fs::read_to_string(e.path().join("stat")).unwrap_or_default();
+            // "PID (comm) STATE ...": the state follows the last ')'.
+            let live = stat
+                .rsplit_once(')')
+                .is_some_and(|(_, rest)| !rest.trim_start().starts_with('Z'));
+            live && std::fs::read_to_string(e.path().join("comm"))
+                .is_ok_and(|c| c.trim().starts_with("passt") || c.trim() == "pasta")
+        })
+        .count()
+}
+
 /// A test's `VMC_HOME`. Dropped (also when the test panics), it removes
 /// every container still in it, so that no detached supervisor, VM or
 /// namespace container outlives a failed test.
