@@ -4,7 +4,7 @@
 
 use std::time::Instant;
 
-use vmc::bench::{tiny_guest, Stats};
+use vmc::bench::{tiny_guest, Summary};
 use vmc::vmm::{self, Backend, VmConfig, VmExit};
 
 fn main() {
@@ -42,14 +42,15 @@ fn main() {
     }
     let _ = std::fs::remove_file(&kernel);
     println!("backend: {}", Backend::detect());
-    for s in [
-        Stats::of("setup (KVM VM, memory, devices, vCPU)", "ms", &setup),
-        Stats::of("run to i8042 reset", "ms", &run),
-        Stats::of("teardown (vCPU join, KVM VM destroy)", "ms", &teardown),
+    for (metric, samples) in [
+        ("setup (KVM VM, memory, devices, vCPU)", &setup),
+        ("run to i8042 reset", &run),
+        ("teardown (vCPU join, KVM VM destroy)", &teardown),
     ] {
+        let s = Summary::of(samples);
         println!(
-            "{:<45} n={:<3} median {:>7.2} {}  min {:>7.2}  max {:>7.2}",
-            s.metric, s.n, s.median, s.unit, s.min, s.max
+            "{:<45} n={:<3} median {:>7.2} ms  min {:>7.2}  max {:>7.2}",
+            metric, s.n, s.median, s.min, s.max
         );
     }
 }

@@ -1,31 +1,46 @@
-//! `vmc bench`: measurements, never assertions.
+//! `vmc bench`: container vs microVM, side by side. Measurements, never
+//! assertions.
 //!
-//! * `vmm`: the tiny PVH guest ([`tiny_guest`]) booted in-process, start to
-//!   reset: the VMM's own cost (Firecracker runs such a guest in ~10 ms here).
-//! * `warm` and `boot`: `vmc run --rm ... -- echo ready` as a subprocess,
-//!   restoring the warm-start snapshot or booting cold (`--cold`): wall time
-//!   from process start to the VM running, to the workload's first output and
-//!   to exit, and memory: the VMM's overhead (peak RSS minus guest memory the
-//!   guest touched) and, when restored, the guest memory the VM dirtied (its
-//!   private copies of the snapshot's shared pages).
+//! Every scenario runs the same image and workload in each runtime
+//! ([`runtimes`]: vmc's `ns` and `vm` modes, crun when installed, peers from
+//! `--peer`), interleaved run by run (ns vm crun ns vm crun …) so that drift
+//! of the machine hits all alike; warm-up runs are left out. The result is a
+//! [`report::Report`]: JSON, markdown and SVG, comparable with an older one.
+//!
+//! Workloads are timed from the host: a run or exec from process start to
+//! its first output and exit; work inside a sandbox between two marker lines
+//! the workload prints around it (`echo S; WORK; echo E`), so the cost of
+//! exec itself stays out of the cpu, syscall and disk rows. Memory is the
+//! proportional set size (PSS) of every host process a sandbox owns, which
+//! for a VM includes the guest memory it touched.
 
+pub mod report;
+pub mod runtimes;
+mod scenarios;
 pub mod tiny_guest;
 
-use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use crate::cli::BenchArgs;
 use crate::vmm::{self, Backend, VmConfig, VmExit};
+pub use report::{Report, Row, Summary};
+use runtimes::{Kind, Runtime};
+
+/// Every scenario, in report order.
+pub const SCENARIOS: [&str; 11] = [
+    "start", "boot", "exec", "memory", "density", "cpu", "syscall", "disk", "port", "net", "vmm",
+];
 
 /// Errors running benchmarks.
 #[derive(Debug, thiserror::Error)]
 pub enum BenchError {
-    #[error("unknown scenario '{0}' (available: vmm, warm, boot)")]
+    #[error("unknown scenario '{0}' (available: start, boot, exec, memory, density, cpu, syscall, disk, port, net, vmm)")]
     Scenario(String),
-    #[error("no root filesystem for the benchmark: pass --rootfs DIR or run `make rootfs`")]
-    NoRootfs,
+    #[error("image '{0}' is not in the store: pass --image with one from `vmc images`, or run `make rootfs` for the default busybox")]
+    NoImage(String),
+    #[error("{0}")]
+    Report(String),
     #[error("{0}")]
     Run(String),
     #[error(transparent)]
@@ -36,97 +51,331 @@ pub enum BenchError {
     Io(#[from] std::io::Error),
 }
 
-/// Summary of one metric.
-#[derive(Debug, Clone, serde::Serialize)]
-pub struct Stats {
-    pub metric: String,
-    pub unit: String,
-    pub n: usize,
-    pub median: f64,
-    pub min: f64,
-    pub max: f64,
-    pub p90: f64,
+/// Sizes of the workloads: `--quick` keeps the whole run under two minutes
+/// on this project's software-virtualised machines.
+#[derive(Debug, Clone)]
+pub struct Sizes {
+    pub cpu_iterations: u64,
+    pub syscall_bytes: u64,
+    pub disk_kib: u64,
+    pub transfer_kib: u64,
+    pub pings: usize,
+    pub density: Vec<usize>,
+    pub boot_runs: usize,
 }
 
-impl Stats {
-    pub fn of(metric: &str, unit: &str, samples: &[f64]) -> Stats {
-        let mut s = samples.to_vec();
-        s.sort_by(|a, b| a.total_cmp(b));
-        let pick = |q: f64| {
-            if s.is_empty() {
-                return f64::NAN;
+impl Sizes {
+    pub fn new(quick: bool) -> Sizes {
+        if quick {
+            Sizes {
+                cpu_iterations: 200_000,
+                syscall_bytes: 1000,
+                disk_kib: 256,
+                transfer_kib: 64,
+                pings: 5,
+                density: vec![2],
+                boot_runs: 1,
             }
-            let idx = ((s.len() - 1) as f64 * q).round() as usize;
-            s[idx]
-        };
-        let median = if s.is_empty() {
-            f64::NAN
-        } else if s.len() % 2 == 1 {
-            s[s.len() / 2]
         } else {
-            (s[s.len() / 2 - 1] + s[s.len() / 2]) / 2.0
-        };
-        Stats {
-            metric: metric.into(),
-            unit: unit.into(),
-            n: s.len(),
-            median,
-            min: s.first().copied().unwrap_or(f64::NAN),
-            max: s.last().copied().unwrap_or(f64::NAN),
-            p90: pick(0.9),
+            Sizes {
+                cpu_iterations: 2_000_000,
+                syscall_bytes: 10_000,
+                disk_kib: 4096,
+                transfer_kib: 1024,
+                pings: 50,
+                density: vec![1, 8, 32],
+                boot_runs: 3,
+            }
         }
     }
 }
 
-/// Runs the requested scenarios and prints a table (and JSON if asked).
-pub fn run(args: BenchArgs) -> Result<Vec<Stats>, BenchError> {
-    let scenarios = if args.scenarios.is_empty() {
-        vec!["vmm".to_string(), "warm".to_string()]
+/// Runs the benchmark (or loads `--from`), writes the requested files and
+/// prints the markdown table, and the changes when `--compare` is given.
+pub fn run(args: BenchArgs) -> Result<Report, BenchError> {
+    let old = args.compare.as_deref().map(load).transpose()?;
+    let report = match &args.from {
+        Some(p) => load(p)?,
+        None => measure(&args)?,
+    };
+    if let Some(p) = &args.json {
+        let doc = serde_json::to_vec_pretty(&report)
+            .map_err(|e| BenchError::Report(format!("encoding the report: {e}")))?;
+        write_atomic(p, &doc)?;
+    }
+    let mut md = report.markdown();
+    if let Some(old) = &old {
+        if old.quick != report.quick {
+            md.push_str("\nNote: one report used --quick sizes and the other did not; times of sized workloads do not compare.\n");
+        }
+        md.push('\n');
+        md.push_str(&report.compare(old));
+    }
+    if let Some(p) = &args.markdown {
+        write_atomic(p, md.as_bytes())?;
+    }
+    if let Some(p) = &args.svg {
+        write_atomic(p, report.svg().as_bytes())?;
+    }
+    print!("{md}");
+    Ok(report)
+}
+
+fn load(p: &Path) -> Result<Report, BenchError> {
+    let data = std::fs::read(p).map_err(|e| {
+        BenchError::Report(format!(
+            "cannot read the benchmark report {}: {e}",
+            p.display()
+        ))
+    })?;
+    serde_json::from_slice(&data).map_err(|e| {
+        BenchError::Report(format!(
+            "{} is not a vmc bench JSON report ({e}): write one with `vmc bench --json FILE`",
+            p.display()
+        ))
+    })
+}
+
+fn write_atomic(p: &Path, data: &[u8]) -> Result<(), BenchError> {
+    let tmp = p.with_extension(format!("tmp-{}", std::process::id()));
+    std::fs::write(&tmp, data)
+        .and_then(|_| std::fs::rename(&tmp, p))
+        .map_err(|e| {
+            let _ = std::fs::remove_file(&tmp);
+            BenchError::Report(format!("writing {}: {e}", p.display()))
+        })
+}
+
+fn measure(args: &BenchArgs) -> Result<Report, BenchError> {
+    let quick = args.quick;
+    let scenarios: Vec<String> = if args.scenarios.is_empty() {
+        SCENARIOS
+            .iter()
+            .filter(|s| !(quick && **s == "boot"))
+            .map(|s| s.to_string())
+            .collect()
     } else {
         args.scenarios.clone()
     };
+    if let Some(bad) = scenarios.iter().find(|s| !SCENARIOS.contains(&s.as_str())) {
+        return Err(BenchError::Scenario(bad.clone()));
+    }
+    let mut peers: Vec<Runtime> = Vec::new();
+    for p in &args.peer {
+        peers.push(runtimes::parse_peer(p).map_err(BenchError::Run)?);
+    }
     let kernel = crate::assets::kernel(args.kernel.as_deref())?;
-    let mut all = Vec::new();
-    for s in &scenarios {
-        let stats = match s.as_str() {
-            "vmm" => bench_vmm(args.runs.max(1) * 2)?,
-            "warm" => bench_run(&args, &kernel, false)?,
-            "boot" => bench_run(&args, &kernel, true)?,
-            other => return Err(BenchError::Scenario(other.into())),
-        };
-        all.extend(stats);
-    }
-    println!(
-        "backend: {} | host kernel: {} | vmc {}",
-        Backend::detect(),
-        host_kernel(),
-        env!("CARGO_PKG_VERSION")
-    );
-    println!(
-        "{:<44} {:>5} {:>10} {:>10} {:>10} {:>10}",
-        "metric", "n", "median", "min", "max", "p90"
-    );
-    for s in &all {
-        println!(
-            "{:<44} {:>5} {:>10.1} {:>10.1} {:>10.1} {:>10.1}",
-            format!("{} ({})", s.metric, s.unit),
-            s.n,
-            s.median,
-            s.min,
-            s.max,
-            s.p90
+    let image = args.image.clone().unwrap_or_else(|| "busybox".into());
+    ensure_image(&image, args.image.is_none())?;
+
+    let mut notes = Vec::new();
+    let mut rts = vec![
+        Runtime {
+            name: "ns".into(),
+            kind: Kind::Ns,
+        },
+        Runtime {
+            name: "vm".into(),
+            kind: Kind::Vm,
+        },
+    ];
+    // SAFETY: geteuid has no preconditions.
+    let root = unsafe { libc::geteuid() } == 0;
+    let want_crun = if args.no_crun {
+        notes.push("crun: left out (--no-crun)".into());
+        false
+    } else if which("crun").is_none() {
+        notes.push("crun: not installed (apt-get install crun adds the namespace baseline)".into());
+        false
+    } else if !root {
+        notes.push(
+            "crun: needs root here (it runs on the image's root filesystem, mounted by vmc)".into(),
         );
+        false
+    } else {
+        true
+    };
+    let tmp = tempdir()?;
+    let mut env = runtimes::Env::new(
+        std::env::current_exe()?,
+        image.clone(),
+        args.kernel.clone(),
+        tmp.clone(),
+    );
+    if want_crun || !peers.is_empty() {
+        // The image root for crun and peers: mounted in a mount namespace of
+        // the bench's own, so it never outlives the bench.
+        let mounted = runtimes::private_mounts().and_then(|_| env.mount_rootfs().map(|_| ()));
+        match mounted {
+            Ok(()) if want_crun => match runtimes::hide_hybrid_cgroup2() {
+                Ok(note) => {
+                    notes.extend(note);
+                    rts.push(Runtime {
+                        name: "crun".into(),
+                        kind: Kind::Crun,
+                    });
+                }
+                Err(e) => notes.push(format!("crun: left out: {e}")),
+            },
+            Ok(()) => {}
+            Err(e) => {
+                notes.push(format!(
+                    "crun and peers: left out, the image's root could not be mounted: {e}"
+                ));
+                peers.clear();
+            }
+        }
     }
-    if let Some(p) = &args.json {
-        let doc = serde_json::json!({
-            "backend": Backend::detect().to_string(),
-            "host_kernel": host_kernel(),
-            "vmc_version": env!("CARGO_PKG_VERSION"),
-            "results": all,
-        });
-        std::fs::write(p, serde_json::to_vec_pretty(&doc).unwrap_or_default())?;
+    rts.extend(peers);
+    let runs = if args.runs == 0 {
+        if quick {
+            1
+        } else {
+            5
+        }
+    } else {
+        args.runs
+    };
+    let env = std::sync::Arc::new(env);
+    interrupts_remove_sandboxes(env.clone(), tmp.clone());
+    // --quick: a warm-up run for start only.
+    let warmup = usize::from(!quick);
+    let mut b = scenarios::Bench::new(env, rts.clone(), Sizes::new(quick), runs, warmup);
+    let result = (|| -> Result<(), BenchError> {
+        for s in &scenarios {
+            b.scenario(s)?;
+        }
+        Ok(())
+    })();
+    let mut out = b.finish();
+    if INTERRUPTED.load(std::sync::atomic::Ordering::SeqCst) {
+        // The interrupt thread removes the rest and exits the process.
+        loop {
+            std::thread::park();
+        }
     }
-    Ok(all)
+    let _ = std::fs::remove_dir_all(&tmp);
+    result?;
+    notes.append(&mut out.notes);
+    Ok(Report {
+        vmc_version: env!("CARGO_PKG_VERSION").into(),
+        date: crate::image::store::rfc3339_now(),
+        machine: machine(&kernel),
+        image,
+        quick,
+        runs,
+        warmup,
+        runtimes: rts.iter().map(|r| r.name.clone()).collect(),
+        workloads: out.workloads,
+        durations_s: out.durations,
+        rows: out.rows,
+        notes,
+    })
+}
+
+/// Set once an interrupt arrived: the benchmark starts nothing more and
+/// leaves the exit to the thread that removes its sandboxes.
+pub(crate) static INTERRUPTED: std::sync::atomic::AtomicBool =
+    std::sync::atomic::AtomicBool::new(false);
+
+/// Ctrl-C, SIGTERM or SIGHUP remove the sandboxes the benchmark started
+/// before it exits: the signals are blocked in this (still single-threaded)
+/// process, which every later thread inherits, and one thread waits for
+/// them. Children start with an empty signal mask (std resets it).
+fn interrupts_remove_sandboxes(env: std::sync::Arc<runtimes::Env>, tmp: PathBuf) {
+    // SAFETY: a zeroed sigset_t is a valid argument for sigemptyset, and
+    // the set is initialised before it is used.
+    let mut set: libc::sigset_t = unsafe { std::mem::zeroed() };
+    // SAFETY: `set` is a valid sigset_t owned by this frame.
+    unsafe {
+        libc::sigemptyset(&mut set);
+        for s in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP] {
+            libc::sigaddset(&mut set, s);
+        }
+        libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
+    }
+    std::thread::spawn(move || {
+        let mut sig = 0;
+        // SAFETY: `set` and `sig` are valid for the call.
+        if unsafe { libc::sigwait(&set, &mut sig) } == 0 {
+            INTERRUPTED.store(true, std::sync::atomic::Ordering::SeqCst);
+            eprintln!("\nbench: interrupted, removing its sandboxes");
+            env.remove_live();
+            let _ = std::fs::remove_dir_all(&tmp);
+            std::process::exit(128 + sig);
+        }
+    });
+}
+
+/// The default image: `busybox`, imported from `make rootfs`'s tree when
+/// the store lacks it.
+fn ensure_image(image: &str, default: bool) -> Result<(), BenchError> {
+    let store = crate::image::Store::open(&crate::runtime::vmc_home())
+        .map_err(|e| BenchError::Run(e.to_string()))?;
+    if store.resolve(image).is_ok() {
+        return Ok(());
+    }
+    let tree = default_rootfs();
+    if !default || !tree.is_dir() {
+        return Err(BenchError::NoImage(image.into()));
+    }
+    eprintln!("bench: importing {} as {image}", tree.display());
+    let tar = tempdir()?.join("rootfs.tar");
+    let st = std::process::Command::new("tar")
+        .arg("-C")
+        .arg(&tree)
+        .arg("-cf")
+        .arg(&tar)
+        .arg(".")
+        .status()?;
+    let out = st.success().then(|| {
+        std::process::Command::new(std::env::current_exe().ok()?)
+            .arg("import")
+            .arg(&tar)
+            .arg(image)
+            .output()
+            .ok()
+    });
+    let _ = std::fs::remove_dir_all(tar.parent().unwrap_or(Path::new("/nonexistent")));
+    match out.flatten() {
+        Some(o) if o.status.success() => Ok(()),
+        _ => Err(BenchError::NoImage(image.into())),
+    }
+}
+
+fn which(cmd: &str) -> Option<PathBuf> {
+    std::env::var_os("PATH")?
+        .to_str()?
+        .split(':')
+        .map(|d| Path::new(d).join(cmd))
+        .find(|p| p.is_file())
+}
+
+/// The machine the numbers come from.
+fn machine(kernel: &Path) -> report::Machine {
+    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let cpu = cpuinfo
+        .lines()
+        .find(|l| l.starts_with("model name"))
+        .and_then(|l| l.split_once(':'))
+        .map(|(_, v)| v.trim().to_string())
+        .unwrap_or_else(|| "unknown CPU".into());
+    let mem_kib: f64 = std::fs::read_to_string("/proc/meminfo")
+        .unwrap_or_default()
+        .lines()
+        .find(|l| l.starts_with("MemTotal:"))
+        .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+        .unwrap_or(0.0);
+    report::Machine {
+        cpu,
+        cores: std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1),
+        memory_gib: (mem_kib / 1048576.0 * 10.0).round() / 10.0,
+        host_kernel: host_kernel(),
+        guest_kernel: guest_kernel(kernel),
+        backend: Backend::detect().to_string(),
+    }
 }
 
 fn host_kernel() -> String {
@@ -135,8 +384,23 @@ fn host_kernel() -> String {
         .unwrap_or_default()
 }
 
-/// Boots the tiny guest `runs` times (plus one warm-up) in this process.
-pub fn bench_vmm(runs: usize) -> Result<Vec<Stats>, BenchError> {
+/// The version in the guest kernel's `Linux version X ...` banner.
+fn guest_kernel(kernel: &Path) -> String {
+    let data = std::fs::read(kernel).unwrap_or_default();
+    let pat = b"Linux version ";
+    data.windows(pat.len())
+        .position(|w| w == pat)
+        .and_then(|i| {
+            let rest = &data[i + pat.len()..];
+            let end = rest.iter().position(|b| *b == b' ' || *b == 0)?;
+            std::str::from_utf8(&rest[..end]).ok().map(str::to_string)
+        })
+        .unwrap_or_else(|| "unknown".into())
+}
+
+/// Boots the tiny guest `runs` times (plus one warm-up) in this process:
+/// start to reset, in ms.
+pub fn bench_vmm(runs: usize) -> Result<Vec<f64>, BenchError> {
     let dir = tempdir()?;
     let kernel = dir.join("tiny.elf");
     std::fs::write(&kernel, tiny_guest::elf(b"ready\n", false))?;
@@ -166,101 +430,7 @@ pub fn bench_vmm(runs: usize) -> Result<Vec<Stats>, BenchError> {
         }
     }
     let _ = std::fs::remove_dir_all(&dir);
-    Ok(vec![Stats::of(
-        "vmm: tiny PVH guest, start to reset",
-        "ms",
-        &samples,
-    )])
-}
-
-fn bench_run(args: &BenchArgs, kernel: &Path, cold: bool) -> Result<Vec<Stats>, BenchError> {
-    let rootfs = match &args.rootfs {
-        Some(r) => r.clone(),
-        None => Some(default_rootfs())
-            .filter(|p| p.is_dir())
-            .ok_or(BenchError::NoRootfs)?,
-    };
-    let exe = std::env::current_exe()?;
-    let dir = tempdir()?;
-    let name = if cold { "boot" } else { "warm" };
-    let (mut running, mut first, mut exit) = (Vec::new(), Vec::new(), Vec::new());
-    let (mut overhead, mut dirty) = (Vec::new(), Vec::new());
-    // Run 0 warms up (and creates the snapshot if it is missing).
-    for i in 0..=args.runs {
-        let report = dir.join(format!("mem-{i}.json"));
-        eprint!("\rbench {name}: run {i}/{} (0 is warm-up)  ", args.runs);
-        let t0 = Instant::now();
-        let mut cmd = Command::new(&exe);
-        cmd.args(["run", "--rm"]);
-        if cold {
-            cmd.arg("--cold");
-        }
-        let mut child = cmd
-            .arg("--rootfs")
-            .arg(&rootfs)
-            .arg("--kernel")
-            .arg(kernel)
-            .args(["--", "echo", "ready"])
-            .env("VMC_MEM_REPORT", &report)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .spawn()?;
-        let mut out = child
-            .stdout
-            .take()
-            .ok_or_else(|| BenchError::Run("no stdout".into()))?;
-        let mut b = [0u8; 64];
-        let n = out.read(&mut b)?;
-        let t_first = t0.elapsed();
-        let status = child.wait()?;
-        let t_exit = t0.elapsed();
-        if n == 0 || !status.success() {
-            return Err(BenchError::Run(format!(
-                "vmc run failed ({status}) in run {i}"
-            )));
-        }
-        if i == 0 {
-            continue;
-        }
-        first.push(ms(t_first));
-        exit.push(ms(t_exit));
-        if let Ok(doc) = std::fs::read(&report) {
-            let v: serde_json::Value = serde_json::from_slice(&doc).unwrap_or_default();
-            let num = |k: &str| v[k].as_f64().unwrap_or(f64::NAN);
-            overhead.push((num("vm_hwm_kib") - num("guest_rss_kib")) / 1024.0);
-            dirty.push(num("guest_dirty_kib") / 1024.0);
-            running.push(num("running_ms"));
-        }
-    }
-    eprintln!();
-    let _ = std::io::stderr().flush();
-    let _ = std::fs::remove_dir_all(&dir);
-    let mut rows = vec![
-        Stats::of(
-            &format!("{name}: vmc start to vCPUs running"),
-            "ms",
-            &running,
-        ),
-        Stats::of(
-            &format!("{name}: process start to first output"),
-            "ms",
-            &first,
-        ),
-        Stats::of(&format!("{name}: process start to exit"), "ms", &exit),
-        Stats::of(
-            &format!("{name}: VMM overhead (peak RSS - guest RSS)"),
-            "MiB",
-            &overhead,
-        ),
-    ];
-    if !cold {
-        rows.push(Stats::of(
-            "warm: guest memory the VM dirtied",
-            "MiB",
-            &dirty,
-        ));
-    }
-    Ok(rows)
+    Ok(samples)
 }
 
 /// Where `make rootfs` puts the busybox root filesystem.
@@ -293,16 +463,6 @@ mod tests {
     use super::*;
 
     #[test]
-    fn stats_are_order_statistics() {
-        let s = Stats::of("x", "ms", &[5.0, 1.0, 3.0, 2.0, 4.0]);
-        assert_eq!((s.n, s.median, s.min, s.max), (5, 3.0, 1.0, 5.0));
-        assert_eq!(s.p90, 5.0);
-        let e = Stats::of("x", "ms", &[1.0, 2.0]);
-        assert_eq!(e.median, 1.5);
-        assert!(Stats::of("x", "ms", &[]).median.is_nan());
-    }
-
-    #[test]
     fn tiny_guest_is_a_pvh_elf() {
         let img = tiny_guest::elf(b"hi", true);
         assert_eq!(&img[..4], b"\x7fELF");
@@ -314,6 +474,18 @@ mod tests {
         let k = crate::vmm::boot::load_kernel(&mem, &p).unwrap();
         assert_eq!(k.entry, tiny_guest::LOAD_ADDR);
         assert_eq!(k.mode, crate::vmm::boot::EntryMode::Pvh);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn guest_kernel_version_comes_from_the_banner() {
+        let dir = std::env::temp_dir().join(format!("vmc-banner-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let p = dir.join("vmlinux");
+        std::fs::write(&p, b"\x7fELF junk\0Linux version 6.1.99-vmc (x@y) #1\0").unwrap();
+        assert_eq!(guest_kernel(&p), "6.1.99-vmc");
+        std::fs::write(&p, b"nothing").unwrap();
+        assert_eq!(guest_kernel(&p), "unknown");
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

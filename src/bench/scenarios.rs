@@ -1,0 +1,912 @@
+//! The scenarios of `vmc bench`, each measured in every runtime that can
+//! run it, run by run in turn.
+
+use std::collections::BTreeMap;
+use std::io::{BufRead, BufReader, IsTerminal, Read, Write};
+use std::net::{Shutdown, TcpListener, TcpStream};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use super::report::{Row, Summary};
+use super::runtimes::{self, Env, Kind, Runtime, Sandbox, StartOpts};
+use super::{BenchError, Sizes};
+
+/// How long any single step may take before the benchmark gives up on it.
+const STEP_TIMEOUT: Duration = Duration::from_secs(600);
+
+/// A metric: name, unit, whether lower is better.
+type Metric = (&'static str, &'static str, bool);
+
+const TO_OUTPUT: Metric = ("start to first output", "ms", true);
+const TO_EXIT: Metric = ("start to exit", "ms", true);
+const RUNNING: Metric = ("vm only: start to vCPUs running", "ms", true);
+const DIRTIED: Metric = ("vm only: guest memory dirtied", "MiB", true);
+const EXEC: Metric = ("exec round trip", "ms", true);
+const PSS: Metric = ("host memory per idle sandbox (PSS)", "MiB", true);
+const VMM_OVERHEAD: Metric = ("vm only: VMM overhead (PSS minus guest)", "MiB", true);
+const GUEST_MEM: Metric = ("vm only: guest memory (PSS)", "MiB", true);
+const CPU: Metric = ("arithmetic loop", "ms", true);
+const SYSCALL: Metric = ("time per syscall", "µs", true);
+const WRITE: Metric = ("write + fsync", "MB/s", false);
+const READ: Metric = ("read back (page cache)", "MB/s", false);
+const PORT_RTT: Metric = ("round trip, 1 byte", "ms", true);
+const PORT_UP: Metric = ("host to sandbox", "MB/s", false);
+const PORT_DOWN: Metric = ("sandbox to host", "MB/s", false);
+const NET_UP: Metric = ("sandbox to host, outbound", "MB/s", false);
+const NET_RTT: Metric = ("round trip, 1 byte, outbound connection", "ms", true);
+const VMM: Metric = ("vm only: tiny PVH guest, start to reset", "ms", true);
+const DENSITY_READY: Metric = ("all started", "s", true);
+const DENSITY_PSS: Metric = ("PSS of all sandboxes", "MiB", true);
+
+/// Samples of one scenario: metric -> runtime -> values.
+type Samples = BTreeMap<String, (Metric, BTreeMap<String, Vec<f64>>)>;
+
+/// What a benchmark measured.
+pub struct Outcome {
+    pub rows: Vec<Row>,
+    pub notes: Vec<String>,
+    pub workloads: BTreeMap<String, String>,
+    pub durations: BTreeMap<String, f64>,
+}
+
+/// The running benchmark.
+pub struct Bench {
+    env: std::sync::Arc<Env>,
+    rts: Vec<Runtime>,
+    sizes: Sizes,
+    runs: usize,
+    warmup: usize,
+    rows: Vec<Row>,
+    notes: Vec<String>,
+    workloads: BTreeMap<String, String>,
+    /// Per runtime: a sandbox that sleeps (exec, cpu, syscall, disk).
+    idle: BTreeMap<String, Sandbox>,
+    /// Per runtime: a networked sandbox with echo, sink and source
+    /// servers behind published ports (port, net).
+    service: BTreeMap<String, (Sandbox, [u16; 3])>,
+    progress: bool,
+    /// Seconds each scenario took.
+    durations: BTreeMap<String, f64>,
+}
+
+impl Bench {
+    pub fn new(
+        env: std::sync::Arc<Env>,
+        rts: Vec<Runtime>,
+        sizes: Sizes,
+        runs: usize,
+        warmup: usize,
+    ) -> Bench {
+        Bench {
+            env,
+            rts,
+            sizes,
+            runs,
+            warmup,
+            rows: Vec::new(),
+            notes: Vec::new(),
+            workloads: BTreeMap::new(),
+            idle: BTreeMap::new(),
+            service: BTreeMap::new(),
+            progress: std::io::stderr().is_terminal(),
+            durations: BTreeMap::new(),
+        }
+    }
+
+    /// Removes the sandboxes it kept and returns what it measured.
+    pub fn finish(mut self) -> Outcome {
+        let keep: Vec<Sandbox> = self
+            .idle
+            .values()
+            .cloned()
+            .chain(self.service.values().map(|(s, _)| s.clone()))
+            .collect();
+        std::thread::scope(|sc| {
+            for sb in &keep {
+                let env = &self.env;
+                sc.spawn(move || env.remove(sb));
+            }
+        });
+        self.idle.clear();
+        self.service.clear();
+        Outcome {
+            rows: std::mem::take(&mut self.rows),
+            notes: std::mem::take(&mut self.notes),
+            workloads: std::mem::take(&mut self.workloads),
+            durations: std::mem::take(&mut self.durations),
+        }
+    }
+
+    /// Measures one scenario and records how long it took.
+    pub fn scenario(&mut self, name: &str) -> Result<(), BenchError> {
+        let t0 = Instant::now();
+        let r = self.scenario_inner(name);
+        let secs = t0.elapsed().as_secs_f64();
+        if self.progress {
+            eprint!("\r\x1b[K");
+        }
+        eprintln!("bench: {name} took {secs:.1} s");
+        self.durations
+            .insert(name.into(), (secs * 10.0).round() / 10.0);
+        r
+    }
+
+    fn scenario_inner(&mut self, name: &str) -> Result<(), BenchError> {
+        let sz = self.sizes.clone();
+        match name {
+            "start" => {
+                self.workload(name, "`echo ready` in a new sandbox (`vmc run --rm --network none`, `crun run`), to its first output and to its exit; vm restores the warm-start snapshot");
+                let rts = self.rts.clone();
+                // Always one warm-up: it may create the warm-start snapshot.
+                let warmup = self.warmup.max(1);
+                self.measure(name, &rts, warmup, self.runs, |b, rt| {
+                    b.start_run(rt, false)
+                })
+            }
+            "boot" => {
+                self.workload(
+                    name,
+                    "as start, vm only, booting the kernel cold (`--cold`)",
+                );
+                let rts = self.only(&[Kind::Vm]);
+                self.measure(name, &rts, 0, self.runs.min(sz.boot_runs), |b, rt| {
+                    b.start_run(rt, true)
+                })
+            }
+            "exec" => {
+                self.workload(
+                    name,
+                    "`true` in a running sandbox (`vmc exec`, `crun exec`)",
+                );
+                let rts = self.with_idle();
+                self.measure(name, &rts, self.warmup, self.runs, |b, rt| {
+                    let sb = &b.idle[&rt.name];
+                    let t0 = Instant::now();
+                    let (_, exit) =
+                        first_output_and_exit(&mut b.env.exec(sb, &argv(&["true"])), t0, false)?;
+                    Ok(vec![(EXEC, exit)])
+                })
+            }
+            "memory" => {
+                self.workload(name, "a new sandbox running `sleep`, 1 s after it started: PSS summed over every host process it owns (vmc's supervisor or VMM and their children; crun's container processes); for vm the guest memory mapping's share is reported apart");
+                let rts = self.long_lived();
+                self.measure(name, &rts, 0, self.runs, |b, rt| b.memory_run(rt))
+            }
+            "density" => {
+                self.workload(name, &format!("N sandboxes running `sleep` started at once, N = {:?}: time until every start command returned, and the PSS of all of them", sz.density));
+                let rts = self.long_lived();
+                for n in sz.density.clone() {
+                    let scen = format!("density N={n}");
+                    self.measure(
+                        &scen,
+                        &rts,
+                        0,
+                        self.runs.min(if n > 8 { 1 } else { 3 }),
+                        |b, rt| b.density_run(rt, n),
+                    )?;
+                }
+                Ok(())
+            }
+            "cpu" => {
+                let w = format!(
+                    "awk 'BEGIN{{for(i=0;i<{};i++)s+=i*i}}' in a running sandbox (a new one for peers)",
+                    sz.cpu_iterations
+                );
+                self.workload(name, &w);
+                let script = format!("awk 'BEGIN{{for(i=0;i<{};i++)s+=i*i}}'", sz.cpu_iterations);
+                let rts = self.with_idle_or_peers();
+                self.measure(name, &rts, self.warmup, self.runs, |b, rt| {
+                    let t = b.timed_work(rt, &[&script])?;
+                    Ok(vec![(CPU, t[0])])
+                })
+            }
+            "syscall" => {
+                let n = sz.syscall_bytes;
+                self.workload(
+                    name,
+                    &format!(
+                        "dd if=/dev/zero of=/dev/null bs=1 count={n}: {} read/write syscalls",
+                        2 * n
+                    ),
+                );
+                let script = format!("dd if=/dev/zero of=/dev/null bs=1 count={n} 2>/dev/null");
+                let rts = self.with_idle_or_peers();
+                self.measure(name, &rts, self.warmup, self.runs, |b, rt| {
+                    let t = b.timed_work(rt, &[&script])?;
+                    Ok(vec![(SYSCALL, t[0] * 1000.0 / (2 * n) as f64)])
+                })
+            }
+            "disk" => {
+                let kib = sz.disk_kib;
+                self.workload(name, &format!("dd {kib} KiB of zeros to /vmc-bench.dat on the container's root with conv=fsync, then read it back with dd"));
+                let w = format!(
+                    "dd if=/dev/zero of=/vmc-bench.dat bs=64k count={} conv=fsync 2>/dev/null",
+                    kib / 64
+                );
+                let r = "dd if=/vmc-bench.dat of=/dev/null bs=64k 2>/dev/null".to_string();
+                let rts = self.with_idle_or_peers();
+                self.measure(name, &rts, self.warmup, self.runs, |b, rt| {
+                    let t = b.timed_work(rt, &[&w, &r])?;
+                    let mb = (kib * 1024) as f64 / 1e6;
+                    Ok(vec![
+                        (WRITE, mb / (t[0] / 1000.0)),
+                        (READ, mb / (t[1] / 1000.0)),
+                    ])
+                })
+            }
+            "port" => {
+                self.workload(name, &format!("through published ports (`-p 127.0.0.1:H:C`) to busybox nc servers in the sandbox: {} one-byte echoes, {} KiB each way", sz.pings, sz.transfer_kib));
+                let rts = self.with_service();
+                self.measure(name, &rts, self.warmup, self.runs, |b, rt| b.port_run(rt))
+            }
+            "net" => {
+                self.workload(name, &format!("outbound from the sandbox (passt in vm, pasta in ns) to a server of the benchmark on the host's 127.0.0.1, reached through the gateway address: {} KiB by nc, {} one-byte echoes over a connection the sandbox opened", sz.transfer_kib, sz.pings));
+                let Some(gw) = crate::runtime::net::host_gateway() else {
+                    self.notes.push("net: left out, the host has no default route (passt and pasta map the gateway to the host)".into());
+                    return Ok(());
+                };
+                let rts = self.with_service();
+                self.measure(name, &rts, self.warmup, self.runs, |b, rt| {
+                    b.net_run(rt, gw)
+                })
+            }
+            "vmm" => {
+                self.workload(name, "a guest of a few dozen bytes that prints a line and resets, booted inside the bench process: the VMM's own cost");
+                let samples = super::bench_vmm(self.runs.max(1) * 3)?;
+                let mut m = BTreeMap::new();
+                m.insert("vm".to_string(), Summary::of(&samples));
+                self.rows.push(row(name, VMM, m));
+                Ok(())
+            }
+            other => Err(BenchError::Scenario(other.into())),
+        }
+    }
+
+    fn workload(&mut self, name: &str, what: &str) {
+        self.workloads.insert(name.into(), what.into());
+    }
+
+    fn only(&self, kinds: &[Kind]) -> Vec<Runtime> {
+        self.rts
+            .iter()
+            .filter(|r| kinds.contains(&r.kind))
+            .cloned()
+            .collect()
+    }
+
+    fn long_lived(&self) -> Vec<Runtime> {
+        self.rts
+            .iter()
+            .filter(|r| r.long_lived())
+            .cloned()
+            .collect()
+    }
+
+    /// Long-lived runtimes, each with its idle sandbox started.
+    fn with_idle(&mut self) -> Vec<Runtime> {
+        let mut out = Vec::new();
+        for rt in self.long_lived() {
+            if !self.idle.contains_key(&rt.name) {
+                self.status(&format!("starting an idle sandbox in {}", rt.name));
+                let opts = StartOpts {
+                    network_none: true,
+                    ..Default::default()
+                };
+                match self.env.start(&rt, &argv(&["sleep", "1000000"]), &opts) {
+                    Ok(sb) => {
+                        self.idle.insert(rt.name.clone(), sb);
+                    }
+                    Err(e) => {
+                        self.note_once(format!("{}: no idle sandbox: {e}", rt.name));
+                        continue;
+                    }
+                }
+            }
+            out.push(rt);
+        }
+        out
+    }
+
+    fn with_idle_or_peers(&mut self) -> Vec<Runtime> {
+        let mut out = self.with_idle();
+        out.extend(self.rts.iter().filter(|r| !r.long_lived()).cloned());
+        // Keep the report's column order.
+        out.sort_by_key(|r| self.rts.iter().position(|x| x.name == r.name));
+        out
+    }
+
+    /// Networked runtimes, each with its service sandbox started and
+    /// answering.
+    fn with_service(&mut self) -> Vec<Runtime> {
+        let mut out = Vec::new();
+        for rt in self.rts.clone() {
+            if !rt.networked() {
+                if rt.long_lived() {
+                    self.note_once(format!("{}: port and net left out: vmc bench gives it no port publishing or outbound network", rt.name));
+                }
+                continue;
+            }
+            if !self.service.contains_key(&rt.name) {
+                self.status(&format!("starting the network sandbox in {}", rt.name));
+                match self.start_service(&rt) {
+                    Ok(s) => {
+                        self.service.insert(rt.name.clone(), s);
+                    }
+                    Err(e) => {
+                        self.note_once(format!("{}: no network sandbox: {e}", rt.name));
+                        continue;
+                    }
+                }
+            }
+            out.push(rt);
+        }
+        out
+    }
+
+    fn note_once(&mut self, n: String) {
+        if !self.notes.contains(&n) {
+            self.notes.push(n);
+        }
+    }
+
+    fn start_service(&self, rt: &Runtime) -> Result<(Sandbox, [u16; 3]), String> {
+        let ports = [free_port()?, free_port()?, free_port()?];
+        let chunks = self.sizes.transfer_kib / 64;
+        let script = format!(
+            "nc -ll -p 7001 -e cat & nc -ll -p 7002 -e wc -c & \
+             nc -ll -p 7003 -e sh -c 'dd if=/dev/zero bs=64k count={chunks} 2>/dev/null' & wait"
+        );
+        let opts = StartOpts {
+            network_none: false,
+            ports: vec![(ports[0], 7001), (ports[1], 7002), (ports[2], 7003)],
+        };
+        let sb = self.env.start(rt, &argv(&["sh", "-c", &script]), &opts)?;
+        // Ready when the echo server answers.
+        let end = Instant::now() + STEP_TIMEOUT;
+        loop {
+            let ok = TcpStream::connect(("127.0.0.1", ports[0])).and_then(|mut s| {
+                s.set_read_timeout(Some(Duration::from_secs(60)))?;
+                s.write_all(b"x")?;
+                let mut b = [0u8; 1];
+                s.read_exact(&mut b)
+            });
+            if ok.is_ok() {
+                return Ok((sb, ports));
+            }
+            if Instant::now() > end {
+                self.env.remove(&sb);
+                return Err("its echo server never answered".into());
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+
+    fn status(&self, s: &str) {
+        if self.progress {
+            eprint!("\r\x1b[Kbench: {s}");
+        } else {
+            eprintln!("bench: {s}");
+        }
+        let _ = std::io::stderr().flush();
+    }
+
+    /// Runs `f` for each runtime in turn, `warmup` unrecorded rounds then
+    /// `runs` recorded ones, and appends the scenario's rows. A runtime
+    /// that fails is noted and left out of the rest of the scenario.
+    fn measure(
+        &mut self,
+        scenario: &str,
+        rts: &[Runtime],
+        warmup: usize,
+        runs: usize,
+        mut f: impl FnMut(&Bench, &Runtime) -> Result<Vec<(Metric, f64)>, String>,
+    ) -> Result<(), BenchError> {
+        let mut samples: Samples = BTreeMap::new();
+        let mut failed: Vec<String> = Vec::new();
+        for i in 0..warmup + runs {
+            for rt in rts {
+                if super::INTERRUPTED.load(std::sync::atomic::Ordering::SeqCst) {
+                    return Err(BenchError::Run("interrupted".into()));
+                }
+                if failed.contains(&rt.name) {
+                    continue;
+                }
+                let label = if i < warmup {
+                    "warm-up".to_string()
+                } else {
+                    format!("run {}/{runs}", i - warmup + 1)
+                };
+                self.status(&format!("{scenario}: {} {label}", rt.name));
+                match f(self, rt) {
+                    Ok(vals) if i >= warmup => {
+                        for (m, v) in vals {
+                            samples
+                                .entry(m.0.to_string())
+                                .or_insert_with(|| (m, BTreeMap::new()))
+                                .1
+                                .entry(rt.name.clone())
+                                .or_default()
+                                .push(v);
+                        }
+                    }
+                    Ok(_) => {}
+                    Err(e) => {
+                        self.notes.push(format!("{scenario}: {}: {e}", rt.name));
+                        failed.push(rt.name.clone());
+                    }
+                }
+            }
+        }
+        if self.progress {
+            eprint!("\r\x1b[K");
+        }
+        // Metrics in the order they were first reported.
+        let mut order: Vec<(usize, String)> = Vec::new();
+        for (k, (m, _)) in &samples {
+            let pos = ALL_METRICS
+                .iter()
+                .position(|x| x.0 == m.0)
+                .unwrap_or(usize::MAX);
+            order.push((pos, k.clone()));
+        }
+        order.sort();
+        for (_, k) in order {
+            let Some((m, per_rt)) = samples.remove(&k) else {
+                continue;
+            };
+            let results: BTreeMap<String, Summary> = per_rt
+                .into_iter()
+                .map(|(rt, v)| (rt, Summary::of(&v)))
+                .filter(|(_, s)| s.n > 0)
+                .collect();
+            if !results.is_empty() {
+                self.rows.push(row(scenario, m, results));
+            }
+        }
+        Ok(())
+    }
+
+    /// One sandbox from start to exit; vm runs also report the VM's own
+    /// figures (`VMC_MEM_REPORT`).
+    fn start_run(&self, rt: &Runtime, cold: bool) -> Result<Vec<(Metric, f64)>, String> {
+        let mut cmd = self.env.run(rt, &argv(&["echo", "ready"]), cold)?;
+        let report = self.env.tmp.join(format!("mem-{}.json", self.env.name()));
+        if rt.kind == Kind::Vm {
+            cmd.env("VMC_MEM_REPORT", &report);
+        }
+        let t0 = Instant::now();
+        let (first, exit) = first_output_and_exit(&mut cmd, t0, true)?;
+        let mut out = vec![(TO_OUTPUT, first), (TO_EXIT, exit)];
+        if let Ok(doc) = std::fs::read(&report) {
+            let _ = std::fs::remove_file(&report);
+            let v: serde_json::Value = serde_json::from_slice(&doc).unwrap_or_default();
+            if let Some(r) = v["running_ms"].as_f64() {
+                out.push((RUNNING, r));
+            }
+            if let (false, Some(d)) = (cold, v["guest_dirty_kib"].as_f64()) {
+                out.push((DIRTIED, d / 1024.0));
+            }
+        }
+        Ok(out)
+    }
+
+    fn memory_run(&self, rt: &Runtime) -> Result<Vec<(Metric, f64)>, String> {
+        let opts = StartOpts {
+            network_none: true,
+            ..Default::default()
+        };
+        let sb = self.env.start(rt, &argv(&["sleep", "1000000"]), &opts)?;
+        std::thread::sleep(Duration::from_secs(1));
+        let r = (|| {
+            let owner = self.env.owner_pid(&sb)?;
+            let total = tree_pss_kib(&[owner]);
+            let mut out = vec![(PSS, total as f64 / 1024.0)];
+            if rt.kind == Kind::Vm {
+                let guest = runtimes::guest_pss_kib(owner).ok_or("no guest memory mapping")?;
+                let vmm = runtimes::pss_kib(owner).ok_or("VMM exited")?;
+                out.push((VMM_OVERHEAD, vmm.saturating_sub(guest) as f64 / 1024.0));
+                out.push((GUEST_MEM, guest as f64 / 1024.0));
+            }
+            Ok(out)
+        })();
+        self.env.remove(&sb);
+        r
+    }
+
+    fn density_run(&self, rt: &Runtime, n: usize) -> Result<Vec<(Metric, f64)>, String> {
+        let opts = StartOpts {
+            network_none: true,
+            ..Default::default()
+        };
+        let t0 = Instant::now();
+        let started: Vec<Result<Sandbox, String>> = std::thread::scope(|sc| {
+            let hs: Vec<_> = (0..n)
+                .map(|_| sc.spawn(|| self.env.start(rt, &argv(&["sleep", "1000000"]), &opts)))
+                .collect();
+            hs.into_iter()
+                .map(|h| {
+                    h.join()
+                        .unwrap_or_else(|_| Err("start thread panicked".into()))
+                })
+                .collect()
+        });
+        let ready = t0.elapsed().as_secs_f64();
+        let ok: Vec<Sandbox> = started
+            .iter()
+            .filter_map(|r| r.as_ref().ok())
+            .cloned()
+            .collect();
+        let r = if let Some(Err(e)) = started.iter().find(|r| r.is_err()) {
+            Err(format!("{} of {n} started: {e}", ok.len()))
+        } else {
+            std::thread::sleep(Duration::from_secs(1));
+            let owners: Result<Vec<i32>, String> =
+                ok.iter().map(|sb| self.env.owner_pid(sb)).collect();
+            owners.map(|o| {
+                let total = tree_pss_kib(&o) as f64 / 1024.0;
+                vec![(DENSITY_READY, ready), (DENSITY_PSS, total)]
+            })
+        };
+        std::thread::scope(|sc| {
+            for sb in &ok {
+                sc.spawn(move || self.env.remove(sb));
+            }
+        });
+        r
+    }
+
+    /// Runs `steps` (shell commands) in `rt`'s idle sandbox, or in a new
+    /// sandbox for a peer, and returns each step's duration in ms, timed
+    /// by marker lines the script prints around the steps.
+    fn timed_work(&self, rt: &Runtime, steps: &[&str]) -> Result<Vec<f64>, String> {
+        let mut script = String::from("echo S");
+        for s in steps {
+            script.push_str(&format!("; {s} || exit 97; echo E"));
+        }
+        script.push_str("; rm -f /vmc-bench.dat");
+        let a = argv(&["sh", "-c", &script]);
+        let mut cmd = match self.idle.get(&rt.name) {
+            Some(sb) => self.env.exec(sb, &a),
+            None => self.env.run(rt, &a, false)?,
+        };
+        markers(&mut cmd, steps.len())
+    }
+
+    fn port_run(&self, rt: &Runtime) -> Result<Vec<(Metric, f64)>, String> {
+        let (_, ports) = &self.service[&rt.name];
+        let mut out = Vec::new();
+        let io = |e: std::io::Error| format!("published port: {e}");
+        // Round trips on one connection.
+        let mut s = TcpStream::connect(("127.0.0.1", ports[0])).map_err(io)?;
+        s.set_nodelay(true).map_err(io)?;
+        s.set_read_timeout(Some(STEP_TIMEOUT)).map_err(io)?;
+        for (_, rtt) in ping_pong(&mut s, self.sizes.pings).map_err(io)? {
+            out.push((PORT_RTT, rtt));
+        }
+        drop(s);
+        let bytes = (self.sizes.transfer_kib * 1024) as usize;
+        let mb = bytes as f64 / 1e6;
+        // Upload: the sink answers with the byte count.
+        let t0 = Instant::now();
+        let mut s = TcpStream::connect(("127.0.0.1", ports[1])).map_err(io)?;
+        s.set_read_timeout(Some(STEP_TIMEOUT)).map_err(io)?;
+        s.write_all(&vec![0u8; bytes]).map_err(io)?;
+        s.shutdown(Shutdown::Write).map_err(io)?;
+        let mut reply = String::new();
+        s.read_to_string(&mut reply).map_err(io)?;
+        let secs = t0.elapsed().as_secs_f64();
+        if reply.trim() != bytes.to_string() {
+            return Err(format!(
+                "the sink counted {} of {bytes} bytes",
+                reply.trim()
+            ));
+        }
+        out.push((PORT_UP, mb / secs));
+        // Download.
+        let t0 = Instant::now();
+        let mut s = TcpStream::connect(("127.0.0.1", ports[2])).map_err(io)?;
+        s.set_read_timeout(Some(STEP_TIMEOUT)).map_err(io)?;
+        let got = std::io::copy(&mut s, &mut std::io::sink()).map_err(io)?;
+        let secs = t0.elapsed().as_secs_f64();
+        if got != bytes as u64 {
+            return Err(format!("received {got} of {bytes} bytes from the source"));
+        }
+        out.push((PORT_DOWN, mb / secs));
+        Ok(out)
+    }
+
+    fn net_run(&self, rt: &Runtime, gw: std::net::Ipv4Addr) -> Result<Vec<(Metric, f64)>, String> {
+        let (sb, _) = &self.service[&rt.name];
+        let io = |e: std::io::Error| format!("outbound: {e}");
+        let bytes = self.sizes.transfer_kib * 1024;
+        let mut out = Vec::new();
+        // Throughput: the sandbox sends, the host counts.
+        let l = TcpListener::bind("127.0.0.1:0").map_err(io)?;
+        let port = l.local_addr().map_err(io)?.port();
+        let script = format!(
+            "dd if=/dev/zero bs=64k count={} 2>/dev/null | nc {gw} {port}",
+            bytes / 65536
+        );
+        let mut child = self
+            .env
+            .exec(sb, &argv(&["sh", "-c", &script]))
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .map_err(io)?;
+        let r = accept_timeout(&l, STEP_TIMEOUT).and_then(|(mut s, t0)| {
+            s.set_read_timeout(Some(STEP_TIMEOUT))?;
+            let mut got = 0u64;
+            let mut buf = vec![0u8; 65536];
+            while got < bytes {
+                let n = s.read(&mut buf)?;
+                if n == 0 {
+                    break;
+                }
+                got += n as u64;
+            }
+            Ok((got, t0.elapsed().as_secs_f64()))
+        });
+        let status = wait_timeout(&mut child, STEP_TIMEOUT);
+        let (got, secs) =
+            r.map_err(|e| format!("outbound: {e} ({})", status_text(status, &mut child)))?;
+        if got != bytes {
+            return Err(format!("the host received {got} of {bytes} bytes"));
+        }
+        out.push((NET_UP, bytes as f64 / 1e6 / secs));
+        // Round trips on a connection the sandbox opened.
+        let l = TcpListener::bind("127.0.0.1:0").map_err(io)?;
+        let port = l.local_addr().map_err(io)?.port();
+        let mut child = self
+            .env
+            .exec(
+                sb,
+                &argv(&["nc", &gw.to_string(), &port.to_string(), "-e", "cat"]),
+            )
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .map_err(io)?;
+        let r = accept_timeout(&l, STEP_TIMEOUT).and_then(|(mut s, _)| {
+            s.set_nodelay(true)?;
+            s.set_read_timeout(Some(STEP_TIMEOUT))?;
+            ping_pong(&mut s, self.sizes.pings)
+        });
+        let status = wait_timeout(&mut child, STEP_TIMEOUT);
+        let pings =
+            r.map_err(|e| format!("outbound: {e} ({})", status_text(status, &mut child)))?;
+        for (_, rtt) in pings {
+            out.push((NET_RTT, rtt));
+        }
+        Ok(out)
+    }
+}
+
+/// Every metric, in report order within a scenario.
+const ALL_METRICS: [Metric; 20] = [
+    TO_OUTPUT,
+    TO_EXIT,
+    RUNNING,
+    DIRTIED,
+    EXEC,
+    PSS,
+    DENSITY_READY,
+    DENSITY_PSS,
+    VMM_OVERHEAD,
+    GUEST_MEM,
+    CPU,
+    SYSCALL,
+    WRITE,
+    READ,
+    PORT_RTT,
+    PORT_UP,
+    PORT_DOWN,
+    NET_UP,
+    NET_RTT,
+    VMM,
+];
+
+fn row(scenario: &str, m: Metric, results: BTreeMap<String, Summary>) -> Row {
+    Row {
+        scenario: scenario.into(),
+        metric: m.0.into(),
+        unit: m.1.into(),
+        lower_is_better: m.2,
+        results,
+    }
+}
+
+fn argv(a: &[&str]) -> Vec<String> {
+    a.iter().map(|s| s.to_string()).collect()
+}
+
+/// Sum of the PSS of the process trees under `roots`, each process once.
+fn tree_pss_kib(roots: &[i32]) -> u64 {
+    let mut seen = std::collections::BTreeSet::new();
+    for r in roots {
+        seen.extend(runtimes::process_tree(*r));
+    }
+    seen.into_iter().filter_map(runtimes::pss_kib).sum()
+}
+
+fn free_port() -> Result<u16, String> {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .map_err(|e| format!("finding a free port: {e}"))
+}
+
+/// Sends one byte and reads its echo `n` times; each round trip in ms.
+fn ping_pong(s: &mut TcpStream, n: usize) -> std::io::Result<Vec<(usize, f64)>> {
+    let mut out = Vec::new();
+    let mut b = [0u8; 1];
+    for i in 0..n {
+        let t0 = Instant::now();
+        s.write_all(b"p")?;
+        s.read_exact(&mut b)?;
+        out.push((i, t0.elapsed().as_secs_f64() * 1000.0));
+    }
+    Ok(out)
+}
+
+fn accept_timeout(l: &TcpListener, t: Duration) -> std::io::Result<(TcpStream, Instant)> {
+    l.set_nonblocking(true)?;
+    let end = Instant::now() + t;
+    loop {
+        match l.accept() {
+            Ok((s, _)) => {
+                s.set_nonblocking(false)?;
+                return Ok((s, Instant::now()));
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                if Instant::now() > end {
+                    return Err(std::io::Error::new(
+                        std::io::ErrorKind::TimedOut,
+                        "the sandbox never connected",
+                    ));
+                }
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+fn wait_timeout(child: &mut std::process::Child, t: Duration) -> Option<std::process::ExitStatus> {
+    let end = Instant::now() + t;
+    loop {
+        match child.try_wait() {
+            Ok(Some(s)) => return Some(s),
+            Ok(None) if Instant::now() < end => std::thread::sleep(Duration::from_millis(20)),
+            _ => {
+                let _ = child.kill();
+                let _ = child.wait();
+                return None;
+            }
+        }
+    }
+}
+
+fn status_text(s: Option<std::process::ExitStatus>, child: &mut std::process::Child) -> String {
+    let mut err = String::new();
+    if let Some(e) = child.stderr.as_mut() {
+        let _ = e.read_to_string(&mut err);
+    }
+    match s {
+        Some(s) => format!("the client ended with {s}: {}", err.trim()),
+        None => "the client did not end".into(),
+    }
+}
+
+/// Runs `cmd` to its exit; ms from `t0` to its first stdout byte and to
+/// its exit. Fails when it fails, or prints nothing when `output`.
+fn first_output_and_exit(
+    cmd: &mut Command,
+    t0: Instant,
+    output: bool,
+) -> Result<(f64, f64), String> {
+    let mut child = cmd
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|e| format!("spawning: {e}"))?;
+    let mut out = child.stdout.take().ok_or("no stdout")?;
+    let mut b = [0u8; 256];
+    let n = out.read(&mut b).unwrap_or(0);
+    let first = t0.elapsed();
+    let mut rest = Vec::new();
+    let _ = out.read_to_end(&mut rest);
+    let o = child.wait_with_output().map_err(|e| e.to_string())?;
+    let exit = t0.elapsed();
+    if !o.status.success() || (output && n == 0) {
+        return Err(format!(
+            "{}: {}",
+            o.status,
+            String::from_utf8_lossy(&o.stderr).trim()
+        ));
+    }
+    Ok((first.as_secs_f64() * 1000.0, exit.as_secs_f64() * 1000.0))
+}
+
+/// Runs `cmd`, which prints `S` and then `E` after each of `steps` steps;
+/// returns each step's duration in ms, as seen from the host.
+fn markers(cmd: &mut Command, steps: usize) -> Result<Vec<f64>, String> {
+    let mut child = cmd
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|e| format!("spawning: {e}"))?;
+    let out = child.stdout.take().ok_or("no stdout")?;
+    let mut lines = BufReader::new(out).lines();
+    let mut times = Vec::new();
+    let mut last = None;
+    for l in lines.by_ref() {
+        let Ok(l) = l else { break };
+        let now = Instant::now();
+        match (l.trim(), last) {
+            ("S", None) => last = Some(now),
+            ("E", Some(t)) => {
+                times.push(now.duration_since(t).as_secs_f64() * 1000.0);
+                last = Some(now);
+            }
+            _ => {}
+        }
+    }
+    let o = child.wait_with_output().map_err(|e| e.to_string())?;
+    if !o.status.success() || times.len() != steps {
+        return Err(format!(
+            "the workload failed ({}): {}",
+            o.status,
+            String::from_utf8_lossy(&o.stderr).trim()
+        ));
+    }
+    Ok(times)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn markers_time_each_step() {
+        let mut c = Command::new("sh");
+        c.args(["-c", "echo S; sleep 0.2; echo E; echo noise; echo E"]);
+        let t = markers(&mut c, 2).unwrap();
+        assert_eq!(t.len(), 2);
+        assert!(t[0] >= 150.0 && t[1] < 150.0, "{t:?}");
+        let mut c = Command::new("sh");
+        c.args(["-c", "echo S; false || exit 97; echo E"]);
+        assert!(markers(&mut c, 1).unwrap_err().contains("97"));
+    }
+
+    #[test]
+    fn first_output_comes_before_exit() {
+        let mut c = Command::new("sh");
+        c.args(["-c", "echo hi; sleep 0.2"]);
+        let (first, exit) = first_output_and_exit(&mut c, Instant::now(), true).unwrap();
+        assert!(first < exit && exit >= 150.0, "{first} {exit}");
+        let mut c = Command::new("sh");
+        c.args(["-c", "echo no >&2; exit 3"]);
+        let e = first_output_and_exit(&mut c, Instant::now(), false).unwrap_err();
+        assert!(e.contains("no") && e.contains('3'), "{e}");
+    }
+
+    #[test]
+    fn ping_pong_round_trips_over_tcp() {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = l.local_addr().unwrap().port();
+        let echo = std::thread::spawn(move || {
+            let (mut s, _) = l.accept().unwrap();
+            let mut b = [0u8; 1];
+            while s.read_exact(&mut b).is_ok() {
+                s.write_all(&b).unwrap();
+            }
+        });
+        let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+        let p = ping_pong(&mut s, 5).unwrap();
+        assert_eq!(p.len(), 5);
+        assert!(p.iter().all(|(_, ms)| *ms >= 0.0));
+        drop(s);
+        echo.join().unwrap();
+    }
+}
