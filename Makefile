@@ -7,8 +7,11 @@ CARGO ?= cargo
 TARGET := x86_64-unknown-linux-gnu
 ASSETS ?= $(or $(VMC_ASSETS),$(or $(XDG_DATA_HOME),$(HOME)/.local/share)/vmc)
 CACHE ?= $(or $(VMC_CACHE),$(or $(XDG_CACHE_HOME),$(HOME)/.cache)/vmc)
-GUEST_BIN := target/$(TARGET)/release-guest/vmc-guest
-VMC := target/release/vmc
+# Cargo's build directory lives with the other caches, so that a fresh clone
+# (CI) compiles only what changed; CARGO_TARGET_DIR overrides it.
+export CARGO_TARGET_DIR ?= $(CACHE)/target
+GUEST_BIN := $(CARGO_TARGET_DIR)/$(TARGET)/release-guest/vmc-guest
+VMC := $(CARGO_TARGET_DIR)/release/vmc
 DEMO_ROOTFS := $(CACHE)/busybox-rootfs
 
 .PHONY: all setup deps kernel guest build demo node-demo node-base test check rootfs clean
@@ -32,6 +35,7 @@ guest:
 
 build:
 	$(CARGO) build --release
+	@ln -sfn $(abspath $(VMC)) vmc
 
 rootfs:
 	@scripts/busybox-rootfs.sh $(DEMO_ROOTFS)
@@ -72,7 +76,7 @@ check:
 	$(CARGO) clippy --all-targets -- -D warnings
 
 test: setup check
-	$(CARGO) test --release -- --test-threads=4
+	@CARGO=$(CARGO) scripts/test.sh
 
 clean:
 	$(CARGO) clean

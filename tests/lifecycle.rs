@@ -135,7 +135,7 @@ fn lifecycle(mode: &str) {
     ok(&vmc(
         h,
         &[
-            "run", "-d", "--mode", mode, "--name", "victim", "busybox", "sleep", "1000",
+            "run", "-d", "--mode", mode, "--name", "victim", "busybox", "sleep", "1000.25",
         ],
     ));
     let pid = supervisor_pid(h, "victim");
@@ -147,7 +147,7 @@ fn lifecycle(mode: &str) {
     if mode == "ns" {
         // The container's processes died with it.
         let out = Command::new("pgrep")
-            .args(["-f", "sleep 1000"])
+            .args(["-f", "^sleep 1000[.]25$"])
             .output()
             .unwrap();
         assert!(out.stdout.is_empty(), "a leaked container process");

@@ -8,7 +8,7 @@ use std::io::{Read, Write};
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use common::{free_port, kvm_available, ok, passt_processes, store_with_busybox, vmc};
+use common::{free_port, kvm_available, network_helpers, ok, store_with_busybox, vmc};
 
 const COUNT: usize = 10;
 
@@ -43,12 +43,7 @@ fn processes_mentioning(needle: &str) -> Vec<String> {
     found
 }
 
-/// The two tests count processes: one at a time.
-static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
-
 fn many(mode: &str) {
-    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    let passt_before = passt_processes();
     let home = store_with_busybox();
     let h: &Path = home.path();
     let ports: Vec<u16> = (0..COUNT).map(|_| free_port()).collect();
@@ -84,6 +79,11 @@ fn many(mode: &str) {
         }
     }
 
+    // Each container has its network helper (passt for a VM, pasta for a
+    // namespace container, both by default).
+    let helpers = network_helpers(h);
+    assert!(helpers >= COUNT, "{helpers} passt/pasta processes");
+
     let mut args = vec!["rm".to_string(), "-f".to_string()];
     args.extend((0..COUNT).map(|i| format!("c{i}")));
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
@@ -99,10 +99,9 @@ fn many(mode: &str) {
     assert!(left.is_empty(), "processes left: {left:?}");
     let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
     assert!(!mounts.contains(home_s), "mounts left: {mounts}");
-    // Each container had its network (passt for a VM, pasta for a namespace
-    // container, both by default); none outlives the rm -f.
+    // None of the network helpers outlives the rm -f.
     let deadline = Instant::now() + Duration::from_secs(10);
-    while passt_processes() > passt_before {
+    while network_helpers(h) > 0 {
         assert!(Instant::now() < deadline, "passt processes left behind");
         std::thread::sleep(Duration::from_millis(100));
     }

@@ -12,7 +12,7 @@ use std::io::{Read, Write};
 use std::net::{TcpListener, UdpSocket};
 use std::path::Path;
 
-use common::{ok, passt_processes, store_with_busybox, vmc};
+use common::{network_helpers, ok, store_with_busybox, vmc};
 
 /// An HTTP server on 127.0.0.1 answering every request with `body`.
 fn http_server(body: &'static str) -> u16 {
@@ -233,7 +233,6 @@ fn namespace_mode(h: &Path, gw: &str, port: u16) {
 }
 
 fn vm_mode(h: &Path, gw: &str, port: u16) {
-    let before = passt_processes();
     let vm = |args: &[&str]| {
         let mut all = vec!["run", "--rm"];
         all.extend_from_slice(args);
@@ -316,6 +315,19 @@ fn vm_mode(h: &Path, gw: &str, port: u16) {
     // Ten more networked VMs, two at a time, that end by themselves, leave
     // no passt behind (tests/many.rs kills ten more with rm -f: twenty).
     let h = h.to_path_buf();
+    // The most passt processes seen while they run.
+    let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let watcher = {
+        let (h, done) = (h.clone(), done.clone());
+        std::thread::spawn(move || {
+            let mut most = 0;
+            while !done.load(std::sync::atomic::Ordering::SeqCst) {
+                most = most.max(network_helpers(&h));
+                std::thread::sleep(std::time::Duration::from_millis(100));
+            }
+            most
+        })
+    };
     let threads: Vec<_> = (0..2)
         .map(|_| {
             let h = h.clone();
@@ -329,8 +341,11 @@ fn vm_mode(h: &Path, gw: &str, port: u16) {
     for t in threads {
         t.join().unwrap();
     }
+    done.store(true, std::sync::atomic::Ordering::SeqCst);
+    let most = watcher.join().unwrap();
+    assert!(most >= 1, "no passt seen while the VMs ran");
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
-    while passt_processes() > before {
+    while network_helpers(&h) > 0 {
         assert!(
             std::time::Instant::now() < deadline,
             "passt processes left behind"

@@ -252,10 +252,8 @@ fn pulls_from_a_local_registry_by_tag_and_by_digest() {
         "the registry's manifest"
     );
 
-    // Again: nothing to download, up to date, quick.
-    let t = Instant::now();
+    // Again: nothing to download (no layer pulled), up to date.
     let out = ok(&vmc(h, &["pull", "--insecure", &image]));
-    assert!(t.elapsed() < Duration::from_secs(10), "{:?}", t.elapsed());
     assert!(!out.contains("Pull complete"), "{out}");
     assert!(
         out.contains(&format!("Status: Image is up to date for {image}")),

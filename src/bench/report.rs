@@ -204,8 +204,10 @@ impl Report {
         s
     }
 
-    /// A horizontal bar chart: one group per row, one bar per runtime,
-    /// each group scaled to its own largest value (units differ by row).
+    /// A horizontal bar chart: one group per row, one bar per runtime, each
+    /// group on its own logarithmic scale (units differ by row, and values
+    /// by orders of magnitude), from a third of its smallest value to its
+    /// largest; the numbers are printed beside the bars.
     pub fn svg(&self) -> String {
         const W: f64 = 960.0;
         const LABEL: f64 = 330.0;
@@ -227,7 +229,7 @@ impl Report {
         let _ = writeln!(s, r#"<rect width="100%" height="100%" fill="white"/>"#);
         let _ = writeln!(
             s,
-            r#"<text x="8" y="18" font-size="14" font-weight="bold">vmc bench: container vs microVM ({})</text>"#,
+            r#"<text x="8" y="18" font-size="14" font-weight="bold">vmc bench: container vs microVM ({}), medians, log scale per row</text>"#,
             esc(&self.date)
         );
         let _ = writeln!(
@@ -256,6 +258,15 @@ impl Report {
                 .map(|x| x.median)
                 .filter(|m| m.is_finite())
                 .fold(0.0, f64::max);
+            // The scale starts at a third of the row's smallest median, so
+            // that the smallest bar still shows.
+            let min = row
+                .results
+                .values()
+                .map(|x| x.median)
+                .filter(|m| m.is_finite() && *m > 0.0)
+                .fold(f64::INFINITY, f64::min);
+            let lo = if min.is_finite() { min / 3.0 } else { 0.0 };
             let label = format!(
                 "{}: {} ({}, {})",
                 row.scenario,
@@ -278,8 +289,11 @@ impl Report {
                 let Some(x) = row.results.get(r) else {
                     continue;
                 };
-                let frac = if max > 0.0 && x.median.is_finite() {
-                    x.median / max
+                // Log scale: runtimes differ by orders of magnitude here.
+                let frac = if max > 0.0 && x.median > 0.0 && lo < max {
+                    ((x.median.ln() - lo.ln()) / (max.ln() - lo.ln())).clamp(0.0, 1.0)
+                } else if max > 0.0 && x.median > 0.0 {
+                    1.0
                 } else {
                     0.0
                 };

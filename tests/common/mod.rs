@@ -271,9 +271,12 @@ pub fn free_port() -> u16 {
         .port()
 }
 
-/// The number of live passt processes (pasta's comm is passt's too;
-/// zombies of pasta's short-lived helpers are not counted).
-pub fn passt_processes() -> usize {
+/// The live passt and pasta processes working for the store at `home`
+/// (they inherit vmc's environment, `VMC_HOME` included; zombies of
+/// pasta's short-lived helpers are not counted). Per store, so tests
+/// running at the same time do not count each other's.
+pub fn network_helpers(home: &Path) -> usize {
+    let want = format!("VMC_HOME={}", home.display());
     std::fs::read_dir("/proc")
         .unwrap()
         .flatten()
@@ -284,7 +287,9 @@ pub fn passt_processes() -> usize {
                 .rsplit_once(')')
                 .is_some_and(|(_, rest)| !rest.trim_start().starts_with('Z'));
             live && std::fs::read_to_string(e.path().join("comm"))
-                .is_ok_and(|c| c.trim().starts_with("passt") || c.trim() == "pasta")
+                .is_ok_and(|c| c.trim().starts_with("passt") || c.trim().starts_with("pasta"))
+                && std::fs::read(e.path().join("environ"))
+                    .is_ok_and(|env| env.split(|b| *b == 0).any(|v| v == want.as_bytes()))
         })
         .count()
 }
