@@ -83,6 +83,18 @@ fn pasta_processes(home: &Path) -> usize {
         .count()
 }
 
+/// A build context whose Dockerfile's RUN step fetches `url` into /fetched
+/// and whose CMD prints it.
+fn fetching_context(url: &str) -> tempfile::TempDir {
+    let ctx = tempfile::tempdir().unwrap();
+    std::fs::write(
+        ctx.path().join("Dockerfile"),
+        format!("FROM busybox\nRUN wget -q -O /fetched {url}\nCMD [\"cat\", \"/fetched\"]\n"),
+    )
+    .unwrap();
+    ctx
+}
+
 fn run(h: &Path, args: &[&str]) -> std::process::Output {
     let mut all = vec!["run", "--rm", "--mode", "ns"];
     all.extend_from_slice(args);
@@ -174,12 +186,7 @@ fn namespace_mode(h: &Path, gw: &str, port: u16) {
     );
 
     // Builds: RUN steps get the network; --network none takes it away.
-    let ctx = tempfile::tempdir().unwrap();
-    std::fs::write(
-        ctx.path().join("Dockerfile"),
-        format!("FROM busybox\nRUN wget -q -O /fetched {url}\nCMD [\"cat\", \"/fetched\"]\n"),
-    )
-    .unwrap();
+    let ctx = fetching_context(&url);
     let ctx_s = ctx.path().to_str().unwrap();
     ok(&vmc(
         h,
@@ -291,12 +298,7 @@ fn vm_mode(h: &Path, gw: &str, port: u16) {
     );
 
     // A build's RUN steps in a microVM have the network.
-    let ctx = tempfile::tempdir().unwrap();
-    std::fs::write(
-        ctx.path().join("Dockerfile"),
-        format!("FROM busybox\nRUN wget -q -O /fetched {url}\nCMD [\"cat\", \"/fetched\"]\n"),
-    )
-    .unwrap();
+    let ctx = fetching_context(&url);
     ok(&vmc(
         h,
         &[

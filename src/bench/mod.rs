@@ -137,13 +137,8 @@ fn load(p: &Path) -> Result<Report, BenchError> {
 }
 
 fn write_atomic(p: &Path, data: &[u8]) -> Result<(), BenchError> {
-    let tmp = p.with_extension(format!("tmp-{}", std::process::id()));
-    std::fs::write(&tmp, data)
-        .and_then(|_| std::fs::rename(&tmp, p))
-        .map_err(|e| {
-            let _ = std::fs::remove_file(&tmp);
-            BenchError::Report(format!("writing {}: {e}", p.display()))
-        })
+    crate::image::store::write_atomic(p, data)
+        .map_err(|e| BenchError::Report(format!("writing {}: {e}", p.display())))
 }
 
 fn measure(args: &BenchArgs) -> Result<Report, BenchError> {
@@ -184,7 +179,7 @@ fn measure(args: &BenchArgs) -> Result<Report, BenchError> {
     let want_crun = if args.no_crun {
         notes.push("crun: left out (--no-crun)".into());
         false
-    } else if which("crun").is_none() {
+    } else if !crate::runtime::on_path("crun") {
         notes.push("crun: not installed (apt-get install crun adds the namespace baseline)".into());
         false
     } else if !root {
@@ -341,14 +336,6 @@ fn ensure_image(image: &str, default: bool) -> Result<(), BenchError> {
         Some(o) if o.status.success() => Ok(()),
         _ => Err(BenchError::NoImage(image.into())),
     }
-}
-
-fn which(cmd: &str) -> Option<PathBuf> {
-    std::env::var_os("PATH")?
-        .to_str()?
-        .split(':')
-        .map(|d| Path::new(d).join(cmd))
-        .find(|p| p.is_file())
 }
 
 /// The machine the numbers come from.

@@ -38,8 +38,9 @@ const VMM: Metric = ("vm only: tiny PVH guest, start to reset", "ms", true);
 const DENSITY_READY: Metric = ("all started", "s", true);
 const DENSITY_PSS: Metric = ("PSS of all sandboxes", "MiB", true);
 
-/// Samples of one scenario: metric -> runtime -> values.
-type Samples = BTreeMap<String, (Metric, BTreeMap<String, Vec<f64>>)>;
+/// Samples of one scenario: per metric, in the order the workload first
+/// reported it (the report's row order), runtime -> values.
+type Samples = Vec<(Metric, BTreeMap<String, Vec<f64>>)>;
 
 /// What a benchmark measured.
 pub struct Outcome {
@@ -364,8 +365,7 @@ impl Bench {
         // Ready when the echo server answers.
         let end = Instant::now() + STEP_TIMEOUT;
         loop {
-            let ok = TcpStream::connect(("127.0.0.1", ports[0])).and_then(|mut s| {
-                s.set_read_timeout(Some(Duration::from_secs(60)))?;
+            let ok = connect(ports[0], Duration::from_secs(60)).and_then(|mut s| {
                 s.write_all(b"x")?;
                 let mut b = [0u8; 1];
                 s.read_exact(&mut b)
@@ -401,7 +401,7 @@ impl Bench {
         runs: usize,
         mut f: impl FnMut(&Bench, &Runtime) -> Result<Vec<(Metric, f64)>, String>,
     ) -> Result<(), BenchError> {
-        let mut samples: Samples = BTreeMap::new();
+        let mut samples: Samples = Vec::new();
         let mut failed: Vec<String> = Vec::new();
         for i in 0..warmup + runs {
             for rt in rts {
@@ -420,13 +420,14 @@ impl Bench {
                 match f(self, rt) {
                     Ok(vals) if i >= warmup => {
                         for (m, v) in vals {
-                            samples
-                                .entry(m.0.to_string())
-                                .or_insert_with(|| (m, BTreeMap::new()))
-                                .1
-                                .entry(rt.name.clone())
-                                .or_default()
-                                .push(v);
+                            let i = match samples.iter().position(|(x, _)| x.0 == m.0) {
+                                Some(i) => i,
+                                None => {
+                                    samples.push((m, BTreeMap::new()));
+                                    samples.len() - 1
+                                }
+                            };
+                            samples[i].1.entry(rt.name.clone()).or_default().push(v);
                         }
                     }
                     Ok(_) => {}
@@ -440,20 +441,7 @@ impl Bench {
         if self.progress {
             eprint!("\r\x1b[K");
         }
-        // Metrics in the order they were first reported.
-        let mut order: Vec<(usize, String)> = Vec::new();
-        for (k, (m, _)) in &samples {
-            let pos = ALL_METRICS
-                .iter()
-                .position(|x| x.0 == m.0)
-                .unwrap_or(usize::MAX);
-            order.push((pos, k.clone()));
-        }
-        order.sort();
-        for (_, k) in order {
-            let Some((m, per_rt)) = samples.remove(&k) else {
-                continue;
-            };
+        for (m, per_rt) in samples {
             let results: BTreeMap<String, Summary> = per_rt
                 .into_iter()
                 .map(|(rt, v)| (rt, Summary::of(&v)))
@@ -577,9 +565,8 @@ impl Bench {
         let mut out = Vec::new();
         let io = |e: std::io::Error| format!("published port: {e}");
         // Round trips on one connection.
-        let mut s = TcpStream::connect(("127.0.0.1", ports[0])).map_err(io)?;
+        let mut s = connect(ports[0], STEP_TIMEOUT).map_err(io)?;
         s.set_nodelay(true).map_err(io)?;
-        s.set_read_timeout(Some(STEP_TIMEOUT)).map_err(io)?;
         for (_, rtt) in ping_pong(&mut s, self.sizes.pings).map_err(io)? {
             out.push((PORT_RTT, rtt));
         }
@@ -588,8 +575,7 @@ impl Bench {
         let mb = bytes as f64 / 1e6;
         // Upload: the sink answers with the byte count.
         let t0 = Instant::now();
-        let mut s = TcpStream::connect(("127.0.0.1", ports[1])).map_err(io)?;
-        s.set_read_timeout(Some(STEP_TIMEOUT)).map_err(io)?;
+        let mut s = connect(ports[1], STEP_TIMEOUT).map_err(io)?;
         s.write_all(&vec![0u8; bytes]).map_err(io)?;
         s.shutdown(Shutdown::Write).map_err(io)?;
         let mut reply = String::new();
@@ -604,8 +590,7 @@ impl Bench {
         out.push((PORT_UP, mb / secs));
         // Download.
         let t0 = Instant::now();
-        let mut s = TcpStream::connect(("127.0.0.1", ports[2])).map_err(io)?;
-        s.set_read_timeout(Some(STEP_TIMEOUT)).map_err(io)?;
+        let mut s = connect(ports[2], STEP_TIMEOUT).map_err(io)?;
         let got = std::io::copy(&mut s, &mut std::io::sink()).map_err(io)?;
         let secs = t0.elapsed().as_secs_f64();
         if got != bytes as u64 {
@@ -682,30 +667,6 @@ impl Bench {
     }
 }
 
-/// Every metric, in report order within a scenario.
-const ALL_METRICS: [Metric; 20] = [
-    TO_OUTPUT,
-    TO_EXIT,
-    RUNNING,
-    DIRTIED,
-    EXEC,
-    PSS,
-    DENSITY_READY,
-    DENSITY_PSS,
-    VMM_OVERHEAD,
-    GUEST_MEM,
-    CPU,
-    SYSCALL,
-    WRITE,
-    READ,
-    PORT_RTT,
-    PORT_UP,
-    PORT_DOWN,
-    NET_UP,
-    NET_RTT,
-    VMM,
-];
-
 fn row(scenario: &str, m: Metric, results: BTreeMap<String, Summary>) -> Row {
     Row {
         scenario: scenario.into(),
@@ -727,6 +688,14 @@ fn tree_pss_kib(roots: &[i32]) -> u64 {
         seen.extend(runtimes::process_tree(*r));
     }
     seen.into_iter().filter_map(runtimes::pss_kib).sum()
+}
+
+/// A connection to a published port on 127.0.0.1 whose reads give up
+/// after `timeout`.
+fn connect(port: u16, timeout: Duration) -> std::io::Result<TcpStream> {
+    let s = TcpStream::connect(("127.0.0.1", port))?;
+    s.set_read_timeout(Some(timeout))?;
+    Ok(s)
 }
 
 fn free_port() -> Result<u16, String> {

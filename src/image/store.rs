@@ -104,7 +104,11 @@ fn hex_digest(bytes: &[u8]) -> Digest {
 
 /// Writes `data` to `path` atomically: temporary file, fsync, rename, fsync dir.
 pub fn write_atomic(path: &Path, data: &[u8]) -> io::Result<()> {
-    let dir = path.parent().unwrap_or(Path::new("."));
+    // A bare file name's parent is "": the current directory.
+    let dir = path
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
     let tmp = dir.join(format!(
         ".tmp-{}-{}",
         std::process::id(),

@@ -100,6 +100,12 @@ pub enum RuntimeError {
     Network(String),
 }
 
+/// Whether `cmd` is an executable file in a directory of `$PATH`.
+pub fn on_path(cmd: &str) -> bool {
+    std::env::var_os("PATH")
+        .is_some_and(|paths| std::env::split_paths(&paths).any(|d| d.join(cmd).is_file()))
+}
+
 /// vmc's state directory: `$VMC_HOME`, else /var/lib/vmc for root, else
 /// `$XDG_DATA_HOME/vmc` (or ~/.local/share/vmc).
 pub fn vmc_home() -> PathBuf {

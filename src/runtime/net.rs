@@ -31,14 +31,14 @@ impl Network {
         match requested {
             // As Docker's default bridge: there when it can work (passt
             // needs a host route to copy), loopback only otherwise.
-            None => Ok(if pasta_installed() && host_ipv4().is_some() {
+            None => Ok(if super::on_path(PASTA) && host_ipv4().is_some() {
                 Network::Passt
             } else {
                 Network::None
             }),
             Some("none") => Ok(Network::None),
             Some("passt" | "pasta") => {
-                if pasta_installed() {
+                if super::on_path(PASTA) {
                     Ok(Network::Passt)
                 } else {
                     Err("--network passt: passt is not installed (apt-get install passt), or use --network none".into())
@@ -52,11 +52,6 @@ impl Network {
 }
 
 const PASTA: &str = "pasta";
-
-fn pasta_installed() -> bool {
-    std::env::var_os("PATH")
-        .is_some_and(|paths| std::env::split_paths(&paths).any(|d| d.join(PASTA).is_file()))
-}
 
 /// In a child before exec: SIGKILL when vmc's spawning thread ends.
 fn die_with_parent() -> std::io::Result<()> {
