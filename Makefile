@@ -14,14 +14,18 @@ GUEST_BIN := $(CARGO_TARGET_DIR)/$(TARGET)/release-guest/vmc-guest
 VMC := $(CARGO_TARGET_DIR)/release/vmc
 DEMO_ROOTFS := $(CACHE)/busybox-rootfs
 
-.PHONY: all setup deps kernel guest build demo node-demo node-base test check rootfs clean
+.PHONY: all setup deps passt kernel guest build demo node-demo node-base test check rootfs clean
 
 all: build
 
-setup: deps kernel guest build rootfs
+setup: deps kernel guest build rootfs passt
 
 deps:
 	@scripts/deps.sh
+
+# A passt newer than Debian 12's where needed (see the script).
+passt: deps
+	@scripts/passt.sh $(ASSETS) $(CACHE)
 
 kernel: deps
 	@kernels/build.sh >/dev/null

@@ -1157,6 +1157,10 @@ fn info() -> Result<i32> {
         Ok(p) => println!("guest agent: {}", p.display()),
         Err(e) => println!("guest agent: missing ({e})"),
     }
+    match runtime::net::program("passt") {
+        Some(p) => println!("passt: {}", p.display()),
+        None => println!("passt: missing (apt-get install passt; until then --network none)"),
+    }
     println!("state: {}", runtime::vmc_home().display());
     println!("snapshots: {}", runtime::snapshots_dir().display());
     Ok(0)

@@ -31,14 +31,14 @@ impl Network {
         match requested {
             // As Docker's default bridge: there when it can work (passt
             // needs a host route to copy), loopback only otherwise.
-            None => Ok(if super::on_path(PASTA) && host_ipv4().is_some() {
+            None => Ok(if program(PASTA).is_some() && host_ipv4().is_some() {
                 Network::Passt
             } else {
                 Network::None
             }),
             Some("none") => Ok(Network::None),
             Some("passt" | "pasta") => {
-                if super::on_path(PASTA) {
+                if program(PASTA).is_some() {
                     Ok(Network::Passt)
                 } else {
                     Err("--network passt: passt is not installed (apt-get install passt), or use --network none".into())
@@ -52,6 +52,27 @@ impl Network {
 }
 
 const PASTA: &str = "pasta";
+const PASST: &str = "passt";
+
+/// Where `name` (passt, or pasta: the same program) runs from: the assets
+/// directory, where `make setup` builds a newer passt when the system's is
+/// Debian 12's (scripts/passt.sh: that one resets quiet connections after
+/// 24 s), else `$PATH`.
+pub fn program(name: &str) -> Option<std::path::PathBuf> {
+    let own = crate::assets::assets_dir().join(name);
+    if own.is_file() {
+        return Some(own);
+    }
+    let paths = std::env::var_os("PATH")?;
+    std::env::split_paths(&paths)
+        .map(|d| d.join(name))
+        .find(|p| p.is_file())
+}
+
+/// `Command` for `name`, found by [`program`].
+fn command(name: &str) -> Command {
+    Command::new(program(name).unwrap_or_else(|| name.into()))
+}
 
 /// In a child before exec: SIGKILL when vmc's spawning thread ends.
 fn die_with_parent() -> std::io::Result<()> {
@@ -103,7 +124,7 @@ impl Pasta {
                 std::io::Error::last_os_error()
             ));
         }
-        let mut cmd = Command::new(PASTA);
+        let mut cmd = command(PASTA);
         cmd.args([
             "--foreground",
             "--quiet",
@@ -302,23 +323,21 @@ impl Passt {
     pub fn start(sock: std::os::unix::net::UnixStream, host: &HostIpv4) -> Result<Passt, String> {
         use std::os::fd::AsRawFd;
         let fd = sock.as_raw_fd();
-        let mut cmd = Command::new("passt");
-        cmd.args([
-            "--foreground",
-            "--quiet",
-            "--fd",
-            "3",
-            "-t",
-            "none",
-            "-u",
-            "none",
-        ])
-        .args(["--address", &host.address.to_string()])
-        .args(["--netmask", &host.prefix.to_string()])
-        .args(["--gateway", &host.gateway.to_string()])
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null());
+        let mut cmd = command(PASST);
+        cmd.arg("--foreground");
+        cmd.arg("--quiet");
+        // VMC_PASST_PCAP=FILE: passt records the guest's frames to FILE (for
+        // debugging the guest's network with tcpdump or wireshark).
+        if let Some(pcap) = std::env::var_os("VMC_PASST_PCAP") {
+            cmd.arg("--pcap").arg(pcap);
+        }
+        cmd.args(["--fd", "3", "-t", "none", "-u", "none"])
+            .args(["--address", &host.address.to_string()])
+            .args(["--netmask", &host.prefix.to_string()])
+            .args(["--gateway", &host.gateway.to_string()])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
         // SAFETY: dup2 and prctl are async-signal-safe; fd stays open in the
         // parent until spawn returns.
         unsafe {
