@@ -362,7 +362,7 @@ fn run(args: RunArgs) -> Result<i32> {
     let _ = c.save();
     // A run that failed in vmc itself leaves nothing behind.
     if args.rm || result.is_err() {
-        let _ = std::fs::remove_dir_all(&dir);
+        let _ = cstate::remove_dir(&dir);
     }
     result.context("run")
 }
@@ -405,8 +405,22 @@ fn wait_started(dir: &std::path::Path, id: &str) -> Result<i32> {
 
 /// `--network MODE` of run and build, in namespace mode (`ns`) or a VM.
 fn network_for(ns: bool, requested: Option<&str>) -> Result<runtime::net::Network> {
-    let _ = ns; // the same choice in both modes: passt serves VMs, pasta namespaces
-    runtime::net::Network::choose(requested).map_err(anyhow::Error::msg)
+    // The same choice in both modes (passt serves VMs, pasta namespaces),
+    // but for rootless namespace mode, whose pasta needs /dev/net/tun.
+    let net = runtime::net::Network::choose(requested).map_err(anyhow::Error::msg)?;
+    if ns && net == runtime::net::Network::Passt && runtime::ns::rootless() {
+        if let Err(e) = runtime::net::tun_usable() {
+            if requested.is_some() {
+                anyhow::bail!(
+                    "--network passt without root: pasta cannot use /dev/net/tun ({e}); \
+                     make it read-write for everyone (chmod 0666 /dev/net/tun, as Debian's \
+                     udev rules do), run as root, or use --network none"
+                );
+            }
+            return Ok(runtime::net::Network::None);
+        }
+    }
+    Ok(net)
 }
 
 fn mark_running(c: &mut Container) -> Result<()> {
@@ -484,6 +498,11 @@ fn supervise(dir: &std::path::Path) -> Result<i32> {
     // The signals the container gets forwarded are blocked before any thread
     // exists, so that only the runtime's forwarding ever receives them.
     runtime::ns::block_forwarded();
+    if c.state.mode == "ns" {
+        // Without root, the user namespace can only be entered while this
+        // process has a single thread.
+        runtime::ns::user_namespace()?;
+    }
     let (l1, l2) = (log.clone(), log.clone());
     let t1 = std::thread::spawn(move || cstate::log_stream(out_r, &l1, "stdout"));
     let t2 = std::thread::spawn(move || cstate::log_stream(err_r, &l2, "stderr"));
@@ -508,7 +527,7 @@ fn supervise(dir: &std::path::Path) -> Result<i32> {
     c.state.finished = Some(cstate::now_secs());
     c.save()?;
     if c.state.auto_remove {
-        let _ = std::fs::remove_dir_all(dir);
+        let _ = cstate::remove_dir(dir);
     }
     Ok(0)
 }
@@ -769,8 +788,8 @@ fn rm(a: RmArgs) -> Result<i32> {
         runtime::cgroup::remove_listed(&c.dir.join("cgroups"));
         // Another remover (a second `rm`, an --rm supervisor) may be at
         // the same directory: what counts is that it is gone.
-        if let Err(e) = std::fs::remove_dir_all(&c.dir) {
-            if c.dir.exists() && std::fs::remove_dir_all(&c.dir).is_err() && c.dir.exists() {
+        if let Err(e) = cstate::remove_dir(&c.dir) {
+            if c.dir.exists() && cstate::remove_dir(&c.dir).is_err() && c.dir.exists() {
                 return Err(e).with_context(|| format!("removing {}", c.dir.display()));
             }
         }

@@ -285,7 +285,8 @@ fn deletions_in_cached_layers_hold_for_the_steps_that_follow() {
     let base =
         "FROM busybox\nRUN rm /etc/group && mkdir -p /d && touch /d/keep /d/drop\nRUN rm /d/drop\n";
     write(ctx.path(), "Dockerfile", base);
-    ok(&vmc(h, &["build", "-t", "one", c]));
+    // No network: nothing is mounted over /etc (see tests/network.rs).
+    ok(&vmc(h, &["build", "--network", "none", "-t", "one", c]));
     // Both RUNs now come from the cache: their layers (with whiteouts) are
     // fed to the new build VM before the new step runs.
     write(
@@ -293,7 +294,7 @@ fn deletions_in_cached_layers_hold_for_the_steps_that_follow() {
         "Dockerfile",
         &format!("{base}RUN ls /etc /d | tr '\\n' ' '\n"),
     );
-    let out = ok(&vmc(h, &["build", "-t", "two", c]));
+    let out = ok(&vmc(h, &["build", "--network", "none", "-t", "two", c]));
     assert!(out.contains("/d: keep  /etc: passwd \n"), "{out}");
     assert_eq!(out.matches("Using cache").count(), 2, "{out}");
 }

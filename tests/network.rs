@@ -84,15 +84,43 @@ fn pasta_processes(home: &Path) -> usize {
 }
 
 /// A build context whose Dockerfile's RUN step fetches `url` into /fetched
-/// and whose CMD prints it.
+/// and copies the resolv.conf it sees to /resolv-seen; CMD prints /fetched.
 fn fetching_context(url: &str) -> tempfile::TempDir {
     let ctx = tempfile::tempdir().unwrap();
     std::fs::write(
         ctx.path().join("Dockerfile"),
-        format!("FROM busybox\nRUN wget -q -O /fetched {url}\nCMD [\"cat\", \"/fetched\"]\n"),
+        format!(
+            "FROM busybox\nRUN wget -q -O /fetched {url} && cat /etc/resolv.conf >/resolv-seen\n\
+             CMD [\"cat\", \"/fetched\"]\n"
+        ),
     )
     .unwrap();
     ctx
+}
+
+/// After a build from [`fetching_context`]: its RUN step saw the host's
+/// nameservers in /etc/resolv.conf, which busybox does not have, and the
+/// image still has none (the placeholder mounted over stayed out of the
+/// layer).
+fn check_build_resolv_conf(h: &Path, image: &str) {
+    let host = std::fs::read_to_string("/etc/resolv.conf").unwrap_or_default();
+    let seen = ok(&run(
+        h,
+        &["--network", "none", image, "cat", "/resolv-seen"],
+    ));
+    assert_eq!(seen, vmc::runtime::net::resolv_conf(&host, &[]), "{image}");
+    let dir = tempfile::tempdir().unwrap();
+    let archive = dir.path().join("image.tar");
+    ok(&vmc(h, &["save", "-o", archive.to_str().unwrap(), image]));
+    let listing = std::process::Command::new("sh")
+        .arg("-c")
+        .arg("cd \"$0\" && tar -xf image.tar && for b in blobs/sha256/*; do tar -tf \"$b\" 2>/dev/null; done")
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    let paths = String::from_utf8_lossy(&listing.stdout);
+    assert!(paths.contains("resolv-seen"), "{image}: {paths}");
+    assert!(!paths.contains("resolv.conf"), "{image}: {paths}");
 }
 
 fn run(h: &Path, args: &[&str]) -> std::process::Output {
@@ -253,6 +281,7 @@ fn namespace_mode(h: &Path, gw: &str, port: u16) {
         &["build", "--mode", "ns", "-q", "-t", "fetched", ctx_s],
     ));
     assert_eq!(ok(&run(h, &["fetched"])), "hello from the host");
+    check_build_resolv_conf(h, "fetched");
     let o = vmc(
         h,
         &[
@@ -373,6 +402,7 @@ fn vm_mode(h: &Path, gw: &str, port: u16) {
         ok(&vm(&["--mode", "ns", "vmfetched"])),
         "hello from the host"
     );
+    check_build_resolv_conf(h, "vmfetched");
 
     // Ten more networked VMs, two at a time, that end by themselves, leave
     // no passt behind (tests/many.rs kills ten more with rm -f: twenty).

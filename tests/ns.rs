@@ -365,3 +365,163 @@ fn cgroup_limits_and_env_files_apply() {
     assert_eq!(o.status.code(), Some(125));
     assert!(String::from_utf8_lossy(&o.stderr).contains(":1: 'NOT VALID=x' is not KEY=VALUE"));
 }
+
+/// Namespace mode without root: vmc run by `nobody` (uid 65534) with its
+/// own store puts the container in a user namespace where it is root, runs,
+/// detaches, execs and cleans up; limits are a clear error (no cgroup to
+/// use). The test itself runs as root to become nobody.
+#[test]
+fn namespace_mode_without_root_uses_a_user_namespace() {
+    if !is_root() {
+        return;
+    }
+    const NOBODY: u32 = 65534;
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    // nobody cannot reach root's build directory: its own copy of vmc and
+    // of the busybox root as a tarball.
+    let bin = d.join("vmc");
+    std::fs::copy(env!("CARGO_BIN_EXE_vmc"), &bin).unwrap();
+    let tar = common::busybox_tar(&d.join("busybox.tar"));
+    let st = Command::new("chown")
+        .args(["-R", &format!("{NOBODY}:{NOBODY}")])
+        .arg(d)
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let as_nobody = |args: &[&str]| -> Output {
+        Command::new("setpriv")
+            .args([
+                &format!("--reuid={NOBODY}"),
+                &format!("--regid={NOBODY}"),
+                "--clear-groups",
+            ])
+            .arg(&bin)
+            .args(args)
+            .env_clear()
+            .env("PATH", std::env::var_os("PATH").unwrap())
+            .env("HOME", d)
+            .env("VMC_HOME", d.join("store"))
+            .stdin(Stdio::null())
+            .output()
+            .unwrap()
+    };
+    let ok = |o: Output| -> String {
+        assert!(o.status.success(), "{o:?}");
+        stdout(&o)
+    };
+    ok(as_nobody(&["import", tar.to_str().unwrap(), "busybox"]));
+    let out = ok(as_nobody(&[
+        "run",
+        "--rm",
+        "--mode",
+        "ns",
+        "--network",
+        "none",
+        "--hostname",
+        "nobodys",
+        "busybox",
+        "sh",
+        "-c",
+        "id -u; cat /proc/self/uid_map; hostname; echo data >/written && cat /written; \
+         stat -c %U /etc; echo $$",
+    ]));
+    let lines: Vec<String> = out
+        .lines()
+        .map(|l| l.split_whitespace().collect::<Vec<_>>().join(" "))
+        .collect();
+    assert_eq!(
+        lines,
+        [
+            "0",
+            &format!("0 {NOBODY} 1"),
+            "nobodys",
+            "data",
+            "root",
+            "1"
+        ],
+        "{out}"
+    );
+
+    // Detached with a published port, exec'd into (joining its user
+    // namespace first), removed.
+    let port = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().port()
+    };
+    let publish = format!("127.0.0.1:{port}:8080");
+    ok(as_nobody(&[
+        "run", "-d", "--mode", "ns", "--name", "r", "-p", &publish, "busybox", "httpd", "-f", "-p",
+        "8080", "-h", "/etc",
+    ]));
+    let out = ok(as_nobody(&[
+        "exec",
+        "r",
+        "sh",
+        "-c",
+        "id -u; cat /proc/1/cmdline",
+    ]));
+    assert_eq!(out, "0\nhttpd\0-f\0-p\08080\0-h\0/etc\0", "{out:?}");
+    let mut page = String::new();
+    for _ in 0..100 {
+        if let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", port)) {
+            use std::io::{Read, Write};
+            let _ = s.write_all(b"GET /group HTTP/1.0\r\n\r\n");
+            page.clear();
+            let _ = s.read_to_string(&mut page);
+            if page.contains("200 OK") {
+                break;
+            }
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    assert!(page.contains("root:x:0:"), "{page}");
+    assert!(ok(as_nobody(&["ps", "-q"])).trim().len() == 12);
+    ok(as_nobody(&["rm", "-f", "r"]));
+    assert_eq!(ok(as_nobody(&["ps", "-aq"])), "");
+
+    // The network: pasta in the container's namespace needs /dev/net/tun,
+    // which Debian's udev makes read-write for everyone (this project's
+    // machines have it 0600): an interface with the host's address, or a
+    // clear error naming the fix.
+    let o = as_nobody(&[
+        "run",
+        "--rm",
+        "--mode",
+        "ns",
+        "--network",
+        "passt",
+        "busybox",
+        "ip",
+        "-4",
+        "-o",
+        "addr",
+        "show",
+        "scope",
+        "global",
+    ]);
+    use std::os::unix::fs::PermissionsExt;
+    let tun = std::fs::metadata("/dev/net/tun").map_or(0, |m| m.permissions().mode());
+    if tun & 0o006 == 0o006 {
+        let host = vmc::runtime::net::host_ipv4().unwrap();
+        assert!(
+            stdout(&o).contains(&format!(" {}/{} ", host.address, host.prefix)),
+            "{o:?}"
+        );
+    } else {
+        assert_eq!(o.status.code(), Some(125), "{o:?}");
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(
+            err.contains("/dev/net/tun") && err.contains("chmod"),
+            "{err}"
+        );
+    }
+
+    // Limits need a cgroup: a clear error, nothing started.
+    let o = as_nobody(&[
+        "run", "--rm", "--mode", "ns", "--memory", "64m", "busybox", "true",
+    ]);
+    assert_eq!(o.status.code(), Some(125), "{o:?}");
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("--memory") && err.contains("root"), "{err}");
+}

@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{free_port, kvm_available, ok, rootfs, vmc};
+use common::{free_port, kvm_available, ok, vmc};
 use sha2::{Digest as _, Sha256};
 
 const REGISTRY: &str = "/usr/bin/docker-registry";
@@ -129,16 +129,7 @@ impl Drop for Registry {
 /// the store at `home` and saves it as an OCI archive; returns the archive
 /// and the image id.
 fn saved_busybox(home: &Path) -> (PathBuf, String) {
-    let tar = home.join("busybox.tar");
-    let st = Command::new("tar")
-        .arg("-C")
-        .arg(rootfs())
-        .arg("-cf")
-        .arg(&tar)
-        .arg(".")
-        .status()
-        .unwrap();
-    assert!(st.success());
+    let tar = common::busybox_tar(&home.join("busybox.tar"));
     let id = ok(&vmc(home, &["import", tar.to_str().unwrap(), "bb:1"]))
         .trim()
         .to_string();

@@ -196,43 +196,46 @@ pub fn mount_root(spec: &RootSpec) -> io::Result<()> {
         libc::MS_NOATIME,
         Some("noblock_validity"),
     )?;
-    crate::layers::mount_stack(IMAGE, SCRATCH, ROOT)?;
     if let Some(net) = &spec.network {
         crate::netcfg::configure(net)
             .map_err(|e| io::Error::new(e.kind(), format!("network {}: {e}", net.ifname)))?;
     }
-    bind_etc(&spec.etc)?;
+    crate::layers::mount_stack(IMAGE, SCRATCH, ROOT, &spec.etc)?;
     set_hostname(&spec.hostname)
 }
 
 /// Docker's /etc/resolv.conf, /etc/hosts and /etc/hostname for the
-/// container: written under /run and bind-mounted over the root's (created
-/// in the container's upper layer if the image lacks them).
-fn bind_etc(files: &[(String, String)]) -> io::Result<()> {
+/// container: written under /run and bind-mounted over those of the root
+/// at `root`. One the image lacks gets an empty placeholder in the upper
+/// layer to mount over; their paths (relative to the root) are returned,
+/// so that a build step's layer can leave them out.
+pub fn bind_etc(root: &str, files: &[(String, String)]) -> io::Result<Vec<String>> {
+    let mut placeholders = Vec::new();
     if files.is_empty() {
-        return Ok(());
+        return Ok(placeholders);
     }
     let dir = "/run/vmc-etc";
     fs::create_dir_all(dir)?;
-    fs::create_dir_all(format!("{ROOT}/etc"))?;
+    fs::create_dir_all(format!("{root}/etc"))?;
     for (name, text) in files {
         if name.contains('/') || name.starts_with('.') {
             continue;
         }
         let src = format!("{dir}/{name}");
         fs::write(&src, text)?;
-        let target = format!("{ROOT}/etc/{name}");
+        let target = format!("{root}/etc/{name}");
         // A symlink there (e.g. to systemd's resolver) is left alone.
         match fs::symlink_metadata(&target) {
             Ok(m) if m.file_type().is_symlink() => continue,
             Ok(_) => {}
             Err(_) => {
                 fs::write(&target, b"")?;
+                placeholders.push(format!("etc/{name}"));
             }
         }
         mount(Some(&src), &target, None, libc::MS_BIND, None)?;
     }
-    Ok(())
+    Ok(placeholders)
 }
 
 /// Mounts /proc, /sys and /dev inside the container root.

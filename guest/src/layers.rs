@@ -22,6 +22,12 @@ struct Stack {
     root: String,
     /// Committed layers on the scratch disk, oldest first.
     lowers: Vec<String>,
+    /// /etc files bound over the root's (see `init::bind_etc`), again after
+    /// every rotation.
+    etc: Vec<(String, String)>,
+    /// Placeholders for them created in the current upper: not part of the
+    /// step's layer.
+    placeholders: Vec<String>,
 }
 
 static STACK: Mutex<Option<Stack>> = Mutex::new(None);
@@ -37,8 +43,14 @@ fn overlay_data(s: &Stack) -> String {
     )
 }
 
-/// Mounts the overlay and the pseudo filesystems at `root` the first time.
-pub fn mount_stack(image: &str, scratch: &str, root: &str) -> io::Result<()> {
+/// Mounts the overlay, the pseudo filesystems and the `etc` files at
+/// `root` the first time.
+pub fn mount_stack(
+    image: &str,
+    scratch: &str,
+    root: &str,
+    etc: &[(String, String)],
+) -> io::Result<()> {
     fs::create_dir_all(format!("{scratch}/upper"))?;
     fs::create_dir_all(format!("{scratch}/work"))?;
     let mut lowers = Vec::new();
@@ -48,11 +60,13 @@ pub fn mount_stack(image: &str, scratch: &str, root: &str) -> io::Result<()> {
         lowers.push(format!("{scratch}/lower-{n}"));
         n += 1;
     }
-    let s = Stack {
+    let mut s = Stack {
         image: image.into(),
         scratch: scratch.into(),
         root: root.into(),
         lowers,
+        etc: etc.to_vec(),
+        placeholders: Vec::new(),
     };
     mount(
         Some("overlay"),
@@ -62,11 +76,13 @@ pub fn mount_stack(image: &str, scratch: &str, root: &str) -> io::Result<()> {
         Some(&overlay_data(&s)),
     )?;
     crate::init::mount_pseudo(root)?;
+    s.placeholders = crate::init::bind_etc(root, etc)?;
     *STACK.lock().unwrap_or_else(|e| e.into_inner()) = Some(s);
     Ok(())
 }
 
 fn umount_all(root: &str) -> io::Result<()> {
+    // MNT_DETACH takes the /etc bind mounts with the root.
     for sub in ["dev", "sys", "proc", ""] {
         let p = cstr(format!("{root}/{sub}").trim_end_matches('/'))?;
         // SAFETY: p is NUL-terminated.
@@ -97,7 +113,10 @@ pub fn rotate() -> io::Result<()> {
         0,
         Some(&overlay_data(s)),
     )?;
-    crate::init::mount_pseudo(&s.root)
+    crate::init::mount_pseudo(&s.root)?;
+    // A placeholder made before is in a lower now: none is new.
+    s.placeholders = crate::init::bind_etc(&s.root, &s.etc)?;
+    Ok(())
 }
 
 /// Unpacks a layer tar (from the host) into the root, then rotates.
@@ -169,14 +188,14 @@ fn remove_any(p: &Path) -> io::Result<()> {
 
 /// Streams the upper directory as an OCI layer tar into `out`, then rotates.
 pub fn commit<W: Write>(out: W) -> io::Result<()> {
-    let upper = STACK
+    let (upper, placeholders) = STACK
         .lock()
         .unwrap_or_else(|e| e.into_inner())
         .as_ref()
-        .map(|s| format!("{}/upper", s.scratch))
+        .map(|s| (format!("{}/upper", s.scratch), s.placeholders.clone()))
         .ok_or_else(|| io::Error::other("the container root is not assembled"))?;
     // SAFETY: sync takes no arguments.
     unsafe { libc::sync() };
-    vmc_guest::upper::write_layer(Path::new(&upper), out)?;
+    vmc_guest::upper::write_layer_except(Path::new(&upper), out, &placeholders)?;
     rotate()
 }

@@ -487,6 +487,7 @@ fn spawn_io(p: &Prepared, io: ChildIo, gate: Option<Gate>) -> Result<u32, SpawnE
         None => None,
     };
     let gate_fd = gate_pipe.as_ref().map_or(-1, |(r, _)| r.as_raw_fd());
+    let gate_w = gate_pipe.as_ref().map_or(-1, |(_, w)| w.as_raw_fd());
 
     let pid = match p.iso.as_ref().map(|i| i.clone_flags).unwrap_or(0) {
         // SAFETY: fork in a multithreaded process: the child below only makes
@@ -514,7 +515,17 @@ fn spawn_io(p: &Prepared, io: ChildIo, gate: Option<Gate>) -> Result<u32, SpawnE
     }
     if pid == 0 {
         // SAFETY: see above; child_main never returns.
-        unsafe { child_main(p, io, &argv, &envp, &groups, err_w.as_raw_fd(), gate_fd) }
+        unsafe {
+            child_main(
+                p,
+                io,
+                &argv,
+                &envp,
+                &groups,
+                err_w.as_raw_fd(),
+                [gate_fd, gate_w],
+            )
+        }
     }
     drop(err_w);
     let mut gate_failure = None;
@@ -579,7 +590,7 @@ unsafe fn child_main(
     envp: &[*const libc::c_char],
     groups: &[libc::gid_t],
     err_fd: RawFd,
-    gate_fd: RawFd,
+    [gate_fd, gate_w]: [RawFd; 2],
 ) -> ! {
     let fail = |step: Step| -> ! {
         // SAFETY: __errno_location is always valid in the calling thread.
@@ -595,6 +606,11 @@ unsafe fn child_main(
     // SAFETY: all calls below are system calls on valid, NUL-terminated data
     // prepared by the parent; each result is checked.
     unsafe {
+        // Only the parent writes the gate: closed here, the read below sees
+        // end of file when the parent gives up without writing.
+        if gate_w >= 0 {
+            libc::close(gate_w);
+        }
         // The agent blocks SIGCHLD; the workload starts with an empty mask.
         let mut set: libc::sigset_t = std::mem::zeroed();
         libc::sigemptyset(&mut set);
@@ -631,7 +647,11 @@ unsafe fn child_main(
         // credentials of every thread glibc knows of and wait for them, and
         // a child made by a raw clone of a multithreaded parent still lists
         // the parent's threads, so it would wait forever.
-        if libc::syscall(libc::SYS_setgroups, groups.len(), groups.as_ptr()) < 0
+        // In a user namespace whose setgroups is denied (rootless namespace
+        // mode maps one id) the supplementary groups cannot change: EPERM
+        // there leaves them as they are.
+        if (libc::syscall(libc::SYS_setgroups, groups.len(), groups.as_ptr()) < 0
+            && *libc::__errno_location() != libc::EPERM)
             || libc::syscall(libc::SYS_setgid, p.user.gid) < 0
             || libc::syscall(libc::SYS_setuid, p.user.uid) < 0
         {

@@ -12,12 +12,33 @@ use std::path::{Path, PathBuf};
 
 /// Writes the contents of `upper` as a layer tar to `out`.
 pub fn write_layer<W: Write>(upper: &Path, out: W) -> io::Result<()> {
+    write_layer_except(upper, out, &[])
+}
+
+/// As [`write_layer`], leaving out `placeholders` (paths relative to
+/// `upper`) where they are still the empty files the sandbox created to
+/// bind /etc/resolv.conf over: the image did not have them, and the
+/// step's layer does not either.
+pub fn write_layer_except<W: Write>(
+    upper: &Path,
+    out: W,
+    placeholders: &[String],
+) -> io::Result<()> {
     let mut b = tar::Builder::new(out);
     b.mode(tar::HeaderMode::Complete);
     b.follow_symlinks(false);
-    let mut links = HashMap::new();
-    append_dir(&mut b, upper, Path::new(""), &mut links)?;
+    let mut walk = Walk {
+        links: HashMap::new(),
+        skip: placeholders.iter().map(PathBuf::from).collect(),
+    };
+    append_dir(&mut b, upper, Path::new(""), &mut walk)?;
     b.into_inner()?.flush()
+}
+
+struct Walk {
+    /// First path of each multiply-linked inode written.
+    links: HashMap<(u64, u64), PathBuf>,
+    skip: Vec<PathBuf>,
 }
 
 fn xattr(path: &Path, name: &str) -> Option<Vec<u8>> {
@@ -61,7 +82,7 @@ fn append_dir<W: Write>(
     b: &mut tar::Builder<W>,
     dir: &Path,
     rel: &Path,
-    links: &mut HashMap<(u64, u64), PathBuf>,
+    walk: &mut Walk,
 ) -> io::Result<()> {
     let mut entries: Vec<_> = fs::read_dir(dir)?.collect::<Result<_, _>>()?;
     entries.sort_by_key(|e| e.file_name());
@@ -88,18 +109,21 @@ fn append_dir<W: Write>(
                 h.set_mode(0o644);
                 b.append_data(&mut h, relp.join(".wh..wh..opq"), io::empty())?;
             }
-            append_dir(b, &path, &relp, links)?;
+            append_dir(b, &path, &relp, walk)?;
         } else if ft.is_symlink() {
             let mut h = header_for(&meta, tar::EntryType::Symlink);
             b.append_link(&mut h, &relp, fs::read_link(&path)?)?;
         } else if ft.is_file() {
+            if meta.len() == 0 && walk.skip.contains(&relp) {
+                continue;
+            }
             if meta.nlink() > 1 {
-                if let Some(first) = links.get(&(meta.dev(), meta.ino())) {
+                if let Some(first) = walk.links.get(&(meta.dev(), meta.ino())) {
                     let mut h = header_for(&meta, tar::EntryType::Link);
                     b.append_link(&mut h, &relp, first)?;
                     continue;
                 }
-                links.insert((meta.dev(), meta.ino()), relp.clone());
+                walk.links.insert((meta.dev(), meta.ino()), relp.clone());
             }
             let mut h = header_for(&meta, tar::EntryType::Regular);
             h.set_size(meta.len());
@@ -112,4 +136,41 @@ fn append_dir<W: Write>(
         // Sockets and device nodes are not part of a layer.
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn names(tar_bytes: &[u8]) -> Vec<String> {
+        let mut a = tar::Archive::new(tar_bytes);
+        a.entries()
+            .unwrap()
+            .map(|e| e.unwrap().path().unwrap().display().to_string())
+            .collect()
+    }
+
+    #[test]
+    fn placeholders_stay_out_of_the_layer_while_empty() {
+        let d = std::env::temp_dir().join(format!("vmc-upper-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&d);
+        fs::create_dir_all(d.join("etc")).unwrap();
+        fs::write(d.join("etc/resolv.conf"), b"").unwrap();
+        fs::write(d.join("etc/hosts"), b"").unwrap();
+        fs::write(d.join("made"), b"by the step").unwrap();
+        let skip = ["etc/resolv.conf".to_string()];
+        let mut out = Vec::new();
+        write_layer_except(&d, &mut out, &skip).unwrap();
+        // An empty file that is not a placeholder is kept.
+        assert_eq!(names(&out), ["etc", "etc/hosts", "made"]);
+        // A placeholder the step filled is the step's change: kept.
+        fs::write(d.join("etc/resolv.conf"), b"nameserver 10.0.0.1\n").unwrap();
+        let mut out = Vec::new();
+        write_layer_except(&d, &mut out, &skip).unwrap();
+        assert_eq!(names(&out), ["etc", "etc/hosts", "etc/resolv.conf", "made"]);
+        let mut plain = Vec::new();
+        write_layer(&d, &mut plain).unwrap();
+        assert_eq!(out, plain);
+        fs::remove_dir_all(&d).unwrap();
+    }
 }

@@ -25,6 +25,8 @@ pub struct BuildNs {
     upper: PathBuf,
     next: usize,
     network: Network,
+    /// Files the current upper has only to be mounted over (resolv.conf).
+    placeholders: Vec<String>,
 }
 
 fn err(what: &str) -> impl Fn(std::io::Error) -> RuntimeError + '_ {
@@ -47,6 +49,7 @@ impl BuildNs {
             upper: PathBuf::new(),
             next: 0,
             network,
+            placeholders: Vec::new(),
         };
         ns.upper = ns.fresh("upper")?;
         Ok(ns)
@@ -80,8 +83,16 @@ impl BuildNs {
         let root_s = root.display().to_string();
         let mut iso = isolation(&root_s, "buildkitsandbox");
         if self.network == Network::Passt {
-            // The host's nameservers over the image's resolv.conf, if it has
-            // one: a bind mount, so that the step's layer does not change.
+            // The host's nameservers over the image's resolv.conf: a bind
+            // mount, so that the step's layer does not change. An image
+            // without one gets an empty placeholder to mount over, which
+            // the layer leaves out (as the guest agent does in a microVM).
+            let target = root.join("etc/resolv.conf");
+            let etc_dir = fs::symlink_metadata(root.join("etc")).is_ok_and(|m| m.is_dir());
+            if etc_dir && fs::symlink_metadata(&target).is_err() {
+                fs::write(&target, b"").map_err(err("creating /etc/resolv.conf"))?;
+                self.placeholders.push("etc/resolv.conf".into());
+            }
             let resolv = self.dir.join("resolv.conf");
             let host = fs::read_to_string("/etc/resolv.conf").unwrap_or_default();
             fs::write(&resolv, crate::runtime::net::resolv_conf(&host, &[]))
@@ -145,7 +156,9 @@ impl BuildNs {
     /// Writes the last step's changes as a layer tar to `sink`; they become
     /// a lower for the steps that follow.
     pub fn commit(&mut self, sink: &mut dyn Write) -> Result<(), RuntimeError> {
-        vmc_guest::upper::write_layer(&self.upper, sink).map_err(err("writing the layer"))?;
+        vmc_guest::upper::write_layer_except(&self.upper, sink, &self.placeholders)
+            .map_err(err("writing the layer"))?;
+        self.placeholders.clear();
         let done = std::mem::take(&mut self.upper);
         self.lowers.push(done);
         self.upper = self.fresh("upper")?;

@@ -67,7 +67,19 @@ impl BuildVm {
                 m => return Err(unexpected(m)),
             }
         }
-        conn.send(&HostMsg::Mount(vm.root_spec("buildkitsandbox", Vec::new())))?;
+        // With a network, the host's nameservers (as namespace builds);
+        // the agent keeps the file out of the steps' layers.
+        let etc = match network {
+            crate::runtime::net::Network::Passt => {
+                let host = std::fs::read_to_string("/etc/resolv.conf").unwrap_or_default();
+                vec![(
+                    "resolv.conf".to_string(),
+                    crate::runtime::net::resolv_conf(&host, &[]),
+                )]
+            }
+            crate::runtime::net::Network::None => Vec::new(),
+        };
+        conn.send(&HostMsg::Mount(vm.root_spec("buildkitsandbox", etc)))?;
         match conn.recv()? {
             GuestMsg::Mounted => {}
             m => return Err(unexpected(m)),

@@ -568,7 +568,13 @@ impl Unpacker {
         shown: &str,
     ) -> Result<(), LayerError> {
         // SAFETY: fd is open; chown before chmod (chown clears set-id bits).
-        check(unsafe { libc::fchown(fd, uid, gid) }).map_err(io_at(shown))?;
+        if let Err(e) = check(unsafe { libc::fchown(fd, uid, gid) }) {
+            // Without root, files stay the unpacking user's, which rootless
+            // namespace mode maps to the container's root.
+            if e.raw_os_error() != Some(libc::EPERM) || !crate::runtime::ns::rootless() {
+                return Err(io_at(shown)(e));
+            }
+        }
         // SAFETY: as above.
         check(unsafe { libc::fchmod(fd, mode) }).map_err(io_at(shown))?;
         Ok(())

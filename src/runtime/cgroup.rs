@@ -45,6 +45,16 @@ impl Cgroup {
         if limits.memory.is_none() && limits.cpus.is_none() && limits.pids.is_none() {
             return Ok(None);
         }
+        if super::ns::rootless() {
+            let flag = if limits.memory.is_some() {
+                "--memory"
+            } else if limits.cpus.is_some() {
+                "--cpus"
+            } else {
+                "--pids-limit"
+            };
+            return Err(NsError::RootlessLimits(flag));
+        }
         let name = format!("vmc-{}", &id[..12.min(id.len())]);
         let mut cg = Cgroup { dirs: Vec::new() };
         let mkdir = |p: &Path| {

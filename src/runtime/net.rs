@@ -52,6 +52,17 @@ impl Network {
 }
 
 const PASTA: &str = "pasta";
+
+/// Whether this user can open /dev/net/tun read-write, which pasta needs
+/// to give a container an interface (rootless namespace mode: root always
+/// can). Without it, rootless containers default to `--network none`.
+pub fn tun_usable() -> std::io::Result<()> {
+    std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/net/tun")
+        .map(drop)
+}
 const PASST: &str = "passt";
 
 /// Where `name` (passt, or pasta: the same program) runs from: the assets

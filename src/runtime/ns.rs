@@ -23,8 +23,10 @@ use super::{ContainerConfig, RuntimeError};
 /// Errors specific to namespace mode.
 #[derive(Debug, thiserror::Error)]
 pub enum NsError {
-    #[error("namespace mode needs root (user namespaces are not supported yet): run vmc as root or use --mode vm")]
-    NotRoot,
+    #[error("namespace mode without root needs user namespaces, which this kernel refuses ({0}): enable them (sysctl user.max_user_namespaces, kernel.unprivileged_userns_clone) or run vmc as root")]
+    NoUserns(std::io::Error),
+    #[error("{0} in namespace mode need root: without it vmc runs in a user namespace and has no cgroup of its own to limit (run as root, or drop the flag)")]
+    RootlessLimits(&'static str),
     #[error("{what}: {source}")]
     Sys {
         what: String,
@@ -196,14 +198,55 @@ pub fn root_ops(root: &str) -> Vec<RootOp> {
     ops
 }
 
+/// Whether this process runs without root on the host, and so namespace
+/// mode in a user namespace of its own (rootless, as podman's).
+pub fn rootless() -> bool {
+    static ROOTLESS: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    // SAFETY: geteuid has no preconditions; taken before any user namespace
+    // is entered (inside one, this process is uid 0).
+    *ROOTLESS.get_or_init(|| unsafe { libc::geteuid() } != 0)
+}
+
+/// Without root: moves this process into a new user namespace where its
+/// own uid and gid are 0 and it holds every capability over the namespaces
+/// it creates next (the container's), none over the host's. A single id is
+/// mapped (no /etc/subuid ranges, no setuid helper): every file of the
+/// image belongs to the container's root. Must run while the process is
+/// single-threaded (unshare(CLONE_NEWUSER) requires it).
+fn enter_user_namespace() -> Result<(), NsError> {
+    // SAFETY: getuid/getgid have no preconditions.
+    let (uid, gid) = unsafe { (libc::getuid(), libc::getgid()) };
+    // SAFETY: unshare with a constant flag; result checked.
+    if unsafe { libc::unshare(libc::CLONE_NEWUSER) } != 0 {
+        return Err(NsError::NoUserns(std::io::Error::last_os_error()));
+    }
+    let write = |file: &str, text: String| {
+        std::fs::write(format!("/proc/self/{file}"), text)
+            .map_err(sys(format!("writing /proc/self/{file}")))
+    };
+    // setgroups must be denied before an unprivileged gid_map is written.
+    write("setgroups", "deny".into())?;
+    write("uid_map", format!("0 {uid} 1"))?;
+    write("gid_map", format!("0 {gid} 1"))
+}
+
+/// Without root, enters the user namespace of [`enter_user_namespace`]
+/// unless already in it; a process that starts threads before it runs a
+/// container calls this first.
+pub fn user_namespace() -> Result<(), NsError> {
+    // SAFETY: geteuid has no preconditions.
+    if rootless() && unsafe { libc::geteuid() } != 0 {
+        enter_user_namespace()?;
+    }
+    Ok(())
+}
+
 /// Moves this process into a private mount namespace of its own: the
 /// container's mounts are seen by no one else and go away with the last
 /// process in it. Idempotent in effect (a second call nests another one).
+/// Without root, inside a user namespace first ([`enter_user_namespace`]).
 pub fn private_mounts() -> Result<(), NsError> {
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } != 0 {
-        return Err(NsError::NotRoot);
-    }
+    user_namespace()?;
     // SAFETY: unshare/mount with valid arguments; results checked.
     unsafe {
         check(libc::unshare(libc::CLONE_NEWNS), "unshare(CLONE_NEWNS)")?;
@@ -252,11 +295,16 @@ impl OverlayRoot {
             .map(|p| p.display().to_string())
             .collect::<Vec<_>>()
             .join(":");
-        let data = format!(
+        let mut data = format!(
             "lowerdir={lowerdir},upperdir={},workdir={}",
             upper.display(),
             work.display()
         );
+        if rootless() {
+            // In a user namespace overlayfs keeps its metadata (opaque
+            // directories) in user.* xattrs: trusted.* are the host's.
+            data.push_str(",userxattr");
+        }
         vmc_guest::sys::mount(
             Some("overlay"),
             &root.display().to_string(),
@@ -554,11 +602,13 @@ pub fn exec_attached(
     spec: &vmc_guest::ProcessSpec,
     forward_stdin: bool,
 ) -> Result<i32, RuntimeError> {
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } != 0 {
-        return Err(NsError::NotRoot.into());
-    }
-    for ns in ["ipc", "uts", "net", "cgroup", "pid", "mnt"] {
+    // Without root the container's namespaces belong to its user namespace,
+    // which is joined first (and gives the capabilities to join the rest).
+    let user = rootless().then_some("user");
+    for ns in user
+        .into_iter()
+        .chain(["ipc", "uts", "net", "cgroup", "pid", "mnt"])
+    {
         let p = format!("/proc/{pid}/ns/{ns}");
         let f = std::fs::File::open(&p).map_err(sys(p.clone()))?;
         let fd = std::os::fd::AsRawFd::as_raw_fd(&f);

@@ -323,6 +323,32 @@ pub fn read_log(path: &Path) -> Vec<LogLine> {
         .collect()
 }
 
+/// Removes a container's state directory. Without root, overlayfs leaves
+/// its work directory with mode 000 (made inside the container's user
+/// namespace, where the removal's process is not): its owner can still
+/// open it up, and the removal is retried once.
+pub fn remove_dir(dir: &std::path::Path) -> std::io::Result<()> {
+    match std::fs::remove_dir_all(dir) {
+        Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => {
+            open_up(dir);
+            std::fs::remove_dir_all(dir)
+        }
+        r => r,
+    }
+}
+
+/// Makes every directory under `dir` (symlinks not followed) rwx for its
+/// owner.
+fn open_up(dir: &std::path::Path) {
+    use std::os::unix::fs::PermissionsExt;
+    if std::fs::symlink_metadata(dir).is_ok_and(|m| m.is_dir()) {
+        let _ = std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700));
+        for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+            open_up(&e.path());
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -327,18 +327,24 @@ impl Drop for TestHome {
 }
 
 /// A fresh store holding the busybox rootfs as the image `busybox`.
-pub fn store_with_busybox() -> TestHome {
-    let home = TestHome::new();
-    let tar = home.path().join("busybox.tar");
+/// The busybox root of [`rootfs`] as a plain tarball at `dest` (for
+/// `vmc import`); returns `dest`.
+pub fn busybox_tar(dest: &Path) -> PathBuf {
     let st = std::process::Command::new("tar")
         .arg("-C")
         .arg(rootfs())
         .arg("-cf")
-        .arg(&tar)
+        .arg(dest)
         .arg(".")
         .status()
         .unwrap();
     assert!(st.success());
+    dest.to_path_buf()
+}
+
+pub fn store_with_busybox() -> TestHome {
+    let home = TestHome::new();
+    let tar = busybox_tar(&home.path().join("busybox.tar"));
     ok(&vmc(
         home.path(),
         &["import", tar.to_str().unwrap(), "busybox"],
