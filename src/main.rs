@@ -1053,6 +1053,11 @@ fn build(a: BuildArgs) -> Result<i32> {
             }
         }
     }
+    if a.mode == "ns" {
+        // Without root the build's RUN steps run in a user namespace, which
+        // this process enters now, before any thread exists.
+        runtime::ns::user_namespace()?;
+    }
     let store = store()?;
     let o = vmc::build::BuildOptions {
         context: a.context.clone(),

@@ -383,6 +383,13 @@ fn namespace_mode_without_root_uses_a_user_namespace() {
     let bin = d.join("vmc");
     std::fs::copy(env!("CARGO_BIN_EXE_vmc"), &bin).unwrap();
     let tar = common::busybox_tar(&d.join("busybox.tar"));
+    let ctx = d.join("ctx");
+    std::fs::create_dir(&ctx).unwrap();
+    std::fs::write(
+        ctx.join("Dockerfile"),
+        "FROM busybox\nRUN rm /etc/group && echo yes > /etc/made\n",
+    )
+    .unwrap();
     let st = Command::new("chown")
         .args(["-R", &format!("{NOBODY}:{NOBODY}")])
         .arg(d)
@@ -411,6 +418,33 @@ fn namespace_mode_without_root_uses_a_user_namespace() {
         stdout(&o)
     };
     ok(as_nobody(&["import", tar.to_str().unwrap(), "busybox"]));
+    // A build whose RUN steps run in the user namespace too, a deletion
+    // included (a whiteout in the step's layer).
+    let out = ok(as_nobody(&[
+        "build",
+        "--mode",
+        "ns",
+        "--network",
+        "none",
+        "-q",
+        "-t",
+        "rootless",
+        d.join("ctx").to_str().unwrap(),
+    ]));
+    assert!(out.trim().starts_with("sha256:"), "{out}");
+    let out = ok(as_nobody(&[
+        "run",
+        "--rm",
+        "--mode",
+        "ns",
+        "--network",
+        "none",
+        "rootless",
+        "sh",
+        "-c",
+        "cat /etc/made; test -e /etc/group || echo no-group",
+    ]));
+    assert_eq!(out, "yes\nno-group\n", "{out}");
     let out = ok(as_nobody(&[
         "run",
         "--rm",

@@ -104,7 +104,12 @@ fn append_dir<W: Write>(
             let mut h = header_for(&meta, tar::EntryType::Directory);
             append_xattrs(b, &path)?;
             b.append_data(&mut h, &relp, io::empty())?;
-            if xattr(&path, "trusted.overlay.opaque").as_deref() == Some(b"y") {
+            // trusted.* as root; user.* where overlayfs was mounted with
+            // userxattr (rootless namespace mode).
+            let opaque = ["trusted.overlay.opaque", "user.overlay.opaque"]
+                .iter()
+                .any(|n| xattr(&path, n).as_deref() == Some(b"y"));
+            if opaque {
                 let mut h = header_for(&meta, tar::EntryType::Regular);
                 h.set_mode(0o644);
                 b.append_data(&mut h, relp.join(".wh..wh..opq"), io::empty())?;

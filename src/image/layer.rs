@@ -570,8 +570,10 @@ impl Unpacker {
         // SAFETY: fd is open; chown before chmod (chown clears set-id bits).
         if let Err(e) = check(unsafe { libc::fchown(fd, uid, gid) }) {
             // Without root, files stay the unpacking user's, which rootless
-            // namespace mode maps to the container's root.
-            if e.raw_os_error() != Some(libc::EPERM) || !crate::runtime::ns::rootless() {
+            // namespace mode maps to the container's root (EPERM outside its
+            // user namespace, EINVAL inside for an owner it does not map).
+            let refused = matches!(e.raw_os_error(), Some(libc::EPERM | libc::EINVAL));
+            if !refused || !crate::runtime::ns::rootless() {
                 return Err(io_at(shown)(e));
             }
         }

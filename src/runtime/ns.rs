@@ -218,7 +218,14 @@ fn enter_user_namespace() -> Result<(), NsError> {
     let (uid, gid) = unsafe { (libc::getuid(), libc::getgid()) };
     // SAFETY: unshare with a constant flag; result checked.
     if unsafe { libc::unshare(libc::CLONE_NEWUSER) } != 0 {
-        return Err(NsError::NoUserns(std::io::Error::last_os_error()));
+        let e = std::io::Error::last_os_error();
+        if e.raw_os_error() == Some(libc::EINVAL) {
+            // The kernel's answer to a process with several threads.
+            return Err(NsError::Start(
+                "entering a user namespace: vmc has started threads already (a bug: please report it)".into(),
+            ));
+        }
+        return Err(NsError::NoUserns(e));
     }
     let write = |file: &str, text: String| {
         std::fs::write(format!("/proc/self/{file}"), text)
