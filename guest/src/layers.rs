@@ -121,12 +121,21 @@ pub fn rotate() -> io::Result<()> {
 
 /// Unpacks a layer tar (from the host) into the root, then rotates.
 pub fn apply<R: Read>(reader: R) -> io::Result<()> {
-    let root = STACK
+    let (root, etc) = STACK
         .lock()
         .unwrap_or_else(|e| e.into_inner())
         .as_ref()
-        .map(|s| s.root.clone())
+        .map(|s| (s.root.clone(), s.etc.clone()))
         .ok_or_else(|| io::Error::other("the container root is not assembled"))?;
+    // The layer may replace or delete a file bound over (COPY of its own
+    // resolv.conf): a mount point cannot be, so the binds go first; rotate
+    // puts them back.
+    for (name, _) in &etc {
+        if let Ok(p) = cstr(format!("{root}/etc/{name}")) {
+            // SAFETY: p is NUL-terminated; failure (not mounted) is fine.
+            unsafe { libc::umount2(p.as_ptr(), libc::MNT_DETACH) };
+        }
+    }
     let mut a = tar::Archive::new(reader);
     a.set_preserve_permissions(true);
     a.set_preserve_ownerships(true);
@@ -196,6 +205,6 @@ pub fn commit<W: Write>(out: W) -> io::Result<()> {
         .ok_or_else(|| io::Error::other("the container root is not assembled"))?;
     // SAFETY: sync takes no arguments.
     unsafe { libc::sync() };
-    vmc_guest::upper::write_layer_except(Path::new(&upper), out, &placeholders)?;
+    vmc_guest::upper::write_layer_except(Path::new(&upper), out, &placeholders, false)?;
     rotate()
 }

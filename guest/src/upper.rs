@@ -12,17 +12,20 @@ use std::path::{Path, PathBuf};
 
 /// Writes the contents of `upper` as a layer tar to `out`.
 pub fn write_layer<W: Write>(upper: &Path, out: W) -> io::Result<()> {
-    write_layer_except(upper, out, &[])
+    write_layer_except(upper, out, &[], false)
 }
 
 /// As [`write_layer`], leaving out `placeholders` (paths relative to
 /// `upper`) where they are still the empty files the sandbox created to
 /// bind /etc/resolv.conf over: the image did not have them, and the
-/// step's layer does not either.
+/// step's layer does not either. `userxattr`: the overlay was mounted with
+/// that option (rootless), so its opaque marks are `user.overlay.opaque`;
+/// otherwise such an xattr is the image's own data, not a mark.
 pub fn write_layer_except<W: Write>(
     upper: &Path,
     out: W,
     placeholders: &[String],
+    userxattr: bool,
 ) -> io::Result<()> {
     let mut b = tar::Builder::new(out);
     b.mode(tar::HeaderMode::Complete);
@@ -30,6 +33,11 @@ pub fn write_layer_except<W: Write>(
     let mut walk = Walk {
         links: HashMap::new(),
         skip: placeholders.iter().map(PathBuf::from).collect(),
+        opaque: if userxattr {
+            "user.overlay.opaque"
+        } else {
+            "trusted.overlay.opaque"
+        },
     };
     append_dir(&mut b, upper, Path::new(""), &mut walk)?;
     b.into_inner()?.flush()
@@ -39,6 +47,8 @@ struct Walk {
     /// First path of each multiply-linked inode written.
     links: HashMap<(u64, u64), PathBuf>,
     skip: Vec<PathBuf>,
+    /// The xattr overlayfs marks opaque directories with.
+    opaque: &'static str,
 }
 
 fn xattr(path: &Path, name: &str) -> Option<Vec<u8>> {
@@ -104,12 +114,7 @@ fn append_dir<W: Write>(
             let mut h = header_for(&meta, tar::EntryType::Directory);
             append_xattrs(b, &path)?;
             b.append_data(&mut h, &relp, io::empty())?;
-            // trusted.* as root; user.* where overlayfs was mounted with
-            // userxattr (rootless namespace mode).
-            let opaque = ["trusted.overlay.opaque", "user.overlay.opaque"]
-                .iter()
-                .any(|n| xattr(&path, n).as_deref() == Some(b"y"));
-            if opaque {
+            if xattr(&path, walk.opaque).as_deref() == Some(b"y") {
                 let mut h = header_for(&meta, tar::EntryType::Regular);
                 h.set_mode(0o644);
                 b.append_data(&mut h, relp.join(".wh..wh..opq"), io::empty())?;
@@ -165,13 +170,13 @@ mod tests {
         fs::write(d.join("made"), b"by the step").unwrap();
         let skip = ["etc/resolv.conf".to_string()];
         let mut out = Vec::new();
-        write_layer_except(&d, &mut out, &skip).unwrap();
+        write_layer_except(&d, &mut out, &skip, false).unwrap();
         // An empty file that is not a placeholder is kept.
         assert_eq!(names(&out), ["etc", "etc/hosts", "made"]);
         // A placeholder the step filled is the step's change: kept.
         fs::write(d.join("etc/resolv.conf"), b"nameserver 10.0.0.1\n").unwrap();
         let mut out = Vec::new();
-        write_layer_except(&d, &mut out, &skip).unwrap();
+        write_layer_except(&d, &mut out, &skip, false).unwrap();
         assert_eq!(names(&out), ["etc", "etc/hosts", "etc/resolv.conf", "made"]);
         let mut plain = Vec::new();
         write_layer(&d, &mut plain).unwrap();

@@ -156,7 +156,8 @@ impl BuildNs {
     /// Writes the last step's changes as a layer tar to `sink`; they become
     /// a lower for the steps that follow.
     pub fn commit(&mut self, sink: &mut dyn Write) -> Result<(), RuntimeError> {
-        vmc_guest::upper::write_layer_except(&self.upper, sink, &self.placeholders)
+        let userxattr = crate::runtime::ns::rootless();
+        vmc_guest::upper::write_layer_except(&self.upper, sink, &self.placeholders, userxattr)
             .map_err(err("writing the layer"))?;
         self.placeholders.clear();
         let done = std::mem::take(&mut self.upper);

@@ -577,6 +577,13 @@ impl Unpacker {
                 return Err(io_at(shown)(e));
             }
         }
+        // Without root the file stays the user's: a set-id bit would make
+        // it run as that user for anyone who can reach the store.
+        let mode = if crate::runtime::ns::rootless() {
+            mode & !0o6000
+        } else {
+            mode
+        };
         // SAFETY: as above.
         check(unsafe { libc::fchmod(fd, mode) }).map_err(io_at(shown))?;
         Ok(())
@@ -637,7 +644,13 @@ impl Unpacker {
                 check(unsafe {
                     libc::fsetxattr(
                         fd.as_raw_fd(),
-                        c"trusted.overlay.opaque".as_ptr(),
+                        // Rootless namespace mode mounts overlayfs with
+                        // userxattr (and cannot set trusted.* at all).
+                        if crate::runtime::ns::rootless() {
+                            c"user.overlay.opaque".as_ptr()
+                        } else {
+                            c"trusted.overlay.opaque".as_ptr()
+                        },
                         b"y".as_ptr().cast(),
                         1,
                         0,

@@ -112,8 +112,9 @@ pub fn vmc_home() -> PathBuf {
     if let Some(d) = std::env::var_os("VMC_HOME") {
         return PathBuf::from(d);
     }
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } == 0 {
+    // Whether vmc runs as root on the host: inside rootless namespace mode's
+    // user namespace the euid is 0, but the store stays the user's.
+    if !ns::rootless() {
         return PathBuf::from("/var/lib/vmc");
     }
     crate::assets::assets_dir()

@@ -71,13 +71,25 @@ const PASST: &str = "passt";
 /// 24 s), else `$PATH`.
 pub fn program(name: &str) -> Option<std::path::PathBuf> {
     let own = crate::assets::assets_dir().join(name);
-    if own.is_file() {
+    if own.is_file() && safe_to_run(&own) {
         return Some(own);
     }
     let paths = std::env::var_os("PATH")?;
     std::env::split_paths(&paths)
         .map(|d| d.join(name))
         .find(|p| p.is_file())
+}
+
+/// As root, a program from the assets directory (which follows `HOME` and
+/// `VMC_ASSETS`, so under `sudo -E` a user's) runs only if root owns it and
+/// nobody else can write it.
+fn safe_to_run(p: &std::path::Path) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 || super::ns::rootless() {
+        return true;
+    }
+    std::fs::metadata(p).is_ok_and(|m| m.uid() == 0 && m.mode() & 0o022 == 0)
 }
 
 /// `Command` for `name`, found by [`program`].
