@@ -109,6 +109,13 @@ fn check_build_resolv_conf(h: &Path, image: &str) {
         &["--network", "none", image, "cat", "/resolv-seen"],
     ));
     assert_eq!(seen, vmc::runtime::net::resolv_conf(&host, &[]), "{image}");
+    let paths = layer_paths(h, image);
+    assert!(paths.contains("resolv-seen"), "{image}: {paths}");
+    assert!(!paths.contains("resolv.conf"), "{image}: {paths}");
+}
+
+/// The paths in all layers of `image`, one per line, from `vmc save`.
+fn layer_paths(h: &Path, image: &str) -> String {
     let dir = tempfile::tempdir().unwrap();
     let archive = dir.path().join("image.tar");
     ok(&vmc(h, &["save", "-o", archive.to_str().unwrap(), image]));
@@ -118,9 +125,7 @@ fn check_build_resolv_conf(h: &Path, image: &str) {
         .arg(dir.path())
         .output()
         .unwrap();
-    let paths = String::from_utf8_lossy(&listing.stdout);
-    assert!(paths.contains("resolv-seen"), "{image}: {paths}");
-    assert!(!paths.contains("resolv.conf"), "{image}: {paths}");
+    String::from_utf8_lossy(&listing.stdout).into_owned()
 }
 
 fn run(h: &Path, args: &[&str]) -> std::process::Output {
@@ -424,19 +429,7 @@ fn vm_mode(h: &Path, gw: &str, port: u16) {
             ctx.path().to_str().unwrap(),
         ],
     ));
-    let dir = tempfile::tempdir().unwrap();
-    let archive = dir.path().join("image.tar");
-    ok(&vmc(
-        h,
-        &["save", "-o", archive.to_str().unwrap(), "ownresolv"],
-    ));
-    let listing = std::process::Command::new("sh")
-        .arg("-c")
-        .arg("cd \"$0\" && tar -xf image.tar && for b in blobs/sha256/*; do tar -tf \"$b\" 2>/dev/null; done")
-        .arg(dir.path())
-        .output()
-        .unwrap();
-    let paths = String::from_utf8_lossy(&listing.stdout);
+    let paths = layer_paths(h, "ownresolv");
     assert!(
         paths.contains("etc/resolv.conf") && paths.contains("ran"),
         "{paths}"
