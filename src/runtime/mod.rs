@@ -102,8 +102,15 @@ pub enum RuntimeError {
 
 /// Whether `cmd` is an executable file in a directory of `$PATH`.
 pub fn on_path(cmd: &str) -> bool {
-    std::env::var_os("PATH")
-        .is_some_and(|paths| std::env::split_paths(&paths).any(|d| d.join(cmd).is_file()))
+    find_on_path(cmd).is_some()
+}
+
+/// The first file named `cmd` in a directory of `$PATH`.
+pub fn find_on_path(cmd: &str) -> Option<PathBuf> {
+    let paths = std::env::var_os("PATH")?;
+    std::env::split_paths(&paths)
+        .map(|d| d.join(cmd))
+        .find(|p| p.is_file())
 }
 
 /// vmc's state directory: `$VMC_HOME`, else /var/lib/vmc for root, else

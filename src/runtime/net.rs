@@ -74,10 +74,7 @@ pub fn program(name: &str) -> Option<std::path::PathBuf> {
     if own.is_file() && safe_to_run(&own) {
         return Some(own);
     }
-    let paths = std::env::var_os("PATH")?;
-    std::env::split_paths(&paths)
-        .map(|d| d.join(name))
-        .find(|p| p.is_file())
+    super::find_on_path(name)
 }
 
 /// As root, a program from the assets directory (which follows `HOME` and
