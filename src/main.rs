@@ -347,11 +347,14 @@ fn run(args: RunArgs) -> Result<i32> {
                 Ok(())
             });
         }
-        if let Err(e) = cmd.spawn() {
-            let _ = std::fs::remove_dir_all(&dir);
-            bail!("starting the container's supervisor: {e}");
-        }
-        return wait_started(&dir, &id);
+        let mut supervisor = match cmd.spawn() {
+            Ok(child) => child,
+            Err(e) => {
+                let _ = std::fs::remove_dir_all(&dir);
+                bail!("starting the container's supervisor: {e}");
+            }
+        };
+        return wait_started(&dir, &id, &mut supervisor);
     }
     // Attached: this process is the supervisor.
     mark_running(&mut c)?;
@@ -370,7 +373,11 @@ fn run(args: RunArgs) -> Result<i32> {
 /// `run -d`: returns once the supervisor has started the workload, as
 /// Docker's does, so that `exec` and published ports work right after it.
 /// A workload that could not start fails the run with its error and code.
-fn wait_started(dir: &std::path::Path, id: &str) -> Result<i32> {
+fn wait_started(
+    dir: &std::path::Path,
+    id: &str,
+    supervisor: &mut std::process::Child,
+) -> Result<i32> {
     let deadline = std::time::Instant::now() + runtime::microvm::BOOT_TIMEOUT * 2;
     loop {
         let Some(mut c) = Container::load(dir) else {
@@ -391,6 +398,22 @@ fn wait_started(dir: &std::path::Path, id: &str) -> Result<i32> {
                 .unwrap_or_else(|| "the container's supervisor ended".into());
             eprintln!("vmc: {}", why.trim_start_matches("vmc: "));
             return Ok(c.state.exit_code.unwrap_or(EXIT_VMC_ERROR));
+        }
+        if c.state.status == Status::Created {
+            if let Ok(Some(st)) = supervisor.try_wait() {
+                // It may have recorded its end just before: look again.
+                let fresh = Container::load(dir);
+                if fresh.is_none_or(|f| f.state.status != Status::Created || f.started()) {
+                    continue;
+                }
+                // Gone before it could record anything (killed, crashed).
+                bail!(
+                    "the supervisor of container {} ended before starting it ({st}); \
+                     remove it with vmc rm {}",
+                    &id[..12],
+                    &id[..12]
+                );
+            }
         }
         if std::time::Instant::now() > deadline {
             bail!(
@@ -457,7 +480,7 @@ fn execute(
         )?);
     }
     let listeners = runtime::ports::bind(&cfg.ports).map_err(anyhow::Error::msg)?;
-    runtime::ports::serve(
+    let _serving = runtime::ports::serve(
         listeners,
         runtime::ports::Target::Vm(dir.join("vsock.sock")),
     );
@@ -500,8 +523,16 @@ fn supervise(dir: &std::path::Path) -> Result<i32> {
     runtime::ns::block_forwarded();
     if c.state.mode == "ns" {
         // Without root, the user namespace can only be entered while this
-        // process has a single thread.
-        runtime::ns::user_namespace()?;
+        // process has a single thread. A failure is recorded as the
+        // container's exit, for `run -d` to report at once.
+        if let Err(e) = runtime::ns::user_namespace() {
+            cstate::log_stream(format!("vmc: {e}\n").as_bytes(), &log, "stderr");
+            c.state.status = Status::Exited;
+            c.state.exit_code = Some(EXIT_VMC_ERROR);
+            c.state.finished = Some(cstate::now_secs());
+            c.save()?;
+            return Err(e.into());
+        }
     }
     let (l1, l2) = (log.clone(), log.clone());
     let t1 = std::thread::spawn(move || cstate::log_stream(out_r, &l1, "stdout"));
@@ -673,14 +704,22 @@ fn signal_container(c: &mut Container, sig: i32) -> bool {
     true
 }
 
-/// Waits up to `timeout` for the container to stop running.
+/// Waits up to `timeout` for the container to stop running, and then (up
+/// to 10 s more) for its supervisor to be gone: the supervisor records the
+/// exit before it ends, and its published ports are free only once it has,
+/// which is what a user of `docker stop` or `docker wait` relies on.
 fn wait_exit(c: &mut Container, timeout: std::time::Duration) -> bool {
-    let end = std::time::Instant::now() + timeout;
-    while std::time::Instant::now() < end {
+    let now = std::time::Instant::now;
+    let end = now() + timeout;
+    while now() < end {
         if let Some(fresh) = Container::load(&c.dir) {
             *c = fresh;
         }
         if c.refresh() != Status::Running {
+            let gone = now() + std::time::Duration::from_secs(10);
+            while c.supervisor_alive() && now() < gone {
+                std::thread::sleep(std::time::Duration::from_millis(10));
+            }
             return true;
         }
         std::thread::sleep(std::time::Duration::from_millis(50));

@@ -383,6 +383,21 @@ fn namespace_mode_without_root_uses_a_user_namespace() {
     let bin = d.join("vmc");
     std::fs::copy(env!("CARGO_BIN_EXE_vmc"), &bin).unwrap();
     let tar = common::busybox_tar(&d.join("busybox.tar"));
+    // A read-only directory with a file in it (as Fedora's 0555 /usr/bin):
+    // without root, its mode can only be applied once its entries are in.
+    let ro = d.join("extra/ro");
+    std::fs::create_dir_all(&ro).unwrap();
+    std::fs::write(ro.join("inside"), "in\n").unwrap();
+    std::fs::set_permissions(&ro, std::fs::Permissions::from_mode(0o555)).unwrap();
+    let st = Command::new("tar")
+        .arg("-rf")
+        .arg(&tar)
+        .arg("-C")
+        .arg(d.join("extra"))
+        .arg("ro")
+        .status()
+        .unwrap();
+    assert!(st.success());
     let ctx = d.join("ctx");
     std::fs::create_dir(&ctx).unwrap();
     std::fs::write(
@@ -418,6 +433,19 @@ fn namespace_mode_without_root_uses_a_user_namespace() {
         stdout(&o)
     };
     ok(as_nobody(&["import", tar.to_str().unwrap(), "busybox"]));
+    let out = ok(as_nobody(&[
+        "run",
+        "--rm",
+        "--mode",
+        "ns",
+        "--network",
+        "none",
+        "busybox",
+        "sh",
+        "-c",
+        "stat -c %a /ro; cat /ro/inside",
+    ]));
+    assert_eq!(out, "555\nin\n");
     // A build whose RUN steps run in the user namespace too, a deletion
     // included (a whiteout in the step's layer).
     let out = ok(as_nobody(&[
@@ -558,4 +586,46 @@ fn namespace_mode_without_root_uses_a_user_namespace() {
     assert_eq!(o.status.code(), Some(125), "{o:?}");
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(err.contains("--memory") && err.contains("root"), "{err}");
+
+    // A kernel that refuses the user namespace (here: inside a chroot,
+    // where unshare(CLONE_NEWUSER) gets EPERM): `run -d` fails at once with
+    // the reason, and the container is recorded as exited.
+    let jail = d.join("jail");
+    std::fs::create_dir(&jail).unwrap();
+    let o = Command::new("unshare")
+        .args(["-m", "sh", "-c"])
+        .arg(r#"mount --make-rprivate / && mount --rbind / "$1" && shift && exec chroot "$@""#)
+        .arg("sh")
+        .arg(&jail)
+        .arg(&jail)
+        .args([
+            "setpriv",
+            &format!("--reuid={NOBODY}"),
+            &format!("--regid={NOBODY}"),
+            "--clear-groups",
+            "env",
+            "-i",
+        ])
+        .arg(format!("VMC_HOME={}", d.join("store").display()))
+        .arg(&bin)
+        .args([
+            "run",
+            "-d",
+            "--mode",
+            "ns",
+            "--network",
+            "none",
+            "--name",
+            "jailed",
+        ])
+        .args(["busybox", "sleep", "600"])
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(125), "{o:?}");
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("user namespaces"), "{err}");
+    let ps = ok(as_nobody(&["ps", "-a"]));
+    assert!(ps.contains("Exited (125)") && ps.contains("jailed"), "{ps}");
+    ok(as_nobody(&["rm", "jailed"]));
 }

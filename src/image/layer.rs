@@ -301,8 +301,10 @@ struct Unpacker {
     limits: Limits,
     /// Paths this layer created (an opaque whiteout keeps them).
     created: HashSet<PathBuf>,
-    /// Directories whose mtime is set at the end (children change it).
-    dir_times: Vec<(PathBuf, i64)>,
+    /// Directories whose mode and mtime are set at the end: children change
+    /// the mtime, and a read-only directory (0555, as Fedora's /usr/bin) must
+    /// stay writable while its entries arrive when unpacking without root.
+    dir_times: Vec<(PathBuf, i64, u32)>,
     stats: Stats,
 }
 
@@ -329,16 +331,35 @@ pub fn unpack<R: Read>(
         let entry = entry.map_err(LayerError::Read)?;
         u.entry(entry)?;
     }
-    for (path, mtime) in std::mem::take(&mut u.dir_times) {
+    // Deepest and latest first: a directory's children before it, and of
+    // two entries for one directory the later one wins.
+    let mut done = HashSet::new();
+    for (path, mtime, mode) in std::mem::take(&mut u.dir_times).into_iter().rev() {
+        if !done.insert(path.clone()) {
+            continue;
+        }
         if let Ok(fd) = open_in_root(
             u.root.as_raw_fd(),
             &path,
             libc::O_RDONLY | libc::O_DIRECTORY,
         ) {
+            // SAFETY: fd is open.
+            unsafe { libc::fchmod(fd.as_raw_fd(), allowed_mode(mode)) };
             set_times(fd.as_raw_fd(), mtime);
         }
     }
     Ok(u.stats)
+}
+
+/// The mode an entry gets: without root the file stays the user's, and a
+/// set-id bit would make it run as that user for anyone who can reach the
+/// store.
+fn allowed_mode(mode: u32) -> u32 {
+    if crate::runtime::ns::rootless() {
+        mode & !0o6000
+    } else {
+        mode
+    }
 }
 
 fn set_times(fd: RawFd, mtime: i64) {
@@ -428,9 +449,10 @@ impl Unpacker {
                 .map_err(io_at(&shown))?;
                 // SAFETY: fresh descriptor we own.
                 let fd = unsafe { OwnedFd::from_raw_fd(fd) };
-                self.own(fd.as_raw_fd(), uid, gid, mode, &shown)?;
+                // Its own mode comes at the end (see dir_times).
+                self.own(fd.as_raw_fd(), uid, gid, mode | 0o700, &shown)?;
                 self.xattrs(fd.as_raw_fd(), &mut entry);
-                self.dir_times.push((path.clone(), mtime));
+                self.dir_times.push((path.clone(), mtime, mode));
             }
             tar::EntryType::Regular | tar::EntryType::Continuous | tar::EntryType::GNUSparse => {
                 // SAFETY: pfd open; cname NUL-terminated; O_EXCL|O_NOFOLLOW create a new file only.
@@ -577,15 +599,8 @@ impl Unpacker {
                 return Err(io_at(shown)(e));
             }
         }
-        // Without root the file stays the user's: a set-id bit would make
-        // it run as that user for anyone who can reach the store.
-        let mode = if crate::runtime::ns::rootless() {
-            mode & !0o6000
-        } else {
-            mode
-        };
         // SAFETY: as above.
-        check(unsafe { libc::fchmod(fd, mode) }).map_err(io_at(shown))?;
+        check(unsafe { libc::fchmod(fd, allowed_mode(mode)) }).map_err(io_at(shown))?;
         Ok(())
     }
 

@@ -420,7 +420,8 @@ pub fn run_attached(
             return Ok(e.kind.exit_code());
         }
     };
-    super::ports::serve(listeners, super::ports::Target::Ns(pid));
+    // The ports close when this returns, before the exit is recorded.
+    let _serving = super::ports::serve(listeners, super::ports::Target::Ns(pid));
     // Where `vmc exec` finds the container's namespaces.
     let _ = std::fs::write(dir.join("init.pid"), pid.to_string());
     super::state::mark_started(dir);

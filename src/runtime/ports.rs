@@ -100,21 +100,60 @@ pub enum Target {
     Ns(i32),
 }
 
-/// Serves the listeners until the process exits (threads are detached).
-pub fn serve(listeners: Vec<(TcpListener, PortMap)>, target: Target) {
+/// Listeners being served; dropping it stops them and closes their
+/// sockets, so the host ports are free before the container's exit is
+/// recorded (connections already accepted carry on).
+pub struct Serving {
+    listeners: Vec<(Arc<TcpListener>, std::thread::JoinHandle<()>)>,
+    stopping: Arc<std::sync::atomic::AtomicBool>,
+}
+
+/// Serves the listeners until the returned guard is dropped.
+pub fn serve(listeners: Vec<(TcpListener, PortMap)>, target: Target) -> Serving {
+    use std::sync::atomic::{AtomicBool, Ordering};
     let target = Arc::new(target);
-    for (l, m) in listeners {
-        let target = target.clone();
-        std::thread::spawn(move || {
-            for conn in l.incoming().flatten() {
-                let target = target.clone();
-                std::thread::spawn(move || {
-                    if let Err(e) = forward(conn, m.container_port, &target) {
-                        log::info!("port {}: {e}", m.container_port);
+    let stopping = Arc::new(AtomicBool::new(false));
+    let listeners = listeners
+        .into_iter()
+        .map(|(l, m)| {
+            let l = Arc::new(l);
+            let (l2, target, stopping) = (l.clone(), target.clone(), stopping.clone());
+            let accepting = std::thread::spawn(move || loop {
+                match l2.accept() {
+                    Ok((conn, _)) => {
+                        let target = target.clone();
+                        std::thread::spawn(move || {
+                            if let Err(e) = forward(conn, m.container_port, &target) {
+                                log::info!("port {}: {e}", m.container_port);
+                            }
+                        });
                     }
-                });
-            }
-        });
+                    Err(_) if stopping.load(Ordering::SeqCst) => return,
+                    // Out of descriptors and the like: not a reason to stop
+                    // serving, nor to spin.
+                    Err(_) => std::thread::sleep(Duration::from_millis(10)),
+                }
+            });
+            (l, accepting)
+        })
+        .collect();
+    Serving {
+        listeners,
+        stopping,
+    }
+}
+
+impl Drop for Serving {
+    fn drop(&mut self) {
+        self.stopping
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        for (l, accepting) in self.listeners.drain(..) {
+            // shutdown(2) of a listening socket makes a blocked accept(2)
+            // return (EINVAL), so its thread ends and drops its reference.
+            // SAFETY: shutdown on a socket this struct keeps open.
+            unsafe { libc::shutdown(l.as_raw_fd(), libc::SHUT_RDWR) };
+            let _ = accepting.join();
+        }
     }
 }
 
@@ -200,6 +239,23 @@ fn relay<S: Read + Write + Send + 'static>(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn dropping_the_guard_frees_the_host_port() {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = l.local_addr().unwrap();
+        let m = PortMap {
+            host_ip: addr.ip(),
+            host_port: addr.port(),
+            container_port: 1,
+        };
+        let serving = serve(vec![(l, m)], Target::Ns(std::process::id() as i32));
+        // Served: accepted (the forward then fails and drops it).
+        assert!(TcpStream::connect(addr).is_ok());
+        drop(serving);
+        assert!(TcpStream::connect(addr).is_err(), "still accepting");
+        TcpListener::bind(addr).expect("the port is free again");
+    }
 
     #[test]
     fn port_specs_parse_like_docker() {

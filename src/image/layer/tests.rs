@@ -358,3 +358,23 @@ fn later_entries_replace_earlier_ones_of_another_kind() {
         .is_symlink());
     assert_eq!(std::fs::read(root.join("y")).unwrap(), b"now a file");
 }
+
+#[test]
+fn a_read_only_directory_gets_its_mode_after_its_entries() {
+    let (_sb, root) = sandbox();
+    let mut t = Tar::default();
+    t.header("usr/bin/", tar::EntryType::Directory, 0, None, 0o555);
+    let t = t.file("usr/bin/tool", b"x").dir("usr/bin/").done();
+    // The second entry for usr/bin (0750) is the one that counts.
+    unpack_into(&root, &t, Whiteouts::Overlay).unwrap();
+    let mode = |p: &str| std::fs::metadata(root.join(p)).unwrap().mode() & 0o7777;
+    assert_eq!(mode("usr/bin"), 0o750);
+    let mut t = Tar::default();
+    t.header("ro/", tar::EntryType::Directory, 0, None, 0o555);
+    let t = t.file("ro/f", b"x").done();
+    let (_sb2, root2) = sandbox();
+    unpack_into(&root2, &t, Whiteouts::Overlay).unwrap();
+    let m = std::fs::metadata(root2.join("ro")).unwrap();
+    assert_eq!((m.mode() & 0o7777, m.mtime()), (0o555, 1_000_000));
+    assert_eq!(std::fs::read(root2.join("ro/f")).unwrap(), b"x");
+}
