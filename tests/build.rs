@@ -210,6 +210,16 @@ fn bad_dockerfiles_and_contexts_are_one_line_errors() {
             "outside the build context",
         ),
         ("FROM scratch\nCOPY --from=nowhere /x /\n", "Dockerfile:2:"),
+        // Bad ARGs: no name, an empty name, an unterminated quote.
+        ("FROM scratch\nARG\n", "Dockerfile:2: ARG"),
+        (
+            "ARG =1\nFROM scratch\n",
+            "Dockerfile:1: ARG =1: empty variable name",
+        ),
+        (
+            "FROM scratch\nARG X=\"open\n",
+            "Dockerfile:2: ARG X=\"open: unexpected end of statement",
+        ),
     ];
     for (dockerfile, expect) in cases {
         write(ctx.path(), "Dockerfile", dockerfile);
@@ -297,4 +307,146 @@ fn deletions_in_cached_layers_hold_for_the_steps_that_follow() {
     let out = ok(&vmc(h, &["build", "--network", "none", "-t", "two", c]));
     assert!(out.contains("/d: keep  /etc: passwd \n"), "{out}");
     assert_eq!(out.matches("Using cache").count(), 2, "{out}");
+}
+
+/// `FROM scratch` with `-f` naming a Dockerfile outside the usual place:
+/// a static busybox copied in, an exec-form RUN (there is no /bin/sh), the
+/// image run. In namespace mode, and in a microVM where KVM is available.
+#[test]
+fn a_scratch_image_builds_from_a_named_dockerfile() {
+    if !common::is_root() {
+        return;
+    }
+    let home = tempfile::tempdir().unwrap();
+    let h = home.path();
+    let ctx = tempfile::tempdir().unwrap();
+    fs::copy(
+        common::rootfs().join("bin/busybox"),
+        ctx.path().join("busybox"),
+    )
+    .unwrap();
+    write(ctx.path(), "hello.txt", "hello\n");
+    write(
+        ctx.path(),
+        "build/Custom.dockerfile",
+        "FROM scratch\nCOPY busybox /bin/busybox\nCOPY hello.txt /\n\
+         RUN [\"/bin/busybox\", \"sh\", \"-c\", \"/bin/busybox echo built >> /hello.txt\"]\n\
+         ENTRYPOINT [\"/bin/busybox\"]\nCMD [\"cat\", \"/hello.txt\"]\n",
+    );
+    let file = ctx.path().join("build/Custom.dockerfile");
+    let mut modes = vec!["ns"];
+    if kvm_available() {
+        modes.push("vm");
+    }
+    for mode in modes {
+        let tag = format!("scratchy-{mode}");
+        let out = ok(&vmc(
+            h,
+            &[
+                "build",
+                "--mode",
+                mode,
+                "--network",
+                "none",
+                // The layer cache does not depend on the mode.
+                "--no-cache",
+                "-f",
+                file.to_str().unwrap(),
+                "-t",
+                &tag,
+                ctx.path().to_str().unwrap(),
+            ],
+        ));
+        assert!(out.contains("Step 4/6 : RUN"), "{out}");
+        assert!(!out.contains("Using cache"), "{out}");
+        let ran = ok(&vmc(h, &["run", "--rm", "--mode", "ns", &tag]));
+        assert_eq!(ran, "hello\nbuilt\n", "built in {mode}");
+    }
+    // No Dockerfile in the context and no -f: named as missing.
+    let o = vmc(h, &["build", "-t", "x", ctx.path().to_str().unwrap()]);
+    assert!(!o.status.success());
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("Dockerfile"),
+        "{o:?}"
+    );
+}
+
+/// Two builds and an import in separate vmc processes at once on one
+/// store: all three land, and the store stays an OCI layout that skopeo
+/// reads (index and blobs consistent).
+#[test]
+fn concurrent_builds_and_an_import_leave_a_consistent_store() {
+    if !common::is_root() {
+        return;
+    }
+    let home = store_with_busybox();
+    let h = home.path();
+    let tar = common::busybox_tar(&h.join("again.tar"));
+    let ctxs: Vec<tempfile::TempDir> = (0..2).map(|_| tempfile::tempdir().unwrap()).collect();
+    for (i, c) in ctxs.iter().enumerate() {
+        write(
+            c.path(),
+            "Dockerfile",
+            &format!("FROM busybox\nRUN echo {i} > /which && for n in 1 2 3 4 5 6 7 8; do echo $n > /f$n; done\nCMD [\"cat\", \"/which\"]\n"),
+        );
+    }
+    let spawn = |args: Vec<String>| {
+        Command::new(env!("CARGO_BIN_EXE_vmc"))
+            .env("VMC_HOME", h)
+            .env("VMC_SNAPSHOTS", snapshots())
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+    let mut children: Vec<_> = ctxs
+        .iter()
+        .enumerate()
+        .map(|(i, c)| {
+            spawn(
+                [
+                    "build",
+                    "--mode",
+                    "ns",
+                    "--network",
+                    "none",
+                    "-t",
+                    &format!("par{i}"),
+                    c.path().to_str().unwrap(),
+                ]
+                .map(String::from)
+                .to_vec(),
+            )
+        })
+        .collect();
+    children.push(spawn(
+        ["import", tar.to_str().unwrap(), "imported:again"]
+            .map(String::from)
+            .to_vec(),
+    ));
+    for c in children {
+        let o = c.wait_with_output().unwrap();
+        ok(&o);
+    }
+    for i in 0..2 {
+        let tag = format!("par{i}");
+        assert_eq!(
+            ok(&vmc(h, &["run", "--rm", "--mode", "ns", &tag])),
+            format!("{i}\n")
+        );
+    }
+    let images = ok(&vmc(h, &["images"]));
+    for name in ["par0", "par1", "imported", "busybox"] {
+        assert!(images.contains(name), "{images}");
+    }
+    for tag in ["par0:latest", "par1:latest", "imported:again"] {
+        let o = Command::new("skopeo")
+            .arg("inspect")
+            .arg(format!("oci:{}:{tag}", h.display()))
+            .output()
+            .expect("skopeo is installed by make setup");
+        assert!(o.status.success(), "{tag}: {o:?}");
+    }
 }

@@ -629,3 +629,55 @@ fn namespace_mode_without_root_uses_a_user_namespace() {
     assert!(ps.contains("Exited (125)") && ps.contains("jailed"), "{ps}");
     ok(as_nobody(&["rm", "jailed"]));
 }
+
+/// Without passt (neither vmc's own build nor one on PATH): `--network
+/// passt` is a one-line error naming the package, and the default falls
+/// back to loopback only, as Docker without its bridge.
+#[test]
+fn a_missing_passt_is_named_and_the_default_is_no_network() {
+    if !is_root() {
+        return;
+    }
+    let home = store_with_busybox();
+    let h = home.path();
+    let empty = tempfile::tempdir().unwrap();
+    let run = |args: &[&str]| -> Output {
+        Command::new(env!("CARGO_BIN_EXE_vmc"))
+            .env("VMC_HOME", h)
+            .env("VMC_ASSETS", empty.path())
+            .env("PATH", empty.path())
+            .args(args)
+            .stdin(Stdio::null())
+            .output()
+            .unwrap()
+    };
+    let o = run(&[
+        "run",
+        "--rm",
+        "--mode",
+        "ns",
+        "--network",
+        "passt",
+        "busybox",
+        "true",
+    ]);
+    assert_eq!(o.status.code(), Some(125), "{o:?}");
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains("passt is not installed (apt-get install passt)"),
+        "{err}"
+    );
+    assert_eq!(err.trim_end().lines().count(), 1, "{err}");
+    let o = run(&[
+        "run",
+        "--rm",
+        "--mode",
+        "ns",
+        "busybox",
+        "sh",
+        "-c",
+        "ip -o link | wc -l",
+    ]);
+    assert!(o.status.success(), "{o:?}");
+    assert_eq!(stdout(&o).trim(), "1", "loopback only: {o:?}");
+}
