@@ -114,8 +114,13 @@ pub enum Command {
 
 #[derive(Subcommand, Debug)]
 pub enum SystemCommand {
-    /// Remove warm-start snapshots and cached agent disks (rebuilt on demand).
-    Prune,
+    /// Remove stale warm-start snapshots and agent disks: those of another
+    /// kernel, guest agent, vmc version or backend (rebuilt on demand).
+    Prune {
+        /// Remove every snapshot and agent disk, current ones too.
+        #[arg(short, long)]
+        all: bool,
+    },
 }
 
 #[derive(Args, Debug)]

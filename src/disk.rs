@@ -72,14 +72,10 @@ pub fn build_erofs(dir: &Path, out: &Path) -> Result<(), DiskError> {
     )
 }
 
-/// The guest's own root disk: a small EROFS image with the agent as `/init`
-/// and the mount points it needs, built once per agent binary and cached in
-/// `cache` as `agent-<sha256 prefix>.erofs`. The kernel mounts it as `/`, so the
-/// agent is paged in from disk on demand instead of being copied out of an
-/// initramfs by the guest CPU, which is slow under software virtualisation.
-pub fn agent_disk(agent: &Path, cache: &Path) -> Result<PathBuf, DiskError> {
+/// Where [`agent_disk`] keeps the disk of `agent` (named by its content).
+pub fn agent_disk_path(agent: &Path, cache: &Path) -> Result<PathBuf, DiskError> {
     let failed = |detail: String| DiskError::Failed {
-        tool: "mkfs.erofs",
+        tool: "sha256",
         path: agent.display().to_string(),
         detail,
     };
@@ -99,10 +95,30 @@ pub fn agent_disk(agent: &Path, cache: &Path) -> Result<PathBuf, DiskError> {
         .take(8)
         .map(|b| format!("{b:02x}"))
         .collect();
-    let out = cache.join(format!("agent-{digest}.erofs"));
+    Ok(cache.join(format!("agent-{digest}.erofs")))
+}
+
+/// The guest's own root disk: a small EROFS image with the agent as `/init`
+/// and the mount points it needs, built once per agent binary and cached in
+/// `cache` as `agent-<sha256 prefix>.erofs`. The kernel mounts it as `/`, so the
+/// agent is paged in from disk on demand instead of being copied out of an
+/// initramfs by the guest CPU, which is slow under software virtualisation.
+pub fn agent_disk(agent: &Path, cache: &Path) -> Result<PathBuf, DiskError> {
+    let failed = |detail: String| DiskError::Failed {
+        tool: "mkfs.erofs",
+        path: agent.display().to_string(),
+        detail,
+    };
+    let out = agent_disk_path(agent, cache)?;
     if out.is_file() {
         return Ok(out);
     }
+    let digest = out
+        .file_stem()
+        .and_then(|n| n.to_str())
+        .and_then(|n| n.strip_prefix("agent-"))
+        .unwrap_or("")
+        .to_string();
     std::fs::create_dir_all(cache).map_err(|e| failed(e.to_string()))?;
     let tag = format!(
         "{}.{}",

@@ -15,7 +15,7 @@ use vmc::image::{self, Reference, Store};
 use vmc::runtime::spec::{self, RunOverrides};
 use vmc::runtime::state::{self as cstate, Container, Status};
 use vmc::runtime::{self, ContainerConfig, Resources, Rootfs};
-use vmc::{assets, bench, vmm};
+use vmc::{assets, bench, disk, vmm};
 
 /// Docker's exit code for "the runtime itself failed".
 const EXIT_VMC_ERROR: i32 = 125;
@@ -113,7 +113,7 @@ fn dispatch(cli: Cli) -> Result<i32> {
         Command::Load(a) => load(a),
         Command::Save(a) => save(a),
         Command::Bench(args) => bench::run(args).map(|_| 0).map_err(Into::into),
-        Command::System(SystemCommand::Prune) => prune(),
+        Command::System(SystemCommand::Prune { all }) => prune(all),
     }
 }
 
@@ -1175,16 +1175,36 @@ fn save(a: SaveArgs) -> Result<i32> {
     Ok(0)
 }
 
-fn prune() -> Result<i32> {
+fn prune(all: bool) -> Result<i32> {
     let dir = runtime::snapshots_dir();
-    let (n, bytes) =
-        runtime::snapshot::prune(&dir).with_context(|| format!("pruning {}", dir.display()))?;
     let cache = runtime::vmc_home().join("cache");
+    // What a run would use now; without a kernel or guest agent, nothing.
+    let kernel = assets::kernel(None).ok();
+    let agent = assets::guest_binary()
+        .ok()
+        .and_then(|g| disk::agent_disk_path(&g, &cache).ok());
+    let current = match (&kernel, &agent, all) {
+        (Some(k), Some(a), false) => Some(runtime::snapshot::SnapshotSpec {
+            kernel: k,
+            agent_disk: a,
+            cpus: 1,
+            memory: 0,
+            backend: vmm::Backend::detect(),
+        }),
+        _ => None,
+    };
+    let (n, bytes) = runtime::snapshot::prune(&dir, current.as_ref())
+        .with_context(|| format!("pruning {}", dir.display()))?;
     let mut disks = 0;
     if let Ok(entries) = std::fs::read_dir(&cache) {
         for e in entries.flatten() {
-            if e.file_name().to_string_lossy().starts_with("agent-")
-                && std::fs::remove_file(e.path()).is_ok()
+            let name = e.file_name().to_string_lossy().into_owned();
+            let in_use = current.is_some() && agent.as_ref().is_some_and(|a| *a == e.path());
+            if (name.starts_with("agent-") || name.starts_with(".agent-"))
+                && !in_use
+                && std::fs::remove_file(e.path())
+                    .or_else(|_| std::fs::remove_dir_all(e.path()))
+                    .is_ok()
             {
                 disks += 1;
             }

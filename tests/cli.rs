@@ -45,6 +45,50 @@ fn run_pipes_stdin_separates_output_and_returns_the_exit_code() {
     assert_eq!(containers_left(home.path()), 0, "--rm leaves no state");
 }
 
+/// The first form's flags through the binary: `--cpus` and `--memory`
+/// size the VM (the size tests/vm.rs uses, so its snapshot serves), a
+/// workload killed by SIGKILL is 137, a missing command 127 with Docker's
+/// message on stderr.
+#[test]
+fn cpus_memory_and_exit_codes_through_the_binary() {
+    if !kvm_available() {
+        return;
+    }
+    let home = tempfile::tempdir().unwrap();
+    let out = vmc(home.path())
+        .args(["run", "--rm", "--cpus", "2", "--memory", "512M", "--rootfs"])
+        .arg(rootfs())
+        .args([
+            "--",
+            "sh",
+            "-c",
+            "nproc; grep MemTotal /proc/meminfo | tr -s ' ' | cut -d' ' -f2; kill -9 $$",
+        ])
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(lines.first(), Some(&"2"), "{out:?}");
+    let kib: u64 = lines.get(1).and_then(|l| l.parse().ok()).unwrap_or(0);
+    assert!((400_000..=524_288).contains(&kib), "MemTotal {kib} kB");
+    assert_eq!(out.status.code(), Some(137), "{out:?}");
+    let out = vmc(home.path())
+        .args(["run", "--rm", "--cpus", "2", "--memory", "512M", "--rootfs"])
+        .arg(rootfs())
+        .args(["--", "no-such-command"])
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(127), "{out:?}");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("exec: \"no-such-command\": executable file not found in $PATH"),
+        "{err}"
+    );
+    assert_eq!(containers_left(home.path()), 0);
+}
+
 #[test]
 fn sigterm_to_vmc_reaches_the_workload() {
     if !kvm_available() {
@@ -215,4 +259,39 @@ fn version_and_help_work() {
         .unwrap();
     assert!(out.status.success());
     assert!(String::from_utf8_lossy(&out.stdout).contains("backend: "));
+}
+
+/// `vmc system prune` removes what no run can use (a snapshot without its
+/// inputs recorded, an old agent disk) and `--all` everything; the store's
+/// images are not touched.
+#[test]
+fn system_prune_removes_stale_snapshots() {
+    let home = tempfile::tempdir().unwrap();
+    let snaps = tempfile::tempdir().unwrap();
+    let prune = |args: &[&str]| -> String {
+        let o = Command::new(env!("CARGO_BIN_EXE_vmc"))
+            .env("VMC_HOME", home.path())
+            .env("VMC_SNAPSHOTS", snaps.path())
+            .args(["system", "prune"])
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{o:?}");
+        String::from_utf8_lossy(&o.stdout).into_owned()
+    };
+    let old = snaps.path().join("0123456789abcdef0123");
+    std::fs::create_dir_all(&old).unwrap();
+    std::fs::write(old.join("memory.img"), vec![7u8; 1 << 20]).unwrap();
+    std::fs::write(snaps.path().join("0123456789abcdef0123.lock"), b"").unwrap();
+    let cache = home.path().join("cache");
+    std::fs::create_dir_all(&cache).unwrap();
+    std::fs::write(cache.join("agent-0000000000000000.erofs"), b"old").unwrap();
+    let out = prune(&[]);
+    assert!(
+        out.starts_with("removed 1 snapshot(s) (1.0 MiB) and 1 cached agent disk(s)"),
+        "{out}"
+    );
+    assert_eq!(std::fs::read_dir(snaps.path()).unwrap().count(), 0);
+    assert!(!cache.join("agent-0000000000000000.erofs").exists());
+    assert!(prune(&["--all"]).starts_with("removed 0 snapshot(s)"));
 }

@@ -54,7 +54,17 @@ impl SnapshotSpec<'_> {
     /// every run would cost more than the restore); the agent disk's file
     /// name carries its content hash.
     pub fn key(&self) -> String {
-        let desc = format!(
+        Sha256::digest(self.describe().as_bytes())
+            .iter()
+            .take(10)
+            .map(|b| format!("{b:02x}"))
+            .collect()
+    }
+
+    /// What the key hashes, one input a line; kept in the snapshot (as
+    /// [`SPEC_FILE`]) so that `vmc system prune` can tell stale ones.
+    fn describe(&self) -> String {
+        format!(
             "vmc {}\nsnapshot format {FORMAT_VERSION}\nprotocol {PROTOCOL_VERSION}\nkernel {}\nagent {}\ncpus {}\nmemory {}\nbackend {:?}\ncmdline {}\n",
             env!("CARGO_PKG_VERSION"),
             file_identity(self.kernel),
@@ -63,13 +73,23 @@ impl SnapshotSpec<'_> {
             self.memory,
             self.backend,
             crate::vmm::base_cmdline(false, self.backend).join(" "),
-        );
-        Sha256::digest(desc.as_bytes())
-            .iter()
-            .take(10)
-            .map(|b| format!("{b:02x}"))
-            .collect()
+        )
     }
+}
+
+/// The inputs a snapshot was made from (see [`SnapshotSpec::describe`]).
+const SPEC_FILE: &str = "spec.txt";
+
+/// Whether two descriptions differ only in the VM's size (which each run
+/// picks: a snapshot for another size is not stale).
+fn same_but_size(a: &str, b: &str) -> bool {
+    let inputs = |d: &str| -> Vec<String> {
+        d.lines()
+            .filter(|l| !l.starts_with("cpus ") && !l.starts_with("memory "))
+            .map(str::to_string)
+            .collect()
+    };
+    inputs(a) == inputs(b)
 }
 
 /// The snapshot for `spec` under `root`, creating it if missing (or if `rebuild`).
@@ -134,6 +154,7 @@ fn create(tmp: &Path, spec: &SnapshotSpec, key: &str) -> Result<(), RuntimeError
         source: e,
     };
     std::fs::create_dir_all(tmp).map_err(io)?;
+    std::fs::write(tmp.join(SPEC_FILE), spec.describe()).map_err(io)?;
     let image = tmp.join("placeholder-image");
     let scratch = tmp.join("placeholder-scratch");
     File::create(&image).map_err(io)?;
@@ -173,22 +194,42 @@ fn create(tmp: &Path, spec: &SnapshotSpec, key: &str) -> Result<(), RuntimeError
     Ok(())
 }
 
-/// Removes every snapshot under `root` and leftovers (they are caches,
-/// rebuilt on demand); returns (entries removed, bytes freed).
-pub fn prune(root: &Path) -> std::io::Result<(usize, u64)> {
+/// Removes the stale snapshots under `root` (every one with `current`
+/// None): those made from another kernel, agent, vmc version or backend
+/// than `current`'s (any size), or older than [`SPEC_FILE`]; and leftovers
+/// of builders that died. They are caches, rebuilt on demand. Returns
+/// (entries removed, bytes freed).
+pub fn prune(root: &Path, current: Option<&SnapshotSpec>) -> std::io::Result<(usize, u64)> {
     let mut count = 0;
     let mut bytes = 0;
     let Ok(entries) = std::fs::read_dir(root) else {
         return Ok((0, 0));
     };
+    let now = current.map(|c| c.describe());
+    let mut locks = Vec::new();
     for e in entries.flatten() {
         let p = e.path();
         if p.is_dir() {
+            let made_from = std::fs::read_to_string(p.join(SPEC_FILE)).ok();
+            let hidden = e.file_name().to_string_lossy().starts_with('.');
+            let fresh = match (&now, &made_from) {
+                (Some(n), Some(m)) => !hidden && same_but_size(n, m),
+                _ => false,
+            };
+            if fresh {
+                continue;
+            }
             bytes += dir_usage(&p);
             std::fs::remove_dir_all(&p)?;
             count += 1;
         } else if p.extension().is_some_and(|x| x == "lock") {
-            let _ = std::fs::remove_file(&p);
+            locks.push(p);
+        }
+    }
+    // A lock whose snapshot is gone (a builder holding it recreates it).
+    for l in locks {
+        if !l.with_extension("").is_dir() {
+            let _ = std::fs::remove_file(&l);
         }
     }
     Ok((count, bytes))
@@ -257,10 +298,56 @@ mod tests {
         std::fs::write(root.join("abc/memory.img"), vec![1u8; 8192]).unwrap();
         std::fs::create_dir_all(root.join(".abc.tmp.123")).unwrap();
         std::fs::write(root.join("abc.lock"), b"").unwrap();
-        let (n, bytes) = prune(&root).unwrap();
+        let (n, bytes) = prune(&root, None).unwrap();
         assert_eq!(n, 2);
         assert!(bytes >= 8192);
         assert_eq!(std::fs::read_dir(&root).unwrap().count(), 0);
-        assert_eq!(prune(&root).unwrap(), (0, 0));
+        assert_eq!(prune(&root, None).unwrap(), (0, 0));
+    }
+
+    #[test]
+    fn prune_keeps_snapshots_of_the_current_inputs_in_any_size() {
+        let home = tempfile::tempdir().unwrap();
+        let (k, a) = (
+            home.path().join("vmlinux"),
+            home.path().join("agent-1.erofs"),
+        );
+        std::fs::write(&k, b"kernel").unwrap();
+        std::fs::write(&a, b"agent").unwrap();
+        let spec = |cpus, agent| SnapshotSpec {
+            kernel: &k,
+            agent_disk: agent,
+            cpus,
+            memory: 256 << 20,
+            backend: Backend::Vmx,
+        };
+        let root = home.path().join("snapshots");
+        let a2 = home.path().join("agent-2.erofs");
+        let made = |s: &SnapshotSpec| {
+            let d = root.join(s.key());
+            std::fs::create_dir_all(&d).unwrap();
+            std::fs::write(d.join(SPEC_FILE), s.describe()).unwrap();
+            std::fs::write(root.join(format!("{}.lock", s.key())), b"").unwrap();
+            s.key()
+        };
+        let one = made(&spec(1, &a));
+        let two = made(&spec(2, &a));
+        let old_agent = made(&spec(1, &a2));
+        std::fs::create_dir_all(root.join("from-an-older-vmc")).unwrap();
+        let (n, _) = prune(&root, Some(&spec(1, &a))).unwrap();
+        assert_eq!(n, 2, "the other agent's and the one without a spec");
+        let mut left: Vec<String> = std::fs::read_dir(&root)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        left.sort();
+        let mut want = vec![
+            one.clone(),
+            format!("{one}.lock"),
+            two.clone(),
+            format!("{two}.lock"),
+        ];
+        want.sort();
+        assert_eq!(left, want, "{old_agent} and its lock are gone");
     }
 }
