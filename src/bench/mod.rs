@@ -235,7 +235,13 @@ fn measure(args: &BenchArgs) -> Result<Report, BenchError> {
     interrupts_remove_sandboxes(env.clone(), tmp.clone());
     // --quick: a warm-up run for start only.
     let warmup = usize::from(!quick);
-    let mut b = scenarios::Bench::new(env, rts.clone(), Sizes::new(quick), runs, warmup);
+    let mut sizes = Sizes::new(quick);
+    if args.runs != 0 {
+        // Cold boots are capped at 3 by default (~45 s each here); a
+        // --runs given applies to them too.
+        sizes.boot_runs = args.runs;
+    }
+    let mut b = scenarios::Bench::new(env, rts.clone(), sizes, runs, warmup);
     let result = (|| -> Result<(), BenchError> {
         for s in &scenarios {
             b.scenario(s)?;
