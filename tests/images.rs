@@ -196,3 +196,36 @@ fn save_then_load_round_trips_and_skopeo_reads_the_archive() {
     assert_eq!(err.trim_end().lines().count(), 1, "{err}");
     assert!(ok(&vmc(third.path(), &["images", "-q"])).trim().is_empty());
 }
+
+/// Archives made by skopeo (the tool people have instead of `docker save`):
+/// a docker-archive and an OCI archive of an image in our store, each loaded
+/// into a fresh store and run.
+#[test]
+fn archives_made_by_skopeo_load_and_run() {
+    if !common::is_root() {
+        return;
+    }
+    let home = tempfile::tempdir().unwrap();
+    let h = home.path();
+    let tar = tarball(h);
+    ok(&vmc(h, &["import", tar.to_str().unwrap(), "bb:1"]));
+    for (transport, file) in [("docker-archive", "docker.tar"), ("oci-archive", "oci.tar")] {
+        let out = h.join(file);
+        let o = Command::new("skopeo")
+            .arg("copy")
+            .arg(format!("oci:{}:bb:1", h.display()))
+            .arg(format!("{transport}:{}:made/by-skopeo:2", out.display()))
+            .output()
+            .expect("skopeo is installed by make setup");
+        assert!(o.status.success(), "{o:?}");
+        let fresh = tempfile::tempdir().unwrap();
+        let loaded = ok(&vmc(fresh.path(), &["load", "-i", out.to_str().unwrap()]));
+        assert_eq!(loaded, "Loaded image: made/by-skopeo:2\n", "{transport}");
+        let name = "made/by-skopeo:2";
+        let ran = ok(&vmc(
+            fresh.path(),
+            &["run", "--rm", "--mode", "ns", name, "echo", transport],
+        ));
+        assert_eq!(ran, format!("{transport}\n"));
+    }
+}
