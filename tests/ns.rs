@@ -681,3 +681,108 @@ fn a_missing_passt_is_named_and_the_default_is_no_network() {
     assert!(o.status.success(), "{o:?}");
     assert_eq!(stdout(&o).trim(), "1", "loopback only: {o:?}");
 }
+
+/// `vmc stop` sends the image's STOPSIGNAL, and SIGKILL once `-t` runs out
+/// for a workload that ignores it; `exec -w -u` set the directory and user.
+#[test]
+fn stop_uses_the_stopsignal_then_sigkill_and_exec_takes_w_and_u() {
+    if !is_root() {
+        return;
+    }
+    let home = store_with_busybox();
+    let h = home.path();
+    let ctx = tempfile::tempdir().unwrap();
+    std::fs::write(
+        ctx.path().join("Dockerfile"),
+        "FROM busybox\nSTOPSIGNAL SIGUSR1\n\
+         CMD [\"sh\", \"-c\", \"trap 'echo got-usr1; exit 3' USR1; echo up; while :; do sleep 0.1; done\"]\n",
+    )
+    .unwrap();
+    let ok = |o: Output| -> String {
+        assert!(o.status.success(), "{o:?}");
+        stdout(&o)
+    };
+    ok(vmc(
+        h,
+        &[
+            "build",
+            "--mode",
+            "ns",
+            "--network",
+            "none",
+            "-q",
+            "-t",
+            "usr1",
+            ctx.path().to_str().unwrap(),
+        ],
+    ));
+    let up = |name: &str| {
+        for _ in 0..100 {
+            if ok(vmc(h, &["logs", name])).contains("up") {
+                return;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        panic!("{name} did not start");
+    };
+    ok(vmc(
+        h,
+        &[
+            "run",
+            "-d",
+            "--mode",
+            "ns",
+            "--network",
+            "none",
+            "--name",
+            "a",
+            "usr1",
+        ],
+    ));
+    up("a");
+    let out = ok(vmc(
+        h,
+        &[
+            "exec",
+            "-w",
+            "/tmp",
+            "-u",
+            "1000:1000",
+            "a",
+            "sh",
+            "-c",
+            "pwd; id -u; id -g",
+        ],
+    ));
+    assert_eq!(out, "/tmp\n1000\n1000\n");
+    ok(vmc(h, &["stop", "a"]));
+    assert_eq!(ok(vmc(h, &["wait", "a"])).trim(), "3");
+    assert!(ok(vmc(h, &["logs", "a"])).contains("got-usr1"));
+
+    ok(vmc(
+        h,
+        &[
+            "run",
+            "-d",
+            "--mode",
+            "ns",
+            "--network",
+            "none",
+            "--name",
+            "b",
+            "busybox",
+            "sh",
+            "-c",
+            "trap '' TERM; echo up; while :; do sleep 0.1; done",
+        ],
+    ));
+    up("b");
+    let t0 = std::time::Instant::now();
+    ok(vmc(h, &["stop", "-t", "1", "b"]));
+    assert!(
+        t0.elapsed() >= std::time::Duration::from_secs(1),
+        "waited -t"
+    );
+    assert_eq!(ok(vmc(h, &["wait", "b"])).trim(), "137");
+    ok(vmc(h, &["rm", "a", "b"]));
+}
