@@ -690,3 +690,125 @@ fn wait_forwarding(pid: libc::pid_t, set: &libc::sigset_t) -> i32 {
         }
     }
 }
+
+/// The confinement decisions, checked as data: `isolation` is the plan the
+/// spawner carries out, so what it asks for is what a container gets.
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn mounts(ops: &[RootOp]) -> Vec<(&str, &str, &str, libc::c_ulong)> {
+        ops.iter()
+            .filter_map(|op| match op {
+                RootOp::Mount {
+                    source,
+                    target,
+                    fstype,
+                    flags,
+                    ..
+                } => Some((source.as_str(), target.as_str(), fstype.as_str(), *flags)),
+                _ => None,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn the_plan_is_dockers_confinement() {
+        let iso = isolation("/c/root", "box");
+        for ns in [
+            libc::CLONE_NEWPID,
+            libc::CLONE_NEWUTS,
+            libc::CLONE_NEWIPC,
+            libc::CLONE_NEWNET,
+            libc::CLONE_NEWCGROUP,
+        ] {
+            assert_ne!(iso.clone_flags & ns, 0, "namespace {ns:#x}");
+        }
+        // The user namespace is entered by vmc itself when rootless.
+        assert_eq!(iso.clone_flags & libc::CLONE_NEWUSER, 0);
+        assert!(iso.no_new_privs && iso.loopback_up);
+        assert_eq!(iso.hostname.as_deref(), Some("box"));
+        // Docker's 14 default capabilities, by number.
+        let caps: Vec<u32> = (0..64)
+            .filter(|b| iso.keep_caps.unwrap() & (1 << b) != 0)
+            .collect();
+        assert_eq!(caps, [0, 1, 3, 4, 5, 6, 7, 8, 10, 13, 18, 27, 29, 31]);
+    }
+
+    #[test]
+    fn every_step_stays_inside_the_root() {
+        for op in root_ops("/c/root") {
+            let target = match &op {
+                RootOp::Mkdir(p, _) | RootOp::Touch(p) => p,
+                RootOp::Mount { target, .. } => target,
+                RootOp::Symlink { link, .. } => link,
+                RootOp::Write { path, .. } => path,
+            };
+            assert!(target.starts_with("/c/root/"), "{op:?}");
+        }
+    }
+
+    #[test]
+    fn proc_and_sys_are_masked_and_read_only_as_dockers() {
+        let ops = root_ops("/r");
+        let m = mounts(&ops);
+        let has = |src: &str, target: &str, fstype: &str, flags: libc::c_ulong| {
+            m.iter()
+                .any(|&(s, t, f, fl)| s == src && t == target && f == fstype && fl & flags == flags)
+        };
+        assert!(has("sysfs", "/r/sys", "sysfs", libc::MS_RDONLY));
+        for f in ["/proc/kcore", "/proc/keys", "/proc/timer_list"] {
+            assert!(
+                has("/dev/null", &format!("/r{f}"), "", libc::MS_BIND),
+                "{f}"
+            );
+        }
+        for d in ["/proc/acpi", "/proc/scsi", "/sys/firmware"] {
+            assert!(
+                has("tmpfs", &format!("/r{d}"), "tmpfs", libc::MS_RDONLY),
+                "{d}"
+            );
+        }
+        for d in ["/proc/sys", "/proc/sysrq-trigger", "/proc/irq", "/proc/bus"] {
+            let t = format!("/r{d}");
+            // Bound onto itself, then remounted read-only (the order matters).
+            let bind = m
+                .iter()
+                .position(|&(s, tt, _, fl)| s == t && tt == t && fl & libc::MS_REMOUNT == 0)
+                .unwrap_or_else(|| panic!("{d} not bound"));
+            let ro = m
+                .iter()
+                .position(|&(_, tt, _, fl)| {
+                    tt == t
+                        && fl & (libc::MS_REMOUNT | libc::MS_RDONLY)
+                            == libc::MS_REMOUNT | libc::MS_RDONLY
+                })
+                .unwrap_or_else(|| panic!("{d} not read-only"));
+            assert!(bind < ro, "{d}");
+        }
+        // A minimal /dev: these nodes bound from the host's, nothing else.
+        let nodes: Vec<&str> = m
+            .iter()
+            .filter(|&&(s, t, _, _)| s.starts_with("/dev/") && t == format!("/r{s}"))
+            .map(|&(s, _, _, _)| s)
+            .collect();
+        assert_eq!(
+            nodes,
+            [
+                "/dev/null",
+                "/dev/zero",
+                "/dev/full",
+                "/dev/random",
+                "/dev/urandom",
+                "/dev/tty"
+            ]
+        );
+        assert!(has("devpts", "/r/dev/pts", "devpts", libc::MS_NOEXEC));
+        assert!(has(
+            "proc",
+            "/r/proc",
+            "proc",
+            libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC
+        ));
+    }
+}
