@@ -120,3 +120,46 @@ impl AgentConn {
         let _ = self.stream.shutdown(std::net::Shutdown::Both);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A fake VMM socket whose "agent" answers the handshake with `reply`.
+    fn agent_answering(reply: GuestMsg) -> (tempfile::TempDir, std::path::PathBuf) {
+        let dir = tempfile::tempdir().unwrap();
+        let uds = dir.path().join("v.sock");
+        let l = std::os::unix::net::UnixListener::bind(&uds).unwrap();
+        std::thread::spawn(move || {
+            let (mut s, _) = l.accept().unwrap();
+            let mut line = [0u8; 64];
+            let _ = s.read(&mut line).unwrap();
+            s.write_all(b"OK 1073741824\n").unwrap();
+            let hello: HostMsg = read_frame(&mut s).unwrap();
+            assert!(matches!(hello, HostMsg::Hello { version } if version == PROTOCOL_VERSION));
+            write_frame(&mut s, &reply).unwrap();
+        });
+        (dir, uds)
+    }
+
+    #[test]
+    fn an_agent_of_another_protocol_version_is_refused_by_name() {
+        let (_d, uds) = agent_answering(GuestMsg::Hello {
+            version: PROTOCOL_VERSION + 1,
+        });
+        let e = AgentConn::connect(&uds, 1, Duration::from_secs(5), &|| true)
+            .err()
+            .expect("refused");
+        assert!(matches!(e, AgentError::Version(v) if v == PROTOCOL_VERSION + 1));
+        assert!(e.to_string().contains("make guest"), "{e}");
+    }
+
+    #[test]
+    fn an_agent_that_answers_with_something_else_is_an_error() {
+        let (_d, uds) = agent_answering(GuestMsg::Error("no".into()));
+        let e = AgentConn::connect(&uds, 1, Duration::from_secs(5), &|| true)
+            .err()
+            .expect("refused");
+        assert!(matches!(e, AgentError::Remote(ref m) if m == "no"), "{e}");
+    }
+}
