@@ -40,6 +40,8 @@ guest:
 build:
 	$(CARGO) build --release
 	@ln -sfn $(abspath $(VMC)) vmc
+	@if [ "$(abspath $(CARGO_TARGET_DIR))" != "$(abspath target)" ]; then \
+		mkdir -p target/release && ln -sfn $(abspath $(VMC)) target/release/vmc; fi
 
 rootfs:
 	@scripts/busybox-rootfs.sh $(DEMO_ROOTFS)
