@@ -89,6 +89,30 @@ fn cpus_memory_and_exit_codes_through_the_binary() {
     assert_eq!(containers_left(home.path()), 0);
 }
 
+/// `--debug` boots cold with the kernel's console on stderr (the only
+/// way to see a guest that does not come up); `--cold` without it boots
+/// quietly. One cold boot each (tens of seconds under kvm_pvm).
+#[test]
+fn debug_shows_the_kernel_console_and_cold_boots_quietly() {
+    if !kvm_available() {
+        return;
+    }
+    let home = tempfile::tempdir().unwrap();
+    for (flag, console) in [("--debug", true), ("--cold", false)] {
+        let out = vmc(home.path())
+            .args(["run", "--rm", flag, "--rootfs"])
+            .arg(rootfs())
+            .args(["--", "echo", "up"])
+            .stdin(Stdio::null())
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{flag}: {out:?}");
+        assert_eq!(String::from_utf8_lossy(&out.stdout), "up\n", "{flag}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(err.contains("Linux version"), console, "{flag}: {err}");
+    }
+}
+
 #[test]
 fn sigterm_to_vmc_reaches_the_workload() {
     if !kvm_available() {
@@ -252,6 +276,15 @@ fn version_and_help_work() {
         "exit code",
     ] {
         assert!(help.contains(needle), "run --help lacks {needle}");
+    }
+    let out = Command::new(env!("CARGO_BIN_EXE_vmc"))
+        .arg("help")
+        .output()
+        .unwrap();
+    let help = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success());
+    for verb in ["run", "build", "exec", "logs", "bench", "system"] {
+        assert!(help.contains(verb), "vmc help lacks {verb}: {help}");
     }
     let out = Command::new(env!("CARGO_BIN_EXE_vmc"))
         .arg("info")
