@@ -104,12 +104,28 @@ fn a_run_from_an_image_uses_its_disk_and_blocks_rmi() {
         ],
     ));
     assert_eq!(out, "root:x:0:0:root:/root:/bin/sh\n13\n");
+    // The image's root disk: built once, by digest, and reused.
+    let disks = || -> Vec<(String, u64)> {
+        use std::os::unix::fs::MetadataExt;
+        std::fs::read_dir(h.join("cache/disks"))
+            .unwrap()
+            .flatten()
+            .filter(|e| e.file_name().to_string_lossy().ends_with(".erofs"))
+            .map(|e| {
+                let name = e.file_name().to_string_lossy().into_owned();
+                (name, e.metadata().unwrap().ino())
+            })
+            .collect()
+    };
+    let first = disks();
+    assert_eq!(first.len(), 1, "{first:?}");
     // A relative command path is found from the working directory, as execve does.
     let out = ok(&vmc(
         h,
         &["run", "--rm", "-w", "/bin", "bb", "./echo", "relative"],
     ));
     assert_eq!(out, "relative\n");
+    assert_eq!(disks(), first, "the same disk, not rebuilt");
     // The container (no --rm) still holds the image.
     let o = vmc(h, &["rmi", "bb"]);
     assert!(!o.status.success());
