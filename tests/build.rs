@@ -35,6 +35,8 @@ rm /etc/group
 EOF
 SHELL ["/bin/sh", "-e", "-c"]
 RUN test ! -e /etc/group && echo "group gone"
+RUN awk '/^processes/ {print $2}' /proc/stat > /forks
+RUN test "$(awk '/^processes/ {print $2}' /proc/stat)" -gt "$(cat /forks)" && echo "same VM"
 RUN echo "owner $(stat -c '%u:%g' /owned/owned.txt)"
 
 FROM busybox
@@ -89,6 +91,9 @@ fn a_multi_stage_build_with_every_instruction_runs_and_rebuilds_from_cache() {
     assert!(out.contains("Step 1/"), "{out}");
     assert!(out.contains("file a\n"), "RUN output is streamed: {out}");
     assert!(out.contains("group gone"), "{out}");
+    // One VM serves the stage's RUN steps: the guest kernel's fork counter
+    // (reset by each restore of the snapshot) went on from the step before.
+    assert!(out.contains("same VM"), "{out}");
     assert!(out.contains("owner 1000:1000"), "--chown: {out}");
     assert!(out.contains("Successfully tagged app:1"), "{out}");
     let id = |out: &str| {
