@@ -307,10 +307,12 @@ fn deletions_in_cached_layers_hold_for_the_steps_that_follow() {
     write(
         ctx.path(),
         "Dockerfile",
-        &format!("{base}RUN ls /etc /d | tr '\\n' ' '\n"),
+        &format!("{base}RUN ls /etc /d | tr '\\n' ' '; echo; echo routes=$(ip route | wc -l)\n"),
     );
     let out = ok(&vmc(h, &["build", "--network", "none", "-t", "two", c]));
     assert!(out.contains("/d: keep  /etc: passwd \n"), "{out}");
+    // --network none: the build VM has no route anywhere.
+    assert!(out.contains("routes=0\n"), "{out}");
     assert_eq!(out.matches("Using cache").count(), 2, "{out}");
 }
 
