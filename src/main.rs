@@ -1199,7 +1199,8 @@ fn prune(all: bool) -> Result<i32> {
     if let Ok(entries) = std::fs::read_dir(&cache) {
         for e in entries.flatten() {
             let name = e.file_name().to_string_lossy().into_owned();
-            let in_use = current.is_some() && agent.as_ref().is_some_and(|a| *a == e.path());
+            let in_use = current.is_some() && agent.as_ref().is_some_and(|a| *a == e.path())
+                || building_agent(&name);
             if (name.starts_with("agent-") || name.starts_with(".agent-"))
                 && !in_use
                 && std::fs::remove_file(e.path())
@@ -1215,6 +1216,18 @@ fn prune(all: bool) -> Result<i32> {
         bytes as f64 / (1 << 20) as f64
     );
     Ok(0)
+}
+
+/// Whether `name` in the cache is a guest-agent disk a live process is
+/// making now (`.agent-DIGEST.PID.RAND[.erofs]`, see `disk::agent_disk`).
+fn building_agent(name: &str) -> bool {
+    let Some(rest) = name.strip_prefix(".agent-") else {
+        return false;
+    };
+    rest.split('.')
+        .nth(1)
+        .and_then(|pid| pid.parse::<u32>().ok())
+        .is_some_and(|pid| std::path::Path::new(&format!("/proc/{pid}")).exists())
 }
 
 fn info() -> Result<i32> {

@@ -319,11 +319,21 @@ fn system_prune_removes_stale_snapshots() {
     let cache = home.path().join("cache");
     std::fs::create_dir_all(&cache).unwrap();
     std::fs::write(cache.join("agent-0000000000000000.erofs"), b"old").unwrap();
+    // Agent disks being made: by a live process (this test's), kept; by a
+    // dead one, removed.
+    let live = format!(".agent-0000000000000000.{}.abcd.erofs", std::process::id());
+    std::fs::write(cache.join(&live), b"").unwrap();
+    std::fs::write(
+        cache.join(".agent-0000000000000000.999999999.ef.erofs"),
+        b"",
+    )
+    .unwrap();
     let out = prune(&[]);
     assert!(
-        out.starts_with("removed 1 snapshot(s) (1.0 MiB) and 1 cached agent disk(s)"),
+        out.starts_with("removed 1 snapshot(s) (1.0 MiB) and 2 cached agent disk(s)"),
         "{out}"
     );
+    assert!(cache.join(&live).exists());
     assert_eq!(std::fs::read_dir(snaps.path()).unwrap().count(), 0);
     assert!(!cache.join("agent-0000000000000000.erofs").exists());
     assert!(prune(&["--all"]).starts_with("removed 0 snapshot(s)"));

@@ -304,7 +304,10 @@ struct Unpacker {
     /// Directories whose mode and mtime are set at the end: children change
     /// the mtime, and a read-only directory (0555, as Fedora's /usr/bin) must
     /// stay writable while its entries arrive when unpacking without root.
-    dir_times: Vec<(PathBuf, i64, u32)>,
+    /// Each is known by its inode (device, number) as created: a later
+    /// entry may replace the path by a symlink, which must not redirect the
+    /// mode to another directory (the target's root included).
+    dir_times: Vec<(PathBuf, i64, u32, (u64, u64))>,
     stats: Stats,
 }
 
@@ -334,19 +337,23 @@ pub fn unpack<R: Read>(
     // Deepest and latest first: a directory's children before it, and of
     // two entries for one directory the later one wins.
     let mut done = HashSet::new();
-    for (path, mtime, mode) in std::mem::take(&mut u.dir_times).into_iter().rev() {
-        if !done.insert(path.clone()) {
+    for (path, mtime, mode, made) in std::mem::take(&mut u.dir_times).into_iter().rev() {
+        if !done.insert(made) {
             continue;
         }
-        if let Ok(fd) = open_in_root(
+        let Ok(fd) = open_in_root(
             u.root.as_raw_fd(),
             &path,
             libc::O_RDONLY | libc::O_DIRECTORY,
-        ) {
-            // SAFETY: fd is open.
-            unsafe { libc::fchmod(fd.as_raw_fd(), allowed_mode(mode)) };
-            set_times(fd.as_raw_fd(), mtime);
+        ) else {
+            continue;
+        };
+        if identity(fd.as_raw_fd()) != Some(made) {
+            continue; // replaced since (by a symlink, or removed and remade)
         }
+        // SAFETY: fd is open.
+        unsafe { libc::fchmod(fd.as_raw_fd(), allowed_mode(mode)) };
+        set_times(fd.as_raw_fd(), mtime);
     }
     Ok(u.stats)
 }
@@ -360,6 +367,14 @@ fn allowed_mode(mode: u32) -> u32 {
     } else {
         mode
     }
+}
+
+/// The (device, inode) of an open file.
+fn identity(fd: RawFd) -> Option<(u64, u64)> {
+    // SAFETY: an all-zero stat is a valid value for fstat to fill.
+    let mut st: libc::stat = unsafe { std::mem::zeroed() };
+    // SAFETY: fd is open; st is a valid stat buffer.
+    (unsafe { libc::fstat(fd, &mut st) } == 0).then_some((st.st_dev, st.st_ino))
 }
 
 fn set_times(fd: RawFd, mtime: i64) {
@@ -452,7 +467,9 @@ impl Unpacker {
                 // Its own mode comes at the end (see dir_times).
                 self.own(fd.as_raw_fd(), uid, gid, mode | 0o700, &shown)?;
                 self.xattrs(fd.as_raw_fd(), &mut entry);
-                self.dir_times.push((path.clone(), mtime, mode));
+                let made = identity(fd.as_raw_fd())
+                    .ok_or_else(|| io_at(&shown)(std::io::Error::last_os_error()))?;
+                self.dir_times.push((path.clone(), mtime, mode, made));
             }
             tar::EntryType::Regular | tar::EntryType::Continuous | tar::EntryType::GNUSparse => {
                 // SAFETY: pfd open; cname NUL-terminated; O_EXCL|O_NOFOLLOW create a new file only.

@@ -209,9 +209,17 @@ pub fn prune(root: &Path, current: Option<&SnapshotSpec>) -> std::io::Result<(us
     let mut locks = Vec::new();
     for e in entries.flatten() {
         let p = e.path();
+        let name = e.file_name().to_string_lossy().into_owned();
         if p.is_dir() {
+            // A builder's work in progress (`.KEY.tmp.*`) stays while it
+            // holds its lock; a dead builder's goes.
+            if let Some(key) = name.strip_prefix('.').and_then(|n| n.split(".tmp.").next()) {
+                if name.contains(".tmp.") && builder_active(root, key) {
+                    continue;
+                }
+            }
             let made_from = std::fs::read_to_string(p.join(SPEC_FILE)).ok();
-            let hidden = e.file_name().to_string_lossy().starts_with('.');
+            let hidden = name.starts_with('.');
             let fresh = match (&now, &made_from) {
                 (Some(n), Some(m)) => !hidden && same_but_size(n, m),
                 _ => false,
@@ -226,13 +234,31 @@ pub fn prune(root: &Path, current: Option<&SnapshotSpec>) -> std::io::Result<(us
             locks.push(p);
         }
     }
-    // A lock whose snapshot is gone (a builder holding it recreates it).
+    // A lock whose snapshot is gone, unless a builder holds it.
     for l in locks {
-        if !l.with_extension("").is_dir() {
+        if l.with_extension("").is_dir() {
+            continue;
+        }
+        if let Some(held) = try_lock(&l) {
             let _ = std::fs::remove_file(&l);
+            drop(held);
         }
     }
     Ok((count, bytes))
+}
+
+/// The lock file `path` taken without waiting, or None if another process
+/// holds it (or it cannot be opened).
+fn try_lock(path: &Path) -> Option<File> {
+    let f = File::open(path).ok()?;
+    // SAFETY: flock on a descriptor we own.
+    (unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0).then_some(f)
+}
+
+/// Whether a process is creating the snapshot `key` now (holds its lock).
+fn builder_active(root: &Path, key: &str) -> bool {
+    let lock = root.join(format!("{key}.lock"));
+    lock.is_file() && try_lock(&lock).is_none()
 }
 
 /// Bytes actually allocated under `dir` (snapshots' memory files are sparse).
@@ -303,6 +329,26 @@ mod tests {
         assert!(bytes >= 8192);
         assert_eq!(std::fs::read_dir(&root).unwrap().count(), 0);
         assert_eq!(prune(&root, None).unwrap(), (0, 0));
+    }
+
+    #[test]
+    fn prune_leaves_a_snapshot_being_made() {
+        let home = tempfile::tempdir().unwrap();
+        let root = home.path().join("snapshots");
+        std::fs::create_dir_all(root.join(".k1.tmp.abc")).unwrap();
+        std::fs::create_dir_all(root.join(".k2.tmp.def")).unwrap();
+        for k in ["k1", "k2"] {
+            std::fs::write(root.join(format!("{k}.lock")), b"").unwrap();
+        }
+        // k1's builder is at work (holds the lock); k2's died.
+        let held = try_lock(&root.join("k1.lock")).unwrap();
+        let (n, _) = prune(&root, None).unwrap();
+        assert_eq!(n, 1);
+        assert!(root.join(".k1.tmp.abc").is_dir() && root.join("k1.lock").is_file());
+        assert!(!root.join(".k2.tmp.def").exists() && !root.join("k2.lock").exists());
+        drop(held);
+        assert_eq!(prune(&root, None).unwrap().0, 1);
+        assert_eq!(std::fs::read_dir(&root).unwrap().count(), 0);
     }
 
     #[test]

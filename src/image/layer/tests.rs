@@ -378,3 +378,27 @@ fn a_read_only_directory_gets_its_mode_after_its_entries() {
     assert_eq!((m.mode() & 0o7777, m.mtime()), (0o555, 1_000_000));
     assert_eq!(std::fs::read(root2.join("ro/f")).unwrap(), b"x");
 }
+
+#[test]
+fn a_directory_replaced_by_a_symlink_does_not_pass_its_mode_on() {
+    // `a/` (0777), then `a` as a symlink to the root: the deferred mode
+    // must not land on the root (or anything else the link reaches).
+    let (sb, root) = sandbox();
+    std::fs::set_permissions(&root, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let mut t = Tar::default();
+    t.header("a/", tar::EntryType::Directory, 0, None, 0o777);
+    t.header("a", tar::EntryType::Symlink, 0, Some("/"), 0o777);
+    t.header("b/", tar::EntryType::Directory, 0, None, 0o711);
+    t.header("c", tar::EntryType::Symlink, 0, Some("b"), 0o777);
+    t.header("c/", tar::EntryType::Directory, 0, None, 0o700);
+    let t = t.done();
+    let mode = |p: &Path| std::fs::metadata(p).unwrap().mode() & 0o7777;
+    let outside = mode(sb.path());
+    let r = unpack_into(&root, &t, Whiteouts::Overlay);
+    assert_eq!(mode(&root), 0o755, "the root keeps its mode ({r:?})");
+    assert_eq!(mode(sb.path()), outside, "the sandbox too");
+    if r.is_ok() && root.join("b").is_dir() {
+        assert_ne!(mode(&root.join("b")), 0o777);
+    }
+    outside_untouched(&sb);
+}
