@@ -378,7 +378,11 @@ fn wait_started(
     id: &str,
     supervisor: &mut std::process::Child,
 ) -> Result<i32> {
-    let deadline = std::time::Instant::now() + runtime::microvm::BOOT_TIMEOUT * 2;
+    // The supervisor gives up by itself (the agent's connect timeout) and
+    // records why; this is only a safety net against one that hangs, long
+    // enough for many VMs starting at once on a slow backend (32 on this
+    // project's 2-core kvm_pvm machines took over 10 minutes).
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(1800);
     loop {
         let Some(mut c) = Container::load(dir) else {
             // Removed already: an --rm container that ran and ended.
