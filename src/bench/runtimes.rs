@@ -247,7 +247,9 @@ impl Env {
         let r = self.start_as(rt, &name, argv, opts);
         self.starting.fetch_sub(1, Ordering::SeqCst);
         if r.is_err() {
-            self.forget(&name);
+            // A start that failed or timed out may have left its container
+            // (and a supervisor still at work) behind: removed, not leaked.
+            self.remove(&sb);
         }
         r.map(|_| sb)
     }
