@@ -359,10 +359,7 @@ fn run(args: RunArgs) -> Result<i32> {
     // Attached: this process is the supervisor.
     mark_running(&mut c)?;
     let result = execute(&cfg, &dir, ns, forward_stdin, args.cold);
-    c.state.status = Status::Exited;
-    c.state.exit_code = Some(*result.as_ref().unwrap_or(&EXIT_VMC_ERROR));
-    c.state.finished = Some(cstate::now_secs());
-    let _ = c.save();
+    let _ = mark_exited(&mut c, *result.as_ref().unwrap_or(&EXIT_VMC_ERROR));
     // A run that failed in vmc itself leaves nothing behind.
     if args.rm || result.is_err() {
         let _ = cstate::remove_dir(&dir);
@@ -460,6 +457,15 @@ fn mark_running(c: &mut Container) -> Result<()> {
     Ok(())
 }
 
+/// Records that the container ended with `code`, now.
+fn mark_exited(c: &mut Container, code: i32) -> Result<()> {
+    c.state.status = Status::Exited;
+    c.state.exit_code = Some(code);
+    c.state.finished = Some(cstate::now_secs());
+    c.save()?;
+    Ok(())
+}
+
 /// Runs the container in this process, in its mode.
 fn execute(
     cfg: &ContainerConfig,
@@ -531,10 +537,7 @@ fn supervise(dir: &std::path::Path) -> Result<i32> {
         // container's exit, for `run -d` to report at once.
         if let Err(e) = runtime::ns::user_namespace() {
             cstate::log_stream(format!("vmc: {e}\n").as_bytes(), &log, "stderr");
-            c.state.status = Status::Exited;
-            c.state.exit_code = Some(EXIT_VMC_ERROR);
-            c.state.finished = Some(cstate::now_secs());
-            c.save()?;
+            mark_exited(&mut c, EXIT_VMC_ERROR)?;
             return Err(e.into());
         }
     }
@@ -557,10 +560,7 @@ fn supervise(dir: &std::path::Path) -> Result<i32> {
         libc::dup2(null.as_raw_fd(), 2);
     }
     let _ = (t1.join(), t2.join());
-    c.state.status = Status::Exited;
-    c.state.exit_code = Some(code);
-    c.state.finished = Some(cstate::now_secs());
-    c.save()?;
+    mark_exited(&mut c, code)?;
     if c.state.auto_remove {
         let _ = cstate::remove_dir(dir);
     }

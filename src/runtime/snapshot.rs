@@ -213,8 +213,8 @@ pub fn prune(root: &Path, current: Option<&SnapshotSpec>) -> std::io::Result<(us
         if p.is_dir() {
             // A builder's work in progress (`.KEY.tmp.*`) stays while it
             // holds its lock; a dead builder's goes.
-            if let Some(key) = name.strip_prefix('.').and_then(|n| n.split(".tmp.").next()) {
-                if name.contains(".tmp.") && builder_active(root, key) {
+            if let Some((key, _)) = name.strip_prefix('.').and_then(|n| n.split_once(".tmp.")) {
+                if builder_active(root, key) {
                     continue;
                 }
             }
