@@ -398,9 +398,7 @@ fn concurrent_builds_and_an_import_leave_a_consistent_store() {
         );
     }
     let spawn = |args: Vec<String>| {
-        Command::new(env!("CARGO_BIN_EXE_vmc"))
-            .env("VMC_HOME", h)
-            .env("VMC_SNAPSHOTS", snapshots())
+        common::vmc_command(h)
             .args(args)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())

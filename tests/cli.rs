@@ -7,14 +7,7 @@ use std::io::{BufRead, BufReader, Write};
 use std::path::Path;
 use std::process::{Command, Stdio};
 
-use common::{kernel, kvm_available, rootfs};
-
-fn vmc(home: &Path) -> Command {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_vmc"));
-    c.env("VMC_HOME", home)
-        .env("VMC_SNAPSHOTS", common::snapshots());
-    c
-}
+use common::{kernel, kvm_available, rootfs, vmc_command as vmc};
 
 fn containers_left(home: &Path) -> usize {
     std::fs::read_dir(home.join("containers"))
@@ -302,8 +295,7 @@ fn system_prune_removes_stale_snapshots() {
     let home = tempfile::tempdir().unwrap();
     let snaps = tempfile::tempdir().unwrap();
     let prune = |args: &[&str]| -> String {
-        let o = Command::new(env!("CARGO_BIN_EXE_vmc"))
-            .env("VMC_HOME", home.path())
+        let o = vmc(home.path())
             .env("VMC_SNAPSHOTS", snaps.path())
             .args(["system", "prune"])
             .args(args)

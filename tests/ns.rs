@@ -6,7 +6,7 @@ mod common;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 
-use common::{is_root, store_with_busybox, vmc};
+use common::{is_root, ok, store_with_busybox, vmc};
 
 fn stdout(o: &Output) -> String {
     String::from_utf8_lossy(&o.stdout).into_owned()
@@ -428,12 +428,8 @@ fn namespace_mode_without_root_uses_a_user_namespace() {
             .output()
             .unwrap()
     };
-    let ok = |o: Output| -> String {
-        assert!(o.status.success(), "{o:?}");
-        stdout(&o)
-    };
-    ok(as_nobody(&["import", tar.to_str().unwrap(), "busybox"]));
-    let out = ok(as_nobody(&[
+    ok(&as_nobody(&["import", tar.to_str().unwrap(), "busybox"]));
+    let out = ok(&as_nobody(&[
         "run",
         "--rm",
         "--mode",
@@ -448,7 +444,7 @@ fn namespace_mode_without_root_uses_a_user_namespace() {
     assert_eq!(out, "555\nin\n");
     // A build whose RUN steps run in the user namespace too, a deletion
     // included (a whiteout in the step's layer).
-    let out = ok(as_nobody(&[
+    let out = ok(&as_nobody(&[
         "build",
         "--mode",
         "ns",
@@ -460,7 +456,7 @@ fn namespace_mode_without_root_uses_a_user_namespace() {
         d.join("ctx").to_str().unwrap(),
     ]));
     assert!(out.trim().starts_with("sha256:"), "{out}");
-    let out = ok(as_nobody(&[
+    let out = ok(&as_nobody(&[
         "run",
         "--rm",
         "--mode",
@@ -473,7 +469,7 @@ fn namespace_mode_without_root_uses_a_user_namespace() {
         "cat /etc/made; test -e /etc/group || echo no-group",
     ]));
     assert_eq!(out, "yes\nno-group\n", "{out}");
-    let out = ok(as_nobody(&[
+    let out = ok(&as_nobody(&[
         "run",
         "--rm",
         "--mode",
@@ -512,11 +508,11 @@ fn namespace_mode_without_root_uses_a_user_namespace() {
         l.local_addr().unwrap().port()
     };
     let publish = format!("127.0.0.1:{port}:8080");
-    ok(as_nobody(&[
+    ok(&as_nobody(&[
         "run", "-d", "--mode", "ns", "--name", "r", "-p", &publish, "busybox", "httpd", "-f", "-p",
         "8080", "-h", "/etc",
     ]));
-    let out = ok(as_nobody(&[
+    let out = ok(&as_nobody(&[
         "exec",
         "r",
         "sh",
@@ -538,9 +534,9 @@ fn namespace_mode_without_root_uses_a_user_namespace() {
         std::thread::sleep(std::time::Duration::from_millis(100));
     }
     assert!(page.contains("root:x:0:"), "{page}");
-    assert!(ok(as_nobody(&["ps", "-q"])).trim().len() == 12);
-    ok(as_nobody(&["rm", "-f", "r"]));
-    assert_eq!(ok(as_nobody(&["ps", "-aq"])), "");
+    assert!(ok(&as_nobody(&["ps", "-q"])).trim().len() == 12);
+    ok(&as_nobody(&["rm", "-f", "r"]));
+    assert_eq!(ok(&as_nobody(&["ps", "-aq"])), "");
 
     // The network: pasta in the container's namespace needs /dev/net/tun,
     // which Debian's udev makes read-write for everyone (this project's
@@ -625,9 +621,9 @@ fn namespace_mode_without_root_uses_a_user_namespace() {
     assert_eq!(o.status.code(), Some(125), "{o:?}");
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(err.contains("user namespaces"), "{err}");
-    let ps = ok(as_nobody(&["ps", "-a"]));
+    let ps = ok(&as_nobody(&["ps", "-a"]));
     assert!(ps.contains("Exited (125)") && ps.contains("jailed"), "{ps}");
-    ok(as_nobody(&["rm", "jailed"]));
+    ok(&as_nobody(&["rm", "jailed"]));
 }
 
 /// Without passt (neither vmc's own build nor one on PATH): `--network
@@ -642,8 +638,7 @@ fn a_missing_passt_is_named_and_the_default_is_no_network() {
     let h = home.path();
     let empty = tempfile::tempdir().unwrap();
     let run = |args: &[&str]| -> Output {
-        Command::new(env!("CARGO_BIN_EXE_vmc"))
-            .env("VMC_HOME", h)
+        common::vmc_command(h)
             .env("VMC_ASSETS", empty.path())
             .env("PATH", empty.path())
             .args(args)
@@ -698,11 +693,7 @@ fn stop_uses_the_stopsignal_then_sigkill_and_exec_takes_w_and_u() {
          CMD [\"sh\", \"-c\", \"trap 'echo got-usr1; exit 3' USR1; echo up; while :; do sleep 0.1; done\"]\n",
     )
     .unwrap();
-    let ok = |o: Output| -> String {
-        assert!(o.status.success(), "{o:?}");
-        stdout(&o)
-    };
-    ok(vmc(
+    ok(&vmc(
         h,
         &[
             "build",
@@ -718,14 +709,14 @@ fn stop_uses_the_stopsignal_then_sigkill_and_exec_takes_w_and_u() {
     ));
     let up = |name: &str| {
         for _ in 0..100 {
-            if ok(vmc(h, &["logs", name])).contains("up") {
+            if ok(&vmc(h, &["logs", name])).contains("up") {
                 return;
             }
             std::thread::sleep(std::time::Duration::from_millis(50));
         }
         panic!("{name} did not start");
     };
-    ok(vmc(
+    ok(&vmc(
         h,
         &[
             "run",
@@ -740,7 +731,7 @@ fn stop_uses_the_stopsignal_then_sigkill_and_exec_takes_w_and_u() {
         ],
     ));
     up("a");
-    let out = ok(vmc(
+    let out = ok(&vmc(
         h,
         &[
             "exec",
@@ -755,11 +746,11 @@ fn stop_uses_the_stopsignal_then_sigkill_and_exec_takes_w_and_u() {
         ],
     ));
     assert_eq!(out, "/tmp\n1000\n1000\n");
-    ok(vmc(h, &["stop", "a"]));
-    assert_eq!(ok(vmc(h, &["wait", "a"])).trim(), "3");
-    assert!(ok(vmc(h, &["logs", "a"])).contains("got-usr1"));
+    ok(&vmc(h, &["stop", "a"]));
+    assert_eq!(ok(&vmc(h, &["wait", "a"])).trim(), "3");
+    assert!(ok(&vmc(h, &["logs", "a"])).contains("got-usr1"));
 
-    ok(vmc(
+    ok(&vmc(
         h,
         &[
             "run",
@@ -778,11 +769,11 @@ fn stop_uses_the_stopsignal_then_sigkill_and_exec_takes_w_and_u() {
     ));
     up("b");
     let t0 = std::time::Instant::now();
-    ok(vmc(h, &["stop", "-t", "1", "b"]));
+    ok(&vmc(h, &["stop", "-t", "1", "b"]));
     assert!(
         t0.elapsed() >= std::time::Duration::from_secs(1),
         "waited -t"
     );
-    assert_eq!(ok(vmc(h, &["wait", "b"])).trim(), "137");
-    ok(vmc(h, &["rm", "a", "b"]));
+    assert_eq!(ok(&vmc(h, &["wait", "b"])).trim(), "137");
+    ok(&vmc(h, &["rm", "a", "b"]));
 }

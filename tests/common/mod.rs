@@ -238,12 +238,18 @@ impl TestVm {
     }
 }
 
+/// The vmc binary with `home` as its store and the shared warm-start
+/// snapshots, to add arguments and stdio to.
+pub fn vmc_command(home: &Path) -> std::process::Command {
+    let mut c = std::process::Command::new(env!("CARGO_BIN_EXE_vmc"));
+    c.env("VMC_HOME", home).env("VMC_SNAPSHOTS", snapshots());
+    c
+}
+
 /// Runs the vmc binary with `home` as its store (stdin: /dev/null) and the
 /// shared warm-start snapshots.
 pub fn vmc(home: &Path, args: &[&str]) -> std::process::Output {
-    std::process::Command::new(env!("CARGO_BIN_EXE_vmc"))
-        .env("VMC_HOME", home)
-        .env("VMC_SNAPSHOTS", snapshots())
+    vmc_command(home)
         .args(args)
         .stdin(std::process::Stdio::null())
         .output()
