@@ -14,7 +14,7 @@ GUEST_BIN := $(CARGO_TARGET_DIR)/$(TARGET)/release-guest/vmc-guest
 VMC := $(CARGO_TARGET_DIR)/release/vmc
 DEMO_ROOTFS := $(CACHE)/busybox-rootfs
 
-.PHONY: all setup deps passt kernel guest build demo node-demo node-base test check rootfs clean
+.PHONY: all setup deps passt kernel guest build demo node-demo node-base test check rootfs clean fresh-check stress
 
 all: build
 
@@ -35,7 +35,8 @@ kernel: deps
 guest:
 	RUSTFLAGS="-C target-feature=+crt-static" $(CARGO) build --profile release-guest -p vmc-guest --target $(TARGET)
 	@mkdir -p $(ASSETS)
-	@cmp -s $(GUEST_BIN) $(ASSETS)/vmc-guest || { cp $(GUEST_BIN) $(ASSETS)/.vmc-guest.tmp && mv -f $(ASSETS)/.vmc-guest.tmp $(ASSETS)/vmc-guest; }
+	@cmp -s $(GUEST_BIN) $(ASSETS)/vmc-guest || { t=$(ASSETS)/.vmc-guest.tmp.$$$$; \
+		cp $(GUEST_BIN) $$t && cmp -s $(GUEST_BIN) $$t && mv -f $$t $(ASSETS)/vmc-guest || { rm -f $$t; exit 1; }; }
 
 build:
 	$(CARGO) build --release
@@ -79,11 +80,21 @@ node-demo: node-base
 
 check:
 	$(CARGO) fmt --all -- --check
-	$(CARGO) clippy --all-targets -- -D warnings
+	$(CARGO) clippy --workspace --all-targets -- -D warnings
 
 # The suite builds its own binaries (scripts/test.sh, profile `ci`).
 test: deps kernel guest rootfs passt check
 	@CARGO=$(CARGO) scripts/test.sh
+
+# The README's two commands in a clean clone with empty caches (~40 min):
+# run it after changing setup scripts.
+fresh-check:
+	@scripts/fresh-check.sh
+
+# Opt-in stress tests (tests/stress.rs): snapshots made under load, many warm
+# runs one after another and at once (an hour or more on 2 cores).
+stress: deps kernel guest rootfs passt
+	$(CARGO) test --profile ci --test stress -- --ignored --test-threads=1 --nocapture
 
 clean:
 	$(CARGO) clean

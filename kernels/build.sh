@@ -87,6 +87,9 @@ done < "$here/microvm.config"
 [ "$missing" = 0 ] || die "the kernel config lost options from kernels/microvm.config (see above)"
 
 make -C "$src" -s -j"$jobs" vmlinux
+# An uncompressed 64-bit ELF kernel with a PVH entry note (XEN_ELFNOTE_PHYS32_ENTRY).
+[ "$(head -c 5 "$src/vmlinux" | od -An -c | tr -d ' ')" = '177ELF002' ] || die "the build did not produce a 64-bit ELF vmlinux"
+readelf -n "$src/vmlinux" 2>/dev/null | grep -q 'Xen.*0x00000012\|PHYS32_ENTRY' || die "vmlinux has no PVH entry note (is CONFIG_PVH set?)"
 mkdir -p "$out.tmp"
 cp "$src/vmlinux" "$src/.config" "$src/System.map" "$out.tmp/"
 rm -rf "$out"

@@ -23,12 +23,16 @@ if [ -n "$installed" ] && dpkg --compare-versions "$installed" ge 0.0~git2024000
 fi
 [ -x "$dest/passt" ] && [ -x "$dest/passt.avx2" ] && [ -L "$dest/pasta" ] && [ "$(cat "$dest/passt.version" 2>/dev/null)" = "$ver" ] && exit 0
 
-echo "passt: building $ver (the installed ${installed:-none} resets quiet connections after 24 s)" >&2
 mkdir -p "$cache" "$dest"
+# One build at a time; a second caller finds the first's result.
+exec 9>"$cache/passt.lock"
+flock 9
+[ -x "$dest/passt" ] && [ -x "$dest/passt.avx2" ] && [ -L "$dest/pasta" ] && [ "$(cat "$dest/passt.version" 2>/dev/null)" = "$ver" ] && exit 0
+echo "passt: building $ver (the installed ${installed:-none} resets quiet connections after 24 s)" >&2
 if ! { [ -f "$cache/$tarball" ] && echo "$sha256  $cache/$tarball" | sha256sum -c --quiet - >/dev/null 2>&1; }; then
-    curl -fsS --retry 3 -o "$cache/$tarball.tmp" "$url"
-    echo "$sha256  $cache/$tarball.tmp" | sha256sum -c --quiet -
-    mv -f "$cache/$tarball.tmp" "$cache/$tarball"
+    curl -fsS --retry 3 -o "$cache/$tarball.tmp.$$" "$url"
+    echo "$sha256  $cache/$tarball.tmp.$$" | sha256sum -c --quiet - || { rm -f "$cache/$tarball.tmp.$$"; exit 1; }
+    mv -f "$cache/$tarball.tmp.$$" "$cache/$tarball"
 fi
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
@@ -37,7 +41,8 @@ tar -C "$work" -xJf "$cache/$tarball"
 make -C "$work"/passt-* -s VERSION="$ver" passt passt.avx2 >/dev/null
 for b in passt.avx2 passt; do
     install -m 0755 "$work"/passt-*/$b "$dest/.$b.tmp"
+    "$dest/.$b.tmp" --version >/dev/null || { echo "passt: the built $b does not run" >&2; exit 1; }
     mv -f "$dest/.$b.tmp" "$dest/$b"
 done
-ln -sfn passt "$dest/pasta"
-echo "$ver" > "$dest/passt.version"
+ln -sfn passt "$dest/.pasta.tmp" && mv -fT "$dest/.pasta.tmp" "$dest/pasta"
+echo "$ver" > "$dest/.passt.version.tmp" && mv -f "$dest/.passt.version.tmp" "$dest/passt.version"

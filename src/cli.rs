@@ -121,6 +121,13 @@ pub enum SystemCommand {
         #[arg(short, long)]
         all: bool,
     },
+    /// Describe a warm-start snapshot: each vCPU's state and timer, pending
+    /// interrupts, and every virtio queue's positions (for diagnosing a
+    /// guest that does not answer after a restore).
+    InspectSnapshot {
+        /// The snapshot directory (holding state.bin and memory.img).
+        dir: PathBuf,
+    },
 }
 
 #[derive(Args, Debug)]

@@ -114,6 +114,14 @@ fn dispatch(cli: Cli) -> Result<i32> {
         Command::Save(a) => save(a),
         Command::Bench(args) => bench::run(args).map(|_| 0).map_err(Into::into),
         Command::System(SystemCommand::Prune { all }) => prune(all),
+        Command::System(SystemCommand::InspectSnapshot { dir }) => {
+            print!(
+                "{}",
+                vmm::snapshot::report::report(&dir)
+                    .with_context(|| format!("reading the snapshot {}", dir.display()))?
+            );
+            Ok(0)
+        }
     }
 }
 
@@ -499,12 +507,7 @@ fn execute(
     } else {
         runtime::microvm::Start::Warm
     };
-    Ok(runtime::microvm::run_attached(
-        cfg,
-        dir,
-        forward_stdin,
-        how,
-    )?)
+    Ok(runtime::attach::run_attached(cfg, dir, forward_stdin, how)?)
 }
 
 /// `vmc __supervise DIR`: runs a detached container with its output going
@@ -887,8 +890,13 @@ fn exec(a: ExecArgs) -> Result<i32> {
         }
         return Ok(runtime::ns::exec_attached(pid, &spec, forward_stdin)?);
     }
-    Ok(runtime::microvm::exec_attached(
+    let vmm = c
+        .state
+        .pid
+        .context("the container's VM is not known yet: try again")?;
+    Ok(runtime::attach::exec_attached(
         &c.dir.join("vsock.sock"),
+        vmm as u32,
         spec,
         forward_stdin,
     )?)

@@ -8,6 +8,7 @@ use std::path::Path;
 use std::process::Command;
 
 use common::{kernel, kvm_available, rootfs, snapshots, TestVm};
+use vmc_guest::GuestMsg;
 
 /// A copy of the busybox rootfs with a marker file.
 fn marked_rootfs(dir: &Path, marker: &str) -> std::path::PathBuf {
@@ -148,24 +149,9 @@ fn a_mismatched_snapshot_is_refused_before_anything_runs() {
         .expect("a snapshot");
     let state = vmc::vmm::snapshot::VmState::read(&good).unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let cfg = |vsock: &Path| {
-        let (img, scratch) = (dir.path().join("i"), dir.path().join("s"));
-        std::fs::write(&img, b"").unwrap();
-        std::fs::write(&scratch, b"").unwrap();
-        let agent = dir.path().join("agent.erofs");
-        std::fs::write(&agent, b"").unwrap();
-        vmc::runtime::microvm::vm_config(
-            &kernel(),
-            &agent,
-            &img,
-            &scratch,
-            vsock,
-            1,
-            state.mem_size,
-            None,
-            vmc::runtime::microvm::unplugged().unwrap(),
-        )
-    };
+    let agent = dir.path().join("agent.erofs");
+    std::fs::write(&agent, b"").unwrap();
+    let cfg = |vsock: &Path| placeholder_config(dir.path(), &agent, vsock, state.mem_size);
     let err = vmc::vmm::restore(cfg(&dir.path().join("v1")), &good, "some-other-key")
         .err()
         .expect("refused");
@@ -176,4 +162,146 @@ fn a_mismatched_snapshot_is_refused_before_anything_runs() {
         .err()
         .expect("refused");
     assert!(err.to_string().contains("MiB"), "{err}");
+}
+
+/// The layout of a snapshot's 1-vCPU VM with empty image and scratch disks
+/// in `dir` (as when the snapshot was made) and `agent` as its root disk.
+fn placeholder_config(dir: &Path, agent: &Path, vsock: &Path, memory: u64) -> vmc::vmm::VmConfig {
+    let (img, scratch) = (dir.join("i"), dir.join("s"));
+    std::fs::write(&img, b"").unwrap();
+    std::fs::write(&scratch, b"").unwrap();
+    vmc::runtime::microvm::vm_config(
+        &kernel(),
+        agent,
+        &img,
+        &scratch,
+        vsock,
+        1,
+        memory,
+        None,
+        vmc::runtime::microvm::unplugged().unwrap(),
+    )
+}
+
+/// The shared warm-start snapshot of a 1-vCPU, 256 MiB guest, as `vmc run`
+/// would restore it: (directory, key, agent disk).
+fn shared_snapshot() -> (std::path::PathBuf, String, std::path::PathBuf) {
+    let agent = vmc::disk::agent_disk(
+        &vmc::assets::guest_binary().unwrap(),
+        &vmc::runtime::vmc_home().join("cache"),
+    )
+    .unwrap();
+    let kernel = kernel();
+    let spec = vmc::runtime::snapshot::SnapshotSpec {
+        kernel: &kernel,
+        agent_disk: &agent,
+        cpus: 1,
+        memory: 256 << 20,
+        backend: vmc::vmm::Backend::detect(),
+    };
+    let (dir, key) = vmc::runtime::snapshot::ensure(&snapshots(), &spec, false).unwrap();
+    (dir, key, agent)
+}
+
+/// A wait on `vm` bounded by its progress, as vmc's own waits are.
+fn watch(
+    vm: &vmc::vmm::RunningVm,
+) -> impl FnMut() -> Result<(), vmc::runtime::agent::AgentError> + '_ {
+    let mut dog = vmc::vmm::progress::Watchdog::new(std::time::Duration::from_secs(120));
+    move || vmc::runtime::microvm::verdict(vm.judge(&mut dog))
+}
+
+#[test]
+fn snapshots_are_taken_of_an_idle_guest() {
+    if !kvm_available() {
+        return;
+    }
+    let (dir, _, _) = shared_snapshot();
+    let state = vmc::vmm::snapshot::VmState::read(&dir).unwrap();
+    let report = vmc::vmm::snapshot::report::report(&dir).unwrap();
+    assert!(
+        state.vcpus.iter().all(|v| v.halted()),
+        "every vCPU halted:\n{report}"
+    );
+    assert!(
+        state.devices.iter().all(|d| d.interrupt_status == 0),
+        "every interrupt acknowledged:\n{report}"
+    );
+}
+
+#[test]
+fn a_snapshot_taken_while_an_interrupt_was_in_flight_restores_and_answers() {
+    if !kvm_available() {
+        return;
+    }
+    use std::io::Write;
+    use vmc::runtime::agent::AgentConn;
+    let (shared, key, agent) = shared_snapshot();
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = |vsock: &Path| placeholder_config(dir.path(), &agent, vsock, 256 << 20);
+    // A guest restored from the shared snapshot answers, then idles.
+    let v1 = dir.path().join("v1.sock");
+    let vm = vmc::vmm::restore(cfg(&v1), &shared, &key).unwrap();
+    AgentConn::connect(&v1, vmc_guest::AGENT_PORT, &mut watch(&vm))
+        .expect("the restored guest answers")
+        .close();
+    // Its vCPUs are paused (their state saved) before the vsock device
+    // queues a connection request and raises its interrupt: the snapshot
+    // then holds what it would hold had the host kernel not yet injected
+    // the interrupt (irqfd injection is asynchronous): the device's status
+    // bit set, the used ring advanced, no vector pending in the LAPIC.
+    let t0 = std::time::Instant::now();
+    let vcpus = loop {
+        let vcpus = vm.pause().unwrap();
+        if vcpus.iter().all(|v| v.halted()) && !vm.interrupts_pending() {
+            break vcpus;
+        }
+        assert!(
+            t0.elapsed() < std::time::Duration::from_secs(120),
+            "the guest never went idle"
+        );
+        vm.resume();
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    };
+    let mut request = std::os::unix::net::UnixStream::connect(&v1).unwrap();
+    request
+        .write_all(format!("CONNECT {}\n", vmc_guest::AGENT_PORT).as_bytes())
+        .unwrap();
+    let t0 = std::time::Instant::now();
+    while !vm.interrupts_pending() {
+        assert!(
+            t0.elapsed() < std::time::Duration::from_secs(30),
+            "the vsock device never raised its interrupt"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    let inflight = dir.path().join("inflight");
+    std::fs::create_dir(&inflight).unwrap();
+    vm.save(&inflight, &key, vcpus).unwrap();
+    vm.stop();
+    vm.wait();
+    drop(request);
+    let state = vmc::vmm::snapshot::VmState::read(&inflight).unwrap();
+    let lost = vmc::vmm::snapshot::report::owed_interrupts(&state);
+    assert!(
+        !lost.is_empty(),
+        "the saved state has an interrupt raised but not pending:\n{}",
+        vmc::vmm::snapshot::report::report(&inflight).unwrap()
+    );
+    // Restored, the guest gets that interrupt again and answers a new
+    // connection (without it, EVENT_IDX keeps the device from ever
+    // interrupting the guest for that queue again: the guest sleeps forever).
+    let v2 = dir.path().join("v2.sock");
+    let vm = vmc::vmm::restore(cfg(&v2), &inflight, &key).unwrap();
+    let answer = {
+        let mut w = watch(&vm);
+        AgentConn::connect(&v2, vmc_guest::AGENT_PORT, &mut w)
+            .and_then(|mut c| c.request(&vmc::runtime::microvm::MicroVm::refresh_msg(), &mut w))
+    };
+    vm.stop();
+    vm.wait();
+    assert_eq!(
+        answer.expect("the guest restored from the in-flight snapshot answers"),
+        GuestMsg::Refreshed
+    );
 }

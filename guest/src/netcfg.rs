@@ -45,7 +45,7 @@ pub fn configure(spec: &NetSpec) -> io::Result<()> {
             .checked_shl(32 - u32::from(spec.prefix.min(32)))
             .unwrap_or(0),
     );
-    // SAFETY (all ioctls below): a valid socket and an ifreq/rtentry that
+    // SAFETY: (all ioctls below) a valid socket and an ifreq/rtentry that
     // lives across the call, of the type each request reads or writes.
     unsafe {
         let mut r = ifreq(&spec.ifname);

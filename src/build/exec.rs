@@ -640,7 +640,7 @@ impl Builder<'_> {
                 if let Some(s) = spinner {
                     s.finish_and_clear();
                 }
-                Sandbox::Vm(vm?)
+                Sandbox::Vm(Box::new(vm?))
             };
             st.vm = Some(sandbox);
             st.vm_layers = st.base_layers;
@@ -958,7 +958,7 @@ fn tempfile_in(dir: &Path) -> Result<File, BuildError> {
 
 /// Where a stage's RUN steps execute.
 enum Sandbox {
-    Vm(BuildVm),
+    Vm(Box<BuildVm>),
     Ns(BuildNs),
 }
 

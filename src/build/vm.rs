@@ -5,12 +5,11 @@
 
 use std::io::{Read, Write};
 use std::path::Path;
-use std::time::Duration;
 
 use vmc_guest::{ExitStatus, GuestMsg, HostMsg, ProcessSpec, StartFailure, IO_CHUNK};
 
 use crate::runtime::agent::{AgentConn, AgentError};
-use crate::runtime::microvm::{MicroVm, Start, BOOT_TIMEOUT};
+use crate::runtime::microvm::{ended, MicroVm, Start};
 use crate::runtime::{ContainerConfig, Resources, Rootfs, RuntimeError};
 
 /// How a RUN step ended.
@@ -58,15 +57,7 @@ impl BuildVm {
             network,
             dns: Vec::new(),
         };
-        let vm = MicroVm::start(&cfg, dir, Start::Warm)?;
-        let mut conn = vm.connect(BOOT_TIMEOUT)?;
-        if vm.restored() {
-            conn.send(&MicroVm::refresh_msg())?;
-            match conn.recv()? {
-                GuestMsg::Refreshed => {}
-                m => return Err(unexpected(m)),
-            }
-        }
+        let (vm, mut conn) = MicroVm::start_ready(&cfg, dir, Start::Warm, &|| false)?;
         // With a network, the host's nameservers (as namespace builds);
         // the agent keeps the file out of the steps' layers.
         let etc = match network {
@@ -79,16 +70,19 @@ impl BuildVm {
             }
             crate::runtime::net::Network::None => Vec::new(),
         };
-        conn.send(&HostMsg::Mount(vm.root_spec("buildkitsandbox", etc)))?;
-        match conn.recv()? {
-            GuestMsg::Mounted => {}
-            m => return Err(unexpected(m)),
+        match vm.request(
+            &mut conn,
+            &HostMsg::Mount(vm.root_spec("buildkitsandbox", etc)),
+        ) {
+            Ok(GuestMsg::Mounted) => {}
+            Ok(m) => return Err(unexpected(m)),
+            Err(e) => return Err(ended(e, vm.stop())),
         }
         Ok(BuildVm { vm })
     }
 
     fn conn(&self) -> Result<AgentConn, RuntimeError> {
-        Ok(self.vm.connect(Duration::from_secs(60))?)
+        Ok(self.vm.connect()?)
     }
 
     /// Makes the uncompressed layer tar `layer` part of the VM's root.
@@ -103,8 +97,7 @@ impl BuildVm {
             }
             conn.send(&HostMsg::Stdin(buf[..n].to_vec()))?;
         }
-        conn.send(&HostMsg::StdinEof)?;
-        match conn.recv()? {
+        match self.vm.request(&mut conn, &HostMsg::StdinEof)? {
             GuestMsg::Applied => Ok(()),
             m => Err(unexpected(m)),
         }
@@ -117,8 +110,7 @@ impl BuildVm {
         out: &mut dyn FnMut(bool, &[u8]),
     ) -> Result<RunResult, RuntimeError> {
         let mut conn = self.conn()?;
-        conn.send(&HostMsg::Start(spec))?;
-        match conn.recv()? {
+        match self.vm.request(&mut conn, &HostMsg::Start(spec))? {
             GuestMsg::Started { .. } => {}
             GuestMsg::StartFailed { kind, message } => {
                 return Ok(RunResult::StartFailed(kind, message))
@@ -139,8 +131,10 @@ impl BuildVm {
     pub fn commit(&self, sink: &mut dyn Write) -> Result<(), RuntimeError> {
         let mut conn = self.conn()?;
         conn.send(&HostMsg::Commit)?;
+        // The agent's own work (no workload runs): each frame is bounded by
+        // the guest's progress.
         loop {
-            match conn.recv()? {
+            match conn.recv_watched(&mut self.vm.watch(crate::runtime::microvm::ANSWER_CPU))? {
                 GuestMsg::Stdout(d) => sink.write_all(&d).map_err(AgentError::Io)?,
                 GuestMsg::Committed => return Ok(()),
                 m => return Err(unexpected(m)),

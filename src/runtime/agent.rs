@@ -2,19 +2,24 @@
 //! Unix socket, handshake, and exchange frames.
 
 use std::io::{Read, Write};
+use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixStream;
 use std::path::Path;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use vmc_guest::{read_frame, write_frame, FrameError, GuestMsg, HostMsg, PROTOCOL_VERSION};
+use vmc_guest::{
+    read_frame, write_frame, FrameError, GuestMsg, HostMsg, MAX_FRAME, PROTOCOL_VERSION,
+};
 
 /// Errors talking to the agent.
 #[derive(Debug, thiserror::Error)]
 pub enum AgentError {
     #[error("the VM stopped before its agent answered")]
     VmStopped,
-    #[error("the guest agent did not answer within {0} s (the guest may be hung; retry with --debug to see its console)")]
-    Timeout(u64),
+    #[error("the guest stopped making progress: {0}")]
+    Hung(String),
+    #[error("interrupted before the container's process started")]
+    Interrupted,
     #[error(transparent)]
     Frame(#[from] FrameError),
     #[error("agent connection: {0}")]
@@ -27,65 +32,143 @@ pub enum AgentError {
     Unexpected(String),
 }
 
+/// What a wait on the guest calls between looks at the socket (every
+/// [`POLL`]): `Err` ends the wait (the VM stopped, or its guest is hung; see
+/// `vmm::progress`). Waits are bounded by the guest's progress, not by time.
+pub type Watch<'a> = &'a mut dyn FnMut() -> Result<(), AgentError>;
+
+/// How often a waiting host looks at the guest's progress.
+pub const POLL: Duration = Duration::from_millis(100);
+
 /// One connection to the agent.
+#[derive(Debug)]
 pub struct AgentConn {
     stream: UnixStream,
 }
 
-fn try_connect(uds: &Path, port: u32) -> std::io::Result<UnixStream> {
-    let mut s = UnixStream::connect(uds)?;
-    s.set_read_timeout(Some(Duration::from_secs(10)))?;
-    s.write_all(format!("CONNECT {port}\n").as_bytes())?;
+/// Waits until `stream` is readable (or closed), up to [`POLL`].
+fn readable(stream: &UnixStream) -> std::io::Result<bool> {
+    let mut p = libc::pollfd {
+        fd: stream.as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: one valid pollfd for the duration of the call.
+    let n = unsafe { libc::poll(&mut p, 1, POLL.as_millis() as libc::c_int) };
+    match n {
+        n if n > 0 => Ok(true),
+        0 => Ok(false),
+        _ => {
+            let e = std::io::Error::last_os_error();
+            if e.kind() == std::io::ErrorKind::Interrupted {
+                Ok(false)
+            } else {
+                Err(e)
+            }
+        }
+    }
+}
+
+/// Reads exactly `buf.len()` bytes (never more: after a `Connect`, the bytes
+/// that follow the answer belong to the relayed stream), calling `watch`
+/// while none arrive. Ok(false) if the stream ended before the first byte.
+fn read_exact_watched(
+    stream: &mut UnixStream,
+    buf: &mut [u8],
+    watch: Watch,
+) -> Result<bool, AgentError> {
+    let mut got = 0;
+    while got < buf.len() {
+        if !readable(stream)? {
+            watch()?;
+            continue;
+        }
+        match stream.read(&mut buf[got..]) {
+            Ok(0) if got == 0 => return Ok(false),
+            Ok(0) => return Err(std::io::Error::from(std::io::ErrorKind::UnexpectedEof).into()),
+            Ok(n) => got += n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Ok(true)
+}
+
+/// Opens the VMM's socket and asks for `port` (the hybrid vsock `CONNECT`);
+/// None if nothing listens yet (the guest is still booting).
+fn try_connect(uds: &Path, port: u32, watch: Watch) -> Result<Option<UnixStream>, AgentError> {
+    let Ok(mut s) = UnixStream::connect(uds) else {
+        return Ok(None);
+    };
+    if s.write_all(format!("CONNECT {port}\n").as_bytes()).is_err() {
+        return Ok(None);
+    }
     let mut line = Vec::new();
     let mut b = [0u8; 1];
     loop {
-        match s.read(&mut b)? {
-            0 => return Err(std::io::ErrorKind::ConnectionRefused.into()),
-            _ if b[0] == b'\n' => break,
-            _ if line.len() > 64 => return Err(std::io::ErrorKind::InvalidData.into()),
-            _ => line.push(b[0]),
+        if !read_exact_watched(&mut s, &mut b, watch)? {
+            // The VMM refused: the guest does not listen on the port yet.
+            return Ok(None);
+        }
+        match b[0] {
+            b'\n' => break,
+            _ if line.len() > 64 => {
+                return Err(std::io::Error::from(std::io::ErrorKind::InvalidData).into())
+            }
+            c => line.push(c),
         }
     }
     if !line.starts_with(b"OK ") {
-        return Err(std::io::ErrorKind::InvalidData.into());
+        return Err(std::io::Error::from(std::io::ErrorKind::InvalidData).into());
     }
-    s.set_read_timeout(None)?;
-    Ok(s)
+    Ok(Some(s))
 }
 
 impl AgentConn {
-    /// Connects to the agent on `port`, retrying while the guest boots.
-    /// `alive` says whether the VM still runs.
-    pub fn connect(
-        uds: &Path,
-        port: u32,
-        timeout: Duration,
-        alive: &dyn Fn() -> bool,
-    ) -> Result<AgentConn, AgentError> {
-        let deadline = Instant::now() + timeout;
+    /// Connects to the agent on `port`, retrying while the guest boots, for
+    /// as long as `watch` lets it.
+    pub fn connect(uds: &Path, port: u32, watch: Watch) -> Result<AgentConn, AgentError> {
         let mut delay = Duration::from_millis(5);
         loop {
-            if !alive() {
-                return Err(AgentError::VmStopped);
-            }
-            if let Ok(stream) = try_connect(uds, port) {
+            watch()?;
+            if let Some(stream) = try_connect(uds, port, watch)? {
                 let mut c = AgentConn { stream };
-                c.handshake()?;
+                c.handshake(watch)?;
                 return Ok(c);
-            }
-            if Instant::now() >= deadline {
-                return Err(AgentError::Timeout(timeout.as_secs()));
             }
             std::thread::sleep(delay);
             delay = (delay * 2).min(Duration::from_millis(50));
         }
     }
 
-    fn handshake(&mut self) -> Result<(), AgentError> {
-        self.send(&HostMsg::Hello {
+    /// Sends `msg` and waits for the answer for as long as `watch` lets it.
+    pub fn request(&mut self, msg: &HostMsg, watch: Watch) -> Result<GuestMsg, AgentError> {
+        self.send(msg)?;
+        self.recv_watched(watch)
+    }
+
+    /// Receives one frame, calling `watch` while none arrives.
+    pub fn recv_watched(&mut self, watch: Watch) -> Result<GuestMsg, AgentError> {
+        let mut len = [0u8; 4];
+        if !read_exact_watched(&mut self.stream, &mut len, watch)? {
+            return Err(FrameError::Closed.into());
+        }
+        let len = u32::from_le_bytes(len) as usize;
+        if len > MAX_FRAME {
+            return Err(FrameError::TooLarge(len).into());
+        }
+        let mut body = vec![0u8; len];
+        if !read_exact_watched(&mut self.stream, &mut body, watch)? && len > 0 {
+            return Err(std::io::Error::from(std::io::ErrorKind::UnexpectedEof).into());
+        }
+        postcard::from_bytes(&body).map_err(|e| FrameError::Decode(e).into())
+    }
+
+    fn handshake(&mut self, watch: Watch) -> Result<(), AgentError> {
+        let hello = HostMsg::Hello {
             version: PROTOCOL_VERSION,
-        })?;
-        match self.recv()? {
+        };
+        match self.request(&hello, watch)? {
             GuestMsg::Hello { version } if version == PROTOCOL_VERSION => Ok(()),
             GuestMsg::Hello { version } => Err(AgentError::Version(version)),
             GuestMsg::Error(e) => Err(AgentError::Remote(e)),
@@ -147,9 +230,7 @@ mod tests {
         let (_d, uds) = agent_answering(GuestMsg::Hello {
             version: PROTOCOL_VERSION + 1,
         });
-        let e = AgentConn::connect(&uds, 1, Duration::from_secs(5), &|| true)
-            .err()
-            .expect("refused");
+        let e = AgentConn::connect(&uds, 1, &mut || Ok(())).expect_err("refused");
         assert!(matches!(e, AgentError::Version(v) if v == PROTOCOL_VERSION + 1));
         assert!(e.to_string().contains("make guest"), "{e}");
     }
@@ -157,9 +238,64 @@ mod tests {
     #[test]
     fn an_agent_that_answers_with_something_else_is_an_error() {
         let (_d, uds) = agent_answering(GuestMsg::Error("no".into()));
-        let e = AgentConn::connect(&uds, 1, Duration::from_secs(5), &|| true)
-            .err()
-            .expect("refused");
+        let e = AgentConn::connect(&uds, 1, &mut || Ok(())).expect_err("refused");
         assert!(matches!(e, AgentError::Remote(ref m) if m == "no"), "{e}");
+    }
+
+    #[test]
+    fn a_silent_agent_is_given_up_when_the_watch_says_so() {
+        // The VMM accepts and the agent handshakes, but never answers a request.
+        let dir = tempfile::tempdir().unwrap();
+        let uds = dir.path().join("v.sock");
+        let l = std::os::unix::net::UnixListener::bind(&uds).unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let (mut s, _) = l.accept().unwrap();
+            let mut line = [0u8; 64];
+            let _ = s.read(&mut line).unwrap();
+            s.write_all(b"OK 1073741824\n").unwrap();
+            let _: HostMsg = read_frame(&mut s).unwrap();
+            // The answer arrives in pieces, a byte at a time.
+            for b in vmc_guest::encode(&GuestMsg::Hello {
+                version: PROTOCOL_VERSION,
+            }) {
+                s.write_all(&[b]).unwrap();
+                std::thread::sleep(Duration::from_millis(2));
+            }
+            let _ = rx.recv();
+        });
+        let mut c = AgentConn::connect(&uds, 1, &mut || Ok(())).expect("handshake");
+        let mut looks = 0;
+        let e = c
+            .request(&HostMsg::Signal(15), &mut || {
+                looks += 1;
+                if looks == 3 {
+                    Err(AgentError::Hung("test".into()))
+                } else {
+                    Ok(())
+                }
+            })
+            .expect_err("given up");
+        assert!(matches!(e, AgentError::Hung(_)), "{e}");
+        assert_eq!(looks, 3, "the watch is asked between polls");
+        tx.send(()).unwrap();
+    }
+
+    #[test]
+    fn nothing_listening_is_retried_while_the_watch_allows() {
+        let dir = tempfile::tempdir().unwrap();
+        let uds = dir.path().join("absent.sock");
+        let mut looks = 0;
+        let e = AgentConn::connect(&uds, 1, &mut || {
+            looks += 1;
+            if looks > 5 {
+                Err(AgentError::VmStopped)
+            } else {
+                Ok(())
+            }
+        })
+        .expect_err("no VMM");
+        assert!(matches!(e, AgentError::VmStopped));
+        assert_eq!(looks, 6);
     }
 }

@@ -1,31 +1,36 @@
 //! The microVM runtime: disks from the container's root filesystem, a VM with
-//! the guest agent as PID 1, and a session that runs the container's process
-//! with its stdio and exit status carried over vsock.
+//! the guest agent as PID 1 (cold boot or warm start from a snapshot), and
+//! the waits for its agent, bounded by the guest's progress. The sessions
+//! that run a process attached to vmc's stdio are in [`super::attach`].
 
-use std::io::{Read, Write};
+use std::io::Write;
 use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicI32, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use vmc_guest::{GuestMsg, HostMsg, RootSpec, AGENT_PORT, IO_CHUNK};
+use vmc_guest::{GuestMsg, HostMsg, RootSpec, AGENT_PORT};
 
 use super::agent::{AgentConn, AgentError};
 use super::{snapshot, ContainerConfig, RuntimeError};
 use crate::assets;
 use crate::disk;
+use crate::vmm::progress::{Threads, Verdict, Watchdog};
 use crate::vmm::{self, Backend, DiskConfig, RunningVm, VmConfig, VmExit, VmmError};
 
 /// Guest CID of every VM (each VM has its own vsock device and host socket).
 pub const GUEST_CID: u64 = 3;
 /// Size of the sparse scratch disk (the container's writable layer).
 pub const SCRATCH_SIZE: u64 = 2 << 30;
-/// How long the guest may take to boot to its agent. Software virtualisation
-/// needs tens of seconds; hardware well under one.
-pub const BOOT_TIMEOUT: Duration = Duration::from_secs(300);
-/// How long the guest may take to reset itself after its process exited.
-const RESET_TIMEOUT: Duration = Duration::from_secs(5);
+/// vCPU time a guest may spend booting to its agent before it is declared
+/// hung (software virtualisation needs tens of seconds, hardware well under
+/// one). Waits are bounded by the guest's progress: a halted, silent guest is
+/// declared hung after `vmm::progress::QUIET_LIMIT`, however loaded the host.
+pub const BOOT_CPU: Duration = Duration::from_secs(300);
+/// vCPU time a guest may spend answering one request (mount, start, ...).
+pub const ANSWER_CPU: Duration = Duration::from_secs(120);
+/// How long the guest may take to reset itself after its process exited
+/// (after that it is stopped: nothing of it is needed any more).
+pub const RESET_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// The VM layout shared by cold boots, snapshot creation and restores (a
 /// restore needs the same devices in the same order): the agent's root disk,
@@ -107,6 +112,8 @@ pub struct MicroVm {
     running_ms: f64,
     /// The VM's passt and the addressing it serves (with `--network passt`).
     passt: Option<(super::net::Passt, super::net::HostIpv4)>,
+    /// The snapshot it was restored from.
+    snapshot: Option<snapshot::Restored>,
 }
 
 impl MicroVm {
@@ -213,6 +220,7 @@ impl MicroVm {
                 restored: false,
                 running_ms: super::elapsed_ms(),
                 passt,
+                snapshot: None,
             });
         }
         let spec = snapshot::SnapshotSpec {
@@ -224,15 +232,17 @@ impl MicroVm {
         };
         let (snap, key) = snapshot::ensure(&cfg.snapshots, &spec, false)?;
         crate::phase!("snapshot ready; restoring");
-        let vm = match vmm::restore(config(None), &snap, &key) {
-            Ok(vm) => vm,
+        let restored = snapshot::Restored::of(&snap, &key);
+        let (vm, restored) = match vmm::restore(config(None), &snap, &key) {
+            Ok(vm) => (vm, restored),
             Err(VmmError::Snapshot(e)) => {
                 eprintln!(
                     "vmc: warning: the warm-start snapshot {} is unusable ({e}); rebuilding it",
                     snap.display()
                 );
                 let (snap, key) = snapshot::ensure(&cfg.snapshots, &spec, true)?;
-                vmm::restore(config(None), &snap, &key)?
+                let restored = snapshot::Restored::of(&snap, &key);
+                (vmm::restore(config(None), &snap, &key)?, restored)
             }
             Err(e) => return Err(e.into()),
         };
@@ -244,7 +254,104 @@ impl MicroVm {
             restored: true,
             running_ms: super::elapsed_ms(),
             passt,
+            snapshot: Some(restored),
         })
+    }
+
+    /// Starts the VM as [`Self::start`] does and waits for its agent (a
+    /// restored guest also gets its clock and entropy refreshed). A guest
+    /// restored from a snapshot that does not answer, while nothing stops it
+    /// (see `vmm::progress`), never stalls the run: the snapshot is moved
+    /// aside (the next warm start makes a new one), one line says so, and the
+    /// run starts again from a cold boot. `cancelled` ends the wait (a signal
+    /// for the workload arrived before it ran).
+    pub fn start_ready(
+        cfg: &ContainerConfig,
+        dir: &Path,
+        how: Start,
+        cancelled: &dyn Fn() -> bool,
+    ) -> Result<(MicroVm, AgentConn), RuntimeError> {
+        let mvm = MicroVm::start(cfg, dir, how)?;
+        let err = match mvm.greet(cancelled) {
+            Ok(conn) => return Ok((mvm, conn)),
+            Err(e) => e,
+        };
+        let snap = mvm.snapshot.clone();
+        match (err, snap) {
+            (AgentError::Hung(why), Some(snap)) => {
+                let moved = match snapshot::quarantine(&snap) {
+                    Ok(Some(to)) => {
+                        mvm.save_hung_state(&to.join("hung"), &snap.key);
+                        format!(
+                            "moved it to {} (the next run makes a new one)",
+                            to.display()
+                        )
+                    }
+                    Ok(None) => "another run has moved it already".into(),
+                    Err(e) => format!("could not move it aside ({e})"),
+                };
+                mvm.stop();
+                eprintln!(
+                    "vmc: warning: the guest restored from the warm-start snapshot {} did not answer ({why}); {moved}; retrying with a cold boot",
+                    snap.dir.display(),
+                );
+                let mvm = MicroVm::start(cfg, dir, Start::Cold)?;
+                match mvm.greet(cancelled) {
+                    Ok(conn) => Ok((mvm, conn)),
+                    Err(e) => Err(ended(e, mvm.stop())),
+                }
+            }
+            (e, _) => Err(ended(e, mvm.stop())),
+        }
+    }
+
+    /// Saves the state of a guest that stopped answering into `dir` (a
+    /// snapshot: `vmc system inspect-snapshot` shows where it waits).
+    fn save_hung_state(&self, dir: &Path, key: &str) {
+        let saved = std::fs::create_dir(dir)
+            .map_err(vmm::snapshot::SnapshotError::from)
+            .and_then(|_| self.vm.pause())
+            .and_then(|vcpus| self.vm.save(dir, key, vcpus));
+        if let Err(e) = saved {
+            log::debug!("saving the hung guest's state in {}: {e}", dir.display());
+        }
+    }
+
+    /// Connects to the agent and, for a restored guest, refreshes its clock
+    /// and entropy.
+    fn greet(&self, cancelled: &dyn Fn() -> bool) -> Result<AgentConn, AgentError> {
+        let mut watch = self.watch(BOOT_CPU);
+        let mut watch = || {
+            if cancelled() {
+                return Err(AgentError::Interrupted);
+            }
+            watch()
+        };
+        let mut conn = AgentConn::connect(&self.vsock, AGENT_PORT, &mut watch)?;
+        crate::phase!("agent connected");
+        if self.restored {
+            match conn.request(&MicroVm::refresh_msg(), &mut watch)? {
+                GuestMsg::Refreshed => {}
+                GuestMsg::Error(e) => return Err(AgentError::Remote(e)),
+                other => return Err(AgentError::Unexpected(format!("{other:?}"))),
+            }
+            crate::phase!("guest refreshed");
+        }
+        Ok(conn)
+    }
+
+    /// A [`agent::Watch`](super::agent::Watch) over this VM: it fails once the
+    /// VM stopped, or once its guest is hung (halted with nothing to do for
+    /// `vmm::progress::QUIET_LIMIT`, or `cpu` of vCPU time spent).
+    pub fn watch(&self, cpu: Duration) -> impl FnMut() -> Result<(), AgentError> + '_ {
+        let mut dog = Watchdog::new(cpu);
+        move || verdict(self.vm.judge(&mut dog))
+    }
+
+    /// Sends `msg` to the agent and waits for its answer while the guest
+    /// makes progress.
+    pub fn request(&self, conn: &mut AgentConn, msg: &HostMsg) -> Result<GuestMsg, AgentError> {
+        conn.request(msg, &mut self.watch(ANSWER_CPU))
     }
 
     /// Whether the VM was restored from a snapshot (its clock and entropy
@@ -276,9 +383,9 @@ impl MicroVm {
         }
     }
 
-    /// Connects to the guest agent, waiting for the guest to boot.
-    pub fn connect(&self, timeout: Duration) -> Result<AgentConn, AgentError> {
-        AgentConn::connect(&self.vsock, AGENT_PORT, timeout, &|| self.vm.is_running())
+    /// Opens another connection to the (running) guest agent.
+    pub fn connect(&self) -> Result<AgentConn, AgentError> {
+        AgentConn::connect(&self.vsock, AGENT_PORT, &mut self.watch(ANSWER_CPU))
     }
 
     /// The root filesystem layout inside the guest (with `etc`: Docker's
@@ -338,257 +445,36 @@ impl MicroVm {
     }
 }
 
+/// A watch over the VM run by process `pid` (a container's supervisor, or
+/// this process), from its threads' names (`vcpuN`, `vmm-events`), allowing
+/// [`ANSWER_CPU`] of vCPU time.
+pub fn process_watch(pid: u32) -> impl FnMut() -> Result<(), AgentError> {
+    let threads = Threads::of_process(pid);
+    let mut dog = Watchdog::new(ANSWER_CPU);
+    move || verdict(dog.observe(std::time::Instant::now(), threads.sample()))
+}
+
+/// A watchdog's verdict as the result of a wait's check.
+pub fn verdict(v: Verdict) -> Result<(), AgentError> {
+    match v {
+        Verdict::Working => Ok(()),
+        Verdict::Ended => Err(AgentError::VmStopped),
+        Verdict::Hung(why) => Err(AgentError::Hung(why)),
+    }
+}
+
+/// The error for a wait that failed, given how the VM then ended (a crash
+/// says more than the closed connection it caused).
+pub fn ended(e: AgentError, exit: VmExit) -> RuntimeError {
+    match (e, exit) {
+        (AgentError::VmStopped | AgentError::Frame(_), VmExit::Crashed(why)) => {
+            RuntimeError::VmCrashed(why)
+        }
+        (e, _) => e.into(),
+    }
+}
+
 /// Whole 512-byte sectors of a disk image file (what the guest will see).
 fn sectors(path: &Path) -> u64 {
     std::fs::metadata(path).map(|m| m.len() / 512).unwrap_or(0)
-}
-
-/// Signals vmc forwards to the workload.
-const FORWARDED: [libc::c_int; 6] = [
-    libc::SIGINT,
-    libc::SIGTERM,
-    libc::SIGHUP,
-    libc::SIGQUIT,
-    libc::SIGUSR1,
-    libc::SIGUSR2,
-];
-
-/// The forwarded signals, plus SIGWINCH with a terminal (it becomes a
-/// `Resize`), blocked in the calling thread.
-fn block_forwarded(tty: bool) -> libc::sigset_t {
-    // SAFETY: sigset_t is plain data initialised by sigemptyset.
-    let mut set: libc::sigset_t = unsafe { std::mem::zeroed() };
-    // SAFETY: set is a valid sigset_t; the old mask is not needed.
-    unsafe {
-        libc::sigemptyset(&mut set);
-        for s in FORWARDED {
-            libc::sigaddset(&mut set, s);
-        }
-        if tty {
-            libc::sigaddset(&mut set, libc::SIGWINCH);
-        }
-        libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
-    }
-    set
-}
-
-/// The connection the signal and stdin threads write to, once the process
-/// runs (None before, and after it ended).
-type Writer = Arc<Mutex<Option<AgentConn>>>;
-
-/// A thread that takes the blocked signals in `set` for the workload: each
-/// goes to it as a `Signal` (SIGWINCH as a `Resize`). Before the process
-/// runs, `early` is called with the signal instead (SIGWINCH is dropped).
-fn forward_signals(set: libc::sigset_t, writer: Writer, early: impl Fn(i32) + Send + 'static) {
-    std::thread::spawn(move || loop {
-        let mut sig: libc::c_int = 0;
-        // SAFETY: set and sig are valid for the call.
-        if unsafe { libc::sigwait(&set, &mut sig) } != 0 {
-            continue;
-        }
-        let mut w = writer.lock().unwrap_or_else(|e| e.into_inner());
-        match (w.as_mut(), sig) {
-            (Some(conn), libc::SIGWINCH) => {
-                if let Some(size) = super::tty::host_size() {
-                    let _ = conn.send(&HostMsg::Resize(size));
-                }
-            }
-            (Some(conn), _) => {
-                let _ = conn.send(&HostMsg::Signal(sig));
-            }
-            (None, libc::SIGWINCH) => {}
-            (None, _) => early(sig),
-        }
-    });
-}
-
-/// Runs the container attached to this process's stdio and returns the exit
-/// code vmc should exit with. SIGINT/SIGTERM/... reach the workload.
-pub fn run_attached(
-    cfg: &ContainerConfig,
-    dir: &Path,
-    forward_stdin: bool,
-    how: Start,
-) -> Result<i32, RuntimeError> {
-    // Block the forwarded signals before any thread starts, so that only the
-    // forwarding thread (sigwait) ever receives them.
-    let tty = cfg.process.tty.is_some();
-    let set = block_forwarded(tty);
-
-    let mvm = MicroVm::start(cfg, dir, how)?;
-    let writer: Writer = Arc::new(Mutex::new(None));
-    let interrupted = Arc::new(AtomicI32::new(0));
-    {
-        let (interrupted, stopper) = (interrupted.clone(), mvm.stopper());
-        // A signal before the process runs stops the VM.
-        forward_signals(set, writer.clone(), move |sig| {
-            interrupted.store(sig, Ordering::SeqCst);
-            stopper.stop();
-        });
-    }
-
-    let mut conn = match mvm.connect(BOOT_TIMEOUT) {
-        Ok(c) => c,
-        Err(e) => {
-            let sig = interrupted.load(Ordering::SeqCst);
-            let exit = mvm.stop();
-            if sig != 0 {
-                return Ok(128 + sig);
-            }
-            return Err(match (e, exit) {
-                (AgentError::VmStopped, VmExit::Crashed(why)) => RuntimeError::VmCrashed(why),
-                (e, _) => e.into(),
-            });
-        }
-    };
-    crate::phase!("agent connected");
-    if mvm.restored() {
-        conn.send(&MicroVm::refresh_msg())?;
-        match conn.recv()? {
-            GuestMsg::Refreshed => {}
-            GuestMsg::Error(e) => return Err(AgentError::Remote(e).into()),
-            other => return Err(AgentError::Unexpected(format!("{other:?}")).into()),
-        }
-    }
-    crate::phase!("guest refreshed");
-    let etc = super::net::etc_files(cfg, mvm.address().map(|a| a.to_string()).as_deref());
-    conn.send(&HostMsg::Mount(mvm.root_spec(&cfg.hostname, etc)))?;
-    match conn.recv()? {
-        GuestMsg::Mounted => crate::phase!("root mounted"),
-        GuestMsg::Error(e) => return Err(AgentError::Remote(e).into()),
-        other => return Err(AgentError::Unexpected(format!("{other:?}")).into()),
-    }
-    let mut spec = cfg.process.clone();
-    spec.stdin = forward_stdin;
-    spec.reboot_on_exit = true;
-    conn.send(&HostMsg::Start(spec))?;
-    match conn.recv()? {
-        GuestMsg::Started { .. } => {
-            crate::phase!("process started");
-            super::state::mark_started(dir);
-        }
-        GuestMsg::StartFailed { kind, message } => {
-            eprintln!("vmc: {message}");
-            mvm.stop();
-            return Ok(kind.exit_code());
-        }
-        GuestMsg::Error(e) => return Err(AgentError::Remote(e).into()),
-        other => return Err(AgentError::Unexpected(format!("{other:?}")).into()),
-    }
-    *writer.lock().unwrap_or_else(|e| e.into_inner()) =
-        Some(conn.try_clone().map_err(AgentError::Io)?);
-    let _raw = (tty && forward_stdin).then(super::tty::RawMode::enter);
-    if forward_stdin {
-        let writer = writer.clone();
-        std::thread::spawn(move || pump_stdin(writer, tty));
-    }
-
-    let code = pump_output(&mut conn);
-    crate::phase!("process exited");
-    mvm.write_mem_report();
-    conn.close();
-    writer.lock().unwrap_or_else(|e| e.into_inner()).take();
-    let exit = mvm.finish(RESET_TIMEOUT);
-    crate::phase!("VM ended: {exit:?}");
-    match code {
-        Some(code) => Ok(code),
-        None => Err(RuntimeError::VmCrashed(match exit {
-            VmExit::Crashed(why) => why,
-            _ => "the guest agent closed the connection before the process exited".into(),
-        })),
-    }
-}
-
-/// `vmc exec` in VM mode: runs another process in the running container's
-/// VM through its agent (reached over the VMM's vsock socket `vsock`), with
-/// this process's stdio and signals; returns its exit code.
-pub fn exec_attached(
-    vsock: &Path,
-    mut spec: vmc_guest::ProcessSpec,
-    forward_stdin: bool,
-) -> Result<i32, RuntimeError> {
-    let tty = spec.tty.is_some();
-    let set = block_forwarded(tty);
-    let mut conn = AgentConn::connect(
-        vsock,
-        vmc_guest::AGENT_PORT,
-        Duration::from_secs(10),
-        &|| vsock.exists(),
-    )?;
-    spec.stdin = forward_stdin;
-    spec.reboot_on_exit = false;
-    conn.send(&HostMsg::Start(spec))?;
-    match conn.recv()? {
-        GuestMsg::Started { .. } => {}
-        GuestMsg::StartFailed { kind, message } => {
-            eprintln!("vmc: {message}");
-            return Ok(kind.exit_code());
-        }
-        GuestMsg::Error(e) => return Err(AgentError::Remote(e).into()),
-        other => return Err(AgentError::Unexpected(format!("{other:?}")).into()),
-    }
-    let writer: Writer = Arc::new(Mutex::new(Some(conn.try_clone().map_err(AgentError::Io)?)));
-    forward_signals(set, writer.clone(), |_| {});
-    let _raw = (tty && forward_stdin).then(super::tty::RawMode::enter);
-    if forward_stdin {
-        let writer = writer.clone();
-        std::thread::spawn(move || pump_stdin(writer, tty));
-    }
-    let code = pump_output(&mut conn);
-    conn.close();
-    writer.lock().unwrap_or_else(|e| e.into_inner()).take();
-    code.ok_or_else(|| {
-        RuntimeError::VmCrashed("the container stopped while the process ran".into())
-    })
-}
-
-/// Copies vmc's stdin to the workload until end of file, which a terminal
-/// (`tty`) gets as its end-of-file character.
-fn pump_stdin(writer: Writer, tty: bool) {
-    let mut stdin = std::io::stdin().lock();
-    let mut buf = vec![0u8; IO_CHUNK];
-    loop {
-        let msgs = match stdin.read(&mut buf) {
-            Ok(0) | Err(_) if tty => vec![
-                HostMsg::Stdin(vec![super::tty::EOF_BYTE]),
-                HostMsg::StdinEof,
-            ],
-            Ok(0) | Err(_) => vec![HostMsg::StdinEof],
-            Ok(n) => vec![HostMsg::Stdin(buf[..n].to_vec())],
-        };
-        let eof = msgs.last() == Some(&HostMsg::StdinEof);
-        let mut w = writer.lock().unwrap_or_else(|e| e.into_inner());
-        let sent = w
-            .as_mut()
-            .is_some_and(|conn| msgs.iter().all(|m| conn.send(m).is_ok()));
-        if !sent || eof {
-            return;
-        }
-    }
-}
-
-/// Writes the workload's output to vmc's stdout/stderr until it exits;
-/// returns its exit code, or None if the connection ended first.
-fn pump_output(conn: &mut AgentConn) -> Option<i32> {
-    // The std handles are locked per write, never across the loop: VMM
-    // threads log to stderr, and a held lock would stall them.
-    loop {
-        match conn.recv() {
-            Ok(GuestMsg::Stdout(d)) => {
-                let mut out = std::io::stdout().lock();
-                let _ = out.write_all(&d).and_then(|_| out.flush());
-            }
-            Ok(GuestMsg::Stderr(d)) => {
-                let mut err = std::io::stderr().lock();
-                let _ = err.write_all(&d).and_then(|_| err.flush());
-            }
-            Ok(GuestMsg::Exited(status)) => return Some(status.shell_code()),
-            Ok(GuestMsg::Error(e)) => {
-                eprintln!("vmc: guest agent: {e}");
-                return None;
-            }
-            Ok(_) => {}
-            Err(_) => return None,
-        }
-    }
 }

@@ -2,6 +2,7 @@
 //! keeps state, and the microVM runtime. The namespace runtime joins it later.
 
 pub mod agent;
+pub mod attach;
 pub mod cgroup;
 
 pub mod microvm;
@@ -94,6 +95,8 @@ pub enum RuntimeError {
     Agent(#[from] agent::AgentError),
     #[error("the VM stopped unexpectedly: {0}")]
     VmCrashed(String),
+    #[error("the new warm-start snapshot does not restore into a guest that answers ({0})")]
+    SnapshotUnusable(String),
     #[error("namespace mode: {0}")]
     Namespace(String),
     #[error("{0}")]

@@ -14,6 +14,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use crate::vmm::progress::{Threads, Verdict, Watchdog};
+
 /// How a container reaches the network.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -177,18 +179,26 @@ impl Pasta {
         Ok(pasta)
     }
 
+    /// Waits until the container's namespace has a default route (pasta
+    /// configured it), for as long as pasta makes progress: a pasta that
+    /// exits is reported with its error, one that sits idle without
+    /// configuring anything fails after `progress::QUIET_LIMIT`, however
+    /// slow a loaded host makes it.
     fn wait_configured(&mut self, pid: u32) -> Result<(), String> {
-        let deadline = Instant::now() + Duration::from_secs(10);
         let routes = format!("/proc/{pid}/net/route");
+        let me = self.child.id();
+        let pasta = Threads::new(me, vec![me as i32], Vec::new());
+        let mut dog = Watchdog::new(Duration::from_secs(60));
+        let mut last_look = Instant::now();
         loop {
-            let table = std::fs::read_to_string(&routes).unwrap_or_default();
-            // A default route: destination 00000000 on some interface.
-            if table
-                .lines()
-                .skip(1)
-                .any(|l| l.split_whitespace().nth(1) == Some("00000000"))
-            {
-                return Ok(());
+            match std::fs::read_to_string(&routes) {
+                Ok(table) if has_default_route(&table) => return Ok(()),
+                Ok(_) => {}
+                Err(e) => {
+                    return Err(format!(
+                        "the container's network namespace is gone before pasta configured it ({e})"
+                    ))
+                }
             }
             if let Ok(Some(st)) = self.child.try_wait() {
                 let mut err = String::new();
@@ -198,12 +208,26 @@ impl Pasta {
                 let err: Vec<&str> = err.lines().filter(|l| !l.contains("syslog")).collect();
                 return Err(format!("pasta exited ({st}): {}", err.join("; ")));
             }
-            if Instant::now() > deadline {
-                return Err("pasta did not configure the container's network within 10 s".into());
+            if last_look.elapsed() >= crate::runtime::agent::POLL {
+                last_look = Instant::now();
+                if let Verdict::Hung(why) = dog.observe(last_look, pasta.sample()) {
+                    return Err(format!(
+                        "pasta is running but did not configure the container's network ({why})"
+                    ));
+                }
             }
             std::thread::sleep(Duration::from_millis(5));
         }
     }
+}
+
+/// Whether a /proc/net/route table has a default route (destination
+/// 00000000 on some interface).
+fn has_default_route(table: &str) -> bool {
+    table
+        .lines()
+        .skip(1)
+        .any(|l| l.split_whitespace().nth(1) == Some("00000000"))
 }
 
 impl Drop for Pasta {

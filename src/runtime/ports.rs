@@ -160,12 +160,15 @@ impl Drop for Serving {
 fn forward(client: TcpStream, port: u16, target: &Target) -> io::Result<()> {
     match target {
         Target::Vm(uds) => {
-            let mut agent = AgentConn::connect(uds, AGENT_PORT, Duration::from_secs(5), &|| true)
-                .map_err(io::Error::other)?;
-            agent
-                .send(&HostMsg::Connect { port })
-                .map_err(io::Error::other)?;
-            match agent.recv().map_err(io::Error::other)? {
+            // This process runs the VM: its threads tell whether the guest
+            // (perhaps still booting) works towards answering.
+            let mut watch = super::microvm::process_watch(std::process::id());
+            let mut agent =
+                AgentConn::connect(uds, AGENT_PORT, &mut watch).map_err(io::Error::other)?;
+            match agent
+                .request(&HostMsg::Connect { port }, &mut watch)
+                .map_err(io::Error::other)?
+            {
                 GuestMsg::Connected => {}
                 other => return Err(io::Error::other(format!("{other:?}"))),
             }

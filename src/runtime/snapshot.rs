@@ -15,15 +15,15 @@ use std::fs::File;
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
-use std::time::Duration;
 
 use sha2::{Digest, Sha256};
-use vmc_guest::{AGENT_PORT, PROTOCOL_VERSION};
+use vmc_guest::{GuestMsg, AGENT_PORT, PROTOCOL_VERSION};
 
-use super::agent::AgentConn;
-use super::microvm::{vm_config, BOOT_TIMEOUT};
+use super::agent::{AgentConn, AgentError};
+use super::microvm::{ended, unplugged, verdict, vm_config, MicroVm, ANSWER_CPU, BOOT_CPU};
 use super::RuntimeError;
-use crate::vmm::{self, snapshot::FORMAT_VERSION, Backend, VmExit};
+use crate::vmm::progress::Watchdog;
+use crate::vmm::{self, snapshot::FORMAT_VERSION, Backend};
 
 /// What a snapshot depends on.
 pub struct SnapshotSpec<'a> {
@@ -134,12 +134,29 @@ pub fn ensure(
             }
         }
     }
-    let tmp = root.join(format!(".{key}.tmp.{}", &super::new_id()[..12]));
-    let result = create(&tmp, spec, &key);
-    if let Err(e) = result {
-        let _ = std::fs::remove_dir_all(&tmp);
-        return Err(e);
-    }
+    // A snapshot whose trial restore does not answer is kept aside for
+    // diagnosis and made again once from a new boot.
+    let mut attempt = 1;
+    let tmp = loop {
+        let tmp = root.join(format!(".{key}.tmp.{}", &super::new_id()[..12]));
+        match create(&tmp, spec, &key) {
+            Ok(()) => break tmp,
+            Err(RuntimeError::SnapshotUnusable(why)) if attempt == 1 => {
+                let aside = root.join(format!(".quarantine-{key}-{}", &super::new_id()[..8]));
+                let kept = std::fs::rename(&tmp, &aside).is_ok();
+                eprintln!(
+                    "vmc: warning: the new warm-start snapshot did not answer after a trial restore ({why}){}; making it again",
+                    if kept { format!("; kept as {}", aside.display()) } else { String::new() }
+                );
+                let _ = std::fs::remove_dir_all(&tmp);
+                attempt += 1;
+            }
+            Err(e) => {
+                let _ = std::fs::remove_dir_all(&tmp);
+                return Err(e);
+            }
+        }
+    };
     std::fs::rename(&tmp, &dir).map_err(state_err)?;
     if let Ok(d) = File::open(&root) {
         let _ = d.sync_all();
@@ -147,7 +164,8 @@ pub fn ensure(
     Ok((dir, key))
 }
 
-/// Boots a template VM into `tmp`, waits for its agent, and snapshots it.
+/// Boots a template VM into `tmp`, waits for its agent, snapshots it once it
+/// is idle, and checks that the snapshot restores into a guest that answers.
 fn create(tmp: &Path, spec: &SnapshotSpec, key: &str) -> Result<(), RuntimeError> {
     let io = |e: std::io::Error| RuntimeError::State {
         path: tmp.display().to_string(),
@@ -161,37 +179,111 @@ fn create(tmp: &Path, spec: &SnapshotSpec, key: &str) -> Result<(), RuntimeError
     File::create(&scratch).map_err(io)?;
     let vsock = tmp.join("v.sock");
     log::info!("creating the warm-start snapshot {key} (a full boot, once)");
-    let cfg = vm_config(
-        spec.kernel,
-        spec.agent_disk,
-        &image,
-        &scratch,
-        &vsock,
-        spec.cpus,
-        spec.memory,
-        None,
-        crate::runtime::microvm::unplugged().map_err(|e| RuntimeError::Network(e.to_string()))?,
-    );
-    let vm = vmm::start(cfg)?;
-    let conn = AgentConn::connect(&vsock, AGENT_PORT, BOOT_TIMEOUT, &|| vm.is_running());
+    let cfg = |vsock: &Path| -> Result<vmm::VmConfig, RuntimeError> {
+        Ok(vm_config(
+            spec.kernel,
+            spec.agent_disk,
+            &image,
+            &scratch,
+            vsock,
+            spec.cpus,
+            spec.memory,
+            None,
+            unplugged().map_err(|e| RuntimeError::Network(e.to_string()))?,
+        ))
+    };
+    let vm = vmm::start(cfg(&vsock)?)?;
+    let mut dog = Watchdog::new(BOOT_CPU);
+    let conn = AgentConn::connect(&vsock, AGENT_PORT, &mut || verdict(vm.judge(&mut dog)));
     match conn {
         Ok(c) => c.close(),
         Err(e) => {
             vm.stop();
-            return Err(match vm.wait() {
-                VmExit::Crashed(why) => RuntimeError::VmCrashed(why),
-                _ => e.into(),
-            });
+            return Err(ended(e, vm.wait()));
         }
     }
-    let snap = vm.snapshot(tmp, key, Duration::from_secs(30));
+    let snap = vm.snapshot(tmp, key);
     vm.stop();
     vm.wait();
     snap.map_err(|e| RuntimeError::Vmm(e.into()))?;
-    for f in [&image, &scratch, &vsock] {
+    let _ = std::fs::remove_file(&vsock);
+    // Published only if it restores: one trial restore must answer.
+    let trial = tmp.join("trial.sock");
+    let result = verify(tmp, key, cfg(&trial)?);
+    for f in [&image, &scratch, &trial] {
         let _ = std::fs::remove_file(f);
     }
-    Ok(())
+    result
+}
+
+/// Restores the snapshot in `dir` and asks its agent for a refresh.
+fn verify(dir: &Path, key: &str, cfg: vmm::VmConfig) -> Result<(), RuntimeError> {
+    let vsock = cfg
+        .vsock
+        .as_ref()
+        .map(|(_, p)| p.clone())
+        .unwrap_or_default();
+    let vm = vmm::restore(cfg, dir, key)?;
+    let mut dog = Watchdog::new(ANSWER_CPU);
+    let mut watch = || verdict(vm.judge(&mut dog));
+    let answer = AgentConn::connect(&vsock, AGENT_PORT, &mut watch)
+        .and_then(|mut c| c.request(&MicroVm::refresh_msg(), &mut watch));
+    vm.stop();
+    let exit = vm.wait();
+    match answer {
+        Ok(GuestMsg::Refreshed) => Ok(()),
+        Ok(other) => Err(AgentError::Unexpected(format!("{other:?}")).into()),
+        Err(e) => Err(RuntimeError::SnapshotUnusable(ended(e, exit).to_string())),
+    }
+}
+
+/// Which snapshot a VM was restored from: its directory and the inode of
+/// its state file (a snapshot made again later has another).
+#[derive(Debug, Clone)]
+pub struct Restored {
+    pub dir: PathBuf,
+    pub key: String,
+    ino: u64,
+}
+
+impl Restored {
+    /// The snapshot `key` in `dir` as it is now.
+    pub fn of(dir: &Path, key: &str) -> Restored {
+        Restored {
+            dir: dir.to_path_buf(),
+            key: key.to_string(),
+            ino: std::fs::metadata(dir.join("state.bin"))
+                .map(|m| m.ino())
+                .unwrap_or(0),
+        }
+    }
+}
+
+/// Moves a snapshot whose guest did not answer aside (as
+/// `.quarantine-<key>-<id>` beside it, kept for diagnosis with `vmc system
+/// inspect-snapshot`; `vmc system prune` removes it), so that no later run
+/// restores it; returns where it went, or None if another process moved or
+/// remade it meanwhile. Under the key's lock, so it never moves a snapshot
+/// made since.
+pub fn quarantine(snap: &Restored) -> std::io::Result<Option<PathBuf>> {
+    let name = snap
+        .dir
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let lock = File::create(snap.dir.with_file_name(format!("{name}.lock")))?;
+    // SAFETY: flock on a descriptor we own; waits for a builder of this key.
+    if unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    if Restored::of(&snap.dir, &snap.key).ino != snap.ino || snap.ino == 0 {
+        return Ok(None);
+    }
+    let to = snap
+        .dir
+        .with_file_name(format!(".quarantine-{name}-{}", &super::new_id()[..8]));
+    std::fs::rename(&snap.dir, &to)?;
+    Ok(Some(to))
 }
 
 /// Removes the stale snapshots under `root` (every one with `current`
@@ -301,7 +393,7 @@ mod tests {
         assert_eq!(base.len(), 20);
         assert_ne!(base, spec(2, 256 << 20).key());
         assert_ne!(base, spec(1, 512 << 20).key());
-        std::thread::sleep(Duration::from_millis(10));
+        std::thread::sleep(std::time::Duration::from_millis(10));
         std::fs::write(&k, b"kernel, rebuilt").unwrap();
         assert_ne!(base, spec(1, 256 << 20).key(), "a new kernel file");
         let a2 = dir.path().join("agent-2.erofs");

@@ -20,7 +20,7 @@ use super::memory::{
     COM1_IRQ, COM1_PORT, IRQ_MAX, VIRTIO_IRQ_BASE, VIRTIO_MMIO_BASE, VIRTIO_MMIO_SIZE,
 };
 use super::running::RunningVm;
-use super::{base_cmdline, event_loop, kvm_err, setup_err, vcpu, VmConfig, VmmError};
+use super::{base_cmdline, event_loop, kvm_err, progress, setup_err, vcpu, VmConfig, VmmError};
 use crate::devices::bus::Bus;
 use crate::devices::legacy::{SerialDevice, I8042};
 use crate::devices::virtio::block::Block;
@@ -214,14 +214,27 @@ fn register_memory(vm: &VmFd, mem: &Mem) -> Result<(), VmmError> {
 /// Starts the event loop and one thread per vCPU.
 pub fn launch(m: Machine, vcpu_fds: Vec<VcpuFd>) -> Result<RunningVm, VmmError> {
     vcpu::install_kick_handler().map_err(setup_err)?;
+    // Each thread reports its id, so that the VM's progress can be read from
+    // the scheduler's account of it.
+    let (tid_tx, tid_rx) = std::sync::mpsc::channel::<i32>();
+    let report_tid = |tx: &std::sync::mpsc::Sender<i32>| {
+        // SAFETY: gettid has no preconditions.
+        let _ = tx.send(unsafe { libc::gettid() });
+    };
     let event_loop = {
         let epoll = m.epoll.clone();
         let devices = m.loop_devices;
+        let tx = tid_tx.clone();
         std::thread::Builder::new()
             .name("vmm-events".into())
-            .spawn(move || event_loop::run(epoll, devices))
+            .spawn(move || {
+                report_tid(&tx);
+                drop(tx);
+                event_loop::run(epoll, devices)
+            })
             .map_err(setup_err)?
     };
+    let loop_tid = tid_rx.recv().map_err(setup_err)?;
     let stop = Arc::new(AtomicBool::new(false));
     let pause = Arc::new(vcpu::PauseCtl::default());
     // Debugging aid: sample the boot vCPU's RIP at 1 kHz into a file.
@@ -239,12 +252,20 @@ pub fn launch(m: Machine, vcpu_fds: Vec<VcpuFd>) -> Result<RunningVm, VmmError> 
             msr_list: m.msr_list.clone(),
             samples: profile.as_ref().filter(|_| id == 0).map(|(_, s)| s.clone()),
         };
+        let tx = tid_tx.clone();
         let h = std::thread::Builder::new()
             .name(format!("vcpu{id}"))
-            .spawn(move || vcpu::run(fd, ctx))
+            .spawn(move || {
+                report_tid(&tx);
+                drop(tx);
+                vcpu::run(fd, ctx)
+            })
             .map_err(setup_err)?;
         vcpus.push(h);
     }
+    drop(tid_tx);
+    let vcpu_tids = tid_rx.iter().take(vcpus.len()).collect::<Vec<_>>();
+    let threads = progress::Threads::new(std::process::id(), vcpu_tids, vec![loop_tid]);
     if profile.is_some() {
         let (thread, stop) = (vcpus[0].as_pthread_t(), stop.clone());
         std::thread::spawn(move || {
@@ -262,5 +283,6 @@ pub fn launch(m: Machine, vcpu_fds: Vec<VcpuFd>) -> Result<RunningVm, VmmError> 
         m.transports,
         m.devices,
         profile,
+        threads,
     ))
 }

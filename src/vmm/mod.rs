@@ -12,6 +12,7 @@ mod builder;
 pub mod event_loop;
 pub mod exit;
 pub mod memory;
+pub mod progress;
 mod running;
 pub mod snapshot;
 pub mod vcpu;
@@ -202,12 +203,18 @@ pub fn restore(mut cfg: VmConfig, dir: &Path, key: &str) -> Result<RunningVm, Vm
     }
     snapshot::restore_vm(&m.vm, &state)?;
     let vm = builder::launch(m, vcpu_fds)?;
-    // Disks may have changed size (the snapshot had empty placeholders), and a
-    // queue notification pending at snapshot time must not be lost.
+    // Disks may have changed size (the snapshot had empty placeholders); an
+    // interrupt or a queue notification in flight at snapshot time must not
+    // be lost.
     for (t, s) in vm.transports().iter().zip(&state.devices) {
         let mut t = t.lock().unwrap_or_else(|e| e.into_inner());
         if s.device_type == crate::devices::virtio::TYPE_BLOCK && s.active {
             t.config_changed();
+        } else if t.redeliver_interrupt() {
+            log::debug!(
+                "restore: device {} had an unacknowledged interrupt",
+                s.device_type
+            );
         }
         t.kick_queues();
     }

@@ -3,7 +3,7 @@
 use std::os::unix::thread::JoinHandleExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -12,7 +12,7 @@ use vm_memory::{GuestMemoryBackend, GuestMemoryRegion, MemoryRegionAddress};
 
 use super::exit::{ExitState, VmExit};
 use super::snapshot::{self, SnapshotError, VmState};
-use super::{memory, vcpu};
+use super::{memory, progress, vcpu};
 use crate::devices::virtio::mmio::MmioTransport;
 use crate::devices::virtio::{Mem, VirtioDevice};
 
@@ -26,6 +26,7 @@ pub struct RunningVm {
     transports: Vec<Arc<Mutex<MmioTransport>>>,
     devices: Vec<Arc<Mutex<dyn VirtioDevice>>>,
     profile: Option<(PathBuf, vcpu::Samples)>,
+    threads: progress::Threads,
     // Field order matters on drop: the VM goes before the memory it maps.
     vm: VmFd,
     mem: Mem,
@@ -44,6 +45,7 @@ impl RunningVm {
         transports: Vec<Arc<Mutex<MmioTransport>>>,
         devices: Vec<Arc<Mutex<dyn VirtioDevice>>>,
         profile: Option<(PathBuf, vcpu::Samples)>,
+        threads: progress::Threads,
     ) -> RunningVm {
         RunningVm {
             exit,
@@ -54,9 +56,23 @@ impl RunningVm {
             transports,
             devices,
             profile,
+            threads,
             vm,
             mem,
         }
+    }
+
+    /// What the VM's threads have done so far (see [`progress`]).
+    pub fn activity(&self) -> progress::Activity {
+        self.threads.sample()
+    }
+
+    /// The verdict of `dog` on the VM now: ended, working or hung.
+    pub fn judge(&self, dog: &mut progress::Watchdog) -> progress::Verdict {
+        if !self.is_running() {
+            return progress::Verdict::Ended;
+        }
+        dog.observe(Instant::now(), self.activity())
     }
 
     /// Asks the VM to stop (the vCPUs are kicked out of the guest).
@@ -140,54 +156,90 @@ impl RunningVm {
         }
     }
 
-    /// Pauses the VM and writes a snapshot (`state.bin`, `memory.img`) into
-    /// `dir`; the VM stays paused (stop it afterwards). Open vsock
-    /// connections must be closed first: waits up to `quiesce` for them to go.
-    pub fn snapshot(&self, dir: &Path, key: &str, quiesce: Duration) -> Result<(), SnapshotError> {
-        let deadline = Instant::now() + quiesce;
-        while self.devices.iter().any(|d| {
-            d.lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .connection_count()
-                > 0
-        }) {
-            if Instant::now() > deadline {
-                return Err(SnapshotError::Pause(
-                    "vsock connections are still open".into(),
-                ));
+    /// Pauses the VM once its guest is quiescent and writes a snapshot
+    /// (`state.bin`, `memory.img`) into `dir`; the VM stays paused (stop it
+    /// afterwards). Open vsock connections must be closed first.
+    ///
+    /// Quiescent means: no vsock connection open, every interrupt the
+    /// devices raised acknowledged by the guest, and every vCPU halted (HLT)
+    /// when paused. A guest paused in the middle of work restores correctly
+    /// too (see `vmm::restore`), but an idle one restores into the same idle
+    /// state every time, with no work half done. The waits are bounded by
+    /// the guest's progress (`progress::Watchdog`); a guest that never goes
+    /// idle is snapshotted as it is after [`QUIESCE_ATTEMPTS`].
+    pub fn snapshot(&self, dir: &Path, key: &str) -> Result<(), SnapshotError> {
+        let mut dog = progress::Watchdog::new(Duration::from_secs(60));
+        let mut attempts = 0;
+        loop {
+            self.wait_quiescent(&mut dog)?;
+            let vcpus = self.pause()?;
+            let transports = self.lock_transports();
+            let devices = self.lock_devices();
+            attempts += 1;
+            let idle = vcpus.iter().all(|v| v.halted())
+                && !transports.iter().any(|t| t.interrupt_pending())
+                && devices.iter().all(|d| d.connection_count() == 0);
+            if idle || attempts >= QUIESCE_ATTEMPTS {
+                if !idle {
+                    log::debug!("snapshot: the guest never went idle; taken while it works");
+                }
+                return self.write_state(dir, key, vcpus, &transports, &devices);
             }
-            std::thread::sleep(Duration::from_millis(2));
+            // Caught between two pieces of work: let it finish.
+            drop(devices);
+            drop(transports);
+            self.resume();
+            std::thread::sleep(Duration::from_millis(5));
         }
-        self.pause.request(self.vcpus.len());
-        let deadline = Instant::now() + Duration::from_secs(10);
-        let saved = loop {
-            self.kick_vcpus();
-            if let Some(s) = self.pause.wait_saved(Duration::from_millis(20)) {
-                break s;
-            }
-            if Instant::now() > deadline || !self.is_running() {
-                return Err(SnapshotError::Pause("the vCPUs did not stop".into()));
-            }
-        };
-        let vcpus = saved
-            .into_iter()
-            .collect::<Result<Vec<_>, String>>()
-            .map_err(SnapshotError::Invalid)?;
-        // Holding every transport and device lock keeps the event loop from
-        // touching guest memory or queues while they are saved.
-        let transports: Vec<_> = self
-            .transports
+    }
+
+    /// Writes a snapshot of the VM as it is: `vcpus` is what [`Self::pause`]
+    /// returned (the VM stays paused). Unlike [`Self::snapshot`] this does
+    /// not wait for the guest to be idle.
+    pub fn save(
+        &self,
+        dir: &Path,
+        key: &str,
+        vcpus: Vec<snapshot::VcpuState>,
+    ) -> Result<(), SnapshotError> {
+        let transports = self.lock_transports();
+        let devices = self.lock_devices();
+        self.write_state(dir, key, vcpus, &transports, &devices)
+    }
+
+    fn lock_transports(&self) -> Vec<MutexGuard<'_, MmioTransport>> {
+        self.transports
             .iter()
             .map(|t| t.lock().unwrap_or_else(|e| e.into_inner()))
-            .collect();
-        let device_locks: Vec<_> = self
-            .devices
+            .collect()
+    }
+
+    fn lock_devices(&self) -> Vec<MutexGuard<'_, dyn VirtioDevice + 'static>> {
+        self.devices
             .iter()
             .map(|d| d.lock().unwrap_or_else(|e| e.into_inner()))
-            .collect();
+            .collect()
+    }
+
+    /// Whether a device raised an interrupt the guest has not acknowledged.
+    pub fn interrupts_pending(&self) -> bool {
+        self.lock_transports().iter().any(|t| t.interrupt_pending())
+    }
+
+    /// Writes `state.bin` and `memory.img`. The caller holds every transport
+    /// and device lock, which keeps the event loop from touching guest
+    /// memory or queues meanwhile, and the vCPUs are paused.
+    fn write_state(
+        &self,
+        dir: &Path,
+        key: &str,
+        vcpus: Vec<snapshot::VcpuState>,
+        transports: &[MutexGuard<'_, MmioTransport>],
+        devices: &[MutexGuard<'_, dyn VirtioDevice + 'static>],
+    ) -> Result<(), SnapshotError> {
         let devices: Vec<_> = transports
             .iter()
-            .zip(&device_locks)
+            .zip(devices)
             .map(|(t, d)| t.snapshot_of(&**d))
             .collect();
         let state = VmState {
@@ -202,11 +254,88 @@ impl RunningVm {
             devices,
         };
         snapshot::dump_memory(&self.mem, &dir.join("memory.img"))?;
-        drop(device_locks);
-        drop(transports);
         state.write(dir)
     }
+
+    /// Waits until no vsock connection is open, no interrupt is
+    /// unacknowledged and the vCPU threads sleep (a halted guest), while the
+    /// guest makes progress.
+    fn wait_quiescent(&self, dog: &mut progress::Watchdog) -> Result<(), SnapshotError> {
+        let mut last_look = Instant::now();
+        loop {
+            let connections: usize = self
+                .devices
+                .iter()
+                .map(|d| {
+                    d.lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .connection_count()
+                })
+                .sum();
+            let pending = self.transports.iter().any(|t| {
+                t.lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .interrupt_pending()
+            });
+            let activity = self.activity();
+            if connections == 0 && !pending && activity.vcpus_asleep {
+                return Ok(());
+            }
+            if last_look.elapsed() >= Duration::from_millis(100) {
+                last_look = Instant::now();
+                match dog.observe(last_look, activity) {
+                    progress::Verdict::Working => {}
+                    // Halted with a connection still open: it will not close it.
+                    progress::Verdict::Hung(why) if connections > 0 => {
+                        return Err(SnapshotError::Pause(format!(
+                            "vsock connections are still open and the guest is hung ({why})"
+                        )))
+                    }
+                    // Halted, only an interrupt pending: quiescent enough.
+                    progress::Verdict::Hung(_) if activity.vcpus_asleep => return Ok(()),
+                    progress::Verdict::Hung(why) => {
+                        return Err(SnapshotError::Pause(format!(
+                            "the guest does not go idle ({why})"
+                        )))
+                    }
+                    progress::Verdict::Ended => {
+                        return Err(SnapshotError::Pause("the VM stopped".into()))
+                    }
+                }
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        }
+    }
+
+    /// Stops every vCPU out of the guest and keeps it there (until
+    /// [`Self::resume`]); returns their states, each saved by its own thread.
+    pub fn pause(&self) -> Result<Vec<snapshot::VcpuState>, SnapshotError> {
+        self.pause.request(self.vcpus.len());
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let saved = loop {
+            self.kick_vcpus();
+            if let Some(s) = self.pause.wait_saved(Duration::from_millis(20)) {
+                break s;
+            }
+            if Instant::now() > deadline || !self.is_running() {
+                return Err(SnapshotError::Pause("the vCPUs did not stop".into()));
+            }
+        };
+        saved
+            .into_iter()
+            .collect::<Result<Vec<_>, String>>()
+            .map_err(SnapshotError::Invalid)
+    }
+
+    /// Lets paused vCPUs run again.
+    pub fn resume(&self) {
+        self.pause.resume();
+    }
 }
+
+/// How often [`RunningVm::snapshot`] pauses a guest that turns out to be in
+/// the middle of work before it takes it as it is.
+pub const QUIESCE_ATTEMPTS: usize = 50;
 
 impl Drop for RunningVm {
     fn drop(&mut self) {

@@ -5,10 +5,9 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
-use std::time::Duration;
 
 use vmc::runtime::agent::AgentConn;
-use vmc::runtime::microvm::{MicroVm, Start, BOOT_TIMEOUT};
+use vmc::runtime::microvm::{MicroVm, Start};
 use vmc::runtime::{ContainerConfig, ProcessSpec, Resources};
 use vmc_guest::{ExitStatus, GuestMsg, HostMsg, StartFailure};
 
@@ -162,22 +161,15 @@ impl TestVm {
             network: Default::default(),
             dns: Vec::new(),
         };
-        let vm = MicroVm::start(&cfg, dir.path(), Start::Warm).expect("start the test VM");
-        let mut conn = vm.connect(BOOT_TIMEOUT).expect("agent answers");
-        if vm.restored() {
-            conn.send(&MicroVm::refresh_msg()).unwrap();
-            assert_eq!(conn.recv().unwrap(), GuestMsg::Refreshed);
-        }
-        conn.send(&HostMsg::Mount(vm.root_spec(&hostname, Vec::new())))
-            .unwrap();
-        assert_eq!(conn.recv().unwrap(), GuestMsg::Mounted);
+        let (vm, mut conn) = MicroVm::start_ready(&cfg, dir.path(), Start::Warm, &|| false)
+            .expect("start the test VM");
+        let mount = HostMsg::Mount(vm.root_spec(&hostname, Vec::new()));
+        assert_eq!(vm.request(&mut conn, &mount).unwrap(), GuestMsg::Mounted);
         TestVm { vm, dir, hostname }
     }
 
     fn conn(&self) -> AgentConn {
-        self.vm
-            .connect(Duration::from_secs(60))
-            .expect("agent connection")
+        self.vm.connect().expect("agent connection")
     }
 
     /// Runs `spec` to completion, feeding `stdin` if given.

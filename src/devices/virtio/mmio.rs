@@ -422,6 +422,23 @@ impl MmioTransport {
         self.interrupt.config();
     }
 
+    /// Whether the device raised an interrupt the driver has not yet
+    /// acknowledged (the guest has work to look at).
+    pub fn interrupt_pending(&self) -> bool {
+        self.active && self.interrupt.status() != 0
+    }
+
+    /// After a restore: signals again an interrupt the snapshot shows raised
+    /// but not acknowledged. The host kernel injects an irqfd interrupt
+    /// asynchronously (a work item), so a snapshot taken between a device's
+    /// raise and the injection holds the status bit but no pending vector;
+    /// with EVENT_IDX the device never signals that queue again (the driver's
+    /// used_event stays behind), and the guest would wait forever. A
+    /// duplicate costs the driver one status read.
+    pub fn redeliver_interrupt(&self) -> bool {
+        self.active && self.interrupt.resend_pending()
+    }
+
     /// Makes the device look at every queue, as if the driver had notified
     /// it: a notification pending at snapshot time must not be lost.
     pub fn kick_queues(&self) {
@@ -466,7 +483,7 @@ mod tests {
     use vm_memory::GuestAddress;
 
     use super::super::testing::{memory, registry};
-    use super::super::ActivateError;
+    use super::super::{ActivateError, INT_VRING};
     use super::*;
 
     #[derive(Default)]
@@ -515,6 +532,17 @@ mod tests {
         Arc<AtomicUsize>,
         Vec<EventFd>,
     ) {
+        let (t, a, r, e, _) = transport_and_irq();
+        (t, a, r, e)
+    }
+
+    fn transport_and_irq() -> (
+        MmioTransport,
+        Arc<AtomicUsize>,
+        Arc<AtomicUsize>,
+        Vec<EventFd>,
+        EventFd,
+    ) {
         let dev = Dummy::default();
         let (a, r) = (dev.activations.clone(), dev.resets.clone());
         let evts: Vec<EventFd> = (0..2)
@@ -522,6 +550,7 @@ mod tests {
             .collect();
         let clones = evts.iter().map(|e| e.try_clone().unwrap()).collect();
         let irq = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        let irq_seen = irq.try_clone().unwrap();
         let t = MmioTransport::new(
             Arc::new(Mutex::new(dev)),
             memory(),
@@ -529,7 +558,7 @@ mod tests {
             registry(),
             evts,
         );
-        (t, a, r, clones)
+        (t, a, r, clones, irq_seen)
     }
 
     fn rd(t: &mut MmioTransport, off: u64) -> u32 {
@@ -721,6 +750,36 @@ mod tests {
             transport().0.restore(&bad).is_err(),
             "queues are validated again"
         );
+    }
+
+    #[test]
+    fn an_unacknowledged_interrupt_is_signalled_again_after_a_restore() {
+        let (mut t, ..) = transport();
+        negotiate(&mut t);
+        setup_queue(&mut t, 0, 0x10000);
+        setup_queue(&mut t, 1, 0x20000);
+        wr(
+            &mut t,
+            reg::STATUS,
+            status::ACKNOWLEDGE | status::DRIVER | status::FEATURES_OK | status::DRIVER_OK,
+        );
+        // Raised, never acknowledged: the injection may have been in flight.
+        t.interrupt.used();
+        let snap = t.snapshot();
+        assert_eq!(snap.interrupt_status, INT_VRING);
+        let (mut fresh, _, _, _, irq) = transport_and_irq();
+        fresh.restore(&snap).unwrap();
+        assert!(irq.read().is_err(), "restoring alone signals nothing");
+        assert!(fresh.redeliver_interrupt());
+        assert_eq!(irq.read().unwrap(), 1, "the guest is interrupted again");
+        assert_eq!(rd(&mut fresh, reg::INTERRUPT_STATUS), INT_VRING);
+
+        // Acknowledged before the snapshot: nothing to deliver.
+        wr(&mut t, reg::INTERRUPT_ACK, INT_VRING);
+        let (mut quiet, _, _, _, irq) = transport_and_irq();
+        quiet.restore(&t.snapshot()).unwrap();
+        assert!(!quiet.redeliver_interrupt());
+        assert!(irq.read().is_err());
     }
 
     #[test]

@@ -63,9 +63,23 @@ impl Interrupt {
 
     fn raise(&self, bit: u32) {
         self.status.fetch_or(bit, Ordering::SeqCst);
+        self.fire();
+    }
+
+    fn fire(&self) {
         if let Err(e) = self.irqfd.write(1) {
             log::warn!("virtio interrupt: {e}");
         }
+    }
+
+    /// Signals the interrupt again if any status bit is still set (the
+    /// driver has not acknowledged it); returns whether it did.
+    pub fn resend_pending(&self) -> bool {
+        let pending = self.status() != 0;
+        if pending {
+            self.fire();
+        }
+        pending
     }
 
     /// The value of InterruptStatus.

@@ -30,6 +30,8 @@ use vm_memory::{
 
 use crate::devices::virtio::Mem;
 
+pub mod report;
+
 const MAGIC: &[u8; 8] = b"VMCSNAP\0";
 /// Bumped on any change to the state types below.
 pub const FORMAT_VERSION: u32 = 1;
@@ -131,6 +133,11 @@ impl VcpuState {
             msrs,
             events,
         })
+    }
+
+    /// Whether the vCPU was halted (HLT, waiting for an interrupt).
+    pub fn halted(&self) -> bool {
+        self.mp_state.mp_state == kvm_bindings::KVM_MP_STATE_HALTED
     }
 
     /// Loads the state into a freshly created vCPU.
