@@ -11,7 +11,7 @@
 set -euo pipefail
 here=$(cd "$(dirname "$0")/.." && pwd)
 state=${VMC_LOAD_DIR:-${TMPDIR:-/tmp}/vmc-load}
-vmc=$here/vmc
+vmc=${VMC_LOAD_BIN:-$here/vmc}
 start() {
     [ -x "$vmc" ] || { echo "load.sh: $vmc is missing: run make build" >&2; exit 1; }
     mkdir -p "$state/store"

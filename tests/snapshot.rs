@@ -305,3 +305,87 @@ fn a_snapshot_taken_while_an_interrupt_was_in_flight_restores_and_answers() {
         GuestMsg::Refreshed
     );
 }
+
+#[test]
+fn a_snapshot_whose_guest_hangs_is_set_aside_and_the_run_retried_cold() {
+    if !kvm_available() {
+        return;
+    }
+    // A copy of the shared snapshot in a store of its own, with the vsock
+    // device's IOAPIC pin masked: its interrupts never reach the restored
+    // guest, which then waits for ever for a connection, halted.
+    let (shared, key, _) = shared_snapshot();
+    let home = tempfile::tempdir().unwrap();
+    let snaps = home.path().join("snapshots");
+    let bad = snaps.join(&key);
+    std::fs::create_dir_all(&bad).unwrap();
+    for f in ["memory.img", "spec.txt"] {
+        let st = Command::new("cp")
+            .arg("--sparse=always")
+            .arg(shared.join(f))
+            .arg(bad.join(f))
+            .status()
+            .unwrap();
+        assert!(st.success());
+    }
+    let mut state = vmc::vmm::snapshot::VmState::read(&shared).unwrap();
+    let vsock = state
+        .devices
+        .iter()
+        .position(|d| d.device_type == vmc::devices::virtio::TYPE_VSOCK)
+        .unwrap();
+    let pin = vmc::vmm::memory::VIRTIO_IRQ_BASE as usize + vsock;
+    let ioapic = state.irqchips.iter_mut().find(|c| c.chip_id == 2).unwrap();
+    // SAFETY: chip 2 is the IOAPIC, so the union holds a kvm_ioapic_state;
+    // a redirection entry is a plain u64 and bit 16 masks it.
+    unsafe { ioapic.chip.ioapic.redirtbl[pin].bits |= 1 << 16 };
+    state.write(&bad).unwrap();
+
+    let o = run_vmc(home.path(), &snaps);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{err}");
+    assert_eq!(String::from_utf8_lossy(&o.stdout), "ok\n", "{err}");
+    let warnings: Vec<&str> = err
+        .lines()
+        .filter(|l| l.contains("did not answer"))
+        .collect();
+    assert_eq!(warnings.len(), 1, "one line says so: {err}");
+    assert!(
+        warnings[0].contains(&bad.display().to_string())
+            && warnings[0].contains("retrying with a cold boot"),
+        "{err}"
+    );
+    let aside: Vec<_> = std::fs::read_dir(&snaps)
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| {
+            p.file_name()
+                .unwrap()
+                .to_string_lossy()
+                .starts_with(".quarantine-")
+        })
+        .collect();
+    assert_eq!(aside.len(), 1, "the snapshot moved aside");
+    assert!(
+        warnings[0].contains(&aside[0].display().to_string()),
+        "{err}"
+    );
+    assert!(!bad.exists(), "no later run restores it");
+    // The hung guest's own state is kept beside it, for inspect-snapshot.
+    let hung = vmc::vmm::snapshot::report::report(&aside[0].join("hung")).unwrap();
+    assert!(
+        hung.contains(&format!("pin {pin} vector")) && hung.contains("masked"),
+        "{hung}"
+    );
+
+    // The next run makes a new snapshot (checked by its trial restore) and
+    // restores it without a word.
+    let o = run_vmc(home.path(), &snaps);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{err}");
+    assert_eq!(String::from_utf8_lossy(&o.stdout), "ok\n", "{err}");
+    assert!(!err.contains("did not answer"), "{err}");
+    let remade = vmc::vmm::snapshot::VmState::read(&bad).unwrap();
+    assert!(vmc::vmm::snapshot::report::owed_interrupts(&remade).is_empty());
+}
