@@ -12,4 +12,5 @@ pub mod devices;
 pub mod disk;
 pub mod image;
 pub mod runtime;
+pub mod uds;
 pub mod vmm;

@@ -120,11 +120,11 @@ fn snapshots_made_under_load_all_restore() {
         let t0 = Instant::now();
         // Makes the snapshot (boot, idle, save, trial restore), then
         // restores it for this run.
-        let (vm, mut conn) =
-            MicroVm::start_ready(&cfg, dir.path(), Start::Warm, &|| false).expect("a warm start");
+        let spec_root = |m: &MicroVm| m.root_spec("stress", Vec::new());
+        let (vm, conn) = MicroVm::start_ready(&cfg, dir.path(), Start::Warm, &spec_root, &|| false)
+            .expect("a warm start");
+        conn.close();
         let restored = vm.restored();
-        let mount = HostMsg::Mount(vm.root_spec("stress", Vec::new()));
-        assert_eq!(vm.request(&mut conn, &mount).unwrap(), GuestMsg::Mounted);
         let spec = ProcessSpec {
             args: vec!["sh".into(), "-c".into(), "sleep 0.05; echo ok".into()],
             cwd: "/".into(),

@@ -9,7 +9,7 @@ use std::path::Path;
 use vmc_guest::{ExitStatus, GuestMsg, HostMsg, ProcessSpec, StartFailure, IO_CHUNK};
 
 use crate::runtime::agent::{AgentConn, AgentError};
-use crate::runtime::microvm::{ended, MicroVm, Start};
+use crate::runtime::microvm::{MicroVm, Start};
 use crate::runtime::{ContainerConfig, Resources, Rootfs, RuntimeError};
 
 /// How a RUN step ended.
@@ -57,7 +57,6 @@ impl BuildVm {
             network,
             dns: Vec::new(),
         };
-        let (vm, mut conn) = MicroVm::start_ready(&cfg, dir, Start::Warm, &|| false)?;
         // With a network, the host's nameservers (as namespace builds);
         // the agent keeps the file out of the steps' layers.
         let etc = match network {
@@ -70,14 +69,9 @@ impl BuildVm {
             }
             crate::runtime::net::Network::None => Vec::new(),
         };
-        match vm.request(
-            &mut conn,
-            &HostMsg::Mount(vm.root_spec("buildkitsandbox", etc)),
-        ) {
-            Ok(GuestMsg::Mounted) => {}
-            Ok(m) => return Err(unexpected(m)),
-            Err(e) => return Err(ended(e, vm.stop())),
-        }
+        let root = |m: &MicroVm| m.root_spec("buildkitsandbox", etc.clone());
+        let (vm, conn) = MicroVm::start_ready(&cfg, dir, Start::Warm, &root, &|| false)?;
+        conn.close();
         Ok(BuildVm { vm })
     }
 

@@ -97,7 +97,7 @@ fn read_exact_watched(
 /// Opens the VMM's socket and asks for `port` (the hybrid vsock `CONNECT`);
 /// None if nothing listens yet (the guest is still booting).
 fn try_connect(uds: &Path, port: u32, watch: Watch) -> Result<Option<UnixStream>, AgentError> {
-    let Ok(mut s) = UnixStream::connect(uds) else {
+    let Ok(mut s) = crate::uds::connect(uds) else {
         return Ok(None);
     };
     if s.write_all(format!("CONNECT {port}\n").as_bytes()).is_err() {

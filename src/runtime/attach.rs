@@ -10,7 +10,9 @@ use std::sync::{Arc, Mutex};
 use vmc_guest::{GuestMsg, HostMsg, IO_CHUNK};
 
 use super::agent::{AgentConn, AgentError};
-use super::microvm::{ended, process_watch, MicroVm, Start, ANSWER_CPU, RESET_TIMEOUT};
+use super::microvm::{
+    ended, or_cancelled, process_watch, MicroVm, Start, ANSWER_CPU, RESET_TIMEOUT,
+};
 use super::{ContainerConfig, RuntimeError};
 use crate::vmm::VmExit;
 
@@ -96,37 +98,24 @@ pub fn run_attached(
         });
     }
     let cancelled = || interrupted.load(Ordering::SeqCst) != 0;
-    let (mvm, mut conn) = match MicroVm::start_ready(cfg, dir, how, &cancelled) {
+    let root = |m: &MicroVm| {
+        let etc = super::net::etc_files(cfg, m.address().map(|a| a.to_string()).as_deref());
+        m.root_spec(&cfg.hostname, etc)
+    };
+    let (mvm, mut conn) = match MicroVm::start_ready(cfg, dir, how, &root, &cancelled) {
         Ok(ready) => ready,
         Err(RuntimeError::Agent(AgentError::Interrupted)) => {
             return Ok(128 + interrupted.load(Ordering::SeqCst))
         }
         Err(e) => return Err(e),
     };
-    let ask = |conn: &mut AgentConn, msg: &HostMsg| {
-        let mut progress = mvm.watch(ANSWER_CPU);
-        conn.request(msg, &mut || {
-            if cancelled() {
-                return Err(AgentError::Interrupted);
-            }
-            progress()
-        })
-    };
-    let etc = super::net::etc_files(cfg, mvm.address().map(|a| a.to_string()).as_deref());
     let mut spec = cfg.process.clone();
     spec.stdin = forward_stdin;
     spec.reboot_on_exit = true;
-    let started = ask(
-        &mut conn,
-        &HostMsg::Mount(mvm.root_spec(&cfg.hostname, etc)),
-    )
-    .and_then(|answer| match answer {
-        GuestMsg::Mounted => {
-            crate::phase!("root mounted");
-            ask(&mut conn, &HostMsg::Start(spec))
-        }
-        other => Ok(other),
-    });
+    let started = conn.request(
+        &HostMsg::Start(spec),
+        &mut or_cancelled(&cancelled, mvm.watch(ANSWER_CPU)),
+    );
     match started {
         Ok(GuestMsg::Started { .. }) => {
             crate::phase!("process started");

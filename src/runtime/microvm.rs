@@ -258,8 +258,9 @@ impl MicroVm {
         })
     }
 
-    /// Starts the VM as [`Self::start`] does and waits for its agent (a
-    /// restored guest also gets its clock and entropy refreshed). A guest
+    /// Starts the VM as [`Self::start`] does, waits for its agent (a restored
+    /// guest also gets its clock and entropy refreshed) and has it mount the
+    /// container root that `root` describes. A guest
     /// restored from a snapshot that does not answer, while nothing stops it
     /// (see `vmm::progress`), never stalls the run: the snapshot is moved
     /// aside (the next warm start makes a new one), one line says so, and the
@@ -269,10 +270,11 @@ impl MicroVm {
         cfg: &ContainerConfig,
         dir: &Path,
         how: Start,
+        root: &dyn Fn(&MicroVm) -> RootSpec,
         cancelled: &dyn Fn() -> bool,
     ) -> Result<(MicroVm, AgentConn), RuntimeError> {
         let mvm = MicroVm::start(cfg, dir, how)?;
-        let err = match mvm.greet(cancelled) {
+        let err = match mvm.greet(root, cancelled) {
             Ok(conn) => return Ok((mvm, conn)),
             Err(e) => e,
         };
@@ -296,7 +298,7 @@ impl MicroVm {
                     snap.dir.display(),
                 );
                 let mvm = MicroVm::start(cfg, dir, Start::Cold)?;
-                match mvm.greet(cancelled) {
+                match mvm.greet(root, cancelled) {
                     Ok(conn) => Ok((mvm, conn)),
                     Err(e) => Err(ended(e, mvm.stop())),
                 }
@@ -317,26 +319,31 @@ impl MicroVm {
         }
     }
 
-    /// Connects to the agent and, for a restored guest, refreshes its clock
-    /// and entropy.
-    fn greet(&self, cancelled: &dyn Fn() -> bool) -> Result<AgentConn, AgentError> {
-        let mut watch = self.watch(BOOT_CPU);
-        let mut watch = || {
-            if cancelled() {
-                return Err(AgentError::Interrupted);
-            }
-            watch()
-        };
+    /// Connects to the agent, refreshes a restored guest's clock and
+    /// entropy, and mounts the container root.
+    fn greet(
+        &self,
+        root: &dyn Fn(&MicroVm) -> RootSpec,
+        cancelled: &dyn Fn() -> bool,
+    ) -> Result<AgentConn, AgentError> {
+        let mut watch = or_cancelled(cancelled, self.watch(BOOT_CPU));
         let mut conn = AgentConn::connect(&self.vsock, AGENT_PORT, &mut watch)?;
         crate::phase!("agent connected");
+        let expect = |answer: GuestMsg, want: GuestMsg| match answer {
+            a if a == want => Ok(()),
+            GuestMsg::Error(e) => Err(AgentError::Remote(e)),
+            other => Err(AgentError::Unexpected(format!("{other:?}"))),
+        };
         if self.restored {
-            match conn.request(&MicroVm::refresh_msg(), &mut watch)? {
-                GuestMsg::Refreshed => {}
-                GuestMsg::Error(e) => return Err(AgentError::Remote(e)),
-                other => return Err(AgentError::Unexpected(format!("{other:?}"))),
-            }
+            let mut watch = or_cancelled(cancelled, self.watch(ANSWER_CPU));
+            let answer = conn.request(&MicroVm::refresh_msg(), &mut watch)?;
+            expect(answer, GuestMsg::Refreshed)?;
             crate::phase!("guest refreshed");
         }
+        let mut watch = or_cancelled(cancelled, self.watch(ANSWER_CPU));
+        let answer = conn.request(&HostMsg::Mount(root(self)), &mut watch)?;
+        expect(answer, GuestMsg::Mounted)?;
+        crate::phase!("root mounted");
         Ok(conn)
     }
 
@@ -442,6 +449,20 @@ impl MicroVm {
     /// A handle that stops the VM from another thread.
     pub fn stopper(&self) -> vmm::Stopper {
         self.vm.stopper()
+    }
+}
+
+/// `progress`, but failing with [`AgentError::Interrupted`] once
+/// `cancelled` says so.
+pub fn or_cancelled<'a>(
+    cancelled: &'a dyn Fn() -> bool,
+    mut progress: impl FnMut() -> Result<(), AgentError> + 'a,
+) -> impl FnMut() -> Result<(), AgentError> + 'a {
+    move || {
+        if cancelled() {
+            return Err(AgentError::Interrupted);
+        }
+        progress()
     }
 }
 

@@ -161,10 +161,10 @@ impl TestVm {
             network: Default::default(),
             dns: Vec::new(),
         };
-        let (vm, mut conn) = MicroVm::start_ready(&cfg, dir.path(), Start::Warm, &|| false)
+        let root = |m: &MicroVm| m.root_spec(&hostname, Vec::new());
+        let (vm, conn) = MicroVm::start_ready(&cfg, dir.path(), Start::Warm, &root, &|| false)
             .expect("start the test VM");
-        let mount = HostMsg::Mount(vm.root_spec(&hostname, Vec::new()));
-        assert_eq!(vm.request(&mut conn, &mount).unwrap(), GuestMsg::Mounted);
+        conn.close();
         TestVm { vm, dir, hostname }
     }
 

@@ -172,7 +172,7 @@ impl Muxer {
     /// Listens on `uds_path` (a stale socket file there is replaced).
     pub fn new(guest_cid: u64, uds_path: &Path) -> io::Result<Muxer> {
         let _ = std::fs::remove_file(uds_path);
-        let listener = UnixListener::bind(uds_path)?;
+        let listener = crate::uds::bind(uds_path)?;
         listener.set_nonblocking(true)?;
         Ok(Muxer {
             guest_cid,
@@ -347,7 +347,7 @@ impl Muxer {
             return;
         }
         let path = format!("{}_{}", self.uds_path.display(), key.local);
-        let stream = match UnixStream::connect(&path) {
+        let stream = match crate::uds::connect(Path::new(&path)) {
             Ok(s) if s.set_nonblocking(true).is_ok() => s,
             _ => {
                 self.reject(hdr);
