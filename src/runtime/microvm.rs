@@ -260,12 +260,12 @@ impl MicroVm {
 
     /// Starts the VM as [`Self::start`] does, waits for its agent (a restored
     /// guest also gets its clock and entropy refreshed) and has it mount the
-    /// container root that `root` describes. A guest
-    /// restored from a snapshot that does not answer, while nothing stops it
-    /// (see `vmm::progress`), never stalls the run: the snapshot is moved
-    /// aside (the next warm start makes a new one), one line says so, and the
-    /// run starts again from a cold boot. `cancelled` ends the wait (a signal
-    /// for the workload arrived before it ran).
+    /// container root that `root` describes. A guest restored from a snapshot
+    /// that stops making progress before that (see `vmm::progress`) never
+    /// stalls the run: the snapshot is moved aside with the hung guest's state
+    /// (the next warm start makes a new one), one line says so, and the run
+    /// starts again from a cold boot. `cancelled` ends the wait (a signal for
+    /// the workload arrived before it ran).
     pub fn start_ready(
         cfg: &ContainerConfig,
         dir: &Path,

@@ -168,6 +168,23 @@ pub struct Muxer {
     rsts: VecDeque<Hdr>,
 }
 
+/// Where a VMM's host ports start: at random in [2^30, 2^31). A guest
+/// restored from a snapshot may still hold the template's last connection
+/// (closing, on the template's port); a restored VMM that began where the
+/// template did would reuse that port, and the guest would take the new
+/// connection's request for the old socket's and drop it.
+fn first_local_port() -> u32 {
+    let mut r = [0u8; 4];
+    // SAFETY: the pointer and length describe `r`.
+    let n = unsafe { libc::getrandom(r.as_mut_ptr().cast(), r.len(), 0) };
+    let r = if n == 4 {
+        u32::from_ne_bytes(r)
+    } else {
+        std::process::id().wrapping_mul(0x9e37_79b9)
+    };
+    (1 << 30) | (r & ((1 << 30) - 1))
+}
+
 impl Muxer {
     /// Listens on `uds_path` (a stale socket file there is replaced).
     pub fn new(guest_cid: u64, uds_path: &Path) -> io::Result<Muxer> {
@@ -183,7 +200,7 @@ impl Muxer {
             by_id: HashMap::new(),
             handshakes: HashMap::new(),
             next_id: LISTENER_SUB + 1,
-            next_local_port: 1 << 30,
+            next_local_port: first_local_port(),
             rx_ready: VecDeque::new(),
             rx_set: HashSet::new(),
             rsts: VecDeque::new(),

@@ -242,3 +242,18 @@ fn malformed_handshakes_are_dropped() {
     assert!(m.handshakes.is_empty());
     assert_eq!(parse_connect(b"CONNECT 1024"), Some(1024));
 }
+
+#[test]
+fn each_muxer_starts_its_host_ports_elsewhere() {
+    // A restored VMM must not begin where its snapshot's template did: the
+    // guest may still hold that connection's port.
+    let starts: std::collections::HashSet<u32> = (0..8)
+        .map(|_| {
+            let (_d, mut m, path) = muxer();
+            let (_s, _, port) = host_connect(&mut m, &path, 1024);
+            assert!(port >= 1 << 30);
+            port
+        })
+        .collect();
+    assert!(starts.len() >= 7, "{starts:?}");
+}
