@@ -711,10 +711,11 @@ fn signal_container(c: &mut Container, sig: i32) -> bool {
     true
 }
 
-/// Waits up to `timeout` for the container to stop running, and then (up
-/// to 10 s more) for its supervisor to be gone: the supervisor records the
-/// exit before it ends, and its published ports are free only once it has,
-/// which is what a user of `docker stop` or `docker wait` relies on.
+/// Waits up to `timeout` for the container to stop running (the grace
+/// period a user gave), and then for its supervisor to be gone: the
+/// supervisor records the exit before it ends, and its published ports are
+/// free only once it has, which is what a user of `docker stop` or `docker
+/// wait` relies on.
 fn wait_exit(c: &mut Container, timeout: std::time::Duration) -> bool {
     let now = std::time::Instant::now;
     let end = now() + timeout;
@@ -723,10 +724,7 @@ fn wait_exit(c: &mut Container, timeout: std::time::Duration) -> bool {
             *c = fresh;
         }
         if c.refresh() != Status::Running {
-            let gone = now() + std::time::Duration::from_secs(10);
-            while c.supervisor_alive() && now() < gone {
-                std::thread::sleep(std::time::Duration::from_millis(10));
-            }
+            wait_supervisor_gone(c);
             return true;
         }
         std::thread::sleep(std::time::Duration::from_millis(50));
@@ -734,12 +732,31 @@ fn wait_exit(c: &mut Container, timeout: std::time::Duration) -> bool {
     false
 }
 
+/// Waits for the container's supervisor process to be gone, for as long as
+/// it makes progress (`vmm::progress`): a VMM tearing down its guest's
+/// memory takes a while on a loaded host, under software virtualisation and
+/// with many at once; one that sits idle for the quiet limit is left.
+fn wait_supervisor_gone(c: &Container) {
+    use vmm::progress::{Threads, Verdict, Watchdog};
+    let Some(pid) = c.state.pid else {
+        return;
+    };
+    let threads = Threads::all_of(pid as u32);
+    let mut dog = Watchdog::new(std::time::Duration::from_secs(120));
+    while c.supervisor_alive() {
+        if dog.observe(std::time::Instant::now(), threads.sample()) != Verdict::Working {
+            return;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+}
+
 fn force_kill(c: &mut Container) {
-    // A killed VMM can take a while to die (its guest memory is torn down,
-    // slowly under software virtualisation and with many at once); rm waits
-    // for it, so that its ports and files are free when rm returns.
+    // rm waits for a killed supervisor, so that its ports and files are
+    // free when rm returns.
     if signal_container(c, libc::SIGKILL) {
-        wait_exit(c, std::time::Duration::from_secs(60));
+        wait_supervisor_gone(c);
+        c.refresh();
     }
 }
 
@@ -890,13 +907,13 @@ fn exec(a: ExecArgs) -> Result<i32> {
         }
         return Ok(runtime::ns::exec_attached(pid, &spec, forward_stdin)?);
     }
-    let vmm = c
+    let vmm_pid = c
         .state
         .pid
         .context("the container's VM is not known yet: try again")?;
     Ok(runtime::attach::exec_attached(
         &c.dir.join("vsock.sock"),
-        vmm as u32,
+        vmm_pid as u32,
         spec,
         forward_stdin,
     )?)
