@@ -12,5 +12,7 @@ pub mod devices;
 pub mod disk;
 pub mod image;
 pub mod runtime;
+#[doc(hidden)]
+pub mod testing;
 pub mod uds;
 pub mod vmm;

@@ -272,60 +272,71 @@ fn cgroup_limits_and_env_files_apply() {
         ],
     );
     let id = stdout(&id).trim().to_string();
+    // The limits are in the container's cgroup files while it runs, it is
+    // in the cgroups, and they are removed with it: on cgroup v2 one
+    // directory below ours; on v1 one per controller's hierarchy.
     let cgroups = std::fs::read_to_string("/proc/self/cgroup").unwrap();
+    let v2 = Path::new("/sys/fs/cgroup/cgroup.controllers").exists();
     let own = |ctrl: &str| -> PathBuf {
         let path = cgroups
             .lines()
             .find_map(|l| {
                 let f: Vec<&str> = l.splitn(3, ':').collect();
-                f[1].split(',').any(|c| c == ctrl).then(|| f[2].to_string())
+                let here = if v2 {
+                    f[1].is_empty()
+                } else {
+                    f[1].split(',').any(|c| c == ctrl)
+                };
+                here.then(|| f[2].to_string())
             })
             .unwrap();
-        Path::new("/sys/fs/cgroup")
-            .join(ctrl)
-            .join(path.trim_start_matches('/'))
+        let root = if v2 {
+            PathBuf::from("/sys/fs/cgroup")
+        } else {
+            Path::new("/sys/fs/cgroup").join(ctrl)
+        };
+        root.join(path.trim_start_matches('/'))
     };
     let name = format!("vmc-{}", &id[..12]);
-    if Path::new("/sys/fs/cgroup/cgroup.controllers").exists() {
-        eprintln!("cgroup v2 host: the v1 file checks do not apply here");
-        let _ = vmc(h, &["rm", "-f", &id]);
+    let read = |ctrl: &str, file: &str| -> String {
+        let p = own(ctrl).join(&name).join(file);
+        common::eventually(&format!("{}", p.display()), || {
+            std::fs::read_to_string(&p)
+                .ok()
+                .map(|v| v.trim().to_string())
+        })
+    };
+    if v2 {
+        assert_eq!(read("memory", "memory.max"), (32u64 << 20).to_string());
+        assert_eq!(read("cpu", "cpu.max"), "100000 100000");
     } else {
-        let read = |ctrl: &str, file: &str| {
-            let dir = own(ctrl).join(&name);
-            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
-            loop {
-                if let Ok(v) = std::fs::read_to_string(dir.join(file)) {
-                    return v.trim().to_string();
-                }
-                assert!(
-                    std::time::Instant::now() < deadline,
-                    "{} missing",
-                    dir.display()
-                );
-                std::thread::sleep(std::time::Duration::from_millis(50));
-            }
-        };
         assert_eq!(
             read("memory", "memory.limit_in_bytes"),
             (32u64 << 20).to_string()
         );
         assert_eq!(read("cpu", "cpu.cfs_quota_us"), "100000");
-        assert_eq!(read("pids", "pids.max"), "8");
-        std::thread::sleep(std::time::Duration::from_millis(300));
+    }
+    assert_eq!(read("pids", "pids.max"), "8");
+    // The container's process joins before it execs `sleep`.
+    for ctrl in ["memory", "cpu", "pids"] {
+        common::eventually(&format!("the container in the {ctrl} cgroup"), || {
+            let procs = read(ctrl, "cgroup.procs");
+            procs
+                .lines()
+                .any(|pid| {
+                    std::fs::read_to_string(format!("/proc/{pid}/comm"))
+                        .is_ok_and(|c| c == "sleep\n")
+                })
+                .then_some(())
+        });
+    }
+    let o = vmc(h, &["rm", "-f", &id]);
+    assert!(o.status.success());
+    for ctrl in ["memory", "cpu", "pids"] {
         assert!(
-            !read("memory", "cgroup.procs").is_empty(),
-            "the container joined"
+            !own(ctrl).join(&name).exists(),
+            "rm -f removed the {ctrl} cgroup before returning"
         );
-        let o = vmc(h, &["rm", "-f", &id]);
-        assert!(o.status.success());
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
-        while own("memory").join(&name).exists() {
-            assert!(
-                std::time::Instant::now() < deadline,
-                "the cgroup was not removed"
-            );
-            std::thread::sleep(std::time::Duration::from_millis(50));
-        }
     }
     // --env-file, overridden by -e.
     let f = h.join("env");
@@ -540,40 +551,56 @@ fn namespace_mode_without_root_uses_a_user_namespace() {
 
     // The network: pasta in the container's namespace needs /dev/net/tun,
     // which Debian's udev makes read-write for everyone (this project's
-    // machines have it 0600): an interface with the host's address, or a
-    // clear error naming the fix.
-    let o = as_nobody(&[
-        "run",
-        "--rm",
-        "--mode",
-        "ns",
-        "--network",
-        "passt",
-        "busybox",
-        "ip",
-        "-4",
-        "-o",
-        "addr",
-        "show",
-        "scope",
-        "global",
-    ]);
+    // machines have it 0600): with a 0666 node, an interface with the
+    // host's address; with a 0600 one, a clear error naming the fix. (Each
+    // node is bound over /dev/net/tun for that run only.)
     use std::os::unix::fs::PermissionsExt;
-    let tun = std::fs::metadata("/dev/net/tun").map_or(0, |m| m.permissions().mode());
-    if tun & 0o006 == 0o006 {
-        let host = vmc::runtime::net::host_ipv4().unwrap();
-        assert!(
-            stdout(&o).contains(&format!(" {}/{} ", host.address, host.prefix)),
-            "{o:?}"
-        );
-    } else {
-        assert_eq!(o.status.code(), Some(125), "{o:?}");
-        let err = String::from_utf8_lossy(&o.stderr);
-        assert!(
-            err.contains("/dev/net/tun") && err.contains("chmod"),
-            "{err}"
-        );
-    }
+    let passt_as_nobody = |mode: u32| -> Output {
+        let dev = tempfile::tempdir().unwrap();
+        let mut cmd = Command::new("setpriv");
+        cmd.args([
+            &format!("--reuid={NOBODY}"),
+            &format!("--regid={NOBODY}"),
+            "--clear-groups",
+        ])
+        .arg(&bin)
+        .args([
+            "run",
+            "--rm",
+            "--mode",
+            "ns",
+            "--network",
+            "passt",
+            "busybox",
+            "ip",
+            "-4",
+            "-o",
+            "addr",
+            "show",
+            "scope",
+            "global",
+        ])
+        .env_clear()
+        .env("PATH", std::env::var_os("PATH").unwrap())
+        .env("HOME", d)
+        .env("VMC_HOME", d.join("store"))
+        .stdin(Stdio::null());
+        common::device_over(&mut cmd, dev.path(), c"/dev/net/tun", (10, 200), mode);
+        cmd.output().unwrap()
+    };
+    let o = passt_as_nobody(0o666);
+    let host = vmc::runtime::net::host_ipv4().unwrap();
+    assert!(
+        stdout(&o).contains(&format!(" {}/{} ", host.address, host.prefix)),
+        "rootless --network passt with a usable /dev/net/tun: {o:?}"
+    );
+    let o = passt_as_nobody(0o600);
+    assert_eq!(o.status.code(), Some(125), "{o:?}");
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains("/dev/net/tun") && err.contains("chmod"),
+        "rootless --network passt without /dev/net/tun access: {err}"
+    );
 
     // Limits need a cgroup: a clear error, nothing started.
     let o = as_nobody(&[

@@ -27,11 +27,11 @@ fn write(dir: &Path, file: &str, value: &str) -> Result<(), NsError> {
     })
 }
 
-/// This process's cgroup path in the hierarchy whose `/proc/self/cgroup`
-/// line matches `pick` (the v2 line is `0::/path`).
-fn own_path(pick: impl Fn(&str) -> bool) -> Option<String> {
-    let text = fs::read_to_string("/proc/self/cgroup").ok()?;
-    text.lines().find_map(|l| {
+/// This process's cgroup path in the hierarchy whose line of `membership`
+/// (the text of `/proc/self/cgroup`) matches `pick` (the v2 line is
+/// `0::/path`).
+fn own_path(membership: &str, pick: impl Fn(&str) -> bool) -> Option<String> {
+    membership.lines().find_map(|l| {
         let mut f = l.splitn(3, ':');
         let (_, ctrls, path) = (f.next()?, f.next()?, f.next()?);
         pick(ctrls).then(|| path.trim_start_matches('/').to_string())
@@ -55,6 +55,20 @@ impl Cgroup {
             };
             return Err(NsError::RootlessLimits(flag));
         }
+        let membership = fs::read_to_string("/proc/self/cgroup").unwrap_or_default();
+        Self::create_in(Path::new(ROOT), &membership, id, limits).map(Some)
+    }
+
+    /// Creates the cgroups for container `id` below `root` (a cgroup v2
+    /// mount, or a directory of v1 mounts named by controller), given this
+    /// process's `membership` (`/proc/self/cgroup`). Separate from `create`
+    /// so that the v2 path is tested on hosts that have v1.
+    fn create_in(
+        root: &Path,
+        membership: &str,
+        id: &str,
+        limits: &NsLimits,
+    ) -> Result<Cgroup, NsError> {
         let name = format!("vmc-{}", &id[..12.min(id.len())]);
         let mut cg = Cgroup { dirs: Vec::new() };
         let mkdir = |p: &Path| {
@@ -63,10 +77,10 @@ impl Cgroup {
                 source,
             })
         };
-        if Path::new(ROOT).join("cgroup.controllers").exists() {
+        if root.join("cgroup.controllers").exists() {
             // v2: one directory; its parent must delegate the controllers.
-            let own = own_path(|c| c.is_empty()).unwrap_or_default();
-            let parent = Path::new(ROOT).join(&own);
+            let own = own_path(membership, |c| c.is_empty()).unwrap_or_default();
+            let parent = root.join(&own);
             let mut want = Vec::new();
             if limits.memory.is_some() {
                 want.push("+memory");
@@ -95,16 +109,17 @@ impl Cgroup {
             if let Some(p) = limits.pids {
                 write(&dir, "pids.max", &p.to_string())?;
             }
-            return Ok(Some(cg));
+            return Ok(cg);
         }
         // v1: a directory per controller's hierarchy.
         let mut in_hierarchy = |ctrl: &str| -> Result<PathBuf, NsError> {
-            let own = own_path(|c| c.split(',').any(|x| x == ctrl)).ok_or_else(|| {
-                NsError::Start(format!(
-                    "the {ctrl} cgroup controller is not available on this host"
-                ))
-            })?;
-            let dir = Path::new(ROOT).join(ctrl).join(own).join(&name);
+            let own =
+                own_path(membership, |c| c.split(',').any(|x| x == ctrl)).ok_or_else(|| {
+                    NsError::Start(format!(
+                        "the {ctrl} cgroup controller is not available on this host"
+                    ))
+                })?;
+            let dir = root.join(ctrl).join(own).join(&name);
             mkdir(&dir)?;
             cg.dirs.push(dir.clone());
             Ok(dir)
@@ -128,7 +143,7 @@ impl Cgroup {
             let dir = in_hierarchy("pids")?;
             write(&dir, "pids.max", &p.to_string())?;
         }
-        Ok(Some(cg))
+        Ok(cg)
     }
 
     /// The cgroup directories (recorded with the container, so that `vmc rm`
@@ -157,8 +172,11 @@ impl Drop for Cgroup {
     }
 }
 
-/// Removes cgroup directories recorded in `list` (one path per line),
-/// waiting briefly for their last processes to go.
+/// Removes cgroup directories recorded in `list` (one path per line), for
+/// `vmc rm` after a container's supervisor is gone: whatever is still in
+/// them is that container's leftover, and is killed first (as `docker rm
+/// -f` does). A killed process always ends, so the wait is bounded loosely
+/// (a minute), only against a cgroup that cannot be removed at all.
 pub fn remove_listed(list: &Path) {
     let Ok(text) = fs::read_to_string(list) else {
         return;
@@ -167,11 +185,139 @@ pub fn remove_listed(list: &Path) {
         if !d.starts_with(ROOT) {
             continue;
         }
-        for _ in 0..100 {
-            if fs::remove_dir(&d).is_ok() || !d.exists() {
-                break;
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+        while fs::remove_dir(&d).is_err() && d.exists() && std::time::Instant::now() < deadline {
+            for pid in fs::read_to_string(d.join("cgroup.procs"))
+                .unwrap_or_default()
+                .lines()
+                .filter_map(|l| l.trim().parse::<libc::pid_t>().ok())
+                .filter(|&pid| pid > 0)
+            {
+                // SAFETY: kill has no memory-safety preconditions.
+                unsafe { libc::kill(pid, libc::SIGKILL) };
             }
             std::thread::sleep(std::time::Duration::from_millis(20));
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn limits() -> NsLimits {
+        NsLimits {
+            memory: Some(32 << 20),
+            cpus: Some(2),
+            pids: Some(8),
+        }
+    }
+
+    fn read(p: &Path) -> String {
+        fs::read_to_string(p).unwrap()
+    }
+
+    /// cgroup v2: one directory below this process's own cgroup, the
+    /// controllers delegated by its parent, the limits in the v2 files. (On
+    /// a v1 or hybrid host, such as this project's CI machines, the v2 path
+    /// cannot apply limits for real: the controllers are bound to v1.)
+    #[test]
+    fn v2_limits_go_in_one_directory_below_our_own_cgroup() {
+        let root = tempfile::tempdir().unwrap();
+        let r = root.path();
+        fs::write(r.join("cgroup.controllers"), "cpu memory pids\n").unwrap();
+        fs::create_dir_all(r.join("user.slice/session-1.scope")).unwrap();
+        let membership = "0::/user.slice/session-1.scope\n";
+        let id = "0123456789abcdef0123";
+        let cg = Cgroup::create_in(r, membership, id, &limits()).unwrap();
+        let own = r.join("user.slice/session-1.scope");
+        let dir = own.join("vmc-0123456789ab");
+        assert_eq!(cg.dirs(), std::slice::from_ref(&dir));
+        assert_eq!(
+            read(&own.join("cgroup.subtree_control")),
+            "+memory +cpu +pids"
+        );
+        assert_eq!(read(&dir.join("memory.max")), (32u64 << 20).to_string());
+        assert_eq!(read(&dir.join("memory.swap.max")), "0");
+        assert_eq!(read(&dir.join("cpu.max")), "200000 100000");
+        assert_eq!(read(&dir.join("pids.max")), "8");
+        assert_eq!(cg.procs_files(), [dir.join("cgroup.procs")]);
+        // Only what is limited is delegated and written.
+        let only_pids = NsLimits {
+            memory: None,
+            cpus: None,
+            pids: Some(3),
+        };
+        let cg2 = Cgroup::create_in(r, membership, "fedcba9876543210", &only_pids).unwrap();
+        let dir2 = own.join("vmc-fedcba987654");
+        assert_eq!(read(&own.join("cgroup.subtree_control")), "+pids");
+        assert!(!dir2.join("memory.max").exists());
+        assert_eq!(read(&dir2.join("pids.max")), "3");
+        // Dropping removes the directories (here they hold our files, so
+        // remove those first, as the kernel's would be gone).
+        for d in [&dir, &dir2] {
+            for f in fs::read_dir(d).unwrap() {
+                fs::remove_file(f.unwrap().path()).unwrap();
+            }
+        }
+        drop((cg, cg2));
+        assert!(!dir.exists() && !dir2.exists());
+    }
+
+    /// A v2 parent that refuses to delegate (controllers not enabled in its
+    /// own parent) is an error naming the file and the value.
+    #[test]
+    fn v2_without_delegation_is_a_clear_error() {
+        let root = tempfile::tempdir().unwrap();
+        let r = root.path();
+        fs::write(r.join("cgroup.controllers"), "").unwrap();
+        // No such cgroup directory: the write to its subtree_control fails.
+        let err = Cgroup::create_in(r, "0::/missing\n", "0123456789abcdef", &limits())
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("missing/cgroup.subtree_control") && err.contains("+memory +cpu +pids"),
+            "{err}"
+        );
+    }
+
+    /// cgroup v1: a directory per controller's hierarchy, each below this
+    /// process's cgroup in that hierarchy.
+    #[test]
+    fn v1_limits_go_in_each_controllers_hierarchy() {
+        let root = tempfile::tempdir().unwrap();
+        let r = root.path();
+        let membership = "4:memory:/a\n3:pids:/\n2:cpu,cpuacct:/b\n0::/\n";
+        for d in ["memory/a", "pids", "cpu/b"] {
+            fs::create_dir_all(r.join(d)).unwrap();
+        }
+        let cg = Cgroup::create_in(r, membership, "0123456789abcdef", &limits()).unwrap();
+        let name = "vmc-0123456789ab";
+        assert_eq!(
+            cg.dirs(),
+            [
+                r.join("memory/a").join(name),
+                r.join("cpu/b").join(name),
+                r.join("pids").join(name)
+            ]
+        );
+        assert_eq!(
+            read(&r.join("memory/a").join(name).join("memory.limit_in_bytes")),
+            (32u64 << 20).to_string()
+        );
+        assert_eq!(
+            read(&r.join("cpu/b").join(name).join("cpu.cfs_quota_us")),
+            "200000"
+        );
+        assert_eq!(read(&r.join("pids").join(name).join("pids.max")), "8");
+        std::mem::forget(cg);
+        // A controller the host does not have is named.
+        let err = Cgroup::create_in(r, "0::/\n", "0123456789abcdef", &limits())
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("memory cgroup controller is not available"),
+            "{err}"
+        );
     }
 }

@@ -11,8 +11,8 @@ use vmc::runtime::microvm::{MicroVm, Start};
 use vmc::runtime::{ContainerConfig, ProcessSpec, Resources};
 use vmc_guest::{ExitStatus, GuestMsg, HostMsg, StartFailure};
 
-/// Whether KVM tests can run. Without /dev/kvm they skip with a reason,
-/// except under CI=true, where a missing /dev/kvm is a failure.
+/// Whether KVM tests can run. Without /dev/kvm they skip, loudly
+/// (`vmc::testing::skip`), except under CI=true, where that is a failure.
 pub fn kvm_available() -> bool {
     let ok = std::fs::OpenOptions::new()
         .read(true)
@@ -20,26 +20,18 @@ pub fn kvm_available() -> bool {
         .open("/dev/kvm")
         .is_ok();
     if !ok {
-        assert!(
-            std::env::var("CI").as_deref() != Ok("true"),
-            "CI=true but /dev/kvm cannot be opened: KVM tests must not skip in CI"
-        );
-        eprintln!("skipping: /dev/kvm is not available on this machine");
+        vmc::testing::skip("/dev/kvm cannot be opened on this machine");
     }
     ok
 }
 
 /// Whether namespace-mode tests can run (they need root). Otherwise they
-/// skip with a reason, except under CI=true, where that is a failure.
+/// skip, loudly, except under CI=true, where that is a failure.
 pub fn is_root() -> bool {
     // SAFETY: geteuid has no preconditions.
     let root = unsafe { libc::geteuid() } == 0;
     if !root {
-        assert!(
-            std::env::var("CI").as_deref() != Ok("true"),
-            "CI=true but not root: namespace-mode tests must not skip in CI"
-        );
-        eprintln!("skipping: namespace mode needs root");
+        vmc::testing::skip("not root (namespace mode needs root)");
     }
     root
 }
@@ -348,4 +340,79 @@ pub fn store_with_busybox() -> TestHome {
         &["import", tar.to_str().unwrap(), "busybox"],
     ));
     home
+}
+
+/// How long a test waits for something that should happen soon (a file to
+/// appear, a process to go): a bound for a busy host, not a timing claim;
+/// a real hang is caught sooner by the harness's per-binary timeout only if
+/// this is shorter.
+pub const PATIENCE: std::time::Duration = std::time::Duration::from_secs(120);
+
+/// Polls `f` every 20 ms until it gives a value; panics naming `what` after
+/// [`PATIENCE`].
+pub fn eventually<T>(what: &str, mut f: impl FnMut() -> Option<T>) -> T {
+    let deadline = std::time::Instant::now() + PATIENCE;
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "waited {PATIENCE:?} for {what}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}
+
+/// Makes `cmd` see a device node of its own at `target` (e.g. /dev/kvm):
+/// a node `major:minor` with permissions `mode`, made in `dir` and bound
+/// over `target` in a mount namespace of the child's own, so that a test
+/// does not depend on (or change) the host's permissions on the device.
+pub fn device_over(
+    cmd: &mut std::process::Command,
+    dir: &Path,
+    target: &'static std::ffi::CStr,
+    (major, minor): (u32, u32),
+    mode: u32,
+) {
+    let name = target.to_str().unwrap().replace('/', "_");
+    let node = std::ffi::CString::new(dir.join(name).to_str().unwrap()).unwrap();
+    // SAFETY: a NUL-terminated path.
+    let rc = unsafe {
+        libc::mknod(
+            node.as_ptr(),
+            libc::S_IFCHR | mode,
+            libc::makedev(major, minor),
+        )
+    };
+    assert_eq!(rc, 0, "mknod: {}", std::io::Error::last_os_error());
+    // mknod applies the umask.
+    // SAFETY: as above.
+    assert_eq!(unsafe { libc::chmod(node.as_ptr(), mode) }, 0);
+    // SAFETY: between fork and exec only async-signal-safe calls (unshare,
+    // mount) on pointers that live as long as `cmd`.
+    unsafe {
+        std::os::unix::process::CommandExt::pre_exec(cmd, move || {
+            let ok = libc::unshare(libc::CLONE_NEWNS) == 0
+                && libc::mount(
+                    std::ptr::null(),
+                    c"/".as_ptr(),
+                    std::ptr::null(),
+                    libc::MS_REC | libc::MS_PRIVATE,
+                    std::ptr::null(),
+                ) == 0
+                && libc::mount(
+                    node.as_ptr(),
+                    target.as_ptr(),
+                    std::ptr::null(),
+                    libc::MS_BIND,
+                    std::ptr::null(),
+                ) == 0;
+            if ok {
+                Ok(())
+            } else {
+                Err(std::io::Error::last_os_error())
+            }
+        });
+    }
 }
