@@ -9,7 +9,7 @@ use clap::{Args, Parser, Subcommand};
 #[derive(Parser, Debug)]
 #[command(
     name = "vmc",
-    version,
+    version = concat!(env!("CARGO_PKG_VERSION"), " (build ", env!("VMC_BUILD_ID"), ")"),
     about,
     long_about = "vmc runs containers the way Docker does, but each one inside its own \
                   lightweight virtual machine: a minimal Linux kernel boots under KVM and \
@@ -115,7 +115,7 @@ pub enum Command {
 #[derive(Subcommand, Debug)]
 pub enum SystemCommand {
     /// Remove stale warm-start snapshots and agent disks: those of another
-    /// kernel, guest agent, vmc version or backend (rebuilt on demand).
+    /// kernel, guest agent, vmc build or backend (rebuilt on demand).
     Prune {
         /// Remove every snapshot and agent disk, current ones too.
         #[arg(short, long)]

@@ -35,8 +35,8 @@ rm /etc/group
 EOF
 SHELL ["/bin/sh", "-e", "-c"]
 RUN test ! -e /etc/group && echo "group gone"
-RUN awk '/^processes/ {print $2}' /proc/stat > /forks
-RUN test "$(awk '/^processes/ {print $2}' /proc/stat)" -gt "$(cat /forks)" && echo "same VM"
+RUN cat /proc/sys/kernel/random/uuid > /dev/shm/build-vm
+RUN test -s /dev/shm/build-vm && echo "same VM: $(cat /dev/shm/build-vm)"
 RUN echo "owner $(stat -c '%u:%g' /owned/owned.txt)"
 
 FROM busybox
@@ -91,9 +91,10 @@ fn a_multi_stage_build_with_every_instruction_runs_and_rebuilds_from_cache() {
     assert!(out.contains("Step 1/"), "{out}");
     assert!(out.contains("file a\n"), "RUN output is streamed: {out}");
     assert!(out.contains("group gone"), "{out}");
-    // One VM serves the stage's RUN steps: the guest kernel's fork counter
-    // (reset by each restore of the snapshot) went on from the step before.
-    assert!(out.contains("same VM"), "{out}");
+    // One VM serves the stage's RUN steps: a file one step left in the
+    // VM's /dev/shm (a tmpfs of the guest, not of the image: a VM restored
+    // from the snapshot has none) is there for the next.
+    assert!(out.contains("same VM: "), "{out}");
     assert!(out.contains("owner 1000:1000"), "--chown: {out}");
     assert!(out.contains("Successfully tagged app:1"), "{out}");
     let id = |out: &str| {
@@ -236,9 +237,20 @@ fn bad_dockerfiles_and_contexts_are_one_line_errors() {
     }
     let o = vmc(h, &["build", "-t", "x", "/nonexistent/context"]);
     assert!(String::from_utf8_lossy(&o.stderr).contains("no such directory"));
+    // A bad tag for a context that builds (as the good tag after shows):
+    // refused for the tag, nothing stored.
+    write(ctx.path(), "Dockerfile", "FROM scratch\nCOPY ok.txt /\n");
+    write(ctx.path(), "ok.txt", "ok\n");
     let o = vmc(h, &["build", "-t", "Bad Name", c]);
-    assert!(!o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(125), "{err}");
+    assert!(
+        err.contains("-t Bad Name: invalid image reference"),
+        "the tag is what is refused: {err}"
+    );
     assert!(ok(&vmc(h, &["images", "-q"])).trim().is_empty());
+    ok(&vmc(h, &["build", "-t", "good-name", c]));
+    assert_eq!(ok(&vmc(h, &["images", "-q"])).lines().count(), 1);
 }
 
 #[test]
@@ -261,12 +273,14 @@ fn a_build_killed_mid_run_leaves_the_store_consistent() {
         .stdout(Stdio::piped())
         .spawn()
         .unwrap();
+    // Killed only once the RUN step is running: its output is the proof.
     let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-    for l in lines.by_ref() {
-        if l.unwrap().contains("started") {
-            break;
-        }
-    }
+    let mut seen = Vec::new();
+    let started = lines.by_ref().map_while(Result::ok).any(|l| {
+        seen.push(l.clone());
+        l.contains("started")
+    });
+    assert!(started, "the RUN step never started: {seen:?}");
     child.kill().unwrap();
     child.wait().unwrap();
     assert!(!vmc(h, &["inspect", "killed"]).status.success());

@@ -329,5 +329,40 @@ fn system_prune_removes_stale_snapshots() {
     assert!(cache.join(&live).exists());
     assert_eq!(std::fs::read_dir(snaps.path()).unwrap().count(), 0);
     assert!(!cache.join("agent-0000000000000000.erofs").exists());
-    assert!(prune(&["--all"]).starts_with("removed 0 snapshot(s)"));
+
+    // A snapshot and an agent disk of the current kernel, agent and build:
+    // kept by prune, removed by prune --all.
+    let agent = vmc::disk::agent_disk_path(&vmc::assets::guest_binary().unwrap(), &cache).unwrap();
+    std::fs::write(&agent, b"current").unwrap();
+    let k = kernel();
+    let spec = vmc::runtime::snapshot::SnapshotSpec {
+        kernel: &k,
+        agent_disk: &agent,
+        cpus: 1,
+        memory: 256 << 20,
+        backend: vmc::vmm::Backend::detect(),
+    };
+    let current = snaps.path().join(spec.key());
+    std::fs::create_dir_all(&current).unwrap();
+    std::fs::write(
+        current.join(vmc::runtime::snapshot::SPEC_FILE),
+        spec.describe(),
+    )
+    .unwrap();
+    let out = prune(&[]);
+    assert!(
+        out.starts_with("removed 0 snapshot(s) (0.0 MiB) and 0 cached agent disk(s)"),
+        "{out}"
+    );
+    assert!(current.is_dir() && agent.is_file(), "current ones kept");
+    let out = prune(&["--all"]);
+    assert!(
+        out.starts_with("removed 1 snapshot(s)") && out.contains("and 1 cached agent disk(s)"),
+        "{out}"
+    );
+    assert!(!current.exists() && !agent.exists(), "--all removed them");
+    assert!(
+        cache.join(&live).exists(),
+        "a disk being made is kept even by --all"
+    );
 }

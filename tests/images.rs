@@ -169,8 +169,19 @@ fn bad_imports_and_unknown_images_are_clear_errors() {
             "{args:?}: {err}"
         );
     }
-    let o = vmc(h, &["tag", "x", "Bad Name"]);
-    assert!(!o.status.success());
+    // A bad target name, from an image that exists: refused for the name,
+    // and nothing tagged.
+    let tar = tarball(h);
+    ok(&vmc(h, &["import", tar.to_str().unwrap(), "bb:1"]));
+    let before = ok(&vmc(h, &["images"]));
+    let o = vmc(h, &["tag", "bb:1", "Bad Name"]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(125), "{err}");
+    assert!(
+        err.contains("invalid image reference 'Bad Name'"),
+        "the target name is what is refused: {err}"
+    );
+    assert_eq!(ok(&vmc(h, &["images"])), before, "nothing tagged");
 }
 
 #[test]

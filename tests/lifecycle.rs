@@ -9,14 +9,18 @@ use std::time::{Duration, Instant};
 
 use common::{kvm_available, ok, store_with_busybox, vmc};
 
-/// Polls `vmc logs NAME` until it contains `what`.
+/// Polls `vmc logs NAME` until it contains `what`; panics after `timeout`.
 fn wait_for_log(h: &Path, name: &str, what: &str, timeout: Duration) -> String {
     let end = Instant::now() + timeout;
     loop {
         let out = ok(&vmc(h, &["logs", name]));
-        if out.contains(what) || Instant::now() > end {
+        if out.contains(what) {
             return out;
         }
+        assert!(
+            Instant::now() < end,
+            "{name} never logged {what:?} in {timeout:?}: {out:?}"
+        );
         std::thread::sleep(Duration::from_millis(200));
     }
 }
@@ -108,17 +112,36 @@ fn lifecycle(mode: &str) {
     assert!(String::from_utf8_lossy(&o.stderr).contains("is running"));
 
     // logs -f follows until the container stops; stop delivers SIGTERM.
-    let follower = Command::new(env!("CARGO_BIN_EXE_vmc"))
+    // The follower is stopped on only once it has printed what was logged
+    // before it started (so it is following).
+    let mut follower = Command::new(env!("CARGO_BIN_EXE_vmc"))
         .env("VMC_HOME", h)
         .args(["logs", "-f", "app"])
         .stdout(Stdio::piped())
         .spawn()
         .unwrap();
-    std::thread::sleep(Duration::from_millis(500));
+    let mut followed = String::new();
+    let mut lines =
+        std::io::BufRead::lines(std::io::BufReader::new(follower.stdout.take().unwrap()));
+    for l in lines.by_ref() {
+        let l = l.unwrap();
+        followed.push_str(&l);
+        followed.push('\n');
+        if l == "tick 2" {
+            break;
+        }
+    }
+    assert!(followed.starts_with("started\n"), "{followed}");
     assert_eq!(ok(&vmc(h, &["stop", "app"])).trim(), "app");
-    let followed = follower.wait_with_output().unwrap();
-    let followed = String::from_utf8_lossy(&followed.stdout);
-    assert!(followed.ends_with("stopping\n"), "{followed}");
+    for l in lines {
+        followed.push_str(&l.unwrap());
+        followed.push('\n');
+    }
+    assert!(follower.wait().unwrap().success());
+    assert!(
+        followed.ends_with("stopping\n"),
+        "logs -f ends with the stop: {followed}"
+    );
     assert_eq!(ok(&vmc(h, &["wait", "app"])).trim(), "3");
     let ps = ok(&vmc(h, &["ps", "-a"]));
     assert!(ps.contains("Exited (3)"), "{ps}");
@@ -135,23 +158,41 @@ fn lifecycle(mode: &str) {
     ok(&vmc(
         h,
         &[
-            "run", "-d", "--mode", mode, "--name", "victim", "busybox", "sleep", "1000.25",
+            "run",
+            "-d",
+            "--mode",
+            mode,
+            "--network",
+            "passt",
+            "--name",
+            "victim",
+            "busybox",
+            "sleep",
+            "1000.25",
         ],
     ));
     let pid = supervisor_pid(h, "victim");
+    // Its network helper (passt for a VM, pasta in namespace mode) runs.
+    common::eventually("the victim's passt or pasta", || {
+        (common::network_helpers(h) == 1).then_some(())
+    });
     // SAFETY: kill on the supervisor we started.
     unsafe { libc::kill(pid, libc::SIGKILL) };
-    std::thread::sleep(Duration::from_millis(500));
+    common::eventually("the killed supervisor to be gone", || {
+        // SAFETY: kill with signal 0 only checks the pid.
+        (unsafe { libc::kill(pid, 0) } != 0).then_some(())
+    });
     let ps = ok(&vmc(h, &["ps", "-a"]));
     assert!(ps.contains("Exited (137)") && ps.contains("victim"), "{ps}");
-    if mode == "ns" {
-        // The container's processes died with it.
+    // Nothing of the container is left: its processes (in a VM they went
+    // with the VMM) and its network helper.
+    common::eventually("the victim's processes to end", || {
         let out = Command::new("pgrep")
             .args(["-f", "^sleep 1000[.]25$"])
             .output()
             .unwrap();
-        assert!(out.stdout.is_empty(), "a leaked container process");
-    }
+        (out.stdout.is_empty() && common::network_helpers(h) == 0).then_some(())
+    });
     ok(&vmc(h, &["rm", "victim"]));
 
     // kill -s and rm -f of a running container.

@@ -791,7 +791,7 @@ fn stop_uses_the_stopsignal_then_sigkill_and_exec_takes_w_and_u() {
             "busybox",
             "sh",
             "-c",
-            "trap '' TERM; echo up; while :; do sleep 0.1; done",
+            "trap '' TERM; echo up; while :; do echo tick; sleep 0.1; done",
         ],
     ));
     up("b");
@@ -799,8 +799,16 @@ fn stop_uses_the_stopsignal_then_sigkill_and_exec_takes_w_and_u() {
     ok(&vmc(h, &["stop", "-t", "1", "b"]));
     assert!(
         t0.elapsed() >= std::time::Duration::from_secs(1),
-        "waited -t"
+        "stop waited the -t grace period"
     );
-    assert_eq!(ok(&vmc(h, &["wait", "b"])).trim(), "137");
+    assert_eq!(ok(&vmc(h, &["wait", "b"])).trim(), "137", "then SIGKILL");
+    // And no longer than -t: the workload counted its own 0.1 s sleeps
+    // (a loaded host makes fewer, not more); the default grace period,
+    // 10 s, would give about 100.
+    let ticks = ok(&vmc(h, &["logs", "b"])).matches("tick").count();
+    assert!(
+        ticks < 50,
+        "stop -t 1 let the workload run for {ticks} ticks of 0.1 s"
+    );
     ok(&vmc(h, &["rm", "a", "b"]));
 }

@@ -177,12 +177,17 @@ fn user_workdir_env_and_hostname_are_applied() {
 #[test]
 fn orphans_are_reaped_by_the_agent() {
     let Some(vm) = vm() else { return };
-    // The background sleep outlives its shell and is re-parented to PID 1.
-    let o = vm.sh("(sleep 1 &) ; echo started");
-    assert_eq!(o.stdout_str(), "started\n");
-    std::thread::sleep(std::time::Duration::from_secs(3));
-    let o = vm.sh("cat /proc/[0-9]*/stat | grep -c ') Z ' || true");
-    assert_eq!(o.stdout_str().trim(), "0", "zombies left: {o:?}");
+    // The background sleep outlives its shell and is re-parented to PID 1;
+    // once it ends, its /proc entry must go (a zombie keeps it, state Z).
+    let o = vm.sh("sleep 1 </dev/null >/dev/null 2>&1 & echo $!");
+    let pid: u32 = o.stdout_str().trim().parse().expect("the orphan's pid");
+    common::eventually(
+        &format!("orphan {pid} to be reaped (a zombie stays in /proc)"),
+        || {
+            let o = vm.sh(&format!("cat /proc/{pid}/stat 2>/dev/null || echo gone"));
+            (o.stdout_str().trim() == "gone").then_some(())
+        },
+    );
 }
 
 #[test]

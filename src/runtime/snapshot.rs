@@ -63,10 +63,11 @@ impl SnapshotSpec<'_> {
 
     /// What the key hashes, one input a line; kept in the snapshot (as
     /// [`SPEC_FILE`]) so that `vmc system prune` can tell stale ones.
-    fn describe(&self) -> String {
+    pub fn describe(&self) -> String {
         format!(
-            "vmc {}\nsnapshot format {FORMAT_VERSION}\nprotocol {PROTOCOL_VERSION}\nkernel {}\nagent {}\ncpus {}\nmemory {}\nbackend {:?}\ncmdline {}\n",
+            "vmc {} build {}\nsnapshot format {FORMAT_VERSION}\nprotocol {PROTOCOL_VERSION}\nkernel {}\nagent {}\ncpus {}\nmemory {}\nbackend {:?}\ncmdline {}\n",
             env!("CARGO_PKG_VERSION"),
+            env!("VMC_BUILD_ID"),
             file_identity(self.kernel),
             self.agent_disk.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default(),
             self.cpus,
@@ -78,7 +79,7 @@ impl SnapshotSpec<'_> {
 }
 
 /// The inputs a snapshot was made from (see [`SnapshotSpec::describe`]).
-const SPEC_FILE: &str = "spec.txt";
+pub const SPEC_FILE: &str = "spec.txt";
 
 /// Whether two descriptions differ only in the VM's size (which each run
 /// picks: a snapshot for another size is not stale).

@@ -153,15 +153,26 @@ pub fn mark_started(dir: &Path) {
 
 /// The start time of `pid` (field 22 of /proc/PID/stat), if it exists and
 /// is not a zombie (a killed supervisor nobody has reaped yet is dead).
+/// A process whose main thread has exited while other threads are still
+/// ending is not dead yet: it still holds its descriptors (a published
+/// port's listening socket, say) until the last thread is gone, and /proc
+/// shows its main thread as a zombie all the while.
 pub fn process_start(pid: i32) -> Option<u64> {
     let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     // The command name (field 2) may hold spaces and parentheses.
     let rest = &stat[stat.rfind(')')? + 2..];
     let mut fields = rest.split(' ');
-    if matches!(fields.next(), Some("Z") | Some("X") | None) {
-        return None;
+    match fields.next() {
+        None | Some("X") => return None,
+        Some("Z") if threads(pid) <= 1 => return None,
+        _ => {}
     }
     fields.nth(18)?.parse().ok()
+}
+
+/// How many threads process `pid` has (its /proc task entries).
+fn threads(pid: i32) -> usize {
+    fs::read_dir(format!("/proc/{pid}/task")).map_or(0, |d| d.count())
 }
 
 /// Every container with a readable state, newest first.
