@@ -256,3 +256,89 @@ fn archives_made_by_skopeo_load_and_run() {
         assert_eq!(ran, format!("{transport}\n"));
     }
 }
+
+/// Every blob an image in the store at `home` refers to exists and matches
+/// its digest; returns how many images were checked.
+fn check_store(home: &Path) -> usize {
+    use sha2::Digest;
+    let blob = |digest: &str| -> Vec<u8> {
+        let hex = digest.strip_prefix("sha256:").expect("a sha256 digest");
+        let data = std::fs::read(home.join("blobs/sha256").join(hex))
+            .unwrap_or_else(|e| panic!("blob {digest} missing: {e}"));
+        assert_eq!(
+            format!("{:x}", sha2::Sha256::digest(&data)),
+            hex,
+            "blob {digest} does not match its content"
+        );
+        data
+    };
+    let index: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(home.join("index.json")).unwrap()).unwrap();
+    let manifests = index["manifests"].as_array().unwrap();
+    for m in manifests {
+        let manifest: serde_json::Value =
+            serde_json::from_slice(&blob(m["digest"].as_str().unwrap())).unwrap();
+        blob(manifest["config"]["digest"].as_str().unwrap());
+        for l in manifest["layers"].as_array().unwrap() {
+            blob(l["digest"].as_str().unwrap());
+        }
+    }
+    manifests.len()
+}
+
+/// Garbage collection (each `vmc rmi` runs one) in one process while other
+/// processes import images: no import loses a blob to it. The writers hold a
+/// shared lock for their whole operation and the collector an exclusive one
+/// (flock, so it holds across processes, which the store's unit tests with
+/// threads cannot show).
+#[test]
+fn garbage_collection_in_one_process_never_takes_another_ones_blobs() {
+    let home = tempfile::tempdir().unwrap();
+    let h = home.path().to_path_buf();
+    // Images of different content, so that no blob is shared between the
+    // ones being removed and the ones being imported.
+    let tars: Vec<std::path::PathBuf> = (0..12)
+        .map(|i| {
+            let d = home.path().join(format!("src{i}"));
+            std::fs::create_dir_all(&d).unwrap();
+            std::fs::write(d.join("file"), format!("content {i}\n").repeat(1000)).unwrap();
+            let out = home.path().join(format!("img{i}.tar"));
+            let st = Command::new("tar")
+                .arg("-C")
+                .arg(&d)
+                .arg("-cf")
+                .arg(&out)
+                .arg(".")
+                .status()
+                .unwrap();
+            assert!(st.success());
+            out
+        })
+        .collect();
+    // Six to remove, imported first.
+    for (i, t) in tars.iter().enumerate().take(6) {
+        ok(&vmc(&h, &["import", t.to_str().unwrap(), &format!("old{i}")]));
+    }
+    std::thread::scope(|s| {
+        let importer = s.spawn(|| {
+            for (i, t) in tars.iter().enumerate().skip(6) {
+                ok(&vmc(&h, &["import", t.to_str().unwrap(), &format!("new{i}")]));
+            }
+        });
+        let remover = s.spawn(|| {
+            for i in 0..6 {
+                ok(&vmc(&h, &["rmi", &format!("old{i}")]));
+            }
+        });
+        importer.join().unwrap();
+        remover.join().unwrap();
+    });
+    assert_eq!(check_store(&h), 6, "the six new images, complete");
+    let list = ok(&vmc(&h, &["images"]));
+    for i in 6..12 {
+        assert!(list.contains(&format!("new{i} ")), "{list}");
+    }
+    // And the removed images' blobs are gone.
+    let blobs = std::fs::read_dir(h.join("blobs/sha256")).unwrap().count();
+    assert_eq!(blobs, 6 * 3, "a layer, a config and a manifest per image");
+}

@@ -99,19 +99,17 @@ fn many(mode: &str) {
     assert!(left.is_empty(), "processes left: {left:?}");
     let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
     assert!(!mounts.contains(home_s), "mounts left: {mounts}");
-    // None of the network helpers outlives the rm -f.
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while network_helpers(h) > 0 {
-        assert!(Instant::now() < deadline, "passt processes left behind");
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    // None of the network helpers outlives the rm -f (they end when their
+    // VMM or namespace does, a moment later).
+    common::eventually("the passt and pasta processes to end", || {
+        (network_helpers(h) == 0).then_some(())
+    });
+    // rm -f returned once each supervisor was gone: no port is open.
     for port in &ports {
-        // (A killed supervisor's sockets close as it finishes dying.)
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while std::net::TcpStream::connect(("127.0.0.1", *port)).is_ok() {
-            assert!(Instant::now() < deadline, "port {port} still open");
-            std::thread::sleep(Duration::from_millis(100));
-        }
+        assert!(
+            std::net::TcpStream::connect(("127.0.0.1", *port)).is_err(),
+            "port {port} still open after rm -f"
+        );
     }
 }
 

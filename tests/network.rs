@@ -325,14 +325,9 @@ fn namespace_mode(h: &Path, gw: &str, port: u16) {
     // work: same command line), and none is left after rm.
     assert!(pasta_processes(h) >= 1, "no pasta for the container");
     ok(&vmc(h, &["rm", "-f", "net"]));
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
-    while pasta_processes(h) != 0 {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "a pasta process was left"
-        );
-        std::thread::sleep(std::time::Duration::from_millis(50));
-    }
+    common::eventually("the container's pasta to end after rm -f", || {
+        (pasta_processes(h) == 0).then_some(())
+    });
 }
 
 fn vm_mode(h: &Path, gw: &str, port: u16) {
@@ -467,12 +462,7 @@ fn vm_mode(h: &Path, gw: &str, port: u16) {
     done.store(true, std::sync::atomic::Ordering::SeqCst);
     let most = watcher.join().unwrap();
     assert!(most >= 1, "no passt seen while the VMs ran");
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
-    while network_helpers(&h) > 0 {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "passt processes left behind"
-        );
-        std::thread::sleep(std::time::Duration::from_millis(50));
-    }
+    common::eventually("every VM's passt to end", || {
+        (network_helpers(&h) == 0).then_some(())
+    });
 }

@@ -532,18 +532,14 @@ fn namespace_mode_without_root_uses_a_user_namespace() {
     ]));
     assert_eq!(out, "0\nhttpd\0-f\0-p\08080\0-h\0/etc\0", "{out:?}");
     let mut page = String::new();
-    for _ in 0..100 {
-        if let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", port)) {
-            use std::io::{Read, Write};
-            let _ = s.write_all(b"GET /group HTTP/1.0\r\n\r\n");
-            page.clear();
-            let _ = s.read_to_string(&mut page);
-            if page.contains("200 OK") {
-                break;
-            }
-        }
-        std::thread::sleep(std::time::Duration::from_millis(100));
-    }
+    common::eventually("the rootless httpd to answer on its published port", || {
+        let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
+        use std::io::{Read, Write};
+        s.write_all(b"GET /group HTTP/1.0\r\n\r\n").ok()?;
+        page.clear();
+        s.read_to_string(&mut page).ok()?;
+        page.contains("200 OK").then_some(())
+    });
     assert!(page.contains("root:x:0:"), "{page}");
     assert!(ok(&as_nobody(&["ps", "-q"])).trim().len() == 12);
     ok(&as_nobody(&["rm", "-f", "r"]));

@@ -77,7 +77,7 @@ impl Registry {
             port,
             _dir: dir,
         };
-        let deadline = Instant::now() + Duration::from_secs(30);
+        let deadline = Instant::now() + common::PATIENCE;
         while TcpStream::connect(("127.0.0.1", port)).is_err() {
             if let Some(st) = r.child.try_wait().unwrap() {
                 let mut err = String::new();

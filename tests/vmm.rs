@@ -84,16 +84,24 @@ fn repeated_vms_leak_no_descriptors_threads_or_sockets() {
     let dir = tempfile::tempdir().unwrap();
     let kernel = dir.path().join("tiny.elf");
     std::fs::write(&kernel, tiny_guest::elf(b"x", false)).unwrap();
+    // Every kind of device a container's VM has: vsock, rng, a disk (read-
+    // write, with its file), and a network device whose backend socket the
+    // test holds the other end of (as passt would).
+    let disk = dir.path().join("disk.img");
+    std::fs::write(&disk, vec![0u8; 1 << 20]).unwrap();
     let run = |i: usize| {
         let sock = dir.path().join(format!("v{i}.sock"));
-        let vm = vmm::start(config(
-            &kernel,
-            1,
-            Capture::default(),
-            Some((3, sock.clone())),
-        ))
-        .unwrap();
+        let (vmm_end, backend_end) = std::os::unix::net::UnixStream::pair().unwrap();
+        let mut cfg = config(&kernel, 1, Capture::default(), Some((3, sock.clone())));
+        cfg.disks = vec![vmm::DiskConfig {
+            path: disk.clone(),
+            read_only: false,
+            id: "scratch".into(),
+        }];
+        cfg.net = Some(([0x02, 0, 0, 0, 0, 1], vmm_end));
+        let vm = vmm::start(cfg).unwrap();
         assert_eq!(vm.wait(), VmExit::Reset);
+        drop(backend_end);
         std::fs::remove_file(&sock).unwrap();
     };
     run(0); // warm-up: one-time allocations (signal handler, caches)

@@ -178,7 +178,11 @@ pub fn restore(mut cfg: VmConfig, dir: &Path, key: &str) -> Result<RunningVm, Vm
             cfg.mem_size >> 20
         )));
     }
-    let mem = snapshot::map_memory(&dir.join("memory.img"), &memory::ram_regions(cfg.mem_size))?;
+    let mem = snapshot::map_memory(
+        &dir.join("memory.img"),
+        &memory::ram_regions(cfg.mem_size),
+        Some(&state.memory),
+    )?;
     let m = builder::build(kvm, &mut cfg, mem)?;
     if m.transports.len() != state.devices.len() {
         return Err(invalid(format!(

@@ -242,9 +242,11 @@ impl RunningVm {
             .zip(devices)
             .map(|(t, d)| t.snapshot_of(&**d))
             .collect();
+        let memory = snapshot::dump_memory(&self.mem, &dir.join("memory.img"))?;
         let state = VmState {
             key: key.to_string(),
             mem_size: self.mem.iter().map(|r| r.len()).sum(),
+            memory,
             vcpus,
             irqchips: snapshot::save_irqchips(&self.vm)?,
             clock: self.vm.get_clock().map_err(|source| SnapshotError::Kvm {
@@ -253,7 +255,6 @@ impl RunningVm {
             })?,
             devices,
         };
-        snapshot::dump_memory(&self.mem, &dir.join("memory.img"))?;
         state.write(dir)
     }
 

@@ -8,7 +8,12 @@
 //! half-loaded. `memory.img` is guest RAM as a sparse file (pages the guest
 //! never touched are holes); a restored VM maps it `MAP_PRIVATE`, so VMs
 //! restored from one snapshot share its page cache and pay only for the pages
-//! they write.
+//! they write. `state.bin` also holds the memory image's [`MemorySeal`]: a
+//! SHA-256 of its non-zero pages and the file's identity when it was saved
+//! (inode, size, ctime). Reading 256 MiB on every warm start would cost more
+//! than the restore, so a restore checks the identity (one fstat) and hashes
+//! the file only when it changed: any write to the file, a copy or a
+//! truncation moves its ctime, which no user can set back.
 
 use std::fs::File;
 use std::io::{Read, Write};
@@ -34,7 +39,7 @@ pub mod report;
 
 const MAGIC: &[u8; 8] = b"VMCSNAP\0";
 /// Bumped on any change to the state types below.
-pub const FORMAT_VERSION: u32 = 1;
+pub const FORMAT_VERSION: u32 = 2;
 
 /// Errors saving or loading snapshots.
 #[derive(Debug, thiserror::Error)]
@@ -203,12 +208,104 @@ pub struct TransportSnap {
     pub queues: Vec<QueueSnap>,
 }
 
+/// What `memory.img` held when it was saved (see the module's doc).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MemorySeal {
+    /// SHA-256 over each non-zero page: its file offset (u64, little
+    /// endian), then its 4096 bytes, in file order.
+    pub digest: [u8; 32],
+    pub ino: u64,
+    pub size: u64,
+    pub ctime: (i64, i64),
+}
+
+impl MemorySeal {
+    fn of(file: &File, digest: [u8; 32]) -> std::io::Result<MemorySeal> {
+        use std::os::unix::fs::MetadataExt;
+        let m = file.metadata()?;
+        Ok(MemorySeal {
+            digest,
+            ino: m.ino(),
+            size: m.len(),
+            ctime: (m.ctime(), m.ctime_nsec()),
+        })
+    }
+
+    /// Checks `file` against the seal: the same file untouched since the
+    /// save, or one whose non-zero pages hash to the saved digest.
+    pub fn check(&self, file: &File) -> Result<(), SnapshotError> {
+        let now = MemorySeal::of(file, self.digest)?;
+        if now == *self {
+            return Ok(());
+        }
+        if now.size != self.size {
+            return Err(SnapshotError::Invalid(format!(
+                "memory.img holds {} bytes, it was saved with {}",
+                now.size, self.size
+            )));
+        }
+        if digest_pages(file)? != self.digest {
+            return Err(SnapshotError::Invalid(
+                "memory.img is corrupted (checksum mismatch)".into(),
+            ));
+        }
+        Ok(())
+    }
+}
+
+const PAGE: usize = 4096;
+
+/// Adds one page to a [`MemorySeal`] digest.
+fn hash_page(h: &mut Sha256, offset: u64, page: &[u8]) {
+    h.update(offset.to_le_bytes());
+    h.update(page);
+}
+
+/// The [`MemorySeal`] digest of `file`, reading only its data extents
+/// (SEEK_DATA/SEEK_HOLE): the holes of a sparse image are zero pages, which
+/// the digest leaves out, as it does zero pages a copy may have filled in.
+fn digest_pages(file: &File) -> std::io::Result<[u8; 32]> {
+    use std::os::fd::AsRawFd;
+    let size = file.metadata()?.len();
+    let mut h = Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    let mut pos = 0u64;
+    while pos < size {
+        // SAFETY: lseek on a descriptor we hold.
+        let data = unsafe { libc::lseek(file.as_raw_fd(), pos as i64, libc::SEEK_DATA) };
+        if data < 0 {
+            // ENXIO: no data after pos.
+            break;
+        }
+        // SAFETY: as above.
+        let hole = unsafe { libc::lseek(file.as_raw_fd(), data, libc::SEEK_HOLE) };
+        let start = (data as u64) / PAGE as u64 * PAGE as u64;
+        let end = if hole < 0 { size } else { (hole as u64).min(size) };
+        let mut off = start;
+        while off < end {
+            let n = ((end - off) as usize).min(buf.len()).div_ceil(PAGE) * PAGE;
+            let n = n.min((size - off) as usize);
+            file.read_exact_at(&mut buf[..n], off)?;
+            for (i, page) in buf[..n].chunks(PAGE).enumerate() {
+                if page.iter().any(|&b| b != 0) {
+                    hash_page(&mut h, off + (i * PAGE) as u64, page);
+                }
+            }
+            off += n as u64;
+        }
+        pos = end.max(off);
+    }
+    Ok(h.finalize().into())
+}
+
 /// The whole machine (memory lives in its own file).
 #[derive(Serialize, Deserialize)]
 pub struct VmState {
     /// What the snapshot was made from; compared before use.
     pub key: String,
     pub mem_size: u64,
+    /// What `memory.img` held when saved.
+    pub memory: MemorySeal,
     pub vcpus: Vec<VcpuState>,
     pub irqchips: Vec<kvm_irqchip>,
     pub clock: kvm_clock_data,
@@ -287,12 +384,12 @@ impl VmState {
 
 /// Writes guest RAM to `path` as a sparse file: only resident pages that are
 /// not all zero are written. Call with every vCPU paused and every device
-/// locked, so nothing changes guest memory meanwhile.
-pub fn dump_memory(mem: &Mem, path: &Path) -> Result<(), SnapshotError> {
-    const PAGE: usize = 4096;
+/// locked, so nothing changes guest memory meanwhile. Returns the file's seal.
+pub fn dump_memory(mem: &Mem, path: &Path) -> Result<MemorySeal, SnapshotError> {
     let f = File::create(path)?;
     let total: u64 = mem.iter().map(|r| r.len()).sum();
     f.set_len(total)?;
+    let mut h = Sha256::new();
     let mut file_off = 0u64;
     for region in mem.iter() {
         let len = region.len() as usize;
@@ -314,18 +411,25 @@ pub fn dump_memory(mem: &Mem, path: &Path) -> Result<(), SnapshotError> {
             let start = page * PAGE;
             let end = (start + PAGE).min(len);
             if resident[page] & 1 != 0 && bytes[start..end].iter().any(|&b| b != 0) {
-                f.write_all_at(&bytes[start..end], file_off + start as u64)?;
+                let at = file_off + start as u64;
+                f.write_all_at(&bytes[start..end], at)?;
+                hash_page(&mut h, at, &bytes[start..end]);
             }
             page += 1;
         }
         file_off += len as u64;
     }
     f.sync_all()?;
-    Ok(())
+    Ok(MemorySeal::of(&f, h.finalize().into())?)
 }
 
-/// Maps `path` as guest RAM with the given layout, private copy-on-write.
-pub fn map_memory(path: &Path, regions: &[(GuestAddress, usize)]) -> Result<Mem, SnapshotError> {
+/// Maps `path` as guest RAM with the given layout, private copy-on-write,
+/// once it has passed `seal`'s check (None: unchecked, for inspection).
+pub fn map_memory(
+    path: &Path,
+    regions: &[(GuestAddress, usize)],
+    seal: Option<&MemorySeal>,
+) -> Result<Mem, SnapshotError> {
     let file = File::open(path)?;
     let total: u64 = regions.iter().map(|r| r.1 as u64).sum();
     if file.metadata()?.len() != total {
@@ -333,6 +437,9 @@ pub fn map_memory(path: &Path, regions: &[(GuestAddress, usize)]) -> Result<Mem,
             "memory.img holds {} bytes, the VM has {total}",
             file.metadata()?.len()
         )));
+    }
+    if let Some(seal) = seal {
+        seal.check(&file)?;
     }
     let file = std::sync::Arc::new(file);
     let mut off = 0u64;
@@ -370,7 +477,7 @@ mod tests {
         mem.write_slice(&[7u8; 4096], GuestAddress(0x80_0000))
             .unwrap();
         let p = dir.path().join("memory.img");
-        dump_memory(&mem, &p).unwrap();
+        let seal = dump_memory(&mem, &p).unwrap();
         use std::os::unix::fs::MetadataExt;
         let meta = std::fs::metadata(&p).unwrap();
         assert_eq!(meta.len(), 16 << 20);
@@ -379,20 +486,74 @@ mod tests {
             "sparse: {} blocks",
             meta.blocks()
         );
-        let back = map_memory(&p, &layout).unwrap();
+        let back = map_memory(&p, &layout, Some(&seal)).unwrap();
         let mut b = [0u8; 5];
         back.read_slice(&mut b, GuestAddress(0x1000)).unwrap();
         assert_eq!(&b, b"hello");
         assert_eq!(back.read_obj::<u8>(GuestAddress(0x80_0fff)).unwrap(), 7);
         // Private: writes to the restored memory never reach the file.
         back.write_slice(b"XXXXX", GuestAddress(0x1000)).unwrap();
-        let again = map_memory(&p, &layout).unwrap();
+        let again = map_memory(&p, &layout, Some(&seal)).unwrap();
         again.read_slice(&mut b, GuestAddress(0x1000)).unwrap();
         assert_eq!(&b, b"hello");
         assert!(
-            map_memory(&p, &[(GuestAddress(0), 8 << 20)]).is_err(),
+            map_memory(&p, &[(GuestAddress(0), 8 << 20)], None).is_err(),
             "size mismatch refused"
         );
+    }
+
+    /// The seal: an untouched file passes on its identity; a copy (a new
+    /// inode and ctime) passes on its content, zero pages filled in or not;
+    /// a changed byte, in a page that held data or in a hole, is refused;
+    /// so is a truncated file.
+    #[test]
+    fn memory_images_are_checked_against_their_seal() {
+        let dir = tempfile::tempdir().unwrap();
+        let layout = [(GuestAddress(0), 4 << 20)];
+        let mem = GuestMemoryMmap::from_ranges(&layout).unwrap();
+        mem.write_slice(b"kernel text", GuestAddress(0x10_0000)).unwrap();
+        mem.write_slice(&[9u8; 8192], GuestAddress(0x20_0000)).unwrap();
+        let p = dir.path().join("memory.img");
+        let seal = dump_memory(&mem, &p).unwrap();
+        let open = |p: &Path| File::open(p).unwrap();
+        seal.check(&open(&p)).unwrap();
+        // A dense copy: every zero page written out.
+        let copy = dir.path().join("copy.img");
+        std::fs::write(&copy, std::fs::read(&p).unwrap()).unwrap();
+        assert_ne!(MemorySeal::of(&open(&copy), seal.digest).unwrap(), seal);
+        seal.check(&open(&copy)).unwrap();
+        map_memory(&copy, &layout, Some(&seal)).unwrap();
+        // One byte changed where data was, or where a hole was.
+        for at in [0x10_0003u64, 0x30_0000] {
+            let bad = dir.path().join(format!("bad-{at:x}.img"));
+            std::fs::copy(&p, &bad).unwrap();
+            std::fs::OpenOptions::new()
+                .write(true)
+                .open(&bad)
+                .unwrap()
+                .write_all_at(b"X", at)
+                .unwrap();
+            let e = map_memory(&bad, &layout, Some(&seal)).err().unwrap().to_string();
+            assert!(e.contains("memory.img is corrupted"), "{e}");
+        }
+        // Written in place: the same inode, a new ctime.
+        std::thread::sleep(std::time::Duration::from_millis(10));
+        let f = std::fs::OpenOptions::new().write(true).open(&p).unwrap();
+        f.write_all_at(b"Y", 0x20_0000).unwrap();
+        drop(f);
+        let e = seal.check(&open(&p)).unwrap_err().to_string();
+        assert!(e.contains("checksum mismatch"), "{e}");
+        // Truncated.
+        let short = dir.path().join("short.img");
+        std::fs::copy(&copy, &short).unwrap();
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(&short)
+            .unwrap()
+            .set_len(2 << 20)
+            .unwrap();
+        let e = seal.check(&open(&short)).unwrap_err().to_string();
+        assert!(e.contains("saved with"), "{e}");
     }
 
     #[test]
@@ -401,6 +562,12 @@ mod tests {
         let st = VmState {
             key: "k".into(),
             mem_size: 1,
+            memory: MemorySeal {
+                digest: [0; 32],
+                ino: 0,
+                size: 0,
+                ctime: (0, 0),
+            },
             vcpus: Vec::new(),
             irqchips: vec![kvm_irqchip::default()],
             clock: kvm_clock_data::default(),

@@ -92,7 +92,7 @@ pub fn owed_interrupts(state: &VmState) -> Vec<String> {
 /// The whole report for the snapshot in `dir`.
 pub fn report(dir: &Path) -> Result<String, super::SnapshotError> {
     let state = VmState::read(dir)?;
-    let mem = map_memory(&dir.join("memory.img"), &ram_regions(state.mem_size)).ok();
+    let mem = map_memory(&dir.join("memory.img"), &ram_regions(state.mem_size), None).ok();
     let mut s = String::new();
     let _ = writeln!(
         s,
@@ -106,6 +106,13 @@ pub fn report(dir: &Path) -> Result<String, super::SnapshotError> {
         "kvm clock {} ns, flags {:#x}",
         state.clock.clock, state.clock.flags
     );
+    let seal = std::fs::File::open(dir.join("memory.img"))
+        .map_err(super::SnapshotError::from)
+        .and_then(|f| state.memory.check(&f));
+    let _ = match seal {
+        Ok(()) => writeln!(s, "memory.img: matches its seal"),
+        Err(e) => writeln!(s, "memory.img: BAD: {e}"),
+    };
     for (i, v) in state.vcpus.iter().enumerate() {
         let lvtt = lapic_u32(v, LAPIC_LVTT);
         let mode = match (lvtt >> 17) & 3 {
