@@ -23,3 +23,38 @@ pub fn in_namespaces<T: Send + 'static>(
     .join()
     .unwrap_or_else(|e| std::panic::resume_unwind(e))
 }
+
+/// Held by tests that fork or reap: the reaper's `waitpid(-1)` collects
+/// any child of the test process.
+pub static CHILDREN: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+pub fn children() -> std::sync::MutexGuard<'static, ()> {
+    CHILDREN.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Forks a child that runs `child` (system calls only) and never returns.
+pub fn fork_child(child: fn() -> !) -> u32 {
+    // SAFETY: the child only makes the system calls of `child`.
+    let pid = unsafe { libc::fork() };
+    assert!(pid >= 0, "fork: {}", io::Error::last_os_error());
+    if pid == 0 {
+        child()
+    }
+    pid as u32
+}
+
+/// Blocks until child `pid` has exited, leaving it to be reaped.
+pub fn wait_exited(pid: u32) {
+    // SAFETY: siginfo_t is plain data; waitid fills it.
+    let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
+    // SAFETY: info is a valid out pointer; WNOWAIT leaves the zombie.
+    let r = unsafe {
+        libc::waitid(
+            libc::P_PID,
+            pid as libc::id_t,
+            &mut info,
+            libc::WEXITED | libc::WNOWAIT,
+        )
+    };
+    assert_eq!(r, 0, "waitid: {}", io::Error::last_os_error());
+}
