@@ -83,7 +83,7 @@ pub fn run() -> ! {
     }
 }
 
-fn reap_all() {
+pub(crate) fn reap_all() {
     loop {
         let mut status = 0;
         // SAFETY: status is a valid out pointer.
