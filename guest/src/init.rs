@@ -124,9 +124,24 @@ fn loopback_up() -> io::Result<()> {
 /// `sectors` sectors: after a snapshot restore the new size arrives through a
 /// config interrupt that the driver handles asynchronously.
 fn wait_for_size(dev: &str, sectors: u64) -> io::Result<()> {
+    wait_for_size_in(
+        "/sys/block",
+        dev,
+        sectors,
+        std::time::Duration::from_secs(30),
+    )
+}
+
+/// [`wait_for_size`] with the sysfs block directory and the patience given.
+fn wait_for_size_in(
+    sys_block: &str,
+    dev: &str,
+    sectors: u64,
+    patience: std::time::Duration,
+) -> io::Result<()> {
     let name = dev.trim_start_matches("/dev/");
-    let path = format!("/sys/block/{name}/size");
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    let path = format!("{sys_block}/{name}/size");
+    let deadline = std::time::Instant::now() + patience;
     loop {
         let now: u64 = fs::read_to_string(&path)?.trim().parse().unwrap_or(0);
         if now == sectors || sectors == 0 {
@@ -155,11 +170,7 @@ pub fn refresh(realtime_ns: u64, entropy: &[u8]) -> io::Result<()> {
     if entropy.is_empty() {
         return Ok(());
     }
-    // struct rand_pool_info { int entropy_count; int buf_size; __u32 buf[]; }
-    let mut info = Vec::with_capacity(8 + entropy.len());
-    info.extend_from_slice(&((entropy.len() * 8) as i32).to_ne_bytes());
-    info.extend_from_slice(&(entropy.len() as i32).to_ne_bytes());
-    info.extend_from_slice(entropy);
+    let info = rand_pool_info(entropy);
     let f = fs::OpenOptions::new().write(true).open("/dev/urandom")?;
     const RNDADDENTROPY: libc::c_ulong = 0x4008_5203;
     const RNDRESEEDCRNG: libc::c_ulong = 0x5207;
@@ -171,6 +182,16 @@ pub fn refresh(realtime_ns: u64, entropy: &[u8]) -> io::Result<()> {
         Err(e) if e.raw_os_error() == Some(libc::ENODATA) => Ok(()),
         r => r.map(|_| ()),
     }
+}
+
+/// `struct rand_pool_info { int entropy_count; int buf_size; __u32 buf[]; }`
+/// crediting every byte of `entropy` in full (8 bits each).
+fn rand_pool_info(entropy: &[u8]) -> Vec<u8> {
+    let mut info = Vec::with_capacity(8 + entropy.len());
+    info.extend_from_slice(&((entropy.len() * 8) as i32).to_ne_bytes());
+    info.extend_from_slice(&(entropy.len() as i32).to_ne_bytes());
+    info.extend_from_slice(entropy);
+    info
 }
 
 /// Assembles the container root at [`ROOT`] and sets the hostname.
@@ -217,6 +238,12 @@ pub fn bind_etc(root: &str, files: &[(String, String)]) -> io::Result<Vec<String
     let dir = "/run/vmc-etc";
     fs::create_dir_all(dir)?;
     fs::create_dir_all(format!("{root}/etc"))?;
+    // An image whose /etc is a symlink out of the root (resolved here
+    // against the agent's root) gets none: the binds would land on the VM.
+    let etc = fs::canonicalize(format!("{root}/etc"))?;
+    if !etc.starts_with(fs::canonicalize(root)?) {
+        return Ok(placeholders);
+    }
     for (name, text) in files {
         if name.contains('/') || name.starts_with('.') {
             continue;
@@ -302,4 +329,202 @@ pub fn reboot() -> ! {
 pub fn sync() {
     // SAFETY: sync takes no arguments.
     unsafe { libc::sync() };
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::{symlink, FileTypeExt};
+    use std::path::Path;
+    use std::time::Duration;
+
+    use crate::testns::in_namespaces;
+
+    #[test]
+    fn disk_size_is_awaited_in_sysfs() {
+        let d = tempfile::tempdir().unwrap();
+        let sys = d.path().to_str().unwrap().to_string();
+        fs::create_dir(d.path().join("vdb")).unwrap();
+        let size = d.path().join("vdb/size");
+        fs::write(&size, "2048\n").unwrap();
+        wait_for_size_in(&sys, "/dev/vdb", 2048, Duration::ZERO).unwrap();
+        // 0: whatever size it has.
+        wait_for_size_in(&sys, "/dev/vdb", 0, Duration::ZERO).unwrap();
+        let e = wait_for_size_in(&sys, "/dev/vdb", 4096, Duration::ZERO).unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::TimedOut);
+        assert_eq!(e.to_string(), "/dev/vdb has 2048 sectors, expected 4096");
+        let e = wait_for_size_in(&sys, "/dev/vdc", 0, Duration::ZERO).unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::NotFound);
+        // The size changes while it waits (a config interrupt after restore).
+        let waiter = std::thread::spawn(move || {
+            wait_for_size_in(&sys, "vdb", 4096, Duration::from_secs(600))
+        });
+        fs::write(&size, "4096\n").unwrap();
+        waiter.join().unwrap().unwrap();
+    }
+
+    #[test]
+    fn entropy_is_credited_in_full() {
+        let info = rand_pool_info(&[1, 2, 3, 4, 5, 6, 7, 8]);
+        let mut want = 64i32.to_ne_bytes().to_vec();
+        want.extend(8i32.to_ne_bytes());
+        want.extend([1, 2, 3, 4, 5, 6, 7, 8]);
+        assert_eq!(info, want);
+        assert_eq!(rand_pool_info(&[]), [0; 8]);
+    }
+
+    fn hostname() -> String {
+        // SAFETY: utsname is plain data filled by uname.
+        let mut u: libc::utsname = unsafe { std::mem::zeroed() };
+        // SAFETY: u is a valid out pointer.
+        assert_eq!(unsafe { libc::uname(&mut u) }, 0);
+        // SAFETY: uname NUL-terminates nodename.
+        unsafe { std::ffi::CStr::from_ptr(u.nodename.as_ptr()) }
+            .to_string_lossy()
+            .into_owned()
+    }
+
+    #[test]
+    fn hostname_is_set_unless_empty() {
+        let (set, kept, too_long) = in_namespaces(libc::CLONE_NEWUTS, || {
+            set_hostname("box-1").unwrap();
+            let set = hostname();
+            set_hostname("").unwrap();
+            let too_long = set_hostname(&"x".repeat(65)).unwrap_err();
+            (set, hostname(), too_long.raw_os_error())
+        });
+        assert_eq!(set, "box-1");
+        assert_eq!(kept, "box-1");
+        assert_eq!(too_long, Some(libc::EINVAL));
+    }
+
+    #[test]
+    fn loopback_comes_up() {
+        let flags = || {
+            // SAFETY: plain socket(2), checked.
+            let s = check(unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM, 0) }).unwrap();
+            // SAFETY: a fresh descriptor that we own.
+            let s = unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(s) };
+            // SAFETY: ifreq is plain data.
+            let mut r: libc::ifreq = unsafe { std::mem::zeroed() };
+            r.ifr_name[..2].copy_from_slice(&[b'l' as libc::c_char, b'o' as libc::c_char]);
+            // SAFETY: SIOCGIFFLAGS fills the ifreq passed; flags is its member.
+            unsafe {
+                check(libc::ioctl(s.as_raw_fd(), libc::SIOCGIFFLAGS, &mut r)).unwrap();
+                r.ifr_ifru.ifru_flags
+            }
+        };
+        let up = libc::IFF_UP as libc::c_short;
+        let (before, after) = in_namespaces(libc::CLONE_NEWNET, move || {
+            let before = flags();
+            loopback_up().unwrap();
+            (before, flags())
+        });
+        // A new network namespace has lo down.
+        assert_eq!(before & up, 0);
+        assert_eq!(after & up, up);
+    }
+
+    fn etc_files() -> Vec<(String, String)> {
+        [
+            ("resolv.conf", "nameserver 10.0.2.3\n"),
+            ("hosts", "127.0.0.1 localhost\n"),
+            ("hostname", "box\n"),
+            // Names the host would never send: not bound.
+            ("../escape", "x"),
+            (".hidden", "x"),
+        ]
+        .iter()
+        .map(|(n, t)| (n.to_string(), t.to_string()))
+        .collect()
+    }
+
+    #[test]
+    fn etc_files_are_bound_over_the_roots() {
+        let d = tempfile::tempdir().unwrap();
+        let root = d.path().join("root");
+        fs::create_dir_all(root.join("etc")).unwrap();
+        fs::write(root.join("etc/hosts"), "image's\n").unwrap();
+        // The image's resolv.conf is a link (systemd-resolved): left alone.
+        symlink("../run/resolved.conf", root.join("etc/resolv.conf")).unwrap();
+        let r = root.clone();
+        let (placeholders, hosts, hostname, escaped) =
+            in_namespaces(libc::CLONE_NEWNS, move || {
+                // /run/vmc-etc is the agent's: this namespace gets a /run of its own.
+                sys_mount_tmpfs("/run");
+                let p = bind_etc(r.to_str().unwrap(), &etc_files()).unwrap();
+                (
+                    p,
+                    fs::read_to_string(r.join("etc/hosts")).unwrap(),
+                    fs::read_to_string(r.join("etc/hostname")).unwrap(),
+                    Path::new("/run/escape").exists() || r.join("escape").exists(),
+                )
+            });
+        assert_eq!(placeholders, ["etc/hostname"]);
+        assert_eq!(hosts, "127.0.0.1 localhost\n");
+        assert_eq!(hostname, "box\n");
+        assert!(!escaped);
+        // Outside that namespace: the image's files, and the placeholder.
+        assert_eq!(
+            fs::read_to_string(root.join("etc/hosts")).unwrap(),
+            "image's\n"
+        );
+        assert_eq!(fs::read_to_string(root.join("etc/hostname")).unwrap(), "");
+        assert!(fs::symlink_metadata(root.join("etc/resolv.conf"))
+            .unwrap()
+            .file_type()
+            .is_symlink());
+        assert!(!root.join("run").exists());
+    }
+
+    #[test]
+    fn etc_linked_out_of_the_root_gets_no_binds() {
+        let d = tempfile::tempdir().unwrap();
+        let root = d.path().join("root");
+        let vm_etc = d.path().join("vm-etc");
+        fs::create_dir_all(&root).unwrap();
+        fs::create_dir_all(&vm_etc).unwrap();
+        fs::write(vm_etc.join("hosts"), "vm's\n").unwrap();
+        symlink(&vm_etc, root.join("etc")).unwrap();
+        let r = root.clone();
+        let (placeholders, hosts) = in_namespaces(libc::CLONE_NEWNS, move || {
+            sys_mount_tmpfs("/run");
+            let p = bind_etc(r.to_str().unwrap(), &etc_files()).unwrap();
+            (p, fs::read_to_string(r.join("etc/hosts")).unwrap())
+        });
+        assert!(placeholders.is_empty());
+        assert_eq!(hosts, "vm's\n");
+        assert_eq!(fs::read_dir(&vm_etc).unwrap().count(), 1);
+    }
+
+    fn sys_mount_tmpfs(at: &str) {
+        mount(Some("tmpfs"), at, Some("tmpfs"), 0, None).unwrap();
+    }
+
+    #[test]
+    fn pseudo_filesystems_are_mounted_in_the_root() {
+        let d = tempfile::tempdir().unwrap();
+        let r = d.path().to_str().unwrap().to_string();
+        let (proc_self, sys_ro, null_is_char) = in_namespaces(libc::CLONE_NEWNS, move || {
+            mount_pseudo(&r).unwrap();
+            // SAFETY: statvfs is plain data filled by statvfs(3).
+            let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+            let sys = vmc_guest::sys::cstr(format!("{r}/sys")).unwrap();
+            // SAFETY: sys is NUL-terminated; st a valid out pointer.
+            assert_eq!(unsafe { libc::statvfs(sys.as_ptr(), &mut st) }, 0);
+            (
+                Path::new(&format!("{r}/proc/self/status")).exists(),
+                st.f_flag & libc::ST_RDONLY != 0,
+                fs::metadata(format!("{r}/dev/null"))
+                    .unwrap()
+                    .file_type()
+                    .is_char_device(),
+            )
+        });
+        assert!(proc_self);
+        assert!(sys_ro);
+        assert!(null_is_char);
+        // Nothing is mounted outside the thread's namespace.
+        assert!(!d.path().join("proc/self").exists());
+    }
 }

@@ -10,6 +10,8 @@ mod layers;
 mod netcfg;
 mod reaper;
 mod session;
+#[cfg(test)]
+mod testns;
 mod vsock;
 
 use vmc_guest::AGENT_PORT;

@@ -30,6 +30,15 @@ fn sockaddr(a: Ipv4Addr) -> libc::sockaddr {
     unsafe { std::mem::transmute::<libc::sockaddr_in, libc::sockaddr>(sin) }
 }
 
+/// The netmask of a prefix length; lengths above 32 are 32.
+fn netmask(prefix: u8) -> Ipv4Addr {
+    Ipv4Addr::from(
+        u32::MAX
+            .checked_shl(32 - u32::from(prefix.min(32)))
+            .unwrap_or(0),
+    )
+}
+
 /// Brings `spec.ifname` up with the address, prefix, MTU and default route.
 pub fn configure(spec: &NetSpec) -> io::Result<()> {
     let ctx =
@@ -40,11 +49,7 @@ pub fn configure(spec: &NetSpec) -> io::Result<()> {
     // SAFETY: fd was just opened and is owned here.
     let _owned = unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) };
     let addr = Ipv4Addr::from(spec.address);
-    let mask = Ipv4Addr::from(
-        u32::MAX
-            .checked_shl(32 - u32::from(spec.prefix.min(32)))
-            .unwrap_or(0),
-    );
+    let mask = netmask(spec.prefix);
     // SAFETY: (all ioctls below) a valid socket and an ifreq/rtentry that
     // lives across the call, of the type each request reads or writes.
     unsafe {
@@ -69,4 +74,131 @@ pub fn configure(spec: &NetSpec) -> io::Result<()> {
         check(libc::ioctl(fd, libc::SIOCADDRT, &rt)).map_err(ctx("adding the default route"))?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+
+    #[test]
+    fn prefix_lengths_become_netmasks() {
+        let m = |p| netmask(p).to_string();
+        assert_eq!(m(0), "0.0.0.0");
+        assert_eq!(m(1), "128.0.0.0");
+        assert_eq!(m(24), "255.255.255.0");
+        assert_eq!(m(26), "255.255.255.192");
+        assert_eq!(m(32), "255.255.255.255");
+        // A prefix above 32 (only a broken host sends one) is a host route.
+        assert_eq!(m(33), "255.255.255.255");
+        assert_eq!(m(255), "255.255.255.255");
+    }
+
+    #[test]
+    fn sockaddr_holds_the_address_in_network_order() {
+        let sa = sockaddr(Ipv4Addr::new(10, 0, 2, 15));
+        assert_eq!(sa.sa_family, libc::AF_INET as libc::sa_family_t);
+        // sa_data: the port (0), then the address bytes as written.
+        let data: Vec<u8> = sa.sa_data[..6].iter().map(|&b| b as u8).collect();
+        assert_eq!(data, [0, 0, 10, 0, 2, 15]);
+    }
+
+    #[test]
+    fn interface_names_are_truncated_and_nul_terminated() {
+        let name = |r: &libc::ifreq| -> Vec<u8> { r.ifr_name.iter().map(|&b| b as u8).collect() };
+        let mut want = [0u8; libc::IFNAMSIZ];
+        want[..4].copy_from_slice(b"eth0");
+        assert_eq!(name(&ifreq("eth0")), want);
+        let long = name(&ifreq("a-very-long-interface-name"));
+        assert_eq!(&long[..libc::IFNAMSIZ - 1], b"a-very-long-int");
+        assert_eq!(long[libc::IFNAMSIZ - 1], 0);
+    }
+
+    fn get(fd: &OwnedFd, name: &str, req: libc::c_ulong) -> libc::ifreq {
+        let mut r = ifreq(name);
+        // SAFETY: a valid socket and an ifreq the request fills in.
+        let ret = unsafe { libc::ioctl(fd.as_raw_fd(), req, &mut r) };
+        assert_eq!(ret, 0, "{}", io::Error::last_os_error());
+        r
+    }
+
+    fn addr_of(sa: libc::sockaddr) -> Ipv4Addr {
+        Ipv4Addr::new(
+            sa.sa_data[2] as u8,
+            sa.sa_data[3] as u8,
+            sa.sa_data[4] as u8,
+            sa.sa_data[5] as u8,
+        )
+    }
+
+    #[test]
+    fn configure_sets_address_mask_mtu_flags_and_default_route() {
+        let (addr, mask, mtu, flags, route) =
+            crate::testns::in_namespaces(libc::CLONE_NEWNET, || {
+                // A tun device stands in for virtio-net: made with one ioctl.
+                // SAFETY: open on a NUL-terminated path.
+                let tun = unsafe { libc::open(c"/dev/net/tun".as_ptr(), libc::O_RDWR) };
+                let tun = check(tun).unwrap();
+                // SAFETY: open returned a fresh descriptor that we own.
+                let _tun = unsafe { OwnedFd::from_raw_fd(tun) };
+                let mut r = ifreq("vmct0");
+                r.ifr_ifru.ifru_flags = (libc::IFF_TUN | libc::IFF_NO_PI) as libc::c_short;
+                // SAFETY: TUNSETIFF reads the ifreq passed.
+                check(unsafe { libc::ioctl(tun, libc::TUNSETIFF, &r) }).unwrap();
+                configure(&NetSpec {
+                    ifname: "vmct0".into(),
+                    address: [10, 0, 2, 15],
+                    prefix: 24,
+                    gateway: [10, 0, 2, 2],
+                    mtu: 1400,
+                })
+                .unwrap();
+                // SAFETY: plain socket(2), checked.
+                let s = check(unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM, 0) }).unwrap();
+                // SAFETY: a fresh descriptor that we own.
+                let s = unsafe { OwnedFd::from_raw_fd(s) };
+                // SAFETY: (all reads below) the union member each request filled in.
+                unsafe {
+                    (
+                        addr_of(get(&s, "vmct0", libc::SIOCGIFADDR).ifr_ifru.ifru_addr),
+                        addr_of(get(&s, "vmct0", libc::SIOCGIFNETMASK).ifr_ifru.ifru_netmask),
+                        get(&s, "vmct0", libc::SIOCGIFMTU).ifr_ifru.ifru_mtu,
+                        get(&s, "vmct0", libc::SIOCGIFFLAGS).ifr_ifru.ifru_flags,
+                        // This thread's network namespace, not the process's.
+                        std::fs::read_to_string("/proc/thread-self/net/route").unwrap(),
+                    )
+                }
+            });
+        assert_eq!(addr, Ipv4Addr::new(10, 0, 2, 15));
+        assert_eq!(mask, Ipv4Addr::new(255, 255, 255, 0));
+        assert_eq!(mtu, 1400);
+        assert_ne!(flags & libc::IFF_UP as libc::c_short, 0);
+        // The default route (destination and mask 0) through the gateway,
+        // with RTF_UP | RTF_GATEWAY; /proc prints raw network-order words.
+        let gw = format!("{:08X}", u32::from_ne_bytes([10, 0, 2, 2]));
+        let default: Vec<&str> = route
+            .lines()
+            .map(|l| l.split_whitespace().collect::<Vec<_>>())
+            .find(|f| f[1] == "00000000" && f[7] == "00000000")
+            .unwrap();
+        assert_eq!(default[..4], ["vmct0", "00000000", gw.as_str(), "0003"]);
+    }
+
+    #[test]
+    fn configure_names_the_step_that_failed() {
+        let e = crate::testns::in_namespaces(libc::CLONE_NEWNET, || {
+            configure(&NetSpec {
+                ifname: "nosuch0".into(),
+                address: [10, 0, 2, 15],
+                prefix: 24,
+                gateway: [10, 0, 2, 2],
+                mtu: 1500,
+            })
+            .unwrap_err()
+        });
+        assert_eq!(
+            e.to_string(),
+            "setting the MTU: No such device (os error 19)"
+        );
+    }
 }

@@ -83,7 +83,7 @@ pub fn run() -> ! {
     }
 }
 
-fn reap_all() {
+pub(crate) fn reap_all() {
     loop {
         let mut status = 0;
         // SAFETY: status is a valid out pointer.
@@ -107,5 +107,141 @@ pub fn decode(status: i32) -> vmc_guest::ExitStatus {
         vmc_guest::ExitStatus::Signal(libc::WTERMSIG(status))
     } else {
         vmc_guest::ExitStatus::Code(libc::WEXITSTATUS(status))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testns::{children, fork_child, wait_exited};
+    use vmc_guest::ExitStatus;
+
+    fn exit_5() -> ! {
+        // SAFETY: _exit ends the forked child without unwinding.
+        unsafe { libc::_exit(5) }
+    }
+
+    fn pause_forever() -> ! {
+        loop {
+            // SAFETY: pause has no arguments.
+            unsafe { libc::pause() };
+        }
+    }
+
+    fn registered(pid: u32) -> bool {
+        waiters()
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .contains_key(&pid)
+    }
+
+    #[test]
+    fn wait_statuses_decode_to_codes_and_signals() {
+        assert_eq!(decode(0), ExitStatus::Code(0));
+        assert_eq!(decode(7 << 8), ExitStatus::Code(7));
+        assert_eq!(decode(255 << 8), ExitStatus::Code(255));
+        assert_eq!(decode(libc::SIGKILL), ExitStatus::Signal(9));
+        // Killed with a core dump (0x80): still the signal.
+        assert_eq!(decode(libc::SIGSEGV | 0x80), ExitStatus::Signal(11));
+    }
+
+    #[test]
+    fn status_is_read_whole_or_not_at_all() {
+        let (rx, tx) = sys::pipe().unwrap();
+        let b = 0x0102_0304i32.to_ne_bytes();
+        sys::write_all(tx.as_raw_fd(), &b[..1]).unwrap();
+        sys::write_all(tx.as_raw_fd(), &b[1..]).unwrap();
+        assert_eq!(read_status(&rx).unwrap(), 0x0102_0304);
+        // A writer gone after part of a status (or none) is end of file.
+        sys::write_all(tx.as_raw_fd(), &b[..2]).unwrap();
+        drop(tx);
+        let e = read_status(&rx).unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::UnexpectedEof);
+    }
+
+    #[test]
+    fn registered_child_gets_its_status_even_when_it_exited_at_once() {
+        let _g = children();
+        let (seen, pid, rx) = spawn_registered(|| {
+            // Spawning happens under the registry lock.
+            let locked = waiters().try_lock().is_err();
+            let pid = fork_child(exit_5);
+            // Exited before it is registered: the reaper must still find it.
+            wait_exited(pid);
+            Ok((locked, pid))
+        })
+        .unwrap();
+        assert!(seen);
+        assert!(registered(pid));
+        reap_all();
+        assert_eq!(decode(read_status(&rx).unwrap()), ExitStatus::Code(5));
+        assert!(!registered(pid));
+    }
+
+    #[test]
+    fn killed_child_reports_the_signal() {
+        let _g = children();
+        let (_, pid, rx) = spawn_registered(|| Ok(((), fork_child(pause_forever)))).unwrap();
+        // SAFETY: kill takes plain integers; pid is our child.
+        assert_eq!(unsafe { libc::kill(pid as libc::pid_t, libc::SIGKILL) }, 0);
+        wait_exited(pid);
+        reap_all();
+        assert_eq!(decode(read_status(&rx).unwrap()), ExitStatus::Signal(9));
+    }
+
+    #[test]
+    fn orphans_are_reaped_and_forgotten() {
+        let _g = children();
+        let pid = fork_child(exit_5);
+        wait_exited(pid);
+        reap_all();
+        // Gone: no zombie left to wait for.
+        let mut status = 0;
+        // SAFETY: status is a valid out pointer.
+        let r = unsafe { libc::waitpid(pid as libc::pid_t, &mut status, libc::WNOHANG) };
+        assert_eq!(r, -1);
+        assert_eq!(
+            io::Error::last_os_error().raw_os_error(),
+            Some(libc::ECHILD)
+        );
+        assert!(!registered(pid));
+    }
+
+    #[test]
+    fn failed_spawn_registers_nothing() {
+        let _g = children();
+        let before = waiters().lock().unwrap().len();
+        let r: io::Result<((), u32, OwnedFd)> =
+            spawn_registered(|| Err(io::Error::other("no such program")));
+        assert_eq!(r.err().unwrap().to_string(), "no such program");
+        assert_eq!(waiters().lock().unwrap().len(), before);
+    }
+
+    #[test]
+    fn sigchld_is_blocked_and_handled() {
+        let (blocked, handler, flags) = std::thread::spawn(|| {
+            block_sigchld();
+            // SAFETY: sigset_t and sigaction are plain data, filled by the queries.
+            unsafe {
+                let mut set: libc::sigset_t = std::mem::zeroed();
+                libc::pthread_sigmask(libc::SIG_BLOCK, std::ptr::null(), &mut set);
+                let mut sa: libc::sigaction = std::mem::zeroed();
+                libc::sigaction(libc::SIGCHLD, std::ptr::null(), &mut sa);
+                (
+                    libc::sigismember(&set, libc::SIGCHLD),
+                    sa.sa_sigaction,
+                    sa.sa_flags,
+                )
+            }
+        })
+        .join()
+        .unwrap();
+        assert_eq!(blocked, 1);
+        // A handler, not SIG_DFL: PID 1's default would discard SIGCHLD.
+        assert_eq!(handler, on_sigchld as *const () as usize);
+        assert_eq!(
+            flags & (libc::SA_RESTART | libc::SA_NOCLDSTOP),
+            libc::SA_RESTART | libc::SA_NOCLDSTOP
+        );
     }
 }

@@ -521,3 +521,320 @@ fn relay(conn: &VsockStream, tcp: std::net::TcpStream) {
     let _ = tcp_write.shutdown(std::net::Shutdown::Write);
     let _ = to_host.join();
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::net::UnixStream;
+
+    use vmc_guest::FrameError;
+
+    /// The agent's end of a connection, and the host's.
+    fn pair() -> (VsockStream, UnixStream) {
+        let (a, b) = UnixStream::pair().unwrap();
+        (VsockStream(OwnedFd::from(a)), b)
+    }
+
+    /// Every frame the agent sends until it closes the connection.
+    fn frames(host: &mut UnixStream) -> Vec<GuestMsg> {
+        let mut out = Vec::new();
+        loop {
+            match read_frame::<_, GuestMsg>(host) {
+                Ok(m) => out.push(m),
+                Err(FrameError::Closed) => return out,
+                Err(e) => panic!("{e}"),
+            }
+        }
+    }
+
+    /// Serves `sent` (the host then half-closes) and returns the replies.
+    fn serve_frames(sent: &[HostMsg]) -> Vec<GuestMsg> {
+        let (conn, mut host) = pair();
+        let agent = std::thread::spawn(move || serve(conn));
+        for m in sent {
+            write_frame(&mut host, m).unwrap();
+        }
+        host.shutdown(std::net::Shutdown::Write).unwrap();
+        let got = frames(&mut host);
+        agent.join().unwrap();
+        got
+    }
+
+    const HELLO: HostMsg = HostMsg::Hello {
+        version: PROTOCOL_VERSION,
+    };
+    const GUEST_HELLO: GuestMsg = GuestMsg::Hello {
+        version: PROTOCOL_VERSION,
+    };
+
+    #[test]
+    fn handshake_refuses_other_versions_and_other_first_frames() {
+        assert_eq!(
+            serve_frames(&[HostMsg::Hello { version: 5 }]),
+            [GuestMsg::Error(format!(
+                "protocol version 5 is not supported by this guest agent (speaks {PROTOCOL_VERSION})"
+            ))]
+        );
+        assert_eq!(
+            serve_frames(&[HostMsg::StdinEof]),
+            [GuestMsg::Error("expected Hello, got StdinEof".into())]
+        );
+        // The host hanging up after the handshake is no error.
+        assert_eq!(serve_frames(&[HELLO]), [GUEST_HELLO]);
+    }
+
+    #[test]
+    fn nothing_runs_before_the_root_is_mounted() {
+        // No test mounts a root: MOUNTED stays false in this process.
+        let start = HostMsg::Start(ProcessSpec {
+            args: vec!["sh".into()],
+            ..Default::default()
+        });
+        for (msg, err) in [
+            (
+                start,
+                "Start before Mount: the container root is not assembled",
+            ),
+            (HostMsg::ApplyLayer, "ApplyLayer before Mount"),
+            (HostMsg::Commit, "Commit before Mount"),
+            (
+                HostMsg::Signal(9),
+                "unexpected frame before Start: Signal(9)",
+            ),
+        ] {
+            assert_eq!(
+                serve_frames(&[HELLO, msg]),
+                [GUEST_HELLO, GuestMsg::Error(err.into())]
+            );
+        }
+    }
+
+    #[test]
+    fn connect_relays_both_ways_with_half_closes() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let server = std::thread::spawn(move || {
+            let (mut s, _) = listener.accept().unwrap();
+            let mut got = Vec::new();
+            s.read_to_end(&mut got).unwrap();
+            // The host's half-close arrived; answering still works.
+            s.write_all(b"pong").unwrap();
+            got
+        });
+        let (conn, mut host) = pair();
+        let agent = std::thread::spawn(move || serve(conn));
+        write_frame(&mut host, &HELLO).unwrap();
+        write_frame(&mut host, &HostMsg::Connect { port }).unwrap();
+        assert_eq!(read_frame::<_, GuestMsg>(&mut host).unwrap(), GUEST_HELLO);
+        assert_eq!(
+            read_frame::<_, GuestMsg>(&mut host).unwrap(),
+            GuestMsg::Connected
+        );
+        // Raw bytes from here on.
+        host.write_all(b"ping").unwrap();
+        host.shutdown(std::net::Shutdown::Write).unwrap();
+        let mut back = Vec::new();
+        host.read_to_end(&mut back).unwrap();
+        assert_eq!(back, b"pong");
+        assert_eq!(server.join().unwrap(), b"ping");
+        agent.join().unwrap();
+    }
+
+    #[test]
+    fn connect_to_a_closed_port_is_an_error() {
+        let port = {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            l.local_addr().unwrap().port()
+        };
+        assert_eq!(
+            serve_frames(&[HELLO, HostMsg::Connect { port }]),
+            [
+                GUEST_HELLO,
+                GuestMsg::Error(format!(
+                    "connecting to port {port} in the guest: Connection refused (os error 111)"
+                ))
+            ]
+        );
+    }
+
+    #[test]
+    fn layer_reader_takes_stdin_frames_until_eof() {
+        let (conn, mut host) = pair();
+        for m in [
+            HostMsg::Stdin(b"ab".to_vec()),
+            HostMsg::Stdin(vec![]),
+            HostMsg::Stdin(b"cde".to_vec()),
+            HostMsg::StdinEof,
+            // After the end: left for whoever reads the connection next.
+            HostMsg::Stdin(b"next".to_vec()),
+        ] {
+            write_frame(&mut host, &m).unwrap();
+        }
+        let mut r = FrameReader {
+            conn: &conn,
+            buf: Vec::new(),
+            pos: 0,
+            done: false,
+        };
+        let mut small = [0u8; 2];
+        assert_eq!(r.read(&mut small).unwrap(), 2);
+        let mut rest = Vec::new();
+        r.read_to_end(&mut rest).unwrap();
+        assert_eq!([&small[..], &rest].concat(), b"abcde");
+        assert_eq!(r.read(&mut small).unwrap(), 0);
+        assert_eq!(
+            read_frame::<_, HostMsg>(&mut &conn).unwrap(),
+            HostMsg::Stdin(b"next".to_vec())
+        );
+
+        write_frame(&mut host, &HostMsg::Signal(9)).unwrap();
+        let mut r = FrameReader {
+            conn: &conn,
+            buf: Vec::new(),
+            pos: 0,
+            done: false,
+        };
+        let e = r.read(&mut small).unwrap_err();
+        assert_eq!(e.to_string(), "unexpected frame in a layer: Signal(9)");
+    }
+
+    #[test]
+    fn layer_writer_sends_full_chunks_then_the_rest_on_flush() {
+        let (conn, mut host) = pair();
+        let reader = std::thread::spawn(move || frames(&mut host));
+        let data: Vec<u8> = (0..2 * IO_CHUNK + 1000).map(|i| i as u8).collect();
+        {
+            let mut w = FrameWriter {
+                conn: &conn,
+                buf: Vec::new(),
+            };
+            w.write_all(&data).unwrap();
+            w.flush().unwrap();
+            // Nothing buffered: nothing sent.
+            w.flush().unwrap();
+        }
+        drop(conn);
+        let got = reader.join().unwrap();
+        let sizes: Vec<usize> = got
+            .iter()
+            .map(|m| match m {
+                GuestMsg::Stdout(d) => d.len(),
+                other => panic!("{other:?}"),
+            })
+            .collect();
+        assert_eq!(sizes, [IO_CHUNK, IO_CHUNK, 1000]);
+        let joined: Vec<u8> = got
+            .into_iter()
+            .flat_map(|m| match m {
+                GuestMsg::Stdout(d) => d,
+                _ => vec![],
+            })
+            .collect();
+        assert_eq!(joined, data);
+    }
+
+    fn nonblocking_pipe() -> (OwnedFd, OwnedFd) {
+        let (r, w) = sys::pipe().unwrap();
+        sys::set_nonblocking(&r, true).unwrap();
+        sys::set_nonblocking(&w, true).unwrap();
+        (r, w)
+    }
+
+    #[test]
+    fn pump_moves_stdin_and_output_and_reports_the_exit() {
+        let (in_r, in_w) = sys::pipe().unwrap();
+        sys::set_nonblocking(&in_w, true).unwrap();
+        let (out_r, out_w) = nonblocking_pipe();
+        let (err_r, err_w) = nonblocking_pipe();
+        let (exit_r, exit_w) = sys::pipe().unwrap();
+        let running = Running {
+            // No such process; no Signal frame is sent here.
+            pid: i32::MAX as u32,
+            stdin: Some(in_w),
+            stdout: Some(out_r),
+            stderr: Some(err_r),
+            terminal: None,
+            exit: exit_r,
+            exited: false,
+        };
+        let (conn, mut host) = pair();
+        let agent = std::thread::spawn(move || running.pump(&conn));
+        for m in [
+            HostMsg::Stdin(b"hello ".to_vec()),
+            HostMsg::Stdin(b"world".to_vec()),
+            HostMsg::StdinEof,
+            // After the end of stdin: dropped.
+            HostMsg::Stdin(b"late".to_vec()),
+        ] {
+            write_frame(&mut host, &m).unwrap();
+        }
+        // The process's stdin ends after exactly what came before StdinEof.
+        let input = io::read_to_string(std::fs::File::from(in_r)).unwrap();
+        assert_eq!(input, "hello world");
+        sys::write_all(out_w.as_raw_fd(), b"out").unwrap();
+        sys::write_all(err_w.as_raw_fd(), b"err").unwrap();
+        drop((out_w, err_w));
+        sys::write_all(exit_w.as_raw_fd(), &(3i32 << 8).to_ne_bytes()).unwrap();
+        assert_eq!(agent.join().unwrap(), Some(ExitStatus::Code(3)));
+        assert_eq!(
+            frames(&mut host),
+            [
+                GuestMsg::Stdout(b"out".to_vec()),
+                GuestMsg::Stderr(b"err".to_vec())
+            ]
+        );
+    }
+
+    fn pause_forever() -> ! {
+        loop {
+            // SAFETY: pause has no arguments.
+            unsafe { libc::pause() };
+        }
+    }
+
+    #[test]
+    fn pump_resizes_the_terminal_and_signals_the_process() {
+        let _g = crate::testns::children();
+        // SAFETY: posix_openpt takes flags; the result is checked.
+        let master =
+            sys::check(unsafe { libc::posix_openpt(libc::O_RDWR | libc::O_NOCTTY) }).unwrap();
+        // SAFETY: a fresh descriptor that we own.
+        let master = unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(master) };
+        let probe = master.try_clone().unwrap();
+        let (_, pid, exit) =
+            reaper::spawn_registered(|| Ok(((), crate::testns::fork_child(pause_forever))))
+                .unwrap();
+        let running = Running {
+            pid,
+            stdin: None,
+            stdout: None,
+            stderr: None,
+            terminal: Some(master),
+            exit,
+            exited: false,
+        };
+        let (conn, mut host) = pair();
+        let agent = std::thread::spawn(move || running.pump(&conn));
+        write_frame(
+            &mut host,
+            &HostMsg::Resize(WinSize {
+                rows: 40,
+                cols: 120,
+            }),
+        )
+        .unwrap();
+        write_frame(&mut host, &HostMsg::Signal(libc::SIGTERM)).unwrap();
+        // The reaper's part: the status reaches the session's pipe.
+        crate::testns::wait_exited(pid);
+        reaper::reap_all();
+        assert_eq!(
+            agent.join().unwrap(),
+            Some(ExitStatus::Signal(libc::SIGTERM))
+        );
+        // SAFETY: winsize is plain data filled by TIOCGWINSZ.
+        let mut ws: libc::winsize = unsafe { std::mem::zeroed() };
+        // SAFETY: probe is an open terminal; ws a valid out pointer.
+        sys::check(unsafe { libc::ioctl(probe.as_raw_fd(), libc::TIOCGWINSZ, &mut ws) }).unwrap();
+        assert_eq!((ws.ws_row, ws.ws_col), (40, 120));
+    }
+}

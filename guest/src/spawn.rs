@@ -288,6 +288,22 @@ fn resolve_executable(
     }
 }
 
+/// Lexically cleans an absolute path: no `.`, `..` or empty components;
+/// `..` at the root stays at the root.
+fn clean_path(p: &str) -> String {
+    let mut parts: Vec<&str> = Vec::new();
+    for c in p.split('/') {
+        match c {
+            "" | "." => {}
+            ".." => {
+                parts.pop();
+            }
+            c => parts.push(c),
+        }
+    }
+    format!("/{}", parts.join("/"))
+}
+
 /// Everything the child needs, prepared before fork.
 pub struct Prepared {
     path: CString,
@@ -340,6 +356,9 @@ pub fn prepare(spec: &ProcessSpec, root: &str) -> Result<Prepared, SpawnError> {
             "the working directory '{cwd}' is invalid, it needs to be an absolute path"
         )));
     }
+    // As Docker cleans WorkingDir: the directories created below and the
+    // chdir must name the same place ("/a/b/../c" is /a/c).
+    let cwd = &clean_path(cwd);
     let path = resolve_executable(&root_fd, &spec.args[0], &path_var, cwd)?;
     let mut cwd_prefixes = Vec::new();
     let mut acc = String::new();
@@ -958,4 +977,425 @@ unsafe fn enter_root(p: &Prepared) -> Result<(), Step> {
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::fs;
+    use std::os::unix::fs::{symlink, PermissionsExt};
+    use std::sync::Mutex;
+
+    /// Tests that fork or write executables run one at a time: a child
+    /// forked by another test could hold a fresh executable open for
+    /// writing (ETXTBSY), and each test reaps only its own children.
+    static FORKS: Mutex<()> = Mutex::new(());
+
+    fn forks() -> std::sync::MutexGuard<'static, ()> {
+        FORKS.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn file(root: &Path, rel: &str, text: &str, mode: u32) {
+        let p = root.join(rel);
+        fs::create_dir_all(p.parent().unwrap()).unwrap();
+        fs::write(&p, text).unwrap();
+        fs::set_permissions(&p, fs::Permissions::from_mode(mode)).unwrap();
+    }
+
+    fn root_fd(root: &Path) -> OwnedFd {
+        OwnedFd::from(fs::File::open(root).unwrap())
+    }
+
+    fn spec(args: &[&str]) -> ProcessSpec {
+        ProcessSpec {
+            args: args.iter().map(|a| a.to_string()).collect(),
+            ..Default::default()
+        }
+    }
+
+    fn strings(v: &[CString]) -> Vec<String> {
+        v.iter().map(|c| c.to_string_lossy().into_owned()).collect()
+    }
+
+    #[test]
+    fn path_lookup_takes_the_first_executable_in_path_order() {
+        let _g = forks();
+        let d = tempfile::tempdir().unwrap();
+        file(d.path(), "a/tool", "x", 0o644);
+        file(d.path(), "b/tool", "x", 0o755);
+        file(d.path(), "c/tool", "x", 0o755);
+        let root = root_fd(d.path());
+        // A non-executable match earlier in PATH does not stop the search.
+        let found = resolve_executable(&root, "tool", "/a:/b/:/c", "/").unwrap();
+        assert_eq!(found, "/b/tool");
+        // Only non-executable matches: the first is reported as denied.
+        let e = resolve_executable(&root, "tool", "/a:/nowhere", "/").unwrap_err();
+        assert_eq!(e.kind, StartFailure::CannotExecute);
+        assert_eq!(e.message, "exec: \"/a/tool\": permission denied");
+        let e = resolve_executable(&root, "nope", "/a:/b", "/").unwrap_err();
+        assert_eq!(e.kind, StartFailure::NotFound);
+        assert_eq!(
+            e.message,
+            "exec: \"nope\": executable file not found in $PATH"
+        );
+    }
+
+    #[test]
+    fn relative_paths_and_empty_path_entries_start_at_the_working_directory() {
+        let _g = forks();
+        let d = tempfile::tempdir().unwrap();
+        file(d.path(), "srv/app/run", "x", 0o755);
+        let root = root_fd(d.path());
+        // An empty PATH entry is the working directory, as for execvp.
+        assert_eq!(
+            resolve_executable(&root, "run", "/bin::/usr/bin", "/srv/app/").unwrap(),
+            "./run"
+        );
+        assert_eq!(
+            resolve_executable(&root, "app/run", "/bin", "/srv").unwrap(),
+            "app/run"
+        );
+        let e = resolve_executable(&root, "./run", "/bin", "/").unwrap_err();
+        assert_eq!(e.kind, StartFailure::NotFound);
+        assert_eq!(
+            e.message,
+            "exec: \"./run\": stat ./run: no such file or directory"
+        );
+    }
+
+    #[test]
+    fn directories_are_not_executables() {
+        let d = tempfile::tempdir().unwrap();
+        fs::create_dir_all(d.path().join("bin/tool")).unwrap();
+        let e = resolve_executable(&root_fd(d.path()), "tool", "/bin", "/").unwrap_err();
+        assert_eq!(e.kind, StartFailure::CannotExecute);
+    }
+
+    #[test]
+    fn image_symlinks_resolve_inside_the_root() {
+        let _g = forks();
+        let d = tempfile::tempdir().unwrap();
+        let root = d.path().join("root");
+        // An executable outside the root that hostile links point at.
+        file(d.path(), "outside/prog", "x", 0o755);
+        fs::create_dir_all(root.join("bin")).unwrap();
+        symlink("../../outside/prog", root.join("bin/up")).unwrap();
+        symlink(d.path().join("outside/prog"), root.join("bin/abs")).unwrap();
+        let fd = root_fd(&root);
+        for prog in ["up", "abs"] {
+            let e = resolve_executable(&fd, prog, "/bin", "/").unwrap_err();
+            assert_eq!(e.kind, StartFailure::NotFound, "{prog}");
+        }
+        let e = resolve_executable(&fd, "../../outside/prog", "/bin", "/").unwrap_err();
+        assert_eq!(e.kind, StartFailure::NotFound);
+        // An absolute link is followed from the container's root.
+        file(&root, "usr/lib/real", "x", 0o755);
+        symlink("/usr/lib/real", root.join("bin/sh")).unwrap();
+        assert_eq!(
+            resolve_executable(&fd, "sh", "/bin", "/").unwrap(),
+            "/bin/sh"
+        );
+    }
+
+    #[test]
+    fn clean_path_is_lexical_and_stays_under_the_root() {
+        assert_eq!(clean_path("/"), "/");
+        assert_eq!(clean_path("/a/b/../c"), "/a/c");
+        assert_eq!(clean_path("//a/./b//"), "/a/b");
+        assert_eq!(clean_path("/../../etc"), "/etc");
+        assert_eq!(clean_path("/a/.."), "/");
+    }
+
+    fn passwd_root() -> tempfile::TempDir {
+        let d = tempfile::tempdir().unwrap();
+        file(
+            d.path(),
+            "etc/passwd",
+            "root:x:0:0:root:/root:/bin/sh\napp:x:1000:1000::/home/app:/bin/sh\n",
+            0o644,
+        );
+        file(d.path(), "etc/group", "root:x:0:\nusers:x:100:app\n", 0o644);
+        file(d.path(), "bin/sh", "x", 0o755);
+        d
+    }
+
+    /// The environment without what the agent's own environment may add.
+    fn envp(p: &Prepared) -> Vec<String> {
+        strings(&p.envp)
+            .into_iter()
+            .filter(|e| !e.starts_with("GLIBC_TUNABLES="))
+            .collect()
+    }
+
+    #[test]
+    fn prepare_fills_in_path_home_and_the_user() {
+        let _g = forks();
+        let d = passwd_root();
+        let root = d.path().to_str().unwrap();
+        let mut s = spec(&["sh", "-c", "true"]);
+        s.user = "app".into();
+        s.env = vec!["A=1".into()];
+        let p = prepare(&s, root).unwrap();
+        assert_eq!(p.path.to_str().unwrap(), "/bin/sh");
+        assert_eq!(strings(&p.argv), ["sh", "-c", "true"]);
+        assert_eq!(
+            envp(&p),
+            ["A=1", &format!("PATH={DEFAULT_PATH}"), "HOME=/home/app"]
+        );
+        assert_eq!((p.user.uid, p.user.gid), (1000, 1000));
+        assert_eq!(p.user.groups, [1000, 100]);
+        assert_eq!(p.cwd.to_str().unwrap(), "/");
+        assert!(p.cwd_prefixes.is_empty());
+
+        // The container's own PATH and HOME win; its PATH finds argv[0].
+        s.env = vec!["PATH=/nowhere:/bin".into(), "HOME=/srv".into()];
+        let p = prepare(&s, root).unwrap();
+        assert_eq!(envp(&p), ["PATH=/nowhere:/bin", "HOME=/srv"]);
+        s.env = vec!["PATH=/nowhere".into()];
+        assert_eq!(
+            prepare(&s, root).err().unwrap().kind,
+            StartFailure::NotFound
+        );
+    }
+
+    #[test]
+    fn prepare_cleans_the_working_directory() {
+        let _g = forks();
+        let d = passwd_root();
+        let mut s = spec(&["/bin/sh"]);
+        s.cwd = "/srv/app/../data/./x/".into();
+        let p = prepare(&s, d.path().to_str().unwrap()).unwrap();
+        assert_eq!(p.cwd.to_str().unwrap(), "/srv/data/x");
+        assert_eq!(
+            strings(&p.cwd_prefixes),
+            ["/srv", "/srv/data", "/srv/data/x"]
+        );
+    }
+
+    #[test]
+    fn prepare_rejects_bad_specs() {
+        let _g = forks();
+        let d = passwd_root();
+        let root = d.path().to_str().unwrap();
+        let msg = |s: &ProcessSpec, root: &str| {
+            let e = prepare(s, root).err().unwrap();
+            (e.kind, e.message)
+        };
+        assert_eq!(
+            msg(&spec(&[]), root),
+            (StartFailure::Setup, "no command given".into())
+        );
+        let mut s = spec(&["/bin/sh"]);
+        s.cwd = "srv".into();
+        assert_eq!(
+            msg(&s, root),
+            (
+                StartFailure::Setup,
+                "the working directory 'srv' is invalid, it needs to be an absolute path".into()
+            )
+        );
+        let s = spec(&["/bin/sh", "a\0b"]);
+        assert_eq!(
+            msg(&s, root),
+            (StartFailure::Setup, "argument contains a NUL byte".into())
+        );
+        let mut s = spec(&["/bin/sh"]);
+        s.user = "nobody".into();
+        assert_eq!(msg(&s, root).0, StartFailure::Setup);
+        let missing = d.path().join("missing");
+        let (kind, m) = msg(&spec(&["/bin/sh"]), missing.to_str().unwrap());
+        assert_eq!(kind, StartFailure::Setup);
+        assert!(m.starts_with(&format!("container root {}: ", missing.display())));
+        let iso = Isolation {
+            hostname: Some("a\0b".into()),
+            ..Default::default()
+        };
+        let e = prepare_isolated(&spec(&["/bin/sh"]), root, root, &iso)
+            .err()
+            .unwrap();
+        assert_eq!(e.kind, StartFailure::Setup);
+    }
+
+    /// Prepares `args` to run on the host itself (no pivot), as root.
+    fn on_host(args: &[&str], cwd: &str) -> Prepared {
+        let mut s = spec(args);
+        s.cwd = cwd.into();
+        s.env = vec!["PATH=/usr/bin:/bin".into()];
+        let iso = Isolation {
+            in_root: true,
+            ..Default::default()
+        };
+        prepare_isolated(&s, "/", "/", &iso).unwrap()
+    }
+
+    fn wait(pid: u32) -> i32 {
+        let mut status = 0;
+        // SAFETY: status is a valid out pointer; pid is our own child.
+        let r = unsafe { libc::waitpid(pid as libc::pid_t, &mut status, 0) };
+        assert_eq!(r, pid as libc::pid_t);
+        status
+    }
+
+    /// Runs `p` with stdin on /dev/null; returns its stdout and raw status.
+    fn run(p: &Prepared) -> Result<(String, i32), SpawnError> {
+        let null = OwnedFd::from(fs::File::open("/dev/null").unwrap());
+        let (out_r, out_w) = sys::pipe().unwrap();
+        let pid = spawn(p, [null.as_raw_fd(), out_w.as_raw_fd(), out_w.as_raw_fd()])?;
+        drop(out_w);
+        let out = io::read_to_string(fs::File::from(out_r)).unwrap();
+        Ok((out, wait(pid)))
+    }
+
+    #[test]
+    fn spawned_process_gets_args_env_cwd_and_exit_code() {
+        let _g = forks();
+        let d = tempfile::tempdir().unwrap();
+        let cwd = d.path().join("w/b/../c");
+        let p = on_host(
+            &["sh", "-c", "echo \"$0 $HOME $PATH\"; pwd; exit 7", "zero"],
+            cwd.to_str().unwrap(),
+        );
+        let (out, status) = run(&p).unwrap();
+        // The working directory is created, cleaned ("b/.." gone).
+        let want = d.path().join("w/c");
+        assert_eq!(
+            out,
+            format!("zero /root /usr/bin:/bin\n{}\n", want.display())
+        );
+        assert!(libc::WIFEXITED(status));
+        assert_eq!(libc::WEXITSTATUS(status), 7);
+        assert!(!d.path().join("w/b").exists());
+    }
+
+    #[test]
+    fn exec_and_setup_failures_are_reported_with_their_step() {
+        let _g = forks();
+        let d = tempfile::tempdir().unwrap();
+        // Executable bits on something the kernel cannot run: ENOEXEC.
+        file(d.path(), "junk", "not a program\n", 0o755);
+        let junk = d.path().join("junk");
+        let p = on_host(&[junk.to_str().unwrap()], "/");
+        let e = run(&p).err().unwrap();
+        assert_eq!(e.kind, StartFailure::CannotExecute);
+        assert_eq!(
+            e.message,
+            format!("exec {}: Exec format error (os error 8)", junk.display())
+        );
+        // A working directory under a regular file cannot be entered.
+        let cwd = junk.join("sub");
+        let e = run(&on_host(&["true"], cwd.to_str().unwrap()))
+            .err()
+            .unwrap();
+        assert_eq!(e.kind, StartFailure::Setup);
+        assert_eq!(
+            e.message,
+            "failed to enter the working directory: Not a directory (os error 20)"
+        );
+    }
+
+    #[test]
+    fn the_gate_decides_whether_the_child_execs() {
+        let _g = forks();
+        let d = tempfile::tempdir().unwrap();
+        let marker = d.path().join("ran");
+        let cmd = format!("echo > {}", marker.display());
+        let p = on_host(&["sh", "-c", &cmd], "/");
+        let mut seen = 0;
+        let mut refuse = |pid: u32| {
+            seen = pid;
+            Err("no network for you".to_string())
+        };
+        let e = spawn_with(&p, None, [0, 1, 2], Some(&mut refuse))
+            .err()
+            .unwrap();
+        assert_eq!(e.kind, StartFailure::Setup);
+        assert_eq!(e.message, "no network for you");
+        // The child gave up before exec: exit 127, nothing ran.
+        let status = wait(seen);
+        assert_eq!(libc::WEXITSTATUS(status), 127);
+        assert!(!marker.exists());
+
+        let mut seen = 0;
+        let mut allow = |pid: u32| {
+            seen = pid;
+            Ok(())
+        };
+        let (pid, master) = spawn_with(&p, None, [0, 1, 2], Some(&mut allow)).unwrap();
+        assert!(master.is_none());
+        assert_eq!(pid, seen);
+        assert_eq!(wait(pid), 0);
+        assert!(marker.exists());
+    }
+
+    #[test]
+    fn pty_process_has_a_sized_controlling_terminal() {
+        let _g = forks();
+        let p = on_host(
+            &["sh", "-c", "test -t 0 && test -t 1 && stty size && exit 3"],
+            "/",
+        );
+        let (pid, master) = spawn_pty(
+            &p,
+            WinSize {
+                rows: 30,
+                cols: 100,
+            },
+        )
+        .unwrap();
+        let mut out = Vec::new();
+        let mut buf = [0u8; 256];
+        // The master reads EIO once the last slave descriptor is closed.
+        while let Ok(n @ 1..) = sys::read(master.as_raw_fd(), &mut buf) {
+            out.extend_from_slice(&buf[..n]);
+        }
+        assert_eq!(String::from_utf8_lossy(&out), "30 100\r\n");
+        assert_eq!(libc::WEXITSTATUS(wait(pid)), 3);
+    }
+
+    #[test]
+    fn process_runs_pivoted_into_the_root_as_its_user() {
+        let _g = forks();
+        let d = passwd_root();
+        let root = d.path().to_path_buf();
+        fs::copy("/bin/busybox", root.join("bin/busybox")).unwrap();
+        file(&root, "marker", "inside\n", 0o644);
+        let script = "/bin/busybox cat /marker; /bin/busybox id -u; \
+                      /bin/busybox pwd; echo $HOME; /bin/busybox ls /tmp";
+        let mut s = spec(&["/bin/busybox", "sh", "-c", script]);
+        s.user = "app".into();
+        s.cwd = "/work/dir".into();
+        // pivot_root needs the root to be a mount point: bind it onto
+        // itself, in a mount namespace of this thread alone.
+        let out = std::thread::spawn(move || {
+            // SAFETY: unshare and mount on NUL-terminated strings; this
+            // thread's mount namespace becomes its own.
+            unsafe {
+                assert_eq!(libc::unshare(libc::CLONE_NEWNS), 0);
+                let none = std::ptr::null();
+                assert_eq!(
+                    libc::mount(
+                        none,
+                        c"/".as_ptr(),
+                        none,
+                        libc::MS_REC | libc::MS_PRIVATE,
+                        none.cast()
+                    ),
+                    0
+                );
+            }
+            let r = root.to_str().unwrap();
+            sys::mount(Some(r), r, None, libc::MS_BIND, None).unwrap();
+            let p = prepare(&s, r).unwrap();
+            run(&p).unwrap()
+        })
+        .join()
+        .unwrap();
+        // The host's /tmp is not visible: the root has none.
+        assert_eq!(
+            out.0,
+            "inside\n1000\n/work/dir\n/home/app\nls: /tmp: No such file or directory\n"
+        );
+        assert_eq!(libc::WEXITSTATUS(out.1), 1);
+        assert!(d.path().join("work/dir").is_dir());
+    }
 }
