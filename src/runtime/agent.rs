@@ -30,6 +30,8 @@ pub enum AgentError {
     Remote(String),
     #[error("unexpected agent frame: {0}")]
     Unexpected(String),
+    #[error("the guest agent closed the connection before the process exited")]
+    ClosedEarly,
 }
 
 /// What a wait on the guest calls between looks at the socket (every
@@ -205,8 +207,45 @@ impl AgentConn {
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::*;
+
+    /// The host end of a connection to a fake agent (behind a fake VMM
+    /// socket) that handshakes, then plays `guest` on its end.
+    pub(in crate::runtime) fn fake_agent(
+        guest: impl FnOnce(UnixStream) + Send + 'static,
+    ) -> AgentConn {
+        let dir = tempfile::tempdir().unwrap();
+        let uds = dir.path().join("v.sock");
+        let l = std::os::unix::net::UnixListener::bind(&uds).unwrap();
+        std::thread::spawn(move || {
+            let (mut s, _) = l.accept().unwrap();
+            let mut line = [0u8; 64];
+            let _ = s.read(&mut line).unwrap();
+            s.write_all(b"OK 1073741824\n").unwrap();
+            let _: HostMsg = read_frame(&mut s).unwrap();
+            let hello = GuestMsg::Hello {
+                version: PROTOCOL_VERSION,
+            };
+            write_frame(&mut s, &hello).unwrap();
+            guest(s);
+        });
+        AgentConn::connect(&uds, 1, &mut || Ok(())).expect("handshake")
+    }
+
+    /// A watch that declares the guest hung at its `n`th look: it bounds a
+    /// test's wait even when the host under test would wait forever.
+    pub(in crate::runtime) fn hung_at(n: u32) -> impl FnMut() -> Result<(), AgentError> {
+        let mut looks = 0;
+        move || {
+            looks += 1;
+            if looks >= n {
+                Err(AgentError::Hung(format!("look {looks}")))
+            } else {
+                Ok(())
+            }
+        }
+    }
 
     /// A fake VMM socket whose "agent" answers the handshake with `reply`.
     fn agent_answering(reply: GuestMsg) -> (tempfile::TempDir, std::path::PathBuf) {
@@ -278,6 +317,67 @@ mod tests {
             .expect_err("given up");
         assert!(matches!(e, AgentError::Hung(_)), "{e}");
         assert_eq!(looks, 3, "the watch is asked between polls");
+        tx.send(()).unwrap();
+    }
+
+    #[test]
+    fn a_length_prefix_above_the_limit_is_refused_before_its_body_is_awaited() {
+        for len in [MAX_FRAME as u32 + 1, u32::MAX] {
+            let (tx, rx) = std::sync::mpsc::channel::<()>();
+            let mut c = fake_agent(move |mut s| {
+                s.write_all(&len.to_le_bytes()).unwrap();
+                // No body follows: a host that believed the length would
+                // allocate it and wait for it.
+                let _ = rx.recv();
+            });
+            let e = c.recv_watched(&mut hung_at(50)).expect_err("refused");
+            assert!(
+                matches!(e, AgentError::Frame(FrameError::TooLarge(n)) if n == len as usize),
+                "{e}"
+            );
+            tx.send(()).unwrap();
+        }
+    }
+
+    #[test]
+    fn a_frame_of_the_largest_size_is_read() {
+        // Variant index (1 byte) and length varint (3 bytes) before the data.
+        let data = vec![7u8; MAX_FRAME - 4];
+        let sent = GuestMsg::Stdout(data);
+        let frame = vmc_guest::encode(&sent);
+        assert_eq!(frame.len(), 4 + MAX_FRAME);
+        let mut c = fake_agent(move |mut s| s.write_all(&frame).unwrap());
+        assert_eq!(c.recv_watched(&mut hung_at(50)).unwrap(), sent);
+    }
+
+    #[test]
+    fn a_frame_that_does_not_decode_is_an_error() {
+        let mut c = fake_agent(|mut s| {
+            // Variant 255 of GuestMsg does not exist.
+            s.write_all(&[3, 0, 0, 0, 0xff, 0xff, 0xff]).unwrap();
+        });
+        let e = c.recv_watched(&mut hung_at(50)).expect_err("malformed");
+        assert!(matches!(e, AgentError::Frame(FrameError::Decode(_))), "{e}");
+        assert!(e.to_string().contains("malformed agent frame"), "{e}");
+    }
+
+    #[test]
+    fn an_agent_silent_after_connect_is_given_up_when_the_watch_says_so() {
+        // The VMM connects, but the agent never answers the Hello.
+        let dir = tempfile::tempdir().unwrap();
+        let uds = dir.path().join("v.sock");
+        let l = std::os::unix::net::UnixListener::bind(&uds).unwrap();
+        let (tx, rx) = std::sync::mpsc::channel::<()>();
+        std::thread::spawn(move || {
+            let (mut s, _) = l.accept().unwrap();
+            let mut line = [0u8; 64];
+            let _ = s.read(&mut line).unwrap();
+            s.write_all(b"OK 1073741824\n").unwrap();
+            let _: HostMsg = read_frame(&mut s).unwrap();
+            let _ = rx.recv();
+        });
+        let e = AgentConn::connect(&uds, 1, &mut hung_at(3)).expect_err("given up");
+        assert!(matches!(e, AgentError::Hung(_)), "{e}");
         tx.send(()).unwrap();
     }
 

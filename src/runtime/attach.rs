@@ -7,14 +7,13 @@ use std::path::Path;
 use std::sync::atomic::{AtomicI32, Ordering};
 use std::sync::{Arc, Mutex};
 
-use vmc_guest::{GuestMsg, HostMsg, IO_CHUNK};
+use vmc_guest::{FrameError, GuestMsg, HostMsg, IO_CHUNK};
 
-use super::agent::{AgentConn, AgentError};
+use super::agent::{AgentConn, AgentError, Watch};
 use super::microvm::{
     ended, or_cancelled, process_watch, MicroVm, Start, ANSWER_CPU, RESET_TIMEOUT,
 };
 use super::{ContainerConfig, RuntimeError};
-use crate::vmm::VmExit;
 
 /// Signals vmc forwards to the workload.
 const FORWARDED: [libc::c_int; 6] = [
@@ -148,20 +147,19 @@ pub fn run_attached(
         std::thread::spawn(move || pump_stdin(writer, tty));
     }
 
-    let code = pump_output(&mut conn);
+    let code = pump_output(
+        &mut conn,
+        &mut while_running(mvm.watch(ANSWER_CPU)),
+        &mut std::io::stdout(),
+        &mut std::io::stderr(),
+    );
     crate::phase!("process exited");
     mvm.write_mem_report();
     conn.close();
     writer.lock().unwrap_or_else(|e| e.into_inner()).take();
     let exit = mvm.finish(RESET_TIMEOUT);
     crate::phase!("VM ended: {exit:?}");
-    match code {
-        Some(code) => Ok(code),
-        None => Err(RuntimeError::VmCrashed(match exit {
-            VmExit::Crashed(why) => why,
-            _ => "the guest agent closed the connection before the process exited".into(),
-        })),
-    }
+    code.map_err(|e| ended(e, exit))
 }
 
 /// `vmc exec` in VM mode: runs another process in the running container's
@@ -197,11 +195,19 @@ pub fn exec_attached(
         let writer = writer.clone();
         std::thread::spawn(move || pump_stdin(writer, tty));
     }
-    let code = pump_output(&mut conn);
+    let code = pump_output(
+        &mut conn,
+        &mut while_running(watch),
+        &mut std::io::stdout(),
+        &mut std::io::stderr(),
+    );
     conn.close();
     writer.lock().unwrap_or_else(|e| e.into_inner()).take();
-    code.ok_or_else(|| {
-        RuntimeError::VmCrashed("the container stopped while the process ran".into())
+    code.map_err(|e| match e {
+        AgentError::ClosedEarly | AgentError::VmStopped => {
+            RuntimeError::VmCrashed("the container stopped while the process ran".into())
+        }
+        e => e.into(),
     })
 }
 
@@ -230,28 +236,209 @@ fn pump_stdin(writer: Writer, tty: bool) {
     }
 }
 
-/// Writes the workload's output to vmc's stdout/stderr until it exits;
-/// returns its exit code, or None if the connection ended first.
-fn pump_output(conn: &mut AgentConn) -> Option<i32> {
-    // The std handles are locked per write, never across the loop: VMM
-    // threads log to stderr, and a held lock would stall them.
+/// Writes the workload's output to `out` and `err` (vmc's stdout and
+/// stderr) until it exits; returns its exit code. The guest is not trusted:
+/// any other frame breaks the protocol and ends the session, as does the
+/// connection ending first. `watch` bounds each wait for a frame.
+fn pump_output(
+    conn: &mut AgentConn,
+    watch: Watch,
+    out: &mut dyn Write,
+    err: &mut dyn Write,
+) -> Result<i32, AgentError> {
+    // vmc's std handles lock per write, never across the loop: VMM threads
+    // log to stderr, and a held lock would stall them.
     loop {
-        match conn.recv() {
-            Ok(GuestMsg::Stdout(d)) => {
-                let mut out = std::io::stdout().lock();
+        let msg = match conn.recv_watched(watch) {
+            Ok(msg) => msg,
+            Err(AgentError::Frame(FrameError::Closed)) => return Err(AgentError::ClosedEarly),
+            Err(AgentError::Io(e)) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
+                return Err(AgentError::ClosedEarly)
+            }
+            Err(e) => return Err(e),
+        };
+        match msg {
+            GuestMsg::Stdout(d) => {
                 let _ = out.write_all(&d).and_then(|_| out.flush());
             }
-            Ok(GuestMsg::Stderr(d)) => {
-                let mut err = std::io::stderr().lock();
+            GuestMsg::Stderr(d) => {
                 let _ = err.write_all(&d).and_then(|_| err.flush());
             }
-            Ok(GuestMsg::Exited(status)) => return Some(status.shell_code()),
-            Ok(GuestMsg::Error(e)) => {
-                eprintln!("vmc: guest agent: {e}");
-                return None;
+            GuestMsg::Exited(status) => return Ok(status.shell_code()),
+            GuestMsg::Error(e) => return Err(AgentError::Remote(e)),
+            other => {
+                return Err(AgentError::Unexpected(format!(
+                    "{other:?} while the process runs"
+                )))
             }
-            Ok(_) => {}
-            Err(_) => return None,
         }
+    }
+}
+
+/// `watch` for the wait on a running process: only the VM's end ends it. A
+/// workload may rightly sit idle or spin for as long as it likes, which a
+/// watchdog cannot tell from a hung guest.
+fn while_running(
+    mut watch: impl FnMut() -> Result<(), AgentError>,
+) -> impl FnMut() -> Result<(), AgentError> {
+    move || match watch() {
+        Err(AgentError::Hung(_)) => Ok(()),
+        r => r,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::agent::tests::{fake_agent, hung_at};
+    use super::*;
+    use std::os::unix::net::UnixStream;
+    use vmc_guest::{read_frame, write_frame, ExitStatus, ProcessSpec, PROTOCOL_VERSION};
+
+    /// A fake agent that starts the process, then plays `guest`; and the
+    /// host's end, with the process started.
+    fn started(guest: impl FnOnce(&mut UnixStream) + Send + 'static) -> AgentConn {
+        let mut conn = fake_agent(move |mut s| {
+            let start: HostMsg = read_frame(&mut s).unwrap();
+            assert!(matches!(start, HostMsg::Start(_)), "{start:?}");
+            write_frame(&mut s, &GuestMsg::Started { pid: 1 }).unwrap();
+            guest(&mut s);
+        });
+        let answer = conn.request(&HostMsg::Start(ProcessSpec::default()), &mut hung_at(50));
+        assert!(
+            matches!(answer, Ok(GuestMsg::Started { pid: 1 })),
+            "{answer:?}"
+        );
+        conn
+    }
+
+    /// Runs the session's output pump; its result and what reached stdout
+    /// and stderr.
+    fn pump(conn: &mut AgentConn, watch: Watch) -> (Result<i32, AgentError>, Vec<u8>, Vec<u8>) {
+        let (mut out, mut err) = (Vec::new(), Vec::new());
+        let r = pump_output(conn, watch, &mut out, &mut err);
+        (r, out, err)
+    }
+
+    #[test]
+    fn output_is_relayed_until_the_process_exits() {
+        let mut conn = started(|s| {
+            write_frame(s, &GuestMsg::Stdout(b"out".to_vec())).unwrap();
+            write_frame(s, &GuestMsg::Stderr(b"err".to_vec())).unwrap();
+            write_frame(s, &GuestMsg::Exited(ExitStatus::Signal(9))).unwrap();
+        });
+        let (r, out, err) = pump(&mut conn, &mut hung_at(50));
+        assert_eq!(r.unwrap(), 137);
+        assert_eq!((&out[..], &err[..]), (&b"out"[..], &b"err"[..]));
+    }
+
+    #[test]
+    fn a_frame_out_of_place_ends_the_session_by_name() {
+        let out_of_place = [
+            (GuestMsg::Started { pid: 2 }, "Started"),
+            (GuestMsg::Connected, "Connected"),
+            (
+                GuestMsg::Hello {
+                    version: PROTOCOL_VERSION,
+                },
+                "Hello",
+            ),
+            (GuestMsg::Mounted, "Mounted"),
+        ];
+        for (msg, name) in out_of_place {
+            let mut conn = started(move |s| {
+                write_frame(s, &GuestMsg::Stdout(b"before".to_vec())).unwrap();
+                write_frame(s, &msg).unwrap();
+                // Nothing after the violation is believed.
+                let _ = write_frame(s, &GuestMsg::Stdout(b"after".to_vec()));
+                let _ = write_frame(s, &GuestMsg::Exited(ExitStatus::Code(0)));
+            });
+            let (r, out, _) = pump(&mut conn, &mut hung_at(50));
+            let e = r.expect_err(name);
+            assert!(matches!(e, AgentError::Unexpected(_)), "{e}");
+            assert!(e.to_string().contains(name), "{e}");
+            assert_eq!(out, b"before");
+        }
+    }
+
+    #[test]
+    fn a_malformed_or_oversized_frame_ends_the_session() {
+        // A variant GuestMsg does not have; a length no frame may have.
+        let bad = [
+            vec![3, 0, 0, 0, 0xff, 0xff, 0xff],
+            u32::MAX.to_le_bytes().to_vec(),
+        ];
+        for bytes in bad {
+            let (tx, rx) = std::sync::mpsc::channel::<()>();
+            let mut conn = started(move |s| {
+                s.write_all(&bytes).unwrap();
+                let _ = write_frame(s, &GuestMsg::Exited(ExitStatus::Code(0)));
+                let _ = rx.recv();
+            });
+            let (r, _, _) = pump(&mut conn, &mut hung_at(50));
+            let e = r.expect_err("a protocol violation");
+            assert!(
+                matches!(
+                    e,
+                    AgentError::Frame(FrameError::Decode(_) | FrameError::TooLarge(_))
+                ),
+                "{e}"
+            );
+            tx.send(()).unwrap();
+        }
+    }
+
+    #[test]
+    fn an_error_from_the_agent_ends_the_session_with_its_message() {
+        let mut conn = started(|s| {
+            write_frame(s, &GuestMsg::Error("pump failed".into())).unwrap();
+        });
+        let (r, _, _) = pump(&mut conn, &mut hung_at(50));
+        let e = r.expect_err("the agent's error");
+        assert!(
+            matches!(e, AgentError::Remote(ref m) if m == "pump failed"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn an_agent_that_closes_before_the_exit_is_an_error_not_exit_0() {
+        // At a frame boundary, then in the middle of a frame.
+        let partial = vmc_guest::encode(&GuestMsg::Exited(ExitStatus::Code(0)));
+        let tails: [Vec<u8>; 2] = [Vec::new(), partial[..partial.len() - 1].to_vec()];
+        for tail in tails {
+            let mut conn = started(move |s| {
+                write_frame(s, &GuestMsg::Stdout(b"partial".to_vec())).unwrap();
+                s.write_all(&tail).unwrap();
+            });
+            let (r, out, _) = pump(&mut conn, &mut hung_at(50));
+            let e = r.expect_err("closed early");
+            assert!(matches!(e, AgentError::ClosedEarly), "{e}");
+            assert!(e.to_string().contains("before the process exited"), "{e}");
+            assert_eq!(out, b"partial");
+        }
+    }
+
+    #[test]
+    fn a_silent_agent_is_waited_for_while_the_vm_runs_and_given_up_when_it_stops() {
+        let (tx, rx) = std::sync::mpsc::channel::<()>();
+        let mut conn = started(move |_| {
+            let _ = rx.recv();
+        });
+        // The watchdog finds the guest idle (as with a sleeping workload)
+        // three times, then the VM is gone.
+        let mut looks = 0;
+        let mut watch = while_running(|| {
+            looks += 1;
+            match looks {
+                1..=3 => Err(AgentError::Hung("idle".into())),
+                _ => Err(AgentError::VmStopped),
+            }
+        });
+        let (r, _, _) = pump(&mut conn, &mut watch);
+        drop(watch);
+        let e = r.expect_err("given up");
+        assert!(matches!(e, AgentError::VmStopped), "{e}");
+        assert_eq!(looks, 4, "an idle guest is no reason to end the session");
+        tx.send(()).unwrap();
     }
 }

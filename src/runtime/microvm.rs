@@ -488,9 +488,10 @@ pub fn verdict(v: Verdict) -> Result<(), AgentError> {
 /// says more than the closed connection it caused).
 pub fn ended(e: AgentError, exit: VmExit) -> RuntimeError {
     match (e, exit) {
-        (AgentError::VmStopped | AgentError::Frame(_), VmExit::Crashed(why)) => {
-            RuntimeError::VmCrashed(why)
-        }
+        (
+            AgentError::VmStopped | AgentError::Frame(_) | AgentError::ClosedEarly,
+            VmExit::Crashed(why),
+        ) => RuntimeError::VmCrashed(why),
         (e, _) => e.into(),
     }
 }
