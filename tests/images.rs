@@ -317,12 +317,18 @@ fn garbage_collection_in_one_process_never_takes_another_ones_blobs() {
         .collect();
     // Six to remove, imported first.
     for (i, t) in tars.iter().enumerate().take(6) {
-        ok(&vmc(&h, &["import", t.to_str().unwrap(), &format!("old{i}")]));
+        ok(&vmc(
+            &h,
+            &["import", t.to_str().unwrap(), &format!("old{i}")],
+        ));
     }
     std::thread::scope(|s| {
         let importer = s.spawn(|| {
             for (i, t) in tars.iter().enumerate().skip(6) {
-                ok(&vmc(&h, &["import", t.to_str().unwrap(), &format!("new{i}")]));
+                ok(&vmc(
+                    &h,
+                    &["import", t.to_str().unwrap(), &format!("new{i}")],
+                ));
             }
         });
         let remover = s.spawn(|| {

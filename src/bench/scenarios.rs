@@ -843,7 +843,10 @@ mod tests {
         // whole run (a step timed from the start would not). Lower bounds
         // only: a loaded host makes sleeps longer, never shorter.
         let mut c = Command::new("sh");
-        c.args(["-c", "echo S; sleep 0.2; echo E; echo noise; sleep 0.6; echo E"]);
+        c.args([
+            "-c",
+            "echo S; sleep 0.2; echo E; echo noise; sleep 0.6; echo E",
+        ]);
         let t0 = Instant::now();
         let t = markers(&mut c, 2).unwrap();
         let whole = t0.elapsed().as_secs_f64() * 1000.0;

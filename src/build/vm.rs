@@ -26,8 +26,8 @@ pub struct BuildVm {
 
 fn unexpected(m: GuestMsg) -> RuntimeError {
     match m {
-        GuestMsg::Error(e) => AgentError::Remote(e).into(),
-        other => AgentError::Unexpected(format!("{other:?}")).into(),
+        GuestMsg::Error(e) => AgentError::remote(e).into(),
+        other => AgentError::unexpected(&other).into(),
     }
 }
 

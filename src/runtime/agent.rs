@@ -34,6 +34,34 @@ pub enum AgentError {
     ClosedEarly,
 }
 
+/// The most of a guest-supplied text (a frame, an error message) that an
+/// error quotes: a hostile guest must not make vmc print a megabyte.
+const QUOTE_MAX: usize = 256;
+
+/// `text` cut to [`QUOTE_MAX`] bytes (at a character boundary), saying so.
+fn quote(text: String) -> String {
+    if text.len() <= QUOTE_MAX {
+        return text;
+    }
+    let mut end = QUOTE_MAX;
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}... ({} bytes in all)", &text[..end], text.len())
+}
+
+impl AgentError {
+    /// A frame the host did not expect here, quoted (bounded).
+    pub fn unexpected(frame: &impl std::fmt::Debug) -> AgentError {
+        AgentError::Unexpected(quote(format!("{frame:?}")))
+    }
+
+    /// An error the agent reported, quoted (bounded).
+    pub fn remote(message: String) -> AgentError {
+        AgentError::Remote(quote(message))
+    }
+}
+
 /// What a wait on the guest calls between looks at the socket (every
 /// [`POLL`]): `Err` ends the wait (the VM stopped, or its guest is hung; see
 /// `vmm::progress`). Waits are bounded by the guest's progress, not by time.
@@ -173,8 +201,8 @@ impl AgentConn {
         match self.request(&hello, watch)? {
             GuestMsg::Hello { version } if version == PROTOCOL_VERSION => Ok(()),
             GuestMsg::Hello { version } => Err(AgentError::Version(version)),
-            GuestMsg::Error(e) => Err(AgentError::Remote(e)),
-            other => Err(AgentError::Unexpected(format!("{other:?}"))),
+            GuestMsg::Error(e) => Err(AgentError::remote(e)),
+            other => Err(AgentError::unexpected(&other)),
         }
     }
 
@@ -397,5 +425,24 @@ pub(super) mod tests {
         .expect_err("no VMM");
         assert!(matches!(e, AgentError::VmStopped));
         assert_eq!(looks, 6);
+    }
+
+    /// A hostile guest's frame or error text is quoted, not printed whole.
+    #[test]
+    fn guest_texts_in_errors_are_bounded() {
+        let e = AgentError::remote("x".repeat(1 << 20)).to_string();
+        assert!(
+            e.len() < 400 && e.ends_with(&format!("({} bytes in all)", 1 << 20)),
+            "{e}"
+        );
+        let e = AgentError::unexpected(&GuestMsg::Stdout(vec![7u8; 100_000])).to_string();
+        assert!(e.len() < 400 && e.contains("bytes in all"), "{e}");
+        // Short texts are kept as they are; a cut never splits a character.
+        assert_eq!(
+            AgentError::remote("no".into()).to_string(),
+            "guest agent: no"
+        );
+        let e = AgentError::remote("é".repeat(1000)).to_string();
+        assert!(e.contains("... (2000 bytes in all)"), "{e}");
     }
 }

@@ -127,11 +127,11 @@ pub fn run_attached(
         }
         Ok(GuestMsg::Error(e)) => {
             mvm.stop();
-            return Err(AgentError::Remote(e).into());
+            return Err(AgentError::remote(e).into());
         }
         Ok(other) => {
             mvm.stop();
-            return Err(AgentError::Unexpected(format!("{other:?}")).into());
+            return Err(AgentError::unexpected(&other).into());
         }
         Err(AgentError::Interrupted) => {
             mvm.stop();
@@ -185,8 +185,8 @@ pub fn exec_attached(
             eprintln!("vmc: {message}");
             return Ok(kind.exit_code());
         }
-        GuestMsg::Error(e) => return Err(AgentError::Remote(e).into()),
-        other => return Err(AgentError::Unexpected(format!("{other:?}")).into()),
+        GuestMsg::Error(e) => return Err(AgentError::remote(e).into()),
+        other => return Err(AgentError::unexpected(&other).into()),
     }
     let writer: Writer = Arc::new(Mutex::new(Some(conn.try_clone().map_err(AgentError::Io)?)));
     forward_signals(set, writer.clone(), |_| {});
@@ -265,10 +265,13 @@ fn pump_output(
                 let _ = err.write_all(&d).and_then(|_| err.flush());
             }
             GuestMsg::Exited(status) => return Ok(status.shell_code()),
-            GuestMsg::Error(e) => return Err(AgentError::Remote(e)),
+            GuestMsg::Error(e) => return Err(AgentError::remote(e)),
             other => {
                 return Err(AgentError::Unexpected(format!(
-                    "{other:?} while the process runs"
+                    "{} while the process runs",
+                    AgentError::unexpected(&other)
+                        .to_string()
+                        .trim_start_matches("unexpected agent frame: ")
                 )))
             }
         }

@@ -331,8 +331,8 @@ impl MicroVm {
         crate::phase!("agent connected");
         let expect = |answer: GuestMsg, want: GuestMsg| match answer {
             a if a == want => Ok(()),
-            GuestMsg::Error(e) => Err(AgentError::Remote(e)),
-            other => Err(AgentError::Unexpected(format!("{other:?}"))),
+            GuestMsg::Error(e) => Err(AgentError::remote(e)),
+            other => Err(AgentError::unexpected(&other)),
         };
         if self.restored {
             let mut watch = or_cancelled(cancelled, self.watch(ANSWER_CPU));

@@ -233,7 +233,7 @@ fn verify(dir: &Path, key: &str, cfg: vmm::VmConfig) -> Result<(), RuntimeError>
     let exit = vm.wait();
     match answer {
         Ok(GuestMsg::Refreshed) => Ok(()),
-        Ok(other) => Err(AgentError::Unexpected(format!("{other:?}")).into()),
+        Ok(other) => Err(AgentError::unexpected(&other).into()),
         Err(e) => Err(RuntimeError::SnapshotUnusable(ended(e, exit).to_string())),
     }
 }

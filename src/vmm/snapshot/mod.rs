@@ -280,7 +280,11 @@ fn digest_pages(file: &File) -> std::io::Result<[u8; 32]> {
         // SAFETY: as above.
         let hole = unsafe { libc::lseek(file.as_raw_fd(), data, libc::SEEK_HOLE) };
         let start = (data as u64) / PAGE as u64 * PAGE as u64;
-        let end = if hole < 0 { size } else { (hole as u64).min(size) };
+        let end = if hole < 0 {
+            size
+        } else {
+            (hole as u64).min(size)
+        };
         let mut off = start;
         while off < end {
             let n = ((end - off) as usize).min(buf.len()).div_ceil(PAGE) * PAGE;
@@ -511,8 +515,10 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let layout = [(GuestAddress(0), 4 << 20)];
         let mem = GuestMemoryMmap::from_ranges(&layout).unwrap();
-        mem.write_slice(b"kernel text", GuestAddress(0x10_0000)).unwrap();
-        mem.write_slice(&[9u8; 8192], GuestAddress(0x20_0000)).unwrap();
+        mem.write_slice(b"kernel text", GuestAddress(0x10_0000))
+            .unwrap();
+        mem.write_slice(&[9u8; 8192], GuestAddress(0x20_0000))
+            .unwrap();
         let p = dir.path().join("memory.img");
         let seal = dump_memory(&mem, &p).unwrap();
         let open = |p: &Path| File::open(p).unwrap();
@@ -533,7 +539,10 @@ mod tests {
                 .unwrap()
                 .write_all_at(b"X", at)
                 .unwrap();
-            let e = map_memory(&bad, &layout, Some(&seal)).err().unwrap().to_string();
+            let e = map_memory(&bad, &layout, Some(&seal))
+                .err()
+                .unwrap()
+                .to_string();
             assert!(e.contains("memory.img is corrupted"), "{e}");
         }
         // Written in place: the same inode, a new ctime.
