@@ -111,8 +111,13 @@ impl BuildVm {
             }
             m => return Err(unexpected(m)),
         }
+        // The step's own time is not bounded (it may sleep); the wait ends
+        // if the VM does.
+        let mut watch = crate::runtime::attach::while_running(
+            self.vm.watch(crate::runtime::microvm::ANSWER_CPU),
+        );
         loop {
-            match conn.recv()? {
+            match conn.recv_watched(&mut watch)? {
                 GuestMsg::Stdout(d) => out(false, &d),
                 GuestMsg::Stderr(d) => out(true, &d),
                 GuestMsg::Exited(s) => return Ok(RunResult::Exited(s)),
