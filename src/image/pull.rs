@@ -10,9 +10,8 @@
 //! it, each blob verified against its digest and size on the way in (one
 //! longer or shorter than announced never enters the store); compressed
 //! layers (gzip, zstd) are stored as they are, with their media types.
-//! Finally the image is checked
-//! as `vmc load` checks one (the config's diff ids are those of the layers,
-//! after decompression) and named.
+//! Finally the image is checked as `vmc load` checks one (the config's diff
+//! ids are those of the layers, after decompression) and named.
 //!
 //! The registry's own manifest and config bytes are kept, so the image id
 //! (config digest) and, for OCI manifests, the manifest digest are the
