@@ -3,14 +3,15 @@
 //! runtime that lives only as long as the pull.
 //!
 //! The reference's manifest is fetched first. An image index (or Docker
-//! manifest list) is resolved to its linux/amd64 image. Manifests are checked
-//! against their digest: the registry's `Docker-Content-Digest` and, for
-//! `name@sha256:...`, the digest asked for. Then the config and each layer
-//! missing from the store are streamed into it, each blob verified against
-//! its digest and size on the way in; compressed layers (gzip, zstd) are
-//! stored as they are, with their media types. Finally the image is checked
-//! as `vmc load` checks one (the config's diff ids are those of the layers,
-//! after decompression) and named.
+//! manifest list) is resolved to its linux/amd64 image. Manifests are read
+//! up to `MAX_JSON` bytes and checked against their digest: the registry's
+//! `Docker-Content-Digest` and, for `name@sha256:...`, the digest asked for.
+//! Then the config and each layer missing from the store are streamed into
+//! it, each blob verified against its digest and size on the way in (one
+//! longer or shorter than announced never enters the store); compressed
+//! layers (gzip, zstd) are stored as they are, with their media types.
+//! Finally the image is checked as `vmc load` checks one (the config's diff
+//! ids are those of the layers, after decompression) and named.
 //!
 //! The registry's own manifest and config bytes are kept, so the image id
 //! (config digest) and, for OCI manifests, the manifest digest are the
@@ -28,12 +29,13 @@ use std::time::Duration;
 use futures_util::StreamExt;
 use indicatif::{ProgressBar, ProgressStyle};
 use oci_client::client::{linux_amd64_resolver, ClientConfig, ClientProtocol, SizedStream};
-use oci_client::errors::{OciDistributionError, OciErrorCode};
+use oci_client::errors::{OciDistributionError, OciEnvelope, OciErrorCode};
 use oci_client::manifest::{
     OciDescriptor, OciImageIndex, IMAGE_MANIFEST_LIST_MEDIA_TYPE, IMAGE_MANIFEST_MEDIA_TYPE,
     OCI_IMAGE_INDEX_MEDIA_TYPE, OCI_IMAGE_MEDIA_TYPE,
 };
 use oci_client::secrets::RegistryAuth;
+use oci_client::RegistryOperation;
 use oci_spec::image::{Descriptor, Digest, ImageManifest, MediaType};
 
 use super::archive::{
@@ -56,6 +58,8 @@ const ACCEPT: &[&str] = &[
 ];
 /// Longest part of a registry's own error text quoted in a message.
 const MAX_QUOTE: usize = 200;
+/// Most of an error answer's body read (its text is quoted, shortened).
+const MAX_ERROR_BODY: usize = 64 << 10;
 
 /// How to pull.
 #[derive(Debug, Clone, Default)]
@@ -84,6 +88,8 @@ pub struct Pulled {
 struct Remote {
     rt: tokio::runtime::Runtime,
     client: oci_client::Client,
+    /// For manifests, whose size oci-client does not bound.
+    http: reqwest::Client,
     auth: RegistryAuth,
     /// The reference as oci-client spells it.
     reference: oci_client::Reference,
@@ -136,9 +142,16 @@ impl Remote {
         };
         let client = oci_client::Client::try_from(config)
             .map_err(|e| ImageError::Registry(format!("cannot set up the registry client: {e}")))?;
+        let http = reqwest::Client::builder()
+            .connect_timeout(CONNECT_TIMEOUT)
+            .read_timeout(READ_TIMEOUT)
+            .user_agent(concat!("vmc/", env!("CARGO_PKG_VERSION")))
+            .build()
+            .map_err(|e| ImageError::Registry(format!("cannot set up the registry client: {e}")))?;
         Ok(Remote {
             rt,
             client,
+            http,
             auth: RegistryAuth::Anonymous,
             reference,
             host: r.registry.clone(),
@@ -159,20 +172,7 @@ impl Remote {
             Some(d) => self.reference.clone_with_digest(d.to_string()),
             None => self.reference.clone(),
         };
-        let (body, got) = self
-            .rt
-            .block_on(
-                self.client
-                    .pull_manifest_raw(&reference, &self.auth, ACCEPT),
-            )
-            .map_err(|e| self.error(e))?;
-        if body.len() as u64 > MAX_JSON {
-            return Err(self.bad(format!(
-                "its manifest has {} bytes, more than the {} MiB allowed",
-                body.len(),
-                MAX_JSON >> 20
-            )));
-        }
+        let (body, got) = self.rt.block_on(self.get_manifest(&reference))?;
         // Checked once more here: a pull by digest must get exactly that.
         let computed = digest_of(&body);
         let want = digest.or(reference.digest());
@@ -190,6 +190,84 @@ impl Remote {
             )));
         }
         Ok((body.to_vec(), computed))
+    }
+
+    /// GETs a manifest, reading at most `MAX_JSON` bytes of it (oci-client's
+    /// `pull_manifest_raw` would read any length into memory first); returns
+    /// it and the registry's `Docker-Content-Digest`, if any. oci-client
+    /// still does the (anonymous) token dance.
+    async fn get_manifest(
+        &self,
+        reference: &oci_client::Reference,
+    ) -> Result<(Vec<u8>, String), ImageError> {
+        let token = self
+            .client
+            .auth(reference, &self.auth, RegistryOperation::Pull)
+            .await
+            .map_err(|e| self.error(e))?;
+        let url = format!(
+            "{}://{}/v2/{}/manifests/{}",
+            if self.insecure { "http" } else { "https" },
+            reference.resolve_registry(),
+            reference.repository(),
+            reference.digest().or(reference.tag()).unwrap_or("latest")
+        );
+        let mut request = self
+            .http
+            .get(&url)
+            .header(reqwest::header::ACCEPT, ACCEPT.join(", "));
+        if let Some(t) = token {
+            request = request.bearer_auth(t);
+        }
+        let mut res = request.send().await.map_err(|e| self.error(e.into()))?;
+        let status = res.status();
+        let got = res
+            .headers()
+            .get("Docker-Content-Digest")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_default()
+            .to_string();
+        let too_big = || {
+            self.bad(format!(
+                "its manifest has more than the {} MiB allowed",
+                MAX_JSON >> 20
+            ))
+        };
+        let ok = status == reqwest::StatusCode::OK;
+        if ok && res.content_length().is_some_and(|n| n > MAX_JSON) {
+            return Err(too_big());
+        }
+        let mut body = Vec::new();
+        while let Some(chunk) = res.chunk().await.map_err(|e| self.error(e.into()))? {
+            if !ok && body.len() + chunk.len() > MAX_ERROR_BODY {
+                break; // enough to quote
+            }
+            body.extend_from_slice(&chunk);
+            if body.len() as u64 > MAX_JSON {
+                return Err(too_big());
+            }
+        }
+        if ok {
+            return Ok((body, got));
+        }
+        // What oci-client makes of an answer other than 200.
+        let e = match status.as_u16() {
+            401 => OciDistributionError::UnauthorizedError { url },
+            code @ 400..=499 => match serde_json::from_slice::<OciEnvelope>(&body) {
+                Ok(envelope) => OciDistributionError::RegistryError { envelope, url },
+                Err(_) => OciDistributionError::ServerError {
+                    code,
+                    url,
+                    message: String::from_utf8_lossy(&body).into_owned(),
+                },
+            },
+            code => OciDistributionError::ServerError {
+                code,
+                url,
+                message: String::from_utf8_lossy(&body).into_owned(),
+            },
+        };
+        Err(self.error(e))
     }
 
     /// Opens the download of a blob.
@@ -369,10 +447,28 @@ struct Download<'a> {
     failed: Option<String>,
 }
 
+impl Download<'_> {
+    fn fail(&mut self, kind: io::ErrorKind, msg: String) -> io::Error {
+        self.failed = Some(msg.clone());
+        io::Error::new(kind, msg)
+    }
+
+    /// The end of a download of other than the announced length: before
+    /// the blob is complete, so that it never enters the store.
+    fn short(&mut self) -> io::Error {
+        let msg = format!(
+            "the registry sent {} bytes, not the {} announced",
+            self.got, self.limit
+        );
+        self.fail(io::ErrorKind::InvalidData, msg)
+    }
+}
+
 impl Read for Download<'_> {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         while self.chunk.is_empty() {
             match self.rt.block_on(self.stream.next()) {
+                None if self.got != self.limit => return Err(self.short()),
                 None => return Ok(0),
                 Some(Ok(b)) => self.chunk = b,
                 Some(Err(e)) => {
@@ -380,16 +476,23 @@ impl Read for Download<'_> {
                         .get_ref()
                         .and_then(|i| i.downcast_ref::<oci_client::errors::DigestError>());
                     let msg = match digest {
+                        // A short body fails its digest too; its length says more.
+                        Some(_) if self.got < self.limit => return Err(self.short()),
                         Some(oci_client::errors::DigestError::VerificationError {
                             actual, ..
                         }) => format!(
                             "its content does not match its digest (got {actual}): \
                              the registry sent corrupted data"
                         ),
+                        _ if self.got < self.limit => format!(
+                            "the download stopped after {} of the {} bytes announced: {}",
+                            self.got,
+                            self.limit,
+                            innermost(&e)
+                        ),
                         _ => format!("download failed: {}", innermost(&e)),
                     };
-                    self.failed = Some(msg.clone());
-                    return Err(io::Error::new(e.kind(), msg));
+                    return Err(self.fail(e.kind(), msg));
                 }
             }
         }
@@ -402,8 +505,7 @@ impl Read for Download<'_> {
                 "the registry sent more than the {} bytes announced",
                 self.limit
             );
-            self.failed = Some(msg.clone());
-            return Err(io::Error::new(io::ErrorKind::InvalidData, msg));
+            return Err(self.fail(io::ErrorKind::InvalidData, msg));
         }
         if let Some(b) = self.bar {
             b.inc(n as u64);
