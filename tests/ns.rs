@@ -731,13 +731,9 @@ fn stop_uses_the_stopsignal_then_sigkill_and_exec_takes_w_and_u() {
         ],
     ));
     let up = |name: &str| {
-        for _ in 0..100 {
-            if ok(&vmc(h, &["logs", name])).contains("up") {
-                return;
-            }
-            std::thread::sleep(std::time::Duration::from_millis(50));
-        }
-        panic!("{name} did not start");
+        common::eventually(&format!("{name} to log 'up'"), || {
+            ok(&vmc(h, &["logs", name])).contains("up").then_some(())
+        })
     };
     ok(&vmc(
         h,
