@@ -162,6 +162,8 @@ fn bad_imports_and_unknown_images_are_clear_errors() {
         let err = String::from_utf8_lossy(&o.stderr);
         assert!(!o.status.success());
         if args[0] == "run" && !Path::new("/dev/kvm").exists() {
+            // Without KVM, `run` names the missing /dev/kvm first.
+            vmc::testing::skip("no /dev/kvm: `run nosuchimage` is not checked");
             continue;
         }
         assert!(

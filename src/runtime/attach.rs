@@ -281,7 +281,7 @@ fn pump_output(
 /// `watch` for the wait on a running process: only the VM's end ends it. A
 /// workload may rightly sit idle or spin for as long as it likes, which a
 /// watchdog cannot tell from a hung guest.
-pub(crate) fn while_running(
+pub fn while_running(
     mut watch: impl FnMut() -> Result<(), AgentError>,
 ) -> impl FnMut() -> Result<(), AgentError> {
     move || match watch() {

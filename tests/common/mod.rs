@@ -192,8 +192,12 @@ impl TestVm {
                 w.send(&HostMsg::StdinEof).unwrap();
             })
         });
+        // Waited for while the VM runs (a workload may sleep); a VM that
+        // stops ends the wait instead of blocking the test.
+        let mut watch =
+            vmc::runtime::attach::while_running(self.vm.watch(vmc::runtime::microvm::ANSWER_CPU));
         loop {
-            match conn.recv().expect("frame from the agent") {
+            match conn.recv_watched(&mut watch).expect("frame from the agent") {
                 GuestMsg::Stdout(d) => out.stdout.extend(d),
                 GuestMsg::Stderr(d) => out.stderr.extend(d),
                 GuestMsg::Exited(s) => {
