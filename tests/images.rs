@@ -10,11 +10,15 @@ use common::{kvm_available, ok, rootfs, vmc};
 
 /// The busybox rootfs as a gzip tarball.
 fn tarball(dir: &Path) -> std::path::PathBuf {
-    let out = dir.join("busybox.tar.gz");
+    tar_of(&rootfs(), dir.join("busybox.tar.gz"))
+}
+
+/// `src`'s contents as a tar at `out`, compressed as its suffix says.
+fn tar_of(src: &Path, out: std::path::PathBuf) -> std::path::PathBuf {
     let st = Command::new("tar")
         .arg("-C")
-        .arg(rootfs())
-        .arg("-czf")
+        .arg(src)
+        .arg("-caf")
         .arg(&out)
         .arg(".")
         .status()
@@ -304,17 +308,7 @@ fn garbage_collection_in_one_process_never_takes_another_ones_blobs() {
             let d = home.path().join(format!("src{i}"));
             std::fs::create_dir_all(&d).unwrap();
             std::fs::write(d.join("file"), format!("content {i}\n").repeat(1000)).unwrap();
-            let out = home.path().join(format!("img{i}.tar"));
-            let st = Command::new("tar")
-                .arg("-C")
-                .arg(&d)
-                .arg("-cf")
-                .arg(&out)
-                .arg(".")
-                .status()
-                .unwrap();
-            assert!(st.success());
-            out
+            tar_of(&d, home.path().join(format!("img{i}.tar")))
         })
         .collect();
     // Six to remove, imported first.

@@ -422,23 +422,24 @@ fn namespace_mode_without_root_uses_a_user_namespace() {
         .status()
         .unwrap();
     assert!(st.success());
-    let as_nobody = |args: &[&str]| -> Output {
-        Command::new("setpriv")
-            .args([
-                &format!("--reuid={NOBODY}"),
-                &format!("--regid={NOBODY}"),
-                "--clear-groups",
-            ])
-            .arg(&bin)
-            .args(args)
-            .env_clear()
-            .env("PATH", std::env::var_os("PATH").unwrap())
-            .env("HOME", d)
-            .env("VMC_HOME", d.join("store"))
-            .stdin(Stdio::null())
-            .output()
-            .unwrap()
+    // vmc as the unprivileged user `nobody`, with a store of its own.
+    let nobody_cmd = |args: &[&str]| -> Command {
+        let mut cmd = Command::new("setpriv");
+        cmd.args([
+            &format!("--reuid={NOBODY}"),
+            &format!("--regid={NOBODY}"),
+            "--clear-groups",
+        ])
+        .arg(&bin)
+        .args(args)
+        .env_clear()
+        .env("PATH", std::env::var_os("PATH").unwrap())
+        .env("HOME", d)
+        .env("VMC_HOME", d.join("store"))
+        .stdin(Stdio::null());
+        cmd
     };
+    let as_nobody = |args: &[&str]| -> Output { nobody_cmd(args).output().unwrap() };
     ok(&as_nobody(&["import", tar.to_str().unwrap(), "busybox"]));
     let out = ok(&as_nobody(&[
         "run",
@@ -553,14 +554,7 @@ fn namespace_mode_without_root_uses_a_user_namespace() {
     use std::os::unix::fs::PermissionsExt;
     let passt_as_nobody = |mode: u32| -> Output {
         let dev = tempfile::tempdir().unwrap();
-        let mut cmd = Command::new("setpriv");
-        cmd.args([
-            &format!("--reuid={NOBODY}"),
-            &format!("--regid={NOBODY}"),
-            "--clear-groups",
-        ])
-        .arg(&bin)
-        .args([
+        let mut cmd = nobody_cmd(&[
             "run",
             "--rm",
             "--mode",
@@ -575,12 +569,7 @@ fn namespace_mode_without_root_uses_a_user_namespace() {
             "show",
             "scope",
             "global",
-        ])
-        .env_clear()
-        .env("PATH", std::env::var_os("PATH").unwrap())
-        .env("HOME", d)
-        .env("VMC_HOME", d.join("store"))
-        .stdin(Stdio::null());
+        ]);
         common::device_over(&mut cmd, dev.path(), c"/dev/net/tun", (10, 200), mode);
         cmd.output().unwrap()
     };

@@ -16,6 +16,8 @@
 pub mod spawn;
 /// Small checked wrappers around system calls.
 pub mod sys;
+/// Recording a test's skips for the harness (used by tests only; tiny).
+pub mod testing;
 /// An overlayfs upper directory as an OCI layer tar.
 pub mod upper;
 /// `USER` resolution against the container's passwd and group files.

@@ -133,6 +133,9 @@ mod tests {
 
     #[test]
     fn configure_sets_address_mask_mtu_flags_and_default_route() {
+        if !vmc_guest::testing::root() {
+            return;
+        }
         let (addr, mask, mtu, flags, route) =
             crate::testns::in_namespaces(libc::CLONE_NEWNET, || {
                 // A tun device stands in for virtio-net: made with one ioctl.
@@ -186,6 +189,9 @@ mod tests {
 
     #[test]
     fn configure_names_the_step_that_failed() {
+        if !vmc_guest::testing::root() {
+            return;
+        }
         let e = crate::testns::in_namespaces(libc::CLONE_NEWNET, || {
             configure(&NetSpec {
                 ifname: "nosuch0".into(),

@@ -1248,6 +1248,9 @@ mod tests {
 
     #[test]
     fn spawned_process_gets_args_env_cwd_and_exit_code() {
+        if !crate::testing::root() {
+            return;
+        }
         let _g = forks();
         let d = tempfile::tempdir().unwrap();
         let cwd = d.path().join("w/b/../c");
@@ -1269,6 +1272,9 @@ mod tests {
 
     #[test]
     fn exec_and_setup_failures_are_reported_with_their_step() {
+        if !crate::testing::root() {
+            return;
+        }
         let _g = forks();
         let d = tempfile::tempdir().unwrap();
         // Executable bits on something the kernel cannot run: ENOEXEC.
@@ -1295,6 +1301,9 @@ mod tests {
 
     #[test]
     fn the_gate_decides_whether_the_child_execs() {
+        if !crate::testing::root() {
+            return;
+        }
         let _g = forks();
         let d = tempfile::tempdir().unwrap();
         let marker = d.path().join("ran");
@@ -1329,6 +1338,9 @@ mod tests {
 
     #[test]
     fn pty_process_has_a_sized_controlling_terminal() {
+        if !crate::testing::root() {
+            return;
+        }
         let _g = forks();
         let p = on_host(
             &["sh", "-c", "test -t 0 && test -t 1 && stty size && exit 3"],
@@ -1354,6 +1366,9 @@ mod tests {
 
     #[test]
     fn process_runs_pivoted_into_the_root_as_its_user() {
+        if !crate::testing::root() {
+            return;
+        }
         let _g = forks();
         let d = passwd_root();
         let root = d.path().to_path_buf();

@@ -238,11 +238,11 @@ impl AgentConn {
 pub(super) mod tests {
     use super::*;
 
-    /// The host end of a connection to a fake agent (behind a fake VMM
-    /// socket) that handshakes, then plays `guest` on its end.
-    pub(in crate::runtime) fn fake_agent(
-        guest: impl FnOnce(UnixStream) + Send + 'static,
-    ) -> AgentConn {
+    /// A fake VMM socket: it accepts one connection, answers its CONNECT
+    /// line, then plays `vmm` on the stream (the agent's side).
+    fn fake_vmm(
+        vmm: impl FnOnce(UnixStream) + Send + 'static,
+    ) -> (tempfile::TempDir, std::path::PathBuf) {
         let dir = tempfile::tempdir().unwrap();
         let uds = dir.path().join("v.sock");
         let l = std::os::unix::net::UnixListener::bind(&uds).unwrap();
@@ -251,6 +251,17 @@ pub(super) mod tests {
             let mut line = [0u8; 64];
             let _ = s.read(&mut line).unwrap();
             s.write_all(b"OK 1073741824\n").unwrap();
+            vmm(s);
+        });
+        (dir, uds)
+    }
+
+    /// The host end of a connection to a fake agent (behind a fake VMM
+    /// socket) that handshakes, then plays `guest` on its end.
+    pub(in crate::runtime) fn fake_agent(
+        guest: impl FnOnce(UnixStream) + Send + 'static,
+    ) -> AgentConn {
+        let (_dir, uds) = fake_vmm(|mut s| {
             let _: HostMsg = read_frame(&mut s).unwrap();
             let hello = GuestMsg::Hello {
                 version: PROTOCOL_VERSION,
@@ -277,19 +288,11 @@ pub(super) mod tests {
 
     /// A fake VMM socket whose "agent" answers the handshake with `reply`.
     fn agent_answering(reply: GuestMsg) -> (tempfile::TempDir, std::path::PathBuf) {
-        let dir = tempfile::tempdir().unwrap();
-        let uds = dir.path().join("v.sock");
-        let l = std::os::unix::net::UnixListener::bind(&uds).unwrap();
-        std::thread::spawn(move || {
-            let (mut s, _) = l.accept().unwrap();
-            let mut line = [0u8; 64];
-            let _ = s.read(&mut line).unwrap();
-            s.write_all(b"OK 1073741824\n").unwrap();
+        fake_vmm(move |mut s| {
             let hello: HostMsg = read_frame(&mut s).unwrap();
             assert!(matches!(hello, HostMsg::Hello { version } if version == PROTOCOL_VERSION));
             write_frame(&mut s, &reply).unwrap();
-        });
-        (dir, uds)
+        })
     }
 
     #[test]
@@ -312,15 +315,8 @@ pub(super) mod tests {
     #[test]
     fn a_silent_agent_is_given_up_when_the_watch_says_so() {
         // The VMM accepts and the agent handshakes, but never answers a request.
-        let dir = tempfile::tempdir().unwrap();
-        let uds = dir.path().join("v.sock");
-        let l = std::os::unix::net::UnixListener::bind(&uds).unwrap();
         let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            let (mut s, _) = l.accept().unwrap();
-            let mut line = [0u8; 64];
-            let _ = s.read(&mut line).unwrap();
-            s.write_all(b"OK 1073741824\n").unwrap();
+        let (_d, uds) = fake_vmm(move |mut s| {
             let _: HostMsg = read_frame(&mut s).unwrap();
             // The answer arrives in pieces, a byte at a time.
             for b in vmc_guest::encode(&GuestMsg::Hello {
@@ -392,15 +388,8 @@ pub(super) mod tests {
     #[test]
     fn an_agent_silent_after_connect_is_given_up_when_the_watch_says_so() {
         // The VMM connects, but the agent never answers the Hello.
-        let dir = tempfile::tempdir().unwrap();
-        let uds = dir.path().join("v.sock");
-        let l = std::os::unix::net::UnixListener::bind(&uds).unwrap();
         let (tx, rx) = std::sync::mpsc::channel::<()>();
-        std::thread::spawn(move || {
-            let (mut s, _) = l.accept().unwrap();
-            let mut line = [0u8; 64];
-            let _ = s.read(&mut line).unwrap();
-            s.write_all(b"OK 1073741824\n").unwrap();
+        let (_d, uds) = fake_vmm(move |mut s| {
             let _: HostMsg = read_frame(&mut s).unwrap();
             let _ = rx.recv();
         });
