@@ -691,6 +691,11 @@ unsafe fn child_main(
                 fail(Step::Gate);
             }
         }
+        // Nothing but stdio crosses into the workload, whatever the
+        // parent held open (the error pipe closes with the exec).
+        if sys::cloexec_from_3() < 0 {
+            fail(Step::Stdio);
+        }
         libc::execve(p.path.as_ptr(), argv.as_ptr(), envp.as_ptr());
         fail(Step::Exec)
     }

@@ -1,0 +1,123 @@
+//! Regression tests for the escapes of issue 16, each tried as a hostile
+//! image, container or caller would try it: every test here failed before
+//! its fix.
+
+mod common;
+
+use std::os::fd::AsRawFd;
+use std::os::unix::process::CommandExt;
+use std::path::Path;
+use std::process::{Output, Stdio};
+
+use common::{is_root, kvm_available, ok, store_with_busybox, vmc, vmc_command};
+
+/// Every process but this one holding a descriptor to `path`, as
+/// "PID (COMMAND)".
+fn holders_of(path: &Path) -> Vec<String> {
+    let me = std::process::id().to_string();
+    let mut found = Vec::new();
+    for p in std::fs::read_dir("/proc").unwrap().flatten() {
+        let pid = p.file_name().to_string_lossy().into_owned();
+        if !pid.bytes().all(|b| b.is_ascii_digit()) || pid == me {
+            continue;
+        }
+        let Ok(fds) = std::fs::read_dir(p.path().join("fd")) else {
+            continue;
+        };
+        if fds
+            .flatten()
+            .any(|fd| std::fs::read_link(fd.path()).is_ok_and(|l| l == path))
+        {
+            let comm = std::fs::read_to_string(p.path().join("comm")).unwrap_or_default();
+            found.push(format!("{pid} ({})", comm.trim()));
+        }
+    }
+    found
+}
+
+/// vmc run with the directory `dir` open as descriptor 7 (not
+/// close-on-exec), as `(exec 7</some/dir; vmc run ...)` in a shell leaves it.
+fn with_fd7(home: &Path, dir: &std::fs::File, args: &[&str]) -> Output {
+    let fd = dir.as_raw_fd();
+    let mut cmd = vmc_command(home);
+    cmd.args(args).stdin(Stdio::null());
+    // SAFETY: dup2 only, between fork and exec; dup2 clears close-on-exec.
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::dup2(fd, 7) < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    cmd.output().unwrap()
+}
+
+/// Issue 16, 7: a descriptor the caller left open reached the container
+/// (`/proc/self/fd/7/shadow` printed the host's /etc/shadow). Now nothing
+/// but stdio reaches the workload, the detached supervisor or the VMM.
+#[test]
+fn descriptors_inherited_by_vmc_reach_no_container_supervisor_or_vmm() {
+    if !is_root() {
+        return;
+    }
+    let home = store_with_busybox();
+    let h = home.path();
+    let secret = tempfile::tempdir().unwrap();
+    std::fs::write(secret.path().join("secret"), "host secret\n").unwrap();
+    let dir = std::fs::File::open(secret.path()).unwrap();
+    let o = with_fd7(
+        h,
+        &dir,
+        &[
+            "run",
+            "--rm",
+            "--mode",
+            "ns",
+            "--network",
+            "none",
+            "busybox",
+            "sh",
+            "-c",
+            "cat /proc/self/fd/7/secret 2>/dev/null || echo no-fd-7",
+        ],
+    );
+    assert_eq!(
+        ok(&o),
+        "no-fd-7\n",
+        "descriptor 7 of vmc's caller was open in the container"
+    );
+    let mut modes = vec!["ns"];
+    if kvm_available() {
+        modes.push("vm");
+    }
+    for mode in modes {
+        let name = format!("held-{mode}");
+        ok(&with_fd7(
+            h,
+            &dir,
+            &[
+                "run",
+                "-d",
+                "--mode",
+                mode,
+                "--network",
+                "none",
+                "--name",
+                &name,
+                "busybox",
+                "sleep",
+                "1000",
+            ],
+        ));
+        // The container is up (its supervisor, and in VM mode the VMM, run).
+        let ps = ok(&vmc(h, &["ps"]));
+        assert!(ps.contains(&name), "{mode}: {name} is not running: {ps}");
+        let holders = holders_of(secret.path());
+        assert!(
+            holders.is_empty(),
+            "{mode}: processes holding the caller's descriptor: {holders:?}"
+        );
+        ok(&vmc(h, &["rm", "-f", &name]));
+    }
+}
