@@ -121,3 +121,83 @@ fn descriptors_inherited_by_vmc_reach_no_container_supervisor_or_vmm() {
         ok(&vmc(h, &["rm", "-f", &name]));
     }
 }
+
+/// Issue 16, 4 and 12: a one-entry layer `.wh...` (a whiteout whose name
+/// resolves to `..`) emptied `cache/layers/` for every image when a
+/// container first used it. It is refused at import now, with one line,
+/// and the store is as it was.
+#[test]
+fn a_whiteout_of_its_parent_directory_is_refused_at_import_and_deletes_nothing() {
+    if !is_root() {
+        return;
+    }
+    let home = store_with_busybox();
+    let h = home.path();
+    // busybox's layer unpacked in the cache, as a first run leaves it.
+    ok(&vmc(
+        h,
+        &[
+            "run",
+            "--rm",
+            "--mode",
+            "ns",
+            "--network",
+            "none",
+            "busybox",
+            "true",
+        ],
+    ));
+    let store = |h: &Path| {
+        let mut v = common::tree_fingerprint(&h.join("cache"));
+        v.extend(common::tree_fingerprint(&h.join("blobs")));
+        v
+    };
+    let before = store(h);
+    assert!(
+        before.iter().any(|l| l.starts_with("layers/")),
+        "the layer cache is populated: {before:?}"
+    );
+    let src = tempfile::tempdir().unwrap();
+    std::fs::write(src.path().join(".wh..."), "").unwrap();
+    let tar = src.path().join("hostile.tar");
+    let st = std::process::Command::new("tar")
+        .arg("-C")
+        .arg(src.path())
+        .args(["-cf"])
+        .arg(&tar)
+        .arg(".wh...")
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let o = vmc(h, &["import", tar.to_str().unwrap(), "hostile"]);
+    assert_eq!(o.status.code(), Some(125), "{o:?}");
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(
+        err.contains(".wh...") && err.contains("whiteout") && err.contains("refused"),
+        "{err}"
+    );
+    assert_eq!(
+        store(h),
+        before,
+        "the store and its layer cache are as they were"
+    );
+    assert!(!ok(&vmc(h, &["images"])).contains("hostile"));
+    assert_eq!(
+        ok(&vmc(
+            h,
+            &[
+                "run",
+                "--rm",
+                "--mode",
+                "ns",
+                "--network",
+                "none",
+                "busybox",
+                "echo",
+                "ok"
+            ]
+        )),
+        "ok\n"
+    );
+}

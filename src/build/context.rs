@@ -35,6 +35,10 @@ pub enum ContextError {
     DestNotDir(String),
     #[error("ADD from a URL ('{0}') is not supported: download it into the build context and ADD the file")]
     Url(String),
+    #[error(
+        "'{0}': names starting with '.wh.' are reserved for layer whiteouts (rename the file)"
+    )]
+    Reserved(String),
     #[error("{path}: {source}")]
     Io { path: String, source: io::Error },
 }
@@ -293,12 +297,27 @@ struct LayerWriter<'a> {
 }
 
 impl LayerWriter<'_> {
-    fn note(&mut self, kind: char, path: &str, mode: u32, owner: (u64, u64), link: &str) {
+    /// Records an entry for the content hash. A name starting with `.wh.`
+    /// is refused: in a layer it is a whiteout, and would delete what it
+    /// names (or, as `.wh...`, the directory above) when unpacked.
+    fn note(
+        &mut self,
+        kind: char,
+        path: &str,
+        mode: u32,
+        owner: (u64, u64),
+        link: &str,
+    ) -> Result<(), ContextError> {
+        let name = path.trim_end_matches('/').rsplit('/').next().unwrap_or("");
+        if name.starts_with(".wh.") {
+            return Err(ContextError::Reserved(path.to_string()));
+        }
         self.hash.update(format!(
             "{kind}\0{path}\0{mode:o}\0{}:{}\0{link}\0",
             owner.0, owner.1
         ));
         self.entries += 1;
+        Ok(())
     }
 
     fn header(&self, md: &fs::Metadata, kind: tar::EntryType) -> tar::Header {
@@ -332,7 +351,7 @@ impl LayerWriter<'_> {
             .append_data(&mut h, target, reader)
             .map_err(io_at(path))?;
         let digest = format!("{:x}", content.finalize());
-        self.note('f', target, h.mode().unwrap_or(0), owner(&h), &digest);
+        self.note('f', target, h.mode().unwrap_or(0), owner(&h), &digest)?;
         Ok(())
     }
 
@@ -386,7 +405,7 @@ impl LayerWriter<'_> {
                 self.tar
                     .append_link(&mut h, &target_s, &link)
                     .map_err(io_at(&path))?;
-                self.note('l', &target_s, 0o777, owner(&h), &link.to_string_lossy());
+                self.note('l', &target_s, 0o777, owner(&h), &link.to_string_lossy())?;
             } else if ft.is_dir() {
                 self.dir_entry(&md, &target_s)?;
                 let sub_ignore = rel.as_ref().map(|(i, r)| (*i, r.as_path()));
@@ -405,7 +424,7 @@ impl LayerWriter<'_> {
         self.tar
             .append_data(&mut h, &path, io::empty())
             .map_err(io_at(Path::new(target)))?;
-        self.note('d', target, h.mode().unwrap_or(0), owner(&h), "");
+        self.note('d', target, h.mode().unwrap_or(0), owner(&h), "")?;
         Ok(())
     }
 
@@ -455,21 +474,21 @@ impl LayerWriter<'_> {
                         .append_data(&mut h, &target, reader)
                         .map_err(io_at(path))?;
                     let d = format!("{:x}", content.finalize());
-                    self.note('f', &target, mode, owner(&h), &d);
+                    self.note('f', &target, mode, owner(&h), &d)?;
                 }
                 tar::EntryType::Directory => {
                     h.set_size(0);
                     self.tar
                         .append_data(&mut h, format!("{target}/"), io::empty())
                         .map_err(io_at(path))?;
-                    self.note('d', &target, mode, owner(&h), "");
+                    self.note('d', &target, mode, owner(&h), "")?;
                 }
                 tar::EntryType::Symlink => {
                     let link = e.link_name().map_err(io_at(path))?.unwrap_or_default();
                     self.tar
                         .append_link(&mut h, &target, &link)
                         .map_err(io_at(path))?;
-                    self.note('l', &target, mode, owner(&h), &link.to_string_lossy());
+                    self.note('l', &target, mode, owner(&h), &link.to_string_lossy())?;
                 }
                 tar::EntryType::Link => {
                     let link = e.link_name().map_err(io_at(path))?.unwrap_or_default();
@@ -479,7 +498,7 @@ impl LayerWriter<'_> {
                     self.tar
                         .append_link(&mut h, &target, &link)
                         .map_err(io_at(path))?;
-                    self.note('h', &target, mode, owner(&h), &link);
+                    self.note('h', &target, mode, owner(&h), &link)?;
                 }
                 _ => {} // devices, fifos: dropped
             }
@@ -623,6 +642,20 @@ mod tests {
         let mut s = spec(&["https://example.com/x"], "/");
         s.add = true;
         assert!(matches!(layer(&c, &s), Err(ContextError::Url(_))));
+    }
+
+    #[test]
+    fn names_reserved_for_whiteouts_are_refused() {
+        // A context file named `.wh...` became a layer entry whose whiteout
+        // named `..`; `.wh.etc` would delete the image's /etc.
+        let (d, c) = context();
+        fs::create_dir(d.path().join("w")).unwrap();
+        fs::write(d.path().join("w/.wh..."), "").unwrap();
+        for (src, dest) in [("w/.wh...", "/x/"), ("w", "/x"), ("a.js", "/.wh.etc")] {
+            let e = layer(&c, &spec(&[src], dest)).expect_err(src);
+            assert!(matches!(e, ContextError::Reserved(_)), "{src}: {e}");
+            assert!(e.to_string().contains("reserved"), "{e}");
+        }
     }
 
     #[test]

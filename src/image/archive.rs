@@ -601,17 +601,11 @@ impl<'a> Checker<'a> {
         if let Some(d) = self.diff_ids.get(&blob.digest) {
             return Ok(d.clone());
         }
+        // Read whole even when uncompressed (its diff id is then its digest):
+        // every entry is checked as unpacking would check it.
         let p = self.store.blob_path(&blob.digest);
-        let id = if layer_media_type(&p)? == MediaType::ImageLayer {
-            blob.digest.to_string() // uncompressed: the diff id is the digest
-        } else {
-            let f = File::open(&p).map_err(ImageError::io(&p))?;
-            let mut h = HashingReader::new(layer::decompress(f).map_err(ImageError::io(&p))?);
-            io::copy(&mut h, &mut io::sink()).map_err(|e| {
-                self.invalid(format!("layer {} cannot be decompressed: {e}", blob.digest))
-            })?;
-            h.digest()
-        };
+        let id = crate::image::import::verified_diff_id(&p)
+            .map_err(|e| self.invalid(format!("layer {}: {e}", blob.digest)))?;
         self.diff_ids.insert(blob.digest.clone(), id.clone());
         Ok(id)
     }
@@ -1230,7 +1224,15 @@ mod tests {
         let layer = tar_of(&[("etc/hello", HELLO)]);
         let right = vec![digest_of(&layer).to_string()];
         let wrong = vec![digest_of(b"other").to_string()];
+        // A layer that can never unpack: its whiteout names `..`.
+        let hostile = tar_of(&[(".wh...", b"")]);
+        let hostile_id = vec![digest_of(&hostile).to_string()];
         let cases: Vec<(&str, Vec<u8>, &str)> = vec![
+            (
+                "hostile-layer",
+                docker_archive(&["l.tar"], &[("l.tar", &hostile)], &hostile_id),
+                "a whiteout must name one entry of its directory",
+            ),
             ("random", random, "not a tar archive"),
             (
                 "no-manifest",

@@ -65,35 +65,50 @@ pub fn layer_media_type(path: &Path) -> Result<MediaType, ImageError> {
     })
 }
 
-/// Checks that the blob at `path` is a tar archive (after decompression) and
-/// returns its diff id.
-pub fn diff_id(path: &Path) -> Result<String, ImageError> {
-    let f = File::open(path).map_err(ImageError::io(path))?;
-    let mut h = HashingReader::new(layer::decompress(f).map_err(ImageError::io(path))?);
-    {
-        let mut a = tar::Archive::new(&mut h);
-        let entries = a.entries().map_err(|e| not_tar(path, e))?;
-        for e in entries {
-            let mut e = e.map_err(|e| not_tar(path, e))?;
-            std::io::copy(&mut e, &mut std::io::sink()).map_err(|e| not_tar(path, e))?;
-        }
+/// Why a layer blob was refused by [`verified_diff_id`].
+#[derive(Debug, thiserror::Error)]
+pub enum LayerRefused {
+    #[error("cannot read it: {0}")]
+    Io(std::io::Error),
+    #[error("it is not a valid tar archive ({0})")]
+    NotTar(std::io::Error),
+    #[error("it is empty, not a tar archive")]
+    Empty,
+    #[error("{0}; it could never be unpacked")]
+    Entry(layer::LayerError),
+}
+
+/// Reads the layer blob at `path` whole (decompressed), checks that it is a
+/// tar archive whose every entry would unpack (`layer::verify`), and returns
+/// its diff id: the sha256 of the uncompressed stream.
+pub fn verified_diff_id(path: &Path) -> Result<String, LayerRefused> {
+    let f = File::open(path).map_err(LayerRefused::Io)?;
+    let mut h = HashingReader::new(layer::decompress(f).map_err(LayerRefused::NotTar)?);
+    match layer::verify(&mut h, layer::Limits::default()) {
+        Ok(_) => {}
+        Err(layer::LayerError::Read(e)) => return Err(LayerRefused::NotTar(e)),
+        Err(e) => return Err(LayerRefused::Entry(e)),
     }
     // Trailing padding after the end-of-archive blocks belongs to the stream too.
-    std::io::copy(&mut h, &mut std::io::sink()).map_err(ImageError::io(path))?;
+    std::io::copy(&mut h, &mut std::io::sink()).map_err(LayerRefused::NotTar)?;
     if h.count == 0 {
-        return Err(ImageError::Invalid(format!(
-            "{} is empty, not a tar archive",
-            path.display()
-        )));
+        return Err(LayerRefused::Empty);
     }
     Ok(h.digest())
 }
 
-fn not_tar(path: &Path, e: std::io::Error) -> ImageError {
-    ImageError::Invalid(format!(
-        "{} is not a valid tar archive ({e}); give a root filesystem tarball, plain or compressed with gzip or zstd",
-        path.display()
-    ))
+/// [`verified_diff_id`] of a tarball given to `vmc import`.
+pub fn diff_id(path: &Path) -> Result<String, ImageError> {
+    verified_diff_id(path).map_err(|e| match e {
+        LayerRefused::Io(e) => ImageError::io(path)(e),
+        LayerRefused::NotTar(_) | LayerRefused::Empty => ImageError::Invalid(format!(
+            "{}: {e}; give a root filesystem tarball, plain or compressed with gzip or zstd",
+            path.display()
+        )),
+        LayerRefused::Entry(_) => {
+            ImageError::Invalid(format!("{}: {e}; the image is refused", path.display()))
+        }
+    })
 }
 
 /// Imports the tarball at `path` as an image named `name` (`name:tag`).

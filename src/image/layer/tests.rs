@@ -402,3 +402,76 @@ fn a_directory_replaced_by_a_symlink_does_not_pass_its_mode_on() {
     }
     outside_untouched(&sb);
 }
+
+#[test]
+fn whiteouts_of_the_directory_itself_or_its_parent_are_refused() {
+    // `.wh...` names `..`: removing it from the unpack target's directory
+    // would delete the directory above the target (every cached layer).
+    for name in [".wh.", ".wh..", ".wh...", "sub/.wh...", "sub/.wh.."] {
+        // The whiteout entry's own type does not matter: its name decides.
+        let tar = Tar::default()
+            .dir("sub")
+            .file("sub/f", b"x")
+            .symlink(name, "x")
+            .done();
+        for mode in [Whiteouts::Apply, Whiteouts::Overlay] {
+            let (sb, root) = sandbox();
+            let e = unpack_into(&root, &tar, mode).expect_err(name);
+            assert!(
+                matches!(e, LayerError::Hostile { why, .. } if why.contains("whiteout")),
+                "{name}: {e}"
+            );
+            assert!(root.join("sub/f").exists(), "{name}: the target is intact");
+            outside_untouched(&sb);
+        }
+        let e = verify(&tar[..], Limits::default()).expect_err(name);
+        assert!(matches!(e, LayerError::Hostile { .. }), "{name}: {e}");
+    }
+    // A whiteout of an ordinary name passes both.
+    let tar = Tar::default().file(".wh.gone", b"").done();
+    assert_eq!(verify(&tar[..], Limits::default()).unwrap().entries, 1);
+}
+
+#[test]
+fn verify_refuses_what_unpack_refuses_and_counts_what_it_writes() {
+    let cases: Vec<(&str, Vec<u8>)> = vec![
+        ("dot-dot", Tar::default().file("../escape", b"x").done()),
+        (
+            "link out",
+            Tar::default().hardlink("l", "../../etc/passwd").done(),
+        ),
+        ("link to root", Tar::default().hardlink("l", "/").done()),
+    ];
+    for (what, tar) in cases {
+        let (_sb, root) = sandbox();
+        assert!(
+            unpack_into(&root, &tar, Whiteouts::Apply).is_err(),
+            "{what}"
+        );
+        let e = verify(&tar[..], Limits::default()).expect_err(what);
+        assert!(matches!(e, LayerError::Hostile { .. }), "{what}: {e}");
+    }
+    let tar = Tar::default()
+        .dir("d")
+        .file("d/a", &[1u8; 3000])
+        .file("d/b", &[2u8; 5000])
+        .done();
+    let s = verify(&tar[..], Limits::default()).unwrap();
+    assert_eq!((s.entries, s.bytes), (3, 8000));
+    let small = Limits {
+        max_total: 7999,
+        ..Limits::default()
+    };
+    assert!(matches!(
+        verify(&tar[..], small),
+        Err(LayerError::TooLarge(_))
+    ));
+    let few = Limits {
+        max_entries: 2,
+        ..Limits::default()
+    };
+    assert!(matches!(
+        verify(&tar[..], few),
+        Err(LayerError::TooLarge(_))
+    ));
+}
