@@ -11,14 +11,19 @@ use std::process::{Output, Stdio};
 
 use common::{is_root, kvm_available, ok, store_with_busybox, vmc, vmc_command};
 
-/// Every process but this one holding a descriptor to `path`, as
-/// "PID (COMMAND)".
+/// Every process holding a descriptor to `path`, as "PID (COMMAND)", but
+/// this test binary (and its children forked by other tests that have not
+/// exec'd yet: they still hold this binary's descriptors until exec).
 fn holders_of(path: &Path) -> Vec<String> {
     let me = std::process::id().to_string();
+    let this_binary = std::env::current_exe().unwrap();
     let mut found = Vec::new();
     for p in std::fs::read_dir("/proc").unwrap().flatten() {
         let pid = p.file_name().to_string_lossy().into_owned();
         if !pid.bytes().all(|b| b.is_ascii_digit()) || pid == me {
+            continue;
+        }
+        if std::fs::read_link(p.path().join("exe")).is_ok_and(|e| e == this_binary) {
             continue;
         }
         let Ok(fds) = std::fs::read_dir(p.path().join("fd")) else {
@@ -200,4 +205,84 @@ fn a_whiteout_of_its_parent_directory_is_refused_at_import_and_deletes_nothing()
         )),
         "ok\n"
     );
+}
+
+/// Issue 16, 6: an image whose `/etc` is a symlink to a host directory made
+/// vmc (root, before pivot_root) create `hosts`, `hostname` and
+/// `resolv.conf` in that host directory. Every step preparing the root now
+/// resolves inside it.
+#[test]
+fn an_image_symlink_never_leads_root_preparation_onto_the_host() {
+    if !is_root() {
+        return;
+    }
+    let home = store_with_busybox();
+    let h = home.path();
+    let host_dir = tempfile::tempdir().unwrap();
+    let src = tempfile::tempdir().unwrap();
+    let sh = |script: &str| {
+        let st = std::process::Command::new("sh")
+            .arg("-c")
+            .arg(script)
+            .status()
+            .unwrap();
+        assert!(st.success(), "{script}");
+    };
+    // Two images: one whose /etc links to the host directory, one whose
+    // /dev and /proc do.
+    for (name, linked) in [("etc", "etc"), ("dev", "dev proc")] {
+        let r = src.path().join(name);
+        sh(&format!(
+            "cp -a {rootfs} {r} && cd {r} && for l in {linked}; do rm -rf $l; ln -s {host} $l; done && \
+             tar -C {r} -cf {r}.tar .",
+            rootfs = common::rootfs().display(),
+            r = r.display(),
+            host = host_dir.path().display(),
+        ));
+        ok(&vmc(h, &["import", &format!("{}.tar", r.display()), name]));
+    }
+    let host_files = || -> Vec<std::ffi::OsString> {
+        std::fs::read_dir(host_dir.path())
+            .unwrap()
+            .flatten()
+            .map(|e| e.file_name())
+            .collect()
+    };
+    for network in ["none", "passt"] {
+        let run = |image: &str| {
+            vmc(
+                h,
+                &[
+                    "run",
+                    "--rm",
+                    "--mode",
+                    "ns",
+                    "--network",
+                    network,
+                    image,
+                    "sh",
+                    "-c",
+                    "cat /etc/hostname 2>/dev/null; echo rc=$?",
+                ],
+            )
+        };
+        // The container runs; its /etc is a dangling link inside its root,
+        // so it has no hostname file (none is bound through the link).
+        assert_eq!(ok(&run("etc")), "rc=1\n", "--network {network}");
+        assert!(
+            host_files().is_empty(),
+            "--network {network}: vmc wrote through the image's /etc link: {:?}",
+            host_files()
+        );
+        // A /dev or /proc that is not a directory of the root is refused.
+        let o = run("dev");
+        assert_eq!(o.status.code(), Some(125), "{o:?}");
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(err.contains("failed to isolate the container"), "{err}");
+        assert!(
+            host_files().is_empty(),
+            "--network {network}: {:?}",
+            host_files()
+        );
+    }
 }

@@ -34,13 +34,20 @@ impl SpawnError {
 }
 
 /// One step of preparing a container's root in the child, before it pivots
-/// into it (namespace mode). Paths are absolute host paths.
+/// into it (namespace mode). The paths of `Mkdir`, `Touch`, a `Symlink`'s
+/// link and a `Mount`'s target are inside the root, absolute as the
+/// container sees them (`/dev/pts`), and resolve inside it (openat2 with
+/// RESOLVE_IN_ROOT): a symlink of the image (`/etc -> /some/host/dir`) never
+/// leads a step out onto the host. A `Mount`'s source is a host path unless
+/// `source_in_root`; a `Write`'s path is a host path.
 #[derive(Debug, Clone)]
 pub enum RootOp {
     Mkdir(String, u32),
     /// mount(2); `optional` steps may fail (a path the image lacks).
     Mount {
         source: String,
+        /// The source is a path inside the root (a bind of a part of it).
+        source_in_root: bool,
         target: String,
         fstype: String,
         flags: libc::c_ulong,
@@ -103,15 +110,44 @@ pub const DOCKER_DEFAULT_CAPS: u64 = (1 << 0)
 /// The highest capability number the kernel may know (CAP_LAST_CAP is 40 in 6.x).
 const MAX_CAP: u32 = 63;
 
+/// A [`RootOp`] as the child carries it out, allocated before the fork.
+/// In-root paths are relative to the root (`dev/pts`), split into their
+/// directory (`dir`, "" for the root itself) and last `name`.
 struct PreparedOp {
     kind: u8, // 0 mkdir, 1 mount, 2 symlink, 3 touch, 4 write
+    /// mkdir, touch, symlink: the directory and name of the path in the root;
+    /// mount: the target and (in root) source; write: the host path in `a`.
     a: CString,
     b: CString,
+    dir: CString,
+    name: CString,
+    /// mount: fstype and data; symlink: the link's content in `c`.
     c: CString,
     d: CString,
     flags: libc::c_ulong,
     mode: u32,
     optional: bool,
+    source_in_root: bool,
+}
+
+/// `path` inside the root, relative to it: `/dev/pts` -> `dev/pts`.
+fn in_root(path: &str) -> io::Result<CString> {
+    let rel = path.trim_start_matches('/');
+    cstr(if rel.is_empty() { "." } else { rel })
+}
+
+/// The directory and last name of a path in the root; the name must be an
+/// ordinary one.
+fn split_in_root(path: &str) -> io::Result<(CString, CString)> {
+    let rel = path.trim_start_matches('/').trim_end_matches('/');
+    let (dir, name) = rel.rsplit_once('/').unwrap_or(("", rel));
+    if matches!(name, "" | "." | "..") {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("'{path}' does not name an entry of the root"),
+        ));
+    }
+    Ok((cstr(if dir.is_empty() { "." } else { dir })?, cstr(name)?))
 }
 
 struct PreparedIsolation {
@@ -126,68 +162,80 @@ struct PreparedIsolation {
 
 fn prepare_isolation(iso: &Isolation) -> io::Result<PreparedIsolation> {
     let empty = || CString::new("").expect("no NUL");
+    let op = |kind: u8| PreparedOp {
+        kind,
+        a: empty(),
+        b: empty(),
+        dir: empty(),
+        name: empty(),
+        c: empty(),
+        d: empty(),
+        flags: 0,
+        mode: 0,
+        optional: false,
+        source_in_root: false,
+    };
     let ops = iso
         .ops
         .iter()
-        .map(|op| {
-            Ok(match op {
-                RootOp::Mkdir(p, mode) => PreparedOp {
-                    kind: 0,
-                    a: cstr(p)?,
-                    b: empty(),
-                    c: empty(),
-                    d: empty(),
-                    flags: 0,
-                    mode: *mode,
-                    optional: false,
-                },
+        .map(|o| {
+            Ok(match o {
+                RootOp::Mkdir(p, mode) => {
+                    let (dir, name) = split_in_root(p)?;
+                    PreparedOp {
+                        dir,
+                        name,
+                        mode: *mode,
+                        ..op(0)
+                    }
+                }
                 RootOp::Mount {
                     source,
+                    source_in_root,
                     target,
                     fstype,
                     flags,
                     data,
                     optional,
                 } => PreparedOp {
-                    kind: 1,
-                    a: cstr(source)?,
-                    b: cstr(target)?,
+                    a: in_root(target)?,
+                    b: if *source_in_root {
+                        in_root(source)?
+                    } else {
+                        cstr(source)?
+                    },
                     c: cstr(fstype)?,
                     d: cstr(data)?,
                     flags: *flags,
-                    mode: 0,
                     optional: *optional,
+                    source_in_root: *source_in_root,
+                    ..op(1)
                 },
-                RootOp::Symlink { target, link } => PreparedOp {
-                    kind: 2,
-                    a: cstr(target)?,
-                    b: cstr(link)?,
-                    c: empty(),
-                    d: empty(),
-                    flags: 0,
-                    mode: 0,
-                    optional: true,
-                },
+                RootOp::Symlink { target, link } => {
+                    let (dir, name) = split_in_root(link)?;
+                    PreparedOp {
+                        dir,
+                        name,
+                        c: cstr(target)?,
+                        optional: true,
+                        ..op(2)
+                    }
+                }
                 RootOp::Write { path, data } => PreparedOp {
-                    kind: 4,
                     a: cstr(path)?,
                     b: CString::new(data.as_bytes()).map_err(io::Error::other)?,
-                    c: empty(),
-                    d: empty(),
-                    flags: 0,
-                    mode: 0,
-                    optional: false,
+                    ..op(4)
                 },
-                RootOp::Touch(p) => PreparedOp {
-                    kind: 3,
-                    a: cstr(p)?,
-                    b: empty(),
-                    c: empty(),
-                    d: empty(),
-                    flags: 0,
-                    mode: 0o644,
-                    optional: true,
-                },
+                RootOp::Touch(p) => {
+                    let (dir, name) = split_in_root(p)?;
+                    PreparedOp {
+                        dir,
+                        name,
+                        mode: 0o644,
+                        optional: true,
+                        ..op(3)
+                    }
+                }
             })
         })
         .collect::<io::Result<_>>()?;
@@ -561,8 +609,12 @@ fn spawn_io(p: &Prepared, io: ChildIo, gate: Option<Gate>) -> Result<u32, SpawnE
     }
     let mut buf = [0u8; 5];
     let n = read_full(&err_r, &mut buf);
+    // A gate that failed because the child had already failed (its network
+    // namespace gone with it) says less than the child's own report.
     if let Some(message) = gate_failure {
-        return Err(SpawnError::setup(message));
+        if n == 0 || buf[0] == Step::Gate as u8 {
+            return Err(SpawnError::setup(message));
+        }
     }
     if n == 0 {
         return Ok(pid as u32);
@@ -779,12 +831,131 @@ unsafe fn open_terminal(sock: RawFd, size: WinSize, uid: libc::uid_t) -> libc::c
     0
 }
 
+/// openat2 with RESOLVE_IN_ROOT: `path` (relative) inside the directory
+/// `root`, its symlinks and `..` confined to it. -1 on failure.
+///
+/// # Safety
+/// Child after fork only (a system call on prepared data).
+unsafe fn open_in_root_raw(root: RawFd, path: &CString, flags: libc::c_int) -> libc::c_int {
+    // SAFETY: open_how is plain data (all-zero valid); path is NUL-terminated.
+    unsafe {
+        let mut how: libc::open_how = std::mem::zeroed();
+        how.flags = (flags | libc::O_CLOEXEC) as u64;
+        how.resolve = libc::RESOLVE_IN_ROOT;
+        libc::syscall(
+            libc::SYS_openat2,
+            root,
+            path.as_ptr(),
+            &how as *const libc::open_how,
+            std::mem::size_of::<libc::open_how>(),
+        ) as libc::c_int
+    }
+}
+
+/// Runs `f` on the directory of `op`'s path, opened inside the root.
+///
+/// # Safety
+/// Child after fork only.
+unsafe fn at_dir(
+    root: RawFd,
+    op: &PreparedOp,
+    f: impl FnOnce(RawFd) -> libc::c_int,
+) -> libc::c_int {
+    // SAFETY: system calls on a descriptor opened here.
+    unsafe {
+        let dir = open_in_root_raw(root, &op.dir, libc::O_PATH | libc::O_DIRECTORY);
+        if dir < 0 {
+            return -1;
+        }
+        let r = f(dir);
+        let errno = *libc::__errno_location();
+        libc::close(dir);
+        *libc::__errno_location() = errno;
+        r
+    }
+}
+
+/// `/proc/self/fd/N` for descriptor `fd`, NUL-terminated in `buf`: the path
+/// through which mount(2) reaches exactly the file opened.
+fn fd_path(fd: RawFd, buf: &mut [u8; 32]) -> *const libc::c_char {
+    let prefix = b"/proc/self/fd/";
+    buf[..prefix.len()].copy_from_slice(prefix);
+    let mut digits = [0u8; 10];
+    let mut n = fd as u32;
+    let mut len = 0;
+    loop {
+        digits[len] = b'0' + (n % 10) as u8;
+        len += 1;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    for i in 0..len {
+        buf[prefix.len() + i] = digits[len - 1 - i];
+    }
+    buf[prefix.len() + len] = 0;
+    buf.as_ptr().cast()
+}
+
+/// A mount step: its target (and an in-root source) opened inside the root
+/// first, then mounted through `/proc/self/fd`, so that the kernel never
+/// walks an image's path itself. Each step opens its target afresh, so a
+/// remount reaches the mount a previous step stacked there.
+///
+/// # Safety
+/// Child after fork only.
+unsafe fn mount_in_root(root: RawFd, op: &PreparedOp) -> libc::c_int {
+    // SAFETY: system calls on descriptors opened here and prepared strings.
+    unsafe {
+        let target = open_in_root_raw(root, &op.a, libc::O_PATH);
+        if target < 0 {
+            return -1;
+        }
+        let mut source = -1;
+        if op.source_in_root {
+            source = open_in_root_raw(root, &op.b, libc::O_PATH);
+            if source < 0 {
+                libc::close(target);
+                return -1;
+            }
+        }
+        let (mut tbuf, mut sbuf) = ([0u8; 32], [0u8; 32]);
+        let opt = |c: &CString| {
+            if c.is_empty() {
+                std::ptr::null()
+            } else {
+                c.as_ptr()
+            }
+        };
+        let src = if source >= 0 {
+            fd_path(source, &mut sbuf)
+        } else {
+            opt(&op.b)
+        };
+        let r = libc::mount(
+            src,
+            fd_path(target, &mut tbuf),
+            opt(&op.c),
+            op.flags,
+            opt(&op.d).cast(),
+        );
+        let errno = *libc::__errno_location();
+        libc::close(target);
+        if source >= 0 {
+            libc::close(source);
+        }
+        *libc::__errno_location() = errno;
+        r
+    }
+}
+
 /// In the child, in its own mount namespace: runs the root preparation,
 /// sets the hostname and brings loopback up. Returns -1 on failure (errno set).
 ///
 /// # Safety
 /// Child after fork only: system calls on prepared data.
-unsafe fn isolate_root(iso: &PreparedIsolation) -> libc::c_int {
+unsafe fn isolate_root(iso: &PreparedIsolation, root: RawFd) -> libc::c_int {
     // SAFETY: system calls on NUL-terminated strings prepared before the fork.
     unsafe {
         // A container on the host dies with the vmc process that supervises
@@ -801,34 +972,18 @@ unsafe fn isolate_root(iso: &PreparedIsolation) -> libc::c_int {
         }
         for op in &iso.ops {
             let r = match op.kind {
-                0 => {
-                    let r = libc::mkdir(op.a.as_ptr(), op.mode as libc::mode_t);
+                0 => at_dir(root, op, |dir| {
+                    let r = libc::mkdirat(dir, op.name.as_ptr(), op.mode as libc::mode_t);
                     if r < 0 && *libc::__errno_location() == libc::EEXIST {
                         0
                     } else {
                         r
                     }
-                }
-                1 => libc::mount(
-                    if op.a.is_empty() {
-                        std::ptr::null()
-                    } else {
-                        op.a.as_ptr()
-                    },
-                    op.b.as_ptr(),
-                    if op.c.is_empty() {
-                        std::ptr::null()
-                    } else {
-                        op.c.as_ptr()
-                    },
-                    op.flags,
-                    if op.d.is_empty() {
-                        std::ptr::null()
-                    } else {
-                        op.d.as_ptr().cast()
-                    },
-                ),
-                2 => libc::symlink(op.a.as_ptr(), op.b.as_ptr()),
+                }),
+                1 => mount_in_root(root, op),
+                2 => at_dir(root, op, |dir| {
+                    libc::symlinkat(op.c.as_ptr(), dir, op.name.as_ptr())
+                }),
                 4 => {
                     let fd = libc::open(op.a.as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC);
                     if fd < 0 {
@@ -844,9 +999,10 @@ unsafe fn isolate_root(iso: &PreparedIsolation) -> libc::c_int {
                         }
                     }
                 }
-                _ => {
-                    let fd = libc::open(
-                        op.a.as_ptr(),
+                _ => at_dir(root, op, |dir| {
+                    let fd = libc::openat(
+                        dir,
+                        op.name.as_ptr(),
                         libc::O_CREAT | libc::O_WRONLY | libc::O_CLOEXEC | libc::O_NOFOLLOW,
                         op.mode as libc::c_uint,
                     );
@@ -854,7 +1010,7 @@ unsafe fn isolate_root(iso: &PreparedIsolation) -> libc::c_int {
                         libc::close(fd);
                     }
                     fd.min(0)
-                }
+                }),
             };
             if r < 0 && !op.optional {
                 return -1;
@@ -966,9 +1122,16 @@ unsafe fn enter_root(p: &Prepared) -> Result<(), Step> {
             return Err(Step::Namespace);
         }
         if let Some(iso) = &p.iso {
-            if isolate_root(iso) < 0 {
+            // Opened in this mount namespace: a mount through a descriptor
+            // of another namespace's mount is refused.
+            let root = libc::open(
+                p.root.as_ptr(),
+                libc::O_PATH | libc::O_DIRECTORY | libc::O_CLOEXEC,
+            );
+            if root < 0 || isolate_root(iso, root) < 0 {
                 return Err(Step::Isolate);
             }
+            libc::close(root);
         }
         // pivot_root(".", ".") stacks the old root on the new one; detaching
         // it leaves the container root as the whole view.

@@ -81,7 +81,7 @@ impl BuildNs {
         let work = self.fresh("work")?;
         let _mounted = OverlayRoot::mount(&self.lowers, &self.upper, &work, &root, &self.dir)?;
         let root_s = root.display().to_string();
-        let mut iso = isolation(&root_s, "buildkitsandbox");
+        let mut iso = isolation("buildkitsandbox");
         if self.network == Network::Passt {
             // The host's nameservers over the image's resolv.conf: a bind
             // mount, so that the step's layer does not change. An image
@@ -99,7 +99,8 @@ impl BuildNs {
                 .map_err(err("writing resolv.conf"))?;
             iso.ops.push(RootOp::Mount {
                 source: resolv.display().to_string(),
-                target: format!("{root_s}/etc/resolv.conf"),
+                source_in_root: false,
+                target: "/etc/resolv.conf".into(),
                 fstype: String::new(),
                 flags: libc::MS_BIND,
                 data: String::new(),

@@ -55,10 +55,11 @@ fn check(r: libc::c_int, what: &str) -> Result<(), NsError> {
     }
 }
 
-/// The mounts and links that make `root` look like a Docker container's
+/// The mounts and links that make a root look like a Docker container's
 /// root from inside (run in the workload's own pid and mount namespaces).
-pub fn root_ops(root: &str) -> Vec<RootOp> {
-    let at = |p: &str| format!("{root}{p}");
+/// Paths are inside the root and resolve inside it.
+pub fn root_ops() -> Vec<RootOp> {
+    let at = |p: &str| p.to_string();
     let mount = |source: &str,
                  target: String,
                  fstype: &str,
@@ -67,6 +68,9 @@ pub fn root_ops(root: &str) -> Vec<RootOp> {
                  optional: bool| {
         RootOp::Mount {
             source: source.into(),
+            // Only the read-only binds below name a source in the root;
+            // they are marked there.
+            source_in_root: false,
             target,
             fstype: fstype.into(),
             flags,
@@ -178,14 +182,15 @@ pub fn root_ops(root: &str) -> Vec<RootOp> {
         "/proc/sys",
         "/proc/sysrq-trigger",
     ] {
-        ops.push(mount(
-            &at(d),
-            at(d),
-            "",
-            libc::MS_BIND | libc::MS_REC,
-            "",
-            true,
-        ));
+        ops.push(RootOp::Mount {
+            source: at(d),
+            source_in_root: true,
+            target: at(d),
+            fstype: String::new(),
+            flags: libc::MS_BIND | libc::MS_REC,
+            data: String::new(),
+            optional: true,
+        });
         ops.push(mount(
             "",
             at(d),
@@ -336,14 +341,14 @@ impl Drop for OverlayRoot {
 }
 
 /// Docker's confinement for a container whose root is mounted at `root`.
-pub fn isolation(root: &str, hostname: &str) -> Isolation {
+pub fn isolation(hostname: &str) -> Isolation {
     Isolation {
         clone_flags: libc::CLONE_NEWPID
             | libc::CLONE_NEWUTS
             | libc::CLONE_NEWIPC
             | libc::CLONE_NEWNET
             | libc::CLONE_NEWCGROUP,
-        ops: root_ops(root),
+        ops: root_ops(),
         hostname: Some(hostname.to_string()),
         loopback_up: true,
         keep_caps: Some(DOCKER_DEFAULT_CAPS),
@@ -368,7 +373,7 @@ pub fn run_attached(
     // directory can be removed without reaching into the mounted root.
     let _mounted = OverlayRoot::mount(lowers, &dir.join("upper"), &dir.join("work"), &root, dir)?;
     let root_s = root.display().to_string();
-    let mut iso = isolation(&root_s, &cfg.hostname);
+    let mut iso = isolation(&cfg.hostname);
     // Limits: the workload joins its cgroups first thing, before it execs;
     // they are removed (on drop) once it is gone.
     let cgroup = super::cgroup::Cgroup::create(&cfg.id, &cfg.limits)?;
@@ -382,10 +387,11 @@ pub fn run_attached(
         iso.ops.splice(0..0, joins);
     }
     for (name, file) in network_files(cfg, dir)? {
-        let target = format!("{root_s}/etc/{name}");
+        let target = format!("/etc/{name}");
         iso.ops.push(RootOp::Touch(target.clone()));
         iso.ops.push(RootOp::Mount {
             source: file.display().to_string(),
+            source_in_root: false,
             target,
             fstype: String::new(),
             flags: libc::MS_BIND,
@@ -714,7 +720,7 @@ mod tests {
 
     #[test]
     fn the_plan_is_dockers_confinement() {
-        let iso = isolation("/c/root", "box");
+        let iso = isolation("box");
         for ns in [
             libc::CLONE_NEWPID,
             libc::CLONE_NEWUTS,
@@ -736,41 +742,46 @@ mod tests {
     }
 
     #[test]
-    fn every_step_stays_inside_the_root() {
-        for op in root_ops("/c/root") {
-            let target = match &op {
-                RootOp::Mkdir(p, _) | RootOp::Touch(p) => p,
-                RootOp::Mount { target, .. } => target,
-                RootOp::Symlink { link, .. } => link,
-                RootOp::Write { path, .. } => path,
+    fn every_step_names_a_path_inside_the_root() {
+        // The spawner resolves these inside the root; none may climb out
+        // lexically either, and none writes a host path.
+        for op in root_ops() {
+            let paths: Vec<&String> = match &op {
+                RootOp::Mkdir(p, _) | RootOp::Touch(p) => vec![p],
+                RootOp::Mount {
+                    target,
+                    source,
+                    source_in_root,
+                    ..
+                } if *source_in_root => vec![target, source],
+                RootOp::Mount { target, .. } => vec![target],
+                RootOp::Symlink { link, .. } => vec![link],
+                RootOp::Write { .. } => panic!("a host write in the root's plan: {op:?}"),
             };
-            assert!(target.starts_with("/c/root/"), "{op:?}");
+            for p in paths {
+                assert!(p.starts_with('/') && p.len() > 1, "{op:?}");
+                assert!(!p.split('/').any(|c| c == ".."), "{op:?}");
+            }
         }
     }
 
     #[test]
     fn proc_and_sys_are_masked_and_read_only_as_dockers() {
-        let ops = root_ops("/r");
+        let ops = root_ops();
         let m = mounts(&ops);
         let has = |src: &str, target: &str, fstype: &str, flags: libc::c_ulong| {
             m.iter()
                 .any(|&(s, t, f, fl)| s == src && t == target && f == fstype && fl & flags == flags)
         };
-        assert!(has("sysfs", "/r/sys", "sysfs", libc::MS_RDONLY));
+        assert!(has("sysfs", "/sys", "sysfs", libc::MS_RDONLY));
         for f in ["/proc/kcore", "/proc/keys", "/proc/timer_list"] {
-            assert!(
-                has("/dev/null", &format!("/r{f}"), "", libc::MS_BIND),
-                "{f}"
-            );
+            assert!(has("/dev/null", f, "", libc::MS_BIND), "{f}");
         }
         for d in ["/proc/acpi", "/proc/scsi", "/sys/firmware"] {
-            assert!(
-                has("tmpfs", &format!("/r{d}"), "tmpfs", libc::MS_RDONLY),
-                "{d}"
-            );
+            assert!(has("tmpfs", d, "tmpfs", libc::MS_RDONLY), "{d}");
         }
         for d in ["/proc/sys", "/proc/sysrq-trigger", "/proc/irq", "/proc/bus"] {
-            let t = format!("/r{d}");
+            let t = d;
             // Bound onto itself, then remounted read-only (the order matters).
             let bind = m
                 .iter()
@@ -789,7 +800,7 @@ mod tests {
         // A minimal /dev: these nodes bound from the host's, nothing else.
         let nodes: Vec<&str> = m
             .iter()
-            .filter(|&&(s, t, _, _)| s.starts_with("/dev/") && t == format!("/r{s}"))
+            .filter(|&&(s, t, _, _)| s.starts_with("/dev/") && t == s)
             .map(|&(s, _, _, _)| s)
             .collect();
         assert_eq!(
@@ -803,10 +814,10 @@ mod tests {
                 "/dev/tty"
             ]
         );
-        assert!(has("devpts", "/r/dev/pts", "devpts", libc::MS_NOEXEC));
+        assert!(has("devpts", "/dev/pts", "devpts", libc::MS_NOEXEC));
         assert!(has(
             "proc",
-            "/r/proc",
+            "/proc",
             "proc",
             libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC
         ));
