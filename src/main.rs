@@ -911,7 +911,12 @@ fn exec(a: ExecArgs) -> Result<i32> {
             // SAFETY: redirecting our own stdin to /dev/null before the child inherits it.
             unsafe { libc::dup2(fd, 0) };
         }
-        return Ok(runtime::ns::exec_attached(pid, &spec, forward_stdin)?);
+        return Ok(runtime::ns::exec_attached(
+            pid,
+            &c.dir.join("cgroups"),
+            &spec,
+            forward_stdin,
+        )?);
     }
     let vmm_pid = c
         .state

@@ -454,6 +454,20 @@ fn namespace_mode_without_root_uses_a_user_namespace() {
         "stat -c %a /ro; cat /ro/inside",
     ]));
     assert_eq!(out, "555\nin\n");
+    // No device nodes at all in a user namespace (issue 16, 1).
+    let out = ok(&as_nobody(&[
+        "run",
+        "--rm",
+        "--mode",
+        "ns",
+        "--network",
+        "none",
+        "busybox",
+        "sh",
+        "-c",
+        "mknod /tmp/k c 1 3 2>/dev/null && echo made || echo refused",
+    ]));
+    assert_eq!(out, "refused\n", "a device node made rootless");
     // A build whose RUN steps run in the user namespace too, a deletion
     // included (a whiteout in the step's layer).
     let out = ok(&as_nobody(&[

@@ -286,3 +286,113 @@ fn an_image_symlink_never_leads_root_preparation_onto_the_host() {
         );
     }
 }
+
+/// Issue 16, 1: `mknod /tmp/k c 10 232; exec 3<>/tmp/k` opened the host's
+/// /dev/kvm from a namespace container (and `c 4 0` the host console). A
+/// container may still make nodes (CAP_MKNOD, as in Docker), but opens only
+/// those of Docker's allow-list: the devices cgroup denies the rest, and
+/// the root, /dev and /dev/shm are mounted nodev. `vmc exec` runs under the
+/// same rules (it joins the container's cgroups).
+#[test]
+fn a_namespace_container_cannot_open_host_devices_it_makes() {
+    if !is_root() {
+        return;
+    }
+    let home = store_with_busybox();
+    let h = home.path();
+    // For each node: made, then opened for reading and for writing.
+    let probe = "for spec in 'c 10 232' 'c 4 0' 'c 7 0' 'c 10 237' 'b 7 0' 'c 1 1'; do \
+                   for d in /tmp /dev /dev/shm; do \
+                     rm -f $d/n; mknod $d/n $spec 2>/dev/null || { echo \"$spec $d nomknod\"; continue; }; \
+                     (exec 3<$d/n) 2>/dev/null && echo \"$spec $d READ\"; \
+                     (exec 3>$d/n) 2>/dev/null && echo \"$spec $d WRITE\"; \
+                   done; \
+                 done; \
+                 head -c 4 /dev/zero | wc -c; echo hi > /dev/null && echo null-ok";
+    let out = ok(&vmc(
+        h,
+        &[
+            "run",
+            "--rm",
+            "--mode",
+            "ns",
+            "--network",
+            "none",
+            "busybox",
+            "sh",
+            "-c",
+            probe,
+        ],
+    ));
+    assert!(
+        !out.contains("READ") && !out.contains("WRITE"),
+        "host devices opened from a container: {out}"
+    );
+    assert!(
+        !out.contains("nomknod"),
+        "mknod is allowed, as in Docker: {out}"
+    );
+    assert!(
+        out.ends_with("4\nnull-ok\n"),
+        "the container's own /dev works: {out}"
+    );
+
+    // vmc exec into a running container: the same rules, and its processes
+    // count against the container's --pids-limit.
+    ok(&vmc(
+        h,
+        &[
+            "run",
+            "-d",
+            "--mode",
+            "ns",
+            "--network",
+            "none",
+            "--pids-limit",
+            "10",
+            "--name",
+            "devs",
+            "busybox",
+            "sleep",
+            "1000",
+        ],
+    ));
+    let out = ok(&vmc(h, &["exec", "devs", "sh", "-c", probe]));
+    assert!(
+        !out.contains("READ") && !out.contains("WRITE"),
+        "host devices opened through vmc exec: {out}"
+    );
+    // Its processes are in the container's cgroups: at their namespace's
+    // root in each hierarchy vmc uses ("/.." would be outside)...
+    let cg = ok(&vmc(
+        h,
+        &[
+            "exec",
+            "devs",
+            "sh",
+            "-c",
+            "cat /proc/self/cgroup; echo; cat /proc/1/cgroup",
+        ],
+    ));
+    let (exec, init) = cg.split_once("\n\n").unwrap();
+    for ctrl in ["pids", "devices"] {
+        let line = format!(":{ctrl}:/\n");
+        assert!(
+            exec.contains(&line) && init.contains(&line),
+            "vmc exec outside the container's {ctrl} cgroup: {cg}"
+        );
+    }
+    // ... so they count against its limit: twenty more cannot start.
+    let o = vmc(
+        h,
+        &[
+            "exec", "devs", "sh", "-c",
+            "for i in 1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16 17 18 19 20; do sleep 30 >/dev/null 2>&1 & done",
+        ],
+    );
+    assert!(
+        !o.status.success() && String::from_utf8_lossy(&o.stderr).contains("can't fork"),
+        "twenty processes started through vmc exec under --pids-limit 10: {o:?}"
+    );
+    ok(&vmc(h, &["rm", "-f", "devs"]));
+}

@@ -152,6 +152,8 @@ fn split_in_root(path: &str) -> io::Result<(CString, CString)> {
 
 struct PreparedIsolation {
     clone_flags: libc::c_int,
+    /// unshare(CLONE_NEWCGROUP) after the root ops (which join cgroups).
+    cgroupns: bool,
     ops: Vec<PreparedOp>,
     hostname: Option<CString>,
     loopback_up: bool,
@@ -240,7 +242,11 @@ fn prepare_isolation(iso: &Isolation) -> io::Result<PreparedIsolation> {
         })
         .collect::<io::Result<_>>()?;
     Ok(PreparedIsolation {
-        clone_flags: iso.clone_flags,
+        // A new cgroup namespace is made in the child once it has joined
+        // its cgroups (the first ops), so that they are its root, as in
+        // Docker; made at clone time, the root would be vmc's cgroup.
+        clone_flags: iso.clone_flags & !libc::CLONE_NEWCGROUP,
+        cgroupns: iso.clone_flags & libc::CLONE_NEWCGROUP != 0,
         ops,
         hostname: iso.hostname.as_deref().map(cstr).transpose()?,
         loopback_up: iso.loopback_up,
@@ -1015,6 +1021,9 @@ unsafe fn isolate_root(iso: &PreparedIsolation, root: RawFd) -> libc::c_int {
             if r < 0 && !op.optional {
                 return -1;
             }
+        }
+        if iso.cgroupns && libc::unshare(libc::CLONE_NEWCGROUP) < 0 {
+            return -1;
         }
         if let Some(h) = &iso.hostname {
             if libc::sethostname(h.as_ptr(), h.as_bytes().len()) < 0 {

@@ -107,6 +107,12 @@ impl BuildNs {
                 optional: true,
             });
         }
+        // The device allow-list (and, later, the build's limits).
+        let _cgroup = crate::runtime::ns::join_cgroups(
+            &mut iso,
+            &crate::runtime::new_id(),
+            &Default::default(),
+        )?;
         let prepared = match spawn::prepare_isolated(&spec, &root_s, &root_s, &iso) {
             Ok(p) => p,
             Err(e) => return Ok(RunResult::StartFailed(e.kind, e.message)),

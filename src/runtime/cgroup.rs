@@ -1,6 +1,7 @@
-//! Cgroup limits for namespace-mode containers (`--memory`, `--cpus`,
-//! `--pids-limit`), on cgroup v2 (unified) or v1 (one hierarchy per
-//! controller, as on hosts in "hybrid" mode). A container's cgroups are made
+//! Cgroups of namespace-mode containers: the device allow-list (always, see
+//! `devices.rs`) and the limits (`--memory`, `--cpus`, `--pids-limit`), on
+//! cgroup v2 (unified) or v1 (one hierarchy per controller, as on hosts in
+//! "hybrid" mode). A container's cgroups are made
 //! below vmc's own ones, so vmc also works inside a delegated subtree; the
 //! container's process joins them itself before it execs, and they are
 //! removed when the container is gone.
@@ -17,6 +18,8 @@ const ROOT: &str = "/sys/fs/cgroup";
 #[derive(Debug)]
 pub struct Cgroup {
     dirs: Vec<PathBuf>,
+    /// On cgroup v2: the device rules are a BPF program attached to dirs[0].
+    unified: bool,
 }
 
 fn write(dir: &Path, file: &str, value: &str) -> Result<(), NsError> {
@@ -39,24 +42,36 @@ fn own_path(membership: &str, pick: impl Fn(&str) -> bool) -> Option<String> {
 }
 
 impl Cgroup {
-    /// Creates the cgroups for container `id` with `limits`; `None` when
-    /// nothing is limited.
+    /// Creates the cgroups for container `id`: the device allow-list and
+    /// `limits`. `None` without root (rootless namespace mode, where a user
+    /// namespace cannot make device nodes at all), where limits are refused.
     pub fn create(id: &str, limits: &NsLimits) -> Result<Option<Cgroup>, NsError> {
-        if limits.memory.is_none() && limits.cpus.is_none() && limits.pids.is_none() {
-            return Ok(None);
-        }
         if super::ns::rootless() {
             let flag = if limits.memory.is_some() {
                 "--memory"
             } else if limits.cpus.is_some() {
                 "--cpus"
-            } else {
+            } else if limits.pids.is_some() {
                 "--pids-limit"
+            } else {
+                return Ok(None);
             };
             return Err(NsError::RootlessLimits(flag));
         }
         let membership = fs::read_to_string("/proc/self/cgroup").unwrap_or_default();
-        Self::create_in(Path::new(ROOT), &membership, id, limits).map(Some)
+        let cg = Self::create_in(Path::new(ROOT), &membership, id, limits)?;
+        if cg.unified {
+            super::devices::attach_v2(&cg.dirs[0], super::devices::ALLOWED).map_err(|source| {
+                NsError::Sys {
+                    what: format!(
+                        "attaching the device allow-list (BPF) to {}",
+                        cg.dirs[0].display()
+                    ),
+                    source,
+                }
+            })?;
+        }
+        Ok(Some(cg))
     }
 
     /// Creates the cgroups for container `id` below `root` (a cgroup v2
@@ -70,7 +85,10 @@ impl Cgroup {
         limits: &NsLimits,
     ) -> Result<Cgroup, NsError> {
         let name = format!("vmc-{}", &id[..12.min(id.len())]);
-        let mut cg = Cgroup { dirs: Vec::new() };
+        let mut cg = Cgroup {
+            dirs: Vec::new(),
+            unified: false,
+        };
         let mkdir = |p: &Path| {
             fs::create_dir_all(p).map_err(|source| NsError::Sys {
                 what: format!("creating cgroup {}", p.display()),
@@ -91,10 +109,13 @@ impl Cgroup {
             if limits.pids.is_some() {
                 want.push("+pids");
             }
-            write(&parent, "cgroup.subtree_control", &want.join(" "))?;
+            if !want.is_empty() {
+                write(&parent, "cgroup.subtree_control", &want.join(" "))?;
+            }
             let dir = parent.join(&name);
             mkdir(&dir)?;
             cg.dirs.push(dir.clone());
+            cg.unified = true;
             if let Some(m) = limits.memory {
                 write(&dir, "memory.max", &m.to_string())?;
                 let _ = write(&dir, "memory.swap.max", "0");
@@ -124,6 +145,13 @@ impl Cgroup {
             cg.dirs.push(dir.clone());
             Ok(dir)
         };
+        // Docker's device rules: everything denied, then the allow-list,
+        // one rule per write.
+        let dir = in_hierarchy("devices")?;
+        write(&dir, "devices.deny", "a")?;
+        for r in super::devices::ALLOWED {
+            write(&dir, "devices.allow", &super::devices::v1_line(r))?;
+        }
         if let Some(m) = limits.memory {
             let dir = in_hierarchy("memory")?;
             write(&dir, "memory.limit_in_bytes", &m.to_string())?;
@@ -170,6 +198,30 @@ impl Drop for Cgroup {
             }
         }
     }
+}
+
+/// Moves this process into the cgroups recorded in `list` (one path per
+/// line), as `vmc exec` does before it joins a container's namespaces: what
+/// it runs counts against the container's limits and gets its device rules.
+/// A missing list (a rootless container has no cgroups) joins nothing.
+pub fn join_listed(list: &Path) -> Result<(), NsError> {
+    let text = match fs::read_to_string(list) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(source) => {
+            return Err(NsError::Sys {
+                what: format!("reading {}", list.display()),
+                source,
+            })
+        }
+    };
+    for d in text.lines().map(PathBuf::from) {
+        if !d.starts_with(ROOT) || d.components().any(|c| c == std::path::Component::ParentDir) {
+            continue;
+        }
+        write(&d, "cgroup.procs", &std::process::id().to_string())?;
+    }
+    Ok(())
 }
 
 /// Removes cgroup directories recorded in `list` (one path per line), for
@@ -287,8 +339,8 @@ mod tests {
     fn v1_limits_go_in_each_controllers_hierarchy() {
         let root = tempfile::tempdir().unwrap();
         let r = root.path();
-        let membership = "4:memory:/a\n3:pids:/\n2:cpu,cpuacct:/b\n0::/\n";
-        for d in ["memory/a", "pids", "cpu/b"] {
+        let membership = "5:devices:/d\n4:memory:/a\n3:pids:/\n2:cpu,cpuacct:/b\n0::/\n";
+        for d in ["devices/d", "memory/a", "pids", "cpu/b"] {
             fs::create_dir_all(r.join(d)).unwrap();
         }
         let cg = Cgroup::create_in(r, membership, "0123456789abcdef", &limits()).unwrap();
@@ -296,6 +348,7 @@ mod tests {
         assert_eq!(
             cg.dirs(),
             [
+                r.join("devices/d").join(name),
                 r.join("memory/a").join(name),
                 r.join("cpu/b").join(name),
                 r.join("pids").join(name)
@@ -310,9 +363,19 @@ mod tests {
             "200000"
         );
         assert_eq!(read(&r.join("pids").join(name).join("pids.max")), "8");
+        // The devices hierarchy: everything denied, then the allow-list
+        // (the fake files keep only the last write).
+        let devices = r.join("devices/d").join(name);
+        assert_eq!(read(&devices.join("devices.deny")), "a");
+        assert_eq!(read(&devices.join("devices.allow")), "c 136:* rwm");
+        std::mem::forget(cg);
+        // Without limits, the devices cgroup alone.
+        let cg =
+            Cgroup::create_in(r, membership, "aaaabbbbccccdddd", &NsLimits::default()).unwrap();
+        assert_eq!(cg.dirs(), [r.join("devices/d/vmc-aaaabbbbcccc")]);
         std::mem::forget(cg);
         // A controller the host does not have is named.
-        let err = Cgroup::create_in(r, "0::/\n", "0123456789abcdef", &limits())
+        let err = Cgroup::create_in(r, "5:devices:/\n0::/\n", "0123456789abcdef", &limits())
             .unwrap_err()
             .to_string();
         assert!(

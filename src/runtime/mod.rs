@@ -4,6 +4,7 @@
 pub mod agent;
 pub mod attach;
 pub mod cgroup;
+pub mod devices;
 
 pub mod microvm;
 pub mod net;

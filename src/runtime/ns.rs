@@ -92,11 +92,13 @@ pub fn root_ops() -> Vec<RootOp> {
             false,
         ),
         RootOp::Mkdir(at("/dev"), 0o755),
+        // nodev too: the nodes below are bind mounts of the host's, which
+        // keep their own mounts' flags; one made here cannot be opened.
         mount(
             "tmpfs",
             at("/dev"),
             "tmpfs",
-            libc::MS_NOSUID | libc::MS_STRICTATIME,
+            libc::MS_NOSUID | libc::MS_NODEV | libc::MS_STRICTATIME,
             "mode=755,size=65536k",
             false,
         ),
@@ -317,11 +319,13 @@ impl OverlayRoot {
             // directories) in user.* xattrs: trusted.* are the host's.
             data.push_str(",userxattr");
         }
+        // nodev: a device node the container makes in its root (it keeps
+        // CAP_MKNOD, as in Docker) cannot be opened through this mount.
         vmc_guest::sys::mount(
             Some("overlay"),
             &root.display().to_string(),
             Some("overlay"),
-            0,
+            libc::MS_NODEV,
             Some(&data),
         )
         .map_err(sys("mounting the container root (overlayfs)"))?;
@@ -357,6 +361,26 @@ pub fn isolation(hostname: &str) -> Isolation {
     }
 }
 
+/// Creates the cgroups of container (or build step) `id`, its device
+/// allow-list and `limits`, and makes joining them the first steps of
+/// `iso`: the workload is in them before it execs. They are removed (on
+/// drop) once it is gone.
+pub fn join_cgroups(
+    iso: &mut Isolation,
+    id: &str,
+    limits: &super::NsLimits,
+) -> Result<Option<super::cgroup::Cgroup>, NsError> {
+    let cgroup = super::cgroup::Cgroup::create(id, limits)?;
+    if let Some(cg) = &cgroup {
+        let joins = cg.procs_files().into_iter().map(|p| RootOp::Write {
+            path: p.display().to_string(),
+            data: "0".into(),
+        });
+        iso.ops.splice(0..0, joins);
+    }
+    Ok(cgroup)
+}
+
 /// Runs `cfg` attached (stdio inherited) with its root made of `lowers`
 /// (bottom first, read-only) and a writable upper in `dir`; returns the exit
 /// code as Docker reports it.
@@ -374,17 +398,10 @@ pub fn run_attached(
     let _mounted = OverlayRoot::mount(lowers, &dir.join("upper"), &dir.join("work"), &root, dir)?;
     let root_s = root.display().to_string();
     let mut iso = isolation(&cfg.hostname);
-    // Limits: the workload joins its cgroups first thing, before it execs;
-    // they are removed (on drop) once it is gone.
-    let cgroup = super::cgroup::Cgroup::create(&cfg.id, &cfg.limits)?;
+    let cgroup = join_cgroups(&mut iso, &cfg.id, &cfg.limits)?;
     if let Some(cg) = &cgroup {
         let list: Vec<String> = cg.dirs().iter().map(|d| d.display().to_string()).collect();
         let _ = std::fs::write(dir.join("cgroups"), list.join("\n"));
-        let joins = cg.procs_files().into_iter().map(|p| RootOp::Write {
-            path: p.display().to_string(),
-            data: "0".into(),
-        });
-        iso.ops.splice(0..0, joins);
     }
     for (name, file) in network_files(cfg, dir)? {
         let target = format!("/etc/{name}");
@@ -607,15 +624,19 @@ fn reap(pid: libc::pid_t) -> Option<i32> {
     Some(st.shell_code())
 }
 
-/// `vmc exec` in namespace mode: joins the namespaces of the container whose
-/// PID 1 is `pid` (this process must still be single-threaded: a mount
+/// `vmc exec` in namespace mode: joins the cgroups listed in `cgroups` and
+/// the namespaces of the container whose PID 1 is `pid` (this process must still be single-threaded: a mount
 /// namespace can only be joined then) and runs `spec` there, confined like
 /// the container, with this process's stdio; returns its exit code.
 pub fn exec_attached(
     pid: i32,
+    cgroups: &Path,
     spec: &vmc_guest::ProcessSpec,
     forward_stdin: bool,
 ) -> Result<i32, RuntimeError> {
+    // The container's cgroups (limits, device rules) first, while the
+    // host's /sys/fs/cgroup is still in view.
+    super::cgroup::join_listed(cgroups)?;
     // Without root the container's namespaces belong to its user namespace,
     // which is joined first (and gives the capabilities to join the rest).
     let user = rootless().then_some("user");
