@@ -639,6 +639,52 @@ mod tests {
         assert_ne!(h(&spec(&["src"], "/s")), base);
     }
 
+    #[test]
+    fn content_hash_follows_a_mode_change_alone() {
+        let (d, c) = context();
+        let h = |s: &CopySpec| c.copy_layer(s, &mut Vec::new()).unwrap().content_hash;
+        let file = d.path().join("src/main.rs");
+        let mode = |m: u32| fs::set_permissions(&file, fs::Permissions::from_mode(m)).unwrap();
+        mode(0o644);
+        let base = h(&spec(&["src"], "/s"));
+        let single = h(&spec(&["src/main.rs"], "/m"));
+        mode(0o755);
+        assert_ne!(h(&spec(&["src"], "/s")), base, "chmod +x in a directory");
+        assert_ne!(
+            h(&spec(&["src/main.rs"], "/m")),
+            single,
+            "chmod +x of the file"
+        );
+        mode(0o644);
+        assert_eq!(h(&spec(&["src"], "/s")), base, "back to the old mode");
+        // A directory's own mode counts too.
+        let lib = d.path().join("src/lib");
+        fs::set_permissions(&lib, fs::Permissions::from_mode(0o700)).unwrap();
+        assert_ne!(h(&spec(&["src"], "/s")), base, "chmod of a directory");
+    }
+
+    #[test]
+    fn dockerignore_exceptions_bring_files_back() {
+        let d = tempfile::tempdir().unwrap();
+        let r = d.path();
+        for f in ["a.env", "secret.env", "keep.env", "app.js"] {
+            fs::write(r.join(f), f).unwrap();
+        }
+        fs::write(r.join(".dockerignore"), "*.env\n!keep.env\n").unwrap();
+        let c = Context::open(r).unwrap();
+        let all = layer(&c, &spec(&["."], "/ctx/")).unwrap();
+        let names: Vec<&str> = all.iter().map(|(p, _)| p.as_str()).collect();
+        assert_eq!(names, ["ctx/.dockerignore", "ctx/app.js", "ctx/keep.env"]);
+        assert_eq!(all[2].1, "keep.env");
+        let envs = layer(&c, &spec(&["*.env"], "/e/")).unwrap();
+        assert_eq!(envs, [("e/keep.env".into(), "keep.env".into())]);
+        assert!(matches!(
+            layer(&c, &spec(&["a.env"], "/")),
+            Err(ContextError::NotFound(_))
+        ));
+        assert!(c.is_ignored("secret.env") && !c.is_ignored("keep.env"));
+    }
+
     fn filetime_touch(p: &Path) {
         let f = File::options().append(true).open(p).unwrap();
         f.set_modified(std::time::SystemTime::UNIX_EPOCH).unwrap();
