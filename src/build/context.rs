@@ -692,7 +692,7 @@ mod tests {
 
     #[test]
     fn add_unpacks_local_archives_and_drops_escaping_entries() {
-        let (d, c) = context();
+        let (d, _) = context();
         let mut b = tar::Builder::new(Vec::new());
         let mut h = tar::Header::new_gnu();
         h.set_size(2);
@@ -708,19 +708,46 @@ mod tests {
         let data = b.into_inner().unwrap();
         let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
         gz.write_all(&data).unwrap();
-        fs::write(d.path().join("bundle.tar.gz"), gz.finish().unwrap()).unwrap();
-        let mut s = spec(&["bundle.tar.gz"], "/opt/");
-        s.add = true;
+        // Plain, gzip and zstd (the README's list), named so that the name
+        // tells nothing: the content decides.
+        let archives = [
+            ("bundle.tar", data.clone()),
+            ("bundle.tar.gz", gz.finish().unwrap()),
+            ("bundle.tar.zst", zstd::encode_all(&data[..], 3).unwrap()),
+            ("bundle.bin", zstd::encode_all(&data[..], 3).unwrap()),
+        ];
+        for (name, bytes) in &archives {
+            fs::write(d.path().join(name), bytes).unwrap();
+        }
         let c2 = Context::open(d.path()).unwrap();
-        assert_eq!(
-            layer(&c2, &s).unwrap(),
-            [("opt/in/ok.txt".into(), "ok".into())]
-        );
-        // COPY keeps the archive as a file.
-        assert_eq!(
-            layer(&c, &spec(&["bundle.tar.gz"], "/opt/")).unwrap()[0].0,
-            "opt/bundle.tar.gz"
-        );
+        for (name, _) in &archives {
+            let mut s = spec(&[name], "/opt/");
+            s.add = true;
+            assert_eq!(
+                layer(&c2, &s).unwrap(),
+                [("opt/in/ok.txt".into(), "ok".into())],
+                "ADD {name}"
+            );
+            // COPY keeps the archive as a file.
+            assert_eq!(
+                layer(&c2, &spec(&[name], "/opt/")).unwrap()[0].0,
+                format!("opt/{name}")
+            );
+        }
+        // What is not a tar archive, compressed or not, is copied as it is.
+        fs::write(
+            d.path().join("notes.zst"),
+            zstd::encode_all(&b"notes"[..], 3).unwrap(),
+        )
+        .unwrap();
+        fs::write(d.path().join("plain.txt"), "x".repeat(600)).unwrap();
+        for name in ["notes.zst", "plain.txt"] {
+            let mut s = spec(&[name], "/opt/");
+            s.add = true;
+            let got = layer(&Context::open(d.path()).unwrap(), &s).unwrap();
+            assert_eq!(got.len(), 1, "ADD {name}: {got:?}");
+            assert_eq!(got[0].0, format!("opt/{name}"));
+        }
     }
 
     #[test]
