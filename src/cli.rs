@@ -513,6 +513,21 @@ mod tests {
         assert!(parse_size("99999999999g").is_err());
     }
 
+    /// `vmc --version` shows the build id that build.rs hashes from `src/`
+    /// and Cargo.lock (the one warm-start snapshot keys include).
+    #[test]
+    fn version_shows_the_build_id() {
+        let id = env!("VMC_BUILD_ID");
+        assert_eq!(id.len(), 16, "{id}");
+        assert!(id.chars().all(|c| c.is_ascii_hexdigit()), "{id}");
+        let e = Cli::try_parse_from(["vmc", "--version"]).unwrap_err();
+        assert_eq!(e.kind(), clap::error::ErrorKind::DisplayVersion);
+        assert_eq!(
+            e.to_string().trim_end(),
+            format!("vmc {} (build {id})", env!("CARGO_PKG_VERSION"))
+        );
+    }
+
     #[test]
     fn cli_definition_is_consistent() {
         use clap::CommandFactory;

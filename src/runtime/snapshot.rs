@@ -407,6 +407,35 @@ mod tests {
             backend: Backend::Vmx,
         };
         assert_ne!(spec(1, 256 << 20).key(), other.key(), "another agent");
+        // Another backend: each one of them another key.
+        let on = |backend| {
+            SnapshotSpec {
+                kernel: &k,
+                agent_disk: &a,
+                cpus: 1,
+                memory: 256 << 20,
+                backend,
+            }
+            .key()
+        };
+        let keys: std::collections::HashSet<String> = [
+            Backend::Vmx,
+            Backend::Svm,
+            Backend::PvmNative,
+            Backend::Pvm,
+            Backend::Unknown,
+        ]
+        .into_iter()
+        .map(on)
+        .collect();
+        assert_eq!(keys.len(), 5, "one key per backend");
+        assert!(keys.contains(&spec(1, 256 << 20).key()));
+        // And the vmc build: its id is one of the hashed inputs.
+        assert!(spec(1, 256 << 20).describe().starts_with(&format!(
+            "vmc {} build {}\n",
+            env!("CARGO_PKG_VERSION"),
+            env!("VMC_BUILD_ID")
+        )));
     }
 
     #[test]
