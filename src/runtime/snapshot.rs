@@ -502,8 +502,18 @@ mod tests {
         let two = made(&spec(2, &a));
         let old_agent = made(&spec(1, &a2));
         std::fs::create_dir_all(root.join("from-an-older-vmc")).unwrap();
+        // A quarantined snapshot of the current inputs (the README: `vmc
+        // system prune` removes it), with the hung guest's state beside it.
+        let quarantined = root.join(format!(".quarantine-{one}-x"));
+        std::fs::create_dir_all(quarantined.join("hung")).unwrap();
+        std::fs::write(quarantined.join(SPEC_FILE), spec(1, &a).describe()).unwrap();
+        std::fs::write(quarantined.join("hung/state.bin"), b"state").unwrap();
         let (n, _) = prune(&root, Some(&spec(1, &a))).unwrap();
-        assert_eq!(n, 2, "the other agent's and the one without a spec");
+        assert_eq!(
+            n, 3,
+            "the other agent's, the one without a spec and the quarantined one"
+        );
+        assert!(!quarantined.exists());
         let mut left: Vec<String> = std::fs::read_dir(&root)
             .unwrap()
             .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
