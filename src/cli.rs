@@ -103,7 +103,7 @@ pub enum Command {
     Pull(PullArgs),
     /// Load images from a docker-archive (docker save) or an OCI archive.
     Load(LoadArgs),
-    /// Write images to an OCI archive (readable by skopeo, umoci, podman load).
+    /// Write images to an OCI archive (readable by skopeo and umoci).
     Save(SaveArgs),
     /// Container vs microVM benchmarks: both modes side by side (and crun, peers).
     Bench(BenchArgs),
