@@ -103,7 +103,7 @@ pub enum Command {
     Pull(PullArgs),
     /// Load images from a docker-archive (docker save) or an OCI archive.
     Load(LoadArgs),
-    /// Write images to an OCI archive (readable by skopeo, umoci, podman load).
+    /// Write images to an OCI archive (readable by skopeo and umoci).
     Save(SaveArgs),
     /// Container vs microVM benchmarks: both modes side by side (and crun, peers).
     Bench(BenchArgs),
@@ -513,6 +513,21 @@ mod tests {
         assert!(parse_size("99999999999g").is_err());
     }
 
+    /// `vmc --version` shows the build id that build.rs hashes from `src/`
+    /// and Cargo.lock (the one warm-start snapshot keys include).
+    #[test]
+    fn version_shows_the_build_id() {
+        let id = env!("VMC_BUILD_ID");
+        assert_eq!(id.len(), 16, "{id}");
+        assert!(id.chars().all(|c| c.is_ascii_hexdigit()), "{id}");
+        let e = Cli::try_parse_from(["vmc", "--version"]).unwrap_err();
+        assert_eq!(e.kind(), clap::error::ErrorKind::DisplayVersion);
+        assert_eq!(
+            e.to_string().trim_end(),
+            format!("vmc {} (build {id})", env!("CARGO_PKG_VERSION"))
+        );
+    }
+
     #[test]
     fn cli_definition_is_consistent() {
         use clap::CommandFactory;
@@ -541,5 +556,96 @@ mod tests {
         assert!(
             Cli::try_parse_from(["vmc", "run", "--cpus", "0", "--rootfs", "r", "--", "x"]).is_err()
         );
+    }
+
+    #[test]
+    fn stop_waits_10_seconds_and_kill_sends_kill_by_default() {
+        let Command::Stop(s) = Cli::try_parse_from(["vmc", "stop", "x"]).unwrap().command else {
+            panic!()
+        };
+        assert_eq!((s.time, s.containers), (10, vec!["x".to_string()]));
+        let Command::Stop(s) = Cli::try_parse_from(["vmc", "stop", "-t", "3", "x"])
+            .unwrap()
+            .command
+        else {
+            panic!()
+        };
+        assert_eq!(s.time, 3);
+        let Command::Kill(k) = Cli::try_parse_from(["vmc", "kill", "x"]).unwrap().command else {
+            panic!()
+        };
+        assert_eq!(
+            (k.signal.as_str(), k.containers),
+            ("KILL", vec!["x".to_string()])
+        );
+        let Command::Kill(k) = Cli::try_parse_from(["vmc", "kill", "-s", "USR1", "x"])
+            .unwrap()
+            .command
+        else {
+            panic!()
+        };
+        assert_eq!(k.signal, "USR1");
+        assert!(
+            Cli::try_parse_from(["vmc", "stop"]).is_err(),
+            "a container is needed"
+        );
+        assert!(
+            Cli::try_parse_from(["vmc", "kill"]).is_err(),
+            "a container is needed"
+        );
+    }
+
+    #[test]
+    fn cpus_are_1_to_64_for_run_and_build() {
+        let run = |n: &str| Cli::try_parse_from(["vmc", "run", "--cpus", n, "img"]);
+        let Command::Run(r) = run("64").unwrap().command else {
+            panic!()
+        };
+        assert_eq!(r.cpus, Some(64));
+        let Command::Run(r) = run("1").unwrap().command else {
+            panic!()
+        };
+        assert_eq!(r.cpus, Some(1));
+        for bad in ["65", "0", "256", "-1"] {
+            assert!(run(bad).is_err(), "--cpus {bad}");
+        }
+        let build = |n: &str| Cli::try_parse_from(["vmc", "build", "--cpus", n, "."]);
+        let Command::Build(b) = build("64").unwrap().command else {
+            panic!()
+        };
+        assert_eq!(b.cpus, 64);
+        assert!(build("65").is_err());
+        let Command::Build(b) = Cli::try_parse_from(["vmc", "build", "."]).unwrap().command else {
+            panic!()
+        };
+        assert_eq!(
+            (b.cpus, b.memory),
+            (1, 256 << 20),
+            "the build VM's defaults"
+        );
+    }
+
+    /// `--memory` parses any size; the 64 MiB minimum of a microVM is
+    /// checked by `vmm::check_memory` (its test: vmm's
+    /// `guest_memory_below_64_mib_is_refused`), since a namespace container
+    /// may have less.
+    #[test]
+    fn memory_takes_docker_sizes() {
+        let Command::Run(r) = Cli::try_parse_from(["vmc", "run", "-m", "64M", "img"])
+            .unwrap()
+            .command
+        else {
+            panic!()
+        };
+        assert_eq!(r.memory, Some(64 << 20));
+        crate::vmm::check_memory(r.memory.unwrap()).unwrap();
+        let Command::Run(r) = Cli::try_parse_from(["vmc", "run", "--memory", "63M", "img"])
+            .unwrap()
+            .command
+        else {
+            panic!()
+        };
+        assert!(crate::vmm::check_memory(r.memory.unwrap()).is_err());
+        assert!(Cli::try_parse_from(["vmc", "run", "--memory", "12q", "img"]).is_err());
     }
 }

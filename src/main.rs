@@ -153,11 +153,8 @@ fn run(args: RunArgs) -> Result<i32> {
         vmm::open_kvm()?;
     }
     let vm_memory = args.memory.unwrap_or(256 << 20);
-    if !ns && vm_memory < vmm::MIN_MEMORY {
-        bail!(
-            "--memory {vm_memory}: a microVM needs at least {} MiB",
-            vmm::MIN_MEMORY >> 20
-        );
+    if !ns {
+        vmm::check_memory(vm_memory)?;
     }
     if ns && args.memory.is_some_and(|m| m < (4 << 20)) {
         bail!("--memory: a container needs at least 4 MiB");
@@ -1104,13 +1101,7 @@ fn import(a: ImportArgs) -> Result<i32> {
 }
 
 fn build(a: BuildArgs) -> Result<i32> {
-    if a.memory < vmm::MIN_MEMORY {
-        bail!(
-            "--memory {}: a microVM needs at least {} MiB",
-            a.memory,
-            vmm::MIN_MEMORY >> 20
-        );
-    }
+    vmm::check_memory(a.memory)?;
     if !a.context.is_dir() {
         bail!(
             "build context {}: no such directory (give the directory holding your Dockerfile, e.g. .)",

@@ -2,4 +2,4 @@
 //! harness can count (defined in the guest crate, which the guest agent's
 //! tests share).
 
-pub use vmc_guest::testing::{ci, skip};
+pub use vmc_guest::testing::{ci, root, skip};

@@ -308,10 +308,15 @@ fn a_snapshot_taken_while_an_interrupt_was_in_flight_restores_and_answers() {
     drop(request);
     let state = vmc::vmm::snapshot::VmState::read(&inflight).unwrap();
     let lost = vmc::vmm::snapshot::report::owed_interrupts(&state);
+    // What `vmc system inspect-snapshot` prints for it: a LOST: line.
+    let report = vmc::vmm::snapshot::report::report(&inflight).unwrap();
     assert!(
         !lost.is_empty(),
-        "the saved state has an interrupt raised but not pending:\n{}",
-        vmc::vmm::snapshot::report::report(&inflight).unwrap()
+        "the saved state has an interrupt raised but not pending:\n{report}"
+    );
+    assert!(
+        report.lines().any(|l| l.starts_with("LOST: device ")),
+        "inspect-snapshot names the lost interrupt:\n{report}"
     );
     // Restored, the guest gets that interrupt again and answers a new
     // connection (without it, EVENT_IDX keeps the device from ever

@@ -1,7 +1,8 @@
 //! An overlayfs upper directory as an OCI layer tar: overlay whiteouts
 //! (0/0 character devices) become `.wh.NAME` entries and opaque directories
-//! (`trusted.overlay.opaque=y`) get a `.wh..wh..opq` entry. Used by the guest
-//! agent for RUN steps in a microVM and by namespace-mode builds on the host.
+//! (`trusted.overlay.opaque=y`, `user.overlay.opaque=y` in a rootless
+//! overlay) get a `.wh..wh..opq` entry. Used by the guest agent for RUN
+//! steps in a microVM and by namespace-mode builds on the host.
 
 use std::collections::HashMap;
 use std::ffi::CString;
@@ -158,6 +159,81 @@ mod tests {
             .unwrap()
             .map(|e| e.unwrap().path().unwrap().display().to_string())
             .collect()
+    }
+
+    fn set_xattr(path: &Path, name: &str, value: &[u8]) {
+        let p = CString::new(path.as_os_str().as_encoded_bytes()).unwrap();
+        let n = CString::new(name).unwrap();
+        // SAFETY: valid strings and buffer.
+        let r = unsafe {
+            libc::lsetxattr(
+                p.as_ptr(),
+                n.as_ptr(),
+                value.as_ptr().cast(),
+                value.len(),
+                0,
+            )
+        };
+        assert_eq!(
+            r,
+            0,
+            "{name} on {}: {}",
+            path.display(),
+            io::Error::last_os_error()
+        );
+    }
+
+    /// Opaque directories get a `.wh..wh..opq` entry: marked with
+    /// `trusted.overlay.opaque=y` by a root overlay, `user.overlay.opaque=y`
+    /// by a rootless one (`userxattr`); the other kind, or another value, is
+    /// no mark. Deleted files (0/0 character devices) become `.wh.NAME`.
+    #[test]
+    fn opaque_directories_and_whiteouts_become_oci_markers() {
+        if !crate::testing::root() {
+            return;
+        }
+        let d = tempfile::tempdir().unwrap();
+        let up = d.path();
+        for dir in ["root-opaque", "user-opaque", "not-opaque", "plain"] {
+            fs::create_dir(up.join(dir)).unwrap();
+            fs::write(up.join(dir).join("f"), dir).unwrap();
+        }
+        set_xattr(&up.join("root-opaque"), "trusted.overlay.opaque", b"y");
+        set_xattr(&up.join("user-opaque"), "user.overlay.opaque", b"y");
+        set_xattr(&up.join("not-opaque"), "trusted.overlay.opaque", b"n");
+        let gone = CString::new(up.join("plain/gone").as_os_str().as_encoded_bytes()).unwrap();
+        // SAFETY: a valid path; a 0/0 character device is overlayfs's whiteout.
+        let r = unsafe { libc::mknod(gone.as_ptr(), libc::S_IFCHR, 0) };
+        assert_eq!(r, 0, "{}", io::Error::last_os_error());
+        let layer = |userxattr: bool| {
+            let mut out = Vec::new();
+            write_layer_except(up, &mut out, &[], userxattr).unwrap();
+            names(&out)
+        };
+        let common = [
+            "not-opaque",
+            "not-opaque/f",
+            "plain",
+            "plain/f",
+            // In the order of the upper's names: "gone" after "f".
+            "plain/.wh.gone",
+        ];
+        let with = |opaque: &str| {
+            let mut v: Vec<String> = common.iter().map(|s| s.to_string()).collect();
+            for dir in ["root-opaque", "user-opaque"] {
+                v.push(dir.into());
+                if dir == opaque {
+                    v.push(format!("{dir}/.wh..wh..opq"));
+                }
+                v.push(format!("{dir}/f"));
+            }
+            v
+        };
+        assert_eq!(layer(false), with("root-opaque"), "a root overlay");
+        assert_eq!(layer(true), with("user-opaque"), "a rootless overlay");
+        let mut plain = Vec::new();
+        write_layer(up, &mut plain).unwrap();
+        assert_eq!(names(&plain), with("root-opaque"), "write_layer is root's");
     }
 
     #[test]

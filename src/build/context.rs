@@ -672,6 +672,52 @@ mod tests {
         assert_ne!(h(&spec(&["src"], "/s")), base);
     }
 
+    #[test]
+    fn content_hash_follows_a_mode_change_alone() {
+        let (d, c) = context();
+        let h = |s: &CopySpec| c.copy_layer(s, &mut Vec::new()).unwrap().content_hash;
+        let file = d.path().join("src/main.rs");
+        let mode = |m: u32| fs::set_permissions(&file, fs::Permissions::from_mode(m)).unwrap();
+        mode(0o644);
+        let base = h(&spec(&["src"], "/s"));
+        let single = h(&spec(&["src/main.rs"], "/m"));
+        mode(0o755);
+        assert_ne!(h(&spec(&["src"], "/s")), base, "chmod +x in a directory");
+        assert_ne!(
+            h(&spec(&["src/main.rs"], "/m")),
+            single,
+            "chmod +x of the file"
+        );
+        mode(0o644);
+        assert_eq!(h(&spec(&["src"], "/s")), base, "back to the old mode");
+        // A directory's own mode counts too.
+        let lib = d.path().join("src/lib");
+        fs::set_permissions(&lib, fs::Permissions::from_mode(0o700)).unwrap();
+        assert_ne!(h(&spec(&["src"], "/s")), base, "chmod of a directory");
+    }
+
+    #[test]
+    fn dockerignore_exceptions_bring_files_back() {
+        let d = tempfile::tempdir().unwrap();
+        let r = d.path();
+        for f in ["a.env", "secret.env", "keep.env", "app.js"] {
+            fs::write(r.join(f), f).unwrap();
+        }
+        fs::write(r.join(".dockerignore"), "*.env\n!keep.env\n").unwrap();
+        let c = Context::open(r).unwrap();
+        let all = layer(&c, &spec(&["."], "/ctx/")).unwrap();
+        let names: Vec<&str> = all.iter().map(|(p, _)| p.as_str()).collect();
+        assert_eq!(names, ["ctx/.dockerignore", "ctx/app.js", "ctx/keep.env"]);
+        assert_eq!(all[2].1, "keep.env");
+        let envs = layer(&c, &spec(&["*.env"], "/e/")).unwrap();
+        assert_eq!(envs, [("e/keep.env".into(), "keep.env".into())]);
+        assert!(matches!(
+            layer(&c, &spec(&["a.env"], "/")),
+            Err(ContextError::NotFound(_))
+        ));
+        assert!(c.is_ignored("secret.env") && !c.is_ignored("keep.env"));
+    }
+
     fn filetime_touch(p: &Path) {
         let f = File::options().append(true).open(p).unwrap();
         f.set_modified(std::time::SystemTime::UNIX_EPOCH).unwrap();
@@ -679,7 +725,7 @@ mod tests {
 
     #[test]
     fn add_unpacks_local_archives_and_drops_escaping_entries() {
-        let (d, c) = context();
+        let (d, _) = context();
         let mut b = tar::Builder::new(Vec::new());
         let mut h = tar::Header::new_gnu();
         h.set_size(2);
@@ -695,19 +741,46 @@ mod tests {
         let data = b.into_inner().unwrap();
         let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
         gz.write_all(&data).unwrap();
-        fs::write(d.path().join("bundle.tar.gz"), gz.finish().unwrap()).unwrap();
-        let mut s = spec(&["bundle.tar.gz"], "/opt/");
-        s.add = true;
+        // Plain, gzip and zstd (the README's list), named so that the name
+        // tells nothing: the content decides.
+        let archives = [
+            ("bundle.tar", data.clone()),
+            ("bundle.tar.gz", gz.finish().unwrap()),
+            ("bundle.tar.zst", zstd::encode_all(&data[..], 3).unwrap()),
+            ("bundle.bin", zstd::encode_all(&data[..], 3).unwrap()),
+        ];
+        for (name, bytes) in &archives {
+            fs::write(d.path().join(name), bytes).unwrap();
+        }
         let c2 = Context::open(d.path()).unwrap();
-        assert_eq!(
-            layer(&c2, &s).unwrap(),
-            [("opt/in/ok.txt".into(), "ok".into())]
-        );
-        // COPY keeps the archive as a file.
-        assert_eq!(
-            layer(&c, &spec(&["bundle.tar.gz"], "/opt/")).unwrap()[0].0,
-            "opt/bundle.tar.gz"
-        );
+        for (name, _) in &archives {
+            let mut s = spec(&[name], "/opt/");
+            s.add = true;
+            assert_eq!(
+                layer(&c2, &s).unwrap(),
+                [("opt/in/ok.txt".into(), "ok".into())],
+                "ADD {name}"
+            );
+            // COPY keeps the archive as a file.
+            assert_eq!(
+                layer(&c2, &spec(&[name], "/opt/")).unwrap()[0].0,
+                format!("opt/{name}")
+            );
+        }
+        // What is not a tar archive, compressed or not, is copied as it is.
+        fs::write(
+            d.path().join("notes.zst"),
+            zstd::encode_all(&b"notes"[..], 3).unwrap(),
+        )
+        .unwrap();
+        fs::write(d.path().join("plain.txt"), "x".repeat(600)).unwrap();
+        for name in ["notes.zst", "plain.txt"] {
+            let mut s = spec(&[name], "/opt/");
+            s.add = true;
+            let got = layer(&Context::open(d.path()).unwrap(), &s).unwrap();
+            assert_eq!(got.len(), 1, "ADD {name}: {got:?}");
+            assert_eq!(got[0].0, format!("opt/{name}"));
+        }
     }
 
     #[test]

@@ -137,6 +137,59 @@ fn heredoc_delimiters(s: &str) -> Vec<String> {
     out
 }
 
+/// The first `RUN` whose heredoc comes after the command (`RUN cat <<EOF`),
+/// as (line, the RUN's first line). parse-dockerfile 0.1 takes a heredoc
+/// only at the start of RUN's arguments (`RUN <<EOF [command]`) and would
+/// read such a body's lines as instructions. A `<<WORD` counts when a later
+/// line is WORD alone (its end), so `$((1<<2))` and `<<<` do not.
+fn late_heredoc(text: &str) -> Option<(usize, String)> {
+    let lines: Vec<&str> = text.lines().collect();
+    let mut i = 0;
+    while i < lines.len() {
+        let first = i;
+        // The instruction: this line and its continuation lines.
+        let mut ins = String::new();
+        while i < lines.len() {
+            let l = lines[i];
+            i += 1;
+            match l.trim_end().strip_suffix('\\') {
+                Some(head) if i < lines.len() => {
+                    ins.push_str(head);
+                    ins.push(' ');
+                }
+                _ => {
+                    ins.push_str(l);
+                    break;
+                }
+            }
+        }
+        let mut words = ins.split_whitespace();
+        if !words.next().is_some_and(|w| w.eq_ignore_ascii_case("RUN")) {
+            continue;
+        }
+        let args = words
+            .skip_while(|w| w.starts_with("--"))
+            .collect::<Vec<_>>()
+            .join(" ");
+        let delims: Vec<String> = heredoc_delimiters(&args)
+            .into_iter()
+            .filter(|d| d.starts_with(|c: char| c.is_ascii_alphabetic() || c == '_'))
+            .collect();
+        let end_of = |d: &str, from: usize| (from..lines.len()).find(|&j| lines[j].trim() == d);
+        if args.starts_with("<<") {
+            // `RUN <<EOF`: its body is no instruction; go past it.
+            if let Some(j) = delims.first().and_then(|d| end_of(d, i)) {
+                i = j + 1;
+            }
+            continue;
+        }
+        if delims.iter().any(|d| end_of(d, i).is_some()) {
+            return Some((first + 1, lines[first].trim().to_string()));
+        }
+    }
+    None
+}
+
 fn step(text: &str, ins: &Instruction<'_>, span_start: usize, span_end: usize) -> Step {
     let line = line_of(text, span_start);
     let raw = text[span_start..span_end.min(text.len())]
@@ -254,6 +307,14 @@ fn instruction_text(text: &str, start: usize, next: usize) -> String {
 
 /// Parses a Dockerfile.
 pub fn parse(text: &str) -> Result<Dockerfile, ParseError> {
+    if let Some((line, run)) = late_heredoc(text) {
+        return Err(ParseError {
+            line,
+            message: format!(
+                "{run}: a heredoc after the command is not supported; start the RUN arguments with it (RUN <<EOF [command]: the body is the script, or the command's stdin)"
+            ),
+        });
+    }
     let df = parse_dockerfile::parse(text).map_err(|e| ParseError {
         line: e.line(),
         message: e.to_string(),
@@ -276,6 +337,16 @@ pub fn parse(text: &str) -> Result<Dockerfile, ParseError> {
             }),
             Instruction::Arg(a) if stages.is_empty() => {
                 global_args.push((a.arguments.value.to_string(), line))
+            }
+            Instruction::Run(r) if !r.options.is_empty() => {
+                let f = &r.options[0];
+                let name = f.name.value.as_ref();
+                return Err(ParseError {
+                    line,
+                    message: format!(
+                        "RUN --{name}: RUN options (--mount, --network, --security) are not supported by vmc build"
+                    ),
+                });
             }
             other => match stages.last_mut() {
                 Some(stage) => {
@@ -363,6 +434,68 @@ mod tests {
             }
             k => panic!("{k:?}"),
         }
+    }
+
+    #[test]
+    fn run_options_are_refused_naming_the_flag() {
+        for (flag, text) in [
+            ("mount", "RUN --mount=type=cache,target=/x true"),
+            ("network", "RUN --network=none wget -q http://example.org/"),
+            ("security", "RUN --security=insecure true"),
+            (
+                "mount",
+                "RUN --mount=type=secret,id=x [\"cat\", \"/run/secrets/x\"]",
+            ),
+        ] {
+            let e = parse(&format!("FROM busybox\nRUN true\n{text}\n")).unwrap_err();
+            assert_eq!(e.line, 3, "{e}");
+            assert_eq!(
+                e.to_string(),
+                format!("Dockerfile:3: RUN --{flag}: RUN options (--mount, --network, --security) are not supported by vmc build"),
+            );
+            assert_eq!(e.to_string().lines().count(), 1);
+        }
+        // The same commands without options parse.
+        assert!(parse("FROM busybox\nRUN true --mount=x\n").is_ok());
+    }
+
+    /// As the README says: a heredoc is taken only at the start of RUN's
+    /// arguments; one after the command is a clear error, not its body's
+    /// lines read as instructions.
+    #[test]
+    fn heredocs_after_the_command_are_a_clear_error() {
+        for text in [
+            "FROM busybox\nRUN cat <<EOF > /greeting\nhello\nEOF\n",
+            "FROM busybox\nRUN cat <<'EOF'\nhello\nEOF\n",
+            "FROM busybox\nRUN --mount=type=cache,target=/x cat <<-END\n\thello\nEND\n",
+        ] {
+            let e = parse(text).unwrap_err();
+            assert_eq!(e.line, 2, "{text}: {e}");
+            let m = e.to_string();
+            assert!(
+                m.contains("a heredoc after the command is not supported"),
+                "{m}"
+            );
+            assert!(m.contains("RUN <<EOF [command]"), "{m}");
+            assert!(!m.contains("unknown instruction"), "{m}");
+        }
+        // Continued onto a later line, the RUN is still named by its first.
+        let e = parse("FROM busybox\nRUN set -e; \\\n  cat <<EOF\nhi\nEOF\n").unwrap_err();
+        assert_eq!(e.line, 2, "{e}");
+        assert!(e.to_string().contains("RUN set -e;"), "{e}");
+        // What is supported: the heredoc first, its body the script or the
+        // command's stdin (where a nested heredoc is the script's own);
+        // shifts and here-strings are no heredocs.
+        let ok = "FROM busybox\nRUN <<EOF\ncat <<INNER > /x\nhi\nINNER\nEOF\nRUN <<EOF sh\necho $((1<<2))\nEOF\nRUN echo $((1<<2)) && cat <<< hi\n";
+        let df = parse(ok).unwrap();
+        match &df.stages[0].steps[0].kind {
+            StepKind::Run { heredocs, cmd } => {
+                assert_eq!(cmd, &Cmd::Shell(String::new()));
+                assert_eq!(heredocs[0].1, "cat <<INNER > /x\nhi\nINNER\n");
+            }
+            k => panic!("{k:?}"),
+        }
+        assert_eq!(df.stages[0].steps.len(), 3);
     }
 
     #[test]

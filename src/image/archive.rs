@@ -1084,13 +1084,28 @@ mod tests {
         assert_eq!(names, ["app:1", "app:latest"]);
         assert_eq!(unpacked_hello(&b, &got), HELLO);
 
-        // Loading again changes nothing; a compressed archive loads the same.
+        // Loading again changes nothing; a compressed archive (gzip, zstd)
+        // loads the same.
         let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
         gz.write_all(&fs::read(&out).unwrap()).unwrap();
         let gz_path = dir.path().join("app.tar.gz");
         fs::write(&gz_path, gz.finish().unwrap()).unwrap();
         assert_eq!(load(&b, &gz_path).unwrap()[0].id(), img.id());
+        let zst_path = dir.path().join("app.tar.zst");
+        fs::write(
+            &zst_path,
+            zstd::encode_all(&fs::read(&out).unwrap()[..], 3).unwrap(),
+        )
+        .unwrap();
+        assert_eq!(load(&b, &zst_path).unwrap()[0].id(), img.id());
         assert_eq!(b.images().unwrap().len(), 1);
+        // Into a fresh store, the zstd archive alone gives the same image.
+        let (_z, z) = fresh();
+        let got = load(&z, &zst_path).unwrap();
+        assert_eq!(got.len(), 1);
+        assert_eq!(got[0].id(), img.id());
+        assert_eq!(got[0].manifest_digest, img.manifest_digest);
+        assert_eq!(unpacked_hello(&z, &got[0]), HELLO);
 
         // Saving is deterministic.
         let again = dir.path().join("again.tar");

@@ -143,3 +143,102 @@ pub fn import_rootfs(
     let layer = Descriptor::new(media, size, digest);
     Ok(store.commit(&config, vec![layer], name)?)
 }
+
+#[cfg(test)]
+mod tests {
+    use std::io::Write;
+
+    use super::*;
+    use crate::image::store::digest_of;
+
+    /// A small root filesystem tar: a directory and a file.
+    fn rootfs_tar() -> Vec<u8> {
+        let mut b = tar::Builder::new(Vec::new());
+        let mut h = tar::Header::new_gnu();
+        h.set_entry_type(tar::EntryType::Directory);
+        h.set_mode(0o755);
+        h.set_size(0);
+        b.append_data(&mut h, "etc/", std::io::empty()).unwrap();
+        let data = b"imported\n";
+        let mut h = tar::Header::new_gnu();
+        h.set_mode(0o644);
+        h.set_size(data.len() as u64);
+        b.append_data(&mut h, "etc/hello", &data[..]).unwrap();
+        b.into_inner().unwrap()
+    }
+
+    /// The same tar plain, gzip- and zstd-compressed, written under `dir`.
+    fn three_forms(dir: &Path, tar: &[u8]) -> [(std::path::PathBuf, MediaType); 3] {
+        let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+        gz.write_all(tar).unwrap();
+        let forms = [
+            ("rootfs.tar", tar.to_vec(), MediaType::ImageLayer),
+            (
+                "rootfs.tgz",
+                gz.finish().unwrap(),
+                MediaType::ImageLayerGzip,
+            ),
+            (
+                "rootfs.tar.zst",
+                zstd::encode_all(tar, 3).unwrap(),
+                MediaType::ImageLayerZstd,
+            ),
+        ];
+        forms.map(|(name, bytes, media)| {
+            let p = dir.join(name);
+            std::fs::write(&p, bytes).unwrap();
+            (p, media)
+        })
+    }
+
+    #[test]
+    fn media_types_follow_the_content_and_diff_ids_the_uncompressed_tar() {
+        let dir = tempfile::tempdir().unwrap();
+        let tar = rootfs_tar();
+        let want = digest_of(&tar).to_string();
+        for (p, media) in three_forms(dir.path(), &tar) {
+            assert_eq!(layer_media_type(&p).unwrap(), media, "{}", p.display());
+            assert_eq!(diff_id(&p).unwrap(), want, "{}", p.display());
+        }
+        // Not a tar, and nothing at all, are refused by name.
+        let junk = dir.path().join("junk.zst");
+        std::fs::write(&junk, zstd::encode_all(&[7u8; 1000][..], 3).unwrap()).unwrap();
+        let e = diff_id(&junk).unwrap_err().to_string();
+        assert!(
+            e.contains("junk.zst") && e.contains("not a valid tar"),
+            "{e}"
+        );
+        let empty = dir.path().join("empty");
+        std::fs::write(&empty, b"").unwrap();
+        assert!(diff_id(&empty)
+            .unwrap_err()
+            .to_string()
+            .contains("is empty"));
+    }
+
+    #[test]
+    fn imports_store_the_tarball_as_it_is_with_its_media_type() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("store")).unwrap();
+        let tar = rootfs_tar();
+        for (i, (p, media)) in three_forms(dir.path(), &tar).into_iter().enumerate() {
+            let name = format!("rootfs:{i}");
+            let img = import_rootfs(&store, &p, Some(&name)).unwrap();
+            assert_eq!(img.names, std::slice::from_ref(&name));
+            let layers = img.manifest.layers();
+            assert_eq!(layers.len(), 1);
+            assert_eq!(layers[0].media_type(), &media, "{name}");
+            // The blob is the file as given, compressed or not.
+            let bytes = std::fs::read(&p).unwrap();
+            assert_eq!(layers[0].digest(), &digest_of(&bytes), "{name}");
+            assert_eq!(layers[0].size(), bytes.len() as u64);
+            assert_eq!(store.read_blob(layers[0].digest()).unwrap(), bytes);
+            assert_eq!(
+                img.config.rootfs().diff_ids(),
+                &[digest_of(&tar).to_string()],
+                "{name}"
+            );
+        }
+        assert_eq!(store.images().unwrap().len(), 3);
+    }
+}

@@ -72,7 +72,12 @@ const PASST: &str = "passt";
 /// Debian 12's (scripts/passt.sh: that one resets quiet connections after
 /// 24 s), else `$PATH`.
 pub fn program(name: &str) -> Option<std::path::PathBuf> {
-    let own = crate::assets::assets_dir().join(name);
+    program_in(&crate::assets::assets_dir(), name)
+}
+
+/// [`program`] with the assets directory given.
+fn program_in(assets: &Path, name: &str) -> Option<std::path::PathBuf> {
+    let own = assets.join(name);
     if own.is_file() && safe_to_run(&own) {
         return Some(own);
     }
@@ -459,6 +464,48 @@ mod tests {
             resolv_conf(host, &["192.0.2.1".into()]),
             "nameserver 192.0.2.1\nsearch example.org\noptions edns0\n"
         );
+    }
+
+    /// As root, passt and pasta run from the assets directory only when root
+    /// owns the copy and only root can write it; otherwise from `$PATH`.
+    #[test]
+    fn as_root_only_a_root_owned_copy_nobody_else_can_write_runs() {
+        use std::os::unix::fs::{chown, PermissionsExt};
+        if !crate::testing::root() {
+            return;
+        }
+        let assets = tempfile::tempdir().unwrap();
+        let own = assets.path().join(PASTA);
+        std::fs::write(&own, b"#!/bin/sh\n").unwrap();
+        let mode = |m: u32| std::fs::set_permissions(&own, std::fs::Permissions::from_mode(m));
+        let from_path = super::super::find_on_path(PASTA);
+        assert_ne!(from_path.as_deref(), Some(own.as_path()));
+        mode(0o755).unwrap();
+        assert!(safe_to_run(&own));
+        assert_eq!(program_in(assets.path(), PASTA), Some(own.clone()));
+        for m in [0o775, 0o757, 0o777] {
+            mode(m).unwrap();
+            assert!(!safe_to_run(&own), "mode {m:o}");
+            assert_eq!(program_in(assets.path(), PASTA), from_path, "mode {m:o}");
+        }
+        mode(0o755).unwrap();
+        for (uid, gid) in [(65534, 0), (0, 65534)] {
+            chown(&own, Some(uid), Some(gid)).unwrap();
+            // Another user's file, or root's with a group of another's
+            // (0755: the group cannot write), decide by the owner alone.
+            assert_eq!(safe_to_run(&own), uid == 0, "owned by {uid}:{gid}");
+        }
+        chown(&own, Some(65534), Some(0)).unwrap();
+        assert_eq!(program_in(assets.path(), PASTA), from_path);
+        // Missing, or a directory: from $PATH.
+        chown(&own, Some(0), Some(0)).unwrap();
+        assert_eq!(
+            program_in(assets.path(), PASST),
+            super::super::find_on_path(PASST)
+        );
+        std::fs::remove_file(&own).unwrap();
+        std::fs::create_dir(&own).unwrap();
+        assert_eq!(program_in(assets.path(), PASTA), from_path);
     }
 
     #[test]

@@ -407,6 +407,35 @@ mod tests {
             backend: Backend::Vmx,
         };
         assert_ne!(spec(1, 256 << 20).key(), other.key(), "another agent");
+        // Another backend: each one of them another key.
+        let on = |backend| {
+            SnapshotSpec {
+                kernel: &k,
+                agent_disk: &a,
+                cpus: 1,
+                memory: 256 << 20,
+                backend,
+            }
+            .key()
+        };
+        let keys: std::collections::HashSet<String> = [
+            Backend::Vmx,
+            Backend::Svm,
+            Backend::PvmNative,
+            Backend::Pvm,
+            Backend::Unknown,
+        ]
+        .into_iter()
+        .map(on)
+        .collect();
+        assert_eq!(keys.len(), 5, "one key per backend");
+        assert!(keys.contains(&spec(1, 256 << 20).key()));
+        // And the vmc build: its id is one of the hashed inputs.
+        assert!(spec(1, 256 << 20).describe().starts_with(&format!(
+            "vmc {} build {}\n",
+            env!("CARGO_PKG_VERSION"),
+            env!("VMC_BUILD_ID")
+        )));
     }
 
     #[test]
@@ -473,8 +502,18 @@ mod tests {
         let two = made(&spec(2, &a));
         let old_agent = made(&spec(1, &a2));
         std::fs::create_dir_all(root.join("from-an-older-vmc")).unwrap();
+        // A quarantined snapshot of the current inputs (the README: `vmc
+        // system prune` removes it), with the hung guest's state beside it.
+        let quarantined = root.join(format!(".quarantine-{one}-x"));
+        std::fs::create_dir_all(quarantined.join("hung")).unwrap();
+        std::fs::write(quarantined.join(SPEC_FILE), spec(1, &a).describe()).unwrap();
+        std::fs::write(quarantined.join("hung/state.bin"), b"state").unwrap();
         let (n, _) = prune(&root, Some(&spec(1, &a))).unwrap();
-        assert_eq!(n, 2, "the other agent's and the one without a spec");
+        assert_eq!(
+            n, 3,
+            "the other agent's, the one without a spec and the quarantined one"
+        );
+        assert!(!quarantined.exists());
         let mut left: Vec<String> = std::fs::read_dir(&root)
             .unwrap()
             .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())

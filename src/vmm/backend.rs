@@ -111,6 +111,43 @@ mod tests {
         assert!(b.guest_cmdline().contains("vmc.pvm"));
     }
 
+    /// Every flag the README lists for kvm_pvm's native mode, as whole words
+    /// of the command line, and glibc told not to use AVX.
+    #[test]
+    fn pvm_native_gets_every_flag_the_readme_lists() {
+        let line = Backend::PvmNative.guest_cmdline();
+        let words: Vec<&str> = line.split_whitespace().collect();
+        for flag in [
+            "vmc.pvm",
+            "noxsave",
+            "clearcpuid=141,151,158,306,308",
+            "nofsgsbase",
+            "nopcid",
+            "noinvpcid",
+        ] {
+            assert!(words.contains(&flag), "{flag} missing from {line:?}");
+        }
+        let tunables = words
+            .iter()
+            .find_map(|w| w.strip_prefix("GLIBC_TUNABLES=glibc.cpu.hwcaps="))
+            .unwrap_or_else(|| panic!("no GLIBC_TUNABLES in {line:?}"));
+        let hwcaps: Vec<&str> = tunables.split(',').collect();
+        for cap in ["-AVX", "-AVX2", "-AVX512F"] {
+            assert!(hwcaps.contains(&cap), "{cap} missing from {tunables}");
+        }
+        // The VM's command line carries them all, after vmc's own.
+        let full = crate::vmm::base_cmdline(false, Backend::PvmNative);
+        for w in &words {
+            assert!(full.iter().any(|f| f == w), "{w} missing from {full:?}");
+        }
+        for other in [Backend::Vmx, Backend::Svm, Backend::Pvm, Backend::Unknown] {
+            assert_eq!(other.guest_cmdline(), "", "{other:?}");
+            assert!(!crate::vmm::base_cmdline(false, other)
+                .iter()
+                .any(|w| w == "vmc.pvm" || w == "noxsave"));
+        }
+    }
+
     #[test]
     fn hardware_backends_need_no_quirks() {
         let vmx = Backend::from_probe(None, false, "processor: 0\nflags\t\t: fpu vmx sse\n");

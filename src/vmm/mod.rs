@@ -73,7 +73,7 @@ pub enum VmmError {
     },
     #[error("{vcpus} vCPUs: between 1 and {max} are supported here")]
     Vcpus { vcpus: u8, max: u8 },
-    #[error("--memory {0} MiB: at least {min} MiB is needed", min = MIN_MEMORY >> 20)]
+    #[error("--memory {0}: a microVM needs at least {min} MiB", min = MIN_MEMORY >> 20)]
     MemoryTooSmall(u64),
     #[error("cannot map {0} MiB of guest memory: {1}")]
     Memory(u64, String),
@@ -115,12 +115,20 @@ pub fn open_kvm() -> Result<Kvm, VmmError> {
     })
 }
 
+/// Refuses guest memory (bytes) below [`MIN_MEMORY`]: `vmc run` and `vmc
+/// build` check `--memory` with it before anything starts, and [`start`]
+/// again.
+pub fn check_memory(bytes: u64) -> Result<(), VmmError> {
+    if bytes < MIN_MEMORY {
+        return Err(VmmError::MemoryTooSmall(bytes));
+    }
+    Ok(())
+}
+
 /// Boots a VM from its kernel as described by `cfg`.
 pub fn start(mut cfg: VmConfig) -> Result<RunningVm, VmmError> {
     let kvm = open_kvm()?;
-    if cfg.mem_size < MIN_MEMORY {
-        return Err(VmmError::MemoryTooSmall(cfg.mem_size >> 20));
-    }
+    check_memory(cfg.mem_size)?;
     let mem = memory::create(cfg.mem_size)
         .map_err(|e| VmmError::Memory(cfg.mem_size >> 20, e.to_string()))?;
     let m = builder::build(kvm, &mut cfg, mem)?;
@@ -249,4 +257,26 @@ pub fn base_cmdline(console: bool, backend: Backend) -> Vec<String> {
         c.extend(extra.split_whitespace().map(String::from));
     }
     c
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The README's `--memory`: "at least 64M" for a VM, as `vmc run` and
+    /// `vmc build` check it (and `start` again).
+    #[test]
+    fn guest_memory_below_64_mib_is_refused() {
+        let size = |s: &str| crate::cli::parse_size(s).unwrap();
+        check_memory(size("64M")).unwrap();
+        check_memory(size("256M")).unwrap();
+        for small in [size("64M") - 1, size("63M"), 0] {
+            let e = check_memory(small).unwrap_err();
+            assert!(matches!(e, VmmError::MemoryTooSmall(b) if b == small));
+            assert_eq!(
+                e.to_string(),
+                format!("--memory {small}: a microVM needs at least 64 MiB")
+            );
+        }
+    }
 }
