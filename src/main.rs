@@ -91,6 +91,10 @@ fn main() {
 }
 
 fn dispatch(cli: Cli) -> Result<i32> {
+    // Made (or tightened) 0700 before anything is written under it.
+    let home = runtime::vmc_home();
+    runtime::private_dir(&home)
+        .with_context(|| format!("making vmc's state directory {}", home.display()))?;
     match cli.command {
         Command::Run(args) => run(args),
         Command::Build(a) => build(a),
@@ -304,10 +308,14 @@ fn run(args: RunArgs) -> Result<i32> {
     let forward_stdin =
         !args.detach && (args.interactive || (!args.tty && !std::io::stdin().is_terminal()));
     let dir = cstate::containers_dir().join(&id);
-    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    runtime::private_dir(&dir).with_context(|| format!("creating {}", dir.display()))?;
     let setup = || -> Result<Container> {
+        // Its environment (`-e` values) is the container's secret.
         let cfg_json = serde_json::to_vec_pretty(&cfg)?;
-        std::fs::write(dir.join("config.json"), cfg_json)?;
+        std::io::Write::write_all(
+            &mut runtime::private_file(&dir.join("config.json"), false)?,
+            &cfg_json,
+        )?;
         if let Some(img) = &cfg.image_id {
             std::fs::write(dir.join("image-id"), img)?;
         }

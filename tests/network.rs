@@ -395,6 +395,9 @@ fn vm_mode(h: &Path, gw: &str, port: u16) {
         &[
             "build",
             "-q",
+            // The same Dockerfile was built in namespace mode above: without
+            // --no-cache its RUN would come from the cache, no VM started.
+            "--no-cache",
             "-t",
             "vmfetched",
             ctx.path().to_str().unwrap(),

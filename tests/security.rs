@@ -396,3 +396,109 @@ fn a_namespace_container_cannot_open_host_devices_it_makes() {
     );
     ok(&vmc(h, &["rm", "-f", "devs"]));
 }
+
+/// Issue 16, 3: the store was 0755 all the way down, so any local user could
+/// run an image's setuid-root binary from the unpacked layer cache (and open
+/// device nodes a container made in its upper directory). The state
+/// directory is 0700 now (an existing store is tightened), and the files
+/// holding a container's secrets are 0600.
+#[test]
+fn the_store_and_containers_are_their_users_alone() {
+    use std::os::unix::fs::PermissionsExt;
+    if !is_root() {
+        return;
+    }
+    let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o7777;
+    // The home's parent is world-traversable, as /var/lib is.
+    let top = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(top.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let h = top.path().join("vmc");
+    // An image with a setuid-root probe: a copy of the host's id(1), which
+    // runs on the host (its loader and libraries are the host's) from the
+    // layer cache. (busybox drops set-id privileges for its applets.)
+    let src = tempfile::tempdir().unwrap();
+    let r = src.path().join("r");
+    let st = std::process::Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "cp -a {} {r} && cp /usr/bin/id {r}/bin/suidprobe && chmod 4755 {r}/bin/suidprobe \
+             && tar -C {r} -cf {r}.tar .",
+            common::rootfs().display(),
+            r = r.display()
+        ))
+        .status()
+        .unwrap();
+    assert!(st.success());
+    ok(&vmc(
+        &h,
+        &["import", &format!("{}.tar", r.display()), "suid"],
+    ));
+    ok(&vmc(
+        &h,
+        &[
+            "run",
+            "-d",
+            "--mode",
+            "ns",
+            "--network",
+            "none",
+            "-e",
+            "TOKEN=s3cret",
+            "--name",
+            "held",
+            "suid",
+            "sleep",
+            "1000",
+        ],
+    ));
+    // The setuid binary, unpacked in the layer cache, and the container's
+    // state: nobody reaches either.
+    let probe = std::fs::read_dir(h.join("cache/layers"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.path().join("bin/suidprobe"))
+        .find(|p| p.exists())
+        .expect("the unpacked layer");
+    assert_eq!(mode(&probe), 0o4755, "the image's own mode is kept");
+    let dir = std::fs::read_dir(h.join("containers"))
+        .unwrap()
+        .flatten()
+        .next()
+        .unwrap()
+        .path();
+    let as_nobody = |cmd: &str| {
+        std::process::Command::new("setpriv")
+            .args([
+                "--reuid=65534",
+                "--regid=65534",
+                "--clear-groups",
+                "sh",
+                "-c",
+                cmd,
+            ])
+            .output()
+            .unwrap()
+    };
+    let o = as_nobody(&format!("{} -u", probe.display()));
+    assert!(
+        !o.status.success() && o.stdout.is_empty(),
+        "another user ran the image's setuid binary: {o:?}"
+    );
+    let o = as_nobody(&format!("cat {}/config.json", dir.display()));
+    assert!(
+        !o.status.success(),
+        "another user read a container's config: {o:?}"
+    );
+    assert_eq!(mode(&h), 0o700, "a new store");
+    assert_eq!(mode(&dir), 0o700);
+    assert_eq!(mode(&dir.join("config.json")), 0o600);
+    assert_eq!(mode(&dir.join("container.log")), 0o600);
+    ok(&vmc(&h, &["rm", "-f", "held"]));
+
+    // A store made 0755 by an older vmc is tightened by the next command.
+    std::fs::set_permissions(&h, std::fs::Permissions::from_mode(0o755)).unwrap();
+    ok(&vmc(&h, &["ps"]));
+    assert_eq!(mode(&h), 0o700, "an existing store");
+    // TestHome's clean-up does not apply to this home: nothing is left.
+    assert_eq!(ok(&vmc(&h, &["ps", "-aq"])), "");
+}

@@ -115,7 +115,8 @@ pub fn write_atomic(path: &Path, data: &[u8]) -> io::Result<()> {
         &crate::runtime::new_id()[..8]
     ));
     let result = (|| {
-        let mut f = File::create(&tmp)?;
+        // 0600: the store and container state are vmc's alone.
+        let mut f = crate::runtime::private_file(&tmp, false)?;
         f.write_all(data)?;
         f.sync_all()?;
         fs::rename(&tmp, path)?;
@@ -138,6 +139,8 @@ impl Store {
         if !layout.exists() {
             write_atomic(&layout, br#"{"imageLayoutVersion":"1.0.0"}"#).map_err(io_err(&layout))?;
         }
+        // The store is its user's alone (an older vmc made it 0755).
+        crate::runtime::private_dir(root).map_err(io_err(root))?;
         let index = root.join("index.json");
         if !index.exists() {
             let _l = s.lock("index", true)?;

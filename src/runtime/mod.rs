@@ -15,7 +15,7 @@ pub mod spec;
 pub mod state;
 pub mod tty;
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 pub use vmc_guest::ProcessSpec;
 
@@ -129,6 +129,51 @@ pub fn vmc_home() -> PathBuf {
         return PathBuf::from("/var/lib/vmc");
     }
     crate::assets::assets_dir()
+}
+
+/// Creates `dir` (and its parents) with mode 0700, for vmc's own state:
+/// nothing under it is another local user's business (unpacked layers keep
+/// set-id bits and file capabilities; containers hold their environment).
+/// An existing `dir` is tightened to 0700 when it is empty or a vmc store
+/// (an older store made 0755); any other existing directory is left as the
+/// user made it.
+pub fn private_dir(dir: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+    match std::fs::symlink_metadata(dir) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            if let Some(parent) = dir.parent().filter(|p| !p.as_os_str().is_empty()) {
+                std::fs::create_dir_all(parent)?;
+            }
+            match std::fs::DirBuilder::new().mode(0o700).create(dir) {
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+                r => r?,
+            }
+            // The mode asked for is subject to the umask; set it whole.
+            std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+        }
+        Err(e) => Err(e),
+        Ok(m) => {
+            let ours = dir.join("oci-layout").exists() || std::fs::read_dir(dir)?.next().is_none();
+            if m.is_dir() && ours && m.permissions().mode() & 0o077 != 0 {
+                std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))?;
+            }
+            Ok(())
+        }
+    }
+}
+
+/// Opens `path` for writing, created with mode 0600 (truncating it unless
+/// `append`): for files that hold a container's secrets (its environment,
+/// its output, its disk, its memory).
+pub fn private_file(path: &Path, append: bool) -> std::io::Result<std::fs::File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .append(append)
+        .truncate(!append)
+        .mode(0o600)
+        .open(path)
 }
 
 /// Milliseconds since this process started using the runtime, for phase

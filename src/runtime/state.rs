@@ -247,7 +247,7 @@ pub struct LogLine {
 /// Appends the lines read from `r` to the log as `stream`, each with its
 /// time; a final line without a newline is kept as it is.
 pub fn log_stream(r: impl io::Read, log: &Path, stream: &str) {
-    let Ok(mut f) = fs::OpenOptions::new().create(true).append(true).open(log) else {
+    let Ok(mut f) = super::private_file(log, true) else {
         return;
     };
     let mut r = io::BufReader::new(r);

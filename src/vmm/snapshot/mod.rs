@@ -390,7 +390,8 @@ impl VmState {
 /// not all zero are written. Call with every vCPU paused and every device
 /// locked, so nothing changes guest memory meanwhile. Returns the file's seal.
 pub fn dump_memory(mem: &Mem, path: &Path) -> Result<MemorySeal, SnapshotError> {
-    let f = File::create(path)?;
+    // Guest memory: the guest's secrets, readable by vmc's user alone.
+    let f = crate::runtime::private_file(path, false)?;
     let total: u64 = mem.iter().map(|r| r.len()).sum();
     f.set_len(total)?;
     let mut h = Sha256::new();
