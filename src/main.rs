@@ -54,6 +54,12 @@ fn main() {
         eprintln!("vmc: cannot close inherited file descriptors: {e}");
         std::process::exit(EXIT_VMC_ERROR);
     }
+    if std::env::var_os(vmc::runtime::ns::REEXEC_ENV).is_some() {
+        // SAFETY: single-threaded still; the marker is for this process only.
+        unsafe { std::env::remove_var(vmc::runtime::ns::REEXEC_ENV) };
+        // Kept as a fact for the loop check, without the variable.
+        vmc::runtime::ns::REEXECUTED.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
     vmc::runtime::elapsed_ms();
     init_logging();
     let cli = match Cli::try_parse() {
@@ -90,7 +96,21 @@ fn main() {
     std::process::exit(code);
 }
 
+/// Whether `command` enters a namespace container (and so must run from a
+/// read-only binary: `runtime::ns::run_from_read_only_binary`).
+fn enters_namespace_container(command: &Command) -> bool {
+    match command {
+        Command::Run(a) => a.mode == "ns",
+        Command::Build(a) => a.mode == "ns",
+        Command::Exec(_) | Command::Supervise { .. } => true,
+        _ => false,
+    }
+}
+
 fn dispatch(cli: Cli) -> Result<i32> {
+    if enters_namespace_container(&cli.command) {
+        runtime::ns::run_from_read_only_binary()?;
+    }
     // Made (or tightened) 0700 before anything is written under it.
     let home = runtime::vmc_home();
     runtime::private_dir(&home)

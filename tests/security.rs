@@ -502,3 +502,75 @@ fn the_store_and_containers_are_their_users_alone() {
     // TestHome's clean-up does not apply to this home: nothing is left.
     assert_eq!(ok(&vmc(&h, &["ps", "-aq"])), "");
 }
+
+/// Whether process `pid` runs its binary through a read-only mount
+/// (statvfs follows the `/proc/PID/exe` link to the file and its mount).
+fn exe_on_read_only_mount(pid: u32) -> bool {
+    let path = std::ffi::CString::new(format!("/proc/{pid}/exe")).unwrap();
+    // SAFETY: statvfs fills a plain struct from a NUL-terminated path.
+    unsafe {
+        let mut st: libc::statvfs = std::mem::zeroed();
+        libc::statvfs(path.as_ptr(), &mut st) == 0 && st.f_flag & libc::ST_RDONLY != 0
+    }
+}
+
+/// Issue 16, 2 (the CVE-2019-5736 class): a process of a namespace
+/// container could reach the host's vmc binary through `/proc/PID/exe` of
+/// vmc's child before it execs the workload (or of a `#!/proc/self/exe`
+/// workload) and open it for writing once nothing ran it. Every vmc that
+/// enters such a container now runs its binary through a read-only bind in
+/// a mount namespace of its own: a write through the link fails (EROFS once
+/// no process runs it; before, it succeeded), while the host's own view of
+/// the binary is unchanged.
+#[test]
+fn vmc_enters_namespace_containers_from_a_read_only_binary() {
+    if !is_root() {
+        return;
+    }
+    let home = store_with_busybox();
+    let h = home.path();
+    ok(&vmc(
+        h,
+        &[
+            "run",
+            "-d",
+            "--mode",
+            "ns",
+            "--network",
+            "none",
+            "--name",
+            "ro",
+            "busybox",
+            "sleep",
+            "1000",
+        ],
+    ));
+    let v: serde_json::Value = serde_json::from_str(&ok(&vmc(h, &["inspect", "ro"]))).unwrap();
+    let supervisor = v[0]["State"]["Pid"].as_u64().unwrap() as u32;
+    assert!(
+        exe_on_read_only_mount(supervisor),
+        "the detached supervisor's binary is writable through its /proc/PID/exe"
+    );
+    // vmc exec's own process, while its workload runs.
+    let mut exec = vmc_command(h)
+        .args(["exec", "ro", "sleep", "30"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    common::eventually("vmc exec runs from the read-only binary", || {
+        exe_on_read_only_mount(exec.id()).then_some(())
+    });
+    let _ = exec.kill();
+    let _ = exec.wait();
+    // The binary itself, seen from the host's mount namespace, is as it was.
+    assert!(!exe_on_read_only_mount(std::process::id()));
+    let bin = std::ffi::CString::new(env!("CARGO_BIN_EXE_vmc")).unwrap();
+    // SAFETY: as above.
+    let host_ro = unsafe {
+        let mut st: libc::statvfs = std::mem::zeroed();
+        libc::statvfs(bin.as_ptr(), &mut st) == 0 && st.f_flag & libc::ST_RDONLY != 0
+    };
+    assert!(!host_ro, "the bind is vmc's own, not the host's");
+    ok(&vmc(h, &["rm", "-f", "ro"]));
+}

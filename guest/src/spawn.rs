@@ -87,6 +87,11 @@ pub struct Isolation {
     /// Already in the container's mount namespace, at its root (`vmc exec`
     /// after setns): no new mount namespace, no pivot.
     pub in_root: bool,
+    /// The child is not dumpable until it execs the workload: a process of
+    /// the container cannot open its /proc/PID/exe (vmc's binary) or
+    /// ptrace it meanwhile. (Not in a user namespace vmc made: there the
+    /// parent would lose access to the child's /proc files.)
+    pub non_dumpable: bool,
 }
 
 /// Docker's default capability set: CHOWN, DAC_OVERRIDE, FOWNER, FSETID,
@@ -160,6 +165,7 @@ struct PreparedIsolation {
     keep_caps: Option<u64>,
     no_new_privs: bool,
     in_root: bool,
+    non_dumpable: bool,
 }
 
 fn prepare_isolation(iso: &Isolation) -> io::Result<PreparedIsolation> {
@@ -253,6 +259,7 @@ fn prepare_isolation(iso: &Isolation) -> io::Result<PreparedIsolation> {
         keep_caps: iso.keep_caps,
         no_new_privs: iso.no_new_privs,
         in_root: iso.in_root,
+        non_dumpable: iso.non_dumpable,
     })
 }
 
@@ -683,6 +690,12 @@ unsafe fn child_main(
     // SAFETY: all calls below are system calls on valid, NUL-terminated data
     // prepared by the parent; each result is checked.
     unsafe {
+        // First: the exec of the workload makes it dumpable again.
+        if p.iso.as_ref().is_some_and(|i| i.non_dumpable)
+            && libc::prctl(libc::PR_SET_DUMPABLE, 0, 0, 0, 0) < 0
+        {
+            fail(Step::Isolate);
+        }
         // Only the parent writes the gate: closed here, the read below sees
         // end of file when the parent gives up without writing.
         if gate_w >= 0 {
