@@ -574,3 +574,52 @@ fn vmc_enters_namespace_containers_from_a_read_only_binary() {
     assert!(!host_ro, "the bind is vmc's own, not the host's");
     ok(&vmc(h, &["rm", "-f", "ro"]));
 }
+
+/// Issue 16, 11: a `Dockerfile` symlinked out of the context was read, and
+/// the host file's first line was printed in the error; a FIFO named
+/// Dockerfile hung the build. Both are one-line errors now, naming no
+/// content.
+#[test]
+fn build_inputs_stay_in_the_context() {
+    let home = common::TestHome::new();
+    let h = home.path();
+    let host = tempfile::tempdir().unwrap();
+    std::fs::write(host.path().join("secret"), "TOP-SECRET-LINE\n").unwrap();
+    let ctx = tempfile::tempdir().unwrap();
+    std::os::unix::fs::symlink(host.path().join("secret"), ctx.path().join("Dockerfile")).unwrap();
+    let build = || {
+        vmc(
+            h,
+            &[
+                "build",
+                "--mode",
+                "ns",
+                "-t",
+                "x",
+                ctx.path().to_str().unwrap(),
+            ],
+        )
+    };
+    let o = build();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(
+        o.status.code(),
+        Some(1),
+        "a failed build, as docker build: {o:?}"
+    );
+    assert!(!err.contains("TOP-SECRET"), "a host file was read: {err}");
+    assert!(err.contains("no such file in the build context"), "{err}");
+    assert_eq!(err.lines().count(), 1, "{err}");
+    std::fs::remove_file(ctx.path().join("Dockerfile")).unwrap();
+    let c = std::ffi::CString::new(ctx.path().join("Dockerfile").to_str().unwrap()).unwrap();
+    // SAFETY: a NUL-terminated path.
+    assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o644) }, 0);
+    let o = build();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(
+        o.status.code(),
+        Some(1),
+        "a failed build, as docker build: {o:?}"
+    );
+    assert!(err.contains("not a regular file"), "{err}");
+}

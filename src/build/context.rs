@@ -39,6 +39,10 @@ pub enum ContextError {
         "'{0}': names starting with '.wh.' are reserved for layer whiteouts (rename the file)"
     )]
     Reserved(String),
+    #[error("'{0}' in the build context is not a regular file (a FIFO, socket or device cannot be copied or read)")]
+    NotRegular(String),
+    #[error("'{0}' in the build context is larger than the {1} MiB allowed")]
+    TooLarge(String, u64),
     #[error("{path}: {source}")]
     Io { path: String, source: io::Error },
 }
@@ -87,6 +91,74 @@ pub struct Context {
 /// Symlinks followed while resolving one path, as Linux's limit.
 const MAX_LINKS: usize = 40;
 
+/// The largest `Dockerfile` or `.dockerignore` read.
+pub const MAX_CONTROL_FILE: u64 = 1 << 20;
+
+/// Opens the context file at `path` for reading, refusing anything but a
+/// regular file: a FIFO would block the build forever (opened non-blocking,
+/// then checked), a device would read the host's. The last component is
+/// not followed (callers resolve symlinks inside the context first).
+fn open_regular(path: &Path, shown: &str) -> Result<File, ContextError> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let f = File::options()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK | libc::O_NOFOLLOW | libc::O_NOCTTY)
+        .open(path)
+        .map_err(io_at(path))?;
+    let md = f.metadata().map_err(io_at(path))?;
+    if !md.is_file() {
+        return Err(ContextError::NotRegular(shown.to_string()));
+    }
+    Ok(f)
+}
+
+/// Reads the context's own `name` (`Dockerfile`, `.dockerignore`), its
+/// symlinks resolved inside the context (a link to a host file reads
+/// nothing of the host), bounded, regular files only. `None` if absent.
+pub fn read_control_file(root: &Path, name: &str) -> Result<Option<String>, ContextError> {
+    let segs = vec![name.to_string()];
+    let path = match resolve_in(root, &segs, name) {
+        Ok(p) => p,
+        Err(ContextError::NotFound(_)) => return Ok(None),
+        Err(e) => return Err(e),
+    };
+    if fs::symlink_metadata(&path).is_err() {
+        return Ok(None);
+    }
+    read_bounded(open_regular(&path, name)?, &path, name).map(Some)
+}
+
+/// The text of `f`, refused when larger than [`MAX_CONTROL_FILE`] (checked
+/// while reading).
+fn read_bounded(f: File, path: &Path, shown: &str) -> Result<String, ContextError> {
+    let mut text = String::new();
+    f.take(MAX_CONTROL_FILE + 1)
+        .read_to_string(&mut text)
+        .map_err(io_at(path))?;
+    if text.len() as u64 > MAX_CONTROL_FILE {
+        return Err(ContextError::TooLarge(
+            shown.to_string(),
+            MAX_CONTROL_FILE >> 20,
+        ));
+    }
+    Ok(text)
+}
+
+/// Reads a Dockerfile given by path (`-f FILE`: the user's own choice, so
+/// it may be anywhere): a regular file (a FIFO is refused before it is
+/// opened for reading, which would block), bounded.
+pub fn read_dockerfile_at(path: &Path) -> Result<String, ContextError> {
+    let shown = path.display().to_string();
+    if !fs::metadata(path).map_err(io_at(path))?.is_file() {
+        return Err(ContextError::NotRegular(shown));
+    }
+    let f = File::open(path).map_err(io_at(path))?;
+    if !f.metadata().map_err(io_at(path))?.is_file() {
+        return Err(ContextError::NotRegular(shown));
+    }
+    read_bounded(f, path, &shown)
+}
+
 impl Context {
     /// Opens `dir` and reads its `.dockerignore`.
     pub fn open(dir: &Path) -> Result<Context, ContextError> {
@@ -94,10 +166,9 @@ impl Context {
             .ok()
             .filter(|p| p.is_dir())
             .ok_or_else(|| ContextError::NotADirectory(dir.display().to_string()))?;
-        let ignore = match fs::read_to_string(root.join(".dockerignore")) {
-            Ok(text) => Ignore::parse(&text).map_err(|(n, l)| ContextError::Ignore(n, l))?,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => Ignore::default(),
-            Err(e) => return Err(io_at(&root.join(".dockerignore"))(e)),
+        let ignore = match read_control_file(&root, ".dockerignore")? {
+            Some(text) => Ignore::parse(&text).map_err(|(n, l)| ContextError::Ignore(n, l))?,
+            None => Ignore::default(),
         };
         Ok(Context { root, ignore })
     }
@@ -273,7 +344,7 @@ fn glob_walk(
 /// Whether `path` holds a tar archive (possibly gzip or zstd compressed):
 /// ADD unpacks those and copies anything else as a file.
 fn is_archive(path: &Path) -> Result<bool, ContextError> {
-    let f = File::open(path).map_err(io_at(path))?;
+    let f = open_regular(path, &path.display().to_string())?;
     let Ok(mut r) = crate::image::layer::decompress(f) else {
         return Ok(false);
     };
@@ -340,7 +411,7 @@ impl LayerWriter<'_> {
     ) -> Result<(), ContextError> {
         let mut h = self.header(md, tar::EntryType::Regular);
         h.set_size(md.len());
-        let f = File::open(path).map_err(io_at(path))?;
+        let f = open_regular(path, target)?;
         // Hash the content on its way into the tar.
         let mut content = Sha256::new();
         let reader = HashingReader {
@@ -431,7 +502,7 @@ impl LayerWriter<'_> {
     /// ADD of a local archive: its entries re-rooted under `dest`, with
     /// `..` entries dropped (the image unpacker checks links again).
     fn unpack_archive(&mut self, path: &Path, dest: &[String]) -> Result<(), ContextError> {
-        let f = File::open(path).map_err(io_at(path))?;
+        let f = open_regular(path, &path.display().to_string())?;
         let r = crate::image::layer::decompress(f).map_err(io_at(path))?;
         let mut a = tar::Archive::new(r);
         let prefix = dest.join("/");
@@ -642,6 +713,75 @@ mod tests {
         let mut s = spec(&["https://example.com/x"], "/");
         s.add = true;
         assert!(matches!(layer(&c, &s), Err(ContextError::Url(_))));
+    }
+
+    fn mkfifo(p: &Path) {
+        let c = std::ffi::CString::new(p.as_os_str().as_encoded_bytes()).unwrap();
+        // SAFETY: a NUL-terminated path.
+        assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o644) }, 0);
+    }
+
+    /// Issue 16, 11: a `Dockerfile` or `.dockerignore` symlinked out of the
+    /// context was read (and its first line shown in an error); a FIFO hung
+    /// the build.
+    #[test]
+    fn control_files_stay_in_the_context_and_fifos_are_refused() {
+        let host = tempfile::tempdir().unwrap();
+        let secret = host.path().join("secret");
+        fs::write(&secret, "*.js\nFROM host-secret\n").unwrap();
+        let (d, _) = context();
+        let r = d.path();
+        fs::remove_file(r.join(".dockerignore")).unwrap();
+        std::os::unix::fs::symlink(&secret, r.join(".dockerignore")).unwrap();
+        std::os::unix::fs::symlink(&secret, r.join("Dockerfile")).unwrap();
+        // Both links resolve inside the context, where nothing is there.
+        assert_eq!(read_control_file(r, "Dockerfile").unwrap(), None);
+        let c = Context::open(r).unwrap();
+        assert!(!c.is_ignored("a.js"), "the host file's rules were read");
+        // A relative link inside the context is followed.
+        fs::write(r.join("real.Dockerfile"), "FROM x\n").unwrap();
+        fs::remove_file(r.join("Dockerfile")).unwrap();
+        std::os::unix::fs::symlink("real.Dockerfile", r.join("Dockerfile")).unwrap();
+        assert_eq!(
+            read_control_file(r, "Dockerfile").unwrap().as_deref(),
+            Some("FROM x\n")
+        );
+        // FIFOs are refused, not waited on: as control files, as -f, as
+        // COPY and ADD sources.
+        for name in ["Dockerfile", ".dockerignore", "pipe"] {
+            let _ = fs::remove_file(r.join(name));
+            mkfifo(&r.join(name));
+        }
+        assert!(matches!(
+            read_control_file(r, "Dockerfile"),
+            Err(ContextError::NotRegular(_))
+        ));
+        assert!(matches!(
+            read_dockerfile_at(&r.join("Dockerfile")),
+            Err(ContextError::NotRegular(_))
+        ));
+        assert!(matches!(Context::open(r), Err(ContextError::NotRegular(_))));
+        fs::remove_file(r.join(".dockerignore")).unwrap();
+        let c = Context::open(r).unwrap();
+        for add in [false, true] {
+            let mut s = spec(&["pipe"], "/x");
+            s.add = add;
+            let e = layer(&c, &s).expect_err("a FIFO source");
+            assert!(matches!(e, ContextError::NotRegular(_)), "{e}");
+        }
+        // A FIFO inside a copied directory is left out, as in Docker.
+        fs::create_dir(r.join("dir")).unwrap();
+        mkfifo(&r.join("dir/p"));
+        fs::write(r.join("dir/f"), "f").unwrap();
+        let names: Vec<String> = layer(&c, &spec(&["dir"], "/d"))
+            .unwrap()
+            .into_iter()
+            .map(|(p, _)| p)
+            .collect();
+        assert_eq!(names, ["d/f"]);
+        // Control files are bounded while read.
+        fs::write(r.join(".dockerignore"), "x\n".repeat(600_000)).unwrap();
+        assert!(matches!(Context::open(r), Err(ContextError::TooLarge(..))));
     }
 
     #[test]

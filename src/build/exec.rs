@@ -22,7 +22,7 @@ use oci_spec::image::{
 use vmc_guest::{ExitStatus, ProcessSpec};
 
 use super::cache::{self, Cache};
-use super::context::{Context, CopySpec};
+use super::context::{self, Context, CopySpec};
 use super::dockerfile::{self, Cmd, Stage, Step, StepKind};
 use super::ns::BuildNs;
 use super::vm::{BuildVm, RunResult};
@@ -216,17 +216,22 @@ impl Builder<'_> {
     }
 
     fn run(&mut self) -> Result<StoredImage, BuildError> {
-        let path = self
-            .o
-            .dockerfile
-            .clone()
-            .unwrap_or_else(|| self.o.context.join("Dockerfile"));
-        let text = fs::read_to_string(&path).map_err(|e| {
-            BuildError::Input(format!(
-                "cannot read the Dockerfile {}: {e}",
-                path.display()
-            ))
-        })?;
+        // The context's own Dockerfile resolves inside the context (a
+        // symlink to a host file reads nothing of the host); `-f FILE` is
+        // the user's own path. Either way a regular file, bounded.
+        let text = match &self.o.dockerfile {
+            Some(path) => context::read_dockerfile_at(path).map_err(|e| {
+                BuildError::Input(format!("cannot read the Dockerfile: {e}"))
+            })?,
+            None => context::read_control_file(&self.o.context, "Dockerfile")
+                .map_err(|e| BuildError::Input(format!("cannot read the Dockerfile: {e}")))?
+                .ok_or_else(|| {
+                    BuildError::Input(format!(
+                        "cannot read the Dockerfile {}: no such file in the build context (give one with -f)",
+                        self.o.context.join("Dockerfile").display()
+                    ))
+                })?,
+        };
         let df = dockerfile::parse(&text)?;
         let ctx = Context::open(&self.o.context).map_err(|e| BuildError::Input(e.to_string()))?;
         let total: usize = df.stages.iter().map(|s| s.steps.len() + 1).sum();
