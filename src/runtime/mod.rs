@@ -134,9 +134,9 @@ pub fn vmc_home() -> PathBuf {
 /// Creates `dir` (and its parents) with mode 0700, for vmc's own state:
 /// nothing under it is another local user's business (unpacked layers keep
 /// set-id bits and file capabilities; containers hold their environment).
-/// An existing `dir` is tightened to 0700 when it is empty or a vmc store
-/// (an older store made 0755); any other existing directory is left as the
-/// user made it.
+/// An existing `dir` of this user's is tightened to 0700 when it is empty
+/// or a vmc store (an older store made 0755); any other existing directory
+/// (another user's, or one holding other things) is left as it is.
 pub fn private_dir(dir: &Path) -> std::io::Result<()> {
     use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
     match std::fs::symlink_metadata(dir) {
@@ -153,7 +153,11 @@ pub fn private_dir(dir: &Path) -> std::io::Result<()> {
         }
         Err(e) => Err(e),
         Ok(m) => {
-            let ours = dir.join("oci-layout").exists() || std::fs::read_dir(dir)?.next().is_none();
+            use std::os::unix::fs::MetadataExt;
+            // SAFETY: geteuid has no preconditions.
+            let mine = m.uid() == unsafe { libc::geteuid() };
+            let ours = mine
+                && (dir.join("oci-layout").exists() || std::fs::read_dir(dir)?.next().is_none());
             if m.is_dir() && ours && m.permissions().mode() & 0o077 != 0 {
                 std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))?;
             }
@@ -219,6 +223,52 @@ pub fn new_id() -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn private_dirs_are_made_0700_and_only_ours_are_tightened() {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        let set = |p: &Path, m: u32| {
+            std::fs::set_permissions(p, std::fs::Permissions::from_mode(m)).unwrap()
+        };
+        let t = tempfile::tempdir().unwrap();
+        // New, parents included.
+        let new = t.path().join("a/b/vmc");
+        private_dir(&new).unwrap();
+        assert_eq!(mode(&new), 0o700);
+        // An older store (0755, with its oci-layout) and an empty directory
+        // are tightened; a directory holding other things is left alone.
+        set(&new, 0o755);
+        std::fs::write(new.join("oci-layout"), "{}").unwrap();
+        private_dir(&new).unwrap();
+        assert_eq!(mode(&new), 0o700, "an existing store");
+        let empty = t.path().join("empty");
+        std::fs::create_dir(&empty).unwrap();
+        set(&empty, 0o755);
+        private_dir(&empty).unwrap();
+        assert_eq!(mode(&empty), 0o700, "an empty directory");
+        let other = t.path().join("other");
+        std::fs::create_dir(&other).unwrap();
+        std::fs::write(other.join("notes"), "").unwrap();
+        set(&other, 0o755);
+        private_dir(&other).unwrap();
+        assert_eq!(mode(&other), 0o755, "someone's directory with other files");
+        // Another user's empty directory is not ours to change (vmc as that
+        // directory's non-owner would fail there).
+        // SAFETY: geteuid has no preconditions.
+        if unsafe { libc::geteuid() } == 0 {
+            let theirs = t.path().join("theirs");
+            std::fs::create_dir(&theirs).unwrap();
+            set(&theirs, 0o777);
+            std::os::unix::fs::chown(&theirs, Some(65534), Some(65534)).unwrap();
+            private_dir(&theirs).unwrap();
+            assert_eq!(mode(&theirs), 0o777);
+        }
+        // Files for secrets are 0600 whatever the umask.
+        let f = t.path().join("secret");
+        private_file(&f, false).unwrap();
+        assert_eq!(mode(&f), 0o600);
+    }
 
     #[test]
     fn ids_are_64_hex_digits_and_differ() {
