@@ -163,6 +163,12 @@ pub struct RunArgs {
     #[arg(long, value_name = "IP")]
     pub dns: Vec<std::net::IpAddr>,
 
+    /// An /etc/hosts entry NAME:IP (repeatable). NAME:host-gateway also lets
+    /// the container reach the host's loopback services through the
+    /// gateway address, which it cannot by default.
+    #[arg(long = "add-host", value_name = "NAME:IP")]
+    pub add_host: Vec<String>,
+
     /// A name for the container (default: a generated one).
     #[arg(long)]
     pub name: Option<String>,
@@ -297,6 +303,10 @@ pub struct BuildArgs {
     /// builds for now) or none.
     #[arg(long, value_name = "MODE")]
     pub network: Option<String>,
+    /// An /etc/hosts entry NAME:IP for RUN steps (repeatable);
+    /// NAME:host-gateway also lets them reach the host's loopback services.
+    #[arg(long = "add-host", value_name = "NAME:IP")]
+    pub add_host: Vec<String>,
     /// Virtual CPUs of the build VM.
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u8).range(1..=64))]
     pub cpus: u8,

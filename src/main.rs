@@ -96,6 +96,14 @@ fn main() {
     std::process::exit(code);
 }
 
+/// The `--add-host` entries, checked.
+fn extra_hosts(given: &[String]) -> Result<Vec<runtime::net::ExtraHost>> {
+    given
+        .iter()
+        .map(|s| runtime::net::ExtraHost::parse(s).map_err(anyhow::Error::msg))
+        .collect()
+}
+
 /// Whether `command` enters a namespace container (and so must run from a
 /// read-only binary: `runtime::ns::run_from_read_only_binary`).
 fn enters_namespace_container(command: &Command) -> bool {
@@ -301,7 +309,9 @@ fn run(args: RunArgs) -> Result<i32> {
         process.tty = Some(runtime::tty::initial_size());
     }
     spec::merge_env(&mut process.env, &[format!("HOSTNAME={hostname}")]);
+    let extra_hosts = extra_hosts(&args.add_host)?;
     let cfg = ContainerConfig {
+        extra_hosts,
         id: id.clone(),
         rootfs,
         image_id,
@@ -1171,6 +1181,7 @@ fn build(a: BuildArgs) -> Result<i32> {
         },
         snapshots: runtime::snapshots_dir(),
         network: network_for(a.mode == "ns", a.network.as_deref())?,
+        extra_hosts: extra_hosts(&a.add_host)?,
     };
     let mut sink: Box<dyn std::io::Write> = if a.quiet {
         Box::new(std::io::sink())

@@ -1,7 +1,8 @@
 //! Outbound networking (`--network passt|none`), traffic to loopback only:
 //! the container fetches a page from an HTTP server the test runs on the
 //! host's 127.0.0.1 (reached through passt's mapping of the gateway to the
-//! host), resolves a name through a DNS server the test runs on the host's
+//! host, which every run and build here asks for with `--add-host
+//! host.vmc.internal:host-gateway`; without it, see tests/security.rs), resolves a name through a DNS server the test runs on the host's
 //! 127.0.0.1:53, has no route with `--network none`, gets Docker's
 //! /etc/resolv.conf, /etc/hosts and /etc/hostname, and leaves no pasta
 //! process behind.
@@ -84,13 +85,15 @@ fn pasta_processes(home: &Path) -> usize {
 }
 
 /// A build context whose Dockerfile's RUN step fetches `url` into /fetched
-/// and copies the resolv.conf it sees to /resolv-seen; CMD prints /fetched.
+/// and copies the resolv.conf it sees to /resolv-seen (and fails without
+/// the --add-host name in its /etc/hosts); CMD prints /fetched.
 fn fetching_context(url: &str) -> tempfile::TempDir {
     let ctx = tempfile::tempdir().unwrap();
     std::fs::write(
         ctx.path().join("Dockerfile"),
         format!(
-            "FROM busybox\nRUN wget -q -O /fetched {url} && cat /etc/resolv.conf >/resolv-seen\n\
+            "FROM busybox\nRUN wget -q -O /fetched {url} && cat /etc/resolv.conf >/resolv-seen \
+             && grep -q 'host.vmc.internal' /etc/hosts\n\
              CMD [\"cat\", \"/fetched\"]\n"
         ),
     )
@@ -112,6 +115,7 @@ fn check_build_resolv_conf(h: &Path, image: &str) {
     let paths = layer_paths(h, image);
     assert!(paths.contains("resolv-seen"), "{image}: {paths}");
     assert!(!paths.contains("resolv.conf"), "{image}: {paths}");
+    assert!(!paths.contains("etc/hosts"), "{image}: {paths}");
 }
 
 /// The paths in all layers of `image`, one per line, from `vmc save`.
@@ -128,8 +132,19 @@ fn layer_paths(h: &Path, image: &str) -> String {
     String::from_utf8_lossy(&listing.stdout).into_owned()
 }
 
+/// Opens the host's loopback to the sandbox through the gateway (and names
+/// the gateway `host.vmc.internal`).
+const HOST_LOOPBACK: [&str; 2] = ["--add-host", "host.vmc.internal:host-gateway"];
+
 fn run(h: &Path, args: &[&str]) -> std::process::Output {
-    let mut all = vec!["run", "--rm", "--mode", "ns"];
+    let mut all = vec![
+        "run",
+        "--rm",
+        "--mode",
+        "ns",
+        HOST_LOOPBACK[0],
+        HOST_LOOPBACK[1],
+    ];
     all.extend_from_slice(args);
     vmc(h, &all)
 }
@@ -199,6 +214,8 @@ fn quiet_connection(mode: &'static str, gw: String) -> std::thread::JoinHandle<(
                 "--rm",
                 "--mode",
                 mode,
+                HOST_LOOPBACK[0],
+                HOST_LOOPBACK[1],
                 "busybox",
                 "sh",
                 "-c",
@@ -214,9 +231,13 @@ fn quiet_connection(mode: &'static str, gw: String) -> std::thread::JoinHandle<(
 }
 
 fn namespace_mode(h: &Path, gw: &str, port: u16) {
-    // The gateway address leads to the host's loopback.
+    // The gateway address leads to the host's loopback, by its address
+    // and by the name --add-host gave it.
     let url = format!("http://{gw}:{port}/");
     let out = ok(&run(h, &["busybox", "wget", "-q", "-O", "-", &url]));
+    assert_eq!(out, "hello from the host");
+    let by_name = format!("http://host.vmc.internal:{port}/");
+    let out = ok(&run(h, &["busybox", "wget", "-q", "-O", "-", &by_name]));
     assert_eq!(out, "hello from the host");
     let out = ok(&run(
         h,
@@ -283,7 +304,17 @@ fn namespace_mode(h: &Path, gw: &str, port: u16) {
     let ctx_s = ctx.path().to_str().unwrap();
     ok(&vmc(
         h,
-        &["build", "--mode", "ns", "-q", "-t", "fetched", ctx_s],
+        &[
+            "build",
+            "--mode",
+            "ns",
+            HOST_LOOPBACK[0],
+            HOST_LOOPBACK[1],
+            "-q",
+            "-t",
+            "fetched",
+            ctx_s,
+        ],
     ));
     assert_eq!(ok(&run(h, &["fetched"])), "hello from the host");
     check_build_resolv_conf(h, "fetched");
@@ -332,7 +363,7 @@ fn namespace_mode(h: &Path, gw: &str, port: u16) {
 
 fn vm_mode(h: &Path, gw: &str, port: u16) {
     let vm = |args: &[&str]| {
-        let mut all = vec!["run", "--rm"];
+        let mut all = vec!["run", "--rm", HOST_LOOPBACK[0], HOST_LOOPBACK[1]];
         all.extend_from_slice(args);
         vmc(h, &all)
     };
@@ -398,6 +429,8 @@ fn vm_mode(h: &Path, gw: &str, port: u16) {
             // The same Dockerfile was built in namespace mode above: without
             // --no-cache its RUN would come from the cache, no VM started.
             "--no-cache",
+            HOST_LOOPBACK[0],
+            HOST_LOOPBACK[1],
             "-t",
             "vmfetched",
             ctx.path().to_str().unwrap(),

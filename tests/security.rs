@@ -623,3 +623,76 @@ fn build_inputs_stay_in_the_context() {
     );
     assert!(err.contains("not a regular file"), "{err}");
 }
+
+/// Issue 16, 8: the default network reached the host's loopback services
+/// through the gateway address (passt's and pasta's default mapping), in
+/// containers and build steps; Docker's default does not. Now only
+/// `--add-host NAME:host-gateway` opens it. Everything runs in a network
+/// namespace of the test's own: a veth pair whose default route leads to
+/// its other end, where nothing answers (no packet leaves the namespace),
+/// and a web server on its 127.0.0.1.
+#[test]
+fn the_host_loopback_is_reached_only_when_asked_for() {
+    if !is_root() {
+        return;
+    }
+    let home = store_with_busybox();
+    let h = home.path();
+    let www = tempfile::tempdir().unwrap();
+    std::fs::write(www.path().join("index.html"), "host-only service\n").unwrap();
+    let mut modes = vec!["ns"];
+    if kvm_available() {
+        modes.push("vm");
+    }
+    let busybox = common::rootfs().join("bin/busybox");
+    let mut script = format!(
+        "set -e; ip link set lo up; ip link add d0 type veth peer name d1; \
+         ip addr add 10.77.0.2/24 dev d0; ip link set d0 up; ip link set d1 up; \
+         ip route add default via 10.77.0.1; \
+         {bb} httpd -p 127.0.0.1:8080 -h {www}; set +e; ",
+        bb = busybox.display(),
+        www = www.path().display(),
+    );
+    for mode in &modes {
+        for (label, extra) in [("default", ""), ("opted-in", "--add-host gw:host-gateway")] {
+            script.push_str(&format!(
+                // (busybox wget -T crashes; timeout bounds it instead.)
+                "echo {mode}-{label}: $(\"$0\" run --rm --mode {mode} {extra} busybox \
+                 timeout 60 wget -q -O - http://10.77.0.1:8080/index.html 2>&1 | tr -d '\\n'); "
+            ));
+        }
+    }
+    let o = std::process::Command::new("unshare")
+        .args([
+            "--net",
+            "--",
+            "sh",
+            "-c",
+            &script,
+            env!("CARGO_BIN_EXE_vmc"),
+        ])
+        .env("VMC_HOME", h)
+        .env("VMC_SNAPSHOTS", common::snapshots())
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let out = ok(&o);
+    for mode in &modes {
+        let line = |label: &str| {
+            out.lines()
+                .find_map(|l| l.strip_prefix(&format!("{mode}-{label}:")))
+                .map(str::trim)
+                .unwrap_or_else(|| panic!("no {mode}-{label} line: {out}"))
+                .to_string()
+        };
+        assert_eq!(
+            line("opted-in"),
+            "host-only service",
+            "{mode}: --add-host NAME:host-gateway"
+        );
+        assert!(
+            !line("default").contains("host-only service"),
+            "{mode}: the host's loopback service reached without asking: {out}"
+        );
+    }
+}

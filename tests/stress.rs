@@ -116,6 +116,7 @@ fn snapshots_made_under_load_all_restore() {
             limits: Default::default(),
             network: Default::default(),
             dns: Vec::new(),
+            extra_hosts: Vec::new(),
         };
         let t0 = Instant::now();
         // Makes the snapshot (boot, idle, save, trial restore), then

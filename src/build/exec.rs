@@ -49,6 +49,8 @@ pub struct BuildOptions {
     pub snapshots: PathBuf,
     /// Network of RUN steps.
     pub network: crate::runtime::net::Network,
+    /// `--add-host` entries of RUN steps.
+    pub extra_hosts: Vec<crate::runtime::net::ExtraHost>,
 }
 
 /// Why a build failed.
@@ -617,6 +619,7 @@ impl Builder<'_> {
                     lowers,
                     &self.tmp.join(format!("ns-{id}")),
                     self.o.network,
+                    &self.o.extra_hosts,
                 )?)
             } else {
                 crate::vmm::open_kvm()
@@ -641,6 +644,7 @@ impl Builder<'_> {
                     self.o.resources,
                     &self.o.snapshots,
                     self.o.network,
+                    &self.o.extra_hosts,
                 );
                 if let Some(s) = spinner {
                     s.finish_and_clear();

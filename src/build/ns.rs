@@ -13,7 +13,7 @@ use vmc_guest::{spawn, ExitStatus, ProcessSpec};
 
 use super::vm::RunResult;
 use crate::image::layer::{self, Limits, Whiteouts};
-use crate::runtime::net::{Network, Pasta};
+use crate::runtime::net::{maps_host_loopback, ExtraHost, Network, Pasta};
 use crate::runtime::ns::{isolation, private_mounts, OverlayRoot};
 use crate::runtime::RuntimeError;
 
@@ -25,6 +25,9 @@ pub struct BuildNs {
     upper: PathBuf,
     next: usize,
     network: Network,
+    /// `--add-host` entries (for /etc/hosts; `host-gateway` also opens the
+    /// host's loopback).
+    extra_hosts: Vec<ExtraHost>,
     /// Files the current upper has only to be mounted over (resolv.conf).
     placeholders: Vec<String>,
 }
@@ -40,6 +43,7 @@ impl BuildNs {
         base: Vec<PathBuf>,
         dir: &Path,
         network: Network,
+        extra_hosts: &[ExtraHost],
     ) -> Result<BuildNs, RuntimeError> {
         private_mounts()?;
         fs::create_dir_all(dir).map_err(err("creating the build directory"))?;
@@ -49,6 +53,7 @@ impl BuildNs {
             upper: PathBuf::new(),
             next: 0,
             network,
+            extra_hosts: extra_hosts.to_vec(),
             placeholders: Vec::new(),
         };
         ns.upper = ns.fresh("upper")?;
@@ -83,31 +88,42 @@ impl BuildNs {
         let root_s = root.display().to_string();
         let mut iso = isolation("buildkitsandbox");
         if self.network == Network::Passt {
-            // The host's nameservers over the image's resolv.conf: a bind
-            // mount, so that the step's layer does not change. An image
-            // without one gets an empty placeholder to mount over, which
-            // the layer leaves out (as the guest agent does in a microVM).
-            let target = root.join("etc/resolv.conf");
-            let etc_dir = fs::symlink_metadata(root.join("etc")).is_ok_and(|m| m.is_dir());
-            if etc_dir && fs::symlink_metadata(&target).is_err() {
-                fs::write(&target, b"").map_err(err("creating /etc/resolv.conf"))?;
-                self.placeholders.push("etc/resolv.conf".into());
-            }
-            let resolv = self.dir.join("resolv.conf");
+            // The host's nameservers over the image's resolv.conf (and, with
+            // --add-host, Docker's hosts file over its hosts): bind mounts,
+            // so that the step's layer does not change. An image without
+            // one gets an empty placeholder to mount over, which the layer
+            // leaves out (as the guest agent does in a microVM).
             let host = fs::read_to_string("/etc/resolv.conf").unwrap_or_default();
-            fs::write(&resolv, crate::runtime::net::resolv_conf(&host, &[]))
-                .map_err(err("writing resolv.conf"))?;
-            iso.ops.push(RootOp::Mount {
-                source: resolv.display().to_string(),
-                source_in_root: false,
-                target: "/etc/resolv.conf".into(),
-                fstype: String::new(),
-                flags: libc::MS_BIND,
-                data: String::new(),
-                optional: true,
-            });
+            let mut files = vec![("resolv.conf", crate::runtime::net::resolv_conf(&host, &[]))];
+            if !self.extra_hosts.is_empty() {
+                files.push((
+                    "hosts",
+                    crate::runtime::net::hosts("buildkitsandbox", None, &self.extra_hosts),
+                ));
+            }
+            let etc_dir = fs::symlink_metadata(root.join("etc")).is_ok_and(|m| m.is_dir());
+            for (name, text) in files {
+                let target = root.join("etc").join(name);
+                if etc_dir && fs::symlink_metadata(&target).is_err() {
+                    fs::write(&target, b"").map_err(err("creating an /etc placeholder"))?;
+                    self.placeholders.push(format!("etc/{name}"));
+                }
+                let file = self.dir.join(name);
+                fs::write(&file, text).map_err(err("writing an /etc file"))?;
+                // Readable by a step's non-root user.
+                fs::set_permissions(&file, std::os::unix::fs::PermissionsExt::from_mode(0o644))
+                    .map_err(err("writing an /etc file"))?;
+                iso.ops.push(RootOp::Mount {
+                    source: file.display().to_string(),
+                    source_in_root: false,
+                    target: format!("/etc/{name}"),
+                    fstype: String::new(),
+                    flags: libc::MS_BIND,
+                    data: String::new(),
+                    optional: true,
+                });
+            }
         }
-        // The device allow-list (and, later, the build's limits).
         let _cgroup = crate::runtime::ns::join_cgroups(
             &mut iso,
             &crate::runtime::new_id(),
@@ -123,9 +139,10 @@ impl BuildNs {
         // The step's network is connected before it execs and goes with it.
         let mut pasta = None;
         let dir = self.dir.clone();
+        let extra_hosts = self.extra_hosts.clone();
         let mut connect = |pid: u32| -> Result<(), String> {
             if self.network == Network::Passt {
-                pasta = Some(Pasta::attach(pid, &dir)?);
+                pasta = Some(Pasta::attach(pid, &dir, maps_host_loopback(&extra_hosts))?);
             }
             Ok(())
         };

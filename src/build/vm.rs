@@ -41,6 +41,7 @@ impl BuildVm {
         resources: Resources,
         snapshots: &Path,
         network: crate::runtime::net::Network,
+        extra_hosts: &[crate::runtime::net::ExtraHost],
     ) -> Result<BuildVm, RuntimeError> {
         let cfg = ContainerConfig {
             id: crate::runtime::new_id(),
@@ -56,16 +57,24 @@ impl BuildVm {
             limits: Default::default(),
             network,
             dns: Vec::new(),
+            extra_hosts: extra_hosts.to_vec(),
         };
         // With a network, the host's nameservers (as namespace builds);
         // the agent keeps the file out of the steps' layers.
         let etc = match network {
             crate::runtime::net::Network::Passt => {
                 let host = std::fs::read_to_string("/etc/resolv.conf").unwrap_or_default();
-                vec![(
+                let mut etc = vec![(
                     "resolv.conf".to_string(),
                     crate::runtime::net::resolv_conf(&host, &[]),
-                )]
+                )];
+                if !extra_hosts.is_empty() {
+                    etc.push((
+                        "hosts".to_string(),
+                        crate::runtime::net::hosts("buildkitsandbox", None, extra_hosts),
+                    ));
+                }
+                etc
             }
             crate::runtime::net::Network::None => Vec::new(),
         };

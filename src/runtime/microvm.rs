@@ -185,7 +185,12 @@ impl MicroVm {
         let (ours, passt) = match host {
             Some(h) => {
                 let (ours, theirs) = std::os::unix::net::UnixStream::pair().map_err(state_err)?;
-                let p = super::net::Passt::start(theirs, &h).map_err(RuntimeError::Network)?;
+                let p = super::net::Passt::start(
+                    theirs,
+                    &h,
+                    super::net::maps_host_loopback(&cfg.extra_hosts),
+                )
+                .map_err(RuntimeError::Network)?;
                 (ours, Some((p, h)))
             }
             None => (unplugged().map_err(state_err)?, None),

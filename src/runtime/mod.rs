@@ -74,6 +74,10 @@ pub struct ContainerConfig {
     /// `--dns`: nameservers for its /etc/resolv.conf (default: the host's).
     #[serde(default)]
     pub dns: Vec<String>,
+    /// `--add-host` entries for /etc/hosts; `host-gateway` ones open the
+    /// host's loopback through the gateway.
+    #[serde(default)]
+    pub extra_hosts: Vec<net::ExtraHost>,
 }
 
 /// Errors running a container.

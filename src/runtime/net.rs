@@ -16,6 +16,55 @@ use std::time::{Duration, Instant};
 
 use crate::vmm::progress::{Threads, Verdict, Watchdog};
 
+/// An `--add-host` entry: NAME on an address, or on the gateway
+/// (`host-gateway`), which then leads to the host's loopback.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct ExtraHost {
+    pub name: String,
+    /// `None`: the gateway address (`host-gateway`).
+    pub ip: Option<std::net::IpAddr>,
+}
+
+impl ExtraHost {
+    /// Parses Docker's `NAME:IP` (or `NAME=IP`), IP an address or
+    /// `host-gateway`.
+    pub fn parse(s: &str) -> Result<ExtraHost, String> {
+        let bad = || format!("--add-host '{s}': use NAME:IP or NAME:host-gateway");
+        let (name, addr) = s
+            .split_once('=')
+            .or_else(|| s.split_once(':'))
+            .ok_or_else(bad)?;
+        let name_ok = !name.is_empty()
+            && name.len() <= 253
+            && name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "-._".contains(c));
+        if !name_ok {
+            return Err(bad());
+        }
+        let ip = match addr {
+            "host-gateway" => None,
+            a => Some(
+                a.trim_matches(|c| c == '[' || c == ']')
+                    .parse()
+                    .map_err(|_| bad())?,
+            ),
+        };
+        Ok(ExtraHost {
+            name: name.to_string(),
+            ip,
+        })
+    }
+}
+
+/// Whether the sandbox may reach the host's loopback services through the
+/// gateway address: only when asked for (`--add-host NAME:host-gateway`).
+/// By default passt and pasta get `--no-map-gw`, as Docker's default bridge
+/// leaves a host's 127.0.0.1-only services out of reach.
+pub fn maps_host_loopback(extra: &[ExtraHost]) -> bool {
+    extra.iter().any(|h| h.ip.is_none())
+}
+
 /// How a container reaches the network.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -128,7 +177,9 @@ impl Pasta {
     /// its interface is configured (a default route exists). `dir` is the
     /// container's state directory; this process must be in a private mount
     /// namespace (the namespace's bind mount stays there).
-    pub fn attach(pid: u32, dir: &Path) -> Result<Pasta, String> {
+    /// `host_loopback`: the gateway address leads to the host's loopback
+    /// ([`maps_host_loopback`]).
+    pub fn attach(pid: u32, dir: &Path, host_loopback: bool) -> Result<Pasta, String> {
         // pasta opens the namespace by path after dropping privileges it
         // would need for /proc/PID/ns/net, so it gets a bind mount of it.
         let netns = dir.join("netns");
@@ -171,6 +222,7 @@ impl Pasta {
             "--netns",
         ])
         .arg(&netns)
+        .args((!host_loopback).then_some("--no-map-gw"))
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::piped());
@@ -287,11 +339,18 @@ pub fn resolv_conf(host: &str, dns: &[String]) -> String {
 
 /// The container's /etc/hosts: localhost, and its hostname on `addr`
 /// (loopback without a network).
-pub fn hosts(hostname: &str, addr: Option<&str>) -> String {
-    format!(
+pub fn hosts(hostname: &str, addr: Option<&str>, extra: &[ExtraHost]) -> String {
+    let mut out = format!(
         "127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n{}\t{hostname}\n",
         addr.unwrap_or("127.0.1.1")
-    )
+    );
+    for h in extra {
+        let ip = h.ip.or_else(|| host_gateway().map(std::net::IpAddr::V4));
+        if let Some(ip) = ip {
+            out.push_str(&format!("{ip}\t{}\n", h.name));
+        }
+    }
+    out
 }
 
 /// The host's IPv4 address on its default-route interface (what pasta
@@ -369,7 +428,12 @@ pub struct Passt {
 impl Passt {
     /// Starts passt on `sock` (the other end goes to the device), giving the
     /// guest `host`'s address, prefix and gateway (what the agent sets).
-    pub fn start(sock: std::os::unix::net::UnixStream, host: &HostIpv4) -> Result<Passt, String> {
+    /// `host_loopback` as for [`Pasta::attach`].
+    pub fn start(
+        sock: std::os::unix::net::UnixStream,
+        host: &HostIpv4,
+        host_loopback: bool,
+    ) -> Result<Passt, String> {
         use std::os::fd::AsRawFd;
         let fd = sock.as_raw_fd();
         let mut cmd = command(PASST);
@@ -384,6 +448,7 @@ impl Passt {
             .args(["--address", &host.address.to_string()])
             .args(["--netmask", &host.prefix.to_string()])
             .args(["--gateway", &host.gateway.to_string()])
+            .args((!host_loopback).then_some("--no-map-gw"))
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::null());
@@ -439,7 +504,7 @@ pub fn etc_files(cfg: &super::ContainerConfig, addr: Option<&str>) -> Vec<(Strin
     let host_resolv = std::fs::read_to_string("/etc/resolv.conf").unwrap_or_default();
     vec![
         ("resolv.conf".into(), resolv_conf(&host_resolv, &cfg.dns)),
-        ("hosts".into(), hosts(&cfg.hostname, addr)),
+        ("hosts".into(), hosts(&cfg.hostname, addr, &cfg.extra_hosts)),
         ("hostname".into(), format!("{}\n", cfg.hostname)),
     ]
 }
@@ -447,6 +512,25 @@ pub fn etc_files(cfg: &super::ContainerConfig, addr: Option<&str>) -> Vec<(Strin
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn add_host_entries_parse_as_dockers_and_go_in_hosts() {
+        let g = ExtraHost::parse("host.docker.internal:host-gateway").unwrap();
+        assert_eq!(g.ip, None);
+        let a = ExtraHost::parse("db:10.1.2.3").unwrap();
+        assert_eq!(a.ip, Some("10.1.2.3".parse().unwrap()));
+        let b = ExtraHost::parse("v6=[::1]").unwrap();
+        assert_eq!(b.ip, Some("::1".parse().unwrap()));
+        for bad in ["nocolon", ":1.2.3.4", "a b:1.2.3.4", "x:not-an-ip", "x:"] {
+            assert!(ExtraHost::parse(bad).is_err(), "{bad}");
+        }
+        // Only a host-gateway entry opens the host's loopback.
+        assert!(!maps_host_loopback(&[]));
+        assert!(!maps_host_loopback(std::slice::from_ref(&a)));
+        assert!(maps_host_loopback(&[a.clone(), g]));
+        let text = hosts("box", Some("10.0.0.5"), std::slice::from_ref(&a));
+        assert!(text.ends_with("10.0.0.5\tbox\n10.1.2.3\tdb\n"), "{text}");
+    }
 
     #[test]
     fn resolv_conf_drops_loopback_servers_and_keeps_search() {

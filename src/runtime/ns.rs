@@ -530,7 +530,11 @@ pub fn run_attached(
     let mut pasta = None;
     let mut connect = |pid: u32| -> Result<(), String> {
         if cfg.network == Network::Passt {
-            pasta = Some(Pasta::attach(pid, dir)?);
+            pasta = Some(Pasta::attach(
+                pid,
+                dir,
+                super::net::maps_host_loopback(&cfg.extra_hosts),
+            )?);
         }
         Ok(())
     };

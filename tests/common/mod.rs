@@ -152,6 +152,7 @@ impl TestVm {
             limits: Default::default(),
             network: Default::default(),
             dns: Vec::new(),
+            extra_hosts: Vec::new(),
         };
         let root = |m: &MicroVm| m.root_spec(&hostname, Vec::new());
         let (vm, conn) = MicroVm::start_ready(&cfg, dir.path(), Start::Warm, &root, &|| false)
