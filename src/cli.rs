@@ -307,12 +307,18 @@ pub struct BuildArgs {
     /// NAME:host-gateway also lets them reach the host's loopback services.
     #[arg(long = "add-host", value_name = "NAME:IP")]
     pub add_host: Vec<String>,
-    /// Virtual CPUs of the build VM.
+    /// CPUs of RUN steps: the build VM's vCPUs, or (namespace builds, with
+    /// root) their cgroup's CPU limit.
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u8).range(1..=64))]
     pub cpus: u8,
-    /// Memory of the build VM, e.g. 512M or 1G.
+    /// Memory of RUN steps, e.g. 512M or 1G: the build VM's, or (namespace
+    /// builds, with root) their cgroup's limit.
     #[arg(short = 'm', long, default_value = "256M", value_parser = parse_size)]
     pub memory: u64,
+    /// Namespace builds (with root): the most processes a RUN step may
+    /// have. (A build VM is bounded by its memory and vCPUs.)
+    #[arg(long, value_name = "N", default_value_t = 1024)]
+    pub pids_limit: u64,
     /// Guest kernel (default: the one `make kernel` installed).
     #[arg(long, value_name = "PATH", env = "VMC_KERNEL")]
     pub kernel: Option<PathBuf>,

@@ -1182,6 +1182,17 @@ fn build(a: BuildArgs) -> Result<i32> {
         snapshots: runtime::snapshots_dir(),
         network: network_for(a.mode == "ns", a.network.as_deref())?,
         extra_hosts: extra_hosts(&a.add_host)?,
+        // Without root there is no cgroup to limit a namespace build with
+        // (its user namespace bounds what it may touch, not what it uses).
+        ns_limits: if runtime::ns::rootless() {
+            runtime::NsLimits::default()
+        } else {
+            runtime::NsLimits {
+                memory: Some(a.memory),
+                cpus: Some(a.cpus),
+                pids: Some(a.pids_limit),
+            }
+        },
     };
     let mut sink: Box<dyn std::io::Write> = if a.quiet {
         Box::new(std::io::sink())

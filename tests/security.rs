@@ -696,3 +696,44 @@ fn the_host_loopback_is_reached_only_when_asked_for() {
         );
     }
 }
+
+/// Issue 16, 9: a namespace build's RUN step started 1,200 processes (and
+/// took memory and CPU) with nothing to bound it. RUN steps now run under
+/// the build's `--pids-limit`, `--memory` and `--cpus` (defaults 1024,
+/// 256M, 1), as the build VM is bounded by its memory and vCPUs.
+#[test]
+fn namespace_build_steps_are_limited() {
+    if !is_root() {
+        return;
+    }
+    let home = store_with_busybox();
+    let h = home.path();
+    let ctx = tempfile::tempdir().unwrap();
+    std::fs::write(
+        ctx.path().join("Dockerfile"),
+        "FROM busybox\nRUN for i in $(seq 30); do sleep 2 & done; wait; echo forked-$((10+20))\n",
+    )
+    .unwrap();
+    let build = |extra: &[&str]| {
+        let mut args = vec!["build", "--mode", "ns", "--network", "none", "--no-cache"];
+        args.extend_from_slice(extra);
+        args.push(ctx.path().to_str().unwrap());
+        vmc(h, &args)
+    };
+    let o = build(&["--pids-limit", "10"]);
+    let all = format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    assert!(
+        !o.status.success() && all.contains("can't fork") && !all.contains("forked-30"),
+        "thirty processes in a RUN step under --pids-limit 10: {all}"
+    );
+    // The default limit leaves room for ordinary steps.
+    let o = build(&[]);
+    assert!(
+        o.status.success() && String::from_utf8_lossy(&o.stdout).contains("forked-30"),
+        "{o:?}"
+    );
+}

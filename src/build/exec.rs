@@ -51,6 +51,8 @@ pub struct BuildOptions {
     pub network: crate::runtime::net::Network,
     /// `--add-host` entries of RUN steps.
     pub extra_hosts: Vec<crate::runtime::net::ExtraHost>,
+    /// Cgroup limits of namespace RUN steps (none without root).
+    pub ns_limits: crate::runtime::NsLimits,
 }
 
 /// Why a build failed.
@@ -620,6 +622,7 @@ impl Builder<'_> {
                     &self.tmp.join(format!("ns-{id}")),
                     self.o.network,
                     &self.o.extra_hosts,
+                    self.o.ns_limits,
                 )?)
             } else {
                 crate::vmm::open_kvm()

@@ -28,6 +28,8 @@ pub struct BuildNs {
     /// `--add-host` entries (for /etc/hosts; `host-gateway` also opens the
     /// host's loopback).
     extra_hosts: Vec<ExtraHost>,
+    /// Cgroup limits of each step (with the device allow-list).
+    limits: crate::runtime::NsLimits,
     /// Files the current upper has only to be mounted over (resolv.conf).
     placeholders: Vec<String>,
 }
@@ -44,6 +46,7 @@ impl BuildNs {
         dir: &Path,
         network: Network,
         extra_hosts: &[ExtraHost],
+        limits: crate::runtime::NsLimits,
     ) -> Result<BuildNs, RuntimeError> {
         private_mounts()?;
         fs::create_dir_all(dir).map_err(err("creating the build directory"))?;
@@ -54,6 +57,7 @@ impl BuildNs {
             next: 0,
             network,
             extra_hosts: extra_hosts.to_vec(),
+            limits,
             placeholders: Vec::new(),
         };
         ns.upper = ns.fresh("upper")?;
@@ -124,11 +128,9 @@ impl BuildNs {
                 });
             }
         }
-        let _cgroup = crate::runtime::ns::join_cgroups(
-            &mut iso,
-            &crate::runtime::new_id(),
-            &Default::default(),
-        )?;
+        // The device allow-list and the build's limits.
+        let _cgroup =
+            crate::runtime::ns::join_cgroups(&mut iso, &crate::runtime::new_id(), &self.limits)?;
         let prepared = match spawn::prepare_isolated(&spec, &root_s, &root_s, &iso) {
             Ok(p) => p,
             Err(e) => return Ok(RunResult::StartFailed(e.kind, e.message)),
