@@ -517,8 +517,27 @@ impl LayerWriter<'_> {
                 format!("{prefix}/{}", segs.join("/"))
             })
         };
+        // The bounds of an image layer, counted as the archive is read (a
+        // small compressed archive can expand a thousandfold).
+        let limits = crate::image::layer::Limits::default();
+        let (mut entries, mut bytes) = (0u64, 0u64);
+        let too_large = |what: String| ContextError::Io {
+            path: path.display().to_string(),
+            source: io::Error::other(format!("the archive exceeds the limit of {what}")),
+        };
         for entry in a.entries().map_err(io_at(path))? {
             let mut e = entry.map_err(io_at(path))?;
+            entries += 1;
+            bytes += e.size();
+            if entries > limits.max_entries {
+                return Err(too_large(format!("{} entries", limits.max_entries)));
+            }
+            if e.size() > limits.max_file || bytes > limits.max_total {
+                return Err(too_large(format!(
+                    "{} bytes in a file, {} in all",
+                    limits.max_file, limits.max_total
+                )));
+            }
             let name = e
                 .path()
                 .map_err(io_at(path))?
@@ -782,6 +801,26 @@ mod tests {
         // Control files are bounded while read.
         fs::write(r.join(".dockerignore"), "x\n".repeat(600_000)).unwrap();
         assert!(matches!(Context::open(r), Err(ContextError::TooLarge(..))));
+    }
+
+    /// Issue 16, 10: ADD of an archive had no size bound. Its entries are
+    /// counted against a layer's bounds as they are read: a header that
+    /// claims more than a file may hold is refused before its data.
+    #[test]
+    fn add_of_an_archive_is_bounded_while_read() {
+        let (d, c) = context();
+        let mut h = tar::Header::new_ustar();
+        h.set_path("big").unwrap();
+        h.set_size(crate::image::layer::Limits::default().max_file + 1);
+        h.set_mode(0o644);
+        h.set_cksum();
+        let mut data = h.as_bytes().to_vec();
+        data.extend(std::iter::repeat_n(0u8, 4096));
+        fs::write(d.path().join("bomb.tar"), data).unwrap();
+        let mut s = spec(&["bomb.tar"], "/x/");
+        s.add = true;
+        let e = layer(&c, &s).expect_err("over the bound");
+        assert!(e.to_string().contains("exceeds the limit"), "{e}");
     }
 
     #[test]

@@ -785,6 +785,15 @@ fn register(store: &Store, prepared: &[Prepared]) -> Result<Vec<StoredImage>, Im
 /// Loads every image of the docker-archive or OCI archive at `path` (plain,
 /// gzip or zstd) into the store; returns them in the archive's order.
 pub fn load(store: &Store, path: &Path) -> Result<Vec<StoredImage>, ImageError> {
+    let r = load_locked(store, path);
+    // What a failed load stored goes, and so do the archive's files no
+    // image refers to (each entry is stored as it streams by); its writer
+    // lock is released by now.
+    let _ = store.gc_if_idle();
+    r
+}
+
+fn load_locked(store: &Store, path: &Path) -> Result<Vec<StoredImage>, ImageError> {
     let _w = store.writer()?;
     let contents = scan(store, path)?;
     let mut loader = Loader {
@@ -1271,6 +1280,15 @@ mod tests {
             ),
             ("tampered-blob", tampered_oci(), "does not match its digest"),
         ];
+        let blobs = || {
+            let mut v: Vec<_> = fs::read_dir(dir.path().join("store/blobs/sha256"))
+                .unwrap()
+                .map(|e| e.unwrap().file_name())
+                .collect();
+            v.sort();
+            v
+        };
+        let before = blobs();
         for (name, data, want) in cases {
             let p = dir.path().join(name);
             fs::write(&p, data).unwrap();
@@ -1278,6 +1296,8 @@ mod tests {
             assert!(err.contains(want), "{name}: {err}");
             assert!(err.starts_with(&p.display().to_string()), "{name}: {err}");
             assert_eq!(store.images().unwrap().len(), 1, "{name} added an image");
+            // Issue 16, 10: what a failed load stored goes with it.
+            assert_eq!(blobs(), before, "{name} left blobs behind");
         }
         // The same docker-archive with the right diff id loads, its layer
         // found through a link as old `docker save` archives have them.

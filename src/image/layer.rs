@@ -496,7 +496,14 @@ pub fn verify<R: Read>(reader: R, limits: Limits) -> Result<Stats, LayerError> {
             tar::EntryType::Regular | tar::EntryType::Continuous | tar::EntryType::GNUSparse => {
                 // Read, not skipped: a sparse entry's apparent size is what
                 // unpacking writes.
-                let n = io::copy(&mut entry, &mut io::sink()).map_err(LayerError::Read)?;
+                let n = io::copy(&mut (&mut entry).take(limits.max_file + 1), &mut io::sink())
+                    .map_err(LayerError::Read)?;
+                if n > limits.max_file {
+                    return Err(LayerError::TooLarge(format!(
+                        "{} bytes for '{}'",
+                        limits.max_file, a.shown
+                    )));
+                }
                 stats.bytes += n;
                 if stats.bytes > limits.max_total {
                     return Err(LayerError::TooLarge(format!(
@@ -698,6 +705,14 @@ impl Unpacker {
                 return Ok(total);
             }
             total += n as u64;
+            // Counted as written, not as the header says: a sparse entry
+            // of a few bytes can expand to its whole apparent size.
+            if total > self.limits.max_file {
+                return Err(LayerError::TooLarge(format!(
+                    "{} bytes for '{shown}'",
+                    self.limits.max_file
+                )));
+            }
             if self.stats.bytes + total > self.limits.max_total {
                 return Err(LayerError::TooLarge(format!(
                     "{} bytes in all",

@@ -172,18 +172,36 @@ impl Store {
     }
 
     fn lock(&self, name: &str, exclusive: bool) -> Result<Lock, StoreError> {
+        self.lock_with(name, exclusive, true)
+            .map(|l| l.expect("a blocking lock is granted"))
+    }
+
+    /// The lock `name`; `None` when `wait` is false and someone holds it.
+    fn lock_with(
+        &self,
+        name: &str,
+        exclusive: bool,
+        wait: bool,
+    ) -> Result<Option<Lock>, StoreError> {
         let p = self.root.join(format!(".vmc-{name}.lock"));
         let f = File::create(&p).map_err(io_err(&p))?;
-        let op = if exclusive {
+        let mut op = if exclusive {
             libc::LOCK_EX
         } else {
             libc::LOCK_SH
         };
-        // SAFETY: flock on a descriptor we own; blocks until granted.
-        if unsafe { libc::flock(f.as_raw_fd(), op) } != 0 {
-            return Err(io_err(&p)(io::Error::last_os_error()));
+        if !wait {
+            op |= libc::LOCK_NB;
         }
-        Ok(Lock { _file: f })
+        // SAFETY: flock on a descriptor we own; blocks until granted unless LOCK_NB.
+        if unsafe { libc::flock(f.as_raw_fd(), op) } != 0 {
+            let e = io::Error::last_os_error();
+            if !wait && e.raw_os_error() == Some(libc::EWOULDBLOCK) {
+                return Ok(None);
+            }
+            return Err(io_err(&p)(e));
+        }
+        Ok(Some(Lock { _file: f }))
     }
 
     /// Held by every operation that adds blobs, until its image is named.
@@ -432,6 +450,21 @@ impl Store {
     /// Removes blobs no manifest in the index refers to; returns how many.
     pub fn gc(&self) -> Result<usize, StoreError> {
         let _g = self.lock("gc", true)?;
+        self.gc_locked()
+    }
+
+    /// After a failed import, load or pull: removes what it stored (every
+    /// blob no image or build cache entry refers to), unless another writer
+    /// is at work, in which case a later collection will. A failure leaves
+    /// nothing behind, without waiting on anyone.
+    pub fn gc_if_idle(&self) -> Result<Option<usize>, StoreError> {
+        match self.lock_with("gc", true, false)? {
+            Some(_g) => self.gc_locked().map(Some),
+            None => Ok(None),
+        }
+    }
+
+    fn gc_locked(&self) -> Result<usize, StoreError> {
         let mut keep = HashSet::new();
         for e in self.index()?.manifests() {
             keep.insert(e.digest().digest().to_string());

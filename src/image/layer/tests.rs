@@ -475,3 +475,41 @@ fn verify_refuses_what_unpack_refuses_and_counts_what_it_writes() {
         Err(LayerError::TooLarge(_))
     ));
 }
+
+/// Issue 16, 10: a 3 KB layer whose sparse entry expands to 1 GiB wrote
+/// all of it; sizes are counted as written (apparent), against the bounds.
+#[test]
+fn sparse_entries_count_at_their_apparent_size() {
+    let d = tempfile::tempdir().unwrap();
+    let f = std::fs::File::create(d.path().join("holes")).unwrap();
+    f.set_len(64 << 20).unwrap();
+    drop(f);
+    let tar = d.path().join("sparse.tar");
+    let st = std::process::Command::new("tar")
+        .arg("-C")
+        .arg(d.path())
+        .args(["--sparse", "-cf"])
+        .arg(&tar)
+        .arg("holes")
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let data = std::fs::read(&tar).unwrap();
+    assert!(data.len() < 64 << 10, "a small archive: {}", data.len());
+    let small = Limits {
+        max_file: 1 << 20,
+        ..Limits::default()
+    };
+    assert!(matches!(
+        verify(&data[..], small),
+        Err(LayerError::TooLarge(_))
+    ));
+    let (_sb, root) = sandbox();
+    assert!(matches!(
+        unpack(&data[..], &root, Whiteouts::Apply, small),
+        Err(LayerError::TooLarge(_))
+    ));
+    // Within the bounds it unpacks whole, at its apparent size.
+    let s = verify(&data[..], Limits::default()).unwrap();
+    assert_eq!(s.bytes, 64 << 20);
+}
