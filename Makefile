@@ -14,7 +14,7 @@ GUEST_BIN := $(CARGO_TARGET_DIR)/$(TARGET)/release-guest/vmc-guest
 VMC := $(CARGO_TARGET_DIR)/release/vmc
 DEMO_ROOTFS := $(CACHE)/busybox-rootfs
 
-.PHONY: all setup deps passt kernel guest build demo node-demo node-base test check rootfs clean fresh-check stress
+.PHONY: all setup deps passt kernel guest build demo node-demo node-base test check rootfs clean fresh-check stress audit
 
 all: build
 
@@ -46,6 +46,10 @@ build:
 
 rootfs:
 	@scripts/busybox-rootfs.sh $(DEMO_ROOTFS)
+
+# What a running container gets in each mode (README "Security model").
+audit: setup
+	@VMC=$(VMC) ROOTFS=$(DEMO_ROOTFS) scripts/audit.sh
 
 demo: setup
 	@echo '$$ vmc import $(DEMO_ROOTFS).tar busybox      # a base image (busybox, from Debian)'
