@@ -169,6 +169,16 @@ pub struct RunArgs {
     #[arg(long = "add-host", value_name = "NAME:IP")]
     pub add_host: Vec<String>,
 
+    /// Namespace mode: add a capability to Docker's default set (NET_ADMIN,
+    /// ALL, ...; repeatable).
+    #[arg(long = "cap-add", value_name = "CAP")]
+    pub cap_add: Vec<String>,
+
+    /// Namespace mode: drop a capability from the set (CHOWN, ALL, ...;
+    /// repeatable).
+    #[arg(long = "cap-drop", value_name = "CAP")]
+    pub cap_drop: Vec<String>,
+
     /// A name for the container (default: a generated one).
     #[arg(long)]
     pub name: Option<String>,

@@ -310,7 +310,15 @@ fn run(args: RunArgs) -> Result<i32> {
     }
     spec::merge_env(&mut process.env, &[format!("HOSTNAME={hostname}")]);
     let extra_hosts = extra_hosts(&args.add_host)?;
+    let caps =
+        runtime::caps::effective(&args.cap_add, &args.cap_drop).map_err(anyhow::Error::msg)?;
+    if caps.is_some() && !ns {
+        bail!(
+            "--cap-add/--cap-drop apply to namespace mode (--mode ns): in a microVM the guest kernel is the boundary and the workload has every capability of the guest"
+        );
+    }
     let cfg = ContainerConfig {
+        caps,
         extra_hosts,
         id: id.clone(),
         rootfs,
@@ -948,6 +956,7 @@ fn exec(a: ExecArgs) -> Result<i32> {
         }
         return Ok(runtime::ns::exec_attached(
             pid,
+            cfg.caps,
             &c.dir.join("cgroups"),
             &spec,
             forward_stdin,

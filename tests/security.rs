@@ -737,3 +737,77 @@ fn namespace_build_steps_are_limited() {
         "{o:?}"
     );
 }
+
+/// Issue 16, 5 (in part): `--cap-add` and `--cap-drop` with Docker's rules,
+/// in namespace mode; `vmc exec` gets the container's set. In a microVM they
+/// are refused with the reason (the guest kernel is the boundary).
+#[test]
+fn capabilities_are_added_and_dropped_as_in_docker() {
+    if !is_root() {
+        return;
+    }
+    let home = store_with_busybox();
+    let h = home.path();
+    let cap_eff = "grep CapEff /proc/self/status | cut -f2; chown 1 /etc/passwd 2>/dev/null && echo chown-ok || echo chown-denied";
+    let run = |extra: &[&str]| {
+        let mut args = vec!["run", "--rm", "--mode", "ns", "--network", "none"];
+        args.extend_from_slice(extra);
+        args.extend_from_slice(&["busybox", "sh", "-c", cap_eff]);
+        ok(&vmc(h, &args))
+    };
+    assert_eq!(
+        run(&[]),
+        "00000000a80425fb\nchown-ok\n",
+        "Docker's defaults"
+    );
+    assert_eq!(
+        run(&["--cap-drop", "CHOWN"]),
+        "00000000a80425fa\nchown-denied\n"
+    );
+    assert_eq!(
+        run(&["--cap-drop", "ALL", "--cap-add", "NET_BIND_SERVICE"]),
+        "0000000000000400\nchown-denied\n"
+    );
+    assert_eq!(
+        run(&["--cap-add", "SYS_ADMIN"]),
+        "00000000a82425fb\nchown-ok\n"
+    );
+    // vmc exec gets the container's set.
+    ok(&vmc(
+        h,
+        &[
+            "run",
+            "-d",
+            "--mode",
+            "ns",
+            "--network",
+            "none",
+            "--cap-drop",
+            "ALL",
+            "--name",
+            "capless",
+            "busybox",
+            "sleep",
+            "1000",
+        ],
+    ));
+    assert_eq!(
+        ok(&vmc(h, &["exec", "capless", "sh", "-c", cap_eff])),
+        "0000000000000000\nchown-denied\n"
+    );
+    ok(&vmc(h, &["rm", "-f", "capless"]));
+    for (args, want) in [
+        (
+            vec!["--mode", "ns", "--cap-add", "NOPE"],
+            "unknown capability 'NOPE'",
+        ),
+        (vec!["--cap-drop", "ALL"], "apply to namespace mode"),
+    ] {
+        let mut all = vec!["run", "--rm"];
+        all.extend(args);
+        all.extend(["busybox", "true"]);
+        let o = vmc(h, &all);
+        assert_eq!(o.status.code(), Some(125), "{o:?}");
+        assert!(String::from_utf8_lossy(&o.stderr).contains(want), "{o:?}");
+    }
+}

@@ -117,6 +117,7 @@ fn snapshots_made_under_load_all_restore() {
             network: Default::default(),
             dns: Vec::new(),
             extra_hosts: Vec::new(),
+            caps: None,
         };
         let t0 = Instant::now();
         // Makes the snapshot (boot, idle, save, trial restore), then

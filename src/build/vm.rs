@@ -58,6 +58,7 @@ impl BuildVm {
             network,
             dns: Vec::new(),
             extra_hosts: extra_hosts.to_vec(),
+            caps: None,
         };
         // With a network, the host's nameservers (as namespace builds);
         // the agent keeps the file out of the steps' layers.

@@ -3,6 +3,7 @@
 
 pub mod agent;
 pub mod attach;
+pub mod caps;
 pub mod cgroup;
 pub mod devices;
 
@@ -78,6 +79,10 @@ pub struct ContainerConfig {
     /// host's loopback through the gateway.
     #[serde(default)]
     pub extra_hosts: Vec<net::ExtraHost>,
+    /// Namespace mode: the capability set from `--cap-add`/`--cap-drop`
+    /// (`None`: Docker's default set).
+    #[serde(default)]
+    pub caps: Option<u64>,
 }
 
 /// Errors running a container.

@@ -496,6 +496,9 @@ pub fn run_attached(
     let _mounted = OverlayRoot::mount(lowers, &dir.join("upper"), &dir.join("work"), &root, dir)?;
     let root_s = root.display().to_string();
     let mut iso = isolation(&cfg.hostname);
+    if cfg.caps.is_some() {
+        iso.keep_caps = cfg.caps;
+    }
     let cgroup = join_cgroups(&mut iso, &cfg.id, &cfg.limits)?;
     if let Some(cg) = &cgroup {
         let list: Vec<String> = cg.dirs().iter().map(|d| d.display().to_string()).collect();
@@ -732,6 +735,7 @@ fn reap(pid: libc::pid_t) -> Option<i32> {
 /// the container, with this process's stdio; returns its exit code.
 pub fn exec_attached(
     pid: i32,
+    caps: Option<u64>,
     cgroups: &Path,
     spec: &vmc_guest::ProcessSpec,
     forward_stdin: bool,
@@ -754,7 +758,8 @@ pub fn exec_attached(
         check(r, &format!("joining {p}"))?;
     }
     let iso = Isolation {
-        keep_caps: Some(DOCKER_DEFAULT_CAPS),
+        // The container's own set (`--cap-add`/`--cap-drop`), as Docker's exec.
+        keep_caps: Some(caps.unwrap_or(DOCKER_DEFAULT_CAPS)),
         no_new_privs: true,
         in_root: true,
         non_dumpable: !rootless(),

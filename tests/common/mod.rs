@@ -153,6 +153,7 @@ impl TestVm {
             network: Default::default(),
             dns: Vec::new(),
             extra_hosts: Vec::new(),
+            caps: None,
         };
         let root = |m: &MicroVm| m.root_spec(&hostname, Vec::new());
         let (vm, conn) = MicroVm::start_ready(&cfg, dir.path(), Start::Warm, &root, &|| false)
