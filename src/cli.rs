@@ -23,6 +23,9 @@ pub struct Cli {
     pub command: Command,
 }
 
+// Parsed once per process and matched at once: the size of its largest
+// variant (`run`'s many flags) costs nothing worth a box.
+#[allow(clippy::large_enum_variant)]
 #[derive(Subcommand, Debug)]
 pub enum Command {
     /// Run a command in a new microVM container.
