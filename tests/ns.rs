@@ -19,7 +19,7 @@ fn a_namespace_container_is_confined_like_dockers() {
     }
     let home = store_with_busybox();
     let h = home.path();
-    let script = "echo pid=$$; hostname; grep -E '^(CapEff|CapBnd|NoNewPrivs)' /proc/self/status; \
+    let script = "echo pid=$$; hostname; grep -E '^(CapInh|CapPrm|CapEff|CapBnd|NoNewPrivs)' /proc/self/status; \
                   ls /dev | tr '\\n' ' '; echo; cat /proc/net/dev | grep -c ':'; \
                   echo x > /proc/sys/kernel/domainname 2>/dev/null || echo proc-sys-ro; \
                   touch /sys/x 2>/dev/null || echo sys-ro; echo data > /written; exit 3";
@@ -52,8 +52,11 @@ fn a_namespace_container_is_confined_like_dockers() {
         "the workload is PID 1 of its own pid namespace"
     );
     assert_eq!(lines[1], "box");
-    // Docker's default capability set, nothing more, and no_new_privs.
+    // Docker's default capability set, nothing more, in the bounding,
+    // effective, permitted and inheritable sets, and no_new_privs.
     assert!(out.contains("NoNewPrivs:\t1"), "{out}");
+    assert!(out.contains("CapInh:\t00000000a80425fb"), "{out}");
+    assert!(out.contains("CapPrm:\t00000000a80425fb"), "{out}");
     assert!(out.contains("CapEff:\t00000000a80425fb"), "{out}");
     assert!(out.contains("CapBnd:\t00000000a80425fb"), "{out}");
     assert!(
