@@ -70,6 +70,9 @@ fn a_namespace_container_is_confined_like_dockers() {
         "a network namespace with loopback only: {out}"
     );
     assert!(out.contains("proc-sys-ro\nsys-ro\n"), "{out}");
+    // An attached run without --rm stays listed by `ps -a`.
+    let ps = ok(&vmc(h, &["ps", "-a"]));
+    assert!(ps.contains("Exited (3)"), "{ps}");
 
     // The image is untouched; the container's writes stayed in its upper dir.
     let o = vmc(
