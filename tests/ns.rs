@@ -73,6 +73,21 @@ fn a_namespace_container_is_confined_like_dockers() {
     // An attached run without --rm stays listed by `ps -a`.
     let ps = ok(&vmc(h, &["ps", "-a"]));
     assert!(ps.contains("Exited (3)"), "{ps}");
+    // The image's layers were unpacked into the cache, once: the next run
+    // uses the same files (same inode), not a fresh copy.
+    let busybox_ino = || -> u64 {
+        use std::os::unix::fs::MetadataExt;
+        let layers = h.join("cache/layers");
+        let found: Vec<u64> = std::fs::read_dir(&layers)
+            .unwrap()
+            .map(|e| e.unwrap().path().join("bin/busybox"))
+            .filter_map(|p| std::fs::symlink_metadata(p).ok())
+            .map(|m| m.ino())
+            .collect();
+        assert_eq!(found.len(), 1, "bin/busybox in {layers:?}: {found:?}");
+        found[0]
+    };
+    let ino = busybox_ino();
 
     // The image is untouched; the container's writes stayed in its upper dir.
     let o = vmc(
@@ -89,6 +104,7 @@ fn a_namespace_container_is_confined_like_dockers() {
         ],
     );
     assert!(stdout(&o).contains("No such file"), "{}", stdout(&o));
+    assert_eq!(busybox_ino(), ino, "the layer was unpacked again");
     // Nothing stays mounted on the host.
     let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
     assert!(!mounts.contains(h.to_str().unwrap()), "{mounts}");
