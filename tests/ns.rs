@@ -161,6 +161,9 @@ fn users_workdirs_stdin_and_start_failures_behave_as_in_vm_mode() {
     );
     assert_eq!(o.status.code(), Some(127));
     assert!(String::from_utf8_lossy(&o.stderr).contains("executable file not found in $PATH"));
+    // A file that exists but cannot be executed: 126, as in Docker.
+    let o = vmc(h, &["run", "--rm", "--mode", "ns", "busybox", "/etc/passwd"]);
+    assert_eq!(o.status.code(), Some(126), "{o:?}");
     // Signals sent to vmc reach the workload (PID 1 of the container).
     let mut child = Command::new(env!("CARGO_BIN_EXE_vmc"))
         .env("VMC_HOME", h)
