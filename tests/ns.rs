@@ -162,35 +162,48 @@ fn users_workdirs_stdin_and_start_failures_behave_as_in_vm_mode() {
     assert_eq!(o.status.code(), Some(127));
     assert!(String::from_utf8_lossy(&o.stderr).contains("executable file not found in $PATH"));
     // A file that exists but cannot be executed: 126, as in Docker.
-    let o = vmc(h, &["run", "--rm", "--mode", "ns", "busybox", "/etc/passwd"]);
+    let o = vmc(
+        h,
+        &["run", "--rm", "--mode", "ns", "busybox", "/etc/passwd"],
+    );
     assert_eq!(o.status.code(), Some(126), "{o:?}");
-    // Signals sent to vmc reach the workload (PID 1 of the container).
-    let mut child = Command::new(env!("CARGO_BIN_EXE_vmc"))
-        .env("VMC_HOME", h)
-        .args([
-            "run",
-            "--rm",
-            "--mode",
-            "ns",
-            "busybox",
-            "sh",
-            "-c",
-            "trap 'echo got TERM; exit 7' TERM; echo ready; while true; do sleep 0.1; done",
-        ])
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut out = std::io::BufReader::new(child.stdout.take().unwrap());
-    let mut line = String::new();
-    std::io::BufRead::read_line(&mut out, &mut line).unwrap();
-    assert_eq!(line, "ready\n");
-    // SAFETY: kill on our own child.
-    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
-    let status = child.wait().unwrap();
-    let mut rest = String::new();
-    std::io::Read::read_to_string(&mut out, &mut rest).unwrap();
-    assert_eq!(rest, "got TERM\n");
-    assert_eq!(status.code(), Some(7));
+    // Signals sent to vmc reach the workload (PID 1 of the container): each
+    // of the six the README names, trapped, printed and exited with its own code.
+    for (i, (name, sig)) in [
+        ("TERM", libc::SIGTERM),
+        ("INT", libc::SIGINT),
+        ("HUP", libc::SIGHUP),
+        ("QUIT", libc::SIGQUIT),
+        ("USR1", libc::SIGUSR1),
+        ("USR2", libc::SIGUSR2),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let code = 7 + i as i32;
+        let script = format!(
+            "trap 'echo got {name}; exit {code}' {name}; echo ready; while true; do sleep 0.1; done"
+        );
+        let mut child = Command::new(env!("CARGO_BIN_EXE_vmc"))
+            .env("VMC_HOME", h)
+            .args([
+                "run", "--rm", "--mode", "ns", "busybox", "sh", "-c", &script,
+            ])
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut out = std::io::BufReader::new(child.stdout.take().unwrap());
+        let mut line = String::new();
+        std::io::BufRead::read_line(&mut out, &mut line).unwrap();
+        assert_eq!(line, "ready\n", "{name}");
+        // SAFETY: kill on our own child.
+        unsafe { libc::kill(child.id() as i32, sig) };
+        let status = child.wait().unwrap();
+        let mut rest = String::new();
+        std::io::Read::read_to_string(&mut out, &mut rest).unwrap();
+        assert_eq!(rest, format!("got {name}\n"), "{name}");
+        assert_eq!(status.code(), Some(code), "{name}");
+    }
     // --rm leaves no state behind.
     assert_eq!(std::fs::read_dir(h.join("containers")).unwrap().count(), 0);
 }
