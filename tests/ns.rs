@@ -787,10 +787,31 @@ fn stop_uses_the_stopsignal_then_sigkill_and_exec_takes_w_and_u() {
             "none",
             "--name",
             "a",
+            "-e",
+            "N=v",
+            "--hostname",
+            "hn",
             "usr1",
         ],
     ));
     up("a");
+    // exec gets the container's environment and joins its uts and net
+    // namespaces.
+    let out = ok(&vmc(
+        h,
+        &[
+            "exec",
+            "a",
+            "sh",
+            "-c",
+            "echo $N; hostname; readlink /proc/self/ns/net; readlink /proc/1/ns/net",
+        ],
+    ));
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(lines.len(), 4, "{out}");
+    assert_eq!(lines[..2], ["v", "hn"], "{out}");
+    assert!(lines[2].starts_with("net:["), "{out}");
+    assert_eq!(lines[2], lines[3], "exec in the container's net namespace");
     let out = ok(&vmc(
         h,
         &[
