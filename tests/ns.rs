@@ -438,12 +438,17 @@ fn namespace_mode_without_root_uses_a_user_namespace() {
     std::fs::create_dir_all(&ro).unwrap();
     std::fs::write(ro.join("inside"), "in\n").unwrap();
     std::fs::set_permissions(&ro, std::fs::Permissions::from_mode(0o555)).unwrap();
+    // And a setuid file: its set-id bits are dropped when unpacked rootless.
+    let suid = d.join("extra/suid");
+    std::fs::write(&suid, "#!/bin/sh\n").unwrap();
+    std::fs::set_permissions(&suid, std::fs::Permissions::from_mode(0o4755)).unwrap();
     let st = Command::new("tar")
         .arg("-rf")
         .arg(&tar)
         .arg("-C")
         .arg(d.join("extra"))
         .arg("ro")
+        .arg("suid")
         .status()
         .unwrap();
     assert!(st.success());
@@ -489,9 +494,9 @@ fn namespace_mode_without_root_uses_a_user_namespace() {
         "busybox",
         "sh",
         "-c",
-        "stat -c %a /ro; cat /ro/inside",
+        "stat -c %a /ro; cat /ro/inside; stat -c %a /suid",
     ]));
-    assert_eq!(out, "555\nin\n");
+    assert_eq!(out, "555\nin\n755\n");
     // No device nodes at all in a user namespace (issue 16, 1).
     let out = ok(&as_nobody(&[
         "run",
@@ -640,12 +645,17 @@ fn namespace_mode_without_root_uses_a_user_namespace() {
     );
 
     // Limits need a cgroup: a clear error, nothing started.
-    let o = as_nobody(&[
-        "run", "--rm", "--mode", "ns", "--memory", "64m", "busybox", "true",
-    ]);
-    assert_eq!(o.status.code(), Some(125), "{o:?}");
-    let err = String::from_utf8_lossy(&o.stderr);
-    assert!(err.contains("--memory") && err.contains("root"), "{err}");
+    for (flag, value) in [("--memory", "64m"), ("--cpus", "1"), ("--pids-limit", "64")] {
+        let o = as_nobody(&[
+            "run", "--rm", "--mode", "ns", flag, value, "busybox", "true",
+        ]);
+        assert_eq!(o.status.code(), Some(125), "{flag}: {o:?}");
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(
+            err.contains(&format!("{flag} in namespace mode need root")),
+            "{err}"
+        );
+    }
 
     // A kernel that refuses the user namespace (here: inside a chroot,
     // where unshare(CLONE_NEWUSER) gets EPERM): `run -d` fails at once with
