@@ -649,7 +649,8 @@ fn the_host_loopback_is_reached_only_when_asked_for() {
         "set -e; ip link set lo up; ip link add d0 type veth peer name d1; \
          ip addr add 10.77.0.2/24 dev d0; ip link set d0 up; ip link set d1 up; \
          ip route add default via 10.77.0.1; \
-         {bb} httpd -p 127.0.0.1:8080 -h {www}; set +e; ",
+         {bb} httpd -f -p 127.0.0.1:8080 -h {www} </dev/null >/dev/null 2>&1 & \
+         httpd=$!; set +e; ",
         bb = busybox.display(),
         www = www.path().display(),
     );
@@ -662,6 +663,8 @@ fn the_host_loopback_is_reached_only_when_asked_for() {
             ));
         }
     }
+    // The server goes with the script: it would keep the namespace alive.
+    script.push_str("kill $httpd");
     let o = std::process::Command::new("unshare")
         .args([
             "--net",

@@ -81,7 +81,8 @@ pub struct Isolation {
     /// Bring the loopback interface up (a new network namespace has it down).
     pub loopback_up: bool,
     /// Capabilities kept (bit n = capability n); all others are dropped from
-    /// the bounding, permitted, effective and inheritable sets.
+    /// the bounding, permitted and effective sets (the inheritable set is
+    /// emptied).
     pub keep_caps: Option<u64>,
     pub no_new_privs: bool,
     /// Already in the container's mount namespace, at its root (`vmc exec`
@@ -1103,16 +1104,19 @@ unsafe fn confine(iso: &PreparedIsolation) -> libc::c_int {
         };
         let lo = keep as u32;
         let hi = (keep >> 32) as u32;
+        // The inheritable set is empty, as Docker's since 20.10.14
+        // (CVE-2022-24769): a file with inheritable file capabilities gets
+        // nothing from it across execve.
         let data = [
             CapData {
                 effective: lo,
                 permitted: lo,
-                inheritable: lo,
+                inheritable: 0,
             },
             CapData {
                 effective: hi,
                 permitted: hi,
-                inheritable: hi,
+                inheritable: 0,
             },
         ];
         if libc::syscall(libc::SYS_capset, &header, data.as_ptr()) < 0 {

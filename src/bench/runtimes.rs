@@ -275,6 +275,10 @@ impl Env {
                 c.arg(if rt.kind == Kind::Ns { "ns" } else { "vm" });
                 if opts.network_none {
                     c.args(["--network", "none"]);
+                } else {
+                    // The `net` scenario's server is on the host's loopback,
+                    // which a sandbox reaches only when asked for.
+                    c.args(["--add-host", "host.vmc.internal:host-gateway"]);
                 }
                 for (h, g) in &opts.ports {
                     c.arg("-p").arg(format!("127.0.0.1:{h}:{g}"));

@@ -241,7 +241,7 @@ impl Bench {
                 self.measure(name, &rts, self.warmup, self.runs, |b, rt| b.port_run(rt))
             }
             "net" => {
-                self.workload(name, &format!("outbound from the sandbox (passt in vm, pasta in ns) to a server of the benchmark on the host's 127.0.0.1, reached through the gateway address: {} KiB by nc, {} one-byte echoes over a connection the sandbox opened", sz.transfer_kib, sz.pings));
+                self.workload(name, &format!("outbound from the sandbox (passt in vm, pasta in ns) to a server of the benchmark on the host's 127.0.0.1, reached through the gateway address (`--add-host NAME:host-gateway`): {} KiB by nc, {} one-byte echoes over a connection the sandbox opened", sz.transfer_kib, sz.pings));
                 let Some(gw) = crate::runtime::net::host_gateway() else {
                     self.notes.push("net: left out, the host has no default route (passt and pasta map the gateway to the host)".into());
                     return Ok(());
