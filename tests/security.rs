@@ -506,12 +506,7 @@ fn the_store_and_containers_are_their_users_alone() {
 /// Whether process `pid` runs its binary through a read-only mount
 /// (statvfs follows the `/proc/PID/exe` link to the file and its mount).
 fn exe_on_read_only_mount(pid: u32) -> bool {
-    let path = std::ffi::CString::new(format!("/proc/{pid}/exe")).unwrap();
-    // SAFETY: statvfs fills a plain struct from a NUL-terminated path.
-    unsafe {
-        let mut st: libc::statvfs = std::mem::zeroed();
-        libc::statvfs(path.as_ptr(), &mut st) == 0 && st.f_flag & libc::ST_RDONLY != 0
-    }
+    vmc::runtime::ns::on_read_only_mount(Path::new(&format!("/proc/{pid}/exe")))
 }
 
 /// Issue 16, 2 (the CVE-2019-5736 class): a process of a namespace
@@ -565,13 +560,10 @@ fn vmc_enters_namespace_containers_from_a_read_only_binary() {
     let _ = exec.wait();
     // The binary itself, seen from the host's mount namespace, is as it was.
     assert!(!exe_on_read_only_mount(std::process::id()));
-    let bin = std::ffi::CString::new(env!("CARGO_BIN_EXE_vmc")).unwrap();
-    // SAFETY: as above.
-    let host_ro = unsafe {
-        let mut st: libc::statvfs = std::mem::zeroed();
-        libc::statvfs(bin.as_ptr(), &mut st) == 0 && st.f_flag & libc::ST_RDONLY != 0
-    };
-    assert!(!host_ro, "the bind is vmc's own, not the host's");
+    assert!(
+        !vmc::runtime::ns::on_read_only_mount(Path::new(env!("CARGO_BIN_EXE_vmc"))),
+        "the bind is vmc's own, not the host's"
+    );
     ok(&vmc(h, &["rm", "-f", "ro"]));
 }
 

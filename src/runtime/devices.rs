@@ -246,18 +246,8 @@ pub fn attach_v2(cgroup: &Path, rules: &[Rule]) -> io::Result<()> {
         ..ProgLoad::default()
     };
     // SAFETY: load points at the instructions and license, which outlive
-    // the call; its size is passed.
-    let fd = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            BPF_PROG_LOAD,
-            &load as *const ProgLoad,
-            std::mem::size_of::<ProgLoad>(),
-        )
-    };
-    if fd < 0 {
-        return Err(io::Error::last_os_error());
-    }
+    // the call.
+    let fd = unsafe { bpf(BPF_PROG_LOAD, &load)? };
     // SAFETY: a fresh descriptor that we now own.
     let prog_fd = unsafe { OwnedFd::from_raw_fd(fd as i32) };
     let dir = std::fs::File::open(cgroup)?;
@@ -267,19 +257,32 @@ pub fn attach_v2(cgroup: &Path, rules: &[Rule]) -> io::Result<()> {
         attach_type: BPF_CGROUP_DEVICE,
         ..ProgAttach::default()
     };
-    // SAFETY: attach is a valid bpf_attr prefix of the size passed.
+    // SAFETY: attach holds descriptors only.
+    unsafe { bpf(BPF_PROG_ATTACH, &attach)? };
+    Ok(())
+}
+
+/// bpf(2) with `attr` (a `union bpf_attr` prefix, zero beyond its fields)
+/// and its size; the call's non-negative result.
+///
+/// # Safety
+/// Every pointer in `attr` must be valid for the call.
+unsafe fn bpf<T>(cmd: libc::c_long, attr: &T) -> io::Result<libc::c_long> {
+    // SAFETY: attr is a live value of the size passed; the caller vouches
+    // for the pointers inside it.
     let r = unsafe {
         libc::syscall(
             libc::SYS_bpf,
-            BPF_PROG_ATTACH,
-            &attach as *const ProgAttach,
-            std::mem::size_of::<ProgAttach>(),
+            cmd,
+            attr as *const T,
+            std::mem::size_of::<T>(),
         )
     };
     if r < 0 {
-        return Err(io::Error::last_os_error());
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(r)
     }
-    Ok(())
 }
 
 #[cfg(test)]

@@ -222,14 +222,23 @@ pub const REEXEC_ENV: &str = "VMC_READ_ONLY_REEXEC";
 /// This process is vmc re-executed from its read-only binary.
 pub static REEXECUTED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
-/// Whether this process's own executable is reached through a read-only
-/// mount (statvfs follows /proc/self/exe to the file and its mount).
-pub fn own_binary_read_only() -> bool {
+/// Whether `path` is reached through a read-only mount (statvfs follows a
+/// `/proc/PID/exe` link to the file and the mount it was reached by).
+pub fn on_read_only_mount(path: &Path) -> bool {
+    let Ok(p) = vmc_guest::sys::cstr(path) else {
+        return false;
+    };
     // SAFETY: statvfs fills a plain struct from a NUL-terminated path.
     unsafe {
         let mut st: libc::statvfs = std::mem::zeroed();
-        libc::statvfs(c"/proc/self/exe".as_ptr(), &mut st) == 0 && st.f_flag & libc::ST_RDONLY != 0
+        libc::statvfs(p.as_ptr(), &mut st) == 0 && st.f_flag & libc::ST_RDONLY != 0
     }
+}
+
+/// Whether this process's own executable is reached through a read-only
+/// mount.
+pub fn own_binary_read_only() -> bool {
+    on_read_only_mount(Path::new("/proc/self/exe"))
 }
 
 /// Before vmc enters a namespace container (run and build in namespace
