@@ -182,6 +182,12 @@ pub struct RunArgs {
     #[arg(long = "cap-drop", value_name = "CAP")]
     pub cap_drop: Vec<String>,
 
+    /// Security options (repeatable): seccomp=unconfined or
+    /// seccomp=PROFILE.json (namespace mode; default: Docker's profile),
+    /// no-new-privileges (always on).
+    #[arg(long = "security-opt", value_name = "OPT")]
+    pub security_opt: Vec<String>,
+
     /// A name for the container (default: a generated one).
     #[arg(long)]
     pub name: Option<String>,

@@ -96,6 +96,33 @@ fn main() {
     std::process::exit(code);
 }
 
+/// `--security-opt` values as Docker spells them; what vmc cannot honour
+/// is refused, not ignored.
+fn security_options(opts: &[String], ns: bool) -> Result<runtime::seccomp::Seccomp> {
+    let mut seccomp = runtime::seccomp::Seccomp::Default;
+    for opt in opts {
+        // Docker also takes the older `key:value`.
+        let (key, value) = opt
+            .split_once('=')
+            .or_else(|| opt.split_once(':'))
+            .unwrap_or((opt.as_str(), ""));
+        match (key, value) {
+            ("seccomp", "unconfined") => seccomp = runtime::seccomp::Seccomp::Unconfined,
+            ("seccomp", "") => bail!("--security-opt seccomp needs a value: seccomp=unconfined or seccomp=PROFILE.json"),
+            ("seccomp", v) => {
+                if !ns {
+                    bail!("--security-opt seccomp=PROFILE applies to namespace mode (--mode ns): in a microVM the guest kernel is the boundary and no filter is installed");
+                }
+                seccomp = runtime::seccomp::Seccomp::from_option(v)?;
+            }
+            ("no-new-privileges", "" | "true") => {}
+            ("no-new-privileges", _) => bail!("--security-opt {opt}: vmc always sets no_new_privs in namespace mode (a microVM's workload is confined by its kernel)"),
+            _ => bail!("--security-opt {opt} is not supported (vmc knows seccomp=unconfined, seccomp=PROFILE.json and no-new-privileges)"),
+        }
+    }
+    Ok(seccomp)
+}
+
 /// The `--add-host` entries, checked.
 fn extra_hosts(given: &[String]) -> Result<Vec<runtime::net::ExtraHost>> {
     given
@@ -317,8 +344,10 @@ fn run(args: RunArgs) -> Result<i32> {
             "--cap-add/--cap-drop apply to namespace mode (--mode ns): in a microVM the guest kernel is the boundary and the workload has every capability of the guest"
         );
     }
+    let seccomp = security_options(&args.security_opt, ns)?;
     let cfg = ContainerConfig {
         caps,
+        seccomp,
         extra_hosts,
         id: id.clone(),
         rootfs,
@@ -957,6 +986,7 @@ fn exec(a: ExecArgs) -> Result<i32> {
         return Ok(runtime::ns::exec_attached(
             pid,
             cfg.caps,
+            &cfg.seccomp,
             &c.dir.join("cgroups"),
             &spec,
             forward_stdin,

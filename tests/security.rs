@@ -806,3 +806,171 @@ fn capabilities_are_added_and_dropped_as_in_docker() {
         assert!(String::from_utf8_lossy(&o.stderr).contains(want), "{o:?}");
     }
 }
+
+/// Issue 16, 5: namespace containers had no seccomp filter: one added a
+/// key to the host root's keyring and `unshare -U` worked. Now Docker's
+/// default profile applies to containers, `vmc exec` and build steps;
+/// `--security-opt seccomp=unconfined` lifts it and `seccomp=FILE.json`
+/// replaces it.
+#[test]
+fn namespace_containers_get_dockers_seccomp_profile() {
+    if !is_root() {
+        return;
+    }
+    let home = common::TestHome::new();
+    let h = home.path();
+    // A static probe that adds a key to its user's keyring (and takes it
+    // away again at once if that worked).
+    let ctx = tempfile::tempdir().unwrap();
+    std::fs::write(
+        ctx.path().join("keyprobe.c"),
+        "#include <stdio.h>\n#include <errno.h>\n#include <string.h>\n#include <unistd.h>\n\
+         #include <sys/syscall.h>\n\
+         int main(void) {\n\
+           long k = syscall(SYS_add_key, \"user\", \"vmc-keyprobe\", \"x\", 1, -4);\n\
+           if (k < 0) { printf(\"refused: %s\\n\", strerror(errno)); return 0; }\n\
+           syscall(SYS_keyctl, 21 /* KEYCTL_INVALIDATE */, k);\n\
+           printf(\"added\\n\");\n\
+           return 0;\n\
+         }\n",
+    )
+    .unwrap();
+    let st = std::process::Command::new("cc")
+        .args(["-static", "-O", "-o"])
+        .arg(ctx.path().join("keyprobe"))
+        .arg(ctx.path().join("keyprobe.c"))
+        .status()
+        .expect("a C compiler (cc) for the probe");
+    assert!(st.success(), "cc -static keyprobe.c");
+    std::fs::remove_file(ctx.path().join("keyprobe.c")).unwrap();
+    let tar = common::busybox_tar(&h.join("busybox.tar"));
+    ok(&vmc(h, &["import", tar.to_str().unwrap(), "busybox"]));
+    // The build step itself is filtered, as BuildKit's are.
+    std::fs::write(
+        ctx.path().join("Dockerfile"),
+        "FROM busybox\nCOPY keyprobe /bin/\nRUN grep '^Seccomp:' /proc/self/status > /seccomp-in-build\n",
+    )
+    .unwrap();
+    ok(&vmc(
+        h,
+        &[
+            "build",
+            "--mode",
+            "ns",
+            "-t",
+            "probe",
+            ctx.path().to_str().unwrap(),
+        ],
+    ));
+    let probe = "grep '^Seccomp:' /proc/self/status; cat /seccomp-in-build; keyprobe; \
+                 unshare -U true 2>/dev/null && echo unshare-U-ok || echo unshare-U-refused; \
+                 linux32 uname -m";
+    let run = |extra: &[&str]| {
+        let mut args = vec!["run", "--rm", "--mode", "ns", "--network", "none"];
+        args.extend_from_slice(extra);
+        args.extend_from_slice(&["probe", "sh", "-c", probe]);
+        ok(&vmc(h, &args))
+    };
+    assert_eq!(
+        run(&[]),
+        "Seccomp:\t2\nSeccomp:\t2\nrefused: Operation not permitted\nunshare-U-refused\ni686\n",
+        "Docker's default profile (personality(PER_LINUX32) is allowed)"
+    );
+    // Unconfined: the probe works (and cleans up), so the refusal above is
+    // the filter's.
+    assert_eq!(
+        run(&["--security-opt", "seccomp=unconfined"]),
+        "Seccomp:\t0\nSeccomp:\t2\nadded\nunshare-U-ok\ni686\n"
+    );
+    // CAP_SYS_ADMIN brings the namespace calls back, as Docker's profile says.
+    assert!(run(&["--cap-add", "SYS_ADMIN"]).contains("unshare-U-ok"));
+    // A profile of the user's: everything but mkdir, which fails EACCES.
+    let profile = ctx.path().join("nomkdir.json");
+    std::fs::write(
+        &profile,
+        r#"{"defaultAction":"SCMP_ACT_ALLOW","syscalls":[{"names":["mkdir","mkdirat"],"action":"SCMP_ACT_ERRNO","errnoRet":13}]}"#,
+    )
+    .unwrap();
+    let opt = format!("seccomp={}", profile.display());
+    let mkdir = |name: &str| {
+        format!("mkdir /x 2>&1 | grep -o 'Permission denied'; touch /y && echo touch-ok; grep '^Seccomp:' /proc/self/status; : {name}")
+    };
+    let out = ok(&vmc(
+        h,
+        &[
+            "run",
+            "--rm",
+            "--mode",
+            "ns",
+            "--network",
+            "none",
+            "--security-opt",
+            &opt,
+            "probe",
+            "sh",
+            "-c",
+            &mkdir("run"),
+        ],
+    ));
+    assert_eq!(out, "Permission denied\ntouch-ok\nSeccomp:\t2\n");
+    // vmc exec gets the container's filter (the profile as it was read
+    // when the container was made, even if the file changes).
+    ok(&vmc(
+        h,
+        &[
+            "run",
+            "-d",
+            "--mode",
+            "ns",
+            "--network",
+            "none",
+            "--security-opt",
+            &opt,
+            "--name",
+            "filtered",
+            "probe",
+            "sleep",
+            "1000",
+        ],
+    ));
+    std::fs::write(&profile, "{}").unwrap();
+    let out = ok(&vmc(h, &["exec", "filtered", "sh", "-c", &mkdir("exec")]));
+    assert_eq!(out, "Permission denied\ntouch-ok\nSeccomp:\t2\n");
+    ok(&vmc(h, &["rm", "-f", "filtered"]));
+    // Bad options: one line each, exit 125, nothing made.
+    for (args, want) in [
+        (
+            vec!["--mode", "ns", "--security-opt", opt.as_str()],
+            "seccomp profile: not a profile",
+        ),
+        (
+            vec![
+                "--mode",
+                "ns",
+                "--security-opt",
+                "seccomp=/nonexistent.json",
+            ],
+            "seccomp profile /nonexistent.json: No such file",
+        ),
+        (
+            vec!["--mode", "ns", "--security-opt", "apparmor=docker-default"],
+            "is not supported",
+        ),
+        (
+            vec!["--security-opt", "seccomp=/etc/hostname"],
+            "applies to namespace mode",
+        ),
+    ] {
+        let mut a = vec!["run", "--rm"];
+        a.extend(args.iter().copied());
+        a.extend(["probe", "true"]);
+        let o = vmc(h, &a);
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(o.status.code(), Some(125), "{a:?}: {o:?}");
+        assert!(
+            err.contains(want) && err.lines().count() == 1,
+            "{a:?}: {err}"
+        );
+    }
+    assert_eq!(ok(&vmc(h, &["ps", "-a", "-q"])), "");
+}

@@ -118,6 +118,7 @@ fn snapshots_made_under_load_all_restore() {
             dns: Vec::new(),
             extra_hosts: Vec::new(),
             caps: None,
+            seccomp: Default::default(),
         };
         let t0 = Instant::now();
         // Makes the snapshot (boot, idle, save, trial restore), then

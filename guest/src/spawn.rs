@@ -93,6 +93,20 @@ pub struct Isolation {
     /// ptrace it meanwhile. (Not in a user namespace vmc made: there the
     /// parent would lose access to the child's /proc files.)
     pub non_dumpable: bool,
+    /// seccomp filters installed, in order, right before the workload's
+    /// execve (with `no_new_privs`, which they require); the kernel applies
+    /// all of them to every system call and the most restrictive answer wins.
+    pub seccomp: Vec<SeccompProgram>,
+}
+
+/// One classic-BPF seccomp program (see seccomp(2)), compiled by the caller.
+#[derive(Clone, Default)]
+pub struct SeccompProgram(pub Vec<libc::sock_filter>);
+
+impl std::fmt::Debug for SeccompProgram {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "SeccompProgram({} instructions)", self.0.len())
+    }
 }
 
 /// Docker's default capability set: CHOWN, DAC_OVERRIDE, FOWNER, FSETID,
@@ -167,9 +181,31 @@ struct PreparedIsolation {
     no_new_privs: bool,
     in_root: bool,
     non_dumpable: bool,
+    seccomp: Vec<SeccompProgram>,
 }
 
 fn prepare_isolation(iso: &Isolation) -> io::Result<PreparedIsolation> {
+    // Without no_new_privs the kernel takes a filter only from a process
+    // with CAP_SYS_ADMIN, which the child has dropped by then.
+    if !iso.seccomp.is_empty() && !iso.no_new_privs {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "a seccomp filter needs no_new_privs",
+        ));
+    }
+    if let Some(p) = iso
+        .seccomp
+        .iter()
+        .find(|p| p.0.is_empty() || p.0.len() > 4096)
+    {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!(
+                "a seccomp program of {} instructions (1 to 4096)",
+                p.0.len()
+            ),
+        ));
+    }
     let empty = || CString::new("").expect("no NUL");
     let op = |kind: u8| PreparedOp {
         kind,
@@ -261,6 +297,7 @@ fn prepare_isolation(iso: &Isolation) -> io::Result<PreparedIsolation> {
         no_new_privs: iso.no_new_privs,
         in_root: iso.in_root,
         non_dumpable: iso.non_dumpable,
+        seccomp: iso.seccomp.clone(),
     })
 }
 
@@ -476,6 +513,7 @@ enum Step {
     Isolate,
     Terminal,
     Gate,
+    Seccomp,
 }
 
 impl Step {
@@ -490,6 +528,7 @@ impl Step {
             8 => "isolate the container (namespaces, mounts, capabilities)",
             9 => "open a pseudo-terminal (/dev/ptmx)",
             10 => "wait for the container's setup",
+            11 => "install the seccomp filter",
             _ => "exec",
         }
     }
@@ -767,6 +806,25 @@ unsafe fn child_main(
         // parent held open (the error pipe closes with the exec).
         if sys::cloexec_from_3() < 0 {
             fail(Step::Stdio);
+        }
+        // Last, so that the filters judge the workload's system calls and
+        // none of vmc's setup (a filter that refuses execve fails here).
+        if let Some(iso) = &p.iso {
+            for prog in &iso.seccomp {
+                let fprog = libc::sock_fprog {
+                    len: prog.0.len() as libc::c_ushort,
+                    filter: prog.0.as_ptr().cast_mut(),
+                };
+                if libc::syscall(
+                    libc::SYS_seccomp,
+                    libc::SECCOMP_SET_MODE_FILTER,
+                    0,
+                    &fprog as *const libc::sock_fprog,
+                ) < 0
+                {
+                    fail(Step::Seccomp);
+                }
+            }
         }
         libc::execve(p.path.as_ptr(), argv.as_ptr(), envp.as_ptr());
         fail(Step::Exec)

@@ -90,7 +90,8 @@ impl BuildNs {
         let work = self.fresh("work")?;
         let _mounted = OverlayRoot::mount(&self.lowers, &self.upper, &work, &root, &self.dir)?;
         let root_s = root.display().to_string();
-        let mut iso = isolation("buildkitsandbox");
+        // RUN steps get Docker's default filter, as BuildKit gives them.
+        let mut iso = isolation("buildkitsandbox", None, &Default::default())?;
         if self.network == Network::Passt {
             // The host's nameservers over the image's resolv.conf (and, with
             // --add-host, Docker's hosts file over its hosts): bind mounts,

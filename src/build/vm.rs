@@ -59,6 +59,7 @@ impl BuildVm {
             dns: Vec::new(),
             extra_hosts: extra_hosts.to_vec(),
             caps: None,
+            seccomp: Default::default(),
         };
         // With a network, the host's nameservers (as namespace builds);
         // the agent keeps the file out of the steps' layers.

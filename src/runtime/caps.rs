@@ -53,7 +53,7 @@ const ALL: u64 = (1 << NAMES.len()) - 1;
 
 /// The bits `name` stands for: one capability (`NET_ADMIN`, `cap_net_admin`)
 /// or `ALL`.
-fn bits(name: &str) -> Result<u64, String> {
+pub(crate) fn bits(name: &str) -> Result<u64, String> {
     let upper = name.to_ascii_uppercase();
     let bare = upper.strip_prefix("CAP_").unwrap_or(&upper);
     if bare == "ALL" {

@@ -11,6 +11,7 @@ pub mod microvm;
 pub mod net;
 pub mod ns;
 pub mod ports;
+pub mod seccomp;
 pub mod snapshot;
 pub mod spec;
 pub mod state;
@@ -83,6 +84,9 @@ pub struct ContainerConfig {
     /// (`None`: Docker's default set).
     #[serde(default)]
     pub caps: Option<u64>,
+    /// Namespace mode: the system-call filter (`--security-opt seccomp=`).
+    #[serde(default)]
+    pub seccomp: seccomp::Seccomp,
 }
 
 /// Errors running a container.

@@ -34,6 +34,8 @@ pub enum NsError {
     },
     #[error("{0}")]
     Start(String),
+    #[error(transparent)]
+    Seccomp(#[from] super::seccomp::SeccompError),
 }
 
 impl From<NsError> for RuntimeError {
@@ -450,9 +452,16 @@ impl Drop for OverlayRoot {
     }
 }
 
-/// Docker's confinement for a container whose root is mounted at `root`.
-pub fn isolation(hostname: &str) -> Isolation {
-    Isolation {
+/// Docker's confinement for a container whose root is mounted at `root`:
+/// its namespaces, the capability set `caps` (`None`: Docker's default) and
+/// the system-call filter `seccomp` asks for (for that set).
+pub fn isolation(
+    hostname: &str,
+    caps: Option<u64>,
+    seccomp: &super::seccomp::Seccomp,
+) -> Result<Isolation, NsError> {
+    let caps = caps.unwrap_or(DOCKER_DEFAULT_CAPS);
+    Ok(Isolation {
         clone_flags: libc::CLONE_NEWPID
             | libc::CLONE_NEWUTS
             | libc::CLONE_NEWIPC
@@ -461,11 +470,12 @@ pub fn isolation(hostname: &str) -> Isolation {
         ops: root_ops(),
         hostname: Some(hostname.to_string()),
         loopback_up: true,
-        keep_caps: Some(DOCKER_DEFAULT_CAPS),
+        keep_caps: Some(caps),
         no_new_privs: true,
         in_root: false,
         non_dumpable: !rootless(),
-    }
+        seccomp: seccomp.programs(caps)?,
+    })
 }
 
 /// Creates the cgroups of container (or build step) `id`, its device
@@ -504,10 +514,7 @@ pub fn run_attached(
     // directory can be removed without reaching into the mounted root.
     let _mounted = OverlayRoot::mount(lowers, &dir.join("upper"), &dir.join("work"), &root, dir)?;
     let root_s = root.display().to_string();
-    let mut iso = isolation(&cfg.hostname);
-    if cfg.caps.is_some() {
-        iso.keep_caps = cfg.caps;
-    }
+    let mut iso = isolation(&cfg.hostname, cfg.caps, &cfg.seccomp)?;
     let cgroup = join_cgroups(&mut iso, &cfg.id, &cfg.limits)?;
     if let Some(cg) = &cgroup {
         let list: Vec<String> = cg.dirs().iter().map(|d| d.display().to_string()).collect();
@@ -745,6 +752,7 @@ fn reap(pid: libc::pid_t) -> Option<i32> {
 pub fn exec_attached(
     pid: i32,
     caps: Option<u64>,
+    seccomp: &super::seccomp::Seccomp,
     cgroups: &Path,
     spec: &vmc_guest::ProcessSpec,
     forward_stdin: bool,
@@ -766,12 +774,15 @@ pub fn exec_attached(
         let r = unsafe { libc::setns(fd, 0) };
         check(r, &format!("joining {p}"))?;
     }
+    // The container's own capability set (`--cap-add`/`--cap-drop`) and
+    // filter, as Docker's exec.
+    let caps = caps.unwrap_or(DOCKER_DEFAULT_CAPS);
     let iso = Isolation {
-        // The container's own set (`--cap-add`/`--cap-drop`), as Docker's exec.
-        keep_caps: Some(caps.unwrap_or(DOCKER_DEFAULT_CAPS)),
+        keep_caps: Some(caps),
         no_new_privs: true,
         in_root: true,
         non_dumpable: !rootless(),
+        seccomp: seccomp.programs(caps).map_err(NsError::from)?,
         ..Default::default()
     };
     let prepared = match spawn::prepare_isolated(spec, "/", "/", &iso) {
@@ -858,7 +869,7 @@ mod tests {
 
     #[test]
     fn the_plan_is_dockers_confinement() {
-        let iso = isolation("box");
+        let iso = isolation("box", None, &Default::default()).unwrap();
         for ns in [
             libc::CLONE_NEWPID,
             libc::CLONE_NEWUTS,

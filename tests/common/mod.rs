@@ -154,6 +154,7 @@ impl TestVm {
             dns: Vec::new(),
             extra_hosts: Vec::new(),
             caps: None,
+            seccomp: Default::default(),
         };
         let root = |m: &MicroVm| m.root_spec(&hostname, Vec::new());
         let (vm, conn) = MicroVm::start_ready(&cfg, dir.path(), Start::Warm, &root, &|| false)
