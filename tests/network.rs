@@ -374,17 +374,39 @@ fn vm_mode(h: &Path, gw: &str, port: u16) {
     let script = "ip -4 -o addr show eth0 | cut -d' ' -f7; ip route | grep default; \
                   wget -q -O - \"$0\"; echo; nslookup vmc-test.example | grep '^Address: 10'; \
                   cat /etc/hostname; grep -c localhost /etc/hosts";
-    let out = ok(&vm(&[
-        "--dns",
-        gw,
-        "--hostname",
-        "vm1",
-        "busybox",
-        "sh",
-        "-c",
-        script,
-        &url,
-    ]));
+    // VMC_PASST_PCAP: passt records the VM's frames to a file for tcpdump.
+    // passt opens it after dropping to nobody: a directory nobody may write.
+    let pcap_dir = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(
+        pcap_dir.path(),
+        std::os::unix::fs::PermissionsExt::from_mode(0o777),
+    )
+    .unwrap();
+    let pcap = pcap_dir.path().join("frames.pcap");
+    let out = ok(&common::vmc_command(h)
+        .env("VMC_PASST_PCAP", &pcap)
+        .args(["run", "--rm", HOST_LOOPBACK[0], HOST_LOOPBACK[1]])
+        .args([
+            "--dns",
+            gw,
+            "--hostname",
+            "vm1",
+            "busybox",
+            "sh",
+            "-c",
+            script,
+            &url,
+        ])
+        .stdin(std::process::Stdio::null())
+        .output()
+        .unwrap());
+    let frames = std::fs::read(&pcap).unwrap_or_default();
+    assert!(
+        frames.starts_with(&[0xd4, 0xc3, 0xb2, 0xa1]) && frames.len() > 24 + 1000,
+        "VMC_PASST_PCAP={} holds no capture of the run's frames ({} bytes)",
+        pcap.display(),
+        frames.len()
+    );
     let lines: Vec<&str> = out.lines().collect();
     let host = vmc::runtime::net::host_ipv4().unwrap();
     assert_eq!(

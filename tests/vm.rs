@@ -196,3 +196,41 @@ fn the_guest_has_entropy_and_a_loopback_interface() {
     let o = vm.sh("cat /sys/class/misc/hw_random/rng_current; head -c 16 /dev/hwrng | wc -c; cat /sys/class/net/lo/operstate");
     assert_eq!(o.stdout_str(), "virtio_rng.0\n16\nunknown\n", "{o:?}");
 }
+
+/// What the README says of the machine a container gets: a 2 GiB scratch
+/// disk; no serial port (the UART and its driver exist only with
+/// `--debug`); and under kvm_pvm's native mode every process
+/// is told not to use AVX through `GLIBC_TUNABLES` unless it sets its own
+/// (on hardware virtualisation nothing is set).
+#[test]
+fn the_vm_has_the_documented_scratch_disk_uart_and_glibc_tunables() {
+    let Some(vm) = vm() else { return };
+    let o = vm.sh(
+        "for d in /sys/block/vd*; do echo \"${d##*/} $(cat $d/size) $(cat $d/ro)\"; done; \
+         grep -c serial /proc/tty/drivers; echo \"[$GLIBC_TUNABLES]\"",
+    );
+    assert_eq!(o.code(), 0, "{o:?}");
+    let out = o.stdout_str();
+    assert!(
+        out.lines().any(|l| l.ends_with(" 4194304 0")),
+        "no writable disk of 2 GiB (4194304 sectors): {out}"
+    );
+    assert!(
+        out.contains("\n0\n["),
+        "a serial driver without --debug: {out}"
+    );
+    let tunables = out.lines().last().unwrap_or_default();
+    if vmc::vmm::backend::Backend::detect().needs_pvm_quirks() {
+        assert!(
+            tunables.starts_with("[glibc.cpu.hwcaps=-AVX_Fast_Unaligned_Load,-AVX,-AVX2,"),
+            "{out}"
+        );
+    } else {
+        assert_eq!(tunables, "[]", "{out}");
+    }
+    // A process that sets its own keeps it.
+    let mut own = spec(&["sh", "-c", "echo \"[$GLIBC_TUNABLES]\""]);
+    own.env = vec!["GLIBC_TUNABLES=glibc.malloc.check=0".into()];
+    let o = vm.run(own, None);
+    assert_eq!(o.stdout_str(), "[glibc.malloc.check=0]\n", "{o:?}");
+}
