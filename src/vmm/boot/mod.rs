@@ -248,6 +248,37 @@ mod tests {
         assert!(matches!(e, BootError::Open { .. }));
     }
 
+    /// A bzImage (the smallest one linux-loader takes: a boot sector with
+    /// the setup header, one setup sector, then the protected-mode kernel)
+    /// is loaded at 1 MiB and entered through the 64-bit boot protocol,
+    /// 0x200 into it, with its setup header kept for the boot parameters.
+    #[test]
+    fn a_bzimage_is_entered_through_the_64_bit_boot_protocol() {
+        let mem = memory();
+        let mut image = vec![0u8; 1024];
+        image[0x1f1] = 1; // setup_sects
+        image[0x1fe..0x200].copy_from_slice(&0xaa55u16.to_le_bytes());
+        image[0x202..0x206].copy_from_slice(b"HdrS");
+        image[0x206..0x208].copy_from_slice(&0x020fu16.to_le_bytes()); // protocol 2.15
+        image[0x211] = 0x01; // LOADED_HIGH
+        image[0x214..0x218].copy_from_slice(&0x10_0000u32.to_le_bytes()); // code32_start
+        let kernel: Vec<u8> = (0..4096u32).map(|i| (i % 251) as u8).collect();
+        image.extend_from_slice(&kernel);
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("bzImage");
+        std::fs::write(&p, &image).unwrap();
+        let k = load_kernel(&mem, &p).unwrap();
+        assert_eq!(k.mode, EntryMode::Linux64);
+        assert_eq!(k.entry, HIMEM_START + 0x200);
+        assert!(k.end >= HIMEM_START + kernel.len() as u64);
+        let mut loaded = vec![0u8; kernel.len()];
+        mem.read_slice(&mut loaded, GuestAddress(HIMEM_START))
+            .unwrap();
+        assert_eq!(loaded, kernel, "the protected-mode kernel at 1 MiB");
+        let header = k.setup_header.expect("its setup header");
+        assert_eq!({ header.header }, u32::from_le_bytes(*b"HdrS"));
+    }
+
     #[test]
     fn initrd_goes_to_the_top_of_low_memory_above_the_kernel() {
         let mem = memory(); // 16 MiB
