@@ -135,13 +135,28 @@ pub fn ensure(
             }
         }
     }
-    // A snapshot whose trial restore does not answer is kept aside for
-    // diagnosis and made again once from a new boot.
+    let tmp = make_twice(&root, &key, |tmp| create(tmp, spec, &key))?;
+    std::fs::rename(&tmp, &dir).map_err(state_err)?;
+    if let Ok(d) = File::open(&root) {
+        let _ = d.sync_all();
+    }
+    Ok((dir, key))
+}
+
+/// Makes a snapshot with `create` in a new temporary directory under
+/// `root` and returns that directory. A snapshot whose trial restore does
+/// not answer is kept aside (`.quarantine-<key>-<id>`, for diagnosis) and
+/// made again once from a new boot; any other failure leaves nothing.
+fn make_twice(
+    root: &Path,
+    key: &str,
+    mut create: impl FnMut(&Path) -> Result<(), RuntimeError>,
+) -> Result<PathBuf, RuntimeError> {
     let mut attempt = 1;
-    let tmp = loop {
+    loop {
         let tmp = root.join(format!(".{key}.tmp.{}", &super::new_id()[..12]));
-        match create(&tmp, spec, &key) {
-            Ok(()) => break tmp,
+        match create(&tmp) {
+            Ok(()) => return Ok(tmp),
             Err(RuntimeError::SnapshotUnusable(why)) if attempt == 1 => {
                 let aside = root.join(format!(".quarantine-{key}-{}", &super::new_id()[..8]));
                 let kept = std::fs::rename(&tmp, &aside).is_ok();
@@ -157,12 +172,7 @@ pub fn ensure(
                 return Err(e);
             }
         }
-    };
-    std::fs::rename(&tmp, &dir).map_err(state_err)?;
-    if let Ok(d) = File::open(&root) {
-        let _ = d.sync_all();
     }
-    Ok((dir, key))
 }
 
 /// Boots a template VM into `tmp`, waits for its agent, snapshots it once it
@@ -436,6 +446,64 @@ mod tests {
             env!("CARGO_PKG_VERSION"),
             env!("VMC_BUILD_ID")
         )));
+    }
+
+    /// The README: a snapshot whose trial restore does not answer is kept
+    /// aside and made again once; a second such failure is the error.
+    #[test]
+    fn an_unusable_snapshot_is_kept_aside_and_made_again_once() {
+        let root = tempfile::tempdir().unwrap();
+        let entries = || -> Vec<String> {
+            let mut v: Vec<String> = std::fs::read_dir(root.path())
+                .unwrap()
+                .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+                .collect();
+            v.sort();
+            v
+        };
+        let mut calls = 0;
+        let made = make_twice(root.path(), "k", |tmp| {
+            calls += 1;
+            std::fs::create_dir_all(tmp).unwrap();
+            std::fs::write(tmp.join("attempt"), calls.to_string()).unwrap();
+            if calls == 1 {
+                Err(RuntimeError::SnapshotUnusable("no answer".into()))
+            } else {
+                Ok(())
+            }
+        })
+        .unwrap();
+        assert_eq!(calls, 2);
+        assert_eq!(std::fs::read_to_string(made.join("attempt")).unwrap(), "2");
+        let names = entries();
+        let aside: Vec<&String> = names
+            .iter()
+            .filter(|n| n.starts_with(".quarantine-k-"))
+            .collect();
+        assert_eq!(aside.len(), 1, "{names:?}");
+        assert_eq!(
+            std::fs::read_to_string(root.path().join(aside[0]).join("attempt")).unwrap(),
+            "1",
+            "the first attempt is what was kept"
+        );
+        // Unusable twice: the second is the error, and only the first kept.
+        std::fs::remove_dir_all(&made).unwrap();
+        let e = make_twice(root.path(), "j", |tmp| {
+            std::fs::create_dir_all(tmp).unwrap();
+            Err(RuntimeError::SnapshotUnusable("still no answer".into()))
+        })
+        .unwrap_err();
+        assert!(e.to_string().contains("still no answer"), "{e}");
+        let names = entries();
+        assert_eq!(
+            names
+                .iter()
+                .filter(|n| n.starts_with(".quarantine-j-"))
+                .count(),
+            1,
+            "{names:?}"
+        );
+        assert!(!names.iter().any(|n| n.contains(".tmp.")), "{names:?}");
     }
 
     #[test]
