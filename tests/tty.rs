@@ -18,6 +18,8 @@ use common::{kvm_available, ok, snapshots, store_with_busybox, vmc};
 struct OnTerminal {
     child: std::process::Child,
     master: std::fs::File,
+    /// vmc's side of the terminal, to read its modes.
+    slave: OwnedFd,
     output: Arc<Mutex<Vec<u8>>>,
 }
 
@@ -42,7 +44,7 @@ impl OnTerminal {
             .args(args)
             .stdin(Stdio::from(slave.try_clone().unwrap()))
             .stdout(Stdio::from(slave.try_clone().unwrap()))
-            .stderr(Stdio::from(slave));
+            .stderr(Stdio::from(slave.try_clone().unwrap()));
         use std::os::unix::process::CommandExt;
         // SAFETY: setsid and ioctl are async-signal-safe; fd 0 is the slave.
         unsafe {
@@ -71,8 +73,21 @@ impl OnTerminal {
         OnTerminal {
             child,
             master,
+            slave,
             output,
         }
+    }
+
+    /// Whether vmc's terminal is in raw mode (no line editing, no echo).
+    fn raw(&self) -> bool {
+        // SAFETY: termios is plain data; tcgetattr fills it from an open terminal.
+        let mut t: libc::termios = unsafe { std::mem::zeroed() };
+        // SAFETY: as above.
+        assert_eq!(
+            unsafe { libc::tcgetattr(self.slave.as_raw_fd(), &mut t) },
+            0
+        );
+        t.c_lflag & (libc::ICANON | libc::ECHO) == 0
     }
 
     /// What vmc wrote to the terminal, without carriage returns (the
@@ -126,13 +141,25 @@ fn tty(mode: &str) {
     let h = home.path();
     let long = Duration::from_secs(240);
 
-    // The workload's stdio is a terminal of the container's devpts; its
-    // output arrives with the terminal's line endings; exit codes pass.
+    // The workload's stdio is a terminal of the container's devpts (and its
+    // controlling terminal: /dev/tty opens), 24x80 when vmc has no terminal
+    // to take the size from; its output arrives with the terminal's line
+    // endings; exit codes pass.
     let out = ok(&vmc(
         h,
-        &["run", "--rm", "--mode", mode, "-t", "busybox", "tty"],
+        &[
+            "run",
+            "--rm",
+            "--mode",
+            mode,
+            "-t",
+            "busybox",
+            "sh",
+            "-c",
+            "tty; stty size; echo ctty > /dev/tty",
+        ],
     ));
-    assert_eq!(out, "/dev/pts/0\r\n");
+    assert_eq!(out, "/dev/pts/0\r\n24 80\r\nctty\r\n");
     let o = vmc(
         h,
         &[
@@ -195,6 +222,42 @@ fn tty(mode: &str) {
     t.resize(50, 100);
     t.wait_for("50 100\n", Duration::from_secs(60));
     assert_eq!(t.wait(Duration::from_secs(60)), 3);
+
+    // -i -t on a terminal: vmc's terminal is raw while attached (keys go to
+    // the container's terminal, which edits and echoes them) and is given
+    // back as it was.
+    let t = OnTerminal::start(
+        h,
+        &[
+            "run",
+            "--rm",
+            "--mode",
+            mode,
+            "-i",
+            "-t",
+            "busybox",
+            "sh",
+            "-c",
+            "echo ready; read x; echo \"got:$x\"",
+        ],
+        24,
+        80,
+    );
+    t.wait_for("ready", long);
+    assert!(t.raw(), "vmc -i -t attached without raw mode");
+    (&t.master).write_all(b"hi\r").unwrap();
+    t.wait_for("got:hi", Duration::from_secs(60));
+    let slave = t.slave.try_clone().unwrap();
+    assert_eq!(t.wait(Duration::from_secs(60)), 0);
+    // SAFETY: termios is plain data, filled by tcgetattr.
+    let mut after: libc::termios = unsafe { std::mem::zeroed() };
+    // SAFETY: as above, on the terminal's open slave.
+    assert_eq!(unsafe { libc::tcgetattr(slave.as_raw_fd(), &mut after) }, 0);
+    assert_ne!(
+        after.c_lflag & libc::ICANON,
+        0,
+        "vmc left its terminal in raw mode"
+    );
 
     // exec -t into a running container.
     ok(&vmc(
