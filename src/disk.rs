@@ -123,7 +123,7 @@ pub fn agent_disk(agent: &Path, cache: &Path) -> Result<PathBuf, DiskError> {
     let tag = format!(
         "{}.{}",
         std::process::id(),
-        crate::runtime::new_id().get(..8).unwrap_or("")
+        crate::host::new_id().get(..8).unwrap_or("")
     );
     let staging = cache.join(format!(".agent-{digest}.{tag}"));
     let tmp = cache.join(format!(".agent-{digest}.{tag}.erofs"));
@@ -155,7 +155,7 @@ pub fn agent_disk(agent: &Path, cache: &Path) -> Result<PathBuf, DiskError> {
 /// a journal (the scratch layer is per container) and with lazily
 /// initialised inode tables so creation writes only a few MiB.
 pub fn build_scratch(out: &Path, size: u64) -> Result<(), DiskError> {
-    let f = crate::runtime::private_file(out, false).map_err(|e| DiskError::Failed {
+    let f = crate::host::private_file(out, false).map_err(|e| DiskError::Failed {
         tool: "mkfs.ext4",
         path: out.display().to_string(),
         detail: e.to_string(),

@@ -2,7 +2,8 @@
 //!
 //! Data flows one way: CLI -> runtime -> (vmm + devices) -> guest. Nothing
 //! below `runtime` knows about the CLI; nothing in `vmm` or `devices` knows
-//! about images or containers.
+//! about images or containers. The layers, from the bottom up, are
+//! [`LAYERS`]; a test fails on a `crate::` path that points up.
 
 pub mod assets;
 pub mod bench;
@@ -10,9 +11,90 @@ pub mod build;
 pub mod cli;
 pub mod devices;
 pub mod disk;
+pub mod host;
 pub mod image;
 pub mod runtime;
 #[doc(hidden)]
 pub mod testing;
 pub mod uds;
 pub mod vmm;
+
+/// The modules from the bottom up: each uses only modules of its own layer
+/// or below (ARCHITECTURE.md).
+pub const LAYERS: &[&[&str]] = &[
+    &["host", "uds", "testing", "assets"],
+    &["devices"],
+    &["vmm"],
+    &["disk"],
+    &["image"],
+    &["runtime"],
+    &["build"],
+    &["bench"],
+    &["cli"],
+];
+
+#[cfg(test)]
+mod layering {
+    use super::LAYERS;
+    use std::path::Path;
+
+    fn layer(module: &str) -> Option<usize> {
+        LAYERS.iter().position(|l| l.contains(&module))
+    }
+
+    fn sources(p: &Path, out: &mut Vec<std::path::PathBuf>) {
+        if p.is_dir() {
+            for e in std::fs::read_dir(p).unwrap() {
+                sources(&e.unwrap().path(), out);
+            }
+        } else if p.is_file() && p.extension().is_some_and(|e| e == "rs") {
+            out.push(p.to_path_buf());
+        }
+    }
+
+    /// Every `crate::MODULE` path in a module's files names a module of its
+    /// layer or below.
+    #[test]
+    fn no_module_uses_one_above_it() {
+        let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
+        let mut upward = Vec::new();
+        for module in LAYERS.iter().flat_map(|l| l.iter()) {
+            let own = layer(module).unwrap();
+            let mut files = Vec::new();
+            sources(&src.join(module), &mut files);
+            sources(&src.join(format!("{module}.rs")), &mut files);
+            assert!(!files.is_empty(), "no sources for module {module}");
+            for f in files {
+                let text = std::fs::read_to_string(&f).unwrap();
+                for (i, line) in text.lines().enumerate() {
+                    for (at, _) in line.match_indices("crate::") {
+                        let used: String = line[at + 7..]
+                            .chars()
+                            .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+                            .collect();
+                        if layer(&used).is_some_and(|l| l > own) {
+                            upward.push(format!(
+                                "{}:{}: {module} uses {used}",
+                                f.strip_prefix(&src).unwrap().display(),
+                                i + 1
+                            ));
+                        }
+                    }
+                }
+            }
+        }
+        assert!(
+            upward.is_empty(),
+            "arrows pointing up:\n{}",
+            upward.join("\n")
+        );
+        // Every module of the crate is placed in a layer.
+        for e in std::fs::read_dir(&src).unwrap() {
+            let name = e.unwrap().file_name().to_string_lossy().into_owned();
+            let module = name.trim_end_matches(".rs");
+            if !matches!(module, "lib" | "main") {
+                assert!(layer(module).is_some(), "module {module} is in no layer");
+            }
+        }
+    }
+}

@@ -518,7 +518,7 @@ fn network_for(ns: bool, requested: Option<&str>) -> Result<runtime::net::Networ
     // The same choice in both modes (passt serves VMs, pasta namespaces),
     // but for rootless namespace mode, whose pasta needs /dev/net/tun.
     let net = runtime::net::Network::choose(requested).map_err(anyhow::Error::msg)?;
-    if ns && net == runtime::net::Network::Passt && runtime::ns::rootless() {
+    if ns && net == runtime::net::Network::Passt && vmc::host::rootless() {
         if let Err(e) = runtime::net::tun_usable() {
             if requested.is_some() {
                 anyhow::bail!(
@@ -1223,7 +1223,7 @@ fn build(a: BuildArgs) -> Result<i32> {
         extra_hosts: extra_hosts(&a.add_host)?,
         // Without root there is no cgroup to limit a namespace build with
         // (its user namespace bounds what it may touch, not what it uses).
-        ns_limits: if runtime::ns::rootless() {
+        ns_limits: if vmc::host::rootless() {
             runtime::NsLimits::default()
         } else {
             runtime::NsLimits {

@@ -83,10 +83,8 @@ impl OnTerminal {
         // SAFETY: termios is plain data; tcgetattr fills it from an open terminal.
         let mut t: libc::termios = unsafe { std::mem::zeroed() };
         // SAFETY: as above.
-        assert_eq!(
-            unsafe { libc::tcgetattr(self.slave.as_raw_fd(), &mut t) },
-            0
-        );
+        let r = unsafe { libc::tcgetattr(self.slave.as_raw_fd(), &mut t) };
+        assert_eq!(r, 0);
         t.c_lflag & (libc::ICANON | libc::ECHO) == 0
     }
 
@@ -252,7 +250,8 @@ fn tty(mode: &str) {
     // SAFETY: termios is plain data, filled by tcgetattr.
     let mut after: libc::termios = unsafe { std::mem::zeroed() };
     // SAFETY: as above, on the terminal's open slave.
-    assert_eq!(unsafe { libc::tcgetattr(slave.as_raw_fd(), &mut after) }, 0);
+    let r = unsafe { libc::tcgetattr(slave.as_raw_fd(), &mut after) };
+    assert_eq!(r, 0);
     assert_ne!(
         after.c_lflag & libc::ICANON,
         0,

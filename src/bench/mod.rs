@@ -22,10 +22,53 @@ pub mod tiny_guest;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use crate::cli::BenchArgs;
 use crate::vmm::{self, Backend, VmConfig, VmExit};
+use clap::Args;
 pub use report::{Report, Row, Summary};
 use runtimes::{Kind, Runtime};
+
+/// `vmc bench`'s options (the CLI takes them as they are).
+#[derive(Args, Debug)]
+pub struct BenchArgs {
+    /// Scenarios: start, boot, exec, memory, density, cpu, syscall, disk,
+    /// port, net, vmm (default: all; --quick leaves out boot).
+    #[arg(value_name = "SCENARIO")]
+    pub scenarios: Vec<String>,
+    /// Measured runs per scenario, after one warm-up run (default: 5, 1 with --quick).
+    #[arg(long, default_value_t = 0)]
+    pub runs: usize,
+    /// Small workloads and one run each: the whole benchmark in under two minutes.
+    #[arg(long)]
+    pub quick: bool,
+    /// Image every runtime runs (default: busybox, imported from `make rootfs` if missing).
+    #[arg(long, value_name = "IMAGE")]
+    pub image: Option<String>,
+    /// Leave crun out even when it is installed.
+    #[arg(long)]
+    pub no_crun: bool,
+    /// Another runtime as a column: COMMAND runs a workload given as its
+    /// arguments, with the image's root filesystem in $VMC_BENCH_ROOTFS.
+    #[arg(long, value_name = "NAME=COMMAND")]
+    pub peer: Vec<String>,
+    /// Guest kernel.
+    #[arg(long, value_name = "PATH", env = "VMC_KERNEL")]
+    pub kernel: Option<PathBuf>,
+    /// Write the report as JSON to FILE (input for --compare).
+    #[arg(long, value_name = "FILE")]
+    pub json: Option<PathBuf>,
+    /// Write the report as markdown to FILE.
+    #[arg(long, value_name = "FILE")]
+    pub markdown: Option<PathBuf>,
+    /// Write a bar chart of the report as SVG to FILE.
+    #[arg(long, value_name = "FILE")]
+    pub svg: Option<PathBuf>,
+    /// Show how each median changed since an earlier JSON report.
+    #[arg(long, value_name = "OLD.json")]
+    pub compare: Option<PathBuf>,
+    /// Report from a saved JSON report instead of measuring.
+    #[arg(long, value_name = "FILE")]
+    pub from: Option<PathBuf>,
+}
 
 /// Every scenario, in report order.
 pub const SCENARIOS: [&str; 11] = [

@@ -183,7 +183,7 @@ impl BuildNs {
     /// Writes the last step's changes as a layer tar to `sink`; they become
     /// a lower for the steps that follow.
     pub fn commit(&mut self, sink: &mut dyn Write) -> Result<(), RuntimeError> {
-        let userxattr = crate::runtime::ns::rootless();
+        let userxattr = crate::host::rootless();
         vmc_guest::upper::write_layer_except(&self.upper, sink, &self.placeholders, userxattr)
             .map_err(err("writing the layer"))?;
         self.placeholders.clear();

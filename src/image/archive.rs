@@ -964,7 +964,7 @@ pub fn save(store: &Store, images: &[String], out: &Path) -> Result<(), ImageErr
         ".{}.tmp-{}-{}",
         file_name.to_string_lossy(),
         std::process::id(),
-        &crate::runtime::new_id()[..8]
+        &crate::host::new_id()[..8]
     ));
     let result = (|| {
         let f = File::create_new(&tmp).map_err(ImageError::io(&tmp))?;

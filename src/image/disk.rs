@@ -128,7 +128,7 @@ pub fn root_disk(store: &Store, img: &StoredImage, cache: &Path) -> Result<PathB
     if out.is_file() {
         return Ok(out);
     }
-    let tag = &crate::runtime::new_id()[..12];
+    let tag = &crate::host::new_id()[..12];
     let tree = dir.join(format!(".tree-{tag}"));
     let tmp = dir.join(format!(".disk-{tag}.erofs"));
     let result = (|| {
@@ -151,7 +151,7 @@ pub fn empty_disk(cache: &Path) -> Result<PathBuf, ImageError> {
         return Ok(out);
     }
     fs::create_dir_all(&dir).map_err(ImageError::io(&dir))?;
-    let tag = &crate::runtime::new_id()[..12];
+    let tag = &crate::host::new_id()[..12];
     let tree = dir.join(format!(".tree-{tag}"));
     let tmp = dir.join(format!(".disk-{tag}.erofs"));
     let result = (|| {

@@ -362,7 +362,7 @@ pub fn unpack<R: Read>(
 /// set-id bit would make it run as that user for anyone who can reach the
 /// store.
 fn allowed_mode(mode: u32) -> u32 {
-    if crate::runtime::ns::rootless() {
+    if crate::host::rootless() {
         mode & !0o6000
     } else {
         mode
@@ -737,7 +737,7 @@ impl Unpacker {
             // namespace mode maps to the container's root (EPERM outside its
             // user namespace, EINVAL inside for an owner it does not map).
             let refused = matches!(e.raw_os_error(), Some(libc::EPERM | libc::EINVAL));
-            if !refused || !crate::runtime::ns::rootless() {
+            if !refused || !crate::host::rootless() {
                 return Err(io_at(shown)(e));
             }
         }
@@ -803,7 +803,7 @@ impl Unpacker {
                         fd.as_raw_fd(),
                         // Rootless namespace mode mounts overlayfs with
                         // userxattr (and cannot set trusted.* at all).
-                        if crate::runtime::ns::rootless() {
+                        if crate::host::rootless() {
                             c"user.overlay.opaque".as_ptr()
                         } else {
                             c"trusted.overlay.opaque".as_ptr()

@@ -112,11 +112,11 @@ pub fn write_atomic(path: &Path, data: &[u8]) -> io::Result<()> {
     let tmp = dir.join(format!(
         ".tmp-{}-{}",
         std::process::id(),
-        &crate::runtime::new_id()[..8]
+        &crate::host::new_id()[..8]
     ));
     let result = (|| {
         // 0600: the store and container state are vmc's alone.
-        let mut f = crate::runtime::private_file(&tmp, false)?;
+        let mut f = crate::host::private_file(&tmp, false)?;
         f.write_all(data)?;
         f.sync_all()?;
         fs::rename(&tmp, path)?;
@@ -140,7 +140,7 @@ impl Store {
             write_atomic(&layout, br#"{"imageLayoutVersion":"1.0.0"}"#).map_err(io_err(&layout))?;
         }
         // The store is its user's alone (an older vmc made it 0755).
-        crate::runtime::private_dir(root).map_err(io_err(root))?;
+        crate::host::private_dir(root).map_err(io_err(root))?;
         let index = root.join("index.json");
         if !index.exists() {
             let _l = s.lock("index", true)?;
@@ -230,7 +230,7 @@ impl Store {
         let tmp = dir.join(format!(
             ".tmp-{}-{}",
             std::process::id(),
-            &crate::runtime::new_id()[..8]
+            &crate::host::new_id()[..8]
         ));
         let result = (|| {
             let mut f = File::create(&tmp).map_err(io_err(&tmp))?;

@@ -46,7 +46,7 @@ impl Cgroup {
     /// `limits`. `None` without root (rootless namespace mode, where a user
     /// namespace cannot make device nodes at all), where limits are refused.
     pub fn create(id: &str, limits: &NsLimits) -> Result<Option<Cgroup>, NsError> {
-        if super::ns::rootless() {
+        if crate::host::rootless() {
             let flag = if limits.memory.is_some() {
                 "--memory"
             } else if limits.cpus.is_some() {

@@ -3,6 +3,8 @@
 
 pub mod agent;
 pub mod attach;
+pub use crate::host::{new_id, private_dir, private_file};
+
 pub mod caps;
 pub mod cgroup;
 pub mod devices;
@@ -17,7 +19,7 @@ pub mod spec;
 pub mod state;
 pub mod tty;
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 pub use vmc_guest::ProcessSpec;
 
@@ -138,59 +140,10 @@ pub fn vmc_home() -> PathBuf {
     }
     // Whether vmc runs as root on the host: inside rootless namespace mode's
     // user namespace the euid is 0, but the store stays the user's.
-    if !ns::rootless() {
+    if !crate::host::rootless() {
         return PathBuf::from("/var/lib/vmc");
     }
     crate::assets::assets_dir()
-}
-
-/// Creates `dir` (and its parents) with mode 0700, for vmc's own state:
-/// nothing under it is another local user's business (unpacked layers keep
-/// set-id bits and file capabilities; containers hold their environment).
-/// An existing `dir` of this user's is tightened to 0700 when it is empty
-/// or a vmc store (an older store made 0755); any other existing directory
-/// (another user's, or one holding other things) is left as it is.
-pub fn private_dir(dir: &Path) -> std::io::Result<()> {
-    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
-    match std::fs::symlink_metadata(dir) {
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            if let Some(parent) = dir.parent().filter(|p| !p.as_os_str().is_empty()) {
-                std::fs::create_dir_all(parent)?;
-            }
-            match std::fs::DirBuilder::new().mode(0o700).create(dir) {
-                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
-                r => r?,
-            }
-            // The mode asked for is subject to the umask; set it whole.
-            std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
-        }
-        Err(e) => Err(e),
-        Ok(m) => {
-            use std::os::unix::fs::MetadataExt;
-            // SAFETY: geteuid has no preconditions.
-            let mine = m.uid() == unsafe { libc::geteuid() };
-            let ours = mine
-                && (dir.join("oci-layout").exists() || std::fs::read_dir(dir)?.next().is_none());
-            if m.is_dir() && ours && m.permissions().mode() & 0o077 != 0 {
-                std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))?;
-            }
-            Ok(())
-        }
-    }
-}
-
-/// Opens `path` for writing, created with mode 0600 (truncating it unless
-/// `append`): for files that hold a container's secrets (its environment,
-/// its output, its disk, its memory).
-pub fn private_file(path: &Path, append: bool) -> std::io::Result<std::fs::File> {
-    use std::os::unix::fs::OpenOptionsExt;
-    std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .append(append)
-        .truncate(!append)
-        .mode(0o600)
-        .open(path)
 }
 
 /// Milliseconds since this process started using the runtime, for phase
@@ -217,77 +170,4 @@ pub fn snapshots_dir() -> PathBuf {
     std::env::var_os("VMC_SNAPSHOTS")
         .map(PathBuf::from)
         .unwrap_or_else(|| vmc_home().join("snapshots"))
-}
-
-/// A new random container id (64 hex digits, like Docker's).
-pub fn new_id() -> String {
-    let mut b = [0u8; 32];
-    let mut done = 0;
-    while done < b.len() {
-        // SAFETY: the pointer and length describe the unfilled tail of b.
-        let n = unsafe { libc::getrandom(b[done..].as_mut_ptr().cast(), b.len() - done, 0) };
-        if n > 0 {
-            done += n as usize;
-        }
-    }
-    b.iter().map(|x| format!("{x:02x}")).collect()
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn private_dirs_are_made_0700_and_only_ours_are_tightened() {
-        use std::os::unix::fs::PermissionsExt;
-        let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
-        let set = |p: &Path, m: u32| {
-            std::fs::set_permissions(p, std::fs::Permissions::from_mode(m)).unwrap()
-        };
-        let t = tempfile::tempdir().unwrap();
-        // New, parents included.
-        let new = t.path().join("a/b/vmc");
-        private_dir(&new).unwrap();
-        assert_eq!(mode(&new), 0o700);
-        // An older store (0755, with its oci-layout) and an empty directory
-        // are tightened; a directory holding other things is left alone.
-        set(&new, 0o755);
-        std::fs::write(new.join("oci-layout"), "{}").unwrap();
-        private_dir(&new).unwrap();
-        assert_eq!(mode(&new), 0o700, "an existing store");
-        let empty = t.path().join("empty");
-        std::fs::create_dir(&empty).unwrap();
-        set(&empty, 0o755);
-        private_dir(&empty).unwrap();
-        assert_eq!(mode(&empty), 0o700, "an empty directory");
-        let other = t.path().join("other");
-        std::fs::create_dir(&other).unwrap();
-        std::fs::write(other.join("notes"), "").unwrap();
-        set(&other, 0o755);
-        private_dir(&other).unwrap();
-        assert_eq!(mode(&other), 0o755, "someone's directory with other files");
-        // Another user's empty directory is not ours to change (vmc as that
-        // directory's non-owner would fail there).
-        // SAFETY: geteuid has no preconditions.
-        if unsafe { libc::geteuid() } == 0 {
-            let theirs = t.path().join("theirs");
-            std::fs::create_dir(&theirs).unwrap();
-            set(&theirs, 0o777);
-            std::os::unix::fs::chown(&theirs, Some(65534), Some(65534)).unwrap();
-            private_dir(&theirs).unwrap();
-            assert_eq!(mode(&theirs), 0o777);
-        }
-        // Files for secrets are 0600 whatever the umask.
-        let f = t.path().join("secret");
-        private_file(&f, false).unwrap();
-        assert_eq!(mode(&f), 0o600);
-    }
-
-    #[test]
-    fn ids_are_64_hex_digits_and_differ() {
-        let a = new_id();
-        assert_eq!(a.len(), 64);
-        assert!(a.chars().all(|c| c.is_ascii_hexdigit()));
-        assert_ne!(a, new_id());
-    }
 }

@@ -139,7 +139,7 @@ fn program_in(assets: &Path, name: &str) -> Option<std::path::PathBuf> {
 fn safe_to_run(p: &std::path::Path) -> bool {
     use std::os::unix::fs::MetadataExt;
     // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } != 0 || super::ns::rootless() {
+    if unsafe { libc::geteuid() } != 0 || crate::host::rootless() {
         return true;
     }
     std::fs::metadata(p).is_ok_and(|m| m.uid() == 0 && m.mode() & 0o022 == 0)

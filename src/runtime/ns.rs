@@ -19,6 +19,7 @@ use vmc_guest::ExitStatus;
 
 use super::net::{Network, Pasta};
 use super::{ContainerConfig, RuntimeError};
+use crate::host::rootless;
 
 /// Errors specific to namespace mode.
 #[derive(Debug, thiserror::Error)]
@@ -205,15 +206,6 @@ pub fn root_ops() -> Vec<RootOp> {
         ));
     }
     ops
-}
-
-/// Whether this process runs without root on the host, and so namespace
-/// mode in a user namespace of its own (rootless, as podman's).
-pub fn rootless() -> bool {
-    static ROOTLESS: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    // SAFETY: geteuid has no preconditions; taken before any user namespace
-    // is entered (inside one, this process is uid 0).
-    *ROOTLESS.get_or_init(|| unsafe { libc::geteuid() } != 0)
 }
 
 /// Set in the environment of the re-executed vmc by

@@ -16,7 +16,37 @@ use super::{
     VIRTIO_RING_F_EVENT_IDX,
 };
 use crate::devices::bus::BusDevice;
-use crate::vmm::snapshot::{QueueSnap, TransportSnap};
+use serde::{Deserialize, Serialize};
+
+/// One virtio queue's registers and ring positions, as a snapshot keeps
+/// them (`vmm::snapshot`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct QueueSnap {
+    pub max_size: u16,
+    pub size: u16,
+    pub ready: bool,
+    pub desc_table: u64,
+    pub avail_ring: u64,
+    pub used_ring: u64,
+    pub next_avail: u16,
+    pub next_used: u16,
+    pub event_idx: bool,
+}
+
+/// One virtio-mmio transport's state, as a snapshot keeps it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TransportSnap {
+    pub device_type: u32,
+    pub status: u32,
+    pub driver_features: u64,
+    pub device_features_sel: u32,
+    pub driver_features_sel: u32,
+    pub queue_sel: u32,
+    pub interrupt_status: u32,
+    pub config_generation: u32,
+    pub active: bool,
+    pub queues: Vec<QueueSnap>,
+}
 
 const MAGIC: u32 = 0x7472_6976; // "virt"
 const VERSION: u32 = 2;

@@ -179,34 +179,8 @@ impl VcpuState {
     }
 }
 
-/// One virtio queue's registers and ring positions.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct QueueSnap {
-    pub max_size: u16,
-    pub size: u16,
-    pub ready: bool,
-    pub desc_table: u64,
-    pub avail_ring: u64,
-    pub used_ring: u64,
-    pub next_avail: u16,
-    pub next_used: u16,
-    pub event_idx: bool,
-}
-
-/// One virtio-mmio transport.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct TransportSnap {
-    pub device_type: u32,
-    pub status: u32,
-    pub driver_features: u64,
-    pub device_features_sel: u32,
-    pub driver_features_sel: u32,
-    pub queue_sel: u32,
-    pub interrupt_status: u32,
-    pub config_generation: u32,
-    pub active: bool,
-    pub queues: Vec<QueueSnap>,
-}
+// The transport's state types belong to the transport they describe.
+pub use crate::devices::virtio::mmio::{QueueSnap, TransportSnap};
 
 /// What `memory.img` held when it was saved (see the module's doc).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -391,7 +365,7 @@ impl VmState {
 /// locked, so nothing changes guest memory meanwhile. Returns the file's seal.
 pub fn dump_memory(mem: &Mem, path: &Path) -> Result<MemorySeal, SnapshotError> {
     // Guest memory: the guest's secrets, readable by vmc's user alone.
-    let f = crate::runtime::private_file(path, false)?;
+    let f = crate::host::private_file(path, false)?;
     let total: u64 = mem.iter().map(|r| r.len()).sum();
     f.set_len(total)?;
     let mut h = Sha256::new();
