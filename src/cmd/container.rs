@@ -1,0 +1,364 @@
+//! Container verbs: ps, logs, stop, kill, rm, exec, wait.
+
+use std::io::IsTerminal;
+
+use anyhow::{bail, Context, Result};
+use vmc::cli::{ExecArgs, KillArgs, LogsArgs, PsArgs, RmArgs, StopArgs, WaitArgs};
+use vmc::runtime;
+use vmc::runtime::spec;
+use vmc::runtime::state::{self as cstate, Container, Status};
+use vmc::vmm;
+
+use super::*;
+
+pub(crate) fn ps(a: PsArgs) -> Result<i32> {
+    let mut list = cstate::list();
+    for c in &mut list {
+        c.refresh();
+    }
+    list.retain(|c| a.all || c.state.status == Status::Running);
+    if a.quiet {
+        for c in &list {
+            println!("{}", &c.state.id[..12]);
+        }
+        return Ok(0);
+    }
+    let mut rows = vec![[
+        "CONTAINER ID",
+        "IMAGE",
+        "COMMAND",
+        "CREATED",
+        "STATUS",
+        "MODE",
+        "NAMES",
+    ]
+    .map(String::from)];
+    let now = cstate::now_secs();
+    for c in &list {
+        let s = &c.state;
+        let mut cmd = format!("\"{}\"", s.command.join(" "));
+        if cmd.chars().count() > 22 {
+            cmd = format!("{}…\"", cmd.chars().take(20).collect::<String>());
+        }
+        let status = match s.status {
+            Status::Running => format!(
+                "Up {}",
+                cstate::human_duration(now.saturating_sub(s.started.unwrap_or(now)))
+            ),
+            Status::Exited => format!(
+                "Exited ({}) {} ago",
+                s.exit_code.unwrap_or(0),
+                cstate::human_duration(now.saturating_sub(s.finished.unwrap_or(now)))
+            ),
+            Status::Created => "Created".into(),
+        };
+        rows.push([
+            s.id[..12].to_string(),
+            s.image.clone(),
+            cmd,
+            format!(
+                "{} ago",
+                cstate::human_duration(now.saturating_sub(s.created))
+            ),
+            status,
+            s.mode.clone(),
+            s.name.clone(),
+        ]);
+    }
+    print_table(&rows);
+    Ok(0)
+}
+
+pub(crate) fn logs(a: LogsArgs) -> Result<i32> {
+    use std::io::Write;
+    let mut c = cstate::resolve(&a.container)?;
+    let path = c.log_path();
+    let lines = cstate::read_log(&path);
+    let skip = match a.tail.as_str() {
+        "all" => 0,
+        n => {
+            let n: usize = n
+                .parse()
+                .map_err(|_| anyhow::anyhow!("--tail {n}: give a number of lines or 'all'"))?;
+            lines.len().saturating_sub(n)
+        }
+    };
+    let print = |l: &cstate::LogLine| {
+        let text = if a.timestamps {
+            format!("{} {}", l.time, l.log)
+        } else {
+            l.log.clone()
+        };
+        if l.stream == "stderr" {
+            let _ = std::io::stderr().write_all(text.as_bytes());
+        } else {
+            let mut o = std::io::stdout();
+            let _ = o.write_all(text.as_bytes());
+            let _ = o.flush();
+        }
+    };
+    for l in &lines[skip..] {
+        print(l);
+    }
+    if a.follow {
+        let mut seen = lines.len();
+        loop {
+            let running = c.refresh() == Status::Running;
+            let lines = cstate::read_log(&path);
+            for l in lines.iter().skip(seen) {
+                print(l);
+            }
+            seen = seen.max(lines.len());
+            if !running {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+    }
+    Ok(0)
+}
+
+/// Signals the supervisor of a running container; true if it was running.
+pub(crate) fn signal_container(c: &mut Container, sig: i32) -> bool {
+    if c.refresh() != Status::Running {
+        return false;
+    }
+    if let Some(pid) = c.state.pid {
+        // SAFETY: kill with a pid we verified by its start time.
+        unsafe { libc::kill(pid, sig) };
+    }
+    true
+}
+
+/// Waits up to `timeout` for the container to stop running (the grace
+/// period a user gave), and then for its supervisor to be gone: the
+/// supervisor records the exit before it ends, and its published ports are
+/// free only once it has, which is what a user of `docker stop` or `docker
+/// wait` relies on.
+pub(crate) fn wait_exit(c: &mut Container, timeout: std::time::Duration) -> bool {
+    let now = std::time::Instant::now;
+    let end = now() + timeout;
+    while now() < end {
+        if let Some(fresh) = Container::load(&c.dir) {
+            *c = fresh;
+        }
+        if c.refresh() != Status::Running {
+            wait_supervisor_gone(c);
+            return true;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    false
+}
+
+/// Waits for the container's supervisor process to be gone, for as long as
+/// it makes progress (`vmm::progress`): a VMM tearing down its guest's
+/// memory takes a while on a loaded host, under software virtualisation and
+/// with many at once; one that sits idle for the quiet limit is left.
+pub(crate) fn wait_supervisor_gone(c: &Container) {
+    use vmm::progress::{Threads, Verdict, Watchdog};
+    let Some(pid) = c.state.pid else {
+        return;
+    };
+    let threads = Threads::all_of(pid as u32);
+    let mut dog = Watchdog::new(std::time::Duration::from_secs(120));
+    while c.supervisor_alive() {
+        if dog.observe(std::time::Instant::now(), threads.sample()) != Verdict::Working {
+            return;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+}
+
+pub(crate) fn force_kill(c: &mut Container) {
+    // rm waits for a killed supervisor, so that its ports and files are
+    // free when rm returns.
+    if signal_container(c, libc::SIGKILL) {
+        wait_supervisor_gone(c);
+        c.refresh();
+    }
+}
+
+pub(crate) fn stop(a: StopArgs) -> Result<i32> {
+    let mut failed = false;
+    for name in &a.containers {
+        let mut c = match cstate::resolve(name) {
+            Ok(c) => c,
+            Err(e) => {
+                eprintln!("vmc: {e}");
+                failed = true;
+                continue;
+            }
+        };
+        let sig = cstate::signal_number(&c.state.stop_signal).unwrap_or(libc::SIGTERM);
+        if signal_container(&mut c, sig)
+            && !wait_exit(&mut c, std::time::Duration::from_secs(a.time))
+        {
+            force_kill(&mut c);
+        }
+        println!("{name}");
+    }
+    Ok(if failed { 1 } else { 0 })
+}
+
+pub(crate) fn kill(a: KillArgs) -> Result<i32> {
+    let sig = cstate::signal_number(&a.signal)
+        .ok_or_else(|| anyhow::anyhow!("--signal {}: unknown signal", a.signal))?;
+    const FORWARDED: [i32; 7] = [
+        libc::SIGKILL,
+        libc::SIGTERM,
+        libc::SIGINT,
+        libc::SIGHUP,
+        libc::SIGQUIT,
+        libc::SIGUSR1,
+        libc::SIGUSR2,
+    ];
+    if !FORWARDED.contains(&sig) {
+        bail!(
+            "--signal {}: vmc forwards KILL, TERM, INT, HUP, QUIT, USR1 and USR2",
+            a.signal
+        );
+    }
+    let mut failed = false;
+    for name in &a.containers {
+        match cstate::resolve(name) {
+            Ok(mut c) => {
+                if sig == libc::SIGKILL {
+                    if c.refresh() == Status::Running {
+                        force_kill(&mut c);
+                        println!("{name}");
+                        continue;
+                    }
+                } else if signal_container(&mut c, sig) {
+                    println!("{name}");
+                    continue;
+                }
+                eprintln!("vmc: container {name} is not running");
+                failed = true;
+            }
+            Err(e) => {
+                eprintln!("vmc: {e}");
+                failed = true;
+            }
+        }
+    }
+    Ok(if failed { 1 } else { 0 })
+}
+
+pub(crate) fn rm(a: RmArgs) -> Result<i32> {
+    let mut failed = false;
+    for name in &a.containers {
+        let mut c = match cstate::resolve(name) {
+            Ok(c) => c,
+            Err(e) => {
+                eprintln!("vmc: {e}");
+                failed = true;
+                continue;
+            }
+        };
+        if c.refresh() == Status::Running {
+            if !a.force {
+                eprintln!(
+                    "vmc: container {name} is running: stop it first (vmc stop {name}) or use vmc rm -f"
+                );
+                failed = true;
+                continue;
+            }
+            force_kill(&mut c);
+        }
+        // Cgroups a killed supervisor could not remove itself.
+        runtime::cgroup::remove_listed(&c.dir.join("cgroups"));
+        // Another remover (a second `rm`, an --rm supervisor) may be at
+        // the same directory: what counts is that it is gone.
+        if let Err(e) = cstate::remove_dir(&c.dir) {
+            if c.dir.exists() && cstate::remove_dir(&c.dir).is_err() && c.dir.exists() {
+                return Err(e).with_context(|| format!("removing {}", c.dir.display()));
+            }
+        }
+        println!("{name}");
+    }
+    Ok(if failed { 1 } else { 0 })
+}
+
+pub(crate) fn exec(a: ExecArgs) -> Result<i32> {
+    let mut c = cstate::resolve(&a.container)?;
+    if c.refresh() != Status::Running {
+        bail!(
+            "container {} is not running: start a new one with vmc run",
+            a.container
+        );
+    }
+    let cfg = c.config().context("reading the container's config")?;
+    let mut spec = cfg.process.clone();
+    spec.args = a.command.clone();
+    let mut env = Vec::new();
+    for e in &a.env {
+        match e.split_once('=') {
+            Some(_) => env.push(e.clone()),
+            None => {
+                if let Ok(v) = std::env::var(e) {
+                    env.push(format!("{e}={v}"));
+                }
+            }
+        }
+    }
+    spec::merge_env(&mut spec.env, &env);
+    if let Some(w) = &a.workdir {
+        spec.cwd = w.clone();
+    }
+    if let Some(u) = &a.user {
+        spec.user = u.clone();
+    }
+    if a.tty {
+        spec.tty = Some(runtime::tty::initial_size());
+    }
+    let forward_stdin = a.interactive || (!a.tty && !std::io::stdin().is_terminal());
+    if c.state.mode == "ns" {
+        let pid: i32 = std::fs::read_to_string(c.dir.join("init.pid"))
+            .ok()
+            .and_then(|p| p.trim().parse().ok())
+            .context("the container's process is not known yet: try again")?;
+        if !forward_stdin {
+            let null = std::fs::File::open("/dev/null")?;
+            let fd = std::os::fd::AsRawFd::as_raw_fd(&null);
+            // SAFETY: redirecting our own stdin to /dev/null before the child inherits it.
+            unsafe { libc::dup2(fd, 0) };
+        }
+        return Ok(runtime::ns::exec_attached(
+            pid,
+            cfg.caps,
+            &cfg.seccomp,
+            &c.dir.join("cgroups"),
+            &spec,
+            forward_stdin,
+        )?);
+    }
+    let vmm_pid = c
+        .state
+        .pid
+        .context("the container's VM is not known yet: try again")?;
+    Ok(runtime::attach::exec_attached(
+        &c.dir.join("vsock.sock"),
+        vmm_pid as u32,
+        spec,
+        forward_stdin,
+    )?)
+}
+
+pub(crate) fn wait(a: WaitArgs) -> Result<i32> {
+    for name in &a.containers {
+        let mut c = cstate::resolve(name)?;
+        while !wait_exit(&mut c, std::time::Duration::from_secs(3600)) {}
+        println!("{}", c.state.exit_code.unwrap_or(0));
+    }
+    Ok(0)
+}
+
+/// `vmc port`: the container's published ports.
+pub(crate) fn port(container: &str) -> Result<i32> {
+    let c = cstate::resolve(container)?;
+    for m in c.config().map(|c| c.ports).unwrap_or_default() {
+        println!("{m}");
+    }
+    Ok(0)
+}

@@ -1,0 +1,220 @@
+//! Image verbs: images, inspect, tag, rmi, import, pull, load, save.
+
+use std::io::IsTerminal;
+
+use anyhow::{bail, Result};
+use vmc::cli::{
+    ImagesArgs, ImportArgs, InspectArgs, LoadArgs, PullArgs, RmiArgs, SaveArgs, TagArgs,
+};
+use vmc::image::{self, Reference};
+use vmc::runtime;
+use vmc::runtime::state::{self as cstate, Status};
+
+use super::*;
+
+pub(crate) fn images(a: ImagesArgs) -> Result<i32> {
+    let store = store()?;
+    let list = store.images()?;
+    if a.quiet {
+        for img in &list {
+            println!("{}", img.short_id());
+        }
+        return Ok(0);
+    }
+    println!(
+        "{:<40} {:<20} {:<14} {:<22} {:>10}",
+        "REPOSITORY", "TAG", "IMAGE ID", "CREATED", "SIZE"
+    );
+    for img in &list {
+        let created = img.config.created().clone().unwrap_or_default();
+        let size = format!("{:.1}MB", img.size() as f64 / 1e6);
+        let names: Vec<(String, String)> = if img.names.is_empty() {
+            vec![("<none>".into(), "<none>".into())]
+        } else {
+            img.names
+                .iter()
+                .map(|n| match n.rsplit_once(':') {
+                    Some((r, t)) if !t.contains('/') => (r.to_string(), t.to_string()),
+                    _ => (n.clone(), "<none>".into()),
+                })
+                .collect()
+        };
+        for (repo, tag) in names {
+            println!(
+                "{repo:<40} {tag:<20} {:<14} {created:<22} {size:>10}",
+                img.short_id()
+            );
+        }
+    }
+    Ok(0)
+}
+
+pub(crate) fn inspect(a: InspectArgs) -> Result<i32> {
+    let store = store()?;
+    let mut out = Vec::new();
+    for name in &a.images {
+        // A container by that name or id first, as docker inspect does.
+        if let Ok(mut c) = cstate::resolve(name) {
+            c.refresh();
+            let s = &c.state;
+            let cfg = c.config();
+            let time = |t: Option<u64>| t.map(|t| image::store::rfc3339(t as i64));
+            out.push(serde_json::json!({
+                "Id": s.id,
+                "Name": s.name,
+                "Created": image::store::rfc3339(s.created as i64),
+                "Image": s.image,
+                "ImageId": cfg.as_ref().and_then(|c| c.image_id.clone()),
+                "Mode": s.mode,
+                "State": {
+                    "Status": s.status,
+                    "Running": s.status == Status::Running,
+                    "Pid": s.pid,
+                    "ExitCode": s.exit_code,
+                    "StartedAt": time(s.started),
+                    "FinishedAt": time(s.finished),
+                },
+                "Config": cfg.as_ref().map(|c| serde_json::json!({
+                    "Cmd": c.process.args,
+                    "Env": c.process.env,
+                    "WorkingDir": c.process.cwd,
+                    "User": c.process.user,
+                    "Hostname": c.hostname,
+                    "StopSignal": s.stop_signal,
+                })),
+                "LogPath": c.log_path(),
+            }));
+            continue;
+        }
+        let img = store.resolve(name)?;
+        out.push(serde_json::json!({
+            "Id": img.id(),
+            "RepoTags": img.names,
+            "ManifestDigest": img.manifest_digest.to_string(),
+            "Created": img.config.created(),
+            "Architecture": img.config.architecture().to_string(),
+            "Os": img.config.os().to_string(),
+            "Size": img.size(),
+            "Config": img.config.config(),
+            "RootFS": img.config.rootfs(),
+            "History": img.config.history(),
+        }));
+    }
+    println!("{}", serde_json::to_string_pretty(&out)?);
+    Ok(0)
+}
+
+pub(crate) fn tag(a: TagArgs) -> Result<i32> {
+    let store = store()?;
+    let img = store.resolve(&a.source)?;
+    let target = Reference::parse(&a.target)?;
+    let desc = oci_spec::image::Descriptor::new(
+        oci_spec::image::MediaType::ImageManifest,
+        img.manifest_size,
+        img.manifest_digest.clone(),
+    );
+    store.tag(&target.store_name(), &desc)?;
+    Ok(0)
+}
+
+/// Image ids used by containers whose state is still on disk.
+pub(crate) fn images_in_use() -> Vec<String> {
+    let dir = runtime::vmc_home().join("containers");
+    let mut ids = Vec::new();
+    if let Ok(entries) = std::fs::read_dir(dir) {
+        for e in entries.flatten() {
+            if let Ok(id) = std::fs::read_to_string(e.path().join("image-id")) {
+                ids.push(id.trim().to_string());
+            }
+        }
+    }
+    ids
+}
+
+pub(crate) fn rmi(a: RmiArgs) -> Result<i32> {
+    let store = store()?;
+    let in_use = images_in_use();
+    for name in &a.images {
+        let img = store.resolve(name)?;
+        // A name removes that name only, like docker rmi, unless it is the last.
+        let by_name = Reference::parse(name)
+            .ok()
+            .map(|r| r.store_name())
+            .filter(|n| img.names.contains(n));
+        let last = img.names.len() <= 1 || by_name.is_none();
+        if last && !a.force && in_use.contains(&img.id()) {
+            bail!(
+                "image {name} is used by a container; remove the container first or use vmc rmi -f"
+            );
+        }
+        match by_name {
+            Some(n) if img.names.len() > 1 => {
+                store.untag(&n)?;
+                println!("Untagged: {n}");
+            }
+            _ => {
+                for n in &img.names {
+                    println!("Untagged: {n}");
+                }
+                store.remove_manifest(&img.manifest_digest)?;
+                println!("Deleted: {}", img.id());
+            }
+        }
+    }
+    store.gc()?;
+    Ok(0)
+}
+
+pub(crate) fn import(a: ImportArgs) -> Result<i32> {
+    let store = store()?;
+    let name = match &a.name {
+        Some(n) => Some(Reference::parse(n)?.store_name()),
+        None => None,
+    };
+    let img = image::import::import_rootfs(&store, &a.file, name.as_deref())?;
+    println!("{}", img.id());
+    Ok(0)
+}
+
+pub(crate) fn pull(a: PullArgs) -> Result<i32> {
+    let reference = Reference::parse(&a.reference)?;
+    let store = store()?;
+    let opts = image::pull::PullOptions {
+        insecure: a.insecure,
+        // Bars only for a person watching; logs and pipes get plain lines.
+        progress: !a.quiet && std::io::stderr().is_terminal(),
+    };
+    let mut out: Box<dyn std::io::Write> = if a.quiet {
+        Box::new(std::io::sink())
+    } else {
+        Box::new(std::io::stdout())
+    };
+    let pulled = image::pull::pull(&store, &reference, &opts, &mut out)?;
+    if a.quiet {
+        println!("{}", pulled.image.id());
+    }
+    Ok(0)
+}
+
+pub(crate) fn load(a: LoadArgs) -> Result<i32> {
+    let store = store()?;
+    let loaded = image::archive::load(&store, &a.input)?;
+    for img in &loaded {
+        if a.quiet {
+            println!("{}", img.id());
+        } else if img.names.is_empty() {
+            println!("Loaded image ID: {}", img.id());
+        } else {
+            for n in &img.names {
+                println!("Loaded image: {n}");
+            }
+        }
+    }
+    Ok(0)
+}
+
+pub(crate) fn save(a: SaveArgs) -> Result<i32> {
+    let store = store()?;
+    image::archive::save(&store, &a.images, &a.output)?;
+    Ok(0)
+}

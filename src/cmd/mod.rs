@@ -1,0 +1,44 @@
+//! The verbs of vmc's command line, one file per group; `main` dispatches to them.
+
+mod build;
+mod container;
+mod images;
+mod run;
+mod system;
+
+pub(crate) use build::*;
+pub(crate) use container::*;
+pub(crate) use images::*;
+pub(crate) use run::*;
+pub(crate) use system::*;
+
+use anyhow::Result;
+use vmc::image::Store;
+use vmc::runtime;
+
+/// The image store at $VMC_HOME.
+pub(crate) fn store() -> Result<Store> {
+    Ok(Store::open(&runtime::vmc_home())?)
+}
+
+/// Prints rows as columns as wide as their widest cell, three spaces
+/// apart, like Docker's tables.
+pub(crate) fn print_table<const N: usize>(rows: &[[String; N]]) {
+    let mut widths = [0usize; N];
+    for r in rows {
+        for (w, cell) in widths.iter_mut().zip(r) {
+            *w = (*w).max(cell.chars().count());
+        }
+    }
+    for r in rows {
+        let mut line = String::new();
+        for (i, cell) in r.iter().enumerate() {
+            if i + 1 == N {
+                line.push_str(cell);
+            } else {
+                line.push_str(&format!("{cell:<w$}   ", w = widths[i]));
+            }
+        }
+        println!("{}", line.trim_end());
+    }
+}
