@@ -9,7 +9,7 @@ use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -376,10 +376,12 @@ enum Reply {
     /// These bytes as they are, then the connection closed: any status,
     /// headers that lie, a body cut short.
     Raw(Vec<u8>),
-    /// 200, then `len` zeros until they are all sent or the client goes,
-    /// with a Content-Length if `announced` (else the close ends it); how
-    /// many were sent goes to the channel.
+    /// This status (`200 OK`, `503 Service Unavailable`), then `len` zeros
+    /// until they are all sent or the client goes, with a Content-Length if
+    /// `announced` (else the close ends it); how many were sent goes to the
+    /// channel.
     Flood {
+        status: &'static str,
         len: u64,
         announced: bool,
         done: mpsc::Sender<u64>,
@@ -452,6 +454,7 @@ fn fake_server(
                     let _ = conn.write_all(&bytes);
                 }
                 Reply::Flood {
+                    status,
                     len,
                     announced,
                     done,
@@ -462,7 +465,7 @@ fn fake_server(
                         String::new()
                     };
                     let head = format!(
-                        "HTTP/1.1 200 OK\r\nContent-Type: application/octet-stream\r\n\
+                        "HTTP/1.1 {status}\r\nContent-Type: application/octet-stream\r\n\
                          {length}Connection: close\r\n\r\n"
                     );
                     let mut sent = 0u64;
@@ -846,21 +849,23 @@ fn a_connection_dropped_in_the_middle_of_a_blob_fails_cleanly() {
     assert!(err.contains("end of file"), "{err}");
 }
 
+/// A registry's 401 answer, with this `WWW-Authenticate` challenge if any.
+fn unauthorized(challenge: Option<&str>) -> Vec<u8> {
+    let mut headers = vec![("Content-Type", "application/json")];
+    if let Some(c) = challenge {
+        headers.push(("WWW-Authenticate", c));
+    }
+    http(
+        "401 Unauthorized",
+        &headers,
+        br#"{"errors":[{"code":"UNAUTHORIZED","message":"authentication required"}]}"#,
+    )
+}
+
 #[test]
 fn refused_access_is_named_and_an_anonymous_token_is_fetched() {
     let good = good_image();
     let routes = good.routes.clone();
-    fn unauthorized(challenge: Option<&str>) -> Vec<u8> {
-        let mut headers = vec![("Content-Type", "application/json")];
-        if let Some(c) = challenge {
-            headers.push(("WWW-Authenticate", c));
-        }
-        http(
-            "401 Unauthorized",
-            &headers,
-            br#"{"errors":[{"code":"UNAUTHORIZED","message":"authentication required"}]}"#,
-        )
-    }
 
     // A registry that answers 401 for a manifest, without a challenge, and
     // 403 DENIED for another.
@@ -924,12 +929,22 @@ fn refused_access_is_named_and_an_anonymous_token_is_fetched() {
             route(&routes, &r.path)
         }
     });
-    // vmc pull has no credentials, but takes the anonymous token.
+    // vmc pull has no credentials, but takes the anonymous token, once,
+    // for every request of the pull.
     let home = seeded(port);
-    assert!(
-        log.lock().unwrap().iter().any(|p| p == "/token"),
-        "{:?}",
-        log.lock().unwrap()
+    let blobs: Vec<String> = good.routes[1..]
+        .iter()
+        .map(|(p, _, _)| format!("/v2/x/app{p}"))
+        .collect();
+    assert_eq!(
+        *log.lock().unwrap(),
+        [
+            "/v2/",
+            "/token",
+            "/v2/x/app/manifests/good",
+            &blobs[0],
+            &blobs[1]
+        ],
     );
     grant.store(false, Ordering::SeqCst);
     let err = pull_fails(home.path(), &format!("127.0.0.1:{port}/x/app:good"));
@@ -940,6 +955,61 @@ fn refused_access_is_named_and_an_anonymous_token_is_fetched() {
         "{err}"
     );
     assert!(err.contains("authentication required"), "{err}");
+}
+
+#[test]
+fn blob_downloads_follow_redirects_without_the_token() {
+    let good = good_image();
+    // A CDN on another port serves the blobs, noting the Authorization
+    // header of every request.
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let (cdn, cdn_log) = fake_server({
+        let routes = good.routes.clone();
+        let seen = seen.clone();
+        move |r| {
+            seen.lock().unwrap().push(r.auth.clone());
+            route(&routes, &r.path)
+        }
+    });
+    // The registry wants its token and sends blob downloads to the CDN.
+    let (port, log) = fake_server({
+        let routes = good.routes.clone();
+        move |r| {
+            if r.path == "/token" {
+                return Reply::Ok("application/json", br#"{"token":"t0k"}"#.to_vec());
+            }
+            if r.auth.as_deref() != Some("Bearer t0k") {
+                let challenge = format!(
+                    r#"Bearer realm="http://127.0.0.1:{}/token",service="fake""#,
+                    r.port
+                );
+                return Reply::Raw(unauthorized(Some(&challenge)));
+            }
+            if r.path.contains("/blobs/") {
+                let to = format!("http://127.0.0.1:{cdn}/cdn{}", r.path);
+                return Reply::Raw(http("307 Temporary Redirect", &[("Location", &to)], b""));
+            }
+            route(&routes, &r.path)
+        }
+    });
+    let home = seeded(port);
+    assert_eq!(
+        log.lock()
+            .unwrap()
+            .iter()
+            .filter(|p| p.contains("/blobs/"))
+            .count(),
+        2,
+        "{:?}",
+        log.lock().unwrap()
+    );
+    assert_eq!(cdn_log.lock().unwrap().len(), 2);
+    assert_eq!(*seen.lock().unwrap(), [None, None], "no token for the CDN");
+    let image = format!("127.0.0.1:{port}/x/app:good");
+    assert_eq!(
+        inspect(home.path(), &image)["Id"],
+        sha(&good.config).as_str()
+    );
 }
 
 /// A server on 127.0.0.1 that answers every connection with `reply`, not
@@ -1098,13 +1168,15 @@ fn flooded(done: &mpsc::Receiver<u64>) -> u64 {
         .expect("the flood ends once vmc hangs up")
 }
 
+/// How much a flooding answer sends: far more than any bound, so that
+/// reading it all and refusing it afterwards shows.
+const FLOOD: u64 = 512 << 20;
+/// Each refusal of a flood must come within the first 64 MiB sent (the
+/// largest bound, 8 MiB, plus what the sockets buffer).
+const READ_AT_MOST: u64 = 64 << 20;
+
 #[test]
 fn oversized_manifests_and_blobs_are_refused_while_reading() {
-    // Far more than any bound, so that reading it all and refusing it
-    // afterwards shows: each refusal must come within the first 64 MiB
-    // (the bound plus what the sockets buffer).
-    const FLOOD: u64 = 512 << 20;
-    const READ_AT_MOST: u64 = 64 << 20;
     let good = good_image();
     let mut routes = good.routes.clone();
     let flood_blob = sha(b"a flood");
@@ -1132,6 +1204,7 @@ fn oversized_manifests_and_blobs_are_refused_while_reading() {
         let announced = !r.path.ends_with("/manifests/endless");
         if r.path.ends_with("/manifests/huge") || !announced || r.path.ends_with(&flood_path) {
             return Reply::Flood {
+                status: "200 OK",
                 len: FLOOD,
                 announced,
                 done: tx.clone(),
@@ -1189,6 +1262,89 @@ fn oversized_manifests_and_blobs_are_refused_while_reading() {
         .cloned()
         .collect();
     assert!(blobs.is_empty(), "refused before downloading: {blobs:?}");
+}
+
+#[test]
+fn token_replies_and_error_bodies_are_bounded_while_reading() {
+    let good = good_image();
+    let mut routes = good.routes.clone();
+    // Layers whose download the registry refuses with an endless body, with
+    // a Content-Length and without one.
+    let refused = [sha(b"refused, announced"), sha(b"refused, endless")];
+    for (tag, d) in ["refused", "refused-endless"].iter().zip(&refused) {
+        routes.push((
+            format!("/manifests/{tag}"),
+            OCI_MANIFEST,
+            good.manifest(&[(d.clone(), 1000)]),
+        ));
+    }
+    // A registry with token auth whose token endpoint hands out a token
+    // (`GRANT`) or floods its 200 reply, with a Content-Length or without.
+    const GRANT: u8 = 0;
+    const ANNOUNCED: u8 = 1;
+    const ENDLESS: u8 = 2;
+    let token_reply = Arc::new(AtomicU8::new(GRANT));
+    let (tx, done) = mpsc::channel();
+    let port = fake_server({
+        let token_reply = token_reply.clone();
+        move |r| {
+            let flood = |status, announced| Reply::Flood {
+                status,
+                len: FLOOD,
+                announced,
+                done: tx.clone(),
+            };
+            if r.path == "/token" {
+                return match token_reply.load(Ordering::SeqCst) {
+                    GRANT => Reply::Ok("application/json", br#"{"token":"t0k"}"#.to_vec()),
+                    reply => flood("200 OK", reply == ANNOUNCED),
+                };
+            }
+            if r.auth.as_deref() != Some("Bearer t0k") {
+                let challenge = format!(
+                    r#"Bearer realm="http://127.0.0.1:{}/token",service="fake""#,
+                    r.port
+                );
+                return Reply::Raw(unauthorized(Some(&challenge)));
+            }
+            if let Some(i) = refused.iter().position(|d| r.path.ends_with(d.as_str())) {
+                return flood("503 Service Unavailable", i == 0);
+            }
+            route(&routes, &r.path)
+        }
+    })
+    .0;
+    let home = seeded(port);
+    let h = home.path();
+
+    // The refusal is quoted from the body's first 64 KiB, the rest unread.
+    for tag in ["refused", "refused-endless"] {
+        let err = pull_fails(h, &format!("127.0.0.1:{port}/x/app:{tag}"));
+        assert!(
+            err.contains(&format!(
+                "registry 127.0.0.1:{port} answered HTTP 503 for 127.0.0.1:{port}/x/app:{tag}: \
+                 (no reason given)"
+            )),
+            "{err}"
+        );
+        let sent = flooded(&done);
+        assert!(sent < READ_AT_MOST, "{sent} bytes of error body read");
+    }
+
+    // A token reply longer than 64 KiB is refused.
+    for reply in [ANNOUNCED, ENDLESS] {
+        token_reply.store(reply, Ordering::SeqCst);
+        let err = pull_fails(h, &format!("127.0.0.1:{port}/x/app:good"));
+        assert!(
+            err.contains(&format!(
+                "registry 127.0.0.1:{port}: its anonymous token reply for x/app has more \
+                 than the 64 KiB allowed"
+            )),
+            "{err}"
+        );
+        let sent = flooded(&done);
+        assert!(sent < READ_AT_MOST, "{sent} bytes of token reply read");
+    }
 }
 
 #[test]

@@ -1,6 +1,11 @@
 //! `vmc pull`: an image from an OCI or Docker registry (the distribution API)
-//! into the store, with the `oci-client` crate on a current-thread tokio
-//! runtime that lives only as long as the pull.
+//! into the store, with reqwest on a current-thread tokio runtime that lives
+//! only as long as the pull (and the `oci-client` crate's types).
+//!
+//! Every HTTP body is read with a bound, while it arrives: the anonymous
+//! token reply (64 KiB), manifests (`MAX_JSON`), the body of an error answer
+//! (its first `MAX_ERROR_BODY` bytes, quoted, the rest left unread) and
+//! blobs (their descriptor's size).
 //!
 //! The reference's manifest is fetched first. An image index (or Docker
 //! manifest list) is resolved to its linux/amd64 image. Manifests are read
@@ -22,20 +27,18 @@
 //! `vmc rmi`/gc removes them, and a name is only ever pointed at a complete,
 //! checked image. Only anonymous pulls are supported (no credentials).
 
+use std::cell::OnceCell;
 use std::fmt::Display;
 use std::io::{self, Read, Write};
 use std::time::Duration;
 
-use futures_util::StreamExt;
 use indicatif::{ProgressBar, ProgressStyle};
-use oci_client::client::{linux_amd64_resolver, ClientConfig, ClientProtocol, SizedStream};
+use oci_client::client::linux_amd64_resolver;
 use oci_client::errors::{OciDistributionError, OciEnvelope, OciErrorCode};
 use oci_client::manifest::{
-    OciDescriptor, OciImageIndex, IMAGE_MANIFEST_LIST_MEDIA_TYPE, IMAGE_MANIFEST_MEDIA_TYPE,
+    OciImageIndex, IMAGE_MANIFEST_LIST_MEDIA_TYPE, IMAGE_MANIFEST_MEDIA_TYPE,
     OCI_IMAGE_INDEX_MEDIA_TYPE, OCI_IMAGE_MEDIA_TYPE,
 };
-use oci_client::secrets::RegistryAuth;
-use oci_client::RegistryOperation;
 use oci_spec::image::{Descriptor, Digest, ImageManifest, MediaType};
 
 use super::archive::{
@@ -60,6 +63,8 @@ const ACCEPT: &[&str] = &[
 const MAX_QUOTE: usize = 200;
 /// Most of an error answer's body read (its text is quoted, shortened).
 const MAX_ERROR_BODY: usize = 64 << 10;
+/// Longest token reply accepted (Docker Hub's are a few KiB).
+const MAX_TOKEN: usize = 64 << 10;
 
 /// How to pull.
 #[derive(Debug, Clone, Default)]
@@ -83,14 +88,21 @@ pub struct Pulled {
     pub up_to_date: bool,
 }
 
-/// The registry side of a pull: the client, its runtime, and how to word
-/// problems.
+/// The registry side of a pull: the HTTP client, its runtime, the token,
+/// and how to word problems.
+///
+/// Every request is vmc's own, on one reqwest client, so that every body is
+/// read with a bound while it arrives: oci-client's `Client` reads token
+/// replies and error bodies whole into memory before looking at them, however
+/// long the registry makes them. oci-client's types (references, error
+/// values, manifests) are still used.
 struct Remote {
     rt: tokio::runtime::Runtime,
-    client: oci_client::Client,
-    /// For manifests, whose size oci-client does not bound.
     http: reqwest::Client,
-    auth: RegistryAuth,
+    /// The anonymous bearer token: fetched by the first request of the pull
+    /// and sent with every one after it; `None` inside for a registry that
+    /// asks for none.
+    token: OnceCell<Option<String>>,
     /// The reference as oci-client spells it.
     reference: oci_client::Reference,
     /// The registry as given (`127.0.0.1:5000`, `docker.io`).
@@ -128,20 +140,10 @@ impl Remote {
                 t.clone().unwrap_or_else(|| "latest".to_string()),
             ),
         };
-        let protocol = if insecure {
-            ClientProtocol::HttpsExcept(vec![reference.resolve_registry().to_string()])
-        } else {
-            ClientProtocol::Https
-        };
-        let config = ClientConfig {
-            protocol,
-            platform_resolver: Some(Box::new(linux_amd64_resolver)),
-            connect_timeout: Some(CONNECT_TIMEOUT),
-            read_timeout: Some(READ_TIMEOUT),
-            ..Default::default()
-        };
-        let client = oci_client::Client::try_from(config)
-            .map_err(|e| ImageError::Registry(format!("cannot set up the registry client: {e}")))?;
+        // reqwest's default redirect policy is kept: registries send blob
+        // downloads on to a CDN, and a redirect to another host, port or
+        // scheme drops the Authorization header (the token stays with the
+        // registry).
         let http = reqwest::Client::builder()
             .connect_timeout(CONNECT_TIMEOUT)
             .read_timeout(READ_TIMEOUT)
@@ -150,9 +152,8 @@ impl Remote {
             .map_err(|e| ImageError::Registry(format!("cannot set up the registry client: {e}")))?;
         Ok(Remote {
             rt,
-            client,
             http,
-            auth: RegistryAuth::Anonymous,
+            token: OnceCell::new(),
             reference,
             host: r.registry.clone(),
             shown: match r.digest {
@@ -164,8 +165,18 @@ impl Remote {
         })
     }
 
+    /// `https://HOST` (`http://` with `--insecure`), Docker Hub's name
+    /// resolved to the host that serves it.
+    fn base(&self) -> String {
+        format!(
+            "{}://{}",
+            if self.insecure { "http" } else { "https" },
+            self.reference.resolve_registry()
+        )
+    }
+
     /// The raw manifest (or index) at `digest`, or at the reference itself,
-    /// with its digest (checked by oci-client against the registry's
+    /// with its digest (checked against the registry's
     /// `Docker-Content-Digest` and against a digest in the reference).
     fn manifest(&self, digest: Option<&str>) -> Result<(Vec<u8>, Digest), ImageError> {
         let reference = match digest {
@@ -192,65 +203,180 @@ impl Remote {
         Ok((body.to_vec(), computed))
     }
 
-    /// GETs a manifest, reading at most `MAX_JSON` bytes of it (oci-client's
-    /// `pull_manifest_raw` would read any length into memory first); returns
-    /// it and the registry's `Docker-Content-Digest`, if any. oci-client
-    /// still does the (anonymous) token dance.
+    /// GETs a manifest, reading at most `MAX_JSON` bytes of it; returns it
+    /// and the registry's `Docker-Content-Digest`, if any.
     async fn get_manifest(
         &self,
         reference: &oci_client::Reference,
     ) -> Result<(Vec<u8>, String), ImageError> {
-        let token = self
-            .client
-            .auth(reference, &self.auth, RegistryOperation::Pull)
-            .await
-            .map_err(|e| self.error(e))?;
         let url = format!(
-            "{}://{}/v2/{}/manifests/{}",
-            if self.insecure { "http" } else { "https" },
-            reference.resolve_registry(),
+            "{}/v2/{}/manifests/{}",
+            self.base(),
             reference.repository(),
             reference.digest().or(reference.tag()).unwrap_or("latest")
         );
-        let mut request = self
-            .http
-            .get(&url)
-            .header(reqwest::header::ACCEPT, ACCEPT.join(", "));
-        if let Some(t) = token {
-            request = request.bearer_auth(t);
+        let mut res = self.get(&url, Some(&ACCEPT.join(", "))).await?;
+        if res.status() != reqwest::StatusCode::OK {
+            return Err(self.refusal(res, url).await);
         }
-        let mut res = request.send().await.map_err(|e| self.error(e.into()))?;
-        let status = res.status();
         let got = res
             .headers()
             .get("Docker-Content-Digest")
             .and_then(|v| v.to_str().ok())
             .unwrap_or_default()
             .to_string();
-        let too_big = || {
-            self.bad(format!(
+        match read_all(&mut res, MAX_JSON)
+            .await
+            .map_err(|e| self.error(e.into()))?
+        {
+            Some(body) => Ok((body, got)),
+            None => Err(self.bad(format!(
                 "its manifest has more than the {} MiB allowed",
                 MAX_JSON >> 20
-            ))
+            ))),
+        }
+    }
+
+    /// Opens the download of a blob: the registry's 200 answer, whose body
+    /// is left to `Download` to read.
+    fn blob(&self, d: &Descriptor) -> Result<reqwest::Response, ImageError> {
+        let url = format!(
+            "{}/v2/{}/blobs/{}",
+            self.base(),
+            self.reference.repository(),
+            d.digest()
+        );
+        self.rt.block_on(async {
+            let res = self.get(&url, None).await?;
+            if res.status() != reqwest::StatusCode::OK {
+                return Err(self.refusal(res, url).await);
+            }
+            Ok(res)
+        })
+    }
+
+    /// Sends a GET to the registry with the pull's token (fetched first if
+    /// this is the pull's first request); the answer's body is not read.
+    async fn get(&self, url: &str, accept: Option<&str>) -> Result<reqwest::Response, ImageError> {
+        let token = match self.token.get() {
+            Some(t) => t,
+            None => {
+                let t = self.fetch_token().await?;
+                // A current-thread runtime and one request at a time: the
+                // cell is still empty here.
+                self.token.get_or_init(|| t)
+            }
         };
-        let ok = status == reqwest::StatusCode::OK;
-        if ok && res.content_length().is_some_and(|n| n > MAX_JSON) {
-            return Err(too_big());
+        let mut request = self.http.get(url);
+        if let Some(a) = accept {
+            request = request.header(reqwest::header::ACCEPT, a);
         }
-        let mut body = Vec::new();
-        while let Some(chunk) = res.chunk().await.map_err(|e| self.error(e.into()))? {
-            if !ok && body.len() + chunk.len() > MAX_ERROR_BODY {
-                break; // enough to quote
-            }
-            body.extend_from_slice(&chunk);
-            if body.len() as u64 > MAX_JSON {
-                return Err(too_big());
-            }
+        if let Some(t) = token {
+            request = request.bearer_auth(t);
         }
-        if ok {
-            return Ok((body, got));
+        request.send().await.map_err(|e| self.error(e.into()))
+    }
+
+    /// The distribution API's anonymous token dance: `GET /v2/`, and if
+    /// that is answered with a Bearer challenge, a GET of the challenge's
+    /// realm for a pull token of the repository. `None` for a registry that
+    /// challenges with no Bearer realm (or not at all): its requests go
+    /// without a token, and a refusal names what the registry says then.
+    async fn fetch_token(&self) -> Result<Option<String>, ImageError> {
+        let url = format!("{}/v2/", self.base());
+        let res = self
+            .http
+            .get(&url)
+            .send()
+            .await
+            .map_err(|e| self.error(e.into()))?;
+        // Only the headers matter: the body is dropped unread, which closes
+        // the connection.
+        let challenge = res
+            .headers()
+            .get_all(reqwest::header::WWW_AUTHENTICATE)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .find_map(bearer_challenge);
+        drop(res);
+        let Some(challenge) = challenge else {
+            return Ok(None);
+        };
+        let host = &self.host;
+        let repo = &self.repository;
+        let mut realm = reqwest::Url::parse(&challenge.realm).map_err(|e| {
+            ImageError::Registry(format!(
+                "registry {host}: its token endpoint {} is not a URL ({e})",
+                quote(&challenge.realm)
+            ))
+        })?;
+        // A pull of this repository is what is asked for, whatever scope
+        // the challenge names (one to `GET /v2/` names none).
+        realm.query_pairs_mut().append_pair(
+            "scope",
+            &format!("repository:{}:pull", self.reference.repository()),
+        );
+        if let Some(s) = &challenge.service {
+            realm.query_pairs_mut().append_pair("service", s);
         }
-        // What oci-client makes of an answer other than 200.
+        let mut res = self
+            .http
+            .get(realm)
+            .send()
+            .await
+            .map_err(|e| self.error(e.into()))?;
+        if res.status() != reqwest::StatusCode::OK {
+            let (body, _) = read_prefix(&mut res, MAX_ERROR_BODY)
+                .await
+                .map_err(|e| self.error(e.into()))?;
+            return Err(self.error(OciDistributionError::AuthenticationFailure(
+                String::from_utf8_lossy(&body).into_owned(),
+            )));
+        }
+        let Some(body) = read_all(&mut res, MAX_TOKEN as u64)
+            .await
+            .map_err(|e| self.error(e.into()))?
+        else {
+            return Err(ImageError::Registry(format!(
+                "registry {host}: its anonymous token reply for {repo} has more than \
+                 the {} KiB allowed",
+                MAX_TOKEN >> 10
+            )));
+        };
+        /// The token endpoint's answer: `token`, or OAuth2's `access_token`
+        /// (the distribution spec allows either; `token` wins when both
+        /// are given).
+        #[derive(serde::Deserialize)]
+        struct Reply {
+            token: Option<String>,
+            access_token: Option<String>,
+        }
+        let reply: Reply = serde_json::from_slice(&body).map_err(|e| {
+            ImageError::Registry(format!(
+                "registry {host}: its anonymous token reply for {repo} cannot be read: {}",
+                quote(&e.to_string())
+            ))
+        })?;
+        match reply.token.or(reply.access_token) {
+            Some(t) => Ok(Some(t)),
+            None => Err(ImageError::Registry(format!(
+                "registry {host}: its anonymous token reply for {repo} holds no token"
+            ))),
+        }
+    }
+
+    /// The error an answer other than 200 (to a manifest or blob GET)
+    /// stands for: the registry's reason from at most `MAX_ERROR_BODY`
+    /// bytes of its body (enough to quote; the rest is left unread), made
+    /// into the values oci-client makes of such answers and worded by
+    /// `error`.
+    async fn refusal(&self, mut res: reqwest::Response, url: String) -> ImageError {
+        let status = res.status();
+        let body = match read_prefix(&mut res, MAX_ERROR_BODY).await {
+            Ok((body, _)) => body,
+            Err(e) => return self.error(e.into()),
+        };
+        let text = || String::from_utf8_lossy(&body).into_owned();
         let e = match status.as_u16() {
             401 => OciDistributionError::UnauthorizedError { url },
             code @ 400..=499 => match serde_json::from_slice::<OciEnvelope>(&body) {
@@ -258,29 +384,16 @@ impl Remote {
                 Err(_) => OciDistributionError::ServerError {
                     code,
                     url,
-                    message: String::from_utf8_lossy(&body).into_owned(),
+                    message: text(),
                 },
             },
             code => OciDistributionError::ServerError {
                 code,
                 url,
-                message: String::from_utf8_lossy(&body).into_owned(),
+                message: text(),
             },
         };
-        Err(self.error(e))
-    }
-
-    /// Opens the download of a blob.
-    fn blob(&self, d: &Descriptor) -> Result<SizedStream, ImageError> {
-        let od = OciDescriptor {
-            media_type: d.media_type().to_string(),
-            digest: d.digest().to_string(),
-            size: i64::try_from(d.size()).unwrap_or(i64::MAX),
-            ..Default::default()
-        };
-        self.rt
-            .block_on(self.client.pull_blob_stream(&self.reference, &od))
-            .map_err(|e| self.error(e))
+        self.error(e)
     }
 
     /// A problem with what the registry holds for the reference.
@@ -292,7 +405,8 @@ impl Remote {
         }
     }
 
-    /// An oci-client error, worded for the user in one line.
+    /// A failed request or a registry's refusal (as the error values
+    /// oci-client has for them), worded for the user in one line.
     fn error(&self, e: OciDistributionError) -> ImageError {
         let host = &self.host;
         let what = &self.shown;
@@ -347,20 +461,6 @@ impl Remote {
                 "registry {host}: anonymous authentication for {repo} failed: {}",
                 quote(m)
             ),
-            OciDistributionError::DigestError(
-                oci_client::errors::DigestError::VerificationError { expected, actual },
-            ) => {
-                return self.bad(format!(
-                    "the registry sent content that does not match its digest \
-                     (expected {expected}, got {actual})"
-                ))
-            }
-            OciDistributionError::DigestError(d) => {
-                return self.bad(format!("the registry sent an unusable digest: {d}"))
-            }
-            OciDistributionError::UnsupportedMediaTypeError(t) => {
-                return self.bad(format!("not a container image but a {t}"))
-            }
             other => format!("pulling {what} from {host}: {}", quote(&other.to_string())),
         };
         ImageError::Registry(msg)
@@ -418,10 +518,13 @@ fn refused(e: &(dyn std::error::Error + 'static)) -> bool {
     false
 }
 
-/// Text from elsewhere as part of a one-line message.
+/// Text from elsewhere as part of a one-line message: runs of white space
+/// and control characters (a registry's text could hold terminal escapes or
+/// NULs) become one space.
 fn quote(s: &str) -> String {
     let one: String = s
-        .split_whitespace()
+        .split(|c: char| c.is_whitespace() || c.is_control())
+        .filter(|w| !w.is_empty())
         .collect::<Vec<_>>()
         .join(" ")
         .chars()
@@ -434,11 +537,133 @@ fn quote(s: &str) -> String {
     }
 }
 
+/// Reads `res`'s body up to `limit` bytes and stops there, the rest left
+/// unread (dropping the answer then closes its connection); returns what
+/// was read and whether that was all of it.
+async fn read_prefix(
+    res: &mut reqwest::Response,
+    limit: usize,
+) -> Result<(Vec<u8>, bool), reqwest::Error> {
+    let mut body = Vec::new();
+    while let Some(chunk) = res.chunk().await? {
+        let room = limit - body.len();
+        if chunk.len() > room {
+            body.extend_from_slice(&chunk[..room]);
+            return Ok((body, false));
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Ok((body, true))
+}
+
+/// `res`'s whole body, or `None` if it is longer than `limit` bytes: said
+/// so by its Content-Length, or found while reading (by the chunk that
+/// goes past the limit, which is not kept).
+async fn read_all(
+    res: &mut reqwest::Response,
+    limit: u64,
+) -> Result<Option<Vec<u8>>, reqwest::Error> {
+    if res.content_length().is_some_and(|n| n > limit) {
+        return Ok(None);
+    }
+    let limit = usize::try_from(limit).unwrap_or(usize::MAX);
+    let (body, whole) = read_prefix(res, limit).await?;
+    Ok(whole.then_some(body))
+}
+
+/// The realm and service of a Bearer challenge.
+#[derive(Debug, PartialEq, Eq)]
+struct Challenge {
+    realm: String,
+    service: Option<String>,
+}
+
+/// The first Bearer challenge with a realm in a `WWW-Authenticate` value
+/// (RFC 9110, section 11.6.1): `Bearer realm="https://auth.example/token",
+/// service="registry.example",scope="..."`, possibly after or before
+/// challenges of other schemes in the same value. vmc parses it itself
+/// because it makes its own requests, to bound every body it reads
+/// (oci-client, which parses challenges too, reads bodies whole).
+///
+/// The value is a comma-separated list in which a challenge starts with its
+/// scheme (a token followed by space or the end, not by `=`) and goes on
+/// with `name=value` parameters, a value being a token or a quoted string
+/// (which may hold commas, and backslash escapes).
+fn bearer_challenge(value: &str) -> Option<Challenge> {
+    /// A token ends at space, a comma or `=` (looser than RFC 9110's tchar,
+    /// which is enough to find the parameters vmc needs).
+    fn token(s: &str) -> (&str, &str) {
+        let end = s.find([' ', '\t', ',', '=']).unwrap_or(s.len());
+        s.split_at(end)
+    }
+    /// A quoted string's content, unescaped, and what follows its closing
+    /// quote; `None` if it is never closed.
+    fn quoted(s: &str) -> Option<(String, &str)> {
+        let mut out = String::new();
+        let mut chars = s.char_indices();
+        while let Some((i, c)) = chars.next() {
+            match c {
+                '"' => return Some((out, &s[i + 1..])),
+                '\\' => out.push(chars.next()?.1),
+                c => out.push(c),
+            }
+        }
+        None
+    }
+    let space = |c: char| c == ' ' || c == '\t';
+    // The scheme of the challenge being read, and its realm and service.
+    let mut bearer = false;
+    let mut realm = None;
+    let mut service = None;
+    let mut rest = value;
+    loop {
+        rest = rest.trim_start_matches(|c| space(c) || c == ',');
+        if rest.is_empty() {
+            break;
+        }
+        let (name, after) = token(rest);
+        let after = after.trim_start_matches(space);
+        let Some(v) = after.strip_prefix('=') else {
+            // A scheme: the end of the challenge before it.
+            if bearer && realm.is_some() {
+                break;
+            }
+            bearer = name.eq_ignore_ascii_case("bearer");
+            (realm, service) = (None, None);
+            rest = after;
+            continue;
+        };
+        let v = v.trim_start_matches(space);
+        let (text, next) = match v.strip_prefix('"') {
+            Some(q) => quoted(q)?,
+            None => {
+                let (t, next) = token(v);
+                (t.to_string(), next)
+            }
+        };
+        rest = next;
+        if !bearer {
+            continue;
+        }
+        if name.eq_ignore_ascii_case("realm") {
+            realm = Some(text);
+        } else if name.eq_ignore_ascii_case("service") {
+            service = Some(text);
+        }
+    }
+    match (bearer, realm) {
+        (true, Some(realm)) => Some(Challenge { realm, service }),
+        _ => None,
+    }
+}
+
 /// A blob download as a `Read`, driven on the pull's runtime; counts bytes
-/// and refuses more than the descriptor announced.
+/// and refuses more than the descriptor announced (the store checks the
+/// digest of what it gets).
 struct Download<'a> {
     rt: &'a tokio::runtime::Runtime,
-    stream: SizedStream,
+    /// The registry's 200 answer, its body read chunk by chunk.
+    res: reqwest::Response,
     chunk: bytes::Bytes,
     got: u64,
     limit: u64,
@@ -467,32 +692,27 @@ impl Download<'_> {
 impl Read for Download<'_> {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         while self.chunk.is_empty() {
-            match self.rt.block_on(self.stream.next()) {
-                None if self.got != self.limit => return Err(self.short()),
-                None => return Ok(0),
-                Some(Ok(b)) => self.chunk = b,
-                Some(Err(e)) => {
-                    let digest = e
-                        .get_ref()
-                        .and_then(|i| i.downcast_ref::<oci_client::errors::DigestError>());
-                    let msg = match digest {
-                        // A short body fails its digest too; its length says more.
-                        Some(_) if self.got < self.limit => return Err(self.short()),
-                        Some(oci_client::errors::DigestError::VerificationError {
-                            actual, ..
-                        }) => format!(
-                            "its content does not match its digest (got {actual}): \
-                             the registry sent corrupted data"
-                        ),
-                        _ if self.got < self.limit => format!(
+            match self.rt.block_on(self.res.chunk()) {
+                Ok(None) if self.got != self.limit => return Err(self.short()),
+                Ok(None) => return Ok(0),
+                Ok(Some(b)) => self.chunk = b,
+                Err(e) => {
+                    let msg = if self.got < self.limit {
+                        format!(
                             "the download stopped after {} of the {} bytes announced: {}",
                             self.got,
                             self.limit,
                             innermost(&e)
-                        ),
-                        _ => format!("download failed: {}", innermost(&e)),
+                        )
+                    } else {
+                        format!("download failed: {}", innermost(&e))
                     };
-                    return Err(self.fail(e.kind(), msg));
+                    let kind = if e.is_timeout() {
+                        io::ErrorKind::TimedOut
+                    } else {
+                        io::ErrorKind::Other
+                    };
+                    return Err(self.fail(kind, msg));
                 }
             }
         }
@@ -550,7 +770,7 @@ fn fetch(
             MAX_ENTRY >> 30
         )));
     }
-    let stream = remote.blob(d)?;
+    let res = remote.blob(d)?;
     let bar = progress.then(|| {
         let b = ProgressBar::new(d.size());
         b.set_style(
@@ -563,7 +783,7 @@ fn fetch(
     });
     let mut download = Download {
         rt: &remote.rt,
-        stream,
+        res,
         chunk: bytes::Bytes::new(),
         got: 0,
         limit: d.size(),
@@ -819,6 +1039,48 @@ mod tests {
         assert_eq!(quote("a\n  b\tc"), "a b c");
         assert_eq!(quote(""), "(no reason given)");
         assert_eq!(quote(&"x".repeat(1000)).len(), MAX_QUOTE);
+        assert_eq!(quote("\x1b[2Jno\0\0clear"), "[2Jno clear");
+        assert_eq!(quote("\0\0\0"), "(no reason given)");
+    }
+
+    #[test]
+    fn bearer_challenges_are_parsed_with_quoted_parameters() {
+        let hub = r#"Bearer realm="https://auth.docker.io/token",service="registry.docker.io",scope="repository:library/alpine:pull""#;
+        assert_eq!(
+            bearer_challenge(hub),
+            Some(Challenge {
+                realm: "https://auth.docker.io/token".into(),
+                service: Some("registry.docker.io".into()),
+            })
+        );
+        // Commas and escapes inside quotes, space around `=`, any case, a
+        // token value, and another scheme's challenge before and after.
+        let v = r#"Basic realm="a, b", BEARER Service = "s\"1" , Realm="https://x/t?a=1,b=2", error=insufficient_scope, Negotiate abc=="#;
+        assert_eq!(
+            bearer_challenge(v),
+            Some(Challenge {
+                realm: "https://x/t?a=1,b=2".into(),
+                service: Some("s\"1".into()),
+            })
+        );
+        assert_eq!(
+            bearer_challenge("bearer realm=https://x/t"),
+            Some(Challenge {
+                realm: "https://x/t".into(),
+                service: None,
+            })
+        );
+        // No Bearer challenge, none with a realm, an unclosed quote.
+        for v in [
+            r#"Basic realm="registry""#,
+            r#"Bearer service="s""#,
+            r#"Bearer realm="https://x/t"#,
+            "Bearer",
+            "",
+            "==,,",
+        ] {
+            assert_eq!(bearer_challenge(v), None, "{v}");
+        }
     }
 
     #[test]
