@@ -16,8 +16,11 @@ const EXIT_VMC_ERROR: i32 = 125;
 struct StderrLogger(log::LevelFilter);
 
 impl log::Log for StderrLogger {
+    /// vmc's own records at the level asked for; the libraries' (rustls,
+    /// reqwest, ...) only at debug: their errors reach the user as vmc's
+    /// one-line error, not twice.
     fn enabled(&self, m: &log::Metadata) -> bool {
-        m.level() <= self.0
+        m.level() <= self.0 && (m.target().starts_with("vmc") || self.0 >= log::LevelFilter::Debug)
     }
     fn log(&self, r: &log::Record) {
         if self.enabled(r.metadata()) {

@@ -55,18 +55,50 @@ struct Registry {
 
 impl Registry {
     fn start() -> Registry {
+        Self::start_with(false)
+    }
+
+    /// A registry serving https with a self-signed certificate for
+    /// 127.0.0.1 (made with openssl): one no client trusts.
+    fn start_tls() -> Registry {
+        Self::start_with(true)
+    }
+
+    fn start_with(tls: bool) -> Registry {
         let dir = tempfile::tempdir().unwrap();
         let port = free_port();
         let config = dir.path().join("config.yml");
-        std::fs::write(
-            &config,
-            format!(
-                "version: 0.1\nlog:\n  level: error\nstorage:\n  filesystem:\n    \
-                 rootdirectory: {}\nhttp:\n  addr: 127.0.0.1:{port}\n",
-                dir.path().join("data").display()
-            ),
-        )
-        .unwrap();
+        let mut yml = format!(
+            "version: 0.1\nlog:\n  level: error\nstorage:\n  filesystem:\n    \
+             rootdirectory: {}\nhttp:\n  addr: 127.0.0.1:{port}\n",
+            dir.path().join("data").display()
+        );
+        if tls {
+            let (cert, key) = (dir.path().join("cert.pem"), dir.path().join("key.pem"));
+            let o = Command::new("openssl")
+                .args([
+                    "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
+                ])
+                .args([
+                    "-subj",
+                    "/CN=127.0.0.1",
+                    "-addext",
+                    "subjectAltName=IP:127.0.0.1",
+                ])
+                .arg("-keyout")
+                .arg(&key)
+                .arg("-out")
+                .arg(&cert)
+                .output()
+                .expect("openssl for a test certificate");
+            assert!(o.status.success(), "openssl req: {o:?}");
+            yml.push_str(&format!(
+                "  tls:\n    certificate: {}\n    key: {}\n",
+                cert.display(),
+                key.display()
+            ));
+        }
+        std::fs::write(&config, yml).unwrap();
         let child = Command::new(REGISTRY)
             .arg("serve")
             .arg(&config)
@@ -1463,4 +1495,40 @@ fn docker_manifests_and_multi_platform_indexes_are_pulled() {
     assert!(err.contains("no linux/amd64 image"), "{err}");
     assert!(err.contains("linux/arm64"), "{err}");
     assert_eq!(store_state(h), before);
+}
+
+/// A registry behind TLS whose certificate nobody vouches for (self-signed):
+/// the pull is refused with one line naming the certificate problem, and
+/// `--insecure` (plain http) against it is named as such; the store is as
+/// it was either way.
+#[test]
+fn a_registry_with_an_untrusted_certificate_is_refused() {
+    if !tools() {
+        return;
+    }
+    let reg = Registry::start_tls();
+    let src = tempfile::tempdir().unwrap();
+    let (archive, _) = saved_busybox(src.path());
+    reg.push(&archive, "test/bb:1", &[]);
+    let image = format!("{}/test/bb:1", reg.host());
+    let home = tempfile::tempdir().unwrap();
+    // The first pull makes the store (and its lock files): compared from
+    // then on.
+    let err = fails(&vmc(home.path(), &["pull", &image]));
+    assert_eq!(err, pull_fails_with(home.path(), &["pull", &image]));
+    assert!(
+        err.contains(&format!(
+            "cannot reach registry {} over https: its certificate is not trusted",
+            reg.host()
+        )) && err.contains("add the registry's CA there"),
+        "{err}"
+    );
+    let err = pull_fails_with(home.path(), &["pull", "--insecure", &image]);
+    assert!(
+        err.contains(&format!(
+            "registry {} serves https, not plain http: drop --insecure",
+            reg.host()
+        )),
+        "{err}"
+    );
 }

@@ -486,6 +486,12 @@ impl Remote {
         }
         if self.insecure {
             format!("cannot reach registry {host}: {cause}")
+        } else if bad_certificate(r) {
+            format!(
+                "cannot reach registry {host} over https: its certificate is not trusted: \
+                 {cause} (vmc trusts the system's certificate authorities: add the \
+                 registry's CA there)"
+            )
         } else {
             format!(
                 "cannot reach registry {host} over https: {cause} \
@@ -493,6 +499,22 @@ impl Remote {
             )
         }
     }
+}
+
+/// Whether TLS refused the server's certificate somewhere in the causes of `e`.
+fn bad_certificate(e: &(dyn std::error::Error + 'static)) -> bool {
+    let mut cur = Some(e);
+    while let Some(c) = cur {
+        if let Some(rustls::Error::InvalidCertificate(_)) = c.downcast_ref::<rustls::Error>() {
+            return true;
+        }
+        // An io::Error's source() skips the error it wraps: step into it.
+        cur = match c.downcast_ref::<io::Error>() {
+            Some(io) => io.get_ref().map(|w| w as _),
+            None => c.source(),
+        };
+    }
+    false
 }
 
 /// The message of the deepest cause of `e`.
