@@ -1,7 +1,8 @@
-//! Disk images for VM mode, built without mounting anything: the guest's root
+//! Disk images, built without mounting anything: the guest's root
 //! disk holding the agent, a read-only EROFS image of a root filesystem
 //! directory (mkfs.erofs), and an empty ext4 scratch disk for the container's
-//! writable layer (mkfs.ext4).
+//! writable layer (mkfs.ext4); and, for namespace builds, such a disk mounted
+//! through a loop device ([`LoopMount`]).
 
 use std::io::Read;
 use std::os::unix::fs::PermissionsExt;
@@ -185,6 +186,121 @@ pub fn build_scratch(out: &Path, size: u64) -> Result<(), DiskError> {
             ])
             .arg(out),
     )
+}
+
+/// A filesystem image mounted through a loop device; unmounted on drop,
+/// and the loop device (set to clear itself) is then free again.
+///
+/// Written here with the loop ioctls (loop(4)): the maintained crate
+/// (`loopdev`) generates its bindings with bindgen at build time, which
+/// would need libclang for four ioctls.
+pub struct LoopMount {
+    target: PathBuf,
+}
+
+const LOOP_SET_FD: libc::c_ulong = 0x4C00;
+const LOOP_SET_STATUS64: libc::c_ulong = 0x4C04;
+const LOOP_CTL_GET_FREE: libc::c_ulong = 0x4C82;
+const LO_FLAGS_AUTOCLEAR: u32 = 4;
+
+/// `struct loop_info64` (linux/loop.h).
+#[repr(C)]
+struct LoopInfo64 {
+    device: u64,
+    inode: u64,
+    rdevice: u64,
+    offset: u64,
+    sizelimit: u64,
+    number: u32,
+    encrypt_type: u32,
+    encrypt_key_size: u32,
+    flags: u32,
+    file_name: [u8; 64],
+    crypt_name: [u8; 64],
+    encrypt_key: [u8; 32],
+    init: [u64; 2],
+}
+
+impl LoopMount {
+    /// Attaches `image` to a free loop device and mounts it (an ext4
+    /// filesystem) at `target` with `flags`.
+    pub fn ext4(image: &Path, target: &Path, flags: libc::c_ulong) -> std::io::Result<LoopMount> {
+        use std::os::fd::AsRawFd;
+        let rw = |p: &Path| std::fs::OpenOptions::new().read(true).write(true).open(p);
+        let file = rw(image)?;
+        let ctl = rw(Path::new("/dev/loop-control"))?;
+        // Another process may take the free device first: then ask again.
+        let mut tries = 0;
+        let dev = loop {
+            // SAFETY: LOOP_CTL_GET_FREE takes no argument and returns a number.
+            let n = unsafe { libc::ioctl(ctl.as_raw_fd(), LOOP_CTL_GET_FREE) };
+            if n < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            let path = PathBuf::from(format!("/dev/loop{n}"));
+            let dev = rw(&path)?;
+            // SAFETY: LOOP_SET_FD takes the backing file's descriptor.
+            let r = unsafe { libc::ioctl(dev.as_raw_fd(), LOOP_SET_FD, file.as_raw_fd()) };
+            if r == 0 {
+                break path;
+            }
+            let e = std::io::Error::last_os_error();
+            tries += 1;
+            if e.raw_os_error() != Some(libc::EBUSY) || tries == 10 {
+                return Err(e);
+            }
+        };
+        let dev_file = rw(&dev)?;
+        // SAFETY: LoopInfo64 is plain data; all-zero is valid.
+        let mut info: LoopInfo64 = unsafe { std::mem::zeroed() };
+        info.flags = LO_FLAGS_AUTOCLEAR;
+        // SAFETY: LOOP_SET_STATUS64 reads a loop_info64.
+        let r = unsafe { libc::ioctl(dev_file.as_raw_fd(), LOOP_SET_STATUS64, &info) };
+        if r < 0 {
+            let e = std::io::Error::last_os_error();
+            // SAFETY: LOOP_CLR_FD (0x4C01) takes no argument.
+            unsafe { libc::ioctl(dev_file.as_raw_fd(), 0x4C01) };
+            return Err(e);
+        }
+        let c = |p: &Path| {
+            std::ffi::CString::new(p.as_os_str().as_encoded_bytes())
+                .map_err(|_| std::io::Error::from(std::io::ErrorKind::InvalidInput))
+        };
+        let (dev_c, target_c) = (c(&dev)?, c(target)?);
+        // SAFETY: NUL-terminated strings; a null data pointer is allowed.
+        let r = unsafe {
+            libc::mount(
+                dev_c.as_ptr(),
+                target_c.as_ptr(),
+                c"ext4".as_ptr(),
+                flags,
+                std::ptr::null(),
+            )
+        };
+        if r < 0 {
+            let e = std::io::Error::last_os_error();
+            // SAFETY: as above: detaches the device this call attached.
+            unsafe { libc::ioctl(dev_file.as_raw_fd(), 0x4C01) };
+            return Err(e);
+        }
+        // Mounted: the device clears itself once unmounted and closed.
+        Ok(LoopMount {
+            target: target.to_path_buf(),
+        })
+    }
+
+    pub fn target(&self) -> &Path {
+        &self.target
+    }
+}
+
+impl Drop for LoopMount {
+    fn drop(&mut self) {
+        if let Ok(c) = std::ffi::CString::new(self.target.as_os_str().as_encoded_bytes()) {
+            // SAFETY: umount2 on a NUL-terminated path.
+            unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) };
+        }
+    }
 }
 
 #[cfg(test)]

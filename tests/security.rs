@@ -731,6 +731,32 @@ fn namespace_build_steps_are_limited() {
         o.status.success() && String::from_utf8_lossy(&o.stdout).contains("forked-30"),
         "{o:?}"
     );
+    // What the steps write is bounded like a build VM's scratch disk
+    // (2 GiB): a step writing more gets ENOSPC and the build fails.
+    std::fs::write(
+        ctx.path().join("Dockerfile"),
+        "FROM busybox\nRUN echo a-small-step > /small\n\
+         RUN dd if=/dev/zero of=/big bs=1M count=2100 && echo wrote-$((2000+100))\n",
+    )
+    .unwrap();
+    let o = build(&[]);
+    let all = format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    assert!(
+        !o.status.success()
+            && all.contains("No space left on device")
+            && !all.contains("wrote-2100"),
+        "a RUN step wrote 2100 MiB: {all}"
+    );
+    // Its disk is gone with the build.
+    let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    assert!(
+        !mounts.contains(h.to_str().unwrap()),
+        "a mount of the build is left: {mounts}"
+    );
 }
 
 /// Issue 16, 5 (in part): `--cap-add` and `--cap-drop` with Docker's rules,

@@ -32,7 +32,16 @@ pub struct BuildNs {
     limits: crate::runtime::NsLimits,
     /// Files the current upper has only to be mounted over (resolv.conf).
     placeholders: Vec<String>,
+    /// Where the steps write (their upper and work directories): an ext4
+    /// disk of [`STEPS_DISK`] bytes through a loop device, as a build VM's
+    /// scratch disk bounds its steps; `None` without root (a user namespace
+    /// cannot mount one: the steps write into `dir`, unbounded).
+    steps: Option<crate::disk::LoopMount>,
 }
+
+/// What a stage's RUN steps may write in all (their layers, before
+/// compression): the size of a build VM's scratch disk.
+pub const STEPS_DISK: u64 = crate::runtime::microvm::SCRATCH_SIZE;
 
 fn err(what: &str) -> impl Fn(std::io::Error) -> RuntimeError + '_ {
     move |e| RuntimeError::Namespace(format!("{what}: {e}"))
@@ -59,14 +68,32 @@ impl BuildNs {
             extra_hosts: extra_hosts.to_vec(),
             limits,
             placeholders: Vec::new(),
+            steps: None,
         };
+        if !crate::host::rootless() {
+            let image = dir.join("steps.ext4");
+            crate::disk::build_scratch(&image, STEPS_DISK)
+                .map_err(|e| RuntimeError::Namespace(format!("the steps' disk: {e}")))?;
+            let target = dir.join("steps");
+            fs::create_dir_all(&target).map_err(err("creating the steps' mount point"))?;
+            ns.steps = Some(
+                crate::disk::LoopMount::ext4(&image, &target, libc::MS_NODEV)
+                    .map_err(err("mounting the steps' disk (loop device)"))?,
+            );
+        }
         ns.upper = ns.fresh("upper")?;
         Ok(ns)
     }
 
+    /// A new directory for `what`: step uppers and work directories on the
+    /// steps' disk, unpacked base layers beside it.
     fn fresh(&mut self, what: &str) -> Result<PathBuf, RuntimeError> {
         self.next += 1;
-        let p = self.dir.join(format!("{what}-{}", self.next));
+        let base = match &self.steps {
+            Some(m) if what != "layer" => m.target().to_path_buf(),
+            _ => self.dir.clone(),
+        };
+        let p = base.join(format!("{what}-{}", self.next));
         fs::create_dir_all(&p).map_err(err("creating a layer directory"))?;
         Ok(p)
     }
@@ -193,8 +220,9 @@ impl BuildNs {
         Ok(())
     }
 
-    /// Removes the sandbox's directories.
-    pub fn stop(self) {
+    /// Removes the sandbox's directories (the steps' disk unmounted first).
+    pub fn stop(mut self) {
+        drop(self.steps.take());
         let _ = fs::remove_dir_all(&self.dir);
     }
 }
