@@ -6,6 +6,7 @@ use clap::{Args, Parser, Subcommand};
 
 // The bench owns its options; the CLI only names them.
 pub use crate::bench::BenchArgs;
+use crate::runtime::Mode;
 
 /// Docker's workflow with a microVM boundary: every container boots its own
 /// minimal Linux kernel under KVM.
@@ -148,8 +149,8 @@ pub struct RunArgs {
 
     /// Where the container runs: vm (its own microVM, the default) or ns
     /// (Linux namespaces on the host, like crun; root only).
-    #[arg(long, default_value = "vm", value_parser = ["vm", "ns"])]
-    pub mode: String,
+    #[arg(long, value_enum, default_value_t = Mode::Vm)]
+    pub mode: Mode,
 
     /// Run in the background and print the container id (see vmc ps, logs, stop).
     #[arg(short = 'd', long)]
@@ -319,8 +320,8 @@ pub struct BuildArgs {
     #[arg(long)]
     pub no_cache: bool,
     /// Where RUN steps execute: vm (a microVM, the default) or ns (namespaces).
-    #[arg(long, default_value = "vm", value_parser = ["vm", "ns"])]
-    pub mode: String,
+    #[arg(long, value_enum, default_value_t = Mode::Vm)]
+    pub mode: Mode,
     /// Network for RUN steps: passt (the default where installed; namespace
     /// builds for now) or none.
     #[arg(long, value_name = "MODE")]

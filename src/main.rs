@@ -6,6 +6,7 @@ use clap::Parser;
 use vmc::bench;
 use vmc::cli::{Cli, Command, SystemCommand};
 use vmc::runtime;
+use vmc::runtime::Mode;
 
 mod cmd;
 use cmd::*;
@@ -96,8 +97,8 @@ fn main() {
 /// read-only binary: `runtime::ns::run_from_read_only_binary`).
 fn enters_namespace_container(command: &Command) -> bool {
     match command {
-        Command::Run(a) => a.mode == "ns",
-        Command::Build(a) => a.mode == "ns",
+        Command::Run(a) => a.mode == Mode::Ns,
+        Command::Build(a) => a.mode == Mode::Ns,
         Command::Exec(_) | Command::Supervise { .. } => true,
         _ => false,
     }

@@ -3,6 +3,7 @@
 use anyhow::{bail, Context, Result};
 use vmc::cli::BuildArgs;
 use vmc::image::Reference;
+use vmc::runtime::Mode;
 use vmc::runtime::{self, Resources};
 use vmc::vmm;
 
@@ -31,7 +32,7 @@ pub(crate) fn build(a: BuildArgs) -> Result<i32> {
             }
         }
     }
-    if a.mode == "ns" {
+    if a.mode == Mode::Ns {
         // Without root the build's RUN steps run in a user namespace, which
         // this process enters now, before any thread exists.
         runtime::ns::user_namespace()?;
@@ -43,14 +44,14 @@ pub(crate) fn build(a: BuildArgs) -> Result<i32> {
         tags: a.tags.clone(),
         build_args,
         no_cache: a.no_cache,
-        ns: a.mode == "ns",
+        ns: a.mode == Mode::Ns,
         kernel: a.kernel.clone(),
         resources: Resources {
             cpus: a.cpus,
             memory: a.memory,
         },
         snapshots: runtime::snapshots_dir(),
-        network: network_for(a.mode == "ns", a.network.as_deref())?,
+        network: network_for(a.mode == Mode::Ns, a.network.as_deref())?,
         extra_hosts: extra_hosts(&a.add_host)?,
         // Without root there is no cgroup to limit a namespace build with
         // (its user namespace bounds what it may touch, not what it uses).

@@ -7,6 +7,7 @@ use vmc::cli::{ExecArgs, KillArgs, LogsArgs, PsArgs, RmArgs, StopArgs, WaitArgs}
 use vmc::runtime;
 use vmc::runtime::spec;
 use vmc::runtime::state::{self as cstate, Container, Status};
+use vmc::runtime::Mode;
 use vmc::vmm;
 
 use super::*;
@@ -61,7 +62,7 @@ pub(crate) fn ps(a: PsArgs) -> Result<i32> {
                 cstate::human_duration(now.saturating_sub(s.created))
             ),
             status,
-            s.mode.clone(),
+            s.mode.to_string(),
             s.name.clone(),
         ]);
     }
@@ -313,7 +314,7 @@ pub(crate) fn exec(a: ExecArgs) -> Result<i32> {
         spec.tty = Some(runtime::tty::initial_size());
     }
     let forward_stdin = a.interactive || (!a.tty && !std::io::stdin().is_terminal());
-    if c.state.mode == "ns" {
+    if c.state.mode == Mode::Ns {
         let pid: i32 = std::fs::read_to_string(c.dir.join("init.pid"))
             .ok()
             .and_then(|p| p.trim().parse().ok())

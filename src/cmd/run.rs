@@ -8,6 +8,7 @@ use vmc::cli::RunArgs;
 use vmc::image;
 use vmc::runtime::spec::{self, RunOverrides};
 use vmc::runtime::state::{self as cstate, Container, Status};
+use vmc::runtime::Mode;
 use vmc::runtime::{self, ContainerConfig, Resources, Rootfs};
 use vmc::{assets, vmm};
 
@@ -50,7 +51,7 @@ pub(crate) fn extra_hosts(given: &[String]) -> Result<Vec<runtime::net::ExtraHos
 }
 
 pub(crate) fn run(args: RunArgs) -> Result<i32> {
-    let ns = args.mode == "ns";
+    let ns = args.mode == Mode::Ns;
     if let Some(n) = &args.name {
         if n.is_empty()
             || !n
@@ -250,7 +251,7 @@ pub(crate) fn run(args: RunArgs) -> Result<i32> {
                     .unwrap_or_else(|| cstate::generate_name(&id)),
                 image: image_shown.clone(),
                 command: cfg.process.args.clone(),
-                mode: args.mode.clone(),
+                mode: args.mode,
                 created: cstate::now_secs(),
                 status: Status::Created,
                 pid: None,
@@ -466,7 +467,7 @@ pub(crate) fn supervise(dir: &std::path::Path) -> Result<i32> {
     // The signals the container gets forwarded are blocked before any thread
     // exists, so that only the runtime's forwarding ever receives them.
     runtime::ns::block_forwarded();
-    if c.state.mode == "ns" {
+    if c.state.mode == Mode::Ns {
         // Without root, the user namespace can only be entered while this
         // process has a single thread. A failure is recorded as the
         // container's exit, for `run -d` to report at once.
@@ -480,7 +481,7 @@ pub(crate) fn supervise(dir: &std::path::Path) -> Result<i32> {
     let t1 = std::thread::spawn(move || cstate::log_stream(out_r, &l1, "stdout"));
     let t2 = std::thread::spawn(move || cstate::log_stream(err_r, &l2, "stderr"));
     mark_running(&mut c)?;
-    let result = execute(&cfg, dir, c.state.mode == "ns", false, false);
+    let result = execute(&cfg, dir, c.state.mode == Mode::Ns, false, false);
     let code = match &result {
         Ok(code) => *code,
         Err(e) => {

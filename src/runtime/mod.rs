@@ -91,6 +91,36 @@ pub struct ContainerConfig {
     pub seccomp: seccomp::Seccomp,
 }
 
+/// Where a container runs: its own microVM (the default) or Linux
+/// namespaces on the host (like crun). Spelled `vm`/`ns` on the command
+/// line and in `state.json`.
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    Default,
+    PartialEq,
+    Eq,
+    serde::Serialize,
+    serde::Deserialize,
+    clap::ValueEnum,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum Mode {
+    #[default]
+    Vm,
+    Ns,
+}
+
+impl std::fmt::Display for Mode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Mode::Vm => "vm",
+            Mode::Ns => "ns",
+        })
+    }
+}
+
 /// Errors running a container.
 #[derive(Debug, thiserror::Error)]
 pub enum RuntimeError {

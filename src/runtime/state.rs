@@ -30,8 +30,7 @@ pub struct State {
     /// The image as the user named it (or the rootfs directory).
     pub image: String,
     pub command: Vec<String>,
-    /// `vm` or `ns`.
-    pub mode: String,
+    pub mode: super::Mode,
     /// Seconds since the epoch.
     pub created: u64,
     pub status: Status,
