@@ -6,9 +6,8 @@ use anyhow::{bail, Context, Result};
 use vmc::cli::{ExecArgs, KillArgs, LogsArgs, PsArgs, RmArgs, StopArgs, WaitArgs};
 use vmc::runtime;
 use vmc::runtime::spec;
-use vmc::runtime::state::{self as cstate, Container, Status};
+use vmc::runtime::state::{self as cstate, Status};
 use vmc::runtime::Mode;
-use vmc::vmm;
 
 use super::*;
 
@@ -119,67 +118,6 @@ pub(crate) fn logs(a: LogsArgs) -> Result<i32> {
     Ok(0)
 }
 
-/// Signals the supervisor of a running container; true if it was running.
-pub(crate) fn signal_container(c: &mut Container, sig: i32) -> bool {
-    if c.refresh() != Status::Running {
-        return false;
-    }
-    if let Some(pid) = c.state.pid {
-        // SAFETY: kill with a pid we verified by its start time.
-        unsafe { libc::kill(pid, sig) };
-    }
-    true
-}
-
-/// Waits up to `timeout` for the container to stop running (the grace
-/// period a user gave), and then for its supervisor to be gone: the
-/// supervisor records the exit before it ends, and its published ports are
-/// free only once it has, which is what a user of `docker stop` or `docker
-/// wait` relies on.
-pub(crate) fn wait_exit(c: &mut Container, timeout: std::time::Duration) -> bool {
-    let now = std::time::Instant::now;
-    let end = now() + timeout;
-    while now() < end {
-        if let Some(fresh) = Container::load(&c.dir) {
-            *c = fresh;
-        }
-        if c.refresh() != Status::Running {
-            wait_supervisor_gone(c);
-            return true;
-        }
-        std::thread::sleep(std::time::Duration::from_millis(50));
-    }
-    false
-}
-
-/// Waits for the container's supervisor process to be gone, for as long as
-/// it makes progress (`vmm::progress`): a VMM tearing down its guest's
-/// memory takes a while on a loaded host, under software virtualisation and
-/// with many at once; one that sits idle for the quiet limit is left.
-pub(crate) fn wait_supervisor_gone(c: &Container) {
-    use vmm::progress::{Threads, Verdict, Watchdog};
-    let Some(pid) = c.state.pid else {
-        return;
-    };
-    let threads = Threads::all_of(pid as u32);
-    let mut dog = Watchdog::new(std::time::Duration::from_secs(120));
-    while c.supervisor_alive() {
-        if dog.observe(std::time::Instant::now(), threads.sample()) != Verdict::Working {
-            return;
-        }
-        std::thread::sleep(std::time::Duration::from_millis(10));
-    }
-}
-
-pub(crate) fn force_kill(c: &mut Container) {
-    // rm waits for a killed supervisor, so that its ports and files are
-    // free when rm returns.
-    if signal_container(c, libc::SIGKILL) {
-        wait_supervisor_gone(c);
-        c.refresh();
-    }
-}
-
 pub(crate) fn stop(a: StopArgs) -> Result<i32> {
     let mut failed = false;
     for name in &a.containers {
@@ -192,10 +130,8 @@ pub(crate) fn stop(a: StopArgs) -> Result<i32> {
             }
         };
         let sig = cstate::signal_number(&c.state.stop_signal).unwrap_or(libc::SIGTERM);
-        if signal_container(&mut c, sig)
-            && !wait_exit(&mut c, std::time::Duration::from_secs(a.time))
-        {
-            force_kill(&mut c);
+        if c.signal(sig) && !c.wait_exit(std::time::Duration::from_secs(a.time)) {
+            c.kill_now();
         }
         println!("{name}");
     }
@@ -226,11 +162,11 @@ pub(crate) fn kill(a: KillArgs) -> Result<i32> {
             Ok(mut c) => {
                 if sig == libc::SIGKILL {
                     if c.refresh() == Status::Running {
-                        force_kill(&mut c);
+                        c.kill_now();
                         println!("{name}");
                         continue;
                     }
-                } else if signal_container(&mut c, sig) {
+                } else if c.signal(sig) {
                     println!("{name}");
                     continue;
                 }
@@ -265,7 +201,7 @@ pub(crate) fn rm(a: RmArgs) -> Result<i32> {
                 failed = true;
                 continue;
             }
-            force_kill(&mut c);
+            c.kill_now();
         }
         // Cgroups a killed supervisor could not remove itself.
         runtime::cgroup::remove_listed(&c.dir.join("cgroups"));
@@ -349,7 +285,7 @@ pub(crate) fn exec(a: ExecArgs) -> Result<i32> {
 pub(crate) fn wait(a: WaitArgs) -> Result<i32> {
     for name in &a.containers {
         let mut c = cstate::resolve(name)?;
-        while !wait_exit(&mut c, std::time::Duration::from_secs(3600)) {}
+        while !c.wait_exit(std::time::Duration::from_secs(3600)) {}
         println!("{}", c.state.exit_code.unwrap_or(0));
     }
     Ok(0)

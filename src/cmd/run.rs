@@ -298,9 +298,9 @@ pub(crate) fn run(args: RunArgs) -> Result<i32> {
         return wait_started(&dir, &id, &mut supervisor);
     }
     // Attached: this process is the supervisor.
-    mark_running(&mut c)?;
+    c.mark_running()?;
     let result = execute(&cfg, &dir, ns, forward_stdin, args.cold);
-    let _ = mark_exited(&mut c, *result.as_ref().unwrap_or(&EXIT_VMC_ERROR));
+    let _ = c.mark_exited(*result.as_ref().unwrap_or(&EXIT_VMC_ERROR));
     // A run that failed in vmc itself leaves nothing behind.
     if args.rm || result.is_err() {
         let _ = cstate::remove_dir(&dir);
@@ -388,25 +388,6 @@ pub(crate) fn network_for(ns: bool, requested: Option<&str>) -> Result<runtime::
     Ok(net)
 }
 
-pub(crate) fn mark_running(c: &mut Container) -> Result<()> {
-    let pid = std::process::id() as i32;
-    c.state.status = Status::Running;
-    c.state.pid = Some(pid);
-    c.state.pid_start = cstate::process_start(pid);
-    c.state.started = Some(cstate::now_secs());
-    c.save()?;
-    Ok(())
-}
-
-/// Records that the container ended with `code`, now.
-pub(crate) fn mark_exited(c: &mut Container, code: i32) -> Result<()> {
-    c.state.status = Status::Exited;
-    c.state.exit_code = Some(code);
-    c.state.finished = Some(cstate::now_secs());
-    c.save()?;
-    Ok(())
-}
-
 /// Runs the container in this process, in its mode.
 pub(crate) fn execute(
     cfg: &ContainerConfig,
@@ -473,14 +454,14 @@ pub(crate) fn supervise(dir: &std::path::Path) -> Result<i32> {
         // container's exit, for `run -d` to report at once.
         if let Err(e) = runtime::ns::user_namespace() {
             cstate::log_stream(format!("vmc: {e}\n").as_bytes(), &log, "stderr");
-            mark_exited(&mut c, EXIT_VMC_ERROR)?;
+            c.mark_exited(EXIT_VMC_ERROR)?;
             return Err(e.into());
         }
     }
     let (l1, l2) = (log.clone(), log.clone());
     let t1 = std::thread::spawn(move || cstate::log_stream(out_r, &l1, "stdout"));
     let t2 = std::thread::spawn(move || cstate::log_stream(err_r, &l2, "stderr"));
-    mark_running(&mut c)?;
+    c.mark_running()?;
     let result = execute(&cfg, dir, c.state.mode == Mode::Ns, false, false);
     let code = match &result {
         Ok(code) => *code,
@@ -496,7 +477,7 @@ pub(crate) fn supervise(dir: &std::path::Path) -> Result<i32> {
         libc::dup2(null.as_raw_fd(), 2);
     }
     let _ = (t1.join(), t2.join());
-    mark_exited(&mut c, code)?;
+    c.mark_exited(code)?;
     if c.state.auto_remove {
         let _ = cstate::remove_dir(dir);
     }

@@ -59,6 +59,25 @@ pub enum StateError {
     NameInUse(String, String),
     #[error("container state {path}: {source}")]
     Io { path: String, source: io::Error },
+    #[error("container {id} is {from:?}: it cannot become {to:?}")]
+    Transition {
+        id: String,
+        from: Status,
+        to: Status,
+    },
+}
+
+impl Status {
+    /// The lifecycle: created -> running -> exited, or created -> exited
+    /// (a workload that could not start); nothing leaves `exited`.
+    pub fn can_become(self, to: Status) -> bool {
+        matches!(
+            (self, to),
+            (Status::Created, Status::Running)
+                | (Status::Created, Status::Exited)
+                | (Status::Running, Status::Exited)
+        )
+    }
 }
 
 fn io_at(p: &Path) -> impl Fn(io::Error) -> StateError + '_ {
@@ -139,6 +158,95 @@ impl Container {
     /// Whether the workload has been started (see [`mark_started`]).
     pub fn started(&self) -> bool {
         self.dir.join(STARTED).exists()
+    }
+
+    fn become_(&mut self, to: Status) -> Result<(), StateError> {
+        if !self.state.status.can_become(to) {
+            return Err(StateError::Transition {
+                id: self.state.id.chars().take(12).collect(),
+                from: self.state.status,
+                to,
+            });
+        }
+        self.state.status = to;
+        Ok(())
+    }
+
+    /// Records that this process (the supervisor) runs the container, now.
+    pub fn mark_running(&mut self) -> Result<(), StateError> {
+        self.become_(Status::Running)?;
+        let pid = std::process::id() as i32;
+        self.state.pid = Some(pid);
+        self.state.pid_start = process_start(pid);
+        self.state.started = Some(now_secs());
+        self.save()
+    }
+
+    /// Records that the container ended with `code`, now.
+    pub fn mark_exited(&mut self, code: i32) -> Result<(), StateError> {
+        self.become_(Status::Exited)?;
+        self.state.exit_code = Some(code);
+        self.state.finished = Some(now_secs());
+        self.save()
+    }
+
+    /// Sends `sig` to the supervisor of a running container; false if it
+    /// was not running.
+    pub fn signal(&mut self, sig: i32) -> bool {
+        if self.refresh() != Status::Running {
+            return false;
+        }
+        if let Some(pid) = self.state.pid {
+            // SAFETY: kill with a pid verified by its start time (refresh).
+            unsafe { libc::kill(pid, sig) };
+        }
+        true
+    }
+
+    /// Waits up to `timeout` for the container to stop running (the grace
+    /// period a user gave), and then for its supervisor to be gone: the
+    /// supervisor records the exit before it ends, and its published ports
+    /// are free only once it has, which is what a user of `docker stop` or
+    /// `docker wait` relies on.
+    pub fn wait_exit(&mut self, timeout: std::time::Duration) -> bool {
+        let now = std::time::Instant::now;
+        let end = now() + timeout;
+        while now() < end {
+            if self.refresh() != Status::Running {
+                self.wait_supervisor_gone();
+                return true;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        false
+    }
+
+    /// Waits for the supervisor process to be gone, for as long as it makes
+    /// progress (`vmm::progress`): a VMM tearing down its guest's memory
+    /// takes a while on a loaded host, under software virtualisation and
+    /// with many at once; one that sits idle for the quiet limit is left.
+    pub fn wait_supervisor_gone(&self) {
+        use crate::vmm::progress::{Threads, Verdict, Watchdog};
+        let Some(pid) = self.state.pid else {
+            return;
+        };
+        let threads = Threads::all_of(pid as u32);
+        let mut dog = Watchdog::new(std::time::Duration::from_secs(120));
+        while self.supervisor_alive() {
+            if dog.observe(std::time::Instant::now(), threads.sample()) != Verdict::Working {
+                return;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+    }
+
+    /// SIGKILL to a running container's supervisor, then waits for it to be
+    /// gone, so that its ports and files are free when this returns.
+    pub fn kill_now(&mut self) {
+        if self.signal(libc::SIGKILL) {
+            self.wait_supervisor_gone();
+            self.refresh();
+        }
     }
 }
 
@@ -362,6 +470,96 @@ fn open_up(dir: &std::path::Path) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn container(dir: &Path, status: Status) -> Container {
+        Container {
+            dir: dir.to_path_buf(),
+            state: State {
+                id: "0123456789abcdef".into(),
+                name: "c".into(),
+                image: "busybox".into(),
+                command: vec!["true".into()],
+                mode: super::super::Mode::Ns,
+                created: 1,
+                status,
+                pid: None,
+                pid_start: None,
+                started: None,
+                finished: None,
+                exit_code: None,
+                stop_signal: "SIGTERM".into(),
+                auto_remove: false,
+            },
+        }
+    }
+
+    /// created -> running -> exited, or created -> exited; every other
+    /// move is refused with the container and both states named, and
+    /// leaves state.json as it was.
+    #[test]
+    fn the_lifecycle_allows_only_its_transitions() {
+        use Status::*;
+        for (from, to, ok) in [
+            (Created, Running, true),
+            (Created, Exited, true),
+            (Running, Exited, true),
+            (Running, Running, false),
+            (Running, Created, false),
+            (Exited, Running, false),
+            (Exited, Exited, false),
+            (Exited, Created, false),
+            (Created, Created, false),
+        ] {
+            assert_eq!(from.can_become(to), ok, "{from:?} -> {to:?}");
+        }
+        let d = tempfile::tempdir().unwrap();
+        let mut c = container(d.path(), Created);
+        c.save().unwrap();
+        c.mark_running().unwrap();
+        let on_disk = Container::load(d.path()).unwrap();
+        assert_eq!(on_disk.state.status, Running);
+        assert_eq!(on_disk.state.pid, Some(std::process::id() as i32));
+        assert!(
+            on_disk.supervisor_alive(),
+            "this process, by its start time"
+        );
+        assert!(on_disk.state.started.is_some());
+        let e = c.mark_running().unwrap_err().to_string();
+        assert_eq!(
+            e,
+            "container 0123456789ab is Running: it cannot become Running"
+        );
+        c.mark_exited(3).unwrap();
+        let on_disk = Container::load(d.path()).unwrap();
+        assert_eq!(
+            (on_disk.state.status, on_disk.state.exit_code),
+            (Exited, Some(3))
+        );
+        assert!(c.mark_exited(4).is_err());
+        assert!(c.mark_running().is_err());
+        assert_eq!(Container::load(d.path()).unwrap().state.exit_code, Some(3));
+        // A workload that never started: created -> exited.
+        let d2 = tempfile::tempdir().unwrap();
+        let mut c = container(d2.path(), Created);
+        c.mark_exited(125).unwrap();
+        assert_eq!(c.state.status, Exited);
+    }
+
+    /// A running state whose supervisor is gone is an exit nobody recorded
+    /// (137); a container that is not running is not signalled.
+    #[test]
+    fn a_dead_supervisor_is_an_exit_and_is_not_signalled() {
+        let d = tempfile::tempdir().unwrap();
+        let mut c = container(d.path(), Status::Running);
+        // A pid that exists but with another start time: not ours.
+        c.state.pid = Some(1);
+        c.state.pid_start = Some(u64::MAX);
+        c.save().unwrap();
+        assert!(!c.signal(0));
+        assert_eq!(c.state.status, Status::Exited);
+        assert_eq!(c.state.exit_code, Some(137));
+        assert!(c.wait_exit(std::time::Duration::from_secs(1)));
+    }
 
     #[test]
     fn signals_parse_like_docker() {
