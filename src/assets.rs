@@ -25,8 +25,8 @@ fn home() -> PathBuf {
 
 /// The directory holding the installed kernel and agent.
 pub fn assets_dir() -> PathBuf {
-    if let Some(d) = std::env::var_os("VMC_ASSETS") {
-        return PathBuf::from(d);
+    if let Some(d) = &crate::host::knobs().assets {
+        return d.clone();
     }
     match std::env::var_os("XDG_DATA_HOME") {
         Some(d) if !d.is_empty() => PathBuf::from(d).join("vmc"),
@@ -48,8 +48,9 @@ pub fn kernel(explicit: Option<&Path>) -> Result<PathBuf, AssetError> {
 
 /// The guest agent binary: `$VMC_GUEST`, else the installed one.
 pub fn guest_binary() -> Result<PathBuf, AssetError> {
-    let p = std::env::var_os("VMC_GUEST")
-        .map(PathBuf::from)
+    let p = crate::host::knobs()
+        .guest
+        .clone()
         .unwrap_or_else(|| assets_dir().join("vmc-guest"));
     if p.is_file() {
         Ok(p)

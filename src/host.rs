@@ -1,8 +1,9 @@
 //! Host utilities every layer above may use, and which use nothing of
-//! vmc's: ids, files only their owner reads, whether vmc runs rootless.
+//! vmc's: ids, files only their owner reads, whether vmc runs rootless,
+//! the environment knobs.
 //! (The bottom of the module graph: see ARCHITECTURE.md.)
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 /// Whether this process runs without root on the host, and so namespace
 /// mode in a user namespace of its own (rootless, as podman's).
@@ -74,6 +75,62 @@ pub fn new_id() -> String {
         }
     }
     b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+/// Every `VMC_*` environment variable vmc reads, read once, in one place
+/// (README: Environment). Other code asks [`knobs`] rather than the
+/// environment.
+#[derive(Debug, Default)]
+pub struct Knobs {
+    /// `VMC_HOME`: the state directory (default /var/lib/vmc as root).
+    pub home: Option<PathBuf>,
+    /// `VMC_SNAPSHOTS`: where warm-start snapshots live.
+    pub snapshots: Option<PathBuf>,
+    /// `VMC_ASSETS`: the installed kernel and agent's directory.
+    pub assets: Option<PathBuf>,
+    /// `VMC_GUEST`: the guest agent binary.
+    pub guest: Option<PathBuf>,
+    /// `VMC_CACHE`: the build cache of `make` (busybox rootfs, kernel).
+    pub cache: Option<PathBuf>,
+    /// `VMC_LOG`: debug, info, warn (default) or error.
+    pub log: Option<String>,
+    /// `VMC_KERNEL_ARGS`: extra guest kernel parameters (experiments).
+    pub kernel_args: Option<String>,
+    /// `VMC_MEM_REPORT`: where a VMM writes its memory figures (bench).
+    pub mem_report: Option<PathBuf>,
+    /// `VMC_GUEST_PROFILE`: where a VMM samples the boot vCPU's RIP.
+    pub guest_profile: Option<PathBuf>,
+    /// `VMC_PASST_PCAP`: where passt records a VM's frames.
+    pub passt_pcap: Option<PathBuf>,
+}
+
+impl Knobs {
+    fn from_env() -> Knobs {
+        let path = |k: &str| {
+            std::env::var_os(k)
+                .filter(|v| !v.is_empty())
+                .map(PathBuf::from)
+        };
+        let text = |k: &str| std::env::var(k).ok();
+        Knobs {
+            home: path("VMC_HOME"),
+            snapshots: path("VMC_SNAPSHOTS"),
+            assets: path("VMC_ASSETS"),
+            guest: path("VMC_GUEST"),
+            cache: path("VMC_CACHE"),
+            log: text("VMC_LOG"),
+            kernel_args: text("VMC_KERNEL_ARGS"),
+            mem_report: path("VMC_MEM_REPORT"),
+            guest_profile: path("VMC_GUEST_PROFILE"),
+            passt_pcap: path("VMC_PASST_PCAP"),
+        }
+    }
+}
+
+/// The environment knobs of this process.
+pub fn knobs() -> &'static Knobs {
+    static KNOBS: std::sync::OnceLock<Knobs> = std::sync::OnceLock::new();
+    KNOBS.get_or_init(Knobs::from_env)
 }
 
 #[cfg(test)]

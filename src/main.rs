@@ -32,10 +32,10 @@ impl log::Log for StderrLogger {
 }
 
 fn init_logging() {
-    let level = match std::env::var("VMC_LOG").as_deref() {
-        Ok("debug") | Ok("trace") => log::LevelFilter::Debug,
-        Ok("info") => log::LevelFilter::Info,
-        Ok("error") => log::LevelFilter::Error,
+    let level = match vmc::host::knobs().log.as_deref() {
+        Some("debug") | Some("trace") => log::LevelFilter::Debug,
+        Some("info") => log::LevelFilter::Info,
+        Some("error") => log::LevelFilter::Error,
         _ => log::LevelFilter::Warn,
     };
     let logger = Box::leak(Box::new(StderrLogger(level)));

@@ -471,8 +471,9 @@ pub fn bench_vmm(runs: usize) -> Result<Vec<f64>, BenchError> {
 
 /// Where `make rootfs` puts the busybox root filesystem.
 pub fn default_rootfs() -> PathBuf {
-    let cache = std::env::var_os("VMC_CACHE")
-        .map(PathBuf::from)
+    let cache = crate::host::knobs()
+        .cache
+        .clone()
         .or_else(|| std::env::var_os("XDG_CACHE_HOME").map(|d| PathBuf::from(d).join("vmc")))
         .unwrap_or_else(|| {
             PathBuf::from(std::env::var_os("HOME").unwrap_or_else(|| "/root".into()))

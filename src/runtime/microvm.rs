@@ -53,7 +53,7 @@ pub fn vm_config(
     let mut cmdline: Vec<String> = ["root=/dev/vda", "ro", "rootfstype=erofs", "init=/init"]
         .map(String::from)
         .to_vec();
-    if let Ok(extra) = std::env::var("VMC_KERNEL_ARGS") {
+    if let Some(extra) = &crate::host::knobs().kernel_args {
         cmdline.extend(extra.split_whitespace().map(String::from));
     }
     let disk = |path: &Path, read_only, id: &str| DiskConfig {
@@ -429,7 +429,7 @@ impl MicroVm {
     /// For `vmc bench`: writes this process's peak RSS and the guest's
     /// resident memory to the file named by `VMC_MEM_REPORT`, if set.
     pub fn write_mem_report(&self) {
-        if let Some(p) = std::env::var_os("VMC_MEM_REPORT") {
+        if let Some(p) = &crate::host::knobs().mem_report {
             let doc = serde_json::json!({
                 "vm_hwm_kib": vmm::memory::peak_rss_kib(),
                 "guest_rss_kib": self.vm.guest_rss_kib(),

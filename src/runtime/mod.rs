@@ -165,8 +165,8 @@ pub fn find_on_path(cmd: &str) -> Option<PathBuf> {
 /// vmc's state directory: `$VMC_HOME`, else /var/lib/vmc for root, else
 /// `$XDG_DATA_HOME/vmc` (or ~/.local/share/vmc).
 pub fn vmc_home() -> PathBuf {
-    if let Some(d) = std::env::var_os("VMC_HOME") {
-        return PathBuf::from(d);
+    if let Some(d) = &crate::host::knobs().home {
+        return d.clone();
     }
     // Whether vmc runs as root on the host: inside rootless namespace mode's
     // user namespace the euid is 0, but the store stays the user's.
@@ -197,7 +197,8 @@ macro_rules! phase {
 
 /// Where warm-start snapshots live: `$VMC_SNAPSHOTS`, else `$VMC_HOME/snapshots`.
 pub fn snapshots_dir() -> PathBuf {
-    std::env::var_os("VMC_SNAPSHOTS")
-        .map(PathBuf::from)
+    crate::host::knobs()
+        .snapshots
+        .clone()
         .unwrap_or_else(|| vmc_home().join("snapshots"))
 }

@@ -441,7 +441,7 @@ impl Passt {
         cmd.arg("--quiet");
         // VMC_PASST_PCAP=FILE: passt records the guest's frames to FILE (for
         // debugging the guest's network with tcpdump or wireshark).
-        if let Some(pcap) = std::env::var_os("VMC_PASST_PCAP") {
+        if let Some(pcap) = &crate::host::knobs().passt_pcap {
             cmd.arg("--pcap").arg(pcap);
         }
         cmd.args(["--fd", "3", "-t", "none", "-u", "none"])

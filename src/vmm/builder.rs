@@ -5,7 +5,6 @@
 
 use std::os::fd::AsRawFd;
 use std::os::unix::thread::JoinHandleExt;
-use std::path::PathBuf;
 use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Mutex};
 
@@ -238,8 +237,10 @@ pub fn launch(m: Machine, vcpu_fds: Vec<VcpuFd>) -> Result<RunningVm, VmmError> 
     let stop = Arc::new(AtomicBool::new(false));
     let pause = Arc::new(vcpu::PauseCtl::default());
     // Debugging aid: sample the boot vCPU's RIP at 1 kHz into a file.
-    let profile =
-        std::env::var_os("VMC_GUEST_PROFILE").map(|p| (PathBuf::from(p), vcpu::Samples::default()));
+    let profile = crate::host::knobs()
+        .guest_profile
+        .clone()
+        .map(|p| (p, vcpu::Samples::default()));
     let mut vcpus = Vec::new();
     for (id, fd) in vcpu_fds.into_iter().enumerate() {
         let ctx = vcpu::VcpuCtx {
