@@ -11,6 +11,15 @@ use std::process::{Output, Stdio};
 
 use common::{is_root, kvm_available, ok, store_with_busybox, vmc, vmc_command};
 
+/// The output of `sh -c script` in a namespace container of `image` without
+/// a network, run with the `extra` options; it must succeed.
+fn ns_sh(home: &Path, extra: &[&str], image: &str, script: &str) -> String {
+    let mut args = vec!["run", "--rm", "--mode", "ns", "--network", "none"];
+    args.extend_from_slice(extra);
+    args.extend_from_slice(&[image, "sh", "-c", script]);
+    ok(&vmc(home, &args))
+}
+
 /// Every process holding a descriptor to `path`, as "PID (COMMAND)", but
 /// this test binary (and its children forked by other tests that have not
 /// exec'd yet: they still hold this binary's descriptors until exec).
@@ -770,12 +779,7 @@ fn capabilities_are_added_and_dropped_as_in_docker() {
     let home = store_with_busybox();
     let h = home.path();
     let cap_eff = "grep CapEff /proc/self/status | cut -f2; chown 1 /etc/passwd 2>/dev/null && echo chown-ok || echo chown-denied";
-    let run = |extra: &[&str]| {
-        let mut args = vec!["run", "--rm", "--mode", "ns", "--network", "none"];
-        args.extend_from_slice(extra);
-        args.extend_from_slice(&["busybox", "sh", "-c", cap_eff]);
-        ok(&vmc(h, &args))
-    };
+    let run = |extra: &[&str]| ns_sh(h, extra, "busybox", cap_eff);
     assert_eq!(
         run(&[]),
         "00000000a80425fb\nchown-ok\n",
@@ -891,12 +895,7 @@ fn namespace_containers_get_dockers_seccomp_profile() {
     let probe = "grep '^Seccomp:' /proc/self/status; cat /seccomp-in-build; keyprobe; \
                  unshare -U true 2>/dev/null && echo unshare-U-ok || echo unshare-U-refused; \
                  linux32 uname -m";
-    let run = |extra: &[&str]| {
-        let mut args = vec!["run", "--rm", "--mode", "ns", "--network", "none"];
-        args.extend_from_slice(extra);
-        args.extend_from_slice(&["probe", "sh", "-c", probe]);
-        ok(&vmc(h, &args))
-    };
+    let run = |extra: &[&str]| ns_sh(h, extra, "probe", probe);
     assert_eq!(
         run(&[]),
         "Seccomp:\t2\nSeccomp:\t2\nrefused: Operation not permitted\nunshare-U-refused\ni686\n",

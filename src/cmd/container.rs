@@ -6,7 +6,7 @@ use anyhow::{bail, Context, Result};
 use vmc::cli::{ExecArgs, KillArgs, LogsArgs, PsArgs, RmArgs, StopArgs, WaitArgs};
 use vmc::runtime;
 use vmc::runtime::spec;
-use vmc::runtime::state::{self as cstate, Status};
+use vmc::runtime::state::{self as cstate, Container, Status};
 use vmc::runtime::Mode;
 
 use super::*;
@@ -118,24 +118,38 @@ pub(crate) fn logs(a: LogsArgs) -> Result<i32> {
     Ok(0)
 }
 
-pub(crate) fn stop(a: StopArgs) -> Result<i32> {
+/// Docker's way with several containers: each named one in turn, its name
+/// printed when `act` succeeds, an error (an unknown name, or what `act`
+/// says) printed and the rest done anyway; exit code 1 if any failed.
+fn each_container(
+    names: &[String],
+    mut act: impl FnMut(&str, Container) -> Result<std::result::Result<(), String>>,
+) -> Result<i32> {
     let mut failed = false;
-    for name in &a.containers {
-        let mut c = match cstate::resolve(name) {
-            Ok(c) => c,
-            Err(e) => {
-                eprintln!("vmc: {e}");
-                failed = true;
-                continue;
-            }
+    for name in names {
+        let outcome = match cstate::resolve(name) {
+            Ok(c) => act(name, c)?,
+            Err(e) => Err(e.to_string()),
         };
+        match outcome {
+            Ok(()) => println!("{name}"),
+            Err(why) => {
+                eprintln!("vmc: {why}");
+                failed = true;
+            }
+        }
+    }
+    Ok(if failed { 1 } else { 0 })
+}
+
+pub(crate) fn stop(a: StopArgs) -> Result<i32> {
+    each_container(&a.containers, |_, mut c| {
         let sig = cstate::signal_number(&c.state.stop_signal).unwrap_or(libc::SIGTERM);
         if c.signal(sig) && !c.wait_exit(std::time::Duration::from_secs(a.time)) {
             c.kill_now();
         }
-        println!("{name}");
-    }
-    Ok(if failed { 1 } else { 0 })
+        Ok(Ok(()))
+    })
 }
 
 pub(crate) fn kill(a: KillArgs) -> Result<i32> {
@@ -156,50 +170,31 @@ pub(crate) fn kill(a: KillArgs) -> Result<i32> {
             a.signal
         );
     }
-    let mut failed = false;
-    for name in &a.containers {
-        match cstate::resolve(name) {
-            Ok(mut c) => {
-                if sig == libc::SIGKILL {
-                    if c.refresh() == Status::Running {
-                        c.kill_now();
-                        println!("{name}");
-                        continue;
-                    }
-                } else if c.signal(sig) {
-                    println!("{name}");
-                    continue;
-                }
-                eprintln!("vmc: container {name} is not running");
-                failed = true;
+    each_container(&a.containers, |name, mut c| {
+        let sent = if sig == libc::SIGKILL {
+            let running = c.refresh() == Status::Running;
+            if running {
+                c.kill_now();
             }
-            Err(e) => {
-                eprintln!("vmc: {e}");
-                failed = true;
-            }
-        }
-    }
-    Ok(if failed { 1 } else { 0 })
+            running
+        } else {
+            c.signal(sig)
+        };
+        Ok(if sent {
+            Ok(())
+        } else {
+            Err(format!("container {name} is not running"))
+        })
+    })
 }
 
 pub(crate) fn rm(a: RmArgs) -> Result<i32> {
-    let mut failed = false;
-    for name in &a.containers {
-        let mut c = match cstate::resolve(name) {
-            Ok(c) => c,
-            Err(e) => {
-                eprintln!("vmc: {e}");
-                failed = true;
-                continue;
-            }
-        };
+    each_container(&a.containers, |name, mut c| {
         if c.refresh() == Status::Running {
             if !a.force {
-                eprintln!(
-                    "vmc: container {name} is running: stop it first (vmc stop {name}) or use vmc rm -f"
-                );
-                failed = true;
-                continue;
+                return Ok(Err(format!(
+                    "container {name} is running: stop it first (vmc stop {name}) or use vmc rm -f"
+                )));
             }
             c.kill_now();
         }
@@ -212,9 +207,8 @@ pub(crate) fn rm(a: RmArgs) -> Result<i32> {
                 return Err(e).with_context(|| format!("removing {}", c.dir.display()));
             }
         }
-        println!("{name}");
-    }
-    Ok(if failed { 1 } else { 0 })
+        Ok(Ok(()))
+    })
 }
 
 pub(crate) fn exec(a: ExecArgs) -> Result<i32> {
