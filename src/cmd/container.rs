@@ -7,7 +7,6 @@ use vmc::cli::{ExecArgs, KillArgs, LogsArgs, PsArgs, RmArgs, StopArgs, WaitArgs}
 use vmc::runtime;
 use vmc::runtime::spec;
 use vmc::runtime::state::{self as cstate, Container, Status};
-use vmc::runtime::Mode;
 
 use super::*;
 
@@ -244,36 +243,8 @@ pub(crate) fn exec(a: ExecArgs) -> Result<i32> {
         spec.tty = Some(runtime::tty::initial_size());
     }
     let forward_stdin = a.interactive || (!a.tty && !std::io::stdin().is_terminal());
-    if c.state.mode == Mode::Ns {
-        let pid: i32 = std::fs::read_to_string(c.dir.join("init.pid"))
-            .ok()
-            .and_then(|p| p.trim().parse().ok())
-            .context("the container's process is not known yet: try again")?;
-        if !forward_stdin {
-            let null = std::fs::File::open("/dev/null")?;
-            let fd = std::os::fd::AsRawFd::as_raw_fd(&null);
-            // SAFETY: redirecting our own stdin to /dev/null before the child inherits it.
-            unsafe { libc::dup2(fd, 0) };
-        }
-        return Ok(runtime::ns::exec_attached(
-            pid,
-            cfg.caps,
-            &cfg.seccomp,
-            &c.dir.join("cgroups"),
-            &spec,
-            forward_stdin,
-        )?);
-    }
-    let vmm_pid = c
-        .state
-        .pid
-        .context("the container's VM is not known yet: try again")?;
-    Ok(runtime::attach::exec_attached(
-        &c.dir.join("vsock.sock"),
-        vmm_pid as u32,
-        spec,
-        forward_stdin,
-    )?)
+    let engine = runtime::engine::for_mode(c.state.mode, false);
+    Ok(engine.exec_attached(&c, &cfg, spec, forward_stdin)?)
 }
 
 pub(crate) fn wait(a: WaitArgs) -> Result<i32> {

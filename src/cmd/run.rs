@@ -299,7 +299,7 @@ pub(crate) fn run(args: RunArgs) -> Result<i32> {
     }
     // Attached: this process is the supervisor.
     c.mark_running()?;
-    let result = execute(&cfg, &dir, ns, forward_stdin, args.cold);
+    let result = execute(&cfg, &dir, args.mode, forward_stdin, args.cold);
     let _ = c.mark_exited(*result.as_ref().unwrap_or(&EXIT_VMC_ERROR));
     // A run that failed in vmc itself leaves nothing behind.
     if args.rm || result.is_err() {
@@ -392,36 +392,12 @@ pub(crate) fn network_for(ns: bool, requested: Option<&str>) -> Result<runtime::
 pub(crate) fn execute(
     cfg: &ContainerConfig,
     dir: &std::path::Path,
-    ns: bool,
+    mode: Mode,
     forward_stdin: bool,
     cold: bool,
 ) -> Result<i32> {
-    if ns {
-        let lowers = match &cfg.rootfs {
-            Rootfs::Layers(l) => l.clone(),
-            Rootfs::Dir(d) => vec![d.clone()],
-            Rootfs::Disk(_) => bail!("namespace mode takes an image's layers, not its disk"),
-        };
-        let listeners = runtime::ports::bind(&cfg.ports).map_err(anyhow::Error::msg)?;
-        return Ok(runtime::ns::run_attached(
-            cfg,
-            &lowers,
-            dir,
-            listeners,
-            forward_stdin,
-        )?);
-    }
-    let listeners = runtime::ports::bind(&cfg.ports).map_err(anyhow::Error::msg)?;
-    let _serving = runtime::ports::serve(
-        listeners,
-        runtime::ports::Target::Vm(dir.join("vsock.sock")),
-    );
-    let how = if cold {
-        runtime::microvm::Start::Cold
-    } else {
-        runtime::microvm::Start::Warm
-    };
-    Ok(runtime::attach::run_attached(cfg, dir, forward_stdin, how)?)
+    let engine = runtime::engine::for_mode(mode, cold);
+    Ok(engine.run_attached(cfg, dir, forward_stdin)?)
 }
 
 /// `vmc __supervise DIR`: runs a detached container with its output going
@@ -462,7 +438,7 @@ pub(crate) fn supervise(dir: &std::path::Path) -> Result<i32> {
     let t1 = std::thread::spawn(move || cstate::log_stream(out_r, &l1, "stdout"));
     let t2 = std::thread::spawn(move || cstate::log_stream(err_r, &l2, "stderr"));
     c.mark_running()?;
-    let result = execute(&cfg, dir, c.state.mode == Mode::Ns, false, false);
+    let result = execute(&cfg, dir, c.state.mode, false, false);
     let code = match &result {
         Ok(code) => *code,
         Err(e) => {

@@ -8,6 +8,7 @@ pub use crate::host::{new_id, private_dir, private_file};
 pub mod caps;
 pub mod cgroup;
 pub mod devices;
+pub mod engine;
 
 pub mod microvm;
 pub mod net;
@@ -145,6 +146,9 @@ pub enum RuntimeError {
     SnapshotUnusable(String),
     #[error("namespace mode: {0}")]
     Namespace(String),
+    /// A running container whose process or VM is not recorded yet.
+    #[error("the container's {0} is not known yet: try again")]
+    NotReady(&'static str),
     #[error("{0}")]
     Network(String),
 }

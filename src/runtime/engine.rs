@@ -1,0 +1,140 @@
+//! The seam between a container's lifecycle and the way it is isolated:
+//! an [`Engine`] runs a container's process to its end and runs further
+//! processes in it (`vmc exec`). Two engines: [`MicroVm`] (a VM restored
+//! from a warm-start snapshot, or booted) and [`Namespaces`] (Linux
+//! namespaces on the host). The command line picks one by
+//! [`Mode`](super::Mode) and is otherwise the same for both.
+
+use std::path::Path;
+
+use vmc_guest::ProcessSpec;
+
+use super::state::Container;
+use super::{ContainerConfig, Mode, Rootfs, RuntimeError};
+
+/// Runs containers one way.
+pub trait Engine {
+    /// Runs the container `cfg` whose state directory is `dir`, attached
+    /// to this process's stdio (stdin only with `forward_stdin`), with its
+    /// published ports served meanwhile; returns its exit code as Docker
+    /// reports it.
+    fn run_attached(
+        &self,
+        cfg: &ContainerConfig,
+        dir: &Path,
+        forward_stdin: bool,
+    ) -> Result<i32, RuntimeError>;
+
+    /// Runs `spec` in the running container `c` (made from `cfg`), attached
+    /// to this process's stdio; returns its exit code.
+    fn exec_attached(
+        &self,
+        c: &Container,
+        cfg: &ContainerConfig,
+        spec: ProcessSpec,
+        forward_stdin: bool,
+    ) -> Result<i32, RuntimeError>;
+}
+
+/// The engine for `mode`; `cold` boots a VM instead of restoring it.
+pub fn for_mode(mode: Mode, cold: bool) -> Box<dyn Engine> {
+    match mode {
+        Mode::Vm => Box::new(MicroVm { cold }),
+        Mode::Ns => Box::new(Namespaces),
+    }
+}
+
+/// A microVM per container.
+pub struct MicroVm {
+    /// Boot the guest instead of restoring the warm-start snapshot.
+    pub cold: bool,
+}
+
+impl Engine for MicroVm {
+    fn run_attached(
+        &self,
+        cfg: &ContainerConfig,
+        dir: &Path,
+        forward_stdin: bool,
+    ) -> Result<i32, RuntimeError> {
+        let listeners = super::ports::bind(&cfg.ports).map_err(RuntimeError::Network)?;
+        let _serving =
+            super::ports::serve(listeners, super::ports::Target::Vm(dir.join("vsock.sock")));
+        let how = if self.cold {
+            super::microvm::Start::Cold
+        } else {
+            super::microvm::Start::Warm
+        };
+        super::attach::run_attached(cfg, dir, forward_stdin, how)
+    }
+
+    fn exec_attached(
+        &self,
+        c: &Container,
+        _cfg: &ContainerConfig,
+        spec: ProcessSpec,
+        forward_stdin: bool,
+    ) -> Result<i32, RuntimeError> {
+        let vmm_pid = c.state.pid.ok_or(RuntimeError::NotReady("VM"))?;
+        super::attach::exec_attached(
+            &c.dir.join("vsock.sock"),
+            vmm_pid as u32,
+            spec,
+            forward_stdin,
+        )
+    }
+}
+
+/// Linux namespaces on the host, confined as Docker's defaults.
+pub struct Namespaces;
+
+impl Engine for Namespaces {
+    fn run_attached(
+        &self,
+        cfg: &ContainerConfig,
+        dir: &Path,
+        forward_stdin: bool,
+    ) -> Result<i32, RuntimeError> {
+        let lowers = match &cfg.rootfs {
+            Rootfs::Layers(l) => l.clone(),
+            Rootfs::Dir(d) => vec![d.clone()],
+            Rootfs::Disk(_) => {
+                return Err(RuntimeError::Namespace(
+                    "namespace mode takes an image's layers, not its disk".into(),
+                ))
+            }
+        };
+        let listeners = super::ports::bind(&cfg.ports).map_err(RuntimeError::Network)?;
+        super::ns::run_attached(cfg, &lowers, dir, listeners, forward_stdin)
+    }
+
+    fn exec_attached(
+        &self,
+        c: &Container,
+        cfg: &ContainerConfig,
+        spec: ProcessSpec,
+        forward_stdin: bool,
+    ) -> Result<i32, RuntimeError> {
+        let pid: i32 = std::fs::read_to_string(c.dir.join("init.pid"))
+            .ok()
+            .and_then(|p| p.trim().parse().ok())
+            .ok_or(RuntimeError::NotReady("process"))?;
+        if !forward_stdin {
+            let null = std::fs::File::open("/dev/null").map_err(|source| RuntimeError::State {
+                path: "/dev/null".into(),
+                source,
+            })?;
+            let fd = std::os::fd::AsRawFd::as_raw_fd(&null);
+            // SAFETY: redirecting our own stdin to /dev/null before the child inherits it.
+            unsafe { libc::dup2(fd, 0) };
+        }
+        super::ns::exec_attached(
+            pid,
+            cfg.caps,
+            &cfg.seccomp,
+            &c.dir.join("cgroups"),
+            &spec,
+            forward_stdin,
+        )
+    }
+}
