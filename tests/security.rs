@@ -318,21 +318,7 @@ fn a_namespace_container_cannot_open_host_devices_it_makes() {
                    done; \
                  done; \
                  head -c 4 /dev/zero | wc -c; echo hi > /dev/null && echo null-ok";
-    let out = ok(&vmc(
-        h,
-        &[
-            "run",
-            "--rm",
-            "--mode",
-            "ns",
-            "--network",
-            "none",
-            "busybox",
-            "sh",
-            "-c",
-            probe,
-        ],
-    ));
+    let out = ns_sh(h, &[], "busybox", probe);
     assert!(
         !out.contains("READ") && !out.contains("WRITE"),
         "host devices opened from a container: {out}"
@@ -920,23 +906,7 @@ fn namespace_containers_get_dockers_seccomp_profile() {
     let mkdir = |name: &str| {
         format!("mkdir /x 2>&1 | grep -o 'Permission denied'; touch /y && echo touch-ok; grep '^Seccomp:' /proc/self/status; : {name}")
     };
-    let out = ok(&vmc(
-        h,
-        &[
-            "run",
-            "--rm",
-            "--mode",
-            "ns",
-            "--network",
-            "none",
-            "--security-opt",
-            &opt,
-            "probe",
-            "sh",
-            "-c",
-            &mkdir("run"),
-        ],
-    ));
+    let out = ns_sh(h, &["--security-opt", &opt], "probe", &mkdir("run"));
     assert_eq!(out, "Permission denied\ntouch-ok\nSeccomp:\t2\n");
     // vmc exec gets the container's filter (the profile as it was read
     // when the container was made, even if the file changes).
