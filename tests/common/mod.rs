@@ -261,11 +261,38 @@ pub fn ok(o: &std::process::Output) -> String {
 
 /// A TCP port on 127.0.0.1 that was free a moment ago.
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    use std::sync::atomic::{AtomicU32, Ordering};
+    // Not from the kernel's ephemeral range (bind to port 0): there, any
+    // process's outgoing connection may take the port as its source port
+    // between this check and vmc's bind, and two calls may get the same
+    // port (`many` failed once with "already in use"). Ports below that
+    // range are handed out only by such explicit picks: each process walks
+    // them from a random start, so no two picks of one process repeat and
+    // two processes rarely meet.
+    static NEXT: AtomicU32 = AtomicU32::new(u32::MAX);
+    let low: u32 = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|r| r.split_whitespace().next()?.parse().ok())
+        .unwrap_or(32768);
+    let span = low.saturating_sub(10_000).max(1);
+    if NEXT.load(Ordering::SeqCst) == u32::MAX {
+        let mut b = [0u8; 4];
+        // SAFETY: getrandom fills the 4-byte buffer it is given.
+        unsafe { libc::getrandom(b.as_mut_ptr().cast(), b.len(), 0) };
+        let _ = NEXT.compare_exchange(
+            u32::MAX,
+            u32::from_ne_bytes(b) % span,
+            Ordering::SeqCst,
+            Ordering::SeqCst,
+        );
+    }
+    for _ in 0..span {
+        let port = 10_000 + NEXT.fetch_add(1, Ordering::SeqCst) % span;
+        if std::net::TcpListener::bind(("127.0.0.1", port as u16)).is_ok() {
+            return port as u16;
+        }
+    }
+    panic!("no free port between 10000 and {low}")
 }
 
 /// The live passt and pasta processes working for the store at `home`
