@@ -172,7 +172,10 @@ impl BuildNs {
         let extra_hosts = self.extra_hosts.clone();
         let mut connect = |pid: u32| -> Result<(), String> {
             if self.network == Network::Passt {
-                pasta = Some(Pasta::attach(pid, &dir, maps_host_loopback(&extra_hosts))?);
+                pasta = Some(
+                    Pasta::attach(pid, &dir, maps_host_loopback(&extra_hosts))
+                        .map_err(|e| e.to_string())?,
+                );
             }
             Ok(())
         };

@@ -46,7 +46,7 @@ pub(crate) fn security_options(opts: &[String], ns: bool) -> Result<runtime::sec
 pub(crate) fn extra_hosts(given: &[String]) -> Result<Vec<runtime::net::ExtraHost>> {
     given
         .iter()
-        .map(|s| runtime::net::ExtraHost::parse(s).map_err(anyhow::Error::msg))
+        .map(|s| Ok(runtime::net::ExtraHost::parse(s)?))
         .collect()
 }
 
@@ -372,7 +372,7 @@ pub(crate) fn wait_started(
 pub(crate) fn network_for(ns: bool, requested: Option<&str>) -> Result<runtime::net::Network> {
     // The same choice in both modes (passt serves VMs, pasta namespaces),
     // but for rootless namespace mode, whose pasta needs /dev/net/tun.
-    let net = runtime::net::Network::choose(requested).map_err(anyhow::Error::msg)?;
+    let net = runtime::net::Network::choose(requested)?;
     if ns && net == runtime::net::Network::Passt && vmc::host::rootless() {
         if let Err(e) = runtime::net::tun_usable() {
             if requested.is_some() {

@@ -189,8 +189,7 @@ impl MicroVm {
                     theirs,
                     &h,
                     super::net::maps_host_loopback(&cfg.extra_hosts),
-                )
-                .map_err(RuntimeError::Network)?;
+                )?;
                 (ours, Some((p, h)))
             }
             None => (unplugged().map_err(state_err)?, None),

@@ -151,6 +151,8 @@ pub enum RuntimeError {
     NotReady(&'static str),
     #[error("{0}")]
     Network(String),
+    #[error(transparent)]
+    Net(#[from] net::NetError),
 }
 
 /// Whether `cmd` is an executable file in a directory of `$PATH`.

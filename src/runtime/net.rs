@@ -28,8 +28,8 @@ pub struct ExtraHost {
 impl ExtraHost {
     /// Parses Docker's `NAME:IP` (or `NAME=IP`), IP an address or
     /// `host-gateway`.
-    pub fn parse(s: &str) -> Result<ExtraHost, String> {
-        let bad = || format!("--add-host '{s}': use NAME:IP or NAME:host-gateway");
+    pub fn parse(s: &str) -> Result<ExtraHost, NetError> {
+        let bad = || NetError::BadExtraHost(s.to_string());
         let (name, addr) = s
             .split_once('=')
             .or_else(|| s.split_once(':'))
@@ -57,6 +57,38 @@ impl ExtraHost {
     }
 }
 
+/// What goes wrong choosing or setting up a container's network.
+#[derive(Debug, thiserror::Error)]
+pub enum NetError {
+    #[error("--add-host '{0}': use NAME:IP or NAME:host-gateway")]
+    BadExtraHost(String),
+    #[error(
+        "--network passt: passt is not installed (apt-get install passt), or use --network none"
+    )]
+    NoPasst,
+    #[error("--network {0}: unknown network mode (use passt or none)")]
+    UnknownMode(String),
+    #[error("starting {tool}: {source} (apt-get install passt)")]
+    Start {
+        tool: &'static str,
+        source: std::io::Error,
+    },
+    #[error("{what}: {source}")]
+    Setup {
+        what: String,
+        source: std::io::Error,
+    },
+    #[error("the container's network namespace is gone before pasta configured it ({0})")]
+    NamespaceGone(std::io::Error),
+    #[error("pasta exited ({status}): {stderr}")]
+    PastaExited {
+        status: std::process::ExitStatus,
+        stderr: String,
+    },
+    #[error("pasta is running but did not configure the container's network ({0})")]
+    PastaStuck(String),
+}
+
 /// Whether the sandbox may reach the host's loopback services through the
 /// gateway address: only when asked for (`--add-host NAME:host-gateway`).
 /// By default passt and pasta get `--no-map-gw`, as Docker's default bridge
@@ -78,7 +110,7 @@ pub enum Network {
 
 impl Network {
     /// `--network MODE`; without it, passt where it is installed.
-    pub fn choose(requested: Option<&str>) -> Result<Network, String> {
+    pub fn choose(requested: Option<&str>) -> Result<Network, NetError> {
         match requested {
             // As Docker's default bridge: there when it can work (passt
             // needs a host route to copy), loopback only otherwise.
@@ -92,12 +124,10 @@ impl Network {
                 if program(PASTA).is_some() {
                     Ok(Network::Passt)
                 } else {
-                    Err("--network passt: passt is not installed (apt-get install passt), or use --network none".into())
+                    Err(NetError::NoPasst)
                 }
             }
-            Some(other) => Err(format!(
-                "--network {other}: unknown network mode (use passt or none)"
-            )),
+            Some(other) => Err(NetError::UnknownMode(other.to_string())),
         }
     }
 }
@@ -179,13 +209,15 @@ impl Pasta {
     /// namespace (the namespace's bind mount stays there).
     /// `host_loopback`: the gateway address leads to the host's loopback
     /// ([`maps_host_loopback`]).
-    pub fn attach(pid: u32, dir: &Path, host_loopback: bool) -> Result<Pasta, String> {
+    pub fn attach(pid: u32, dir: &Path, host_loopback: bool) -> Result<Pasta, NetError> {
         // pasta opens the namespace by path after dropping privileges it
         // would need for /proc/PID/ns/net, so it gets a bind mount of it.
         let netns = dir.join("netns");
-        std::fs::write(&netns, b"").map_err(|e| format!("{}: {e}", netns.display()))?;
-        let src = vmc_guest::sys::cstr(format!("/proc/{pid}/ns/net")).map_err(|e| e.to_string())?;
-        let dst = vmc_guest::sys::cstr(&netns).map_err(|e| e.to_string())?;
+        let setup = |what: String| move |source| NetError::Setup { what, source };
+        std::fs::write(&netns, b"").map_err(setup(netns.display().to_string()))?;
+        let src = vmc_guest::sys::cstr(format!("/proc/{pid}/ns/net"))
+            .map_err(setup("the namespace's path".into()))?;
+        let dst = vmc_guest::sys::cstr(&netns).map_err(setup(netns.display().to_string()))?;
         // SAFETY: mount with valid NUL-terminated paths.
         let r = unsafe {
             libc::mount(
@@ -197,9 +229,8 @@ impl Pasta {
             )
         };
         if r != 0 {
-            return Err(format!(
-                "binding the container's network namespace: {}",
-                std::io::Error::last_os_error()
+            return Err(setup("binding the container's network namespace".into())(
+                std::io::Error::last_os_error(),
             ));
         }
         let mut cmd = command(PASTA);
@@ -228,9 +259,10 @@ impl Pasta {
         .stderr(Stdio::piped());
         // SAFETY: die_with_parent only makes an async-signal-safe call.
         unsafe { cmd.pre_exec(die_with_parent) };
-        let child = cmd
-            .spawn()
-            .map_err(|e| format!("starting pasta: {e} (apt-get install passt)"))?;
+        let child = cmd.spawn().map_err(|source| NetError::Start {
+            tool: "pasta",
+            source,
+        })?;
         let mut pasta = Pasta { child, netns };
         pasta.wait_configured(pid)?;
         Ok(pasta)
@@ -241,7 +273,7 @@ impl Pasta {
     /// exits is reported with its error, one that sits idle without
     /// configuring anything fails after `progress::QUIET_LIMIT`, however
     /// slow a loaded host makes it.
-    fn wait_configured(&mut self, pid: u32) -> Result<(), String> {
+    fn wait_configured(&mut self, pid: u32) -> Result<(), NetError> {
         let routes = format!("/proc/{pid}/net/route");
         let me = self.child.id();
         let pasta = Threads::new(me, vec![me as i32], Vec::new());
@@ -251,11 +283,7 @@ impl Pasta {
             match std::fs::read_to_string(&routes) {
                 Ok(table) if has_default_route(&table) => return Ok(()),
                 Ok(_) => {}
-                Err(e) => {
-                    return Err(format!(
-                        "the container's network namespace is gone before pasta configured it ({e})"
-                    ))
-                }
+                Err(e) => return Err(NetError::NamespaceGone(e)),
             }
             if let Ok(Some(st)) = self.child.try_wait() {
                 let mut err = String::new();
@@ -263,14 +291,15 @@ impl Pasta {
                     let _ = std::io::Read::read_to_string(&mut e, &mut err);
                 }
                 let err: Vec<&str> = err.lines().filter(|l| !l.contains("syslog")).collect();
-                return Err(format!("pasta exited ({st}): {}", err.join("; ")));
+                return Err(NetError::PastaExited {
+                    status: st,
+                    stderr: err.join("; "),
+                });
             }
             if last_look.elapsed() >= crate::runtime::agent::POLL {
                 last_look = Instant::now();
                 if let Verdict::Hung(why) = dog.observe(last_look, pasta.sample()) {
-                    return Err(format!(
-                        "pasta is running but did not configure the container's network ({why})"
-                    ));
+                    return Err(NetError::PastaStuck(why));
                 }
             }
             std::thread::sleep(Duration::from_millis(5));
@@ -433,7 +462,7 @@ impl Passt {
         sock: std::os::unix::net::UnixStream,
         host: &HostIpv4,
         host_loopback: bool,
-    ) -> Result<Passt, String> {
+    ) -> Result<Passt, NetError> {
         use std::os::fd::AsRawFd;
         let fd = sock.as_raw_fd();
         let mut cmd = command(PASST);
@@ -469,9 +498,10 @@ impl Passt {
                 die_with_parent()
             });
         }
-        let child = cmd
-            .spawn()
-            .map_err(|e| format!("starting passt: {e} (apt-get install passt)"))?;
+        let child = cmd.spawn().map_err(|source| NetError::Start {
+            tool: "passt",
+            source,
+        })?;
         drop(sock);
         Ok(Passt { child })
     }
@@ -594,9 +624,14 @@ mod tests {
 
     #[test]
     fn network_modes_parse() {
-        assert_eq!(Network::choose(Some("none")), Ok(Network::None));
-        assert!(Network::choose(Some("bridge"))
-            .unwrap_err()
-            .contains("unknown network mode"));
+        assert_eq!(Network::choose(Some("none")).unwrap(), Network::None);
+        assert_eq!(
+            Network::choose(Some("bridge")).unwrap_err().to_string(),
+            "--network bridge: unknown network mode (use passt or none)"
+        );
+        assert_eq!(
+            ExtraHost::parse("no-colon").unwrap_err().to_string(),
+            "--add-host 'no-colon': use NAME:IP or NAME:host-gateway"
+        );
     }
 }

@@ -541,11 +541,10 @@ pub fn run_attached(
     let mut pasta = None;
     let mut connect = |pid: u32| -> Result<(), String> {
         if cfg.network == Network::Passt {
-            pasta = Some(Pasta::attach(
-                pid,
-                dir,
-                super::net::maps_host_loopback(&cfg.extra_hosts),
-            )?);
+            pasta = Some(
+                Pasta::attach(pid, dir, super::net::maps_host_loopback(&cfg.extra_hosts))
+                    .map_err(|e| e.to_string())?,
+            );
         }
         Ok(())
     };
