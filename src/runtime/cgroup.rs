@@ -9,8 +9,21 @@
 use std::fs;
 use std::path::{Path, PathBuf};
 
-use super::ns::NsError;
 use super::NsLimits;
+
+/// What goes wrong making, joining or removing a container's cgroups.
+#[derive(Debug, thiserror::Error)]
+pub enum CgroupError {
+    #[error("{0} in namespace mode need root: without it vmc runs in a user namespace and has no cgroup of its own to limit (run as root, or drop the flag)")]
+    RootlessLimits(&'static str),
+    #[error("{what}: {source}")]
+    Sys {
+        what: String,
+        source: std::io::Error,
+    },
+    #[error("the {0} cgroup controller is not available on this host")]
+    NoController(String),
+}
 
 const ROOT: &str = "/sys/fs/cgroup";
 
@@ -22,9 +35,9 @@ pub struct Cgroup {
     unified: bool,
 }
 
-fn write(dir: &Path, file: &str, value: &str) -> Result<(), NsError> {
+fn write(dir: &Path, file: &str, value: &str) -> Result<(), CgroupError> {
     let p = dir.join(file);
-    fs::write(&p, value).map_err(|source| NsError::Sys {
+    fs::write(&p, value).map_err(|source| CgroupError::Sys {
         what: format!("setting {} to {value}", p.display()),
         source,
     })
@@ -45,7 +58,7 @@ impl Cgroup {
     /// Creates the cgroups for container `id`: the device allow-list and
     /// `limits`. `None` without root (rootless namespace mode, where a user
     /// namespace cannot make device nodes at all), where limits are refused.
-    pub fn create(id: &str, limits: &NsLimits) -> Result<Option<Cgroup>, NsError> {
+    pub fn create(id: &str, limits: &NsLimits) -> Result<Option<Cgroup>, CgroupError> {
         if crate::host::rootless() {
             let flag = if limits.memory.is_some() {
                 "--memory"
@@ -56,13 +69,13 @@ impl Cgroup {
             } else {
                 return Ok(None);
             };
-            return Err(NsError::RootlessLimits(flag));
+            return Err(CgroupError::RootlessLimits(flag));
         }
         let membership = fs::read_to_string("/proc/self/cgroup").unwrap_or_default();
         let cg = Self::create_in(Path::new(ROOT), &membership, id, limits)?;
         if cg.unified {
             super::devices::attach_v2(&cg.dirs[0], super::devices::ALLOWED).map_err(|source| {
-                NsError::Sys {
+                CgroupError::Sys {
                     what: format!(
                         "attaching the device allow-list (BPF) to {}",
                         cg.dirs[0].display()
@@ -83,14 +96,14 @@ impl Cgroup {
         membership: &str,
         id: &str,
         limits: &NsLimits,
-    ) -> Result<Cgroup, NsError> {
+    ) -> Result<Cgroup, CgroupError> {
         let name = format!("vmc-{}", &id[..12.min(id.len())]);
         let mut cg = Cgroup {
             dirs: Vec::new(),
             unified: false,
         };
         let mkdir = |p: &Path| {
-            fs::create_dir_all(p).map_err(|source| NsError::Sys {
+            fs::create_dir_all(p).map_err(|source| CgroupError::Sys {
                 what: format!("creating cgroup {}", p.display()),
                 source,
             })
@@ -133,13 +146,9 @@ impl Cgroup {
             return Ok(cg);
         }
         // v1: a directory per controller's hierarchy.
-        let mut in_hierarchy = |ctrl: &str| -> Result<PathBuf, NsError> {
-            let own =
-                own_path(membership, |c| c.split(',').any(|x| x == ctrl)).ok_or_else(|| {
-                    NsError::Start(format!(
-                        "the {ctrl} cgroup controller is not available on this host"
-                    ))
-                })?;
+        let mut in_hierarchy = |ctrl: &str| -> Result<PathBuf, CgroupError> {
+            let own = own_path(membership, |c| c.split(',').any(|x| x == ctrl))
+                .ok_or_else(|| CgroupError::NoController(ctrl.to_string()))?;
             let dir = root.join(ctrl).join(own).join(&name);
             mkdir(&dir)?;
             cg.dirs.push(dir.clone());
@@ -204,12 +213,12 @@ impl Drop for Cgroup {
 /// line), as `vmc exec` does before it joins a container's namespaces: what
 /// it runs counts against the container's limits and gets its device rules.
 /// A missing list (a rootless container has no cgroups) joins nothing.
-pub fn join_listed(list: &Path) -> Result<(), NsError> {
+pub fn join_listed(list: &Path) -> Result<(), CgroupError> {
     let text = match fs::read_to_string(list) {
         Ok(t) => t,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
         Err(source) => {
-            return Err(NsError::Sys {
+            return Err(CgroupError::Sys {
                 what: format!("reading {}", list.display()),
                 source,
             })

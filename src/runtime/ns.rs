@@ -26,8 +26,8 @@ use crate::host::rootless;
 pub enum NsError {
     #[error("namespace mode without root needs user namespaces, which this kernel refuses ({0}): enable them (sysctl user.max_user_namespaces, kernel.unprivileged_userns_clone) or run vmc as root")]
     NoUserns(std::io::Error),
-    #[error("{0} in namespace mode need root: without it vmc runs in a user namespace and has no cgroup of its own to limit (run as root, or drop the flag)")]
-    RootlessLimits(&'static str),
+    #[error(transparent)]
+    Cgroup(#[from] super::cgroup::CgroupError),
     #[error("{what}: {source}")]
     Sys {
         what: String,
@@ -750,7 +750,7 @@ pub fn exec_attached(
 ) -> Result<i32, RuntimeError> {
     // The container's cgroups (limits, device rules) first, while the
     // host's /sys/fs/cgroup is still in view.
-    super::cgroup::join_listed(cgroups)?;
+    super::cgroup::join_listed(cgroups).map_err(NsError::from)?;
     // Without root the container's namespaces belong to its user namespace,
     // which is joined first (and gives the capabilities to join the rest).
     let user = rootless().then_some("user");
