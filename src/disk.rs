@@ -199,6 +199,7 @@ pub struct LoopMount {
 }
 
 const LOOP_SET_FD: libc::c_ulong = 0x4C00;
+const LOOP_CLR_FD: libc::c_ulong = 0x4C01;
 const LOOP_SET_STATUS64: libc::c_ulong = 0x4C04;
 const LOOP_CTL_GET_FREE: libc::c_ulong = 0x4C82;
 const LO_FLAGS_AUTOCLEAR: u32 = 4;
@@ -226,23 +227,27 @@ impl LoopMount {
     /// filesystem) at `target` with `flags`.
     pub fn ext4(image: &Path, target: &Path, flags: libc::c_ulong) -> std::io::Result<LoopMount> {
         use std::os::fd::AsRawFd;
+        // Checked before anything is attached (mount(2) takes it as text).
+        let target_s = target
+            .to_str()
+            .ok_or_else(|| std::io::Error::from(std::io::ErrorKind::InvalidInput))?;
         let rw = |p: &Path| std::fs::OpenOptions::new().read(true).write(true).open(p);
         let file = rw(image)?;
         let ctl = rw(Path::new("/dev/loop-control"))?;
         // Another process may take the free device first: then ask again.
         let mut tries = 0;
-        let dev = loop {
+        let (dev, dev_file) = loop {
             // SAFETY: LOOP_CTL_GET_FREE takes no argument and returns a number.
             let n = unsafe { libc::ioctl(ctl.as_raw_fd(), LOOP_CTL_GET_FREE) };
             if n < 0 {
                 return Err(std::io::Error::last_os_error());
             }
-            let path = PathBuf::from(format!("/dev/loop{n}"));
-            let dev = rw(&path)?;
+            let path = format!("/dev/loop{n}");
+            let dev = rw(Path::new(&path))?;
             // SAFETY: LOOP_SET_FD takes the backing file's descriptor.
             let r = unsafe { libc::ioctl(dev.as_raw_fd(), LOOP_SET_FD, file.as_raw_fd()) };
             if r == 0 {
-                break path;
+                break (path, dev);
             }
             let e = std::io::Error::last_os_error();
             tries += 1;
@@ -250,39 +255,21 @@ impl LoopMount {
                 return Err(e);
             }
         };
-        let dev_file = rw(&dev)?;
+        // Detaches the device this call attached, on a failure after it.
+        let detach = |e: std::io::Error| {
+            // SAFETY: LOOP_CLR_FD takes no argument.
+            unsafe { libc::ioctl(dev_file.as_raw_fd(), LOOP_CLR_FD) };
+            e
+        };
         // SAFETY: LoopInfo64 is plain data; all-zero is valid.
         let mut info: LoopInfo64 = unsafe { std::mem::zeroed() };
         info.flags = LO_FLAGS_AUTOCLEAR;
         // SAFETY: LOOP_SET_STATUS64 reads a loop_info64.
         let r = unsafe { libc::ioctl(dev_file.as_raw_fd(), LOOP_SET_STATUS64, &info) };
         if r < 0 {
-            let e = std::io::Error::last_os_error();
-            // SAFETY: LOOP_CLR_FD (0x4C01) takes no argument.
-            unsafe { libc::ioctl(dev_file.as_raw_fd(), 0x4C01) };
-            return Err(e);
+            return Err(detach(std::io::Error::last_os_error()));
         }
-        let c = |p: &Path| {
-            std::ffi::CString::new(p.as_os_str().as_encoded_bytes())
-                .map_err(|_| std::io::Error::from(std::io::ErrorKind::InvalidInput))
-        };
-        let (dev_c, target_c) = (c(&dev)?, c(target)?);
-        // SAFETY: NUL-terminated strings; a null data pointer is allowed.
-        let r = unsafe {
-            libc::mount(
-                dev_c.as_ptr(),
-                target_c.as_ptr(),
-                c"ext4".as_ptr(),
-                flags,
-                std::ptr::null(),
-            )
-        };
-        if r < 0 {
-            let e = std::io::Error::last_os_error();
-            // SAFETY: as above: detaches the device this call attached.
-            unsafe { libc::ioctl(dev_file.as_raw_fd(), 0x4C01) };
-            return Err(e);
-        }
+        vmc_guest::sys::mount(Some(&dev), target_s, Some("ext4"), flags, None).map_err(detach)?;
         // Mounted: the device clears itself once unmounted and closed.
         Ok(LoopMount {
             target: target.to_path_buf(),
@@ -296,7 +283,7 @@ impl LoopMount {
 
 impl Drop for LoopMount {
     fn drop(&mut self) {
-        if let Ok(c) = std::ffi::CString::new(self.target.as_os_str().as_encoded_bytes()) {
+        if let Ok(c) = vmc_guest::sys::cstr(&self.target) {
             // SAFETY: umount2 on a NUL-terminated path.
             unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) };
         }

@@ -221,17 +221,7 @@ pub(crate) fn exec(a: ExecArgs) -> Result<i32> {
     let cfg = c.config().context("reading the container's config")?;
     let mut spec = cfg.process.clone();
     spec.args = a.command.clone();
-    let mut env = Vec::new();
-    for e in &a.env {
-        match e.split_once('=') {
-            Some(_) => env.push(e.clone()),
-            None => {
-                if let Ok(v) = std::env::var(e) {
-                    env.push(format!("{e}={v}"));
-                }
-            }
-        }
-    }
+    let env: Vec<String> = a.env.iter().filter_map(|e| env_entry(e)).collect();
     spec::merge_env(&mut spec.env, &env);
     if let Some(w) = &a.workdir {
         spec.cwd = w.clone();

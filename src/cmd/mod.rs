@@ -16,6 +16,16 @@ use anyhow::Result;
 use vmc::image::Store;
 use vmc::runtime;
 
+/// An environment entry as `-e` (and `--env-file`) give it, as Docker reads
+/// them: `KEY=VALUE` as it is; a bare `KEY` takes this process's value,
+/// and is left out when it has none.
+pub(crate) fn env_entry(e: &str) -> Option<String> {
+    if e.contains('=') {
+        return Some(e.to_string());
+    }
+    std::env::var(e).ok().map(|v| format!("{e}={v}"))
+}
+
 /// The image store at $VMC_HOME.
 pub(crate) fn store() -> Result<Store> {
     Ok(Store::open(&runtime::vmc_home())?)

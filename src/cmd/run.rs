@@ -100,24 +100,11 @@ pub(crate) fn run(args: RunArgs) -> Result<i32> {
                     f.display(),
                     n + 1
                 ),
-                None => {
-                    if let Ok(v) = std::env::var(line.trim()) {
-                        env.push(format!("{}={v}", line.trim()));
-                    }
-                }
+                None => env.extend(env_entry(line.trim())),
             }
         }
     }
-    for e in &args.env {
-        match e.split_once('=') {
-            Some(_) => env.push(e.clone()),
-            None => {
-                if let Ok(v) = std::env::var(e) {
-                    env.push(format!("{e}={v}"));
-                }
-            }
-        }
-    }
+    env.extend(args.env.iter().filter_map(|e| env_entry(e)));
     let (rootfs, image_config, command, image_id) = match &args.rootfs {
         Some(dir) => {
             if !dir.is_dir() {

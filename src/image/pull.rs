@@ -501,20 +501,25 @@ impl Remote {
     }
 }
 
+/// `e` and its causes, stepping into the error an `io::Error` wraps (its
+/// `source()` skips that one: TLS errors arrive wrapped twice).
+fn causes<'a>(
+    e: &'a (dyn std::error::Error + 'static),
+) -> impl Iterator<Item = &'a (dyn std::error::Error + 'static)> {
+    std::iter::successors(Some(e), |c| match c.downcast_ref::<io::Error>() {
+        Some(io) => io.get_ref().map(|w| w as _),
+        None => c.source(),
+    })
+}
+
 /// Whether TLS refused the server's certificate somewhere in the causes of `e`.
 fn bad_certificate(e: &(dyn std::error::Error + 'static)) -> bool {
-    let mut cur = Some(e);
-    while let Some(c) = cur {
-        if let Some(rustls::Error::InvalidCertificate(_)) = c.downcast_ref::<rustls::Error>() {
-            return true;
-        }
-        // An io::Error's source() skips the error it wraps: step into it.
-        cur = match c.downcast_ref::<io::Error>() {
-            Some(io) => io.get_ref().map(|w| w as _),
-            None => c.source(),
-        };
-    }
-    false
+    causes(e).any(|c| {
+        matches!(
+            c.downcast_ref::<rustls::Error>(),
+            Some(rustls::Error::InvalidCertificate(_))
+        )
+    })
 }
 
 /// The message of the deepest cause of `e`.
@@ -528,16 +533,10 @@ fn innermost(e: &(dyn std::error::Error + 'static)) -> String {
 
 /// Whether a connection was refused somewhere in the causes of `e`.
 fn refused(e: &(dyn std::error::Error + 'static)) -> bool {
-    let mut cur = Some(e);
-    while let Some(c) = cur {
-        if let Some(io) = c.downcast_ref::<io::Error>() {
-            if io.kind() == io::ErrorKind::ConnectionRefused {
-                return true;
-            }
-        }
-        cur = c.source();
-    }
-    false
+    causes(e).any(|c| {
+        c.downcast_ref::<io::Error>()
+            .is_some_and(|io| io.kind() == io::ErrorKind::ConnectionRefused)
+    })
 }
 
 /// Text from elsewhere as part of a one-line message: runs of white space
