@@ -41,9 +41,12 @@ pub fn kernel() -> PathBuf {
     vmc::assets::kernel(None).expect("the guest kernel is installed: run `make setup`")
 }
 
-/// The project's root directory.
+/// The project's root directory: cargo's run-time value first, as a test
+/// binary may be reused (a shared target directory) from a clone elsewhere.
 pub fn repo() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+    std::env::var_os("CARGO_MANIFEST_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| env!("CARGO_MANIFEST_DIR").into())
 }
 
 /// A busybox root filesystem (built once per machine, shared, never modified
