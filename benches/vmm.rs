@@ -5,7 +5,7 @@
 use std::time::Instant;
 
 use vmc::bench::{tiny_guest, Summary};
-use vmc::vmm::{self, Backend, VmConfig, VmExit};
+use vmc::vmm::{self, Backend, DeviceConfig, VmConfig, VmExit};
 
 fn main() {
     let kernel = std::env::temp_dir().join(format!("vmc-bench-tiny-{}.elf", std::process::id()));
@@ -13,19 +13,11 @@ fn main() {
     let (mut setup, mut run, mut teardown) = (Vec::new(), Vec::new(), Vec::new());
     for i in 0..=30 {
         let t0 = Instant::now();
-        let vm = vmm::start(VmConfig {
-            vcpus: 1,
-            mem_size: 128 << 20,
-            kernel: kernel.clone(),
-            initrd: None,
-            cmdline: Vec::new(),
-            disks: Vec::new(),
-            vsock: None,
-            rng: true,
-            net: None,
-            console: Some(Box::new(std::io::sink())),
-            backend: Backend::detect(),
-        })
+        let vm = vmm::start(
+            VmConfig::new(&kernel, 1, 128 << 20)
+                .with_device(DeviceConfig::Rng)
+                .with_console(Box::new(std::io::sink())),
+        )
         .expect("start the tiny guest");
         let t1 = t0.elapsed();
         while vm.is_running() {
@@ -41,7 +33,7 @@ fn main() {
         }
     }
     let _ = std::fs::remove_file(&kernel);
-    println!("backend: {}", Backend::detect());
+    println!("backend: {}", Backend::host());
     for (metric, samples) in [
         ("setup (KVM VM, memory, devices, vCPU)", &setup),
         ("run to i8042 reset", &run),

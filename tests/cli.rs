@@ -340,7 +340,7 @@ fn system_prune_removes_stale_snapshots() {
         agent_disk: &agent,
         cpus: 1,
         memory: 256 << 20,
-        backend: vmc::vmm::Backend::detect(),
+        backend: vmc::vmm::Backend::host(),
     };
     let current = snaps.path().join(spec.key());
     std::fs::create_dir_all(&current).unwrap();

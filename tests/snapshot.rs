@@ -163,15 +163,9 @@ fn a_mismatched_snapshot_is_refused_before_anything_runs() {
     if !kvm_available() {
         return;
     }
-    // Make sure the shared snapshot exists, then present it under a wrong key.
-    let _vm = TestVm::boot(1, 256);
-    let shared = snapshots();
-    let good = std::fs::read_dir(&shared)
-        .unwrap()
-        .flatten()
-        .map(|e| e.path())
-        .find(|p| p.join("state.bin").is_file())
-        .expect("a snapshot");
+    // This build's shared snapshot (the store may also hold other builds'
+    // snapshots, in formats of their own), presented under a wrong key.
+    let (good, _, _) = shared_snapshot();
     let state = vmc::vmm::snapshot::VmState::read(&good).unwrap();
     let dir = tempfile::tempdir().unwrap();
     let agent = dir.path().join("agent.erofs");
@@ -222,7 +216,7 @@ fn shared_snapshot() -> (std::path::PathBuf, String, std::path::PathBuf) {
         agent_disk: &agent,
         cpus: 1,
         memory: 256 << 20,
-        backend: vmc::vmm::Backend::detect(),
+        backend: vmc::vmm::Backend::host(),
     };
     let (dir, key) = vmc::runtime::snapshot::ensure(&snapshots(), &spec, false).unwrap();
     (dir, key, agent)

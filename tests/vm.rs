@@ -220,7 +220,7 @@ fn the_vm_has_the_documented_scratch_disk_uart_and_glibc_tunables() {
         "a serial driver without --debug: {out}"
     );
     let tunables = out.lines().last().unwrap_or_default();
-    if vmc::vmm::backend::Backend::detect().needs_pvm_quirks() {
+    if vmc::vmm::backend::Backend::host().needs_pvm_quirks() {
         assert!(
             tunables.starts_with("[glibc.cpu.hwcaps=-AVX_Fast_Unaligned_Load,-AVX,-AVX2,"),
             "{out}"

@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex};
 
 use common::kvm_available;
 use vmc::bench::tiny_guest;
-use vmc::vmm::{self, Backend, VmConfig, VmExit};
+use vmc::vmm::{self, DeviceConfig, VmConfig, VmExit};
 
 #[derive(Clone, Default)]
 struct Capture(Arc<Mutex<Vec<u8>>>);
@@ -30,19 +30,11 @@ fn config(
     console: Capture,
     vsock: Option<(u64, std::path::PathBuf)>,
 ) -> VmConfig {
-    VmConfig {
-        vcpus,
-        mem_size: 64 << 20,
-        kernel: kernel.to_path_buf(),
-        initrd: None,
-        cmdline: Vec::new(),
-        disks: Vec::new(),
-        vsock,
-        rng: true,
-        net: None,
-        console: Some(Box::new(console)),
-        backend: Backend::detect(),
+    let mut c = VmConfig::new(kernel, vcpus, 64 << 20).with_console(Box::new(console));
+    if let Some((cid, uds)) = vsock {
+        c = c.with_device(DeviceConfig::Vsock { cid, uds });
     }
+    c.with_device(DeviceConfig::Rng)
 }
 
 /// The tests here count the process's descriptors and threads: run them one at a time.
@@ -92,13 +84,16 @@ fn repeated_vms_leak_no_descriptors_threads_or_sockets() {
     let run = |i: usize| {
         let sock = dir.path().join(format!("v{i}.sock"));
         let (vmm_end, backend_end) = std::os::unix::net::UnixStream::pair().unwrap();
-        let mut cfg = config(&kernel, 1, Capture::default(), Some((3, sock.clone())));
-        cfg.disks = vec![vmm::DiskConfig {
-            path: disk.clone(),
-            read_only: false,
-            id: "scratch".into(),
-        }];
-        cfg.net = Some(([0x02, 0, 0, 0, 0, 1], vmm_end));
+        let cfg = config(&kernel, 1, Capture::default(), Some((3, sock.clone())))
+            .with_device(DeviceConfig::Block(vmm::DiskConfig {
+                path: disk.clone(),
+                read_only: false,
+                id: "scratch".into(),
+            }))
+            .with_device(DeviceConfig::Net {
+                mac: [0x02, 0, 0, 0, 0, 1],
+                backend: vmm_end,
+            });
         let vm = vmm::start(cfg).unwrap();
         assert_eq!(vm.wait(), VmExit::Reset);
         drop(backend_end);

@@ -410,7 +410,7 @@ fn machine(kernel: &Path) -> report::Machine {
         memory_gib: (mem_kib / 1048576.0 * 10.0).round() / 10.0,
         host_kernel: host_kernel(),
         guest_kernel: guest_kernel(kernel),
-        backend: Backend::detect().to_string(),
+        backend: Backend::host().to_string(),
     }
 }
 
@@ -443,19 +443,9 @@ pub fn bench_vmm(runs: usize) -> Result<Vec<f64>, BenchError> {
     let mut samples = Vec::new();
     for i in 0..=runs {
         let t0 = Instant::now();
-        let vm = vmm::start(VmConfig {
-            vcpus: 1,
-            mem_size: 128 << 20,
-            kernel: kernel.clone(),
-            initrd: None,
-            cmdline: Vec::new(),
-            disks: Vec::new(),
-            vsock: None,
-            rng: false,
-            net: None,
-            console: Some(Box::new(std::io::sink())),
-            backend: Backend::detect(),
-        })?;
+        let vm = vmm::start(
+            VmConfig::new(&kernel, 1, 128 << 20).with_console(Box::new(std::io::sink())),
+        )?;
         let exit = vm.wait();
         let dt = t0.elapsed();
         if exit != VmExit::Reset {

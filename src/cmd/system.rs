@@ -18,7 +18,7 @@ pub(crate) fn prune(all: bool) -> Result<i32> {
             agent_disk: a,
             cpus: 1,
             memory: 0,
-            backend: vmm::Backend::detect(),
+            backend: vmm::Backend::host(),
         }),
         _ => None,
     };
@@ -61,7 +61,7 @@ pub(crate) fn building_agent(name: &str) -> bool {
 
 pub(crate) fn info() -> Result<i32> {
     println!("vmc {}", env!("CARGO_PKG_VERSION"));
-    println!("backend: {}", vmm::Backend::detect());
+    println!("backend: {}", vmm::Backend::host());
     match vmm::open_kvm() {
         Ok(kvm) => println!(
             "kvm: API {}, up to {} vCPUs",
@@ -70,7 +70,7 @@ pub(crate) fn info() -> Result<i32> {
         ),
         Err(e) => println!("kvm: unavailable ({e})"),
     }
-    let extra = vmm::Backend::detect().guest_cmdline();
+    let extra = vmm::Backend::host().guest_cmdline();
     if !extra.is_empty() {
         println!("guest workarounds: {extra}");
     }

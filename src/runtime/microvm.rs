@@ -15,7 +15,7 @@ use super::{snapshot, ContainerConfig, RuntimeError};
 use crate::assets;
 use crate::disk;
 use crate::vmm::progress::{Threads, Verdict, Watchdog};
-use crate::vmm::{self, Backend, DiskConfig, RunningVm, VmConfig, VmExit, VmmError};
+use crate::vmm::{self, Backend, DeviceConfig, DiskConfig, RunningVm, VmConfig, VmExit, VmmError};
 
 /// Guest CID of every VM (each VM has its own vsock device and host socket).
 pub const GUEST_CID: u64 = 3;
@@ -56,28 +56,30 @@ pub fn vm_config(
     if let Some(extra) = &crate::host::knobs().kernel_args {
         cmdline.extend(extra.split_whitespace().map(String::from));
     }
-    let disk = |path: &Path, read_only, id: &str| DiskConfig {
-        path: path.to_path_buf(),
-        read_only,
-        id: id.into(),
+    let disk = |path: &Path, read_only, id: &str| {
+        DeviceConfig::Block(DiskConfig {
+            path: path.to_path_buf(),
+            read_only,
+            id: id.into(),
+        })
     };
-    VmConfig {
-        vcpus: cpus,
-        mem_size: memory,
-        kernel: kernel.to_path_buf(),
-        initrd: None,
-        cmdline,
-        disks: vec![
-            disk(agent_disk, true, "vmc-agent"),
-            disk(image, true, "vmc-image"),
-            disk(scratch, false, "vmc-scratch"),
-        ],
-        vsock: Some((GUEST_CID, vsock.to_path_buf())),
-        rng: true,
-        net: Some((GUEST_MAC, net)),
-        console,
-        backend: Backend::detect(),
-    }
+    let mut vm = VmConfig::new(kernel, cpus, memory)
+        .with_cmdline(cmdline)
+        .with_device(disk(agent_disk, true, "vmc-agent"))
+        .with_device(disk(image, true, "vmc-image"))
+        .with_device(disk(scratch, false, "vmc-scratch"))
+        .with_device(DeviceConfig::Vsock {
+            cid: GUEST_CID,
+            uds: vsock.to_path_buf(),
+        })
+        .with_device(DeviceConfig::Rng)
+        .with_device(DeviceConfig::Net {
+            mac: GUEST_MAC,
+            backend: net,
+        });
+    vm.console = console;
+    vm.guest_profile = crate::host::knobs().guest_profile.clone();
+    vm
 }
 
 /// The guest NIC's hardware address (locally administered). passt learns
@@ -232,7 +234,7 @@ impl MicroVm {
             agent_disk: &agent,
             cpus,
             memory,
-            backend: Backend::detect(),
+            backend: Backend::host(),
         };
         let (snap, key) = snapshot::ensure(&cfg.snapshots, &spec, false)?;
         crate::phase!("snapshot ready; restoring");

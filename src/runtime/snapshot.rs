@@ -229,11 +229,7 @@ fn create(tmp: &Path, spec: &SnapshotSpec, key: &str) -> Result<(), RuntimeError
 
 /// Restores the snapshot in `dir` and asks its agent for a refresh.
 fn verify(dir: &Path, key: &str, cfg: vmm::VmConfig) -> Result<(), RuntimeError> {
-    let vsock = cfg
-        .vsock
-        .as_ref()
-        .map(|(_, p)| p.clone())
-        .unwrap_or_default();
+    let vsock = cfg.vsock_uds().map(Path::to_path_buf).unwrap_or_default();
     let vm = vmm::restore(cfg, dir, key)?;
     let mut dog = Watchdog::new(ANSWER_CPU);
     let mut watch = || verdict(vm.judge(&mut dog));

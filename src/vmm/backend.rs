@@ -26,8 +26,14 @@ pub enum Backend {
 }
 
 impl Backend {
+    /// This host's backend, detected once per process.
+    pub fn host() -> Backend {
+        static HOST: std::sync::OnceLock<Backend> = std::sync::OnceLock::new();
+        *HOST.get_or_init(Backend::detect)
+    }
+
     /// Detects the backend from /sys/module and /proc/cpuinfo.
-    pub fn detect() -> Backend {
+    fn detect() -> Backend {
         Self::from_probe(
             fs::read_to_string("/sys/module/kvm_pvm/parameters/pvm_native").ok(),
             fs::metadata("/sys/module/kvm_pvm").is_ok(),

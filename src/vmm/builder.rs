@@ -9,24 +9,20 @@ use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Mutex};
 
 use kvm_bindings::kvm_userspace_memory_region;
-use kvm_ioctls::{IoEventAddress, Kvm, VcpuFd, VmFd};
+use kvm_ioctls::{Kvm, VcpuFd, VmFd};
 use vm_memory::{GuestMemoryBackend, GuestMemoryRegion, MemoryRegionAddress};
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::EventFd;
 
+use super::device_manager::{self, SharedDevice};
 use super::exit::ExitState;
-use super::memory::{
-    COM1_IRQ, COM1_PORT, IRQ_MAX, VIRTIO_IRQ_BASE, VIRTIO_MMIO_BASE, VIRTIO_MMIO_SIZE,
-};
+use super::memory::{COM1_IRQ, COM1_PORT};
 use super::running::RunningVm;
 use super::{base_cmdline, event_loop, kvm_err, progress, setup_err, vcpu, VmConfig, VmmError};
 use crate::devices::bus::Bus;
 use crate::devices::legacy::{SerialDevice, I8042};
-use crate::devices::virtio::block::Block;
-use crate::devices::virtio::mmio::{MmioTransport, NOTIFY_OFFSET};
-use crate::devices::virtio::rng::Rng;
-use crate::devices::virtio::vsock::Vsock;
-use crate::devices::virtio::{EventRegistry, Interrupt, Mem, Token, VirtioDevice};
+use crate::devices::virtio::mmio::MmioTransport;
+use crate::devices::virtio::{Mem, Token};
 
 /// A VM with memory and devices, before its vCPUs run.
 pub struct Machine {
@@ -38,14 +34,16 @@ pub struct Machine {
     pub pio: Bus,
     pub mmio: Bus,
     pub transports: Vec<Arc<Mutex<MmioTransport>>>,
-    pub devices: Vec<Arc<Mutex<dyn VirtioDevice>>>,
+    pub devices: Vec<SharedDevice>,
     pub loop_devices: Vec<event_loop::LoopDevice>,
     /// vmc's kernel command line for these devices (used by a cold boot).
     pub cmdline: Vec<String>,
     pub msr_list: Arc<Vec<u32>>,
+    pub guest_profile: Option<std::path::PathBuf>,
 }
 
-/// Creates the VM, registers `mem`, and attaches the devices of `cfg`.
+/// Creates the VM, registers `mem`, and attaches the devices of `cfg`
+/// (taking them and the console out of it).
 pub fn build(kvm: Kvm, cfg: &mut VmConfig, mem: Mem) -> Result<Machine, VmmError> {
     let max_vcpus = kvm
         .get_max_vcpus()
@@ -91,85 +89,14 @@ pub fn build(kvm: Kvm, cfg: &mut VmConfig, mem: Mem) -> Result<Machine, VmmError
         .map_err(setup_err)?;
     }
 
-    let mut devices: Vec<Arc<Mutex<dyn VirtioDevice>>> = Vec::new();
-    for (i, d) in cfg.disks.iter().enumerate() {
-        let id = if d.id.is_empty() {
-            format!("vmc{i}")
-        } else {
-            d.id.clone()
-        };
-        devices.push(Arc::new(Mutex::new(Block::open(
-            &d.path,
-            d.read_only,
-            &id,
-        )?)));
-    }
-    if let Some((cid, path)) = &cfg.vsock {
-        let v = Vsock::new(*cid, path).map_err(|source| VmmError::Vsock {
-            path: path.display().to_string(),
-            source,
-        })?;
-        devices.push(Arc::new(Mutex::new(v)));
-    }
-    if cfg.rng {
-        devices.push(Arc::new(Mutex::new(Rng::default())));
-    }
-    if let Some((mac, sock)) = cfg.net.take() {
-        let n = crate::devices::virtio::net::Net::new(mac, sock).map_err(setup_err)?;
-        devices.push(Arc::new(Mutex::new(n)));
-    }
-    let mut transports = Vec::new();
-    let mut loop_devices = Vec::new();
-    for (i, dev) in devices.iter().enumerate() {
-        let irq = VIRTIO_IRQ_BASE + i as u32;
-        if irq > IRQ_MAX {
-            return Err(VmmError::TooManyDevices);
-        }
-        let base = VIRTIO_MMIO_BASE + i as u64 * VIRTIO_MMIO_SIZE;
-        let irqfd = EventFd::new(libc::EFD_NONBLOCK).map_err(setup_err)?;
-        vm.register_irqfd(&irqfd, irq)
-            .map_err(kvm_err("register irqfd"))?;
-        let nqueues = dev
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .queue_max_sizes()
-            .len();
-        let mut evts = Vec::new();
-        let mut loop_evts = Vec::new();
-        for q in 0..nqueues {
-            let evt = EventFd::new(libc::EFD_NONBLOCK).map_err(setup_err)?;
-            vm.register_ioevent(&evt, &IoEventAddress::Mmio(base + NOTIFY_OFFSET), q as u32)
-                .map_err(kvm_err("register ioeventfd"))?;
-            let token = Token::Queue {
-                dev: i as u8,
-                queue: q as u16,
-            };
-            epoll
-                .ctl(
-                    ControlOperation::Add,
-                    evt.as_raw_fd(),
-                    EpollEvent::new(EventSet::IN, token.encode()),
-                )
-                .map_err(setup_err)?;
-            loop_evts.push(evt.try_clone().map_err(setup_err)?);
-            evts.push(evt);
-        }
-        let transport = Arc::new(Mutex::new(MmioTransport::new(
-            dev.clone(),
-            mem.clone(),
-            Arc::new(Interrupt::new(irqfd)),
-            EventRegistry::new(epoll.clone(), i as u8),
-            evts,
-        )));
-        mmio.insert(transport.clone(), base, VIRTIO_MMIO_SIZE)
-            .map_err(setup_err)?;
-        transports.push(transport);
-        cmdline.push(format!("virtio_mmio.device=4K@{base:#x}:{irq}"));
-        loop_devices.push(event_loop::LoopDevice {
-            device: dev.clone(),
-            queue_evts: loop_evts,
-        });
-    }
+    let attached = device_manager::attach(
+        &vm,
+        &epoll,
+        &mem,
+        &mut mmio,
+        std::mem::take(&mut cfg.devices),
+    )?;
+    cmdline.extend(attached.cmdline);
     let msr_list = Arc::new(
         kvm.get_msr_index_list()
             .map(|l| l.as_slice().to_vec())
@@ -183,11 +110,12 @@ pub fn build(kvm: Kvm, cfg: &mut VmConfig, mem: Mem) -> Result<Machine, VmmError
         epoll,
         pio,
         mmio,
-        transports,
-        devices,
-        loop_devices,
+        transports: attached.transports,
+        devices: attached.devices,
+        loop_devices: attached.loop_devices,
         cmdline,
         msr_list,
+        guest_profile: cfg.guest_profile.take(),
     })
 }
 
@@ -237,10 +165,7 @@ pub fn launch(m: Machine, vcpu_fds: Vec<VcpuFd>) -> Result<RunningVm, VmmError> 
     let stop = Arc::new(AtomicBool::new(false));
     let pause = Arc::new(vcpu::PauseCtl::default());
     // Debugging aid: sample the boot vCPU's RIP at 1 kHz into a file.
-    let profile = crate::host::knobs()
-        .guest_profile
-        .clone()
-        .map(|p| (p, vcpu::Samples::default()));
+    let profile = m.guest_profile.map(|p| (p, vcpu::Samples::default()));
     let mut vcpus = Vec::new();
     for (id, fd) in vcpu_fds.into_iter().enumerate() {
         let ctx = vcpu::VcpuCtx {

@@ -9,6 +9,7 @@
 pub mod backend;
 pub mod boot;
 mod builder;
+mod device_manager;
 pub mod event_loop;
 pub mod exit;
 pub mod memory;
@@ -23,7 +24,9 @@ use std::path::{Path, PathBuf};
 use kvm_ioctls::Kvm;
 
 use crate::devices::virtio::block::BlockError;
+use crate::devices::virtio::ConfigChange;
 pub use backend::Backend;
+pub use device_manager::DeviceConfig;
 pub use exit::VmExit;
 use memory::{IRQ_MAX, VIRTIO_IRQ_BASE};
 pub use running::{RunningVm, Stopper};
@@ -41,7 +44,8 @@ pub struct DiskConfig {
     pub id: String,
 }
 
-/// Everything needed to build a VM.
+/// Everything needed to build a VM: built with [`VmConfig::new`] and its
+/// `with_*` methods, turned into a live VM by [`start`] or [`restore`].
 pub struct VmConfig {
     pub vcpus: u8,
     pub mem_size: u64,
@@ -49,16 +53,62 @@ pub struct VmConfig {
     pub initrd: Option<Vec<u8>>,
     /// Extra kernel command-line words (after vmc's own).
     pub cmdline: Vec<String>,
-    pub disks: Vec<DiskConfig>,
-    /// Guest CID and host Unix socket of the vsock device.
-    pub vsock: Option<(u64, PathBuf)>,
-    pub rng: bool,
-    /// A virtio-net device with this MAC whose frames go through this socket
-    /// (to passt; a socket whose peer is gone makes a cable-less NIC).
-    pub net: Option<([u8; 6], std::os::unix::net::UnixStream)>,
+    /// The virtio devices. Their order is the snapshot ABI: device `i` sits
+    /// on mmio window `i` with IRQ `VIRTIO_IRQ_BASE + i`, and a snapshot
+    /// restores only onto the same kinds in the same order.
+    pub devices: Vec<DeviceConfig>,
     /// Kernel console (8250 on ttyS0) output; None leaves the UART out entirely.
     pub console: Option<Box<dyn Write + Send>>,
+    /// The host's backend ([`Backend::host`]): the guest's command line and
+    /// CPUID depend on it.
     pub backend: Backend,
+    /// Debugging aid: sample the boot vCPU's RIP at 1 kHz and write the
+    /// samples to this file when the VM ends.
+    pub guest_profile: Option<PathBuf>,
+}
+
+impl VmConfig {
+    /// A VM with `vcpus` vCPUs, `mem_size` bytes of RAM and `kernel`, no
+    /// devices, no console, on this host's backend.
+    pub fn new(kernel: &Path, vcpus: u8, mem_size: u64) -> VmConfig {
+        VmConfig {
+            vcpus,
+            mem_size,
+            kernel: kernel.to_path_buf(),
+            initrd: None,
+            cmdline: Vec::new(),
+            devices: Vec::new(),
+            console: None,
+            backend: Backend::host(),
+            guest_profile: None,
+        }
+    }
+
+    /// Adds a device after those already there.
+    pub fn with_device(mut self, device: DeviceConfig) -> VmConfig {
+        self.devices.push(device);
+        self
+    }
+
+    /// Appends words to the kernel command line.
+    pub fn with_cmdline<S: Into<String>>(mut self, words: impl IntoIterator<Item = S>) -> VmConfig {
+        self.cmdline.extend(words.into_iter().map(Into::into));
+        self
+    }
+
+    /// The host socket path of the vsock device, if there is one.
+    pub fn vsock_uds(&self) -> Option<&Path> {
+        self.devices.iter().find_map(|d| match d {
+            DeviceConfig::Vsock { uds, .. } => Some(uds.as_path()),
+            _ => None,
+        })
+    }
+
+    /// Sends the kernel console to `out`.
+    pub fn with_console(mut self, out: Box<dyn Write + Send>) -> VmConfig {
+        self.console = Some(out);
+        self
+    }
 }
 
 /// Errors building or starting a VM.
@@ -199,11 +249,14 @@ pub fn restore(mut cfg: VmConfig, dir: &Path, key: &str) -> Result<RunningVm, Vm
             m.transports.len()
         )));
     }
+    let mut changed = Vec::new();
     for (t, s) in m.transports.iter().zip(&state.devices) {
-        t.lock()
+        let change = t
+            .lock()
             .unwrap_or_else(|e| e.into_inner())
             .restore(s)
-            .map_err(invalid)?;
+            .map_err(|e| invalid(e.to_string()))?;
+        changed.push(change == ConfigChange::Changed);
     }
     let mut vcpu_fds = Vec::new();
     for (id, vs) in state.vcpus.iter().enumerate() {
@@ -215,12 +268,12 @@ pub fn restore(mut cfg: VmConfig, dir: &Path, key: &str) -> Result<RunningVm, Vm
     }
     snapshot::restore_vm(&m.vm, &state)?;
     let vm = builder::launch(m, vcpu_fds)?;
-    // Disks may have changed size (the snapshot had empty placeholders); an
-    // interrupt or a queue notification in flight at snapshot time must not
-    // be lost.
-    for (t, s) in vm.transports().iter().zip(&state.devices) {
+    // A device's configuration may have changed (a disk's size: the
+    // snapshot had empty placeholders); an interrupt or a queue notification
+    // in flight at snapshot time must not be lost.
+    for ((t, s), changed) in vm.transports().iter().zip(&state.devices).zip(changed) {
         let mut t = t.lock().unwrap_or_else(|e| e.into_inner());
-        if s.device_type == crate::devices::virtio::TYPE_BLOCK && s.active {
+        if changed && s.active {
             t.config_changed();
         } else if t.redeliver_interrupt() {
             log::debug!(

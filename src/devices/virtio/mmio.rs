@@ -12,8 +12,8 @@ use virtio_queue::{Queue, QueueT};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::{
-    ActivateContext, EventRegistry, Interrupt, Mem, Signal, VirtioDevice, VIRTIO_F_VERSION_1,
-    VIRTIO_RING_F_EVENT_IDX,
+    ActivateContext, ConfigChange, EventRegistry, Interrupt, Mem, Signal, VirtioDevice,
+    VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX,
 };
 use crate::devices::bus::BusDevice;
 use serde::{Deserialize, Serialize};
@@ -46,6 +46,25 @@ pub struct TransportSnap {
     pub config_generation: u32,
     pub active: bool,
     pub queues: Vec<QueueSnap>,
+    /// The device's own state ([`VirtioDevice::save_state`]).
+    pub device: Vec<u8>,
+}
+
+/// Why a snapshot's transport state does not fit this transport.
+#[derive(Debug, thiserror::Error)]
+pub enum RestoreError {
+    #[error("device type {snapshot} in the snapshot, {here} here")]
+    DeviceType { snapshot: u32, here: u32 },
+    #[error("queue sizes {snapshot:?} in the snapshot, {here:?} here")]
+    QueueSizes { snapshot: Vec<u16>, here: Vec<u16> },
+    #[error("invalid queue in the snapshot")]
+    Queue,
+    #[error("the snapshot's features are not offered here")]
+    Features,
+    #[error("the device did not start from the snapshot's queues")]
+    NotStarted,
+    #[error("device type {0}: {1}")]
+    State(u32, super::StateError),
 }
 
 const MAGIC: u32 = 0x7472_6976; // "virt"
@@ -395,34 +414,42 @@ impl MmioTransport {
             config_generation: self.config_generation,
             active: self.active,
             queues,
+            device: dev.save_state(),
         }
     }
 
     /// Loads a snapshot into a fresh transport of the same device type,
-    /// starting the device if it was running.
-    pub fn restore(&mut self, s: &TransportSnap) -> Result<(), String> {
-        let (dtype, sizes) = {
+    /// starting the device if it was running. Returns whether the device's
+    /// configuration changed since the guest read it (see
+    /// [`Self::config_changed`]).
+    pub fn restore(&mut self, s: &TransportSnap) -> Result<ConfigChange, RestoreError> {
+        let (here, sizes) = {
             let dev = self.dev();
             (dev.device_type(), dev.queue_max_sizes().to_vec())
         };
-        if s.device_type != dtype {
-            return Err(format!(
-                "device type {} in the snapshot, {dtype} here",
-                s.device_type
-            ));
+        if s.device_type != here {
+            return Err(RestoreError::DeviceType {
+                snapshot: s.device_type,
+                here,
+            });
         }
         let snap_sizes: Vec<u16> = s.queues.iter().map(|q| q.max_size).collect();
         if snap_sizes != sizes {
-            return Err(format!(
-                "queue sizes {snap_sizes:?} in the snapshot, {sizes:?} here"
-            ));
+            return Err(RestoreError::QueueSizes {
+                snapshot: snap_sizes,
+                here: sizes,
+            });
         }
         self.queues = s
             .queues
             .iter()
             .map(queue_from)
             .collect::<Option<Vec<_>>>()
-            .ok_or("invalid queue in the snapshot")?;
+            .ok_or(RestoreError::Queue)?;
+        let change = self
+            .dev()
+            .restore_state(&s.device)
+            .map_err(|e| RestoreError::State(here, e))?;
         self.status = s.status;
         self.driver_features = s.driver_features;
         self.device_features_sel = s.device_features_sel;
@@ -435,15 +462,15 @@ impl MmioTransport {
         }
         if s.active {
             if self.driver_features & !self.offered_features() != 0 {
-                return Err("the snapshot's features are not offered here".into());
+                return Err(RestoreError::Features);
             }
             self.dev().ack_features(self.driver_features);
             self.activate();
             if !self.active {
-                return Err("the device did not start from the snapshot's queues".into());
+                return Err(RestoreError::NotStarted);
             }
         }
-        Ok(())
+        Ok(change)
     }
 
     /// Tells the driver the device configuration changed (e.g. a disk's size).
@@ -773,12 +800,18 @@ mod tests {
         assert_eq!(act.load(Ordering::SeqCst), 1);
         let mut bad = snap.clone();
         bad.device_type = 7;
-        assert!(transport().0.restore(&bad).is_err());
+        assert!(matches!(
+            transport().0.restore(&bad),
+            Err(RestoreError::DeviceType {
+                snapshot: 7,
+                here: 42
+            })
+        ));
         let mut bad = snap;
         bad.queues[0].desc_table = 0xfff_0000_0000;
         assert!(
-            transport().0.restore(&bad).is_err(),
-            "queues are validated again"
+            matches!(transport().0.restore(&bad), Err(RestoreError::NotStarted)),
+            "queues are validated again (a queue outside memory does not start)"
         );
     }
 

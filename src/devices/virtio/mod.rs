@@ -230,6 +230,33 @@ pub trait VirtioDevice: Send {
     fn connection_count(&self) -> usize {
         0
     }
+    /// The device's own state for a snapshot, beyond its transport and
+    /// queues (which the transport saves). None by default.
+    fn save_state(&self) -> Vec<u8> {
+        Vec::new()
+    }
+    /// Takes what [`Self::save_state`] wrote on a device of the same kind,
+    /// before the device is started from the snapshot's queues. Returns
+    /// whether the configuration the guest saw differs from this device's
+    /// (the transport then tells the driver).
+    fn restore_state(&mut self, _state: &[u8]) -> Result<ConfigChange, StateError> {
+        Ok(ConfigChange::Same)
+    }
+}
+
+/// Whether a restored device's configuration space differs from the one the
+/// guest read before the snapshot.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ConfigChange {
+    Same,
+    Changed,
+}
+
+/// A device's saved state that does not fit the device.
+#[derive(Debug, thiserror::Error)]
+pub enum StateError {
+    #[error("{got} bytes of device state, {expected} expected")]
+    Size { got: usize, expected: usize },
 }
 
 /// Reads `data.len()` bytes at `offset` of a little-endian config struct;

@@ -276,6 +276,7 @@ mod tests {
                 config_generation: 0,
                 active: true,
                 queues: Vec::new(),
+                device: Vec::new(),
             }],
         }
     }

@@ -12,8 +12,8 @@ use std::sync::Arc;
 use virtio_queue::Queue;
 
 use super::{
-    drain_queue, read_config_bytes, ActivateContext, ActivateError, Mem, Signal, VirtioDevice,
-    TYPE_BLOCK, VIRTIO_RING_F_EVENT_IDX,
+    drain_queue, read_config_bytes, ActivateContext, ActivateError, ConfigChange, Mem, Signal,
+    StateError, VirtioDevice, TYPE_BLOCK, VIRTIO_RING_F_EVENT_IDX,
 };
 use request::{Disk, SECTOR_SIZE};
 
@@ -176,6 +176,26 @@ impl VirtioDevice for Block {
             self.process();
         }
     }
+
+    /// The capacity the guest saw: a snapshot made with placeholder disks is
+    /// restored with the real ones, whose size the driver must re-read.
+    fn save_state(&self) -> Vec<u8> {
+        (self.capacity / SECTOR_SIZE).to_le_bytes().to_vec()
+    }
+
+    fn restore_state(&mut self, state: &[u8]) -> Result<ConfigChange, StateError> {
+        let saved: [u8; 8] = state.try_into().map_err(|_| StateError::Size {
+            got: state.len(),
+            expected: 8,
+        })?;
+        Ok(
+            if u64::from_le_bytes(saved) == self.capacity / SECTOR_SIZE {
+                ConfigChange::Same
+            } else {
+                ConfigChange::Changed
+            },
+        )
+    }
 }
 
 #[cfg(test)]
@@ -233,6 +253,27 @@ mod tests {
         f.write_all(&vec![0x5a; 8 * 512]).unwrap();
         let dev = Block::from_file(f.try_clone().unwrap(), 8 * 512 + 100, ro, "vmc-disk-1");
         (dev, f)
+    }
+
+    /// A snapshot made with a placeholder disk, restored onto the real one:
+    /// the device says its configuration changed, so that the driver
+    /// re-reads the capacity; the same disk, or one of the same size, does
+    /// not; state of another shape is refused.
+    #[test]
+    fn restored_state_reports_a_changed_capacity() {
+        let (dev, _f) = device(false);
+        let saved = dev.save_state();
+        assert_eq!(saved, 8u64.to_le_bytes());
+        let (mut same, _g) = device(true);
+        assert_eq!(same.restore_state(&saved).unwrap(), ConfigChange::Same);
+        let placeholder = Block::from_file(tempfile::tempfile().unwrap(), 0, true, "p");
+        let (mut real, _h) = device(false);
+        assert_eq!(
+            real.restore_state(&placeholder.save_state()).unwrap(),
+            ConfigChange::Changed
+        );
+        let e = real.restore_state(&[1, 2, 3]).unwrap_err();
+        assert_eq!(e.to_string(), "3 bytes of device state, 8 expected");
     }
 
     fn run(dev: &mut Block, mem: &Mem, vq: &MockSplitQueue<Mem>) -> Arc<CountingSignal> {
