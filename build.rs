@@ -1,4 +1,5 @@
-//! Build identity: a hash of the host-side source (`src/`) and of the
+//! Build identity: a hash of the host-side source (`src/` and the VMM
+//! crate's `vmm/src/`) and of the
 //! locked dependency versions, as `VMC_BUILD_ID`. Warm-start snapshots are
 //! keyed by it (`runtime::snapshot`): a snapshot holds device and VMM state
 //! in this build's layout, so another build makes its own rather than
@@ -28,6 +29,7 @@ fn main() {
     let root = PathBuf::from(std::env::var_os("CARGO_MANIFEST_DIR").expect("set by cargo"));
     let mut list = Vec::new();
     files(&root.join("src"), &mut list);
+    files(&root.join("vmm/src"), &mut list);
     list.push(root.join("Cargo.lock"));
     list.sort();
     let mut h = Sha256::new();
@@ -46,5 +48,6 @@ fn main() {
         .collect();
     println!("cargo:rustc-env=VMC_BUILD_ID={id}");
     println!("cargo:rerun-if-changed=src");
+    println!("cargo:rerun-if-changed=vmm/src");
     println!("cargo:rerun-if-changed=Cargo.lock");
 }

@@ -1,30 +1,32 @@
 //! vmc: Docker's workflow with a microVM boundary.
 //!
 //! Data flows one way: CLI -> runtime -> (vmm + devices) -> guest. Nothing
-//! below `runtime` knows about the CLI; nothing in `vmm` or `devices` knows
-//! about images or containers. The layers, from the bottom up, are
-//! [`LAYERS`]; a test fails on a `crate::` path that points up.
+//! below `runtime` knows about the CLI. The VMM and its devices are a crate
+//! of their own, `vmc-vmm` (re-exported here as [`vmm`], [`devices`] and
+//! [`uds`]): it cannot name images or containers, as Cargo refuses a
+//! dependency cycle. The agent protocol and the spawner shared by the guest
+//! and namespace mode are the crate `vmc-guest`. Within this crate the
+//! layers, from the bottom up, are [`LAYERS`]; a test fails on a `crate::`
+//! path that points up.
 
 pub mod assets;
 pub mod bench;
 pub mod build;
 pub mod cli;
-pub mod devices;
 pub mod disk;
 pub mod host;
 pub mod image;
 pub mod runtime;
 #[doc(hidden)]
 pub mod testing;
-pub mod uds;
-pub mod vmm;
+
+pub use vmc_vmm as vmm;
+pub use vmc_vmm::{devices, uds};
 
 /// The modules from the bottom up: each uses only modules of its own layer
 /// or below (ARCHITECTURE.md).
 pub const LAYERS: &[&[&str]] = &[
-    &["host", "uds", "testing", "assets"],
-    &["devices"],
-    &["vmm"],
+    &["host", "testing", "assets"],
     &["disk"],
     &["image"],
     &["runtime"],
@@ -93,6 +95,17 @@ mod layering {
             "arrows pointing up:\n{}",
             upward.join("\n")
         );
+        // The VMM and the guest crates use no other vmc crate (Cargo
+        // refuses a cycle back to vmc; this keeps them apart too).
+        for krate in ["vmm", "guest"] {
+            let manifest = std::fs::read_to_string(root.join(krate).join("Cargo.toml")).unwrap();
+            for dep in ["vmc ", "vmc=", "vmc-guest", "vmc-vmm"] {
+                assert!(
+                    !manifest.lines().any(|l| l.trim_start().starts_with(dep)),
+                    "{krate}/Cargo.toml depends on {dep}"
+                );
+            }
+        }
         // Every module of the crate is placed in a layer.
         for e in std::fs::read_dir(&src).unwrap() {
             let name = e.unwrap().file_name().to_string_lossy().into_owned();

@@ -493,7 +493,7 @@ mod tests {
     fn tiny_guest_is_a_pvh_elf() {
         let img = tiny_guest::elf(b"hi", true);
         assert_eq!(&img[..4], b"\x7fELF");
-        let mem = crate::devices::virtio::testing::memory();
+        let mem = crate::vmm::memory::create(64 << 20).unwrap();
         let dir = std::env::temp_dir().join(format!("vmc-tiny-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let p = dir.join("tiny.elf");

@@ -360,12 +360,23 @@ impl VmState {
     }
 }
 
+/// Creates `path` for writing with mode 0600 (truncating it).
+fn private_file(path: &Path) -> std::io::Result<File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)
+}
+
 /// Writes guest RAM to `path` as a sparse file: only resident pages that are
 /// not all zero are written. Call with every vCPU paused and every device
 /// locked, so nothing changes guest memory meanwhile. Returns the file's seal.
 pub fn dump_memory(mem: &Mem, path: &Path) -> Result<MemorySeal, SnapshotError> {
     // Guest memory: the guest's secrets, readable by vmc's user alone.
-    let f = crate::host::private_file(path, false)?;
+    let f = private_file(path)?;
     let total: u64 = mem.iter().map(|r| r.len()).sum();
     f.set_len(total)?;
     let mut h = Sha256::new();

@@ -12,7 +12,7 @@ use vm_memory::{Bytes, GuestAddress};
 
 use super::{map_memory, VcpuState, VmState};
 use crate::devices::virtio::{INT_CONFIG, INT_VRING};
-use crate::vmm::memory::{ram_regions, VIRTIO_IRQ_BASE};
+use crate::memory::{ram_regions, VIRTIO_IRQ_BASE};
 
 const MSR_TSC: u32 = 0x10;
 const MSR_TSC_DEADLINE: u32 = 0x6e0;

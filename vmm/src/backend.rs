@@ -142,13 +142,13 @@ mod tests {
             assert!(hwcaps.contains(&cap), "{cap} missing from {tunables}");
         }
         // The VM's command line carries them all, after vmc's own.
-        let full = crate::vmm::base_cmdline(false, Backend::PvmNative);
+        let full = crate::base_cmdline(false, Backend::PvmNative);
         for w in &words {
             assert!(full.iter().any(|f| f == w), "{w} missing from {full:?}");
         }
         for other in [Backend::Vmx, Backend::Svm, Backend::Pvm, Backend::Unknown] {
             assert_eq!(other.guest_cmdline(), "", "{other:?}");
-            assert!(!crate::vmm::base_cmdline(false, other)
+            assert!(!crate::base_cmdline(false, other)
                 .iter()
                 .any(|w| w == "vmc.pvm" || w == "noxsave"));
         }

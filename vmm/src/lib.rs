@@ -1,4 +1,4 @@
-//! The virtual machine monitor: a KVM VM with guest RAM, the guest kernel and
+//! vmc's virtual machine monitor: a KVM VM with guest RAM, the guest kernel and
 //! initramfs, legacy devices (i8042, optional serial console), virtio-mmio
 //! devices, one thread per vCPU and one event-loop thread.
 //!
@@ -10,12 +10,14 @@ pub mod backend;
 pub mod boot;
 mod builder;
 mod device_manager;
+pub mod devices;
 pub mod event_loop;
 pub mod exit;
 pub mod memory;
 pub mod progress;
 mod running;
 pub mod snapshot;
+pub mod uds;
 pub mod vcpu;
 
 use std::io::Write;
