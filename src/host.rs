@@ -133,9 +133,52 @@ pub fn knobs() -> &'static Knobs {
     KNOBS.get_or_init(Knobs::from_env)
 }
 
+/// An error and its causes on one line, `outer: inner: ...`, a cause
+/// left out when the line already says it (a wrapper that repeats its
+/// source). The one way vmc prints an error: `main`, a container's
+/// supervisor (into its log) and builds use it.
+pub fn error_line(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut line = String::new();
+    let mut cause = Some(e);
+    while let Some(c) = cause {
+        let text = c.to_string();
+        if !line.contains(&text) {
+            if !line.is_empty() {
+                line.push_str(": ");
+            }
+            line.push_str(&text);
+        }
+        cause = c.source();
+    }
+    line
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[derive(Debug, thiserror::Error)]
+    enum Outer {
+        #[error("pulling busybox")]
+        Pull(#[source] std::io::Error),
+        #[error("reading config: {0}")]
+        Repeats(#[source] std::io::Error),
+    }
+
+    /// Causes are joined with ": ", and a cause the line already holds
+    /// (a wrapper that repeats its source) is said once.
+    #[test]
+    fn an_error_is_one_line_of_its_causes_without_repeats() {
+        let io = || std::io::Error::other("connection refused");
+        assert_eq!(
+            error_line(&Outer::Pull(io())),
+            "pulling busybox: connection refused"
+        );
+        assert_eq!(
+            error_line(&Outer::Repeats(io())),
+            "reading config: connection refused"
+        );
+    }
 
     #[test]
     fn private_dirs_are_made_0700_and_only_ours_are_tightened() {

@@ -12,7 +12,7 @@ mod cmd;
 use cmd::*;
 
 /// Docker's exit code for "the runtime itself failed".
-const EXIT_VMC_ERROR: i32 = 125;
+use vmc::runtime::lifecycle::EXIT_VMC_ERROR;
 
 struct StderrLogger(log::LevelFilter);
 

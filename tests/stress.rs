@@ -105,20 +105,20 @@ fn snapshots_made_under_load_all_restore() {
             image_id: None,
             process: ProcessSpec::default(),
             hostname: "stress".into(),
-            resources: Resources {
-                cpus: 1,
-                memory: 256 << 20,
-            },
-            kernel: kernel(),
-            debug: false,
-            snapshots: root.path().to_path_buf(),
             ports: Vec::new(),
-            limits: Default::default(),
             network: Default::default(),
             dns: Vec::new(),
             extra_hosts: Vec::new(),
-            caps: None,
-            seccomp: Default::default(),
+            engine: vmc::runtime::EngineConfig::Vm(vmc::runtime::VmEngineConfig {
+                resources: Resources {
+                    cpus: 1,
+                    memory: 256 << 20,
+                },
+                kernel: kernel(),
+                debug: false,
+                cold: false,
+                snapshots: root.path().to_path_buf(),
+            }),
         };
         let t0 = Instant::now();
         // Makes the snapshot (boot, idle, save, trial restore), then

@@ -49,17 +49,17 @@ impl BuildVm {
             image_id: None,
             process: ProcessSpec::default(),
             hostname: "buildkitsandbox".into(),
-            resources,
-            kernel: kernel.to_path_buf(),
-            debug: false,
-            snapshots: snapshots.to_path_buf(),
             ports: Vec::new(),
-            limits: Default::default(),
             network,
             dns: Vec::new(),
             extra_hosts: extra_hosts.to_vec(),
-            caps: None,
-            seccomp: Default::default(),
+            engine: crate::runtime::EngineConfig::Vm(crate::runtime::VmEngineConfig {
+                resources,
+                kernel: kernel.to_path_buf(),
+                debug: false,
+                cold: false,
+                snapshots: snapshots.to_path_buf(),
+            }),
         };
         // With a network, the host's nameservers (as namespace builds);
         // the agent keeps the file out of the steps' layers.

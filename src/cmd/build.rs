@@ -78,7 +78,7 @@ pub(crate) fn build(a: BuildArgs) -> Result<i32> {
             Ok(0)
         }
         Err(e) => {
-            eprintln!("vmc: build failed: {e}");
+            eprintln!("vmc: build failed: {}", vmc::host::error_line(&e));
             Ok(e.exit_code())
         }
     }

@@ -233,7 +233,7 @@ pub(crate) fn exec(a: ExecArgs) -> Result<i32> {
         spec.tty = Some(runtime::tty::initial_size());
     }
     let forward_stdin = a.interactive || (!a.tty && !std::io::stdin().is_terminal());
-    let engine = runtime::engine::for_mode(c.state.mode, false);
+    let engine = runtime::engine::for_mode(c.state.mode);
     Ok(engine.exec_attached(&c, &cfg, spec, forward_stdin)?)
 }
 

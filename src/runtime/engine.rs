@@ -36,19 +36,16 @@ pub trait Engine {
     ) -> Result<i32, RuntimeError>;
 }
 
-/// The engine for `mode`; `cold` boots a VM instead of restoring it.
-pub fn for_mode(mode: Mode, cold: bool) -> Box<dyn Engine> {
+/// The engine for `mode`.
+pub fn for_mode(mode: Mode) -> Box<dyn Engine> {
     match mode {
-        Mode::Vm => Box::new(MicroVm { cold }),
+        Mode::Vm => Box::new(MicroVm),
         Mode::Ns => Box::new(Namespaces),
     }
 }
 
 /// A microVM per container.
-pub struct MicroVm {
-    /// Boot the guest instead of restoring the warm-start snapshot.
-    pub cold: bool,
-}
+pub struct MicroVm;
 
 impl Engine for MicroVm {
     fn run_attached(
@@ -60,7 +57,7 @@ impl Engine for MicroVm {
         let listeners = super::ports::bind(&cfg.ports).map_err(RuntimeError::Network)?;
         let _serving =
             super::ports::serve(listeners, super::ports::Target::Vm(dir.join("vsock.sock")));
-        let how = if self.cold {
+        let how = if cfg.vm()?.cold {
             super::microvm::Start::Cold
         } else {
             super::microvm::Start::Warm
@@ -128,10 +125,11 @@ impl Engine for Namespaces {
             // SAFETY: redirecting our own stdin to /dev/null before the child inherits it.
             unsafe { libc::dup2(fd, 0) };
         }
+        let ns_cfg = cfg.ns()?;
         super::ns::exec_attached(
             pid,
-            cfg.caps,
-            &cfg.seccomp,
+            ns_cfg.caps,
+            &ns_cfg.seccomp,
             &c.dir.join("cgroups"),
             &spec,
             forward_stdin,

@@ -127,6 +127,7 @@ impl MicroVm {
     /// Builds the disks in `dir` and starts the VM, cold or from the
     /// warm-start snapshot (`--debug` always boots cold, to show the boot).
     pub fn start(cfg: &ContainerConfig, dir: &Path, how: Start) -> Result<MicroVm, RuntimeError> {
+        let vm_cfg = cfg.vm()?;
         if let super::Rootfs::Dir(d) = &cfg.rootfs {
             if !d.is_dir() {
                 return Err(RuntimeError::NoRootfs(d.display().to_string()));
@@ -169,7 +170,7 @@ impl MicroVm {
         let agent = disk::agent_disk(&assets::guest_binary()?, &home.join("cache"))?;
         let vsock = dir.join("vsock.sock");
         let disk_sectors = (sectors(&image), SCRATCH_SIZE / 512);
-        let (cpus, memory) = (cfg.resources.cpus, cfg.resources.memory);
+        let (cpus, memory) = (vm_cfg.resources.cpus, vm_cfg.resources.memory);
         // The network: passt on one end of a socket pair, the device on the
         // other; without one, an unplugged device.
         let host = match cfg.network {
@@ -199,7 +200,7 @@ impl MicroVm {
         let mut net = Some(ours);
         let mut config = |console| {
             vm_config(
-                &cfg.kernel,
+                &vm_cfg.kernel,
                 &agent,
                 &image,
                 &scratch,
@@ -212,8 +213,8 @@ impl MicroVm {
                     .expect("a socket pair"),
             )
         };
-        if how == Start::Cold || cfg.debug {
-            let console: Option<Box<dyn Write + Send>> = if cfg.debug {
+        if how == Start::Cold || vm_cfg.debug {
+            let console: Option<Box<dyn Write + Send>> = if vm_cfg.debug {
                 Some(Box::new(std::io::stderr()))
             } else {
                 None
@@ -230,13 +231,13 @@ impl MicroVm {
             });
         }
         let spec = snapshot::SnapshotSpec {
-            kernel: &cfg.kernel,
+            kernel: &vm_cfg.kernel,
             agent_disk: &agent,
             cpus,
             memory,
             backend: Backend::host(),
         };
-        let (snap, key) = snapshot::ensure(&cfg.snapshots, &spec, false)?;
+        let (snap, key) = snapshot::ensure(&vm_cfg.snapshots, &spec, false)?;
         crate::phase!("snapshot ready; restoring");
         let restored = snapshot::Restored::of(&snap, &key);
         let (vm, restored) = match vmm::restore(config(None), &snap, &key) {
@@ -246,7 +247,7 @@ impl MicroVm {
                     "vmc: warning: the warm-start snapshot {} is unusable ({e}); rebuilding it",
                     snap.display()
                 );
-                let (snap, key) = snapshot::ensure(&cfg.snapshots, &spec, true)?;
+                let (snap, key) = snapshot::ensure(&vm_cfg.snapshots, &spec, true)?;
                 let restored = snapshot::Restored::of(&snap, &key);
                 (vmm::restore(config(None), &snap, &key)?, restored)
             }

@@ -9,6 +9,7 @@ pub mod caps;
 pub mod cgroup;
 pub mod devices;
 pub mod engine;
+pub mod lifecycle;
 
 pub mod microvm;
 pub mod net;
@@ -51,7 +52,9 @@ pub enum Rootfs {
     Layers(Vec<PathBuf>),
 }
 
-/// A container to run: its root filesystem, process and limits.
+/// A container to run: what every engine needs (root filesystem, process,
+/// name, network) and the part only its engine reads ([`EngineConfig`]).
+/// Stored as the container's `config.json`.
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct ContainerConfig {
     pub id: String,
@@ -60,19 +63,9 @@ pub struct ContainerConfig {
     pub image_id: Option<String>,
     pub process: ProcessSpec,
     pub hostname: String,
-    pub resources: Resources,
-    /// Guest kernel (VM mode).
-    pub kernel: PathBuf,
-    /// Show the guest kernel's console on stderr.
-    pub debug: bool,
-    /// Where warm-start snapshots live (see [`snapshots_dir`]).
-    pub snapshots: PathBuf,
     /// Published ports.
     #[serde(default)]
     pub ports: Vec<ports::PortMap>,
-    /// Namespace mode's cgroup limits (the VM is limited by its size).
-    #[serde(default)]
-    pub limits: NsLimits,
     /// How the container reaches the network.
     #[serde(default)]
     pub network: net::Network,
@@ -83,11 +76,70 @@ pub struct ContainerConfig {
     /// host's loopback through the gateway.
     #[serde(default)]
     pub extra_hosts: Vec<net::ExtraHost>,
-    /// Namespace mode: the capability set from `--cap-add`/`--cap-drop`
-    /// (`None`: Docker's default set).
+    /// What the engine of the container's [`Mode`] needs.
+    pub engine: EngineConfig,
+}
+
+impl ContainerConfig {
+    /// The mode its engine config is for.
+    pub fn mode(&self) -> Mode {
+        match self.engine {
+            EngineConfig::Vm(_) => Mode::Vm,
+            EngineConfig::Ns(_) => Mode::Ns,
+        }
+    }
+
+    /// The microVM part, for the microVM engine.
+    pub fn vm(&self) -> Result<&VmEngineConfig, RuntimeError> {
+        match &self.engine {
+            EngineConfig::Vm(v) => Ok(v),
+            EngineConfig::Ns(_) => Err(RuntimeError::WrongEngine(Mode::Ns, Mode::Vm)),
+        }
+    }
+
+    /// The namespace part, for the namespace engine.
+    pub fn ns(&self) -> Result<&NsEngineConfig, RuntimeError> {
+        match &self.engine {
+            EngineConfig::Ns(n) => Ok(n),
+            EngineConfig::Vm(_) => Err(RuntimeError::WrongEngine(Mode::Vm, Mode::Ns)),
+        }
+    }
+}
+
+/// The engine-specific part of a [`ContainerConfig`].
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+#[serde(tag = "mode", rename_all = "lowercase")]
+pub enum EngineConfig {
+    Vm(VmEngineConfig),
+    Ns(NsEngineConfig),
+}
+
+/// A microVM's size, kernel and start.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct VmEngineConfig {
+    pub resources: Resources,
+    /// Guest kernel.
+    pub kernel: PathBuf,
+    /// Show the guest kernel's console on stderr.
+    pub debug: bool,
+    /// Boot the kernel instead of restoring the warm-start snapshot.
+    #[serde(default)]
+    pub cold: bool,
+    /// Where warm-start snapshots live (see [`snapshots_dir`]).
+    pub snapshots: PathBuf,
+}
+
+/// Namespace mode's confinement beyond Docker's defaults.
+#[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
+pub struct NsEngineConfig {
+    /// Cgroup limits (the VM is limited by its size instead).
+    #[serde(default)]
+    pub limits: NsLimits,
+    /// The capability set from `--cap-add`/`--cap-drop` (`None`: Docker's
+    /// default set).
     #[serde(default)]
     pub caps: Option<u64>,
-    /// Namespace mode: the system-call filter (`--security-opt seccomp=`).
+    /// The system-call filter (`--security-opt seccomp=`).
     #[serde(default)]
     pub seccomp: seccomp::Seccomp,
 }
@@ -153,6 +205,8 @@ pub enum RuntimeError {
     Network(String),
     #[error(transparent)]
     Net(#[from] net::NetError),
+    #[error("a container made for {0} mode cannot run in {1} mode")]
+    WrongEngine(Mode, Mode),
 }
 
 /// Whether `cmd` is an executable file in a directory of `$PATH`.
@@ -207,4 +261,67 @@ pub fn snapshots_dir() -> PathBuf {
         .snapshots
         .clone()
         .unwrap_or_else(|| vmc_home().join("snapshots"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(engine: EngineConfig) -> ContainerConfig {
+        ContainerConfig {
+            id: "c".into(),
+            rootfs: Rootfs::Dir("/r".into()),
+            image_id: None,
+            process: ProcessSpec::default(),
+            hostname: "h".into(),
+            ports: Vec::new(),
+            network: Default::default(),
+            dns: Vec::new(),
+            extra_hosts: Vec::new(),
+            engine,
+        }
+    }
+
+    /// `config.json` names the engine (`"mode"`) next to its own fields,
+    /// reads back as the same engine, and an engine asked for the other
+    /// mode's part refuses by name.
+    #[test]
+    fn the_engine_part_is_tagged_by_mode_and_checked() {
+        let vm = config(EngineConfig::Vm(VmEngineConfig {
+            resources: Resources {
+                cpus: 2,
+                memory: 512 << 20,
+            },
+            kernel: "/k".into(),
+            debug: false,
+            cold: true,
+            snapshots: "/s".into(),
+        }));
+        let json: serde_json::Value = serde_json::to_value(&vm).unwrap();
+        assert_eq!(json["engine"]["mode"], "vm");
+        assert_eq!(json["engine"]["resources"]["cpus"], 2);
+        let back: ContainerConfig = serde_json::from_value(json).unwrap();
+        assert_eq!(back.mode(), Mode::Vm);
+        assert!(back.vm().unwrap().cold);
+        assert_eq!(
+            back.ns().unwrap_err().to_string(),
+            "a container made for vm mode cannot run in ns mode"
+        );
+
+        let ns = config(EngineConfig::Ns(NsEngineConfig {
+            limits: NsLimits {
+                pids: Some(10),
+                ..Default::default()
+            },
+            ..Default::default()
+        }));
+        let json = serde_json::to_value(&ns).unwrap();
+        assert_eq!(json["engine"]["mode"], "ns");
+        let back: ContainerConfig = serde_json::from_value(json).unwrap();
+        assert_eq!(back.ns().unwrap().limits.pids, Some(10));
+        assert!(matches!(
+            back.vm(),
+            Err(RuntimeError::WrongEngine(Mode::Ns, Mode::Vm))
+        ));
+    }
 }

@@ -506,8 +506,9 @@ pub fn run_attached(
     // directory can be removed without reaching into the mounted root.
     let _mounted = OverlayRoot::mount(lowers, &dir.join("upper"), &dir.join("work"), &root, dir)?;
     let root_s = root.display().to_string();
-    let mut iso = isolation(&cfg.hostname, cfg.caps, &cfg.seccomp)?;
-    let cgroup = join_cgroups(&mut iso, &cfg.id, &cfg.limits)?;
+    let ns_cfg = cfg.ns()?;
+    let mut iso = isolation(&cfg.hostname, ns_cfg.caps, &ns_cfg.seccomp)?;
+    let cgroup = join_cgroups(&mut iso, &cfg.id, &ns_cfg.limits)?;
     if let Some(cg) = &cgroup {
         let list: Vec<String> = cg.dirs().iter().map(|d| d.display().to_string()).collect();
         let _ = std::fs::write(dir.join("cgroups"), list.join("\n"));

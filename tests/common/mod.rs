@@ -144,20 +144,20 @@ impl TestVm {
             image_id: None,
             process: ProcessSpec::default(),
             hostname: hostname.clone(),
-            resources: Resources {
-                cpus,
-                memory: memory_mib << 20,
-            },
-            kernel: kernel(),
-            debug: false,
-            snapshots: snapshots(),
             ports: Vec::new(),
-            limits: Default::default(),
             network: Default::default(),
             dns: Vec::new(),
             extra_hosts: Vec::new(),
-            caps: None,
-            seccomp: Default::default(),
+            engine: vmc::runtime::EngineConfig::Vm(vmc::runtime::VmEngineConfig {
+                resources: Resources {
+                    cpus,
+                    memory: memory_mib << 20,
+                },
+                kernel: kernel(),
+                debug: false,
+                cold: false,
+                snapshots: snapshots(),
+            }),
         };
         let root = |m: &MicroVm| m.root_spec(&hostname, Vec::new());
         let (vm, conn) = MicroVm::start_ready(&cfg, dir.path(), Start::Warm, &root, &|| false)

@@ -1,0 +1,360 @@
+//! A container's life over its [`Engine`](super::engine::Engine): created
+//! (state directory, `config.json`, `state.json`), run here attached to this
+//! process's stdio, or started detached under a supervisor process that logs
+//! its output, and ended (exit recorded, removed with `--rm`). Front ends (the
+//! CLI's `run` and `__supervise`) call these and only print.
+
+use std::io::Write;
+use std::os::fd::AsRawFd;
+use std::path::Path;
+use std::process::Child;
+use std::time::{Duration, Instant};
+
+use super::state::{self, Container, State, StateError, Status};
+use super::{engine, ContainerConfig, Mode, RuntimeError};
+
+/// The exit code of a container that vmc itself failed to run (Docker's).
+pub const EXIT_VMC_ERROR: i32 = 125;
+
+/// How long `run -d` waits for the supervisor to start the workload. The
+/// supervisor gives up by itself (the agent's connect timeout, bounded by the
+/// guest's progress) and records why; this is only a safety net against one
+/// that hangs, long enough for many VMs starting at once on a slow backend
+/// (32 on this project's 2-core kvm_pvm machines took over 10 minutes).
+const START_DEADLINE: Duration = Duration::from_secs(1800);
+
+/// Errors of the lifecycle itself (the engine's are [`RuntimeError`]).
+#[derive(Debug, thiserror::Error)]
+pub enum LifecycleError {
+    #[error("creating the container: {path}: {source}")]
+    Create {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    State(#[from] StateError),
+    #[error("starting the container's supervisor: {0}")]
+    Spawn(std::io::Error),
+    #[error("the supervisor of container {id} ended before starting it ({status}); remove it with vmc rm {id}")]
+    SupervisorDied { id: String, status: String },
+    #[error("container {0} did not start in time (see vmc logs {0})")]
+    StartTimeout(String),
+    #[error("the container's config is missing or unreadable")]
+    Config,
+    #[error("the supervisor's log pipes: {0}")]
+    Pipes(std::io::Error),
+    #[error(transparent)]
+    Runtime(#[from] RuntimeError),
+}
+
+/// What a new container is called and how it is shown and stopped.
+pub struct Meta {
+    pub name: String,
+    /// The image (or `--rootfs` directory) as the user named it.
+    pub image: String,
+    pub stop_signal: String,
+    /// `--rm`: removed when it ends.
+    pub auto_remove: bool,
+}
+
+/// Creates the container of `cfg` in `dir` (a new directory): its config
+/// (mode 0600: the environment may hold secrets), the image it uses (for
+/// `vmc rmi`), and its state, `created`. Nothing is left on failure.
+pub fn create(dir: &Path, cfg: &ContainerConfig, meta: Meta) -> Result<Container, LifecycleError> {
+    let io = |path: &Path| {
+        let path = path.display().to_string();
+        move |source| LifecycleError::Create { path, source }
+    };
+    let made = || -> Result<Container, LifecycleError> {
+        super::private_dir(dir).map_err(io(dir))?;
+        let config = dir.join("config.json");
+        let json = serde_json::to_vec_pretty(cfg).expect("a config serialises");
+        super::private_file(&config, false)
+            .and_then(|mut f| f.write_all(&json))
+            .map_err(io(&config))?;
+        if let Some(img) = &cfg.image_id {
+            let p = dir.join("image-id");
+            std::fs::write(&p, img).map_err(io(&p))?;
+        }
+        let c = Container {
+            dir: dir.to_path_buf(),
+            state: State {
+                id: cfg.id.clone(),
+                name: meta.name,
+                image: meta.image,
+                command: cfg.process.args.clone(),
+                mode: cfg.mode(),
+                created: state::now_secs(),
+                status: Status::Created,
+                pid: None,
+                pid_start: None,
+                started: None,
+                finished: None,
+                exit_code: None,
+                stop_signal: meta.stop_signal,
+                auto_remove: meta.auto_remove,
+            },
+        };
+        c.save()?;
+        Ok(c)
+    };
+    made().inspect_err(|_| {
+        let _ = std::fs::remove_dir_all(dir);
+    })
+}
+
+/// Runs a created container in this process, attached to its stdio (stdin
+/// only with `forward_stdin`): this process is its supervisor. Returns the
+/// workload's exit code; records the end; removes the container with `--rm`
+/// or when vmc itself failed (nothing of a failed run is left behind).
+pub fn run_here(
+    c: &mut Container,
+    cfg: &ContainerConfig,
+    forward_stdin: bool,
+) -> Result<i32, LifecycleError> {
+    c.mark_running()?;
+    let result = engine::for_mode(cfg.mode()).run_attached(cfg, &c.dir, forward_stdin);
+    let _ = c.mark_exited(*result.as_ref().unwrap_or(&EXIT_VMC_ERROR));
+    if c.state.auto_remove || result.is_err() {
+        let _ = state::remove_dir(&c.dir);
+    }
+    Ok(result?)
+}
+
+/// How a detached start went.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Started {
+    /// The workload runs.
+    Running,
+    /// It ran, ended and was removed already (`--rm`).
+    Removed,
+    /// It could not start: the reason its supervisor logged, and the code.
+    Failed { why: String, code: i32 },
+}
+
+/// Starts a created container detached: `supervisor` (the command that
+/// runs [`supervise`] on its directory) is spawned in a session of its own
+/// with no stdio, and this returns once the workload started (as Docker's
+/// `run -d` does, so that `exec` and published ports work right after it),
+/// or failed to. A supervisor that cannot be spawned leaves nothing behind.
+pub fn start_detached(
+    c: &Container,
+    mut supervisor: std::process::Command,
+) -> Result<Started, LifecycleError> {
+    use std::os::unix::process::CommandExt;
+    supervisor
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null());
+    // SAFETY: setsid in the child before exec; async-signal-safe.
+    unsafe {
+        supervisor.pre_exec(|| {
+            libc::setsid();
+            Ok(())
+        });
+    }
+    let mut child = match supervisor.spawn() {
+        Ok(child) => child,
+        Err(e) => {
+            let _ = std::fs::remove_dir_all(&c.dir);
+            return Err(LifecycleError::Spawn(e));
+        }
+    };
+    wait_started(&c.dir, &c.state.id, &mut child)
+}
+
+/// Waits until the supervisor `child` of the container in `dir` started its
+/// workload, or it ended.
+fn wait_started(dir: &Path, id: &str, child: &mut Child) -> Result<Started, LifecycleError> {
+    let short = &id[..12.min(id.len())];
+    let deadline = Instant::now() + START_DEADLINE;
+    loop {
+        let Some(mut c) = Container::load(dir) else {
+            return Ok(Started::Removed);
+        };
+        if c.started() {
+            return Ok(Started::Running);
+        }
+        if c.state.status != Status::Created && c.refresh() == Status::Exited {
+            let why = state::read_log(&c.log_path())
+                .into_iter()
+                .filter(|l| l.stream == "stderr")
+                .map(|l| l.log.trim_end().to_string())
+                .next_back()
+                .unwrap_or_else(|| "the container's supervisor ended".into());
+            return Ok(Started::Failed {
+                why: why.trim_start_matches("vmc: ").to_string(),
+                code: c.state.exit_code.unwrap_or(EXIT_VMC_ERROR),
+            });
+        }
+        if c.state.status == Status::Created {
+            if let Ok(Some(st)) = child.try_wait() {
+                // It may have recorded its end just before: look again.
+                let fresh = Container::load(dir);
+                if fresh.is_none_or(|f| f.state.status != Status::Created || f.started()) {
+                    continue;
+                }
+                // Gone before it could record anything (killed, crashed).
+                return Err(LifecycleError::SupervisorDied {
+                    id: short.to_string(),
+                    status: st.to_string(),
+                });
+            }
+        }
+        if Instant::now() > deadline {
+            return Err(LifecycleError::StartTimeout(short.to_string()));
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// The supervisor of a detached container (`vmc __supervise DIR`): runs it
+/// with its output going to its log, and records how it ended. An error of
+/// vmc's own is logged as the container's last line of stderr (which `run
+/// -d` reports) and recorded as exit code 125.
+pub fn supervise(dir: &Path) -> Result<(), LifecycleError> {
+    let mut c = Container::load(dir).ok_or(StateError::NotFound(dir.display().to_string()))?;
+    let cfg = c.config().ok_or(LifecycleError::Config)?;
+    let log = c.log_path();
+    let pipe = || -> std::io::Result<(std::fs::File, std::fs::File)> {
+        let (r, w) = vmc_guest::sys::pipe()?;
+        Ok((r.into(), w.into()))
+    };
+    let (out_r, out_w) = pipe().map_err(LifecycleError::Pipes)?;
+    let (err_r, err_w) = pipe().map_err(LifecycleError::Pipes)?;
+    let null = std::fs::File::open("/dev/null").map_err(LifecycleError::Pipes)?;
+    // SAFETY: dup2 onto our own standard descriptors.
+    unsafe {
+        libc::dup2(null.as_raw_fd(), 0);
+        libc::dup2(out_w.as_raw_fd(), 1);
+        libc::dup2(err_w.as_raw_fd(), 2);
+    }
+    drop((out_w, err_w));
+    // The signals the container gets forwarded are blocked before any thread
+    // exists, so that only the runtime's forwarding ever receives them.
+    super::ns::block_forwarded();
+    if cfg.mode() == Mode::Ns {
+        // Without root, the user namespace can only be entered while this
+        // process has a single thread. A failure is recorded as the
+        // container's exit, for `run -d` to report at once.
+        if let Err(e) = super::ns::user_namespace() {
+            state::log_stream(format!("vmc: {e}\n").as_bytes(), &log, "stderr");
+            c.mark_exited(EXIT_VMC_ERROR)?;
+            return Err(RuntimeError::from(e).into());
+        }
+    }
+    let (l1, l2) = (log.clone(), log.clone());
+    let t1 = std::thread::spawn(move || state::log_stream(out_r, &l1, "stdout"));
+    let t2 = std::thread::spawn(move || state::log_stream(err_r, &l2, "stderr"));
+    c.mark_running()?;
+    let result = engine::for_mode(cfg.mode()).run_attached(&cfg, dir, false);
+    let code = match &result {
+        Ok(code) => *code,
+        Err(e) => {
+            eprintln!("vmc: {}", crate::host::error_line(e));
+            EXIT_VMC_ERROR
+        }
+    };
+    // SAFETY: as above; the loggers then see end of file.
+    unsafe {
+        libc::dup2(null.as_raw_fd(), 1);
+        libc::dup2(null.as_raw_fd(), 2);
+    }
+    let _ = (t1.join(), t2.join());
+    c.mark_exited(code)?;
+    if c.state.auto_remove {
+        let _ = state::remove_dir(dir);
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::fs::PermissionsExt;
+
+    use super::super::{EngineConfig, NsEngineConfig, ProcessSpec, Rootfs};
+    use super::*;
+
+    fn config() -> ContainerConfig {
+        ContainerConfig {
+            id: "0123456789abcdef0123".into(),
+            rootfs: Rootfs::Dir("/nonexistent".into()),
+            image_id: Some("sha256:feed".into()),
+            process: ProcessSpec {
+                args: vec!["echo".into(), "hi".into()],
+                env: vec!["SECRET=1".into()],
+                ..Default::default()
+            },
+            hostname: "h".into(),
+            ports: Vec::new(),
+            network: Default::default(),
+            dns: Vec::new(),
+            extra_hosts: Vec::new(),
+            engine: EngineConfig::Ns(NsEngineConfig::default()),
+        }
+    }
+
+    fn meta() -> Meta {
+        Meta {
+            name: "happy_turing".into(),
+            image: "busybox".into(),
+            stop_signal: "SIGTERM".into(),
+            auto_remove: false,
+        }
+    }
+
+    /// A created container has its config (0600: the environment may hold
+    /// secrets), the image it uses and its state, `created`, in its mode.
+    #[test]
+    fn create_writes_a_private_config_and_a_created_state() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("c");
+        let c = create(&dir, &config(), meta()).unwrap();
+        assert_eq!(c.state.status, Status::Created);
+        assert_eq!(c.state.mode, Mode::Ns);
+        assert_eq!(c.state.command, ["echo", "hi"]);
+        let mode = std::fs::metadata(dir.join("config.json"))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600);
+        let loaded = Container::load(&dir).unwrap();
+        assert_eq!(loaded.state.name, "happy_turing");
+        assert_eq!(loaded.config().unwrap().process.env, ["SECRET=1"]);
+        assert_eq!(
+            std::fs::read_to_string(dir.join("image-id")).unwrap(),
+            "sha256:feed"
+        );
+    }
+
+    /// A container that cannot be created leaves nothing behind, and one
+    /// whose supervisor cannot be spawned is removed.
+    #[test]
+    fn failures_leave_nothing_behind() {
+        let tmp = tempfile::tempdir().unwrap();
+        std::fs::write(tmp.path().join("file"), b"").unwrap();
+        let e = create(&tmp.path().join("file/c"), &config(), meta()).unwrap_err();
+        assert!(matches!(e, LifecycleError::Create { .. }), "{e}");
+
+        let dir = tmp.path().join("c");
+        let c = create(&dir, &config(), meta()).unwrap();
+        let e = start_detached(&c, std::process::Command::new("/nonexistent/vmc")).unwrap_err();
+        assert!(matches!(e, LifecycleError::Spawn(_)), "{e}");
+        assert!(!dir.exists());
+    }
+
+    /// A supervisor that ends without recording anything is reported by
+    /// name, with how it ended, and the container is left for `vmc rm`.
+    #[test]
+    fn a_supervisor_that_dies_at_once_is_reported() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("c");
+        let c = create(&dir, &config(), meta()).unwrap();
+        let e = start_detached(&c, std::process::Command::new("false")).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "the supervisor of container 0123456789ab ended before starting it (exit status: 1); remove it with vmc rm 0123456789ab"
+        );
+        assert_eq!(Container::load(&dir).unwrap().state.status, Status::Created);
+    }
+}
