@@ -467,30 +467,37 @@ pub struct SaveArgs {
     pub images: Vec<String>,
 }
 
+/// A size that does not parse.
+#[derive(Debug, PartialEq, Eq, thiserror::Error)]
+pub enum SizeError {
+    #[error("invalid size '{0}': expected a number with an optional unit (b, k, m, g)")]
+    NotANumber(String),
+    #[error("invalid size '{0}': unknown unit '{1}' (use b, k, m or g)")]
+    Unit(String, String),
+    #[error("invalid size '{0}': too large")]
+    TooLarge(String),
+}
+
 /// Parses sizes like `256M`, `1g`, `512MiB`, `1048576`.
-pub fn parse_size(s: &str) -> Result<u64, String> {
+pub fn parse_size(s: &str) -> Result<u64, SizeError> {
     let t = s.trim();
     let lower = t.to_ascii_lowercase();
     let digits_end = lower
         .find(|c: char| !c.is_ascii_digit())
         .unwrap_or(lower.len());
     let (num, unit) = lower.split_at(digits_end);
-    let n: u64 = num.parse().map_err(|_| {
-        format!("invalid size '{s}': expected a number with an optional unit (b, k, m, g)")
-    })?;
+    let n: u64 = num
+        .parse()
+        .map_err(|_| SizeError::NotANumber(s.to_string()))?;
     let mult: u64 = match unit.trim_end_matches("ib").trim_end_matches('b') {
         "" if unit.is_empty() || unit == "b" => 1,
         "k" => 1 << 10,
         "m" => 1 << 20,
         "g" => 1 << 30,
-        _ => {
-            return Err(format!(
-                "invalid size '{s}': unknown unit '{unit}' (use b, k, m or g)"
-            ))
-        }
+        _ => return Err(SizeError::Unit(s.to_string(), unit.to_string())),
     };
     n.checked_mul(mult)
-        .ok_or_else(|| format!("invalid size '{s}': too large"))
+        .ok_or_else(|| SizeError::TooLarge(s.to_string()))
 }
 
 #[cfg(test)]
@@ -505,9 +512,15 @@ mod tests {
         assert_eq!(parse_size("4096"), Ok(4096));
         assert_eq!(parse_size("10b"), Ok(10));
         assert_eq!(parse_size("0"), Ok(0));
-        assert!(parse_size("12q").is_err());
-        assert!(parse_size("M").is_err());
-        assert!(parse_size("99999999999g").is_err());
+        assert_eq!(
+            parse_size("12q"),
+            Err(SizeError::Unit("12q".into(), "q".into()))
+        );
+        assert_eq!(parse_size("M"), Err(SizeError::NotANumber("M".into())));
+        assert_eq!(
+            parse_size("99999999999g"),
+            Err(SizeError::TooLarge("99999999999g".into()))
+        );
     }
 
     /// `vmc --version` shows the build id that build.rs hashes from `src/`

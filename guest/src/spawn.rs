@@ -428,7 +428,7 @@ pub fn prepare(spec: &ProcessSpec, root: &str) -> Result<Prepared, SpawnError> {
         &read_in_root(&root_fd, "/etc/passwd"),
         &read_in_root(&root_fd, "/etc/group"),
     )
-    .map_err(SpawnError::setup)?;
+    .map_err(|e| SpawnError::setup(e.to_string()))?;
     let mut env: Vec<String> = spec.env.clone();
     if !env.iter().any(|e| e.starts_with("PATH=")) {
         env.push(format!("PATH={DEFAULT_PATH}"));
@@ -561,8 +561,8 @@ pub fn spawn_pty(p: &Prepared, size: WinSize) -> Result<(u32, OwnedFd), SpawnErr
 
 /// Work the parent does for a child that exists but has not exec'd yet
 /// (e.g. connecting its new network namespace); the child execs only once
-/// it returns Ok, and fails with its message otherwise.
-pub type Gate<'a> = &'a mut dyn FnMut(u32) -> Result<(), String>;
+/// it returns Ok, and fails with the error's message otherwise.
+pub type Gate<'a> = &'a mut dyn FnMut(u32) -> Result<(), Box<dyn std::error::Error>>;
 
 /// [`spawn`] or [`spawn_pty`] (with `tty`), with an optional [`Gate`].
 pub fn spawn_with(
@@ -664,9 +664,9 @@ fn spawn_io(p: &Prepared, io: ChildIo, gate: Option<Gate>) -> Result<u32, SpawnE
     let n = read_full(&err_r, &mut buf);
     // A gate that failed because the child had already failed (its network
     // namespace gone with it) says less than the child's own report.
-    if let Some(message) = gate_failure {
+    if let Some(e) = gate_failure {
         if n == 0 || buf[0] == Step::Gate as u8 {
-            return Err(SpawnError::setup(message));
+            return Err(SpawnError::setup(e.to_string()));
         }
     }
     if n == 0 {
@@ -1564,7 +1564,7 @@ mod tests {
         let mut seen = 0;
         let mut refuse = |pid: u32| {
             seen = pid;
-            Err("no network for you".to_string())
+            Err("no network for you".into())
         };
         let e = spawn_with(&p, None, [0, 1, 2], Some(&mut refuse))
             .err()

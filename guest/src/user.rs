@@ -44,8 +44,38 @@ fn group_entries(group: &str) -> impl Iterator<Item = (&str, u32, Vec<&str>)> {
     })
 }
 
+/// A `--user` that the container's passwd or group file does not have.
+#[derive(Debug, PartialEq, Eq)]
+pub enum UnknownUser {
+    User(String),
+    Group(String),
+}
+
+// Docker's (runc's) wording, written out: the guest crate keeps its
+// dependencies to libc, postcard and serde.
+impl std::fmt::Display for UnknownUser {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            UnknownUser::User(u) => {
+                write!(
+                    f,
+                    "unable to find user {u}: no matching entries in passwd file"
+                )
+            }
+            UnknownUser::Group(g) => {
+                write!(
+                    f,
+                    "unable to find group {g}: no matching entries in group file"
+                )
+            }
+        }
+    }
+}
+
+impl std::error::Error for UnknownUser {}
+
 /// Resolves `spec` against the given passwd and group file contents.
-pub fn resolve(spec: &str, passwd: &str, group: &str) -> Result<ExecUser, String> {
+pub fn resolve(spec: &str, passwd: &str, group: &str) -> Result<ExecUser, UnknownUser> {
     let (user, grp) = match spec.split_once(':') {
         Some((u, g)) => (u, Some(g)),
         None => (spec, None),
@@ -59,11 +89,7 @@ pub fn resolve(spec: &str, passwd: &str, group: &str) -> Result<ExecUser, String
     let (uid, mut gid, home, name) = match (entry, numeric) {
         (Some(p), _) => (p.uid, p.gid, p.home.to_string(), Some(p.name)),
         (None, Some(uid)) => (uid, 0, "/".to_string(), None),
-        (None, None) => {
-            return Err(format!(
-                "unable to find user {user}: no matching entries in passwd file"
-            ))
-        }
+        (None, None) => return Err(UnknownUser::User(user.to_string())),
     };
     let mut groups = Vec::new();
     match grp {
@@ -73,9 +99,7 @@ pub fn resolve(spec: &str, passwd: &str, group: &str) -> Result<ExecUser, String
                 Err(_) => group_entries(group)
                     .find(|(n, _, _)| *n == g)
                     .map(|(_, id, _)| id)
-                    .ok_or_else(|| {
-                        format!("unable to find group {g}: no matching entries in group file")
-                    })?,
+                    .ok_or_else(|| UnknownUser::Group(g.to_string()))?,
             };
         }
         _ => {
@@ -137,11 +161,17 @@ mod tests {
 
     #[test]
     fn unknown_names_are_errors() {
-        assert!(resolve("nobody", PASSWD, GROUP)
-            .unwrap_err()
-            .contains("unable to find user nobody"));
-        assert!(resolve("app:nogroup", PASSWD, GROUP)
-            .unwrap_err()
-            .contains("unable to find group nogroup"));
+        let e = resolve("nobody", PASSWD, GROUP).unwrap_err();
+        assert_eq!(e, UnknownUser::User("nobody".into()));
+        assert_eq!(
+            e.to_string(),
+            "unable to find user nobody: no matching entries in passwd file"
+        );
+        let e = resolve("app:nogroup", PASSWD, GROUP).unwrap_err();
+        assert_eq!(e, UnknownUser::Group("nogroup".into()));
+        assert_eq!(
+            e.to_string(),
+            "unable to find group nogroup: no matching entries in group file"
+        );
     }
 }

@@ -92,6 +92,24 @@ impl BuildError {
     }
 }
 
+/// Why a COPY's `--chown` or `--from` cannot be used.
+#[derive(Debug, thiserror::Error)]
+enum CopySourceError {
+    #[error("--chown: unknown user or group '{0}' in the image")]
+    UnknownOwner(String),
+    #[error("--from={0}: no such stage or image")]
+    NoStage(String),
+    #[error(transparent)]
+    Store(#[from] image::StoreError),
+    #[error(transparent)]
+    Image(#[from] image::ImageError),
+    #[error("{path}: {source}")]
+    Io {
+        path: String,
+        source: std::io::Error,
+    },
+}
+
 fn step_err(step: &Step, message: impl ToString) -> BuildError {
     BuildError::Step {
         line: step.line,
@@ -816,13 +834,13 @@ impl Builder<'_> {
     }
 
     /// `--chown=user:group` with names looked up in the image's passwd/group.
-    fn resolve_chown(&self, spec: &str, st: &State) -> Result<(u32, u32), String> {
+    fn resolve_chown(&self, spec: &str, st: &State) -> Result<(u32, u32), CopySourceError> {
         let (u, g) = spec
             .split_once(':')
             .map_or((spec, None), |(u, g)| (u, Some(g)));
         let passwd = self.file_in_layers(&st.layers, "etc/passwd");
         let group = self.file_in_layers(&st.layers, "etc/group");
-        let lookup = |name: &str, db: &Option<String>, idx: usize| -> Result<u32, String> {
+        let lookup = |name: &str, db: &Option<String>, idx: usize| {
             if let Ok(n) = name.parse() {
                 return Ok(n);
             }
@@ -832,7 +850,7 @@ impl Builder<'_> {
                 .find(|l| l.split(':').next() == Some(name))
                 .and_then(|l| l.split(':').nth(idx))
                 .and_then(|v| v.parse().ok())
-                .ok_or_else(|| format!("--chown: unknown user or group '{name}' in the image"))
+                .ok_or_else(|| CopySourceError::UnknownOwner(name.to_string()))
         };
         let uid = lookup(u, &passwd, 2)?;
         let gid = match g {
@@ -868,7 +886,7 @@ impl Builder<'_> {
     }
 
     /// The unpacked root of an earlier stage (by name or index) or an image.
-    fn stage_root(&mut self, from: &str) -> Result<PathBuf, String> {
+    fn stage_root(&mut self, from: &str) -> Result<PathBuf, CopySourceError> {
         let idx = from
             .parse::<usize>()
             .ok()
@@ -889,20 +907,19 @@ impl Builder<'_> {
                 let img = self
                     .store
                     .resolve(from)
-                    .map_err(|_| format!("--from={from}: no such stage or image"))?;
+                    .map_err(|_| CopySourceError::NoStage(from.to_string()))?;
                 (img.config.clone(), img.manifest.layers().clone())
             }
         };
-        let img = self
-            .store
-            .commit(&config, layers, None)
-            .map_err(|e| e.to_string())?;
+        let img = self.store.commit(&config, layers, None)?;
         let dir = self
             .tmp
             .join(format!("stage-{}", &crate::runtime::new_id()[..8]));
-        fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
-        crate::image::disk::unpack_image(self.store, &img, &dir, Whiteouts::Apply)
-            .map_err(|e| e.to_string())?;
+        fs::create_dir_all(&dir).map_err(|source| CopySourceError::Io {
+            path: dir.display().to_string(),
+            source,
+        })?;
+        crate::image::disk::unpack_image(self.store, &img, &dir, Whiteouts::Apply)?;
         if let Some(i) = idx {
             self.stages[i].unpacked = Some(dir.clone());
         }

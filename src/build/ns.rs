@@ -170,12 +170,9 @@ impl BuildNs {
         let mut pasta = None;
         let dir = self.dir.clone();
         let extra_hosts = self.extra_hosts.clone();
-        let mut connect = |pid: u32| -> Result<(), String> {
+        let mut connect = |pid: u32| -> Result<(), Box<dyn std::error::Error>> {
             if self.network == Network::Passt {
-                pasta = Some(
-                    Pasta::attach(pid, &dir, maps_host_loopback(&extra_hosts))
-                        .map_err(|e| e.to_string())?,
-                );
+                pasta = Some(Pasta::attach(pid, &dir, maps_host_loopback(&extra_hosts))?);
             }
             Ok(())
         };

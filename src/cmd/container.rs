@@ -122,13 +122,13 @@ pub(crate) fn logs(a: LogsArgs) -> Result<i32> {
 /// says) printed and the rest done anyway; exit code 1 if any failed.
 fn each_container(
     names: &[String],
-    mut act: impl FnMut(&str, Container) -> Result<std::result::Result<(), String>>,
+    mut act: impl FnMut(&str, Container) -> Result<std::result::Result<(), cstate::StateError>>,
 ) -> Result<i32> {
     let mut failed = false;
     for name in names {
         let outcome = match cstate::resolve(name) {
             Ok(c) => act(name, c)?,
-            Err(e) => Err(e.to_string()),
+            Err(e) => Err(e),
         };
         match outcome {
             Ok(()) => println!("{name}"),
@@ -182,7 +182,7 @@ pub(crate) fn kill(a: KillArgs) -> Result<i32> {
         Ok(if sent {
             Ok(())
         } else {
-            Err(format!("container {name} is not running"))
+            Err(cstate::StateError::NotRunning(name.to_string()))
         })
     })
 }
@@ -191,9 +191,7 @@ pub(crate) fn rm(a: RmArgs) -> Result<i32> {
     each_container(&a.containers, |name, mut c| {
         if c.refresh() == Status::Running {
             if !a.force {
-                return Ok(Err(format!(
-                    "container {name} is running: stop it first (vmc stop {name}) or use vmc rm -f"
-                )));
+                return Ok(Err(cstate::StateError::StillRunning(name.to_string())));
             }
             c.kill_now();
         }

@@ -158,10 +158,10 @@ pub(crate) fn run(args: RunArgs) -> Result<i32> {
     let network = network_for(ns, args.network.as_deref())?;
     let mut ports = Vec::new();
     for p in &args.publish {
-        ports.push(runtime::ports::parse(p).map_err(anyhow::Error::msg)?);
+        ports.push(runtime::ports::parse(p)?);
     }
     // A port in use fails the run before anything starts.
-    drop(runtime::ports::bind(&ports).map_err(anyhow::Error::msg)?);
+    drop(runtime::ports::bind(&ports)?);
     let stop_signal = image_config
         .as_ref()
         .and_then(|c| c.stop_signal().clone())
@@ -181,8 +181,7 @@ pub(crate) fn run(args: RunArgs) -> Result<i32> {
     }
     spec::merge_env(&mut process.env, &[format!("HOSTNAME={hostname}")]);
     let extra_hosts = extra_hosts(&args.add_host)?;
-    let caps =
-        runtime::caps::effective(&args.cap_add, &args.cap_drop).map_err(anyhow::Error::msg)?;
+    let caps = runtime::caps::effective(&args.cap_add, &args.cap_drop)?;
     if caps.is_some() && !ns {
         bail!(
             "--cap-add/--cap-drop apply to namespace mode (--mode ns): in a microVM the guest kernel is the boundary and the workload has every capability of the guest"

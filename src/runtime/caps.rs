@@ -51,9 +51,14 @@ const NAMES: [&str; 41] = [
 /// Every capability above.
 const ALL: u64 = (1 << NAMES.len()) - 1;
 
+/// A capability name Linux does not have.
+#[derive(Debug, PartialEq, Eq, thiserror::Error)]
+#[error("unknown capability '{0}' (use names such as NET_ADMIN, or ALL)")]
+pub struct UnknownCapability(pub String);
+
 /// The bits `name` stands for: one capability (`NET_ADMIN`, `cap_net_admin`)
 /// or `ALL`.
-pub(crate) fn bits(name: &str) -> Result<u64, String> {
+pub(crate) fn bits(name: &str) -> Result<u64, UnknownCapability> {
     let upper = name.to_ascii_uppercase();
     let bare = upper.strip_prefix("CAP_").unwrap_or(&upper);
     if bare == "ALL" {
@@ -63,14 +68,14 @@ pub(crate) fn bits(name: &str) -> Result<u64, String> {
         .iter()
         .position(|n| *n == bare)
         .map(|i| 1 << i)
-        .ok_or_else(|| format!("unknown capability '{name}' (use names such as NET_ADMIN, or ALL)"))
+        .ok_or_else(|| UnknownCapability(name.to_string()))
 }
 
 /// The capability set for `add` and `drop` as Docker computes it: the
 /// default set (every capability when `add` holds ALL), less what `drop`
 /// names (everything for ALL), plus what `add` names. `None` when neither
 /// is given (the default set, recorded as such).
-pub fn effective(add: &[String], drop: &[String]) -> Result<Option<u64>, String> {
+pub fn effective(add: &[String], drop: &[String]) -> Result<Option<u64>, UnknownCapability> {
     if add.is_empty() && drop.is_empty() {
         return Ok(None);
     }
@@ -118,6 +123,10 @@ mod tests {
         assert_eq!(effective(&s(&["ALL"]), &[]).unwrap(), Some(ALL));
         assert_eq!(effective(&[], &s(&["all"])).unwrap(), Some(0));
         let e = effective(&s(&["NOPE"]), &[]).unwrap_err();
-        assert!(e.contains("unknown capability 'NOPE'"), "{e}");
+        assert_eq!(e, UnknownCapability("NOPE".into()));
+        assert_eq!(
+            e.to_string(),
+            "unknown capability 'NOPE' (use names such as NET_ADMIN, or ALL)"
+        );
     }
 }

@@ -54,7 +54,7 @@ impl Engine for MicroVm {
         dir: &Path,
         forward_stdin: bool,
     ) -> Result<i32, RuntimeError> {
-        let listeners = super::ports::bind(&cfg.ports).map_err(RuntimeError::Network)?;
+        let listeners = super::ports::bind(&cfg.ports)?;
         let _serving =
             super::ports::serve(listeners, super::ports::Target::Vm(dir.join("vsock.sock")));
         let how = if cfg.vm()?.cold {
@@ -101,7 +101,7 @@ impl Engine for Namespaces {
                 ))
             }
         };
-        let listeners = super::ports::bind(&cfg.ports).map_err(RuntimeError::Network)?;
+        let listeners = super::ports::bind(&cfg.ports)?;
         super::ns::run_attached(cfg, &lowers, dir, listeners, forward_stdin)
     }
 

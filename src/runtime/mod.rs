@@ -205,6 +205,8 @@ pub enum RuntimeError {
     Network(String),
     #[error(transparent)]
     Net(#[from] net::NetError),
+    #[error(transparent)]
+    Ports(#[from] ports::PortError),
     #[error("a container made for {0} mode cannot run in {1} mode")]
     WrongEngine(Mode, Mode),
 }

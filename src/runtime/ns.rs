@@ -540,12 +540,13 @@ pub fn run_attached(
     // The network is connected while the child waits before its exec, so
     // the workload starts with it; pasta goes when this returns.
     let mut pasta = None;
-    let mut connect = |pid: u32| -> Result<(), String> {
+    let mut connect = |pid: u32| -> Result<(), Box<dyn std::error::Error>> {
         if cfg.network == Network::Passt {
-            pasta = Some(
-                Pasta::attach(pid, dir, super::net::maps_host_loopback(&cfg.extra_hosts))
-                    .map_err(|e| e.to_string())?,
-            );
+            pasta = Some(Pasta::attach(
+                pid,
+                dir,
+                super::net::maps_host_loopback(&cfg.extra_hosts),
+            )?);
         }
         Ok(())
     };

@@ -37,19 +37,54 @@ impl std::fmt::Display for PortMap {
     }
 }
 
+/// A `-p` that cannot be published.
+#[derive(Debug, thiserror::Error)]
+pub enum PortError {
+    #[error("-p {spec}: {why} (the form is [IP:]HOST_PORT:CONTAINER_PORT[/tcp])")]
+    Spec { spec: String, why: SpecProblem },
+    #[error("-p {host_port}:{container_port}: {addr} is already in use: choose another host port")]
+    InUse {
+        host_port: u16,
+        container_port: u16,
+        addr: SocketAddr,
+    },
+    #[error("-p {host_port}:{container_port}: cannot listen on {addr}: {source}")]
+    Listen {
+        host_port: u16,
+        container_port: u16,
+        addr: SocketAddr,
+        source: io::Error,
+    },
+}
+
+/// What is wrong with a `-p` specification.
+#[derive(Debug, PartialEq, Eq, thiserror::Error)]
+pub enum SpecProblem {
+    #[error("only tcp ports can be published")]
+    NotTcp,
+    #[error("'{0}' is not a port number (1-65535)")]
+    NotAPort(String),
+    #[error("'{0}' is not an IPv4 address")]
+    NotAnAddress(String),
+    #[error("give both the host and the container port")]
+    OnePort,
+    #[error("too many ':' (IPv6 host addresses are not supported)")]
+    TooManyColons,
+}
+
 /// Parses `[IP:]HOST:CONTAINER[/tcp]` as Docker does (no ranges, tcp only).
-pub fn parse(spec: &str) -> Result<PortMap, String> {
-    let bad =
-        |why: &str| format!("-p {spec}: {why} (the form is [IP:]HOST_PORT:CONTAINER_PORT[/tcp])");
+pub fn parse(spec: &str) -> Result<PortMap, PortError> {
+    let bad = |why| PortError::Spec {
+        spec: spec.to_string(),
+        why,
+    };
     let (body, proto) = spec.split_once('/').unwrap_or((spec, "tcp"));
     if proto != "tcp" {
-        return Err(bad("only tcp ports can be published"));
+        return Err(bad(SpecProblem::NotTcp));
     }
-    let port = |s: &str| -> Result<u16, String> {
-        match s.parse::<u16>() {
-            Ok(p) if p > 0 => Ok(p),
-            _ => Err(bad(&format!("'{s}' is not a port number (1-65535)"))),
-        }
+    let port = |s: &str| match s.parse::<u16>() {
+        Ok(p) if p > 0 => Ok(p),
+        _ => Err(bad(SpecProblem::NotAPort(s.to_string()))),
     };
     let parts: Vec<&str> = body.split(':').collect();
     let (ip, h, c) = match parts.as_slice() {
@@ -57,11 +92,11 @@ pub fn parse(spec: &str) -> Result<PortMap, String> {
         [ip, h, c] => {
             let addr: IpAddr = ip
                 .parse()
-                .map_err(|_| bad(&format!("'{ip}' is not an IPv4 address")))?;
+                .map_err(|_| bad(SpecProblem::NotAnAddress(ip.to_string())))?;
             (addr, *h, *c)
         }
-        [_] => return Err(bad("give both the host and the container port")),
-        _ => return Err(bad("too many ':' (IPv6 host addresses are not supported)")),
+        [_] => return Err(bad(SpecProblem::OnePort)),
+        _ => return Err(bad(SpecProblem::TooManyColons)),
     };
     Ok(PortMap {
         host_ip: ip,
@@ -71,21 +106,24 @@ pub fn parse(spec: &str) -> Result<PortMap, String> {
 }
 
 /// Binds every mapping's host address; fails with the address in use.
-pub fn bind(maps: &[PortMap]) -> Result<Vec<(TcpListener, PortMap)>, String> {
+pub fn bind(maps: &[PortMap]) -> Result<Vec<(TcpListener, PortMap)>, PortError> {
     maps.iter()
         .map(|m| {
             let addr = SocketAddr::new(m.host_ip, m.host_port);
             TcpListener::bind(addr)
                 .map(|l| (l, *m))
-                .map_err(|e| match e.kind() {
-                    io::ErrorKind::AddrInUse => format!(
-                        "-p {}:{}: {addr} is already in use: choose another host port",
-                        m.host_port, m.container_port
-                    ),
-                    _ => format!(
-                        "-p {}:{}: cannot listen on {addr}: {e}",
-                        m.host_port, m.container_port
-                    ),
+                .map_err(|source| match source.kind() {
+                    io::ErrorKind::AddrInUse => PortError::InUse {
+                        host_port: m.host_port,
+                        container_port: m.container_port,
+                        addr,
+                    },
+                    _ => PortError::Listen {
+                        host_port: m.host_port,
+                        container_port: m.container_port,
+                        addr,
+                        source,
+                    },
                 })
         })
         .collect()
@@ -279,6 +317,15 @@ mod tests {
         ] {
             assert!(parse(bad).is_err(), "{bad}");
         }
+        let e = parse("a:80").unwrap_err();
+        assert!(
+            matches!(&e, PortError::Spec { why: SpecProblem::NotAPort(p), .. } if p == "a"),
+            "{e}"
+        );
+        assert_eq!(
+            e.to_string(),
+            "-p a:80: 'a' is not a port number (1-65535) (the form is [IP:]HOST_PORT:CONTAINER_PORT[/tcp])"
+        );
     }
 
     #[test]
@@ -287,6 +334,10 @@ mod tests {
         let port = l.local_addr().unwrap().port();
         let m = parse(&format!("127.0.0.1:{port}:80")).unwrap();
         let e = bind(&[m]).unwrap_err();
-        assert!(e.contains("already in use"), "{e}");
+        assert!(matches!(e, PortError::InUse { .. }), "{e}");
+        assert_eq!(
+            e.to_string(),
+            format!("-p {port}:80: 127.0.0.1:{port} is already in use: choose another host port")
+        );
     }
 }

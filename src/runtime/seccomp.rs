@@ -51,6 +51,8 @@ pub enum SeccompError {
     Read(String, String),
     #[error("seccomp profile: {0} (Docker's profile format: see README, Security model)")]
     Invalid(String),
+    #[error("seccomp profile: {0}")]
+    Capability(#[from] super::caps::UnknownCapability),
 }
 
 impl Seccomp {
@@ -214,7 +216,7 @@ fn condition(a: &Arg) -> Result<SeccompCondition, SeccompError> {
 /// any included architecture must be present, no excluded one).
 fn applies(rule: &Rule, caps: u64, kernel: (u32, u32)) -> Result<bool, SeccompError> {
     let has_cap = |name: &String| -> Result<bool, SeccompError> {
-        let bit = super::caps::bits(name).map_err(SeccompError::Invalid)?;
+        let bit = super::caps::bits(name)?;
         Ok(caps & bit == bit)
     };
     let on_arch = |arches: &Vec<String>| arches.iter().any(|a| arch_names().contains(&a.as_str()));

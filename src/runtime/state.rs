@@ -59,6 +59,10 @@ pub enum StateError {
     NameInUse(String, String),
     #[error("container state {path}: {source}")]
     Io { path: String, source: io::Error },
+    #[error("container {0} is not running")]
+    NotRunning(String),
+    #[error("container {0} is running: stop it first (vmc stop {0}) or use vmc rm -f")]
+    StillRunning(String),
     #[error("container {id} is {from:?}: it cannot become {to:?}")]
     Transition {
         id: String,

@@ -322,10 +322,7 @@ impl RunningVm {
                 return Err(SnapshotError::Pause("the vCPUs did not stop".into()));
             }
         };
-        saved
-            .into_iter()
-            .collect::<Result<Vec<_>, String>>()
-            .map_err(SnapshotError::Invalid)
+        saved.into_iter().collect()
     }
 
     /// Lets paused vCPUs run again.

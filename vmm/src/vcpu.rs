@@ -13,7 +13,7 @@ use std::sync::Arc;
 use kvm_ioctls::{VcpuExit, VcpuFd};
 
 use super::exit::{ExitState, VmExit};
-use super::snapshot::VcpuState;
+use super::snapshot::{SnapshotError, VcpuState};
 use crate::devices::bus::Bus;
 
 /// What the vCPU loop does after an exit.
@@ -112,7 +112,7 @@ pub struct PauseCtl {
 #[derive(Default)]
 struct PauseState {
     requested: bool,
-    saved: Vec<Option<Result<VcpuState, String>>>,
+    saved: Vec<Option<Result<VcpuState, SnapshotError>>>,
 }
 
 impl PauseCtl {
@@ -134,7 +134,7 @@ impl PauseCtl {
     pub fn wait_saved(
         &self,
         timeout: std::time::Duration,
-    ) -> Option<Vec<Result<VcpuState, String>>> {
+    ) -> Option<Vec<Result<VcpuState, SnapshotError>>> {
         let deadline = std::time::Instant::now() + timeout;
         let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
         loop {
@@ -158,7 +158,7 @@ impl PauseCtl {
     }
 
     fn park(&self, id: usize, vcpu: &VcpuFd, msr_list: &[u32], stop: &AtomicBool) {
-        let saved = VcpuState::save(vcpu, msr_list).map_err(|e| e.to_string());
+        let saved = VcpuState::save(vcpu, msr_list);
         let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(slot) = st.saved.get_mut(id) {
             *slot = Some(saved);
