@@ -21,6 +21,16 @@ use super::net::{Network, Pasta};
 use super::{ContainerConfig, RuntimeError};
 use crate::host::rootless;
 
+mod attend;
+mod reexec;
+
+use attend::attend;
+pub use attend::block_forwarded;
+pub use reexec::{
+    on_read_only_mount, own_binary_read_only, run_from_read_only_binary, user_namespace,
+    REEXECUTED, REEXEC_ENV,
+};
+
 /// Errors specific to namespace mode.
 #[derive(Debug, thiserror::Error)]
 pub enum NsError {
@@ -206,153 +216,6 @@ pub fn root_ops() -> Vec<RootOp> {
         ));
     }
     ops
-}
-
-/// Set in the environment of the re-executed vmc by
-/// [`run_from_read_only_binary`], against a loop; `main` removes it first
-/// thing and sets [`REEXECUTED`] instead.
-pub const REEXEC_ENV: &str = "VMC_READ_ONLY_REEXEC";
-
-/// This process is vmc re-executed from its read-only binary.
-pub static REEXECUTED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
-
-/// Whether `path` is reached through a read-only mount (statvfs follows a
-/// `/proc/PID/exe` link to the file and the mount it was reached by).
-pub fn on_read_only_mount(path: &Path) -> bool {
-    let Ok(p) = vmc_guest::sys::cstr(path) else {
-        return false;
-    };
-    // SAFETY: statvfs fills a plain struct from a NUL-terminated path.
-    unsafe {
-        let mut st: libc::statvfs = std::mem::zeroed();
-        libc::statvfs(p.as_ptr(), &mut st) == 0 && st.f_flag & libc::ST_RDONLY != 0
-    }
-}
-
-/// Whether this process's own executable is reached through a read-only
-/// mount.
-pub fn own_binary_read_only() -> bool {
-    on_read_only_mount(Path::new("/proc/self/exe"))
-}
-
-/// Before vmc enters a namespace container (run and build in namespace
-/// mode, exec, a detached supervisor): makes sure its own binary is mapped
-/// through a read-only mount, re-executing itself if it is not (the
-/// CVE-2019-5736 class). A process of the container could otherwise reach
-/// the host's vmc binary through `/proc/PID/exe` of vmc's child before it
-/// execs the workload, or of a workload that is a `#!/proc/self/exe`
-/// script, and rewrite it once no process runs it. Here vmc moves into a
-/// mount namespace of its own, binds its binary read-only over itself and
-/// runs again from there: a write through any such link fails with EROFS.
-/// (runc answers with a sealed memfd copy; vmc's binary is tens of MiB, a
-/// bind costs nothing.) Must run while single-threaded. Without root the
-/// container's root is the calling user, who owns nothing more of the host
-/// than before; nothing is done then.
-pub fn run_from_read_only_binary() -> Result<(), NsError> {
-    if rootless() || own_binary_read_only() {
-        return Ok(());
-    }
-    if REEXECUTED.load(std::sync::atomic::Ordering::Relaxed) {
-        return Err(NsError::Start(
-            "vmc re-ran itself from a read-only bind of its binary, which is still writable".into(),
-        ));
-    }
-    let path = std::fs::read_link("/proc/self/exe").map_err(sys("/proc/self/exe"))?;
-    if !path.exists() {
-        return Err(NsError::Start(format!(
-            "vmc's binary {} was replaced or removed while it ran; run vmc again",
-            path.display()
-        )));
-    }
-    let path_s = path.display().to_string();
-    // SAFETY: unshare/mount with valid arguments; results checked.
-    unsafe {
-        check(libc::unshare(libc::CLONE_NEWNS), "unshare(CLONE_NEWNS)")?;
-    }
-    vmc_guest::sys::mount(None, "/", None, libc::MS_REC | libc::MS_PRIVATE, None)
-        .map_err(sys("making mounts private"))?;
-    // By its path: /proc/self/exe leads to the mount of the namespace left
-    // behind, which cannot be the source of a bind here.
-    vmc_guest::sys::mount(Some(&path_s), &path_s, None, libc::MS_BIND, None)
-        .map_err(sys(format!("binding {path_s} over itself")))?;
-    vmc_guest::sys::mount(
-        None,
-        &path_s,
-        None,
-        libc::MS_BIND | libc::MS_REMOUNT | libc::MS_RDONLY,
-        None,
-    )
-    .map_err(sys(format!("making {path_s} read-only")))?;
-    let cstr = |s: &std::ffi::OsStr| {
-        std::ffi::CString::new(std::os::unix::ffi::OsStrExt::as_bytes(s))
-            .map_err(|_| NsError::Start("an argument holds a NUL byte".into()))
-    };
-    let args: Vec<std::ffi::CString> = std::env::args_os()
-        .map(|a| cstr(&a))
-        .collect::<Result<_, _>>()?;
-    let mut env: Vec<std::ffi::CString> = std::env::vars_os()
-        .map(|(k, v)| {
-            let mut kv = k;
-            kv.push("=");
-            kv.push(v);
-            cstr(&kv)
-        })
-        .collect::<Result<_, _>>()?;
-    env.push(cstr(std::ffi::OsStr::new(&format!("{REEXEC_ENV}=1")))?);
-    let ptrs = |v: &[std::ffi::CString]| {
-        let mut p: Vec<*const libc::c_char> = v.iter().map(|s| s.as_ptr()).collect();
-        p.push(std::ptr::null());
-        p
-    };
-    let (argv, envp) = (ptrs(&args), ptrs(&env));
-    let exe = cstr(path.as_os_str())?;
-    // SAFETY: NUL-terminated strings and NULL-terminated arrays that live
-    // until the call, which returns only on failure.
-    unsafe { libc::execve(exe.as_ptr(), argv.as_ptr(), envp.as_ptr()) };
-    Err(sys(format!("re-running {path_s}"))(
-        std::io::Error::last_os_error(),
-    ))
-}
-
-/// Without root: moves this process into a new user namespace where its
-/// own uid and gid are 0 and it holds every capability over the namespaces
-/// it creates next (the container's), none over the host's. A single id is
-/// mapped (no /etc/subuid ranges, no setuid helper): every file of the
-/// image belongs to the container's root. Must run while the process is
-/// single-threaded (unshare(CLONE_NEWUSER) requires it).
-fn enter_user_namespace() -> Result<(), NsError> {
-    // SAFETY: getuid/getgid have no preconditions.
-    let (uid, gid) = unsafe { (libc::getuid(), libc::getgid()) };
-    // SAFETY: unshare with a constant flag; result checked.
-    if unsafe { libc::unshare(libc::CLONE_NEWUSER) } != 0 {
-        let e = std::io::Error::last_os_error();
-        if e.raw_os_error() == Some(libc::EINVAL) {
-            // The kernel's answer to a process with several threads.
-            return Err(NsError::Start(
-                "entering a user namespace: vmc has started threads already (a bug: please report it)".into(),
-            ));
-        }
-        return Err(NsError::NoUserns(e));
-    }
-    let write = |file: &str, text: String| {
-        std::fs::write(format!("/proc/self/{file}"), text)
-            .map_err(sys(format!("writing /proc/self/{file}")))
-    };
-    // setgroups must be denied before an unprivileged gid_map is written.
-    write("setgroups", "deny".into())?;
-    write("uid_map", format!("0 {uid} 1"))?;
-    write("gid_map", format!("0 {gid} 1"))
-}
-
-/// Without root, enters the user namespace of [`enter_user_namespace`]
-/// unless already in it; a process that starts threads before it runs a
-/// container calls this first.
-pub fn user_namespace() -> Result<(), NsError> {
-    // SAFETY: geteuid has no preconditions.
-    if rootless() && unsafe { libc::geteuid() } != 0 {
-        enter_user_namespace()?;
-    }
-    Ok(())
 }
 
 /// Moves this process into a private mount namespace of its own: the
@@ -591,153 +454,6 @@ fn network_files(cfg: &ContainerConfig, dir: &Path) -> Result<Vec<(String, PathB
     Ok(out)
 }
 
-/// Waits for the started process, forwarding signals; with a terminal, also
-/// relays it to vmc's stdio and passes on size changes (SIGWINCH).
-fn attend(
-    pid: libc::pid_t,
-    set: &libc::sigset_t,
-    terminal: Option<OwnedFd>,
-    forward_stdin: bool,
-) -> Result<i32, RuntimeError> {
-    match terminal {
-        None => Ok(wait_forwarding(pid, set)),
-        Some(master) => {
-            let _raw = forward_stdin.then(super::tty::RawMode::enter);
-            relay_terminal(pid, set, &master, forward_stdin)
-        }
-    }
-}
-
-/// The terminal's relay, in this thread alone: after `vmc exec` has joined
-/// the container's PID namespace, the kernel refuses to create threads
-/// (their PID namespace would differ from their children's). One poll loop
-/// over a signalfd, the master and vmc's stdin.
-fn relay_terminal(
-    pid: libc::pid_t,
-    set: &libc::sigset_t,
-    master: &OwnedFd,
-    forward_stdin: bool,
-) -> Result<i32, RuntimeError> {
-    use std::os::fd::{AsRawFd, FromRawFd};
-    // SAFETY: set is a valid sigset_t (its signals are blocked: block_forwarded).
-    let sfd = unsafe { libc::signalfd(-1, set, libc::SFD_CLOEXEC) };
-    check(sfd, "signalfd")?;
-    // SAFETY: signalfd returned a fresh descriptor that we now own.
-    let sfd = unsafe { OwnedFd::from_raw_fd(sfd) };
-    let m = master.as_raw_fd();
-    let mut stdin_open = forward_stdin;
-    let mut master_open = true;
-    let mut buf = vec![0u8; 16 * 1024];
-    let mut code = None;
-    while code.is_none() {
-        let mut fds = [
-            pollfd(sfd.as_raw_fd(), libc::POLLIN),
-            pollfd(if master_open { m } else { -1 }, libc::POLLIN),
-            pollfd(if stdin_open { 0 } else { -1 }, libc::POLLIN),
-        ];
-        // SAFETY: fds is a valid array of pollfd.
-        if unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, -1) } < 0 {
-            continue;
-        }
-        if fds[1].revents != 0 {
-            master_open = copy_to_stdout(m, &mut buf);
-        }
-        if fds[2].revents != 0 {
-            match vmc_guest::sys::read(0, &mut buf) {
-                Ok(0) | Err(_) => {
-                    stdin_open = false;
-                    let _ = vmc_guest::sys::write_all(m, &[super::tty::EOF_BYTE]);
-                }
-                Ok(n) => {
-                    if vmc_guest::sys::write_all(m, &buf[..n]).is_err() {
-                        stdin_open = false;
-                    }
-                }
-            }
-        }
-        if fds[0].revents != 0 {
-            // SAFETY: signalfd_siginfo is plain data, filled by read.
-            let mut si: libc::signalfd_siginfo = unsafe { std::mem::zeroed() };
-            // SAFETY: reads at most size_of(si) bytes into si.
-            let n = unsafe {
-                libc::read(
-                    sfd.as_raw_fd(),
-                    (&mut si as *mut libc::signalfd_siginfo).cast(),
-                    std::mem::size_of::<libc::signalfd_siginfo>(),
-                )
-            };
-            if n <= 0 {
-                continue;
-            }
-            match si.ssi_signo as libc::c_int {
-                libc::SIGCHLD => code = reap(pid),
-                libc::SIGWINCH => {
-                    if let Some(size) = super::tty::host_size() {
-                        super::tty::resize(master, size);
-                    }
-                }
-                // SAFETY: kill on our own child.
-                sig => unsafe {
-                    libc::kill(pid, sig);
-                },
-            }
-        }
-    }
-    // What the process wrote before it exited. The master reports a hang-up
-    // once the last holder of the terminal is gone; a process that escaped
-    // the exit (an exec'd command's background child) may hold it, so the
-    // wait for more output is bounded.
-    while master_open {
-        let mut fds = [pollfd(m, libc::POLLIN)];
-        // SAFETY: one valid pollfd.
-        if unsafe { libc::poll(fds.as_mut_ptr(), 1, 500) } <= 0 {
-            break;
-        }
-        master_open = copy_to_stdout(m, &mut buf);
-    }
-    Ok(code.unwrap_or(EXIT_LOST))
-}
-
-/// Exit code when the status of the container's process could not be read.
-const EXIT_LOST: i32 = 125;
-
-fn pollfd(fd: libc::c_int, events: libc::c_short) -> libc::pollfd {
-    libc::pollfd {
-        fd,
-        events,
-        revents: 0,
-    }
-}
-
-/// One read from the master to vmc's stdout; false once the terminal is
-/// closed (EIO after the last slave descriptor went away).
-fn copy_to_stdout(master: libc::c_int, buf: &mut [u8]) -> bool {
-    match vmc_guest::sys::read(master, buf) {
-        Ok(0) => false,
-        Ok(n) => {
-            let _ = vmc_guest::sys::write_all(1, &buf[..n]);
-            true
-        }
-        Err(e) => e.kind() == std::io::ErrorKind::Interrupted,
-    }
-}
-
-/// The exit code of `pid` if it has ended (Docker's: 128 + signal).
-fn reap(pid: libc::pid_t) -> Option<i32> {
-    let mut status = 0;
-    // SAFETY: waitpid on our child with a valid out pointer.
-    let r = unsafe { libc::waitpid(pid, &mut status, libc::WNOHANG) };
-    if r != pid {
-        return None;
-    }
-    let st = if libc::WIFSIGNALED(status) {
-        ExitStatus::Signal(libc::WTERMSIG(status))
-    } else {
-        ExitStatus::Code(libc::WEXITSTATUS(status))
-    };
-    Some(st.shell_code())
-}
-
 /// `vmc exec` in namespace mode: joins the cgroups listed in `cgroups` and
 /// the namespaces of the container whose PID 1 is `pid` (this process must still be single-threaded: a mount
 /// namespace can only be joined then) and runs `spec` there, confined like
@@ -794,49 +510,6 @@ pub fn exec_attached(
         }
     };
     attend(child, &set, terminal, forward_stdin)
-}
-
-/// Blocks the signals vmc forwards to a container (SIGWINCH resizes its
-/// terminal, if it has one) and SIGCHLD, to wait.
-pub fn block_forwarded() -> libc::sigset_t {
-    // SAFETY: plain sigset manipulation on a local.
-    unsafe {
-        let mut set: libc::sigset_t = std::mem::zeroed();
-        libc::sigemptyset(&mut set);
-        for s in [
-            libc::SIGINT,
-            libc::SIGTERM,
-            libc::SIGHUP,
-            libc::SIGQUIT,
-            libc::SIGUSR1,
-            libc::SIGUSR2,
-            libc::SIGWINCH,
-            libc::SIGCHLD,
-        ] {
-            libc::sigaddset(&mut set, s);
-        }
-        libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
-        set
-    }
-}
-
-/// Waits for `pid`, forwarding the blocked signals to it; its exit code as
-/// Docker reports it.
-fn wait_forwarding(pid: libc::pid_t, set: &libc::sigset_t) -> i32 {
-    loop {
-        if let Some(code) = reap(pid) {
-            return code;
-        }
-        let mut sig = 0;
-        // SAFETY: set and sig are valid.
-        if unsafe { libc::sigwait(set, &mut sig) } != 0 {
-            continue;
-        }
-        if sig != libc::SIGCHLD {
-            // SAFETY: kill on our own child.
-            unsafe { libc::kill(pid, sig) };
-        }
-    }
 }
 
 /// The confinement decisions, checked as data: `isolation` is the plan the
