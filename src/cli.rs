@@ -79,9 +79,20 @@ pub enum Command {
     Exec(ExecArgs),
     /// List a container's published ports.
     Port { container: String },
+    /// Create a container (its VM restored and its disks mounted, or its
+    /// namespaces made) without starting its command; `vmc start` starts it.
+    /// Takes `vmc run`'s options.
+    Create(RunArgs),
+    /// Start containers made by `vmc create`.
+    Start(StartArgs),
     /// (internal) Supervise a detached container.
     #[command(name = "__supervise", hide = true)]
-    Supervise { dir: PathBuf },
+    Supervise {
+        dir: PathBuf,
+        /// Make the container and wait for `vmc start` (vmc create).
+        #[arg(long)]
+        created: bool,
+    },
     /// Show the virtualisation backend, guest kernel and agent vmc will use.
     Info,
     /// List images.
@@ -388,6 +399,12 @@ pub struct LogsArgs {
     #[arg(short, long)]
     pub timestamps: bool,
     pub container: String,
+}
+
+#[derive(Args, Debug)]
+pub struct StartArgs {
+    #[arg(required = true)]
+    pub containers: Vec<String>,
 }
 
 #[derive(Args, Debug)]

@@ -97,7 +97,7 @@ fn main() {
 /// read-only binary: `runtime::ns::run_from_read_only_binary`).
 fn enters_namespace_container(command: &Command) -> bool {
     match command {
-        Command::Run(a) => a.mode == Mode::Ns,
+        Command::Run(a) | Command::Create(a) => a.mode == Mode::Ns,
         Command::Build(a) => a.mode == Mode::Ns,
         Command::Exec(_) | Command::Supervise { .. } => true,
         _ => false,
@@ -113,7 +113,7 @@ fn dispatch(cli: Cli) -> Result<i32> {
     runtime::private_dir(&home)
         .with_context(|| format!("making vmc's state directory {}", home.display()))?;
     match cli.command {
-        Command::Run(args) => run(args),
+        Command::Run(args) => run(args, false),
         Command::Build(a) => build(a),
         Command::Info => info(),
         Command::Ps(a) => ps(a),
@@ -124,7 +124,9 @@ fn dispatch(cli: Cli) -> Result<i32> {
         Command::Wait(a) => wait(a),
         Command::Exec(a) => exec(a),
         Command::Port { container } => port(&container),
-        Command::Supervise { dir } => supervise(&dir),
+        Command::Supervise { dir, created } => supervise(&dir, created),
+        Command::Create(args) => create(args),
+        Command::Start(a) => start(a),
         Command::Images(a) => images(a),
         Command::Inspect(a) => inspect(a),
         Command::Tag(a) => tag(a),

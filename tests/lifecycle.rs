@@ -246,6 +246,58 @@ fn lifecycle(mode: &str) {
     assert!(ok(&vmc(h, &["ps", "-a"])).contains("Exited (127)"));
     ok(&vmc(h, &["rm", "bad"]));
 
+    // create makes the container (its VM or namespaces) and starts
+    // nothing; start runs its command, and returns once it runs.
+    let id = ok(&vmc(
+        h,
+        &[
+            "create",
+            "--mode",
+            mode,
+            "--name",
+            "later",
+            "busybox",
+            "sh",
+            "-c",
+            "echo begun; sleep 1000",
+        ],
+    ));
+    assert_eq!(id.trim().len(), 64, "{id}");
+    let ps = ok(&vmc(h, &["ps", "-a"]));
+    let line = ps.lines().find(|l| l.contains("later")).unwrap();
+    assert!(line.contains("Created"), "{ps}");
+    assert!(!ok(&vmc(h, &["ps"])).contains("later"));
+    assert_eq!(ok(&vmc(h, &["start", "later"])).trim(), "later");
+    assert!(ok(&vmc(h, &["ps"])).contains("later"));
+    wait_for_log(h, "later", "begun", boot);
+    // Starting a running container changes nothing (as Docker's).
+    assert_eq!(ok(&vmc(h, &["start", "later"])).trim(), "later");
+    ok(&vmc(h, &["rm", "-f", "later"]));
+    // A created container that is removed unstarted takes its supervisor
+    // (and its VM) with it.
+    ok(&vmc(
+        h,
+        &[
+            "create", "--mode", mode, "--name", "never", "busybox", "true",
+        ],
+    ));
+    let pid = supervisor_pid(h, "never");
+    assert!(vmc::runtime::state::process_start(pid).is_some());
+    ok(&vmc(h, &["rm", "never"]));
+    assert!(vmc::runtime::state::process_start(pid).is_none());
+    for (args, says) in [
+        (
+            &["create", "-d", "busybox", "true"][..],
+            "vmc create takes no -d",
+        ),
+        (&["start", "nosuch"], "no such container: nosuch"),
+    ] {
+        let o = vmc(h, args);
+        assert!(!o.status.success(), "{args:?}");
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(err.contains(says), "{args:?}: {err}");
+    }
+
     // Missing containers are clear errors.
     for args in [
         &["stop", "nosuch"][..],

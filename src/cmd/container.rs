@@ -189,11 +189,14 @@ pub(crate) fn kill(a: KillArgs) -> Result<i32> {
 
 pub(crate) fn rm(a: RmArgs) -> Result<i32> {
     each_container(&a.containers, |name, mut c| {
-        if c.refresh() == Status::Running {
-            if !a.force {
+        match c.refresh() {
+            Status::Running if !a.force => {
                 return Ok(Err(cstate::StateError::StillRunning(name.to_string())));
             }
-            c.kill_now();
+            Status::Running => c.kill_now(),
+            // Made by `vmc create` (or still being made): its supervisor goes.
+            Status::Created if c.supervisor_alive() => c.kill_now(),
+            _ => {}
         }
         // Cgroups a killed supervisor could not remove itself.
         runtime::cgroup::remove_listed(&c.dir.join("cgroups"));

@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use anyhow::{bail, Context, Result};
 use vmc::cli::RunArgs;
 use vmc::image;
-use vmc::runtime::lifecycle::{self, Meta, Started};
+use vmc::runtime::lifecycle::{self, Meta, Started, Until};
 use vmc::runtime::spec::{self, RunOverrides};
 use vmc::runtime::state as cstate;
 use vmc::runtime::Mode;
@@ -52,7 +52,7 @@ pub(crate) fn extra_hosts(given: &[String]) -> Result<Vec<runtime::net::ExtraHos
         .collect()
 }
 
-pub(crate) fn run(args: RunArgs) -> Result<i32> {
+pub(crate) fn run(args: RunArgs, create_only: bool) -> Result<i32> {
     let ns = args.mode == Mode::Ns;
     if let Some(n) = &args.name {
         if n.is_empty()
@@ -224,8 +224,9 @@ pub(crate) fn run(args: RunArgs) -> Result<i32> {
     };
     // Like Docker: -i forwards stdin; so does a pipe or file without -t (a
     // terminal's input only goes to a container that asks for it).
+    let detach = args.detach || create_only;
     let forward_stdin =
-        !args.detach && (args.interactive || (!args.tty && !std::io::stdin().is_terminal()));
+        !detach && (args.interactive || (!args.tty && !std::io::stdin().is_terminal()));
     let dir = cstate::containers_dir().join(&id);
     let meta = Meta {
         name: args
@@ -237,13 +238,19 @@ pub(crate) fn run(args: RunArgs) -> Result<i32> {
         auto_remove: args.rm,
     };
     let mut c = lifecycle::create(&dir, &cfg, meta)?;
-    if !args.detach {
+    if !detach {
         // Attached: this process is the supervisor.
         return lifecycle::run_here(&mut c, &cfg, forward_stdin).context("run");
     }
     let mut supervisor = std::process::Command::new(std::env::current_exe()?);
     supervisor.arg("__supervise").arg(&dir);
-    match lifecycle::start_detached(&c, supervisor)? {
+    let until = if create_only {
+        supervisor.arg("--created");
+        Until::Created
+    } else {
+        Until::Started
+    };
+    match lifecycle::start_detached(&c, supervisor, until)? {
         Started::Running | Started::Removed => {
             println!("{id}");
             Ok(0)
@@ -275,8 +282,46 @@ pub(crate) fn network_for(ns: bool, requested: Option<&str>) -> Result<runtime::
     Ok(net)
 }
 
-/// `vmc __supervise DIR`: the supervisor of a detached container.
-pub(crate) fn supervise(dir: &std::path::Path) -> Result<i32> {
-    lifecycle::supervise(dir)?;
+/// `vmc __supervise [--created] DIR`: the supervisor of a detached
+/// container.
+pub(crate) fn supervise(dir: &std::path::Path, created: bool) -> Result<i32> {
+    let until = if created {
+        Until::Created
+    } else {
+        Until::Started
+    };
+    lifecycle::supervise(dir, until)?;
     Ok(0)
+}
+
+/// `vmc create`: `vmc run -d`'s container, made but not started.
+pub(crate) fn create(args: RunArgs) -> Result<i32> {
+    if args.detach || args.interactive || args.tty || args.rm {
+        bail!("vmc create takes no -d, -i, -t or --rm: vmc start runs the container detached");
+    }
+    run(args, true)
+}
+
+/// `vmc start NAME...`: starts containers made by `vmc create`, each name
+/// printed once its workload runs.
+pub(crate) fn start(a: vmc::cli::StartArgs) -> Result<i32> {
+    let mut failed = false;
+    for name in &a.containers {
+        let outcome = cstate::resolve(name)
+            .map_err(lifecycle::LifecycleError::from)
+            .and_then(|mut c| lifecycle::start_created(&mut c));
+        match outcome {
+            Ok(Started::Running) => println!("{name}"),
+            Ok(Started::Removed) => println!("{name}"),
+            Ok(Started::Failed { why, .. }) => {
+                eprintln!("vmc: {name}: {why}");
+                failed = true;
+            }
+            Err(e) => {
+                eprintln!("vmc: {}", vmc::host::error_line(&e));
+                failed = true;
+            }
+        }
+    }
+    Ok(if failed { 1 } else { 0 })
 }

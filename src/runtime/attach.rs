@@ -81,6 +81,7 @@ pub fn run_attached(
     dir: &Path,
     forward_stdin: bool,
     how: Start,
+    gate: &mut dyn super::engine::StartGate,
 ) -> Result<i32, RuntimeError> {
     // Block the forwarded signals before any thread starts, so that only the
     // forwarding thread (sigwait) ever receives them.
@@ -108,6 +109,11 @@ pub fn run_attached(
         }
         Err(e) => return Err(e),
     };
+    // Created: the guest is ready and waits for its process.
+    if let Err(e) = gate.open() {
+        mvm.stop();
+        return Err(e);
+    }
     let mut spec = cfg.process.clone();
     spec.stdin = forward_stdin;
     spec.reboot_on_exit = true;

@@ -12,17 +12,29 @@ use vmc_guest::ProcessSpec;
 use super::state::Container;
 use super::{ContainerConfig, Mode, Rootfs, RuntimeError};
 
+/// Where "create" ends and "start" begins: an engine makes the container
+/// (VM restored or booted, disks mounted; namespace child made, its network
+/// connected, waiting before its execve), then opens the gate, and only then
+/// runs the workload. The lifecycle's gate records the start, and for a
+/// container made by `vmc create` first waits for `vmc start`.
+pub trait StartGate {
+    /// Blocks until the workload may start; an error ends the run before it
+    /// does.
+    fn open(&mut self) -> Result<(), RuntimeError>;
+}
+
 /// Runs containers one way.
 pub trait Engine {
     /// Runs the container `cfg` whose state directory is `dir`, attached
     /// to this process's stdio (stdin only with `forward_stdin`), with its
-    /// published ports served meanwhile; returns its exit code as Docker
-    /// reports it.
+    /// published ports served meanwhile: makes it, opens `gate`, starts the
+    /// workload; returns its exit code as Docker reports it.
     fn run_attached(
         &self,
         cfg: &ContainerConfig,
         dir: &Path,
         forward_stdin: bool,
+        gate: &mut dyn StartGate,
     ) -> Result<i32, RuntimeError>;
 
     /// Runs `spec` in the running container `c` (made from `cfg`), attached
@@ -53,6 +65,7 @@ impl Engine for MicroVm {
         cfg: &ContainerConfig,
         dir: &Path,
         forward_stdin: bool,
+        gate: &mut dyn StartGate,
     ) -> Result<i32, RuntimeError> {
         let listeners = super::ports::bind(&cfg.ports)?;
         let _serving =
@@ -62,7 +75,7 @@ impl Engine for MicroVm {
         } else {
             super::microvm::Start::Warm
         };
-        super::attach::run_attached(cfg, dir, forward_stdin, how)
+        super::attach::run_attached(cfg, dir, forward_stdin, how, gate)
     }
 
     fn exec_attached(
@@ -91,6 +104,7 @@ impl Engine for Namespaces {
         cfg: &ContainerConfig,
         dir: &Path,
         forward_stdin: bool,
+        gate: &mut dyn StartGate,
     ) -> Result<i32, RuntimeError> {
         let lowers = match &cfg.rootfs {
             Rootfs::Layers(l) => l.clone(),
@@ -102,7 +116,7 @@ impl Engine for Namespaces {
             }
         };
         let listeners = super::ports::bind(&cfg.ports)?;
-        super::ns::run_attached(cfg, &lowers, dir, listeners, forward_stdin)
+        super::ns::run_attached(cfg, &lowers, dir, listeners, forward_stdin, gate)
     }
 
     fn exec_attached(

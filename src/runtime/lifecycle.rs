@@ -7,11 +7,14 @@
 use std::io::Write;
 use std::os::fd::AsRawFd;
 use std::path::Path;
-use std::process::Child;
 use std::time::{Duration, Instant};
 
+use std::io::{BufRead, BufReader};
+use std::os::unix::net::UnixListener;
+
+use super::engine::{self, StartGate};
 use super::state::{self, Container, State, StateError, Status};
-use super::{engine, ContainerConfig, Mode, RuntimeError};
+use super::{ContainerConfig, Mode, RuntimeError};
 
 /// The exit code of a container that vmc itself failed to run (Docker's).
 pub const EXIT_VMC_ERROR: i32 = 125;
@@ -45,7 +48,21 @@ pub enum LifecycleError {
     Pipes(std::io::Error),
     #[error(transparent)]
     Runtime(#[from] RuntimeError),
+    #[error("container {0} is not waiting to be started (vmc start is for containers made by vmc create)")]
+    NotStartable(String),
+    #[error("container {id}: its supervisor did not take the start ({source})")]
+    Control { id: String, source: std::io::Error },
+    #[error("container {id}: {message}")]
+    Refused { id: String, message: String },
 }
+
+/// The supervisor's control socket in a container's state directory: how
+/// other vmc processes talk to it (`vmc start` today). It is reached only
+/// through the 0700 state directory.
+pub const CONTROL_SOCKET: &str = "control.sock";
+
+/// The longest request line the control socket reads.
+const CONTROL_LINE_MAX: u64 = 64;
 
 /// What a new container is called and how it is shown and stopped.
 pub struct Meta {
@@ -103,6 +120,46 @@ pub fn create(dir: &Path, cfg: &ContainerConfig, meta: Meta) -> Result<Container
     })
 }
 
+/// The lifecycle's [`StartGate`]: for a container made by `vmc create`,
+/// first waits on the control socket for `vmc start`; then records that
+/// the container runs.
+struct Begin<'a> {
+    c: &'a mut Container,
+    control: Option<UnixListener>,
+}
+
+impl StartGate for Begin<'_> {
+    fn open(&mut self) -> Result<(), RuntimeError> {
+        if let Some(l) = self.control.take() {
+            await_start(&l);
+            let _ = std::fs::remove_file(self.c.dir.join(CONTROL_SOCKET));
+        }
+        Ok(self.c.mark_running()?)
+    }
+}
+
+/// Answers requests on the control socket until one is `start`.
+fn await_start(l: &UnixListener) {
+    for conn in l.incoming() {
+        let Ok(mut conn) = conn else { continue };
+        // A client that sends nothing does not hold the container up.
+        let _ = conn.set_read_timeout(Some(Duration::from_secs(5)));
+        let mut line = String::new();
+        let read =
+            BufReader::new(std::io::Read::take(&conn, CONTROL_LINE_MAX)).read_line(&mut line);
+        let start = read.is_ok() && line.trim_end() == "start";
+        let reply: &[u8] = if start {
+            b"ok\n"
+        } else {
+            b"error: unknown request (this supervisor answers start)\n"
+        };
+        let _ = conn.write_all(reply);
+        if start {
+            return;
+        }
+    }
+}
+
 /// Runs a created container in this process, attached to its stdio (stdin
 /// only with `forward_stdin`): this process is its supervisor. Returns the
 /// workload's exit code; records the end; removes the container with `--rm`
@@ -112,8 +169,13 @@ pub fn run_here(
     cfg: &ContainerConfig,
     forward_stdin: bool,
 ) -> Result<i32, LifecycleError> {
-    c.mark_running()?;
-    let result = engine::for_mode(cfg.mode()).run_attached(cfg, &c.dir, forward_stdin);
+    c.mark_supervised()?;
+    let dir = c.dir.clone();
+    let mut gate = Begin {
+        c: &mut *c,
+        control: None,
+    };
+    let result = engine::for_mode(cfg.mode()).run_attached(cfg, &dir, forward_stdin, &mut gate);
     let _ = c.mark_exited(*result.as_ref().unwrap_or(&EXIT_VMC_ERROR));
     if c.state.auto_remove || result.is_err() {
         let _ = state::remove_dir(&c.dir);
@@ -132,14 +194,26 @@ pub enum Started {
     Failed { why: String, code: i32 },
 }
 
+/// Where a detached container's supervisor stops.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Until {
+    /// `run -d`: it starts the workload.
+    Started,
+    /// `vmc create`: it makes the container and waits for `vmc start`.
+    Created,
+}
+
 /// Starts a created container detached: `supervisor` (the command that
 /// runs [`supervise`] on its directory) is spawned in a session of its own
-/// with no stdio, and this returns once the workload started (as Docker's
-/// `run -d` does, so that `exec` and published ports work right after it),
-/// or failed to. A supervisor that cannot be spawned leaves nothing behind.
+/// with no stdio. With [`Until::Started`] this returns once the workload
+/// started (as Docker's `run -d` does, so that `exec` and published ports
+/// work right after it), or failed to; with [`Until::Created`] once the
+/// supervisor listens for `vmc start`. A supervisor that cannot be spawned
+/// leaves nothing behind.
 pub fn start_detached(
     c: &Container,
     mut supervisor: std::process::Command,
+    until: Until,
 ) -> Result<Started, LifecycleError> {
     use std::os::unix::process::CommandExt;
     supervisor
@@ -160,19 +234,74 @@ pub fn start_detached(
             return Err(LifecycleError::Spawn(e));
         }
     };
-    wait_started(&c.dir, &c.state.id, &mut child)
+    let mut gone = || child.try_wait().ok().flatten().map(|st| st.to_string());
+    wait_for(&c.dir, &c.state.id, until, &mut gone)
 }
 
-/// Waits until the supervisor `child` of the container in `dir` started its
-/// workload, or it ended.
-fn wait_started(dir: &Path, id: &str, child: &mut Child) -> Result<Started, LifecycleError> {
+/// Starts a container made by `vmc create`: asks its supervisor over the
+/// control socket, then waits until the workload runs (or failed to start).
+pub fn start_created(c: &mut Container) -> Result<Started, LifecycleError> {
+    let id = c.state.id.clone();
+    let short = id[..12.min(id.len())].to_string();
+    let sock = c.dir.join(CONTROL_SOCKET);
+    if c.refresh() != Status::Created || !sock.exists() {
+        if c.state.status == Status::Running {
+            // Docker: starting a running container is not an error.
+            return Ok(Started::Running);
+        }
+        return Err(LifecycleError::NotStartable(short));
+    }
+    let control = |source| LifecycleError::Control {
+        id: short.clone(),
+        source,
+    };
+    let mut conn = crate::uds::connect(&sock).map_err(control)?;
+    conn.write_all(b"start\n").map_err(control)?;
+    let mut reply = String::new();
+    // The supervisor answers once the container is made (a VM restored or
+    // booted): as long as that takes, bounded by the supervisor's life (its
+    // end closes the socket).
+    BufReader::new(std::io::Read::take(&conn, 4096))
+        .read_line(&mut reply)
+        .map_err(control)?;
+    match reply.trim_end() {
+        "ok" => {}
+        "" => return Err(control(std::io::Error::other("it ended before answering"))),
+        other => {
+            return Err(LifecycleError::Refused {
+                id: short,
+                message: other.trim_start_matches("error: ").to_string(),
+            })
+        }
+    }
+    let pid = c.state.pid;
+    let start = c.state.pid_start;
+    let mut gone = || match (pid, start) {
+        (Some(p), Some(s)) if state::process_start(p) == Some(s) => None,
+        _ => Some("its process is gone".to_string()),
+    };
+    wait_for(&c.dir, &id, Until::Started, &mut gone)
+}
+
+/// Waits until the supervisor of the container in `dir` reached `until`,
+/// or it ended; `gone` says how the supervisor ended, once it has.
+fn wait_for(
+    dir: &Path,
+    id: &str,
+    until: Until,
+    gone: &mut dyn FnMut() -> Option<String>,
+) -> Result<Started, LifecycleError> {
     let short = &id[..12.min(id.len())];
     let deadline = Instant::now() + START_DEADLINE;
     loop {
         let Some(mut c) = Container::load(dir) else {
             return Ok(Started::Removed);
         };
-        if c.started() {
+        let reached = match until {
+            Until::Started => c.started(),
+            Until::Created => dir.join(CONTROL_SOCKET).exists() && c.state.pid.is_some(),
+        };
+        if reached {
             return Ok(Started::Running);
         }
         if c.state.status != Status::Created && c.refresh() == Status::Exited {
@@ -188,7 +317,7 @@ fn wait_started(dir: &Path, id: &str, child: &mut Child) -> Result<Started, Life
             });
         }
         if c.state.status == Status::Created {
-            if let Ok(Some(st)) = child.try_wait() {
+            if let Some(status) = gone() {
                 // It may have recorded its end just before: look again.
                 let fresh = Container::load(dir);
                 if fresh.is_none_or(|f| f.state.status != Status::Created || f.started()) {
@@ -197,7 +326,7 @@ fn wait_started(dir: &Path, id: &str, child: &mut Child) -> Result<Started, Life
                 // Gone before it could record anything (killed, crashed).
                 return Err(LifecycleError::SupervisorDied {
                     id: short.to_string(),
-                    status: st.to_string(),
+                    status,
                 });
             }
         }
@@ -209,10 +338,12 @@ fn wait_started(dir: &Path, id: &str, child: &mut Child) -> Result<Started, Life
 }
 
 /// The supervisor of a detached container (`vmc __supervise DIR`): runs it
-/// with its output going to its log, and records how it ended. An error of
-/// vmc's own is logged as the container's last line of stderr (which `run
-/// -d` reports) and recorded as exit code 125.
-pub fn supervise(dir: &Path) -> Result<(), LifecycleError> {
+/// with its output going to its log, and records how it ended. With
+/// `until` [`Until::Created`] it makes the container and then waits on its
+/// control socket for `vmc start`. An error of vmc's own is logged as the
+/// container's last line of stderr (which `run -d` reports) and recorded as
+/// exit code 125.
+pub fn supervise(dir: &Path, until: Until) -> Result<(), LifecycleError> {
     let mut c = Container::load(dir).ok_or(StateError::NotFound(dir.display().to_string()))?;
     let cfg = c.config().ok_or(LifecycleError::Config)?;
     let log = c.log_path();
@@ -243,11 +374,31 @@ pub fn supervise(dir: &Path) -> Result<(), LifecycleError> {
             return Err(RuntimeError::from(e).into());
         }
     }
+    let control = match until {
+        Until::Started => None,
+        Until::Created => {
+            let p = dir.join(CONTROL_SOCKET);
+            let _ = std::fs::remove_file(&p);
+            match crate::uds::bind(&p) {
+                Ok(l) => Some(l),
+                Err(e) => {
+                    state::log_stream(
+                        format!("vmc: the control socket {}: {e}\n", p.display()).as_bytes(),
+                        &log,
+                        "stderr",
+                    );
+                    c.mark_exited(EXIT_VMC_ERROR)?;
+                    return Err(LifecycleError::Pipes(e));
+                }
+            }
+        }
+    };
+    c.mark_supervised()?;
     let (l1, l2) = (log.clone(), log.clone());
     let t1 = std::thread::spawn(move || state::log_stream(out_r, &l1, "stdout"));
     let t2 = std::thread::spawn(move || state::log_stream(err_r, &l2, "stderr"));
-    c.mark_running()?;
-    let result = engine::for_mode(cfg.mode()).run_attached(&cfg, dir, false);
+    let mut gate = Begin { c: &mut c, control };
+    let result = engine::for_mode(cfg.mode()).run_attached(&cfg, dir, false, &mut gate);
     let code = match &result {
         Ok(code) => *code,
         Err(e) => {
@@ -261,6 +412,7 @@ pub fn supervise(dir: &Path) -> Result<(), LifecycleError> {
         libc::dup2(null.as_raw_fd(), 2);
     }
     let _ = (t1.join(), t2.join());
+    let _ = std::fs::remove_file(dir.join(CONTROL_SOCKET));
     c.mark_exited(code)?;
     if c.state.auto_remove {
         let _ = state::remove_dir(dir);
@@ -338,7 +490,12 @@ mod tests {
 
         let dir = tmp.path().join("c");
         let c = create(&dir, &config(), meta()).unwrap();
-        let e = start_detached(&c, std::process::Command::new("/nonexistent/vmc")).unwrap_err();
+        let e = start_detached(
+            &c,
+            std::process::Command::new("/nonexistent/vmc"),
+            Until::Started,
+        )
+        .unwrap_err();
         assert!(matches!(e, LifecycleError::Spawn(_)), "{e}");
         assert!(!dir.exists());
     }
@@ -350,11 +507,57 @@ mod tests {
         let tmp = tempfile::tempdir().unwrap();
         let dir = tmp.path().join("c");
         let c = create(&dir, &config(), meta()).unwrap();
-        let e = start_detached(&c, std::process::Command::new("false")).unwrap_err();
+        let e =
+            start_detached(&c, std::process::Command::new("false"), Until::Started).unwrap_err();
         assert_eq!(
             e.to_string(),
             "the supervisor of container 0123456789ab ended before starting it (exit status: 1); remove it with vmc rm 0123456789ab"
         );
         assert_eq!(Container::load(&dir).unwrap().state.status, Status::Created);
+    }
+
+    /// `vmc start` over the control socket: a request other than `start`
+    /// is refused by name and does not start the container; `start` opens
+    /// the gate, and `start_created` returns once the workload runs. A
+    /// container not waiting for a start is refused.
+    #[test]
+    fn the_control_socket_starts_a_created_container() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("c");
+        let mut c = create(&dir, &config(), meta()).unwrap();
+        assert!(matches!(
+            start_created(&mut c.clone()),
+            Err(LifecycleError::NotStartable(_))
+        ));
+        c.mark_supervised().unwrap();
+        let listener = crate::uds::bind(&dir.join(CONTROL_SOCKET)).unwrap();
+        let supervisor = {
+            let mut c = c.clone();
+            std::thread::spawn(move || {
+                let mut gate = Begin {
+                    c: &mut c,
+                    control: Some(listener),
+                };
+                gate.open().unwrap();
+                state::mark_started(&c.dir);
+            })
+        };
+        let mut other = crate::uds::connect(&dir.join(CONTROL_SOCKET)).unwrap();
+        other.write_all(b"stop\n").unwrap();
+        let mut reply = String::new();
+        BufReader::new(&other).read_line(&mut reply).unwrap();
+        assert_eq!(
+            reply,
+            "error: unknown request (this supervisor answers start)\n"
+        );
+        assert_eq!(Container::load(&dir).unwrap().state.status, Status::Created);
+
+        assert_eq!(start_created(&mut c).unwrap(), Started::Running);
+        supervisor.join().unwrap();
+        let after = Container::load(&dir).unwrap();
+        assert_eq!(after.state.status, Status::Running);
+        assert!(!dir.join(CONTROL_SOCKET).exists());
+        // Running already: Docker's start is then a no-op.
+        assert_eq!(start_created(&mut c).unwrap(), Started::Running);
     }
 }

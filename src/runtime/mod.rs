@@ -209,6 +209,8 @@ pub enum RuntimeError {
     Ports(#[from] ports::PortError),
     #[error("a container made for {0} mode cannot run in {1} mode")]
     WrongEngine(Mode, Mode),
+    #[error(transparent)]
+    Container(#[from] state::StateError),
 }
 
 /// Whether `cmd` is an executable file in a directory of `$PATH`.

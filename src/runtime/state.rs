@@ -140,13 +140,17 @@ impl Container {
         if let Some(fresh) = Container::load(&self.dir) {
             self.state = fresh.state;
         }
-        if self.state.status == Status::Running && !self.supervisor_alive() {
+        // Running, or created by a supervisor still making it (or waiting
+        // for `vmc start`): a supervisor that is gone is an exit.
+        let supervised =
+            |s: &State| matches!(s.status, Status::Running | Status::Created) && s.pid.is_some();
+        if supervised(&self.state) && !self.supervisor_alive() {
             // A supervisor writes its state before it exits: read once more.
             if let Some(fresh) = Container::load(&self.dir) {
                 self.state = fresh.state;
             }
         }
-        if self.state.status == Status::Running && !self.supervisor_alive() {
+        if supervised(&self.state) && !self.supervisor_alive() {
             self.state.status = Status::Exited;
             self.state.exit_code.get_or_insert(137);
             self.state.finished.get_or_insert_with(now_secs);
@@ -176,6 +180,23 @@ impl Container {
         Ok(())
     }
 
+    /// Records that this process supervises the created container (which
+    /// it is making, or which waits for `vmc start`): `rm -f` and `kill`
+    /// reach it, and its death is an exit.
+    pub fn mark_supervised(&mut self) -> Result<(), StateError> {
+        if self.state.status != Status::Created {
+            return Err(StateError::Transition {
+                id: self.state.id.chars().take(12).collect(),
+                from: self.state.status,
+                to: Status::Created,
+            });
+        }
+        let pid = std::process::id() as i32;
+        self.state.pid = Some(pid);
+        self.state.pid_start = process_start(pid);
+        self.save()
+    }
+
     /// Records that this process (the supervisor) runs the container, now.
     pub fn mark_running(&mut self) -> Result<(), StateError> {
         self.become_(Status::Running)?;
@@ -194,10 +215,12 @@ impl Container {
         self.save()
     }
 
-    /// Sends `sig` to the supervisor of a running container; false if it
-    /// was not running.
+    /// Sends `sig` to the supervisor of a running container (or of a
+    /// created one whose supervisor lives); false if there was none.
     pub fn signal(&mut self, sig: i32) -> bool {
-        if self.refresh() != Status::Running {
+        let status = self.refresh();
+        let created_alive = status == Status::Created && self.supervisor_alive();
+        if status != Status::Running && !created_alive {
             return false;
         }
         if let Some(pid) = self.state.pid {

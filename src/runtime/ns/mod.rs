@@ -362,6 +362,7 @@ pub fn run_attached(
     dir: &Path,
     listeners: Vec<(std::net::TcpListener, super::ports::PortMap)>,
     forward_stdin: bool,
+    gate: &mut dyn super::engine::StartGate,
 ) -> Result<i32, RuntimeError> {
     private_mounts()?;
     let root = dir.join("rootfs");
@@ -401,8 +402,10 @@ pub fn run_attached(
     // child exists so that none is lost (the child resets its mask).
     let set = block_forwarded();
     // The network is connected while the child waits before its exec, so
-    // the workload starts with it; pasta goes when this returns.
+    // the workload starts with it; pasta goes when this returns. Then the
+    // container is created, and the start gate opens (or fails the run).
     let mut pasta = None;
+    let mut gate_failed = None;
     let mut connect = |pid: u32| -> Result<(), Box<dyn std::error::Error>> {
         if cfg.network == Network::Passt {
             pasta = Some(Pasta::attach(
@@ -411,9 +414,17 @@ pub fn run_attached(
                 super::net::maps_host_loopback(&cfg.extra_hosts),
             )?);
         }
-        Ok(())
+        gate.open().map_err(|e| {
+            let text = e.to_string();
+            gate_failed = Some(e);
+            text.into()
+        })
     };
-    let (pid, terminal) = match start(&prepared, cfg.process.tty, Some(&mut connect)) {
+    let started = start(&prepared, cfg.process.tty, Some(&mut connect));
+    if let Some(e) = gate_failed {
+        return Err(e);
+    }
+    let (pid, terminal) = match started {
         Ok(v) => v,
         Err(e) => {
             eprintln!("vmc: {}", e.message);
