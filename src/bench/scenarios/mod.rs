@@ -1,15 +1,22 @@
 //! The scenarios of `vmc bench`, each measured in every runtime that can
 //! run it, run by run in turn.
+//!
+//! The parts: `net` (the published-port and outbound network scenarios and
+//! their TCP helpers) and `timing` (timing a host process: to its first
+//! output and exit, or step by step by marker lines).
 
 use std::collections::BTreeMap;
-use std::io::{BufRead, BufReader, IsTerminal, Read, Write};
-use std::net::{Shutdown, TcpListener, TcpStream};
-use std::process::{Command, Stdio};
+use std::io::{IsTerminal, Write};
 use std::time::{Duration, Instant};
 
 use super::report::{Row, Summary};
 use super::runtimes::{self, Env, Kind, Runtime, Sandbox, StartOpts};
 use super::{BenchError, Sizes};
+
+mod net;
+mod timing;
+
+use timing::{first_output_and_exit, markers};
 
 /// How long any single step may take before the benchmark gives up on it.
 const STEP_TIMEOUT: Duration = Duration::from_secs(600);
@@ -350,37 +357,6 @@ impl Bench {
         }
     }
 
-    fn start_service(&self, rt: &Runtime) -> Result<(Sandbox, [u16; 3]), String> {
-        let ports = [free_port()?, free_port()?, free_port()?];
-        let chunks = self.sizes.transfer_kib / 64;
-        let script = format!(
-            "nc -ll -p 7001 -e cat & nc -ll -p 7002 -e wc -c & \
-             nc -ll -p 7003 -e sh -c 'dd if=/dev/zero bs=64k count={chunks} 2>/dev/null' & wait"
-        );
-        let opts = StartOpts {
-            network_none: false,
-            ports: vec![(ports[0], 7001), (ports[1], 7002), (ports[2], 7003)],
-        };
-        let sb = self.env.start(rt, &argv(&["sh", "-c", &script]), &opts)?;
-        // Ready when the echo server answers.
-        let end = Instant::now() + STEP_TIMEOUT;
-        loop {
-            let ok = connect(ports[0], Duration::from_secs(60)).and_then(|mut s| {
-                s.write_all(b"x")?;
-                let mut b = [0u8; 1];
-                s.read_exact(&mut b)
-            });
-            if ok.is_ok() {
-                return Ok((sb, ports));
-            }
-            if Instant::now() > end {
-                self.env.remove(&sb);
-                return Err("its echo server never answered".into());
-            }
-            std::thread::sleep(Duration::from_millis(200));
-        }
-    }
-
     fn status(&self, s: &str) {
         if self.progress {
             eprint!("\r\x1b[Kbench: {s}");
@@ -559,112 +535,6 @@ impl Bench {
         };
         markers(&mut cmd, steps.len())
     }
-
-    fn port_run(&self, rt: &Runtime) -> Result<Vec<(Metric, f64)>, String> {
-        let (_, ports) = &self.service[&rt.name];
-        let mut out = Vec::new();
-        let io = |e: std::io::Error| format!("published port: {e}");
-        // Round trips on one connection.
-        let mut s = connect(ports[0], STEP_TIMEOUT).map_err(io)?;
-        s.set_nodelay(true).map_err(io)?;
-        for (_, rtt) in ping_pong(&mut s, self.sizes.pings).map_err(io)? {
-            out.push((PORT_RTT, rtt));
-        }
-        drop(s);
-        let bytes = (self.sizes.transfer_kib * 1024) as usize;
-        let mb = bytes as f64 / 1e6;
-        // Upload: the sink answers with the byte count.
-        let t0 = Instant::now();
-        let mut s = connect(ports[1], STEP_TIMEOUT).map_err(io)?;
-        s.write_all(&vec![0u8; bytes]).map_err(io)?;
-        s.shutdown(Shutdown::Write).map_err(io)?;
-        let mut reply = String::new();
-        s.read_to_string(&mut reply).map_err(io)?;
-        let secs = t0.elapsed().as_secs_f64();
-        if reply.trim() != bytes.to_string() {
-            return Err(format!(
-                "the sink counted {} of {bytes} bytes",
-                reply.trim()
-            ));
-        }
-        out.push((PORT_UP, mb / secs));
-        // Download.
-        let t0 = Instant::now();
-        let mut s = connect(ports[2], STEP_TIMEOUT).map_err(io)?;
-        let got = std::io::copy(&mut s, &mut std::io::sink()).map_err(io)?;
-        let secs = t0.elapsed().as_secs_f64();
-        if got != bytes as u64 {
-            return Err(format!("received {got} of {bytes} bytes from the source"));
-        }
-        out.push((PORT_DOWN, mb / secs));
-        Ok(out)
-    }
-
-    fn net_run(&self, rt: &Runtime, gw: std::net::Ipv4Addr) -> Result<Vec<(Metric, f64)>, String> {
-        let (sb, _) = &self.service[&rt.name];
-        let io = |e: std::io::Error| format!("outbound: {e}");
-        let bytes = self.sizes.transfer_kib * 1024;
-        let mut out = Vec::new();
-        // Throughput: the sandbox sends, the host counts.
-        let l = TcpListener::bind("127.0.0.1:0").map_err(io)?;
-        let port = l.local_addr().map_err(io)?.port();
-        let script = format!(
-            "dd if=/dev/zero bs=64k count={} 2>/dev/null | nc {gw} {port}",
-            bytes / 65536
-        );
-        let mut child = self
-            .env
-            .exec(sb, &argv(&["sh", "-c", &script]))
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .map_err(io)?;
-        let r = accept_timeout(&l, STEP_TIMEOUT).and_then(|(mut s, t0)| {
-            s.set_read_timeout(Some(STEP_TIMEOUT))?;
-            let mut got = 0u64;
-            let mut buf = vec![0u8; 65536];
-            while got < bytes {
-                let n = s.read(&mut buf)?;
-                if n == 0 {
-                    break;
-                }
-                got += n as u64;
-            }
-            Ok((got, t0.elapsed().as_secs_f64()))
-        });
-        let status = wait_timeout(&mut child, STEP_TIMEOUT);
-        let (got, secs) =
-            r.map_err(|e| format!("outbound: {e} ({})", status_text(status, &mut child)))?;
-        if got != bytes {
-            return Err(format!("the host received {got} of {bytes} bytes"));
-        }
-        out.push((NET_UP, bytes as f64 / 1e6 / secs));
-        // Round trips on a connection the sandbox opened.
-        let l = TcpListener::bind("127.0.0.1:0").map_err(io)?;
-        let port = l.local_addr().map_err(io)?.port();
-        let mut child = self
-            .env
-            .exec(
-                sb,
-                &argv(&["nc", &gw.to_string(), &port.to_string(), "-e", "cat"]),
-            )
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .map_err(io)?;
-        let r = accept_timeout(&l, STEP_TIMEOUT).and_then(|(mut s, _)| {
-            s.set_nodelay(true)?;
-            s.set_read_timeout(Some(STEP_TIMEOUT))?;
-            ping_pong(&mut s, self.sizes.pings)
-        });
-        let status = wait_timeout(&mut child, STEP_TIMEOUT);
-        let pings =
-            r.map_err(|e| format!("outbound: {e} ({})", status_text(status, &mut child)))?;
-        for (_, rtt) in pings {
-            out.push((NET_RTT, rtt));
-        }
-        Ok(out)
-    }
 }
 
 fn row(scenario: &str, m: Metric, results: BTreeMap<String, Summary>) -> Row {
@@ -688,204 +558,4 @@ fn tree_pss_kib(roots: &[i32]) -> u64 {
         seen.extend(runtimes::process_tree(*r));
     }
     seen.into_iter().filter_map(runtimes::pss_kib).sum()
-}
-
-/// A connection to a published port on 127.0.0.1 whose reads give up
-/// after `timeout`.
-fn connect(port: u16, timeout: Duration) -> std::io::Result<TcpStream> {
-    let s = TcpStream::connect(("127.0.0.1", port))?;
-    s.set_read_timeout(Some(timeout))?;
-    Ok(s)
-}
-
-fn free_port() -> Result<u16, String> {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .map_err(|e| format!("finding a free port: {e}"))
-}
-
-/// Sends one byte and reads its echo `n` times; each round trip in ms.
-fn ping_pong(s: &mut TcpStream, n: usize) -> std::io::Result<Vec<(usize, f64)>> {
-    let mut out = Vec::new();
-    let mut b = [0u8; 1];
-    for i in 0..n {
-        let t0 = Instant::now();
-        s.write_all(b"p")?;
-        s.read_exact(&mut b)?;
-        out.push((i, t0.elapsed().as_secs_f64() * 1000.0));
-    }
-    Ok(out)
-}
-
-fn accept_timeout(l: &TcpListener, t: Duration) -> std::io::Result<(TcpStream, Instant)> {
-    l.set_nonblocking(true)?;
-    let end = Instant::now() + t;
-    loop {
-        match l.accept() {
-            Ok((s, _)) => {
-                s.set_nonblocking(false)?;
-                return Ok((s, Instant::now()));
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                if Instant::now() > end {
-                    return Err(std::io::Error::new(
-                        std::io::ErrorKind::TimedOut,
-                        "the sandbox never connected",
-                    ));
-                }
-                std::thread::sleep(Duration::from_millis(5));
-            }
-            Err(e) => return Err(e),
-        }
-    }
-}
-
-fn wait_timeout(child: &mut std::process::Child, t: Duration) -> Option<std::process::ExitStatus> {
-    let end = Instant::now() + t;
-    loop {
-        match child.try_wait() {
-            Ok(Some(s)) => return Some(s),
-            Ok(None) if Instant::now() < end => std::thread::sleep(Duration::from_millis(20)),
-            _ => {
-                let _ = child.kill();
-                let _ = child.wait();
-                return None;
-            }
-        }
-    }
-}
-
-fn status_text(s: Option<std::process::ExitStatus>, child: &mut std::process::Child) -> String {
-    let mut err = String::new();
-    if let Some(e) = child.stderr.as_mut() {
-        let _ = e.read_to_string(&mut err);
-    }
-    match s {
-        Some(s) => format!("the client ended with {s}: {}", err.trim()),
-        None => "the client did not end".into(),
-    }
-}
-
-/// Runs `cmd` to its exit; ms from `t0` to its first stdout byte and to
-/// its exit. Fails when it fails, or prints nothing when `output`.
-fn first_output_and_exit(
-    cmd: &mut Command,
-    t0: Instant,
-    output: bool,
-) -> Result<(f64, f64), String> {
-    let mut child = cmd
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .map_err(|e| format!("spawning: {e}"))?;
-    let mut out = child.stdout.take().ok_or("no stdout")?;
-    let mut b = [0u8; 256];
-    let n = out.read(&mut b).unwrap_or(0);
-    let first = t0.elapsed();
-    let mut rest = Vec::new();
-    let _ = out.read_to_end(&mut rest);
-    let o = child.wait_with_output().map_err(|e| e.to_string())?;
-    let exit = t0.elapsed();
-    if !o.status.success() || (output && n == 0) {
-        return Err(format!(
-            "{}: {}",
-            o.status,
-            String::from_utf8_lossy(&o.stderr).trim()
-        ));
-    }
-    Ok((first.as_secs_f64() * 1000.0, exit.as_secs_f64() * 1000.0))
-}
-
-/// Runs `cmd`, which prints `S` and then `E` after each of `steps` steps;
-/// returns each step's duration in ms, as seen from the host.
-fn markers(cmd: &mut Command, steps: usize) -> Result<Vec<f64>, String> {
-    let mut child = cmd
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .map_err(|e| format!("spawning: {e}"))?;
-    let out = child.stdout.take().ok_or("no stdout")?;
-    let mut lines = BufReader::new(out).lines();
-    let mut times = Vec::new();
-    let mut last = None;
-    for l in lines.by_ref() {
-        let Ok(l) = l else { break };
-        let now = Instant::now();
-        match (l.trim(), last) {
-            ("S", None) => last = Some(now),
-            ("E", Some(t)) => {
-                times.push(now.duration_since(t).as_secs_f64() * 1000.0);
-                last = Some(now);
-            }
-            _ => {}
-        }
-    }
-    let o = child.wait_with_output().map_err(|e| e.to_string())?;
-    if !o.status.success() || times.len() != steps {
-        return Err(format!(
-            "the workload failed ({}): {}",
-            o.status,
-            String::from_utf8_lossy(&o.stderr).trim()
-        ));
-    }
-    Ok(times)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn markers_time_each_step() {
-        // Each step is timed from the end of the one before: the steps'
-        // times are at least their sleeps and add up to no more than the
-        // whole run (a step timed from the start would not). Lower bounds
-        // only: a loaded host makes sleeps longer, never shorter.
-        let mut c = Command::new("sh");
-        c.args([
-            "-c",
-            "echo S; sleep 0.2; echo E; echo noise; sleep 0.6; echo E",
-        ]);
-        let t0 = Instant::now();
-        let t = markers(&mut c, 2).unwrap();
-        let whole = t0.elapsed().as_secs_f64() * 1000.0;
-        assert_eq!(t.len(), 2);
-        assert!(t[0] >= 190.0 && t[1] >= 590.0, "{t:?}");
-        assert!(t[0] + t[1] <= whole, "{t:?} in {whole} ms");
-        let mut c = Command::new("sh");
-        c.args(["-c", "echo S; false || exit 97; echo E"]);
-        assert!(markers(&mut c, 1).unwrap_err().contains("97"));
-    }
-
-    #[test]
-    fn first_output_comes_before_exit() {
-        let mut c = Command::new("sh");
-        c.args(["-c", "echo hi; sleep 0.2"]);
-        let (first, exit) = first_output_and_exit(&mut c, Instant::now(), true).unwrap();
-        assert!(first < exit && exit >= 150.0, "{first} {exit}");
-        let mut c = Command::new("sh");
-        c.args(["-c", "echo no >&2; exit 3"]);
-        let e = first_output_and_exit(&mut c, Instant::now(), false).unwrap_err();
-        assert!(e.contains("no") && e.contains('3'), "{e}");
-    }
-
-    #[test]
-    fn ping_pong_round_trips_over_tcp() {
-        let l = TcpListener::bind("127.0.0.1:0").unwrap();
-        let port = l.local_addr().unwrap().port();
-        let echo = std::thread::spawn(move || {
-            let (mut s, _) = l.accept().unwrap();
-            let mut b = [0u8; 1];
-            while s.read_exact(&mut b).is_ok() {
-                s.write_all(&b).unwrap();
-            }
-        });
-        let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
-        let p = ping_pong(&mut s, 5).unwrap();
-        assert_eq!(p.len(), 5);
-        assert!(p.iter().all(|(_, ms)| *ms >= 0.0));
-        drop(s);
-        echo.join().unwrap();
-    }
 }

@@ -1,0 +1,206 @@
+//! What runs in the forked child before execve: stdio, session, the
+//! container root, user, working directory, gate and seccomp, each step
+//! reported through the error pipe when it fails.
+
+use std::os::fd::RawFd;
+
+use super::confine::{confine, isolate_root};
+use super::pty::open_terminal;
+use super::{ChildIo, Prepared, Step};
+use crate::sys;
+
+/// The forked child. Only system calls from here on.
+///
+/// # Safety
+/// Must only be called in the child right after fork.
+pub(super) unsafe fn child_main(
+    p: &Prepared,
+    io: ChildIo,
+    argv: &[*const libc::c_char],
+    envp: &[*const libc::c_char],
+    groups: &[libc::gid_t],
+    err_fd: RawFd,
+    [gate_fd, gate_w]: [RawFd; 2],
+) -> ! {
+    let fail = |step: Step| -> ! {
+        // SAFETY: __errno_location is always valid in the calling thread.
+        let errno = unsafe { *libc::__errno_location() };
+        let e = errno.to_ne_bytes();
+        let msg = [step as u8, e[0], e[1], e[2], e[3]];
+        // SAFETY: writing a stack buffer to our error pipe, then exiting without unwinding.
+        unsafe {
+            libc::write(err_fd, msg.as_ptr().cast(), msg.len());
+            libc::_exit(127)
+        }
+    };
+    // SAFETY: all calls below are system calls on valid, NUL-terminated data
+    // prepared by the parent; each result is checked.
+    unsafe {
+        // First: the exec of the workload makes it dumpable again.
+        if p.iso.as_ref().is_some_and(|i| i.non_dumpable)
+            && libc::prctl(libc::PR_SET_DUMPABLE, 0, 0, 0, 0) < 0
+        {
+            fail(Step::Isolate);
+        }
+        // Only the parent writes the gate: closed here, the read below sees
+        // end of file when the parent gives up without writing.
+        if gate_w >= 0 {
+            libc::close(gate_w);
+        }
+        // The agent blocks SIGCHLD; the workload starts with an empty mask.
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        libc::sigprocmask(libc::SIG_SETMASK, &set, std::ptr::null_mut());
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+
+        if let ChildIo::Fds(stdio) = io {
+            if install_stdio(stdio) < 0 {
+                fail(Step::Stdio);
+            }
+        }
+        if libc::setsid() < 0 {
+            fail(Step::Session);
+        }
+        if !p.iso.as_ref().is_some_and(|i| i.in_root) {
+            if let Err(step) = enter_root(p) {
+                fail(step);
+            }
+        }
+        if let ChildIo::Pty { sock, size } = io {
+            if open_terminal(sock, size, p.user.uid) < 0 {
+                fail(Step::Terminal);
+            }
+        }
+        for d in &p.cwd_prefixes {
+            libc::mkdir(d.as_ptr(), 0o755);
+        }
+        if let Some(iso) = &p.iso {
+            if confine(iso) < 0 {
+                fail(Step::Isolate);
+            }
+        }
+        // Raw system calls, not glibc's wrappers: those change the
+        // credentials of every thread glibc knows of and wait for them, and
+        // a child made by a raw clone of a multithreaded parent still lists
+        // the parent's threads, so it would wait forever.
+        // In a user namespace whose setgroups is denied (rootless namespace
+        // mode maps one id) the supplementary groups cannot change: EPERM
+        // there leaves them as they are.
+        if (libc::syscall(libc::SYS_setgroups, groups.len(), groups.as_ptr()) < 0
+            && *libc::__errno_location() != libc::EPERM)
+            || libc::syscall(libc::SYS_setgid, p.user.gid) < 0
+            || libc::syscall(libc::SYS_setuid, p.user.uid) < 0
+        {
+            fail(Step::Identity);
+        }
+        if libc::chdir(p.cwd.as_ptr()) < 0 {
+            fail(Step::Workdir);
+        }
+        if p.iso.as_ref().is_some_and(|i| i.no_new_privs)
+            && libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) < 0
+        {
+            fail(Step::Isolate);
+        }
+        if gate_fd >= 0 {
+            let mut go = 0u8;
+            if libc::read(gate_fd, (&mut go as *mut u8).cast(), 1) != 1 {
+                *libc::__errno_location() = libc::ECANCELED;
+                fail(Step::Gate);
+            }
+        }
+        // Nothing but stdio crosses into the workload, whatever the
+        // parent held open (the error pipe closes with the exec).
+        if sys::cloexec_from_3() < 0 {
+            fail(Step::Stdio);
+        }
+        // Last, so that the filters judge the workload's system calls and
+        // none of vmc's setup (a filter that refuses execve fails here).
+        if let Some(iso) = &p.iso {
+            for prog in &iso.seccomp {
+                let fprog = libc::sock_fprog {
+                    len: prog.0.len() as libc::c_ushort,
+                    filter: prog.0.as_ptr().cast_mut(),
+                };
+                if libc::syscall(
+                    libc::SYS_seccomp,
+                    libc::SECCOMP_SET_MODE_FILTER,
+                    0,
+                    &fprog as *const libc::sock_fprog,
+                ) < 0
+                {
+                    fail(Step::Seccomp);
+                }
+            }
+        }
+        libc::execve(p.path.as_ptr(), argv.as_ptr(), envp.as_ptr());
+        fail(Step::Exec)
+    }
+}
+
+/// Makes `stdio` the child's descriptors 0, 1 and 2. Returns -1 on failure.
+///
+/// # Safety
+/// Child after fork only.
+pub(super) unsafe fn install_stdio(stdio: [RawFd; 3]) -> libc::c_int {
+    // SAFETY: fcntl and dup2 on descriptors the parent passed.
+    unsafe {
+        for (target, &fd) in stdio.iter().enumerate() {
+            if fd == target as RawFd {
+                let flags = libc::fcntl(fd, libc::F_GETFD);
+                if flags < 0 || libc::fcntl(fd, libc::F_SETFD, flags & !libc::FD_CLOEXEC) < 0 {
+                    return -1;
+                }
+            } else if libc::dup2(fd, target as RawFd) < 0 {
+                return -1;
+            }
+        }
+    }
+    0
+}
+
+/// The child's own mount namespace, pivoted into the container root.
+///
+/// # Safety
+/// Child after fork only.
+unsafe fn enter_root(p: &Prepared) -> Result<(), Step> {
+    // SAFETY: system calls on NUL-terminated data prepared before the fork.
+    unsafe {
+        if libc::unshare(libc::CLONE_NEWNS) < 0 {
+            return Err(Step::Namespace);
+        }
+        let root_c = c"/";
+        if libc::mount(
+            std::ptr::null(),
+            root_c.as_ptr(),
+            std::ptr::null(),
+            libc::MS_REC | libc::MS_PRIVATE,
+            std::ptr::null(),
+        ) < 0
+        {
+            return Err(Step::Namespace);
+        }
+        if let Some(iso) = &p.iso {
+            // Opened in this mount namespace: a mount through a descriptor
+            // of another namespace's mount is refused.
+            let root = libc::open(
+                p.root.as_ptr(),
+                libc::O_PATH | libc::O_DIRECTORY | libc::O_CLOEXEC,
+            );
+            if root < 0 || isolate_root(iso, root) < 0 {
+                return Err(Step::Isolate);
+            }
+            libc::close(root);
+        }
+        // pivot_root(".", ".") stacks the old root on the new one; detaching
+        // it leaves the container root as the whole view.
+        let dot = c".";
+        if libc::chdir(p.root.as_ptr()) < 0
+            || libc::syscall(libc::SYS_pivot_root, dot.as_ptr(), dot.as_ptr()) < 0
+            || libc::umount2(dot.as_ptr(), libc::MNT_DETACH) < 0
+            || libc::chdir(root_c.as_ptr()) < 0
+        {
+            return Err(Step::Root);
+        }
+    }
+    Ok(())
+}

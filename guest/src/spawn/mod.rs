@@ -1,0 +1,788 @@
+//! Starting a workload process inside the container root: its own mount
+//! namespace, pivot_root into the assembled root, then user, cwd, execve.
+//!
+//! Written on fork/execve rather than `std::process::Command` because PID 1's
+//! reaper collects every child with `waitpid(-1)`, while `Command::spawn`
+//! itself waits for a child whose exec failed and asserts that this wait
+//! succeeds, which races with the reaper. Everything is prepared before the
+//! fork; the child only makes system calls.
+//!
+//! The parts: `isolation` (how a container on the host is confined, and
+//! that description prepared for the child), `resolve` (the executable,
+//! user and paths looked up in the root before the fork), `child` (what
+//! runs in the forked child before execve), `confine` (the child's side of
+//! the isolation: root preparation, mounts, capabilities) and `pty` (the
+//! container's pseudo-terminal).
+
+use std::ffi::CString;
+use std::io;
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::path::{Component, Path};
+
+use crate::{ProcessSpec, StartFailure, WinSize};
+
+use crate::sys::{self, cstr};
+use crate::user::{self, ExecUser};
+
+mod child;
+mod confine;
+mod isolation;
+mod pty;
+mod resolve;
+
+use child::child_main;
+use isolation::{prepare_isolation, PreparedIsolation};
+pub use isolation::{Isolation, RootOp, SeccompProgram, DOCKER_DEFAULT_CAPS};
+use resolve::{clean_path, read_in_root, resolve_executable, DEFAULT_PATH};
+
+/// A start failure with the Docker-style message the CLI prints.
+#[derive(Debug)]
+pub struct SpawnError {
+    pub kind: StartFailure,
+    pub message: String,
+}
+
+impl SpawnError {
+    fn setup(message: impl Into<String>) -> Self {
+        SpawnError {
+            kind: StartFailure::Setup,
+            message: message.into(),
+        }
+    }
+}
+
+/// Everything the child needs, prepared before fork.
+pub struct Prepared {
+    path: CString,
+    argv: Vec<CString>,
+    envp: Vec<CString>,
+    root: CString,
+    cwd_prefixes: Vec<CString>,
+    cwd: CString,
+    user: ExecUser,
+    iso: Option<PreparedIsolation>,
+}
+
+/// Validates `spec` against the container root and prepares it for [`spawn`].
+pub fn prepare(spec: &ProcessSpec, root: &str) -> Result<Prepared, SpawnError> {
+    if spec.args.is_empty() {
+        return Err(SpawnError::setup("no command given"));
+    }
+    let root_fd = std::fs::File::open(root)
+        .map(OwnedFd::from)
+        .map_err(|e| SpawnError::setup(format!("container root {root}: {e}")))?;
+    let user = user::resolve(
+        &spec.user,
+        &read_in_root(&root_fd, "/etc/passwd"),
+        &read_in_root(&root_fd, "/etc/group"),
+    )
+    .map_err(|e| SpawnError::setup(e.to_string()))?;
+    let mut env: Vec<String> = spec.env.clone();
+    if !env.iter().any(|e| e.starts_with("PATH=")) {
+        env.push(format!("PATH={DEFAULT_PATH}"));
+    }
+    // A backend workaround the VMM passed to the agent (see vmc's backend.rs)
+    // applies to every process, unless the container sets its own.
+    if let Ok(t) = std::env::var("GLIBC_TUNABLES") {
+        if !env.iter().any(|e| e.starts_with("GLIBC_TUNABLES=")) {
+            env.push(format!("GLIBC_TUNABLES={t}"));
+        }
+    }
+    if !env.iter().any(|e| e.starts_with("HOME=")) {
+        env.push(format!("HOME={}", user.home));
+    }
+    let path_var = env
+        .iter()
+        .rev()
+        .find_map(|e| e.strip_prefix("PATH="))
+        .unwrap_or(DEFAULT_PATH)
+        .to_string();
+    let cwd = if spec.cwd.is_empty() { "/" } else { &spec.cwd };
+    if !cwd.starts_with('/') {
+        return Err(SpawnError::setup(format!(
+            "the working directory '{cwd}' is invalid, it needs to be an absolute path"
+        )));
+    }
+    // As Docker cleans WorkingDir: the directories created below and the
+    // chdir must name the same place ("/a/b/../c" is /a/c).
+    let cwd = &clean_path(cwd);
+    let path = resolve_executable(&root_fd, &spec.args[0], &path_var, cwd)?;
+    let mut cwd_prefixes = Vec::new();
+    let mut acc = String::new();
+    for c in Path::new(cwd).components() {
+        if let Component::Normal(n) = c {
+            acc.push('/');
+            acc.push_str(&n.to_string_lossy());
+            cwd_prefixes.push(cstr(&acc).map_err(|e| SpawnError::setup(e.to_string()))?);
+        }
+    }
+    let c =
+        |s: &str| CString::new(s).map_err(|_| SpawnError::setup("argument contains a NUL byte"));
+    Ok(Prepared {
+        path: c(&path)?,
+        argv: spec.args.iter().map(|a| c(a)).collect::<Result<_, _>>()?,
+        envp: env.iter().map(|a| c(a)).collect::<Result<_, _>>()?,
+        root: c(root)?,
+        cwd_prefixes,
+        cwd: c(cwd)?,
+        user,
+        iso: None,
+    })
+}
+
+/// Like [`prepare`], for a container started on the host: `root` is where
+/// the child's first `RootOp`s mount the container root, and `view` a
+/// directory showing the same files now (the image's top layer stack, or
+/// the same path when already mounted), used to resolve the user and the
+/// executable before the fork.
+pub fn prepare_isolated(
+    spec: &ProcessSpec,
+    root: &str,
+    view: &str,
+    iso: &Isolation,
+) -> Result<Prepared, SpawnError> {
+    let mut p = prepare(spec, view)?;
+    p.root = cstr(root).map_err(|e| SpawnError::setup(e.to_string()))?;
+    p.iso = Some(prepare_isolation(iso).map_err(|e| SpawnError::setup(e.to_string()))?);
+    Ok(p)
+}
+
+/// Where in the child a step failed; reported with errno through a pipe.
+#[repr(u8)]
+#[derive(Clone, Copy)]
+enum Step {
+    Stdio = 1,
+    Namespace,
+    Root,
+    Session,
+    Identity,
+    Workdir,
+    Exec,
+    Isolate,
+    Terminal,
+    Gate,
+    Seccomp,
+}
+
+impl Step {
+    fn describe(v: u8) -> &'static str {
+        match v {
+            1 => "set up stdio",
+            2 => "create the mount namespace",
+            3 => "enter the container root",
+            4 => "start a session",
+            5 => "switch user",
+            6 => "enter the working directory",
+            8 => "isolate the container (namespaces, mounts, capabilities)",
+            9 => "open a pseudo-terminal (/dev/ptmx)",
+            10 => "wait for the container's setup",
+            11 => "install the seccomp filter",
+            _ => "exec",
+        }
+    }
+}
+
+/// The workload's stdin, stdout and stderr.
+#[derive(Clone, Copy)]
+enum ChildIo {
+    /// These descriptors (the child's ends of pipes, or inherited ones).
+    Fds([RawFd; 3]),
+    /// A new pseudo-terminal, opened by the child inside the container root
+    /// (so that it belongs to the container's devpts and `tty` names
+    /// /dev/pts/N there); the master is sent back over `sock`.
+    Pty { sock: RawFd, size: WinSize },
+}
+
+/// Forks and execs `p` with the given stdio descriptors (child ends).
+/// Returns the pid; the process is reaped by the reaper.
+pub fn spawn(p: &Prepared, stdio: [RawFd; 3]) -> Result<u32, SpawnError> {
+    spawn_io(p, ChildIo::Fds(stdio), None)
+}
+
+/// Forks and execs `p` on a new pseudo-terminal of `size`, which becomes its
+/// controlling terminal and stdio. Returns the pid and the terminal's master.
+pub fn spawn_pty(p: &Prepared, size: WinSize) -> Result<(u32, OwnedFd), SpawnError> {
+    let (pid, master) = spawn_with(p, Some(size), [0, 1, 2], None)?;
+    let master = master.ok_or_else(|| SpawnError::setup("no terminal"))?;
+    Ok((pid, master))
+}
+
+/// Work the parent does for a child that exists but has not exec'd yet
+/// (e.g. connecting its new network namespace); the child execs only once
+/// it returns Ok, and fails with the error's message otherwise.
+pub type Gate<'a> = &'a mut dyn FnMut(u32) -> Result<(), Box<dyn std::error::Error>>;
+
+/// [`spawn`] or [`spawn_pty`] (with `tty`), with an optional [`Gate`].
+pub fn spawn_with(
+    p: &Prepared,
+    tty: Option<WinSize>,
+    stdio: [RawFd; 3],
+    gate: Option<Gate>,
+) -> Result<(u32, Option<OwnedFd>), SpawnError> {
+    let Some(size) = tty else {
+        return spawn_io(p, ChildIo::Fds(stdio), gate).map(|pid| (pid, None));
+    };
+    let (ours, theirs) =
+        sys::socketpair().map_err(|e| SpawnError::setup(format!("socketpair: {e}")))?;
+    let pid = spawn_io(
+        p,
+        ChildIo::Pty {
+            sock: theirs.as_raw_fd(),
+            size,
+        },
+        gate,
+    )?;
+    drop(theirs);
+    // The child sent the master before it exec'd, and spawn_io returned only
+    // after the exec: it is waiting in the socket.
+    let master = sys::recv_fd(&ours)
+        .map_err(|e| SpawnError::setup(format!("receiving the terminal: {e}")))?;
+    Ok((pid, Some(master)))
+}
+
+fn spawn_io(p: &Prepared, io: ChildIo, gate: Option<Gate>) -> Result<u32, SpawnError> {
+    let ptrs = |v: &[CString]| {
+        let mut out: Vec<*const libc::c_char> = v.iter().map(|s| s.as_ptr()).collect();
+        out.push(std::ptr::null());
+        out
+    };
+    let argv = ptrs(&p.argv);
+    let envp = ptrs(&p.envp);
+    let groups: Vec<libc::gid_t> = p.user.groups.clone();
+    let (err_r, err_w) = sys::pipe().map_err(|e| SpawnError::setup(e.to_string()))?;
+    let gate_pipe = match gate {
+        Some(_) => Some(sys::pipe().map_err(|e| SpawnError::setup(e.to_string()))?),
+        None => None,
+    };
+    let gate_fd = gate_pipe.as_ref().map_or(-1, |(r, _)| r.as_raw_fd());
+    let gate_w = gate_pipe.as_ref().map_or(-1, |(_, w)| w.as_raw_fd());
+
+    let pid = match p.iso.as_ref().map(|i| i.clone_flags).unwrap_or(0) {
+        // SAFETY: fork in a multithreaded process: the child below only makes
+        // async-signal-safe system calls on data prepared before the fork,
+        // then execs or _exits.
+        0 => unsafe { libc::fork() },
+        // SAFETY: as fork: clone without a new stack or CLONE_VM behaves as
+        // fork, with the new namespaces for the child.
+        flags => unsafe {
+            libc::syscall(
+                libc::SYS_clone,
+                (flags | libc::SIGCHLD) as libc::c_ulong,
+                0usize,
+                0usize,
+                0usize,
+                0usize,
+            ) as libc::pid_t
+        },
+    };
+    if pid < 0 {
+        return Err(SpawnError::setup(format!(
+            "fork (clone): {}",
+            io::Error::last_os_error()
+        )));
+    }
+    if pid == 0 {
+        // SAFETY: see above; child_main never returns.
+        unsafe {
+            child_main(
+                p,
+                io,
+                &argv,
+                &envp,
+                &groups,
+                err_w.as_raw_fd(),
+                [gate_fd, gate_w],
+            )
+        }
+    }
+    drop(err_w);
+    let mut gate_failure = None;
+    if let (Some(gate), Some((r, w))) = (gate, gate_pipe) {
+        drop(r);
+        match gate(pid as u32) {
+            // The child waits for this byte before it execs.
+            Ok(()) => {
+                let _ = sys::write_all(w.as_raw_fd(), b"1");
+            }
+            // Closing the pipe unread makes the child give up.
+            Err(e) => gate_failure = Some(e),
+        }
+    }
+    let mut buf = [0u8; 5];
+    let n = read_full(&err_r, &mut buf);
+    // A gate that failed because the child had already failed (its network
+    // namespace gone with it) says less than the child's own report.
+    if let Some(e) = gate_failure {
+        if n == 0 || buf[0] == Step::Gate as u8 {
+            return Err(SpawnError::setup(e.to_string()));
+        }
+    }
+    if n == 0 {
+        return Ok(pid as u32);
+    }
+    let errno = i32::from_ne_bytes([buf[1], buf[2], buf[3], buf[4]]);
+    let err = io::Error::from_raw_os_error(errno);
+    let prog = p.argv[0].to_string_lossy();
+    let kind = match (buf[0], errno) {
+        (7, libc::ENOENT) => StartFailure::NotFound,
+        (7, libc::EACCES | libc::ENOEXEC | libc::EPERM | libc::EISDIR) => {
+            StartFailure::CannotExecute
+        }
+        _ => StartFailure::Setup,
+    };
+    let message = if buf[0] == Step::Exec as u8 {
+        format!("exec {prog}: {err}")
+    } else {
+        format!("failed to {}: {err}", Step::describe(buf[0]))
+    };
+    Err(SpawnError { kind, message })
+}
+
+fn read_full(fd: &OwnedFd, buf: &mut [u8]) -> usize {
+    let mut got = 0;
+    while got < buf.len() {
+        match sys::read(fd.as_raw_fd(), &mut buf[got..]) {
+            Ok(0) => break,
+            Ok(n) => got += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(_) => break,
+        }
+    }
+    got
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::fs;
+    use std::os::unix::fs::{symlink, PermissionsExt};
+    use std::sync::Mutex;
+
+    /// Tests that fork or write executables run one at a time: a child
+    /// forked by another test could hold a fresh executable open for
+    /// writing (ETXTBSY), and each test reaps only its own children.
+    static FORKS: Mutex<()> = Mutex::new(());
+
+    fn forks() -> std::sync::MutexGuard<'static, ()> {
+        FORKS.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn file(root: &Path, rel: &str, text: &str, mode: u32) {
+        let p = root.join(rel);
+        fs::create_dir_all(p.parent().unwrap()).unwrap();
+        fs::write(&p, text).unwrap();
+        fs::set_permissions(&p, fs::Permissions::from_mode(mode)).unwrap();
+    }
+
+    fn root_fd(root: &Path) -> OwnedFd {
+        OwnedFd::from(fs::File::open(root).unwrap())
+    }
+
+    fn spec(args: &[&str]) -> ProcessSpec {
+        ProcessSpec {
+            args: args.iter().map(|a| a.to_string()).collect(),
+            ..Default::default()
+        }
+    }
+
+    fn strings(v: &[CString]) -> Vec<String> {
+        v.iter().map(|c| c.to_string_lossy().into_owned()).collect()
+    }
+
+    #[test]
+    fn path_lookup_takes_the_first_executable_in_path_order() {
+        let _g = forks();
+        let d = tempfile::tempdir().unwrap();
+        file(d.path(), "a/tool", "x", 0o644);
+        file(d.path(), "b/tool", "x", 0o755);
+        file(d.path(), "c/tool", "x", 0o755);
+        let root = root_fd(d.path());
+        // A non-executable match earlier in PATH does not stop the search.
+        let found = resolve_executable(&root, "tool", "/a:/b/:/c", "/").unwrap();
+        assert_eq!(found, "/b/tool");
+        // Only non-executable matches: the first is reported as denied.
+        let e = resolve_executable(&root, "tool", "/a:/nowhere", "/").unwrap_err();
+        assert_eq!(e.kind, StartFailure::CannotExecute);
+        assert_eq!(e.message, "exec: \"/a/tool\": permission denied");
+        let e = resolve_executable(&root, "nope", "/a:/b", "/").unwrap_err();
+        assert_eq!(e.kind, StartFailure::NotFound);
+        assert_eq!(
+            e.message,
+            "exec: \"nope\": executable file not found in $PATH"
+        );
+    }
+
+    #[test]
+    fn relative_paths_and_empty_path_entries_start_at_the_working_directory() {
+        let _g = forks();
+        let d = tempfile::tempdir().unwrap();
+        file(d.path(), "srv/app/run", "x", 0o755);
+        let root = root_fd(d.path());
+        // An empty PATH entry is the working directory, as for execvp.
+        assert_eq!(
+            resolve_executable(&root, "run", "/bin::/usr/bin", "/srv/app/").unwrap(),
+            "./run"
+        );
+        assert_eq!(
+            resolve_executable(&root, "app/run", "/bin", "/srv").unwrap(),
+            "app/run"
+        );
+        let e = resolve_executable(&root, "./run", "/bin", "/").unwrap_err();
+        assert_eq!(e.kind, StartFailure::NotFound);
+        assert_eq!(
+            e.message,
+            "exec: \"./run\": stat ./run: no such file or directory"
+        );
+    }
+
+    #[test]
+    fn directories_are_not_executables() {
+        let d = tempfile::tempdir().unwrap();
+        fs::create_dir_all(d.path().join("bin/tool")).unwrap();
+        let e = resolve_executable(&root_fd(d.path()), "tool", "/bin", "/").unwrap_err();
+        assert_eq!(e.kind, StartFailure::CannotExecute);
+    }
+
+    #[test]
+    fn image_symlinks_resolve_inside_the_root() {
+        let _g = forks();
+        let d = tempfile::tempdir().unwrap();
+        let root = d.path().join("root");
+        // An executable outside the root that hostile links point at.
+        file(d.path(), "outside/prog", "x", 0o755);
+        fs::create_dir_all(root.join("bin")).unwrap();
+        symlink("../../outside/prog", root.join("bin/up")).unwrap();
+        symlink(d.path().join("outside/prog"), root.join("bin/abs")).unwrap();
+        let fd = root_fd(&root);
+        for prog in ["up", "abs"] {
+            let e = resolve_executable(&fd, prog, "/bin", "/").unwrap_err();
+            assert_eq!(e.kind, StartFailure::NotFound, "{prog}");
+        }
+        let e = resolve_executable(&fd, "../../outside/prog", "/bin", "/").unwrap_err();
+        assert_eq!(e.kind, StartFailure::NotFound);
+        // An absolute link is followed from the container's root.
+        file(&root, "usr/lib/real", "x", 0o755);
+        symlink("/usr/lib/real", root.join("bin/sh")).unwrap();
+        assert_eq!(
+            resolve_executable(&fd, "sh", "/bin", "/").unwrap(),
+            "/bin/sh"
+        );
+    }
+
+    #[test]
+    fn clean_path_is_lexical_and_stays_under_the_root() {
+        assert_eq!(clean_path("/"), "/");
+        assert_eq!(clean_path("/a/b/../c"), "/a/c");
+        assert_eq!(clean_path("//a/./b//"), "/a/b");
+        assert_eq!(clean_path("/../../etc"), "/etc");
+        assert_eq!(clean_path("/a/.."), "/");
+    }
+
+    fn passwd_root() -> tempfile::TempDir {
+        let d = tempfile::tempdir().unwrap();
+        file(
+            d.path(),
+            "etc/passwd",
+            "root:x:0:0:root:/root:/bin/sh\napp:x:1000:1000::/home/app:/bin/sh\n",
+            0o644,
+        );
+        file(d.path(), "etc/group", "root:x:0:\nusers:x:100:app\n", 0o644);
+        file(d.path(), "bin/sh", "x", 0o755);
+        d
+    }
+
+    /// The environment without what the agent's own environment may add.
+    fn envp(p: &Prepared) -> Vec<String> {
+        strings(&p.envp)
+            .into_iter()
+            .filter(|e| !e.starts_with("GLIBC_TUNABLES="))
+            .collect()
+    }
+
+    #[test]
+    fn prepare_fills_in_path_home_and_the_user() {
+        let _g = forks();
+        let d = passwd_root();
+        let root = d.path().to_str().unwrap();
+        let mut s = spec(&["sh", "-c", "true"]);
+        s.user = "app".into();
+        s.env = vec!["A=1".into()];
+        let p = prepare(&s, root).unwrap();
+        assert_eq!(p.path.to_str().unwrap(), "/bin/sh");
+        assert_eq!(strings(&p.argv), ["sh", "-c", "true"]);
+        assert_eq!(
+            envp(&p),
+            ["A=1", &format!("PATH={DEFAULT_PATH}"), "HOME=/home/app"]
+        );
+        assert_eq!((p.user.uid, p.user.gid), (1000, 1000));
+        assert_eq!(p.user.groups, [1000, 100]);
+        assert_eq!(p.cwd.to_str().unwrap(), "/");
+        assert!(p.cwd_prefixes.is_empty());
+
+        // The container's own PATH and HOME win; its PATH finds argv[0].
+        s.env = vec!["PATH=/nowhere:/bin".into(), "HOME=/srv".into()];
+        let p = prepare(&s, root).unwrap();
+        assert_eq!(envp(&p), ["PATH=/nowhere:/bin", "HOME=/srv"]);
+        s.env = vec!["PATH=/nowhere".into()];
+        assert_eq!(
+            prepare(&s, root).err().unwrap().kind,
+            StartFailure::NotFound
+        );
+    }
+
+    #[test]
+    fn prepare_cleans_the_working_directory() {
+        let _g = forks();
+        let d = passwd_root();
+        let mut s = spec(&["/bin/sh"]);
+        s.cwd = "/srv/app/../data/./x/".into();
+        let p = prepare(&s, d.path().to_str().unwrap()).unwrap();
+        assert_eq!(p.cwd.to_str().unwrap(), "/srv/data/x");
+        assert_eq!(
+            strings(&p.cwd_prefixes),
+            ["/srv", "/srv/data", "/srv/data/x"]
+        );
+    }
+
+    #[test]
+    fn prepare_rejects_bad_specs() {
+        let _g = forks();
+        let d = passwd_root();
+        let root = d.path().to_str().unwrap();
+        let msg = |s: &ProcessSpec, root: &str| {
+            let e = prepare(s, root).err().unwrap();
+            (e.kind, e.message)
+        };
+        assert_eq!(
+            msg(&spec(&[]), root),
+            (StartFailure::Setup, "no command given".into())
+        );
+        let mut s = spec(&["/bin/sh"]);
+        s.cwd = "srv".into();
+        assert_eq!(
+            msg(&s, root),
+            (
+                StartFailure::Setup,
+                "the working directory 'srv' is invalid, it needs to be an absolute path".into()
+            )
+        );
+        let s = spec(&["/bin/sh", "a\0b"]);
+        assert_eq!(
+            msg(&s, root),
+            (StartFailure::Setup, "argument contains a NUL byte".into())
+        );
+        let mut s = spec(&["/bin/sh"]);
+        s.user = "nobody".into();
+        assert_eq!(msg(&s, root).0, StartFailure::Setup);
+        let missing = d.path().join("missing");
+        let (kind, m) = msg(&spec(&["/bin/sh"]), missing.to_str().unwrap());
+        assert_eq!(kind, StartFailure::Setup);
+        assert!(m.starts_with(&format!("container root {}: ", missing.display())));
+        let iso = Isolation {
+            hostname: Some("a\0b".into()),
+            ..Default::default()
+        };
+        let e = prepare_isolated(&spec(&["/bin/sh"]), root, root, &iso)
+            .err()
+            .unwrap();
+        assert_eq!(e.kind, StartFailure::Setup);
+    }
+
+    /// Prepares `args` to run on the host itself (no pivot), as root.
+    fn on_host(args: &[&str], cwd: &str) -> Prepared {
+        let mut s = spec(args);
+        s.cwd = cwd.into();
+        s.env = vec!["PATH=/usr/bin:/bin".into()];
+        let iso = Isolation {
+            in_root: true,
+            ..Default::default()
+        };
+        prepare_isolated(&s, "/", "/", &iso).unwrap()
+    }
+
+    fn wait(pid: u32) -> i32 {
+        let mut status = 0;
+        // SAFETY: status is a valid out pointer; pid is our own child.
+        let r = unsafe { libc::waitpid(pid as libc::pid_t, &mut status, 0) };
+        assert_eq!(r, pid as libc::pid_t);
+        status
+    }
+
+    /// Runs `p` with stdin on /dev/null; returns its stdout and raw status.
+    fn run(p: &Prepared) -> Result<(String, i32), SpawnError> {
+        let null = OwnedFd::from(fs::File::open("/dev/null").unwrap());
+        let (out_r, out_w) = sys::pipe().unwrap();
+        let pid = spawn(p, [null.as_raw_fd(), out_w.as_raw_fd(), out_w.as_raw_fd()])?;
+        drop(out_w);
+        let out = io::read_to_string(fs::File::from(out_r)).unwrap();
+        Ok((out, wait(pid)))
+    }
+
+    #[test]
+    fn spawned_process_gets_args_env_cwd_and_exit_code() {
+        if !crate::testing::root() {
+            return;
+        }
+        let _g = forks();
+        let d = tempfile::tempdir().unwrap();
+        let cwd = d.path().join("w/b/../c");
+        let p = on_host(
+            &["sh", "-c", "echo \"$0 $HOME $PATH\"; pwd; exit 7", "zero"],
+            cwd.to_str().unwrap(),
+        );
+        let (out, status) = run(&p).unwrap();
+        // The working directory is created, cleaned ("b/.." gone).
+        let want = d.path().join("w/c");
+        assert_eq!(
+            out,
+            format!("zero /root /usr/bin:/bin\n{}\n", want.display())
+        );
+        assert!(libc::WIFEXITED(status));
+        assert_eq!(libc::WEXITSTATUS(status), 7);
+        assert!(!d.path().join("w/b").exists());
+    }
+
+    #[test]
+    fn exec_and_setup_failures_are_reported_with_their_step() {
+        if !crate::testing::root() {
+            return;
+        }
+        let _g = forks();
+        let d = tempfile::tempdir().unwrap();
+        // Executable bits on something the kernel cannot run: ENOEXEC.
+        file(d.path(), "junk", "not a program\n", 0o755);
+        let junk = d.path().join("junk");
+        let p = on_host(&[junk.to_str().unwrap()], "/");
+        let e = run(&p).err().unwrap();
+        assert_eq!(e.kind, StartFailure::CannotExecute);
+        assert_eq!(
+            e.message,
+            format!("exec {}: Exec format error (os error 8)", junk.display())
+        );
+        // A working directory under a regular file cannot be entered.
+        let cwd = junk.join("sub");
+        let e = run(&on_host(&["true"], cwd.to_str().unwrap()))
+            .err()
+            .unwrap();
+        assert_eq!(e.kind, StartFailure::Setup);
+        assert_eq!(
+            e.message,
+            "failed to enter the working directory: Not a directory (os error 20)"
+        );
+    }
+
+    #[test]
+    fn the_gate_decides_whether_the_child_execs() {
+        if !crate::testing::root() {
+            return;
+        }
+        let _g = forks();
+        let d = tempfile::tempdir().unwrap();
+        let marker = d.path().join("ran");
+        let cmd = format!("echo > {}", marker.display());
+        let p = on_host(&["sh", "-c", &cmd], "/");
+        let mut seen = 0;
+        let mut refuse = |pid: u32| {
+            seen = pid;
+            Err("no network for you".into())
+        };
+        let e = spawn_with(&p, None, [0, 1, 2], Some(&mut refuse))
+            .err()
+            .unwrap();
+        assert_eq!(e.kind, StartFailure::Setup);
+        assert_eq!(e.message, "no network for you");
+        // The child gave up before exec: exit 127, nothing ran.
+        let status = wait(seen);
+        assert_eq!(libc::WEXITSTATUS(status), 127);
+        assert!(!marker.exists());
+
+        let mut seen = 0;
+        let mut allow = |pid: u32| {
+            seen = pid;
+            Ok(())
+        };
+        let (pid, master) = spawn_with(&p, None, [0, 1, 2], Some(&mut allow)).unwrap();
+        assert!(master.is_none());
+        assert_eq!(pid, seen);
+        assert_eq!(wait(pid), 0);
+        assert!(marker.exists());
+    }
+
+    #[test]
+    fn pty_process_has_a_sized_controlling_terminal() {
+        if !crate::testing::root() {
+            return;
+        }
+        let _g = forks();
+        let p = on_host(
+            &["sh", "-c", "test -t 0 && test -t 1 && stty size && exit 3"],
+            "/",
+        );
+        let (pid, master) = spawn_pty(
+            &p,
+            WinSize {
+                rows: 30,
+                cols: 100,
+            },
+        )
+        .unwrap();
+        let mut out = Vec::new();
+        let mut buf = [0u8; 256];
+        // The master reads EIO once the last slave descriptor is closed.
+        while let Ok(n @ 1..) = sys::read(master.as_raw_fd(), &mut buf) {
+            out.extend_from_slice(&buf[..n]);
+        }
+        assert_eq!(String::from_utf8_lossy(&out), "30 100\r\n");
+        assert_eq!(libc::WEXITSTATUS(wait(pid)), 3);
+    }
+
+    #[test]
+    fn process_runs_pivoted_into_the_root_as_its_user() {
+        if !crate::testing::root() {
+            return;
+        }
+        let _g = forks();
+        let d = passwd_root();
+        let root = d.path().to_path_buf();
+        fs::copy("/bin/busybox", root.join("bin/busybox")).unwrap();
+        file(&root, "marker", "inside\n", 0o644);
+        let script = "/bin/busybox cat /marker; /bin/busybox id -u; \
+                      /bin/busybox pwd; echo $HOME; /bin/busybox ls /tmp";
+        let mut s = spec(&["/bin/busybox", "sh", "-c", script]);
+        s.user = "app".into();
+        s.cwd = "/work/dir".into();
+        // pivot_root needs the root to be a mount point: bind it onto
+        // itself, in a mount namespace of this thread alone.
+        let out = std::thread::spawn(move || {
+            // SAFETY: unshare and mount on NUL-terminated strings; this
+            // thread's mount namespace becomes its own.
+            unsafe {
+                assert_eq!(libc::unshare(libc::CLONE_NEWNS), 0);
+                let none = std::ptr::null();
+                assert_eq!(
+                    libc::mount(
+                        none,
+                        c"/".as_ptr(),
+                        none,
+                        libc::MS_REC | libc::MS_PRIVATE,
+                        none.cast()
+                    ),
+                    0
+                );
+            }
+            let r = root.to_str().unwrap();
+            sys::mount(Some(r), r, None, libc::MS_BIND, None).unwrap();
+            let p = prepare(&s, r).unwrap();
+            run(&p).unwrap()
+        })
+        .join()
+        .unwrap();
+        // The host's /tmp is not visible: the root has none.
+        assert_eq!(
+            out.0,
+            "inside\n1000\n/work/dir\n/home/app\nls: /tmp: No such file or directory\n"
+        );
+        assert_eq!(libc::WEXITSTATUS(out.1), 1);
+        assert!(d.path().join("work/dir").is_dir());
+    }
+}
