@@ -456,12 +456,20 @@ impl Store {
     /// After a failed import, load or pull: removes what it stored (every
     /// blob no image or build cache entry refers to), unless another writer
     /// is at work, in which case a later collection will. A failure leaves
-    /// nothing behind, without waiting on anyone.
+    /// nothing behind, without waiting on anyone for long.
+    ///
+    /// The lock is tried for up to half a second: a writer's shared lock
+    /// also lives, for a moment, in any child this process forks while it
+    /// holds it (until the child's exec closes the descriptor), and such a
+    /// fork by another thread is no writer at work.
     pub fn gc_if_idle(&self) -> Result<Option<usize>, StoreError> {
-        match self.lock_with("gc", true, false)? {
-            Some(_g) => self.gc_locked().map(Some),
-            None => Ok(None),
+        for _ in 0..50 {
+            if let Some(_g) = self.lock_with("gc", true, false)? {
+                return self.gc_locked().map(Some);
+            }
+            std::thread::sleep(std::time::Duration::from_millis(10));
         }
+        Ok(None)
     }
 
     fn gc_locked(&self) -> Result<usize, StoreError> {
