@@ -87,6 +87,10 @@ pub enum BenchError {
     #[error("{0}")]
     Run(String),
     #[error(transparent)]
+    Measure(#[from] runtimes::MeasureError),
+    #[error(transparent)]
+    Store(#[from] crate::image::StoreError),
+    #[error(transparent)]
     Vmm(#[from] vmm::VmmError),
     #[error(transparent)]
     Assets(#[from] crate::assets::AssetError),
@@ -200,7 +204,7 @@ fn measure(args: &BenchArgs) -> Result<Report, BenchError> {
     }
     let mut peers: Vec<Runtime> = Vec::new();
     for p in &args.peer {
-        peers.push(runtimes::parse_peer(p).map_err(BenchError::Run)?);
+        peers.push(runtimes::parse_peer(p)?);
     }
     let kernel = crate::assets::kernel(args.kernel.as_deref())?;
     let image = args.image.clone().unwrap_or_else(|| "busybox".into());
@@ -354,8 +358,7 @@ fn interrupts_remove_sandboxes(env: std::sync::Arc<runtimes::Env>, tmp: PathBuf)
 /// The default image: `busybox`, imported from `make rootfs`'s tree when
 /// the store lacks it.
 fn ensure_image(image: &str, default: bool) -> Result<(), BenchError> {
-    let store = crate::image::Store::open(&crate::runtime::vmc_home())
-        .map_err(|e| BenchError::Run(e.to_string()))?;
+    let store = crate::image::Store::open(&crate::runtime::vmc_home())?;
     if store.resolve(image).is_ok() {
         return Ok(());
     }

@@ -17,6 +17,71 @@ use oci_spec::runtime::{Process, Root, Spec};
 use crate::image::Store;
 use crate::runtime::ns::OverlayRoot;
 
+/// Why a sandbox or one measurement failed: the report names it in a note
+/// and leaves the runtime out of the rest of the scenario.
+#[derive(Debug, thiserror::Error)]
+pub enum MeasureError {
+    #[error("invalid --peer '{0}': expected NAME=COMMAND, e.g. fc='fc-run --rootfs \"$VMC_BENCH_ROOTFS\" --'")]
+    PeerSpec(String),
+    #[error("invalid --peer name '{0}': use letters, digits, - and _, and not ns, vm or crun")]
+    PeerName(String),
+    #[error(transparent)]
+    Store(#[from] crate::image::StoreError),
+    #[error("unpacking the layers of {image}: {source}")]
+    Unpack {
+        image: String,
+        source: crate::image::ImageError,
+    },
+    #[error(transparent)]
+    Ns(#[from] crate::runtime::ns::NsError),
+    #[error("{what}: {source}")]
+    Io {
+        what: &'static str,
+        source: std::io::Error,
+    },
+    #[error("writing the crun bundle: {0}")]
+    Bundle(#[from] oci_spec::OciSpecError),
+    #[error("{0} runs workloads to exit only")]
+    ExitOnly(String),
+    #[error("{runtime} did not start a sandbox: {message}")]
+    NotStarted { runtime: String, message: String },
+    #[error("no state for sandbox {0}")]
+    NoState(String),
+    #[error("sandbox {0} has no process")]
+    NoProcess(String),
+    #[error("{status}: {stderr}")]
+    Failed {
+        status: std::process::ExitStatus,
+        stderr: String,
+    },
+    #[error("{0}")]
+    Missing(&'static str),
+    #[error("{started} of {wanted} started: {first}")]
+    Partial {
+        started: usize,
+        wanted: usize,
+        first: Box<MeasureError>,
+    },
+    #[error("{what} {got} of {want} bytes")]
+    Short {
+        what: &'static str,
+        got: String,
+        want: u64,
+    },
+    #[error("outbound: {source} ({status})")]
+    Outbound {
+        source: std::io::Error,
+        status: String,
+    },
+}
+
+impl MeasureError {
+    /// An I/O error while doing `what`.
+    pub fn io(what: &'static str) -> impl Fn(std::io::Error) -> MeasureError + Copy {
+        move |source| MeasureError::Io { what, source }
+    }
+}
+
 /// How a runtime is driven.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Kind {
@@ -49,21 +114,17 @@ impl Runtime {
 }
 
 /// Parses `--peer NAME=COMMAND`.
-pub fn parse_peer(s: &str) -> Result<Runtime, String> {
+pub fn parse_peer(s: &str) -> Result<Runtime, MeasureError> {
     let (name, cmd) = s
         .split_once('=')
         .filter(|(n, c)| !n.is_empty() && !c.trim().is_empty())
-        .ok_or_else(|| {
-            format!("invalid --peer '{s}': expected NAME=COMMAND, e.g. fc='fc-run --rootfs \"$VMC_BENCH_ROOTFS\" --'")
-        })?;
+        .ok_or_else(|| MeasureError::PeerSpec(s.to_string()))?;
     if !name
         .chars()
         .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
         || ["ns", "vm", "crun"].contains(&name)
     {
-        return Err(format!(
-            "invalid --peer name '{name}': use letters, digits, - and _, and not ns, vm or crun"
-        ));
+        return Err(MeasureError::PeerName(name.to_string()));
     }
     Ok(Runtime {
         name: name.to_string(),
@@ -123,21 +184,25 @@ impl Env {
     }
 
     /// Mounts the image's root filesystem for crun and peers (needs root).
-    pub fn mount_rootfs(&mut self) -> Result<&Path, String> {
+    pub fn mount_rootfs(&mut self) -> Result<&Path, MeasureError> {
         if self.rootfs.is_none() {
-            let store = Store::open(&crate::runtime::vmc_home()).map_err(|e| e.to_string())?;
-            let img = store.resolve(&self.image).map_err(|e| e.to_string())?;
+            let store = Store::open(&crate::runtime::vmc_home())?;
+            let img = store.resolve(&self.image)?;
             let cache = crate::runtime::vmc_home().join("cache");
-            let lowers = crate::image::disk::layer_dirs(&store, &img, &cache)
-                .map_err(|e| format!("unpacking the layers of {}: {e}", self.image))?;
+            let lowers =
+                crate::image::disk::layer_dirs(&store, &img, &cache).map_err(|source| {
+                    MeasureError::Unpack {
+                        image: self.image.clone(),
+                        source,
+                    }
+                })?;
             let root = OverlayRoot::mount(
                 &lowers,
                 &self.tmp.join("upper"),
                 &self.tmp.join("work"),
                 &self.rootfs_dir,
                 &self.tmp,
-            )
-            .map_err(|e| e.to_string())?;
+            )?;
             self.rootfs = Some(root);
         }
         Ok(&self.rootfs_dir)
@@ -173,9 +238,9 @@ impl Env {
     }
 
     /// An OCI bundle for crun running `argv` on the shared root.
-    fn bundle(&self, name: &str, argv: &[String]) -> Result<PathBuf, String> {
+    fn bundle(&self, name: &str, argv: &[String]) -> Result<PathBuf, MeasureError> {
         let dir = self.tmp.join("bundles").join(name);
-        std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+        std::fs::create_dir_all(&dir).map_err(MeasureError::io("making the crun bundle"))?;
         let mut spec = Spec::default();
         let mut process = Process::default();
         process.set_args(Some(argv.to_vec()));
@@ -185,14 +250,13 @@ impl Env {
             .set_readonly(Some(false));
         spec.set_root(Some(root));
         spec.set_hostname(Some("vmc-bench".into()));
-        spec.save(dir.join("config.json"))
-            .map_err(|e| format!("writing the crun bundle: {e}"))?;
+        spec.save(dir.join("config.json"))?;
         Ok(dir)
     }
 
     /// A process running `argv` in a new sandbox of `rt` to its exit,
     /// stdout piped. `cold`: vm boots without the snapshot.
-    pub fn run(&self, rt: &Runtime, argv: &[String], cold: bool) -> Result<Command, String> {
+    pub fn run(&self, rt: &Runtime, argv: &[String], cold: bool) -> Result<Command, MeasureError> {
         Ok(match &rt.kind {
             Kind::Ns | Kind::Vm => {
                 let mut c = self.vmc();
@@ -232,7 +296,7 @@ impl Env {
         rt: &Runtime,
         argv: &[String],
         opts: &StartOpts,
-    ) -> Result<Sandbox, String> {
+    ) -> Result<Sandbox, MeasureError> {
         let name = self.name();
         let sb = Sandbox {
             name: name.clone(),
@@ -267,7 +331,7 @@ impl Env {
         name: &str,
         argv: &[String],
         opts: &StartOpts,
-    ) -> Result<(), String> {
+    ) -> Result<(), MeasureError> {
         let mut c = match &rt.kind {
             Kind::Ns | Kind::Vm => {
                 let mut c = self.vmc();
@@ -292,25 +356,25 @@ impl Env {
                 c.args(["run", "-d", "--bundle"]).arg(bundle).arg(name);
                 c
             }
-            Kind::Peer(_) => return Err(format!("{} runs workloads to exit only", rt.name)),
+            Kind::Peer(_) => return Err(MeasureError::ExitOnly(rt.name.clone())),
         };
         // A file, not a pipe, for errors: a detached crun container keeps
         // the stdio it was started with open.
         let errs = self.tmp.join(format!("{name}.err"));
-        let file = std::fs::File::create(&errs).map_err(|e| format!("{}: {e}", errs.display()))?;
+        let file =
+            std::fs::File::create(&errs).map_err(MeasureError::io("a sandbox's error file"))?;
         let status = c
             .stdout(Stdio::null())
             .stderr(file)
             .status()
-            .map_err(|e| format!("starting {}: {e}", rt.name))?;
+            .map_err(MeasureError::io("starting a sandbox"))?;
         let msg = std::fs::read_to_string(&errs).unwrap_or_default();
         let _ = std::fs::remove_file(&errs);
         if !status.success() {
-            return Err(format!(
-                "{} did not start a sandbox: {}",
-                rt.name,
-                msg.trim()
-            ));
+            return Err(MeasureError::NotStarted {
+                runtime: rt.name.clone(),
+                message: msg.trim().to_string(),
+            });
         }
         Ok(())
     }
@@ -373,38 +437,37 @@ impl Env {
 
     /// The host process that owns `sb`: vmc's supervisor (the VMM in VM
     /// mode) or the container's init under crun.
-    pub fn owner_pid(&self, sb: &Sandbox) -> Result<i32, String> {
+    pub fn owner_pid(&self, sb: &Sandbox) -> Result<i32, MeasureError> {
         let out = match sb.kind {
             Kind::Crun => self.crun().arg("state").arg(&sb.name).output(),
             _ => self.vmc().arg("inspect").arg(&sb.name).output(),
         }
-        .map_err(|e| e.to_string())?;
+        .map_err(MeasureError::io("asking for a sandbox's state"))?;
         let v: serde_json::Value = serde_json::from_slice(&out.stdout)
-            .map_err(|_| format!("no state for sandbox {}", sb.name))?;
+            .map_err(|_| MeasureError::NoState(sb.name.clone()))?;
         let pid = match sb.kind {
             Kind::Crun => v["pid"].as_i64(),
             _ => v[0]["State"]["Pid"].as_i64(),
         };
         pid.map(|p| p as i32)
             .filter(|p| *p > 0)
-            .ok_or_else(|| format!("sandbox {} has no process", sb.name))
+            .ok_or_else(|| MeasureError::NoProcess(sb.name.clone()))
     }
 }
 
 /// Moves the bench process to a private mount namespace: the image root
 /// it mounts for crun and peers is seen by them (its children) and goes
 /// away with the process, however it ends. Call before starting threads.
-pub fn private_mounts() -> Result<(), String> {
+pub fn private_mounts() -> Result<(), MeasureError> {
     // SAFETY: unshare with CLONE_NEWNS only changes this thread's (and its
     // future children's) mount namespace.
     if unsafe { libc::unshare(libc::CLONE_NEWNS) } != 0 {
-        return Err(format!(
-            "a private mount namespace: {}",
-            std::io::Error::last_os_error()
+        return Err(MeasureError::io("a private mount namespace")(
+            std::io::Error::last_os_error(),
         ));
     }
     vmc_guest::sys::mount(None, "/", None, libc::MS_REC | libc::MS_PRIVATE, None)
-        .map_err(|e| format!("making mounts private: {e}"))
+        .map_err(MeasureError::io("making mounts private"))
 }
 
 /// crun 1.8 refuses hosts whose cgroup v2 hierarchy, mounted beside v1 in
@@ -413,7 +476,7 @@ pub fn private_mounts() -> Result<(), String> {
 /// bench's private mount namespace ([`private_mounts`]), an empty tmpfs
 /// covers `/sys/fs/cgroup/unified` so crun sees a v1 host. Returns a note
 /// when it did so.
-pub fn hide_hybrid_cgroup2() -> Result<Option<String>, String> {
+pub fn hide_hybrid_cgroup2() -> Result<Option<String>, MeasureError> {
     let unified = Path::new("/sys/fs/cgroup/unified");
     let controllers =
         std::fs::read_to_string(unified.join("cgroup.controllers")).unwrap_or_default();
@@ -427,7 +490,7 @@ pub fn hide_hybrid_cgroup2() -> Result<Option<String>, String> {
         0,
         Some("size=4k"),
     )
-    .map_err(|e| format!("covering /sys/fs/cgroup/unified: {e}"))?;
+    .map_err(MeasureError::io("covering /sys/fs/cgroup/unified"))?;
     Ok(Some(format!(
         "crun: this host's cgroup v2 hierarchy holds controllers ({}) beside v1, which crun refuses; the bench hides it from crun, which runs without cgroups (--cgroup-manager=disabled, as vmc's ns mode without limits)",
         controllers.trim()
@@ -513,7 +576,13 @@ mod tests {
             Kind::Peer("fc-run --rootfs \"$VMC_BENCH_ROOTFS\" --".into())
         );
         for bad in ["fc", "=x", "fc=", "vm=x", "a b=x"] {
-            assert!(parse_peer(bad).is_err(), "{bad}");
+            assert!(
+                matches!(
+                    parse_peer(bad),
+                    Err(MeasureError::PeerSpec(_) | MeasureError::PeerName(_))
+                ),
+                "{bad}"
+            );
         }
     }
 

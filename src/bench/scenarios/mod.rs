@@ -10,7 +10,7 @@ use std::io::{IsTerminal, Write};
 use std::time::{Duration, Instant};
 
 use super::report::{Row, Summary};
-use super::runtimes::{self, Env, Kind, Runtime, Sandbox, StartOpts};
+use super::runtimes::{self, Env, Kind, MeasureError, Runtime, Sandbox, StartOpts};
 use super::{BenchError, Sizes};
 
 mod net;
@@ -375,7 +375,7 @@ impl Bench {
         rts: &[Runtime],
         warmup: usize,
         runs: usize,
-        mut f: impl FnMut(&Bench, &Runtime) -> Result<Vec<(Metric, f64)>, String>,
+        mut f: impl FnMut(&Bench, &Runtime) -> Result<Vec<(Metric, f64)>, MeasureError>,
     ) -> Result<(), BenchError> {
         let mut samples: Samples = Vec::new();
         let mut failed: Vec<String> = Vec::new();
@@ -432,7 +432,7 @@ impl Bench {
 
     /// One sandbox from start to exit; vm runs also report the VM's own
     /// figures (`VMC_MEM_REPORT`).
-    fn start_run(&self, rt: &Runtime, cold: bool) -> Result<Vec<(Metric, f64)>, String> {
+    fn start_run(&self, rt: &Runtime, cold: bool) -> Result<Vec<(Metric, f64)>, MeasureError> {
         let mut cmd = self.env.run(rt, &argv(&["echo", "ready"]), cold)?;
         let report = self.env.tmp.join(format!("mem-{}.json", self.env.name()));
         if rt.kind == Kind::Vm {
@@ -454,7 +454,7 @@ impl Bench {
         Ok(out)
     }
 
-    fn memory_run(&self, rt: &Runtime) -> Result<Vec<(Metric, f64)>, String> {
+    fn memory_run(&self, rt: &Runtime) -> Result<Vec<(Metric, f64)>, MeasureError> {
         let opts = StartOpts {
             network_none: true,
             ..Default::default()
@@ -466,8 +466,9 @@ impl Bench {
             let total = tree_pss_kib(&[owner]);
             let mut out = vec![(PSS, total as f64 / 1024.0)];
             if rt.kind == Kind::Vm {
-                let guest = runtimes::guest_pss_kib(owner).ok_or("no guest memory mapping")?;
-                let vmm = runtimes::pss_kib(owner).ok_or("VMM exited")?;
+                let guest = runtimes::guest_pss_kib(owner)
+                    .ok_or(MeasureError::Missing("no guest memory mapping"))?;
+                let vmm = runtimes::pss_kib(owner).ok_or(MeasureError::Missing("VMM exited"))?;
                 out.push((VMM_OVERHEAD, vmm.saturating_sub(guest) as f64 / 1024.0));
                 out.push((GUEST_MEM, guest as f64 / 1024.0));
             }
@@ -477,34 +478,35 @@ impl Bench {
         r
     }
 
-    fn density_run(&self, rt: &Runtime, n: usize) -> Result<Vec<(Metric, f64)>, String> {
+    fn density_run(&self, rt: &Runtime, n: usize) -> Result<Vec<(Metric, f64)>, MeasureError> {
         let opts = StartOpts {
             network_none: true,
             ..Default::default()
         };
         let t0 = Instant::now();
-        let started: Vec<Result<Sandbox, String>> = std::thread::scope(|sc| {
+        let started: Vec<Result<Sandbox, MeasureError>> = std::thread::scope(|sc| {
             let hs: Vec<_> = (0..n)
                 .map(|_| sc.spawn(|| self.env.start(rt, &argv(&["sleep", "1000000"]), &opts)))
                 .collect();
             hs.into_iter()
                 .map(|h| {
                     h.join()
-                        .unwrap_or_else(|_| Err("start thread panicked".into()))
+                        .unwrap_or(Err(MeasureError::Missing("a start thread panicked")))
                 })
                 .collect()
         });
         let ready = t0.elapsed().as_secs_f64();
-        let ok: Vec<Sandbox> = started
-            .iter()
-            .filter_map(|r| r.as_ref().ok())
-            .cloned()
-            .collect();
-        let r = if let Some(Err(e)) = started.iter().find(|r| r.is_err()) {
-            Err(format!("{} of {n} started: {e}", ok.len()))
+        let (ok, failed): (Vec<_>, Vec<_>) = started.into_iter().partition(Result::is_ok);
+        let ok: Vec<Sandbox> = ok.into_iter().flatten().collect();
+        let r = if let Some(Err(first)) = failed.into_iter().next() {
+            Err(MeasureError::Partial {
+                started: ok.len(),
+                wanted: n,
+                first: Box::new(first),
+            })
         } else {
             std::thread::sleep(Duration::from_secs(1));
-            let owners: Result<Vec<i32>, String> =
+            let owners: Result<Vec<i32>, MeasureError> =
                 ok.iter().map(|sb| self.env.owner_pid(sb)).collect();
             owners.map(|o| {
                 let total = tree_pss_kib(&o) as f64 / 1024.0;
@@ -522,7 +524,7 @@ impl Bench {
     /// Runs `steps` (shell commands) in `rt`'s idle sandbox, or in a new
     /// sandbox for a peer, and returns each step's duration in ms, timed
     /// by marker lines the script prints around the steps.
-    fn timed_work(&self, rt: &Runtime, steps: &[&str]) -> Result<Vec<f64>, String> {
+    fn timed_work(&self, rt: &Runtime, steps: &[&str]) -> Result<Vec<f64>, MeasureError> {
         let mut script = String::from("echo S");
         for s in steps {
             script.push_str(&format!("; {s} || exit 97; echo E"));

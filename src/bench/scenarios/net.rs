@@ -8,10 +8,10 @@ use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use super::{argv, Bench, Metric, NET_RTT, NET_UP, PORT_DOWN, PORT_RTT, PORT_UP, STEP_TIMEOUT};
-use crate::bench::runtimes::{Runtime, Sandbox, StartOpts};
+use crate::bench::runtimes::{MeasureError, Runtime, Sandbox, StartOpts};
 
 impl Bench {
-    pub(super) fn start_service(&self, rt: &Runtime) -> Result<(Sandbox, [u16; 3]), String> {
+    pub(super) fn start_service(&self, rt: &Runtime) -> Result<(Sandbox, [u16; 3]), MeasureError> {
         let ports = [free_port()?, free_port()?, free_port()?];
         let chunks = self.sizes.transfer_kib / 64;
         let script = format!(
@@ -36,16 +36,16 @@ impl Bench {
             }
             if Instant::now() > end {
                 self.env.remove(&sb);
-                return Err("its echo server never answered".into());
+                return Err(MeasureError::Missing("its echo server never answered"));
             }
             std::thread::sleep(Duration::from_millis(200));
         }
     }
 
-    pub(super) fn port_run(&self, rt: &Runtime) -> Result<Vec<(Metric, f64)>, String> {
+    pub(super) fn port_run(&self, rt: &Runtime) -> Result<Vec<(Metric, f64)>, MeasureError> {
         let (_, ports) = &self.service[&rt.name];
         let mut out = Vec::new();
-        let io = |e: std::io::Error| format!("published port: {e}");
+        let io = MeasureError::io("published port");
         // Round trips on one connection.
         let mut s = connect(ports[0], STEP_TIMEOUT).map_err(io)?;
         s.set_nodelay(true).map_err(io)?;
@@ -64,10 +64,11 @@ impl Bench {
         s.read_to_string(&mut reply).map_err(io)?;
         let secs = t0.elapsed().as_secs_f64();
         if reply.trim() != bytes.to_string() {
-            return Err(format!(
-                "the sink counted {} of {bytes} bytes",
-                reply.trim()
-            ));
+            return Err(MeasureError::Short {
+                what: "the sink counted",
+                got: reply.trim().to_string(),
+                want: bytes as u64,
+            });
         }
         out.push((PORT_UP, mb / secs));
         // Download.
@@ -76,7 +77,11 @@ impl Bench {
         let got = std::io::copy(&mut s, &mut std::io::sink()).map_err(io)?;
         let secs = t0.elapsed().as_secs_f64();
         if got != bytes as u64 {
-            return Err(format!("received {got} of {bytes} bytes from the source"));
+            return Err(MeasureError::Short {
+                what: "the source sent",
+                got: got.to_string(),
+                want: bytes as u64,
+            });
         }
         out.push((PORT_DOWN, mb / secs));
         Ok(out)
@@ -86,9 +91,9 @@ impl Bench {
         &self,
         rt: &Runtime,
         gw: std::net::Ipv4Addr,
-    ) -> Result<Vec<(Metric, f64)>, String> {
+    ) -> Result<Vec<(Metric, f64)>, MeasureError> {
         let (sb, _) = &self.service[&rt.name];
-        let io = |e: std::io::Error| format!("outbound: {e}");
+        let io = MeasureError::io("outbound");
         let bytes = self.sizes.transfer_kib * 1024;
         let mut out = Vec::new();
         // Throughput: the sandbox sends, the host counts.
@@ -119,10 +124,16 @@ impl Bench {
             Ok((got, t0.elapsed().as_secs_f64()))
         });
         let status = wait_timeout(&mut child, STEP_TIMEOUT);
-        let (got, secs) =
-            r.map_err(|e| format!("outbound: {e} ({})", status_text(status, &mut child)))?;
+        let (got, secs) = r.map_err(|source| MeasureError::Outbound {
+            source,
+            status: status_text(status, &mut child),
+        })?;
         if got != bytes {
-            return Err(format!("the host received {got} of {bytes} bytes"));
+            return Err(MeasureError::Short {
+                what: "the host received",
+                got: got.to_string(),
+                want: bytes,
+            });
         }
         out.push((NET_UP, bytes as f64 / 1e6 / secs));
         // Round trips on a connection the sandbox opened.
@@ -144,8 +155,10 @@ impl Bench {
             ping_pong(&mut s, self.sizes.pings)
         });
         let status = wait_timeout(&mut child, STEP_TIMEOUT);
-        let pings =
-            r.map_err(|e| format!("outbound: {e} ({})", status_text(status, &mut child)))?;
+        let pings = r.map_err(|source| MeasureError::Outbound {
+            source,
+            status: status_text(status, &mut child),
+        })?;
         for (_, rtt) in pings {
             out.push((NET_RTT, rtt));
         }
@@ -161,11 +174,11 @@ fn connect(port: u16, timeout: Duration) -> std::io::Result<TcpStream> {
     Ok(s)
 }
 
-fn free_port() -> Result<u16, String> {
+fn free_port() -> Result<u16, MeasureError> {
     TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
         .map(|a| a.port())
-        .map_err(|e| format!("finding a free port: {e}"))
+        .map_err(MeasureError::io("finding a free port"))
 }
 
 /// Sends one byte and reads its echo `n` times; each round trip in ms.

@@ -5,45 +5,54 @@ use std::io::{BufRead, BufReader, Read};
 use std::process::{Command, Stdio};
 use std::time::Instant;
 
+use crate::bench::runtimes::MeasureError;
+
 /// Runs `cmd` to its exit; ms from `t0` to its first stdout byte and to
 /// its exit. Fails when it fails, or prints nothing when `output`.
 pub(super) fn first_output_and_exit(
     cmd: &mut Command,
     t0: Instant,
     output: bool,
-) -> Result<(f64, f64), String> {
+) -> Result<(f64, f64), MeasureError> {
     let mut child = cmd
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
-        .map_err(|e| format!("spawning: {e}"))?;
-    let mut out = child.stdout.take().ok_or("no stdout")?;
+        .map_err(MeasureError::io("spawning"))?;
+    let mut out = child
+        .stdout
+        .take()
+        .ok_or(MeasureError::Missing("no stdout"))?;
     let mut b = [0u8; 256];
     let n = out.read(&mut b).unwrap_or(0);
     let first = t0.elapsed();
     let mut rest = Vec::new();
     let _ = out.read_to_end(&mut rest);
-    let o = child.wait_with_output().map_err(|e| e.to_string())?;
+    let o = child
+        .wait_with_output()
+        .map_err(MeasureError::io("waiting"))?;
     let exit = t0.elapsed();
     if !o.status.success() || (output && n == 0) {
-        return Err(format!(
-            "{}: {}",
-            o.status,
-            String::from_utf8_lossy(&o.stderr).trim()
-        ));
+        return Err(MeasureError::Failed {
+            status: o.status,
+            stderr: String::from_utf8_lossy(&o.stderr).trim().to_string(),
+        });
     }
     Ok((first.as_secs_f64() * 1000.0, exit.as_secs_f64() * 1000.0))
 }
 
 /// Runs `cmd`, which prints `S` and then `E` after each of `steps` steps;
 /// returns each step's duration in ms, as seen from the host.
-pub(super) fn markers(cmd: &mut Command, steps: usize) -> Result<Vec<f64>, String> {
+pub(super) fn markers(cmd: &mut Command, steps: usize) -> Result<Vec<f64>, MeasureError> {
     let mut child = cmd
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
-        .map_err(|e| format!("spawning: {e}"))?;
-    let out = child.stdout.take().ok_or("no stdout")?;
+        .map_err(MeasureError::io("spawning"))?;
+    let out = child
+        .stdout
+        .take()
+        .ok_or(MeasureError::Missing("no stdout"))?;
     let mut lines = BufReader::new(out).lines();
     let mut times = Vec::new();
     let mut last = None;
@@ -59,13 +68,14 @@ pub(super) fn markers(cmd: &mut Command, steps: usize) -> Result<Vec<f64>, Strin
             _ => {}
         }
     }
-    let o = child.wait_with_output().map_err(|e| e.to_string())?;
+    let o = child
+        .wait_with_output()
+        .map_err(MeasureError::io("waiting"))?;
     if !o.status.success() || times.len() != steps {
-        return Err(format!(
-            "the workload failed ({}): {}",
-            o.status,
-            String::from_utf8_lossy(&o.stderr).trim()
-        ));
+        return Err(MeasureError::Failed {
+            status: o.status,
+            stderr: String::from_utf8_lossy(&o.stderr).trim().to_string(),
+        });
     }
     Ok(times)
 }
@@ -93,7 +103,11 @@ mod tests {
         assert!(t[0] + t[1] <= whole, "{t:?} in {whole} ms");
         let mut c = Command::new("sh");
         c.args(["-c", "echo S; false || exit 97; echo E"]);
-        assert!(markers(&mut c, 1).unwrap_err().contains("97"));
+        let e = markers(&mut c, 1).unwrap_err();
+        assert!(
+            matches!(&e, MeasureError::Failed { status, .. } if status.code() == Some(97)),
+            "{e}"
+        );
     }
 
     #[test]
@@ -105,6 +119,11 @@ mod tests {
         let mut c = Command::new("sh");
         c.args(["-c", "echo no >&2; exit 3"]);
         let e = first_output_and_exit(&mut c, Instant::now(), false).unwrap_err();
-        assert!(e.contains("no") && e.contains('3'), "{e}");
+        assert!(
+            matches!(&e, MeasureError::Failed { status, stderr }
+                if status.code() == Some(3) && stderr == "no"),
+            "{e}"
+        );
+        assert_eq!(e.to_string(), "exit status: 3: no");
     }
 }
