@@ -81,7 +81,7 @@ pub fn run_attached(
     dir: &Path,
     forward_stdin: bool,
     how: Start,
-    gate: &mut dyn super::engine::StartGate,
+    gate: &mut dyn crate::runtime::StartGate,
 ) -> Result<i32, RuntimeError> {
     // Block the forwarded signals before any thread starts, so that only the
     // forwarding thread (sigwait) ever receives them.

@@ -12,16 +12,7 @@ use vmc_guest::ProcessSpec;
 use super::state::Container;
 use super::{ContainerConfig, Mode, Rootfs, RuntimeError};
 
-/// Where "create" ends and "start" begins: an engine makes the container
-/// (VM restored or booted, disks mounted; namespace child made, its network
-/// connected, waiting before its execve), then opens the gate, and only then
-/// runs the workload. The lifecycle's gate records the start, and for a
-/// container made by `vmc create` first waits for `vmc start`.
-pub trait StartGate {
-    /// Blocks until the workload may start; an error ends the run before it
-    /// does.
-    fn open(&mut self) -> Result<(), RuntimeError>;
-}
+pub use super::StartGate;
 
 /// Runs containers one way.
 pub trait Engine {

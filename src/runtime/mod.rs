@@ -213,6 +213,17 @@ pub enum RuntimeError {
     Container(#[from] state::StateError),
 }
 
+/// Where "create" ends and "start" begins: an engine makes the container
+/// (VM restored or booted, disks mounted; namespace child made, its network
+/// connected, waiting before its execve), then opens the gate, and only then
+/// runs the workload. The lifecycle's gate records the start, and for a
+/// container made by `vmc create` first waits for `vmc start`.
+pub trait StartGate {
+    /// Blocks until the workload may start; an error ends the run before it
+    /// does.
+    fn open(&mut self) -> Result<(), RuntimeError>;
+}
+
 /// Whether `cmd` is an executable file in a directory of `$PATH`.
 pub fn on_path(cmd: &str) -> bool {
     find_on_path(cmd).is_some()

@@ -5,7 +5,7 @@
 use std::os::fd::RawFd;
 
 use super::confine::{confine, isolate_root};
-use super::pty::open_terminal;
+use super::pty::{install_stdio, open_terminal};
 use super::{ChildIo, Prepared, Step};
 use crate::sys;
 
@@ -135,27 +135,6 @@ pub(super) unsafe fn child_main(
         libc::execve(p.path.as_ptr(), argv.as_ptr(), envp.as_ptr());
         fail(Step::Exec)
     }
-}
-
-/// Makes `stdio` the child's descriptors 0, 1 and 2. Returns -1 on failure.
-///
-/// # Safety
-/// Child after fork only.
-pub(super) unsafe fn install_stdio(stdio: [RawFd; 3]) -> libc::c_int {
-    // SAFETY: fcntl and dup2 on descriptors the parent passed.
-    unsafe {
-        for (target, &fd) in stdio.iter().enumerate() {
-            if fd == target as RawFd {
-                let flags = libc::fcntl(fd, libc::F_GETFD);
-                if flags < 0 || libc::fcntl(fd, libc::F_SETFD, flags & !libc::FD_CLOEXEC) < 0 {
-                    return -1;
-                }
-            } else if libc::dup2(fd, target as RawFd) < 0 {
-                return -1;
-            }
-        }
-    }
-    0
 }
 
 /// The child's own mount namespace, pivoted into the container root.

@@ -1,9 +1,9 @@
-//! The container's pseudo-terminal, opened by the child inside the
-//! container root and made its controlling terminal.
+//! The child's stdio: the descriptors the parent passed, or the container's
+//! pseudo-terminal, opened by the child inside the container root and made
+//! its controlling terminal.
 
 use std::os::fd::RawFd;
 
-use super::child::install_stdio;
 use crate::sys;
 use crate::WinSize;
 
@@ -59,6 +59,27 @@ pub(super) unsafe fn open_terminal(sock: RawFd, size: WinSize, uid: libc::uid_t)
         }
         if libc::ioctl(0, libc::TIOCSCTTY, 0) < 0 {
             return -1;
+        }
+    }
+    0
+}
+
+/// Makes `stdio` the child's descriptors 0, 1 and 2. Returns -1 on failure.
+///
+/// # Safety
+/// Child after fork only.
+pub(super) unsafe fn install_stdio(stdio: [RawFd; 3]) -> libc::c_int {
+    // SAFETY: fcntl and dup2 on descriptors the parent passed.
+    unsafe {
+        for (target, &fd) in stdio.iter().enumerate() {
+            if fd == target as RawFd {
+                let flags = libc::fcntl(fd, libc::F_GETFD);
+                if flags < 0 || libc::fcntl(fd, libc::F_SETFD, flags & !libc::FD_CLOEXEC) < 0 {
+                    return -1;
+                }
+            } else if libc::dup2(fd, target as RawFd) < 0 {
+                return -1;
+            }
         }
     }
     0

@@ -9,10 +9,7 @@ use std::io;
 use oci_client::errors::{OciDistributionError, OciErrorCode};
 
 use super::super::ImageError;
-use super::http::Remote;
-
-/// Longest part of a registry's own error text quoted in a message.
-const MAX_QUOTE: usize = 200;
+use super::http::{quote, Remote};
 
 impl Remote {
     /// A problem with what the registry holds for the reference.
@@ -158,28 +155,10 @@ fn refused(e: &(dyn std::error::Error + 'static)) -> bool {
     })
 }
 
-/// Text from elsewhere as part of a one-line message: runs of white space
-/// and control characters (a registry's text could hold terminal escapes or
-/// NULs) become one space.
-pub(super) fn quote(s: &str) -> String {
-    let one: String = s
-        .split(|c: char| c.is_whitespace() || c.is_control())
-        .filter(|w| !w.is_empty())
-        .collect::<Vec<_>>()
-        .join(" ")
-        .chars()
-        .take(MAX_QUOTE)
-        .collect();
-    if one.is_empty() {
-        "(no reason given)".to_string()
-    } else {
-        one
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::image::pull::http::MAX_QUOTE;
 
     #[test]
     fn quoted_text_is_one_bounded_line() {

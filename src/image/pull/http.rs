@@ -16,7 +16,6 @@ use oci_spec::image::{Descriptor, Digest};
 use super::super::archive::MAX_JSON;
 use super::super::store::digest_of;
 use super::super::{ImageError, Reference};
-use super::errors::quote;
 
 /// How long connecting to the registry may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
@@ -460,6 +459,28 @@ fn bearer_challenge(value: &str) -> Option<Challenge> {
     match (bearer, realm) {
         (true, Some(realm)) => Some(Challenge { realm, service }),
         _ => None,
+    }
+}
+
+/// Longest part of a registry's own error text quoted in a message.
+pub(super) const MAX_QUOTE: usize = 200;
+
+/// Text from elsewhere as part of a one-line message: runs of white space
+/// and control characters (a registry's text could hold terminal escapes or
+/// NULs) become one space.
+pub(super) fn quote(s: &str) -> String {
+    let one: String = s
+        .split(|c: char| c.is_whitespace() || c.is_control())
+        .filter(|w| !w.is_empty())
+        .collect::<Vec<_>>()
+        .join(" ")
+        .chars()
+        .take(MAX_QUOTE)
+        .collect();
+    if one.is_empty() {
+        "(no reason given)".to_string()
+    } else {
+        one
     }
 }
 

@@ -362,7 +362,7 @@ pub fn run_attached(
     dir: &Path,
     listeners: Vec<(std::net::TcpListener, super::ports::PortMap)>,
     forward_stdin: bool,
-    gate: &mut dyn super::engine::StartGate,
+    gate: &mut dyn crate::runtime::StartGate,
 ) -> Result<i32, RuntimeError> {
     private_mounts()?;
     let root = dir.join("rootfs");
