@@ -22,7 +22,7 @@ struct Stack {
     root: String,
     /// Committed layers on the scratch disk, oldest first.
     lowers: Vec<String>,
-    /// /etc files bound over the root's (see `init::bind_etc`), again after
+    /// /etc files bound over the root's (see `rootfs::bind_etc`), again after
     /// every rotation.
     etc: Vec<(String, String)>,
     /// Placeholders for them created in the current upper: not part of the
@@ -80,8 +80,8 @@ pub fn mount_stack(
         0,
         Some(&overlay_data(&s)),
     )?;
-    crate::init::mount_pseudo(root)?;
-    s.placeholders = crate::init::bind_etc(root, etc)?;
+    crate::rootfs::mount_pseudo(root)?;
+    s.placeholders = crate::rootfs::bind_etc(root, etc)?;
     *STACK.lock().unwrap_or_else(|e| e.into_inner()) = Some(s);
     Ok(())
 }
@@ -118,9 +118,9 @@ pub fn rotate() -> io::Result<()> {
         0,
         Some(&overlay_data(s)),
     )?;
-    crate::init::mount_pseudo(&s.root)?;
+    crate::rootfs::mount_pseudo(&s.root)?;
     // A placeholder made before is in a lower now: none is new.
-    s.placeholders = crate::init::bind_etc(&s.root, &s.etc)?;
+    s.placeholders = crate::rootfs::bind_etc(&s.root, &s.etc)?;
     Ok(())
 }
 

@@ -9,6 +9,7 @@ mod init;
 mod layers;
 mod netcfg;
 mod reaper;
+mod rootfs;
 mod session;
 #[cfg(test)]
 mod testns;

@@ -9,6 +9,7 @@ pub mod caps;
 pub mod cgroup;
 pub mod devices;
 pub mod engine;
+pub mod guest;
 pub mod lifecycle;
 
 pub mod microvm;

@@ -20,7 +20,7 @@ use sha2::{Digest, Sha256};
 use vmc_guest::{GuestMsg, AGENT_PORT, PROTOCOL_VERSION};
 
 use super::agent::{AgentConn, AgentError};
-use super::microvm::{ended, unplugged, verdict, vm_config, MicroVm, ANSWER_CPU, BOOT_CPU};
+use super::guest::{ended, refresh_msg, unplugged, verdict, vm_config, ANSWER_CPU, BOOT_CPU};
 use super::RuntimeError;
 use crate::vmm::progress::Watchdog;
 use crate::vmm::{self, snapshot::FORMAT_VERSION, Backend};
@@ -234,7 +234,7 @@ fn verify(dir: &Path, key: &str, cfg: vmm::VmConfig) -> Result<(), RuntimeError>
     let mut dog = Watchdog::new(ANSWER_CPU);
     let mut watch = || verdict(vm.judge(&mut dog));
     let answer = AgentConn::connect(&vsock, AGENT_PORT, &mut watch)
-        .and_then(|mut c| c.request(&MicroVm::refresh_msg(), &mut watch));
+        .and_then(|mut c| c.request(&refresh_msg(), &mut watch));
     vm.stop();
     let exit = vm.wait();
     match answer {
