@@ -122,23 +122,36 @@ pub(crate) fn logs(a: LogsArgs) -> Result<i32> {
 /// says) printed and the rest done anyway; exit code 1 if any failed.
 fn each_container(
     names: &[String],
-    mut act: impl FnMut(&str, Container) -> Result<std::result::Result<(), cstate::StateError>>,
+    mut act: impl FnMut(&str, Container) -> Result<std::result::Result<(), Box<dyn std::error::Error>>>,
 ) -> Result<i32> {
     let mut failed = false;
     for name in names {
         let outcome = match cstate::resolve(name) {
             Ok(c) => act(name, c)?,
-            Err(e) => Err(e),
+            Err(e) => Err(e.into()),
         };
         match outcome {
             Ok(()) => println!("{name}"),
             Err(why) => {
-                eprintln!("vmc: {why}");
+                eprintln!("vmc: {}", vmc::host::error_line(&*why));
                 failed = true;
             }
         }
     }
     Ok(if failed { 1 } else { 0 })
+}
+
+/// `vmc start NAME...`: starts containers made by `vmc create`, each name
+/// printed once its workload runs.
+pub(crate) fn start(a: vmc::cli::StartArgs) -> Result<i32> {
+    use vmc::runtime::lifecycle::{self, Started};
+    each_container(&a.containers, |name, mut c| {
+        Ok(match lifecycle::start_created(&mut c) {
+            Ok(Started::Running | Started::Removed) => Ok(()),
+            Ok(Started::Failed { why, .. }) => Err(format!("{name}: {why}").into()),
+            Err(e) => Err(e.into()),
+        })
+    })
 }
 
 pub(crate) fn stop(a: StopArgs) -> Result<i32> {
@@ -154,16 +167,7 @@ pub(crate) fn stop(a: StopArgs) -> Result<i32> {
 pub(crate) fn kill(a: KillArgs) -> Result<i32> {
     let sig = cstate::signal_number(&a.signal)
         .ok_or_else(|| anyhow::anyhow!("--signal {}: unknown signal", a.signal))?;
-    const FORWARDED: [i32; 7] = [
-        libc::SIGKILL,
-        libc::SIGTERM,
-        libc::SIGINT,
-        libc::SIGHUP,
-        libc::SIGQUIT,
-        libc::SIGUSR1,
-        libc::SIGUSR2,
-    ];
-    if !FORWARDED.contains(&sig) {
+    if sig != libc::SIGKILL && !runtime::FORWARDED_SIGNALS.contains(&sig) {
         bail!(
             "--signal {}: vmc forwards KILL, TERM, INT, HUP, QUIT, USR1 and USR2",
             a.signal
@@ -182,7 +186,7 @@ pub(crate) fn kill(a: KillArgs) -> Result<i32> {
         Ok(if sent {
             Ok(())
         } else {
-            Err(cstate::StateError::NotRunning(name.to_string()))
+            Err(cstate::StateError::NotRunning(name.to_string()).into())
         })
     })
 }
@@ -191,7 +195,9 @@ pub(crate) fn rm(a: RmArgs) -> Result<i32> {
     each_container(&a.containers, |name, mut c| {
         match c.refresh() {
             Status::Running if !a.force => {
-                return Ok(Err(cstate::StateError::StillRunning(name.to_string())));
+                return Ok(Err(
+                    cstate::StateError::StillRunning(name.to_string()).into()
+                ));
             }
             Status::Running => c.kill_now(),
             // Made by `vmc create` (or still being made): its supervisor goes.

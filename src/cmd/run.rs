@@ -301,27 +301,3 @@ pub(crate) fn create(args: RunArgs) -> Result<i32> {
     }
     run(args, true)
 }
-
-/// `vmc start NAME...`: starts containers made by `vmc create`, each name
-/// printed once its workload runs.
-pub(crate) fn start(a: vmc::cli::StartArgs) -> Result<i32> {
-    let mut failed = false;
-    for name in &a.containers {
-        let outcome = cstate::resolve(name)
-            .map_err(lifecycle::LifecycleError::from)
-            .and_then(|mut c| lifecycle::start_created(&mut c));
-        match outcome {
-            Ok(Started::Running) => println!("{name}"),
-            Ok(Started::Removed) => println!("{name}"),
-            Ok(Started::Failed { why, .. }) => {
-                eprintln!("vmc: {name}: {why}");
-                failed = true;
-            }
-            Err(e) => {
-                eprintln!("vmc: {}", vmc::host::error_line(&e));
-                failed = true;
-            }
-        }
-    }
-    Ok(if failed { 1 } else { 0 })
-}

@@ -274,12 +274,8 @@ pub fn start_created(c: &mut Container) -> Result<Started, LifecycleError> {
             })
         }
     }
-    let pid = c.state.pid;
-    let start = c.state.pid_start;
-    let mut gone = || match (pid, start) {
-        (Some(p), Some(s)) if state::process_start(p) == Some(s) => None,
-        _ => Some("its process is gone".to_string()),
-    };
+    let supervisor = c.clone();
+    let mut gone = || (!supervisor.supervisor_alive()).then(|| "its process is gone".to_string());
     wait_for(&c.dir, &id, Until::Started, &mut gone)
 }
 
