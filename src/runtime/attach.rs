@@ -15,33 +15,10 @@ use super::microvm::{
 };
 use super::{ContainerConfig, RuntimeError};
 
-/// Signals vmc forwards to the workload.
-const FORWARDED: [libc::c_int; 6] = [
-    libc::SIGINT,
-    libc::SIGTERM,
-    libc::SIGHUP,
-    libc::SIGQUIT,
-    libc::SIGUSR1,
-    libc::SIGUSR2,
-];
-
 /// The forwarded signals, plus SIGWINCH with a terminal (it becomes a
 /// `Resize`), blocked in the calling thread.
 fn block_forwarded(tty: bool) -> libc::sigset_t {
-    // SAFETY: sigset_t is plain data initialised by sigemptyset.
-    let mut set: libc::sigset_t = unsafe { std::mem::zeroed() };
-    // SAFETY: set is a valid sigset_t; the old mask is not needed.
-    unsafe {
-        libc::sigemptyset(&mut set);
-        for s in FORWARDED {
-            libc::sigaddset(&mut set, s);
-        }
-        if tty {
-            libc::sigaddset(&mut set, libc::SIGWINCH);
-        }
-        libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
-    }
-    set
+    super::block_signals(if tty { &[libc::SIGWINCH] } else { &[] })
 }
 
 /// The connection the signal and stdin threads write to, once the process

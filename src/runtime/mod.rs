@@ -225,6 +225,34 @@ pub trait StartGate {
     fn open(&mut self) -> Result<(), RuntimeError>;
 }
 
+/// The signals vmc forwards from its own process to a container's workload
+/// (`vmc kill` also sends SIGKILL, which ends the supervisor itself).
+pub const FORWARDED_SIGNALS: [libc::c_int; 6] = [
+    libc::SIGINT,
+    libc::SIGTERM,
+    libc::SIGHUP,
+    libc::SIGQUIT,
+    libc::SIGUSR1,
+    libc::SIGUSR2,
+];
+
+/// Blocks [`FORWARDED_SIGNALS`] and `extra` in the calling thread (before
+/// any other thread exists, only the forwarding ever receives them) and
+/// returns the set.
+pub(crate) fn block_signals(extra: &[libc::c_int]) -> libc::sigset_t {
+    // SAFETY: sigset_t is plain data initialised by sigemptyset.
+    let mut set: libc::sigset_t = unsafe { std::mem::zeroed() };
+    // SAFETY: set is a valid sigset_t; the old mask is not needed.
+    unsafe {
+        libc::sigemptyset(&mut set);
+        for &s in FORWARDED_SIGNALS.iter().chain(extra) {
+            libc::sigaddset(&mut set, s);
+        }
+        libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
+    }
+    set
+}
+
 /// Whether `cmd` is an executable file in a directory of `$PATH`.
 pub fn on_path(cmd: &str) -> bool {
     find_on_path(cmd).is_some()

@@ -153,25 +153,7 @@ fn reap(pid: libc::pid_t) -> Option<i32> {
 /// Blocks the signals vmc forwards to a container (SIGWINCH resizes its
 /// terminal, if it has one) and SIGCHLD, to wait.
 pub fn block_forwarded() -> libc::sigset_t {
-    // SAFETY: plain sigset manipulation on a local.
-    unsafe {
-        let mut set: libc::sigset_t = std::mem::zeroed();
-        libc::sigemptyset(&mut set);
-        for s in [
-            libc::SIGINT,
-            libc::SIGTERM,
-            libc::SIGHUP,
-            libc::SIGQUIT,
-            libc::SIGUSR1,
-            libc::SIGUSR2,
-            libc::SIGWINCH,
-            libc::SIGCHLD,
-        ] {
-            libc::sigaddset(&mut set, s);
-        }
-        libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
-        set
-    }
+    crate::runtime::block_signals(&[libc::SIGWINCH, libc::SIGCHLD])
 }
 
 /// Waits for `pid`, forwarding the blocked signals to it; its exit code as
