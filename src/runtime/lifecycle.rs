@@ -46,6 +46,11 @@ pub enum LifecycleError {
     Config,
     #[error("the supervisor's log pipes: {0}")]
     Pipes(std::io::Error),
+    #[error("the control socket {path}: {source}")]
+    ControlSocket {
+        path: String,
+        source: std::io::Error,
+    },
     #[error(transparent)]
     Runtime(#[from] RuntimeError),
     #[error("container {0} is not waiting to be started (vmc start is for containers made by vmc create)")]
@@ -377,14 +382,14 @@ pub fn supervise(dir: &Path, until: Until) -> Result<(), LifecycleError> {
             let _ = std::fs::remove_file(&p);
             match crate::uds::bind(&p) {
                 Ok(l) => Some(l),
-                Err(e) => {
-                    state::log_stream(
-                        format!("vmc: the control socket {}: {e}\n", p.display()).as_bytes(),
-                        &log,
-                        "stderr",
-                    );
+                Err(source) => {
+                    let e = LifecycleError::ControlSocket {
+                        path: p.display().to_string(),
+                        source,
+                    };
+                    state::log_stream(format!("vmc: {e}\n").as_bytes(), &log, "stderr");
                     c.mark_exited(EXIT_VMC_ERROR)?;
-                    return Err(LifecycleError::Pipes(e));
+                    return Err(e);
                 }
             }
         }

@@ -168,16 +168,27 @@ impl Container {
         self.dir.join(STARTED).exists()
     }
 
+    fn refused(&self, to: Status) -> StateError {
+        StateError::Transition {
+            id: self.state.id.chars().take(12).collect(),
+            from: self.state.status,
+            to,
+        }
+    }
+
     fn become_(&mut self, to: Status) -> Result<(), StateError> {
         if !self.state.status.can_become(to) {
-            return Err(StateError::Transition {
-                id: self.state.id.chars().take(12).collect(),
-                from: self.state.status,
-                to,
-            });
+            return Err(self.refused(to));
         }
         self.state.status = to;
         Ok(())
+    }
+
+    /// Records this process, with its start time, as the supervisor.
+    fn record_supervisor(&mut self) {
+        let pid = std::process::id() as i32;
+        self.state.pid = Some(pid);
+        self.state.pid_start = process_start(pid);
     }
 
     /// Records that this process supervises the created container (which
@@ -185,24 +196,16 @@ impl Container {
     /// reach it, and its death is an exit.
     pub fn mark_supervised(&mut self) -> Result<(), StateError> {
         if self.state.status != Status::Created {
-            return Err(StateError::Transition {
-                id: self.state.id.chars().take(12).collect(),
-                from: self.state.status,
-                to: Status::Created,
-            });
+            return Err(self.refused(Status::Created));
         }
-        let pid = std::process::id() as i32;
-        self.state.pid = Some(pid);
-        self.state.pid_start = process_start(pid);
+        self.record_supervisor();
         self.save()
     }
 
     /// Records that this process (the supervisor) runs the container, now.
     pub fn mark_running(&mut self) -> Result<(), StateError> {
         self.become_(Status::Running)?;
-        let pid = std::process::id() as i32;
-        self.state.pid = Some(pid);
-        self.state.pid_start = process_start(pid);
+        self.record_supervisor();
         self.state.started = Some(now_secs());
         self.save()
     }

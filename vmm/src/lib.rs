@@ -61,8 +61,8 @@ pub struct VmConfig {
     pub devices: Vec<DeviceConfig>,
     /// Kernel console (8250 on ttyS0) output; None leaves the UART out entirely.
     pub console: Option<Box<dyn Write + Send>>,
-    /// The host's backend ([`Backend::host`]): the guest's command line and
-    /// CPUID depend on it.
+    /// The host's backend ([`Backend::host`]): the guest's command line
+    /// depends on it.
     pub backend: Backend,
     /// Debugging aid: sample the boot vCPU's RIP at 1 kHz and write the
     /// samples to this file when the VM ends.
