@@ -68,7 +68,12 @@ run_one() {
     fi
 }
 export -f run_one
-export LOGS=$logs THREADS TIMEOUT
+# The binaries find the repository through CARGO_MANIFEST_DIR when it is set
+# (cargo sets it; this harness runs them itself): what was compiled in is the
+# checkout that built them, which is another one when two checkouts share
+# the cache's target directory.
+CARGO_MANIFEST_DIR=$(pwd)
+export LOGS=$logs THREADS TIMEOUT CARGO_MANIFEST_DIR
 echo "integration tests: $(wc -l <"$logs/queue") binaries, $JOBS at a time, logs in $logs"
 t0=$(date +%s)
 xargs -a "$logs/queue" -d '\n' -P "$JOBS" -I{} bash -c 'run_one "$@"' _ {}
