@@ -269,7 +269,7 @@ impl LoopMount {
         if r < 0 {
             return Err(detach(std::io::Error::last_os_error()));
         }
-        vmc_guest::sys::mount(Some(&dev), target_s, Some("ext4"), flags, None).map_err(detach)?;
+        vmc_spawn::sys::mount(Some(&dev), target_s, Some("ext4"), flags, None).map_err(detach)?;
         // Mounted: the device clears itself once unmounted and closed.
         Ok(LoopMount {
             target: target.to_path_buf(),
@@ -283,7 +283,7 @@ impl LoopMount {
 
 impl Drop for LoopMount {
     fn drop(&mut self) {
-        if let Ok(c) = vmc_guest::sys::cstr(&self.target) {
+        if let Ok(c) = vmc_spawn::sys::cstr(&self.target) {
             // SAFETY: umount2 on a NUL-terminated path.
             unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) };
         }

@@ -47,7 +47,7 @@ fn init_logging() {
 fn main() {
     // Descriptors inherited from whoever started vmc never reach a
     // container, passt, the VMM or a detached supervisor.
-    if let Err(e) = vmc_guest::sys::close_inherited_fds() {
+    if let Err(e) = vmc_spawn::sys::close_inherited_fds() {
         eprintln!("vmc: cannot close inherited file descriptors: {e}");
         std::process::exit(EXIT_VMC_ERROR);
     }

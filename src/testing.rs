@@ -1,5 +1,5 @@
 //! Test support shared by the unit and integration tests: skips that the
-//! harness can count (defined in the guest crate, which the guest agent's
+//! harness can count (defined in `vmc-spawn`, which the guest agent's
 //! tests share).
 
-pub use vmc_guest::testing::{ci, root, skip};
+pub use vmc_spawn::testing::{ci, root, skip};

@@ -8,7 +8,7 @@ use std::path::Path;
 use std::process::Command;
 
 use common::{kernel, kvm_available, rootfs, snapshots, TestVm};
-use vmc_guest::GuestMsg;
+use vmc_proto::GuestMsg;
 
 /// A copy of the busybox rootfs with a marker file.
 fn marked_rootfs(dir: &Path, marker: &str) -> std::path::PathBuf {
@@ -261,7 +261,7 @@ fn a_snapshot_taken_while_an_interrupt_was_in_flight_restores_and_answers() {
     // A guest restored from the shared snapshot answers, then idles.
     let v1 = dir.path().join("v1.sock");
     let vm = vmc::vmm::restore(cfg(&v1), &shared, &key).unwrap();
-    AgentConn::connect(&v1, vmc_guest::AGENT_PORT, &mut watch(&vm))
+    AgentConn::connect(&v1, vmc_proto::AGENT_PORT, &mut watch(&vm))
         .expect("the restored guest answers")
         .close();
     // Its vCPUs are paused (their state saved) before the vsock device
@@ -284,7 +284,7 @@ fn a_snapshot_taken_while_an_interrupt_was_in_flight_restores_and_answers() {
     };
     let mut request = std::os::unix::net::UnixStream::connect(&v1).unwrap();
     request
-        .write_all(format!("CONNECT {}\n", vmc_guest::AGENT_PORT).as_bytes())
+        .write_all(format!("CONNECT {}\n", vmc_proto::AGENT_PORT).as_bytes())
         .unwrap();
     let t0 = std::time::Instant::now();
     while !vm.interrupts_pending() {
@@ -319,7 +319,7 @@ fn a_snapshot_taken_while_an_interrupt_was_in_flight_restores_and_answers() {
     let vm = vmc::vmm::restore(cfg(&v2), &inflight, &key).unwrap();
     let answer = {
         let mut w = watch(&vm);
-        AgentConn::connect(&v2, vmc_guest::AGENT_PORT, &mut w)
+        AgentConn::connect(&v2, vmc_proto::AGENT_PORT, &mut w)
             .and_then(|mut c| c.request(&vmc::runtime::microvm::MicroVm::refresh_msg(), &mut w))
     };
     vm.stop();

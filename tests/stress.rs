@@ -22,7 +22,7 @@ use std::time::Instant;
 use common::{kernel, rootfs, TestVm};
 use vmc::runtime::microvm::{MicroVm, Start};
 use vmc::runtime::{ContainerConfig, ProcessSpec, Resources};
-use vmc_guest::{GuestMsg, HostMsg};
+use vmc_proto::{GuestMsg, HostMsg};
 
 fn count(var: &str, default: usize) -> usize {
     std::env::var(var)

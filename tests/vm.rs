@@ -8,7 +8,7 @@ use std::sync::OnceLock;
 
 use common::{kvm_available, rootfs, tree_fingerprint, TestVm};
 use vmc::runtime::ProcessSpec;
-use vmc_guest::{ExitStatus, StartFailure};
+use vmc_proto::{ExitStatus, StartFailure};
 
 fn vm() -> Option<&'static TestVm> {
     static VM: OnceLock<TestVm> = OnceLock::new();

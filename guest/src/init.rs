@@ -6,9 +6,9 @@ use std::fs;
 use std::io;
 use std::os::fd::AsRawFd;
 
-use vmc_guest::RootSpec;
+use vmc_proto::RootSpec;
 
-use vmc_guest::sys::{check, mount};
+use vmc_spawn::sys::{check, mount};
 
 /// Where the container root is assembled; processes are moved into it.
 pub const ROOT: &str = "/run/vmc/root";
@@ -318,7 +318,7 @@ mod tests {
 
     #[test]
     fn hostname_is_set_unless_empty() {
-        if !vmc_guest::testing::root() {
+        if !vmc_spawn::testing::root() {
             return;
         }
         let (set, kept, too_long) = in_namespaces(libc::CLONE_NEWUTS, || {
@@ -335,7 +335,7 @@ mod tests {
 
     #[test]
     fn loopback_comes_up() {
-        if !vmc_guest::testing::root() {
+        if !vmc_spawn::testing::root() {
             return;
         }
         let flags = || {
@@ -379,7 +379,7 @@ mod tests {
 
     #[test]
     fn etc_files_are_bound_over_the_roots() {
-        if !vmc_guest::testing::root() {
+        if !vmc_spawn::testing::root() {
             return;
         }
         let d = tempfile::tempdir().unwrap();
@@ -420,7 +420,7 @@ mod tests {
 
     #[test]
     fn etc_linked_out_of_the_root_gets_no_binds() {
-        if !vmc_guest::testing::root() {
+        if !vmc_spawn::testing::root() {
             return;
         }
         let d = tempfile::tempdir().unwrap();
@@ -447,7 +447,7 @@ mod tests {
 
     #[test]
     fn pseudo_filesystems_are_mounted_in_the_root() {
-        if !vmc_guest::testing::root() {
+        if !vmc_spawn::testing::root() {
             return;
         }
         let d = tempfile::tempdir().unwrap();
@@ -456,7 +456,7 @@ mod tests {
             mount_pseudo(&r).unwrap();
             // SAFETY: statvfs is plain data filled by statvfs(3).
             let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
-            let sys = vmc_guest::sys::cstr(format!("{r}/sys")).unwrap();
+            let sys = vmc_spawn::sys::cstr(format!("{r}/sys")).unwrap();
             // SAFETY: sys is NUL-terminated; st a valid out pointer.
             assert_eq!(unsafe { libc::statvfs(sys.as_ptr(), &mut st) }, 0);
             (

@@ -14,7 +14,7 @@ use std::io::{self, Read, Write};
 use std::path::{Component, Path, PathBuf};
 use std::sync::Mutex;
 
-use vmc_guest::sys::{check, cstr, mount};
+use vmc_spawn::sys::{check, cstr, mount};
 
 struct Stack {
     image: String,
@@ -233,7 +233,7 @@ pub fn commit<W: Write>(out: W) -> io::Result<()> {
         .ok_or_else(|| io::Error::other("the container root is not assembled"))?;
     // SAFETY: sync takes no arguments.
     unsafe { libc::sync() };
-    vmc_guest::upper::write_layer_except(Path::new(&upper), out, &placeholders, false)?;
+    vmc_spawn::upper::write_layer_except(Path::new(&upper), out, &placeholders, false)?;
     rotate()
 }
 
@@ -334,7 +334,7 @@ mod tests {
 
     #[test]
     fn whiteouts_delete_files_and_directories() {
-        if !vmc_guest::testing::root() {
+        if !vmc_spawn::testing::root() {
             return;
         }
         let d = tempfile::tempdir().unwrap();
@@ -357,7 +357,7 @@ mod tests {
 
     #[test]
     fn opaque_marker_hides_only_what_was_there_before_the_layer() {
-        if !vmc_guest::testing::root() {
+        if !vmc_spawn::testing::root() {
             return;
         }
         let d = tempfile::tempdir().unwrap();
@@ -380,7 +380,7 @@ mod tests {
 
     #[test]
     fn parent_dir_entries_are_skipped() {
-        if !vmc_guest::testing::root() {
+        if !vmc_spawn::testing::root() {
             return;
         }
         let d = tempfile::tempdir().unwrap();
@@ -445,7 +445,7 @@ mod tests {
 
     #[test]
     fn commit_and_apply_each_make_a_layer_of_the_overlay() {
-        if !vmc_guest::testing::root() {
+        if !vmc_spawn::testing::root() {
             return;
         }
         let d = tempfile::tempdir().unwrap();

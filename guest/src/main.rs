@@ -15,7 +15,7 @@ mod session;
 mod testns;
 mod vsock;
 
-use vmc_guest::AGENT_PORT;
+use vmc_proto::AGENT_PORT;
 
 fn main() {
     if std::process::id() != 1 {

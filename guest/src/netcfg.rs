@@ -5,8 +5,8 @@
 use std::io;
 use std::net::Ipv4Addr;
 
-use vmc_guest::sys::check;
-use vmc_guest::NetSpec;
+use vmc_proto::NetSpec;
+use vmc_spawn::sys::check;
 
 fn ifreq(name: &str) -> libc::ifreq {
     // SAFETY: ifreq is plain data; all-zero is a valid value.
@@ -133,7 +133,7 @@ mod tests {
 
     #[test]
     fn configure_sets_address_mask_mtu_flags_and_default_route() {
-        if !vmc_guest::testing::root() {
+        if !vmc_spawn::testing::root() {
             return;
         }
         let (addr, mask, mtu, flags, route) =
@@ -189,7 +189,7 @@ mod tests {
 
     #[test]
     fn configure_names_the_step_that_failed() {
-        if !vmc_guest::testing::root() {
+        if !vmc_spawn::testing::root() {
             return;
         }
         let e = crate::testns::in_namespaces(libc::CLONE_NEWNET, || {

@@ -11,7 +11,7 @@ use std::io;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::sync::{Mutex, OnceLock};
 
-use vmc_guest::sys;
+use vmc_spawn::sys;
 
 /// Maps a pid to the write end of its session's exit pipe.
 static WAITERS: OnceLock<Mutex<HashMap<u32, OwnedFd>>> = OnceLock::new();
@@ -102,11 +102,11 @@ pub(crate) fn reap_all() {
 }
 
 /// Decodes a raw wait status.
-pub fn decode(status: i32) -> vmc_guest::ExitStatus {
+pub fn decode(status: i32) -> vmc_proto::ExitStatus {
     if libc::WIFSIGNALED(status) {
-        vmc_guest::ExitStatus::Signal(libc::WTERMSIG(status))
+        vmc_proto::ExitStatus::Signal(libc::WTERMSIG(status))
     } else {
-        vmc_guest::ExitStatus::Code(libc::WEXITSTATUS(status))
+        vmc_proto::ExitStatus::Code(libc::WEXITSTATUS(status))
     }
 }
 
@@ -114,7 +114,7 @@ pub fn decode(status: i32) -> vmc_guest::ExitStatus {
 mod tests {
     use super::*;
     use crate::testns::{children, fork_child, wait_exited};
-    use vmc_guest::ExitStatus;
+    use vmc_proto::ExitStatus;
 
     fn exit_5() -> ! {
         // SAFETY: _exit ends the forked child without unwinding.

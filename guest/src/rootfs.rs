@@ -5,7 +5,7 @@
 use std::fs;
 use std::io;
 
-use vmc_guest::sys::mount;
+use vmc_spawn::sys::mount;
 
 /// Docker's /etc/resolv.conf, /etc/hosts and /etc/hostname for the
 /// container: written under /run and bind-mounted over those of the root

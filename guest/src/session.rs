@@ -6,14 +6,14 @@ use std::io::{self, Read, Write};
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::sync::Mutex;
 
-use vmc_guest::{
+use vmc_proto::{
     read_frame, write_frame, ExitStatus, FrameDecoder, GuestMsg, HostMsg, ProcessSpec, WinSize,
     IO_CHUNK, PROTOCOL_VERSION,
 };
 
 use crate::vsock::VsockStream;
 use crate::{init, reaper};
-use vmc_guest::{spawn, sys};
+use vmc_spawn::{self as spawn, sys};
 
 /// Whether the container root is mounted (once per VM).
 static MOUNTED: Mutex<bool> = Mutex::new(false);
@@ -159,7 +159,7 @@ fn handshake_and_start(conn: &VsockStream) -> Result<Option<(ProcessSpec, Runnin
                 };
             }
             Ok(other) => return Err(format!("unexpected frame before Start: {other:?}")),
-            Err(vmc_guest::FrameError::Closed) => return Ok(None),
+            Err(vmc_proto::FrameError::Closed) => return Ok(None),
             Err(e) => return Err(e.to_string()),
         }
     }
@@ -243,7 +243,7 @@ impl Running {
     fn start(spec: &ProcessSpec) -> Result<Running, spawn::SpawnError> {
         let prepared = spawn::prepare(spec, init::ROOT)?;
         let io_err = |e: io::Error| spawn::SpawnError {
-            kind: vmc_guest::StartFailure::Setup,
+            kind: vmc_proto::StartFailure::Setup,
             message: format!("stdio pipes: {e}"),
         };
         if let Some(size) = spec.tty {
@@ -271,7 +271,7 @@ impl Running {
             Ok(v) => v,
             Err(e) => {
                 return Err(failure.unwrap_or(spawn::SpawnError {
-                    kind: vmc_guest::StartFailure::Setup,
+                    kind: vmc_proto::StartFailure::Setup,
                     message: e.to_string(),
                 }))
             }
@@ -310,7 +310,7 @@ impl Running {
             }
         });
         let setup = |message: String| spawn::SpawnError {
-            kind: vmc_guest::StartFailure::Setup,
+            kind: vmc_proto::StartFailure::Setup,
             message,
         };
         let (_, pid, exit) = res.map_err(|e| failure.take().unwrap_or(setup(e.to_string())))?;
@@ -527,7 +527,7 @@ mod tests {
     use super::*;
     use std::os::unix::net::UnixStream;
 
-    use vmc_guest::FrameError;
+    use vmc_proto::FrameError;
 
     /// The agent's end of a connection, and the host's.
     fn pair() -> (VsockStream, UnixStream) {

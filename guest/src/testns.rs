@@ -16,7 +16,7 @@ pub fn in_namespaces<T: Send + 'static>(
         let r = unsafe { libc::unshare(flags) };
         assert_eq!(r, 0, "unshare: {}", io::Error::last_os_error());
         if flags & libc::CLONE_NEWNS != 0 {
-            vmc_guest::sys::mount(None, "/", None, libc::MS_REC | libc::MS_PRIVATE, None).unwrap();
+            vmc_spawn::sys::mount(None, "/", None, libc::MS_REC | libc::MS_PRIVATE, None).unwrap();
         }
         f()
     })

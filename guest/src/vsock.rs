@@ -5,7 +5,7 @@ use std::io::{self, Read, Write};
 use std::mem::size_of;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 
-use vmc_guest::sys::{self, check};
+use vmc_spawn::sys::{self, check};
 
 /// A listening vsock socket.
 pub struct VsockListener {

@@ -466,7 +466,7 @@ pub fn private_mounts() -> Result<(), MeasureError> {
             std::io::Error::last_os_error(),
         ));
     }
-    vmc_guest::sys::mount(None, "/", None, libc::MS_REC | libc::MS_PRIVATE, None)
+    vmc_spawn::sys::mount(None, "/", None, libc::MS_REC | libc::MS_PRIVATE, None)
         .map_err(MeasureError::io("making mounts private"))
 }
 
@@ -483,7 +483,7 @@ pub fn hide_hybrid_cgroup2() -> Result<Option<String>, MeasureError> {
     if controllers.trim().is_empty() {
         return Ok(None);
     }
-    vmc_guest::sys::mount(
+    vmc_spawn::sys::mount(
         Some("tmpfs"),
         "/sys/fs/cgroup/unified",
         Some("tmpfs"),

@@ -8,8 +8,8 @@ use std::io::{Read, Write};
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
 
-use vmc_guest::spawn::RootOp;
-use vmc_guest::{spawn, ExitStatus, ProcessSpec};
+use vmc_proto::{ExitStatus, ProcessSpec};
+use vmc_spawn::{self as spawn, RootOp};
 
 use super::vm::RunResult;
 use crate::image::layer::{self, Limits, Whiteouts};
@@ -164,8 +164,8 @@ impl BuildNs {
             Err(e) => return Ok(RunResult::StartFailed(e.kind, e.message)),
         };
         let null = fs::File::open("/dev/null").map_err(err("/dev/null"))?;
-        let (out_r, out_w) = vmc_guest::sys::pipe().map_err(err("pipe"))?;
-        let (err_r, err_w) = vmc_guest::sys::pipe().map_err(err("pipe"))?;
+        let (out_r, out_w) = vmc_spawn::sys::pipe().map_err(err("pipe"))?;
+        let (err_r, err_w) = vmc_spawn::sys::pipe().map_err(err("pipe"))?;
         // The step's network is connected before it execs and goes with it.
         let mut pasta = None;
         let dir = self.dir.clone();
@@ -211,7 +211,7 @@ impl BuildNs {
     /// a lower for the steps that follow.
     pub fn commit(&mut self, sink: &mut dyn Write) -> Result<(), RuntimeError> {
         let userxattr = crate::host::rootless();
-        vmc_guest::upper::write_layer_except(&self.upper, sink, &self.placeholders, userxattr)
+        vmc_spawn::upper::write_layer_except(&self.upper, sink, &self.placeholders, userxattr)
             .map_err(err("writing the layer"))?;
         self.placeholders.clear();
         let done = std::mem::take(&mut self.upper);
@@ -255,7 +255,7 @@ fn pump(out_r: &OwnedFd, err_r: &OwnedFd, out: &mut dyn FnMut(bool, &[u8])) {
             if fd.fd < 0 || fd.revents == 0 {
                 continue;
             }
-            match vmc_guest::sys::read(fd.fd, &mut buf) {
+            match vmc_spawn::sys::read(fd.fd, &mut buf) {
                 Ok(0) | Err(_) => open[i] = false,
                 Ok(n) => out(i == 1, &buf[..n]),
             }

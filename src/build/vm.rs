@@ -6,7 +6,7 @@
 use std::io::{Read, Write};
 use std::path::Path;
 
-use vmc_guest::{ExitStatus, GuestMsg, HostMsg, ProcessSpec, StartFailure, IO_CHUNK};
+use vmc_proto::{ExitStatus, GuestMsg, HostMsg, ProcessSpec, StartFailure, IO_CHUNK};
 
 use crate::runtime::agent::{AgentConn, AgentError};
 use crate::runtime::microvm::{MicroVm, Start};

@@ -7,7 +7,7 @@ use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::time::Duration;
 
-use vmc_guest::{
+use vmc_proto::{
     read_frame, write_frame, FrameError, GuestMsg, HostMsg, MAX_FRAME, PROTOCOL_VERSION,
 };
 
@@ -319,7 +319,7 @@ pub(super) mod tests {
         let (_d, uds) = fake_vmm(move |mut s| {
             let _: HostMsg = read_frame(&mut s).unwrap();
             // The answer arrives in pieces, a byte at a time.
-            for b in vmc_guest::encode(&GuestMsg::Hello {
+            for b in vmc_proto::encode(&GuestMsg::Hello {
                 version: PROTOCOL_VERSION,
             }) {
                 s.write_all(&[b]).unwrap();
@@ -368,7 +368,7 @@ pub(super) mod tests {
         // Variant index (1 byte) and length varint (3 bytes) before the data.
         let data = vec![7u8; MAX_FRAME - 4];
         let sent = GuestMsg::Stdout(data);
-        let frame = vmc_guest::encode(&sent);
+        let frame = vmc_proto::encode(&sent);
         assert_eq!(frame.len(), 4 + MAX_FRAME);
         let mut c = fake_agent(move |mut s| s.write_all(&frame).unwrap());
         assert_eq!(c.recv_watched(&mut hung_at(50)).unwrap(), sent);

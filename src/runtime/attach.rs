@@ -7,7 +7,7 @@ use std::path::Path;
 use std::sync::atomic::{AtomicI32, Ordering};
 use std::sync::{Arc, Mutex};
 
-use vmc_guest::{FrameError, GuestMsg, HostMsg, IO_CHUNK};
+use vmc_proto::{FrameError, GuestMsg, HostMsg, IO_CHUNK};
 
 use super::agent::{AgentConn, AgentError, Watch};
 use super::microvm::{
@@ -151,7 +151,7 @@ pub fn run_attached(
 pub fn exec_attached(
     vsock: &Path,
     vmm_pid: u32,
-    mut spec: vmc_guest::ProcessSpec,
+    mut spec: vmc_proto::ProcessSpec,
     forward_stdin: bool,
 ) -> Result<i32, RuntimeError> {
     let tty = spec.tty.is_some();
@@ -159,7 +159,7 @@ pub fn exec_attached(
     // The VM runs in another process (the container's supervisor): its
     // threads tell whether the guest works on the answer.
     let mut watch = process_watch(vmm_pid);
-    let mut conn = AgentConn::connect(vsock, vmc_guest::AGENT_PORT, &mut watch)?;
+    let mut conn = AgentConn::connect(vsock, vmc_proto::AGENT_PORT, &mut watch)?;
     spec.stdin = forward_stdin;
     spec.reboot_on_exit = false;
     match conn.request(&HostMsg::Start(spec), &mut watch)? {
@@ -278,7 +278,7 @@ mod tests {
     use super::super::agent::tests::{fake_agent, hung_at};
     use super::*;
     use std::os::unix::net::UnixStream;
-    use vmc_guest::{read_frame, write_frame, ExitStatus, ProcessSpec, PROTOCOL_VERSION};
+    use vmc_proto::{read_frame, write_frame, ExitStatus, ProcessSpec, PROTOCOL_VERSION};
 
     /// A fake agent that starts the process, then plays `guest`; and the
     /// host's end, with the process started.
@@ -389,7 +389,7 @@ mod tests {
     #[test]
     fn an_agent_that_closes_before_the_exit_is_an_error_not_exit_0() {
         // At a frame boundary, then in the middle of a frame.
-        let partial = vmc_guest::encode(&GuestMsg::Exited(ExitStatus::Code(0)));
+        let partial = vmc_proto::encode(&GuestMsg::Exited(ExitStatus::Code(0)));
         let tails: [Vec<u8>; 2] = [Vec::new(), partial[..partial.len() - 1].to_vec()];
         for tail in tails {
             let mut conn = started(move |s| {

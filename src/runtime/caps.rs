@@ -1,7 +1,7 @@
 //! `--cap-add` and `--cap-drop`: Docker's capability names and its rules
 //! for combining them with the default set.
 
-use vmc_guest::spawn::DOCKER_DEFAULT_CAPS;
+use vmc_spawn::DOCKER_DEFAULT_CAPS;
 
 /// Linux capabilities by number (capability.h), without the `CAP_` prefix.
 const NAMES: [&str; 41] = [

@@ -354,7 +354,7 @@ mod tests {
         let dir = root.join(format!("vmc-devtest-{}", std::process::id()));
         std::fs::create_dir(&dir).unwrap();
         attach_v2(&dir, ALLOWED).expect("load and attach");
-        let procs = vmc_guest::sys::cstr(dir.join("cgroup.procs")).unwrap();
+        let procs = vmc_spawn::sys::cstr(dir.join("cgroup.procs")).unwrap();
         // A child joins the cgroup and tries the three; its exit code is a
         // bit mask of what opened.
         // SAFETY: the child only makes system calls, then _exits.

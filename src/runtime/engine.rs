@@ -7,7 +7,7 @@
 
 use std::path::Path;
 
-use vmc_guest::ProcessSpec;
+use vmc_proto::ProcessSpec;
 
 use super::state::Container;
 use super::{ContainerConfig, Mode, Rootfs, RuntimeError};

@@ -7,7 +7,7 @@ use std::io::Write;
 use std::path::Path;
 use std::time::Duration;
 
-use vmc_guest::HostMsg;
+use vmc_proto::HostMsg;
 
 use super::agent::AgentError;
 use super::RuntimeError;

@@ -349,7 +349,7 @@ pub fn supervise(dir: &Path, until: Until) -> Result<(), LifecycleError> {
     let cfg = c.config().ok_or(LifecycleError::Config)?;
     let log = c.log_path();
     let pipe = || -> std::io::Result<(std::fs::File, std::fs::File)> {
-        let (r, w) = vmc_guest::sys::pipe()?;
+        let (r, w) = vmc_spawn::sys::pipe()?;
         Ok((r.into(), w.into()))
     };
     let (out_r, out_w) = pipe().map_err(LifecycleError::Pipes)?;

@@ -8,7 +8,7 @@ use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use vmc_guest::{GuestMsg, HostMsg, RootSpec, AGENT_PORT};
+use vmc_proto::{GuestMsg, HostMsg, RootSpec, AGENT_PORT};
 
 use super::agent::{AgentConn, AgentError};
 pub use super::guest::{
@@ -321,7 +321,7 @@ impl MicroVm {
             hostname: hostname.into(),
             image_sectors: self.disk_sectors.0,
             scratch_sectors: self.disk_sectors.1,
-            network: self.passt.as_ref().map(|(_, h)| vmc_guest::NetSpec {
+            network: self.passt.as_ref().map(|(_, h)| vmc_proto::NetSpec {
                 ifname: "eth0".into(),
                 address: h.address.octets(),
                 prefix: h.prefix,

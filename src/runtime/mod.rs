@@ -24,7 +24,7 @@ pub mod tty;
 
 use std::path::PathBuf;
 
-pub use vmc_guest::ProcessSpec;
+pub use vmc_proto::ProcessSpec;
 
 /// CPU and memory given to a container.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]

@@ -215,9 +215,9 @@ impl Pasta {
         let netns = dir.join("netns");
         let setup = |what: String| move |source| NetError::Setup { what, source };
         std::fs::write(&netns, b"").map_err(setup(netns.display().to_string()))?;
-        let src = vmc_guest::sys::cstr(format!("/proc/{pid}/ns/net"))
+        let src = vmc_spawn::sys::cstr(format!("/proc/{pid}/ns/net"))
             .map_err(setup("the namespace's path".into()))?;
-        let dst = vmc_guest::sys::cstr(&netns).map_err(setup(netns.display().to_string()))?;
+        let dst = vmc_spawn::sys::cstr(&netns).map_err(setup(netns.display().to_string()))?;
         // SAFETY: mount with valid NUL-terminated paths.
         let r = unsafe {
             libc::mount(
@@ -320,7 +320,7 @@ impl Drop for Pasta {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
-        if let Ok(p) = vmc_guest::sys::cstr(&self.netns) {
+        if let Ok(p) = vmc_spawn::sys::cstr(&self.netns) {
             // SAFETY: umount2 on a path we mounted.
             unsafe { libc::umount2(p.as_ptr(), libc::MNT_DETACH) };
         }

@@ -14,7 +14,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
-use vmc_guest::{GuestMsg, HostMsg, AGENT_PORT};
+use vmc_proto::{GuestMsg, HostMsg, AGENT_PORT};
 
 use super::agent::AgentConn;
 

@@ -23,7 +23,7 @@ use seccompiler::{
     SeccompRule, TargetArch,
 };
 use serde::{Deserialize, Serialize};
-use vmc_guest::spawn::SeccompProgram;
+use vmc_spawn::SeccompProgram;
 
 /// Docker's default profile for this architecture, written out in its
 /// format.
@@ -79,7 +79,7 @@ impl Seccomp {
         }
         let s = Self::Profile(text);
         // Refused now, with its reason, rather than when the container starts.
-        s.programs(vmc_guest::spawn::DOCKER_DEFAULT_CAPS)?;
+        s.programs(vmc_spawn::DOCKER_DEFAULT_CAPS)?;
         Ok(s)
     }
 
@@ -388,7 +388,7 @@ fn compile(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use vmc_guest::spawn::DOCKER_DEFAULT_CAPS;
+    use vmc_spawn::DOCKER_DEFAULT_CAPS;
 
     const SYS_ADMIN: u64 = 1 << 21;
 

@@ -17,7 +17,7 @@ use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
 use sha2::{Digest, Sha256};
-use vmc_guest::{GuestMsg, AGENT_PORT, PROTOCOL_VERSION};
+use vmc_proto::{GuestMsg, AGENT_PORT, PROTOCOL_VERSION};
 
 use super::agent::{AgentConn, AgentError};
 use super::guest::{ended, refresh_msg, unplugged, verdict, vm_config, ANSWER_CPU, BOOT_CPU};

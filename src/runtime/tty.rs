@@ -1,11 +1,11 @@
 //! `-t`: the host side of a container's pseudo-terminal. The terminal
-//! itself is made inside the container (see `vmc_guest::spawn::spawn_pty`);
+//! itself is made inside the container (see `vmc_spawn::spawn_pty`);
 //! here vmc puts its own terminal in raw mode while attached and reports
 //! its size.
 
 use std::os::fd::AsRawFd;
 
-use vmc_guest::WinSize;
+use vmc_proto::WinSize;
 
 /// The size of the terminal on vmc's stdin, stdout or stderr, if any.
 pub fn host_size() -> Option<WinSize> {
@@ -71,5 +71,5 @@ pub const EOF_BYTE: u8 = 0x04;
 
 /// Applies `size` to a master (namespace mode, on SIGWINCH).
 pub fn resize(master: &impl AsRawFd, size: WinSize) {
-    let _ = vmc_guest::sys::set_winsize(master, size);
+    let _ = vmc_spawn::sys::set_winsize(master, size);
 }

@@ -9,7 +9,7 @@ use std::sync::OnceLock;
 use vmc::runtime::agent::AgentConn;
 use vmc::runtime::microvm::{MicroVm, Start};
 use vmc::runtime::{ContainerConfig, ProcessSpec, Resources};
-use vmc_guest::{ExitStatus, GuestMsg, HostMsg, StartFailure};
+use vmc_proto::{ExitStatus, GuestMsg, HostMsg, StartFailure};
 
 /// Whether KVM tests can run. Without /dev/kvm they skip, loudly
 /// (`vmc::testing::skip`), except under CI=true, where that is a failure.
@@ -192,7 +192,7 @@ impl TestVm {
             let mut w = conn.try_clone().unwrap();
             let data = data.to_vec();
             std::thread::spawn(move || {
-                for chunk in data.chunks(vmc_guest::IO_CHUNK) {
+                for chunk in data.chunks(vmc_proto::IO_CHUNK) {
                     w.send(&HostMsg::Stdin(chunk.to_vec())).unwrap();
                 }
                 w.send(&HostMsg::StdinEof).unwrap();

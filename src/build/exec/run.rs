@@ -5,7 +5,7 @@
 use std::fs::File;
 use std::io::Write;
 
-use vmc_guest::{ExitStatus, ProcessSpec};
+use vmc_proto::{ExitStatus, ProcessSpec};
 
 use super::{first_line, tempfile_in, BuildError, Builder, State};
 use crate::build::dockerfile::{Cmd, Step};

@@ -55,13 +55,13 @@ fn relay_terminal(
             master_open = copy_to_stdout(m, &mut buf);
         }
         if fds[2].revents != 0 {
-            match vmc_guest::sys::read(0, &mut buf) {
+            match vmc_spawn::sys::read(0, &mut buf) {
                 Ok(0) | Err(_) => {
                     stdin_open = false;
-                    let _ = vmc_guest::sys::write_all(m, &[crate::runtime::tty::EOF_BYTE]);
+                    let _ = vmc_spawn::sys::write_all(m, &[crate::runtime::tty::EOF_BYTE]);
                 }
                 Ok(n) => {
-                    if vmc_guest::sys::write_all(m, &buf[..n]).is_err() {
+                    if vmc_spawn::sys::write_all(m, &buf[..n]).is_err() {
                         stdin_open = false;
                     }
                 }
@@ -124,10 +124,10 @@ fn pollfd(fd: libc::c_int, events: libc::c_short) -> libc::pollfd {
 /// One read from the master to vmc's stdout; false once the terminal is
 /// closed (EIO after the last slave descriptor went away).
 fn copy_to_stdout(master: libc::c_int, buf: &mut [u8]) -> bool {
-    match vmc_guest::sys::read(master, buf) {
+    match vmc_spawn::sys::read(master, buf) {
         Ok(0) => false,
         Ok(n) => {
-            let _ = vmc_guest::sys::write_all(1, &buf[..n]);
+            let _ = vmc_spawn::sys::write_all(1, &buf[..n]);
             true
         }
         Err(e) => e.kind() == std::io::ErrorKind::Interrupted,

@@ -5,7 +5,7 @@
 //! container's root there: overlayfs over the image's layers (each unpacked
 //! once into the store's cache) with a per-container upper directory. The
 //! workload is started by the same code the guest agent uses in the VM
-//! (`vmc_guest::spawn`), with new pid, mount, uts, ipc, net and cgroup
+//! (`vmc_spawn`), with new pid, mount, uts, ipc, net and cgroup
 //! namespaces; in its namespace it mounts /proc, a read-only /sys and a
 //! minimal /dev, masks what Docker masks, pivots into the root, keeps Docker's
 //! default capabilities only, sets no_new_privs and execs. All mounts vanish
@@ -14,8 +14,8 @@
 use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
 
-use vmc_guest::spawn::{self, Isolation, RootOp, DOCKER_DEFAULT_CAPS};
-use vmc_guest::ExitStatus;
+use vmc_proto::ExitStatus;
+use vmc_spawn::{self as spawn, Isolation, RootOp, DOCKER_DEFAULT_CAPS};
 
 use super::net::{Network, Pasta};
 use super::{ContainerConfig, RuntimeError};
@@ -284,7 +284,7 @@ impl OverlayRoot {
         }
         // nodev: a device node the container makes in its root (it keeps
         // CAP_MKNOD, as in Docker) cannot be opened through this mount.
-        vmc_guest::sys::mount(
+        vmc_spawn::sys::mount(
             Some("overlay"),
             &root.display().to_string(),
             Some("overlay"),
@@ -300,7 +300,7 @@ impl OverlayRoot {
 
 impl Drop for OverlayRoot {
     fn drop(&mut self) {
-        if let Ok(c) = vmc_guest::sys::cstr(&self.root) {
+        if let Ok(c) = vmc_spawn::sys::cstr(&self.root) {
             // SAFETY: umount2 on a NUL-terminated path.
             unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) };
         }
@@ -443,7 +443,7 @@ pub fn run_attached(
 /// `tty`'s size (returning its master).
 fn start(
     prepared: &spawn::Prepared,
-    tty: Option<vmc_guest::WinSize>,
+    tty: Option<vmc_proto::WinSize>,
     gate: Option<spawn::Gate>,
 ) -> Result<(libc::pid_t, Option<OwnedFd>), spawn::SpawnError> {
     spawn::spawn_with(prepared, tty, [0, 1, 2], gate).map(|(pid, m)| (pid as libc::pid_t, m))
@@ -474,7 +474,7 @@ pub fn exec_attached(
     caps: Option<u64>,
     seccomp: &super::seccomp::Seccomp,
     cgroups: &Path,
-    spec: &vmc_guest::ProcessSpec,
+    spec: &vmc_proto::ProcessSpec,
     forward_stdin: bool,
 ) -> Result<i32, RuntimeError> {
     // The container's cgroups (limits, device rules) first, while the

@@ -15,7 +15,7 @@ pub static REEXECUTED: std::sync::atomic::AtomicBool = std::sync::atomic::Atomic
 /// Whether `path` is reached through a read-only mount (statvfs follows a
 /// `/proc/PID/exe` link to the file and the mount it was reached by).
 pub fn on_read_only_mount(path: &Path) -> bool {
-    let Ok(p) = vmc_guest::sys::cstr(path) else {
+    let Ok(p) = vmc_spawn::sys::cstr(path) else {
         return false;
     };
     // SAFETY: statvfs fills a plain struct from a NUL-terminated path.
@@ -65,13 +65,13 @@ pub fn run_from_read_only_binary() -> Result<(), NsError> {
     unsafe {
         check(libc::unshare(libc::CLONE_NEWNS), "unshare(CLONE_NEWNS)")?;
     }
-    vmc_guest::sys::mount(None, "/", None, libc::MS_REC | libc::MS_PRIVATE, None)
+    vmc_spawn::sys::mount(None, "/", None, libc::MS_REC | libc::MS_PRIVATE, None)
         .map_err(sys("making mounts private"))?;
     // By its path: /proc/self/exe leads to the mount of the namespace left
     // behind, which cannot be the source of a bind here.
-    vmc_guest::sys::mount(Some(&path_s), &path_s, None, libc::MS_BIND, None)
+    vmc_spawn::sys::mount(Some(&path_s), &path_s, None, libc::MS_BIND, None)
         .map_err(sys(format!("binding {path_s} over itself")))?;
-    vmc_guest::sys::mount(
+    vmc_spawn::sys::mount(
         None,
         &path_s,
         None,

@@ -7,7 +7,7 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 
 use super::SpawnError;
 use crate::sys::{check, cstr};
-use crate::StartFailure;
+use vmc_proto::StartFailure;
 
 pub(super) const DEFAULT_PATH: &str =
     "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";

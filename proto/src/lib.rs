@@ -11,17 +11,11 @@
 //! then `Start`, then stdin / signals from the host and output / exit from the
 //! guest.
 
-/// Running a process in a container root: used by the guest agent in the
-/// microVM and by namespace mode on the host.
-pub mod spawn;
-/// Small checked wrappers around system calls.
-pub mod sys;
-/// Recording a test's skips for the harness (used by tests only; tiny).
-pub mod testing;
-/// An overlayfs upper directory as an OCI layer tar.
-pub mod upper;
-/// `USER` resolution against the container's passwd and group files.
-pub mod user;
+//!
+//! This crate holds only the data types and the framing: no system calls, no
+//! container notions beyond what crosses the connection. `vmc-spawn` (the
+//! process start shared by the agent and namespace mode) and both ends
+//! build on it; it builds on nothing of vmc.
 
 use std::io::{self, Read, Write};
 

@@ -13,16 +13,29 @@
 //! runs in the forked child before execve), `confine` (the child's side of
 //! the isolation: root preparation, mounts, capabilities) and `pty` (the
 //! container's pseudo-terminal).
+//!
+//! This crate is used by the guest agent (vmc-guest, inside the microVM) and
+//! by namespace mode on the host (vmc), so a container is confined by the
+//! same code in both. It builds only on `vmc-proto`.
 
 use std::ffi::CString;
 use std::io;
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::path::{Component, Path};
 
-use crate::{ProcessSpec, StartFailure, WinSize};
+use vmc_proto::{ProcessSpec, StartFailure, WinSize};
 
-use crate::sys::{self, cstr};
-use crate::user::{self, ExecUser};
+use crate::sys::cstr;
+use crate::user::ExecUser;
+
+/// Small checked wrappers around system calls.
+pub mod sys;
+/// Recording a test's skips for the harness (used by tests only; tiny).
+pub mod testing;
+/// An overlayfs upper directory as an OCI layer tar.
+pub mod upper;
+/// `USER` resolution against the container's passwd and group files.
+pub mod user;
 
 mod child;
 mod confine;

@@ -198,7 +198,7 @@ pub fn recv_fd(sock: &impl AsRawFd) -> io::Result<OwnedFd> {
 
 /// Sets the size of the terminal `fd` (a pty master or slave); the kernel
 /// sends SIGWINCH to the terminal's foreground process group.
-pub fn set_winsize(fd: &impl AsRawFd, size: crate::WinSize) -> io::Result<()> {
+pub fn set_winsize(fd: &impl AsRawFd, size: vmc_proto::WinSize) -> io::Result<()> {
     let ws = libc::winsize {
         ws_row: size.rows,
         ws_col: size.cols,

@@ -5,7 +5,7 @@
 use std::os::fd::RawFd;
 
 use crate::sys;
-use crate::WinSize;
+use vmc_proto::WinSize;
 
 /// In the child, a session leader inside the container root: opens a new
 /// pseudo-terminal from the root's /dev/ptmx, sends the master over `sock`,

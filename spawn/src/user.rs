@@ -51,8 +51,8 @@ pub enum UnknownUser {
     Group(String),
 }
 
-// Docker's (runc's) wording, written out: the guest crate keeps its
-// dependencies to libc, postcard and serde.
+// Docker's (runc's) wording, written out: this crate keeps its
+// dependencies to libc and tar (it runs in the guest too).
 impl std::fmt::Display for UnknownUser {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
