@@ -4,8 +4,6 @@ pub mod cache;
 pub mod context;
 pub mod dockerfile;
 pub mod exec;
-pub mod ns;
-pub mod vm;
 pub mod words;
 
 pub use exec::{build, BuildError, BuildOptions};

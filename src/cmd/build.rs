@@ -44,7 +44,7 @@ pub(crate) fn build(a: BuildArgs) -> Result<i32> {
         tags: a.tags.clone(),
         build_args,
         no_cache: a.no_cache,
-        ns: a.mode == Mode::Ns,
+        mode: a.mode,
         kernel: a.kernel.clone(),
         resources: Resources {
             cpus: a.cpus,

@@ -1,6 +1,6 @@
 //! The seam between a container's lifecycle and the way it is isolated:
-//! an [`Engine`] runs a container's process to its end and runs further
-//! processes in it (`vmc exec`). Two engines: [`MicroVm`] (a VM restored
+//! an [`Engine`] runs a container's process to its end, runs further
+//! processes in it (`vmc exec`), and makes build sandboxes (`vmc build`). Two engines: [`MicroVm`] (a VM restored
 //! from a warm-start snapshot, or booted) and [`Namespaces`] (Linux
 //! namespaces on the host). The command line picks one by
 //! [`Mode`](super::Mode) and is otherwise the same for both.
@@ -9,6 +9,7 @@ use std::path::Path;
 
 use vmc_proto::ProcessSpec;
 
+use super::sandbox::{ns::NsSandbox, vm::VmSandbox, Sandbox};
 use super::state::Container;
 use super::{ContainerConfig, Mode, Rootfs, RuntimeError};
 
@@ -37,6 +38,10 @@ pub trait Engine {
         spec: ProcessSpec,
         forward_stdin: bool,
     ) -> Result<i32, RuntimeError>;
+
+    /// Starts a build sandbox whose root is `cfg.rootfs` (its process and
+    /// ports unused), with its state in `dir`.
+    fn sandbox(&self, cfg: &ContainerConfig, dir: &Path) -> Result<Box<dyn Sandbox>, RuntimeError>;
 }
 
 /// The engine for `mode`.
@@ -83,6 +88,10 @@ impl Engine for MicroVm {
             spec,
             forward_stdin,
         )
+    }
+
+    fn sandbox(&self, cfg: &ContainerConfig, dir: &Path) -> Result<Box<dyn Sandbox>, RuntimeError> {
+        Ok(Box::new(VmSandbox::start(cfg, dir)?))
     }
 }
 
@@ -139,5 +148,74 @@ impl Engine for Namespaces {
             &spec,
             forward_stdin,
         )
+    }
+
+    fn sandbox(&self, cfg: &ContainerConfig, dir: &Path) -> Result<Box<dyn Sandbox>, RuntimeError> {
+        Ok(Box::new(NsSandbox::start(cfg, dir)?))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::runtime::{EngineConfig, NsEngineConfig, VmEngineConfig};
+
+    fn config(rootfs: Rootfs, engine: EngineConfig) -> ContainerConfig {
+        ContainerConfig {
+            id: "c".into(),
+            rootfs,
+            image_id: None,
+            process: ProcessSpec::default(),
+            hostname: crate::runtime::sandbox::HOSTNAME.into(),
+            ports: Vec::new(),
+            network: Default::default(),
+            dns: Vec::new(),
+            extra_hosts: Vec::new(),
+            engine,
+        }
+    }
+
+    /// An engine asked for a sandbox it cannot make (the other engine's
+    /// config, or a namespace sandbox over a disk) says so and makes
+    /// nothing.
+    #[test]
+    fn a_sandbox_the_engine_cannot_make_is_refused_before_anything_is_made() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("sandbox");
+        let ns = config(
+            Rootfs::Layers(Vec::new()),
+            EngineConfig::Ns(NsEngineConfig::default()),
+        );
+        assert!(matches!(
+            for_mode(Mode::Vm).sandbox(&ns, &dir).map(|_| ()),
+            Err(RuntimeError::WrongEngine(Mode::Ns, Mode::Vm))
+        ));
+        let vm = config(
+            Rootfs::Disk("/nonexistent.erofs".into()),
+            EngineConfig::Vm(VmEngineConfig {
+                resources: crate::runtime::Resources {
+                    cpus: 1,
+                    memory: 256 << 20,
+                },
+                kernel: "/k".into(),
+                debug: false,
+                cold: false,
+                snapshots: "/s".into(),
+            }),
+        );
+        assert!(matches!(
+            for_mode(Mode::Ns).sandbox(&vm, &dir).map(|_| ()),
+            Err(RuntimeError::WrongEngine(Mode::Vm, Mode::Ns))
+        ));
+        let disk = config(
+            Rootfs::Disk("/nonexistent.erofs".into()),
+            EngineConfig::Ns(NsEngineConfig::default()),
+        );
+        let err = for_mode(Mode::Ns)
+            .sandbox(&disk, &dir)
+            .map(|_| ())
+            .unwrap_err();
+        assert!(err.to_string().contains("not a disk"), "{err}");
+        assert!(!dir.exists());
     }
 }

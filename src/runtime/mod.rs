@@ -16,6 +16,7 @@ pub mod microvm;
 pub mod net;
 pub mod ns;
 pub mod ports;
+pub mod sandbox;
 pub mod seccomp;
 pub mod snapshot;
 pub mod spec;

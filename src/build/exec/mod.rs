@@ -30,13 +30,12 @@ use super::dockerfile::{self, Stage, Step, StepKind};
 use super::words;
 use crate::image::store::{digest_of, rfc3339_now};
 use crate::image::{self, Reference, Store, StoredImage};
+use crate::runtime::sandbox::Sandbox;
 use crate::runtime::Resources;
 
 mod config;
 mod copy;
 mod run;
-
-use run::Sandbox;
 
 /// What to build.
 pub struct BuildOptions {
@@ -46,8 +45,8 @@ pub struct BuildOptions {
     pub tags: Vec<String>,
     pub build_args: Vec<(String, String)>,
     pub no_cache: bool,
-    /// Run RUN steps in Linux namespaces on the host instead of a microVM.
-    pub ns: bool,
+    /// Where RUN steps run: a microVM, or Linux namespaces on the host.
+    pub mode: crate::runtime::Mode,
     /// The guest kernel (`None`: the installed one); looked up, like KVM
     /// itself, only when a RUN step needs a VM.
     pub kernel: Option<PathBuf>,
@@ -136,9 +135,10 @@ struct State {
     base_image: Option<StoredImage>,
     /// Layers belonging to the base image (already in its disk).
     base_layers: usize,
-    vm: Option<Sandbox>,
-    /// Layers the VM has (base, applied or committed in it).
-    vm_layers: usize,
+    /// Where RUN steps run, started at the first one.
+    sandbox: Option<Box<dyn Sandbox>>,
+    /// Layers the sandbox has (base, applied or committed in it).
+    sandbox_layers: usize,
     /// Whether this stage set CMD (a later ENTRYPOINT then keeps it).
     cmd_set: bool,
 }
@@ -293,8 +293,8 @@ impl Builder<'_> {
             self.step(step, &mut st, ctx)?;
             self.say(&format!(" ---> {}", short(&st.config)));
         }
-        if let Some(vm) = st.vm.take() {
-            vm.stop();
+        if let Some(sandbox) = st.sandbox.take() {
+            sandbox.stop();
         }
         Ok(StageResult {
             name: stage.name.clone(),
@@ -309,14 +309,14 @@ impl Builder<'_> {
         let empty =
             |config, layers: Vec<Descriptor>, key: String, base: Option<StoredImage>| State {
                 base_layers: layers.len(),
-                vm_layers: layers.len(),
+                sandbox_layers: layers.len(),
                 config,
                 layers,
                 key,
                 args: BTreeMap::new(),
                 shell: vec!["/bin/sh".into(), "-c".into()],
                 base_image: base,
-                vm: None,
+                sandbox: None,
                 cmd_set: false,
             };
         if from == "scratch" {

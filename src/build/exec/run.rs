@@ -3,14 +3,14 @@
 //! cache and fed its layers, and the layer each step commits.
 
 use std::fs::File;
-use std::io::Write;
 
 use vmc_proto::{ExitStatus, ProcessSpec};
 
 use super::{first_line, tempfile_in, BuildError, Builder, State};
 use crate::build::dockerfile::{Cmd, Step};
-use crate::build::ns::BuildNs;
-use crate::build::vm::{BuildVm, RunResult};
+use crate::runtime::engine;
+use crate::runtime::sandbox::{self, RunResult};
+use crate::runtime::{ContainerConfig, EngineConfig, Mode, NsEngineConfig, Rootfs, VmEngineConfig};
 
 impl Builder<'_> {
     /// The script a RUN executes, heredocs included.
@@ -46,65 +46,86 @@ impl Builder<'_> {
         }
     }
 
-    fn ensure_vm(&mut self, st: &mut State) -> Result<(), BuildError> {
-        if st.vm.is_none() {
+    fn ensure_sandbox(&mut self, st: &mut State) -> Result<(), BuildError> {
+        if st.sandbox.is_none() {
             let cache_dir = self.store.root().join("cache");
             let id = &crate::runtime::new_id()[..8];
-            let sandbox = if self.o.ns {
-                let lowers = match &st.base_image {
-                    Some(img) => crate::image::disk::layer_dirs(self.store, img, &cache_dir)?,
-                    None => Vec::new(),
-                };
-                Sandbox::Ns(BuildNs::start(
-                    lowers,
-                    &self.tmp.join(format!("ns-{id}")),
-                    self.o.network,
-                    &self.o.extra_hosts,
-                    self.o.ns_limits,
-                )?)
-            } else {
-                crate::vmm::open_kvm()
-                    .map_err(|e| BuildError::Input(format!("RUN needs a microVM: {e}")))?;
-                let kernel = crate::assets::kernel(self.o.kernel.as_deref())
-                    .map_err(|e| BuildError::Input(e.to_string()))?;
-                let disk = match &st.base_image {
-                    Some(img) => crate::image::disk::root_disk(self.store, img, &cache_dir)?,
-                    None => crate::image::disk::empty_disk(&cache_dir)?,
-                };
-                // Starting the VM takes seconds on slow backends: show it on a terminal.
-                let spinner = std::io::IsTerminal::is_terminal(&std::io::stderr()).then(|| {
-                    let s = indicatif::ProgressBar::new_spinner()
-                        .with_message("starting the build microVM");
-                    s.enable_steady_tick(std::time::Duration::from_millis(120));
-                    s
-                });
-                let vm = BuildVm::start(
-                    &disk,
-                    &self.tmp.join(format!("vm-{id}")),
-                    &kernel,
-                    self.o.resources,
-                    &self.o.snapshots,
-                    self.o.network,
-                    &self.o.extra_hosts,
-                );
-                if let Some(s) = spinner {
-                    s.finish_and_clear();
+            let (rootfs, engine) = match self.o.mode {
+                Mode::Ns => {
+                    let lowers = match &st.base_image {
+                        Some(img) => crate::image::disk::layer_dirs(self.store, img, &cache_dir)?,
+                        None => Vec::new(),
+                    };
+                    // RUN steps get Docker's default capabilities and
+                    // filter, as BuildKit gives them.
+                    let ns = NsEngineConfig {
+                        limits: self.o.ns_limits,
+                        caps: None,
+                        seccomp: Default::default(),
+                    };
+                    (Rootfs::Layers(lowers), EngineConfig::Ns(ns))
                 }
-                Sandbox::Vm(Box::new(vm?))
+                Mode::Vm => {
+                    crate::vmm::open_kvm()
+                        .map_err(|e| BuildError::Input(format!("RUN needs a microVM: {e}")))?;
+                    let kernel = crate::assets::kernel(self.o.kernel.as_deref())
+                        .map_err(|e| BuildError::Input(e.to_string()))?;
+                    let disk = match &st.base_image {
+                        Some(img) => crate::image::disk::root_disk(self.store, img, &cache_dir)?,
+                        None => crate::image::disk::empty_disk(&cache_dir)?,
+                    };
+                    let vm = VmEngineConfig {
+                        resources: self.o.resources,
+                        kernel,
+                        debug: false,
+                        cold: false,
+                        snapshots: self.o.snapshots.clone(),
+                    };
+                    (Rootfs::Disk(disk), EngineConfig::Vm(vm))
+                }
             };
-            st.vm = Some(sandbox);
-            st.vm_layers = st.base_layers;
+            let cfg = ContainerConfig {
+                id: crate::runtime::new_id(),
+                rootfs,
+                image_id: None,
+                process: ProcessSpec::default(),
+                hostname: sandbox::HOSTNAME.into(),
+                ports: Vec::new(),
+                network: self.o.network,
+                dns: Vec::new(),
+                extra_hosts: self.o.extra_hosts.clone(),
+                engine,
+            };
+            let dir = self.tmp.join(format!("{}-{id}", self.o.mode));
+            // Starting a VM takes seconds on slow backends: show it on a terminal.
+            let spinner = (self.o.mode == Mode::Vm
+                && std::io::IsTerminal::is_terminal(&std::io::stderr()))
+            .then(|| {
+                let s = indicatif::ProgressBar::new_spinner()
+                    .with_message("starting the build microVM");
+                s.enable_steady_tick(std::time::Duration::from_millis(120));
+                s
+            });
+            let started = engine::for_mode(self.o.mode).sandbox(&cfg, &dir);
+            if let Some(s) = spinner {
+                s.finish_and_clear();
+            }
+            st.sandbox = Some(started?);
+            st.sandbox_layers = st.base_layers;
         }
         // Layers made since (COPY, cache hits) go in before the step runs.
-        while st.vm_layers < st.layers.len() {
-            let l = &st.layers[st.vm_layers];
+        while st.sandbox_layers < st.layers.len() {
+            let l = &st.layers[st.sandbox_layers];
             let p = self.store.blob_path(l.digest());
             let f =
                 File::open(&p).map_err(|e| BuildError::Input(format!("{}: {e}", p.display())))?;
-            let r =
+            let mut r =
                 crate::image::layer::decompress(f).map_err(|e| BuildError::Input(e.to_string()))?;
-            st.vm.as_mut().expect("started above").apply_layer(r)?;
-            st.vm_layers += 1;
+            st.sandbox
+                .as_mut()
+                .expect("started above")
+                .apply_layer(&mut r)?;
+            st.sandbox_layers += 1;
         }
         Ok(())
     }
@@ -116,7 +137,7 @@ impl Builder<'_> {
         cmd: &Cmd,
         heredocs: &[(String, String)],
     ) -> Result<(), BuildError> {
-        self.ensure_vm(st)?;
+        self.ensure_sandbox(st)?;
         let c = st.config.config().clone();
         let mut env: Vec<String> = c.as_ref().and_then(|c| c.env().clone()).unwrap_or_default();
         // Build arguments are visible to RUN steps as environment variables.
@@ -150,8 +171,8 @@ impl Builder<'_> {
                 at_line_start = last == b'\n';
             }
         };
-        let vm = st.vm.as_mut().expect("started above");
-        let result = vm.run(spec, &mut sink)?;
+        let sandbox = st.sandbox.as_mut().expect("started above");
+        let result = sandbox.run(spec, &mut sink)?;
         if !at_line_start {
             self.say("");
         }
@@ -171,52 +192,12 @@ impl Builder<'_> {
             });
         }
         let mut file = tempfile_in(&self.tmp)?;
-        vm.commit(&mut file)?;
-        st.vm_layers += 1;
+        sandbox.commit(&mut file)?;
+        st.sandbox_layers += 1;
         let desc = self.store_layer(file)?;
         let diff = desc.digest().to_string();
         Self::add_layer(st, desc, diff);
         Self::history(st, &step.text, false);
         Ok(())
-    }
-}
-
-/// Where a stage's RUN steps execute.
-pub(super) enum Sandbox {
-    Vm(Box<BuildVm>),
-    Ns(BuildNs),
-}
-
-impl Sandbox {
-    fn apply_layer(&mut self, r: impl std::io::Read) -> Result<(), crate::runtime::RuntimeError> {
-        match self {
-            Sandbox::Vm(v) => v.apply_layer(r),
-            Sandbox::Ns(n) => n.apply_layer(r),
-        }
-    }
-
-    fn run(
-        &mut self,
-        spec: ProcessSpec,
-        out: &mut dyn FnMut(bool, &[u8]),
-    ) -> Result<RunResult, crate::runtime::RuntimeError> {
-        match self {
-            Sandbox::Vm(v) => v.run(spec, out),
-            Sandbox::Ns(n) => n.run(spec, out),
-        }
-    }
-
-    fn commit(&mut self, sink: &mut dyn Write) -> Result<(), crate::runtime::RuntimeError> {
-        match self {
-            Sandbox::Vm(v) => v.commit(sink),
-            Sandbox::Ns(n) => n.commit(sink),
-        }
-    }
-
-    pub(super) fn stop(self) {
-        match self {
-            Sandbox::Vm(v) => v.stop(),
-            Sandbox::Ns(n) => n.stop(),
-        }
     }
 }

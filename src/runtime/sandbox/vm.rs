@@ -1,26 +1,20 @@
-//! The microVM a build stage's RUN steps execute in: started once per stage
-//! from the warm-start snapshot with the stage's base image as its root disk,
-//! fed the stage's other layers with `ApplyLayer`, and asked for each RUN
-//! step's changes with `Commit`.
+//! A sandbox in a microVM: started once from the warm-start snapshot with
+//! the base image as its root disk, fed further layers with `ApplyLayer`,
+//! and asked for each process's changes with `Commit`.
 
 use std::io::{Read, Write};
 use std::path::Path;
 
-use vmc_proto::{ExitStatus, GuestMsg, HostMsg, ProcessSpec, StartFailure, IO_CHUNK};
+use vmc_proto::{GuestMsg, HostMsg, ProcessSpec, IO_CHUNK};
 
+use super::{RunResult, Sandbox};
 use crate::runtime::agent::{AgentConn, AgentError};
 use crate::runtime::microvm::{MicroVm, Start};
-use crate::runtime::{ContainerConfig, Resources, Rootfs, RuntimeError};
+use crate::runtime::net::Network;
+use crate::runtime::{ContainerConfig, RuntimeError};
 
-/// How a RUN step ended.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum RunResult {
-    Exited(ExitStatus),
-    StartFailed(StartFailure, String),
-}
-
-/// A running build VM.
-pub struct BuildVm {
+/// A running sandbox VM.
+pub struct VmSandbox {
     vm: MicroVm,
 }
 
@@ -31,67 +25,42 @@ fn unexpected(m: GuestMsg) -> RuntimeError {
     }
 }
 
-impl BuildVm {
-    /// Starts a VM whose root is the EROFS disk `base` (the stage's base
-    /// image), with its state in `dir`.
-    pub fn start(
-        base: &Path,
-        dir: &Path,
-        kernel: &Path,
-        resources: Resources,
-        snapshots: &Path,
-        network: crate::runtime::net::Network,
-        extra_hosts: &[crate::runtime::net::ExtraHost],
-    ) -> Result<BuildVm, RuntimeError> {
-        let cfg = ContainerConfig {
-            id: crate::runtime::new_id(),
-            rootfs: Rootfs::Disk(base.to_path_buf()),
-            image_id: None,
-            process: ProcessSpec::default(),
-            hostname: "buildkitsandbox".into(),
-            ports: Vec::new(),
-            network,
-            dns: Vec::new(),
-            extra_hosts: extra_hosts.to_vec(),
-            engine: crate::runtime::EngineConfig::Vm(crate::runtime::VmEngineConfig {
-                resources,
-                kernel: kernel.to_path_buf(),
-                debug: false,
-                cold: false,
-                snapshots: snapshots.to_path_buf(),
-            }),
-        };
+impl VmSandbox {
+    /// Starts a VM for `cfg` (its root a disk, its engine part the VM's),
+    /// with its state in `dir`.
+    pub fn start(cfg: &ContainerConfig, dir: &Path) -> Result<VmSandbox, RuntimeError> {
         // With a network, the host's nameservers (as namespace builds);
         // the agent keeps the file out of the steps' layers.
-        let etc = match network {
-            crate::runtime::net::Network::Passt => {
+        let etc = match cfg.network {
+            Network::Passt => {
                 let host = std::fs::read_to_string("/etc/resolv.conf").unwrap_or_default();
                 let mut etc = vec![(
                     "resolv.conf".to_string(),
                     crate::runtime::net::resolv_conf(&host, &[]),
                 )];
-                if !extra_hosts.is_empty() {
+                if !cfg.extra_hosts.is_empty() {
                     etc.push((
                         "hosts".to_string(),
-                        crate::runtime::net::hosts("buildkitsandbox", None, extra_hosts),
+                        crate::runtime::net::hosts(&cfg.hostname, None, &cfg.extra_hosts),
                     ));
                 }
                 etc
             }
-            crate::runtime::net::Network::None => Vec::new(),
+            Network::None => Vec::new(),
         };
-        let root = |m: &MicroVm| m.root_spec("buildkitsandbox", etc.clone());
-        let (vm, conn) = MicroVm::start_ready(&cfg, dir, Start::Warm, &root, &|| false)?;
+        let root = |m: &MicroVm| m.root_spec(&cfg.hostname, etc.clone());
+        let (vm, conn) = MicroVm::start_ready(cfg, dir, Start::Warm, &root, &|| false)?;
         conn.close();
-        Ok(BuildVm { vm })
+        Ok(VmSandbox { vm })
     }
 
     fn conn(&self) -> Result<AgentConn, RuntimeError> {
         Ok(self.vm.connect()?)
     }
+}
 
-    /// Makes the uncompressed layer tar `layer` part of the VM's root.
-    pub fn apply_layer(&self, mut layer: impl Read) -> Result<(), RuntimeError> {
+impl Sandbox for VmSandbox {
+    fn apply_layer(&mut self, layer: &mut dyn Read) -> Result<(), RuntimeError> {
         let mut conn = self.conn()?;
         conn.send(&HostMsg::ApplyLayer)?;
         let mut buf = vec![0u8; IO_CHUNK];
@@ -108,9 +77,8 @@ impl BuildVm {
         }
     }
 
-    /// Runs a step's process; its output goes to `out` (stdout, stderr).
-    pub fn run(
-        &self,
+    fn run(
+        &mut self,
         spec: ProcessSpec,
         out: &mut dyn FnMut(bool, &[u8]),
     ) -> Result<RunResult, RuntimeError> {
@@ -137,8 +105,7 @@ impl BuildVm {
         }
     }
 
-    /// Writes the changes since the last layer (an OCI layer tar) to `sink`.
-    pub fn commit(&self, sink: &mut dyn Write) -> Result<(), RuntimeError> {
+    fn commit(&mut self, sink: &mut dyn Write) -> Result<(), RuntimeError> {
         let mut conn = self.conn()?;
         conn.send(&HostMsg::Commit)?;
         // The agent's own work (no workload runs): each frame is bounded by
@@ -152,8 +119,7 @@ impl BuildVm {
         }
     }
 
-    /// Stops the VM.
-    pub fn stop(self) {
+    fn stop(self: Box<Self>) {
         self.vm.stop();
     }
 }

@@ -1,7 +1,8 @@
-//! RUN steps in Linux namespaces (`vmc build --mode ns`): the stage's layers
-//! are overlayfs lowers, each step runs confined as in `vmc run --mode ns`
-//! over a fresh upper directory, and that upper becomes the step's layer
-//! (the same tar writer as the guest agent's) and then the next lower.
+//! A sandbox in Linux namespaces (`vmc build --mode ns` runs its RUN steps
+//! in one): the layers are overlayfs lowers, each process runs confined as
+//! in `vmc run --mode ns` over a fresh upper directory, and that upper
+//! becomes its layer (the same tar writer as the guest agent's) and then the
+//! next lower.
 
 use std::fs;
 use std::io::{Read, Write};
@@ -11,14 +12,14 @@ use std::path::{Path, PathBuf};
 use vmc_proto::{ExitStatus, ProcessSpec};
 use vmc_spawn::{self as spawn, RootOp};
 
-use super::vm::RunResult;
+use super::{RunResult, Sandbox};
 use crate::image::layer::{self, Limits, Whiteouts};
 use crate::runtime::net::{maps_host_loopback, ExtraHost, Network, Pasta};
 use crate::runtime::ns::{isolation, private_mounts, OverlayRoot};
-use crate::runtime::RuntimeError;
+use crate::runtime::{ContainerConfig, Rootfs, RuntimeError};
 
-/// A namespace build sandbox for one stage.
-pub struct BuildNs {
+/// A sandbox in namespaces.
+pub struct NsSandbox {
     dir: PathBuf,
     /// Bottom first.
     lowers: Vec<PathBuf>,
@@ -28,8 +29,13 @@ pub struct BuildNs {
     /// `--add-host` entries (for /etc/hosts; `host-gateway` also opens the
     /// host's loopback).
     extra_hosts: Vec<ExtraHost>,
+    hostname: String,
     /// Cgroup limits of each step (with the device allow-list).
     limits: crate::runtime::NsLimits,
+    /// The capability set (`None`: Docker's default set) and system-call
+    /// filter of each step.
+    caps: Option<u64>,
+    seccomp: crate::runtime::seccomp::Seccomp,
     /// Files the current upper has only to be mounted over (resolv.conf).
     placeholders: Vec<String>,
     /// Where the steps write (their upper and work directories): an ext4
@@ -47,26 +53,33 @@ fn err(what: &str) -> impl Fn(std::io::Error) -> RuntimeError + '_ {
     move |e| RuntimeError::Namespace(format!("{what}: {e}"))
 }
 
-impl BuildNs {
-    /// A sandbox over `base` (the base image's layer directories, bottom
-    /// first), working in `dir`.
-    pub fn start(
-        base: Vec<PathBuf>,
-        dir: &Path,
-        network: Network,
-        extra_hosts: &[ExtraHost],
-        limits: crate::runtime::NsLimits,
-    ) -> Result<BuildNs, RuntimeError> {
+impl NsSandbox {
+    /// A sandbox for `cfg` (its root layer directories, its engine part the
+    /// namespaces'), working in `dir`.
+    pub fn start(cfg: &ContainerConfig, dir: &Path) -> Result<NsSandbox, RuntimeError> {
+        let engine = cfg.ns()?;
+        let lowers = match &cfg.rootfs {
+            Rootfs::Layers(l) => l.clone(),
+            Rootfs::Dir(d) => vec![d.clone()],
+            Rootfs::Disk(_) => {
+                return Err(RuntimeError::Namespace(
+                    "a namespace sandbox takes layer directories, not a disk".into(),
+                ))
+            }
+        };
         private_mounts()?;
         fs::create_dir_all(dir).map_err(err("creating the build directory"))?;
-        let mut ns = BuildNs {
+        let mut ns = NsSandbox {
             dir: dir.to_path_buf(),
-            lowers: base,
+            lowers,
             upper: PathBuf::new(),
             next: 0,
-            network,
-            extra_hosts: extra_hosts.to_vec(),
-            limits,
+            network: cfg.network,
+            extra_hosts: cfg.extra_hosts.clone(),
+            hostname: cfg.hostname.clone(),
+            limits: engine.limits,
+            caps: engine.caps,
+            seccomp: engine.seccomp.clone(),
             placeholders: Vec::new(),
             steps: None,
         };
@@ -97,9 +110,10 @@ impl BuildNs {
         fs::create_dir_all(&p).map_err(err("creating a layer directory"))?;
         Ok(p)
     }
+}
 
-    /// Adds the uncompressed layer tar `r` on top.
-    pub fn apply_layer(&mut self, r: impl Read) -> Result<(), RuntimeError> {
+impl Sandbox for NsSandbox {
+    fn apply_layer(&mut self, r: &mut dyn Read) -> Result<(), RuntimeError> {
         let d = self.fresh("layer")?;
         layer::unpack(r, &d, Whiteouts::Overlay, Limits::default())
             .map_err(|e| RuntimeError::Namespace(format!("unpacking a layer: {e}")))?;
@@ -107,8 +121,7 @@ impl BuildNs {
         Ok(())
     }
 
-    /// Runs a step's process; its output goes to `out` (is-stderr, bytes).
-    pub fn run(
+    fn run(
         &mut self,
         spec: ProcessSpec,
         out: &mut dyn FnMut(bool, &[u8]),
@@ -117,8 +130,7 @@ impl BuildNs {
         let work = self.fresh("work")?;
         let _mounted = OverlayRoot::mount(&self.lowers, &self.upper, &work, &root, &self.dir)?;
         let root_s = root.display().to_string();
-        // RUN steps get Docker's default filter, as BuildKit gives them.
-        let mut iso = isolation("buildkitsandbox", None, &Default::default())?;
+        let mut iso = isolation(&self.hostname, self.caps, &self.seccomp)?;
         if self.network == Network::Passt {
             // The host's nameservers over the image's resolv.conf (and, with
             // --add-host, Docker's hosts file over its hosts): bind mounts,
@@ -130,7 +142,7 @@ impl BuildNs {
             if !self.extra_hosts.is_empty() {
                 files.push((
                     "hosts",
-                    crate::runtime::net::hosts("buildkitsandbox", None, &self.extra_hosts),
+                    crate::runtime::net::hosts(&self.hostname, None, &self.extra_hosts),
                 ));
             }
             let etc_dir = fs::symlink_metadata(root.join("etc")).is_ok_and(|m| m.is_dir());
@@ -207,9 +219,7 @@ impl BuildNs {
         }))
     }
 
-    /// Writes the last step's changes as a layer tar to `sink`; they become
-    /// a lower for the steps that follow.
-    pub fn commit(&mut self, sink: &mut dyn Write) -> Result<(), RuntimeError> {
+    fn commit(&mut self, sink: &mut dyn Write) -> Result<(), RuntimeError> {
         let userxattr = crate::host::rootless();
         vmc_spawn::upper::write_layer_except(&self.upper, sink, &self.placeholders, userxattr)
             .map_err(err("writing the layer"))?;
@@ -221,7 +231,7 @@ impl BuildNs {
     }
 
     /// Removes the sandbox's directories (the steps' disk unmounted first).
-    pub fn stop(mut self) {
+    fn stop(mut self: Box<Self>) {
         drop(self.steps.take());
         let _ = fs::remove_dir_all(&self.dir);
     }
