@@ -11,7 +11,7 @@ use vmc_proto::ProcessSpec;
 
 use super::sandbox::{ns::NsSandbox, vm::VmSandbox, Sandbox};
 use super::state::Container;
-use super::{ContainerConfig, Mode, Rootfs, RuntimeError};
+use super::{ContainerConfig, Mode, RuntimeError};
 
 pub use super::StartGate;
 
@@ -106,15 +106,7 @@ impl Engine for Namespaces {
         forward_stdin: bool,
         gate: &mut dyn StartGate,
     ) -> Result<i32, RuntimeError> {
-        let lowers = match &cfg.rootfs {
-            Rootfs::Layers(l) => l.clone(),
-            Rootfs::Dir(d) => vec![d.clone()],
-            Rootfs::Disk(_) => {
-                return Err(RuntimeError::Namespace(
-                    "namespace mode takes an image's layers, not its disk".into(),
-                ))
-            }
-        };
+        let lowers = cfg.rootfs.lowers()?;
         let listeners = super::ports::bind(&cfg.ports)?;
         super::ns::run_attached(cfg, &lowers, dir, listeners, forward_stdin, gate)
     }
@@ -158,20 +150,12 @@ impl Engine for Namespaces {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::runtime::{EngineConfig, NsEngineConfig, VmEngineConfig};
+    use crate::runtime::{EngineConfig, NsEngineConfig, Rootfs, VmEngineConfig};
 
     fn config(rootfs: Rootfs, engine: EngineConfig) -> ContainerConfig {
         ContainerConfig {
-            id: "c".into(),
             rootfs,
-            image_id: None,
-            process: ProcessSpec::default(),
-            hostname: crate::runtime::sandbox::HOSTNAME.into(),
-            ports: Vec::new(),
-            network: Default::default(),
-            dns: Vec::new(),
-            extra_hosts: Vec::new(),
-            engine,
+            ..crate::runtime::tests::config(engine)
         }
     }
 
@@ -215,7 +199,7 @@ mod tests {
             .sandbox(&disk, &dir)
             .map(|_| ())
             .unwrap_err();
-        assert!(err.to_string().contains("not a disk"), "{err}");
+        assert!(err.to_string().contains("not its disk"), "{err}");
         assert!(!dir.exists());
     }
 }

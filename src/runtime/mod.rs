@@ -54,6 +54,20 @@ pub enum Rootfs {
     Layers(Vec<PathBuf>),
 }
 
+impl Rootfs {
+    /// The overlayfs lowers of a root on the host (namespace mode), bottom
+    /// first: a disk is only for a microVM.
+    pub fn lowers(&self) -> Result<Vec<PathBuf>, RuntimeError> {
+        match self {
+            Rootfs::Layers(l) => Ok(l.clone()),
+            Rootfs::Dir(d) => Ok(vec![d.clone()]),
+            Rootfs::Disk(_) => Err(RuntimeError::Namespace(
+                "namespace mode takes an image's layers, not its disk".into(),
+            )),
+        }
+    }
+}
+
 /// A container to run: what every engine needs (root filesystem, process,
 /// name, network) and the part only its engine reads ([`EngineConfig`]).
 /// Stored as the container's `config.json`.
@@ -309,10 +323,11 @@ pub fn snapshots_dir() -> PathBuf {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
-    fn config(engine: EngineConfig) -> ContainerConfig {
+    /// A container of `engine` with its root a directory.
+    pub(crate) fn config(engine: EngineConfig) -> ContainerConfig {
         ContainerConfig {
             id: "c".into(),
             rootfs: Rootfs::Dir("/r".into()),

@@ -16,7 +16,7 @@ use super::{RunResult, Sandbox};
 use crate::image::layer::{self, Limits, Whiteouts};
 use crate::runtime::net::{maps_host_loopback, ExtraHost, Network, Pasta};
 use crate::runtime::ns::{isolation, private_mounts, OverlayRoot};
-use crate::runtime::{ContainerConfig, Rootfs, RuntimeError};
+use crate::runtime::{ContainerConfig, RuntimeError};
 
 /// A sandbox in namespaces.
 pub struct NsSandbox {
@@ -58,15 +58,7 @@ impl NsSandbox {
     /// namespaces'), working in `dir`.
     pub fn start(cfg: &ContainerConfig, dir: &Path) -> Result<NsSandbox, RuntimeError> {
         let engine = cfg.ns()?;
-        let lowers = match &cfg.rootfs {
-            Rootfs::Layers(l) => l.clone(),
-            Rootfs::Dir(d) => vec![d.clone()],
-            Rootfs::Disk(_) => {
-                return Err(RuntimeError::Namespace(
-                    "a namespace sandbox takes layer directories, not a disk".into(),
-                ))
-            }
-        };
+        let lowers = cfg.rootfs.lowers()?;
         private_mounts()?;
         fs::create_dir_all(dir).map_err(err("creating the build directory"))?;
         let mut ns = NsSandbox {
