@@ -242,6 +242,11 @@ pub struct RunArgs {
     #[arg(long)]
     pub cold: bool,
 
+    /// Print where the run's time went when it ends (host phases and the
+    /// guest agent's steps), on stderr; attached runs only.
+    #[arg(long)]
+    pub timings: bool,
+
     /// Set an environment variable (KEY=VALUE, or KEY to copy vmc's own).
     #[arg(short = 'e', long = "env", value_name = "KEY=VALUE")]
     pub env: Vec<String>,
@@ -451,6 +456,9 @@ pub struct ExecArgs {
     /// User to run as: name, uid, name:group or uid:gid.
     #[arg(short = 'u', long = "user")]
     pub user: Option<String>,
+    /// Print where the command's time went when it ends, on stderr.
+    #[arg(long)]
+    pub timings: bool,
     /// The container.
     pub container: String,
     /// The command and its arguments.

@@ -102,6 +102,9 @@ pub struct Knobs {
     pub guest_profile: Option<PathBuf>,
     /// `VMC_PASST_PCAP`: where passt records a VM's frames.
     pub passt_pcap: Option<PathBuf>,
+    /// `VMC_TIMINGS`: where `vmc run`/`exec` write their phases as JSON
+    /// (the bench; `--timings` prints them).
+    pub timings: Option<PathBuf>,
 }
 
 impl Knobs {
@@ -123,6 +126,7 @@ impl Knobs {
             mem_report: path("VMC_MEM_REPORT"),
             guest_profile: path("VMC_GUEST_PROFILE"),
             passt_pcap: path("VMC_PASST_PCAP"),
+            timings: path("VMC_TIMINGS"),
         }
     }
 }

@@ -366,3 +366,136 @@ fn system_prune_removes_stale_snapshots() {
         "a disk being made is kept even by --all"
     );
 }
+
+/// The phase lines of a `--timings` table on stderr, by name.
+fn timing_phases(stderr: &str) -> Vec<String> {
+    let table = stderr
+        .split_once("vmc: timings\n")
+        .unwrap_or_else(|| panic!("no timings table: {stderr}"))
+        .1;
+    table
+        .lines()
+        .skip(1)
+        .filter(|l| !l.starts_with(' '))
+        .map(|l| {
+            let words: Vec<&str> = l.split_whitespace().collect();
+            words[..words.len().saturating_sub(2)].join(" ")
+        })
+        .collect()
+}
+
+#[test]
+fn timings_show_where_a_run_and_an_exec_spend_their_time_in_both_modes() {
+    if !kvm_available() {
+        return;
+    }
+    let home = tempfile::tempdir().unwrap();
+    let json = home.path().join("timings.json");
+    for mode in ["vm", "ns"] {
+        let out = vmc(home.path())
+            .args([
+                "run",
+                "--rm",
+                "--network",
+                "none",
+                "--timings",
+                "--mode",
+                mode,
+            ])
+            .arg("--rootfs")
+            .arg(rootfs())
+            .args(["--", "echo", "up"])
+            .env("VMC_TIMINGS", &json)
+            .stdin(Stdio::null())
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{mode}: {out:?}");
+        assert_eq!(String::from_utf8_lossy(&out.stdout), "up\n", "{mode}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        let phases = timing_phases(&err);
+        let want: &[&str] = match mode {
+            "vm" => &[
+                "prepare",
+                "disks",
+                "agent connect",
+                "mount",
+                "start",
+                "first output",
+                "exit",
+            ],
+            _ => &["prepare", "mount", "start", "exit"],
+        };
+        for p in want {
+            assert!(phases.iter().any(|x| x == p), "{mode}: no phase {p}: {err}");
+        }
+        if mode == "vm" {
+            // The agent's own steps, under the phase they belong to.
+            assert!(phases.iter().any(|x| x.starts_with("vmm ")), "{err}");
+            assert!(err.contains("in the guest: thread "), "{err}");
+            assert!(err.contains("overlay "), "{err}");
+            assert!(err.contains("fork+exec "), "{err}");
+        }
+        // VMC_TIMINGS: the same phases as JSON, for the bench.
+        let doc: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
+        let names: Vec<&str> = doc["phases"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|p| p["name"].as_str().unwrap())
+            .collect();
+        assert!(names.contains(&"mount"), "{mode}: {doc}");
+        if mode == "vm" {
+            assert!(names.contains(&"mount/overlay"), "{doc}");
+        }
+        assert!(doc["total_ms"].as_f64().unwrap() > 0.0, "{doc}");
+        std::fs::remove_file(&json).unwrap();
+
+        // vmc exec --timings in a running container.
+        let name = format!("timed-{mode}");
+        let out = vmc(home.path())
+            .args([
+                "run",
+                "-d",
+                "--network",
+                "none",
+                "--mode",
+                mode,
+                "--name",
+                &name,
+            ])
+            .arg("--rootfs")
+            .arg(rootfs())
+            .args(["--", "sleep", "1000"])
+            .stdin(Stdio::null())
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{mode}: {out:?}");
+        let out = vmc(home.path())
+            .args(["exec", "--timings", &name, "true"])
+            .stdin(Stdio::null())
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{mode}: {out:?}");
+        let phases = timing_phases(&String::from_utf8_lossy(&out.stderr));
+        assert!(phases.iter().any(|p| p == "exit"), "{mode}: {phases:?}");
+        if mode == "vm" {
+            assert!(phases.iter().any(|p| p == "agent connect"), "{phases:?}");
+            assert!(phases.iter().any(|p| p == "start"), "{phases:?}");
+        }
+        let rm = vmc(home.path()).args(["rm", "-f", &name]).output().unwrap();
+        assert!(rm.status.success(), "{rm:?}");
+    }
+    // A detached run has no one to print them to.
+    let out = vmc(home.path())
+        .args(["run", "-d", "--timings", "--rootfs"])
+        .arg(rootfs())
+        .args(["--", "true"])
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("--timings reports an attached run"), "{err}");
+    assert_eq!(err.lines().count(), 1, "{err}");
+}

@@ -195,12 +195,13 @@ fn rand_pool_info(entropy: &[u8]) -> Vec<u8> {
 }
 
 /// Assembles the container root at [`ROOT`] and sets the hostname.
-pub fn mount_root(spec: &RootSpec) -> io::Result<()> {
+pub fn mount_root(spec: &RootSpec, lap: &mut dyn FnMut(&'static str)) -> io::Result<()> {
     for d in [IMAGE, SCRATCH, ROOT] {
         fs::create_dir_all(d)?;
     }
     wait_for_size(&spec.image_dev, spec.image_sectors)?;
     wait_for_size(&spec.scratch_dev, spec.scratch_sectors)?;
+    lap("disk sizes");
     mount(
         Some(&spec.image_dev),
         IMAGE,
@@ -208,6 +209,7 @@ pub fn mount_root(spec: &RootSpec) -> io::Result<()> {
         libc::MS_RDONLY,
         None,
     )?;
+    lap("image mount");
     // noblock_validity: no tree of metadata ranges to build at mount time
     // (guest kernel work is expensive under software virtualisation).
     mount(
@@ -217,12 +219,16 @@ pub fn mount_root(spec: &RootSpec) -> io::Result<()> {
         libc::MS_NOATIME,
         Some("noblock_validity"),
     )?;
+    lap("scratch mount");
     if let Some(net) = &spec.network {
         crate::netcfg::configure(net)
             .map_err(|e| io::Error::new(e.kind(), format!("network {}: {e}", net.ifname)))?;
+        lap("network");
     }
-    crate::layers::mount_stack(IMAGE, SCRATCH, ROOT, &spec.etc)?;
-    set_hostname(&spec.hostname)
+    crate::layers::mount_stack(IMAGE, SCRATCH, ROOT, &spec.etc, lap)?;
+    set_hostname(&spec.hostname)?;
+    lap("hostname");
+    Ok(())
 }
 
 /// sethostname(2).

@@ -61,9 +61,11 @@ pub fn mount_stack(
     scratch: &str,
     root: &str,
     etc: &[(String, String)],
+    lap: &mut dyn FnMut(&'static str),
 ) -> io::Result<()> {
     fs::create_dir_all(format!("{scratch}/upper"))?;
     fs::create_dir_all(format!("{scratch}/work"))?;
+    lap("upper dirs");
     let lowers = committed_lowers(scratch);
     let mut s = Stack {
         image: image.into(),
@@ -80,8 +82,11 @@ pub fn mount_stack(
         0,
         Some(&overlay_data(&s)),
     )?;
+    lap("overlay");
     crate::rootfs::mount_pseudo(root)?;
+    lap("proc sys dev");
     s.placeholders = crate::rootfs::bind_etc(root, etc)?;
+    lap("etc files");
     *STACK.lock().unwrap_or_else(|e| e.into_inner()) = Some(s);
     Ok(())
 }
@@ -464,7 +469,7 @@ mod tests {
             fs::write(format!("{image}/a"), "a").unwrap();
             fs::write(format!("{image}/b"), "b").unwrap();
             fs::create_dir_all(&root).unwrap();
-            mount_stack(&image, &scratch, &root, &[]).unwrap();
+            mount_stack(&image, &scratch, &root, &[], &mut |_| {}).unwrap();
             let root = Path::new(&root);
             // What the root shows, but the mounted pseudo filesystems.
             let files = || {

@@ -6,6 +6,7 @@
 //! process in the VM and reboots the VM when the host's main process exits.
 
 mod init;
+mod laps;
 mod layers;
 mod netcfg;
 mod reaper;
@@ -41,7 +42,8 @@ fn main() {
     loop {
         match listener.accept() {
             Ok(conn) => {
-                std::thread::spawn(move || session::serve(conn));
+                let accepted = std::time::Instant::now();
+                std::thread::spawn(move || session::serve(conn, accepted));
             }
             Err(e) => {
                 eprintln!("vmc-guest: accept: {e}");

@@ -11,6 +11,7 @@ use vmc_proto::{
     IO_CHUNK, PROTOCOL_VERSION,
 };
 
+use crate::laps::Laps;
 use crate::vsock::VsockStream;
 use crate::{init, reaper};
 use vmc_spawn::{self as spawn, sys};
@@ -25,9 +26,10 @@ fn send(conn: &VsockStream, msg: &GuestMsg) -> io::Result<()> {
     write_frame(&mut &*conn, msg)
 }
 
-/// Serves one connection until its process has exited and been reported.
-pub fn serve(conn: VsockStream) {
-    match handshake_and_start(&conn) {
+/// Serves one connection (accepted at `accepted`) until its process has
+/// exited and been reported.
+pub fn serve(conn: VsockStream, accepted: std::time::Instant) {
+    match handshake_and_start(&conn, Laps::from(accepted)) {
         Ok(Some((spec, proc_))) => {
             let reboot = spec.reboot_on_exit;
             let status = proc_.pump(&conn);
@@ -69,8 +71,12 @@ fn wait_for_close(conn: &VsockStream) {
     }
 }
 
-fn handshake_and_start(conn: &VsockStream) -> Result<Option<(ProcessSpec, Running)>, String> {
+fn handshake_and_start(
+    conn: &VsockStream,
+    mut laps: Laps,
+) -> Result<Option<(ProcessSpec, Running)>, String> {
     let mut r = conn;
+    laps.lap("thread");
     match read_frame::<_, HostMsg>(&mut r) {
         Ok(HostMsg::Hello { version }) if version == PROTOCOL_VERSION => {}
         Ok(HostMsg::Hello { version }) => {
@@ -88,8 +94,24 @@ fn handshake_and_start(conn: &VsockStream) -> Result<Option<(ProcessSpec, Runnin
         },
     )
     .map_err(|e| e.to_string())?;
+    laps.lap("hello");
+    // Whether the host asked for the agent's phases: it does so first.
+    let mut asked = None;
     loop {
-        match read_frame::<_, HostMsg>(&mut r) {
+        let frame = read_frame::<_, HostMsg>(&mut r);
+        let asked = *asked.get_or_insert_with(|| {
+            let yes = matches!(frame, Ok(HostMsg::Timings));
+            if !yes {
+                laps.off();
+            }
+            yes
+        });
+        let report = |laps: &mut Laps| match laps.report(asked) {
+            Some(m) => send(conn, &m).map_err(|e| e.to_string()),
+            None => Ok(()),
+        };
+        match frame {
+            Ok(HostMsg::Timings) => send(conn, &laps.take()).map_err(|e| e.to_string())?,
             Ok(HostMsg::Refresh {
                 realtime_ns,
                 entropy,
@@ -99,11 +121,14 @@ fn handshake_and_start(conn: &VsockStream) -> Result<Option<(ProcessSpec, Runnin
                 send(conn, &GuestMsg::Refreshed).map_err(|e| e.to_string())?;
             }
             Ok(HostMsg::Mount(root)) => {
+                laps.restart();
                 let mut mounted = MOUNTED.lock().unwrap_or_else(|e| e.into_inner());
                 if !*mounted {
-                    init::mount_root(&root).map_err(|e| format!("assembling the root: {e}"))?;
+                    init::mount_root(&root, &mut |name| laps.lap(name))
+                        .map_err(|e| format!("assembling the root: {e}"))?;
                     *mounted = true;
                 }
+                report(&mut laps)?;
                 send(conn, &GuestMsg::Mounted).map_err(|e| e.to_string())?;
             }
             Ok(HostMsg::ApplyLayer) => {
@@ -141,7 +166,10 @@ fn handshake_and_start(conn: &VsockStream) -> Result<Option<(ProcessSpec, Runnin
                 if !*MOUNTED.lock().unwrap_or_else(|e| e.into_inner()) {
                     return Err("Start before Mount: the container root is not assembled".into());
                 }
-                return match Running::start(&spec) {
+                laps.restart();
+                let started = Running::start(&spec, &mut laps);
+                report(&mut laps)?;
+                return match started {
                     Ok(p) => {
                         send(conn, &GuestMsg::Started { pid: p.pid }).map_err(|e| e.to_string())?;
                         Ok(Some((spec, p)))
@@ -240,14 +268,17 @@ struct Running {
 }
 
 impl Running {
-    fn start(spec: &ProcessSpec) -> Result<Running, spawn::SpawnError> {
+    fn start(spec: &ProcessSpec, laps: &mut Laps) -> Result<Running, spawn::SpawnError> {
         let prepared = spawn::prepare(spec, init::ROOT)?;
+        laps.lap("resolve");
         let io_err = |e: io::Error| spawn::SpawnError {
             kind: vmc_proto::StartFailure::Setup,
             message: format!("stdio pipes: {e}"),
         };
         if let Some(size) = spec.tty {
-            return Self::start_pty(&prepared, size);
+            let running = Self::start_pty(&prepared, size);
+            laps.lap("fork+exec");
+            return running;
         }
         let (in_r, in_w) = if spec.stdin {
             let (r, w) = sys::pipe().map_err(io_err)?;
@@ -267,6 +298,7 @@ impl Running {
                 Err(io::Error::other("spawn failed"))
             }
         });
+        laps.lap("fork+exec");
         let (_, pid, exit) = match res {
             Ok(v) => v,
             Err(e) => {
@@ -550,7 +582,7 @@ mod tests {
     /// Serves `sent` (the host then half-closes) and returns the replies.
     fn serve_frames(sent: &[HostMsg]) -> Vec<GuestMsg> {
         let (conn, mut host) = pair();
-        let agent = std::thread::spawn(move || serve(conn));
+        let agent = std::thread::spawn(move || serve(conn, std::time::Instant::now()));
         for m in sent {
             write_frame(&mut host, m).unwrap();
         }
@@ -581,6 +613,25 @@ mod tests {
         );
         // The host hanging up after the handshake is no error.
         assert_eq!(serve_frames(&[HELLO]), [GUEST_HELLO]);
+    }
+
+    /// Asked first, the agent reports accepting the connection at once;
+    /// not asked, it sends no phases.
+    #[test]
+    fn phases_are_sent_only_to_a_host_that_asks_first() {
+        let got = serve_frames(&[HELLO, HostMsg::Timings, HostMsg::Start(Default::default())]);
+        match &got[..] {
+            [GuestMsg::Hello { .. }, GuestMsg::Phases(p), GuestMsg::Error(_)] => assert_eq!(
+                p.iter().map(|p| p.name.as_str()).collect::<Vec<_>>(),
+                ["thread", "hello"]
+            ),
+            other => panic!("{other:?}"),
+        }
+        let got = serve_frames(&[HELLO, HostMsg::Start(Default::default())]);
+        assert!(
+            matches!(&got[..], [GuestMsg::Hello { .. }, GuestMsg::Error(_)]),
+            "{got:?}"
+        );
     }
 
     #[test]
@@ -622,7 +673,7 @@ mod tests {
             got
         });
         let (conn, mut host) = pair();
-        let agent = std::thread::spawn(move || serve(conn));
+        let agent = std::thread::spawn(move || serve(conn, std::time::Instant::now()));
         write_frame(&mut host, &HELLO).unwrap();
         write_frame(&mut host, &HostMsg::Connect { port }).unwrap();
         assert_eq!(read_frame::<_, GuestMsg>(&mut host).unwrap(), GUEST_HELLO);

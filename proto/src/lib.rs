@@ -22,7 +22,7 @@ use std::io::{self, Read, Write};
 use serde::{Deserialize, Serialize};
 
 /// Version of the frames below; bumped on every incompatible change.
-pub const PROTOCOL_VERSION: u32 = 6;
+pub const PROTOCOL_VERSION: u32 = 7;
 
 /// vsock port on which the guest agent listens.
 pub const AGENT_PORT: u32 = 1024;
@@ -32,6 +32,19 @@ pub const MAX_FRAME: usize = 1 << 20;
 
 /// Largest chunk of stdio data put in one frame.
 pub const IO_CHUNK: usize = 64 * 1024;
+
+/// Most phases one [`GuestMsg::Phases`] frame may carry, and the longest
+/// name of one: the host refuses more.
+pub const MAX_PHASES: usize = 16;
+pub const MAX_PHASE_NAME: usize = 24;
+
+/// A step of the agent's work and the time it took, in microseconds of the
+/// guest's monotonic clock (`vmc run --timings`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Phase {
+    pub name: String,
+    pub us: u64,
+}
 
 /// How the container's root filesystem is assembled inside the guest.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -178,6 +191,10 @@ pub enum HostMsg {
     /// after `Connected` the connection carries the TCP stream's bytes both
     /// ways, unframed, with half-closes passed on.
     Connect { port: u16 },
+    /// Report the agent's own phases on this connection: answered at once
+    /// with a [`GuestMsg::Phases`] of accepting it, then before each answer
+    /// to `Mount` and `Start` a `Phases` of its steps.
+    Timings,
 }
 
 /// Frames from the guest agent to the host.
@@ -207,6 +224,9 @@ pub enum GuestMsg {
     Exited(ExitStatus),
     /// The request failed; the message names the problem.
     Error(String),
+    /// After [`HostMsg::Timings`]: the steps of the agent's work on the
+    /// request being answered, in order (at most [`MAX_PHASES`]).
+    Phases(Vec<Phase>),
 }
 
 /// Errors reading or writing frames.

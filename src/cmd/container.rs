@@ -218,6 +218,7 @@ pub(crate) fn rm(a: RmArgs) -> Result<i32> {
 }
 
 pub(crate) fn exec(a: ExecArgs) -> Result<i32> {
+    start_timings(a.timings);
     let mut c = cstate::resolve(&a.container)?;
     if c.refresh() != Status::Running {
         bail!(
@@ -241,7 +242,9 @@ pub(crate) fn exec(a: ExecArgs) -> Result<i32> {
     }
     let forward_stdin = a.interactive || (!a.tty && !std::io::stdin().is_terminal());
     let engine = runtime::engine::for_mode(c.state.mode);
-    Ok(engine.exec_attached(&c, &cfg, spec, forward_stdin)?)
+    let code = engine.exec_attached(&c, &cfg, spec, forward_stdin);
+    report_timings(a.timings);
+    Ok(code?)
 }
 
 pub(crate) fn wait(a: WaitArgs) -> Result<i32> {

@@ -19,6 +19,40 @@ use vmc::runtime;
 /// An environment entry as `-e` (and `--env-file`) give it, as Docker reads
 /// them: `KEY=VALUE` as it is; a bare `KEY` takes this process's value,
 /// and is left out when it has none.
+/// Starts recording a run's phases if `--timings` or `VMC_TIMINGS` asks.
+pub(crate) fn start_timings(flag: bool) {
+    if flag || vmc::host::knobs().timings.is_some() {
+        runtime::timings::enable();
+    }
+}
+
+/// Ends a run's phases: `--timings` prints them, `VMC_TIMINGS` names a
+/// file for them as JSON (`{"phases": [{"name", "ms"}...], "total_ms"}`).
+pub(crate) fn report_timings(print: bool) {
+    use runtime::timings;
+    if !timings::enabled() {
+        return;
+    }
+    timings::mark("cleanup");
+    let marks = timings::marks();
+    if print {
+        eprint!("vmc: timings\n{}", timings::render(&marks));
+    }
+    if let Some(path) = &vmc::host::knobs().timings {
+        let phases: Vec<serde_json::Value> = timings::durations(&marks)
+            .into_iter()
+            .map(|(name, ms)| serde_json::json!({ "name": name, "ms": ms }))
+            .collect();
+        let doc = serde_json::json!({
+            "phases": phases,
+            "total_ms": marks.last().map_or(0.0, |m| m.at_ms),
+        });
+        if let Err(e) = std::fs::write(path, doc.to_string()) {
+            eprintln!("vmc: VMC_TIMINGS {}: {e}", path.display());
+        }
+    }
+}
+
 pub(crate) fn env_entry(e: &str) -> Option<String> {
     if e.contains('=') {
         return Some(e.to_string());

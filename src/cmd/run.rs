@@ -54,6 +54,12 @@ pub(crate) fn extra_hosts(given: &[String]) -> Result<Vec<runtime::net::ExtraHos
 
 pub(crate) fn run(args: RunArgs, create_only: bool) -> Result<i32> {
     let ns = args.mode == Mode::Ns;
+    if args.timings && (args.detach || create_only) {
+        bail!("--timings reports an attached run: leave out -d (and use vmc run, not vmc create)");
+    }
+    if !(args.detach || create_only) {
+        start_timings(args.timings);
+    }
     if let Some(n) = &args.name {
         if n.is_empty()
             || !n
@@ -240,7 +246,9 @@ pub(crate) fn run(args: RunArgs, create_only: bool) -> Result<i32> {
     let mut c = lifecycle::create(&dir, &cfg, meta)?;
     if !detach {
         // Attached: this process is the supervisor.
-        return lifecycle::run_here(&mut c, &cfg, forward_stdin).context("run");
+        let code = lifecycle::run_here(&mut c, &cfg, forward_stdin).context("run");
+        report_timings(args.timings);
+        return code;
     }
     let mut supervisor = std::process::Command::new(std::env::current_exe()?);
     supervisor.arg("__supervise").arg(&dir);

@@ -32,6 +32,8 @@ pub enum AgentError {
     Unexpected(String),
     #[error("the guest agent closed the connection before the process exited")]
     ClosedEarly,
+    #[error(transparent)]
+    Phases(#[from] super::timings::PhasesError),
 }
 
 /// The most of a guest-supplied text (a frame, an error message) that an
@@ -74,6 +76,9 @@ pub const POLL: Duration = Duration::from_millis(100);
 #[derive(Debug)]
 pub struct AgentConn {
     stream: UnixStream,
+    /// Whether this connection asked for the agent's phases
+    /// ([`AgentConn::ask_timings`]); a `Phases` frame is unexpected otherwise.
+    timings: bool,
 }
 
 /// Waits until `stream` is readable (or closed), up to [`POLL`].
@@ -162,7 +167,10 @@ impl AgentConn {
         loop {
             watch()?;
             if let Some(stream) = try_connect(uds, port, watch)? {
-                let mut c = AgentConn { stream };
+                let mut c = AgentConn {
+                    stream,
+                    timings: false,
+                };
                 c.handshake(watch)?;
                 return Ok(c);
             }
@@ -177,8 +185,46 @@ impl AgentConn {
         self.recv_watched(watch)
     }
 
+    /// With `--timings`: asks the agent for its phases on this connection
+    /// (kept by [`super::timings`] as they arrive), and takes the first,
+    /// accepting the connection.
+    pub fn ask_timings(&mut self, watch: Watch) -> Result<(), AgentError> {
+        if !super::timings::enabled() {
+            return Ok(());
+        }
+        self.send(&HostMsg::Timings)?;
+        self.timings = true;
+        match self.recv_frame_watched(watch)? {
+            GuestMsg::Phases(p) => Ok(super::timings::guest(p)?),
+            GuestMsg::Error(e) => Err(AgentError::remote(e)),
+            other => Err(AgentError::unexpected(&other)),
+        }
+    }
+
+    /// The agent's phases go to the timeline; they precede the answer they
+    /// belong to.
+    fn take_phases(&self, m: GuestMsg) -> Result<Option<GuestMsg>, AgentError> {
+        match m {
+            GuestMsg::Phases(p) if self.timings => {
+                super::timings::guest(p)?;
+                Ok(None)
+            }
+            GuestMsg::Phases(_) => Err(super::timings::PhasesError::Unasked.into()),
+            m => Ok(Some(m)),
+        }
+    }
+
     /// Receives one frame, calling `watch` while none arrives.
     pub fn recv_watched(&mut self, watch: Watch) -> Result<GuestMsg, AgentError> {
+        loop {
+            let m = self.recv_frame_watched(watch)?;
+            if let Some(m) = self.take_phases(m)? {
+                return Ok(m);
+            }
+        }
+    }
+
+    fn recv_frame_watched(&mut self, watch: Watch) -> Result<GuestMsg, AgentError> {
         let mut len = [0u8; 4];
         if !read_exact_watched(&mut self.stream, &mut len, watch)? {
             return Err(FrameError::Closed.into());
@@ -213,13 +259,19 @@ impl AgentConn {
 
     /// Receives one frame.
     pub fn recv(&mut self) -> Result<GuestMsg, AgentError> {
-        Ok(read_frame(&mut self.stream)?)
+        loop {
+            let m = read_frame(&mut self.stream)?;
+            if let Some(m) = self.take_phases(m)? {
+                return Ok(m);
+            }
+        }
     }
 
     /// A second handle on the connection for a writer thread.
     pub fn try_clone(&self) -> std::io::Result<AgentConn> {
         Ok(AgentConn {
             stream: self.stream.try_clone()?,
+            timings: self.timings,
         })
     }
 
@@ -293,6 +345,32 @@ pub(super) mod tests {
             assert!(matches!(hello, HostMsg::Hello { version } if version == PROTOCOL_VERSION));
             write_frame(&mut s, &reply).unwrap();
         })
+    }
+
+    /// The agent's phases are taken only when asked for, and skipped on
+    /// the way to the answer they precede.
+    #[test]
+    fn phases_are_taken_only_when_asked_for() {
+        let phases = || {
+            GuestMsg::Phases(vec![vmc_proto::Phase {
+                name: "overlay".into(),
+                us: 5,
+            }])
+        };
+        let agent = move |mut s: UnixStream| {
+            let _: HostMsg = read_frame(&mut s).unwrap();
+            write_frame(&mut s, &phases()).unwrap();
+            write_frame(&mut s, &phases()).unwrap();
+            write_frame(&mut s, &GuestMsg::Mounted).unwrap();
+        };
+        let mut asked = fake_agent(agent);
+        asked.timings = true;
+        let answer = asked.request(&HostMsg::StdinEof, &mut hung_at(50));
+        assert!(matches!(answer, Ok(GuestMsg::Mounted)), "{answer:?}");
+
+        let mut unasked = fake_agent(agent);
+        let answer = unasked.request(&HostMsg::StdinEof, &mut hung_at(50));
+        assert!(matches!(answer, Err(AgentError::Phases(_))), "{answer:?}");
     }
 
     #[test]

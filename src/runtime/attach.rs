@@ -101,6 +101,7 @@ pub fn run_attached(
     match started {
         Ok(GuestMsg::Started { .. }) => {
             crate::phase!("process started");
+            super::timings::mark("start");
             super::state::mark_started(dir);
         }
         Ok(GuestMsg::StartFailed { kind, message }) => {
@@ -137,11 +138,13 @@ pub fn run_attached(
         &mut std::io::stderr(),
     );
     crate::phase!("process exited");
+    super::timings::mark("exit");
     mvm.write_mem_report();
     conn.close();
     writer.lock().unwrap_or_else(|e| e.into_inner()).take();
     let exit = mvm.finish(RESET_TIMEOUT);
     crate::phase!("VM ended: {exit:?}");
+    super::timings::mark("vm end");
     code.map_err(|e| ended(e, exit))
 }
 
@@ -159,11 +162,14 @@ pub fn exec_attached(
     // The VM runs in another process (the container's supervisor): its
     // threads tell whether the guest works on the answer.
     let mut watch = process_watch(vmm_pid);
+    super::timings::mark("prepare");
     let mut conn = AgentConn::connect(vsock, vmc_proto::AGENT_PORT, &mut watch)?;
+    conn.ask_timings(&mut watch)?;
+    super::timings::mark("agent connect");
     spec.stdin = forward_stdin;
     spec.reboot_on_exit = false;
     match conn.request(&HostMsg::Start(spec), &mut watch)? {
-        GuestMsg::Started { .. } => {}
+        GuestMsg::Started { .. } => super::timings::mark("start"),
         GuestMsg::StartFailed { kind, message } => {
             eprintln!("vmc: {message}");
             return Ok(kind.exit_code());
@@ -184,6 +190,7 @@ pub fn exec_attached(
         &mut std::io::stdout(),
         &mut std::io::stderr(),
     );
+    super::timings::mark("exit");
     conn.close();
     writer.lock().unwrap_or_else(|e| e.into_inner()).take();
     code.map_err(|e| match e {
@@ -243,9 +250,11 @@ fn pump_output(
         match msg {
             GuestMsg::Stdout(d) => {
                 let _ = out.write_all(&d).and_then(|_| out.flush());
+                super::timings::mark_once("first output");
             }
             GuestMsg::Stderr(d) => {
                 let _ = err.write_all(&d).and_then(|_| err.flush());
+                super::timings::mark_once("first output");
             }
             GuestMsg::Exited(status) => return Ok(status.shell_code()),
             GuestMsg::Error(e) => return Err(AgentError::remote(e)),

@@ -132,14 +132,17 @@ impl Engine for Namespaces {
             unsafe { libc::dup2(fd, 0) };
         }
         let ns_cfg = cfg.ns()?;
-        super::ns::exec_attached(
+        super::timings::mark("prepare");
+        let code = super::ns::exec_attached(
             pid,
             ns_cfg.caps,
             &ns_cfg.seccomp,
             &c.dir.join("cgroups"),
             &spec,
             forward_stdin,
-        )
+        );
+        super::timings::mark("exit");
+        code
     }
 
     fn sandbox(&self, cfg: &ContainerConfig, dir: &Path) -> Result<Box<dyn Sandbox>, RuntimeError> {

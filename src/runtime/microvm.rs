@@ -75,6 +75,7 @@ impl MicroVm {
                 source,
             })?;
         }
+        super::timings::mark("prepare");
         crate::phase!("start: building disks");
         let image = match &cfg.rootfs {
             super::Rootfs::Dir(d) => {
@@ -95,6 +96,7 @@ impl MicroVm {
         crate::phase!("disks built");
         let home = super::vmc_home();
         let agent = disk::agent_disk(&assets::guest_binary()?, &home.join("cache"))?;
+        super::timings::mark("disks");
         let vsock = dir.join("vsock.sock");
         let disk_sectors = (sectors(&image), SCRATCH_SIZE / 512);
         let (cpus, memory) = (vm_cfg.resources.cpus, vm_cfg.resources.memory);
@@ -147,6 +149,7 @@ impl MicroVm {
                 None
             };
             let vm = vmm::start(config(console))?;
+            super::timings::mark("vmm boot");
             return Ok(MicroVm {
                 vm,
                 vsock,
@@ -165,6 +168,7 @@ impl MicroVm {
             backend: Backend::host(),
         };
         let (snap, key) = snapshot::ensure(&vm_cfg.snapshots, &spec, false)?;
+        super::timings::mark("snapshot");
         crate::phase!("snapshot ready; restoring");
         let restored = snapshot::Restored::of(&snap, &key);
         let (vm, restored) = match vmm::restore(config(None), &snap, &key) {
@@ -181,6 +185,7 @@ impl MicroVm {
             Err(e) => return Err(e.into()),
         };
         crate::phase!("restored; vCPUs running");
+        super::timings::mark("vmm restore");
         Ok(MicroVm {
             vm,
             vsock,
@@ -262,7 +267,9 @@ impl MicroVm {
     ) -> Result<AgentConn, AgentError> {
         let mut watch = or_cancelled(cancelled, self.watch(BOOT_CPU));
         let mut conn = AgentConn::connect(&self.vsock, AGENT_PORT, &mut watch)?;
+        conn.ask_timings(&mut watch)?;
         crate::phase!("agent connected");
+        super::timings::mark("agent connect");
         let expect = |answer: GuestMsg, want: GuestMsg| match answer {
             a if a == want => Ok(()),
             GuestMsg::Error(e) => Err(AgentError::remote(e)),
@@ -273,11 +280,13 @@ impl MicroVm {
             let answer = conn.request(&MicroVm::refresh_msg(), &mut watch)?;
             expect(answer, GuestMsg::Refreshed)?;
             crate::phase!("guest refreshed");
+            super::timings::mark("refresh");
         }
         let mut watch = or_cancelled(cancelled, self.watch(ANSWER_CPU));
         let answer = conn.request(&HostMsg::Mount(root(self)), &mut watch)?;
         expect(answer, GuestMsg::Mounted)?;
         crate::phase!("root mounted");
+        super::timings::mark("mount");
         Ok(conn)
     }
 

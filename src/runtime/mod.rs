@@ -21,6 +21,7 @@ pub mod seccomp;
 pub mod snapshot;
 pub mod spec;
 pub mod state;
+pub mod timings;
 pub mod tty;
 
 use std::path::PathBuf;

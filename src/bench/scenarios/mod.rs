@@ -24,6 +24,40 @@ const STEP_TIMEOUT: Duration = Duration::from_secs(600);
 /// A metric: name, unit, whether lower is better.
 type Metric = (&'static str, &'static str, bool);
 
+/// The metric of a run's phase `name` (`VMC_TIMINGS`): "phase: mount",
+/// "phase: mount/overlay" (a step of the guest agent's). Names are interned:
+/// a few dozen distinct ones per bench.
+fn phase_metric(name: &str) -> Metric {
+    static NAMES: std::sync::Mutex<Vec<&'static str>> = std::sync::Mutex::new(Vec::new());
+    let full = format!("phase: {name}");
+    let mut names = NAMES.lock().unwrap_or_else(|e| e.into_inner());
+    let interned = match names.iter().find(|n| **n == full) {
+        Some(n) => *n,
+        None => {
+            let n: &'static str = Box::leak(full.into_boxed_str());
+            names.push(n);
+            n
+        }
+    };
+    (interned, "ms", true)
+}
+
+/// The phases a `vmc run`/`exec` wrote to its `VMC_TIMINGS` file (which
+/// is removed), as metrics.
+fn phases_in(path: &std::path::Path) -> Vec<(Metric, f64)> {
+    let Ok(doc) = std::fs::read(path) else {
+        return Vec::new();
+    };
+    let _ = std::fs::remove_file(path);
+    let v: serde_json::Value = serde_json::from_slice(&doc).unwrap_or_default();
+    v["phases"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|p| Some((phase_metric(p["name"].as_str()?), p["ms"].as_f64()?)))
+        .collect()
+}
+
 const TO_OUTPUT: Metric = ("start to first output", "ms", true);
 const TO_EXIT: Metric = ("start to exit", "ms", true);
 const RUNNING: Metric = ("vm only: start to vCPUs running", "ms", true);
@@ -169,10 +203,19 @@ impl Bench {
                 let rts = self.with_idle();
                 self.measure(name, &rts, self.warmup, self.runs, |b, rt| {
                     let sb = &b.idle[&rt.name];
+                    let mut cmd = b.env.exec(sb, &argv(&["true"]));
+                    let timings = b
+                        .env
+                        .tmp
+                        .join(format!("timings-exec-{}.json", b.env.name()));
+                    if matches!(rt.kind, Kind::Vm | Kind::Ns) {
+                        cmd.env("VMC_TIMINGS", &timings);
+                    }
                     let t0 = Instant::now();
-                    let (_, exit) =
-                        first_output_and_exit(&mut b.env.exec(sb, &argv(&["true"])), t0, false)?;
-                    Ok(vec![(EXEC, exit)])
+                    let (_, exit) = first_output_and_exit(&mut cmd, t0, false)?;
+                    let mut out = vec![(EXEC, exit)];
+                    out.extend(phases_in(&timings));
+                    Ok(out)
                 })
             }
             "memory" => {
@@ -438,9 +481,17 @@ impl Bench {
         if rt.kind == Kind::Vm {
             cmd.env("VMC_MEM_REPORT", &report);
         }
+        let timings = self
+            .env
+            .tmp
+            .join(format!("timings-{}.json", self.env.name()));
+        if matches!(rt.kind, Kind::Vm | Kind::Ns) {
+            cmd.env("VMC_TIMINGS", &timings);
+        }
         let t0 = Instant::now();
         let (first, exit) = first_output_and_exit(&mut cmd, t0, true)?;
         let mut out = vec![(TO_OUTPUT, first), (TO_EXIT, exit)];
+        out.extend(phases_in(&timings));
         if let Ok(doc) = std::fs::read(&report) {
             let _ = std::fs::remove_file(&report);
             let v: serde_json::Value = serde_json::from_slice(&doc).unwrap_or_default();

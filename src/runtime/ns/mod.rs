@@ -18,6 +18,7 @@ use vmc_proto::ExitStatus;
 use vmc_spawn::{self as spawn, Isolation, RootOp, DOCKER_DEFAULT_CAPS};
 
 use super::net::{Network, Pasta};
+use super::timings;
 use super::{ContainerConfig, RuntimeError};
 use crate::host::rootless;
 
@@ -364,11 +365,13 @@ pub fn run_attached(
     forward_stdin: bool,
     gate: &mut dyn crate::runtime::StartGate,
 ) -> Result<i32, RuntimeError> {
+    timings::mark("prepare");
     private_mounts()?;
     let root = dir.join("rootfs");
     // Unmounted when the run ends, however it ends, so that the state
     // directory can be removed without reaching into the mounted root.
     let _mounted = OverlayRoot::mount(lowers, &dir.join("upper"), &dir.join("work"), &root, dir)?;
+    timings::mark("mount");
     let root_s = root.display().to_string();
     let ns_cfg = cfg.ns()?;
     let mut iso = isolation(&cfg.hostname, ns_cfg.caps, &ns_cfg.seccomp)?;
@@ -420,6 +423,7 @@ pub fn run_attached(
             text.into()
         })
     };
+    timings::mark("resolve");
     let started = start(&prepared, cfg.process.tty, Some(&mut connect));
     if let Some(e) = gate_failed {
         return Err(e);
@@ -436,7 +440,10 @@ pub fn run_attached(
     // Where `vmc exec` finds the container's namespaces.
     let _ = std::fs::write(dir.join("init.pid"), pid.to_string());
     super::state::mark_started(dir);
-    attend(pid, &set, terminal, forward_stdin)
+    timings::mark("start");
+    let code = attend(pid, &set, terminal, forward_stdin);
+    timings::mark("exit");
+    code
 }
 
 /// Starts the prepared process with vmc's stdio, or on a pseudo-terminal of
