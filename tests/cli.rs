@@ -499,3 +499,41 @@ fn timings_show_where_a_run_and_an_exec_spend_their_time_in_both_modes() {
     assert!(err.contains("--timings reports an attached run"), "{err}");
     assert_eq!(err.lines().count(), 1, "{err}");
 }
+
+/// `--rm`: the container's writable layer is a tmpfs in the guest's memory
+/// (at most half of it); a kept container writes to its 2 GiB disk.
+#[test]
+fn an_rm_containers_writable_layer_is_in_memory_and_a_kept_ones_on_its_disk() {
+    if !kvm_available() {
+        return;
+    }
+    let home = tempfile::tempdir().unwrap();
+    for rm in [true, false] {
+        let mut cmd = vmc(home.path());
+        cmd.args(["run", "--network", "none", "--memory", "256m"]);
+        if rm {
+            cmd.arg("--rm");
+        }
+        let out = cmd
+            .arg("--rootfs")
+            .arg(rootfs())
+            .args(["--", "df", "-k", "/"])
+            .stdin(Stdio::null())
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{out:?}");
+        let text = String::from_utf8_lossy(&out.stdout);
+        let kib: u64 = text
+            .lines()
+            .nth(1)
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|n| n.parse().ok())
+            .unwrap_or_else(|| panic!("df: {text}"));
+        if rm {
+            assert!(kib <= 128 * 1024, "--rm: {kib} KiB: {text}");
+        } else {
+            assert!(kib > 1024 * 1024, "kept: {kib} KiB: {text}");
+        }
+    }
+    assert_eq!(containers_left(home.path()), 1);
+}

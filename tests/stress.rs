@@ -110,6 +110,7 @@ fn snapshots_made_under_load_all_restore() {
             dns: Vec::new(),
             extra_hosts: Vec::new(),
             engine: vmc::runtime::EngineConfig::Vm(vmc::runtime::VmEngineConfig {
+                upper_in_memory: false,
                 resources: Resources {
                     cpus: 1,
                     memory: 256 << 20,
@@ -123,7 +124,7 @@ fn snapshots_made_under_load_all_restore() {
         let t0 = Instant::now();
         // Makes the snapshot (boot, idle, save, trial restore), then
         // restores it for this run.
-        let spec_root = |m: &MicroVm| m.root_spec("stress", Vec::new());
+        let spec_root = |m: &MicroVm| m.root_spec("stress", Vec::new(), false);
         let (vm, conn) = MicroVm::start_ready(&cfg, dir.path(), Start::Warm, &spec_root, &|| false)
             .expect("a warm start");
         conn.close();

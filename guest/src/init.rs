@@ -194,13 +194,20 @@ fn rand_pool_info(entropy: &[u8]) -> Vec<u8> {
     info
 }
 
+/// Whether the mounted root's writable layer is in memory (nothing of it
+/// needs syncing).
+pub static UPPER_IN_MEMORY: std::sync::atomic::AtomicBool =
+    std::sync::atomic::AtomicBool::new(false);
+
 /// Assembles the container root at [`ROOT`] and sets the hostname.
 pub fn mount_root(spec: &RootSpec, lap: &mut dyn FnMut(&'static str)) -> io::Result<()> {
     for d in [IMAGE, SCRATCH, ROOT] {
         fs::create_dir_all(d)?;
     }
     wait_for_size(&spec.image_dev, spec.image_sectors)?;
-    wait_for_size(&spec.scratch_dev, spec.scratch_sectors)?;
+    if !spec.upper_in_memory {
+        wait_for_size(&spec.scratch_dev, spec.scratch_sectors)?;
+    }
     lap("disk sizes");
     mount(
         Some(&spec.image_dev),
@@ -210,22 +217,36 @@ pub fn mount_root(spec: &RootSpec, lap: &mut dyn FnMut(&'static str)) -> io::Res
         None,
     )?;
     lap("image mount");
-    // noblock_validity: no tree of metadata ranges to build at mount time
-    // (guest kernel work is expensive under software virtualisation).
-    mount(
-        Some(&spec.scratch_dev),
-        SCRATCH,
-        Some("ext4"),
-        libc::MS_NOATIME,
-        Some("noblock_validity"),
-    )?;
+    if spec.upper_in_memory {
+        // Half the guest's memory at most (tmpfs's default): no disk
+        // filesystem to mount, nothing to sync at the end.
+        mount(
+            Some("tmpfs"),
+            SCRATCH,
+            Some("tmpfs"),
+            libc::MS_NOATIME,
+            Some("mode=0755"),
+        )?;
+    } else {
+        // noblock_validity: no tree of metadata ranges to build at mount
+        // time (guest kernel work is expensive under software
+        // virtualisation).
+        mount(
+            Some(&spec.scratch_dev),
+            SCRATCH,
+            Some("ext4"),
+            libc::MS_NOATIME,
+            Some("noblock_validity"),
+        )?;
+    }
+    UPPER_IN_MEMORY.store(spec.upper_in_memory, std::sync::atomic::Ordering::SeqCst);
     lap("scratch mount");
     if let Some(net) = &spec.network {
         crate::netcfg::configure(net)
             .map_err(|e| io::Error::new(e.kind(), format!("network {}: {e}", net.ifname)))?;
         lap("network");
     }
-    crate::layers::mount_stack(IMAGE, SCRATCH, ROOT, &spec.etc, lap)?;
+    crate::layers::mount_stack(IMAGE, SCRATCH, ROOT, &spec.etc, spec.upper_in_memory, lap)?;
     set_hostname(&spec.hostname)?;
     lap("hostname");
     Ok(())
@@ -422,6 +443,43 @@ mod tests {
             .file_type()
             .is_symlink());
         assert!(!root.join("run").exists());
+    }
+
+    #[test]
+    fn etc_files_are_written_into_a_root_in_memory() {
+        if !vmc_spawn::testing::root() {
+            return;
+        }
+        let d = tempfile::tempdir().unwrap();
+        let root = d.path().join("root");
+        fs::create_dir_all(root.join("etc")).unwrap();
+        fs::write(root.join("etc/hosts"), "image's\n").unwrap();
+        symlink("../run/resolved.conf", root.join("etc/resolv.conf")).unwrap();
+        crate::rootfs::write_etc(root.to_str().unwrap(), &etc_files()).unwrap();
+        assert_eq!(
+            fs::read_to_string(root.join("etc/hosts")).unwrap(),
+            "127.0.0.1 localhost\n"
+        );
+        assert_eq!(
+            fs::read_to_string(root.join("etc/hostname")).unwrap(),
+            "box\n"
+        );
+        // The link is left alone, and nothing lands outside the root.
+        assert!(fs::symlink_metadata(root.join("etc/resolv.conf"))
+            .unwrap()
+            .file_type()
+            .is_symlink());
+        assert!(!root.join("run").exists());
+        assert!(!root.join("escape").exists());
+
+        // An /etc linked out of the root gets nothing.
+        let other = d.path().join("other");
+        let vm_etc = d.path().join("vm-etc");
+        fs::create_dir_all(&other).unwrap();
+        fs::create_dir_all(&vm_etc).unwrap();
+        symlink(&vm_etc, other.join("etc")).unwrap();
+        crate::rootfs::write_etc(other.to_str().unwrap(), &etc_files()).unwrap();
+        assert_eq!(fs::read_dir(&vm_etc).unwrap().count(), 0);
     }
 
     #[test]

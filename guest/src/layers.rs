@@ -61,6 +61,7 @@ pub fn mount_stack(
     scratch: &str,
     root: &str,
     etc: &[(String, String)],
+    upper_in_memory: bool,
     lap: &mut dyn FnMut(&'static str),
 ) -> io::Result<()> {
     fs::create_dir_all(format!("{scratch}/upper"))?;
@@ -85,7 +86,11 @@ pub fn mount_stack(
     lap("overlay");
     crate::rootfs::mount_pseudo(root)?;
     lap("proc sys dev");
-    s.placeholders = crate::rootfs::bind_etc(root, etc)?;
+    if upper_in_memory {
+        crate::rootfs::write_etc(root, etc)?;
+    } else {
+        s.placeholders = crate::rootfs::bind_etc(root, etc)?;
+    }
     lap("etc files");
     *STACK.lock().unwrap_or_else(|e| e.into_inner()) = Some(s);
     Ok(())
@@ -469,7 +474,7 @@ mod tests {
             fs::write(format!("{image}/a"), "a").unwrap();
             fs::write(format!("{image}/b"), "b").unwrap();
             fs::create_dir_all(&root).unwrap();
-            mount_stack(&image, &scratch, &root, &[], &mut |_| {}).unwrap();
+            mount_stack(&image, &scratch, &root, &[], false, &mut |_| {}).unwrap();
             let root = Path::new(&root);
             // What the root shows, but the mounted pseudo filesystems.
             let files = || {

@@ -16,6 +16,9 @@ mod session;
 mod testns;
 mod vsock;
 
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+
 use vmc_proto::AGENT_PORT;
 
 fn main() {
@@ -39,16 +42,60 @@ fn main() {
             }
         }
     };
+    let workers = Workers::new();
     loop {
         match listener.accept() {
-            Ok(conn) => {
-                let accepted = std::time::Instant::now();
-                std::thread::spawn(move || session::serve(conn, accepted));
-            }
+            Ok(conn) => workers.serve(conn, std::time::Instant::now()),
             Err(e) => {
                 eprintln!("vmc-guest: accept: {e}");
                 std::thread::sleep(std::time::Duration::from_millis(10));
             }
         }
+    }
+}
+
+/// The threads that serve connections. One waits from the start (so a
+/// snapshot holds it: a restored VM's first connection costs no thread
+/// creation, which is tens of milliseconds of guest-kernel work under
+/// software virtualisation); a thread whose session ends waits for the
+/// next; one more is made only when a connection finds none waiting.
+struct Workers {
+    jobs: std::sync::mpsc::Sender<(vsock::VsockStream, std::time::Instant)>,
+    queue: Arc<Mutex<std::sync::mpsc::Receiver<(vsock::VsockStream, std::time::Instant)>>>,
+    idle: Arc<AtomicUsize>,
+}
+
+impl Workers {
+    fn new() -> Workers {
+        let (jobs, queue) = std::sync::mpsc::channel();
+        let w = Workers {
+            jobs,
+            queue: Arc::new(Mutex::new(queue)),
+            idle: Arc::new(AtomicUsize::new(0)),
+        };
+        w.add();
+        w
+    }
+
+    fn add(&self) {
+        let queue = self.queue.clone();
+        let idle = self.idle.clone();
+        idle.fetch_add(1, Ordering::SeqCst);
+        std::thread::spawn(move || loop {
+            let job = queue.lock().unwrap_or_else(|e| e.into_inner()).recv();
+            let Ok((conn, accepted)) = job else { return };
+            idle.fetch_sub(1, Ordering::SeqCst);
+            session::serve(conn, accepted);
+            idle.fetch_add(1, Ordering::SeqCst);
+        });
+    }
+
+    /// Hands `conn` to a waiting thread (made first if none waits).
+    fn serve(&self, conn: vsock::VsockStream, accepted: std::time::Instant) {
+        if self.idle.load(Ordering::SeqCst) == 0 {
+            self.add();
+        }
+        // The receiver lives as long as the workers, which never all end.
+        let _ = self.jobs.send((conn, accepted));
     }
 }

@@ -34,7 +34,9 @@ pub fn serve(conn: VsockStream, accepted: std::time::Instant) {
             let reboot = spec.reboot_on_exit;
             let status = proc_.pump(&conn);
             if reboot {
-                init::sync();
+                if !init::UPPER_IN_MEMORY.load(std::sync::atomic::Ordering::SeqCst) {
+                    init::sync();
+                }
                 if let Some(status) = status {
                     let _ = send(&conn, &GuestMsg::Exited(status));
                 }

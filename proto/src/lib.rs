@@ -67,6 +67,11 @@ pub struct RootSpec {
     /// Files bind-mounted over the root's /etc (resolv.conf, hosts,
     /// hostname), as (name, content); empty for builds.
     pub etc: Vec<(String, String)>,
+    /// The overlay's upper and work directories on a tmpfs in guest memory
+    /// instead of the scratch disk (`vmc run --rm`: the changes go with the
+    /// VM): the disk's filesystem is not mounted, and nothing is synced
+    /// when the process ends.
+    pub upper_in_memory: bool,
 }
 
 /// A guest network interface's configuration (IPv4).

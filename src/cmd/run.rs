@@ -214,6 +214,7 @@ pub(crate) fn run(args: RunArgs, create_only: bool) -> Result<i32> {
             debug: args.debug,
             cold: args.cold,
             snapshots: runtime::snapshots_dir(),
+            upper_in_memory: args.rm,
         })
     };
     let cfg = ContainerConfig {

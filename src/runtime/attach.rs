@@ -75,9 +75,10 @@ pub fn run_attached(
         });
     }
     let cancelled = || interrupted.load(Ordering::SeqCst) != 0;
+    let upper_in_memory = cfg.vm()?.upper_in_memory;
     let root = |m: &MicroVm| {
         let etc = super::net::etc_files(cfg, m.address().map(|a| a.to_string()).as_deref());
-        m.root_spec(&cfg.hostname, etc)
+        m.root_spec(&cfg.hostname, etc, upper_in_memory)
     };
     let (mvm, mut conn) = match MicroVm::start_ready(cfg, dir, how, &root, &cancelled) {
         Ok(ready) => ready,
@@ -142,7 +143,13 @@ pub fn run_attached(
     mvm.write_mem_report();
     conn.close();
     writer.lock().unwrap_or_else(|e| e.into_inner()).take();
-    let exit = mvm.finish(RESET_TIMEOUT);
+    // A writable layer in memory has nothing to keep: the VM is stopped
+    // without waiting for the guest to reset.
+    let exit = if upper_in_memory && code.is_ok() {
+        mvm.stop()
+    } else {
+        mvm.finish(RESET_TIMEOUT)
+    };
     crate::phase!("VM ended: {exit:?}");
     super::timings::mark("vm end");
     code.map_err(|e| ended(e, exit))

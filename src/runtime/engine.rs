@@ -180,6 +180,7 @@ mod tests {
         let vm = config(
             Rootfs::Disk("/nonexistent.erofs".into()),
             EngineConfig::Vm(VmEngineConfig {
+                upper_in_memory: false,
                 resources: crate::runtime::Resources {
                     cpus: 1,
                     memory: 256 << 20,

@@ -322,7 +322,12 @@ impl MicroVm {
 
     /// The root filesystem layout inside the guest (with `etc`: Docker's
     /// resolv.conf, hosts and hostname over the image's), and its network.
-    pub fn root_spec(&self, hostname: &str, etc: Vec<(String, String)>) -> RootSpec {
+    pub fn root_spec(
+        &self,
+        hostname: &str,
+        etc: Vec<(String, String)>,
+        upper_in_memory: bool,
+    ) -> RootSpec {
         RootSpec {
             image_dev: "/dev/vdb".into(),
             image_fstype: "erofs".into(),
@@ -338,6 +343,7 @@ impl MicroVm {
                 mtu: crate::devices::virtio::net::MTU,
             }),
             etc,
+            upper_in_memory,
         }
     }
 

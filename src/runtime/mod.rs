@@ -144,6 +144,10 @@ pub struct VmEngineConfig {
     pub cold: bool,
     /// Where warm-start snapshots live (see [`snapshots_dir`]).
     pub snapshots: PathBuf,
+    /// The container's writable layer in guest memory instead of on its
+    /// scratch disk (`--rm`: it is removed with the container anyway).
+    #[serde(default)]
+    pub upper_in_memory: bool,
 }
 
 /// Namespace mode's confinement beyond Docker's defaults.
@@ -349,6 +353,7 @@ pub(crate) mod tests {
     #[test]
     fn the_engine_part_is_tagged_by_mode_and_checked() {
         let vm = config(EngineConfig::Vm(VmEngineConfig {
+            upper_in_memory: false,
             resources: Resources {
                 cpus: 2,
                 memory: 512 << 20,

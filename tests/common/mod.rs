@@ -149,6 +149,7 @@ impl TestVm {
             dns: Vec::new(),
             extra_hosts: Vec::new(),
             engine: vmc::runtime::EngineConfig::Vm(vmc::runtime::VmEngineConfig {
+                upper_in_memory: false,
                 resources: Resources {
                     cpus,
                     memory: memory_mib << 20,
@@ -159,7 +160,7 @@ impl TestVm {
                 snapshots: snapshots(),
             }),
         };
-        let root = |m: &MicroVm| m.root_spec(&hostname, Vec::new());
+        let root = |m: &MicroVm| m.root_spec(&hostname, Vec::new(), false);
         let (vm, conn) = MicroVm::start_ready(&cfg, dir.path(), Start::Warm, &root, &|| false)
             .expect("start the test VM");
         conn.close();

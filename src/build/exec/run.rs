@@ -75,6 +75,7 @@ impl Builder<'_> {
                         None => crate::image::disk::empty_disk(&cache_dir)?,
                     };
                     let vm = VmEngineConfig {
+                        upper_in_memory: false,
                         resources: self.o.resources,
                         kernel,
                         debug: false,

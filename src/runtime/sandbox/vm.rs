@@ -48,7 +48,7 @@ impl VmSandbox {
             }
             Network::None => Vec::new(),
         };
-        let root = |m: &MicroVm| m.root_spec(&cfg.hostname, etc.clone());
+        let root = |m: &MicroVm| m.root_spec(&cfg.hostname, etc.clone(), false);
         let (vm, conn) = MicroVm::start_ready(cfg, dir, Start::Warm, &root, &|| false)?;
         conn.close();
         Ok(VmSandbox { vm })
