@@ -446,40 +446,49 @@ mod tests {
     }
 
     #[test]
-    fn etc_files_are_written_into_a_root_in_memory() {
-        if !vmc_spawn::testing::root() {
-            return;
-        }
+    fn etc_files_are_placed_in_a_fresh_upper_layer() {
+        use std::os::unix::fs::{MetadataExt, PermissionsExt};
         let d = tempfile::tempdir().unwrap();
-        let root = d.path().join("root");
-        fs::create_dir_all(root.join("etc")).unwrap();
-        fs::write(root.join("etc/hosts"), "image's\n").unwrap();
-        symlink("../run/resolved.conf", root.join("etc/resolv.conf")).unwrap();
-        crate::rootfs::write_etc(root.to_str().unwrap(), &etc_files()).unwrap();
+        let (lower, upper) = (d.path().join("lower"), d.path().join("upper"));
+        fs::create_dir_all(lower.join("etc")).unwrap();
+        fs::create_dir_all(&upper).unwrap();
+        fs::set_permissions(lower.join("etc"), fs::Permissions::from_mode(0o750)).unwrap();
+        fs::write(lower.join("etc/hosts"), "image's\n").unwrap();
+        // The image's resolv.conf is a link (systemd-resolved): left alone.
+        symlink("../run/resolved.conf", lower.join("etc/resolv.conf")).unwrap();
+        let (l, u) = (lower.to_str().unwrap(), upper.to_str().unwrap());
+        crate::rootfs::seed_etc(l, u, &etc_files()).unwrap();
         assert_eq!(
-            fs::read_to_string(root.join("etc/hosts")).unwrap(),
+            fs::read_to_string(upper.join("etc/hosts")).unwrap(),
             "127.0.0.1 localhost\n"
         );
         assert_eq!(
-            fs::read_to_string(root.join("etc/hostname")).unwrap(),
+            fs::read_to_string(upper.join("etc/hostname")).unwrap(),
             "box\n"
         );
-        // The link is left alone, and nothing lands outside the root.
-        assert!(fs::symlink_metadata(root.join("etc/resolv.conf"))
-            .unwrap()
-            .file_type()
-            .is_symlink());
-        assert!(!root.join("run").exists());
-        assert!(!root.join("escape").exists());
+        assert!(!upper.join("etc/resolv.conf").exists());
+        // The upper /etc is the image's (mode), the files Docker's (0644).
+        let m = fs::metadata(upper.join("etc")).unwrap();
+        assert_eq!(m.mode() & 0o7777, 0o750);
+        assert_eq!(
+            fs::metadata(upper.join("etc/hosts")).unwrap().mode() & 0o777,
+            0o644
+        );
+        // Names the host would never send land nowhere; the image is untouched.
+        assert!(!upper.join("escape").exists() && !upper.join("etc/.hidden").exists());
+        assert_eq!(
+            fs::read_to_string(lower.join("etc/hosts")).unwrap(),
+            "image's\n"
+        );
 
-        // An /etc linked out of the root gets nothing.
-        let other = d.path().join("other");
-        let vm_etc = d.path().join("vm-etc");
-        fs::create_dir_all(&other).unwrap();
-        fs::create_dir_all(&vm_etc).unwrap();
-        symlink(&vm_etc, other.join("etc")).unwrap();
-        crate::rootfs::write_etc(other.to_str().unwrap(), &etc_files()).unwrap();
-        assert_eq!(fs::read_dir(&vm_etc).unwrap().count(), 0);
+        // An image whose /etc is a symlink (or no directory) keeps it.
+        let (lower2, upper2) = (d.path().join("lower2"), d.path().join("upper2"));
+        fs::create_dir_all(&lower2).unwrap();
+        fs::create_dir_all(&upper2).unwrap();
+        symlink("/somewhere", lower2.join("etc")).unwrap();
+        let (l, u) = (lower2.to_str().unwrap(), upper2.to_str().unwrap());
+        crate::rootfs::seed_etc(l, u, &etc_files()).unwrap();
+        assert_eq!(fs::read_dir(&upper2).unwrap().count(), 0);
     }
 
     #[test]

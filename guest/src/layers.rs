@@ -67,6 +67,12 @@ pub fn mount_stack(
     fs::create_dir_all(format!("{scratch}/upper"))?;
     fs::create_dir_all(format!("{scratch}/work"))?;
     lap("upper dirs");
+    if upper_in_memory {
+        // A fresh upper over the image alone: the files go in it before
+        // the overlay is mounted, with no copy-up through it.
+        crate::rootfs::seed_etc(image, &format!("{scratch}/upper"), etc)?;
+        lap("etc files");
+    }
     let lowers = committed_lowers(scratch);
     let mut s = Stack {
         image: image.into(),
@@ -86,12 +92,10 @@ pub fn mount_stack(
     lap("overlay");
     crate::rootfs::mount_pseudo(root)?;
     lap("proc sys dev");
-    if upper_in_memory {
-        crate::rootfs::write_etc(root, etc)?;
-    } else {
+    if !upper_in_memory {
         s.placeholders = crate::rootfs::bind_etc(root, etc)?;
+        lap("etc files");
     }
-    lap("etc files");
     *STACK.lock().unwrap_or_else(|e| e.into_inner()) = Some(s);
     Ok(())
 }

@@ -1,7 +1,7 @@
 //! The container root's own mounts, made by the agent in a VM for a
 //! container and for each build step: /proc, /sys and /dev, and Docker's
 //! /etc/resolv.conf, hosts and hostname bound over the root's (or, for a
-//! root whose writable layer is in memory, written into it).
+//! root whose writable layer is in memory, placed in that layer).
 
 use std::fs;
 use std::io;
@@ -62,12 +62,38 @@ pub fn bind_etc(root: &str, files: &[(String, String)]) -> io::Result<Vec<String
     Ok(placeholders)
 }
 
-/// The same files written into the root itself, for a root whose writable
-/// layer goes with the VM (`--rm`): no bind mount and no placeholder to
-/// keep out of a layer, which costs the guest kernel far less.
-pub fn write_etc(root: &str, files: &[(String, String)]) -> io::Result<()> {
-    for (_, text, target, _) in etc_targets(root, files)? {
-        fs::write(&target, text)?;
+/// The same files for a root whose writable layer goes with the VM
+/// (`--rm`), placed in its still empty upper directory `upper` before the
+/// overlay over the image root `lower` is mounted: no bind mount, no
+/// placeholder to keep out of a layer, no copy-up (each costs the guest
+/// kernel far more). As for binds, an image whose /etc is not a directory,
+/// or whose file there is a symlink, keeps its own.
+pub fn seed_etc(lower: &str, upper: &str, files: &[(String, String)]) -> io::Result<()> {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    if files.is_empty() {
+        return Ok(());
+    }
+    let etc = format!("{upper}/etc");
+    match fs::symlink_metadata(format!("{lower}/etc")) {
+        Ok(m) if m.is_dir() => {
+            fs::create_dir(&etc)?;
+            fs::set_permissions(&etc, fs::Permissions::from_mode(m.mode() & 0o7777))?;
+            std::os::unix::fs::lchown(&etc, Some(m.uid()), Some(m.gid()))?;
+        }
+        Ok(_) => return Ok(()),
+        Err(_) => fs::create_dir(&etc)?,
+    }
+    for (name, text) in files {
+        if name.contains('/') || name.starts_with('.') {
+            continue;
+        }
+        let image_has = fs::symlink_metadata(format!("{lower}/etc/{name}"));
+        if image_has.is_ok_and(|m| m.file_type().is_symlink()) {
+            continue;
+        }
+        let path = format!("{etc}/{name}");
+        fs::write(&path, text)?;
+        fs::set_permissions(&path, fs::Permissions::from_mode(0o644))?;
     }
     Ok(())
 }
