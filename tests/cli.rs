@@ -537,3 +537,55 @@ fn an_rm_containers_writable_layer_is_in_memory_and_a_kept_ones_on_its_disk() {
     }
     assert_eq!(containers_left(home.path()), 1);
 }
+
+/// `--rm` runs of an image: the first marks it, the second makes its ready
+/// snapshot (root mounted), and from then on runs restore that and only set
+/// the container up. Each restored run is its own container: its hostname and
+/// /etc/hosts, nothing written by an earlier run, its own randomness.
+#[test]
+fn rm_runs_of_an_image_restore_its_ready_snapshot_each_as_its_own_container() {
+    if !kvm_available() {
+        return;
+    }
+    let home = common::store_with_busybox();
+    let script = "cat /etc/hostname; grep db /etc/hosts; ls /mine 2>/dev/null || echo clean; \
+                  touch /mine; head -c 16 /dev/urandom | od -An -tx1 | tr -d ' \\n'; echo";
+    let run = |n: usize| {
+        let out = vmc(home.path())
+            .args(["run", "--rm", "--network", "none", "--timings"])
+            .args(["--hostname", &format!("run{n}")])
+            .args(["--add-host", &format!("db:10.0.0.{n}")])
+            .args(["busybox", "sh", "-c", script])
+            .stdin(Stdio::null())
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "run {n}: {out:?}");
+        let lines: Vec<String> = String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .map(str::to_string)
+            .collect();
+        assert_eq!(lines.len(), 4, "run {n}: {lines:?}");
+        assert_eq!(lines[0], format!("run{n}"));
+        assert_eq!(lines[1], format!("10.0.0.{n}\tdb"));
+        assert_eq!(lines[2], "clean", "run {n} sees an earlier run's file");
+        (
+            lines[3].clone(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let (_, first) = run(1);
+    let (_, second) = run(2);
+    let (random3, third) = run(3);
+    let (random4, fourth) = run(4);
+    // The first mounts the root; the second makes the ready snapshot and
+    // restores it, as the later ones do, which only set the root up.
+    assert!(first.contains("overlay "), "{first}");
+    for err in [&second, &third, &fourth] {
+        assert!(!err.contains("overlay "), "{err}");
+        assert!(err.contains("in the guest: etc files "), "{err}");
+    }
+    assert_ne!(
+        random3, random4,
+        "two restores of one snapshot share randomness"
+    );
+}

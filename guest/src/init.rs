@@ -252,6 +252,21 @@ pub fn mount_root(spec: &RootSpec, lap: &mut dyn FnMut(&'static str)) -> io::Res
     Ok(())
 }
 
+/// A VM restored from a ready snapshot (its root mounted, its writable
+/// layer in memory) becomes this container's: its /etc files, hostname
+/// and network.
+pub fn personalize(spec: &RootSpec, lap: &mut dyn FnMut(&'static str)) -> io::Result<()> {
+    crate::rootfs::write_etc(ROOT, &spec.etc)?;
+    lap("etc files");
+    set_hostname(&spec.hostname)?;
+    if let Some(net) = &spec.network {
+        crate::netcfg::configure(net)
+            .map_err(|e| io::Error::new(e.kind(), format!("network {}: {e}", net.ifname)))?;
+        lap("network");
+    }
+    Ok(())
+}
+
 /// sethostname(2).
 pub fn set_hostname(name: &str) -> io::Result<()> {
     if name.is_empty() {

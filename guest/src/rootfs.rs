@@ -62,6 +62,16 @@ pub fn bind_etc(root: &str, files: &[(String, String)]) -> io::Result<Vec<String
     Ok(placeholders)
 }
 
+/// The same files written into the mounted root at `root` (a VM restored
+/// from a ready snapshot: they are in its writable layer already, empty,
+/// so this is no copy-up).
+pub fn write_etc(root: &str, files: &[(String, String)]) -> io::Result<()> {
+    for (_, text, target, _) in etc_targets(root, files)? {
+        fs::write(&target, text)?;
+    }
+    Ok(())
+}
+
 /// The same files for a root whose writable layer goes with the VM
 /// (`--rm`), placed in its still empty upper directory `upper` before the
 /// overlay over the image root `lower` is mounted: no bind mount, no

@@ -19,6 +19,9 @@ use vmc_spawn::{self as spawn, sys};
 /// Whether the container root is mounted (once per VM).
 static MOUNTED: Mutex<bool> = Mutex::new(false);
 
+/// The most of an executable a `Warm` reads.
+const WARM_LIMIT: u64 = 4 << 20;
+
 /// Stop reading host frames while this much stdin is waiting for the process.
 const STDIN_HIGH_WATER: usize = 1 << 20;
 
@@ -129,6 +132,10 @@ fn handshake_and_start(
                     init::mount_root(&root, &mut |name| laps.lap(name))
                         .map_err(|e| format!("assembling the root: {e}"))?;
                     *mounted = true;
+                } else if init::UPPER_IN_MEMORY.load(std::sync::atomic::Ordering::SeqCst) {
+                    // Restored from a ready snapshot: the root is there.
+                    init::personalize(&root, &mut |name| laps.lap(name))
+                        .map_err(|e| format!("setting up the root: {e}"))?;
                 }
                 report(&mut laps)?;
                 send(conn, &GuestMsg::Mounted).map_err(|e| e.to_string())?;
@@ -156,6 +163,18 @@ fn handshake_and_start(
                 };
                 crate::layers::commit(&mut w).map_err(|e| format!("committing a layer: {e}"))?;
                 send(conn, &GuestMsg::Committed).map_err(|e| e.to_string())?;
+            }
+            Ok(HostMsg::Warm(spec)) => {
+                if !*MOUNTED.lock().unwrap_or_else(|e| e.into_inner()) {
+                    return Err("Warm before Mount".into());
+                }
+                // Best effort: what is not found is not warmed. A few MiB
+                // at most (a cold buffered read costs seconds per MiB
+                // under software virtualisation).
+                if let Ok(p) = spawn::prepare(&spec, init::ROOT) {
+                    let _ = spawn::warm(&p, WARM_LIMIT);
+                }
+                send(conn, &GuestMsg::Warmed).map_err(|e| e.to_string())?;
             }
             Ok(HostMsg::Connect { port }) => {
                 let tcp = std::net::TcpStream::connect(("127.0.0.1", port))

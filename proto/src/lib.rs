@@ -22,7 +22,7 @@ use std::io::{self, Read, Write};
 use serde::{Deserialize, Serialize};
 
 /// Version of the frames below; bumped on every incompatible change.
-pub const PROTOCOL_VERSION: u32 = 7;
+pub const PROTOCOL_VERSION: u32 = 8;
 
 /// vsock port on which the guest agent listens.
 pub const AGENT_PORT: u32 = 1024;
@@ -173,7 +173,10 @@ pub enum HostMsg {
         #[serde(with = "serde_bytes")]
         entropy: Vec<u8>,
     },
-    /// Assemble the container root (once per VM; later sessions skip it).
+    /// Assemble the container root (once per VM; later sessions skip it,
+    /// but for a root whose writable layer is in memory, as in a VM
+    /// restored from a ready snapshot: its /etc files, hostname and network
+    /// are set again from this spec).
     Mount(RootSpec),
     /// Builds: the layer tar that follows (as `Stdin` frames ended by
     /// `StdinEof`) is unpacked into the root and becomes a layer of its own.
@@ -200,6 +203,10 @@ pub enum HostMsg {
     /// with a [`GuestMsg::Phases`] of accepting it, then before each answer
     /// to `Mount` and `Start` a `Phases` of its steps.
     Timings,
+    /// Before a ready snapshot is taken: look this process up as `Start`
+    /// would and read the start of its executable, so that the snapshot's
+    /// page cache holds it. Nothing runs. Answered with `Warmed`.
+    Warm(ProcessSpec),
 }
 
 /// Frames from the guest agent to the host.
@@ -232,6 +239,8 @@ pub enum GuestMsg {
     /// After [`HostMsg::Timings`]: the steps of the agent's work on the
     /// request being answered, in order (at most [`MAX_PHASES`]).
     Phases(Vec<Phase>),
+    /// Answer to [`HostMsg::Warm`] (whether or not the executable was found).
+    Warmed,
 }
 
 /// Errors reading or writing frames.

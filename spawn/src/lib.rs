@@ -78,6 +78,19 @@ pub struct Prepared {
     iso: Option<PreparedIsolation>,
 }
 
+/// Reads up to `limit` bytes of the executable `p` would exec, from inside
+/// its root (symlinks resolve within it), and discards them: a VM snapshot
+/// taken next holds them in its page cache. Returns the bytes read.
+pub fn warm(p: &Prepared, limit: u64) -> io::Result<u64> {
+    let root = OwnedFd::from(std::fs::File::open(p.root.to_string_lossy().as_ref())?);
+    let path = p.path.to_string_lossy();
+    let fd = resolve::open_in_root(&root, path.trim_start_matches('/'), libc::O_RDONLY as u64)?;
+    io::copy(
+        &mut io::Read::take(std::fs::File::from(fd), limit),
+        &mut io::sink(),
+    )
+}
+
 /// Validates `spec` against the container root and prepares it for [`spawn`].
 pub fn prepare(spec: &ProcessSpec, root: &str) -> Result<Prepared, SpawnError> {
     if spec.args.is_empty() {

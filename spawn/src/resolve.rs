@@ -13,7 +13,7 @@ pub(super) const DEFAULT_PATH: &str =
     "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 
 /// Opens `path` inside `root` (symlinks resolve within the root) as O_PATH.
-fn open_in_root(root: &OwnedFd, path: &str, flags: u64) -> io::Result<OwnedFd> {
+pub(super) fn open_in_root(root: &OwnedFd, path: &str, flags: u64) -> io::Result<OwnedFd> {
     let p = cstr(path)?;
     // SAFETY: open_how is plain data; all-zero is valid (and required for unused fields).
     let mut how: libc::open_how = unsafe { std::mem::zeroed() };

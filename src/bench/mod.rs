@@ -280,7 +280,7 @@ fn measure(args: &BenchArgs) -> Result<Report, BenchError> {
     };
     let env = std::sync::Arc::new(env);
     interrupts_remove_sandboxes(env.clone(), tmp.clone());
-    // --quick: a warm-up run for start only.
+    // --quick: warm-up runs for start only (two: see the start scenario).
     let warmup = usize::from(!quick);
     let mut sizes = Sizes::new(quick);
     if args.runs != 0 {

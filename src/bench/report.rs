@@ -134,7 +134,7 @@ impl Report {
     pub fn describe(&self) -> String {
         let m = &self.machine;
         format!(
-            "{} · {} cores · {} GiB · host kernel {} · guest kernel {} · backend {} · vmc {} · image {} · {} run(s) after {} warm-up (start: 1){}",
+            "{} · {} cores · {} GiB · host kernel {} · guest kernel {} · backend {} · vmc {} · image {} · {} run(s) after {} warm-up (start: 2){}",
             m.cpu,
             m.cores,
             num(m.memory_gib),

@@ -18,6 +18,11 @@ use crate::vmm::{DeviceConfig, DiskConfig, VmConfig, VmExit};
 pub const GUEST_CID: u64 = 3;
 /// Size of the sparse scratch disk (the container's writable layer).
 pub const SCRATCH_SIZE: u64 = 2 << 30;
+
+/// The guest's names of the image and scratch disks (the agent's own disk
+/// is the first, `/dev/vda`; the order is `vm_config`'s).
+pub const IMAGE_DEV: &str = "/dev/vdb";
+pub const SCRATCH_DEV: &str = "/dev/vdc";
 /// vCPU time a guest may spend booting to its agent before it is declared
 /// hung (software virtualisation needs tens of seconds, hardware well under
 /// one). Waits are bounded by the guest's progress: a halted, silent guest is

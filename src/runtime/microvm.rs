@@ -92,13 +92,22 @@ impl MicroVm {
             }
         };
         let scratch = dir.join("scratch.ext4");
-        disk::build_scratch(&scratch, SCRATCH_SIZE)?;
+        if vm_cfg.upper_in_memory {
+            // The writable layer is in guest memory: an empty disk in the
+            // slot (as in a ready snapshot, so its size does not change).
+            std::fs::File::create(&scratch).map_err(|source| RuntimeError::State {
+                path: scratch.display().to_string(),
+                source,
+            })?;
+        } else {
+            disk::build_scratch(&scratch, SCRATCH_SIZE)?;
+        }
         crate::phase!("disks built");
         let home = super::vmc_home();
         let agent = disk::agent_disk(&assets::guest_binary()?, &home.join("cache"))?;
         super::timings::mark("disks");
         let vsock = dir.join("vsock.sock");
-        let disk_sectors = (sectors(&image), SCRATCH_SIZE / 512);
+        let disk_sectors = (sectors(&image), sectors(&scratch));
         let (cpus, memory) = (vm_cfg.resources.cpus, vm_cfg.resources.memory);
         // The network: passt on one end of a socket pair, the device on the
         // other; without one, an unplugged device.
@@ -126,9 +135,10 @@ impl MicroVm {
             }
             None => (unplugged().map_err(state_err)?, None),
         };
-        let mut net = Some(ours);
-        let mut config = |console| {
-            vm_config(
+        // Each attempt (a snapshot that fails to restore is followed by
+        // another) gets its own descriptor of our end of the network.
+        let config = |console| -> Result<vmm::VmConfig, RuntimeError> {
+            Ok(vm_config(
                 &vm_cfg.kernel,
                 &agent,
                 &image,
@@ -137,10 +147,8 @@ impl MicroVm {
                 cpus,
                 memory,
                 console,
-                net.take()
-                    .map_or_else(unplugged, Ok)
-                    .expect("a socket pair"),
-            )
+                ours.try_clone().map_err(state_err)?,
+            ))
         };
         if how == Start::Cold || vm_cfg.debug {
             let console: Option<Box<dyn Write + Send>> = if vm_cfg.debug {
@@ -148,7 +156,7 @@ impl MicroVm {
             } else {
                 None
             };
-            let vm = vmm::start(config(console))?;
+            let vm = vmm::start(config(console)?)?;
             super::timings::mark("vmm boot");
             return Ok(MicroVm {
                 vm,
@@ -167,11 +175,50 @@ impl MicroVm {
             memory,
             backend: Backend::host(),
         };
+        // A --rm run of an image: its ready snapshot (root mounted), when
+        // there is one; a failure there falls back to the base snapshot.
+        if let (true, super::Rootfs::Disk(image)) = (vm_cfg.upper_in_memory, &cfg.rootfs) {
+            let ready = snapshot::ReadySpec {
+                base: spec,
+                image_disk: image,
+                warm: Some(&cfg.process),
+            };
+            let found = snapshot::ready(&vm_cfg.snapshots, &ready);
+            super::timings::mark("ready snapshot");
+            let restored = match found {
+                Ok(Some((d, k))) => Ok(Some((vmm::restore(config(None)?, &d, &k), d, k))),
+                Ok(None) => Ok(None),
+                Err(e) => Err(e),
+            };
+            match restored {
+                Ok(Some((Ok(vm), d, k))) => {
+                    super::timings::mark("vmm restore");
+                    return Ok(MicroVm {
+                        vm,
+                        vsock,
+                        disk_sectors,
+                        restored: true,
+                        running_ms: super::elapsed_ms(),
+                        passt,
+                        snapshot: Some(snapshot::Restored::of(&d, &k)),
+                    });
+                }
+                Ok(Some((Err(e), d, _))) => eprintln!(
+                    "vmc: warning: the ready snapshot {} is unusable ({e}); using the warm-start snapshot",
+                    d.display()
+                ),
+                Ok(None) => {}
+                Err(e) => eprintln!(
+                    "vmc: warning: no ready snapshot of this image ({}); using the warm-start snapshot",
+                    crate::host::error_line(&e)
+                ),
+            }
+        }
         let (snap, key) = snapshot::ensure(&vm_cfg.snapshots, &spec, false)?;
         super::timings::mark("snapshot");
         crate::phase!("snapshot ready; restoring");
         let restored = snapshot::Restored::of(&snap, &key);
-        let (vm, restored) = match vmm::restore(config(None), &snap, &key) {
+        let (vm, restored) = match vmm::restore(config(None)?, &snap, &key) {
             Ok(vm) => (vm, restored),
             Err(VmmError::Snapshot(e)) => {
                 eprintln!(
@@ -180,7 +227,7 @@ impl MicroVm {
                 );
                 let (snap, key) = snapshot::ensure(&vm_cfg.snapshots, &spec, true)?;
                 let restored = snapshot::Restored::of(&snap, &key);
-                (vmm::restore(config(None), &snap, &key)?, restored)
+                (vmm::restore(config(None)?, &snap, &key)?, restored)
             }
             Err(e) => return Err(e.into()),
         };
@@ -329,9 +376,9 @@ impl MicroVm {
         upper_in_memory: bool,
     ) -> RootSpec {
         RootSpec {
-            image_dev: "/dev/vdb".into(),
+            image_dev: super::guest::IMAGE_DEV.into(),
             image_fstype: "erofs".into(),
-            scratch_dev: "/dev/vdc".into(),
+            scratch_dev: super::guest::SCRATCH_DEV.into(),
             hostname: hostname.into(),
             image_sectors: self.disk_sectors.0,
             scratch_sectors: self.disk_sectors.1,

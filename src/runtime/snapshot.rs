@@ -10,6 +10,17 @@
 //! the image and scratch slots; a restored VM gets the container's real disks
 //! and learns their sizes through a config interrupt before the agent mounts
 //! them.
+//!
+//! Ready snapshots (`ready/<key>/`): for `--rm` runs of an image, the base
+//! snapshot restored with that image's disk and its root mounted (the
+//! writable layer in guest memory, Docker's /etc files as empty files in
+//! it), saved once the agent is idle. A run restored from one skips the
+//! mounts: the agent only writes the container's /etc files and hostname
+//! (and configures its network). Made at an image's second such run (the
+//! first marks it seen, so that images run once cost nothing), keyed by
+//! the base snapshot's inputs and the disk's identity, at most
+//! [`MAX_READY`] kept (least recently used go first); `vmc system prune`
+//! removes them all.
 
 use std::fs::File;
 use std::os::fd::AsRawFd;
@@ -17,7 +28,7 @@ use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
 use sha2::{Digest, Sha256};
-use vmc_proto::{GuestMsg, AGENT_PORT, PROTOCOL_VERSION};
+use vmc_proto::{GuestMsg, HostMsg, RootSpec, AGENT_PORT, PROTOCOL_VERSION};
 
 use super::agent::{AgentConn, AgentError};
 use super::guest::{ended, refresh_msg, unplugged, verdict, vm_config, ANSWER_CPU, BOOT_CPU};
@@ -26,6 +37,7 @@ use crate::vmm::progress::Watchdog;
 use crate::vmm::{self, snapshot::FORMAT_VERSION, Backend};
 
 /// What a snapshot depends on.
+#[derive(Clone, Copy)]
 pub struct SnapshotSpec<'a> {
     pub kernel: &'a Path,
     pub agent_disk: &'a Path,
@@ -80,6 +92,203 @@ impl SnapshotSpec<'_> {
 
 /// The inputs a snapshot was made from (see [`SnapshotSpec::describe`]).
 pub const SPEC_FILE: &str = "spec.txt";
+
+/// Where ready snapshots live under the snapshots' root.
+pub const READY_DIR: &str = "ready";
+
+/// The most ready snapshots kept (each holds the guest memory it touched:
+/// tens of MiB).
+pub const MAX_READY: usize = 8;
+
+/// What a ready snapshot depends on: its base snapshot's inputs and the
+/// image's disk (by identity: the cached disk of an image is made once).
+pub struct ReadySpec<'a> {
+    pub base: SnapshotSpec<'a>,
+    pub image_disk: &'a Path,
+    /// The process whose executable the snapshot's page cache should hold
+    /// (the run that makes it; not part of the key).
+    pub warm: Option<&'a vmc_proto::ProcessSpec>,
+}
+
+impl ReadySpec<'_> {
+    fn describe(&self) -> String {
+        format!(
+            "{}image {}
+ready 1
+",
+            self.base.describe(),
+            file_identity(self.image_disk)
+        )
+    }
+
+    pub fn key(&self) -> String {
+        Sha256::digest(self.describe().as_bytes())
+            .iter()
+            .take(10)
+            .map(|b| format!("{b:02x}"))
+            .collect()
+    }
+}
+
+/// The ready snapshot for `spec` under `root` (see the module's doc):
+/// `None` at an image's first run, which marks it seen; made at the
+/// second, under a lock.
+pub fn ready(root: &Path, spec: &ReadySpec) -> Result<Option<(PathBuf, String)>, RuntimeError> {
+    let key = spec.key();
+    let rroot = root.join(READY_DIR);
+    let dir = rroot.join(&key);
+    let state_err = |e: std::io::Error| RuntimeError::State {
+        path: rroot.display().to_string(),
+        source: e,
+    };
+    let touch = |dir: &Path| {
+        // The least recently used go first when there are too many.
+        if let Ok(f) = File::options().append(true).open(dir.join(SPEC_FILE)) {
+            let _ = f.set_modified(std::time::SystemTime::now());
+        }
+    };
+    if dir.join("state.bin").is_file() {
+        touch(&dir);
+        return Ok(Some((dir, key)));
+    }
+    std::fs::create_dir_all(&rroot).map_err(state_err)?;
+    let seen = rroot.join(format!("{key}.seen"));
+    if !seen.exists() {
+        File::create(&seen).map_err(state_err)?;
+        return Ok(None);
+    }
+    let lock = File::create(rroot.join(format!("{key}.lock"))).map_err(state_err)?;
+    // SAFETY: flock on a descriptor we own; blocks until a concurrent builder is done.
+    if unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX) } != 0 {
+        return Err(state_err(std::io::Error::last_os_error()));
+    }
+    if dir.join("state.bin").is_file() {
+        touch(&dir);
+        return Ok(Some((dir, key)));
+    }
+    let (base_dir, base_key) = ensure(root, &spec.base, false)?;
+    let tmp = make_twice(&rroot, &key, |tmp| {
+        create_ready(tmp, spec, &key, &base_dir, &base_key)
+    })?;
+    std::fs::rename(&tmp, &dir).map_err(state_err)?;
+    trim_ready(&rroot);
+    Ok(Some((dir, key)))
+}
+
+/// Removes the least recently used ready snapshots beyond [`MAX_READY`].
+fn trim_ready(rroot: &Path) {
+    let Ok(entries) = std::fs::read_dir(rroot) else {
+        return;
+    };
+    let mut snaps: Vec<(std::time::SystemTime, PathBuf)> = entries
+        .flatten()
+        .filter(|e| !e.file_name().to_string_lossy().starts_with('.'))
+        .filter_map(|e| {
+            let used = e.path().join(SPEC_FILE).metadata().ok()?.modified().ok()?;
+            Some((used, e.path()))
+        })
+        .collect();
+    snaps.sort();
+    let extra = snaps.len().saturating_sub(MAX_READY);
+    for (_, p) in snaps.into_iter().take(extra) {
+        // Running VMs keep their mappings of the memory file.
+        let _ = std::fs::remove_dir_all(&p);
+    }
+}
+
+/// Docker's /etc files, empty: seeded in a ready snapshot's writable layer
+/// so that a run only writes their contents (see `net::etc_files`).
+const ETC_FILES: [&str; 3] = ["resolv.conf", "hosts", "hostname"];
+
+/// Restores the base snapshot with the image's disk into a VM whose agent
+/// mounts the root (writable layer in memory), snapshots it into `tmp` once
+/// the agent is idle, and checks that the snapshot restores.
+fn create_ready(
+    tmp: &Path,
+    spec: &ReadySpec,
+    key: &str,
+    base_dir: &Path,
+    base_key: &str,
+) -> Result<(), RuntimeError> {
+    let io = |e: std::io::Error| RuntimeError::State {
+        path: tmp.display().to_string(),
+        source: e,
+    };
+    std::fs::create_dir_all(tmp).map_err(io)?;
+    std::fs::write(tmp.join(SPEC_FILE), spec.describe()).map_err(io)?;
+    // A --rm run's scratch disk is empty: its layer is in memory.
+    let scratch = tmp.join("placeholder-scratch");
+    File::create(&scratch).map_err(io)?;
+    let vsock = tmp.join("v.sock");
+    log::info!(
+        "creating the ready snapshot {key} of {}",
+        spec.image_disk.display()
+    );
+    let b = &spec.base;
+    let cfg = |vsock: &Path| -> Result<vmm::VmConfig, RuntimeError> {
+        Ok(vm_config(
+            b.kernel,
+            b.agent_disk,
+            spec.image_disk,
+            &scratch,
+            vsock,
+            b.cpus,
+            b.memory,
+            None,
+            unplugged().map_err(|e| RuntimeError::Network(e.to_string()))?,
+        ))
+    };
+    let vm = vmm::restore(cfg(&vsock)?, base_dir, base_key)?;
+    let mut dog = Watchdog::new(ANSWER_CPU);
+    let mut watch = || verdict(vm.judge(&mut dog));
+    let root = RootSpec {
+        image_dev: super::guest::IMAGE_DEV.into(),
+        image_fstype: "erofs".into(),
+        scratch_dev: super::guest::SCRATCH_DEV.into(),
+        hostname: String::new(),
+        image_sectors: std::fs::metadata(spec.image_disk).map_err(io)?.len() / 512,
+        scratch_sectors: 0,
+        network: None,
+        etc: ETC_FILES
+            .iter()
+            .map(|n| (n.to_string(), String::new()))
+            .collect(),
+        upper_in_memory: true,
+    };
+    let answers = AgentConn::connect(&vsock, AGENT_PORT, &mut watch).and_then(|mut c| {
+        let refreshed = c.request(&refresh_msg(), &mut watch)?;
+        let mut mounted = c.request(&HostMsg::Mount(root), &mut watch)?;
+        if let (GuestMsg::Mounted, Some(p)) = (&mounted, spec.warm) {
+            mounted = match c.request(&HostMsg::Warm(p.clone()), &mut watch)? {
+                GuestMsg::Warmed => GuestMsg::Mounted,
+                other => other,
+            };
+        }
+        c.close();
+        Ok((refreshed, mounted))
+    });
+    let answers = match answers {
+        Ok((GuestMsg::Refreshed, GuestMsg::Mounted)) => Ok(()),
+        Ok((GuestMsg::Error(e), _) | (_, GuestMsg::Error(e))) => Err(AgentError::remote(e)),
+        Ok((a, b)) => Err(AgentError::unexpected(&(a, b))),
+        Err(e) => Err(e),
+    };
+    if let Err(e) = answers {
+        vm.stop();
+        return Err(ended(e, vm.wait()));
+    }
+    let snap = vm.snapshot(tmp, key);
+    vm.stop();
+    vm.wait();
+    snap.map_err(|e| RuntimeError::Vmm(e.into()))?;
+    let _ = std::fs::remove_file(&vsock);
+    let trial = tmp.join("trial.sock");
+    let result = verify(tmp, key, cfg(&trial)?);
+    for f in [&scratch, &trial] {
+        let _ = std::fs::remove_file(f);
+    }
+    result
+}
 
 /// Whether two descriptions differ only in the VM's size (which each run
 /// picks: a snapshot for another size is not stale).
@@ -380,6 +589,75 @@ fn dir_usage(dir: &Path) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A ready snapshot's key follows its base's inputs and the image's
+    /// disk; the first request only marks the image seen; beyond
+    /// MAX_READY the least recently used go.
+    #[test]
+    fn ready_snapshots_are_keyed_marked_and_bounded() {
+        let dir = tempfile::tempdir().unwrap();
+        let (k, a) = (dir.path().join("vmlinux"), dir.path().join("agent.erofs"));
+        let (d1, d2) = (dir.path().join("one.erofs"), dir.path().join("two.erofs"));
+        for f in [&k, &a, &d1, &d2] {
+            std::fs::write(f, b"x").unwrap();
+        }
+        let base = SnapshotSpec {
+            kernel: &k,
+            agent_disk: &a,
+            cpus: 1,
+            memory: 256 << 20,
+            backend: Backend::Vmx,
+        };
+        let one = ReadySpec {
+            base,
+            image_disk: &d1,
+            warm: None,
+        };
+        let two = ReadySpec {
+            base,
+            image_disk: &d2,
+            warm: None,
+        };
+        assert_ne!(one.key(), two.key());
+        assert_ne!(one.key(), base.key());
+        let bigger = ReadySpec {
+            base: SnapshotSpec { cpus: 2, ..base },
+            image_disk: &d1,
+            warm: None,
+        };
+        assert_ne!(one.key(), bigger.key());
+
+        let root = dir.path().join("snaps");
+        assert!(ready(&root, &one).unwrap().is_none());
+        assert!(root
+            .join(READY_DIR)
+            .join(format!("{}.seen", one.key()))
+            .is_file());
+
+        let rroot = root.join(READY_DIR);
+        for i in 0..MAX_READY + 2 {
+            let d = rroot.join(format!("snap{i:02}"));
+            std::fs::create_dir_all(&d).unwrap();
+            std::fs::write(d.join(SPEC_FILE), "x").unwrap();
+            let f = File::options()
+                .append(true)
+                .open(d.join(SPEC_FILE))
+                .unwrap();
+            let t =
+                std::time::SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(1000 + i as u64);
+            f.set_modified(t).unwrap();
+        }
+        trim_ready(&rroot);
+        let mut left: Vec<String> = std::fs::read_dir(&rroot)
+            .unwrap()
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .filter(|n| n.starts_with("snap"))
+            .collect();
+        left.sort();
+        assert_eq!(left.len(), MAX_READY);
+        assert_eq!(left[0], "snap02", "the two least recently used went");
+    }
 
     #[test]
     fn keys_change_with_every_input() {

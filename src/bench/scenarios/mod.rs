@@ -179,8 +179,9 @@ impl Bench {
             "start" => {
                 self.workload(name, "`echo ready` in a new sandbox (`vmc run --rm --network none`, `crun run`), to its first output and to its exit; vm restores the warm-start snapshot");
                 let rts = self.rts.clone();
-                // Always one warm-up: it may create the warm-start snapshot.
-                let warmup = self.warmup.max(1);
+                // Always two warm-ups: the first may create the warm-start
+                // snapshot, the second the image's ready snapshot.
+                let warmup = self.warmup.max(2);
                 self.measure(name, &rts, warmup, self.runs, |b, rt| {
                     b.start_run(rt, false)
                 })
