@@ -178,10 +178,11 @@ impl MicroVm {
         // A --rm run of an image: its ready snapshot (root mounted), when
         // there is one; a failure there falls back to the base snapshot.
         if let (true, super::Rootfs::Disk(image)) = (vm_cfg.upper_in_memory, &cfg.rootfs) {
+            let warm = warm_spec(&cfg.process);
             let ready = snapshot::ReadySpec {
                 base: spec,
                 image_disk: image,
-                warm: Some(&cfg.process),
+                warm: Some(&warm),
             };
             let found = snapshot::ready(&vm_cfg.snapshots, &ready);
             super::timings::mark("ready snapshot");
@@ -430,7 +431,55 @@ impl MicroVm {
     }
 }
 
+/// What a ready snapshot's agent needs to find `process`'s executable,
+/// and nothing more: the snapshot's memory is every later run's, so the
+/// run's arguments and environment (secrets, often) stay out of it.
+fn warm_spec(process: &vmc_proto::ProcessSpec) -> vmc_proto::ProcessSpec {
+    vmc_proto::ProcessSpec {
+        args: process.args.iter().take(1).cloned().collect(),
+        env: process
+            .env
+            .iter()
+            .filter(|e| e.starts_with("PATH="))
+            .cloned()
+            .collect(),
+        cwd: process.cwd.clone(),
+        user: process.user.clone(),
+        ..Default::default()
+    }
+}
+
 /// Whole 512-byte sectors of a disk image file (what the guest will see).
 fn sectors(path: &Path) -> u64 {
     std::fs::metadata(path).map(|m| m.len() / 512).unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A ready snapshot keeps only what finds the executable: no argument
+    /// beyond argv[0], no variable but PATH (a run's secrets would be in
+    /// every later run's memory).
+    #[test]
+    fn the_warm_spec_carries_nothing_of_the_run_but_its_executable() {
+        let run = vmc_proto::ProcessSpec {
+            args: vec!["app".into(), "--token=s3cret".into()],
+            env: vec![
+                "PATH=/opt/bin:/bin".into(),
+                "API_KEY=s3cret".into(),
+                "HOSTNAME=x".into(),
+            ],
+            cwd: "/srv".into(),
+            user: "app".into(),
+            stdin: true,
+            reboot_on_exit: true,
+            tty: None,
+        };
+        let w = warm_spec(&run);
+        assert_eq!(w.args, ["app"]);
+        assert_eq!(w.env, ["PATH=/opt/bin:/bin"]);
+        assert_eq!((w.cwd.as_str(), w.user.as_str()), ("/srv", "app"));
+        assert!(!format!("{w:?}").contains("s3cret"));
+    }
 }
