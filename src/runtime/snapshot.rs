@@ -19,8 +19,8 @@
 //! (and configures its network). Made at an image's second such run (the
 //! first marks it seen, so that images run once cost nothing), keyed by
 //! the base snapshot's inputs and the disk's identity, at most
-//! [`MAX_READY`] kept (least recently used go first); `vmc system prune`
-//! removes them all.
+//! [`MAX_READY`] kept (least recently used go first) and [`MAX_SEEN`]
+//! marks; `vmc system prune` removes them all.
 
 use std::fs::File;
 use std::os::fd::AsRawFd;
@@ -100,6 +100,9 @@ pub const READY_DIR: &str = "ready";
 /// tens of MiB).
 pub const MAX_READY: usize = 8;
 
+/// The most images marked as run once (`<key>.seen`, empty files) kept.
+pub const MAX_SEEN: usize = 64;
+
 /// What a ready snapshot depends on: its base snapshot's inputs and the
 /// image's disk (by identity: the cached disk of an image is made once).
 pub struct ReadySpec<'a> {
@@ -155,6 +158,7 @@ pub fn ready(root: &Path, spec: &ReadySpec) -> Result<Option<(PathBuf, String)>,
     let seen = rroot.join(format!("{key}.seen"));
     if !seen.exists() {
         File::create(&seen).map_err(state_err)?;
+        trim_ready(&rroot);
         return Ok(None);
     }
     let lock = File::create(rroot.join(format!("{key}.lock"))).map_err(state_err)?;
@@ -180,19 +184,41 @@ fn trim_ready(rroot: &Path) {
     let Ok(entries) = std::fs::read_dir(rroot) else {
         return;
     };
-    let mut snaps: Vec<(std::time::SystemTime, PathBuf)> = entries
-        .flatten()
-        .filter(|e| !e.file_name().to_string_lossy().starts_with('.'))
-        .filter_map(|e| {
-            let used = e.path().join(SPEC_FILE).metadata().ok()?.modified().ok()?;
-            Some((used, e.path()))
-        })
-        .collect();
-    snaps.sort();
-    let extra = snaps.len().saturating_sub(MAX_READY);
-    for (_, p) in snaps.into_iter().take(extra) {
-        // Running VMs keep their mappings of the memory file.
-        let _ = std::fs::remove_dir_all(&p);
+    let mtime = |p: &Path| p.metadata().ok()?.modified().ok();
+    let (mut snaps, mut seen, mut locks) = (Vec::new(), Vec::new(), Vec::new());
+    for e in entries.flatten() {
+        let (p, name) = (e.path(), e.file_name().to_string_lossy().into_owned());
+        if name.starts_with('.') {
+            continue;
+        }
+        if p.is_dir() {
+            if let Some(t) = mtime(&p.join(SPEC_FILE)) {
+                snaps.push((t, p));
+            }
+        } else if name.ends_with(".seen") {
+            if let Some(t) = mtime(&p) {
+                seen.push((t, p));
+            }
+        } else if name.ends_with(".lock") {
+            locks.push(p);
+        }
+    }
+    for (list, keep) in [(&mut snaps, MAX_READY), (&mut seen, MAX_SEEN)] {
+        list.sort();
+        let extra = list.len().saturating_sub(keep);
+        for (_, p) in list.drain(..extra) {
+            // Running VMs keep their mappings of the memory file.
+            let _ = std::fs::remove_dir_all(&p).or_else(|_| std::fs::remove_file(&p));
+        }
+    }
+    // A lock whose snapshot is gone, unless a builder holds it.
+    for l in locks {
+        if !l.with_extension("").is_dir() {
+            if let Some(held) = try_lock(&l) {
+                let _ = std::fs::remove_file(&l);
+                drop(held);
+            }
+        }
     }
 }
 
@@ -657,6 +683,41 @@ mod tests {
         left.sort();
         assert_eq!(left.len(), MAX_READY);
         assert_eq!(left[0], "snap02", "the two least recently used went");
+
+        // Seen marks are bounded too, and locks of gone snapshots go.
+        for i in 0..MAX_SEEN + 3 {
+            let f = rroot.join(format!("k{i:03}.seen"));
+            std::fs::write(&f, "").unwrap();
+            let t =
+                std::time::SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(1000 + i as u64);
+            File::options()
+                .append(true)
+                .open(&f)
+                .unwrap()
+                .set_modified(t)
+                .unwrap();
+        }
+        std::fs::write(rroot.join("gone.lock"), "").unwrap();
+        std::fs::write(rroot.join("snap05.lock"), "").unwrap();
+        trim_ready(&rroot);
+        let names: Vec<String> = std::fs::read_dir(&rroot)
+            .unwrap()
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .collect();
+        assert_eq!(
+            names.iter().filter(|n| n.ends_with(".seen")).count(),
+            MAX_SEEN
+        );
+        assert!(
+            !names.contains(&"k000.seen".to_string()),
+            "the oldest marks went"
+        );
+        assert!(!names.contains(&"gone.lock".to_string()));
+        assert!(
+            names.contains(&"snap05.lock".to_string()),
+            "its snapshot is there"
+        );
     }
 
     #[test]
