@@ -150,6 +150,16 @@ impl MicroVm {
                 ours.try_clone().map_err(state_err)?,
             ))
         };
+        // The VM, booted (no snapshot) or restored from `snapshot`.
+        let made = |vm, snapshot: Option<snapshot::Restored>| MicroVm {
+            vm,
+            vsock: vsock.clone(),
+            disk_sectors,
+            restored: snapshot.is_some(),
+            running_ms: super::elapsed_ms(),
+            passt,
+            snapshot,
+        };
         if how == Start::Cold || vm_cfg.debug {
             let console: Option<Box<dyn Write + Send>> = if vm_cfg.debug {
                 Some(Box::new(std::io::stderr()))
@@ -158,15 +168,7 @@ impl MicroVm {
             };
             let vm = vmm::start(config(console)?)?;
             super::timings::mark("vmm boot");
-            return Ok(MicroVm {
-                vm,
-                vsock,
-                disk_sectors,
-                restored: false,
-                running_ms: super::elapsed_ms(),
-                passt,
-                snapshot: None,
-            });
+            return Ok(made(vm, None));
         }
         let spec = snapshot::SnapshotSpec {
             kernel: &vm_cfg.kernel,
@@ -194,15 +196,7 @@ impl MicroVm {
             match restored {
                 Ok(Some((Ok(vm), d, k))) => {
                     super::timings::mark("vmm restore");
-                    return Ok(MicroVm {
-                        vm,
-                        vsock,
-                        disk_sectors,
-                        restored: true,
-                        running_ms: super::elapsed_ms(),
-                        passt,
-                        snapshot: Some(snapshot::Restored::of(&d, &k)),
-                    });
+                    return Ok(made(vm, Some(snapshot::Restored::of(&d, &k))));
                 }
                 Ok(Some((Err(e), d, _))) => eprintln!(
                     "vmc: warning: the ready snapshot {} is unusable ({e}); using the warm-start snapshot",
@@ -234,15 +228,7 @@ impl MicroVm {
         };
         crate::phase!("restored; vCPUs running");
         super::timings::mark("vmm restore");
-        Ok(MicroVm {
-            vm,
-            vsock,
-            disk_sectors,
-            restored: true,
-            running_ms: super::elapsed_ms(),
-            passt,
-            snapshot: Some(restored),
-        })
+        Ok(made(vm, Some(restored)))
     }
 
     /// Starts the VM as [`Self::start`] does, waits for its agent (a restored

@@ -299,7 +299,23 @@ fn create_ready(
         Ok((a, b)) => Err(AgentError::unexpected(&(a, b))),
         Err(e) => Err(e),
     };
-    if let Err(e) = answers {
+    save_and_verify(vm, answers, tmp, key, &vsock, cfg, &[&scratch])
+}
+
+/// Saves the VM `vm`, whose agent answered as `answered` (and is idle),
+/// as the snapshot `key` in `tmp`, and checks that it restores into a
+/// guest that answers (`cfg` makes the trial VM's config); removes the
+/// sockets and `leftovers` either way.
+fn save_and_verify(
+    vm: vmm::RunningVm,
+    answered: Result<(), AgentError>,
+    tmp: &Path,
+    key: &str,
+    vsock: &Path,
+    cfg: impl Fn(&Path) -> Result<vmm::VmConfig, RuntimeError>,
+    leftovers: &[&Path],
+) -> Result<(), RuntimeError> {
+    if let Err(e) = answered {
         vm.stop();
         return Err(ended(e, vm.wait()));
     }
@@ -307,10 +323,11 @@ fn create_ready(
     vm.stop();
     vm.wait();
     snap.map_err(|e| RuntimeError::Vmm(e.into()))?;
-    let _ = std::fs::remove_file(&vsock);
+    let _ = std::fs::remove_file(vsock);
+    // Published only if it restores: one trial restore must answer.
     let trial = tmp.join("trial.sock");
-    let result = verify(tmp, key, cfg(&trial)?);
-    for f in [&scratch, &trial] {
+    let result = cfg(&trial).and_then(|c| verify(tmp, key, c));
+    for f in leftovers.iter().copied().chain([trial.as_path()]) {
         let _ = std::fs::remove_file(f);
     }
     result
@@ -441,25 +458,8 @@ fn create(tmp: &Path, spec: &SnapshotSpec, key: &str) -> Result<(), RuntimeError
     let vm = vmm::start(cfg(&vsock)?)?;
     let mut dog = Watchdog::new(BOOT_CPU);
     let conn = AgentConn::connect(&vsock, AGENT_PORT, &mut || verdict(vm.judge(&mut dog)));
-    match conn {
-        Ok(c) => c.close(),
-        Err(e) => {
-            vm.stop();
-            return Err(ended(e, vm.wait()));
-        }
-    }
-    let snap = vm.snapshot(tmp, key);
-    vm.stop();
-    vm.wait();
-    snap.map_err(|e| RuntimeError::Vmm(e.into()))?;
-    let _ = std::fs::remove_file(&vsock);
-    // Published only if it restores: one trial restore must answer.
-    let trial = tmp.join("trial.sock");
-    let result = verify(tmp, key, cfg(&trial)?);
-    for f in [&image, &scratch, &trial] {
-        let _ = std::fs::remove_file(f);
-    }
-    result
+    let answered = conn.map(|c| c.close());
+    save_and_verify(vm, answered, tmp, key, &vsock, cfg, &[&image, &scratch])
 }
 
 /// Restores the snapshot in `dir` and asks its agent for a refresh.
