@@ -59,11 +59,11 @@ impl Laps {
         GuestMsg::Phases(std::mem::take(&mut self.phases))
     }
 
-    /// The phases taken since the last report, as a frame to send, if the
-    /// host asked for them.
-    pub fn report(&mut self, asked: bool) -> Option<GuestMsg> {
+    /// The phases taken since the last report, as a frame to send, if
+    /// there are any (none once off: the host did not ask).
+    pub fn report(&mut self) -> Option<GuestMsg> {
         let phases = std::mem::take(&mut self.phases);
-        (asked && !phases.is_empty()).then_some(GuestMsg::Phases(phases))
+        (!phases.is_empty()).then_some(GuestMsg::Phases(phases))
     }
 }
 
@@ -72,11 +72,11 @@ mod tests {
     use super::*;
 
     #[test]
-    fn laps_are_reported_in_order_bounded_and_only_when_asked() {
+    fn laps_are_reported_in_order_bounded_and_not_once_off() {
         let mut l = Laps::from(Instant::now());
         l.lap("a");
         l.lap("b");
-        match l.report(true) {
+        match l.report() {
             Some(GuestMsg::Phases(p)) => {
                 assert_eq!(
                     p.iter().map(|p| p.name.as_str()).collect::<Vec<_>>(),
@@ -85,19 +85,20 @@ mod tests {
             }
             other => panic!("{other:?}"),
         }
-        assert_eq!(l.report(true), None, "a report takes the phases");
+        assert_eq!(l.report(), None, "a report takes the phases");
         for _ in 0..MAX_PHASES + 5 {
             l.lap("x");
         }
-        match l.report(true) {
+        match l.report() {
             Some(GuestMsg::Phases(p)) => assert_eq!(p.len(), MAX_PHASES),
             other => panic!("{other:?}"),
         }
+        // The host did not ask: what was taken is dropped, nothing more is.
         l.lap("y");
-        assert_eq!(l.report(false), None);
         l.off();
+        assert_eq!(l.report(), None, "off: what was taken is not reported");
         l.lap("z");
         l.restart();
-        assert_eq!(l.report(true), None, "off: nothing is taken");
+        assert_eq!(l.report(), None, "off: nothing is taken");
     }
 }

@@ -8,6 +8,12 @@ use std::io;
 
 use vmc_spawn::sys::mount;
 
+/// Whether the host's /etc file name `name` is a plain name in /etc (the
+/// host never sends another; one is skipped, never written).
+fn plain_name(name: &str) -> bool {
+    !name.contains('/') && !name.starts_with('.')
+}
+
 /// The /etc files of `files` that may be set in the root at `root`, as
 /// (name, content, path, whether the root has one): none when the root's
 /// /etc is a symlink out of it (resolved here against the agent's root:
@@ -26,10 +32,7 @@ fn etc_targets<'a>(
     if !etc.starts_with(fs::canonicalize(root)?) {
         return Ok(out);
     }
-    for (name, text) in files {
-        if name.contains('/') || name.starts_with('.') {
-            continue;
-        }
+    for (name, text) in files.iter().filter(|(n, _)| plain_name(n)) {
         let target = format!("{root}/etc/{name}");
         let exists = match fs::symlink_metadata(&target) {
             Ok(m) if m.file_type().is_symlink() => continue,
@@ -93,10 +96,7 @@ pub fn seed_etc(lower: &str, upper: &str, files: &[(String, String)]) -> io::Res
         Ok(_) => return Ok(()),
         Err(_) => fs::create_dir(&etc)?,
     }
-    for (name, text) in files {
-        if name.contains('/') || name.starts_with('.') {
-            continue;
-        }
+    for (name, text) in files.iter().filter(|(n, _)| plain_name(n)) {
         let image_has = fs::symlink_metadata(format!("{lower}/etc/{name}"));
         if image_has.is_ok_and(|m| m.file_type().is_symlink()) {
             continue;

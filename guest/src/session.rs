@@ -100,18 +100,14 @@ fn handshake_and_start(
     )
     .map_err(|e| e.to_string())?;
     laps.lap("hello");
-    // Whether the host asked for the agent's phases: it does so first.
-    let mut asked = None;
+    let mut first = true;
     loop {
         let frame = read_frame::<_, HostMsg>(&mut r);
-        let asked = *asked.get_or_insert_with(|| {
-            let yes = matches!(frame, Ok(HostMsg::Timings));
-            if !yes {
-                laps.off();
-            }
-            yes
-        });
-        let report = |laps: &mut Laps| match laps.report(asked) {
+        // A host that wants the agent's phases asks first.
+        if std::mem::take(&mut first) && !matches!(frame, Ok(HostMsg::Timings)) {
+            laps.off();
+        }
+        let report = |laps: &mut Laps| match laps.report() {
             Some(m) => send(conn, &m).map_err(|e| e.to_string()),
             None => Ok(()),
         };

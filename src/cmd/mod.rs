@@ -16,9 +16,6 @@ use anyhow::Result;
 use vmc::image::Store;
 use vmc::runtime;
 
-/// An environment entry as `-e` (and `--env-file`) give it, as Docker reads
-/// them: `KEY=VALUE` as it is; a bare `KEY` takes this process's value,
-/// and is left out when it has none.
 /// Starts recording a run's phases if `--timings` or `VMC_TIMINGS` asks.
 pub(crate) fn start_timings(flag: bool) {
     if flag || vmc::host::knobs().timings.is_some() {
@@ -53,6 +50,9 @@ pub(crate) fn report_timings(print: bool) {
     }
 }
 
+/// An environment entry as `-e` (and `--env-file`) give it, as Docker reads
+/// them: `KEY=VALUE` as it is; a bare `KEY` takes this process's value,
+/// and is left out when it has none.
 pub(crate) fn env_entry(e: &str) -> Option<String> {
     if e.contains('=') {
         return Some(e.to_string());

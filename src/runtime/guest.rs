@@ -23,6 +23,11 @@ pub const SCRATCH_SIZE: u64 = 2 << 30;
 /// is the first, `/dev/vda`; the order is `vm_config`'s).
 pub const IMAGE_DEV: &str = "/dev/vdb";
 pub const SCRATCH_DEV: &str = "/dev/vdc";
+
+/// Whole 512-byte sectors of a disk image file (what the guest will see).
+pub fn sectors(path: &Path) -> u64 {
+    std::fs::metadata(path).map(|m| m.len() / 512).unwrap_or(0)
+}
 /// vCPU time a guest may spend booting to its agent before it is declared
 /// hung (software virtualisation needs tens of seconds, hardware well under
 /// one). Waits are bounded by the guest's progress: a halted, silent guest is

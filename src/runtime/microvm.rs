@@ -107,7 +107,10 @@ impl MicroVm {
         let agent = disk::agent_disk(&assets::guest_binary()?, &home.join("cache"))?;
         super::timings::mark("disks");
         let vsock = dir.join("vsock.sock");
-        let disk_sectors = (sectors(&image), sectors(&scratch));
+        let disk_sectors = (
+            super::guest::sectors(&image),
+            super::guest::sectors(&scratch),
+        );
         let (cpus, memory) = (vm_cfg.resources.cpus, vm_cfg.resources.memory);
         // The network: passt on one end of a socket pair, the device on the
         // other; without one, an unplugged device.
@@ -188,20 +191,17 @@ impl MicroVm {
             };
             let found = snapshot::ready(&vm_cfg.snapshots, &ready);
             super::timings::mark("ready snapshot");
-            let restored = match found {
-                Ok(Some((d, k))) => Ok(Some((vmm::restore(config(None)?, &d, &k), d, k))),
-                Ok(None) => Ok(None),
-                Err(e) => Err(e),
-            };
-            match restored {
-                Ok(Some((Ok(vm), d, k))) => {
-                    super::timings::mark("vmm restore");
-                    return Ok(made(vm, Some(snapshot::Restored::of(&d, &k))));
-                }
-                Ok(Some((Err(e), d, _))) => eprintln!(
-                    "vmc: warning: the ready snapshot {} is unusable ({e}); using the warm-start snapshot",
-                    d.display()
-                ),
+            match found {
+                Ok(Some((d, k))) => match vmm::restore(config(None)?, &d, &k) {
+                    Ok(vm) => {
+                        super::timings::mark("vmm restore");
+                        return Ok(made(vm, Some(snapshot::Restored::of(&d, &k))));
+                    }
+                    Err(e) => eprintln!(
+                        "vmc: warning: the ready snapshot {} is unusable ({e}); using the warm-start snapshot",
+                        d.display()
+                    ),
+                },
                 Ok(None) => {}
                 Err(e) => eprintln!(
                     "vmc: warning: no ready snapshot of this image ({}); using the warm-start snapshot",
@@ -433,11 +433,6 @@ fn warm_spec(process: &vmc_proto::ProcessSpec) -> vmc_proto::ProcessSpec {
         user: process.user.clone(),
         ..Default::default()
     }
-}
-
-/// Whole 512-byte sectors of a disk image file (what the guest will see).
-fn sectors(path: &Path) -> u64 {
-    std::fs::metadata(path).map(|m| m.len() / 512).unwrap_or(0)
 }
 
 #[cfg(test)]

@@ -66,11 +66,7 @@ impl SnapshotSpec<'_> {
     /// every run would cost more than the restore); the agent disk's file
     /// name carries its content hash.
     pub fn key(&self) -> String {
-        Sha256::digest(self.describe().as_bytes())
-            .iter()
-            .take(10)
-            .map(|b| format!("{b:02x}"))
-            .collect()
+        key_of(&self.describe())
     }
 
     /// What the key hashes, one input a line; kept in the snapshot (as
@@ -125,11 +121,42 @@ ready 1
     }
 
     pub fn key(&self) -> String {
-        Sha256::digest(self.describe().as_bytes())
-            .iter()
-            .take(10)
-            .map(|b| format!("{b:02x}"))
-            .collect()
+        key_of(&self.describe())
+    }
+}
+
+/// A snapshot's key: the first 10 bytes of the SHA-256 of what it depends
+/// on, in hex.
+fn key_of(description: &str) -> String {
+    Sha256::digest(description.as_bytes())
+        .iter()
+        .take(10)
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+/// The lock file `path`, taken: waits while another process holds it (a
+/// snapshot's builder).
+fn lock(path: &Path) -> std::io::Result<File> {
+    let f = File::create(path)?;
+    // SAFETY: flock on a descriptor we own.
+    if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(f)
+}
+
+/// Removes the lock files of `locks` whose snapshot is gone, unless a
+/// builder holds them.
+fn remove_unheld_locks(locks: Vec<PathBuf>) {
+    for l in locks {
+        if l.with_extension("").is_dir() {
+            continue;
+        }
+        if let Some(held) = try_lock(&l) {
+            let _ = std::fs::remove_file(&l);
+            drop(held);
+        }
     }
 }
 
@@ -161,11 +188,8 @@ pub fn ready(root: &Path, spec: &ReadySpec) -> Result<Option<(PathBuf, String)>,
         trim_ready(&rroot);
         return Ok(None);
     }
-    let lock = File::create(rroot.join(format!("{key}.lock"))).map_err(state_err)?;
-    // SAFETY: flock on a descriptor we own; blocks until a concurrent builder is done.
-    if unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX) } != 0 {
-        return Err(state_err(std::io::Error::last_os_error()));
-    }
+    // Concurrent second runs wait for one builder.
+    let _lock = lock(&rroot.join(format!("{key}.lock"))).map_err(state_err)?;
     if dir.join("state.bin").is_file() {
         touch(&dir);
         return Ok(Some((dir, key)));
@@ -211,15 +235,7 @@ fn trim_ready(rroot: &Path) {
             let _ = std::fs::remove_dir_all(&p).or_else(|_| std::fs::remove_file(&p));
         }
     }
-    // A lock whose snapshot is gone, unless a builder holds it.
-    for l in locks {
-        if !l.with_extension("").is_dir() {
-            if let Some(held) = try_lock(&l) {
-                let _ = std::fs::remove_file(&l);
-                drop(held);
-            }
-        }
-    }
+    remove_unheld_locks(locks);
 }
 
 /// Docker's /etc files, empty: seeded in a ready snapshot's writable layer
@@ -272,7 +288,7 @@ fn create_ready(
         image_fstype: "erofs".into(),
         scratch_dev: super::guest::SCRATCH_DEV.into(),
         hostname: String::new(),
-        image_sectors: std::fs::metadata(spec.image_disk).map_err(io)?.len() / 512,
+        image_sectors: super::guest::sectors(spec.image_disk),
         scratch_sectors: 0,
         network: None,
         etc: ETC_FILES
@@ -362,11 +378,8 @@ pub fn ensure(
         source: e,
     };
     std::fs::create_dir_all(&root).map_err(state_err)?;
-    let lock = File::create(root.join(format!("{key}.lock"))).map_err(state_err)?;
-    // SAFETY: flock on a descriptor we own; blocks until a concurrent builder is done.
-    if unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX) } != 0 {
-        return Err(state_err(std::io::Error::last_os_error()));
-    }
+    // Concurrent first runs wait for one builder.
+    let _lock = lock(&root.join(format!("{key}.lock"))).map_err(state_err)?;
     if dir.join("state.bin").is_file() {
         if !rebuild {
             return Ok((dir, key));
@@ -513,11 +526,7 @@ pub fn quarantine(snap: &Restored) -> std::io::Result<Option<PathBuf>> {
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_default();
-    let lock = File::create(snap.dir.with_file_name(format!("{name}.lock")))?;
-    // SAFETY: flock on a descriptor we own; waits for a builder of this key.
-    if unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX) } != 0 {
-        return Err(std::io::Error::last_os_error());
-    }
+    let _lock = lock(&snap.dir.with_file_name(format!("{name}.lock")))?;
     if Restored::of(&snap.dir, &snap.key).ino != snap.ino || snap.ino == 0 {
         return Ok(None);
     }
@@ -568,16 +577,7 @@ pub fn prune(root: &Path, current: Option<&SnapshotSpec>) -> std::io::Result<(us
             locks.push(p);
         }
     }
-    // A lock whose snapshot is gone, unless a builder holds it.
-    for l in locks {
-        if l.with_extension("").is_dir() {
-            continue;
-        }
-        if let Some(held) = try_lock(&l) {
-            let _ = std::fs::remove_file(&l);
-            drop(held);
-        }
-    }
+    remove_unheld_locks(locks);
     Ok((count, bytes))
 }
 

@@ -61,30 +61,27 @@ fn with(f: impl FnOnce(&mut Timeline)) {
     }
 }
 
-/// The phase `phase` ended now.
-pub fn mark(phase: &'static str) {
-    let at_ms = super::elapsed_ms();
-    with(|t| {
-        let guest = std::mem::take(&mut t.pending);
-        t.marks.push(Mark {
-            phase,
-            at_ms,
-            guest,
-        })
-    });
+/// Ends `phase` now, with the agent's steps received for it.
+fn push(t: &mut Timeline, phase: &'static str) {
+    let guest = std::mem::take(&mut t.pending);
+    t.marks.push(Mark {
+        phase,
+        at_ms: super::elapsed_ms(),
+        guest,
+    })
 }
 
-/// As [`mark`], unless `phase` has ended before (first output).
+/// The phase `phase` ended now.
+pub fn mark(phase: &'static str) {
+    with(|t| push(t, phase));
+}
+
+/// As [`mark`], unless `phase` has ended before (first output: called for
+/// every output frame, it reads no clock while timings are off).
 pub fn mark_once(phase: &'static str) {
-    let at_ms = super::elapsed_ms();
     with(|t| {
         if !t.marks.iter().any(|m| m.phase == phase) {
-            let guest = std::mem::take(&mut t.pending);
-            t.marks.push(Mark {
-                phase,
-                at_ms,
-                guest,
-            })
+            push(t, phase)
         }
     });
 }
