@@ -105,6 +105,10 @@ pub struct Knobs {
     /// `VMC_TIMINGS`: where `vmc run`/`exec` write their phases as JSON
     /// (the bench; `--timings` prints them).
     pub timings: Option<PathBuf>,
+    /// `VMC_READY_SNAPSHOTS=1`: `--rm` runs of an image use its ready
+    /// snapshot (opt-in: see README, a snapshot made on a loaded host may
+    /// restore into a guest that never answers).
+    pub ready_snapshots: bool,
 }
 
 impl Knobs {
@@ -127,6 +131,7 @@ impl Knobs {
             guest_profile: path("VMC_GUEST_PROFILE"),
             passt_pcap: path("VMC_PASST_PCAP"),
             timings: path("VMC_TIMINGS"),
+            ready_snapshots: text("VMC_READY_SNAPSHOTS").is_some_and(|v| v == "1"),
         }
     }
 }

@@ -556,6 +556,7 @@ fn rm_runs_of_an_image_restore_its_ready_snapshot_each_as_its_own_container() {
             .args(["--hostname", &format!("run{n}")])
             .args(["--add-host", &format!("db:10.0.0.{n}")])
             .args(["busybox", "sh", "-c", script])
+            .env("VMC_READY_SNAPSHOTS", "1")
             .stdin(Stdio::null())
             .output()
             .unwrap();

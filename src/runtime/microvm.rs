@@ -181,8 +181,12 @@ impl MicroVm {
             backend: Backend::host(),
         };
         // A --rm run of an image: its ready snapshot (root mounted), when
-        // there is one; a failure there falls back to the base snapshot.
-        if let (true, super::Rootfs::Disk(image)) = (vm_cfg.upper_in_memory, &cfg.rootfs) {
+        // there is one and they are asked for; a failure there falls back
+        // to the base snapshot.
+        let ready_asked = crate::host::knobs().ready_snapshots;
+        if let (true, true, super::Rootfs::Disk(image)) =
+            (ready_asked, vm_cfg.upper_in_memory, &cfg.rootfs)
+        {
             let warm = warm_spec(&cfg.process);
             let ready = snapshot::ReadySpec {
                 base: spec,
