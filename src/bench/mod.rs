@@ -2,7 +2,8 @@
 //! assertions.
 //!
 //! Every scenario runs the same image and workload in each runtime
-//! ([`runtimes`]: vmc's `ns` and `vm` modes, crun when installed, peers from
+//! ([`runtimes`]: vmc's `ns` and `vm` modes, crun when installed, QEMU's
+//! microvm when installed ([`qemu`], start and boot only), peers from
 //! `--peer`), interleaved run by run (ns vm crun ns vm crun …) so that drift
 //! of the machine hits all alike; warm-up runs are left out. The result is a
 //! [`report::Report`]: JSON, markdown and SVG, comparable with an older one.
@@ -14,6 +15,7 @@
 //! proportional set size (PSS) of every host process a sandbox owns, which
 //! for a VM includes the guest memory it touched.
 
+mod qemu;
 pub mod report;
 pub mod runtimes;
 mod scenarios;
@@ -46,6 +48,9 @@ pub struct BenchArgs {
     /// Leave crun out even when it is installed.
     #[arg(long)]
     pub no_crun: bool,
+    /// Leave the QEMU microvm peer out even when QEMU is installed.
+    #[arg(long)]
+    pub no_qemu: bool,
     /// Another runtime as a column: COMMAND runs a workload given as its
     /// arguments, with the image's root filesystem in $VMC_BENCH_ROOTFS.
     #[arg(long, value_name = "NAME=COMMAND")]
@@ -268,6 +273,13 @@ fn measure(args: &BenchArgs) -> Result<Report, BenchError> {
             }
         }
     }
+    if let Some(q) = qemu_peer(args, &image, &kernel, &tmp, &mut notes) {
+        env.qemu = Some(std::sync::Mutex::new(q));
+        rts.push(Runtime {
+            name: "qemu".into(),
+            kind: Kind::Qemu,
+        });
+    }
     rts.extend(peers);
     let runs = if args.runs == 0 {
         if quick {
@@ -388,6 +400,43 @@ fn ensure_image(image: &str, default: bool) -> Result<(), BenchError> {
         Some(o) if o.status.success() => Ok(()),
         _ => Err(BenchError::NoImage(image.into())),
     }
+}
+
+/// The QEMU microvm peer for `image`, unless left out (a note says why).
+fn qemu_peer(
+    args: &BenchArgs,
+    image: &str,
+    kernel: &Path,
+    tmp: &Path,
+    notes: &mut Vec<String>,
+) -> Option<qemu::Qemu> {
+    if args.no_qemu {
+        notes.push("qemu: left out (--no-qemu)".into());
+        return None;
+    }
+    let Some(bin) = qemu::binary() else {
+        notes.push("qemu: not installed (apt-get install qemu-system-x86 adds the VM peer)".into());
+        return None;
+    };
+    let home = crate::runtime::vmc_home();
+    let disk = (|| -> Result<PathBuf, String> {
+        let store = crate::image::Store::open(&home).map_err(|e| e.to_string())?;
+        let img = store.resolve(image).map_err(|e| e.to_string())?;
+        crate::image::disk::root_disk(&store, &img, &home.join("cache")).map_err(|e| e.to_string())
+    })();
+    let disk = match disk {
+        Ok(d) => d,
+        Err(e) => {
+            notes.push(format!("qemu: left out, no root disk for {image}: {e}"));
+            return None;
+        }
+    };
+    let dir = tmp.join("qemu");
+    if let Err(e) = std::fs::create_dir_all(&dir) {
+        notes.push(format!("qemu: left out: {}: {e}", dir.display()));
+        return None;
+    }
+    Some(qemu::Qemu::new(bin, kernel.to_path_buf(), disk, dir))
 }
 
 /// The machine the numbers come from.

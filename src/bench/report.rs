@@ -63,9 +63,14 @@ pub struct Row {
 impl Row {
     /// The vm/ns ratio of the medians, when both exist.
     pub fn ratio(&self) -> Option<f64> {
-        let ns = self.results.get("ns")?.median;
-        let vm = self.results.get("vm")?.median;
-        (ns > 0.0 && vm.is_finite()).then(|| vm / ns)
+        self.ratio_of("vm", "ns")
+    }
+
+    /// The ratio of `a`'s median to `b`'s, when both exist.
+    pub fn ratio_of(&self, a: &str, b: &str) -> Option<f64> {
+        let d = self.results.get(b)?.median;
+        let n = self.results.get(a)?.median;
+        (d > 0.0 && n.is_finite()).then(|| n / d)
     }
 }
 
@@ -162,6 +167,12 @@ impl Report {
         }
         head.push_str(" vm/ns |");
         rule.push_str("--:|");
+        // vmc's VM against the other VMM, row by row.
+        let qemu = self.runtimes.iter().any(|r| r == "qemu");
+        if qemu {
+            head.push_str(" vm/qemu |");
+            rule.push_str("--:|");
+        }
         let _ = writeln!(s, "{head}\n{rule}");
         for row in &self.rows {
             let n = row.results.values().map(|x| x.n).max().unwrap_or(0);
@@ -183,11 +194,20 @@ impl Report {
                 };
                 let _ = write!(s, " {cell} |");
             }
-            let _ = writeln!(s, " {} |", ratio_cell(row.ratio()));
+            let _ = write!(s, " {} |", ratio_cell(row.ratio()));
+            if qemu {
+                let _ = write!(s, " {} |", ratio_cell(row.ratio_of("vm", "qemu")));
+            }
+            let _ = writeln!(s);
         }
         let _ = writeln!(
             s,
-            "\nCells: median (min–max, p90) over n runs; vm/ns is the ratio of the medians."
+            "\nCells: median (min–max, p90) over n runs; {}.",
+            if qemu {
+                "vm/ns and vm/qemu are ratios of the medians"
+            } else {
+                "vm/ns is the ratio of the medians"
+            }
         );
         if !self.workloads.is_empty() {
             let _ = writeln!(s, "\nWorkloads:\n");
@@ -443,6 +463,24 @@ mod tests {
         );
         assert!(md.contains("| start | to exit <&> | ms | 3 | 2.00 (1.00–3.00, p90 3.00) | 20.0 (10.0–30.0, p90 30.0) | - | 10.0x |"), "{md}");
         assert!(md.contains("* crun: not installed"), "{md}");
+        assert!(!md.contains("vm/qemu"), "{md}");
+    }
+
+    #[test]
+    fn a_qemu_column_brings_the_vm_to_qemu_ratio() {
+        let mut r = report();
+        r.runtimes.push("qemu".into());
+        let one = |m: f64| Summary::of(&[m]);
+        r.rows[0].results.insert("qemu".into(), one(5.0));
+        let md = r.markdown();
+        assert!(md.contains("| vm/ns | vm/qemu |"), "{md}");
+        assert!(
+            md.contains("| 5.00 (5.00–5.00, p90 5.00) | 10.0x | 4.00x |"),
+            "{md}"
+        );
+        assert!(md.contains("vm/ns and vm/qemu are ratios"), "{md}");
+        assert_eq!(r.rows[0].ratio_of("vm", "qemu"), Some(4.0));
+        assert_eq!(r.rows[0].ratio_of("vm", "none"), None);
     }
 
     #[test]

@@ -23,7 +23,9 @@ use crate::runtime::ns::OverlayRoot;
 pub enum MeasureError {
     #[error("invalid --peer '{0}': expected NAME=COMMAND, e.g. fc='fc-run --rootfs \"$VMC_BENCH_ROOTFS\" --'")]
     PeerSpec(String),
-    #[error("invalid --peer name '{0}': use letters, digits, - and _, and not ns, vm or crun")]
+    #[error(
+        "invalid --peer name '{0}': use letters, digits, - and _, and not ns, vm, crun or qemu"
+    )]
     PeerName(String),
     #[error(transparent)]
     Store(#[from] crate::image::StoreError),
@@ -56,6 +58,8 @@ pub enum MeasureError {
     },
     #[error("{0}")]
     Missing(&'static str),
+    #[error("{0}")]
+    Qemu(String),
     #[error("{started} of {wanted} started: {first}")]
     Partial {
         started: usize,
@@ -91,6 +95,9 @@ pub enum Kind {
     /// `sh -c 'COMMAND "$@"' peer ARGV…`, with `VMC_BENCH_ROOTFS` and
     /// `VMC_BENCH_IMAGE` in its environment.
     Peer(String),
+    /// QEMU's microvm with vmc's kernel and the image's disk
+    /// ([`super::qemu`]): start (restore) and boot only.
+    Qemu,
 }
 
 /// One column of the report.
@@ -104,7 +111,7 @@ impl Runtime {
     /// Whether the runtime keeps sandboxes alive between commands
     /// (exec, memory, density).
     pub fn long_lived(&self) -> bool {
-        !matches!(self.kind, Kind::Peer(_))
+        !matches!(self.kind, Kind::Peer(_) | Kind::Qemu)
     }
 
     /// Whether the runtime publishes ports and gives outbound networking.
@@ -122,7 +129,7 @@ pub fn parse_peer(s: &str) -> Result<Runtime, MeasureError> {
     if !name
         .chars()
         .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
-        || ["ns", "vm", "crun"].contains(&name)
+        || ["ns", "vm", "crun", "qemu"].contains(&name)
     {
         return Err(MeasureError::PeerName(name.to_string()));
     }
@@ -155,6 +162,8 @@ pub struct Env {
     live: Mutex<Vec<Sandbox>>,
     /// Start commands running now.
     starting: AtomicUsize,
+    /// The QEMU peer, when there is one.
+    pub qemu: Option<Mutex<super::qemu::Qemu>>,
 }
 
 /// Options for a long-lived vmc sandbox.
@@ -180,6 +189,7 @@ impl Env {
             counter: AtomicUsize::new(0),
             live: Mutex::new(Vec::new()),
             starting: AtomicUsize::new(0),
+            qemu: None,
         }
     }
 
@@ -275,6 +285,7 @@ impl Env {
                 c.args(["run", "--bundle"]).arg(bundle).arg(name);
                 c
             }
+            Kind::Qemu => return Err(MeasureError::ExitOnly(rt.name.clone())),
             Kind::Peer(cmd) => {
                 let mut c = Command::new("sh");
                 c.arg("-c")
@@ -287,6 +298,30 @@ impl Env {
                 c
             }
         })
+    }
+
+    /// The QEMU peer runs `line` in its shell, restored from its saved state
+    /// (made at the first call), or boots cold (`cold`, to its shell's first
+    /// output); ms to the answer `expect` and to QEMU's exit.
+    pub fn qemu_start(
+        &self,
+        cold: bool,
+        line: &str,
+        expect: &str,
+    ) -> Result<(f64, f64), MeasureError> {
+        let mut q = self
+            .qemu
+            .as_ref()
+            .ok_or(MeasureError::Missing("no QEMU peer"))?
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        if cold {
+            return q.boot();
+        }
+        if !q.saved() {
+            q.save()?;
+        }
+        q.run(line, expect)
     }
 
     /// Starts a sandbox running `argv` in the background; returns once
@@ -356,7 +391,7 @@ impl Env {
                 c.args(["run", "-d", "--bundle"]).arg(bundle).arg(name);
                 c
             }
-            Kind::Peer(_) => return Err(MeasureError::ExitOnly(rt.name.clone())),
+            Kind::Peer(_) | Kind::Qemu => return Err(MeasureError::ExitOnly(rt.name.clone())),
         };
         // A file, not a pipe, for errors: a detached crun container keeps
         // the stdio it was started with open.

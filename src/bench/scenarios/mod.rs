@@ -189,9 +189,9 @@ impl Bench {
             "boot" => {
                 self.workload(
                     name,
-                    "as start, vm only, booting the kernel cold (`--cold`)",
+                    "as start, booting the kernel cold: vm (`--cold`) and qemu (to its shell's first output)",
                 );
-                let rts = self.only(&[Kind::Vm]);
+                let rts = self.only(&[Kind::Vm, Kind::Qemu]);
                 self.measure(name, &rts, 0, self.runs.min(sz.boot_runs), |b, rt| {
                     b.start_run(rt, true)
                 })
@@ -361,7 +361,12 @@ impl Bench {
 
     fn with_idle_or_peers(&mut self) -> Vec<Runtime> {
         let mut out = self.with_idle();
-        out.extend(self.rts.iter().filter(|r| !r.long_lived()).cloned());
+        out.extend(
+            self.rts
+                .iter()
+                .filter(|r| matches!(r.kind, Kind::Peer(_)))
+                .cloned(),
+        );
         // Keep the report's column order.
         out.sort_by_key(|r| self.rts.iter().position(|x| x.name == r.name));
         out
@@ -477,6 +482,10 @@ impl Bench {
     /// One sandbox from start to exit; vm runs also report the VM's own
     /// figures (`VMC_MEM_REPORT`).
     fn start_run(&self, rt: &Runtime, cold: bool) -> Result<Vec<(Metric, f64)>, MeasureError> {
+        if rt.kind == Kind::Qemu {
+            let (first, exit) = self.env.qemu_start(cold, "echo ready", "ready")?;
+            return Ok(vec![(TO_OUTPUT, first), (TO_EXIT, exit)]);
+        }
         let mut cmd = self.env.run(rt, &argv(&["echo", "ready"]), cold)?;
         let report = self.env.tmp.join(format!("mem-{}.json", self.env.name()));
         if rt.kind == Kind::Vm {
