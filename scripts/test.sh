@@ -31,6 +31,10 @@ VMC_TEST_SKIPS=$logs/unit-skips timeout -k 30 "$TIMEOUT" \
     $CARGO test --profile "$PROFILE" --workspace --lib --bins -- --test-threads="$THREADS"
 $CARGO test --profile "$PROFILE" --workspace --doc
 export VMC_TEST_SKIPS=$logs/skips
+# Ready snapshots are made by background processes after an image's second
+# `--rm` run: off for the suite (every test has its own store, so each would
+# start one), on in the tests that check them (tests/cli.rs).
+export VMC_READY_SNAPSHOTS=0
 
 # Build the integration tests and list their executables.
 $CARGO test --profile "$PROFILE" --tests --no-run --message-format=json-render-diagnostics >"$logs/build.json"

@@ -85,6 +85,9 @@ pub enum Command {
     Create(RunArgs),
     /// Start containers made by `vmc create`.
     Start(StartArgs),
+    /// (internal) Make a ready snapshot in the background (runtime/snapshot.rs).
+    #[command(name = "__make-ready", hide = true)]
+    MakeReady { job: PathBuf },
     /// (internal) Supervise a detached container.
     #[command(name = "__supervise", hide = true)]
     Supervise {

@@ -105,9 +105,8 @@ pub struct Knobs {
     /// `VMC_TIMINGS`: where `vmc run`/`exec` write their phases as JSON
     /// (the bench; `--timings` prints them).
     pub timings: Option<PathBuf>,
-    /// `VMC_READY_SNAPSHOTS=1`: `--rm` runs of an image use its ready
-    /// snapshot (opt-in: see README, a snapshot made on a loaded host may
-    /// restore into a guest that never answers).
+    /// `VMC_READY_SNAPSHOTS=0` turns ready snapshots off (`--rm` runs of an
+    /// image restore its ready snapshot by default).
     pub ready_snapshots: bool,
 }
 
@@ -131,7 +130,7 @@ impl Knobs {
             guest_profile: path("VMC_GUEST_PROFILE"),
             passt_pcap: path("VMC_PASST_PCAP"),
             timings: path("VMC_TIMINGS"),
-            ready_snapshots: text("VMC_READY_SNAPSHOTS").is_some_and(|v| v == "1"),
+            ready_snapshots: text("VMC_READY_SNAPSHOTS").is_none_or(|v| v != "0"),
         }
     }
 }
@@ -160,6 +159,22 @@ pub fn error_line(e: &(dyn std::error::Error + 'static)) -> String {
         cause = c.source();
     }
     line
+}
+
+/// Makes `c` start detached: in a session of its own (no controlling
+/// terminal, out of the caller's process group) with no stdio.
+pub fn detach(c: &mut std::process::Command) {
+    use std::os::unix::process::CommandExt;
+    c.stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null());
+    // SAFETY: setsid in the child before exec; async-signal-safe.
+    unsafe {
+        c.pre_exec(|| {
+            libc::setsid();
+            Ok(())
+        });
+    }
 }
 
 #[cfg(test)]

@@ -73,7 +73,10 @@ fn main() {
             std::process::exit(EXIT_VMC_ERROR);
         }
     };
-    let code = match dispatch(cli) {
+    let code = dispatch(cli);
+    // A ready snapshot this run found missing is made now, in the background.
+    vmc::runtime::snapshot::start_pending();
+    let code = match code {
         Ok(code) => code,
         Err(e) => {
             // Causes already spelled out by their parent's message are not repeated.
@@ -125,6 +128,9 @@ fn dispatch(cli: Cli) -> Result<i32> {
         Command::Exec(a) => exec(a),
         Command::Port { container } => port(&container),
         Command::Supervise { dir, created } => supervise(&dir, created),
+        Command::MakeReady { job } => runtime::snapshot::make_pending(&job)
+            .map(|_| 0)
+            .map_err(Into::into),
         Command::Create(args) => create(args),
         Command::Start(a) => start(a),
         Command::Images(a) => images(a),

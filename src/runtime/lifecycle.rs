@@ -220,18 +220,7 @@ pub fn start_detached(
     mut supervisor: std::process::Command,
     until: Until,
 ) -> Result<Started, LifecycleError> {
-    use std::os::unix::process::CommandExt;
-    supervisor
-        .stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null());
-    // SAFETY: setsid in the child before exec; async-signal-safe.
-    unsafe {
-        supervisor.pre_exec(|| {
-            libc::setsid();
-            Ok(())
-        });
-    }
+    crate::host::detach(&mut supervisor);
     let mut child = match supervisor.spawn() {
         Ok(child) => child,
         Err(e) => {

@@ -196,16 +196,23 @@ impl MicroVm {
             let found = snapshot::ready(&vm_cfg.snapshots, &ready);
             super::timings::mark("ready snapshot");
             match found {
-                Ok(Some((d, k))) => match vmm::restore(config(None)?, &d, &k) {
-                    Ok(vm) => {
-                        super::timings::mark("vmm restore");
-                        return Ok(made(vm, Some(snapshot::Restored::of(&d, &k))));
+                Ok(Some((d, k))) => {
+                    let restored = snapshot::Restored::of(&d, &k);
+                    match vmm::restore(config(None)?, &d, &k) {
+                        Ok(vm) => {
+                            super::timings::mark("vmm restore");
+                            return Ok(made(vm, Some(restored)));
+                        }
+                        Err(e) => {
+                            // Moved aside: a later run makes a new one.
+                            let _ = snapshot::quarantine(&restored);
+                            eprintln!(
+                                "vmc: warning: the ready snapshot {} is unusable ({e}); moved it aside and using the warm-start snapshot",
+                                d.display()
+                            )
+                        }
                     }
-                    Err(e) => eprintln!(
-                        "vmc: warning: the ready snapshot {} is unusable ({e}); using the warm-start snapshot",
-                        d.display()
-                    ),
-                },
+                }
                 Ok(None) => {}
                 Err(e) => eprintln!(
                     "vmc: warning: no ready snapshot of this image ({}); using the warm-start snapshot",
@@ -270,11 +277,18 @@ impl MicroVm {
                     Err(e) => format!("could not move it aside ({e})"),
                 };
                 mvm.stop();
+                // A ready snapshot's run starts again from the warm-start
+                // snapshot, a warm-start snapshot's from a cold boot.
+                let (kind, retry, with) = if snap.is_ready() {
+                    ("ready", how, "from the warm-start snapshot")
+                } else {
+                    ("warm-start", Start::Cold, "with a cold boot")
+                };
                 eprintln!(
-                    "vmc: warning: the guest restored from the warm-start snapshot {} did not answer ({why}); {moved}; retrying with a cold boot",
+                    "vmc: warning: the guest restored from the {kind} snapshot {} did not answer ({why}); {moved}; retrying {with}",
                     snap.dir.display(),
                 );
-                let mvm = MicroVm::start(cfg, dir, Start::Cold)?;
+                let mvm = MicroVm::start(cfg, dir, retry)?;
                 match mvm.greet(root, cancelled) {
                     Ok(conn) => Ok((mvm, conn)),
                     Err(e) => Err(ended(e, mvm.stop())),

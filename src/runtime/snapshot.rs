@@ -16,11 +16,13 @@
 //! writable layer in guest memory, Docker's /etc files as empty files in
 //! it), saved once the agent is idle. A run restored from one skips the
 //! mounts: the agent only writes the container's /etc files and hostname
-//! (and configures its network). Made at an image's second such run (the
-//! first marks it seen, so that images run once cost nothing), keyed by
-//! the base snapshot's inputs and the disk's identity, at most
-//! [`MAX_READY`] kept (least recently used go first) and [`MAX_SEEN`]
-//! marks; `vmc system prune` removes them all.
+//! (and configures its network). Made after an image's second such run (the
+//! first marks it seen, so that images run once cost nothing) by a
+//! background process (`vmc __make-ready`) that the run starts as it ends,
+//! so no run waits for one; keyed by the base snapshot's inputs and the
+//! disk's identity, at most [`MAX_READY`] kept (least recently used go
+//! first) and [`MAX_SEEN`] marks (seen, failed, pending); `vmc system
+//! prune` removes them all. `VMC_READY_SNAPSHOTS=0` turns them off.
 
 use std::fs::File;
 use std::os::fd::AsRawFd;
@@ -160,9 +162,11 @@ fn remove_unheld_locks(locks: Vec<PathBuf>) {
     }
 }
 
-/// The ready snapshot for `spec` under `root` (see the module's doc):
-/// `None` at an image's first run, which marks it seen; made at the
-/// second, under a lock.
+/// The ready snapshot for `spec` under `root` (see the module's doc), or
+/// None: at an image's first run, which marks it seen, and while it is not
+/// made yet. From the second run on, a missing one is made in the
+/// background once this run is over ([`start_pending`]), unless another
+/// process is making it or making it failed less than [`RETRY_FAILED`] ago.
 pub fn ready(root: &Path, spec: &ReadySpec) -> Result<Option<(PathBuf, String)>, RuntimeError> {
     let key = spec.key();
     let rroot = root.join(READY_DIR);
@@ -170,12 +174,6 @@ pub fn ready(root: &Path, spec: &ReadySpec) -> Result<Option<(PathBuf, String)>,
     let state_err = |e: std::io::Error| RuntimeError::State {
         path: rroot.display().to_string(),
         source: e,
-    };
-    let touch = |dir: &Path| {
-        // The least recently used go first when there are too many.
-        if let Ok(f) = File::options().append(true).open(dir.join(SPEC_FILE)) {
-            let _ = f.set_modified(std::time::SystemTime::now());
-        }
     };
     if dir.join("state.bin").is_file() {
         touch(&dir);
@@ -188,19 +186,161 @@ pub fn ready(root: &Path, spec: &ReadySpec) -> Result<Option<(PathBuf, String)>,
         trim_ready(&rroot);
         return Ok(None);
     }
-    // Concurrent second runs wait for one builder.
-    let _lock = lock(&rroot.join(format!("{key}.lock"))).map_err(state_err)?;
-    if dir.join("state.bin").is_file() {
-        touch(&dir);
-        return Ok(Some((dir, key)));
+    let failed = rroot.join(format!("{key}.failed"));
+    let failed_lately = failed
+        .metadata()
+        .and_then(|m| m.modified())
+        .ok()
+        .and_then(|t| t.elapsed().ok())
+        .is_some_and(|age| age < RETRY_FAILED);
+    if !failed_lately && !builder_active(&rroot, &key) {
+        let job = ReadyJob {
+            snapshots: root.to_path_buf(),
+            kernel: spec.base.kernel.to_path_buf(),
+            agent_disk: spec.base.agent_disk.to_path_buf(),
+            cpus: spec.base.cpus,
+            memory: spec.base.memory,
+            image_disk: spec.image_disk.to_path_buf(),
+            warm: spec.warm.cloned(),
+            key,
+        };
+        *PENDING.lock().unwrap_or_else(|e| e.into_inner()) = Some(job);
     }
-    let (base_dir, base_key) = ensure(root, &spec.base, false)?;
-    let tmp = make_twice(&rroot, &key, |tmp| {
-        create_ready(tmp, spec, &key, &base_dir, &base_key)
-    })?;
-    std::fs::rename(&tmp, &dir).map_err(state_err)?;
+    Ok(None)
+}
+
+/// A run's ready snapshot is touched: the least recently used go first.
+fn touch(dir: &Path) {
+    if let Ok(f) = File::options().append(true).open(dir.join(SPEC_FILE)) {
+        let _ = f.set_modified(std::time::SystemTime::now());
+    }
+}
+
+/// How long a ready snapshot whose making failed is not tried again.
+pub const RETRY_FAILED: std::time::Duration = std::time::Duration::from_secs(3600);
+
+/// What making a ready snapshot in the background needs: a [`ReadySpec`]
+/// owned, with where the snapshots live and the key the run computed.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct ReadyJob {
+    pub snapshots: PathBuf,
+    pub kernel: PathBuf,
+    pub agent_disk: PathBuf,
+    pub cpus: u8,
+    pub memory: u64,
+    pub image_disk: PathBuf,
+    pub warm: Option<vmc_proto::ProcessSpec>,
+    pub key: String,
+}
+
+/// The ready snapshot this process should have made once its run is over.
+static PENDING: std::sync::Mutex<Option<ReadyJob>> = std::sync::Mutex::new(None);
+
+fn take_pending() -> Option<ReadyJob> {
+    PENDING.lock().unwrap_or_else(|e| e.into_inner()).take()
+}
+
+/// Starts the making of the ready snapshot [`ready`] found missing, if
+/// any: `vmc __make-ready JOB` in a session of its own, with no stdio,
+/// not waited for. Called as a command ends, so that the run it belongs to
+/// never waits for it.
+pub fn start_pending() {
+    let Some(job) = take_pending() else {
+        return;
+    };
+    let rroot = job.snapshots.join(READY_DIR);
+    let file = rroot.join(format!("{}.job", job.key));
+    let started = serde_json::to_vec(&job)
+        .map_err(std::io::Error::other)
+        .and_then(|b| crate::image::store::write_atomic(&file, &b))
+        .and_then(|_| {
+            let mut c = std::process::Command::new(std::env::current_exe()?);
+            c.arg("__make-ready").arg(&file);
+            crate::host::detach(&mut c);
+            c.spawn().map(drop)
+        });
+    if let Err(e) = started {
+        log::info!("not making the ready snapshot {}: {e}", job.key);
+        let _ = std::fs::remove_file(&file);
+    }
+}
+
+/// Waits (at most `limit`) while ready snapshots under `root` are being
+/// made in the background: a job not yet taken, or a maker's lock held.
+/// For the bench, whose measured runs must not share the CPU with a maker.
+pub fn wait_for_makers(root: &Path, limit: std::time::Duration) {
+    let rroot = root.join(READY_DIR);
+    let end = std::time::Instant::now() + limit;
+    let busy = || {
+        std::fs::read_dir(&rroot).is_ok_and(|d| {
+            d.flatten().any(|e| {
+                let name = e.file_name().to_string_lossy().into_owned();
+                name.ends_with(".job") || (name.ends_with(".lock") && try_lock(&e.path()).is_none())
+            })
+        })
+    };
+    while busy() && std::time::Instant::now() < end {
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+}
+
+/// `vmc __make-ready JOB`: makes the ready snapshot `JOB` (a [`ReadyJob`]
+/// file, removed once read) describes, under its lock. A failure is
+/// recorded as `<key>.failed` (its one-line reason) so that runs do not try
+/// again for [`RETRY_FAILED`].
+pub fn make_pending(job_file: &Path) -> Result<(), RuntimeError> {
+    let io = |e: std::io::Error| RuntimeError::State {
+        path: job_file.display().to_string(),
+        source: e,
+    };
+    let mut text = Vec::new();
+    std::io::Read::read_to_end(
+        &mut std::io::Read::take(File::open(job_file).map_err(io)?, 1 << 20),
+        &mut text,
+    )
+    .map_err(io)?;
+    let job: ReadyJob = serde_json::from_slice(&text)
+        .map_err(|e| io(std::io::Error::new(std::io::ErrorKind::InvalidData, e)))?;
+    let rroot = job.snapshots.join(READY_DIR);
+    let _lock = lock(&rroot.join(format!("{}.lock", job.key))).map_err(io)?;
+    let _ = std::fs::remove_file(job_file);
+    let spec = ReadySpec {
+        base: SnapshotSpec {
+            kernel: &job.kernel,
+            agent_disk: &job.agent_disk,
+            cpus: job.cpus,
+            memory: job.memory,
+            backend: Backend::host(),
+        },
+        image_disk: &job.image_disk,
+        warm: job.warm.as_ref(),
+    };
+    let key = spec.key();
+    if key != job.key || rroot.join(&key).join("state.bin").is_file() {
+        // Its inputs changed since (a new kernel), or another made it.
+        return Ok(());
+    }
+    let made = (|| {
+        let (base_dir, base_key) = ensure(&job.snapshots, &spec.base, false)?;
+        let tmp = make_twice(&rroot, &key, |tmp| {
+            create_ready(tmp, &spec, &key, &base_dir, &base_key)
+        })?;
+        std::fs::rename(&tmp, rroot.join(&key)).map_err(|e| RuntimeError::State {
+            path: rroot.display().to_string(),
+            source: e,
+        })
+    })();
+    let failed = rroot.join(format!("{key}.failed"));
+    match &made {
+        Ok(()) => {
+            let _ = std::fs::remove_file(&failed);
+        }
+        Err(e) => {
+            let _ = std::fs::write(&failed, format!("{}\n", crate::host::error_line(e)));
+        }
+    }
     trim_ready(&rroot);
-    Ok(Some((dir, key)))
+    made
 }
 
 /// Removes the least recently used ready snapshots beyond [`MAX_READY`].
@@ -219,7 +359,10 @@ fn trim_ready(rroot: &Path) {
             if let Some(t) = mtime(&p.join(SPEC_FILE)) {
                 snaps.push((t, p));
             }
-        } else if name.ends_with(".seen") {
+        } else if [".seen", ".failed", ".job"]
+            .iter()
+            .any(|x| name.ends_with(x))
+        {
             if let Some(t) = mtime(&p) {
                 seen.push((t, p));
             }
@@ -502,6 +645,14 @@ pub struct Restored {
 }
 
 impl Restored {
+    /// Whether it is a ready snapshot (under [`READY_DIR`]).
+    pub fn is_ready(&self) -> bool {
+        self.dir
+            .parent()
+            .and_then(Path::file_name)
+            .is_some_and(|n| n == READY_DIR)
+    }
+
     /// The snapshot `key` in `dir` as it is now.
     pub fn of(dir: &Path, key: &str) -> Restored {
         Restored {
@@ -654,13 +805,40 @@ mod tests {
         assert_ne!(one.key(), bigger.key());
 
         let root = dir.path().join("snaps");
-        assert!(ready(&root, &one).unwrap().is_none());
-        assert!(root
-            .join(READY_DIR)
-            .join(format!("{}.seen", one.key()))
-            .is_file());
-
         let rroot = root.join(READY_DIR);
+        take_pending();
+        assert!(ready(&root, &one).unwrap().is_none());
+        assert!(rroot.join(format!("{}.seen", one.key())).is_file());
+        assert!(take_pending().is_none(), "the first run only marks");
+        // The second leaves the making to the end of the command.
+        assert!(ready(&root, &one).unwrap().is_none());
+        let job = take_pending().expect("a job for the second run");
+        assert_eq!(
+            (job.key.as_str(), &job.image_disk),
+            (one.key().as_str(), &d1)
+        );
+        assert_eq!(
+            (job.cpus, job.memory, &job.snapshots),
+            (1, 256 << 20, &root)
+        );
+        // Not again while making it failed lately, nor while another
+        // process makes it.
+        let failed = rroot.join(format!("{}.failed", one.key()));
+        std::fs::write(&failed, "boom\n").unwrap();
+        assert!(ready(&root, &one).unwrap().is_none());
+        assert!(take_pending().is_none(), "failed lately");
+        std::fs::remove_file(&failed).unwrap();
+        let held = lock(&rroot.join(format!("{}.lock", one.key()))).unwrap();
+        assert!(ready(&root, &one).unwrap().is_none());
+        assert!(take_pending().is_none(), "being made");
+        drop(held);
+        // A made one is found.
+        let made = rroot.join(one.key());
+        std::fs::create_dir_all(&made).unwrap();
+        std::fs::write(made.join("state.bin"), "").unwrap();
+        assert_eq!(ready(&root, &one).unwrap(), Some((made.clone(), one.key())));
+        std::fs::remove_dir_all(&made).unwrap();
+
         for i in 0..MAX_READY + 2 {
             let d = rroot.join(format!("snap{i:02}"));
             std::fs::create_dir_all(&d).unwrap();

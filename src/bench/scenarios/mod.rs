@@ -180,7 +180,8 @@ impl Bench {
                 self.workload(name, "`echo ready` in a new sandbox (`vmc run --rm --network none`, `crun run`), to its first output and to its exit; vm restores the warm-start snapshot");
                 let rts = self.rts.clone();
                 // Always two warm-ups: the first may create the warm-start
-                // snapshot, the second the image's ready snapshot.
+                // snapshot, the second starts the making of the image's
+                // ready snapshot (waited for before each vm run).
                 let warmup = self.warmup.max(2);
                 self.measure(name, &rts, warmup, self.runs, |b, rt| {
                     b.start_run(rt, false)
@@ -485,6 +486,15 @@ impl Bench {
         if rt.kind == Kind::Qemu {
             let (first, exit) = self.env.qemu_start(cold, "echo ready", "ready")?;
             return Ok(vec![(TO_OUTPUT, first), (TO_EXIT, exit)]);
+        }
+        if rt.kind == Kind::Vm {
+            // An earlier run may have started the making of the image's
+            // ready snapshot: measured runs use it, and never share the CPU
+            // with its maker.
+            crate::runtime::snapshot::wait_for_makers(
+                &crate::runtime::snapshots_dir(),
+                Duration::from_secs(600),
+            );
         }
         let mut cmd = self.env.run(rt, &argv(&["echo", "ready"]), cold)?;
         let report = self.env.tmp.join(format!("mem-{}.json", self.env.name()));
