@@ -586,6 +586,36 @@ fn wait_for_ready_snapshot(ready: &Path, home: &Path) {
     }
 }
 
+/// An image that arrives in the store gets its ready snapshot made in the
+/// background: its first `--rm` run restores it, and only sets the root up.
+#[test]
+fn an_imported_image_is_ready_for_its_first_run() {
+    if !kvm_available() {
+        return;
+    }
+    let home = common::TestHome::new();
+    let tar = common::busybox_tar(&home.path().join("busybox.tar"));
+    let o = vmc(home.path())
+        .args(["import", tar.to_str().unwrap(), "fresh"])
+        .env("VMC_READY_SNAPSHOTS", "1")
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{o:?}");
+    wait_for_ready_snapshot(&common::snapshots().join("ready"), home.path());
+    let o = vmc(home.path())
+        .args(["run", "--rm", "--network", "none", "--timings", "fresh"])
+        .args(["echo", "first"])
+        .env("VMC_READY_SNAPSHOTS", "1")
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{o:?}");
+    assert_eq!(String::from_utf8_lossy(&o.stdout), "first\n");
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!err.contains("overlay "), "{err}");
+    assert!(err.contains("in the guest: etc files "), "{err}");
+}
+
 /// `--rm` runs of an image: the first marks it, the second leaves the making
 /// of its ready snapshot (root mounted) to a background process once it is
 /// over, and from then on runs restore that and only set the container up.

@@ -75,6 +75,7 @@ pub(crate) fn build(a: BuildArgs) -> Result<i32> {
             if a.quiet {
                 println!("{}", img.id());
             }
+            runtime::microvm::ready_for_new_image(&img);
             Ok(0)
         }
         Err(e) => {

@@ -173,6 +173,7 @@ pub(crate) fn import(a: ImportArgs) -> Result<i32> {
     };
     let img = image::import::import_rootfs(&store, &a.file, name.as_deref())?;
     println!("{}", img.id());
+    runtime::microvm::ready_for_new_image(&img);
     Ok(0)
 }
 
@@ -193,12 +194,17 @@ pub(crate) fn pull(a: PullArgs) -> Result<i32> {
     if a.quiet {
         println!("{}", pulled.image.id());
     }
+    runtime::microvm::ready_for_new_image(&pulled.image);
     Ok(0)
 }
 
 pub(crate) fn load(a: LoadArgs) -> Result<i32> {
     let store = store()?;
     let loaded = image::archive::load(&store, &a.input)?;
+    // One background maker per command: the last image of the archive.
+    if let Some(img) = loaded.last() {
+        runtime::microvm::ready_for_new_image(img);
+    }
     for img in &loaded {
         if a.quiet {
             println!("{}", img.id());

@@ -74,7 +74,7 @@ pub(crate) fn run(args: RunArgs, create_only: bool) -> Result<i32> {
     if !ns {
         vmm::open_kvm()?;
     }
-    let vm_memory = args.memory.unwrap_or(256 << 20);
+    let vm_memory = args.memory.unwrap_or(runtime::DEFAULT_VM_MEMORY);
     if !ns {
         vmm::check_memory(vm_memory)?;
     }
@@ -207,7 +207,7 @@ pub(crate) fn run(args: RunArgs, create_only: bool) -> Result<i32> {
     } else {
         EngineConfig::Vm(VmEngineConfig {
             resources: Resources {
-                cpus: args.cpus.unwrap_or(1),
+                cpus: args.cpus.unwrap_or(runtime::DEFAULT_VM_CPUS),
                 memory: vm_memory,
             },
             kernel,

@@ -435,6 +435,44 @@ impl MicroVm {
     }
 }
 
+/// An image just arrived in the store (`build`, `pull`, `import`, `load`):
+/// the ready snapshot a default `vmc run --rm IMAGE` restores (the default
+/// VM size, the image's own command) is made in the background once this
+/// command ends, so that even the image's first run restores it. Nothing
+/// is done without KVM, with ready snapshots off, or without the kernel
+/// and the agent (a run reports those).
+pub fn ready_for_new_image(img: &crate::image::StoredImage) {
+    if !crate::host::knobs().ready_snapshots || vmm::open_kvm().is_err() {
+        return;
+    }
+    let explicit = std::env::var_os("VMC_KERNEL").map(PathBuf::from);
+    let Ok(kernel) = assets::kernel(explicit.as_deref()) else {
+        return;
+    };
+    let cache = super::vmc_home().join("cache");
+    let Ok(agent) = assets::guest_binary()
+        .map_err(|e| e.to_string())
+        .and_then(|g| disk::agent_disk(&g, &cache).map_err(|e| e.to_string()))
+    else {
+        return;
+    };
+    let process = super::spec::process(
+        img.config.config().as_ref(),
+        &super::spec::RunOverrides::default(),
+    );
+    snapshot::pend(snapshot::ReadyJob {
+        snapshots: super::snapshots_dir(),
+        kernel,
+        agent_disk: agent,
+        cpus: super::DEFAULT_VM_CPUS,
+        memory: super::DEFAULT_VM_MEMORY,
+        image_disk: PathBuf::new(),
+        image: Some(img.id()),
+        warm: process.ok().map(|p| warm_spec(&p)),
+        key: String::new(),
+    });
+}
+
 /// What a ready snapshot's agent needs to find `process`'s executable,
 /// and nothing more: the snapshot's memory is every later run's, so the
 /// run's arguments and environment (secrets, often) stay out of it.

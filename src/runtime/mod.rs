@@ -232,6 +232,8 @@ pub enum RuntimeError {
     WrongEngine(Mode, Mode),
     #[error(transparent)]
     Container(#[from] state::StateError),
+    #[error("image {image}: {message}")]
+    Image { image: String, message: String },
 }
 
 /// Where "create" ends and "start" begins: an engine makes the container
@@ -318,6 +320,10 @@ macro_rules! phase {
         log::debug!("[{:9.1} ms] {}", $crate::runtime::elapsed_ms(), format!($($arg)*))
     };
 }
+
+/// A microVM's size when `--cpus` and `--memory` are not given.
+pub const DEFAULT_VM_CPUS: u8 = 1;
+pub const DEFAULT_VM_MEMORY: u64 = 256 << 20;
 
 /// Where warm-start snapshots live: `$VMC_SNAPSHOTS`, else `$VMC_HOME/snapshots`.
 pub fn snapshots_dir() -> PathBuf {

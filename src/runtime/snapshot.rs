@@ -186,6 +186,17 @@ pub fn ready(root: &Path, spec: &ReadySpec) -> Result<Option<(PathBuf, String)>,
         trim_ready(&rroot);
         return Ok(None);
     }
+    let lock_path = rroot.join(format!("{key}.lock"));
+    if builder_active(&rroot, &key) {
+        // Being made (after a build or pull, or by an earlier run): waited
+        // for, as first runs wait for the warm-start snapshot's builder.
+        drop(lock(&lock_path).map_err(state_err)?);
+        if dir.join("state.bin").is_file() {
+            touch(&dir);
+            return Ok(Some((dir, key)));
+        }
+        return Ok(None);
+    }
     let failed = rroot.join(format!("{key}.failed"));
     let failed_lately = failed
         .metadata()
@@ -193,7 +204,7 @@ pub fn ready(root: &Path, spec: &ReadySpec) -> Result<Option<(PathBuf, String)>,
         .ok()
         .and_then(|t| t.elapsed().ok())
         .is_some_and(|age| age < RETRY_FAILED);
-    if !failed_lately && !builder_active(&rroot, &key) {
+    if !failed_lately {
         let job = ReadyJob {
             snapshots: root.to_path_buf(),
             kernel: spec.base.kernel.to_path_buf(),
@@ -201,10 +212,11 @@ pub fn ready(root: &Path, spec: &ReadySpec) -> Result<Option<(PathBuf, String)>,
             cpus: spec.base.cpus,
             memory: spec.base.memory,
             image_disk: spec.image_disk.to_path_buf(),
+            image: None,
             warm: spec.warm.cloned(),
             key,
         };
-        *PENDING.lock().unwrap_or_else(|e| e.into_inner()) = Some(job);
+        pend(job);
     }
     Ok(None)
 }
@@ -228,9 +240,20 @@ pub struct ReadyJob {
     pub agent_disk: PathBuf,
     pub cpus: u8,
     pub memory: u64,
+    /// Empty when `image` is given.
     pub image_disk: PathBuf,
+    /// An image of the store (by id) whose root disk the maker finds or
+    /// builds; the key is then computed by the maker.
+    #[serde(default)]
+    pub image: Option<String>,
     pub warm: Option<vmc_proto::ProcessSpec>,
     pub key: String,
+}
+
+/// Has `job` made in the background once this command ends (see
+/// [`start_pending`]).
+pub fn pend(job: ReadyJob) {
+    *PENDING.lock().unwrap_or_else(|e| e.into_inner()) = Some(job);
 }
 
 /// The ready snapshot this process should have made once its run is over.
@@ -249,7 +272,15 @@ pub fn start_pending() {
         return;
     };
     let rroot = job.snapshots.join(READY_DIR);
-    let file = rroot.join(format!("{}.job", job.key));
+    let name = match &job.image {
+        Some(id) => format!("image-{}", id.trim_start_matches("sha256:")),
+        None => job.key.clone(),
+    };
+    let file = rroot.join(format!("{name}.job"));
+    if let Err(e) = std::fs::create_dir_all(&rroot) {
+        log::info!("not making a ready snapshot: {}: {e}", rroot.display());
+        return;
+    }
     let started = serde_json::to_vec(&job)
         .map_err(std::io::Error::other)
         .and_then(|b| crate::image::store::write_atomic(&file, &b))
@@ -260,7 +291,7 @@ pub fn start_pending() {
             c.spawn().map(drop)
         });
     if let Err(e) = started {
-        log::info!("not making the ready snapshot {}: {e}", job.key);
+        log::info!("not making the ready snapshot {name}: {e}");
         let _ = std::fs::remove_file(&file);
     }
 }
@@ -299,9 +330,38 @@ pub fn make_pending(job_file: &Path) -> Result<(), RuntimeError> {
         &mut text,
     )
     .map_err(io)?;
-    let job: ReadyJob = serde_json::from_slice(&text)
+    let mut job: ReadyJob = serde_json::from_slice(&text)
         .map_err(|e| io(std::io::Error::new(std::io::ErrorKind::InvalidData, e)))?;
     let rroot = job.snapshots.join(READY_DIR);
+    if let Some(id) = job.image.clone() {
+        // An image that just arrived: its disk, then its key.
+        let _ = std::fs::remove_file(job_file);
+        let home = super::vmc_home();
+        let image_err = |message: String| RuntimeError::Image {
+            image: id.clone(),
+            message,
+        };
+        let store = crate::image::Store::open(&home).map_err(|e| image_err(e.to_string()))?;
+        let img = store.resolve(&id).map_err(|e| image_err(e.to_string()))?;
+        job.image_disk = crate::image::disk::root_disk(&store, &img, &home.join("cache"))
+            .map_err(|e| image_err(e.to_string()))?;
+        std::fs::create_dir_all(&rroot).map_err(io)?;
+    }
+    let spec_key = ReadySpec {
+        base: SnapshotSpec {
+            kernel: &job.kernel,
+            agent_disk: &job.agent_disk,
+            cpus: job.cpus,
+            memory: job.memory,
+            backend: Backend::host(),
+        },
+        image_disk: &job.image_disk,
+        warm: job.warm.as_ref(),
+    }
+    .key();
+    if job.image.is_some() {
+        job.key = spec_key;
+    }
     let _lock = lock(&rroot.join(format!("{}.lock", job.key))).map_err(io)?;
     let _ = std::fs::remove_file(job_file);
     let spec = ReadySpec {
@@ -828,16 +888,24 @@ mod tests {
         assert!(ready(&root, &one).unwrap().is_none());
         assert!(take_pending().is_none(), "failed lately");
         std::fs::remove_file(&failed).unwrap();
+        // One being made is waited for: found when its maker is done.
         let held = lock(&rroot.join(format!("{}.lock", one.key()))).unwrap();
-        assert!(ready(&root, &one).unwrap().is_none());
-        assert!(take_pending().is_none(), "being made");
-        drop(held);
-        // A made one is found.
-        let made = rroot.join(one.key());
-        std::fs::create_dir_all(&made).unwrap();
-        std::fs::write(made.join("state.bin"), "").unwrap();
-        assert_eq!(ready(&root, &one).unwrap(), Some((made.clone(), one.key())));
-        std::fs::remove_dir_all(&made).unwrap();
+        let maker = {
+            let made = rroot.join(one.key());
+            std::thread::spawn(move || {
+                std::thread::sleep(std::time::Duration::from_millis(300));
+                std::fs::create_dir_all(&made).unwrap();
+                std::fs::write(made.join("state.bin"), "").unwrap();
+                drop(held);
+            })
+        };
+        let t0 = std::time::Instant::now();
+        let found = ready(&root, &one).unwrap();
+        assert!(t0.elapsed() >= std::time::Duration::from_millis(250));
+        assert_eq!(found, Some((rroot.join(one.key()), one.key())));
+        assert!(take_pending().is_none(), "made by the other");
+        maker.join().unwrap();
+        std::fs::remove_dir_all(rroot.join(one.key())).unwrap();
 
         for i in 0..MAX_READY + 2 {
             let d = rroot.join(format!("snap{i:02}"));
