@@ -460,6 +460,47 @@ mod tests {
         assert!(!root.join("run").exists());
     }
 
+    /// A ready snapshot's root: its seeded files are rewritten in place, a
+    /// missing one is created, one the image has as a symlink is left
+    /// alone, and a root whose /etc is a symlink out of it gets nothing.
+    #[test]
+    fn etc_files_are_written_into_a_mounted_root() {
+        let d = tempfile::tempdir().unwrap();
+        let root = d.path().join("root");
+        fs::create_dir_all(root.join("etc")).unwrap();
+        fs::write(root.join("etc/hosts"), "").unwrap();
+        symlink("../run/resolved.conf", root.join("etc/resolv.conf")).unwrap();
+        let r = root.to_str().unwrap();
+        crate::rootfs::write_etc(r, &etc_files()).unwrap();
+        assert_eq!(
+            fs::read_to_string(root.join("etc/hosts")).unwrap(),
+            "127.0.0.1 localhost\n"
+        );
+        assert_eq!(
+            fs::read_to_string(root.join("etc/hostname")).unwrap(),
+            "box\n"
+        );
+        assert!(fs::symlink_metadata(root.join("etc/resolv.conf"))
+            .unwrap()
+            .file_type()
+            .is_symlink());
+        assert!(!root.join("run").exists() && !root.join("escape").exists());
+        // Shorter content replaces longer: nothing of the old is left.
+        fs::write(root.join("etc/hosts"), "x".repeat(100)).unwrap();
+        crate::rootfs::write_etc(r, &etc_files()).unwrap();
+        assert_eq!(
+            fs::read_to_string(root.join("etc/hosts")).unwrap(),
+            "127.0.0.1 localhost\n"
+        );
+
+        let (outside, root2) = (d.path().join("outside"), d.path().join("root2"));
+        fs::create_dir_all(&outside).unwrap();
+        fs::create_dir_all(&root2).unwrap();
+        symlink(&outside, root2.join("etc")).unwrap();
+        crate::rootfs::write_etc(root2.to_str().unwrap(), &etc_files()).unwrap();
+        assert_eq!(fs::read_dir(&outside).unwrap().count(), 0);
+    }
+
     #[test]
     fn etc_files_are_placed_in_a_fresh_upper_layer() {
         use std::os::unix::fs::{MetadataExt, PermissionsExt};

@@ -69,6 +69,54 @@ pub fn bind_etc(root: &str, files: &[(String, String)]) -> io::Result<Vec<String
 /// from a ready snapshot: they are in its writable layer already, empty,
 /// so this is no copy-up).
 pub fn write_etc(root: &str, files: &[(String, String)]) -> io::Result<()> {
+    use std::io::Write;
+    use std::os::fd::{FromRawFd, OwnedFd};
+    // The usual case, in few system calls (each a walk through the overlay,
+    // which costs the guest kernel dearly under software virtualisation):
+    // the root's own /etc directory, and each file in it as seeded, opened
+    // without following a symlink. Anything else takes the general path.
+    let dir = std::ffi::CString::new(format!("{root}/etc")).map_err(io::Error::other)?;
+    // SAFETY: a valid C string; the descriptor returned is owned below.
+    let fd = unsafe {
+        libc::open(
+            dir.as_ptr(),
+            libc::O_RDONLY | libc::O_DIRECTORY | libc::O_NOFOLLOW | libc::O_CLOEXEC,
+        )
+    };
+    if fd < 0 {
+        return write_etc_resolved(root, files);
+    }
+    // SAFETY: open returned this descriptor; nothing else owns it.
+    let etc = unsafe { OwnedFd::from_raw_fd(fd) };
+    let mut rest = Vec::new();
+    for (name, text) in files.iter().filter(|(n, _)| plain_name(n)) {
+        let c = std::ffi::CString::new(name.as_str()).map_err(io::Error::other)?;
+        // SAFETY: a valid directory descriptor and C string.
+        let f = unsafe {
+            libc::openat(
+                std::os::fd::AsRawFd::as_raw_fd(&etc),
+                c.as_ptr(),
+                libc::O_WRONLY | libc::O_TRUNC | libc::O_NOFOLLOW | libc::O_CLOEXEC,
+            )
+        };
+        if f >= 0 {
+            // SAFETY: openat returned this descriptor; the File owns it.
+            let mut file = unsafe { fs::File::from_raw_fd(f) };
+            file.write_all(text.as_bytes())?;
+            continue;
+        }
+        match io::Error::last_os_error().raw_os_error() {
+            // A symlink (e.g. to systemd's resolver): left alone.
+            Some(libc::ELOOP) => {}
+            _ => rest.push((name.clone(), text.clone())),
+        }
+    }
+    write_etc_resolved(root, &rest)
+}
+
+/// [`write_etc`] for any root: `/etc` resolved (staying inside the root),
+/// files created where missing.
+fn write_etc_resolved(root: &str, files: &[(String, String)]) -> io::Result<()> {
     for (_, text, target, _) in etc_targets(root, files)? {
         fs::write(&target, text)?;
     }

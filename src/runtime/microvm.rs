@@ -327,16 +327,20 @@ impl MicroVm {
             GuestMsg::Error(e) => Err(AgentError::remote(e)),
             other => Err(AgentError::unexpected(&other)),
         };
+        // Both requests go at once (the agent takes them in order and stops
+        // at the first that fails): one round trip to the guest, not two.
+        if self.restored {
+            conn.send(&MicroVm::refresh_msg())?;
+        }
+        conn.send(&HostMsg::Mount(root(self)))?;
         if self.restored {
             let mut watch = or_cancelled(cancelled, self.watch(ANSWER_CPU));
-            let answer = conn.request(&MicroVm::refresh_msg(), &mut watch)?;
-            expect(answer, GuestMsg::Refreshed)?;
+            expect(conn.recv_watched(&mut watch)?, GuestMsg::Refreshed)?;
             crate::phase!("guest refreshed");
             super::timings::mark("refresh");
         }
         let mut watch = or_cancelled(cancelled, self.watch(ANSWER_CPU));
-        let answer = conn.request(&HostMsg::Mount(root(self)), &mut watch)?;
-        expect(answer, GuestMsg::Mounted)?;
+        expect(conn.recv_watched(&mut watch)?, GuestMsg::Mounted)?;
         crate::phase!("root mounted");
         super::timings::mark("mount");
         Ok(conn)

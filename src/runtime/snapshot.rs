@@ -75,7 +75,7 @@ impl SnapshotSpec<'_> {
     /// [`SPEC_FILE`]) so that `vmc system prune` can tell stale ones.
     pub fn describe(&self) -> String {
         format!(
-            "vmc {} build {}\nsnapshot format {FORMAT_VERSION}\nprotocol {PROTOCOL_VERSION}\nkernel {}\nagent {}\ncpus {}\nmemory {}\nbackend {:?}\ncmdline {}\n",
+            "vmc {} build {}\nsnapshot format {FORMAT_VERSION}\nprotocol {PROTOCOL_VERSION}\nkernel {}\nagent {}\ncpus {}\nmemory {}\nbackend {:?}\ncmdline {}\nextra {}\n",
             env!("CARGO_PKG_VERSION"),
             env!("VMC_BUILD_ID"),
             file_identity(self.kernel),
@@ -84,6 +84,9 @@ impl SnapshotSpec<'_> {
             self.memory,
             self.backend,
             crate::vmm::base_cmdline(false, self.backend).join(" "),
+            // VMC_KERNEL_ARGS apply at boot: a snapshot booted without them
+            // is not one with them.
+            crate::host::knobs().kernel_args.as_deref().unwrap_or(""),
         )
     }
 }
@@ -250,6 +253,23 @@ pub struct ReadyJob {
     pub key: String,
 }
 
+impl ReadyJob {
+    /// What the snapshot depends on, on this host.
+    fn spec(&self) -> ReadySpec<'_> {
+        ReadySpec {
+            base: SnapshotSpec {
+                kernel: &self.kernel,
+                agent_disk: &self.agent_disk,
+                cpus: self.cpus,
+                memory: self.memory,
+                backend: Backend::host(),
+            },
+            image_disk: &self.image_disk,
+            warm: self.warm.as_ref(),
+        }
+    }
+}
+
 /// Has `job` made in the background once this command ends (see
 /// [`start_pending`]).
 pub fn pend(job: ReadyJob) {
@@ -347,34 +367,12 @@ pub fn make_pending(job_file: &Path) -> Result<(), RuntimeError> {
             .map_err(|e| image_err(e.to_string()))?;
         std::fs::create_dir_all(&rroot).map_err(io)?;
     }
-    let spec_key = ReadySpec {
-        base: SnapshotSpec {
-            kernel: &job.kernel,
-            agent_disk: &job.agent_disk,
-            cpus: job.cpus,
-            memory: job.memory,
-            backend: Backend::host(),
-        },
-        image_disk: &job.image_disk,
-        warm: job.warm.as_ref(),
-    }
-    .key();
     if job.image.is_some() {
-        job.key = spec_key;
+        job.key = job.spec().key();
     }
     let _lock = lock(&rroot.join(format!("{}.lock", job.key))).map_err(io)?;
     let _ = std::fs::remove_file(job_file);
-    let spec = ReadySpec {
-        base: SnapshotSpec {
-            kernel: &job.kernel,
-            agent_disk: &job.agent_disk,
-            cpus: job.cpus,
-            memory: job.memory,
-            backend: Backend::host(),
-        },
-        image_disk: &job.image_disk,
-        warm: job.warm.as_ref(),
-    };
+    let spec = job.spec();
     let key = spec.key();
     if key != job.key || rroot.join(&key).join("state.bin").is_file() {
         // Its inputs changed since (a new kernel), or another made it.
