@@ -554,19 +554,9 @@ fn wait_for_ready_snapshot(ready: &Path, home: &Path) {
             (spec.contains(&home) && e.path().join("state.bin").is_file()).then_some(())
         })
     };
-    let makers = || {
-        std::fs::read_dir("/proc")
-            .unwrap()
-            .flatten()
-            .filter(|e| {
-                std::fs::read(e.path().join("cmdline"))
-                    .is_ok_and(|c| c.windows(12).any(|w| w == b"__make-ready"))
-            })
-            .count()
-    };
     let mut idle_checks = 0;
     while made().is_none() {
-        if makers() == 0 {
+        if !vmc::runtime::snapshot::makers_running() {
             idle_checks += 1;
             assert!(
                 idle_checks < 3,

@@ -201,7 +201,9 @@ impl Qemu {
                 r#"{{"execute":"migrate","arguments":{{"uri":"exec:cat > {}"}}}}"#,
                 shell_quote(&state)
             ))?;
+            let mut dog = Watchdog::new(ANSWER_CPU);
             loop {
+                vm.judge(&mut dog)?;
                 let v = q.call(r#"{"execute":"query-migrate"}"#)?;
                 match v["return"]["status"].as_str() {
                     Some("completed") => break,

@@ -178,9 +178,14 @@ pub fn ready(root: &Path, spec: &ReadySpec) -> Result<Option<(PathBuf, String)>,
         path: rroot.display().to_string(),
         source: e,
     };
-    if dir.join("state.bin").is_file() {
-        touch(&dir);
-        return Ok(Some((dir, key)));
+    let found = |dir: PathBuf, key: String| {
+        dir.join("state.bin").is_file().then(|| {
+            touch(&dir);
+            (dir, key)
+        })
+    };
+    if let Some(made) = found(dir.clone(), key.clone()) {
+        return Ok(Some(made));
     }
     std::fs::create_dir_all(&rroot).map_err(state_err)?;
     let seen = rroot.join(format!("{key}.seen"));
@@ -194,11 +199,7 @@ pub fn ready(root: &Path, spec: &ReadySpec) -> Result<Option<(PathBuf, String)>,
         // Being made (after a build or pull, or by an earlier run): waited
         // for, as first runs wait for the warm-start snapshot's builder.
         drop(lock(&lock_path).map_err(state_err)?);
-        if dir.join("state.bin").is_file() {
-            touch(&dir);
-            return Ok(Some((dir, key)));
-        }
-        return Ok(None);
+        return Ok(found(dir, key));
     }
     let failed = rroot.join(format!("{key}.failed"));
     let failed_lately = failed
@@ -316,21 +317,37 @@ pub fn start_pending() {
     }
 }
 
-/// Waits (at most `limit`) while ready snapshots under `root` are being
-/// made in the background: a job not yet taken, or a maker's lock held.
-/// For the bench, whose measured runs must not share the CPU with a maker.
-pub fn wait_for_makers(root: &Path, limit: std::time::Duration) {
-    let rroot = root.join(READY_DIR);
-    let end = std::time::Instant::now() + limit;
-    let busy = || {
-        std::fs::read_dir(&rroot).is_ok_and(|d| {
-            d.flatten().any(|e| {
-                let name = e.file_name().to_string_lossy().into_owned();
-                name.ends_with(".job") || (name.ends_with(".lock") && try_lock(&e.path()).is_none())
-            })
-        })
+/// Whether a `vmc __make-ready` process runs on this host.
+pub fn makers_running() -> bool {
+    let Ok(procs) = std::fs::read_dir("/proc") else {
+        return false;
     };
-    while busy() && std::time::Instant::now() < end {
+    procs.flatten().any(|e| {
+        std::fs::read(e.path().join("cmdline"))
+            .is_ok_and(|c| c.split(|&b| b == 0).nth(1) == Some(b"__make-ready".as_slice()))
+    })
+}
+
+/// Waits while ready snapshots under `root` are being made in the
+/// background: a maker's lock held, or a job not yet taken while a maker
+/// runs. Bounded by the makers (whose own waits on their guests are bounded
+/// by the guests' progress): a job left by a maker that died is not waited
+/// for. For the bench, whose measured runs must not share the CPU with one.
+pub fn wait_for_makers(root: &Path) {
+    let rroot = root.join(READY_DIR);
+    let busy = || {
+        let Ok(d) = std::fs::read_dir(&rroot) else {
+            return false;
+        };
+        let (mut held, mut jobs) = (false, false);
+        for e in d.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            held |= name.ends_with(".lock") && try_lock(&e.path()).is_none();
+            jobs |= name.ends_with(".job");
+        }
+        held || (jobs && makers_running())
+    };
+    while busy() {
         std::thread::sleep(std::time::Duration::from_millis(100));
     }
 }
@@ -355,7 +372,6 @@ pub fn make_pending(job_file: &Path) -> Result<(), RuntimeError> {
     let rroot = job.snapshots.join(READY_DIR);
     if let Some(id) = job.image.clone() {
         // An image that just arrived: its disk, then its key.
-        let _ = std::fs::remove_file(job_file);
         let home = super::vmc_home();
         let image_err = |message: String| RuntimeError::Image {
             image: id.clone(),
@@ -365,9 +381,6 @@ pub fn make_pending(job_file: &Path) -> Result<(), RuntimeError> {
         let img = store.resolve(&id).map_err(|e| image_err(e.to_string()))?;
         job.image_disk = crate::image::disk::root_disk(&store, &img, &home.join("cache"))
             .map_err(|e| image_err(e.to_string()))?;
-        std::fs::create_dir_all(&rroot).map_err(io)?;
-    }
-    if job.image.is_some() {
         job.key = job.spec().key();
     }
     let _lock = lock(&rroot.join(format!("{}.lock", job.key))).map_err(io)?;

@@ -491,10 +491,7 @@ impl Bench {
             // An earlier run may have started the making of the image's
             // ready snapshot: measured runs use it, and never share the CPU
             // with its maker.
-            crate::runtime::snapshot::wait_for_makers(
-                &crate::runtime::snapshots_dir(),
-                Duration::from_secs(600),
-            );
+            crate::runtime::snapshot::wait_for_makers(&crate::runtime::snapshots_dir());
         }
         let mut cmd = self.env.run(rt, &argv(&["echo", "ready"]), cold)?;
         let report = self.env.tmp.join(format!("mem-{}.json", self.env.name()));
