@@ -246,6 +246,11 @@ pub fn mount_root(spec: &RootSpec, lap: &mut dyn FnMut(&'static str)) -> io::Res
             .map_err(|e| io::Error::new(e.kind(), format!("network {}: {e}", net.ifname)))?;
         lap("network");
     }
+    if let Some(link) = &spec.link {
+        crate::netcfg::link_up(link)
+            .map_err(|e| io::Error::new(e.kind(), format!("network {}: {e}", link.ifname)))?;
+        lap("link up");
+    }
     crate::layers::mount_stack(IMAGE, SCRATCH, ROOT, &spec.etc, spec.upper_in_memory, lap)?;
     set_hostname(&spec.hostname)?;
     lap("hostname");

@@ -5,7 +5,9 @@
 use std::io;
 use std::net::Ipv4Addr;
 
-use vmc_proto::NetSpec;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+
+use vmc_proto::{LinkSpec, NetSpec};
 use vmc_spawn::sys::check;
 
 fn ifreq(name: &str) -> libc::ifreq {
@@ -39,39 +41,70 @@ fn netmask(prefix: u8) -> Ipv4Addr {
     )
 }
 
-/// Brings `spec.ifname` up with the address, prefix, MTU and default route.
-pub fn configure(spec: &NetSpec) -> io::Result<()> {
-    let ctx =
-        |what: &'static str| move |e: io::Error| io::Error::new(e.kind(), format!("{what}: {e}"));
+/// An AF_INET datagram socket: the handle the interface ioctls take.
+fn ioctl_socket() -> io::Result<OwnedFd> {
     // SAFETY: socket has no pointer arguments.
     let fd =
         check(unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) })?;
     // SAFETY: fd was just opened and is owned here.
-    let _owned = unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+fn step(what: &'static str) -> impl Fn(io::Error) -> io::Error {
+    move |e: io::Error| io::Error::new(e.kind(), format!("{what}: {e}"))
+}
+
+/// Sets the MTU and brings the link up; both are no-ops in the kernel when
+/// already so (a ready snapshot's interface is up: see [`link_up`]).
+fn mtu_and_up(fd: &OwnedFd, ifname: &str, mtu: u16) -> io::Result<()> {
+    let fd = fd.as_raw_fd();
+    // SAFETY: (all ioctls below) a valid socket and an ifreq that lives
+    // across the call, of the type each request reads or writes.
+    unsafe {
+        let mut r = ifreq(ifname);
+        r.ifr_ifru.ifru_mtu = i32::from(mtu);
+        check(libc::ioctl(fd, libc::SIOCSIFMTU, &r)).map_err(step("setting the MTU"))?;
+        let mut r = ifreq(ifname);
+        check(libc::ioctl(fd, libc::SIOCGIFFLAGS, &mut r)).map_err(step("reading the flags"))?;
+        let up = (libc::IFF_UP | libc::IFF_RUNNING) as libc::c_short;
+        if r.ifr_ifru.ifru_flags & up != up {
+            r.ifr_ifru.ifru_flags |= up;
+            check(libc::ioctl(fd, libc::SIOCSIFFLAGS, &r)).map_err(step("bringing it up"))?;
+        }
+    }
+    Ok(())
+}
+
+/// Brings `spec.ifname` up with its MTU and no address. A ready snapshot's
+/// interface is left so: bringing a virtio-net link up fills its receive
+/// ring, most of the guest-kernel work of configuring it.
+pub fn link_up(spec: &LinkSpec) -> io::Result<()> {
+    mtu_and_up(&ioctl_socket()?, &spec.ifname, spec.mtu)
+}
+
+/// Brings `spec.ifname` up with the address, prefix, MTU and default route.
+pub fn configure(spec: &NetSpec) -> io::Result<()> {
+    let fd = ioctl_socket()?;
     let addr = Ipv4Addr::from(spec.address);
     let mask = netmask(spec.prefix);
     // SAFETY: (all ioctls below) a valid socket and an ifreq/rtentry that
     // lives across the call, of the type each request reads or writes.
     unsafe {
-        let mut r = ifreq(&spec.ifname);
-        r.ifr_ifru.ifru_mtu = i32::from(spec.mtu);
-        check(libc::ioctl(fd, libc::SIOCSIFMTU, &r)).map_err(ctx("setting the MTU"))?;
+        let raw = fd.as_raw_fd();
+        // The MTU first: a missing interface is named by the first step.
+        mtu_and_up(&fd, &spec.ifname, spec.mtu)?;
         let mut r = ifreq(&spec.ifname);
         r.ifr_ifru.ifru_addr = sockaddr(addr);
-        check(libc::ioctl(fd, libc::SIOCSIFADDR, &r)).map_err(ctx("setting the address"))?;
+        check(libc::ioctl(raw, libc::SIOCSIFADDR, &r)).map_err(step("setting the address"))?;
         let mut r = ifreq(&spec.ifname);
         r.ifr_ifru.ifru_netmask = sockaddr(mask);
-        check(libc::ioctl(fd, libc::SIOCSIFNETMASK, &r)).map_err(ctx("setting the netmask"))?;
-        let mut r = ifreq(&spec.ifname);
-        check(libc::ioctl(fd, libc::SIOCGIFFLAGS, &mut r)).map_err(ctx("reading the flags"))?;
-        r.ifr_ifru.ifru_flags |= (libc::IFF_UP | libc::IFF_RUNNING) as libc::c_short;
-        check(libc::ioctl(fd, libc::SIOCSIFFLAGS, &r)).map_err(ctx("bringing it up"))?;
+        check(libc::ioctl(raw, libc::SIOCSIFNETMASK, &r)).map_err(step("setting the netmask"))?;
         let mut rt: libc::rtentry = std::mem::zeroed();
         rt.rt_dst = sockaddr(Ipv4Addr::UNSPECIFIED);
         rt.rt_genmask = sockaddr(Ipv4Addr::UNSPECIFIED);
         rt.rt_gateway = sockaddr(Ipv4Addr::from(spec.gateway));
         rt.rt_flags = libc::RTF_UP | libc::RTF_GATEWAY;
-        check(libc::ioctl(fd, libc::SIOCADDRT, &rt)).map_err(ctx("adding the default route"))?;
+        check(libc::ioctl(raw, libc::SIOCADDRT, &rt)).map_err(step("adding the default route"))?;
     }
     Ok(())
 }
@@ -79,7 +112,6 @@ pub fn configure(spec: &NetSpec) -> io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 
     #[test]
     fn prefix_lengths_become_netmasks() {
@@ -138,16 +170,7 @@ mod tests {
         }
         let (addr, mask, mtu, flags, route) =
             crate::testns::in_namespaces(libc::CLONE_NEWNET, || {
-                // A tun device stands in for virtio-net: made with one ioctl.
-                // SAFETY: open on a NUL-terminated path.
-                let tun = unsafe { libc::open(c"/dev/net/tun".as_ptr(), libc::O_RDWR) };
-                let tun = check(tun).unwrap();
-                // SAFETY: open returned a fresh descriptor that we own.
-                let _tun = unsafe { OwnedFd::from_raw_fd(tun) };
-                let mut r = ifreq("vmct0");
-                r.ifr_ifru.ifru_flags = (libc::IFF_TUN | libc::IFF_NO_PI) as libc::c_short;
-                // SAFETY: TUNSETIFF reads the ifreq passed.
-                check(unsafe { libc::ioctl(tun, libc::TUNSETIFF, &r) }).unwrap();
+                let _tun = tun("vmct0");
                 configure(&NetSpec {
                     ifname: "vmct0".into(),
                     address: [10, 0, 2, 15],
@@ -185,6 +208,61 @@ mod tests {
             .find(|f| f[1] == "00000000" && f[7] == "00000000")
             .unwrap();
         assert_eq!(default[..4], ["vmct0", "00000000", gw.as_str(), "0003"]);
+    }
+
+    /// A tun device in this thread's network namespace stands in for
+    /// virtio-net (made with one ioctl); returns its descriptor.
+    fn tun(name: &str) -> OwnedFd {
+        // SAFETY: open on a NUL-terminated path.
+        let tun = check(unsafe { libc::open(c"/dev/net/tun".as_ptr(), libc::O_RDWR) }).unwrap();
+        // SAFETY: open returned a fresh descriptor that we own.
+        let tun = unsafe { OwnedFd::from_raw_fd(tun) };
+        let mut r = ifreq(name);
+        r.ifr_ifru.ifru_flags = (libc::IFF_TUN | libc::IFF_NO_PI) as libc::c_short;
+        // SAFETY: TUNSETIFF reads the ifreq passed.
+        check(unsafe { libc::ioctl(tun.as_raw_fd(), libc::TUNSETIFF, &r) }).unwrap();
+        tun
+    }
+
+    #[test]
+    fn link_up_leaves_an_interface_up_without_an_address_then_configure_completes_it() {
+        if !vmc_spawn::testing::root() {
+            return;
+        }
+        let (mtu, flags, no_addr, addr) = crate::testns::in_namespaces(libc::CLONE_NEWNET, || {
+            let _tun = tun("vmct1");
+            link_up(&LinkSpec {
+                ifname: "vmct1".into(),
+                mtu: 1400,
+            })
+            .unwrap();
+            let s = ioctl_socket().unwrap();
+            let mut r = ifreq("vmct1");
+            // SAFETY: a valid socket and an ifreq the request fills in.
+            let no_addr = unsafe { libc::ioctl(s.as_raw_fd(), libc::SIOCGIFADDR, &mut r) } < 0;
+            // SAFETY: (reads below) the union member each request filled in.
+            let (mtu, flags) = unsafe {
+                (
+                    get(&s, "vmct1", libc::SIOCGIFMTU).ifr_ifru.ifru_mtu,
+                    get(&s, "vmct1", libc::SIOCGIFFLAGS).ifr_ifru.ifru_flags,
+                )
+            };
+            configure(&NetSpec {
+                ifname: "vmct1".into(),
+                address: [10, 0, 2, 15],
+                prefix: 24,
+                gateway: [10, 0, 2, 2],
+                mtu: 1400,
+            })
+            .unwrap();
+            // SAFETY: the union member SIOCGIFADDR filled in.
+            let addr = addr_of(unsafe { get(&s, "vmct1", libc::SIOCGIFADDR).ifr_ifru.ifru_addr });
+            (mtu, flags, no_addr, addr)
+        });
+        assert_eq!(mtu, 1400);
+        assert_ne!(flags & libc::IFF_UP as libc::c_short, 0);
+        assert!(no_addr, "link_up must not give the interface an address");
+        assert_eq!(addr, Ipv4Addr::new(10, 0, 2, 15));
     }
 
     #[test]

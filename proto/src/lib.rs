@@ -22,7 +22,7 @@ use std::io::{self, Read, Write};
 use serde::{Deserialize, Serialize};
 
 /// Version of the frames below; bumped on every incompatible change.
-pub const PROTOCOL_VERSION: u32 = 8;
+pub const PROTOCOL_VERSION: u32 = 9;
 
 /// vsock port on which the guest agent listens.
 pub const AGENT_PORT: u32 = 1024;
@@ -64,6 +64,11 @@ pub struct RootSpec {
     pub scratch_sectors: u64,
     /// The network interface to configure (none: loopback only).
     pub network: Option<NetSpec>,
+    /// An interface to bring up with no address: a ready snapshot's, so
+    /// that a run restored from it only adds its address and route
+    /// (bringing a virtio-net link up fills its receive ring, the larger
+    /// part of configuring it).
+    pub link: Option<LinkSpec>,
     /// Files bind-mounted over the root's /etc (resolv.conf, hosts,
     /// hostname), as (name, content); empty for builds.
     pub etc: Vec<(String, String)>,
@@ -72,6 +77,13 @@ pub struct RootSpec {
     /// VM): the disk's filesystem is not mounted, and nothing is synced
     /// when the process ends.
     pub upper_in_memory: bool,
+}
+
+/// A guest network interface to bring up without an address.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LinkSpec {
+    pub ifname: String,
+    pub mtu: u16,
 }
 
 /// A guest network interface's configuration (IPv4).

@@ -24,6 +24,9 @@ pub const SCRATCH_SIZE: u64 = 2 << 30;
 pub const IMAGE_DEV: &str = "/dev/vdb";
 pub const SCRATCH_DEV: &str = "/dev/vdc";
 
+/// The guest's network interface (the VM's one virtio-net device).
+pub const NET_IF: &str = "eth0";
+
 /// Whole 512-byte sectors of a disk image file (what the guest will see).
 pub fn sectors(path: &Path) -> u64 {
     std::fs::metadata(path).map(|m| m.len() / 512).unwrap_or(0)

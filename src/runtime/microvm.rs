@@ -392,12 +392,13 @@ impl MicroVm {
             image_sectors: self.disk_sectors.0,
             scratch_sectors: self.disk_sectors.1,
             network: self.passt.as_ref().map(|(_, h)| vmc_proto::NetSpec {
-                ifname: "eth0".into(),
+                ifname: super::guest::NET_IF.into(),
                 address: h.address.octets(),
                 prefix: h.prefix,
                 gateway: h.gateway.octets(),
                 mtu: crate::devices::virtio::net::MTU,
             }),
+            link: None,
             etc,
             upper_in_memory,
         }

@@ -505,6 +505,13 @@ fn create_ready(
         image_sectors: super::guest::sectors(spec.image_disk),
         scratch_sectors: 0,
         network: None,
+        // Up, with no address: a run with a network only adds its own, and
+        // one without has an interface that reaches nothing (its backend is
+        // unplugged and the guest has no IPv6 to give it a link-local one).
+        link: Some(vmc_proto::LinkSpec {
+            ifname: super::guest::NET_IF.into(),
+            mtu: crate::devices::virtio::net::MTU,
+        }),
         etc: ETC_FILES
             .iter()
             .map(|n| (n.to_string(), String::new()))
