@@ -606,6 +606,65 @@ fn an_imported_image_is_ready_for_its_first_run() {
     assert!(err.contains("in the guest: etc files "), "{err}");
 }
 
+/// A microVM container's first start takes its executable and user from
+/// the image's lookup index, made with its disk: the agent reads nothing to
+/// find them. What the index cannot answer (a missing command) and `vmc
+/// exec` (the container may have changed its files) are looked up in the
+/// guest, as before.
+#[test]
+fn a_first_start_is_resolved_from_the_images_index_and_an_exec_in_the_guest() {
+    if !kvm_available() {
+        return;
+    }
+    let home = common::store_with_busybox();
+    let run = |args: &[&str]| {
+        vmc(home.path())
+            .args(["run", "--rm", "--network", "none", "--timings"])
+            .args(args)
+            .stdin(Stdio::null())
+            .output()
+            .unwrap()
+    };
+    let o = run(&["-u", "nobody", "busybox", "id"]);
+    assert!(o.status.success(), "{o:?}");
+    assert_eq!(
+        String::from_utf8_lossy(&o.stdout),
+        "uid=65534(nobody) gid=65534(nogroup) groups=65534(nogroup)\n"
+    );
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("in the guest: resolved ahead "), "{err}");
+    let o = run(&["busybox", "nosuch"]);
+    assert_eq!(o.status.code(), Some(127), "{o:?}");
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains("exec: \"nosuch\": executable file not found in $PATH"),
+        "{err}"
+    );
+    assert!(!err.contains("resolved ahead"), "{err}");
+
+    let o = vmc(home.path())
+        .args(["run", "-d", "--network", "none", "--name", "looked-up"])
+        .args(["busybox", "sleep", "1000"])
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{o:?}");
+    let o = vmc(home.path())
+        .args(["exec", "--timings", "-u", "nobody", "looked-up", "id", "-u"])
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{o:?}");
+    assert_eq!(String::from_utf8_lossy(&o.stdout), "65534\n");
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("in the guest: resolve "), "{err}");
+    let rm = vmc(home.path())
+        .args(["rm", "-f", "looked-up"])
+        .output()
+        .unwrap();
+    assert!(rm.status.success(), "{rm:?}");
+}
+
 /// `--rm` runs of an image: the first marks it, the second leaves the making
 /// of its ready snapshot (root mounted) to a background process once it is
 /// over, and from then on runs restore that and only set the container up.

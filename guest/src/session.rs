@@ -287,7 +287,11 @@ struct Running {
 impl Running {
     fn start(spec: &ProcessSpec, laps: &mut Laps) -> Result<Running, spawn::SpawnError> {
         let prepared = spawn::prepare(spec, init::ROOT)?;
-        laps.lap("resolve");
+        laps.lap(if spec.resolved.is_some() {
+            "resolved ahead"
+        } else {
+            "resolve"
+        });
         let io_err = |e: io::Error| spawn::SpawnError {
             kind: vmc_proto::StartFailure::Setup,
             message: format!("stdio pipes: {e}"),

@@ -116,6 +116,24 @@ pub struct ProcessSpec {
     /// arrives as `Stdout`.
     #[serde(default)]
     pub tty: Option<WinSize>,
+    /// The executable and identity, found by the host in the image's index
+    /// (a container's first start, whose root is still the image's): the
+    /// agent then reads no passwd, group or PATH directory.
+    #[serde(default)]
+    pub resolved: Option<Resolved>,
+}
+
+/// A process's executable and identity, resolved ahead of its start.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Resolved {
+    /// As execve takes it, inside the container root.
+    pub path: String,
+    pub uid: u32,
+    pub gid: u32,
+    /// Supplementary groups.
+    pub groups: Vec<u32>,
+    /// The user's home directory (HOME when the environment has none).
+    pub home: String,
 }
 
 /// A terminal's size in character cells.

@@ -48,7 +48,8 @@ mod resolve;
 use child::child_main;
 use isolation::{prepare_isolation, PreparedIsolation};
 pub use isolation::{Isolation, RootOp, SeccompProgram, DOCKER_DEFAULT_CAPS};
-use resolve::{clean_path, read_in_root, resolve_executable, DEFAULT_PATH};
+use resolve::{clean_path, read_in_root, resolve_executable};
+pub use resolve::{executables_in, read_in_root_path, resolve_ahead, DEFAULT_PATH, MAX_ID_FILE};
 
 /// A start failure with the Docker-style message the CLI prints.
 #[derive(Debug)]
@@ -103,15 +104,29 @@ pub fn prepare(spec: &ProcessSpec, root: &str) -> Result<Prepared, SpawnError> {
     if spec.args.is_empty() {
         return Err(SpawnError::setup("no command given"));
     }
-    let root_fd = std::fs::File::open(root)
-        .map(OwnedFd::from)
-        .map_err(|e| SpawnError::setup(format!("container root {root}: {e}")))?;
-    let user = user::resolve(
-        &spec.user,
-        &read_in_root(&root_fd, "/etc/passwd"),
-        &read_in_root(&root_fd, "/etc/group"),
-    )
-    .map_err(|e| SpawnError::setup(e.to_string()))?;
+    // Opened only when something is looked up in the root.
+    let root_fd = || {
+        std::fs::File::open(root)
+            .map(OwnedFd::from)
+            .map_err(|e| SpawnError::setup(format!("container root {root}: {e}")))
+    };
+    let user = match &spec.resolved {
+        Some(r) => ExecUser {
+            uid: r.uid,
+            gid: r.gid,
+            groups: r.groups.clone(),
+            home: r.home.clone(),
+        },
+        None => {
+            let root_fd = root_fd()?;
+            user::resolve(
+                &spec.user,
+                &read_in_root(&root_fd, "/etc/passwd"),
+                &read_in_root(&root_fd, "/etc/group"),
+            )
+            .map_err(|e| SpawnError::setup(e.to_string()))?
+        }
+    };
     let mut env: Vec<String> = spec.env.clone();
     if !env.iter().any(|e| e.starts_with("PATH=")) {
         env.push(format!("PATH={DEFAULT_PATH}"));
@@ -141,7 +156,10 @@ pub fn prepare(spec: &ProcessSpec, root: &str) -> Result<Prepared, SpawnError> {
     // As Docker cleans WorkingDir: the directories created below and the
     // chdir must name the same place ("/a/b/../c" is /a/c).
     let cwd = &clean_path(cwd);
-    let path = resolve_executable(&root_fd, &spec.args[0], &path_var, cwd)?;
+    let path = match &spec.resolved {
+        Some(r) => r.path.clone(),
+        None => resolve_executable(&root_fd()?, &spec.args[0], &path_var, cwd)?,
+    };
     let mut cwd_prefixes = Vec::new();
     let mut acc = String::new();
     for c in Path::new(cwd).components() {
@@ -619,6 +637,45 @@ mod tests {
             prepare(&s, root).err().unwrap().kind,
             StartFailure::NotFound
         );
+    }
+
+    #[test]
+    fn prepare_takes_a_resolution_made_ahead_and_reads_nothing_in_the_root() {
+        let _g = forks();
+        // A root with neither passwd nor the executable: nothing is read.
+        let d = tempfile::tempdir().unwrap();
+        let mut s = spec(&["app", "x"]);
+        s.user = "app".into();
+        s.resolved = Some(vmc_proto::Resolved {
+            path: "/opt/app".into(),
+            uid: 7,
+            gid: 8,
+            groups: vec![8, 9],
+            home: "/home/app".into(),
+        });
+        let p = prepare(&s, d.path().to_str().unwrap()).unwrap();
+        assert_eq!(p.path.to_str().unwrap(), "/opt/app");
+        assert_eq!((p.user.uid, p.user.gid), (7, 8));
+        assert_eq!(p.user.groups, [8, 9]);
+        assert_eq!(
+            envp(&p),
+            [&format!("PATH={DEFAULT_PATH}"), "HOME=/home/app"]
+        );
+        // Without it, the same spec is looked up in the root, and fails.
+        s.resolved = None;
+        assert!(prepare(&s, d.path().to_str().unwrap()).is_err());
+    }
+
+    #[test]
+    fn id_files_are_read_up_to_a_bound() {
+        let d = tempfile::tempdir().unwrap();
+        let line = "app:x:1000:1000::/home/app:/bin/sh\n";
+        let big = line.repeat((MAX_ID_FILE as usize) / line.len() + 100);
+        file(d.path(), "etc/passwd", &big, 0o644);
+        let read = read_in_root_path(d.path(), "/etc/passwd");
+        assert_eq!(read.len() as u64, MAX_ID_FILE);
+        assert!(read.starts_with(line));
+        assert_eq!(read_in_root_path(&d.path().join("none"), "/etc/passwd"), "");
     }
 
     #[test]

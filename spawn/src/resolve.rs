@@ -9,8 +9,7 @@ use super::SpawnError;
 use crate::sys::{check, cstr};
 use vmc_proto::StartFailure;
 
-pub(super) const DEFAULT_PATH: &str =
-    "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+pub const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 
 /// Opens `path` inside `root` (symlinks resolve within the root) as O_PATH.
 pub(super) fn open_in_root(root: &OwnedFd, path: &str, flags: u64) -> io::Result<OwnedFd> {
@@ -34,10 +33,107 @@ pub(super) fn open_in_root(root: &OwnedFd, path: &str, flags: u64) -> io::Result
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
 
+/// The most bytes of a root's /etc/passwd or /etc/group read: an image's
+/// could be any size, and namespace mode reads it on the host.
+pub const MAX_ID_FILE: u64 = 4 << 20;
+
+/// The first [`MAX_ID_FILE`] bytes of a file in the root (invalid UTF-8
+/// replaced), or nothing when it cannot be read.
 pub(super) fn read_in_root(root: &OwnedFd, path: &str) -> String {
-    open_in_root(root, path, libc::O_RDONLY as u64)
-        .map(|fd| std::io::read_to_string(std::fs::File::from(fd)).unwrap_or_default())
-        .unwrap_or_default()
+    let mut buf = Vec::new();
+    match open_in_root(root, path, libc::O_RDONLY as u64) {
+        Ok(fd) => {
+            let _ = io::Read::read_to_end(
+                &mut io::Read::take(std::fs::File::from(fd), MAX_ID_FILE),
+                &mut buf,
+            );
+        }
+        Err(_) => return String::new(),
+    }
+    String::from_utf8_lossy(&buf).into_owned()
+}
+
+/// [`read_in_root`] for a root given by its path (empty when the root
+/// cannot be opened).
+pub fn read_in_root_path(root: &std::path::Path, path: &str) -> String {
+    match std::fs::File::open(root) {
+        Ok(f) => read_in_root(&OwnedFd::from(f), path),
+        Err(_) => String::new(),
+    }
+}
+
+/// The names in `dir` of the root at `root` that resolve (symlinks within
+/// the root) to an executable regular file, as [`resolve_executable`] would
+/// find them; an error when `dir` holds more than `max` entries.
+pub fn executables_in(root: &std::path::Path, dir: &str, max: usize) -> io::Result<Vec<String>> {
+    let root = OwnedFd::from(std::fs::File::open(root)?);
+    let d = open_in_root(&root, dir, (libc::O_RDONLY | libc::O_DIRECTORY) as u64)?;
+    let mut names = Vec::new();
+    for (n, entry) in std::fs::read_dir(format!("/proc/self/fd/{}", d.as_raw_fd()))?.enumerate() {
+        if n >= max {
+            return Err(io::Error::other(format!(
+                "{dir} has more than {max} entries"
+            )));
+        }
+        let name = entry?.file_name();
+        let Some(name) = name.to_str() else { continue };
+        let Ok(fd) = open_in_root(&root, &format!("{dir}/{name}"), libc::O_PATH as u64) else {
+            continue;
+        };
+        // SAFETY: stat is plain data filled by fstat.
+        let mut st: libc::stat = unsafe { std::mem::zeroed() };
+        // SAFETY: fd is open; st is a valid out pointer.
+        if unsafe { libc::fstat(fd.as_raw_fd(), &mut st) } == 0
+            && st.st_mode & libc::S_IFMT == libc::S_IFREG
+            && st.st_mode & 0o111 != 0
+        {
+            names.push(name.to_string());
+        }
+    }
+    names.sort();
+    Ok(names)
+}
+
+/// `spec`'s executable and identity found from what is known of its root
+/// without reading it: its passwd and group files and `is_executable(dir,
+/// name)`, which answers for the PATH directories it knows (`None`: an
+/// unknown directory). `None` when the root itself is needed (a command
+/// with a `/`, a relative PATH entry before the match, an unknown
+/// directory, user or group, or no match): the agent then looks in the
+/// root, and reports what is wrong as it always does.
+pub fn resolve_ahead(
+    spec: &vmc_proto::ProcessSpec,
+    passwd: &str,
+    group: &str,
+    is_executable: impl Fn(&str, &str) -> Option<bool>,
+) -> Option<vmc_proto::Resolved> {
+    let prog = spec.args.first()?;
+    if prog.contains('/') || prog.is_empty() {
+        return None;
+    }
+    let user = crate::user::resolve(&spec.user, passwd, group).ok()?;
+    let path_var = spec
+        .env
+        .iter()
+        .rev()
+        .find_map(|e| e.strip_prefix("PATH="))
+        .unwrap_or(DEFAULT_PATH);
+    for dir in path_var.split(':') {
+        if !dir.starts_with('/') {
+            return None;
+        }
+        let dir = dir.trim_end_matches('/');
+        if is_executable(dir, prog)? {
+            return Some(vmc_proto::Resolved {
+                path: format!("{dir}/{prog}"),
+                uid: user.uid,
+                gid: user.gid,
+                groups: user.groups,
+                home: user.home,
+            });
+        }
+    }
+    None
 }
 
 /// Looks up argv\[0\] as execvp would, but inside `root`.

@@ -135,6 +135,13 @@ pub fn root_disk(store: &Store, img: &StoredImage, cache: &Path) -> Result<PathB
         fs::create_dir_all(&tree).map_err(ImageError::io(&tree))?;
         unpack_image(store, img, &tree, Whiteouts::Apply)?;
         crate::disk::build_erofs(&tree, &tmp)?;
+        // Before the disk: a disk in place has its index (or never will).
+        let env = img.config.config().as_ref().and_then(|c| c.env().clone());
+        let index = super::lookup::index_path(&out);
+        if let Err(e) = super::lookup::Lookup::of_tree(&tree, &env.unwrap_or_default()).save(&index)
+        {
+            log::warn!("{}: {e}", index.display());
+        }
         fs::rename(&tmp, &out).map_err(ImageError::io(&out))
     })();
     let _ = fs::remove_dir_all(&tree);

@@ -5,6 +5,7 @@ pub mod archive;
 pub mod disk;
 pub mod import;
 pub mod layer;
+pub mod lookup;
 pub mod pull;
 pub mod reference;
 pub mod store;

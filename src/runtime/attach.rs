@@ -95,6 +95,7 @@ pub fn run_attached(
     let mut spec = cfg.process.clone();
     spec.stdin = forward_stdin;
     spec.reboot_on_exit = true;
+    spec.resolved = resolve_ahead(cfg, dir);
     let started = conn.request(
         &HostMsg::Start(spec),
         &mut or_cancelled(&cancelled, mvm.watch(ANSWER_CPU)),
@@ -153,6 +154,20 @@ pub fn run_attached(
     crate::phase!("VM ended: {exit:?}");
     super::timings::mark("vm end");
     code.map_err(|e| ended(e, exit))
+}
+
+/// The executable and identity of the container's process from its image's
+/// lookup index, while its root is still the image's: a `--rm` run (its
+/// writable layer is new in memory) or a first start.
+fn resolve_ahead(cfg: &ContainerConfig, dir: &Path) -> Option<vmc_proto::Resolved> {
+    let super::Rootfs::Disk(disk) = &cfg.rootfs else {
+        return None;
+    };
+    if !cfg.vm().ok()?.upper_in_memory && super::state::was_started(dir) {
+        return None;
+    }
+    crate::image::lookup::Lookup::load(&crate::image::lookup::index_path(disk))?
+        .resolve(&cfg.process)
 }
 
 /// `vmc exec` in VM mode: runs another process in the running container's

@@ -517,6 +517,7 @@ mod tests {
             stdin: true,
             reboot_on_exit: true,
             tty: None,
+            resolved: None,
         };
         let w = warm_spec(&run);
         assert_eq!(w.args, ["app"]);

@@ -165,7 +165,7 @@ impl Container {
 
     /// Whether the workload has been started (see [`mark_started`]).
     pub fn started(&self) -> bool {
-        self.dir.join(STARTED).exists()
+        was_started(&self.dir)
     }
 
     fn refused(&self, to: Status) -> StateError {
@@ -286,6 +286,12 @@ const STARTED: &str = "started";
 /// `vmc run -d` waits for before it returns, as Docker's does.
 pub fn mark_started(dir: &Path) {
     let _ = fs::write(dir.join(STARTED), b"");
+}
+
+/// Whether a workload of the container in `dir` has ever started (its
+/// writable layer may differ from the image since).
+pub fn was_started(dir: &Path) -> bool {
+    dir.join(STARTED).exists()
 }
 
 /// The start time of `pid` (field 22 of /proc/PID/stat), if it exists and
