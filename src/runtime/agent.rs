@@ -77,7 +77,7 @@ pub const POLL: Duration = Duration::from_millis(100);
 pub struct AgentConn {
     stream: UnixStream,
     /// Whether this connection asked for the agent's phases
-    /// ([`AgentConn::ask_timings`]); a `Phases` frame is unexpected otherwise.
+    /// ([`AgentConn::connect_then`]); a `Phases` frame is unexpected otherwise.
     timings: bool,
 }
 
@@ -163,6 +163,27 @@ impl AgentConn {
     /// Connects to the agent on `port`, retrying while the guest boots, for
     /// as long as `watch` lets it.
     pub fn connect(uds: &Path, port: u32, watch: Watch) -> Result<AgentConn, AgentError> {
+        Self::connect_then(uds, port, watch, false, &Vec::new)
+    }
+
+    /// Connects as [`AgentConn::connect`], and sends behind its `Hello`, in
+    /// the same write, a `Timings` request (`timings`, when `--timings` is
+    /// on) and the frames `then` makes: the agent takes frames in order, so the
+    /// host waits for the guest once, not once per frame. The answers to
+    /// `Hello` and `Timings` are taken here, those to `then` are left to
+    /// read.
+    pub fn connect_then(
+        uds: &Path,
+        port: u32,
+        watch: Watch,
+        timings: bool,
+        then: &dyn Fn() -> Vec<HostMsg>,
+    ) -> Result<AgentConn, AgentError> {
+        let ask = timings && super::timings::enabled();
+        let hello = HostMsg::Hello {
+            version: PROTOCOL_VERSION,
+        };
+        let asked = ask.then_some(HostMsg::Timings);
         let mut delay = Duration::from_millis(5);
         loop {
             watch()?;
@@ -171,7 +192,16 @@ impl AgentConn {
                     stream,
                     timings: false,
                 };
-                c.handshake(watch)?;
+                // Made now: a Refresh carries the host's time.
+                let mut first = Vec::new();
+                for m in std::iter::once(&hello).chain(&asked).chain(&then()) {
+                    write_frame(&mut first, m).map_err(AgentError::Io)?;
+                }
+                c.stream.write_all(&first).map_err(AgentError::Io)?;
+                c.expect_hello(watch)?;
+                if ask {
+                    c.take_first_phases(watch)?;
+                }
                 return Ok(c);
             }
             std::thread::sleep(delay);
@@ -185,14 +215,10 @@ impl AgentConn {
         self.recv_watched(watch)
     }
 
-    /// With `--timings`: asks the agent for its phases on this connection
-    /// (kept by [`super::timings`] as they arrive), and takes the first,
-    /// accepting the connection.
-    pub fn ask_timings(&mut self, watch: Watch) -> Result<(), AgentError> {
-        if !super::timings::enabled() {
-            return Ok(());
-        }
-        self.send(&HostMsg::Timings)?;
+    /// With `--timings` asked: the agent's first phases (accepting the
+    /// connection); from now on its phases are kept by [`super::timings`]
+    /// as they arrive.
+    fn take_first_phases(&mut self, watch: Watch) -> Result<(), AgentError> {
         self.timings = true;
         match self.recv_frame_watched(watch)? {
             GuestMsg::Phases(p) => Ok(super::timings::guest(p)?),
@@ -240,11 +266,9 @@ impl AgentConn {
         postcard::from_bytes(&body).map_err(|e| FrameError::Decode(e).into())
     }
 
-    fn handshake(&mut self, watch: Watch) -> Result<(), AgentError> {
-        let hello = HostMsg::Hello {
-            version: PROTOCOL_VERSION,
-        };
-        match self.request(&hello, watch)? {
+    /// The answer to the `Hello` sent.
+    fn expect_hello(&mut self, watch: Watch) -> Result<(), AgentError> {
+        match self.recv_watched(watch)? {
             GuestMsg::Hello { version } if version == PROTOCOL_VERSION => Ok(()),
             GuestMsg::Hello { version } => Err(AgentError::Version(version)),
             GuestMsg::Error(e) => Err(AgentError::remote(e)),
@@ -371,6 +395,30 @@ pub(super) mod tests {
         let mut unasked = fake_agent(agent);
         let answer = unasked.request(&HostMsg::StdinEof, &mut hung_at(50));
         assert!(matches!(answer, Err(AgentError::Phases(_))), "{answer:?}");
+    }
+
+    /// The frames given to `connect_then` reach the agent with the Hello,
+    /// before it has answered anything: one round trip, not one per frame.
+    #[test]
+    fn connect_then_sends_its_frames_with_the_hello() {
+        let (_d, uds) = fake_vmm(|mut s| {
+            // Read all three before answering: a host that waited for the
+            // Hello's answer before sending the rest would hang here.
+            let frames: Vec<HostMsg> = (0..3).map(|_| read_frame(&mut s).unwrap()).collect();
+            assert!(matches!(frames[0], HostMsg::Hello { .. }), "{frames:?}");
+            assert!(matches!(frames[1], HostMsg::StdinEof), "{frames:?}");
+            assert!(matches!(frames[2], HostMsg::Signal(9)), "{frames:?}");
+            let hello = GuestMsg::Hello {
+                version: PROTOCOL_VERSION,
+            };
+            write_frame(&mut s, &hello).unwrap();
+            write_frame(&mut s, &GuestMsg::Mounted).unwrap();
+        });
+        let then = || vec![HostMsg::StdinEof, HostMsg::Signal(9)];
+        let mut c =
+            AgentConn::connect_then(&uds, 1, &mut hung_at(50), false, &then).expect("handshake");
+        let answer = c.recv_watched(&mut hung_at(50));
+        assert!(matches!(answer, Ok(GuestMsg::Mounted)), "{answer:?}");
     }
 
     #[test]

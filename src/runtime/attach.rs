@@ -185,12 +185,15 @@ pub fn exec_attached(
     // threads tell whether the guest works on the answer.
     let mut watch = process_watch(vmm_pid);
     super::timings::mark("prepare");
-    let mut conn = AgentConn::connect(vsock, vmc_proto::AGENT_PORT, &mut watch)?;
-    conn.ask_timings(&mut watch)?;
-    super::timings::mark("agent connect");
     spec.stdin = forward_stdin;
     spec.reboot_on_exit = false;
-    match conn.request(&HostMsg::Start(spec), &mut watch)? {
+    // Start goes with the Hello: one round trip to the guest.
+    let mut conn =
+        AgentConn::connect_then(vsock, vmc_proto::AGENT_PORT, &mut watch, true, &|| {
+            vec![HostMsg::Start(spec.clone())]
+        })?;
+    super::timings::mark("agent connect");
+    match conn.recv_watched(&mut watch)? {
         GuestMsg::Started { .. } => super::timings::mark("start"),
         GuestMsg::StartFailed { kind, message } => {
             eprintln!("vmc: {message}");
