@@ -27,6 +27,13 @@ pub struct Cli {
     pub command: Command,
 }
 
+/// `vmc run --start`.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StartMode {
+    Fresh,
+    Parked,
+}
+
 // Parsed once per process and matched at once: the size of its largest
 // variant (`run`'s many flags) costs nothing worth a box.
 #[allow(clippy::large_enum_variant)]
@@ -244,6 +251,14 @@ pub struct RunArgs {
     /// Boot the guest kernel instead of restoring the warm-start snapshot.
     #[arg(long)]
     pub cold: bool,
+
+    /// How the workload starts: `fresh` (exec'd at each run, the default)
+    /// or `parked` (a `--rm` run of an image in a microVM: the first leaves
+    /// a snapshot holding the process exec'd and stopped at its entry, and
+    /// later runs of the same command restore it and let it run; restored
+    /// copies share its ASLR layout and AT_RANDOM, see the README).
+    #[arg(long = "start", value_enum, default_value_t = StartMode::Fresh)]
+    pub start: StartMode,
 
     /// Print where the run's time went when it ends (host phases and the
     /// guest agent's steps), on stderr; attached runs only.

@@ -665,6 +665,68 @@ fn a_first_start_is_resolved_from_the_images_index_and_an_exec_in_the_guest() {
     assert!(rm.status.success(), "{rm:?}");
 }
 
+/// `--start=parked`: the first run has its process parked in a snapshot
+/// (made in the background), exec'd and stopped at its entry; later runs
+/// of the same command restore it and let it run. Its stdin, output and
+/// exit code come through as in any run, and, as the README says, the
+/// restored copies share the process's ASLR layout (here the vDSO's
+/// address in its auxv), which fresh starts do not.
+#[test]
+fn parked_starts_run_the_parked_process_whose_copies_share_its_layout() {
+    if !kvm_available() {
+        return;
+    }
+    let home = common::store_with_busybox();
+    let script = "read line; echo \"got $line\"; od -An -tx8 /proc/$$/auxv | head -1; exit 3";
+    let run = |parked: bool| {
+        let mut c = vmc(home.path());
+        c.args(["run", "--rm", "-i", "--network", "none", "--timings"]);
+        if parked {
+            c.arg("--start=parked");
+        }
+        let mut child = c
+            .args(["busybox", "sh", "-c", script])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        child.stdin.take().unwrap().write_all(b"hello\n").unwrap();
+        let out = child.wait_with_output().unwrap();
+        assert_eq!(out.status.code(), Some(3), "{out:?}");
+        let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+        let lines: Vec<&str> = stdout.lines().collect();
+        assert_eq!(lines.len(), 2, "{stdout}");
+        assert_eq!(lines[0], "got hello");
+        (
+            lines[1].to_string(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    // No parked snapshot yet: started fresh, and one is made.
+    let (_, first) = run(true);
+    assert!(!first.contains("in the guest: resume"), "{first}");
+    wait_for_ready_snapshot(&common::snapshots().join("ready"), home.path());
+    let (auxv1, second) = run(true);
+    let (auxv2, third) = run(true);
+    for err in [&second, &third] {
+        assert!(err.contains("in the guest: resume"), "{err}");
+    }
+    assert_eq!(auxv1, auxv2, "parked copies share the process's layout");
+    let (fresh1, _) = run(false);
+    let (fresh2, _) = run(false);
+    assert_ne!(fresh1, fresh2, "fresh starts get their own layout");
+
+    let o = vmc(home.path())
+        .args(["run", "--start=parked", "busybox", "true"])
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(125), "{o:?}");
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("--start=parked is for a --rm run"), "{err}");
+}
+
 /// `--rm` runs of an image: the first marks it, the second leaves the making
 /// of its ready snapshot (root mounted) to a background process once it is
 /// over, and from then on runs restore that and only set the container up.

@@ -111,6 +111,7 @@ fn snapshots_made_under_load_all_restore() {
             extra_hosts: Vec::new(),
             engine: vmc::runtime::EngineConfig::Vm(vmc::runtime::VmEngineConfig {
                 upper_in_memory: false,
+                parked: false,
                 resources: Resources {
                     cpus: 1,
                     memory: 256 << 20,

@@ -91,10 +91,15 @@ pub(crate) fn reap_all() {
         if pid <= 0 {
             return;
         }
-        let tx = waiters()
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove(&(pid as u32));
+        let mut map = waiters().lock().unwrap_or_else(|e| e.into_inner());
+        // A traced child's stop (a parked process at its entry: see
+        // session.rs) goes to its session too; it stays registered.
+        let tx = if libc::WIFSTOPPED(status) {
+            map.get(&(pid as u32)).and_then(|tx| tx.try_clone().ok())
+        } else {
+            map.remove(&(pid as u32))
+        };
+        drop(map);
         if let Some(tx) = tx {
             let _ = sys::write_all(tx.as_raw_fd(), &status.to_ne_bytes());
         }

@@ -19,6 +19,10 @@ use vmc_spawn::{self as spawn, sys};
 /// Whether the container root is mounted (once per VM).
 static MOUNTED: Mutex<bool> = Mutex::new(false);
 
+/// The process a `Park` started and stopped at its entry, with its spec,
+/// until a `StartParked` (after the snapshot's restore) lets it run.
+static PARKED: Mutex<Option<(ProcessSpec, Running)>> = Mutex::new(None);
+
 /// The most of an executable a `Warm` reads.
 const WARM_LIMIT: u64 = 4 << 20;
 
@@ -172,6 +176,52 @@ fn handshake_and_start(
                 }
                 send(conn, &GuestMsg::Warmed).map_err(|e| e.to_string())?;
             }
+            Ok(HostMsg::Park(spec)) => {
+                if !*MOUNTED.lock().unwrap_or_else(|e| e.into_inner()) {
+                    return Err("Park before Mount".into());
+                }
+                let answer = match Running::park(&spec) {
+                    Ok(p) => {
+                        let pid = p.pid;
+                        *PARKED.lock().unwrap_or_else(|e| e.into_inner()) = Some((spec, p));
+                        GuestMsg::Parked { pid }
+                    }
+                    Err(e) => GuestMsg::StartFailed {
+                        kind: e.kind,
+                        message: e.message,
+                    },
+                };
+                send(conn, &answer).map_err(|e| e.to_string())?;
+            }
+            Ok(HostMsg::StartParked {
+                stdin,
+                reboot_on_exit,
+            }) => {
+                laps.restart();
+                let parked = PARKED.lock().unwrap_or_else(|e| e.into_inner()).take();
+                let Some((mut spec, mut p)) = parked else {
+                    let _ = send(
+                        conn,
+                        &GuestMsg::StartFailed {
+                            kind: vmc_proto::StartFailure::Setup,
+                            message: "no parked process in this guest".into(),
+                        },
+                    );
+                    return Ok(None);
+                };
+                if !stdin {
+                    // End of file at once, as /dev/null would give.
+                    p.stdin = None;
+                }
+                spec.stdin = stdin;
+                spec.reboot_on_exit = reboot_on_exit;
+                // SAFETY: kill takes plain integers; pid is our stopped child.
+                unsafe { libc::kill(p.pid as libc::pid_t, libc::SIGCONT) };
+                laps.lap("resume");
+                report(&mut laps)?;
+                send(conn, &GuestMsg::Started { pid: p.pid }).map_err(|e| e.to_string())?;
+                return Ok(Some((spec, p)));
+            }
             Ok(HostMsg::Connect { port }) => {
                 let tcp = std::net::TcpStream::connect(("127.0.0.1", port))
                     .map_err(|e| format!("connecting to port {port} in the guest: {e}"))?;
@@ -208,6 +258,36 @@ fn handshake_and_start(
             Err(e) => return Err(e.to_string()),
         }
     }
+}
+
+/// The wait status of `pid`'s first stop (or exit). SIGCHLD is not sent
+/// for stops (the agent's handler has SA_NOCLDSTOP), so the reaper only
+/// sees it when another child wakes it, and then passes it on through the
+/// session's `exit` pipe (see reaper.rs): both are watched.
+fn wait_for_stop(pid: libc::pid_t, exit: &OwnedFd) -> io::Result<i32> {
+    // About a minute: an exec that long is a guest the host gives up on first.
+    for _ in 0..60_000 {
+        let mut p = pfd(exit.as_raw_fd(), libc::POLLIN);
+        // SAFETY: one valid pollfd.
+        if unsafe { libc::poll(&mut p, 1, 1) } > 0 {
+            return reaper::read_status(exit);
+        }
+        let mut status = 0;
+        // SAFETY: status is a valid out pointer.
+        match unsafe { libc::waitpid(pid, &mut status, libc::WNOHANG | libc::__WALL) } {
+            0 => {}
+            p if p == pid => return Ok(status),
+            _ => {
+                let e = io::Error::last_os_error();
+                // Taken by the reaper in the meantime: it is in the pipe.
+                if e.raw_os_error() == Some(libc::ECHILD) {
+                    return reaper::read_status(exit);
+                }
+                return Err(e);
+            }
+        }
+    }
+    Err(io::Error::from(io::ErrorKind::TimedOut))
 }
 
 /// Reads the bytes of `Stdin` frames until `StdinEof`.
@@ -292,16 +372,76 @@ impl Running {
         } else {
             "resolve"
         });
+        let running = match spec.tty {
+            Some(size) => Self::start_pty(&prepared, size),
+            None => Self::start_piped(&prepared, spec.stdin),
+        };
+        laps.lap("fork+exec");
+        running
+    }
+
+    /// Starts `spec` as [`Running::start`] would (stdin on a pipe), but
+    /// stopped at the entry of its executable: after its execve, before its
+    /// first instruction (traced until then, then detached with SIGSTOP, so
+    /// that a SIGCONT lets it run). A snapshot taken now holds the process
+    /// exec'd, for `StartParked` in every guest restored from it.
+    fn park(spec: &ProcessSpec) -> Result<Running, spawn::SpawnError> {
+        let setup = |message: String| spawn::SpawnError {
+            kind: vmc_proto::StartFailure::Setup,
+            message,
+        };
+        if spec.tty.is_some() {
+            return Err(setup("a parked process has no terminal".into()));
+        }
+        let mut prepared = spawn::prepare(spec, init::ROOT)?;
+        // Its pages in the page cache too, as `Warm` leaves them: exec maps
+        // them, it does not read them.
+        let _ = spawn::warm(&prepared, WARM_LIMIT);
+        prepared.stop_at_entry();
+        let running = Self::start_piped(&prepared, true)?;
+        let pid = running.pid as libc::pid_t;
+        let kill = || {
+            // SAFETY: kill takes plain integers; pid is our child.
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+        };
+        let status = wait_for_stop(pid, &running.exit)
+            .map_err(|e| setup(format!("waiting for the parked process: {e}")))?;
+        if !(libc::WIFSTOPPED(status) && libc::WSTOPSIG(status) == libc::SIGTRAP) {
+            kill();
+            return Err(setup(format!(
+                "the parked process did not stop at its entry (wait status {status:#x})"
+            )));
+        }
+        // This thread spawned it, so it is the tracer.
+        // SAFETY: ptrace on our own traced, stopped child.
+        if unsafe { libc::ptrace(libc::PTRACE_DETACH, pid, 0, libc::SIGSTOP) } < 0 {
+            let e = io::Error::last_os_error();
+            kill();
+            return Err(setup(format!("detaching the parked process: {e}")));
+        }
+        // Stopped for good before the snapshot is taken.
+        for _ in 0..10_000 {
+            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+            let state = stat
+                .rfind(')')
+                .and_then(|i| stat[i + 1..].split_whitespace().next());
+            if state == Some("T") {
+                return Ok(running);
+            }
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+        kill();
+        Err(setup("the parked process did not stop".into()))
+    }
+
+    /// Starts `prepared` with stdin (a pipe when `stdin`, else /dev/null),
+    /// stdout and stderr on pipes.
+    fn start_piped(prepared: &spawn::Prepared, stdin: bool) -> Result<Running, spawn::SpawnError> {
         let io_err = |e: io::Error| spawn::SpawnError {
             kind: vmc_proto::StartFailure::Setup,
             message: format!("stdio pipes: {e}"),
         };
-        if let Some(size) = spec.tty {
-            let running = Self::start_pty(&prepared, size);
-            laps.lap("fork+exec");
-            return running;
-        }
-        let (in_r, in_w) = if spec.stdin {
+        let (in_r, in_w) = if stdin {
             let (r, w) = sys::pipe().map_err(io_err)?;
             (r, Some(w))
         } else {
@@ -312,14 +452,13 @@ impl Running {
         let (err_r, err_w) = sys::pipe().map_err(io_err)?;
         let stdio = [in_r.as_raw_fd(), out_w.as_raw_fd(), err_w.as_raw_fd()];
         let mut failure = None;
-        let res = reaper::spawn_registered(|| match spawn::spawn(&prepared, stdio) {
+        let res = reaper::spawn_registered(|| match spawn::spawn(prepared, stdio) {
             Ok(pid) => Ok(((), pid)),
             Err(e) => {
                 failure = Some(e);
                 Err(io::Error::other("spawn failed"))
             }
         });
-        laps.lap("fork+exec");
         let (_, pid, exit) = match res {
             Ok(v) => v,
             Err(e) => {

@@ -237,6 +237,16 @@ pub enum HostMsg {
     /// would and read the start of its executable, so that the snapshot's
     /// page cache holds it. Nothing runs. Answered with `Warmed`.
     Warm(ProcessSpec),
+    /// Before a parked snapshot is taken (`vmc run --start=parked`): start
+    /// this process (stdin, stdout and stderr on pipes) and stop it at the
+    /// entry of its executable, after execve and before its first
+    /// instruction. Answered with `Parked`.
+    Park(ProcessSpec),
+    /// In a guest restored from a parked snapshot: let the parked process
+    /// run, as `Start` would have started it (`stdin`: the host sends
+    /// stdin; otherwise the process's stdin is closed). Answered like
+    /// `Start`.
+    StartParked { stdin: bool, reboot_on_exit: bool },
 }
 
 /// Frames from the guest agent to the host.
@@ -271,6 +281,8 @@ pub enum GuestMsg {
     Phases(Vec<Phase>),
     /// Answer to [`HostMsg::Warm`] (whether or not the executable was found).
     Warmed,
+    /// Answer to [`HostMsg::Park`]: the process waits at its entry.
+    Parked { pid: u32 },
 }
 
 /// Errors reading or writing frames.

@@ -132,6 +132,9 @@ pub(super) unsafe fn child_main(
                 }
             }
         }
+        if p.trace_exec && libc::ptrace(libc::PTRACE_TRACEME, 0, 0, 0) < 0 {
+            fail(Step::Exec);
+        }
         libc::execve(p.path.as_ptr(), argv.as_ptr(), envp.as_ptr());
         fail(Step::Exec)
     }

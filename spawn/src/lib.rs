@@ -77,6 +77,19 @@ pub struct Prepared {
     cwd: CString,
     user: ExecUser,
     iso: Option<PreparedIsolation>,
+    /// The child asks to be traced before its execve, so that it stops
+    /// (SIGTRAP) at the entry of the new program: see [`Prepared::stop_at_entry`].
+    trace_exec: bool,
+}
+
+impl Prepared {
+    /// The started process stops at the entry of its executable, traced by
+    /// the thread that spawned it: its parent sees a stop with SIGTRAP (a
+    /// `waitpid` status), and may then detach it (`PTRACE_DETACH`) stopped
+    /// or running.
+    pub fn stop_at_entry(&mut self) {
+        self.trace_exec = true;
+    }
 }
 
 /// Reads up to `limit` bytes of the executable `p` would exec, from inside
@@ -180,6 +193,7 @@ pub fn prepare(spec: &ProcessSpec, root: &str) -> Result<Prepared, SpawnError> {
         cwd: c(cwd)?,
         user,
         iso: None,
+        trace_exec: false,
     })
 }
 

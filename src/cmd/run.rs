@@ -57,6 +57,10 @@ pub(crate) fn run(args: RunArgs, create_only: bool) -> Result<i32> {
     if args.timings && (args.detach || create_only) {
         bail!("--timings reports an attached run: leave out -d (and use vmc run, not vmc create)");
     }
+    let parked = args.start == vmc::cli::StartMode::Parked;
+    if parked && (ns || !args.rm || args.rootfs.is_some() || args.tty || args.cold) {
+        bail!("--start=parked is for a --rm run of an image in a microVM, without -t or --cold");
+    }
     if !(args.detach || create_only) {
         start_timings(args.timings);
     }
@@ -215,6 +219,7 @@ pub(crate) fn run(args: RunArgs, create_only: bool) -> Result<i32> {
             cold: args.cold,
             snapshots: runtime::snapshots_dir(),
             upper_in_memory: args.rm,
+            parked,
         })
     };
     let cfg = ContainerConfig {

@@ -92,14 +92,19 @@ pub fn run_attached(
         mvm.stop();
         return Err(e);
     }
-    let mut spec = cfg.process.clone();
-    spec.stdin = forward_stdin;
-    spec.reboot_on_exit = true;
-    spec.resolved = resolve_ahead(cfg, dir);
-    let started = conn.request(
-        &HostMsg::Start(spec),
-        &mut or_cancelled(&cancelled, mvm.watch(ANSWER_CPU)),
-    );
+    let start = if mvm.parked() {
+        HostMsg::StartParked {
+            stdin: forward_stdin,
+            reboot_on_exit: true,
+        }
+    } else {
+        let mut spec = cfg.process.clone();
+        spec.stdin = forward_stdin;
+        spec.reboot_on_exit = true;
+        spec.resolved = resolve_ahead(cfg, dir);
+        HostMsg::Start(spec)
+    };
+    let started = conn.request(&start, &mut or_cancelled(&cancelled, mvm.watch(ANSWER_CPU)));
     match started {
         Ok(GuestMsg::Started { .. }) => {
             crate::phase!("process started");

@@ -181,6 +181,7 @@ mod tests {
             Rootfs::Disk("/nonexistent.erofs".into()),
             EngineConfig::Vm(VmEngineConfig {
                 upper_in_memory: false,
+                parked: false,
                 resources: crate::runtime::Resources {
                     cpus: 1,
                     memory: 256 << 20,

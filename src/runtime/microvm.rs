@@ -32,6 +32,9 @@ pub enum Start {
 
 /// A booted (or booting) microVM.
 pub struct MicroVm {
+    /// Restored from a parked snapshot: its process waits at its entry
+    /// (`HostMsg::StartParked` lets it run).
+    parked: bool,
     vm: RunningVm,
     vsock: PathBuf,
     /// Sizes in sectors of the image and scratch disks, for the agent.
@@ -159,6 +162,7 @@ impl MicroVm {
             vsock: vsock.clone(),
             disk_sectors,
             restored: snapshot.is_some(),
+            parked: false,
             running_ms: super::elapsed_ms(),
             passt,
             snapshot,
@@ -183,15 +187,21 @@ impl MicroVm {
         // A --rm run of an image: its ready snapshot (root mounted), when
         // there is one and they are asked for; a failure there falls back
         // to the base snapshot.
-        let ready_asked = crate::host::knobs().ready_snapshots;
+        // --start=parked asks for its own kind of ready snapshot by name.
+        let ready_asked = crate::host::knobs().ready_snapshots || vm_cfg.parked;
         if let (true, true, super::Rootfs::Disk(image)) =
             (ready_asked, vm_cfg.upper_in_memory, &cfg.rootfs)
         {
-            let warm = warm_spec(&cfg.process);
+            let warm = if vm_cfg.parked {
+                park_spec(&cfg.process)
+            } else {
+                warm_spec(&cfg.process)
+            };
             let ready = snapshot::ReadySpec {
                 base: spec,
                 image_disk: image,
                 warm: Some(&warm),
+                park: vm_cfg.parked,
             };
             let found = snapshot::ready(&vm_cfg.snapshots, &ready);
             super::timings::mark("ready snapshot");
@@ -201,7 +211,9 @@ impl MicroVm {
                     match vmm::restore(config(None)?, &d, &k) {
                         Ok(vm) => {
                             super::timings::mark("vmm restore");
-                            return Ok(made(vm, Some(restored)));
+                            let mut m = made(vm, Some(restored));
+                            m.parked = vm_cfg.parked;
+                            return Ok(m);
                         }
                         Err(e) => {
                             // Moved aside: a later run makes a new one.
@@ -363,6 +375,12 @@ impl MicroVm {
         conn.request(msg, &mut self.watch(ANSWER_CPU))
     }
 
+    /// Whether the VM was restored from a parked snapshot: its process waits
+    /// for `HostMsg::StartParked`.
+    pub fn parked(&self) -> bool {
+        self.parked
+    }
+
     /// Whether the VM was restored from a snapshot (its clock and entropy
     /// need a [`HostMsg::Refresh`] before use).
     pub fn restored(&self) -> bool {
@@ -477,6 +495,7 @@ pub fn ready_for_new_image(img: &crate::image::StoredImage) {
         image_disk: PathBuf::new(),
         image: Some(img.id()),
         warm: process.ok().map(|p| warm_spec(&p)),
+        park: false,
         key: String::new(),
     });
 }
@@ -484,6 +503,25 @@ pub fn ready_for_new_image(img: &crate::image::StoredImage) {
 /// What a ready snapshot's agent needs to find `process`'s executable,
 /// and nothing more: the snapshot's memory is every later run's, so the
 /// run's arguments and environment (secrets, often) stay out of it.
+/// The process a parked snapshot holds for a run's: the same, but for
+/// HOSTNAME (a new container's name each run; the parked process goes
+/// without it) and how this run attaches (stdin, the end of the VM).
+fn park_spec(process: &vmc_proto::ProcessSpec) -> vmc_proto::ProcessSpec {
+    vmc_proto::ProcessSpec {
+        env: process
+            .env
+            .iter()
+            .filter(|e| !e.starts_with("HOSTNAME="))
+            .cloned()
+            .collect(),
+        stdin: false,
+        reboot_on_exit: false,
+        tty: None,
+        resolved: None,
+        ..process.clone()
+    }
+}
+
 fn warm_spec(process: &vmc_proto::ProcessSpec) -> vmc_proto::ProcessSpec {
     vmc_proto::ProcessSpec {
         args: process.args.iter().take(1).cloned().collect(),

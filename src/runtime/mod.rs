@@ -148,6 +148,10 @@ pub struct VmEngineConfig {
     /// scratch disk (`--rm`: it is removed with the container anyway).
     #[serde(default)]
     pub upper_in_memory: bool,
+    /// `--start=parked`: restore the image's parked snapshot of this
+    /// process when there is one (and have one made when there is not).
+    #[serde(default)]
+    pub parked: bool,
 }
 
 /// Namespace mode's confinement beyond Docker's defaults.
@@ -360,6 +364,7 @@ pub(crate) mod tests {
     fn the_engine_part_is_tagged_by_mode_and_checked() {
         let vm = config(EngineConfig::Vm(VmEngineConfig {
             upper_in_memory: false,
+            parked: false,
             resources: Resources {
                 cpus: 2,
                 memory: 512 << 20,

@@ -112,14 +112,26 @@ pub struct ReadySpec<'a> {
     /// The process whose executable the snapshot's page cache should hold
     /// (the run that makes it; not part of the key).
     pub warm: Option<&'a vmc_proto::ProcessSpec>,
+    /// A parked snapshot (`vmc run --start=parked`): `warm` is started and
+    /// stopped at its entry in it, and is part of the key.
+    pub park: bool,
 }
 
 impl ReadySpec<'_> {
     fn describe(&self) -> String {
+        let parked = match (self.park, self.warm) {
+            // The process as it runs in every copy (arguments and
+            // environment included), by digest.
+            (true, Some(p)) => format!(
+                "parked {}\n",
+                key_of(&serde_json::to_string(p).unwrap_or_default())
+            ),
+            _ => String::new(),
+        };
         format!(
             "{}image {}
 ready 1
-",
+{parked}",
             self.base.describe(),
             file_identity(self.image_disk)
         )
@@ -189,7 +201,8 @@ pub fn ready(root: &Path, spec: &ReadySpec) -> Result<Option<(PathBuf, String)>,
     }
     std::fs::create_dir_all(&rroot).map_err(state_err)?;
     let seen = rroot.join(format!("{key}.seen"));
-    if !seen.exists() {
+    // A parked snapshot is asked for by name: made after the first run.
+    if !seen.exists() && !spec.park {
         File::create(&seen).map_err(state_err)?;
         trim_ready(&rroot);
         return Ok(None);
@@ -218,6 +231,7 @@ pub fn ready(root: &Path, spec: &ReadySpec) -> Result<Option<(PathBuf, String)>,
             image_disk: spec.image_disk.to_path_buf(),
             image: None,
             warm: spec.warm.cloned(),
+            park: spec.park,
             key,
         };
         pend(job);
@@ -251,6 +265,9 @@ pub struct ReadyJob {
     #[serde(default)]
     pub image: Option<String>,
     pub warm: Option<vmc_proto::ProcessSpec>,
+    /// `warm` is to be parked (see [`ReadySpec::park`]).
+    #[serde(default)]
+    pub park: bool,
     pub key: String,
 }
 
@@ -267,6 +284,7 @@ impl ReadyJob {
             },
             image_disk: &self.image_disk,
             warm: self.warm.as_ref(),
+            park: self.park,
         }
     }
 }
@@ -456,6 +474,16 @@ fn trim_ready(rroot: &Path) {
 /// so that a run only writes their contents (see `net::etc_files`).
 const ETC_FILES: [&str; 3] = ["resolv.conf", "hosts", "hostname"];
 
+/// What has the agent ready `p` in a ready snapshot: its executable read
+/// (`Warm`), or the process started and stopped at its entry (`Park`).
+fn warm_or_park(park: bool, p: &vmc_proto::ProcessSpec) -> HostMsg {
+    if park {
+        HostMsg::Park(p.clone())
+    } else {
+        HostMsg::Warm(p.clone())
+    }
+}
+
 /// Restores the base snapshot with the image's disk into a VM whose agent
 /// mounts the root (writable layer in memory), snapshots it into `tmp` once
 /// the agent is idle, and checks that the snapshot restores.
@@ -522,9 +550,13 @@ fn create_ready(
         let refreshed = c.request(&refresh_msg(), &mut watch)?;
         let mut mounted = c.request(&HostMsg::Mount(root), &mut watch)?;
         if let (GuestMsg::Mounted, Some(p)) = (&mounted, spec.warm) {
-            mounted = match c.request(&HostMsg::Warm(p.clone()), &mut watch)? {
-                GuestMsg::Warmed => GuestMsg::Mounted,
-                other => other,
+            mounted = match (
+                spec.park,
+                c.request(&warm_or_park(spec.park, p), &mut watch)?,
+            ) {
+                (false, GuestMsg::Warmed) | (true, GuestMsg::Parked { .. }) => GuestMsg::Mounted,
+                (_, GuestMsg::StartFailed { message, .. }) => GuestMsg::Error(message),
+                (_, other) => other,
             };
         }
         c.close();
@@ -867,11 +899,13 @@ mod tests {
             base,
             image_disk: &d1,
             warm: None,
+            park: false,
         };
         let two = ReadySpec {
             base,
             image_disk: &d2,
             warm: None,
+            park: false,
         };
         assert_ne!(one.key(), two.key());
         assert_ne!(one.key(), base.key());
@@ -879,8 +913,30 @@ mod tests {
             base: SnapshotSpec { cpus: 2, ..base },
             image_disk: &d1,
             warm: None,
+            park: false,
         };
         assert_ne!(one.key(), bigger.key());
+        // What a ready snapshot warms is not in its key; what a parked one
+        // holds is, whole.
+        let sh = |args: &[&str]| vmc_proto::ProcessSpec {
+            args: args.iter().map(|a| a.to_string()).collect(),
+            ..Default::default()
+        };
+        let (p1, p2) = (sh(&["sh", "-c", "a"]), sh(&["sh", "-c", "b"]));
+        let warmed = ReadySpec {
+            warm: Some(&p1),
+            ..one
+        };
+        assert_eq!(warmed.key(), one.key());
+        let parked = |p| ReadySpec {
+            warm: Some(p),
+            park: true,
+            ..one
+        };
+        assert_ne!(parked(&p1).key(), one.key());
+        assert_ne!(parked(&p1).key(), parked(&p2).key());
+        let same = p1.clone();
+        assert_eq!(parked(&p1).key(), parked(&same).key());
 
         let root = dir.path().join("snaps");
         let rroot = root.join(READY_DIR);
@@ -899,6 +955,14 @@ mod tests {
             (job.cpus, job.memory, &job.snapshots),
             (1, 256 << 20, &root)
         );
+        assert!(!job.park);
+        // A parked snapshot is asked for by name: its first run has it made.
+        let p1_parked = parked(&p1);
+        assert!(ready(&root, &p1_parked).unwrap().is_none());
+        let job = take_pending().expect("a job for the first parked run");
+        assert!(job.park);
+        assert_eq!(job.warm.as_ref(), Some(&p1));
+        assert_eq!(job.key, p1_parked.key());
         // Not again while making it failed lately, nor while another
         // process makes it.
         let failed = rroot.join(format!("{}.failed", one.key()));

@@ -150,6 +150,7 @@ impl TestVm {
             extra_hosts: Vec::new(),
             engine: vmc::runtime::EngineConfig::Vm(vmc::runtime::VmEngineConfig {
                 upper_in_memory: false,
+                parked: false,
                 resources: Resources {
                     cpus,
                     memory: memory_mib << 20,

@@ -76,6 +76,7 @@ impl Builder<'_> {
                     };
                     let vm = VmEngineConfig {
                         upper_in_memory: false,
+                        parked: false,
                         resources: self.o.resources,
                         kernel,
                         debug: false,
