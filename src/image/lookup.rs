@@ -19,6 +19,10 @@ use vmc_proto::{ProcessSpec, Resolved};
 /// out (the agent looks there itself).
 const MAX_DIR_ENTRIES: usize = 20_000;
 
+/// The most PATH directories indexed, the default PATH's first: an
+/// image's PATH may name any number (the rest are left to the agent).
+const MAX_DIRS: usize = 32;
+
 /// The largest index file read back.
 const MAX_INDEX: u64 = 32 << 20;
 
@@ -42,11 +46,14 @@ impl Lookup {
     pub fn of_tree(tree: &Path, env: &[String]) -> Lookup {
         // The same bounded, in-root read the agent makes.
         let read = |name: &str| vmc_spawn::read_in_root_path(tree, name);
-        let mut dirs: BTreeSet<String> = BTreeSet::new();
+        let mut dirs: Vec<String> = Vec::new();
         let paths = env.iter().filter_map(|e| e.strip_prefix("PATH="));
         for p in std::iter::once(vmc_spawn::DEFAULT_PATH).chain(paths) {
             for d in p.split(':').filter(|d| d.starts_with('/')) {
-                dirs.insert(d.trim_end_matches('/').to_string());
+                let d = d.trim_end_matches('/').to_string();
+                if dirs.len() < MAX_DIRS && !dirs.contains(&d) {
+                    dirs.push(d);
+                }
             }
         }
         let mut executables = BTreeMap::new();
@@ -192,6 +199,28 @@ mod tests {
         let l = Lookup::of_tree(t.path(), &["PATH=/opt/app".into()]);
         let r = l.resolve(&spec(&["run"], "", &["PATH=/nope", "PATH=/opt/app"]));
         assert_eq!(r.unwrap().path, "/opt/app/run");
+    }
+
+    #[test]
+    fn a_hostile_path_is_indexed_within_bounds() {
+        let t = tree();
+        // Far more directories than are indexed: the first ones only.
+        let many: Vec<String> = (0..500).map(|i| format!("/d{i:03}")).collect();
+        let l = Lookup::of_tree(t.path(), &[format!("PATH={}", many.join(":"))]);
+        assert_eq!(l.executables.len(), MAX_DIRS);
+        assert!(
+            l.executables.contains_key("/usr/bin"),
+            "the default PATH first"
+        );
+        // A directory over the per-directory bound is left to the agent.
+        let big = t.path().join("big");
+        std::fs::create_dir(&big).unwrap();
+        for i in 0..MAX_DIR_ENTRIES + 1 {
+            std::fs::File::create(big.join(format!("f{i}"))).unwrap();
+        }
+        let l = Lookup::of_tree(t.path(), &["PATH=/big".into()]);
+        assert!(!l.executables.contains_key("/big"));
+        assert!(l.executables.contains_key("/usr/bin"));
     }
 
     #[test]
