@@ -397,6 +397,18 @@ impl MicroVm {
         AgentConn::connect(&self.vsock, AGENT_PORT, &mut self.watch(ANSWER_CPU))
     }
 
+    /// Opens another connection, sending `first` with its Hello (see
+    /// [`AgentConn::connect_then`]).
+    pub fn connect_sending(&self, first: HostMsg) -> Result<AgentConn, AgentError> {
+        AgentConn::connect_then(
+            &self.vsock,
+            AGENT_PORT,
+            &mut self.watch(ANSWER_CPU),
+            false,
+            &|| vec![first.clone()],
+        )
+    }
+
     /// The root filesystem layout inside the guest (with `etc`: Docker's
     /// resolv.conf, hosts and hostname over the image's), and its network.
     pub fn root_spec(

@@ -174,7 +174,9 @@ impl Builder<'_> {
             }
         };
         let sandbox = st.sandbox.as_mut().expect("started above");
+        crate::phase!("RUN step: starting the process");
         let result = sandbox.run(spec, &mut sink)?;
+        crate::phase!("RUN step: process ended");
         if !at_line_start {
             self.say("");
         }
@@ -195,8 +197,10 @@ impl Builder<'_> {
         }
         let mut file = tempfile_in(&self.tmp)?;
         sandbox.commit(&mut file)?;
+        crate::phase!("RUN step: changes committed");
         st.sandbox_layers += 1;
         let desc = self.store_layer(file)?;
+        crate::phase!("RUN step: layer stored");
         let diff = desc.digest().to_string();
         Self::add_layer(st, desc, diff);
         Self::history(st, &step.text, false);

@@ -54,15 +54,15 @@ impl VmSandbox {
         Ok(VmSandbox { vm })
     }
 
-    fn conn(&self) -> Result<AgentConn, RuntimeError> {
-        Ok(self.vm.connect()?)
+    /// A new connection to the agent, `first` sent with its Hello.
+    fn conn(&self, first: HostMsg) -> Result<AgentConn, RuntimeError> {
+        Ok(self.vm.connect_sending(first)?)
     }
 }
 
 impl Sandbox for VmSandbox {
     fn apply_layer(&mut self, layer: &mut dyn Read) -> Result<(), RuntimeError> {
-        let mut conn = self.conn()?;
-        conn.send(&HostMsg::ApplyLayer)?;
+        let mut conn = self.conn(HostMsg::ApplyLayer)?;
         let mut buf = vec![0u8; IO_CHUNK];
         loop {
             let n = layer.read(&mut buf).map_err(AgentError::Io)?;
@@ -82,8 +82,9 @@ impl Sandbox for VmSandbox {
         spec: ProcessSpec,
         out: &mut dyn FnMut(bool, &[u8]),
     ) -> Result<RunResult, RuntimeError> {
-        let mut conn = self.conn()?;
-        match self.vm.request(&mut conn, &HostMsg::Start(spec))? {
+        let mut conn = self.conn(HostMsg::Start(spec))?;
+        let mut watch = self.vm.watch(crate::runtime::microvm::ANSWER_CPU);
+        match conn.recv_watched(&mut watch)? {
             GuestMsg::Started { .. } => {}
             GuestMsg::StartFailed { kind, message } => {
                 return Ok(RunResult::StartFailed(kind, message))
@@ -106,8 +107,7 @@ impl Sandbox for VmSandbox {
     }
 
     fn commit(&mut self, sink: &mut dyn Write) -> Result<(), RuntimeError> {
-        let mut conn = self.conn()?;
-        conn.send(&HostMsg::Commit)?;
+        let mut conn = self.conn(HostMsg::Commit)?;
         // The agent's own work (no workload runs): each frame is bounded by
         // the guest's progress.
         loop {
