@@ -171,14 +171,7 @@ mod tests {
         let (addr, mask, mtu, flags, route) =
             crate::testns::in_namespaces(libc::CLONE_NEWNET, || {
                 let _tun = tun("vmct0");
-                configure(&NetSpec {
-                    ifname: "vmct0".into(),
-                    address: [10, 0, 2, 15],
-                    prefix: 24,
-                    gateway: [10, 0, 2, 2],
-                    mtu: 1400,
-                })
-                .unwrap();
+                configure(&test_spec("vmct0")).unwrap();
                 // SAFETY: plain socket(2), checked.
                 let s = check(unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM, 0) }).unwrap();
                 // SAFETY: a fresh descriptor that we own.
@@ -208,6 +201,17 @@ mod tests {
             .find(|f| f[1] == "00000000" && f[7] == "00000000")
             .unwrap();
         assert_eq!(default[..4], ["vmct0", "00000000", gw.as_str(), "0003"]);
+    }
+
+    /// 10.0.2.15/24 via 10.0.2.2, MTU 1400, on `ifname`.
+    fn test_spec(ifname: &str) -> NetSpec {
+        NetSpec {
+            ifname: ifname.into(),
+            address: [10, 0, 2, 15],
+            prefix: 24,
+            gateway: [10, 0, 2, 2],
+            mtu: 1400,
+        }
     }
 
     /// A tun device in this thread's network namespace stands in for
@@ -247,14 +251,7 @@ mod tests {
                     get(&s, "vmct1", libc::SIOCGIFFLAGS).ifr_ifru.ifru_flags,
                 )
             };
-            configure(&NetSpec {
-                ifname: "vmct1".into(),
-                address: [10, 0, 2, 15],
-                prefix: 24,
-                gateway: [10, 0, 2, 2],
-                mtu: 1400,
-            })
-            .unwrap();
+            configure(&test_spec("vmct1")).unwrap();
             // SAFETY: the union member SIOCGIFADDR filled in.
             let addr = addr_of(unsafe { get(&s, "vmct1", libc::SIOCGIFADDR).ifr_ifru.ifru_addr });
             (mtu, flags, no_addr, addr)
