@@ -14,7 +14,7 @@ GUEST_BIN := $(CARGO_TARGET_DIR)/$(TARGET)/release-guest/vmc-guest
 VMC := $(CARGO_TARGET_DIR)/release/vmc
 DEMO_ROOTFS := $(CACHE)/busybox-rootfs
 
-.PHONY: all setup deps passt kernel guest build demo node-demo node-base test check rootfs clean fresh-check stress audit
+.PHONY: all setup deps passt kernel guest build demo node-demo node-base test check rootfs clean fresh-check stress audit fuzz
 
 all: build
 
@@ -99,6 +99,11 @@ fresh-check:
 # runs one after another and at once (an hour or more on 2 cores).
 stress: deps kernel guest rootfs passt
 	$(CARGO) test --profile ci --test stress -- --ignored --test-threads=1 --nocapture
+
+# Coverage-guided fuzzing (nightly, cargo-fuzz): every target FUZZ_SECONDS
+# (default 60) each; the corpora and crashes are replayed by `make test`.
+fuzz:
+	scripts/fuzz.sh
 
 clean:
 	$(CARGO) clean

@@ -16,6 +16,8 @@ pub mod bench;
 pub mod build;
 pub mod cli;
 pub mod disk;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod host;
 pub mod image;
 pub mod runtime;
@@ -34,7 +36,7 @@ pub const LAYERS: &[&[&str]] = &[
     &["runtime"],
     &["build"],
     &["bench"],
-    &["cli"],
+    &["cli", "fuzzing"],
 ];
 
 #[cfg(test)]

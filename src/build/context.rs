@@ -159,6 +159,18 @@ pub fn read_dockerfile_at(path: &Path) -> Result<String, ContextError> {
     read_bounded(f, path, &shown)
 }
 
+/// Parses `.dockerignore` text and asks it about `paths` (for the fuzz
+/// target `dockerignore`).
+#[doc(hidden)]
+pub fn check_ignore<'a>(text: &str, paths: impl Iterator<Item = &'a str>) {
+    if let Ok(ignore) = Ignore::parse(text) {
+        for p in paths {
+            let parts: Vec<&str> = p.split('/').filter(|s| !s.is_empty()).collect();
+            let _ = ignore.is_ignored(&parts);
+        }
+    }
+}
+
 impl Context {
     /// Opens `dir` and reads its `.dockerignore`.
     pub fn open(dir: &Path) -> Result<Context, ContextError> {

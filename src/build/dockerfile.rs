@@ -84,6 +84,12 @@ pub struct ParseError {
     pub message: String,
 }
 
+/// `text[start..end]`, or nothing when a bound is not a character
+/// boundary of it (spans come from the parser crate: never a panic here).
+fn slice(text: &str, start: usize, end: usize) -> &str {
+    text.get(start..end.min(text.len())).unwrap_or("")
+}
+
 fn line_of(text: &str, offset: usize) -> usize {
     text.as_bytes()[..offset.min(text.len())]
         .iter()
@@ -192,9 +198,7 @@ fn late_heredoc(text: &str) -> Option<(usize, String)> {
 
 fn step(text: &str, ins: &Instruction<'_>, span_start: usize, span_end: usize) -> Step {
     let line = line_of(text, span_start);
-    let raw = text[span_start..span_end.min(text.len())]
-        .trim()
-        .to_string();
+    let raw = slice(text, span_start, span_end).trim().to_string();
     let kind = match ins {
         Instruction::Run(r) => {
             let c = cmd(&r.arguments);
@@ -296,7 +300,7 @@ fn span_of(ins: &Instruction<'_>) -> (usize, usize) {
 /// The text of an instruction: from its keyword to the end of its last
 /// non-comment line before the next instruction.
 fn instruction_text(text: &str, start: usize, next: usize) -> String {
-    text[start..next.min(text.len())]
+    slice(text, start, next)
         .lines()
         .filter(|l| !l.trim_start().starts_with('#'))
         .collect::<Vec<_>>()
@@ -307,6 +311,9 @@ fn instruction_text(text: &str, start: usize, next: usize) -> String {
 
 /// Parses a Dockerfile.
 pub fn parse(text: &str) -> Result<Dockerfile, ParseError> {
+    // The parser skips a byte order mark and counts its spans from after
+    // it: so do we, or a span would land inside a character.
+    let text = text.strip_prefix('\u{feff}').unwrap_or(text);
     if let Some((line, run)) = late_heredoc(text) {
         return Err(ParseError {
             line,
@@ -412,6 +419,20 @@ mod tests {
             s1.steps[1].kind,
             StepKind::Cmd(Cmd::Exec(vec!["/y".into()]))
         );
+    }
+
+    /// Found by the `dockerfile` fuzz target: a byte order mark first (and
+    /// another inside) made the parser's spans land inside a character.
+    #[test]
+    fn a_byte_order_mark_keeps_steps_whole() {
+        let text = "\u{feff}FROM busybox\nRUN echo a\u{feff}\nRUN echo b\n";
+        let df = parse(text).unwrap();
+        let steps: Vec<&str> = df.stages[0].steps.iter().map(|s| s.text.as_str()).collect();
+        assert_eq!(steps, ["RUN echo a\u{feff}", "RUN echo b"]);
+        assert_eq!(df.stages[0].steps[1].line, 3);
+        // The fuzzer's own input, replayed: it parses or fails, never panics.
+        let crash = "\u{feff}FROM busybox\nRUN %ch$UN echo a \\\n  b\u{12}\0\0\nRUN\u{feff}\nRUN\n";
+        let _ = parse(crash);
     }
 
     #[test]
