@@ -17,6 +17,7 @@ pub const TARGETS: &[(&str, Target)] = &[
     ("host_frames", host_frames),
     ("guest_frames", guest_frames),
     ("layer", layer),
+    ("archive", archive),
 ];
 
 /// The Dockerfile front end: parsing and its checks.
@@ -57,6 +58,30 @@ fn frames<T: for<'de> serde::Deserialize<'de>>(data: &[u8]) {
     while vmc_proto::read_frame::<_, T>(&mut r).is_ok() {}
 }
 
+/// A fresh directory under the temporary directory, removed by the caller.
+fn scratch(what: &str) -> Option<std::path::PathBuf> {
+    let dir = std::env::temp_dir().join(format!(
+        "vmc-fuzz-{what}-{}-{}",
+        std::process::id(),
+        crate::host::new_id()
+    ));
+    std::fs::create_dir(&dir).ok().map(|_| dir)
+}
+
+/// A docker-archive or OCI archive (`vmc load`) loaded into an empty store.
+pub fn archive(data: &[u8]) {
+    let Some(dir) = scratch("archive") else {
+        return;
+    };
+    let tar = dir.join("in.tar");
+    if std::fs::write(&tar, data).is_ok() {
+        if let Ok(store) = crate::image::Store::open(&dir.join("store")) {
+            let _ = crate::image::archive::load(&store, &tar);
+        }
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 /// A layer tar (plain, gzip or zstd) unpacked both ways (whiteouts
 /// applied, and as overlayfs whiteouts) into a fresh directory, with small
 /// bounds.
@@ -68,14 +93,9 @@ pub fn layer(data: &[u8]) {
         max_entries: 2_000,
     };
     for mode in [Whiteouts::Apply, Whiteouts::Overlay] {
-        let dir = std::env::temp_dir().join(format!(
-            "vmc-fuzz-layer-{}-{}",
-            std::process::id(),
-            crate::host::new_id()
-        ));
-        if std::fs::create_dir(&dir).is_err() {
+        let Some(dir) = scratch("layer") else {
             return;
-        }
+        };
         if let Ok(r) = decompress(Cursor::new(data)) {
             let _ = unpack(r, &dir, mode, limits);
         }

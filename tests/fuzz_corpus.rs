@@ -59,3 +59,16 @@ fn the_frame_seeds_decode_as_the_protocol_stands() {
     });
     assert_eq!((guest_msgs, host_msgs), (8, 8));
 }
+
+/// The archive seeds are archives `vmc load` takes: a docker-archive and an
+/// OCI layout, one image each.
+#[test]
+fn the_archive_seeds_load() {
+    let fuzz = Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/corpus/archive");
+    for seed in ["docker.tar", "oci.tar"] {
+        let home = tempfile::tempdir().unwrap();
+        let store = vmc::image::Store::open(&home.path().join("store")).unwrap();
+        let images = vmc::image::archive::load(&store, &fuzz.join(seed)).unwrap();
+        assert_eq!(images.len(), 1, "{seed}");
+    }
+}
