@@ -154,12 +154,7 @@ pub fn prepare(spec: &ProcessSpec, root: &str) -> Result<Prepared, SpawnError> {
     if !env.iter().any(|e| e.starts_with("HOME=")) {
         env.push(format!("HOME={}", user.home));
     }
-    let path_var = env
-        .iter()
-        .rev()
-        .find_map(|e| e.strip_prefix("PATH="))
-        .unwrap_or(DEFAULT_PATH)
-        .to_string();
+    let path_var = resolve::path_var(&env).to_string();
     let cwd = if spec.cwd.is_empty() { "/" } else { &spec.cwd };
     if !cwd.starts_with('/') {
         return Err(SpawnError::setup(format!(

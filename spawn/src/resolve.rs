@@ -77,16 +77,7 @@ pub fn executables_in(root: &std::path::Path, dir: &str, max: usize) -> io::Resu
         }
         let name = entry?.file_name();
         let Some(name) = name.to_str() else { continue };
-        let Ok(fd) = open_in_root(&root, &format!("{dir}/{name}"), libc::O_PATH as u64) else {
-            continue;
-        };
-        // SAFETY: stat is plain data filled by fstat.
-        let mut st: libc::stat = unsafe { std::mem::zeroed() };
-        // SAFETY: fd is open; st is a valid out pointer.
-        if unsafe { libc::fstat(fd.as_raw_fd(), &mut st) } == 0
-            && st.st_mode & libc::S_IFMT == libc::S_IFREG
-            && st.st_mode & 0o111 != 0
-        {
+        if executable_in_root(&root, &format!("{dir}/{name}")) == Some(true) {
             names.push(name.to_string());
         }
     }
@@ -112,13 +103,7 @@ pub fn resolve_ahead(
         return None;
     }
     let user = crate::user::resolve(&spec.user, passwd, group).ok()?;
-    let path_var = spec
-        .env
-        .iter()
-        .rev()
-        .find_map(|e| e.strip_prefix("PATH="))
-        .unwrap_or(DEFAULT_PATH);
-    for dir in path_var.split(':') {
+    for dir in path_var(&spec.env).split(':') {
         if !dir.starts_with('/') {
             return None;
         }
@@ -134,6 +119,28 @@ pub fn resolve_ahead(
         }
     }
     None
+}
+
+/// Whether `path` in the root (symlinks resolved within it) is an
+/// executable regular file; `None` when it cannot be found.
+fn executable_in_root(root: &OwnedFd, path: &str) -> Option<bool> {
+    let fd = open_in_root(root, path, libc::O_PATH as u64).ok()?;
+    // SAFETY: stat is plain data filled by fstat.
+    let mut st: libc::stat = unsafe { std::mem::zeroed() };
+    // SAFETY: fd is open; st is a valid out pointer.
+    if unsafe { libc::fstat(fd.as_raw_fd(), &mut st) } != 0 {
+        return None;
+    }
+    Some(st.st_mode & libc::S_IFMT == libc::S_IFREG && st.st_mode & 0o111 != 0)
+}
+
+/// The PATH a process with environment `env` searches: its last `PATH=`,
+/// else [`DEFAULT_PATH`].
+pub(super) fn path_var(env: &[String]) -> &str {
+    env.iter()
+        .rev()
+        .find_map(|e| e.strip_prefix("PATH="))
+        .unwrap_or(DEFAULT_PATH)
 }
 
 /// Looks up argv\[0\] as execvp would, but inside `root`.
@@ -169,19 +176,13 @@ pub(super) fn resolve_executable(
         } else {
             format!("{}/{c}", cwd.trim_end_matches('/'))
         };
-        let Ok(fd) = open_in_root(root, &in_root, libc::O_PATH as u64) else {
-            continue;
-        };
-        // SAFETY: stat is plain data filled by fstat.
-        let mut st: libc::stat = unsafe { std::mem::zeroed() };
-        // SAFETY: fd is open; st is a valid out pointer.
-        if unsafe { libc::fstat(fd.as_raw_fd(), &mut st) } != 0 {
-            continue;
+        match executable_in_root(root, &in_root) {
+            Some(true) => return Ok(c),
+            Some(false) => {
+                denied.get_or_insert(c);
+            }
+            None => {}
         }
-        if st.st_mode & libc::S_IFMT == libc::S_IFREG && st.st_mode & 0o111 != 0 {
-            return Ok(c);
-        }
-        denied.get_or_insert(c);
     }
     match denied {
         Some(c) => Err(SpawnError {

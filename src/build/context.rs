@@ -159,14 +159,20 @@ pub fn read_dockerfile_at(path: &Path) -> Result<String, ContextError> {
     read_bounded(f, path, &shown)
 }
 
+/// A context-relative path's components, without empty ones and `.`.
+fn rel_parts(rel: &str) -> Vec<&str> {
+    rel.split('/')
+        .filter(|p| !p.is_empty() && *p != ".")
+        .collect()
+}
+
 /// Parses `.dockerignore` text and asks it about `paths` (for the fuzz
 /// target `dockerignore`).
 #[doc(hidden)]
 pub fn check_ignore<'a>(text: &str, paths: impl Iterator<Item = &'a str>) {
     if let Ok(ignore) = Ignore::parse(text) {
         for p in paths {
-            let parts: Vec<&str> = p.split('/').filter(|s| !s.is_empty()).collect();
-            let _ = ignore.is_ignored(&parts);
+            let _ = ignore.is_ignored(&rel_parts(p));
         }
     }
 }
@@ -187,11 +193,7 @@ impl Context {
 
     /// Whether the context-relative path `rel` is excluded by `.dockerignore`.
     pub fn is_ignored(&self, rel: &str) -> bool {
-        let parts: Vec<&str> = rel
-            .split('/')
-            .filter(|p| !p.is_empty() && *p != ".")
-            .collect();
-        self.ignore.is_ignored(&parts)
+        self.ignore.is_ignored(&rel_parts(rel))
     }
 
     /// Writes the layer for `spec` as an uncompressed tar to `out`.

@@ -163,12 +163,12 @@ impl AgentConn {
     /// Connects to the agent on `port`, retrying while the guest boots, for
     /// as long as `watch` lets it.
     pub fn connect(uds: &Path, port: u32, watch: Watch) -> Result<AgentConn, AgentError> {
-        Self::connect_then(uds, port, watch, false, &Vec::new)
+        Self::connect_then(uds, port, watch, false, &[])
     }
 
     /// Connects as [`AgentConn::connect`], and sends behind its `Hello`, in
     /// the same write, a `Timings` request (`timings`, when `--timings` is
-    /// on) and the frames `then` makes: the agent takes frames in order, so the
+    /// on) and the frames `then`: the agent takes frames in order, so the
     /// host waits for the guest once, not once per frame. The answers to
     /// `Hello` and `Timings` are taken here, those to `then` are left to
     /// read.
@@ -177,13 +177,17 @@ impl AgentConn {
         port: u32,
         watch: Watch,
         timings: bool,
-        then: &dyn Fn() -> Vec<HostMsg>,
+        then: &[HostMsg],
     ) -> Result<AgentConn, AgentError> {
         let ask = timings && super::timings::enabled();
         let hello = HostMsg::Hello {
             version: PROTOCOL_VERSION,
         };
         let asked = ask.then_some(HostMsg::Timings);
+        let mut first = Vec::new();
+        for m in std::iter::once(&hello).chain(&asked).chain(then) {
+            write_frame(&mut first, m).map_err(AgentError::Io)?;
+        }
         let mut delay = Duration::from_millis(5);
         loop {
             watch()?;
@@ -192,11 +196,6 @@ impl AgentConn {
                     stream,
                     timings: false,
                 };
-                // Made now: a Refresh carries the host's time.
-                let mut first = Vec::new();
-                for m in std::iter::once(&hello).chain(&asked).chain(&then()) {
-                    write_frame(&mut first, m).map_err(AgentError::Io)?;
-                }
                 c.stream.write_all(&first).map_err(AgentError::Io)?;
                 c.expect_hello(watch)?;
                 if ask {
@@ -414,7 +413,7 @@ pub(super) mod tests {
             write_frame(&mut s, &hello).unwrap();
             write_frame(&mut s, &GuestMsg::Mounted).unwrap();
         });
-        let then = || vec![HostMsg::StdinEof, HostMsg::Signal(9)];
+        let then = [HostMsg::StdinEof, HostMsg::Signal(9)];
         let mut c =
             AgentConn::connect_then(&uds, 1, &mut hung_at(50), false, &then).expect("handshake");
         let answer = c.recv_watched(&mut hung_at(50));

@@ -193,10 +193,13 @@ pub fn exec_attached(
     spec.stdin = forward_stdin;
     spec.reboot_on_exit = false;
     // Start goes with the Hello: one round trip to the guest.
-    let mut conn =
-        AgentConn::connect_then(vsock, vmc_proto::AGENT_PORT, &mut watch, true, &|| {
-            vec![HostMsg::Start(spec.clone())]
-        })?;
+    let mut conn = AgentConn::connect_then(
+        vsock,
+        vmc_proto::AGENT_PORT,
+        &mut watch,
+        true,
+        &[HostMsg::Start(spec)],
+    )?;
     super::timings::mark("agent connect");
     match conn.recv_watched(&mut watch)? {
         GuestMsg::Started { .. } => super::timings::mark("start"),

@@ -330,8 +330,7 @@ impl MicroVm {
         cancelled: &dyn Fn() -> bool,
     ) -> Result<AgentConn, AgentError> {
         let mut watch = or_cancelled(cancelled, self.watch(BOOT_CPU));
-        let mut conn =
-            AgentConn::connect_then(&self.vsock, AGENT_PORT, &mut watch, true, &Vec::new)?;
+        let mut conn = AgentConn::connect_then(&self.vsock, AGENT_PORT, &mut watch, true, &[])?;
         crate::phase!("agent connected");
         super::timings::mark("agent connect");
         let expect = |answer: GuestMsg, want: GuestMsg| match answer {
@@ -404,7 +403,7 @@ impl MicroVm {
             AGENT_PORT,
             &mut self.watch(ANSWER_CPU),
             false,
-            &|| vec![first.clone()],
+            &[first],
         )
     }
 
@@ -511,9 +510,6 @@ pub fn ready_for_new_image(img: &crate::image::StoredImage) {
     });
 }
 
-/// What a ready snapshot's agent needs to find `process`'s executable,
-/// and nothing more: the snapshot's memory is every later run's, so the
-/// run's arguments and environment (secrets, often) stay out of it.
 /// The process a parked snapshot holds for a run's: the same, but for
 /// HOSTNAME (a new container's name each run; the parked process goes
 /// without it) and how this run attaches (stdin, the end of the VM).
@@ -533,6 +529,9 @@ fn park_spec(process: &vmc_proto::ProcessSpec) -> vmc_proto::ProcessSpec {
     }
 }
 
+/// What a ready snapshot's agent needs to find `process`'s executable,
+/// and nothing more: the snapshot's memory is every later run's, so the
+/// run's arguments and environment (secrets, often) stay out of it.
 fn warm_spec(process: &vmc_proto::ProcessSpec) -> vmc_proto::ProcessSpec {
     vmc_proto::ProcessSpec {
         args: process.args.iter().take(1).cloned().collect(),
