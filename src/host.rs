@@ -108,6 +108,15 @@ pub struct Knobs {
     /// `VMC_READY_SNAPSHOTS=0` turns ready snapshots off (`--rm` runs of an
     /// image restore its ready snapshot by default).
     pub ready_snapshots: bool,
+    /// `VMC_JAIL=0` runs the VMM inside vmc's own process, unconfined (for
+    /// comparison and debugging; never the default).
+    pub jail: bool,
+    /// `VMC_SECCOMP=log`: a VMM system call outside its thread's filter is
+    /// logged by the kernel and allowed, instead of killing the VMM.
+    pub seccomp_log: bool,
+    /// `VMC_JAIL_UIDS=BASE:COUNT`: the uids (and gids) jailed VMMs run as
+    /// when vmc runs as root, one per VM.
+    pub jail_uids: Option<String>,
 }
 
 impl Knobs {
@@ -131,6 +140,9 @@ impl Knobs {
             passt_pcap: path("VMC_PASST_PCAP"),
             timings: path("VMC_TIMINGS"),
             ready_snapshots: text("VMC_READY_SNAPSHOTS").is_none_or(|v| v != "0"),
+            jail: text("VMC_JAIL").is_none_or(|v| v != "0"),
+            seccomp_log: text("VMC_SECCOMP").is_some_and(|v| v == "log"),
+            jail_uids: text("VMC_JAIL_UIDS"),
         }
     }
 }

@@ -45,6 +45,13 @@ fn init_logging() {
 }
 
 fn main() {
+    // A VMM process (vmm::process): its parent passed exactly the
+    // descriptors it needs (3 and 4, closing every other one); nothing
+    // else here applies to it.
+    if std::env::args_os().nth(1).is_some_and(|a| a == "__vmm") {
+        init_logging();
+        std::process::exit(vmc::vmm::process::serve());
+    }
     // Descriptors inherited from whoever started vmc never reach a
     // container, passt, the VMM or a detached supervisor.
     if let Err(e) = vmc_spawn::sys::close_inherited_fds() {

@@ -83,6 +83,11 @@ pub(crate) fn inspect(a: InspectArgs) -> Result<i32> {
                     "StopSignal": s.stop_signal,
                 })),
                 "LogPath": c.log_path(),
+                // A running VM's VMM: its process, ids, jail, namespaces,
+                // seccomp filters and cgroups (vmc's own field).
+                "VmmConfinement": (s.status == Status::Running)
+                    .then(|| runtime::jail::Confinement::of_container(&c.dir))
+                    .flatten(),
             }));
             continue;
         }

@@ -86,6 +86,7 @@ pub(crate) fn info() -> Result<i32> {
         Some(p) => println!("passt: {}", p.display()),
         None => println!("passt: missing (apt-get install passt; until then --network none)"),
     }
+    println!("vmm: {}", runtime::jail::describe());
     println!("state: {}", runtime::vmc_home().display());
     println!("snapshots: {}", runtime::snapshots_dir().display());
     Ok(0)

@@ -72,7 +72,7 @@ impl Cgroup {
             return Err(CgroupError::RootlessLimits(flag));
         }
         let membership = fs::read_to_string("/proc/self/cgroup").unwrap_or_default();
-        let cg = Self::create_in(Path::new(ROOT), &membership, id, limits)?;
+        let cg = Self::create_in(Path::new(ROOT), &membership, id, limits, true)?;
         if cg.unified {
             super::devices::attach_v2(&cg.dirs[0], super::devices::ALLOWED).map_err(|source| {
                 CgroupError::Sys {
@@ -96,6 +96,7 @@ impl Cgroup {
         membership: &str,
         id: &str,
         limits: &NsLimits,
+        devices: bool,
     ) -> Result<Cgroup, CgroupError> {
         let name = format!("vmc-{}", &id[..12.min(id.len())]);
         let mut cg = Cgroup {
@@ -156,10 +157,12 @@ impl Cgroup {
         };
         // Docker's device rules: everything denied, then the allow-list,
         // one rule per write.
-        let dir = in_hierarchy("devices")?;
-        write(&dir, "devices.deny", "a")?;
-        for r in super::devices::ALLOWED {
-            write(&dir, "devices.allow", &super::devices::v1_line(r))?;
+        if devices {
+            let dir = in_hierarchy("devices")?;
+            write(&dir, "devices.deny", "a")?;
+            for r in super::devices::ALLOWED {
+                write(&dir, "devices.allow", &super::devices::v1_line(r))?;
+            }
         }
         if let Some(m) = limits.memory {
             let dir = in_hierarchy("memory")?;
@@ -181,6 +184,17 @@ impl Cgroup {
             write(&dir, "pids.max", &p.to_string())?;
         }
         Ok(cg)
+    }
+
+    /// The cgroups of a VMM process (`name` unique among them): `limits`
+    /// and no device rules (a jailed VMM opens no device). None when vmc
+    /// runs rootless (no cgroup of its own to divide).
+    pub fn for_vmm(name: &str, limits: &NsLimits) -> Result<Option<Cgroup>, CgroupError> {
+        if crate::host::rootless() {
+            return Ok(None);
+        }
+        let membership = fs::read_to_string("/proc/self/cgroup").unwrap_or_default();
+        Self::create_in(Path::new(ROOT), &membership, name, limits, false).map(Some)
     }
 
     /// The cgroup directories (recorded with the container, so that `vmc rm`
@@ -290,7 +304,7 @@ mod tests {
         fs::create_dir_all(r.join("user.slice/session-1.scope")).unwrap();
         let membership = "0::/user.slice/session-1.scope\n";
         let id = "0123456789abcdef0123";
-        let cg = Cgroup::create_in(r, membership, id, &limits()).unwrap();
+        let cg = Cgroup::create_in(r, membership, id, &limits(), true).unwrap();
         let own = r.join("user.slice/session-1.scope");
         let dir = own.join("vmc-0123456789ab");
         assert_eq!(cg.dirs(), std::slice::from_ref(&dir));
@@ -309,7 +323,7 @@ mod tests {
             cpus: None,
             pids: Some(3),
         };
-        let cg2 = Cgroup::create_in(r, membership, "fedcba9876543210", &only_pids).unwrap();
+        let cg2 = Cgroup::create_in(r, membership, "fedcba9876543210", &only_pids, true).unwrap();
         let dir2 = own.join("vmc-fedcba987654");
         assert_eq!(read(&own.join("cgroup.subtree_control")), "+pids");
         assert!(!dir2.join("memory.max").exists());
@@ -333,7 +347,7 @@ mod tests {
         let r = root.path();
         fs::write(r.join("cgroup.controllers"), "").unwrap();
         // No such cgroup directory: the write to its subtree_control fails.
-        let err = Cgroup::create_in(r, "0::/missing\n", "0123456789abcdef", &limits())
+        let err = Cgroup::create_in(r, "0::/missing\n", "0123456789abcdef", &limits(), true)
             .unwrap_err()
             .to_string();
         assert!(
@@ -352,7 +366,7 @@ mod tests {
         for d in ["devices/d", "memory/a", "pids", "cpu/b"] {
             fs::create_dir_all(r.join(d)).unwrap();
         }
-        let cg = Cgroup::create_in(r, membership, "0123456789abcdef", &limits()).unwrap();
+        let cg = Cgroup::create_in(r, membership, "0123456789abcdef", &limits(), true).unwrap();
         let name = "vmc-0123456789ab";
         assert_eq!(
             cg.dirs(),
@@ -379,14 +393,26 @@ mod tests {
         assert_eq!(read(&devices.join("devices.allow")), "c 136:* rwm");
         std::mem::forget(cg);
         // Without limits, the devices cgroup alone.
-        let cg =
-            Cgroup::create_in(r, membership, "aaaabbbbccccdddd", &NsLimits::default()).unwrap();
+        let cg = Cgroup::create_in(
+            r,
+            membership,
+            "aaaabbbbccccdddd",
+            &NsLimits::default(),
+            true,
+        )
+        .unwrap();
         assert_eq!(cg.dirs(), [r.join("devices/d/vmc-aaaabbbbcccc")]);
         std::mem::forget(cg);
         // A controller the host does not have is named.
-        let err = Cgroup::create_in(r, "5:devices:/\n0::/\n", "0123456789abcdef", &limits())
-            .unwrap_err()
-            .to_string();
+        let err = Cgroup::create_in(
+            r,
+            "5:devices:/\n0::/\n",
+            "0123456789abcdef",
+            &limits(),
+            true,
+        )
+        .unwrap_err()
+        .to_string();
         assert!(
             err.contains("memory cgroup controller is not available"),
             "{err}"

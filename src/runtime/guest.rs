@@ -163,6 +163,7 @@ pub fn verdict(v: Verdict) -> Result<(), AgentError> {
 /// says more than the closed connection it caused).
 pub fn ended(e: AgentError, exit: VmExit) -> RuntimeError {
     match (e, exit) {
+        (_, VmExit::Seccomp(why)) => RuntimeError::VmmKilled(why),
         (
             AgentError::VmStopped | AgentError::Frame(_) | AgentError::ClosedEarly,
             VmExit::Crashed(why),

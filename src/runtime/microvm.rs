@@ -15,11 +15,12 @@ pub use super::guest::{
     ended, or_cancelled, process_watch, unplugged, verdict, vm_config, ANSWER_CPU, BOOT_CPU,
     GUEST_CID, GUEST_MAC, RESET_TIMEOUT, SCRATCH_SIZE,
 };
+use super::jail::{self, Vm};
 use super::{snapshot, ContainerConfig, RuntimeError};
 use crate::assets;
 use crate::disk;
 use crate::vmm::progress::Watchdog;
-use crate::vmm::{self, Backend, RunningVm, VmExit, VmmError};
+use crate::vmm::{self, Backend, VmExit, VmmError};
 
 /// How a microVM starts.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -35,7 +36,7 @@ pub struct MicroVm {
     /// Restored from a parked snapshot: its process waits at its entry
     /// (`HostMsg::StartParked` lets it run).
     parked: bool,
-    vm: RunningVm,
+    vm: Vm,
     vsock: PathBuf,
     /// Sizes in sectors of the image and scratch disks, for the agent.
     disk_sectors: (u64, u64),
@@ -63,6 +64,16 @@ impl MicroVm {
                 return Err(RuntimeError::NoRootfs(d.display().to_string()));
             }
         }
+        // The jailed VMM process starts now: its exec and cgroup join
+        // overlap the disks and snapshot lookups below.
+        let mut pending = if crate::host::knobs().jail {
+            Some(jail::Pending::start(
+                vm_cfg.resources.cpus,
+                vm_cfg.resources.memory,
+            )?)
+        } else {
+            None
+        };
         std::fs::DirBuilder::new()
             .recursive(true)
             .mode(0o700)
@@ -157,15 +168,23 @@ impl MicroVm {
             ))
         };
         // The VM, booted (no snapshot) or restored from `snapshot`.
-        let made = |vm, snapshot: Option<snapshot::Restored>| MicroVm {
-            vm,
-            vsock: vsock.clone(),
-            disk_sectors,
-            restored: snapshot.is_some(),
-            parked: false,
-            running_ms: super::elapsed_ms(),
-            passt,
-            snapshot,
+        let made = |vm: Vm, snapshot: Option<snapshot::Restored>| {
+            if let Some(c) = vm.confinement() {
+                // What `vmc inspect` shows of the VMM's confinement.
+                if let Ok(text) = serde_json::to_string(c) {
+                    let _ = std::fs::write(dir.join("vmm.json"), text);
+                }
+            }
+            MicroVm {
+                vm,
+                vsock: vsock.clone(),
+                disk_sectors,
+                restored: snapshot.is_some(),
+                parked: false,
+                running_ms: super::elapsed_ms(),
+                passt,
+                snapshot,
+            }
         };
         if how == Start::Cold || vm_cfg.debug {
             let console: Option<Box<dyn Write + Send>> = if vm_cfg.debug {
@@ -173,7 +192,7 @@ impl MicroVm {
             } else {
                 None
             };
-            let vm = vmm::start(config(console)?)?;
+            let vm = jail::start(config(console)?, None, pending.take())?;
             super::timings::mark("vmm boot");
             return Ok(made(vm, None));
         }
@@ -208,7 +227,7 @@ impl MicroVm {
             match found {
                 Ok(Some((d, k))) => {
                     let restored = snapshot::Restored::of(&d, &k);
-                    match vmm::restore(config(None)?, &d, &k) {
+                    match jail::start(config(None)?, Some((&d, &k)), pending.take()) {
                         Ok(vm) => {
                             super::timings::mark("vmm restore");
                             let mut m = made(vm, Some(restored));
@@ -236,7 +255,7 @@ impl MicroVm {
         super::timings::mark("snapshot");
         crate::phase!("snapshot ready; restoring");
         let restored = snapshot::Restored::of(&snap, &key);
-        let (vm, restored) = match vmm::restore(config(None)?, &snap, &key) {
+        let (vm, restored) = match jail::start(config(None)?, Some((&snap, &key)), pending.take()) {
             Ok(vm) => (vm, restored),
             Err(VmmError::Snapshot(e)) => {
                 eprintln!(
@@ -245,7 +264,10 @@ impl MicroVm {
                 );
                 let (snap, key) = snapshot::ensure(&vm_cfg.snapshots, &spec, true)?;
                 let restored = snapshot::Restored::of(&snap, &key);
-                (vmm::restore(config(None)?, &snap, &key)?, restored)
+                (
+                    jail::start(config(None)?, Some((&snap, &key)), None)?,
+                    restored,
+                )
             }
             Err(e) => return Err(e.into()),
         };
@@ -315,8 +337,7 @@ impl MicroVm {
     fn save_hung_state(&self, dir: &Path, key: &str) {
         let saved = std::fs::create_dir(dir)
             .map_err(vmm::snapshot::SnapshotError::from)
-            .and_then(|_| self.vm.pause())
-            .and_then(|vcpus| self.vm.save(dir, key, vcpus));
+            .and_then(|_| self.vm.save_as_is(dir, key));
         if let Err(e) = saved {
             log::debug!("saving the hung guest's state in {}: {e}", dir.display());
         }
@@ -444,10 +465,12 @@ impl MicroVm {
     /// resident memory to the file named by `VMC_MEM_REPORT`, if set.
     pub fn write_mem_report(&self) {
         if let Some(p) = &crate::host::knobs().mem_report {
+            let (rss, dirty) = self.vm.guest_memory_kib();
             let doc = serde_json::json!({
-                "vm_hwm_kib": vmm::memory::peak_rss_kib(),
-                "guest_rss_kib": self.vm.guest_rss_kib(),
-                "guest_dirty_kib": self.vm.guest_private_dirty_kib(),
+                "vm_hwm_kib": self.vm.vmm_peak_rss_kib(),
+                "vmm_pid": self.vm.confinement().map(|c| c.pid),
+                "guest_rss_kib": rss,
+                "guest_dirty_kib": dirty,
                 "running_ms": self.running_ms,
             });
             let _ = std::fs::write(p, doc.to_string());
@@ -468,6 +491,11 @@ impl MicroVm {
     /// A handle that stops the VM from another thread.
     pub fn stopper(&self) -> vmm::Stopper {
         self.vm.stopper()
+    }
+
+    /// The VMM's confinement (None: it runs in this process, `VMC_JAIL=0`).
+    pub fn confinement(&self) -> Option<&jail::Confinement> {
+        self.vm.confinement()
     }
 }
 

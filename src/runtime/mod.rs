@@ -10,6 +10,7 @@ pub mod cgroup;
 pub mod devices;
 pub mod engine;
 pub mod guest;
+pub mod jail;
 pub mod lifecycle;
 
 pub mod microvm;
@@ -219,6 +220,10 @@ pub enum RuntimeError {
     Agent(#[from] agent::AgentError),
     #[error("the VM stopped unexpectedly: {0}")]
     VmCrashed(String),
+    /// The VMM process was killed by its seccomp filter (the message names
+    /// the call and the thread).
+    #[error("{0}")]
+    VmmKilled(String),
     #[error("the new warm-start snapshot does not restore into a guest that answers ({0})")]
     SnapshotUnusable(String),
     #[error("namespace mode: {0}")]

@@ -522,7 +522,7 @@ fn create_ready(
             unplugged().map_err(|e| RuntimeError::Network(e.to_string()))?,
         ))
     };
-    let vm = vmm::restore(cfg(&vsock)?, base_dir, base_key)?;
+    let vm = super::jail::start(cfg(&vsock)?, Some((base_dir, base_key)), None)?;
     let mut dog = Watchdog::new(ANSWER_CPU);
     let mut watch = || verdict(vm.judge(&mut dog));
     let root = RootSpec {
@@ -576,7 +576,7 @@ fn create_ready(
 /// guest that answers (`cfg` makes the trial VM's config); removes the
 /// sockets and `leftovers` either way.
 fn save_and_verify(
-    vm: vmm::RunningVm,
+    vm: super::jail::Vm,
     answered: Result<(), AgentError>,
     tmp: &Path,
     key: &str,
@@ -721,7 +721,7 @@ fn create(tmp: &Path, spec: &SnapshotSpec, key: &str) -> Result<(), RuntimeError
             unplugged().map_err(|e| RuntimeError::Network(e.to_string()))?,
         ))
     };
-    let vm = vmm::start(cfg(&vsock)?)?;
+    let vm = super::jail::start(cfg(&vsock)?, None, None)?;
     let mut dog = Watchdog::new(BOOT_CPU);
     let conn = AgentConn::connect(&vsock, AGENT_PORT, &mut || verdict(vm.judge(&mut dog)));
     let answered = conn.map(|c| c.close());
@@ -731,7 +731,7 @@ fn create(tmp: &Path, spec: &SnapshotSpec, key: &str) -> Result<(), RuntimeError
 /// Restores the snapshot in `dir` and asks its agent for a refresh.
 fn verify(dir: &Path, key: &str, cfg: vmm::VmConfig) -> Result<(), RuntimeError> {
     let vsock = cfg.vsock_uds().map(Path::to_path_buf).unwrap_or_default();
-    let vm = vmm::restore(cfg, dir, key)?;
+    let vm = super::jail::start(cfg, Some((dir, key)), None)?;
     let mut dog = Watchdog::new(ANSWER_CPU);
     let mut watch = || verdict(vm.judge(&mut dog));
     let answer = AgentConn::connect(&vsock, AGENT_PORT, &mut watch)

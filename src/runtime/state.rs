@@ -273,7 +273,13 @@ impl Container {
     /// SIGKILL to a running container's supervisor, then waits for it to be
     /// gone, so that its ports and files are free when this returns.
     pub fn kill_now(&mut self) {
+        // The VM's jailed VMM process goes with its supervisor (it would
+        // stop at its control socket's end, but not before this returns).
+        let vmm = super::jail::Confinement::of_container(&self.dir);
         if self.signal(libc::SIGKILL) {
+            if let Some(v) = vmm {
+                v.kill_and_wait();
+            }
             self.wait_supervisor_gone();
             self.refresh();
         }

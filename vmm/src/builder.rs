@@ -18,6 +18,7 @@ use super::device_manager::{self, SharedDevice};
 use super::exit::ExitState;
 use super::memory::{COM1_IRQ, COM1_PORT};
 use super::running::RunningVm;
+use super::seccomp::ThreadKind;
 use super::{base_cmdline, event_loop, kvm_err, progress, setup_err, vcpu, VmConfig, VmmError};
 use crate::devices::bus::Bus;
 use crate::devices::legacy::{SerialDevice, I8042};
@@ -40,6 +41,7 @@ pub struct Machine {
     pub cmdline: Vec<String>,
     pub msr_list: Arc<Vec<u32>>,
     pub guest_profile: Option<std::path::PathBuf>,
+    pub confinement: Option<Arc<super::Confinement>>,
 }
 
 /// Creates the VM, registers `mem`, and attaches the devices of `cfg`
@@ -116,6 +118,7 @@ pub fn build(kvm: Kvm, cfg: &mut VmConfig, mem: Mem) -> Result<Machine, VmmError
         cmdline,
         msr_list,
         guest_profile: cfg.guest_profile.take(),
+        confinement: cfg.confinement.take(),
     })
 }
 
@@ -138,9 +141,51 @@ fn register_memory(vm: &VmFd, mem: &Mem) -> Result<(), VmmError> {
     Ok(())
 }
 
-/// Starts the event loop and one thread per vCPU.
+/// Starts the event loop and one thread per vCPU. With a confinement, the
+/// process enters its jail first (everything is open by now), and each
+/// thread installs its seccomp filter and then waits at a gate that opens
+/// once the calling thread has installed its own: no guest instruction runs
+/// before every filter is in place.
 pub fn launch(m: Machine, vcpu_fds: Vec<VcpuFd>) -> Result<RunningVm, VmmError> {
     vcpu::install_kick_handler().map_err(setup_err)?;
+    // The profile's file is opened now: a jailed VMM opens nothing later.
+    let profile_file = match &m.guest_profile {
+        Some(p) => Some(std::fs::File::create(p).map_err(setup_err)?),
+        None => None,
+    };
+    let confine = m.confinement.clone();
+    if let Some(c) = &confine {
+        (c.before)().map_err(VmmError::Setup)?;
+        if let Some(j) = &c.jail {
+            super::jail::enter(j).map_err(VmmError::Setup)?;
+        }
+        if let Some(f) = &c.filters {
+            f.prepare(c.report_fd).map_err(VmmError::Setup)?;
+        }
+    }
+    let gate = Arc::new(std::sync::Barrier::new(vcpu_fds.len() + 2));
+    // Each thread's first steps: its filter, then the gate. A thread whose
+    // filter fails stops the VM (after the gate, which counts on it).
+    let enter = {
+        let (confine, gate, exit) = (confine.clone(), gate.clone(), m.exit.clone());
+        move |kind: ThreadKind, name: &str| -> bool {
+            let applied = match confine.as_ref().and_then(|c| c.filters.as_ref()) {
+                Some(f) => f.apply(kind, name),
+                None => Ok(()),
+            };
+            gate.wait();
+            match applied {
+                Ok(()) => {
+                    super::seccomp::probe(kind);
+                    true
+                }
+                Err(e) => {
+                    exit.signal(super::VmExit::Crashed(e));
+                    false
+                }
+            }
+        }
+    };
     // Each thread reports its id, so that the VM's progress can be read from
     // the scheduler's account of it.
     let (tid_tx, tid_rx) = std::sync::mpsc::channel::<i32>();
@@ -152,12 +197,15 @@ pub fn launch(m: Machine, vcpu_fds: Vec<VcpuFd>) -> Result<RunningVm, VmmError> 
         let epoll = m.epoll.clone();
         let devices = m.loop_devices;
         let tx = tid_tx.clone();
+        let enter = enter.clone();
         std::thread::Builder::new()
             .name("vmm-events".into())
             .spawn(move || {
                 report_tid(&tx);
                 drop(tx);
-                event_loop::run(epoll, devices)
+                if enter(ThreadKind::Events, "vmm-events") {
+                    event_loop::run(epoll, devices)
+                }
             })
             .map_err(setup_err)?
     };
@@ -179,12 +227,15 @@ pub fn launch(m: Machine, vcpu_fds: Vec<VcpuFd>) -> Result<RunningVm, VmmError> 
             samples: profile.as_ref().filter(|_| id == 0).map(|(_, s)| s.clone()),
         };
         let tx = tid_tx.clone();
+        let enter = enter.clone();
         let h = std::thread::Builder::new()
             .name(format!("vcpu{id}"))
             .spawn(move || {
                 report_tid(&tx);
                 drop(tx);
-                vcpu::run(fd, ctx)
+                if enter(ThreadKind::Vcpu, &format!("vcpu{id}")) {
+                    vcpu::run(fd, ctx)
+                }
             })
             .map_err(setup_err)?;
         vcpus.push(h);
@@ -194,10 +245,26 @@ pub fn launch(m: Machine, vcpu_fds: Vec<VcpuFd>) -> Result<RunningVm, VmmError> 
     let threads = progress::Threads::new(std::process::id(), vcpu_tids, vec![loop_tid]);
     if profile.is_some() {
         let (thread, stop) = (vcpus[0].as_pthread_t(), stop.clone());
+        let confine = confine.clone();
         std::thread::spawn(move || {
+            if let Some(f) = confine.as_ref().and_then(|c| c.filters.as_ref()) {
+                if f.apply(ThreadKind::Main, "vmm-profile").is_err() {
+                    return;
+                }
+            }
             vcpu::profile_sampler(thread, stop, std::time::Duration::from_millis(1))
         });
     }
+    // The calling thread's own filter, then the gate: the vCPUs run.
+    let main_filter = match confine.as_ref().and_then(|c| c.filters.as_ref()) {
+        Some(f) => f.apply(ThreadKind::Main, "vmm"),
+        None => Ok(()),
+    };
+    if let Err(e) = &main_filter {
+        m.exit.signal(super::VmExit::Crashed(e.clone()));
+    }
+    gate.wait();
+    let profile = profile.zip(profile_file).map(|((_, s), f)| (s, f));
     Ok(RunningVm::new(
         m.vm,
         m.mem,

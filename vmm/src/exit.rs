@@ -5,7 +5,7 @@ use std::sync::Mutex;
 use vmm_sys_util::eventfd::EventFd;
 
 /// How a VM ended.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum VmExit {
     /// The guest reset itself (i8042 reset line or a KVM reset event): a clean exit.
     Reset,
@@ -13,6 +13,9 @@ pub enum VmExit {
     Stopped,
     /// Something went wrong; the message says what.
     Crashed(String),
+    /// The VMM process made a system call its seccomp filter forbids; the
+    /// message names the call and the thread.
+    Seccomp(String),
 }
 
 /// The exit reason (first one wins) and the eventfd that wakes the event loop.

@@ -13,9 +13,12 @@ mod device_manager;
 pub mod devices;
 pub mod event_loop;
 pub mod exit;
+pub mod jail;
 pub mod memory;
+pub mod process;
 pub mod progress;
 mod running;
+pub mod seccomp;
 pub mod snapshot;
 pub mod uds;
 pub mod vcpu;
@@ -38,7 +41,7 @@ use snapshot::{SnapshotError, VmState};
 pub const MIN_MEMORY: u64 = 64 << 20;
 
 /// A disk attached to the VM.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct DiskConfig {
     pub path: PathBuf,
     pub read_only: bool,
@@ -67,6 +70,20 @@ pub struct VmConfig {
     /// Debugging aid: sample the boot vCPU's RIP at 1 kHz and write the
     /// samples to this file when the VM ends.
     pub guest_profile: Option<PathBuf>,
+    /// The jail and seccomp filters the VMM process enters between building
+    /// the VM and running it (see [`process`]); None runs it as it is.
+    pub confinement: Option<std::sync::Arc<Confinement>>,
+}
+
+/// How a VMM process confines itself once its VM is built: its jail, and
+/// its threads' filters (violations reported on `report_fd`).
+pub struct Confinement {
+    pub jail: Option<jail::JailSpec>,
+    pub filters: Option<seccomp::Filters>,
+    pub report_fd: i32,
+    /// Called before the jail is entered (the process's other setup
+    /// threads must be done by then: capabilities are per thread).
+    pub before: Box<dyn Fn() -> Result<(), String> + Send + Sync>,
 }
 
 impl VmConfig {
@@ -83,6 +100,7 @@ impl VmConfig {
             console: None,
             backend: Backend::host(),
             guest_profile: None,
+            confinement: None,
         }
     }
 
@@ -144,6 +162,10 @@ pub enum VmmError {
     TooManyDevices,
     #[error("VMM setup: {0}")]
     Setup(String),
+    /// The VMM process was killed by its seccomp filter (the message names
+    /// the call and the thread).
+    #[error("{0}")]
+    Seccomp(String),
     #[error(transparent)]
     Snapshot(#[from] SnapshotError),
 }

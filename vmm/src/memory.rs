@@ -87,7 +87,12 @@ pub fn e820_map(size: u64) -> Vec<(u64, u64)> {
 /// mappings that start at the given host addresses (guest RAM), from
 /// /proc/self/smaps.
 pub fn smaps_kib(starts: &[u64], field: &str) -> u64 {
-    let Ok(smaps) = std::fs::read_to_string("/proc/self/smaps") else {
+    smaps_kib_of("/proc/self/smaps", starts, field)
+}
+
+/// [`smaps_kib`] over the smaps file at `path` (another process's).
+pub fn smaps_kib_of(path: &str, starts: &[u64], field: &str) -> u64 {
+    let Ok(smaps) = std::fs::read_to_string(path) else {
         return 0;
     };
     let prefix = format!("{field}:");
@@ -123,7 +128,12 @@ pub fn resident_kib(starts: &[u64]) -> u64 {
 
 /// Peak resident set size of this process, KiB (VmHWM).
 pub fn peak_rss_kib() -> u64 {
-    std::fs::read_to_string("/proc/self/status")
+    peak_rss_kib_of("/proc/self/status")
+}
+
+/// [`peak_rss_kib`] from the status file at `path` (another process's).
+pub fn peak_rss_kib_of(path: &str) -> u64 {
+    std::fs::read_to_string(path)
         .ok()
         .and_then(|s| {
             s.lines()

@@ -41,18 +41,64 @@ pub struct Activity {
     pub vcpus_asleep: bool,
 }
 
-/// Where to sample: the threads of one VMM, by process and thread id.
+/// Where to sample: the threads of one VMM, by process and thread id, or
+/// through their `stat` and `schedstat` files opened by someone who sees
+/// them (a jailed VMM has no /proc: the host passes it these).
 #[derive(Debug, Clone)]
 pub struct Threads {
     pid: u32,
     vcpus: Vec<i32>,
     others: Vec<i32>,
+    files: Option<std::sync::Arc<(Vec<ThreadFiles>, Vec<ThreadFiles>)>>,
 }
+
+/// A thread's `stat` and `schedstat`, open.
+#[derive(Debug)]
+pub struct ThreadFiles {
+    pub stat: std::fs::File,
+    pub schedstat: Option<std::fs::File>,
+}
+
+impl ThreadFiles {
+    /// Opens thread `tid` of process `pid`'s files.
+    pub fn open(pid: u32, tid: i32) -> std::io::Result<ThreadFiles> {
+        let base = PathBuf::from(format!("/proc/{pid}/task/{tid}"));
+        Ok(ThreadFiles {
+            stat: std::fs::File::open(base.join("stat"))?,
+            schedstat: std::fs::File::open(base.join("schedstat")).ok(),
+        })
+    }
+}
+
+fn read_at_start(f: &std::fs::File) -> Option<String> {
+    use std::os::unix::fs::FileExt;
+    let mut buf = vec![0u8; 1024];
+    let n = f.read_at(&mut buf, 0).ok()?;
+    buf.truncate(n);
+    String::from_utf8(buf).ok()
+}
+
+/// (run ns, runnable-wait ns, state letter) of one thread.
+type Sample = (u64, u64, char);
 
 /// (run ns, runnable-wait ns, state letter) of one thread, or None if gone.
 fn sample_thread(pid: u32, tid: i32) -> Option<(u64, u64, char)> {
     let base = PathBuf::from(format!("/proc/{pid}/task/{tid}"));
     let stat = std::fs::read_to_string(base.join("stat")).ok()?;
+    let sched = std::fs::read_to_string(base.join("schedstat")).ok();
+    parse_sample(&stat, sched.as_deref())
+}
+
+fn sample_files(f: &ThreadFiles) -> Option<(u64, u64, char)> {
+    let stat = read_at_start(&f.stat)?;
+    let sched = f.schedstat.as_ref().and_then(read_at_start);
+    parse_sample(&stat, sched.as_deref())
+}
+
+fn parse_sample(stat: &str, sched: Option<&str>) -> Option<(u64, u64, char)> {
+    if stat.is_empty() {
+        return None;
+    }
     // The state follows the command name, which is in parentheses and may
     // itself hold spaces or parentheses: take the text after the last ')'.
     let state = stat
@@ -62,8 +108,7 @@ fn sample_thread(pid: u32, tid: i32) -> Option<(u64, u64, char)> {
         .next()?
         .chars()
         .next()?;
-    let sched = std::fs::read_to_string(base.join("schedstat")).ok();
-    let (run, wait) = match sched.as_deref().map(|s| {
+    let (run, wait) = match sched.map(|s| {
         let mut f = s.split_whitespace().map(|x| x.parse::<u64>().unwrap_or(0));
         (f.next().unwrap_or(0), f.next().unwrap_or(0))
     }) {
@@ -79,15 +124,70 @@ fn sample_thread(pid: u32, tid: i32) -> Option<(u64, u64, char)> {
     Some((run, wait, state))
 }
 
+/// The children of process `pid` (of all its threads).
+fn children(pid: u32) -> Vec<u32> {
+    let mut out = Vec::new();
+    if let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) {
+        for t in tasks.flatten() {
+            if let Ok(list) = std::fs::read_to_string(t.path().join("children")) {
+                out.extend(
+                    list.split_whitespace()
+                        .filter_map(|c| c.parse::<u32>().ok()),
+                );
+            }
+        }
+    }
+    out
+}
+
 impl Threads {
     /// The threads `vcpus` and `others` of process `pid`.
     pub fn new(pid: u32, vcpus: Vec<i32>, others: Vec<i32>) -> Threads {
-        Threads { pid, vcpus, others }
+        Threads {
+            pid,
+            vcpus,
+            others,
+            files: None,
+        }
+    }
+
+    /// Threads sampled through their open files.
+    pub fn from_files(vcpus: Vec<ThreadFiles>, others: Vec<ThreadFiles>) -> Threads {
+        Threads {
+            pid: 0,
+            vcpus: Vec::new(),
+            others: Vec::new(),
+            files: Some(std::sync::Arc::new((vcpus, others))),
+        }
+    }
+
+    /// The vCPU and other thread ids.
+    pub fn ids(&self) -> (&[i32], &[i32]) {
+        (&self.vcpus, &self.others)
     }
 
     /// The VMM threads of another process, found by name (`vcpuN`,
-    /// `vmm-events`): for a VM run by a detached supervisor.
+    /// `vmm-events`): for a VM run by a detached supervisor. A process
+    /// without any (the VMM runs in a jailed child, `super::process`) is
+    /// looked through: its child named `vmm`'s threads.
     pub fn of_process(pid: u32) -> Threads {
+        let t = Self::named_in(pid);
+        if !t.vcpus.is_empty() {
+            return t;
+        }
+        for child in children(pid) {
+            let comm = std::fs::read_to_string(format!("/proc/{child}/comm")).unwrap_or_default();
+            if comm.trim() == "vmm" {
+                let c = Self::named_in(child);
+                if !c.vcpus.is_empty() {
+                    return c;
+                }
+            }
+        }
+        t
+    }
+
+    fn named_in(pid: u32) -> Threads {
         let mut t = Threads::new(pid, Vec::new(), Vec::new());
         if let Ok(entries) = std::fs::read_dir(format!("/proc/{pid}/task")) {
             for e in entries.flatten() {
@@ -126,11 +226,29 @@ impl Threads {
             vcpus_asleep: true,
             ..Activity::default()
         };
-        for (i, &tid) in self.vcpus.iter().chain(&self.others).enumerate() {
-            let Some((run, wait, state)) = sample_thread(self.pid, tid) else {
+        let samples: Vec<(bool, Option<Sample>)> = match &self.files {
+            Some(f) => {
+                f.0.iter()
+                    .map(|t| (true, sample_files(t)))
+                    .chain(f.1.iter().map(|t| (false, sample_files(t))))
+                    .collect()
+            }
+            None => self
+                .vcpus
+                .iter()
+                .map(|&t| (true, sample_thread(self.pid, t)))
+                .chain(
+                    self.others
+                        .iter()
+                        .map(|&t| (false, sample_thread(self.pid, t))),
+                )
+                .collect(),
+        };
+        for (is_vcpu, s) in samples {
+            let Some((run, wait, state)) = s else {
                 continue;
             };
-            if i < self.vcpus.len() {
+            if is_vcpu {
                 a.ended = false;
                 a.vcpu_run_ns += run;
                 a.vcpus_asleep &= state == 'S';

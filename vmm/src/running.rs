@@ -1,7 +1,7 @@
 //! A running VM: waiting for it, stopping it, and snapshotting it.
 
 use std::os::unix::thread::JoinHandleExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
@@ -25,7 +25,7 @@ pub struct RunningVm {
     event_loop: Option<JoinHandle<()>>,
     transports: Vec<Arc<Mutex<MmioTransport>>>,
     devices: Vec<Arc<Mutex<dyn VirtioDevice>>>,
-    profile: Option<(PathBuf, vcpu::Samples)>,
+    profile: Option<(vcpu::Samples, std::fs::File)>,
     threads: progress::Threads,
     // Field order matters on drop: the VM goes before the memory it maps.
     vm: VmFd,
@@ -44,7 +44,7 @@ impl RunningVm {
         event_loop: JoinHandle<()>,
         transports: Vec<Arc<Mutex<MmioTransport>>>,
         devices: Vec<Arc<Mutex<dyn VirtioDevice>>>,
-        profile: Option<(PathBuf, vcpu::Samples)>,
+        profile: Option<(vcpu::Samples, std::fs::File)>,
         threads: progress::Threads,
     ) -> RunningVm {
         RunningVm {
@@ -60,6 +60,12 @@ impl RunningVm {
             vm,
             mem,
         }
+    }
+
+    /// Samples the VM's threads through `threads` from now on (a jailed VMM
+    /// reads its threads' files through descriptors the host opened).
+    pub fn set_threads(&mut self, threads: progress::Threads) {
+        self.threads = threads;
     }
 
     /// What the VM's threads have done so far (see [`progress`]).
@@ -82,7 +88,7 @@ impl RunningVm {
 
     /// A handle that can stop the VM from another thread.
     pub fn stopper(&self) -> Stopper {
-        Stopper(self.exit.clone())
+        Stopper(StopperKind::Here(self.exit.clone()))
     }
 
     /// Whether the VM still runs.
@@ -90,7 +96,13 @@ impl RunningVm {
         self.event_loop.as_ref().is_some_and(|h| !h.is_finished())
     }
 
-    fn guest_starts(&self) -> Vec<u64> {
+    /// The eventfd that becomes readable once the VM is stopping.
+    pub fn exit_fd(&self) -> std::os::fd::RawFd {
+        std::os::fd::AsRawFd::as_raw_fd(self.exit.eventfd())
+    }
+
+    /// Where guest RAM is mapped in this process.
+    pub fn guest_starts(&self) -> Vec<u64> {
         self.mem
             .iter()
             .filter_map(|r| r.get_host_address(MemoryRegionAddress(0)).ok())
@@ -149,10 +161,10 @@ impl RunningVm {
         for h in self.vcpus.drain(..) {
             let _ = h.join();
         }
-        if let Some((path, samples)) = self.profile.take() {
+        if let Some((samples, mut file)) = self.profile.take() {
             let s = samples.lock().unwrap_or_else(|e| e.into_inner());
             let text: String = s.iter().map(|rip| format!("{rip:x}\n")).collect();
-            let _ = std::fs::write(path, text);
+            let _ = std::io::Write::write_all(&mut file, text.as_bytes());
         }
     }
 
@@ -168,6 +180,12 @@ impl RunningVm {
     /// the guest's progress (`progress::Watchdog`); a guest that never goes
     /// idle is snapshotted as it is after [`QUIESCE_ATTEMPTS`].
     pub fn snapshot(&self, dir: &Path, key: &str) -> Result<(), SnapshotError> {
+        self.snapshot_into(snapshot::Files::create(dir)?, key)
+    }
+
+    /// [`Self::snapshot`] into `files` (opened by whoever may write there:
+    /// a jailed VMM opens nothing itself).
+    pub fn snapshot_into(&self, files: snapshot::Files, key: &str) -> Result<(), SnapshotError> {
         let mut dog = progress::Watchdog::new(Duration::from_secs(60));
         let mut attempts = 0;
         loop {
@@ -183,7 +201,7 @@ impl RunningVm {
                 if !idle {
                     log::debug!("snapshot: the guest never went idle; taken while it works");
                 }
-                return self.write_state(dir, key, vcpus, &transports, &devices);
+                return self.write_state(files, key, vcpus, &transports, &devices);
             }
             // Caught between two pieces of work: let it finish.
             drop(devices);
@@ -202,9 +220,19 @@ impl RunningVm {
         key: &str,
         vcpus: Vec<snapshot::VcpuState>,
     ) -> Result<(), SnapshotError> {
+        self.save_into(snapshot::Files::create(dir)?, key, vcpus)
+    }
+
+    /// [`Self::save`] into `files`.
+    pub fn save_into(
+        &self,
+        files: snapshot::Files,
+        key: &str,
+        vcpus: Vec<snapshot::VcpuState>,
+    ) -> Result<(), SnapshotError> {
         let transports = self.lock_transports();
         let devices = self.lock_devices();
-        self.write_state(dir, key, vcpus, &transports, &devices)
+        self.write_state(files, key, vcpus, &transports, &devices)
     }
 
     fn lock_transports(&self) -> Vec<MutexGuard<'_, MmioTransport>> {
@@ -231,7 +259,7 @@ impl RunningVm {
     /// memory or queues meanwhile, and the vCPUs are paused.
     fn write_state(
         &self,
-        dir: &Path,
+        mut files: snapshot::Files,
         key: &str,
         vcpus: Vec<snapshot::VcpuState>,
         transports: &[MutexGuard<'_, MmioTransport>],
@@ -242,7 +270,7 @@ impl RunningVm {
             .zip(devices)
             .map(|(t, d)| t.snapshot_of(&**d))
             .collect();
-        let memory = snapshot::dump_memory(&self.mem, &dir.join("memory.img"))?;
+        let memory = snapshot::dump_memory_into(&self.mem, &files.memory)?;
         let state = VmState {
             key: key.to_string(),
             mem_size: self.mem.iter().map(|r| r.len()).sum(),
@@ -255,7 +283,7 @@ impl RunningVm {
             })?,
             devices,
         };
-        state.write(dir)
+        state.write_into(&mut files.state)
     }
 
     /// Waits until no vsock connection is open, no interrupt is
@@ -347,12 +375,26 @@ impl Drop for RunningVm {
     }
 }
 
-/// Stops a VM from anywhere.
+/// Stops a VM from anywhere (in this process, or in a VMM process).
 #[derive(Clone)]
-pub struct Stopper(Arc<ExitState>);
+pub struct Stopper(StopperKind);
+
+#[derive(Clone)]
+enum StopperKind {
+    Here(Arc<ExitState>),
+    Process(Arc<std::os::fd::OwnedFd>),
+}
 
 impl Stopper {
+    /// Stops the VM of the VMM process whose control socket is `ctl`.
+    pub(crate) fn process(ctl: Arc<std::os::fd::OwnedFd>) -> Stopper {
+        Stopper(StopperKind::Process(ctl))
+    }
+
     pub fn stop(&self) {
-        self.0.signal(VmExit::Stopped);
+        match &self.0 {
+            StopperKind::Here(e) => e.signal(VmExit::Stopped),
+            StopperKind::Process(ctl) => crate::process::send_stop(ctl),
+        }
     }
 }

@@ -319,9 +319,13 @@ pub fn restore_vm(vm: &VmFd, state: &VmState) -> Result<(), SnapshotError> {
 impl VmState {
     /// Writes `state.bin` into `dir`.
     pub fn write(&self, dir: &Path) -> Result<(), SnapshotError> {
+        self.write_into(&mut File::create(dir.join("state.bin"))?)
+    }
+
+    /// Writes the `state.bin` format into `f` (an empty file).
+    pub fn write_into(&self, f: &mut File) -> Result<(), SnapshotError> {
         let payload =
             postcard::to_stdvec(self).map_err(|e| SnapshotError::Invalid(e.to_string()))?;
-        let mut f = File::create(dir.join("state.bin"))?;
         f.write_all(MAGIC)?;
         f.write_all(&FORMAT_VERSION.to_le_bytes())?;
         f.write_all(&(payload.len() as u64).to_le_bytes())?;
@@ -360,6 +364,22 @@ impl VmState {
     }
 }
 
+/// The two files of a snapshot, open for writing (empty).
+pub struct Files {
+    pub state: File,
+    pub memory: File,
+}
+
+impl Files {
+    /// Creates `state.bin` and `memory.img` (mode 0600) in `dir`.
+    pub fn create(dir: &Path) -> std::io::Result<Files> {
+        Ok(Files {
+            state: private_file(&dir.join("state.bin"))?,
+            memory: private_file(&dir.join("memory.img"))?,
+        })
+    }
+}
+
 /// Creates `path` for writing with mode 0600 (truncating it).
 fn private_file(path: &Path) -> std::io::Result<File> {
     use std::os::unix::fs::OpenOptionsExt;
@@ -376,7 +396,11 @@ fn private_file(path: &Path) -> std::io::Result<File> {
 /// locked, so nothing changes guest memory meanwhile. Returns the file's seal.
 pub fn dump_memory(mem: &Mem, path: &Path) -> Result<MemorySeal, SnapshotError> {
     // Guest memory: the guest's secrets, readable by vmc's user alone.
-    let f = private_file(path)?;
+    dump_memory_into(mem, &private_file(path)?)
+}
+
+/// [`dump_memory`] into `f`, an empty file open for writing.
+pub fn dump_memory_into(mem: &Mem, f: &File) -> Result<MemorySeal, SnapshotError> {
     let total: u64 = mem.iter().map(|r| r.len()).sum();
     f.set_len(total)?;
     let mut h = Sha256::new();
@@ -410,7 +434,7 @@ pub fn dump_memory(mem: &Mem, path: &Path) -> Result<MemorySeal, SnapshotError> 
         file_off += len as u64;
     }
     f.sync_all()?;
-    Ok(MemorySeal::of(&f, h.finalize().into())?)
+    Ok(MemorySeal::of(f, h.finalize().into())?)
 }
 
 /// Maps `path` as guest RAM with the given layout, private copy-on-write,
