@@ -53,6 +53,14 @@ report() {
         exe=$(readlink /proc/"$sup"/exe)
         opts=$(awk -v p="$exe" '$5 == p {print $6}' /proc/"$sup"/mountinfo | tail -1)
         echo "vmc binary:  ${exe} mounted ${opts:-(no bind: writable)} for the supervisor"
+    else
+        # The VMM: a jailed process of its own (README, The VMM's jail).
+        local vmm
+        vmm=$("$VMC" inspect "$name" | sed -n 's/.*"pid": \([0-9]*\).*/\1/p' | tail -1)
+        if [ -n "$vmm" ] && [ -d /proc/"$vmm" ]; then
+            echo "VMM:         pid $vmm, $(grep -E '^(Uid|CapEff|NoNewPrivs|Seccomp):' /proc/"$vmm"/status | tr -s '\t\n' '  ')"
+            echo "VMM root:    $(ls -A /proc/"$vmm"/root/ | wc -l) entries; fds: $(ls /proc/"$vmm"/fd | wc -l)"
+        fi
     fi
     "$VMC" rm -f "$name" >/dev/null
     echo

@@ -18,7 +18,14 @@ pub const TARGETS: &[(&str, Target)] = &[
     ("guest_frames", guest_frames),
     ("layer", layer),
     ("archive", archive),
+    ("vmm_control", vmm_control),
 ];
+
+/// What the host decodes from a (compromised) jailed VMM process: one
+/// control message, its texts made safe to print.
+pub fn vmm_control(data: &[u8]) {
+    crate::vmm::process::fuzz_from_vmm(data);
+}
 
 /// The Dockerfile front end: parsing and its checks.
 pub fn dockerfile(data: &[u8]) {

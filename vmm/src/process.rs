@@ -211,6 +211,58 @@ fn recv<T: for<'a> Deserialize<'a>>(sock: RawFd) -> std::io::Result<Option<(T, V
     Ok(Some((msg, fds)))
 }
 
+/// The longest text the host takes from a VMM process (an error, a crash's
+/// reason): a compromised VMM's words reach the user's terminal.
+const MAX_TEXT: usize = 1024;
+
+/// `text` from a VMM process as the host shows it: at most [`MAX_TEXT`]
+/// bytes, control characters (terminal escapes) replaced.
+fn sanitize(text: &str) -> String {
+    let mut out: String = text
+        .chars()
+        .map(|c| if c.is_control() { '?' } else { c })
+        .collect();
+    if out.len() > MAX_TEXT {
+        let mut end = MAX_TEXT;
+        while !out.is_char_boundary(end) {
+            end -= 1;
+        }
+        out.truncate(end);
+        out.push_str("...");
+    }
+    out
+}
+
+/// A message from a VMM process with its texts made safe to show.
+fn sanitized(m: FromVmm) -> FromVmm {
+    let exit = |e: VmExit| match e {
+        VmExit::Crashed(t) => VmExit::Crashed(sanitize(&t)),
+        VmExit::Seccomp(t) => VmExit::Seccomp(sanitize(&t)),
+        other => other,
+    };
+    match m {
+        FromVmm::Failed { snapshot, message } => FromVmm::Failed {
+            snapshot,
+            message: sanitize(&message),
+        },
+        FromVmm::Done(Err(e)) => FromVmm::Done(Err(sanitize(&e))),
+        FromVmm::Exited(e) => FromVmm::Exited(exit(e)),
+        other => other,
+    }
+}
+
+/// The fuzz target's entry (`vmm_control`): what the host makes of one
+/// control message from a (compromised) VMM process.
+pub fn fuzz_from_vmm(data: &[u8]) {
+    if data.len() <= MAX_MSG {
+        if let Ok(m) = postcard::from_bytes::<FromVmm>(data) {
+            let m = sanitized(m);
+            let text = format!("{m:?}");
+            assert!(!text.contains('\u{1b}'));
+        }
+    }
+}
+
 /// Asks the VMM process behind `ctl` to stop its VM.
 pub(crate) fn send_stop(ctl: &OwnedFd) {
     let _ = send(ctl.as_raw_fd(), &ToVmm::Stop, &[]);
@@ -461,7 +513,7 @@ impl VmmProcess {
     /// The next message from the child (None: it closed its end); an
     /// `Exited` is kept.
     fn next(&self) -> Option<FromVmm> {
-        match recv::<FromVmm>(self.ctl.as_raw_fd()) {
+        match recv::<FromVmm>(self.ctl.as_raw_fd()).map(|r| r.map(|(m, f)| (sanitized(m), f))) {
             Ok(Some((FromVmm::Exited(e), _))) => {
                 *self.exit.lock().unwrap_or_else(|e| e.into_inner()) = Some(e.clone());
                 Some(FromVmm::Exited(e))
@@ -493,6 +545,11 @@ impl VmmProcess {
         let mut reaped = self.reaped.lock().unwrap_or_else(|e| e.into_inner());
         let mut status = 0;
         if !*reaped {
+            // Its VM is over (or it went silent): a VMM that lingers (one
+            // that closed its socket but runs on, or blocks writing its
+            // report) must not hold the host here.
+            // SAFETY: our own child, not yet reaped.
+            unsafe { libc::kill(self.pid, libc::SIGKILL) };
             loop {
                 // SAFETY: status is a valid out-pointer; pid is our child.
                 let r = unsafe { libc::waitpid(self.pid, &mut status, 0) };
@@ -506,15 +563,14 @@ impl VmmProcess {
             return e;
         }
         let mut report = String::new();
-        let _ = self
-            .report
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
+        let _ = (&mut *self.report.lock().unwrap_or_else(|e| e.into_inner()))
+            .take(4096)
             .read_to_string(&mut report);
         let e = match seccomp::parse_report(&report) {
             Some((nr, thread)) => VmExit::Seccomp(format!(
-                "the VMM was stopped by its seccomp filter: syscall {nr} ({}) in thread {thread}",
-                syscall_name(nr)
+                "the VMM was stopped by its seccomp filter: syscall {nr} ({}) in thread {}",
+                syscall_name(nr),
+                sanitize(&thread)
             )),
             None if libc::WIFSIGNALED(status) => VmExit::Crashed(format!(
                 "the VMM process was killed by signal {}",
@@ -898,4 +954,44 @@ pub fn serve() -> i32 {
     // Not through `ctl`'s drop: the exit ends it.
     let _ = ctl.into_raw_fd();
     0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_vmms_texts_are_bounded_and_lose_their_escapes() {
+        assert_eq!(sanitize("\u{1b}[31mred\u{7}\n"), "?[31mred??");
+        let long = sanitize(&"é".repeat(2000));
+        assert!(long.len() <= MAX_TEXT + 3 && long.ends_with("..."));
+        let m = sanitized(FromVmm::Exited(VmExit::Crashed(
+            "\u{1b}]0;owned\u{7}".into(),
+        )));
+        assert!(matches!(m, FromVmm::Exited(VmExit::Crashed(t)) if t == "?]0;owned?"));
+    }
+
+    /// The fuzz seeds (fuzz/corpus/vmm_control) are today's messages.
+    #[test]
+    fn the_control_seeds_decode_as_the_protocol_stands() {
+        let dir =
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../fuzz/corpus/vmm_control");
+        let mut n = 0;
+        for f in std::fs::read_dir(dir).unwrap().flatten() {
+            let data = std::fs::read(f.path()).unwrap();
+            postcard::from_bytes::<FromVmm>(&data)
+                .unwrap_or_else(|e| panic!("{}: {e}", f.path().display()));
+            fuzz_from_vmm(&data);
+            n += 1;
+        }
+        assert!(n >= 5);
+        let launched = postcard::to_stdvec(&FromVmm::Launched {
+            guest_starts: vec![1 << 35],
+        })
+        .unwrap();
+        assert!(matches!(
+            postcard::from_bytes::<FromVmm>(&launched).unwrap(),
+            FromVmm::Launched { guest_starts } if guest_starts == [1 << 35]
+        ));
+    }
 }
