@@ -198,6 +198,16 @@ fn take_slot(count: u32) -> Result<(u32, File), VmmError> {
     )))
 }
 
+static VMM_BINARY: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+
+/// Runs VMM processes from `vmc` (the binary whose `__vmm` serves them)
+/// instead of this process's own executable: for programs that use the
+/// runtime as a library (the integration tests), whose executable is not
+/// vmc. The first call wins.
+pub fn use_vmm_binary(vmc: &Path) {
+    let _ = VMM_BINARY.set(vmc.to_path_buf());
+}
+
 static SEQ: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
 
 /// A jailed VMM process started ahead of its VM (its exec and its cgroup
@@ -261,7 +271,10 @@ impl Pending {
             argv.push(f.to_string_lossy().into_owned());
         }
         let cmd = Command {
-            exe: PathBuf::from("/proc/self/exe"),
+            exe: VMM_BINARY
+                .get()
+                .cloned()
+                .unwrap_or_else(|| PathBuf::from("/proc/self/exe")),
             argv,
             user_namespace: rootless,
         };

@@ -22,6 +22,9 @@ pub fn kvm_available() -> bool {
     if !ok {
         vmc::testing::skip("/dev/kvm cannot be opened on this machine");
     }
+    // A VM this test binary starts through the runtime runs in a VMM
+    // process: vmc's `__vmm`, not this binary's.
+    vmc::runtime::jail::use_vmm_binary(Path::new(env!("CARGO_BIN_EXE_vmc")));
     ok
 }
 

@@ -94,6 +94,20 @@ pub fn enter(spec: &JailSpec) -> Result<(), String> {
             "detaching the host's tree",
         )?;
         check(libc::chdir(c"/".as_ptr()), "chdir /")?;
+        // The mount's atime flags as they are: in a user namespace
+        // (rootless) they are locked, and a remount must keep them.
+        let mut st: libc::statvfs = std::mem::zeroed();
+        check(libc::statvfs(c"/".as_ptr(), &mut st), "statvfs /")?;
+        let mut atime = 0;
+        for (st_flag, ms_flag) in [
+            (libc::ST_NOATIME, libc::MS_NOATIME),
+            (libc::ST_NODIRATIME, libc::MS_NODIRATIME),
+            (libc::ST_RELATIME, libc::MS_RELATIME),
+        ] {
+            if st.f_flag & st_flag != 0 {
+                atime |= ms_flag;
+            }
+        }
         check(
             libc::mount(
                 null,
@@ -104,7 +118,8 @@ pub fn enter(spec: &JailSpec) -> Result<(), String> {
                     | libc::MS_RDONLY
                     | libc::MS_NOSUID
                     | libc::MS_NODEV
-                    | libc::MS_NOEXEC,
+                    | libc::MS_NOEXEC
+                    | atime,
                 std::ptr::null(),
             ),
             "making the jail read-only",
