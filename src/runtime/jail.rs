@@ -179,9 +179,9 @@ fn take_slot(count: u32) -> Result<(u32, File), VmmError> {
     let dir = Path::new(RUN_DIR);
     std::fs::create_dir_all(dir)
         .map_err(|e| VmmError::Setup(format!("creating {RUN_DIR}: {e}")))?;
-    let start = std::process::id().wrapping_mul(2_654_435_761) % count;
-    for i in 0..count.min(4096) {
-        let slot = (start + i) % count;
+    // The lowest free slot: as many slots (and jail directories) exist as
+    // VMs ever ran at once.
+    for slot in 0..count.min(4096) {
         let f = std::fs::OpenOptions::new()
             .create(true)
             .truncate(false)
@@ -271,6 +271,10 @@ impl Pending {
             argv.push(f.to_string_lossy().into_owned());
         }
         let cmd = Command {
+            // The uid slot's lock lives as long as the VMM, even past vmc.
+            hold: slot
+                .as_ref()
+                .map(|(_, f)| std::os::fd::AsRawFd::as_raw_fd(f)),
             exe: VMM_BINARY
                 .get()
                 .cloned()

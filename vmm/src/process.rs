@@ -34,6 +34,8 @@ use crate::{progress, seccomp, DeviceConfig, DiskConfig, VmConfig, VmmError};
 pub const CTL_FD: RawFd = 3;
 /// The violation report pipe's descriptor in the child.
 pub const REPORT_FD: RawFd = 4;
+/// Where the child keeps [`Command::hold`].
+pub const HOLD_FD: RawFd = 5;
 /// The largest control message (a Launch is a few KiB).
 const MAX_MSG: usize = 256 << 10;
 
@@ -334,6 +336,9 @@ pub struct Command {
     pub exe: PathBuf,
     /// Rootless: a user namespace mapping the invoking user to its root.
     pub user_namespace: bool,
+    /// A descriptor the child keeps open for its whole life (at
+    /// [`HOLD_FD`]): a lock it holds as long as the host does.
+    pub hold: Option<RawFd>,
 }
 
 /// The host's handle on a VMM process.
@@ -430,6 +435,7 @@ impl VmmProcess {
                     maps: cmd
                         .user_namespace
                         .then_some((uid_map.as_bytes(), gid_map.as_bytes())),
+                    hold: cmd.hold,
                 })
             }
         }
@@ -742,6 +748,7 @@ struct ChildExec<'a> {
     argv: *const *const libc::c_char,
     env: *const *const libc::c_char,
     maps: Option<(&'a [u8], &'a [u8])>,
+    hold: Option<RawFd>,
 }
 
 /// The clone child up to exec: its user namespace's maps (rootless), the
@@ -781,7 +788,12 @@ unsafe fn child_exec(c: ChildExec<'_>) -> ! {
             libc::dup2(null, 0);
             libc::dup2(null, 1);
         }
-        libc::syscall(libc::SYS_close_range, REPORT_FD + 1, u32::MAX, 0);
+        let first_closed = if c.hold.is_some() {
+            HOLD_FD + 1
+        } else {
+            REPORT_FD + 1
+        };
+        libc::syscall(libc::SYS_close_range, first_closed, u32::MAX, 0);
         libc::execve(c.exe, c.argv, c.env);
         libc::_exit(127);
     }

@@ -534,9 +534,18 @@ impl Bench {
             let total = tree_pss_kib(&[owner]);
             let mut out = vec![(PSS, total as f64 / 1024.0)];
             if rt.kind == Kind::Vm {
-                let guest = runtimes::guest_pss_kib(owner)
+                // The VMM: the owner's jailed child named `vmm` (the owner
+                // itself with VMC_JAIL=0).
+                let vmm_pid = runtimes::process_tree(owner)
+                    .into_iter()
+                    .find(|p| {
+                        std::fs::read_to_string(format!("/proc/{p}/comm"))
+                            .is_ok_and(|c| c.trim() == "vmm")
+                    })
+                    .unwrap_or(owner);
+                let guest = runtimes::guest_pss_kib(vmm_pid)
                     .ok_or(MeasureError::Missing("no guest memory mapping"))?;
-                let vmm = runtimes::pss_kib(owner).ok_or(MeasureError::Missing("VMM exited"))?;
+                let vmm = runtimes::pss_kib(vmm_pid).ok_or(MeasureError::Missing("VMM exited"))?;
                 out.push((VMM_OVERHEAD, vmm.saturating_sub(guest) as f64 / 1024.0));
                 out.push((GUEST_MEM, guest as f64 / 1024.0));
             }
