@@ -104,7 +104,12 @@ pub fn describe() -> String {
     } else {
         "seccomp per thread (kill)"
     };
-    format!("jailed: own mount/pid/ipc/uts/net namespaces, empty read-only root, {who}, no_new_privs, {seccomp}, cgroups (memory, cpu, pids)")
+    let cgroups = if crate::host::rootless() {
+        "no cgroups (rootless: none of its own to divide)"
+    } else {
+        "cgroups (memory, cpu, pids)"
+    };
+    format!("jailed: own mount/pid/ipc/uts/net namespaces, empty read-only root, {who}, no_new_privs, {seccomp}, {cgroups}")
 }
 
 /// A VM and the VMM that runs it.
