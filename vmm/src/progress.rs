@@ -295,6 +295,15 @@ impl Watchdog {
         }
     }
 
+    /// The verdict on a VM now: ended once it no longer runs, else what a
+    /// `sample` of its threads shows.
+    pub fn judge(&mut self, running: bool, sample: impl FnOnce() -> Activity) -> Verdict {
+        if !running {
+            return Verdict::Ended;
+        }
+        self.observe(Instant::now(), sample())
+    }
+
     /// Takes one sample taken at `now`.
     pub fn observe(&mut self, now: Instant, a: Activity) -> Verdict {
         if a.ended {

@@ -75,10 +75,7 @@ impl RunningVm {
 
     /// The verdict of `dog` on the VM now: ended, working or hung.
     pub fn judge(&self, dog: &mut progress::Watchdog) -> progress::Verdict {
-        if !self.is_running() {
-            return progress::Verdict::Ended;
-        }
-        dog.observe(Instant::now(), self.activity())
+        dog.judge(self.is_running(), || self.activity())
     }
 
     /// Asks the VM to stop (the vCPUs are kicked out of the guest).
