@@ -160,7 +160,7 @@ fn a_forbidden_syscall_in_any_vmm_thread_kills_the_vmm_and_vmc_names_it() {
             "the VMM was stopped by its seccomp filter: syscall {} (openat) in thread {thread}",
             libc::SYS_openat
         );
-        assert!(err.contains(&want), "{probe}: {err}");
+        assert_eq!(err.trim_end(), format!("vmc: {want}"), "{probe}");
         assert_eq!(err.lines().count(), 1, "{err}");
     }
 }

@@ -252,7 +252,14 @@ pub(crate) fn run(args: RunArgs, create_only: bool) -> Result<i32> {
     let mut c = lifecycle::create(&dir, &cfg, meta)?;
     if !detach {
         // Attached: this process is the supervisor.
-        let code = lifecycle::run_here(&mut c, &cfg, forward_stdin).context("run");
+        // A VMM killed by its seccomp filter is said in the filter's own
+        // words, as the one line of the README.
+        let code = match lifecycle::run_here(&mut c, &cfg, forward_stdin) {
+            Err(lifecycle::LifecycleError::Runtime(e)) if e.is_vmm_killed() => {
+                Err(anyhow::Error::new(e))
+            }
+            r => r.context("run"),
+        };
         report_timings(args.timings);
         return code;
     }

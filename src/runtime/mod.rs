@@ -245,6 +245,16 @@ pub enum RuntimeError {
     Image { image: String, message: String },
 }
 
+impl RuntimeError {
+    /// Whether the VMM process was killed by its seccomp filter.
+    pub fn is_vmm_killed(&self) -> bool {
+        matches!(
+            self,
+            RuntimeError::VmmKilled(_) | RuntimeError::Vmm(crate::vmm::VmmError::Seccomp(_))
+        )
+    }
+}
+
 /// Where "create" ends and "start" begins: an engine makes the container
 /// (VM restored or booted, disks mounted; namespace child made, its network
 /// connected, waiting before its execve), then opens the gate, and only then
