@@ -58,14 +58,11 @@ impl Confinement {
             .exists()
             .then_some(c)
     }
-}
 
-impl Confinement {
     /// SIGKILL to the VMM process (still the one recorded: named `vmm`),
     /// then waits until it is gone (reaped by whoever is its parent now),
     /// while its teardown makes progress.
     pub fn kill_and_wait(&self) {
-        use crate::vmm::progress::Threads;
         let proc_dir = format!("/proc/{}", self.pid);
         let named_vmm =
             || std::fs::read_to_string(format!("{proc_dir}/comm")).is_ok_and(|c| c.trim() == "vmm");
@@ -74,14 +71,7 @@ impl Confinement {
         }
         // SAFETY: kill with a pid just checked to be a VMM's.
         unsafe { libc::kill(self.pid as libc::pid_t, libc::SIGKILL) };
-        let threads = Threads::all_of(self.pid);
-        let mut dog = Watchdog::new(Duration::from_secs(120));
-        while Path::new(&proc_dir).exists() {
-            if dog.observe(std::time::Instant::now(), threads.sample()) != Verdict::Working {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(5));
-        }
+        super::state::wait_gone(self.pid, || Path::new(&proc_dir).exists());
     }
 }
 
@@ -99,10 +89,9 @@ pub fn describe() -> String {
             u64::from(b) + u64::from(c) - 1
         )
     };
-    let seccomp = if crate::host::knobs().seccomp_log {
-        "seccomp per thread, log only (VMC_SECCOMP=log)"
-    } else {
-        "seccomp per thread (kill)"
+    let seccomp = match seccomp_mode() {
+        seccomp::Mode::Log => "seccomp per thread, log only (VMC_SECCOMP=log)",
+        seccomp::Mode::Kill => "seccomp per thread (kill)",
     };
     let cgroups = if crate::host::rootless() {
         "no cgroups (rootless: none of its own to divide)"
@@ -158,6 +147,15 @@ impl JailedVm {
         let e = how(process);
         drop((cgroup, _slot, _jail));
         e
+    }
+}
+
+/// What a call outside a VMM thread's filter does (`VMC_SECCOMP`).
+fn seccomp_mode() -> seccomp::Mode {
+    if crate::host::knobs().seccomp_log {
+        seccomp::Mode::Log
+    } else {
+        seccomp::Mode::Kill
     }
 }
 
@@ -302,10 +300,13 @@ impl Pending {
             gid,
             jail: jail.clone(),
             namespaces,
-            seccomp: if crate::host::knobs().seccomp_log {
-                "per-thread filters (vcpu, events, main), log only (VMC_SECCOMP=log)".into()
-            } else {
-                "per-thread filters (vcpu, events, main); a violation kills the VMM".into()
+            seccomp: match seccomp_mode() {
+                seccomp::Mode::Log => {
+                    "per-thread filters (vcpu, events, main), log only (VMC_SECCOMP=log)".into()
+                }
+                seccomp::Mode::Kill => {
+                    "per-thread filters (vcpu, events, main); a violation kills the VMM".into()
+                }
             },
             cgroups: cgroup
                 .as_ref()
@@ -327,11 +328,7 @@ impl Pending {
     /// Builds and runs `cfg`'s VM (restored from `restore` when given) in
     /// the waiting process.
     pub fn launch(self, cfg: VmConfig, restore: Option<(&Path, &str)>) -> Result<Vm, VmmError> {
-        let mode = if crate::host::knobs().seccomp_log {
-            seccomp::Mode::Log
-        } else {
-            seccomp::Mode::Kill
-        };
+        let mode = seccomp_mode();
         let restore = restore.map(|(d, k)| (d.to_path_buf(), k.to_string()));
         let Pending {
             mut process,

@@ -256,18 +256,10 @@ impl Container {
     /// takes a while on a loaded host, under software virtualisation and
     /// with many at once; one that sits idle for the quiet limit is left.
     pub fn wait_supervisor_gone(&self) {
-        use crate::vmm::progress::{Threads, Verdict, Watchdog};
         let Some(pid) = self.state.pid else {
             return;
         };
-        let threads = Threads::all_of(pid as u32);
-        let mut dog = Watchdog::new(std::time::Duration::from_secs(120));
-        while self.supervisor_alive() {
-            if dog.observe(std::time::Instant::now(), threads.sample()) != Verdict::Working {
-                return;
-            }
-            std::thread::sleep(std::time::Duration::from_millis(10));
-        }
+        wait_gone(pid as u32, || self.supervisor_alive());
     }
 
     /// SIGKILL to a running container's supervisor, then waits for it to be
@@ -283,6 +275,21 @@ impl Container {
             self.wait_supervisor_gone();
             self.refresh();
         }
+    }
+}
+
+/// Waits while `alive` says process `pid` is still there, for as long as
+/// its threads make progress (`vmm::progress`): one that sits idle for the
+/// quiet limit is left.
+pub fn wait_gone(pid: u32, alive: impl Fn() -> bool) {
+    use crate::vmm::progress::{Threads, Verdict, Watchdog};
+    let threads = Threads::all_of(pid);
+    let mut dog = Watchdog::new(std::time::Duration::from_secs(120));
+    while alive() {
+        if dog.observe(std::time::Instant::now(), threads.sample()) != Verdict::Working {
+            return;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
     }
 }
 

@@ -169,10 +169,7 @@ pub fn launch(m: Machine, vcpu_fds: Vec<VcpuFd>) -> Result<RunningVm, VmmError> 
     let enter = {
         let (confine, gate, exit) = (confine.clone(), gate.clone(), m.exit.clone());
         move |kind: ThreadKind, name: &str| -> bool {
-            let applied = match confine.as_ref().and_then(|c| c.filters.as_ref()) {
-                Some(f) => f.apply(kind, name),
-                None => Ok(()),
-            };
+            let applied = super::apply_filter(&confine, kind, name);
             gate.wait();
             match applied {
                 Ok(()) => {
@@ -247,21 +244,15 @@ pub fn launch(m: Machine, vcpu_fds: Vec<VcpuFd>) -> Result<RunningVm, VmmError> 
         let (thread, stop) = (vcpus[0].as_pthread_t(), stop.clone());
         let confine = confine.clone();
         std::thread::spawn(move || {
-            if let Some(f) = confine.as_ref().and_then(|c| c.filters.as_ref()) {
-                if f.apply(ThreadKind::Main, "vmm-profile").is_err() {
-                    return;
-                }
+            if super::apply_filter(&confine, ThreadKind::Main, "vmm-profile").is_err() {
+                return;
             }
             vcpu::profile_sampler(thread, stop, std::time::Duration::from_millis(1))
         });
     }
     // The calling thread's own filter, then the gate: the vCPUs run.
-    let main_filter = match confine.as_ref().and_then(|c| c.filters.as_ref()) {
-        Some(f) => f.apply(ThreadKind::Main, "vmm"),
-        None => Ok(()),
-    };
-    if let Err(e) = &main_filter {
-        m.exit.signal(super::VmExit::Crashed(e.clone()));
+    if let Err(e) = super::apply_filter(&confine, ThreadKind::Main, "vmm") {
+        m.exit.signal(super::VmExit::Crashed(e));
     }
     gate.wait();
     let profile = profile.zip(profile_file).map(|((_, s), f)| (s, f));

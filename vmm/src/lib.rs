@@ -86,6 +86,26 @@ pub struct Confinement {
     pub before: Box<dyn Fn() -> Result<(), String> + Send + Sync>,
 }
 
+impl Confinement {
+    /// Installs `kind`'s filter on the calling thread (named `name` in a
+    /// violation report), if there are filters.
+    fn apply(&self, kind: seccomp::ThreadKind, name: &str) -> Result<(), String> {
+        match &self.filters {
+            Some(f) => f.apply(kind, name),
+            None => Ok(()),
+        }
+    }
+}
+
+/// [`Confinement::apply`] for a VM that may have none.
+fn apply_filter(
+    c: &Option<std::sync::Arc<Confinement>>,
+    kind: seccomp::ThreadKind,
+    name: &str,
+) -> Result<(), String> {
+    c.as_ref().map_or(Ok(()), |c| c.apply(kind, name))
+}
+
 impl VmConfig {
     /// A VM with `vcpus` vCPUs, `mem_size` bytes of RAM and `kernel`, no
     /// devices, no console, on this host's backend.

@@ -464,9 +464,8 @@ impl VmmProcess {
         drop(fds);
         match self.next() {
             Some(FromVmm::Launched { guest_starts }) => {
-                self.threads = progress::Threads::of_process(self.pid as u32);
                 self.guest_starts = guest_starts;
-                self.send_threads();
+                self.watch_threads();
                 Ok(())
             }
             Some(FromVmm::Failed { snapshot, message }) => {
@@ -481,13 +480,25 @@ impl VmmProcess {
         }
     }
 
-    /// Gives the VMM its threads' files (for its own waits on the guest).
-    fn send_threads(&self) {
-        let (vcpus, others) = self.threads.ids();
-        let mut fds = Vec::new();
-        let mut open = |tids: &[i32]| -> Vec<bool> {
+    /// Opens the VMM's threads' `stat` and `schedstat` once: this side
+    /// samples them from then on, and the VMM gets its own handles on them
+    /// (for its own waits on the guest: its jail has no /proc).
+    fn watch_threads(&mut self) {
+        let named = progress::Threads::of_process(self.pid as u32);
+        let open = |tids: &[i32]| -> Vec<progress::ThreadFiles> {
             tids.iter()
                 .filter_map(|&t| progress::ThreadFiles::open(self.pid as u32, t).ok())
+                .collect()
+        };
+        let (vcpus, others) = (open(named.ids().0), open(named.ids().1));
+        let clones = |files: &[progress::ThreadFiles]| -> Vec<progress::ThreadFiles> {
+            files.iter().filter_map(|f| f.try_clone().ok()).collect()
+        };
+        self.threads = progress::Threads::from_files(clones(&vcpus), clones(&others));
+        let mut fds = Vec::new();
+        let mut pass = |files: Vec<progress::ThreadFiles>| -> Vec<bool> {
+            files
+                .into_iter()
                 .map(|f| {
                     let has = f.schedstat.is_some();
                     fds.push(OwnedFd::from(f.stat));
@@ -496,7 +507,7 @@ impl VmmProcess {
                 })
                 .collect()
         };
-        let (vcpus, others) = (open(vcpus), open(others));
+        let (vcpus, others) = (pass(vcpus), pass(others));
         if fds.len() <= MAX_FDS {
             let raw: Vec<RawFd> = fds.iter().map(|f| f.as_raw_fd()).collect();
             let _ = send(
@@ -507,8 +518,8 @@ impl VmmProcess {
         }
     }
 
+    /// Reaps a child that failed to launch (`reap` kills it first).
     fn failed(&self, what: String) -> VmmError {
-        self.kill();
         match self.reap() {
             VmExit::Seccomp(m) => VmmError::Seccomp(m),
             VmExit::Crashed(m) => VmmError::Setup(format!("{what}: {m}")),
@@ -622,7 +633,7 @@ impl VmmProcess {
 
     /// Asks the VM to stop.
     pub fn stop(&self) {
-        let _ = send(self.ctl.as_raw_fd(), &ToVmm::Stop, &[]);
+        send_stop(&self.ctl);
     }
 
     /// A handle that stops the VM from another thread.
@@ -719,15 +730,11 @@ impl VmmProcess {
     }
 }
 
+/// A VMM process let go without a wait is killed and reaped (its VM is
+/// discarded: nothing it holds needs an orderly end).
 impl Drop for VmmProcess {
     fn drop(&mut self) {
-        if !*self.reaped.lock().unwrap_or_else(|e| e.into_inner()) {
-            self.stop();
-            if !readable(self.ctl.as_raw_fd(), Duration::from_secs(2)) {
-                self.kill();
-            }
-            self.reap();
-        }
+        self.reap();
     }
 }
 

@@ -60,6 +60,14 @@ pub struct ThreadFiles {
 }
 
 impl ThreadFiles {
+    /// Another handle on the same files.
+    pub fn try_clone(&self) -> std::io::Result<ThreadFiles> {
+        Ok(ThreadFiles {
+            stat: self.stat.try_clone()?,
+            schedstat: self.schedstat.as_ref().map(|f| f.try_clone()).transpose()?,
+        })
+    }
+
     /// Opens thread `tid` of process `pid`'s files.
     pub fn open(pid: u32, tid: i32) -> std::io::Result<ThreadFiles> {
         let base = PathBuf::from(format!("/proc/{pid}/task/{tid}"));
@@ -72,7 +80,8 @@ impl ThreadFiles {
 
 fn read_at_start(f: &std::fs::File) -> Option<String> {
     use std::os::unix::fs::FileExt;
-    let mut buf = vec![0u8; 1024];
+    // A stat line is a few hundred bytes (52 numbers and a 16-byte name).
+    let mut buf = vec![0u8; 4096];
     let n = f.read_at(&mut buf, 0).ok()?;
     buf.truncate(n);
     String::from_utf8(buf).ok()
@@ -82,20 +91,17 @@ fn read_at_start(f: &std::fs::File) -> Option<String> {
 type Sample = (u64, u64, char);
 
 /// (run ns, runnable-wait ns, state letter) of one thread, or None if gone.
-fn sample_thread(pid: u32, tid: i32) -> Option<(u64, u64, char)> {
-    let base = PathBuf::from(format!("/proc/{pid}/task/{tid}"));
-    let stat = std::fs::read_to_string(base.join("stat")).ok()?;
-    let sched = std::fs::read_to_string(base.join("schedstat")).ok();
-    parse_sample(&stat, sched.as_deref())
+fn sample_thread(pid: u32, tid: i32) -> Option<Sample> {
+    sample_files(&ThreadFiles::open(pid, tid).ok()?)
 }
 
-fn sample_files(f: &ThreadFiles) -> Option<(u64, u64, char)> {
+fn sample_files(f: &ThreadFiles) -> Option<Sample> {
     let stat = read_at_start(&f.stat)?;
     let sched = f.schedstat.as_ref().and_then(read_at_start);
     parse_sample(&stat, sched.as_deref())
 }
 
-fn parse_sample(stat: &str, sched: Option<&str>) -> Option<(u64, u64, char)> {
+fn parse_sample(stat: &str, sched: Option<&str>) -> Option<Sample> {
     if stat.is_empty() {
         return None;
     }

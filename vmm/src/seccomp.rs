@@ -294,11 +294,17 @@ fn main_rules() -> Rules {
     r
 }
 
-fn compile(rules: Rules, mismatch: SeccompAction) -> Result<BpfProgram, String> {
+/// A program doing `matched` for the calls of `rules` and `mismatch` for
+/// the rest.
+fn compile(
+    rules: Rules,
+    mismatch: SeccompAction,
+    matched: SeccompAction,
+) -> Result<BpfProgram, String> {
     let arch = std::env::consts::ARCH
         .try_into()
         .map_err(|e| format!("seccomp on {}: {e}", std::env::consts::ARCH))?;
-    SeccompFilter::new(rules, mismatch, SeccompAction::Allow, arch)
+    SeccompFilter::new(rules, mismatch, matched, arch)
         .and_then(BpfProgram::try_from)
         .map_err(|e| format!("building a seccomp filter: {e}"))
 }
@@ -311,22 +317,16 @@ impl Filters {
             Mode::Kill => SeccompAction::Trap,
             Mode::Log => SeccompAction::Log,
         };
-        let arch = std::env::consts::ARCH
-            .try_into()
-            .map_err(|e| format!("seccomp on {}: {e}", std::env::consts::ARCH))?;
-        let kill = SeccompFilter::new(
+        let kill = compile(
             [(KILL_MARKER, vec![])].into_iter().collect(),
             SeccompAction::Allow,
             SeccompAction::KillProcess,
-            arch,
-        )
-        .and_then(BpfProgram::try_from)
-        .map_err(|e| format!("building a seccomp filter: {e}"))?;
+        )?;
         Ok(Filters {
             kill,
-            vcpu: compile(vcpu_rules(), mismatch.clone())?,
-            events: compile(events_rules(), mismatch.clone())?,
-            main: compile(main_rules(), mismatch)?,
+            vcpu: compile(vcpu_rules(), mismatch.clone(), SeccompAction::Allow)?,
+            events: compile(events_rules(), mismatch.clone(), SeccompAction::Allow)?,
+            main: compile(main_rules(), mismatch, SeccompAction::Allow)?,
         })
     }
 
