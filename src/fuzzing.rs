@@ -20,7 +20,15 @@ pub const TARGETS: &[(&str, Target)] = &[
     ("archive", archive),
     ("vmm_control", vmm_control),
     ("virtio", virtio),
+    ("registry", registry),
 ];
+
+/// What a registry answers a pull (`vmc pull`): a manifest or image index,
+/// a token reply, a `WWW-Authenticate` challenge, every parser fed the same
+/// bytes.
+pub fn registry(data: &[u8]) {
+    crate::image::pull::fuzz_registry(data);
+}
 
 /// What the host decodes from a (compromised) jailed VMM process: one
 /// control message, its texts made safe to print.

@@ -1,7 +1,7 @@
 //! The registry side of a pull: [`Remote`], vmc's own HTTP client for the
 //! distribution API (manifests, blobs, the anonymous token dance), every
-//! body read with a bound while it arrives, and the parser of Bearer
-//! challenges.
+//! body read with a bound while it arrives (what it reads is parsed in
+//! `parse.rs`).
 
 use std::cell::OnceCell;
 use std::time::Duration;
@@ -16,6 +16,7 @@ use oci_spec::image::{Descriptor, Digest};
 use super::super::archive::MAX_JSON;
 use super::super::store::digest_of;
 use super::super::{ImageError, Reference};
+use super::parse::{bearer_challenge, token_reply};
 
 /// How long connecting to the registry may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
@@ -288,24 +289,10 @@ impl Remote {
                 MAX_TOKEN >> 10
             )));
         };
-        /// The token endpoint's answer: `token`, or OAuth2's `access_token`
-        /// (the distribution spec allows either; `token` wins when both
-        /// are given).
-        #[derive(serde::Deserialize)]
-        struct Reply {
-            token: Option<String>,
-            access_token: Option<String>,
-        }
-        let reply: Reply = serde_json::from_slice(&body).map_err(|e| {
-            ImageError::Registry(format!(
-                "registry {host}: its anonymous token reply for {repo} cannot be read: {}",
-                quote(&e.to_string())
-            ))
-        })?;
-        match reply.token.or(reply.access_token) {
-            Some(t) => Ok(Some(t)),
-            None => Err(ImageError::Registry(format!(
-                "registry {host}: its anonymous token reply for {repo} holds no token"
+        match token_reply(&body) {
+            Ok(t) => Ok(Some(t)),
+            Err(why) => Err(ImageError::Registry(format!(
+                "registry {host}: its anonymous token reply for {repo} {why}"
             ))),
         }
     }
@@ -376,92 +363,6 @@ async fn read_all(
     Ok(whole.then_some(body))
 }
 
-/// The realm and service of a Bearer challenge.
-#[derive(Debug, PartialEq, Eq)]
-struct Challenge {
-    realm: String,
-    service: Option<String>,
-}
-
-/// The first Bearer challenge with a realm in a `WWW-Authenticate` value
-/// (RFC 9110, section 11.6.1): `Bearer realm="https://auth.example/token",
-/// service="registry.example",scope="..."`, possibly after or before
-/// challenges of other schemes in the same value. vmc parses it itself
-/// because it makes its own requests, to bound every body it reads
-/// (oci-client, which parses challenges too, reads bodies whole).
-///
-/// The value is a comma-separated list in which a challenge starts with its
-/// scheme (a token followed by space or the end, not by `=`) and goes on
-/// with `name=value` parameters, a value being a token or a quoted string
-/// (which may hold commas, and backslash escapes).
-fn bearer_challenge(value: &str) -> Option<Challenge> {
-    /// A token ends at space, a comma or `=` (looser than RFC 9110's tchar,
-    /// which is enough to find the parameters vmc needs).
-    fn token(s: &str) -> (&str, &str) {
-        let end = s.find([' ', '\t', ',', '=']).unwrap_or(s.len());
-        s.split_at(end)
-    }
-    /// A quoted string's content, unescaped, and what follows its closing
-    /// quote; `None` if it is never closed.
-    fn quoted(s: &str) -> Option<(String, &str)> {
-        let mut out = String::new();
-        let mut chars = s.char_indices();
-        while let Some((i, c)) = chars.next() {
-            match c {
-                '"' => return Some((out, &s[i + 1..])),
-                '\\' => out.push(chars.next()?.1),
-                c => out.push(c),
-            }
-        }
-        None
-    }
-    let space = |c: char| c == ' ' || c == '\t';
-    // The scheme of the challenge being read, and its realm and service.
-    let mut bearer = false;
-    let mut realm = None;
-    let mut service = None;
-    let mut rest = value;
-    loop {
-        rest = rest.trim_start_matches(|c| space(c) || c == ',');
-        if rest.is_empty() {
-            break;
-        }
-        let (name, after) = token(rest);
-        let after = after.trim_start_matches(space);
-        let Some(v) = after.strip_prefix('=') else {
-            // A scheme: the end of the challenge before it.
-            if bearer && realm.is_some() {
-                break;
-            }
-            bearer = name.eq_ignore_ascii_case("bearer");
-            (realm, service) = (None, None);
-            rest = after;
-            continue;
-        };
-        let v = v.trim_start_matches(space);
-        let (text, next) = match v.strip_prefix('"') {
-            Some(q) => quoted(q)?,
-            None => {
-                let (t, next) = token(v);
-                (t.to_string(), next)
-            }
-        };
-        rest = next;
-        if !bearer {
-            continue;
-        }
-        if name.eq_ignore_ascii_case("realm") {
-            realm = Some(text);
-        } else if name.eq_ignore_ascii_case("service") {
-            service = Some(text);
-        }
-    }
-    match (bearer, realm) {
-        (true, Some(realm)) => Some(Challenge { realm, service }),
-        _ => None,
-    }
-}
-
 /// Longest part of a registry's own error text quoted in a message.
 pub(super) const MAX_QUOTE: usize = 200;
 
@@ -481,50 +382,5 @@ pub(super) fn quote(s: &str) -> String {
         "(no reason given)".to_string()
     } else {
         one
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn bearer_challenges_are_parsed_with_quoted_parameters() {
-        let hub = r#"Bearer realm="https://auth.docker.io/token",service="registry.docker.io",scope="repository:library/alpine:pull""#;
-        assert_eq!(
-            bearer_challenge(hub),
-            Some(Challenge {
-                realm: "https://auth.docker.io/token".into(),
-                service: Some("registry.docker.io".into()),
-            })
-        );
-        // Commas and escapes inside quotes, space around `=`, any case, a
-        // token value, and another scheme's challenge before and after.
-        let v = r#"Basic realm="a, b", BEARER Service = "s\"1" , Realm="https://x/t?a=1,b=2", error=insufficient_scope, Negotiate abc=="#;
-        assert_eq!(
-            bearer_challenge(v),
-            Some(Challenge {
-                realm: "https://x/t?a=1,b=2".into(),
-                service: Some("s\"1".into()),
-            })
-        );
-        assert_eq!(
-            bearer_challenge("bearer realm=https://x/t"),
-            Some(Challenge {
-                realm: "https://x/t".into(),
-                service: None,
-            })
-        );
-        // No Bearer challenge, none with a realm, an unclosed quote.
-        for v in [
-            r#"Basic realm="registry""#,
-            r#"Bearer service="s""#,
-            r#"Bearer realm="https://x/t"#,
-            "Bearer",
-            "",
-            "==,,",
-        ] {
-            assert_eq!(bearer_challenge(v), None, "{v}");
-        }
     }
 }

@@ -29,27 +29,37 @@
 //!
 //! This file holds the pull itself (resolving the reference, downloading
 //! blobs into the store, checking and naming the image); `http.rs` the
-//! registry client (its requests, the token dance, bounded bodies) and
-//! `errors.rs` how failures are worded.
+//! registry client (its requests, the token dance, bounded bodies),
+//! `parse.rs` what is parsed of the registry's answers and `errors.rs` how
+//! failures are worded.
 
 use std::io::{self, Read, Write};
 
 use indicatif::{ProgressBar, ProgressStyle};
-use oci_client::client::linux_amd64_resolver;
-use oci_client::manifest::OciImageIndex;
-use oci_spec::image::{Descriptor, Digest, ImageManifest, MediaType};
+use oci_spec::image::{Descriptor, Digest, MediaType};
 
-use super::archive::{
-    is_plain_oci, kind, Blob, Checker, Kind, DOCKER_CONFIG, LAYER_TYPES, MAX_ENTRY, MAX_JSON,
-    MAX_LAYERS,
-};
+use super::archive::{is_plain_oci, Blob, Checker, MAX_ENTRY};
 use super::store::{ref_name, Store, StoreError, StoredImage};
 use super::{ImageError, Reference};
 use errors::innermost;
 use http::Remote;
+use parse::Top;
 
 mod errors;
 mod http;
+mod parse;
+
+/// A registry's answers as the `registry` fuzz target hands them over:
+/// every parser a pull runs on them, fed the same bytes.
+#[doc(hidden)]
+pub fn fuzz_registry(data: &[u8]) {
+    let _ = parse::top(data);
+    let _ = parse::image_manifest(data, "sha256:0");
+    let _ = parse::token_reply(data);
+    let text = String::from_utf8_lossy(data);
+    let _ = parse::bearer_challenge(&text);
+    let _ = http::quote(&text);
+}
 
 /// How to pull.
 #[derive(Debug, Clone, Default)]
@@ -239,87 +249,13 @@ fn fetch(
 /// and the digest the reference resolved to.
 fn resolve(remote: &Remote) -> Result<(Vec<u8>, Digest, Digest), ImageError> {
     let (body, digest) = remote.manifest(None)?;
-    let v: serde_json::Value = serde_json::from_slice(&body)
-        .map_err(|e| remote.bad(format!("its manifest is not JSON: {e}")))?;
-    let media = v["mediaType"].as_str().map(MediaType::from);
-    let is_index = match &media {
-        Some(m) => kind(m) == Kind::Index,
-        None => v.get("manifests").is_some(),
-    };
-    if !is_index {
-        return Ok((body, digest.clone(), digest));
+    match parse::top(&body).map_err(|why| remote.bad(why))? {
+        Top::Manifest => Ok((body, digest.clone(), digest)),
+        Top::Index(chosen) => {
+            let (mbody, mdigest) = remote.manifest(Some(&chosen))?;
+            Ok((mbody, mdigest, digest))
+        }
     }
-    let index: OciImageIndex = serde_json::from_slice(&body)
-        .map_err(|e| remote.bad(format!("its image index cannot be read: {e}")))?;
-    let chosen = linux_amd64_resolver(&index.manifests);
-    if let Some(d) = chosen.as_deref().filter(|d| !d.starts_with("sha256:")) {
-        return Err(remote.bad(format!(
-            "its linux/amd64 manifest is {d}: vmc supports sha256 digests only"
-        )));
-    }
-    let Some(chosen) = chosen else {
-        let platforms: Vec<String> = index
-            .manifests
-            .iter()
-            .filter_map(|m| m.platform.as_ref())
-            .map(|p| format!("{}/{}", p.os, p.architecture))
-            .collect();
-        return Err(remote.bad(format!(
-            "no linux/amd64 image in its index (it has: {})",
-            if platforms.is_empty() {
-                "no platforms".to_string()
-            } else {
-                platforms.join(", ")
-            }
-        )));
-    };
-    let (mbody, mdigest) = remote.manifest(Some(&chosen))?;
-    Ok((mbody, mdigest, digest))
-}
-
-/// Checks that the manifest describes a container image vmc can run.
-fn check_manifest(remote: &Remote, m: &ImageManifest) -> Result<(), ImageError> {
-    if let Some(d) = std::iter::once(m.config())
-        .chain(m.layers())
-        .find(|d| d.digest().algorithm().to_string() != "sha256")
-    {
-        return Err(remote.bad(format!(
-            "blob {} has a {} digest: vmc supports sha256 digests only",
-            d.digest(),
-            d.digest().algorithm()
-        )));
-    }
-    let config_type = m.config().media_type().to_string();
-    if config_type != MediaType::ImageConfig.to_string() && config_type != DOCKER_CONFIG {
-        return Err(remote.bad(format!(
-            "not a container image: its config is {config_type}"
-        )));
-    }
-    if m.config().size() > MAX_JSON {
-        return Err(remote.bad(format!(
-            "its config has {} bytes, more than the {} MiB allowed",
-            m.config().size(),
-            MAX_JSON >> 20
-        )));
-    }
-    if m.layers().len() > MAX_LAYERS {
-        return Err(remote.bad(format!(
-            "{} layers, more than the {MAX_LAYERS} allowed",
-            m.layers().len()
-        )));
-    }
-    if let Some(l) = m
-        .layers()
-        .iter()
-        .find(|l| !LAYER_TYPES.contains(&l.media_type().to_string().as_str()))
-    {
-        return Err(remote.bad(format!(
-            "layer {} has media type {}, which vmc cannot unpack",
-            l.digest(),
-            l.media_type()
-        )));
-    }
-    Ok(())
 }
 
 /// Pulls `reference` into the store and names it (unless it names only a
@@ -333,9 +269,8 @@ pub fn pull(
     let remote = Remote::new(reference, opts.insecure)?;
     let _w = store.writer()?; // no gc while blobs arrive unnamed
     let (body, manifest_digest, resolved) = resolve(&remote)?;
-    let manifest = ImageManifest::from_reader(&body[..])
-        .map_err(|e| remote.bad(format!("{manifest_digest} is not an image manifest: {e}")))?;
-    check_manifest(&remote, &manifest)?;
+    let manifest = parse::image_manifest(&body, &manifest_digest.to_string())
+        .map_err(|why| remote.bad(why))?;
     let manifest_desc = Descriptor::new(
         manifest
             .media_type()
