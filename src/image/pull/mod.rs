@@ -269,8 +269,8 @@ pub fn pull(
     let remote = Remote::new(reference, opts.insecure)?;
     let _w = store.writer()?; // no gc while blobs arrive unnamed
     let (body, manifest_digest, resolved) = resolve(&remote)?;
-    let manifest = parse::image_manifest(&body, &manifest_digest.to_string())
-        .map_err(|why| remote.bad(why))?;
+    let manifest =
+        parse::image_manifest(&body, manifest_digest.as_ref()).map_err(|why| remote.bad(why))?;
     let manifest_desc = Descriptor::new(
         manifest
             .media_type()
