@@ -290,12 +290,10 @@ pub struct RunArgs {
     #[arg(short = 't', long)]
     pub tty: bool,
 
-    /// IMAGE [CMD [ARG...]], or with --rootfs: CMD [ARG...].
-    #[arg(
-        trailing_var_arg = true,
-        allow_hyphen_values = true,
-        value_name = "IMAGE [CMD]"
-    )]
+    /// IMAGE [CMD [ARG...]], or with --rootfs: CMD [ARG...]. Everything
+    /// after the image belongs to the command; a flag vmc does not know
+    /// before it is an error, never taken for the image.
+    #[arg(trailing_var_arg = true, value_name = "IMAGE [CMD]")]
     pub args: Vec<String>,
 }
 
@@ -609,6 +607,43 @@ mod tests {
         assert!(
             Cli::try_parse_from(["vmc", "run", "--cpus", "0", "--rootfs", "r", "--", "x"]).is_err()
         );
+    }
+
+    /// Docker flags vmc lacks are refused as flags (main.rs words it
+    /// `vmc: unknown flag: -v`), never read as the image or the command.
+    #[test]
+    fn unknown_flags_are_not_taken_for_the_image() {
+        use clap::error::{ContextKind, ContextValue, ErrorKind};
+        for argv in [
+            &["vmc", "run", "-v", "/a:/b", "img"][..],
+            &["vmc", "run", "--rm", "--volume=/a:/b", "img", "ls"],
+            &["vmc", "create", "--restart", "always", "img"],
+            &["vmc", "run", "--rootfs", "r", "-v", "x"],
+            &["vmc", "exec", "--privileged", "c", "ls"],
+            &["vmc", "ps", "--filter", "x"],
+        ] {
+            let e = Cli::try_parse_from(argv).unwrap_err();
+            assert_eq!(e.kind(), ErrorKind::UnknownArgument, "{argv:?}");
+            let Some(ContextValue::String(flag)) = e.get(ContextKind::InvalidArg) else {
+                panic!("{argv:?}: no flag named")
+            };
+            assert!(flag.starts_with('-'), "{argv:?}: {flag}");
+        }
+        // After the image (or `--`), flags are the command's.
+        let Command::Run(r) = Cli::try_parse_from(["vmc", "run", "img", "-v", "--x"])
+            .unwrap()
+            .command
+        else {
+            panic!()
+        };
+        assert_eq!(r.args, ["img", "-v", "--x"]);
+        let Command::Run(r) = Cli::try_parse_from(["vmc", "run", "--rootfs", "r", "--", "-v"])
+            .unwrap()
+            .command
+        else {
+            panic!()
+        };
+        assert_eq!(r.args, ["-v"]);
     }
 
     #[test]

@@ -69,6 +69,17 @@ fn main() {
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
         Err(e) if !e.use_stderr() => e.exit(), // --help, --version
+        Err(e) if e.kind() == clap::error::ErrorKind::UnknownArgument => {
+            // A Docker flag vmc does not have: named as such (Docker's
+            // wording), exit 125.
+            let flag = match e.get(clap::error::ContextKind::InvalidArg) {
+                Some(clap::error::ContextValue::String(s)) => s.clone(),
+                _ => "?".to_string(),
+            };
+            let flag = flag.split('=').next().unwrap_or_default();
+            eprintln!("vmc: unknown flag: {flag}");
+            std::process::exit(EXIT_VMC_ERROR);
+        }
         Err(e) => {
             // One line, like every other vmc error: clap's first line is the problem.
             let msg = e.to_string();

@@ -206,6 +206,30 @@ fn bad_input_gets_a_clear_one_line_error() {
     );
 }
 
+/// A Docker flag vmc does not have is named as Docker names it, exit 125,
+/// before anything runs: never read as the image (`no such image: -v`).
+#[test]
+fn unknown_docker_flags_are_named() {
+    let home = tempfile::tempdir().unwrap();
+    for (args, flag) in [
+        (&["run", "-v", "/tmp:/x", "busybox", "true"][..], "-v"),
+        (&["run", "--rm", "--volume=/tmp:/x", "busybox"], "--volume"),
+        (&["create", "--restart", "always", "busybox"], "--restart"),
+        (&["run", "-d", "--privileged", "busybox"], "--privileged"),
+        (&["exec", "--detach-keys", "x", "c", "ls"], "--detach-keys"),
+        (&["build", "--squash", "."], "--squash"),
+    ] {
+        let out = vmc(home.path()).args(args).output().unwrap();
+        assert_eq!(out.status.code(), Some(125), "{args:?}");
+        assert_eq!(
+            String::from_utf8_lossy(&out.stderr),
+            format!("vmc: unknown flag: {flag}\n"),
+            "{args:?}"
+        );
+    }
+    assert_eq!(containers_left(home.path()), 0);
+}
+
 /// An unprivileged user without access to /dev/kvm gets one line naming it.
 /// The user is `nobody`, and /dev/kvm is a 0600 root-owned node (bound over
 /// the real one in a mount namespace of the child's own), so that the test
