@@ -450,6 +450,12 @@ fn spawn_io(p: &Prepared, io: ChildIo, gate: Option<Gate>) -> Result<u32, SpawnE
     };
     let message = if buf[0] == Step::Exec as u8 {
         format!("exec {prog}: {err}")
+    } else if buf[0] == Step::Workdir as u8 {
+        // Named, as `-w` or the image's WorkingDir is the likely mistake.
+        format!(
+            "the working directory {} cannot be entered: {err}",
+            p.cwd.to_string_lossy()
+        )
     } else {
         format!("failed to {}: {err}", Step::describe(buf[0]))
     };
@@ -824,7 +830,10 @@ mod tests {
         assert_eq!(e.kind, StartFailure::Setup);
         assert_eq!(
             e.message,
-            "failed to enter the working directory: Not a directory (os error 20)"
+            format!(
+                "the working directory {} cannot be entered: Not a directory (os error 20)",
+                cwd.display()
+            )
         );
     }
 

@@ -143,26 +143,59 @@ fn heredoc_delimiters(s: &str) -> Vec<String> {
     out
 }
 
-/// The first `RUN` whose heredoc comes after the command (`RUN cat <<EOF`),
-/// as (line, the RUN's first line). parse-dockerfile 0.1 takes a heredoc
-/// only at the start of RUN's arguments (`RUN <<EOF [command]`) and would
-/// read such a body's lines as instructions. A `<<WORD` counts when a later
-/// line is WORD alone (its end), so `$((1<<2))` and `<<<` do not.
-fn late_heredoc(text: &str) -> Option<(usize, String)> {
-    let lines: Vec<&str> = text.lines().collect();
+/// Heredocs the shell reads (BuildKit's rule for any RUN whose heredoc is
+/// not alone at the start): `RUN cat <<EOF > /x`, `RUN python3 <<EOF`,
+/// `RUN <<A cat > /a && <<B cat > /b`. The RUN's command line, its
+/// continuation lines joined, then its body lines and delimiter lines as
+/// written, is the shell-form command, so the shell takes its heredocs
+/// (with `<<-`, quoted delimiters and expansion, as sh does). parse-dockerfile
+/// 0.1 takes only one heredoc, at the start (`RUN <<EOF [command]`), which it
+/// is still left to read.
+struct Heredocs {
+    /// The text for the parser: as given, but with these RUNs' `<<` and
+    /// bodies blanked (the same length, so spans and lines still match).
+    masked: String,
+    /// For each such RUN, its first line and its shell-form command.
+    shell: Vec<(usize, String)>,
+    /// RUN or COPY/ADD lines with a `<<WORD` that no later line closes, as
+    /// (line, delimiter, the instruction's first line): named if the
+    /// parser then fails on a line after them.
+    unclosed: Vec<(usize, String, String)>,
+}
+
+/// A heredoc's delimiter if a `<<` at the start of `t` opens one: `-`
+/// (strip tabs), then WORD, 'WORD' or "WORD" (starting with a letter or
+/// `_`: `$((1<<2))` and `<<<` open none).
+fn heredoc_at(t: &str) -> Option<(String, bool)> {
+    let t = t.strip_prefix("<<")?;
+    let (t, strip) = match t.strip_prefix('-') {
+        Some(t) => (t, true),
+        None => (t, false),
+    };
+    let t = t.trim_start_matches(['"', '\'', '\\']);
+    let d: String = t
+        .chars()
+        .take_while(|c| c.is_alphanumeric() || *c == '_')
+        .collect();
+    d.starts_with(|c: char| c.is_ascii_alphabetic() || c == '_')
+        .then_some((d, strip))
+}
+
+fn find_heredocs(text: &str) -> Heredocs {
+    let lines: Vec<&str> = text.split('\n').collect();
+    let mut masked: Vec<String> = lines.iter().map(|l| l.to_string()).collect();
+    let mut shell = Vec::new();
+    let mut unclosed = Vec::new();
     let mut i = 0;
     while i < lines.len() {
         let first = i;
         // The instruction: this line and its continuation lines.
         let mut ins = String::new();
         while i < lines.len() {
-            let l = lines[i];
+            let l = lines[i].trim_end_matches('\r');
             i += 1;
             match l.trim_end().strip_suffix('\\') {
-                Some(head) if i < lines.len() => {
-                    ins.push_str(head);
-                    ins.push(' ');
-                }
+                Some(head) if i < lines.len() => ins.push_str(head),
                 _ => {
                     ins.push_str(l);
                     break;
@@ -170,30 +203,73 @@ fn late_heredoc(text: &str) -> Option<(usize, String)> {
             }
         }
         let mut words = ins.split_whitespace();
-        if !words.next().is_some_and(|w| w.eq_ignore_ascii_case("RUN")) {
+        let keyword = words.next().unwrap_or_default().to_ascii_uppercase();
+        if !matches!(keyword.as_str(), "RUN" | "COPY" | "ADD") {
             continue;
         }
-        let args = words
-            .skip_while(|w| w.starts_with("--"))
-            .collect::<Vec<_>>()
-            .join(" ");
-        let delims: Vec<String> = heredoc_delimiters(&args)
-            .into_iter()
-            .filter(|d| d.starts_with(|c: char| c.is_ascii_alphabetic() || c == '_'))
+        let args = ins.trim_start()[keyword.len()..].trim_start();
+        let mut args_rest = args;
+        while args_rest.starts_with("--") {
+            args_rest = args_rest
+                .split_once(char::is_whitespace)
+                .map_or("", |(_, r)| r.trim_start());
+        }
+        let delims: Vec<(String, bool)> = args_rest
+            .match_indices("<<")
+            .filter_map(|(at, _)| heredoc_at(&args_rest[at..]))
             .collect();
-        let end_of = |d: &str, from: usize| (from..lines.len()).find(|&j| lines[j].trim() == d);
-        if args.starts_with("<<") {
-            // `RUN <<EOF`: its body is no instruction; go past it.
-            if let Some(j) = delims.first().and_then(|d| end_of(d, i)) {
-                i = j + 1;
+        if delims.is_empty() {
+            continue;
+        }
+        // Each body runs to the line holding its delimiter alone (tabs
+        // stripped first for `<<-`), the next body after it.
+        let mut end = i;
+        let mut closed = true;
+        for (d, strip) in &delims {
+            let is_end = |l: &str| {
+                let l = l.trim_end_matches('\r');
+                let l = if *strip {
+                    l.trim_start_matches('\t')
+                } else {
+                    l
+                };
+                l == d
+            };
+            match (end..lines.len()).find(|&j| is_end(lines[j])) {
+                Some(j) => end = j + 1,
+                None => {
+                    unclosed.push((first + 1, d.clone(), lines[first].trim().to_string()));
+                    closed = false;
+                    break;
+                }
+            }
+        }
+        if !closed || keyword != "RUN" || (args_rest.starts_with("<<") && delims.len() == 1) {
+            // The parser reads COPY/ADD heredocs and a lone leading one.
+            if closed {
+                i = end;
             }
             continue;
         }
-        if delims.iter().any(|d| end_of(d, i).is_some()) {
-            return Some((first + 1, lines[first].trim().to_string()));
+        let mut cmd = args_rest.to_string();
+        for l in &lines[i..end] {
+            cmd.push('\n');
+            cmd.push_str(l.trim_end_matches('\r'));
         }
+        shell.push((first + 1, cmd));
+        for m in &mut masked[first..i] {
+            *m = m.replace("<<", "  ");
+        }
+        for m in &mut masked[i..end] {
+            *m = " ".repeat(m.len());
+        }
+        i = end;
     }
-    None
+    Heredocs {
+        masked: masked.join("\n"),
+        shell,
+        unclosed,
+    }
 }
 
 fn step(text: &str, ins: &Instruction<'_>, span_start: usize, span_end: usize) -> Step {
@@ -314,17 +390,33 @@ pub fn parse(text: &str) -> Result<Dockerfile, ParseError> {
     // The parser skips a byte order mark and counts its spans from after
     // it: so do we, or a span would land inside a character.
     let text = text.strip_prefix('\u{feff}').unwrap_or(text);
-    if let Some((line, run)) = late_heredoc(text) {
-        return Err(ParseError {
-            line,
-            message: format!(
-                "{run}: a heredoc after the command is not supported; start the RUN arguments with it (RUN <<EOF [command]: the body is the script, or the command's stdin)"
-            ),
-        });
-    }
-    let df = parse_dockerfile::parse(text).map_err(|e| ParseError {
-        line: e.line(),
-        message: e.to_string(),
+    let heredocs = find_heredocs(text);
+    let df = parse_dockerfile::parse(&heredocs.masked).map_err(|e| {
+        // A body read as instructions: the heredoc it belongs to is named.
+        match heredocs.unclosed.iter().rev().find(|u| u.0 < e.line()) {
+            Some((line, d, ins)) => {
+                let unclosed = format!(
+                    "{ins}: the heredoc <<{d} is never closed (a line holding {d} alone ends it)"
+                );
+                ParseError {
+                    line: *line,
+                    // The parser's own complaint about a heredoc it reads
+                    // adds nothing; its complaint about a body line does.
+                    message: if e.to_string().contains("here-document") {
+                        unclosed
+                    } else {
+                        format!(
+                            "{unclosed}, so line {} was read as an instruction: {e}",
+                            e.line()
+                        )
+                    },
+                }
+            }
+            None => ParseError {
+                line: e.line(),
+                message: e.to_string(),
+            },
+        }
     })?;
     let starts: Vec<usize> = df.instructions.iter().map(|i| span_of(i).0).collect();
     let next_of = |idx: usize| starts.get(idx + 1).copied().unwrap_or(text.len());
@@ -358,6 +450,12 @@ pub fn parse(text: &str) -> Result<Dockerfile, ParseError> {
             other => match stages.last_mut() {
                 Some(stage) => {
                     let mut s = step(text, other, start, next_of(idx));
+                    if let Some((_, cmd)) = heredocs.shell.iter().find(|h| h.0 == line) {
+                        s.kind = StepKind::Run {
+                            cmd: Cmd::Shell(cmd.clone()),
+                            heredocs: Vec::new(),
+                        };
+                    }
                     s.text = full;
                     stage.steps.push(s);
                 }
@@ -480,31 +578,45 @@ mod tests {
         assert!(parse("FROM busybox\nRUN true --mount=x\n").is_ok());
     }
 
-    /// As the README says: a heredoc is taken only at the start of RUN's
-    /// arguments; one after the command is a clear error, not its body's
-    /// lines read as instructions.
-    #[test]
-    fn heredocs_after_the_command_are_a_clear_error() {
-        for text in [
-            "FROM busybox\nRUN cat <<EOF > /greeting\nhello\nEOF\n",
-            "FROM busybox\nRUN cat <<'EOF'\nhello\nEOF\n",
-            "FROM busybox\nRUN --mount=type=cache,target=/x cat <<-END\n\thello\nEND\n",
-        ] {
-            let e = parse(text).unwrap_err();
-            assert_eq!(e.line, 2, "{text}: {e}");
-            let m = e.to_string();
-            assert!(
-                m.contains("a heredoc after the command is not supported"),
-                "{m}"
-            );
-            assert!(m.contains("RUN <<EOF [command]"), "{m}");
-            assert!(!m.contains("unknown instruction"), "{m}");
+    fn shell_of(text: &str, step: usize) -> String {
+        match &parse(text).unwrap().stages[0].steps[step].kind {
+            StepKind::Run {
+                cmd: Cmd::Shell(s),
+                heredocs,
+            } if heredocs.is_empty() => s.clone(),
+            k => panic!("{k:?}"),
         }
-        // Continued onto a later line, the RUN is still named by its first.
-        let e = parse("FROM busybox\nRUN set -e; \\\n  cat <<EOF\nhi\nEOF\n").unwrap_err();
-        assert_eq!(e.line, 2, "{e}");
-        assert!(e.to_string().contains("RUN set -e;"), "{e}");
-        // What is supported: the heredoc first, its body the script or the
+    }
+
+    /// BuildKit's rule: a heredoc that is not alone at the start of RUN's
+    /// arguments is the shell's: the command line, then the bodies and
+    /// their delimiter lines as written, is the shell-form command.
+    #[test]
+    fn heredocs_after_the_command_or_several_go_to_the_shell() {
+        assert_eq!(
+            shell_of(
+                "FROM busybox\nRUN cat <<EOF > /greeting\nhello\nEOF\nRUN true\n",
+                0
+            ),
+            "cat <<EOF > /greeting\nhello\nEOF"
+        );
+        let two = "FROM busybox\nRUN <<EOF1 cat > /a && <<-'EOF2' cat > /b\nWelcome\nEOF1\n\t# not a comment\n\tEOF2\nCMD x\n";
+        assert_eq!(
+            shell_of(two, 0),
+            "<<EOF1 cat > /a && <<-'EOF2' cat > /b\nWelcome\nEOF1\n\t# not a comment\n\tEOF2"
+        );
+        let df = parse(two).unwrap();
+        assert_eq!(df.stages[0].steps.len(), 2);
+        assert_eq!(df.stages[0].steps[1].line, 7);
+        // Continuation lines are joined; the RUN is named by its first line.
+        let cont = "FROM busybox\nRUN set -e; \\\n  cat <<EOF\nhi\nEOF\n";
+        assert_eq!(shell_of(cont, 0), "set -e;   cat <<EOF\nhi\nEOF");
+        assert_eq!(parse(cont).unwrap().stages[0].steps[0].line, 2);
+        // RUN options are still refused, naming the flag.
+        let e = parse("FROM busybox\nRUN --mount=type=cache,target=/x cat <<-END\n\thello\nEND\n")
+            .unwrap_err();
+        assert!(e.to_string().contains("RUN --mount"), "{e}");
+        // The parser's own: the heredoc first, its body the script or the
         // command's stdin (where a nested heredoc is the script's own);
         // shifts and here-strings are no heredocs.
         let ok = "FROM busybox\nRUN <<EOF\ncat <<INNER > /x\nhi\nINNER\nEOF\nRUN <<EOF sh\necho $((1<<2))\nEOF\nRUN echo $((1<<2)) && cat <<< hi\n";
@@ -517,6 +629,32 @@ mod tests {
             k => panic!("{k:?}"),
         }
         assert_eq!(df.stages[0].steps.len(), 3);
+        assert_eq!(shell_of(ok, 2), "echo $((1<<2)) && cat <<< hi");
+    }
+
+    /// A heredoc that is never closed: its body's lines read as
+    /// instructions (or the parser's end-of-heredoc complaint) fail the
+    /// parse, and the error names the heredoc, not "unknown instruction
+    /// 'Welcome'" alone.
+    #[test]
+    fn an_unclosed_heredoc_is_named() {
+        let e = parse("FROM busybox\nRUN cat <<EOF > /x\nWelcome\nEOF \n").unwrap_err();
+        assert!(
+            e.to_string().ends_with("so line 3 was read as an instruction: unknown instruction 'Welcome' at line 3 column 1"),
+            "{e}"
+        );
+        for text in [
+            "FROM busybox\nRUN cat <<EOF > /x\nWelcome\nEOF \n",
+            "FROM busybox\nCOPY <<EOF /x\nWelcome\n",
+            "FROM busybox\nRUN <<EOF\nWelcome\n",
+        ] {
+            let e = parse(text).unwrap_err();
+            assert_eq!(e.line, 2, "{text}: {e}");
+            let m = e.to_string();
+            assert!(m.contains("the heredoc <<EOF is never closed"), "{m}");
+            assert!(!m.contains("line 4"), "{m}");
+            assert_eq!(m.lines().count(), 1);
+        }
     }
 
     #[test]

@@ -49,7 +49,7 @@ impl Builder<'_> {
                 } else {
                     format!("{}/{w}", base.trim_end_matches('/'))
                 };
-                c.set_working_dir(Some(abs));
+                c.set_working_dir(Some(clean_path(&abs)));
             }
             StepKind::User(raw) => {
                 c.set_user(Some(expand(raw)?));
@@ -116,5 +116,41 @@ impl Builder<'_> {
         st.config.set_config(Some(c));
         Self::history(st, &step.text, true);
         Ok(())
+    }
+}
+
+/// An absolute path with `.`, `..` and repeated slashes resolved by its
+/// text alone, as Docker records a WORKDIR (`/a/../x/./y` is `/x/y`; `..`
+/// stops at the root).
+fn clean_path(p: &str) -> String {
+    let mut parts: Vec<&str> = Vec::new();
+    for c in p.split('/') {
+        match c {
+            "" | "." => {}
+            ".." => {
+                parts.pop();
+            }
+            c => parts.push(c),
+        }
+    }
+    format!("/{}", parts.join("/"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::clean_path;
+
+    #[test]
+    fn workdirs_are_cleaned_like_docker() {
+        for (p, want) in [
+            ("/app/../x/./y", "/x/y"),
+            ("/", "/"),
+            ("/a//b/", "/a/b"),
+            ("/../../etc", "/etc"),
+            ("/a/b/..", "/a"),
+            ("/a/./.", "/a"),
+        ] {
+            assert_eq!(clean_path(p), want, "{p}");
+        }
     }
 }

@@ -13,7 +13,7 @@
 //! sandbox, microVM or namespaces, they execute in) and `copy` (COPY and
 //! ADD, with `--chown` and `--from`).
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fs::{self, File};
 use std::io::{Seek, SeekFrom, Write};
 use std::os::fd::AsRawFd;
@@ -153,7 +153,31 @@ pub struct Builder<'a> {
     stages: Vec<StageResult>,
     /// Build args given on the command line.
     build_args: HashMap<String, String>,
+    /// The ARGs before the first FROM, with their values: what a stage's
+    /// `ARG NAME` without a value takes.
+    global: BTreeMap<String, String>,
+    /// Every ARG name the Dockerfile declares (a `--build-arg` of no other
+    /// name is reported as not consumed, as Docker does).
+    declared: BTreeSet<String>,
 }
+
+/// Docker's PATH for a build whose base sets none (BuildKit adds it to the
+/// config, so `ENV PATH=/x:$PATH` and RUN steps find the usual programs).
+pub const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+
+/// Build args Docker predefines: never reported as not consumed.
+const PREDEFINED_ARGS: &[&str] = &[
+    "HTTP_PROXY",
+    "http_proxy",
+    "HTTPS_PROXY",
+    "https_proxy",
+    "FTP_PROXY",
+    "ftp_proxy",
+    "NO_PROXY",
+    "no_proxy",
+    "ALL_PROXY",
+    "all_proxy",
+];
 
 /// Builds the image and names it with every tag; returns it.
 pub fn build(
@@ -171,6 +195,8 @@ pub fn build(
         out,
         stages: Vec::new(),
         build_args: o.build_args.iter().cloned().collect(),
+        global: BTreeMap::new(),
+        declared: BTreeSet::new(),
     };
     let result = b.run();
     for s in &mut b.stages {
@@ -257,14 +283,17 @@ impl Builder<'_> {
                     .cloned()
                     .or(default)
                     .unwrap_or_default();
+                self.declared.insert(k.clone());
                 global.insert(k, v);
             }
         }
+        self.global = global.clone();
         let mut n = 0;
         let last = df.stages.len() - 1;
         for (i, stage) in df.stages.iter().enumerate() {
             let result = self.stage(stage, &global, &ctx, &mut n, total)?;
             if i == last {
+                self.warn_unused_args();
                 return self.finish(result);
             }
             self.stages.push(result);
@@ -304,13 +333,14 @@ impl Builder<'_> {
         })
     }
 
-    /// The state a stage starts from: scratch, an earlier stage, or an image.
+    /// The state a stage starts from: scratch, an earlier stage, or an
+    /// image; its config gets `DEFAULT_PATH` if it has no PATH.
     fn base(&mut self, from: &str, stage: &Stage) -> Result<State, BuildError> {
         let empty =
             |config, layers: Vec<Descriptor>, key: String, base: Option<StoredImage>| State {
+                config: with_path(config),
                 base_layers: layers.len(),
                 sandbox_layers: layers.len(),
-                config,
                 layers,
                 key,
                 args: BTreeMap::new(),
@@ -380,12 +410,16 @@ impl Builder<'_> {
                 let kv =
                     words::key_values(raw, &Self::env_lookup(st)).map_err(|e| step_err(step, e))?;
                 for (k, default) in kv {
+                    // `--build-arg`, else the step's default, else (`ARG
+                    // NAME` alone) the global ARG's value, as in Docker.
                     let v = self
                         .build_args
                         .get(&k)
                         .cloned()
                         .or(default)
+                        .or_else(|| self.global.get(&k).cloned())
                         .unwrap_or_default();
+                    self.declared.insert(k.clone());
                     st.args.insert(k, v);
                 }
                 // Args change the key of later steps, not the image.
@@ -404,6 +438,27 @@ impl Builder<'_> {
         st.key = key.clone();
         self.record(&key, st);
         Ok(())
+    }
+
+    /// Docker's warning for `--build-arg`s no ARG declares.
+    fn warn_unused_args(&mut self) {
+        let mut unused: Vec<&String> = self
+            .build_args
+            .keys()
+            .filter(|k| !self.declared.contains(*k) && !PREDEFINED_ARGS.contains(&k.as_str()))
+            .collect();
+        if unused.is_empty() {
+            return;
+        }
+        unused.sort();
+        let list = unused
+            .iter()
+            .map(|k| k.as_str())
+            .collect::<Vec<_>>()
+            .join(" ");
+        self.say(&format!(
+            "[Warning] One or more build-args [{list}] were not consumed"
+        ));
     }
 
     /// What a config step does to the builder's own state, for cache hits.
@@ -507,6 +562,22 @@ impl Builder<'_> {
         }
         Ok(self.store.resolve(&img.id())?)
     }
+}
+
+/// `config` with `PATH=DEFAULT_PATH` added to its Env if that has no PATH.
+fn with_path(mut config: ImageConfiguration) -> ImageConfiguration {
+    let mut c = config.config().clone().unwrap_or_else(|| {
+        oci_spec::image::ConfigBuilder::default()
+            .build()
+            .expect("static")
+    });
+    let mut env = c.env().clone().unwrap_or_default();
+    if !env.iter().any(|e| e.starts_with("PATH=")) {
+        env.push(format!("PATH={DEFAULT_PATH}"));
+        c.set_env(Some(env));
+        config.set_config(Some(c));
+    }
+    config
 }
 
 /// The short id the image config would give at this point.

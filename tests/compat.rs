@@ -1,0 +1,153 @@
+//! What a Docker user reaches for in the first week, through the binary:
+//! Dockerfile features and fixes of real projects' Dockerfiles, and the
+//! everyday CLI. Builds run their steps in namespace mode here (the same
+//! builder as a microVM build; `tests/build.rs` runs RUN steps in VMs).
+
+mod common;
+
+use std::fs;
+use std::path::Path;
+
+use common::{is_root, ok, store_with_busybox, vmc};
+
+fn write(dir: &Path, name: &str, content: &str) {
+    let p = dir.join(name);
+    fs::create_dir_all(p.parent().unwrap()).unwrap();
+    fs::write(p, content).unwrap();
+}
+
+fn stderr(o: &std::process::Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+/// The image config's field as `vmc inspect` shows it.
+fn config_field(h: &Path, image: &str, field: &str) -> serde_json::Value {
+    let v: serde_json::Value = serde_json::from_str(&ok(&vmc(h, &["inspect", image]))).unwrap();
+    let v = if v.is_array() { v[0].clone() } else { v };
+    v["Config"][field].clone()
+}
+
+/// Docker's rules where vmc used to differ: a stage's `ARG NAME` takes the
+/// global default; WORKDIR is normalised; `ENV PATH=/x:$PATH` on a base
+/// without PATH gets Docker's default PATH first; an unused `--build-arg`
+/// warns; a WORKDIR that cannot be entered is named.
+#[test]
+fn build_follows_dockers_rules_for_args_workdir_and_path() {
+    if !is_root() {
+        return;
+    }
+    let home = store_with_busybox();
+    let h = home.path();
+    let ctx = tempfile::tempdir().unwrap();
+    let c = ctx.path().to_str().unwrap();
+    write(
+        ctx.path(),
+        "Dockerfile",
+        "ARG V=global\nARG W=w\nFROM busybox\nARG V\nARG W=own\nWORKDIR /app\n\
+         WORKDIR ../x/./y\nENV PATH=/opt/bin:${PATH}\n\
+         RUN echo \"V=$V W=$W pwd=$(pwd)\" > /out.txt && echo \"$PATH\" >> /out.txt && ls > /dev/null\n",
+    );
+    let o = vmc(
+        h,
+        &[
+            "build",
+            "--mode",
+            "ns",
+            "-t",
+            "rules",
+            "--build-arg",
+            "UNUSED=1",
+            "--build-arg",
+            "HTTP_PROXY=http://proxy.invalid",
+            c,
+        ],
+    );
+    let out = ok(&o);
+    assert!(
+        out.contains("[Warning] One or more build-args [UNUSED] were not consumed\n"),
+        "{out}"
+    );
+    let ran = ok(&vmc(
+        h,
+        &["run", "--rm", "--mode", "ns", "rules", "cat", "/out.txt"],
+    ));
+    assert_eq!(
+        ran,
+        "V=global W=own pwd=/x/y\n/opt/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin\n"
+    );
+    assert_eq!(config_field(h, "rules", "WorkingDir"), "/x/y");
+
+    write(
+        ctx.path(),
+        "Dockerfile",
+        "FROM busybox\nWORKDIR /etc/passwd\nRUN pwd\n",
+    );
+    let o = vmc(h, &["build", "--mode", "ns", "-t", "badwd", c]);
+    assert!(!o.status.success());
+    let err = stderr(&o);
+    assert!(
+        String::from_utf8_lossy(&o.stdout).contains(
+            "the working directory /etc/passwd cannot be entered: Not a directory (os error 20)"
+        ),
+        "{err}"
+    );
+    assert!(err.contains("Dockerfile:3: RUN pwd"), "{err}");
+    let o = vmc(
+        h,
+        &[
+            "run",
+            "--rm",
+            "--mode",
+            "ns",
+            "-w",
+            "/etc/passwd",
+            "busybox",
+            "pwd",
+        ],
+    );
+    assert_eq!(o.status.code(), Some(125));
+    assert_eq!(
+        stderr(&o),
+        "vmc: the working directory /etc/passwd cannot be entered: Not a directory (os error 20)\n"
+    );
+}
+
+/// Heredocs as BuildKit takes them: one alone at the start is the script;
+/// any other (after the command, several, `<<-`, quoted) is the shell's;
+/// one never closed is named.
+#[test]
+fn run_heredocs_anywhere_reach_the_shell() {
+    if !is_root() {
+        return;
+    }
+    let home = store_with_busybox();
+    let h = home.path();
+    let ctx = tempfile::tempdir().unwrap();
+    let c = ctx.path().to_str().unwrap();
+    write(
+        ctx.path(),
+        "Dockerfile",
+        "FROM busybox\nARG NAME=world\n\
+         RUN <<EOF\necho script > /one\nEOF\n\
+         RUN cat <<EOF > /two\nhello $NAME\nEOF\n\
+         RUN <<A cat > /three && <<-'B' cat >> /three\nfirst\nA\n\tsecond $NAME\n\tB\n\
+         CMD cat /one /two /three\n",
+    );
+    ok(&vmc(h, &["build", "--mode", "ns", "-t", "heredocs", c]));
+    let ran = ok(&vmc(h, &["run", "--rm", "--mode", "ns", "heredocs"]));
+    assert_eq!(ran, "script\nhello world\nfirst\nsecond $NAME\n");
+
+    write(
+        ctx.path(),
+        "Dockerfile",
+        "FROM busybox\nRUN cat <<EOF > /x\nWelcome\nEOF \n",
+    );
+    let o = vmc(h, &["build", "--mode", "ns", c]);
+    assert_eq!(o.status.code(), Some(1));
+    let err = stderr(&o);
+    assert!(
+        err.starts_with("vmc: build failed: Dockerfile:2: RUN cat <<EOF > /x: the heredoc <<EOF is never closed"),
+        "{err}"
+    );
+    assert_eq!(err.lines().count(), 1, "{err}");
+}
