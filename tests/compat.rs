@@ -151,3 +151,63 @@ fn run_heredocs_anywhere_reach_the_shell() {
     );
     assert_eq!(err.lines().count(), 1, "{err}");
 }
+
+/// COPY's heredocs and `--chmod`, ADD of `.tar.xz` and `.tar.bz2` (unpacked,
+/// as Docker does), and a COPY flag vmc lacks refused by name.
+#[test]
+fn copy_heredocs_chmod_and_compressed_adds() {
+    if !is_root() {
+        return;
+    }
+    let home = store_with_busybox();
+    let h = home.path();
+    let ctx = tempfile::tempdir().unwrap();
+    let c = ctx.path().to_str().unwrap();
+    write(ctx.path(), "tree/t/in.txt", "from a tarball\n");
+    write(ctx.path(), "run.sh", "echo run\n");
+    for (flag, name) in [("-cJf", "x.tar.xz"), ("-cjf", "b.tar.bz2")] {
+        let st = std::process::Command::new("tar")
+            .args(["-C", ctx.path().join("tree").to_str().unwrap(), flag])
+            .arg(ctx.path().join(name))
+            .arg("t")
+            .status()
+            .unwrap();
+        assert!(st.success());
+    }
+    fs::remove_dir_all(ctx.path().join("tree")).unwrap();
+    write(
+        ctx.path(),
+        "Dockerfile",
+        "FROM busybox\nARG WHO=docker\n\
+         COPY <<EOF /etc/greeting\nhello $WHO\nEOF\n\
+         COPY <<'A' <<B /notes/\nkept $WHO\nA\nmade by $WHO\nB\n\
+         COPY --chmod=0750 run.sh /run.sh\n\
+         COPY --link --chmod=600 <<EOF /secret\ns\nEOF\n\
+         ADD x.tar.xz /xz/\nADD b.tar.bz2 /bz/\n\
+         CMD cat /etc/greeting /notes/A /notes/B /xz/t/in.txt /bz/t/in.txt && \
+         stat -c '%a %n' /run.sh /secret /etc/greeting\n",
+    );
+    ok(&vmc(h, &["build", "--mode", "ns", "-t", "copies", c]));
+    let ran = ok(&vmc(h, &["run", "--rm", "--mode", "ns", "copies"]));
+    assert_eq!(
+        ran,
+        "hello docker\nkept $WHO\nmade by docker\nfrom a tarball\nfrom a tarball\n\
+         750 /run.sh\n600 /secret\n644 /etc/greeting\n"
+    );
+
+    for (line, expect) in [
+        (
+            "COPY --parents run.sh /",
+            "Dockerfile:2: COPY --parents: not supported by vmc build (it takes --from, --chown, --chmod and --link)",
+        ),
+        (
+            "COPY --chmod=u+x run.sh /",
+            "Dockerfile:2: COPY --chmod=u+x run.sh /: --chmod=u+x: not an octal mode (e.g. 0755 or 644)",
+        ),
+    ] {
+        write(ctx.path(), "Dockerfile", &format!("FROM busybox\n{line}\n"));
+        let o = vmc(h, &["build", "--mode", "ns", c]);
+        assert_eq!(o.status.code(), Some(1), "{line}");
+        assert_eq!(stderr(&o), format!("vmc: build failed: {expect}\n"));
+    }
+}

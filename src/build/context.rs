@@ -10,7 +10,7 @@
 mod pattern;
 
 use std::fs::{self, File};
-use std::io::{self, Read, Write};
+use std::io::{self, BufRead, Read, Seek, Write};
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
@@ -64,6 +64,9 @@ pub struct CopySpec {
     pub workdir: String,
     /// `--chown`: owner of every copied entry (default root).
     pub chown: Option<(u32, u32)>,
+    /// `--chmod`: mode of every copied file and directory (default: as
+    /// in the source; an archive ADD unpacks keeps its own modes).
+    pub chmod: Option<u32>,
     /// `COPY --from`: the unpacked root to copy from instead of the context.
     pub from_dir: Option<PathBuf>,
     /// ADD: local tar archives (plain, gzip, zstd) are unpacked.
@@ -249,6 +252,7 @@ impl Context {
             hash: Sha256::new(),
             entries: 0,
             chown: spec.chown,
+            chmod: spec.chmod,
         };
         for (path, name) in &found {
             let md = fs::metadata(path).map_err(io_at(path))?;
@@ -357,21 +361,84 @@ fn glob_walk(
 
 /// Whether `path` holds a tar archive (possibly gzip or zstd compressed):
 /// ADD unpacks those and copies anything else as a file.
-fn is_archive(path: &Path) -> Result<bool, ContextError> {
-    let f = open_regular(path, &path.display().to_string())?;
-    let Ok(mut r) = crate::image::layer::decompress(f) else {
-        return Ok(false);
-    };
-    let mut head = [0u8; 512];
-    let mut got = 0;
-    while got < head.len() {
-        match r.read(&mut head[got..]) {
-            Ok(0) => break,
-            Ok(n) => got += n,
-            Err(_) => return Ok(false),
+/// xz's magic bytes.
+const XZ_MAGIC: &[u8] = &[0xfd, b'7', b'z', b'X', b'Z', 0];
+
+/// A writer that takes `left` more bytes, then fails: the bound on what an
+/// xz archive may decompress to, enforced while it decompresses.
+struct Bounded<W> {
+    inner: W,
+    left: u64,
+}
+
+impl<W: Write> Write for Bounded<W> {
+    fn write(&mut self, b: &[u8]) -> io::Result<usize> {
+        if self.left == 0 && !b.is_empty() {
+            return Err(io::Error::new(
+                io::ErrorKind::FileTooLarge,
+                "the archive decompresses to more than allowed",
+            ));
         }
+        let n = b
+            .len()
+            .min(usize::try_from(self.left).unwrap_or(usize::MAX));
+        let n = self.inner.write(&b[..n])?;
+        self.left -= n as u64;
+        Ok(n)
     }
-    Ok(got == 512 && &head[257..262] == b"ustar")
+    fn flush(&mut self) -> io::Result<()> {
+        self.inner.flush()
+    }
+}
+
+/// An archive ADD unpacks, opened and decompressed as a stream: gzip and
+/// zstd (as image layers are), bzip2, or plain; xz through `xz`.
+fn archive_stream(path: &Path) -> Result<(Box<dyn Read>, bool), ContextError> {
+    let f = open_regular(path, &path.display().to_string())?;
+    let mut br = io::BufReader::with_capacity(1 << 16, f);
+    let head = br.fill_buf().map_err(io_at(path))?;
+    if head.starts_with(XZ_MAGIC) {
+        return Ok((Box::new(br), true));
+    }
+    if head.starts_with(b"BZh") {
+        return Ok((Box::new(bzip2::read::MultiBzDecoder::new(br)), false));
+    }
+    let r = crate::image::layer::decompress(br).map_err(io_at(path))?;
+    Ok((r, false))
+}
+
+/// Decompresses the xz stream `r` into `out`, at most `limit` bytes.
+/// (lzma-rs, pure Rust, decodes xz into a writer, not as a reader.)
+fn xz(r: Box<dyn Read>, out: impl Write, limit: u64) -> io::Result<()> {
+    let mut br = io::BufReader::new(r);
+    let mut w = Bounded {
+        inner: out,
+        left: limit,
+    };
+    lzma_rs::xz_decompress(&mut br, &mut w).map_err(|e| match e {
+        lzma_rs::error::Error::IoError(e) => e,
+        e => io::Error::new(io::ErrorKind::InvalidData, format!("xz: {e}")),
+    })?;
+    w.flush()
+}
+
+/// Whether ADD unpacks `path`: a tar archive, plain or compressed (gzip,
+/// zstd, bzip2, xz), told by its content as Docker does. Anything else,
+/// a broken archive included, is copied as a file.
+fn is_archive(path: &Path) -> Result<bool, ContextError> {
+    let (mut r, is_xz) = match archive_stream(path) {
+        Ok(x) => x,
+        Err(ContextError::NotRegular(p)) => return Err(ContextError::NotRegular(p)),
+        Err(_) => return Ok(false),
+    };
+    let mut head = Vec::with_capacity(512);
+    if is_xz {
+        // Only the first block is wanted: the bound stops the rest.
+        let _ = xz(r, &mut head, 512);
+    } else {
+        let _ = (&mut r).take(512).read_to_end(&mut head);
+    }
+    Ok(head.len() == 512 && &head[257..262] == b"ustar")
 }
 
 struct LayerWriter<'a> {
@@ -379,6 +446,7 @@ struct LayerWriter<'a> {
     hash: Sha256,
     entries: usize,
     chown: Option<(u32, u32)>,
+    chmod: Option<u32>,
 }
 
 impl LayerWriter<'_> {
@@ -408,7 +476,7 @@ impl LayerWriter<'_> {
     fn header(&self, md: &fs::Metadata, kind: tar::EntryType) -> tar::Header {
         let mut h = tar::Header::new_gnu();
         h.set_entry_type(kind);
-        h.set_mode(md.permissions().mode() & 0o7777);
+        h.set_mode(self.chmod.unwrap_or(md.permissions().mode() & 0o7777));
         let (uid, gid) = self.chown.unwrap_or((0, 0));
         h.set_uid(uid.into());
         h.set_gid(gid.into());
@@ -516,8 +584,21 @@ impl LayerWriter<'_> {
     /// ADD of a local archive: its entries re-rooted under `dest`, with
     /// `..` entries dropped (the image unpacker checks links again).
     fn unpack_archive(&mut self, path: &Path, dest: &[String]) -> Result<(), ContextError> {
-        let f = open_regular(path, &path.display().to_string())?;
-        let r = crate::image::layer::decompress(f).map_err(io_at(path))?;
+        let (mut r, is_xz) = archive_stream(path)?;
+        if is_xz {
+            // Into an unnamed temporary file, bounded as the entries are
+            // below (plus room for their headers), then read from there.
+            let limits = crate::image::layer::Limits::default();
+            let mut tmp = tempfile::tempfile().map_err(io_at(path))?;
+            xz(
+                r,
+                io::BufWriter::new(&mut tmp),
+                limits.max_total + limits.max_entries * 1024,
+            )
+            .map_err(io_at(path))?;
+            tmp.seek(io::SeekFrom::Start(0)).map_err(io_at(path))?;
+            r = Box::new(tmp);
+        }
         let mut a = tar::Archive::new(r);
         let prefix = dest.join("/");
         let under = |p: &str| -> Option<String> {
@@ -662,6 +743,7 @@ mod tests {
             dest: dest.into(),
             workdir: "/app".into(),
             chown: None,
+            chmod: None,
             from_dir: None,
             add: false,
         }

@@ -28,8 +28,11 @@ pub enum StepKind {
         dest: String,
         from: Option<String>,
         chown: Option<String>,
+        /// `--chmod=MODE` (octal) of every copied file and directory.
+        chmod: Option<String>,
         add: bool,
-        /// Heredoc sources (`COPY <<EOF /file`): (delimiter, body).
+        /// Heredoc sources (`COPY <<EOF /file`): (delimiter, body), the
+        /// delimiter quoted (`'EOF'`) when the body is not to be expanded.
         inline: Vec<(String, String)>,
     },
     Env(String),
@@ -292,8 +295,8 @@ fn step(text: &str, ins: &Instruction<'_>, span_start: usize, span_end: usize) -
                 .collect();
             StepKind::Run { cmd: c, heredocs }
         }
-        Instruction::Copy(c) => copy_kind(&c.src, &c.dest.value, &c.options, false),
-        Instruction::Add(a) => copy_kind(&a.src, &a.dest.value, &a.options, true),
+        Instruction::Copy(c) => copy_kind(&raw, &c.src, &c.dest.value, &c.options, false),
+        Instruction::Add(a) => copy_kind(&raw, &a.src, &a.dest.value, &a.options, true),
         Instruction::Env(e) => StepKind::Env(e.arguments.value.to_string()),
         Instruction::Arg(a) => StepKind::Arg(a.arguments.value.to_string()),
         Instruction::Label(l) => StepKind::Label(l.arguments.value.to_string()),
@@ -326,13 +329,29 @@ fn step(text: &str, ins: &Instruction<'_>, span_start: usize, span_end: usize) -
     }
 }
 
-fn copy_kind(src: &[Source<'_>], dest: &str, options: &[Flag<'_>], add: bool) -> StepKind {
+/// COPY's and ADD's options vmc takes: `--link` changes only how BuildKit
+/// stores the layer, never the files, so it is accepted and has no effect.
+const COPY_FLAGS: &[&str] = &["from", "chown", "chmod", "link"];
+
+fn copy_kind(
+    raw: &str,
+    src: &[Source<'_>],
+    dest: &str,
+    options: &[Flag<'_>],
+    add: bool,
+) -> StepKind {
     let mut sources = Vec::new();
     let mut inline = Vec::new();
+    // The parser hands over the bodies; their delimiters are in the text.
+    let mut delims = heredoc_delimiters(raw).into_iter();
     for s in src {
         match s {
             Source::Path(p) => sources.push(p.value.to_string()),
-            Source::HereDoc(h) => inline.push(("EOF".to_string(), h.value.to_string())),
+            Source::HereDoc(h) => {
+                let d = delims.next().unwrap_or_else(|| "EOF".into());
+                let d = if h.expand { d } else { format!("'{d}'") };
+                inline.push((d, h.value.to_string()))
+            }
             _ => {}
         }
     }
@@ -341,6 +360,7 @@ fn copy_kind(src: &[Source<'_>], dest: &str, options: &[Flag<'_>], add: bool) ->
         dest: dest.to_string(),
         from: flag(options, "from").map(String::from),
         chown: flag(options, "chown").map(String::from),
+        chmod: flag(options, "chmod").map(String::from),
         add,
         inline,
     }
@@ -437,6 +457,29 @@ pub fn parse(text: &str) -> Result<Dockerfile, ParseError> {
             Instruction::Arg(a) if stages.is_empty() => {
                 global_args.push((a.arguments.value.to_string(), line))
             }
+            Instruction::Copy(parse_dockerfile::CopyInstruction { options, .. })
+            | Instruction::Add(parse_dockerfile::AddInstruction { options, .. })
+                if options
+                    .iter()
+                    .any(|f| !COPY_FLAGS.contains(&f.name.value.as_ref())) =>
+            {
+                let f = options
+                    .iter()
+                    .find(|f| !COPY_FLAGS.contains(&f.name.value.as_ref()))
+                    .map(|f| f.name.value.to_string())
+                    .unwrap_or_default();
+                let what = if matches!(ins, Instruction::Add(_)) {
+                    "ADD"
+                } else {
+                    "COPY"
+                };
+                return Err(ParseError {
+                    line,
+                    message: format!(
+                        "{what} --{f}: not supported by vmc build (it takes --from, --chown, --chmod and --link)"
+                    ),
+                });
+            }
             Instruction::Run(r) if !r.options.is_empty() => {
                 let f = &r.options[0];
                 let name = f.name.value.as_ref();
@@ -507,6 +550,7 @@ mod tests {
                 dest: "/dst/".into(),
                 from: None,
                 chown: Some("1:2".into()),
+                chmod: None,
                 add: false,
                 inline: vec![],
             }

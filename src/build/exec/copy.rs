@@ -46,19 +46,20 @@ impl Builder<'_> {
             dest,
             from,
             chown,
+            chmod,
             add,
             inline,
         } = &step.kind
         else {
             return Ok(());
         };
-        if !inline.is_empty() {
+        if !inline.is_empty() && (!sources.is_empty() || from.is_some()) {
             return Err(step_err(
                 step,
-                "heredoc sources in COPY/ADD are not supported; put the file in the build context",
+                "heredoc sources cannot be mixed with files or --from in one COPY/ADD: use two steps",
             ));
         }
-        let (sources, dest, chown, from) = {
+        let (mut sources, dest, chown, from) = {
             let lookup = Self::env_lookup(st);
             let expand = |s: &str| words::expand(s, &lookup).map_err(|e| step_err(step, e));
             let sources: Vec<String> = sources
@@ -69,14 +70,36 @@ impl Builder<'_> {
             let from = from.as_deref().map(expand).transpose()?;
             (sources, expand(dest)?, chown, from)
         };
+        let chmod = match chmod {
+            Some(m) => Some(
+                u32::from_str_radix(m, 8)
+                    .ok()
+                    .filter(|m| *m <= 0o7777)
+                    .ok_or_else(|| {
+                        step_err(
+                            step,
+                            format!("--chmod={m}: not an octal mode (e.g. 0755 or 644)"),
+                        )
+                    })?,
+            ),
+            None => None,
+        };
         let chown = match chown {
             Some(c) => Some(self.resolve_chown(&c, st).map_err(|e| step_err(step, e))?),
             None => None,
         };
-        let from_dir = match from {
+        let mut from_dir = match from {
             Some(f) => Some(self.stage_root(&f).map_err(|e| step_err(step, e))?),
             None => None,
         };
+        if !inline.is_empty() {
+            let dir = self.heredoc_files(step, st, inline)?;
+            sources = inline
+                .iter()
+                .map(|(d, _)| d.trim_matches('\'').to_string())
+                .collect();
+            from_dir = Some(dir);
+        }
         let spec = CopySpec {
             sources,
             dest,
@@ -87,6 +110,7 @@ impl Builder<'_> {
                 .and_then(|c| c.working_dir().clone())
                 .unwrap_or_else(|| "/".into()),
             chown,
+            chmod,
             from_dir,
             add: *add,
         };
@@ -105,6 +129,37 @@ impl Builder<'_> {
         st.key = key.clone();
         self.record(&key, st);
         Ok(())
+    }
+
+    /// `COPY <<EOF /dest`: each heredoc's body as a file named after its
+    /// delimiter (0644, as BuildKit makes them), in a fresh directory under
+    /// the build's own; an unquoted delimiter's body has its variables
+    /// expanded, as in Docker.
+    fn heredoc_files(
+        &self,
+        step: &Step,
+        st: &State,
+        inline: &[(String, String)],
+    ) -> Result<PathBuf, BuildError> {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = self
+            .tmp
+            .join(format!("heredocs-{}", &crate::runtime::new_id()[..12]));
+        let io = |e: std::io::Error| step_err(step, format!("{}: {e}", dir.display()));
+        fs::create_dir(&dir).map_err(io)?;
+        let lookup = Self::env_lookup(st);
+        for (delim, body) in inline {
+            let name = delim.trim_matches('\'');
+            let body = if delim.starts_with('\'') {
+                body.clone()
+            } else {
+                words::expand(body, &lookup).map_err(|e| step_err(step, e))?
+            };
+            let path = dir.join(name);
+            fs::write(&path, body).map_err(io)?;
+            fs::set_permissions(&path, fs::Permissions::from_mode(0o644)).map_err(io)?;
+        }
+        Ok(dir)
     }
 
     /// `--chown=user:group` with names looked up in the image's passwd/group.
