@@ -342,7 +342,7 @@ pub struct BuildArgs {
     /// Name and optionally a tag (NAME[:TAG]); may be given more than once.
     #[arg(short = 't', long = "tag", value_name = "NAME[:TAG]")]
     pub tags: Vec<String>,
-    /// The Dockerfile (default: CONTEXT/Dockerfile).
+    /// The Dockerfile (default: CONTEXT/Dockerfile; `-` reads it from stdin).
     #[arg(short = 'f', long = "file", value_name = "FILE")]
     pub file: Option<PathBuf>,
     /// Set a build argument (KEY=VALUE, or KEY to take vmc's own environment).
@@ -351,6 +351,19 @@ pub struct BuildArgs {
     /// Run every step, ignoring the build cache.
     #[arg(long)]
     pub no_cache: bool,
+    /// Build this stage (FROM ... AS STAGE) and only the stages it needs.
+    #[arg(long, value_name = "STAGE")]
+    pub target: Option<String>,
+    /// Add a label to the image (KEY=VALUE; repeatable).
+    #[arg(long = "label", value_name = "KEY=VALUE")]
+    pub labels: Vec<String>,
+    /// Write the image id (sha256:...) to FILE.
+    #[arg(long, value_name = "FILE")]
+    pub iidfile: Option<PathBuf>,
+    /// Output: auto, plain and tty all print Docker's step lines; quiet is -q.
+    #[arg(long, value_name = "MODE", default_value = "auto",
+          value_parser = ["auto", "plain", "tty", "quiet"])]
+    pub progress: String,
     /// Where RUN steps execute: vm (a microVM, the default) or ns (namespaces).
     #[arg(long, value_enum, default_value_t = Mode::Vm)]
     pub mode: Mode,
@@ -380,7 +393,7 @@ pub struct BuildArgs {
     /// Print only the image id.
     #[arg(short, long)]
     pub quiet: bool,
-    /// The build context directory.
+    /// The build context directory (`-`: none, the Dockerfile on stdin).
     #[arg(value_name = "CONTEXT")]
     pub context: PathBuf,
 }

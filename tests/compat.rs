@@ -211,3 +211,126 @@ fn copy_heredocs_chmod_and_compressed_adds() {
         assert_eq!(stderr(&o), format!("vmc: build failed: {expect}\n"));
     }
 }
+
+/// `--target` builds a stage and only the stages it needs (as BuildKit,
+/// stages nothing needs are skipped without it too); `--label`,
+/// `--iidfile`, `-f -`, a context of `-`, and `--progress`.
+#[test]
+fn build_target_labels_iidfile_and_stdin() {
+    if !is_root() {
+        return;
+    }
+    let home = store_with_busybox();
+    let h = home.path();
+    let ctx = tempfile::tempdir().unwrap();
+    let c = ctx.path().to_str().unwrap();
+    write(
+        ctx.path(),
+        "Dockerfile",
+        "FROM busybox AS base\nRUN echo base > /b\n\
+         FROM busybox AS broken\nRUN echo broken-ran; exit 3\n\
+         FROM base AS test\nRUN echo test-ran > /t\n\
+         FROM busybox\nCOPY --from=base /b /b\nCMD cat /b\n",
+    );
+    let iid = ctx.path().join("iid");
+    let out = ok(&vmc(
+        h,
+        &[
+            "build",
+            "--mode",
+            "ns",
+            "-t",
+            "final",
+            "--label",
+            "team=vmc",
+            "--label",
+            "empty=",
+            "--iidfile",
+            iid.to_str().unwrap(),
+            "--progress",
+            "plain",
+            c,
+        ],
+    ));
+    assert!(
+        !out.contains("broken-ran") && !out.contains("test-ran"),
+        "{out}"
+    );
+    assert!(
+        out.contains("Step 5/5 : CMD cat /b"),
+        "only needed steps count: {out}"
+    );
+    let id = fs::read_to_string(&iid).unwrap();
+    assert!(id.starts_with("sha256:") && id.len() == 71, "{id}");
+    let v: serde_json::Value = serde_json::from_str(&ok(&vmc(h, &["inspect", "final"]))).unwrap();
+    assert_eq!(v[0]["Id"], id.as_str(), "{v}");
+    assert_eq!(v[0]["Config"]["Labels"]["team"], "vmc");
+    assert_eq!(v[0]["Config"]["Labels"]["empty"], "");
+    assert_eq!(
+        ok(&vmc(h, &["run", "--rm", "--mode", "ns", "final"])),
+        "base\n"
+    );
+
+    let out = ok(&vmc(
+        h,
+        &["build", "--mode", "ns", "--target", "TEST", "-t", "t", c],
+    ));
+    assert!(
+        out.contains("test-ran") || out.contains("Using cache"),
+        "{out}"
+    );
+    assert!(!out.contains("broken-ran"), "{out}");
+    let ran = ok(&vmc(
+        h,
+        &["run", "--rm", "--mode", "ns", "t", "cat", "/b", "/t"],
+    ));
+    assert_eq!(ran, "base\ntest-ran\n");
+    let o = vmc(h, &["build", "--mode", "ns", "--target", "nope", c]);
+    assert_eq!(o.status.code(), Some(1));
+    assert_eq!(
+        stderr(&o),
+        "vmc: build failed: --target nope: no stage of that name in the Dockerfile (it has: base, broken, test)\n"
+    );
+
+    // The Dockerfile on stdin: with a context (-f -), and as the context (-).
+    let stdin_build = |args: &[&str], dockerfile: &str| {
+        let mut child = common::vmc_command(h)
+            .args(args)
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        std::io::Write::write_all(&mut child.stdin.take().unwrap(), dockerfile.as_bytes()).unwrap();
+        child.wait_with_output().unwrap()
+    };
+    write(ctx.path(), "f.txt", "from the context\n");
+    let o = stdin_build(
+        &["build", "--mode", "ns", "-q", "-f", "-", "-t", "s1", c],
+        "FROM busybox\nCOPY f.txt /\nCMD cat /f.txt\n",
+    );
+    let id = ok(&o);
+    assert!(id.trim().starts_with("sha256:"), "{id}");
+    assert_eq!(
+        ok(&vmc(h, &["run", "--rm", "--mode", "ns", "s1"])),
+        "from the context\n"
+    );
+    let o = stdin_build(
+        &["build", "--mode", "ns", "--progress=quiet", "-t", "s2", "-"],
+        "FROM busybox\nRUN echo no context > /n\nCMD cat /n\n",
+    );
+    assert_eq!(ok(&o).lines().count(), 1, "quiet prints the id alone");
+    assert_eq!(
+        ok(&vmc(h, &["run", "--rm", "--mode", "ns", "s2"])),
+        "no context\n"
+    );
+    let o = stdin_build(
+        &["build", "--mode", "ns", "-"],
+        "FROM busybox\nCOPY f.txt /\n",
+    );
+    assert!(
+        stderr(&o).contains("'f.txt' not found in the build context"),
+        "{}",
+        stderr(&o)
+    );
+}

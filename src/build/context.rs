@@ -133,7 +133,12 @@ pub fn read_control_file(root: &Path, name: &str) -> Result<Option<String>, Cont
 
 /// The text of `f`, refused when larger than [`MAX_CONTROL_FILE`] (checked
 /// while reading).
-fn read_bounded(f: File, path: &Path, shown: &str) -> Result<String, ContextError> {
+/// Reads a Dockerfile from stdin (`-f -`), bounded like one in a file.
+pub fn read_dockerfile_from(r: impl Read) -> Result<String, ContextError> {
+    read_bounded(r, Path::new("-"), "the Dockerfile on stdin")
+}
+
+fn read_bounded(f: impl Read, path: &Path, shown: &str) -> Result<String, ContextError> {
     let mut text = String::new();
     f.take(MAX_CONTROL_FILE + 1)
         .read_to_string(&mut text)

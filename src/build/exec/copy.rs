@@ -216,21 +216,23 @@ impl Builder<'_> {
 
     /// The unpacked root of an earlier stage (by name or index) or an image.
     fn stage_root(&mut self, from: &str) -> Result<PathBuf, CopySourceError> {
+        // An earlier stage (by index or name; stages the target does not
+        // need are never built, and a reference makes one needed).
         let idx = from
             .parse::<usize>()
             .ok()
-            .filter(|i| *i < self.stages.len())
+            .filter(|i| matches!(self.stages.get(*i), Some(Some(_))))
             .or_else(|| {
                 self.stages
                     .iter()
-                    .position(|s| s.name.as_deref() == Some(from))
+                    .position(|s| s.as_ref().is_some_and(|s| s.name.as_deref() == Some(from)))
             });
-        let (config, layers) = match idx {
-            Some(i) => {
-                if let Some(p) = &self.stages[i].unpacked {
+        let (config, layers) = match idx.and_then(|i| self.stages[i].as_ref()) {
+            Some(s) => {
+                if let Some(p) = &s.unpacked {
                     return Ok(p.clone());
                 }
-                (self.stages[i].config.clone(), self.stages[i].layers.clone())
+                (s.config.clone(), s.layers.clone())
             }
             None => {
                 let img = self
@@ -249,8 +251,8 @@ impl Builder<'_> {
             source,
         })?;
         crate::image::disk::unpack_image(self.store, &img, &dir, Whiteouts::Apply)?;
-        if let Some(i) = idx {
-            self.stages[i].unpacked = Some(dir.clone());
+        if let Some(Some(s)) = idx.map(|i| &mut self.stages[i]) {
+            s.unpacked = Some(dir.clone());
         }
         Ok(dir)
     }

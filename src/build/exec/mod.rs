@@ -44,6 +44,12 @@ pub struct BuildOptions {
     pub dockerfile: Option<PathBuf>,
     pub tags: Vec<String>,
     pub build_args: Vec<(String, String)>,
+    /// `--target`: the stage to build (default: the last).
+    pub target: Option<String>,
+    /// `--label`s added to the image's config.
+    pub labels: Vec<(String, String)>,
+    /// The Dockerfile's text when it came on stdin (`-f -`).
+    pub dockerfile_text: Option<String>,
     pub no_cache: bool,
     /// Where RUN steps run: a microVM, or Linux namespaces on the host.
     pub mode: crate::runtime::Mode,
@@ -150,7 +156,9 @@ pub struct Builder<'a> {
     cache: Cache,
     tmp: PathBuf,
     out: &'a mut dyn Write,
-    stages: Vec<StageResult>,
+    /// The stages built so far, by index (`None`: one the target does not
+    /// need, skipped as BuildKit skips it).
+    stages: Vec<Option<StageResult>>,
     /// Build args given on the command line.
     build_args: HashMap<String, String>,
     /// The ARGs before the first FROM, with their values: what a stage's
@@ -199,7 +207,7 @@ pub fn build(
         declared: BTreeSet::new(),
     };
     let result = b.run();
-    for s in &mut b.stages {
+    for s in b.stages.iter_mut().flatten() {
         s.unpacked = None;
     }
     let _ = fs::remove_dir_all(&tmp);
@@ -256,6 +264,9 @@ impl Builder<'_> {
         // symlink to a host file reads nothing of the host); `-f FILE` is
         // the user's own path. Either way a regular file, bounded.
         let text = match &self.o.dockerfile {
+            _ if self.o.dockerfile_text.is_some() => {
+                self.o.dockerfile_text.clone().unwrap_or_default()
+            }
             Some(path) => context::read_dockerfile_at(path).map_err(|e| {
                 BuildError::Input(format!("cannot read the Dockerfile: {e}"))
             })?,
@@ -270,7 +281,6 @@ impl Builder<'_> {
         };
         let df = dockerfile::parse(&text)?;
         let ctx = Context::open(&self.o.context).map_err(|e| BuildError::Input(e.to_string()))?;
-        let total: usize = df.stages.iter().map(|s| s.steps.len() + 1).sum();
         // ARGs before the first FROM: usable in FROM lines.
         let mut global = BTreeMap::new();
         for (raw, line) in &df.global_args {
@@ -288,15 +298,45 @@ impl Builder<'_> {
             }
         }
         self.global = global.clone();
+        let target = match &self.o.target {
+            None => df.stages.len() - 1,
+            Some(t) => df
+                .stages
+                .iter()
+                .position(|s| s.name.as_deref() == Some(t.to_lowercase().as_str()))
+                .ok_or_else(|| {
+                    let names: Vec<&str> =
+                        df.stages.iter().filter_map(|s| s.name.as_deref()).collect();
+                    BuildError::Input(format!(
+                        "--target {t}: no stage of that name in the Dockerfile ({})",
+                        if names.is_empty() {
+                            "it names none: FROM IMAGE AS NAME names one".to_string()
+                        } else {
+                            format!("it has: {}", names.join(", "))
+                        }
+                    ))
+                })?,
+        };
+        let needed = needed_stages(&df, target, &global);
+        let total: usize = df
+            .stages
+            .iter()
+            .zip(&needed)
+            .filter(|(_, n)| **n)
+            .map(|(s, _)| s.steps.len() + 1)
+            .sum();
         let mut n = 0;
-        let last = df.stages.len() - 1;
-        for (i, stage) in df.stages.iter().enumerate() {
+        for (i, stage) in df.stages.iter().enumerate().take(target + 1) {
+            if !needed[i] {
+                self.stages.push(None);
+                continue;
+            }
             let result = self.stage(stage, &global, &ctx, &mut n, total)?;
-            if i == last {
+            if i == target {
                 self.warn_unused_args();
                 return self.finish(result);
             }
-            self.stages.push(result);
+            self.stages.push(Some(result));
         }
         unreachable!("a parsed Dockerfile has at least one stage")
     }
@@ -357,7 +397,12 @@ impl Builder<'_> {
                 None,
             ));
         }
-        if let Some(s) = self.stages.iter().find(|s| s.name.as_deref() == Some(from)) {
+        if let Some(s) = self
+            .stages
+            .iter()
+            .flatten()
+            .find(|s| s.name.as_deref() == Some(from))
+        {
             // An earlier stage: its layers become this stage's base.
             let (config, layers) = (s.config.clone(), s.layers.clone());
             let img = self.store.commit(&config, layers.clone(), None)?;
@@ -538,6 +583,17 @@ impl Builder<'_> {
             .and_then(|h| h.created().clone())
             .unwrap_or_else(rfc3339_now);
         config.set_created(Some(created));
+        if !self.o.labels.is_empty() {
+            let mut c = config.config().clone().unwrap_or_else(|| {
+                oci_spec::image::ConfigBuilder::default()
+                    .build()
+                    .expect("static")
+            });
+            let mut labels = c.labels().clone().unwrap_or_default();
+            labels.extend(self.o.labels.iter().cloned());
+            c.set_labels(Some(labels));
+            config.set_config(Some(c));
+        }
         let names: Vec<String> = self
             .o
             .tags
@@ -562,6 +618,50 @@ impl Builder<'_> {
         }
         Ok(self.store.resolve(&img.id())?)
     }
+}
+
+/// Which stages the build of stage `target` needs, as BuildKit decides:
+/// the target, and every earlier stage a needed one names in FROM or in
+/// `COPY --from` (a `--from` holding a variable, known only as the stage
+/// runs, needs every stage before it).
+fn needed_stages(
+    df: &dockerfile::Dockerfile,
+    target: usize,
+    global: &BTreeMap<String, String>,
+) -> Vec<bool> {
+    let mut needed = vec![false; df.stages.len()];
+    needed[target] = true;
+    for i in (0..=target).rev() {
+        if !needed[i] {
+            continue;
+        }
+        let stage = &df.stages[i];
+        let by_name = |name: &str| {
+            df.stages[..i]
+                .iter()
+                .position(|s| s.name.as_deref() == Some(name))
+        };
+        let from = words::expand(&stage.from, &|k| global.get(k).cloned()).unwrap_or_default();
+        if let Some(j) = by_name(&from) {
+            needed[j] = true;
+        }
+        for step in &stage.steps {
+            let StepKind::Copy {
+                from: Some(from), ..
+            } = &step.kind
+            else {
+                continue;
+            };
+            if from.contains('$') {
+                needed[..i].iter_mut().for_each(|n| *n = true);
+            } else if let Some(j) = from.parse::<usize>().ok().filter(|j| *j < i) {
+                needed[j] = true;
+            } else if let Some(j) = by_name(&from.to_lowercase()) {
+                needed[j] = true;
+            }
+        }
+    }
+    needed
 }
 
 /// `config` with `PATH=DEFAULT_PATH` added to its Env if that has no PATH.
