@@ -160,6 +160,11 @@ pub enum SystemCommand {
 
 #[derive(Args, Debug)]
 pub struct RunArgs {
+    /// Pull the image: missing (when the store lacks it, the default),
+    /// always, or never (default: VMC_PULL, else missing).
+    #[arg(long, value_name = "POLICY", value_parser = ["missing", "always", "never"])]
+    pub pull: Option<String>,
+
     /// Run a root filesystem directory instead of an image (every argument is then the command).
     #[arg(long, value_name = "DIR")]
     pub rootfs: Option<PathBuf>,

@@ -117,6 +117,13 @@ pub struct Knobs {
     /// `VMC_JAIL_UIDS=BASE:COUNT`: the uids (and gids) jailed VMMs run as
     /// when vmc runs as root, one per VM.
     pub jail_uids: Option<String>,
+    /// `VMC_PULL`: `run`/`create`'s default `--pull` policy (missing,
+    /// always, never; Docker's default is missing).
+    pub pull: Option<String>,
+    /// `VMC_INSECURE_REGISTRIES=HOST:PORT,...`: registries spoken to over
+    /// plain http without `--insecure`, as the Docker daemon's
+    /// `insecure-registries` setting.
+    pub insecure_registries: Vec<String>,
 }
 
 impl Knobs {
@@ -143,6 +150,14 @@ impl Knobs {
             jail: text("VMC_JAIL").is_none_or(|v| v != "0"),
             seccomp_log: text("VMC_SECCOMP").is_some_and(|v| v == "log"),
             jail_uids: text("VMC_JAIL_UIDS"),
+            pull: text("VMC_PULL").filter(|v| !v.is_empty()),
+            insecure_registries: text("VMC_INSECURE_REGISTRIES")
+                .unwrap_or_default()
+                .split(',')
+                .map(str::trim)
+                .filter(|r| !r.is_empty())
+                .map(String::from)
+                .collect(),
         }
     }
 }

@@ -340,6 +340,75 @@ fn pulls_from_a_local_registry_by_tag_and_by_digest() {
     assert_eq!(store_state(h), before, "failed pulls change nothing");
 }
 
+/// `vmc run IMAGE` pulls an image the store lacks, Docker's way: the
+/// pull's lines on stderr (stdout is the container's), `--pull
+/// missing|always|never`; `VMC_INSECURE_REGISTRIES` lets a plain-http
+/// registry be used without `--insecure` (the Docker daemon's
+/// `insecure-registries`). In namespace mode: the pull is the same for a
+/// microVM run.
+#[test]
+fn run_pulls_a_missing_image() {
+    if !tools() || !common::is_root() {
+        return;
+    }
+    let reg = Registry::start();
+    let src = tempfile::tempdir().unwrap();
+    let (archive, id) = saved_busybox(src.path());
+    reg.push(&archive, "test/bb:1", &[]);
+    let image = format!("{}/test/bb:1", reg.host());
+    let home = tempfile::tempdir().unwrap();
+    let h = home.path();
+    let run = |pull: &str| {
+        common::vmc_command(h)
+            .env(
+                "VMC_INSECURE_REGISTRIES",
+                format!("localhost:1,{}", reg.host()),
+            )
+            .args(["run", "--rm", "--mode", "ns", "--pull", pull, &image])
+            .args(["echo", "hi"])
+            .stdin(Stdio::null())
+            .output()
+            .unwrap()
+    };
+    let o = run("never");
+    assert_eq!(o.status.code(), Some(125));
+    assert!(fails(&o).contains(&format!("no such image: {image}")));
+
+    let o = run("missing");
+    assert_eq!(ok(&o), "hi\n");
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.starts_with(&format!(
+            "Unable to find image '{image}' locally\n1: Pulling from {}/test/bb\n",
+            reg.host()
+        )),
+        "{err}"
+    );
+    assert!(
+        err.ends_with(&format!("Status: Downloaded newer image for {image}\n")),
+        "{err}"
+    );
+    assert_eq!(inspect(h, &image)["Id"], id.as_str());
+
+    let o = run("missing");
+    assert_eq!(ok(&o), "hi\n");
+    assert!(
+        o.stderr.is_empty(),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    let o = run("always");
+    assert_eq!(ok(&o), "hi\n");
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.ends_with(&format!("Status: Image is up to date for {image}\n")),
+        "{err}"
+    );
+    // Without the setting, plain http needs --insecure, as before.
+    let o = vmc(h, &["pull", &image]);
+    assert!(fails(&o).contains("needs --insecure"), "{}", fails(&o));
+}
+
 #[test]
 fn compressed_layers_are_stored_as_served_and_run() {
     if !tools() {

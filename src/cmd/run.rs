@@ -17,6 +17,44 @@ use vmc::{assets, vmm};
 
 use super::*;
 
+/// The image a run names, pulled first as `--pull` (else `VMC_PULL`, else
+/// `missing`) says, Docker's way: `missing` pulls an image the store
+/// lacks, `always` pulls every time, `never` never does. The pull's lines
+/// go to stderr, so that stdout is the container's alone.
+fn image_for_run(
+    store: &image::Store,
+    name: &str,
+    policy: Option<&str>,
+) -> Result<image::StoredImage> {
+    let policy = policy
+        .map(str::to_string)
+        .or_else(|| vmc::host::knobs().pull.clone())
+        .unwrap_or_else(|| "missing".into());
+    let found = store.resolve(name);
+    let pull = match (policy.as_str(), &found) {
+        ("always", _) => true,
+        ("missing", Err(image::StoreError::NotFound(_))) => true,
+        ("missing" | "never", _) => false,
+        (p, _) => bail!("VMC_PULL={p}: expected missing, always or never"),
+    };
+    if !pull {
+        return Ok(found?);
+    }
+    // A name that is no reference (an id prefix, say) is not pulled.
+    let Ok(reference) = image::Reference::parse(name) else {
+        return Ok(found?);
+    };
+    if found.is_err() {
+        eprintln!("Unable to find image '{name}' locally");
+    }
+    let opts = image::pull::PullOptions {
+        insecure: false,
+        progress: std::io::stderr().is_terminal(),
+    };
+    let pulled = image::pull::pull(store, &reference, &opts, &mut std::io::stderr())?;
+    Ok(pulled.image)
+}
+
 /// `--security-opt` values as Docker spells them; what vmc cannot honour
 /// is refused, not ignored.
 pub(crate) fn security_options(opts: &[String], ns: bool) -> Result<runtime::seccomp::Seccomp> {
@@ -135,7 +173,7 @@ pub(crate) fn run(args: RunArgs, create_only: bool) -> Result<i32> {
                 bail!("no image given: vmc run [OPTIONS] IMAGE [CMD...] (or --rootfs DIR -- CMD)");
             };
             let store = store()?;
-            let img = store.resolve(name)?;
+            let img = image_for_run(&store, name, args.pull.as_deref())?;
             let cache = runtime::vmc_home().join("cache");
             let root = if ns {
                 let lowers = image::disk::layer_dirs(&store, &img, &cache)
@@ -188,6 +226,10 @@ pub(crate) fn run(args: RunArgs, create_only: bool) -> Result<i32> {
     let mut process = process;
     if args.tty {
         process.tty = Some(runtime::tty::initial_size());
+        // Docker's default for a terminal; the image's or -e's TERM wins.
+        if !process.env.iter().any(|e| e.starts_with("TERM=")) {
+            process.env.push("TERM=xterm".into());
+        }
     }
     spec::merge_env(&mut process.env, &[format!("HOSTNAME={hostname}")]);
     let extra_hosts = extra_hosts(&args.add_host)?;

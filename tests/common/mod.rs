@@ -238,14 +238,18 @@ impl TestVm {
 }
 
 /// The vmc binary with `home` as its store and the shared warm-start
-/// snapshots, to add arguments and stdio to. Ready snapshots are off (each
+/// snapshots, to add arguments and stdio to; images are never pulled
+/// unless a test says so (`--pull`). Ready snapshots are off (each
 /// test's store would start their making in the background, see
 /// scripts/test.sh); a test of them sets `VMC_READY_SNAPSHOTS=1`.
 pub fn vmc_command(home: &Path) -> std::process::Command {
     let mut c = std::process::Command::new(env!("CARGO_BIN_EXE_vmc"));
+    // VMC_PULL=never: a test that runs an image its store lacks never
+    // reaches for Docker Hub (tests/pull.rs asks for pulls itself).
     c.env("VMC_HOME", home)
         .env("VMC_SNAPSHOTS", snapshots())
-        .env("VMC_READY_SNAPSHOTS", "0");
+        .env("VMC_READY_SNAPSHOTS", "0")
+        .env("VMC_PULL", "never");
     c
 }
 

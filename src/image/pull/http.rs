@@ -107,7 +107,10 @@ impl Remote {
                 Some(_) => r.to_string(),
             },
             repository: r.repository.clone(),
-            insecure,
+            insecure: insecure
+                || crate::host::knobs()
+                    .insecure_registries
+                    .contains(&r.registry),
         })
     }
 
