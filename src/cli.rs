@@ -218,6 +218,10 @@ pub struct RunArgs {
     #[arg(long = "security-opt", value_name = "OPT")]
     pub security_opt: Vec<String>,
 
+    /// Set a label on the container (KEY=VALUE, or KEY for an empty value; repeatable).
+    #[arg(short = 'l', long = "label", value_name = "KEY=VALUE")]
+    pub labels: Vec<String>,
+
     /// A name for the container (default: a generated one).
     #[arg(long)]
     pub name: Option<String>,
@@ -311,7 +315,13 @@ pub struct ImagesArgs {
 
 #[derive(Args, Debug)]
 pub struct InspectArgs {
-    /// Image name, id or id prefix.
+    /// A Go template for each object ('{{.State.Pid}}', '{{json .Config}}').
+    #[arg(short = 'f', long, value_name = "TEMPLATE")]
+    pub format: Option<String>,
+    /// Only look for this kind of object: container or image.
+    #[arg(long = "type", value_name = "TYPE", value_parser = ["container", "image"])]
+    pub kind: Option<String>,
+    /// Container or image: name, id or id prefix.
     #[arg(required = true)]
     pub images: Vec<String>,
 }
@@ -424,6 +434,24 @@ pub struct PsArgs {
     /// Only ids.
     #[arg(short, long)]
     pub quiet: bool,
+    /// Only containers that match (repeatable; the same key twice is
+    /// either): id=, name=, label=KEY[=VALUE], status=, exited=N,
+    /// ancestor=IMAGE.
+    #[arg(short = 'f', long = "filter", value_name = "KEY=VALUE")]
+    pub filter: Vec<String>,
+    /// A Go template per container ('{{.ID}} {{.Names}}'); 'table ...'
+    /// adds a header and aligns columns.
+    #[arg(long, value_name = "TEMPLATE")]
+    pub format: Option<String>,
+    /// Full ids and commands.
+    #[arg(long)]
+    pub no_trunc: bool,
+    /// The N most recently created containers (any state).
+    #[arg(short = 'n', long = "last", value_name = "N")]
+    pub last: Option<usize>,
+    /// The most recently created container (any state).
+    #[arg(short = 'l', long)]
+    pub latest: bool,
 }
 
 #[derive(Args, Debug)]

@@ -21,6 +21,7 @@ pub mod fuzzing;
 pub mod host;
 pub mod image;
 pub mod runtime;
+pub mod template;
 #[doc(hidden)]
 pub mod testing;
 
@@ -30,7 +31,7 @@ pub use vmc_vmm::{devices, uds};
 /// The modules from the bottom up: each uses only modules of its own layer
 /// or below (ARCHITECTURE.md).
 pub const LAYERS: &[&[&str]] = &[
-    &["host", "testing", "assets"],
+    &["host", "testing", "assets", "template"],
     &["disk"],
     &["image"],
     &["runtime"],

@@ -334,3 +334,172 @@ fn build_target_labels_iidfile_and_stdin() {
         stderr(&o)
     );
 }
+
+/// `ps --filter/--format/-l/--no-trunc` with Docker's fields and a PORTS
+/// column, `run --label`, `inspect --format` and `--type` with Docker's
+/// field names (State, Config, HostConfig, NetworkSettings), and `-t`
+/// setting TERM.
+#[test]
+fn ps_and_inspect_take_dockers_filters_and_templates() {
+    if !is_root() {
+        return;
+    }
+    let home = store_with_busybox();
+    let h = home.path();
+    let port = common::free_port();
+    let publish = format!("127.0.0.1:{port}:80");
+    let id = ok(&vmc(
+        h,
+        &[
+            "run", "-d", "--mode", "ns", "--name", "web", "--label", "team=vmc", "-l", "tier",
+            "-p", &publish, "busybox", "sleep", "300",
+        ],
+    ));
+    let id = id.trim();
+    ok(&vmc(
+        h,
+        &["run", "--mode", "ns", "--name", "ok", "busybox", "true"],
+    ));
+    let o = vmc(
+        h,
+        &[
+            "run", "--mode", "ns", "--name", "three", "busybox", "sh", "-c", "exit 3",
+        ],
+    );
+    assert_eq!(o.status.code(), Some(3));
+
+    let ps = |args: &[&str]| ok(&vmc(h, &[&["ps"][..], args].concat()));
+    assert_eq!(
+        ps(&["--filter", "label=team=vmc", "-q"]),
+        format!("{}\n", &id[..12])
+    );
+    assert_eq!(
+        ps(&[
+            "--filter",
+            "label=tier",
+            "--format",
+            "{{.Names}} {{.Labels}}"
+        ]),
+        "web team=vmc,tier=\n"
+    );
+    assert_eq!(
+        ps(&["-a", "--filter", "exited=3", "--format", "{{.Names}}"]),
+        "three\n"
+    );
+    assert_eq!(
+        ps(&[
+            "-a",
+            "-f",
+            "status=exited",
+            "-f",
+            "name=o",
+            "--format",
+            "{{.Names}}"
+        ]),
+        "ok\n",
+        "two keys: both must match"
+    );
+    assert_eq!(
+        ps(&[
+            "-a",
+            "-f",
+            "name=ok",
+            "-f",
+            "name=three",
+            "--format",
+            "{{.Names}}"
+        ]),
+        "three\nok\n",
+        "one key twice: either, newest first"
+    );
+    assert_eq!(
+        ps(&["-a", "-f", "ancestor=busybox", "-q"]).lines().count(),
+        3
+    );
+    assert_eq!(
+        ps(&["-l", "--format", "{{.Names}} {{.State}}"]),
+        "three exited\n"
+    );
+    assert_eq!(ps(&["-n", "2", "-q"]).lines().count(), 2);
+    assert_eq!(ps(&["--no-trunc", "-q"]), format!("{id}\n"));
+    let ports = format!("127.0.0.1:{port}->80/tcp");
+    assert_eq!(ps(&["--format", "{{.Ports}}"]), format!("{ports}\n"));
+    let table = ps(&["-a", "--format", "table {{.Names}}\\t{{.State}}"]);
+    assert_eq!(
+        table,
+        "NAMES   STATE\nthree   exited\nok      exited\nweb     running\n"
+    );
+    let default = ps(&[]);
+    let header = default.lines().next().unwrap();
+    assert!(header.starts_with("CONTAINER ID   IMAGE"), "{header}");
+    assert!(
+        header.contains("STATUS") && header.contains("PORTS"),
+        "{header}"
+    );
+    assert!(default.contains(&ports), "{default}");
+    let o = vmc(h, &["ps", "--filter", "bogus=1"]);
+    assert_eq!(o.status.code(), Some(125));
+    assert!(
+        stderr(&o).contains("invalid filter 'bogus'"),
+        "{}",
+        stderr(&o)
+    );
+
+    let inspect = |args: &[&str]| ok(&vmc(h, &[&["inspect"][..], args].concat()));
+    let pid: u32 = inspect(&["-f", "{{.State.Pid}}", "web"])
+        .trim()
+        .parse()
+        .unwrap();
+    assert!(pid > 1);
+    assert_eq!(
+        inspect(&["--format", "{{.State.Status}} {{.Name}}", "web"]),
+        "running web\n"
+    );
+    assert_eq!(
+        inspect(&["-f", "{{json .Config.Labels}}", "web"]),
+        "{\"team\":\"vmc\",\"tier\":\"\"}\n"
+    );
+    assert_eq!(
+        inspect(&["-f", "{{json .NetworkSettings.Ports}}", "web"]),
+        format!("{{\"80/tcp\":[{{\"HostIp\":\"127.0.0.1\",\"HostPort\":\"{port}\"}}]}}\n")
+    );
+    assert_eq!(
+        inspect(&[
+            "-f",
+            "{{.HostConfig.AutoRemove}} {{index .Config.Labels \"team\"}}",
+            "web"
+        ]),
+        "false vmc\n"
+    );
+    let image_id = inspect(&["--type", "image", "-f", "{{.Id}}", "busybox"]);
+    assert!(image_id.starts_with("sha256:"), "{image_id}");
+    let o = vmc(h, &["inspect", "--type", "container", "busybox"]);
+    assert!(
+        stderr(&o).contains("no such container: busybox"),
+        "{}",
+        stderr(&o)
+    );
+    let o = vmc(h, &["inspect", "-f", "{{range .X}}{{end}}", "web"]);
+    assert_eq!(o.status.code(), Some(125));
+    assert!(
+        stderr(&o).contains("'range' is not supported"),
+        "{}",
+        stderr(&o)
+    );
+
+    // -t: TERM=xterm unless set.
+    let term = |extra: &[&str]| {
+        ok(&vmc(
+            h,
+            &[
+                &["run", "--rm", "--mode", "ns", "-t"][..],
+                extra,
+                &["busybox", "sh", "-c", "echo $TERM"],
+            ]
+            .concat(),
+        ))
+    };
+    assert_eq!(term(&[]), "xterm\r\n");
+    assert_eq!(term(&["-e", "TERM=vt100"]), "vt100\r\n");
+    ok(&vmc(h, &["rm", "-f", "web", "ok", "three"]));
+}

@@ -4,67 +4,202 @@ use std::io::IsTerminal;
 
 use anyhow::{bail, Context, Result};
 use vmc::cli::{ExecArgs, KillArgs, LogsArgs, PsArgs, RmArgs, StopArgs, WaitArgs};
+use vmc::image;
 use vmc::runtime;
 use vmc::runtime::spec;
 use vmc::runtime::state::{self as cstate, Container, Status};
 
 use super::*;
 
+/// `ps --filter`: KEY=VALUE pairs; a container matches when, for every
+/// key given, one of that key's values matches (Docker's rule).
+struct PsFilter(Vec<(String, String)>);
+
+const PS_FILTERS: &[&str] = &["id", "name", "label", "status", "exited", "ancestor"];
+
+impl PsFilter {
+    fn parse(given: &[String]) -> Result<PsFilter> {
+        let mut v = Vec::new();
+        for f in given {
+            let Some((k, val)) = f.split_once('=') else {
+                bail!(
+                    "--filter {f}: expected KEY=VALUE ({})",
+                    PS_FILTERS.join(", ")
+                );
+            };
+            if !PS_FILTERS.contains(&k) {
+                bail!(
+                    "--filter {f}: invalid filter '{k}' (vmc takes {})",
+                    PS_FILTERS.join(", ")
+                );
+            }
+            if k == "exited" && val.parse::<i32>().is_err() {
+                bail!("--filter {f}: exited takes an exit code");
+            }
+            v.push((k.to_string(), val.to_string()));
+        }
+        Ok(PsFilter(v))
+    }
+
+    fn one(k: &str, val: &str, c: &cstate::Container) -> bool {
+        let s = &c.state;
+        match k {
+            "id" => s.id.starts_with(val),
+            "name" => s.name.contains(val),
+            "label" => match val.split_once('=') {
+                Some((lk, lv)) => s.labels.get(lk).is_some_and(|v| v == lv),
+                None => s.labels.contains_key(val),
+            },
+            "status" => status_word(s.status) == val,
+            "exited" => {
+                s.status == Status::Exited
+                    && s.exit_code.map(|e| e.to_string()).as_deref() == Some(val)
+            }
+            "ancestor" => {
+                s.image == val
+                    || s.image == format!("{val}:latest")
+                    || c.config().and_then(|c| c.image_id).is_some_and(|id| {
+                        let hex = id.trim_start_matches("sha256:");
+                        val.len() >= 4 && hex.starts_with(val.trim_start_matches("sha256:"))
+                    })
+            }
+            _ => false,
+        }
+    }
+
+    fn matches(&self, c: &cstate::Container) -> bool {
+        PS_FILTERS.iter().all(|key| {
+            let mut vals = self.0.iter().filter(|(k, _)| k == key).peekable();
+            vals.peek().is_none() || vals.any(|(k, v)| Self::one(k, v, c))
+        })
+    }
+}
+
+/// Docker's word for a status (`ps --filter status=`, `{{.State}}`).
+fn status_word(s: Status) -> &'static str {
+    match s {
+        Status::Created => "created",
+        Status::Running => "running",
+        Status::Exited => "exited",
+    }
+}
+
+/// Docker's column titles for `ps --format 'table ...'`.
+const PS_HEADERS: &[(&str, &str)] = &[
+    ("ID", "CONTAINER ID"),
+    ("Image", "IMAGE"),
+    ("Command", "COMMAND"),
+    ("CreatedAt", "CREATED AT"),
+    ("RunningFor", "CREATED"),
+    ("Ports", "PORTS"),
+    ("Status", "STATUS"),
+    ("State", "STATE"),
+    ("Names", "NAMES"),
+    ("Labels", "LABELS"),
+    ("Mode", "MODE"),
+];
+
+/// A container as `ps` shows it, with Docker's field names (its
+/// `--format` fields).
+fn ps_row(c: &cstate::Container, no_trunc: bool, now: u64) -> serde_json::Value {
+    let s = &c.state;
+    let mut cmd = format!("\"{}\"", s.command.join(" "));
+    if !no_trunc && cmd.chars().count() > 22 {
+        cmd = format!("{}…\"", cmd.chars().take(20).collect::<String>());
+    }
+    let status = match s.status {
+        Status::Running => format!(
+            "Up {}",
+            cstate::human_duration(now.saturating_sub(s.started.unwrap_or(now)))
+        ),
+        Status::Exited => format!(
+            "Exited ({}) {} ago",
+            s.exit_code.unwrap_or(0),
+            cstate::human_duration(now.saturating_sub(s.finished.unwrap_or(now)))
+        ),
+        Status::Created => "Created".into(),
+    };
+    // Docker's PORTS: published ports while the container runs.
+    let ports = if s.status == Status::Running {
+        c.config()
+            .map(|cfg| {
+                cfg.ports
+                    .iter()
+                    .map(|p| {
+                        format!(
+                            "{}->{}/tcp",
+                            std::net::SocketAddr::new(p.host_ip, p.host_port),
+                            p.container_port
+                        )
+                    })
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            })
+            .unwrap_or_default()
+    } else {
+        String::new()
+    };
+    let labels: Vec<String> = s.labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
+    serde_json::json!({
+        "ID": if no_trunc { s.id.clone() } else { s.id[..12].to_string() },
+        "Image": s.image,
+        "Command": cmd,
+        "CreatedAt": image::store::rfc3339(s.created as i64),
+        "RunningFor": format!("{} ago", cstate::human_duration(now.saturating_sub(s.created))),
+        "Ports": ports,
+        "Status": status,
+        "State": status_word(s.status),
+        "Names": s.name,
+        "Labels": labels.join(","),
+        "Mode": s.mode.to_string(),
+    })
+}
+
 pub(crate) fn ps(a: PsArgs) -> Result<i32> {
-    let mut list = cstate::list();
+    let filter = PsFilter::parse(&a.filter)?;
+    let mut list = cstate::list(); // newest first
     for c in &mut list {
         c.refresh();
     }
-    list.retain(|c| a.all || c.state.status == Status::Running);
+    let last = if a.latest { Some(1) } else { a.last };
+    list.retain(|c| a.all || last.is_some() || c.state.status == Status::Running);
+    if let Some(n) = last {
+        list.truncate(n);
+    }
+    list.retain(|c| filter.matches(c));
+    let now = cstate::now_secs();
+    let rows: Vec<serde_json::Value> = list.iter().map(|c| ps_row(c, a.no_trunc, now)).collect();
     if a.quiet {
-        for c in &list {
-            println!("{}", &c.state.id[..12]);
+        for r in &rows {
+            println!("{}", r["ID"].as_str().unwrap_or_default());
         }
         return Ok(0);
     }
-    let mut rows = vec![[
-        "CONTAINER ID",
-        "IMAGE",
-        "COMMAND",
-        "CREATED",
-        "STATUS",
-        "MODE",
-        "NAMES",
-    ]
-    .map(String::from)];
-    let now = cstate::now_secs();
-    for c in &list {
-        let s = &c.state;
-        let mut cmd = format!("\"{}\"", s.command.join(" "));
-        if cmd.chars().count() > 22 {
-            cmd = format!("{}…\"", cmd.chars().take(20).collect::<String>());
-        }
-        let status = match s.status {
-            Status::Running => format!(
-                "Up {}",
-                cstate::human_duration(now.saturating_sub(s.started.unwrap_or(now)))
-            ),
-            Status::Exited => format!(
-                "Exited ({}) {} ago",
-                s.exit_code.unwrap_or(0),
-                cstate::human_duration(now.saturating_sub(s.finished.unwrap_or(now)))
-            ),
-            Status::Created => "Created".into(),
-        };
-        rows.push([
-            s.id[..12].to_string(),
-            s.image.clone(),
-            cmd,
-            format!(
-                "{} ago",
-                cstate::human_duration(now.saturating_sub(s.created))
-            ),
-            status,
-            s.mode.to_string(),
-            s.name.clone(),
-        ]);
+    if let Some(f) = &a.format {
+        print_formatted(f, &rows, PS_HEADERS)?;
+        return Ok(0);
     }
-    print_table(&rows);
+    let columns = [
+        "ID",
+        "Image",
+        "Command",
+        "RunningFor",
+        "Status",
+        "Ports",
+        "Mode",
+        "Names",
+    ];
+    let mut table = vec![columns.map(|c| {
+        PS_HEADERS
+            .iter()
+            .find(|(f, _)| *f == c)
+            .map_or(c, |(_, h)| *h)
+            .to_string()
+    })];
+    for r in &rows {
+        table.push(columns.map(|c| r[c].as_str().unwrap_or_default().to_string()));
+    }
+    print_table(&table);
     Ok(0)
 }
 

@@ -54,7 +54,14 @@ pub(crate) fn inspect(a: InspectArgs) -> Result<i32> {
     let mut out = Vec::new();
     for name in &a.images {
         // A container by that name or id first, as docker inspect does.
-        if let Ok(mut c) = cstate::resolve(name) {
+        let container = match a.kind.as_deref() {
+            Some("image") => None,
+            _ => cstate::resolve(name).ok(),
+        };
+        if a.kind.as_deref() == Some("container") && container.is_none() {
+            bail!("no such container: {name}");
+        }
+        if let Some(mut c) = container {
             c.refresh();
             let s = &c.state;
             let cfg = c.config();
@@ -81,7 +88,25 @@ pub(crate) fn inspect(a: InspectArgs) -> Result<i32> {
                     "User": c.process.user,
                     "Hostname": c.hostname,
                     "StopSignal": s.stop_signal,
+                    "Image": s.image,
+                    "Labels": s.labels,
+                    "Tty": c.process.tty.is_some(),
                 })),
+                // Docker's places for what `run` was told: ports (while
+                // running, as Docker shows them), --rm, the network.
+                "HostConfig": cfg.as_ref().map(|c| serde_json::json!({
+                    "PortBindings": port_bindings(&c.ports),
+                    "AutoRemove": s.auto_remove,
+                    "NetworkMode": c.network,
+                })),
+                "NetworkSettings": {
+                    "Ports": if s.status == Status::Running {
+                        port_bindings(&cfg.as_ref().map(|c| c.ports.clone()).unwrap_or_default())
+                    } else {
+                        serde_json::json!({})
+                    },
+                },
+                "Mounts": [],
                 "LogPath": c.log_path(),
                 // A running VM's VMM: its process, ids, jail, namespaces,
                 // seccomp filters and cgroups (vmc's own field).
@@ -105,8 +130,29 @@ pub(crate) fn inspect(a: InspectArgs) -> Result<i32> {
             "History": img.config.history(),
         }));
     }
-    println!("{}", serde_json::to_string_pretty(&out)?);
+    match &a.format {
+        Some(f) => print_formatted(f, &out, &[])?,
+        None => println!("{}", serde_json::to_string_pretty(&out)?),
+    }
     Ok(0)
+}
+
+/// Published ports as Docker's inspect shows them:
+/// `{"80/tcp": [{"HostIp": "0.0.0.0", "HostPort": "8080"}]}`.
+fn port_bindings(ports: &[runtime::ports::PortMap]) -> serde_json::Value {
+    let mut m = serde_json::Map::new();
+    for p in ports {
+        let e = m
+            .entry(format!("{}/tcp", p.container_port))
+            .or_insert_with(|| serde_json::json!([]));
+        if let Some(a) = e.as_array_mut() {
+            a.push(serde_json::json!({
+                "HostIp": p.host_ip.to_string(),
+                "HostPort": p.host_port.to_string(),
+            }));
+        }
+    }
+    serde_json::Value::Object(m)
 }
 
 pub(crate) fn tag(a: TagArgs) -> Result<i32> {

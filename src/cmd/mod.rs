@@ -65,6 +65,56 @@ pub(crate) fn store() -> Result<Store> {
     Ok(Store::open(&runtime::vmc_home())?)
 }
 
+/// Prints rows of any number of cells (a `--format 'table ...'`'s cells,
+/// split at tabs) as columns, as `print_table` does.
+pub(crate) fn print_cells(rows: &[Vec<String>]) {
+    let n = rows.iter().map(Vec::len).max().unwrap_or(0);
+    let mut widths = vec![0usize; n];
+    for r in rows {
+        for (w, cell) in widths.iter_mut().zip(r) {
+            *w = (*w).max(cell.chars().count());
+        }
+    }
+    for r in rows {
+        let mut line = String::new();
+        for (i, cell) in r.iter().enumerate() {
+            if i + 1 == r.len() {
+                line.push_str(cell);
+            } else {
+                line.push_str(&format!("{cell:<w$}   ", w = widths[i]));
+            }
+        }
+        println!("{}", line.trim_end());
+    }
+}
+
+/// Prints each of `values` through a `--format` template: one line each,
+/// or, for `table ...`, a header (`headers` names the columns) and aligned
+/// columns.
+pub(crate) fn print_formatted(
+    format: &str,
+    values: &[serde_json::Value],
+    headers: &[(&str, &str)],
+) -> Result<()> {
+    let t = vmc::template::Template::parse(format)?;
+    let lines: Vec<String> = values
+        .iter()
+        .map(|v| t.render(v))
+        .collect::<Result<_, _>>()?;
+    if t.table {
+        let rows: Vec<Vec<String>> = std::iter::once(t.header(headers))
+            .chain(lines)
+            .map(|l| l.split('\t').map(String::from).collect())
+            .collect();
+        print_cells(&rows);
+    } else {
+        for l in lines {
+            println!("{l}");
+        }
+    }
+    Ok(())
+}
+
 /// Prints rows as columns as wide as their widest cell, three spaces
 /// apart, like Docker's tables.
 pub(crate) fn print_table<const N: usize>(rows: &[[String; N]]) {

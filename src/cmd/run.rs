@@ -290,6 +290,14 @@ pub(crate) fn run(args: RunArgs, create_only: bool) -> Result<i32> {
         image: image_shown,
         stop_signal,
         auto_remove: args.rm,
+        labels: args
+            .labels
+            .iter()
+            .map(|l| match l.split_once('=') {
+                Some((k, v)) => (k.to_string(), v.to_string()),
+                None => (l.clone(), String::new()),
+            })
+            .collect(),
     };
     let mut c = lifecycle::create(&dir, &cfg, meta)?;
     if !detach {

@@ -77,6 +77,8 @@ pub struct Meta {
     pub stop_signal: String,
     /// `--rm`: removed when it ends.
     pub auto_remove: bool,
+    /// `--label`s.
+    pub labels: std::collections::BTreeMap<String, String>,
 }
 
 /// Creates the container of `cfg` in `dir` (a new directory): its config
@@ -115,6 +117,7 @@ pub fn create(dir: &Path, cfg: &ContainerConfig, meta: Meta) -> Result<Container
                 exit_code: None,
                 stop_signal: meta.stop_signal,
                 auto_remove: meta.auto_remove,
+                labels: meta.labels,
             },
         };
         c.save()?;
@@ -442,6 +445,7 @@ mod tests {
             image: "busybox".into(),
             stop_signal: "SIGTERM".into(),
             auto_remove: false,
+            labels: Default::default(),
         }
     }
 

@@ -44,6 +44,9 @@ pub struct State {
     pub stop_signal: String,
     /// `--rm`: the supervisor removes the container when it exits.
     pub auto_remove: bool,
+    /// `--label`s (`ps --filter label=...`).
+    #[serde(default)]
+    pub labels: std::collections::BTreeMap<String, String>,
 }
 
 /// Errors finding containers.
@@ -538,6 +541,7 @@ mod tests {
                 exit_code: None,
                 stop_signal: "SIGTERM".into(),
                 auto_remove: false,
+                labels: Default::default(),
             },
         }
     }
