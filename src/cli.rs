@@ -105,6 +105,12 @@ pub enum Command {
     },
     /// Show the virtualisation backend, guest kernel and agent vmc will use.
     Info,
+    /// Show vmc's version (Docker's `version`; `--format` takes a template).
+    Version {
+        /// A Go template over the version's fields ('{{.Client.Version}}').
+        #[arg(short, long, value_name = "TEMPLATE")]
+        format: Option<String>,
+    },
     /// List images.
     Images(ImagesArgs),
     /// Show an image's configuration as JSON.
@@ -142,6 +148,9 @@ pub enum Command {
 
 #[derive(Subcommand, Debug)]
 pub enum SystemCommand {
+    /// Show the disk space images, containers, the build cache and
+    /// warm-start snapshots take.
+    Df,
     /// Remove stale warm-start snapshots and agent disks: those of another
     /// kernel, guest agent, vmc build or backend (rebuilt on demand).
     Prune {
@@ -536,9 +545,9 @@ pub struct WaitArgs {
 
 #[derive(Args, Debug)]
 pub struct LoadArgs {
-    /// The archive to read (plain, gzip or zstd tar).
+    /// The archive to read (plain, gzip or zstd tar; default: stdin).
     #[arg(short, long, value_name = "FILE")]
-    pub input: PathBuf,
+    pub input: Option<PathBuf>,
     /// Print only the loaded image ids.
     #[arg(short, long)]
     pub quiet: bool,
@@ -546,9 +555,9 @@ pub struct LoadArgs {
 
 #[derive(Args, Debug)]
 pub struct SaveArgs {
-    /// Where to write the archive.
+    /// Where to write the archive (default: stdout, unless a terminal).
     #[arg(short, long, value_name = "FILE")]
-    pub output: PathBuf,
+    pub output: Option<PathBuf>,
     /// Images to save (names, tags or ids).
     #[arg(required = true)]
     pub images: Vec<String>,

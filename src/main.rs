@@ -66,7 +66,7 @@ fn main() {
     }
     vmc::runtime::elapsed_ms();
     init_logging();
-    let cli = match Cli::try_parse() {
+    let cli = match Cli::try_parse_from(docker_aliases(std::env::args_os().collect())) {
         Ok(cli) => cli,
         Err(e) if !e.use_stderr() => e.exit(), // --help, --version
         Err(e) if e.kind() == clap::error::ErrorKind::UnknownArgument => {
@@ -114,6 +114,40 @@ fn main() {
     std::process::exit(code);
 }
 
+/// Docker's management-command spellings as vmc's verbs: `container ls`
+/// is `ps`, `image ls` is `images`, `image rm` is `rmi`, and `container X`
+/// / `image X` is `X` for the verbs both have.
+fn docker_aliases(mut argv: Vec<std::ffi::OsString>) -> Vec<std::ffi::OsString> {
+    let Some(group) = argv.get(1).and_then(|a| a.to_str()).map(String::from) else {
+        return argv;
+    };
+    let Some(verb) = argv.get(2).and_then(|a| a.to_str()).map(String::from) else {
+        return argv;
+    };
+    let to = match (group.as_str(), verb.as_str()) {
+        ("container", "ls" | "list" | "ps") => "ps",
+        (
+            "container",
+            "run" | "create" | "start" | "stop" | "kill" | "rm" | "logs" | "exec" | "inspect"
+            | "wait" | "port",
+        ) => verb.as_str(),
+        ("image", "ls" | "list") => "images",
+        ("image", "rm" | "remove") => "rmi",
+        ("image", "build" | "pull" | "inspect" | "tag" | "save" | "load" | "import") => {
+            verb.as_str()
+        }
+        _ => return argv,
+    };
+    // `image inspect` looks at images only, `container inspect` at
+    // containers only.
+    let mut with: Vec<std::ffi::OsString> = vec![to.into()];
+    if verb == "inspect" {
+        with.extend(["--type".into(), group.clone().into()]);
+    }
+    argv.splice(1..3, with);
+    argv
+}
+
 /// Whether `command` enters a namespace container (and so must run from a
 /// read-only binary: `runtime::ns::run_from_read_only_binary`).
 fn enters_namespace_container(command: &Command) -> bool {
@@ -137,6 +171,8 @@ fn dispatch(cli: Cli) -> Result<i32> {
         Command::Run(args) => run(args, false),
         Command::Build(a) => build(a),
         Command::Info => info(),
+        Command::Version { format } => version(format.as_deref()),
+        Command::System(SystemCommand::Df) => df(),
         Command::Ps(a) => ps(a),
         Command::Logs(a) => logs(a),
         Command::Stop(a) => stop(a),

@@ -503,3 +503,81 @@ fn ps_and_inspect_take_dockers_filters_and_templates() {
     assert_eq!(term(&["-e", "TERM=vt100"]), "vt100\r\n");
     ok(&vmc(h, &["rm", "-f", "web", "ok", "three"]));
 }
+
+/// `version` (with `--format`), `system df`, Docker's management-command
+/// spellings (`container ls`, `image ls`, `image rm`, `image inspect`),
+/// and `save`/`load` through stdout and stdin.
+#[test]
+fn version_df_aliases_and_save_load_through_stdio() {
+    let home = store_with_busybox();
+    let h = home.path();
+    let v = ok(&vmc(h, &["version"]));
+    assert!(v.starts_with("Client: vmc\n Version:    "), "{v}");
+    assert!(v.contains(" OS/Arch:    linux/amd64\n"), "{v}");
+    assert_eq!(
+        ok(&vmc(h, &["version", "--format", "{{.Client.Version}}"])),
+        format!("{}\n", env!("CARGO_PKG_VERSION"))
+    );
+    let df = ok(&vmc(h, &["system", "df"]));
+    let lines: Vec<&str> = df.lines().collect();
+    assert!(
+        lines[0].starts_with("TYPE") && lines[0].ends_with("RECLAIMABLE"),
+        "{df}"
+    );
+    assert!(
+        lines[1].starts_with("Images") && lines[1].split_whitespace().nth(1) == Some("1"),
+        "{df}"
+    );
+    assert!(lines.iter().any(|l| l.starts_with("Build Cache")), "{df}");
+
+    assert_eq!(
+        ok(&vmc(h, &["image", "ls", "-q"])),
+        ok(&vmc(h, &["images", "-q"]))
+    );
+    assert_eq!(ok(&vmc(h, &["container", "ls", "-aq"])), "");
+    let id = ok(&vmc(h, &["image", "inspect", "-f", "{{.Id}}", "busybox"]));
+    assert!(id.starts_with("sha256:"), "{id}");
+    let o = vmc(h, &["container", "inspect", "busybox"]);
+    assert!(
+        stderr(&o).contains("no such container: busybox"),
+        "{}",
+        stderr(&o)
+    );
+
+    // save to stdout, load from stdin, into another store.
+    let saved = vmc(h, &["save", "busybox"]);
+    assert!(saved.status.success(), "{}", stderr(&saved));
+    let o = vmc(
+        h,
+        &["save", "-o", h.join("b.tar").to_str().unwrap(), "busybox"],
+    );
+    assert!(o.status.success());
+    assert_eq!(
+        saved.stdout,
+        fs::read(h.join("b.tar")).unwrap(),
+        "the same bytes"
+    );
+    let other = tempfile::tempdir().unwrap();
+    let mut child = common::vmc_command(other.path())
+        .args(["load"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::io::Write::write_all(&mut child.stdin.take().unwrap(), &saved.stdout).unwrap();
+    let o = child.wait_with_output().unwrap();
+    assert_eq!(ok(&o), "Loaded image: busybox:latest\n");
+    assert_eq!(
+        ok(&vmc(
+            other.path(),
+            &["image", "inspect", "-f", "{{.Id}}", "busybox"]
+        )),
+        id
+    );
+    assert_eq!(
+        ok(&vmc(h, &["image", "rm", "busybox"])).lines().count() > 0,
+        true
+    );
+    assert_eq!(ok(&vmc(h, &["images", "-q"])), "");
+}

@@ -2,7 +2,7 @@
 
 use std::io::IsTerminal;
 
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 use vmc::cli::{
     ImagesArgs, ImportArgs, InspectArgs, LoadArgs, PullArgs, RmiArgs, SaveArgs, TagArgs,
 };
@@ -251,7 +251,26 @@ pub(crate) fn pull(a: PullArgs) -> Result<i32> {
 
 pub(crate) fn load(a: LoadArgs) -> Result<i32> {
     let store = store()?;
-    let loaded = image::archive::load(&store, &a.input)?;
+    let loaded = match &a.input {
+        Some(input) => image::archive::load(&store, input)?,
+        None => {
+            // The loader reads the archive twice (its index, then its
+            // blobs): stdin is copied to an unnamed file first.
+            if std::io::stdin().is_terminal() {
+                bail!("no archive on stdin: give -i FILE or redirect stdin (vmc load < FILE)");
+            }
+            let dir = tempfile::tempdir_in(runtime::vmc_home())
+                .context("a temporary directory for the archive on stdin")?;
+            let path = dir.path().join("stdin.tar");
+            let mut tmp = std::fs::File::create_new(&path)
+                .with_context(|| format!("creating {}", path.display()))?;
+            std::io::copy(&mut std::io::stdin().lock(), &mut tmp)
+                .context("reading the archive from stdin")?;
+            let loaded = image::archive::load(&store, &path);
+            drop(dir);
+            loaded?
+        }
+    };
     // One background maker per command: the last image of the archive.
     if let Some(img) = loaded.last() {
         runtime::microvm::ready_for_new_image(img);
@@ -272,6 +291,16 @@ pub(crate) fn load(a: LoadArgs) -> Result<i32> {
 
 pub(crate) fn save(a: SaveArgs) -> Result<i32> {
     let store = store()?;
-    image::archive::save(&store, &a.images, &a.output)?;
+    match &a.output {
+        Some(out) => image::archive::save(&store, &a.images, out)?,
+        None => {
+            if std::io::stdout().is_terminal() {
+                bail!(
+                    "refusing to write an archive to a terminal: give -o FILE or redirect stdout"
+                );
+            }
+            image::archive::save_to(&store, &a.images, std::io::stdout().lock())?
+        }
+    }
     Ok(0)
 }

@@ -101,3 +101,171 @@ pub(crate) fn inspect_snapshot(dir: &std::path::Path) -> Result<i32> {
     );
     Ok(0)
 }
+
+/// `vmc version`: Docker's layout, one client (vmc is daemonless).
+pub(crate) fn version(format: Option<&str>) -> Result<i32> {
+    let v = serde_json::json!({
+        "Client": {
+            "Platform": {"Name": "vmc"},
+            "Version": env!("CARGO_PKG_VERSION"),
+            "Build": env!("VMC_BUILD_ID"),
+            "Os": std::env::consts::OS,
+            "Arch": match std::env::consts::ARCH {
+                "x86_64" => "amd64",
+                a => a,
+            },
+            "Backend": vmm::Backend::host().to_string(),
+        }
+    });
+    if let Some(f) = format {
+        super::print_formatted(f, &[v], &[])?;
+        return Ok(0);
+    }
+    let c = &v["Client"];
+    println!("Client: vmc");
+    for (label, key) in [
+        ("Version", "Version"),
+        ("Build", "Build"),
+        ("OS/Arch", ""),
+        ("Backend", "Backend"),
+    ] {
+        let value = match key {
+            "" => format!(
+                "{}/{}",
+                c["Os"].as_str().unwrap_or_default(),
+                c["Arch"].as_str().unwrap_or_default()
+            ),
+            k => c[k].as_str().unwrap_or_default().to_string(),
+        };
+        println!(" {:<12}{value}", format!("{label}:"));
+    }
+    Ok(0)
+}
+
+/// Bytes a directory tree takes on disk (allocated blocks: sparse disks
+/// count what they hold), not following symlinks.
+fn disk_usage(p: &std::path::Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    let Ok(md) = std::fs::symlink_metadata(p) else {
+        return 0;
+    };
+    let mut n = md.blocks() * 512;
+    if md.is_dir() {
+        if let Ok(rd) = std::fs::read_dir(p) {
+            n += rd.flatten().map(|e| disk_usage(&e.path())).sum::<u64>();
+        }
+    }
+    n
+}
+
+/// Sizes as Docker prints them (`16.43MB`, `0B`).
+fn human(bytes: u64) -> String {
+    const UNITS: &[&str] = &["B", "kB", "MB", "GB", "TB"];
+    let mut v = bytes as f64;
+    let mut u = 0;
+    while v >= 1000.0 && u + 1 < UNITS.len() {
+        v /= 1000.0;
+        u += 1;
+    }
+    if u == 0 {
+        format!("{bytes}B")
+    } else {
+        format!("{v:.4}")
+            .trim_end_matches('0')
+            .trim_end_matches('.')
+            .to_string()
+            + UNITS[u]
+    }
+}
+
+/// `vmc system df`: Docker's table, plus vmc's warm-start snapshots.
+pub(crate) fn df() -> Result<i32> {
+    use vmc::runtime::state::{self as cstate, Status};
+    let store = super::store()?;
+    let images = store.images()?;
+    let mut containers = cstate::list();
+    for c in &mut containers {
+        c.refresh();
+    }
+    let used: std::collections::BTreeSet<String> = containers
+        .iter()
+        .filter_map(|c| c.config().and_then(|cfg| cfg.image_id))
+        .collect();
+    let image_size: u64 = images.iter().map(|i| i.size()).sum();
+    let image_free: u64 = images
+        .iter()
+        .filter(|i| !used.contains(&i.id()))
+        .map(|i| i.size())
+        .sum();
+    let sizes: Vec<(bool, u64)> = containers
+        .iter()
+        .map(|c| (c.state.status == Status::Running, disk_usage(&c.dir)))
+        .collect();
+    let ctr_size: u64 = sizes.iter().map(|s| s.1).sum();
+    let ctr_free: u64 = sizes.iter().filter(|s| !s.0).map(|s| s.1).sum();
+    let cache = disk_usage(&runtime::vmc_home().join("cache"));
+    let snaps = disk_usage(&runtime::snapshots_dir());
+    let pct = |part: u64, all: u64| {
+        if all == 0 {
+            String::new()
+        } else {
+            format!(" ({}%)", part * 100 / all)
+        }
+    };
+    let rows = [
+        ["TYPE", "TOTAL", "ACTIVE", "SIZE", "RECLAIMABLE"].map(String::from),
+        [
+            "Images".into(),
+            images.len().to_string(),
+            images
+                .iter()
+                .filter(|i| used.contains(&i.id()))
+                .count()
+                .to_string(),
+            human(image_size),
+            format!("{}{}", human(image_free), pct(image_free, image_size)),
+        ],
+        [
+            "Containers".into(),
+            containers.len().to_string(),
+            sizes.iter().filter(|s| s.0).count().to_string(),
+            human(ctr_size),
+            format!("{}{}", human(ctr_free), pct(ctr_free, ctr_size)),
+        ],
+        [
+            "Local Volumes".into(),
+            "0".into(),
+            "0".into(),
+            "0B".into(),
+            "0B".into(),
+        ],
+        [
+            "Build Cache".into(),
+            "1".into(),
+            "0".into(),
+            human(cache),
+            human(cache),
+        ],
+        [
+            "Snapshots".into(),
+            "1".into(),
+            "0".into(),
+            human(snaps),
+            human(snaps),
+        ],
+    ];
+    super::print_table(&rows);
+    Ok(0)
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn sizes_print_as_docker_prints_them() {
+        assert_eq!(super::human(0), "0B");
+        assert_eq!(super::human(999), "999B");
+        assert_eq!(super::human(16_430_000), "16.43MB");
+        assert_eq!(super::human(1_000_000), "1MB");
+        assert_eq!(super::human(2_500_000_000), "2.5GB");
+    }
+}

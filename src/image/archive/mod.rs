@@ -52,7 +52,7 @@ mod save;
 
 pub(crate) use check::Checker;
 pub use load::load;
-pub use save::save;
+pub use save::{save, save_to};
 
 /// Largest JSON document read into memory (`manifest.json`, `index.json`,
 /// manifests, configs).

@@ -139,6 +139,22 @@ fn write_layout<W: Write>(
 /// atomically. Each image is listed once per name given, annotated with that
 /// name in its store form (`alpine` becomes `alpine:latest`) unless it was
 /// given by id; each blob is written once.
+/// Writes the OCI archive of `images` to `w` (`vmc save` without `-o`:
+/// stdout), the same bytes as [`save`] writes to a file.
+pub fn save_to(store: &Store, images: &[String], w: impl Write) -> Result<(), ImageError> {
+    if images.is_empty() {
+        return Err(ImageError::Invalid("no image to save".to_string()));
+    }
+    let _w = store.writer()?; // no gc while blobs are read
+    let (index, blobs) = plan(store, images)?;
+    let index = index
+        .to_string()
+        .map_err(|e| ImageError::Invalid(e.to_string()))?;
+    let out = Path::new("stdout");
+    let mut w = write_layout(store, BufWriter::new(w), index.as_bytes(), &blobs, out)?;
+    w.flush().map_err(ImageError::io(out))
+}
+
 pub fn save(store: &Store, images: &[String], out: &Path) -> Result<(), ImageError> {
     if images.is_empty() {
         return Err(ImageError::Invalid("no image to save".to_string()));
