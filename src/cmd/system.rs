@@ -206,11 +206,9 @@ pub(crate) fn df() -> Result<i32> {
     let cache = disk_usage(&runtime::vmc_home().join("cache"));
     let snaps = disk_usage(&runtime::snapshots_dir());
     let pct = |part: u64, all: u64| {
-        if all == 0 {
-            String::new()
-        } else {
-            format!(" ({}%)", part * 100 / all)
-        }
+        (part * 100)
+            .checked_div(all)
+            .map_or_else(String::new, |p| format!(" ({p}%)"))
     };
     let rows = [
         ["TYPE", "TOTAL", "ACTIVE", "SIZE", "RECLAIMABLE"].map(String::from),

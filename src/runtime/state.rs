@@ -343,7 +343,14 @@ pub fn list() -> Vec<Container> {
                 .collect()
         })
         .unwrap_or_default();
-    out.sort_by_key(|c| std::cmp::Reverse(c.state.created));
+    // Newest first; within one second, by when its config was written
+    // (once, at creation), so that `ps -l` is the last one made.
+    let made = |c: &Container| {
+        fs::metadata(c.dir.join("config.json"))
+            .and_then(|m| m.modified())
+            .ok()
+    };
+    out.sort_by_cached_key(|c| std::cmp::Reverse((c.state.created, made(c))));
     out
 }
 
