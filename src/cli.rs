@@ -191,9 +191,14 @@ pub struct RunArgs {
     #[arg(short = 'd', long)]
     pub detach: bool,
 
-    /// Publish a container port on the host: [IP:]HOST_PORT:CONTAINER_PORT[/tcp] (repeatable).
-    #[arg(short = 'p', long = "publish", value_name = "[IP:]HOST:CONTAINER")]
+    /// Publish a container port on the host: [IP:][HOST_PORT:]CONTAINER_PORT[/tcp]
+    /// (ranges, [IPv6]; no host port: one the system chooses; repeatable).
+    #[arg(short = 'p', long = "publish", value_name = "[IP:][HOST:]CONTAINER")]
     pub publish: Vec<String>,
+
+    /// Publish every port the image EXPOSEs on ports the system chooses.
+    #[arg(short = 'P', long = "publish-all")]
+    pub publish_all: bool,
 
     /// Network: passt (user-mode networking, the default where passt is
     /// installed; namespace mode for now) or none (loopback only).

@@ -578,3 +578,111 @@ fn version_df_aliases_and_save_load_through_stdio() {
     assert!(!ok(&vmc(h, &["image", "rm", "busybox"])).is_empty());
     assert_eq!(ok(&vmc(h, &["images", "-q"])), "");
 }
+
+/// Sends `data`, half-closes, reads the echo (None: not answering yet).
+fn echo_at(addr: std::net::SocketAddr, data: &[u8]) -> Option<Vec<u8>> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).ok()?;
+    s.set_read_timeout(Some(std::time::Duration::from_secs(30)))
+        .ok()?;
+    s.write_all(data).ok()?;
+    s.shutdown(std::net::Shutdown::Write).ok()?;
+    let mut back = Vec::new();
+    s.read_to_end(&mut back).ok()?;
+    (!back.is_empty()).then_some(back)
+}
+
+/// `-p CONTAINER` and `-p IP::CONTAINER` (a port the system chooses), `-P`
+/// (every EXPOSEd TCP port), `[::1]` binds and ranges; `vmc port` and the
+/// PORTS column show the chosen ports. In namespace mode (`tests/ports.rs`
+/// runs `-p` through a VM).
+#[test]
+fn chosen_host_ports_publish_all_and_ipv6() {
+    if !is_root() {
+        return;
+    }
+    let home = store_with_busybox();
+    let h = home.path();
+    let ctx = tempfile::tempdir().unwrap();
+    write(
+        ctx.path(),
+        "Dockerfile",
+        "FROM busybox\nEXPOSE 7000 7001/udp\nCMD nc -ll -p 7000 -e cat\n",
+    );
+    ok(&vmc(
+        h,
+        &[
+            "build",
+            "--mode",
+            "ns",
+            "-t",
+            "echo",
+            ctx.path().to_str().unwrap(),
+        ],
+    ));
+    let v6 = common::free_port();
+    let v6_map = format!("[::1]:{v6}:7000");
+    ok(&vmc(
+        h,
+        &[
+            "run",
+            "-d",
+            "--mode",
+            "ns",
+            "--name",
+            "p",
+            "-P",
+            "-p",
+            "127.0.0.1::7000",
+            "-p",
+            &v6_map,
+            "echo",
+        ],
+    ));
+    let listed = ok(&vmc(h, &["port", "p"]));
+    let lines: Vec<&str> = listed.lines().collect();
+    assert_eq!(lines.len(), 3, "{listed}");
+    let port_of =
+        |line: &str| -> std::net::SocketAddr { line.rsplit(' ').next().unwrap().parse().unwrap() };
+    let loopback = port_of(lines[0]);
+    assert!(lines[0].starts_with("7000/tcp -> 127.0.0.1:"), "{listed}");
+    assert_ne!(loopback.port(), 0);
+    assert_eq!(lines[1], format!("7000/tcp -> [::1]:{v6}"));
+    let all = port_of(lines[2]);
+    assert!(lines[2].starts_with("7000/tcp -> 0.0.0.0:"), "-P: {listed}");
+    assert_ne!(all.port(), loopback.port());
+    let targets = [
+        loopback,
+        format!("[::1]:{v6}").parse().unwrap(),
+        format!("127.0.0.1:{}", all.port()).parse().unwrap(),
+    ];
+    for addr in targets {
+        let back = common::eventually(&format!("an echo through {addr}"), || {
+            echo_at(addr, b"ping")
+        });
+        assert_eq!(back, b"ping", "{addr}");
+    }
+    let ps = ok(&vmc(h, &["ps", "--format", "{{.Ports}}"]));
+    assert!(ps.contains(&format!("{loopback}->7000/tcp")), "{ps}");
+    ok(&vmc(h, &["rm", "-f", "p"]));
+    // A range: as many host ports as container ports, or an error.
+    let o = vmc(
+        h,
+        &[
+            "run",
+            "--rm",
+            "--mode",
+            "ns",
+            "-p",
+            "8000-8001:80",
+            "busybox",
+            "true",
+        ],
+    );
+    assert_eq!(o.status.code(), Some(125));
+    assert!(
+        stderr(&o).contains("the host range and the container range are of different lengths"),
+        "{}",
+        stderr(&o)
+    );
+}

@@ -206,10 +206,26 @@ pub(crate) fn run(args: RunArgs, create_only: bool) -> Result<i32> {
     let network = network_for(ns, args.network.as_deref())?;
     let mut ports = Vec::new();
     for p in &args.publish {
-        ports.push(runtime::ports::parse(p)?);
+        ports.extend(runtime::ports::parse(p)?);
     }
-    // A port in use fails the run before anything starts.
-    drop(runtime::ports::bind(&ports)?);
+    if args.publish_all {
+        // -P: every port the image EXPOSEs, on a port the system chooses.
+        for e in image_config
+            .as_ref()
+            .and_then(|c| c.exposed_ports().clone())
+            .unwrap_or_default()
+        {
+            match e.split_once('/').unwrap_or((&e, "tcp")) {
+                (p, "tcp") => ports.extend(runtime::ports::parse(p)?),
+                _ => log::warn!("-P: EXPOSE {e} is not published (vmc forwards TCP only)"),
+            }
+        }
+    }
+    // A port in use fails the run before anything starts; a host port
+    // left to the system is chosen now, and kept.
+    let bound = runtime::ports::bind(&ports)?;
+    let ports: Vec<runtime::ports::PortMap> = bound.iter().map(|(_, m)| *m).collect();
+    drop(bound);
     let stop_signal = image_config
         .as_ref()
         .and_then(|c| c.stop_signal().clone())

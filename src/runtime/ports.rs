@@ -40,7 +40,7 @@ impl std::fmt::Display for PortMap {
 /// A `-p` that cannot be published.
 #[derive(Debug, thiserror::Error)]
 pub enum PortError {
-    #[error("-p {spec}: {why} (the form is [IP:]HOST_PORT:CONTAINER_PORT[/tcp])")]
+    #[error("-p {spec}: {why} (the form is [IP:][HOST_PORT:]CONTAINER_PORT[/tcp])")]
     Spec { spec: String, why: SpecProblem },
     #[error("-p {host_port}:{container_port}: {addr} is already in use: choose another host port")]
     InUse {
@@ -58,60 +58,111 @@ pub enum PortError {
 }
 
 /// What is wrong with a `-p` specification.
-#[derive(Debug, PartialEq, Eq, thiserror::Error)]
+#[derive(Debug, thiserror::Error)]
 pub enum SpecProblem {
-    #[error("only tcp ports can be published")]
+    #[error("only tcp ports can be published (vmc forwards TCP; UDP is not supported yet)")]
     NotTcp,
-    #[error("'{0}' is not a port number (1-65535)")]
+    #[error("'{0}' is not a port number (1-65535) or range (8000-8010)")]
     NotAPort(String),
-    #[error("'{0}' is not an IPv4 address")]
+    #[error("'{0}' is not an IP address (IPv6 in brackets: [::1]:8080:80)")]
     NotAnAddress(String),
-    #[error("give both the host and the container port")]
-    OnePort,
-    #[error("too many ':' (IPv6 host addresses are not supported)")]
+    #[error("the host range and the container range are of different lengths")]
+    RangeLengths,
+    #[error("too many ':'")]
     TooManyColons,
 }
 
-/// Parses `[IP:]HOST:CONTAINER[/tcp]` as Docker does (no ranges, tcp only).
-pub fn parse(spec: &str) -> Result<PortMap, PortError> {
+/// `N` or `N-M` (inclusive): the ports, in order.
+fn port_range(s: &str) -> Option<Vec<u16>> {
+    let one = |s: &str| s.parse::<u16>().ok().filter(|p| *p > 0);
+    match s.split_once('-') {
+        None => one(s).map(|p| vec![p]),
+        Some((a, b)) => {
+            let (a, b) = (one(a)?, one(b)?);
+            (a <= b).then(|| (a..=b).collect())
+        }
+    }
+}
+
+/// Parses a `-p` as Docker does: `CONTAINER`, `HOST:CONTAINER`,
+/// `IP:HOST:CONTAINER` or `IP::CONTAINER` (a host port left out, or 0, is
+/// one the system chooses, free, when the run binds it), each port possibly
+/// a range (`8000-8002:80-82`), the IP an IPv4 address or a bracketed IPv6
+/// one (`[::1]:8080:80`), and `/tcp`.
+pub fn parse(spec: &str) -> Result<Vec<PortMap>, PortError> {
     let bad = |why| PortError::Spec {
         spec: spec.to_string(),
         why,
     };
-    let (body, proto) = spec.split_once('/').unwrap_or((spec, "tcp"));
+    let (body, proto) = spec.rsplit_once('/').unwrap_or((spec, "tcp"));
     if proto != "tcp" {
         return Err(bad(SpecProblem::NotTcp));
     }
-    let port = |s: &str| match s.parse::<u16>() {
-        Ok(p) if p > 0 => Ok(p),
-        _ => Err(bad(SpecProblem::NotAPort(s.to_string()))),
+    // A bracketed IPv6 address first, then ':'-separated ports.
+    let (ip, rest) = match body.strip_prefix('[') {
+        Some(b) => {
+            let (addr, rest) = b
+                .split_once("]:")
+                .ok_or_else(|| bad(SpecProblem::NotAnAddress(body.to_string())))?;
+            let ip: IpAddr = addr
+                .parse()
+                .map_err(|_| bad(SpecProblem::NotAnAddress(addr.to_string())))?;
+            (Some(ip), rest)
+        }
+        None => (None, body),
     };
-    let parts: Vec<&str> = body.split(':').collect();
-    let (ip, h, c) = match parts.as_slice() {
-        [h, c] => (IpAddr::V4(Ipv4Addr::UNSPECIFIED), *h, *c),
-        [ip, h, c] => {
+    let parts: Vec<&str> = rest.split(':').collect();
+    let (ip, host, container) = match (ip, parts.as_slice()) {
+        (None, [c]) => (None, "", *c),
+        (None, [h, c]) => (None, *h, *c),
+        (Some(ip), [h, c]) => (Some(ip), *h, *c),
+        (None, [ip, h, c]) => {
             let addr: IpAddr = ip
                 .parse()
                 .map_err(|_| bad(SpecProblem::NotAnAddress(ip.to_string())))?;
-            (addr, *h, *c)
+            (Some(addr), *h, *c)
         }
-        [_] => return Err(bad(SpecProblem::OnePort)),
         _ => return Err(bad(SpecProblem::TooManyColons)),
     };
-    Ok(PortMap {
-        host_ip: ip,
-        host_port: port(h)?,
-        container_port: port(c)?,
-    })
+    let host_ip = ip.unwrap_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED));
+    let containers =
+        port_range(container).ok_or_else(|| bad(SpecProblem::NotAPort(container.to_string())))?;
+    let hosts = match host {
+        "" | "0" => vec![0; containers.len()],
+        h => port_range(h).ok_or_else(|| bad(SpecProblem::NotAPort(h.to_string())))?,
+    };
+    if hosts.len() != containers.len() {
+        return Err(bad(SpecProblem::RangeLengths));
+    }
+    Ok(hosts
+        .into_iter()
+        .zip(containers)
+        .map(|(host_port, container_port)| PortMap {
+            host_ip,
+            host_port,
+            container_port,
+        })
+        .collect())
 }
 
-/// Binds every mapping's host address; fails with the address in use.
+/// Binds every mapping's host address; fails with the address in use. A
+/// host port of 0 is one the system chooses: the returned mapping says
+/// which.
 pub fn bind(maps: &[PortMap]) -> Result<Vec<(TcpListener, PortMap)>, PortError> {
     maps.iter()
         .map(|m| {
             let addr = SocketAddr::new(m.host_ip, m.host_port);
             TcpListener::bind(addr)
-                .map(|l| (l, *m))
+                .and_then(|l| {
+                    let port = l.local_addr()?.port();
+                    Ok((
+                        l,
+                        PortMap {
+                            host_port: port,
+                            ..*m
+                        },
+                    ))
+                })
                 .map_err(|source| match source.kind() {
                     io::ErrorKind::AddrInUse => PortError::InUse {
                         host_port: m.host_port,
@@ -300,20 +351,39 @@ mod tests {
 
     #[test]
     fn port_specs_parse_like_docker() {
-        let m = parse("8080:80").unwrap();
-        assert_eq!((m.host_port, m.container_port), (8080, 80));
-        assert_eq!(m.host_ip, IpAddr::V4(Ipv4Addr::UNSPECIFIED));
-        let m = parse("127.0.0.1:3000:3000/tcp").unwrap();
+        let one = |s: &str| {
+            let v = parse(s).unwrap();
+            assert_eq!(v.len(), 1, "{s}");
+            v[0]
+        };
+        let any = IpAddr::V4(Ipv4Addr::UNSPECIFIED);
+        let m = one("8080:80");
+        assert_eq!((m.host_ip, m.host_port, m.container_port), (any, 8080, 80));
+        let m = one("127.0.0.1:3000:3000/tcp");
         assert_eq!(m.host_ip, "127.0.0.1".parse::<IpAddr>().unwrap());
         assert_eq!((m.host_port, m.container_port), (3000, 3000));
+        // A host port left out (or 0) is chosen when bound.
+        assert_eq!((one("80").host_port, one("80").container_port), (0, 80));
+        assert_eq!(one("0:80").host_port, 0);
+        let m = one("127.0.0.1::80");
+        assert_eq!((m.host_port, m.container_port), (0, 80));
+        let m = one("[::1]:8080:80");
+        assert_eq!(m.host_ip, "::1".parse::<IpAddr>().unwrap());
+        assert_eq!(one("[::]::80").host_port, 0);
+        let r = parse("8000-8002:80-82").unwrap();
+        let pairs: Vec<(u16, u16)> = r.iter().map(|m| (m.host_port, m.container_port)).collect();
+        assert_eq!(pairs, [(8000, 80), (8001, 81), (8002, 82)]);
+        assert_eq!(parse("80-81").unwrap().len(), 2);
         for bad in [
-            "80",
-            "0:80",
             "a:80",
             "80:70000",
             "1.2.3:80:80",
             "80:80/udp",
             "",
+            "8000-8001:80",
+            "9-8:80",
+            "[::1:80:80",
+            "1:2:3:4",
         ] {
             assert!(parse(bad).is_err(), "{bad}");
         }
@@ -324,7 +394,14 @@ mod tests {
         );
         assert_eq!(
             e.to_string(),
-            "-p a:80: 'a' is not a port number (1-65535) (the form is [IP:]HOST_PORT:CONTAINER_PORT[/tcp])"
+            "-p a:80: 'a' is not a port number (1-65535) or range (8000-8010) (the form is [IP:][HOST_PORT:]CONTAINER_PORT[/tcp])"
+        );
+        // A port the system chooses is a real, free one.
+        let bound = bind(&[one("127.0.0.1::80")]).unwrap();
+        assert_ne!(bound[0].1.host_port, 0);
+        assert_eq!(
+            bound[0].0.local_addr().unwrap().port(),
+            bound[0].1.host_port
         );
     }
 
@@ -333,7 +410,7 @@ mod tests {
         let l = TcpListener::bind("127.0.0.1:0").unwrap();
         let port = l.local_addr().unwrap().port();
         let m = parse(&format!("127.0.0.1:{port}:80")).unwrap();
-        let e = bind(&[m]).unwrap_err();
+        let e = bind(&m).unwrap_err();
         assert!(matches!(e, PortError::InUse { .. }), "{e}");
         assert_eq!(
             e.to_string(),
