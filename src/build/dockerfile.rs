@@ -405,6 +405,39 @@ fn instruction_text(text: &str, start: usize, next: usize) -> String {
         .to_string()
 }
 
+/// A shell-form command's continuation lines joined, as Docker joins them:
+/// a line ending with the escape character (`\\`, or the one `# escape=`
+/// names) goes on with the next, the two characters dropped; so the shell
+/// never sees a backtick meant as a line continuation.
+fn join_continuations(kind: &mut StepKind, escape: char) {
+    let shell = match kind {
+        StepKind::Run {
+            cmd: Cmd::Shell(s),
+            heredocs,
+        } if heredocs.is_empty() => s,
+        StepKind::Cmd(Cmd::Shell(s)) | StepKind::Entrypoint(Cmd::Shell(s)) => s,
+        _ => return,
+    };
+    if !shell.contains('\n') {
+        return;
+    }
+    let mut out = String::with_capacity(shell.len());
+    let mut lines = shell.split('\n').peekable();
+    while let Some(l) = lines.next() {
+        let l = l.trim_end_matches('\r');
+        match l.trim_end().strip_suffix(escape) {
+            Some(head) if lines.peek().is_some() => out.push_str(head),
+            _ => {
+                out.push_str(l);
+                if lines.peek().is_some() {
+                    out.push('\n');
+                }
+            }
+        }
+    }
+    *shell = out;
+}
+
 /// Parses a Dockerfile.
 pub fn parse(text: &str) -> Result<Dockerfile, ParseError> {
     // The parser skips a byte order mark and counts its spans from after
@@ -438,6 +471,11 @@ pub fn parse(text: &str) -> Result<Dockerfile, ParseError> {
             },
         }
     })?;
+    let escape = df
+        .parser_directives
+        .escape
+        .as_ref()
+        .map_or('\\', |d| d.value.value);
     let starts: Vec<usize> = df.instructions.iter().map(|i| span_of(i).0).collect();
     let next_of = |idx: usize| starts.get(idx + 1).copied().unwrap_or(text.len());
     let mut global_args = Vec::new();
@@ -498,6 +536,8 @@ pub fn parse(text: &str) -> Result<Dockerfile, ParseError> {
                             cmd: Cmd::Shell(cmd.clone()),
                             heredocs: Vec::new(),
                         };
+                    } else {
+                        join_continuations(&mut s.kind, escape);
                     }
                     s.text = full;
                     stage.steps.push(s);
@@ -699,6 +739,32 @@ mod tests {
             assert!(!m.contains("line 4"), "{m}");
             assert_eq!(m.lines().count(), 1);
         }
+    }
+
+    /// Continuation lines are joined with the escape character dropped:
+    /// the default `\\` and the one `# escape=` names (a backtick passed to
+    /// the shell would open a command substitution).
+    #[test]
+    fn continuations_are_joined_with_the_escape_of_the_directive() {
+        let run = |text: &str| match &parse(text).unwrap().stages[0].steps[0].kind {
+            StepKind::Run {
+                cmd: Cmd::Shell(s), ..
+            } => s.clone(),
+            k => panic!("{k:?}"),
+        };
+        assert_eq!(
+            run("FROM busybox\nRUN echo one \\\n  two \\  \n three\n"),
+            "echo one   two  three"
+        );
+        assert_eq!(
+            run("# escape=`\nFROM busybox\nRUN echo one `\n  two > C:\\x\n"),
+            "echo one   two > C:\\x"
+        );
+        let df = parse("# escape=`\nFROM busybox\nCMD echo a `\n b\n").unwrap();
+        assert_eq!(
+            df.stages[0].steps[0].kind,
+            StepKind::Cmd(Cmd::Shell("echo a  b".into()))
+        );
     }
 
     #[test]
