@@ -48,8 +48,10 @@ mod resolve;
 use child::child_main;
 use isolation::{prepare_isolation, PreparedIsolation};
 pub use isolation::{Isolation, RootOp, SeccompProgram, DOCKER_DEFAULT_CAPS};
-use resolve::{clean_path, read_in_root, resolve_executable};
-pub use resolve::{executables_in, read_in_root_path, resolve_ahead, DEFAULT_PATH, MAX_ID_FILE};
+pub use resolve::{
+    clean_path, executables_in, read_in_root_path, resolve_ahead, DEFAULT_PATH, MAX_ID_FILE,
+};
+use resolve::{read_in_root, resolve_executable};
 
 /// A start failure with the Docker-style message the CLI prints.
 #[derive(Debug)]

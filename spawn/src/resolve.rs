@@ -194,8 +194,8 @@ pub(super) fn resolve_executable(
 }
 
 /// Lexically cleans an absolute path: no `.`, `..` or empty components;
-/// `..` at the root stays at the root.
-pub(super) fn clean_path(p: &str) -> String {
+/// `..` at the root stays at the root (also how a build records WORKDIR).
+pub fn clean_path(p: &str) -> String {
     let mut parts: Vec<&str> = Vec::new();
     for c in p.split('/') {
         match c {

@@ -49,7 +49,8 @@ impl Builder<'_> {
                 } else {
                     format!("{}/{w}", base.trim_end_matches('/'))
                 };
-                c.set_working_dir(Some(clean_path(&abs)));
+                // Normalised by its text, as Docker records it.
+                c.set_working_dir(Some(vmc_spawn::clean_path(&abs)));
             }
             StepKind::User(raw) => {
                 c.set_user(Some(expand(raw)?));
@@ -119,26 +120,9 @@ impl Builder<'_> {
     }
 }
 
-/// An absolute path with `.`, `..` and repeated slashes resolved by its
-/// text alone, as Docker records a WORKDIR (`/a/../x/./y` is `/x/y`; `..`
-/// stops at the root).
-fn clean_path(p: &str) -> String {
-    let mut parts: Vec<&str> = Vec::new();
-    for c in p.split('/') {
-        match c {
-            "" | "." => {}
-            ".." => {
-                parts.pop();
-            }
-            c => parts.push(c),
-        }
-    }
-    format!("/{}", parts.join("/"))
-}
-
 #[cfg(test)]
 mod tests {
-    use super::clean_path;
+    use vmc_spawn::clean_path;
 
     #[test]
     fn workdirs_are_cleaned_like_docker() {

@@ -169,9 +169,10 @@ pub struct Builder<'a> {
     declared: BTreeSet<String>,
 }
 
-/// Docker's PATH for a build whose base sets none (BuildKit adds it to the
-/// config, so `ENV PATH=/x:$PATH` and RUN steps find the usual programs).
-pub const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+/// Docker's PATH (the one a container without PATH runs with), also what
+/// a build whose base sets none gets in its config, as BuildKit adds it, so
+/// that `ENV PATH=/x:$PATH` and RUN steps find the usual programs.
+pub use vmc_spawn::DEFAULT_PATH;
 
 /// Build args Docker predefines: never reported as not consumed.
 const PREDEFINED_ARGS: &[&str] = &[

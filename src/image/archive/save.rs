@@ -135,35 +135,38 @@ fn write_layout<W: Write>(
     tar.into_inner().map_err(&err)
 }
 
+/// The archive of `images` written through `w`, under the store's writer
+/// lock (no gc while blobs are read); `out` names it in errors.
+fn write_images<W: Write>(
+    store: &Store,
+    images: &[String],
+    w: W,
+    out: &Path,
+) -> Result<W, ImageError> {
+    if images.is_empty() {
+        return Err(ImageError::Invalid("no image to save".to_string()));
+    }
+    let _w = store.writer()?;
+    let (index, blobs) = plan(store, images)?;
+    let index = index
+        .to_string()
+        .map_err(|e| ImageError::Invalid(e.to_string()))?;
+    write_layout(store, w, index.as_bytes(), &blobs, out)
+}
+
+/// Writes the OCI archive of `images` to `w` (`vmc save` without `-o`:
+/// stdout), the same bytes as [`save`] writes to a file.
+pub fn save_to(store: &Store, images: &[String], w: impl Write) -> Result<(), ImageError> {
+    let out = Path::new("stdout");
+    let mut w = write_images(store, images, BufWriter::new(w), out)?;
+    w.flush().map_err(ImageError::io(out))
+}
+
 /// Writes an OCI archive of `images` (names, ids or id prefixes) to `out`,
 /// atomically. Each image is listed once per name given, annotated with that
 /// name in its store form (`alpine` becomes `alpine:latest`) unless it was
 /// given by id; each blob is written once.
-/// Writes the OCI archive of `images` to `w` (`vmc save` without `-o`:
-/// stdout), the same bytes as [`save`] writes to a file.
-pub fn save_to(store: &Store, images: &[String], w: impl Write) -> Result<(), ImageError> {
-    if images.is_empty() {
-        return Err(ImageError::Invalid("no image to save".to_string()));
-    }
-    let _w = store.writer()?; // no gc while blobs are read
-    let (index, blobs) = plan(store, images)?;
-    let index = index
-        .to_string()
-        .map_err(|e| ImageError::Invalid(e.to_string()))?;
-    let out = Path::new("stdout");
-    let mut w = write_layout(store, BufWriter::new(w), index.as_bytes(), &blobs, out)?;
-    w.flush().map_err(ImageError::io(out))
-}
-
 pub fn save(store: &Store, images: &[String], out: &Path) -> Result<(), ImageError> {
-    if images.is_empty() {
-        return Err(ImageError::Invalid("no image to save".to_string()));
-    }
-    let _w = store.writer()?; // no gc while blobs are read
-    let (index, blobs) = plan(store, images)?;
-    let index = index
-        .to_string()
-        .map_err(|e| ImageError::Invalid(e.to_string()))?;
     let file_name = out
         .file_name()
         .ok_or_else(|| ImageError::Invalid(format!("{} is not a file name", out.display())))?;
@@ -179,7 +182,7 @@ pub fn save(store: &Store, images: &[String], out: &Path) -> Result<(), ImageErr
     ));
     let result = (|| {
         let f = File::create_new(&tmp).map_err(ImageError::io(&tmp))?;
-        let w = write_layout(store, BufWriter::new(f), index.as_bytes(), &blobs, out)?;
+        let w = write_images(store, images, BufWriter::new(f), out)?;
         let f = w
             .into_inner()
             .map_err(|e| ImageError::io(&tmp)(e.into_error()))?;
