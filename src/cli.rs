@@ -680,7 +680,7 @@ mod tests {
             &["vmc", "create", "--restart", "always", "img"],
             &["vmc", "run", "--rootfs", "r", "-v", "x"],
             &["vmc", "exec", "--privileged", "c", "ls"],
-            &["vmc", "ps", "--filter", "x"],
+            &["vmc", "ps", "--size"],
         ] {
             let e = Cli::try_parse_from(argv).unwrap_err();
             assert_eq!(e.kind(), ErrorKind::UnknownArgument, "{argv:?}");
