@@ -126,13 +126,22 @@ fn published(mode: &str, size: usize, requests: usize) {
     // Bad -p values are refused before anything runs.
     let o = vmc(
         h,
-        &["run", "--rm", "--mode", mode, "-p", "80", "busybox", "true"],
+        &[
+            "run",
+            "--rm",
+            "--mode",
+            mode,
+            "-p",
+            "53:53/udp",
+            "busybox",
+            "true",
+        ],
     );
     assert_eq!(o.status.code(), Some(125), "{o:?}");
     assert_eq!(
         String::from_utf8_lossy(&o.stderr),
-        "vmc: -p 80: give both the host and the container port \
-         (the form is [IP:]HOST_PORT:CONTAINER_PORT[/tcp])\n"
+        "vmc: -p 53:53/udp: only tcp ports can be published (vmc forwards TCP; UDP is not supported yet) \
+         (the form is [IP:][HOST_PORT:]CONTAINER_PORT[/tcp])\n"
     );
     assert_eq!(ok(&vmc(h, &["ps", "-aq"])), "", "no container was made");
 }

@@ -166,9 +166,15 @@ impl Cgroup {
         }
         if let Some(m) = limits.memory {
             let dir = in_hierarchy("memory")?;
+            // The memory+swap limit may never be below the memory limit:
+            // in a reused directory (a VMM's slot) it is raised first, for
+            // a larger limit (for a smaller one that first write fails, and
+            // the one after the memory limit's succeeds). Without swap
+            // accounting the file does not exist.
+            let memsw = |dir: &Path| write(dir, "memory.memsw.limit_in_bytes", &m.to_string());
+            let _ = memsw(&dir);
             write(&dir, "memory.limit_in_bytes", &m.to_string())?;
-            // Without swap accounting this file does not exist.
-            let _ = write(&dir, "memory.memsw.limit_in_bytes", &m.to_string());
+            let _ = memsw(&dir);
         }
         if let Some(c) = limits.cpus {
             let dir = in_hierarchy("cpu")?;
