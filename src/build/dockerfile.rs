@@ -126,24 +126,12 @@ fn json_or_words(a: &JsonOrStringArray<'_, 1>) -> Vec<String> {
     }
 }
 
-/// Heredoc delimiters in a command line, in order (`<<EOF`, `<<-"EOF"`).
+/// Heredoc delimiters in a command line, in order (`<<EOF`, `<<-"EOF"`;
+/// a shift such as `$((1<<2))` opens none: see [`heredoc_at`]).
 fn heredoc_delimiters(s: &str) -> Vec<String> {
-    let mut out = Vec::new();
-    let mut rest = s;
-    while let Some(i) = rest.find("<<") {
-        let mut t = &rest[i + 2..];
-        t = t.strip_prefix('-').unwrap_or(t);
-        let t = t.trim_start_matches(['"', '\'']);
-        let d: String = t
-            .chars()
-            .take_while(|c| c.is_alphanumeric() || *c == '_')
-            .collect();
-        if !d.is_empty() {
-            out.push(d);
-        }
-        rest = &rest[i + 2..];
-    }
-    out
+    s.match_indices("<<")
+        .filter_map(|(at, _)| heredoc_at(&s[at..]).map(|(d, _)| d))
+        .collect()
 }
 
 /// Heredocs the shell reads (BuildKit's rule for any RUN whose heredoc is
