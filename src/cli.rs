@@ -144,6 +144,57 @@ pub enum Command {
     /// Manage vmc's own data.
     #[command(subcommand)]
     System(SystemCommand),
+    /// Manage volumes (kept in vmc's state directory, as Docker's local driver).
+    #[command(subcommand)]
+    Volume(VolumeCommand),
+}
+
+#[derive(Subcommand, Debug)]
+pub enum VolumeCommand {
+    /// Create a volume (a name is generated when none is given); an
+    /// existing one is kept as it is.
+    Create {
+        /// Set a label (KEY=VALUE).
+        #[arg(short = 'l', long = "label", value_name = "KEY=VALUE")]
+        labels: Vec<String>,
+        name: Option<String>,
+    },
+    /// List volumes.
+    #[command(alias = "list")]
+    Ls {
+        /// Only show volume names.
+        #[arg(short, long)]
+        quiet: bool,
+        /// A Go template per volume ('{{.Name}}', '{{.Mountpoint}}').
+        #[arg(long, value_name = "TEMPLATE")]
+        format: Option<String>,
+    },
+    /// Remove volumes no container has.
+    #[command(alias = "remove")]
+    Rm {
+        /// Accepted for Docker's sake: a volume a container has is still
+        /// refused (remove the container first).
+        #[arg(short, long)]
+        force: bool,
+        #[arg(required = true)]
+        volumes: Vec<String>,
+    },
+    /// Show volumes as JSON.
+    Inspect {
+        #[arg(short, long, value_name = "TEMPLATE")]
+        format: Option<String>,
+        #[arg(required = true)]
+        volumes: Vec<String>,
+    },
+    /// Remove the anonymous volumes no container has (with --all, named
+    /// ones too).
+    Prune {
+        #[arg(short, long)]
+        all: bool,
+        /// Do not ask (vmc never asks).
+        #[arg(short, long)]
+        force: bool,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -307,6 +358,24 @@ pub struct RunArgs {
     /// Keep stdin open and forward it even when it is a terminal.
     #[arg(short = 'i', long)]
     pub interactive: bool,
+
+    /// Mount a volume or host path: /host:/ctr[:ro], NAME:/ctr[:ro],
+    /// /ctr (a new anonymous volume). Namespace mode only, for now.
+    #[arg(short = 'v', long = "volume", value_name = "SRC:DST[:OPTS]")]
+    pub volumes: Vec<String>,
+
+    /// Mount as Docker's --mount: type=bind|volume|tmpfs,source=,target=
+    /// [,readonly][,volume-nocopy][,tmpfs-size=][,tmpfs-mode=].
+    #[arg(long = "mount", value_name = "SPEC")]
+    pub mounts: Vec<String>,
+
+    /// Mount a tmpfs: DIR[:OPTS] (default noexec,nosuid,nodev).
+    #[arg(long = "tmpfs", value_name = "DIR[:OPTS]")]
+    pub tmpfs: Vec<String>,
+
+    /// Mount the container's root filesystem read-only.
+    #[arg(long = "read-only")]
+    pub read_only: bool,
 
     /// Allocate a pseudo-terminal in the container (its stdin, stdout and
     /// stderr; vmc's window size is forwarded).
@@ -511,6 +580,9 @@ pub struct RmArgs {
     /// Kill and remove running containers too.
     #[arg(short, long)]
     pub force: bool,
+    /// Remove the containers' anonymous volumes too.
+    #[arg(short, long)]
+    pub volumes: bool,
     #[arg(required = true)]
     pub containers: Vec<String>,
 }
@@ -675,10 +747,10 @@ mod tests {
     fn unknown_flags_are_not_taken_for_the_image() {
         use clap::error::{ContextKind, ContextValue, ErrorKind};
         for argv in [
-            &["vmc", "run", "-v", "/a:/b", "img"][..],
-            &["vmc", "run", "--rm", "--volume=/a:/b", "img", "ls"],
+            &["vmc", "run", "--privileged", "img"][..],
+            &["vmc", "run", "--rm", "--device=/dev/sda", "img", "ls"],
             &["vmc", "create", "--restart", "always", "img"],
-            &["vmc", "run", "--rootfs", "r", "-v", "x"],
+            &["vmc", "run", "--rootfs", "r", "--gpus", "x"],
             &["vmc", "exec", "--privileged", "c", "ls"],
             &["vmc", "ps", "--size"],
         ] {

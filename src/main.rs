@@ -198,5 +198,6 @@ fn dispatch(cli: Cli) -> Result<i32> {
         Command::Bench(args) => bench::run(args).map(|_| 0).map_err(Into::into),
         Command::System(SystemCommand::Prune { all }) => prune(all),
         Command::System(SystemCommand::InspectSnapshot { dir }) => inspect_snapshot(&dir),
+        Command::Volume(c) => volume_cmd(c),
     }
 }

@@ -9,13 +9,7 @@ use std::io::{BufRead, BufReader};
 use std::path::Path;
 use std::process::{Command, Stdio};
 
-use common::{kvm_available, ok, snapshots, store_with_busybox, vmc};
-
-fn write(dir: &Path, name: &str, content: &str) {
-    let p = dir.join(name);
-    fs::create_dir_all(p.parent().unwrap()).unwrap();
-    fs::write(p, content).unwrap();
-}
+use common::{kvm_available, ok, snapshots, store_with_busybox, vmc, write};
 
 const MULTI_STAGE: &str = r#"# syntax=docker/dockerfile:1
 ARG BASE=busybox

@@ -212,8 +212,11 @@ fn bad_input_gets_a_clear_one_line_error() {
 fn unknown_docker_flags_are_named() {
     let home = tempfile::tempdir().unwrap();
     for (args, flag) in [
-        (&["run", "-v", "/tmp:/x", "busybox", "true"][..], "-v"),
-        (&["run", "--rm", "--volume=/tmp:/x", "busybox"], "--volume"),
+        (
+            &["run", "--device", "/dev/sda", "busybox", "true"][..],
+            "--device",
+        ),
+        (&["run", "--rm", "--gpus=all", "busybox"], "--gpus"),
         (&["create", "--restart", "always", "busybox"], "--restart"),
         (&["run", "-d", "--privileged", "busybox"], "--privileged"),
         (&["exec", "--detach-keys", "x", "c", "ls"], "--detach-keys"),

@@ -8,13 +8,7 @@ mod common;
 use std::fs;
 use std::path::Path;
 
-use common::{is_root, ok, store_with_busybox, vmc};
-
-fn write(dir: &Path, name: &str, content: &str) {
-    let p = dir.join(name);
-    fs::create_dir_all(p.parent().unwrap()).unwrap();
-    fs::write(p, content).unwrap();
-}
+use common::{is_root, ok, store_with_busybox, vmc, write};
 
 fn stderr(o: &std::process::Output) -> String {
     String::from_utf8_lossy(&o.stderr).into_owned()

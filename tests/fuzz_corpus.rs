@@ -5,6 +5,8 @@
 
 use std::path::Path;
 
+mod common;
+
 fn files(dir: &Path) -> Vec<std::path::PathBuf> {
     let mut v: Vec<_> = std::fs::read_dir(dir)
         .map(|d| {
@@ -20,7 +22,7 @@ fn files(dir: &Path) -> Vec<std::path::PathBuf> {
 
 #[test]
 fn every_corpus_file_and_crash_replays_without_a_panic() {
-    let fuzz = Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz");
+    let fuzz = common::repo().join("fuzz");
     for (name, target) in vmc::fuzzing::TARGETS {
         let corpus = files(&fuzz.join("corpus").join(name));
         assert!(!corpus.is_empty(), "fuzz/corpus/{name} has no seeds");
@@ -40,7 +42,7 @@ fn every_corpus_file_and_crash_replays_without_a_panic() {
 /// them stale fails here).
 #[test]
 fn the_frame_seeds_decode_as_the_protocol_stands() {
-    let fuzz = Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/corpus");
+    let fuzz = common::repo().join("fuzz/corpus");
     let count = |data: &[u8], f: fn(&mut &[u8]) -> bool| {
         let mut r = data;
         let mut n = 0;
@@ -64,7 +66,7 @@ fn the_frame_seeds_decode_as_the_protocol_stands() {
 /// OCI layout, one image each.
 #[test]
 fn the_archive_seeds_load() {
-    let fuzz = Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/corpus/archive");
+    let fuzz = common::repo().join("fuzz/corpus/archive");
     for seed in ["docker.tar", "oci.tar"] {
         let home = tempfile::tempdir().unwrap();
         let store = vmc::image::Store::open(&home.path().join("store")).unwrap();

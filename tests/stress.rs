@@ -109,6 +109,8 @@ fn snapshots_made_under_load_all_restore() {
             network: Default::default(),
             dns: Vec::new(),
             extra_hosts: Vec::new(),
+            mounts: Vec::new(),
+            read_only: false,
             engine: vmc::runtime::EngineConfig::Vm(vmc::runtime::VmEngineConfig {
                 upper_in_memory: false,
                 parked: false,

@@ -26,7 +26,12 @@ pub(super) unsafe fn child_main(
         // SAFETY: __errno_location is always valid in the calling thread.
         let errno = unsafe { *libc::__errno_location() };
         let e = errno.to_ne_bytes();
-        let msg = [step as u8, e[0], e[1], e[2], e[3]];
+        let op = super::confine::FAILED_OP
+            .load(std::sync::atomic::Ordering::Relaxed)
+            .to_ne_bytes();
+        let msg = [
+            step as u8, e[0], e[1], e[2], e[3], op[0], op[1], op[2], op[3],
+        ];
         // SAFETY: writing a stack buffer to our error pipe, then exiting without unwinding.
         unsafe {
             libc::write(err_fd, msg.as_ptr().cast(), msg.len());

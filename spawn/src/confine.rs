@@ -127,6 +127,12 @@ unsafe fn mount_in_root(root: RawFd, op: &PreparedOp) -> libc::c_int {
     }
 }
 
+/// The root preparation step that failed (its index), for the report to
+/// the parent; `u32::MAX` when none did. Written only by the child after
+/// fork (its own copy of this memory).
+pub(super) static FAILED_OP: std::sync::atomic::AtomicU32 =
+    std::sync::atomic::AtomicU32::new(u32::MAX);
+
 /// In the child, in its own mount namespace: runs the root preparation,
 /// sets the hostname and brings loopback up. Returns -1 on failure (errno set).
 ///
@@ -147,7 +153,7 @@ pub(super) unsafe fn isolate_root(iso: &PreparedIsolation, root: RawFd) -> libc:
         {
             return -1;
         }
-        for op in &iso.ops {
+        for (i, op) in iso.ops.iter().enumerate() {
             let r = match op.kind {
                 0 => at_dir(root, op, |dir| {
                     let r = libc::mkdirat(dir, op.name.as_ptr(), op.mode as libc::mode_t);
@@ -190,6 +196,7 @@ pub(super) unsafe fn isolate_root(iso: &PreparedIsolation, root: RawFd) -> libc:
                 }),
             };
             if r < 0 && !op.optional {
+                FAILED_OP.store(i as u32, std::sync::atomic::Ordering::Relaxed);
                 return -1;
             }
         }

@@ -122,6 +122,8 @@ pub(super) struct PreparedOp {
     pub(super) mode: u32,
     pub(super) optional: bool,
     pub(super) source_in_root: bool,
+    /// The step in words, for a report of its failure (read by the parent).
+    pub(super) what: String,
 }
 
 /// `path` inside the root, relative to it: `/dev/pts` -> `dev/pts`.
@@ -193,6 +195,7 @@ pub(super) fn prepare_isolation(iso: &Isolation) -> io::Result<PreparedIsolation
         mode: 0,
         optional: false,
         source_in_root: false,
+        what: String::new(),
     };
     let ops = iso
         .ops
@@ -205,6 +208,7 @@ pub(super) fn prepare_isolation(iso: &Isolation) -> io::Result<PreparedIsolation
                         dir,
                         name,
                         mode: *mode,
+                        what: format!("making the directory {p}"),
                         ..op(0)
                     }
                 }
@@ -228,6 +232,11 @@ pub(super) fn prepare_isolation(iso: &Isolation) -> io::Result<PreparedIsolation
                     flags: *flags,
                     optional: *optional,
                     source_in_root: *source_in_root,
+                    what: if source.is_empty() {
+                        format!("remounting {target}")
+                    } else {
+                        format!("mounting {source} at {target}")
+                    },
                     ..op(1)
                 },
                 RootOp::Symlink { target, link } => {
@@ -241,6 +250,7 @@ pub(super) fn prepare_isolation(iso: &Isolation) -> io::Result<PreparedIsolation
                     }
                 }
                 RootOp::Write { path, data } => PreparedOp {
+                    what: format!("writing {path}"),
                     a: cstr(path)?,
                     b: CString::new(data.as_bytes()).map_err(io::Error::other)?,
                     ..op(4)
@@ -252,6 +262,7 @@ pub(super) fn prepare_isolation(iso: &Isolation) -> io::Result<PreparedIsolation
                         name,
                         mode: 0o644,
                         optional: true,
+                        what: format!("making the file {p}"),
                         ..op(3)
                     }
                 }

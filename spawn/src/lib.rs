@@ -49,7 +49,8 @@ use child::child_main;
 use isolation::{prepare_isolation, PreparedIsolation};
 pub use isolation::{Isolation, RootOp, SeccompProgram, DOCKER_DEFAULT_CAPS};
 pub use resolve::{
-    clean_path, executables_in, read_in_root_path, resolve_ahead, DEFAULT_PATH, MAX_ID_FILE,
+    clean_path, executables_in, open_dir_in_root, read_in_root_path, resolve_ahead, DEFAULT_PATH,
+    MAX_ID_FILE,
 };
 use resolve::{read_in_root, resolve_executable};
 
@@ -428,7 +429,7 @@ fn spawn_io(p: &Prepared, io: ChildIo, gate: Option<Gate>) -> Result<u32, SpawnE
             Err(e) => gate_failure = Some(e),
         }
     }
-    let mut buf = [0u8; 5];
+    let mut buf = [0u8; 9];
     let n = read_full(&err_r, &mut buf);
     // A gate that failed because the child had already failed (its network
     // namespace gone with it) says less than the child's own report.
@@ -459,7 +460,23 @@ fn spawn_io(p: &Prepared, io: ChildIo, gate: Option<Gate>) -> Result<u32, SpawnE
             p.cwd.to_string_lossy()
         )
     } else {
-        format!("failed to {}: {err}", Step::describe(buf[0]))
+        // The root preparation step that failed, named (a volume mounted
+        // onto a file of the image, say).
+        let op = u32::from_ne_bytes([buf[5], buf[6], buf[7], buf[8]]);
+        let failed = p
+            .iso
+            .as_ref()
+            .and_then(|i| i.ops.get(op as usize))
+            .filter(|_| buf[0] == Step::Isolate as u8);
+        match failed {
+            Some(o) if errno == libc::ENOTDIR && o.kind == 1 => format!(
+                "failed to {}: {}: {err} (a directory mounted onto a file, or a file onto a directory?)",
+                Step::describe(buf[0]),
+                o.what
+            ),
+            Some(o) => format!("failed to {}: {}: {err}", Step::describe(buf[0]), o.what),
+            None => format!("failed to {}: {err}", Step::describe(buf[0])),
+        }
     };
     Err(SpawnError { kind, message })
 }

@@ -33,6 +33,17 @@ pub(super) fn open_in_root(root: &OwnedFd, path: &str, flags: u64) -> io::Result
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
 
+/// Opens directory `path` inside `root` (symlinks and `..` resolve within
+/// the root) for reading.
+pub fn open_dir_in_root(root: &OwnedFd, path: &str) -> io::Result<OwnedFd> {
+    let rel = path.trim_start_matches('/');
+    open_in_root(
+        root,
+        if rel.is_empty() { "." } else { rel },
+        (libc::O_RDONLY | libc::O_DIRECTORY) as u64,
+    )
+}
+
 /// The most bytes of a root's /etc/passwd or /etc/group read: an image's
 /// could be any size, and namespace mode reads it on the host.
 pub const MAX_ID_FILE: u64 = 4 << 20;

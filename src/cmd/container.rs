@@ -341,12 +341,16 @@ pub(crate) fn rm(a: RmArgs) -> Result<i32> {
         }
         // Cgroups a killed supervisor could not remove itself.
         runtime::cgroup::remove_listed(&c.dir.join("cgroups"));
+        let mounts = c.config().map(|cfg| cfg.mounts).unwrap_or_default();
         // Another remover (a second `rm`, an --rm supervisor) may be at
         // the same directory: what counts is that it is gone.
         if let Err(e) = cstate::remove_dir(&c.dir) {
             if c.dir.exists() && cstate::remove_dir(&c.dir).is_err() && c.dir.exists() {
                 return Err(e).with_context(|| format!("removing {}", c.dir.display()));
             }
+        }
+        if a.volumes {
+            runtime::volume::remove_anonymous(&mounts);
         }
         Ok(Ok(()))
     })

@@ -97,6 +97,14 @@ pub(crate) fn inspect(a: InspectArgs) -> Result<i32> {
                 "HostConfig": cfg.as_ref().map(|c| serde_json::json!({
                     "PortBindings": port_bindings(&c.ports),
                     "AutoRemove": s.auto_remove,
+                    "ReadonlyRootfs": c.read_only,
+                    "Binds": c.mounts.iter().filter_map(|m| match &m.source {
+                        runtime::volume::MountSource::Bind { source } => Some(format!(
+                            "{}:{}{}", source.display(), m.target, if m.readonly { ":ro" } else { "" })),
+                        runtime::volume::MountSource::Volume { name, anonymous: false, .. } => Some(format!(
+                            "{name}:{}{}", m.target, if m.readonly { ":ro" } else { "" })),
+                        _ => None,
+                    }).collect::<Vec<_>>(),
                     "NetworkMode": c.network,
                 })),
                 "NetworkSettings": {
@@ -106,7 +114,9 @@ pub(crate) fn inspect(a: InspectArgs) -> Result<i32> {
                         serde_json::json!({})
                     },
                 },
-                "Mounts": [],
+                "Mounts": cfg.as_ref().map(|c| {
+                    c.mounts.iter().map(|m| m.inspect()).collect::<Vec<_>>()
+                }).unwrap_or_default(),
                 "LogPath": c.log_path(),
                 // A running VM's VMM: its process, ids, jail, namespaces,
                 // seccomp filters and cgroups (vmc's own field).

@@ -5,12 +5,14 @@ mod container;
 mod images;
 mod run;
 mod system;
+mod volume;
 
 pub(crate) use build::*;
 pub(crate) use container::*;
 pub(crate) use images::*;
 pub(crate) use run::*;
 pub(crate) use system::*;
+pub(crate) use volume::*;
 
 use anyhow::Result;
 use vmc::image::Store;

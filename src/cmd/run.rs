@@ -203,6 +203,7 @@ pub(crate) fn run(args: RunArgs, create_only: bool) -> Result<i32> {
             user: args.user.clone(),
         },
     )?;
+    let mounts = mounts(&args, image_config.as_ref(), ns)?;
     let network = network_for(ns, args.network.as_deref())?;
     let mut ports = Vec::new();
     for p in &args.publish {
@@ -282,6 +283,8 @@ pub(crate) fn run(args: RunArgs, create_only: bool) -> Result<i32> {
     };
     let cfg = ContainerConfig {
         extra_hosts,
+        mounts,
+        read_only: args.read_only,
         id: id.clone(),
         rootfs,
         image_id,
@@ -347,6 +350,48 @@ pub(crate) fn run(args: RunArgs, create_only: bool) -> Result<i32> {
             Ok(code)
         }
     }
+}
+
+/// The container's mounts: `-v`, `--mount` and `--tmpfs`, and an anonymous
+/// volume for each of the image's VOLUMEs (namespace mode); the volumes
+/// are created now, as Docker creates them with the container.
+fn mounts(
+    args: &RunArgs,
+    image: Option<&oci_spec::image::Config>,
+    ns: bool,
+) -> Result<Vec<runtime::volume::Mount>> {
+    use runtime::volume;
+    let mut given = Vec::new();
+    for v in &args.volumes {
+        let m = volume::parse_volume_flag(v)?;
+        // Docker's -v makes a missing host directory (--mount does not).
+        if let volume::MountSource::Bind { source } = &m.source {
+            if !source.exists() {
+                std::fs::create_dir_all(source)
+                    .with_context(|| format!("-v {v}: creating {}", source.display()))?;
+            }
+        }
+        given.push(m);
+    }
+    for m in &args.mounts {
+        given.push(volume::parse_mount_flag(m)?);
+    }
+    for t in &args.tmpfs {
+        given.push(volume::parse_tmpfs_flag(t)?);
+    }
+    if !ns {
+        if !given.is_empty() || args.read_only {
+            bail!(
+                "-v, --mount, --tmpfs and --read-only need namespace mode for now (--mode ns): a microVM has no shared filesystem (virtio-fs) yet"
+            );
+        }
+        // The image's VOLUMEs stay part of the VM's root, as before.
+        return Ok(Vec::new());
+    }
+    let image_volumes: Vec<String> = image.and_then(|c| c.volumes().clone()).unwrap_or_default();
+    let mounts = volume::plan(given, &image_volumes)?;
+    volume::prepare(&mounts)?;
+    Ok(mounts)
 }
 
 /// `--network MODE` of run and build, in namespace mode (`ns`) or a VM.

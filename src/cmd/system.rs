@@ -144,7 +144,7 @@ pub(crate) fn version(format: Option<&str>) -> Result<i32> {
 
 /// Bytes a directory tree takes on disk (allocated blocks: sparse disks
 /// count what they hold), not following symlinks.
-fn disk_usage(p: &std::path::Path) -> u64 {
+pub(crate) fn disk_usage(p: &std::path::Path) -> u64 {
     use std::os::unix::fs::MetadataExt;
     let Ok(md) = std::fs::symlink_metadata(p) else {
         return 0;
@@ -159,7 +159,7 @@ fn disk_usage(p: &std::path::Path) -> u64 {
 }
 
 /// Sizes as Docker prints them (`16.43MB`, `0B`).
-fn human(bytes: u64) -> String {
+pub(crate) fn human(bytes: u64) -> String {
     const UNITS: &[&str] = &["B", "kB", "MB", "GB", "TB"];
     let mut v = bytes as f64;
     let mut u = 0;
@@ -204,6 +204,17 @@ pub(crate) fn df() -> Result<i32> {
     let ctr_size: u64 = sizes.iter().map(|s| s.1).sum();
     let ctr_free: u64 = sizes.iter().filter(|s| !s.0).map(|s| s.1).sum();
     let cache = disk_usage(&runtime::vmc_home().join("cache"));
+    let volumes: Vec<(bool, u64)> = runtime::volume::list()
+        .iter()
+        .map(|v| {
+            (
+                !runtime::volume::users(&v.name).is_empty(),
+                disk_usage(&runtime::volume::data_dir(&v.name)),
+            )
+        })
+        .collect();
+    let vol_size: u64 = volumes.iter().map(|v| v.1).sum();
+    let vol_free: u64 = volumes.iter().filter(|v| !v.0).map(|v| v.1).sum();
     let snaps = disk_usage(&runtime::snapshots_dir());
     let pct = |part: u64, all: u64| {
         (part * 100)
@@ -232,10 +243,10 @@ pub(crate) fn df() -> Result<i32> {
         ],
         [
             "Local Volumes".into(),
-            "0".into(),
-            "0".into(),
-            "0B".into(),
-            "0B".into(),
+            volumes.len().to_string(),
+            volumes.iter().filter(|v| v.0).count().to_string(),
+            human(vol_size),
+            format!("{}{}", human(vol_free), pct(vol_free, vol_size)),
         ],
         [
             "Build Cache".into(),

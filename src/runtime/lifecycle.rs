@@ -187,6 +187,8 @@ pub fn run_here(
     let _ = c.mark_exited(*result.as_ref().unwrap_or(&EXIT_VMC_ERROR));
     if c.state.auto_remove || result.is_err() {
         let _ = state::remove_dir(&c.dir);
+        // A --rm container's anonymous volumes go with it (Docker's rule).
+        super::volume::remove_anonymous(&cfg.mounts);
     }
     Ok(result?)
 }
@@ -409,6 +411,7 @@ pub fn supervise(dir: &Path, until: Until) -> Result<(), LifecycleError> {
     c.mark_exited(code)?;
     if c.state.auto_remove {
         let _ = state::remove_dir(dir);
+        super::volume::remove_anonymous(&cfg.mounts);
     }
     Ok(())
 }
@@ -435,6 +438,8 @@ mod tests {
             network: Default::default(),
             dns: Vec::new(),
             extra_hosts: Vec::new(),
+            mounts: Vec::new(),
+            read_only: false,
             engine: EngineConfig::Ns(NsEngineConfig::default()),
         }
     }

@@ -24,6 +24,7 @@ pub mod spec;
 pub mod state;
 pub mod timings;
 pub mod tty;
+pub mod volume;
 
 use std::path::PathBuf;
 
@@ -94,6 +95,12 @@ pub struct ContainerConfig {
     /// host's loopback through the gateway.
     #[serde(default)]
     pub extra_hosts: Vec<net::ExtraHost>,
+    /// Volumes, bind mounts and tmpfs mounts, parents first.
+    #[serde(default)]
+    pub mounts: Vec<volume::Mount>,
+    /// `--read-only`: the root filesystem is mounted read-only.
+    #[serde(default)]
+    pub read_only: bool,
     /// What the engine of the container's [`Mode`] needs.
     pub engine: EngineConfig,
 }
@@ -228,6 +235,8 @@ pub enum RuntimeError {
     SnapshotUnusable(String),
     #[error("namespace mode: {0}")]
     Namespace(String),
+    #[error(transparent)]
+    Volume(#[from] volume::VolumeError),
     /// A running container whose process or VM is not recorded yet.
     #[error("the container's {0} is not known yet: try again")]
     NotReady(&'static str),
@@ -368,6 +377,8 @@ pub(crate) mod tests {
             network: Default::default(),
             dns: Vec::new(),
             extra_hosts: Vec::new(),
+            mounts: Vec::new(),
+            read_only: false,
             engine,
         }
     }

@@ -39,6 +39,13 @@ pub fn is_root() -> bool {
     root
 }
 
+/// Writes `content` to `name` under `dir`, making its directories.
+pub fn write(dir: &Path, name: &str, content: &str) {
+    let p = dir.join(name);
+    std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+    std::fs::write(p, content).unwrap();
+}
+
 /// The installed guest kernel (`make setup` puts it there).
 pub fn kernel() -> PathBuf {
     vmc::assets::kernel(None).expect("the guest kernel is installed: run `make setup`")
@@ -151,6 +158,8 @@ impl TestVm {
             network: Default::default(),
             dns: Vec::new(),
             extra_hosts: Vec::new(),
+            mounts: Vec::new(),
+            read_only: false,
             engine: vmc::runtime::EngineConfig::Vm(vmc::runtime::VmEngineConfig {
                 upper_in_memory: false,
                 parked: false,

@@ -96,6 +96,8 @@ impl Builder<'_> {
                 network: self.o.network,
                 dns: Vec::new(),
                 extra_hosts: self.o.extra_hosts.clone(),
+                mounts: Vec::new(),
+                read_only: false,
                 engine,
             };
             let dir = self.tmp.join(format!("{}-{id}", self.o.mode));

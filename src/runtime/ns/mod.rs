@@ -219,6 +219,127 @@ pub fn root_ops() -> Vec<RootOp> {
     ops
 }
 
+/// The steps that mount a container's volumes, binds and tmpfs mounts
+/// (`mounts`, parents first). Mount points are made in the root (inside it) as Docker
+/// makes them. A bind is not recursive (what is mounted below its source
+/// is not seen), and always `nosuid,nodev`; read-only is the host kernel's
+/// per-mount flag, which the container cannot lift (it has no
+/// CAP_SYS_ADMIN).
+pub fn mount_ops(mounts: &[super::volume::Mount]) -> Vec<RootOp> {
+    use super::volume::MountSource;
+    let mut ops = Vec::new();
+    let mkdir_all = |ops: &mut Vec<RootOp>, path: &str| {
+        let mut at = String::new();
+        for part in path.split('/').filter(|p| !p.is_empty()) {
+            at.push('/');
+            at.push_str(part);
+            ops.push(RootOp::Mkdir(at.clone(), 0o755));
+        }
+    };
+    let mount = |source: String, target: &str, fstype: &str, flags: libc::c_ulong, data: String| {
+        RootOp::Mount {
+            source,
+            source_in_root: false,
+            target: target.to_string(),
+            fstype: fstype.into(),
+            flags,
+            data,
+            optional: false,
+        }
+    };
+    for m in mounts {
+        match &m.source {
+            MountSource::Tmpfs { flags, data } => {
+                mkdir_all(&mut ops, &m.target);
+                let ro = if m.readonly { libc::MS_RDONLY } else { 0 };
+                ops.push(mount(
+                    "tmpfs".into(),
+                    &m.target,
+                    "tmpfs",
+                    *flags | ro,
+                    data.clone(),
+                ));
+            }
+            _ => {
+                let Some(source) = m.host_path() else {
+                    continue;
+                };
+                if source.is_dir() {
+                    mkdir_all(&mut ops, &m.target);
+                } else {
+                    let parent = m.target.rsplit_once('/').map_or("", |(p, _)| p);
+                    mkdir_all(&mut ops, parent);
+                    ops.push(RootOp::Touch(m.target.clone()));
+                }
+                let s = source.display().to_string();
+                ops.push(mount(
+                    s.clone(),
+                    &m.target,
+                    "",
+                    libc::MS_BIND,
+                    String::new(),
+                ));
+                // The flags the source's own mount has are kept (in a
+                // user namespace the kernel refuses to drop them).
+                let ro = if m.readonly { libc::MS_RDONLY } else { 0 };
+                ops.push(mount(
+                    String::new(),
+                    &m.target,
+                    "",
+                    libc::MS_BIND
+                        | libc::MS_REMOUNT
+                        | libc::MS_NOSUID
+                        | libc::MS_NODEV
+                        | ro
+                        | locked_flags(&source),
+                    String::new(),
+                ));
+            }
+        }
+    }
+    ops
+}
+
+/// `--read-only`: the root remounted read-only, its own flag (nodev) kept;
+/// the last step, once every mount point is made.
+pub fn read_only_root() -> RootOp {
+    RootOp::Mount {
+        source: String::new(),
+        source_in_root: false,
+        target: "/".into(),
+        fstype: String::new(),
+        flags: libc::MS_BIND | libc::MS_REMOUNT | libc::MS_RDONLY | libc::MS_NODEV,
+        data: String::new(),
+        optional: false,
+    }
+}
+
+/// The mount flags of the filesystem `path` is on that a bind of it must
+/// keep: read-only, noexec and the atime ones.
+fn locked_flags(path: &Path) -> libc::c_ulong {
+    let Ok(c) = vmc_spawn::sys::cstr(path) else {
+        return 0;
+    };
+    // SAFETY: statvfs into a zeroed struct with a NUL-terminated path.
+    let f = unsafe {
+        let mut st: libc::statvfs = std::mem::zeroed();
+        if libc::statvfs(c.as_ptr(), &mut st) != 0 {
+            return 0;
+        }
+        st.f_flag
+    };
+    [
+        (libc::ST_RDONLY, libc::MS_RDONLY),
+        (libc::ST_NOEXEC, libc::MS_NOEXEC),
+        (libc::ST_NOATIME, libc::MS_NOATIME),
+        (libc::ST_NODIRATIME, libc::MS_NODIRATIME),
+        (libc::ST_RELATIME, libc::MS_RELATIME),
+    ]
+    .iter()
+    .filter(|(st, _)| f & st != 0)
+    .fold(0, |acc, (_, ms)| acc | ms)
+}
+
 /// Moves this process into a private mount namespace of its own: the
 /// container's mounts are seen by no one else and go away with the last
 /// process in it. Idempotent in effect (a second call nests another one).
@@ -380,6 +501,20 @@ pub fn run_attached(
         let list: Vec<String> = cg.dirs().iter().map(|d| d.display().to_string()).collect();
         let _ = std::fs::write(dir.join("cgroups"), list.join("\n"));
     }
+    // Volumes first made, and an empty one filled from the image's
+    // content at its mount point; then every mount, before the /etc files
+    // (a volume at /etc does not hide them, as in Docker), and last the
+    // root made read-only (after the mount points were made in it).
+    for m in super::volume::prepare(&cfg.mounts)? {
+        if let Some(data) = m.host_path() {
+            super::volume::populate(&root, &m.target, &data).map_err(sys(format!(
+                "filling volume {} from the image's {}",
+                data.display(),
+                m.target
+            )))?;
+        }
+    }
+    iso.ops.extend(mount_ops(&cfg.mounts));
     for (name, file) in network_files(cfg, dir)? {
         let target = format!("/etc/{name}");
         iso.ops.push(RootOp::Touch(target.clone()));
@@ -392,6 +527,9 @@ pub fn run_attached(
             data: String::new(),
             optional: true,
         });
+    }
+    if cfg.read_only {
+        iso.ops.push(read_only_root());
     }
     let prepared = match spawn::prepare_isolated(&cfg.process, &root_s, &root_s, &iso) {
         Ok(p) => p,
