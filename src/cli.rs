@@ -95,6 +95,19 @@ pub enum Command {
     /// (internal) Make a ready snapshot in the background (runtime/snapshot.rs).
     #[command(name = "__make-ready", hide = true)]
     MakeReady { job: PathBuf },
+    /// (internal) Serve a microVM's volumes over the socket at descriptor
+    /// `fd` (runtime/fsserver.rs).
+    #[command(name = "__fs-server", hide = true)]
+    FsServer {
+        #[arg(long)]
+        fd: i32,
+        /// An empty directory to build the server's root in.
+        #[arg(long)]
+        scratch: PathBuf,
+        /// The shares, as JSON.
+        #[arg(long)]
+        shares: String,
+    },
     /// (internal) Supervise a detached container.
     #[command(name = "__supervise", hide = true)]
     Supervise {

@@ -53,8 +53,13 @@ fn main() {
         std::process::exit(vmc::vmm::process::serve());
     }
     // Descriptors inherited from whoever started vmc never reach a
-    // container, passt, the VMM or a detached supervisor.
-    if let Err(e) = vmc_spawn::sys::close_inherited_fds() {
+    // container, passt, the VMM or a detached supervisor. (A volume file
+    // server's parent passed it exactly its socket, as descriptor 3.)
+    let fs_server = std::env::args_os()
+        .nth(1)
+        .is_some_and(|a| a == "__fs-server");
+    if fs_server {
+    } else if let Err(e) = vmc_spawn::sys::close_inherited_fds() {
         eprintln!("vmc: cannot close inherited file descriptors: {e}");
         std::process::exit(EXIT_VMC_ERROR);
     }
@@ -199,5 +204,10 @@ fn dispatch(cli: Cli) -> Result<i32> {
         Command::System(SystemCommand::Prune { all }) => prune(all),
         Command::System(SystemCommand::InspectSnapshot { dir }) => inspect_snapshot(&dir),
         Command::Volume(c) => volume_cmd(c),
+        Command::FsServer {
+            fd,
+            scratch,
+            shares,
+        } => fs_server(fd, &scratch, &shares),
     }
 }

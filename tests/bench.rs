@@ -136,6 +136,14 @@ fn quick_report_has_every_scenario_in_every_runtime() {
     has(find("syscall", "time per syscall"), &all);
     has(find("disk", "write + fsync"), &all);
     has(find("disk", "read back (page cache)"), &all);
+    for metric in [
+        "1 MiB file read, volume",
+        "find over the tree, volume",
+        "1 MiB file read, own root",
+        "find over the tree, own root",
+    ] {
+        has(find("volume", metric), &long_lived);
+    }
     for metric in ["round trip, 1 byte", "host to sandbox", "sandbox to host"] {
         has(find("port", metric), &["ns", "vm"]);
     }

@@ -199,6 +199,7 @@ fn placeholder_config(dir: &Path, agent: &Path, vsock: &Path, memory: u64) -> vm
         memory,
         None,
         vmc::runtime::microvm::unplugged().unwrap(),
+        None,
     )
 }
 

@@ -254,6 +254,10 @@ pub fn mount_root(spec: &RootSpec, lap: &mut dyn FnMut(&'static str)) -> io::Res
     crate::layers::mount_stack(IMAGE, SCRATCH, ROOT, &spec.etc, spec.upper_in_memory, lap)?;
     set_hostname(&spec.hostname)?;
     lap("hostname");
+    if !spec.mounts.is_empty() || spec.read_only {
+        crate::volumes::mount_all(ROOT, &spec.mounts, &spec.etc, spec.read_only)?;
+        lap("volumes");
+    }
     Ok(())
 }
 
@@ -268,6 +272,10 @@ pub fn personalize(spec: &RootSpec, lap: &mut dyn FnMut(&'static str)) -> io::Re
         crate::netcfg::configure(net)
             .map_err(|e| io::Error::new(e.kind(), format!("network {}: {e}", net.ifname)))?;
         lap("network");
+    }
+    if !spec.mounts.is_empty() || spec.read_only {
+        crate::volumes::mount_all(ROOT, &spec.mounts, &spec.etc, spec.read_only)?;
+        lap("volumes");
     }
     Ok(())
 }

@@ -14,6 +14,7 @@ mod rootfs;
 mod session;
 #[cfg(test)]
 mod testns;
+mod volumes;
 mod vsock;
 
 use std::sync::atomic::{AtomicUsize, Ordering};

@@ -77,6 +77,32 @@ pub struct RootSpec {
     /// VM): the disk's filesystem is not mounted, and nothing is synced
     /// when the process ends.
     pub upper_in_memory: bool,
+    /// Volumes and tmpfs mounts, parents first, made in the root once it
+    /// is assembled (or personalized).
+    #[serde(default)]
+    pub mounts: Vec<GuestMount>,
+    /// `--read-only`: the root remounted read-only after the mounts.
+    #[serde(default)]
+    pub read_only: bool,
+}
+
+/// A mount the agent makes in the container root.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GuestMount {
+    /// Inside the root (resolved within it).
+    pub target: String,
+    pub readonly: bool,
+    pub kind: GuestMountKind,
+}
+
+/// What a [`GuestMount`] mounts.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum GuestMountKind {
+    /// Entry `/N` of the virtio-fs share (tag `vmc`), a directory or (with
+    /// `file`) a file, bound at the target.
+    Share { index: u32, file: bool },
+    /// A tmpfs: mount(2) flags and data.
+    Tmpfs { flags: u64, data: String },
 }
 
 /// A guest network interface to bring up without an address.

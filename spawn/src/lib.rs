@@ -49,8 +49,8 @@ use child::child_main;
 use isolation::{prepare_isolation, PreparedIsolation};
 pub use isolation::{Isolation, RootOp, SeccompProgram, DOCKER_DEFAULT_CAPS};
 pub use resolve::{
-    clean_path, executables_in, open_dir_in_root, read_in_root_path, resolve_ahead, DEFAULT_PATH,
-    MAX_ID_FILE,
+    clean_path, executables_in, open_dir_in_root, open_path_in_root, read_in_root_path,
+    resolve_ahead, DEFAULT_PATH, MAX_ID_FILE,
 };
 use resolve::{read_in_root, resolve_executable};
 

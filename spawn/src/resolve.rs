@@ -44,6 +44,18 @@ pub fn open_dir_in_root(root: &OwnedFd, path: &str) -> io::Result<OwnedFd> {
     )
 }
 
+/// Opens `path` inside `root` (symlinks and `..` resolve within the root)
+/// as an O_PATH descriptor: a mount point to mount through
+/// `/proc/self/fd`.
+pub fn open_path_in_root(root: &OwnedFd, path: &str) -> io::Result<OwnedFd> {
+    let rel = path.trim_start_matches('/');
+    open_in_root(
+        root,
+        if rel.is_empty() { "." } else { rel },
+        libc::O_PATH as u64,
+    )
+}
+
 /// The most bytes of a root's /etc/passwd or /etc/group read: an image's
 /// could be any size, and namespace mode reads it on the host.
 pub const MAX_ID_FILE: u64 = 4 << 20;

@@ -33,7 +33,7 @@ use runtimes::{Kind, Runtime};
 #[derive(Args, Debug)]
 pub struct BenchArgs {
     /// Scenarios: start, boot, exec, memory, density, cpu, syscall, disk,
-    /// port, net, vmm (default: all; --quick leaves out boot).
+    /// volume, port, net, vmm (default: all; --quick leaves out boot).
     #[arg(value_name = "SCENARIO")]
     pub scenarios: Vec<String>,
     /// Measured runs per scenario, after one warm-up run (default: 5, 1 with --quick).
@@ -76,14 +76,15 @@ pub struct BenchArgs {
 }
 
 /// Every scenario, in report order.
-pub const SCENARIOS: [&str; 11] = [
-    "start", "boot", "exec", "memory", "density", "cpu", "syscall", "disk", "port", "net", "vmm",
+pub const SCENARIOS: [&str; 12] = [
+    "start", "boot", "exec", "memory", "density", "cpu", "syscall", "disk", "volume", "port",
+    "net", "vmm",
 ];
 
 /// Errors running benchmarks.
 #[derive(Debug, thiserror::Error)]
 pub enum BenchError {
-    #[error("unknown scenario '{0}' (available: start, boot, exec, memory, density, cpu, syscall, disk, port, net, vmm)")]
+    #[error("unknown scenario '{0}' (available: start, boot, exec, memory, density, cpu, syscall, disk, volume, port, net, vmm)")]
     Scenario(String),
     #[error("image '{0}' is not in the store: pass --image with one from `vmc images`, or run `make rootfs` for the default busybox")]
     NoImage(String),
@@ -110,6 +111,8 @@ pub struct Sizes {
     pub cpu_iterations: u64,
     pub syscall_bytes: u64,
     pub disk_kib: u64,
+    /// The `volume` scenario's tree: this many small files.
+    pub volume_files: usize,
     pub transfer_kib: u64,
     pub pings: usize,
     pub density: Vec<usize>,
@@ -123,6 +126,7 @@ impl Sizes {
                 cpu_iterations: 200_000,
                 syscall_bytes: 1000,
                 disk_kib: 256,
+                volume_files: 100,
                 transfer_kib: 64,
                 pings: 5,
                 density: vec![2],
@@ -133,6 +137,7 @@ impl Sizes {
                 cpu_iterations: 2_000_000,
                 syscall_bytes: 10_000,
                 disk_kib: 4096,
+                volume_files: 1000,
                 transfer_kib: 1024,
                 pings: 50,
                 density: vec![1, 8, 32],

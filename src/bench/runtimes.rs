@@ -173,7 +173,12 @@ pub struct StartOpts {
     pub network_none: bool,
     /// `-p HOST:CONTAINER` pairs.
     pub ports: Vec<(u16, u16)>,
+    /// A host directory mounted at [`VOLUME_AT`] (`-v`, crun's bind mount).
+    pub volume: Option<PathBuf>,
 }
+
+/// Where the `volume` scenario's host directory is mounted.
+pub const VOLUME_AT: &str = "/vmc-vol";
 
 impl Env {
     pub fn new(exe: PathBuf, image: String, kernel: Option<PathBuf>, tmp: PathBuf) -> Env {
@@ -248,7 +253,12 @@ impl Env {
     }
 
     /// An OCI bundle for crun running `argv` on the shared root.
-    fn bundle(&self, name: &str, argv: &[String]) -> Result<PathBuf, MeasureError> {
+    fn bundle(
+        &self,
+        name: &str,
+        argv: &[String],
+        volume: Option<&Path>,
+    ) -> Result<PathBuf, MeasureError> {
         let dir = self.tmp.join("bundles").join(name);
         std::fs::create_dir_all(&dir).map_err(MeasureError::io("making the crun bundle"))?;
         let mut spec = Spec::default();
@@ -260,6 +270,18 @@ impl Env {
             .set_readonly(Some(false));
         spec.set_root(Some(root));
         spec.set_hostname(Some("vmc-bench".into()));
+        if let Some(v) = volume {
+            let mut mounts = spec.mounts().clone().unwrap_or_default();
+            mounts.push(
+                oci_spec::runtime::MountBuilder::default()
+                    .destination(VOLUME_AT)
+                    .typ("bind")
+                    .source(v)
+                    .options(vec!["rbind".to_string(), "rw".to_string()])
+                    .build()?,
+            );
+            spec.set_mounts(Some(mounts));
+        }
         spec.save(dir.join("config.json"))?;
         Ok(dir)
     }
@@ -280,7 +302,7 @@ impl Env {
             }
             Kind::Crun => {
                 let name = self.name();
-                let bundle = self.bundle(&name, argv)?;
+                let bundle = self.bundle(&name, argv, None)?;
                 let mut c = self.crun();
                 c.args(["run", "--bundle"]).arg(bundle).arg(name);
                 c
@@ -382,11 +404,14 @@ impl Env {
                 for (h, g) in &opts.ports {
                     c.arg("-p").arg(format!("127.0.0.1:{h}:{g}"));
                 }
+                if let Some(v) = &opts.volume {
+                    c.arg("-v").arg(format!("{}:{VOLUME_AT}", v.display()));
+                }
                 c.arg(&self.image).args(argv);
                 c
             }
             Kind::Crun => {
-                let bundle = self.bundle(name, argv)?;
+                let bundle = self.bundle(name, argv, opts.volume.as_deref())?;
                 let mut c = self.crun();
                 c.args(["run", "-d", "--bundle"]).arg(bundle).arg(name);
                 c

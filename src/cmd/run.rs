@@ -203,7 +203,7 @@ pub(crate) fn run(args: RunArgs, create_only: bool) -> Result<i32> {
             user: args.user.clone(),
         },
     )?;
-    let mounts = mounts(&args, image_config.as_ref(), ns)?;
+    let mounts = mounts(&args, image_config.as_ref())?;
     let network = network_for(ns, args.network.as_deref())?;
     let mut ports = Vec::new();
     for p in &args.publish {
@@ -353,12 +353,12 @@ pub(crate) fn run(args: RunArgs, create_only: bool) -> Result<i32> {
 }
 
 /// The container's mounts: `-v`, `--mount` and `--tmpfs`, and an anonymous
-/// volume for each of the image's VOLUMEs (namespace mode); the volumes
-/// are created now, as Docker creates them with the container.
+/// volume for each of the image's VOLUMEs; the volumes are created now, as
+/// Docker creates them with the container (a microVM's reach it through
+/// virtio-fs).
 fn mounts(
     args: &RunArgs,
     image: Option<&oci_spec::image::Config>,
-    ns: bool,
 ) -> Result<Vec<runtime::volume::Mount>> {
     use runtime::volume;
     let mut given = Vec::new();
@@ -378,15 +378,6 @@ fn mounts(
     }
     for t in &args.tmpfs {
         given.push(volume::parse_tmpfs_flag(t)?);
-    }
-    if !ns {
-        if !given.is_empty() || args.read_only {
-            bail!(
-                "-v, --mount, --tmpfs and --read-only need namespace mode for now (--mode ns): a microVM has no shared filesystem (virtio-fs) yet"
-            );
-        }
-        // The image's VOLUMEs stay part of the VM's root, as before.
-        return Ok(Vec::new());
     }
     let image_volumes: Vec<String> = image.and_then(|c| c.volumes().clone()).unwrap_or_default();
     let mounts = volume::plan(given, &image_volumes)?;

@@ -86,3 +86,18 @@ pub(crate) fn volume_cmd(c: VolumeCommand) -> Result<i32> {
         }
     }
 }
+
+/// `vmc __fs-server`: serves a microVM's volumes until the VMM closes its
+/// end of the socket.
+pub(crate) fn fs_server(fd: i32, scratch: &std::path::Path, shares: &str) -> Result<i32> {
+    use std::os::fd::FromRawFd;
+    let shares: Vec<vmc::runtime::fsserver::Share> = serde_json::from_str(shares)?;
+    if fd < 3 {
+        anyhow::bail!("--fd {fd}: not a socket this process was given");
+    }
+    // SAFETY: the descriptor was left open for this process by its parent
+    // (runtime::fsserver::start), and nothing else here owns it.
+    let sock = unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) };
+    vmc::runtime::fsserver::serve(sock, scratch, &shares)?;
+    Ok(0)
+}

@@ -44,8 +44,9 @@ pub const RESET_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// The VM layout shared by cold boots, snapshot creation and restores (a
 /// restore needs the same devices in the same order): the agent's root disk,
-/// the image disk, the scratch disk, vsock, rng, net. The network device is
-/// always there (the snapshot's guest has probed it); `net` is its backend.
+/// the image disk, the scratch disk, vsock, rng, net, fs. The network and
+/// file-sharing devices are always there (the snapshot's guest has probed
+/// them); `net` and `fs` are their backends.
 #[allow(clippy::too_many_arguments)]
 pub fn vm_config(
     kernel: &Path,
@@ -57,6 +58,7 @@ pub fn vm_config(
     memory: u64,
     console: Option<Box<dyn Write + Send>>,
     net: std::os::unix::net::UnixStream,
+    fs: Option<std::os::fd::OwnedFd>,
 ) -> VmConfig {
     // The agent's disk is the guest's root; extra parameters (VMC_KERNEL_ARGS)
     // are for experiments and debugging.
@@ -86,7 +88,10 @@ pub fn vm_config(
         .with_device(DeviceConfig::Net {
             mac: GUEST_MAC,
             backend: net,
-        });
+        })
+        // Always there, as the network device is (the snapshot's guest has
+        // probed it); with volumes, its file server is `fs`.
+        .with_device(DeviceConfig::Fs { backend: fs });
     vm.console = console;
     vm.guest_profile = crate::host::knobs().guest_profile.clone();
     vm

@@ -211,6 +211,14 @@ pub fn use_vmm_binary(vmc: &Path) {
     let _ = VMM_BINARY.set(vmc.to_path_buf());
 }
 
+/// The vmc binary helper processes run from (`__vmm`, `__fs-server`).
+pub fn vmc_binary() -> PathBuf {
+    VMM_BINARY
+        .get()
+        .cloned()
+        .unwrap_or_else(|| PathBuf::from("/proc/self/exe"))
+}
+
 static SEQ: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
 
 /// A jailed VMM process started ahead of its VM (its exec and its cgroup
@@ -278,10 +286,7 @@ impl Pending {
             hold: slot
                 .as_ref()
                 .map(|(_, f)| std::os::fd::AsRawFd::as_raw_fd(f)),
-            exe: VMM_BINARY
-                .get()
-                .cloned()
-                .unwrap_or_else(|| PathBuf::from("/proc/self/exe")),
+            exe: vmc_binary(),
             argv,
             user_namespace: rootless,
         };

@@ -47,6 +47,11 @@ pub struct MicroVm {
     passt: Option<(super::net::Passt, super::net::HostIpv4)>,
     /// The snapshot it was restored from.
     snapshot: Option<snapshot::Restored>,
+    /// The file server of its volumes (killed with the VM).
+    _fs_server: Option<super::fsserver::Running>,
+    /// What the agent mounts in the root, and `--read-only`.
+    mounts: Vec<vmc_proto::GuestMount>,
+    read_only: bool,
 }
 
 impl MicroVm {
@@ -152,6 +157,27 @@ impl MicroVm {
             }
             None => (unplugged().map_err(state_err)?, None),
         };
+        // Volumes: made (and an empty one filled from the image), then
+        // served by a file server of their own behind the virtio-fs device.
+        let (shares, mounts) = guest_mounts(&cfg.mounts);
+        for m in super::volume::prepare(&cfg.mounts)? {
+            if let (Some(data), Some(id)) = (m.host_path(), &cfg.image_id) {
+                fill_from_image(id, &m.target, &data, dir)?;
+            }
+        }
+        let fs_server = if shares.is_empty() {
+            None
+        } else {
+            Some(
+                super::fsserver::start(&shares, &dir.join("fs-root")).map_err(|e| {
+                    RuntimeError::Volume(super::volume::VolumeError::Io("(server)".into(), e))
+                })?,
+            )
+        };
+        let (fs_server, fs_end) = match fs_server {
+            Some((running, fd)) => (Some(running), Some(fd)),
+            None => (None, None),
+        };
         // Each attempt (a snapshot that fails to restore is followed by
         // another) gets its own descriptor of our end of the network.
         let config = |console| -> Result<vmm::VmConfig, RuntimeError> {
@@ -165,6 +191,11 @@ impl MicroVm {
                 memory,
                 console,
                 ours.try_clone().map_err(state_err)?,
+                fs_end
+                    .as_ref()
+                    .map(|f| f.try_clone())
+                    .transpose()
+                    .map_err(state_err)?,
             ))
         };
         // The VM, booted (no snapshot) or restored from `snapshot`.
@@ -184,6 +215,9 @@ impl MicroVm {
                 running_ms: super::elapsed_ms(),
                 passt,
                 snapshot,
+                _fs_server: fs_server,
+                mounts,
+                read_only: cfg.read_only,
             }
         };
         if how == Start::Cold || vm_cfg.debug {
@@ -453,6 +487,8 @@ impl MicroVm {
             link: None,
             etc,
             upper_in_memory,
+            mounts: self.mounts.clone(),
+            read_only: self.read_only,
         }
     }
 
@@ -573,6 +609,104 @@ fn warm_spec(process: &vmc_proto::ProcessSpec) -> vmc_proto::ProcessSpec {
         user: process.user.clone(),
         ..Default::default()
     }
+}
+
+/// The file server's shares and the agent's mounts for `mounts`: each bind
+/// or volume is share `N` (the order of `mounts`), a tmpfs is the agent's
+/// own.
+fn guest_mounts(
+    mounts: &[super::volume::Mount],
+) -> (Vec<super::fsserver::Share>, Vec<vmc_proto::GuestMount>) {
+    use vmc_proto::{GuestMount, GuestMountKind};
+    let mut shares = Vec::new();
+    let mut guest = Vec::new();
+    for m in mounts {
+        let kind = match (&m.source, m.host_path()) {
+            (super::volume::MountSource::Tmpfs { flags, data }, _) => GuestMountKind::Tmpfs {
+                flags: *flags,
+                data: data.clone(),
+            },
+            (_, Some(source)) => {
+                let file = !source.is_dir();
+                shares.push(super::fsserver::Share {
+                    source,
+                    readonly: m.readonly,
+                });
+                GuestMountKind::Share {
+                    index: shares.len() as u32 - 1,
+                    file,
+                }
+            }
+            (_, None) => continue,
+        };
+        guest.push(GuestMount {
+            target: m.target.clone(),
+            readonly: m.readonly,
+            kind,
+        });
+    }
+    (shares, guest)
+}
+
+/// Fills the empty volume directory `data` from `target` of image `id`'s
+/// root: its layers (unpacked as namespace mode unpacks them) stacked in an
+/// overlay mounted, read-only, in a mount namespace of a thread of its own,
+/// which goes with the thread.
+fn fill_from_image(id: &str, target: &str, data: &Path, dir: &Path) -> Result<(), RuntimeError> {
+    let home = super::vmc_home();
+    let store = crate::image::Store::open(&home)
+        .map_err(|e| RuntimeError::Namespace(format!("the image store: {e}")))?;
+    let img = store
+        .resolve(id)
+        .map_err(|e| RuntimeError::Namespace(format!("the image of a volume: {e}")))?;
+    let layers = crate::image::disk::layer_dirs(&store, &img, &home.join("cache"))
+        .map_err(|e| RuntimeError::Namespace(format!("unpacking the image's layers: {e}")))?;
+    let at = dir.join("fill-root");
+    let what = format!("filling {} from the image's {target}", data.display());
+    let (target, data) = (target.to_string(), data.to_path_buf());
+    let io = |what: &'static str| {
+        move |e: std::io::Error| std::io::Error::new(e.kind(), format!("{what}: {e}"))
+    };
+    let filled = std::thread::spawn(move || -> std::io::Result<()> {
+        // SAFETY: unshare/mount with valid arguments on this thread only
+        // (CLONE_FS: its root and mounts are its own).
+        unsafe {
+            if libc::unshare(libc::CLONE_FS | libc::CLONE_NEWNS) < 0
+                || libc::mount(
+                    std::ptr::null(),
+                    c"/".as_ptr(),
+                    std::ptr::null(),
+                    libc::MS_REC | libc::MS_PRIVATE,
+                    std::ptr::null(),
+                ) < 0
+            {
+                return Err(io("a mount namespace")(std::io::Error::last_os_error()));
+            }
+        }
+        let root = match layers.as_slice() {
+            [] => return Ok(()),
+            [one] => one.clone(),
+            many => {
+                std::fs::create_dir_all(&at)?;
+                let lower: Vec<String> =
+                    many.iter().rev().map(|p| p.display().to_string()).collect();
+                vmc_spawn::sys::mount(
+                    Some("overlay"),
+                    &at.display().to_string(),
+                    Some("overlay"),
+                    libc::MS_RDONLY | libc::MS_NODEV | libc::MS_NOSUID,
+                    Some(&format!("lowerdir={}", lower.join(":"))),
+                )
+                .map_err(io("mounting the image's layers"))?;
+                at.clone()
+            }
+        };
+        super::volume::populate(&root, &target, &data)
+    });
+    filled
+        .join()
+        .map_err(|_| RuntimeError::Namespace("filling a volume: the thread failed".into()))?
+        .map_err(|e| RuntimeError::Volume(super::volume::VolumeError::Io(what, e)))
 }
 
 #[cfg(test)]

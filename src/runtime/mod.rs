@@ -9,6 +9,7 @@ pub mod caps;
 pub mod cgroup;
 pub mod devices;
 pub mod engine;
+pub mod fsserver;
 pub mod guest;
 pub mod jail;
 pub mod lifecycle;

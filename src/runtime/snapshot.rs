@@ -520,6 +520,7 @@ fn create_ready(
             b.memory,
             None,
             unplugged().map_err(|e| RuntimeError::Network(e.to_string()))?,
+            None,
         ))
     };
     let vm = super::jail::start(cfg(&vsock)?, Some((base_dir, base_key)), None)?;
@@ -545,6 +546,9 @@ fn create_ready(
             .map(|n| (n.to_string(), String::new()))
             .collect(),
         upper_in_memory: true,
+        // A ready snapshot holds no volume: a run's are mounted after.
+        mounts: Vec::new(),
+        read_only: false,
     };
     let answers = AgentConn::connect(&vsock, AGENT_PORT, &mut watch).and_then(|mut c| {
         let refreshed = c.request(&refresh_msg(), &mut watch)?;
@@ -719,6 +723,7 @@ fn create(tmp: &Path, spec: &SnapshotSpec, key: &str) -> Result<(), RuntimeError
             spec.memory,
             None,
             unplugged().map_err(|e| RuntimeError::Network(e.to_string()))?,
+            None,
         ))
     };
     let vm = super::jail::start(cfg(&vsock)?, None, None)?;

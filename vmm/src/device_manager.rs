@@ -3,7 +3,7 @@
 //! ioeventfds and event-loop tokens. The order is the snapshot ABI (see
 //! [`super::VmConfig::devices`]).
 
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
@@ -16,6 +16,7 @@ use super::memory::{IRQ_MAX, VIRTIO_IRQ_BASE, VIRTIO_MMIO_BASE, VIRTIO_MMIO_SIZE
 use super::{event_loop, kvm_err, setup_err, DiskConfig, VmmError};
 use crate::devices::bus::Bus;
 use crate::devices::virtio::block::Block;
+use crate::devices::virtio::fs::Fs;
 use crate::devices::virtio::mmio::{MmioTransport, NOTIFY_OFFSET};
 use crate::devices::virtio::net::Net;
 use crate::devices::virtio::rng::Rng;
@@ -35,6 +36,10 @@ pub enum DeviceConfig {
     /// A virtio-net device with this MAC whose frames go through `backend`
     /// (to passt; a socket whose peer is gone makes a cable-less NIC).
     Net { mac: [u8; 6], backend: UnixStream },
+    /// A virtio-fs device (tag `vmc`) whose FUSE requests go to a file
+    /// server at the other end of `backend` (a SEQPACKET socket); without
+    /// one every request is refused (a VM with no volumes).
+    Fs { backend: Option<OwnedFd> },
 }
 
 /// A virtio device shared by its transport and the event loop.
@@ -62,6 +67,9 @@ impl DeviceConfig {
             DeviceConfig::Rng => Arc::new(Mutex::new(Rng::default())),
             DeviceConfig::Net { mac, backend } => {
                 Arc::new(Mutex::new(Net::new(mac, backend).map_err(setup_err)?))
+            }
+            DeviceConfig::Fs { backend } => {
+                Arc::new(Mutex::new(Fs::new(backend).map_err(setup_err)?))
             }
         })
     }

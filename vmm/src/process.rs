@@ -52,6 +52,11 @@ pub enum DeviceSpec {
     Net {
         mac: [u8; 6],
     },
+    /// With `backend`, the file server's socket is the next passed
+    /// descriptor.
+    Fs {
+        backend: bool,
+    },
 }
 
 /// Everything the child needs to build and confine its VM.
@@ -308,6 +313,11 @@ impl Launch {
                 DeviceConfig::Net { mac, backend } => {
                     fds.push(OwnedFd::from(backend));
                     DeviceSpec::Net { mac }
+                }
+                DeviceConfig::Fs { backend } => {
+                    let some = backend.is_some();
+                    fds.extend(backend);
+                    DeviceSpec::Fs { backend: some }
                 }
             })
             .collect();
@@ -849,6 +859,11 @@ pub fn serve() -> i32 {
                     backend: std::os::unix::net::UnixStream::from(fd),
                 },
                 None => return fail(false, "no descriptor for the network device".into()),
+            },
+            DeviceSpec::Fs { backend: false } => DeviceConfig::Fs { backend: None },
+            DeviceSpec::Fs { backend: true } => match net.next() {
+                Some(fd) => DeviceConfig::Fs { backend: Some(fd) },
+                None => return fail(false, "no descriptor for the virtio-fs device".into()),
             },
         });
     }

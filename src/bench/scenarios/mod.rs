@@ -10,7 +10,7 @@ use std::io::{IsTerminal, Write};
 use std::time::{Duration, Instant};
 
 use super::report::{Row, Summary};
-use super::runtimes::{self, Env, Kind, MeasureError, Runtime, Sandbox, StartOpts};
+use super::runtimes::{self, Env, Kind, MeasureError, Runtime, Sandbox, StartOpts, VOLUME_AT};
 use super::{BenchError, Sizes};
 
 mod net;
@@ -70,6 +70,10 @@ const CPU: Metric = ("arithmetic loop", "ms", true);
 const SYSCALL: Metric = ("time per syscall", "µs", true);
 const WRITE: Metric = ("write + fsync", "MB/s", false);
 const READ: Metric = ("read back (page cache)", "MB/s", false);
+const VOL_READ: Metric = ("1 MiB file read, volume", "ms", true);
+const VOL_FIND: Metric = ("find over the tree, volume", "ms", true);
+const OWN_READ: Metric = ("1 MiB file read, own root", "ms", true);
+const OWN_FIND: Metric = ("find over the tree, own root", "ms", true);
 const PORT_RTT: Metric = ("round trip, 1 byte", "ms", true);
 const PORT_UP: Metric = ("host to sandbox", "MB/s", false);
 const PORT_DOWN: Metric = ("sandbox to host", "MB/s", false);
@@ -103,6 +107,9 @@ pub struct Bench {
     workloads: BTreeMap<String, String>,
     /// Per runtime: a sandbox that sleeps (exec, cpu, syscall, disk).
     idle: BTreeMap<String, Sandbox>,
+    /// Long-lived runtimes' sandboxes with the `volume` scenario's
+    /// directory mounted.
+    vol_idle: BTreeMap<String, Sandbox>,
     /// Per runtime: a networked sandbox with echo, sink and source
     /// servers behind published ports (port, net).
     service: BTreeMap<String, (Sandbox, [u16; 3])>,
@@ -129,6 +136,7 @@ impl Bench {
             notes: Vec::new(),
             workloads: BTreeMap::new(),
             idle: BTreeMap::new(),
+            vol_idle: BTreeMap::new(),
             service: BTreeMap::new(),
             progress: std::io::stderr().is_terminal(),
             durations: BTreeMap::new(),
@@ -287,6 +295,29 @@ impl Bench {
                     ])
                 })
             }
+            "volume" => {
+                let files = sz.volume_files;
+                self.workload(name, &format!("`cat` of a 1 MiB file and `find` over a tree of {files} files ({} directories), through a host directory mounted with `-v DIR:{VOLUME_AT}` (a microVM's through virtio-fs, crun's a bind mount) and in the sandbox's own root (a copy made there before the runs)", files.div_ceil(100)));
+                let rts = self.with_volume(files);
+                self.measure(name, &rts, self.warmup, self.runs, |b, rt| {
+                    let sb = &b.vol_idle[&rt.name];
+                    let t = b.timed_in(
+                        sb,
+                        &[
+                            &format!("cat {VOLUME_AT}/big > /dev/null"),
+                            &format!("find {VOLUME_AT}/tree > /dev/null"),
+                            "cat /vmc-own/big > /dev/null",
+                            "find /vmc-own/tree > /dev/null",
+                        ],
+                    )?;
+                    Ok(vec![
+                        (VOL_READ, t[0]),
+                        (VOL_FIND, t[1]),
+                        (OWN_READ, t[2]),
+                        (OWN_FIND, t[3]),
+                    ])
+                })
+            }
             "port" => {
                 self.workload(name, &format!("through published ports (`-p 127.0.0.1:H:C`) to busybox nc servers in the sandbox: {} one-byte echoes, {} KiB each way", sz.pings, sz.transfer_kib));
                 let rts = self.with_service();
@@ -351,6 +382,62 @@ impl Bench {
                     }
                     Err(e) => {
                         self.note_once(format!("{}: no idle sandbox: {e}", rt.name));
+                        continue;
+                    }
+                }
+            }
+            out.push(rt);
+        }
+        out
+    }
+
+    /// Long-lived runtimes, each with a sandbox that has the `volume`
+    /// scenario's host directory (made once: a 1 MiB file and a tree of
+    /// `files` small files) mounted, and a copy of it in its own
+    /// root.
+    fn with_volume(&mut self, files: usize) -> Vec<Runtime> {
+        let dir = self.env.tmp.join("volume");
+        if !dir.join("tree").is_dir() {
+            if let Err(e) = volume_dir(&dir, files) {
+                self.note_once(format!("volume: no host directory: {e}"));
+                return Vec::new();
+            }
+        }
+        let mut out = Vec::new();
+        for rt in self.long_lived() {
+            if !self.vol_idle.contains_key(&rt.name) {
+                self.status(&format!("starting a sandbox with a volume in {}", rt.name));
+                let opts = StartOpts {
+                    network_none: true,
+                    volume: Some(dir.clone()),
+                    ..Default::default()
+                };
+                let started = self
+                    .env
+                    .start(&rt, &argv(&["sleep", "1000000"]), &opts)
+                    .and_then(|sb| {
+                        let copy = format!(
+                            "mkdir -p /vmc-own && cp -a {VOLUME_AT}/big {VOLUME_AT}/tree /vmc-own/"
+                        );
+                        let out = self
+                            .env
+                            .exec(&sb, &argv(&["sh", "-c", &copy]))
+                            .output()
+                            .map_err(MeasureError::io("copying into the sandbox's root"))?;
+                        if !out.status.success() {
+                            return Err(MeasureError::Failed {
+                                status: out.status,
+                                stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+                            });
+                        }
+                        Ok(sb)
+                    });
+                match started {
+                    Ok(sb) => {
+                        self.vol_idle.insert(rt.name.clone(), sb);
+                    }
+                    Err(e) => {
+                        self.note_once(format!("{}: no sandbox with a volume: {e}", rt.name));
                         continue;
                     }
                 }
@@ -614,6 +701,16 @@ impl Bench {
         };
         markers(&mut cmd, steps.len())
     }
+
+    /// [`Self::timed_work`] in sandbox `sb`.
+    fn timed_in(&self, sb: &Sandbox, steps: &[&str]) -> Result<Vec<f64>, MeasureError> {
+        let mut script = String::from("echo S");
+        for s in steps {
+            script.push_str(&format!("; {s} || exit 97; echo E"));
+        }
+        let mut cmd = self.env.exec(sb, &argv(&["sh", "-c", &script]));
+        markers(&mut cmd, steps.len())
+    }
 }
 
 fn row(scenario: &str, m: Metric, results: BTreeMap<String, Summary>) -> Row {
@@ -624,6 +721,26 @@ fn row(scenario: &str, m: Metric, results: BTreeMap<String, Summary>) -> Row {
         lower_is_better: m.2,
         results,
     }
+}
+
+/// The `volume` scenario's host directory: `big` (1 MiB) and `tree`, of
+/// `files` files, 100 to a directory.
+fn volume_dir(dir: &std::path::Path, files: usize) -> std::io::Result<()> {
+    let tmp = dir.with_extension("tmp");
+    let _ = std::fs::remove_dir_all(&tmp);
+    std::fs::create_dir_all(tmp.join("tree"))?;
+    let big: Vec<u8> = (0..1 << 20)
+        .map(|i: u32| (i.wrapping_mul(2654435761) >> 24) as u8)
+        .collect();
+    std::fs::write(tmp.join("big"), big)?;
+    for d in 0..files.div_ceil(100) {
+        let sub = tmp.join("tree").join(format!("d{d}"));
+        std::fs::create_dir(&sub)?;
+        for f in 0..100.min(files - d * 100) {
+            std::fs::write(sub.join(format!("f{f}")), format!("{d}/{f}\n"))?;
+        }
+    }
+    std::fs::rename(&tmp, dir)
 }
 
 fn argv(a: &[&str]) -> Vec<String> {

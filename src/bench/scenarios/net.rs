@@ -21,6 +21,7 @@ impl Bench {
         let opts = StartOpts {
             network_none: false,
             ports: vec![(ports[0], 7001), (ports[1], 7002), (ports[2], 7003)],
+            volume: None,
         };
         let sb = self.env.start(rt, &argv(&["sh", "-c", &script]), &opts)?;
         // Ready when the echo server answers.

@@ -316,7 +316,7 @@ pub fn read_only_root() -> RootOp {
 
 /// The mount flags of the filesystem `path` is on that a bind of it must
 /// keep: read-only, noexec and the atime ones.
-fn locked_flags(path: &Path) -> libc::c_ulong {
+pub fn locked_flags(path: &Path) -> libc::c_ulong {
     let Ok(c) = vmc_spawn::sys::cstr(path) else {
         return 0;
     };

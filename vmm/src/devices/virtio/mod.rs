@@ -6,6 +6,7 @@
 //! per queue, handled by the event loop, never by the vCPU thread.
 
 pub mod block;
+pub mod fs;
 pub mod mmio;
 pub mod net;
 pub mod rng;

@@ -1,0 +1,353 @@
+//! The file server behind a microVM's volumes (`vmc __fs-server`): FUSE
+//! over a SEQPACKET socket whose other end is the VMM's virtio-fs device
+//! (`vmc_vmm::devices::virtio::fs`), one request per message, served by
+//! fuse-backend-rs's passthrough filesystem (the one Cloud Hypervisor's and
+//! Kata's virtiofsd grew from) rather than a FUSE server of vmc's own.
+//!
+//! The server's root is a tmpfs holding the container's shares, each a
+//! bind mount at `/0`, `/1`, ... (read-only ones are read-only mounts: the
+//! host kernel refuses the writes, whatever the guest sends), and the
+//! process is pivoted into it in mount, network, IPC and UTS namespaces of
+//! its own: a `..` from the root stays at the root, so a guest that sends
+//! any lookup it likes reaches nothing but the shares. It keeps only the
+//! capabilities a file server needs to act for the guest's users (CHOWN,
+//! DAC_OVERRIDE, FOWNER, FSETID, SETUID, SETGID: files are made with the
+//! guest's uid and gid, as Docker's volumes show them), not MKNOD or
+//! SYS_ADMIN, and sets no_new_privs.
+
+use std::io;
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::path::{Path, PathBuf};
+
+use fuse_backend_rs::api::server::Server;
+use fuse_backend_rs::passthrough::{CachePolicy, Config, PassthroughFs};
+use fuse_backend_rs::transport::{FuseBuf, FuseDevWriter, Reader};
+
+use crate::vmm::devices::virtio::fs::MAX_MESSAGE;
+
+/// One directory the guest sees, at `/N` of the share.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Share {
+    pub source: PathBuf,
+    pub readonly: bool,
+}
+
+fn sys(what: &str) -> impl FnOnce(io::Error) -> io::Error + '_ {
+    move |e| io::Error::new(e.kind(), format!("{what}: {e}"))
+}
+
+fn check(r: libc::c_int, what: &str) -> io::Result<()> {
+    if r < 0 {
+        return Err(sys(what)(io::Error::last_os_error()));
+    }
+    Ok(())
+}
+
+/// The capabilities the server keeps (numbers from linux/capability.h).
+const KEEP_CAPS: [u32; 6] = [
+    0, // CHOWN
+    1, // DAC_OVERRIDE
+    3, // FOWNER
+    4, // FSETID
+    6, // SETGID
+    7, // SETUID
+];
+
+/// Builds the sandbox in `scratch` (an empty directory of the container's
+/// state) and enters it. The process must be single-threaded.
+fn sandbox(scratch: &Path, shares: &[Share]) -> io::Result<PassthroughFs> {
+    // SAFETY: unshare/mount with valid arguments; results checked.
+    unsafe {
+        check(
+            libc::unshare(
+                libc::CLONE_NEWNS | libc::CLONE_NEWNET | libc::CLONE_NEWIPC | libc::CLONE_NEWUTS,
+            ),
+            "unshare",
+        )?;
+        check(
+            libc::mount(
+                std::ptr::null(),
+                c"/".as_ptr(),
+                std::ptr::null(),
+                libc::MS_REC | libc::MS_PRIVATE,
+                std::ptr::null(),
+            ),
+            "making mounts private",
+        )?;
+    }
+    std::fs::create_dir_all(scratch).map_err(sys("the server's root"))?;
+    let root = scratch.display().to_string();
+    vmc_spawn::sys::mount(
+        Some("tmpfs"),
+        &root,
+        Some("tmpfs"),
+        libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC,
+        Some("mode=755,size=64k"),
+    )
+    .map_err(sys("mounting the server's root"))?;
+    for (i, s) in shares.iter().enumerate() {
+        let at = scratch.join(i.to_string());
+        let dir = std::fs::metadata(&s.source)
+            .map_err(sys(&format!("{}", s.source.display())))?
+            .is_dir();
+        if dir {
+            std::fs::create_dir(&at)?;
+        } else {
+            std::fs::write(&at, b"")?;
+        }
+        let src = s.source.display().to_string();
+        let dst = at.display().to_string();
+        vmc_spawn::sys::mount(Some(&src), &dst, None, libc::MS_BIND, None)
+            .map_err(sys(&format!("binding {src}")))?;
+        let ro = if s.readonly { libc::MS_RDONLY } else { 0 };
+        vmc_spawn::sys::mount(
+            None,
+            &dst,
+            None,
+            libc::MS_BIND
+                | libc::MS_REMOUNT
+                | libc::MS_NOSUID
+                | libc::MS_NODEV
+                | ro
+                | super::ns::locked_flags(&s.source),
+            None,
+        )
+        .map_err(sys(&format!("remounting {src}")))?;
+    }
+    // /proc/self/fd is opened now, before the pivot leaves no /proc.
+    let fs = PassthroughFs::new(Config {
+        root_dir: "/".into(),
+        do_import: true,
+        xattr: false,
+        inode_file_handles: false,
+        cache_policy: CachePolicy::Auto,
+        ..Default::default()
+    })
+    .map_err(sys("starting the passthrough filesystem"))?;
+    let c = vmc_spawn::sys::cstr(scratch)?;
+    // SAFETY: chdir/pivot_root/umount2 on NUL-terminated paths.
+    unsafe {
+        check(libc::chdir(c.as_ptr()), "entering the server's root")?;
+        check(
+            libc::syscall(libc::SYS_pivot_root, c".".as_ptr(), c".".as_ptr()) as libc::c_int,
+            "pivot_root",
+        )?;
+        check(
+            libc::umount2(c".".as_ptr(), libc::MNT_DETACH),
+            "detaching the old root",
+        )?;
+        check(libc::chdir(c"/".as_ptr()), "chdir /")?;
+    }
+    fs.import().map_err(sys("opening the shares"))?;
+    // The server holds a descriptor per inode the guest knows.
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: get/setrlimit with a valid struct.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 {
+            lim.rlim_cur = lim.rlim_max.min(1 << 20);
+            libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
+        }
+    }
+    drop_capabilities()?;
+    Ok(fs)
+}
+
+/// Keeps only [`KEEP_CAPS`] (bounding, permitted, effective; inheritable
+/// empty) and sets no_new_privs.
+fn drop_capabilities() -> io::Result<()> {
+    let keep: u64 = KEEP_CAPS.iter().map(|c| 1u64 << c).sum();
+    for cap in 0..64u32 {
+        if keep & (1 << cap) == 0 {
+            // SAFETY: prctl with integer arguments; EINVAL past the last
+            // capability the kernel knows is expected.
+            unsafe { libc::prctl(libc::PR_CAPBSET_DROP, cap as libc::c_ulong, 0, 0, 0) };
+        }
+    }
+    #[repr(C)]
+    struct Header {
+        version: u32,
+        pid: libc::c_int,
+    }
+    #[repr(C)]
+    #[derive(Clone, Copy)]
+    struct Data {
+        effective: u32,
+        permitted: u32,
+        inheritable: u32,
+    }
+    let mut h = Header {
+        version: 0x2008_0522, // _LINUX_CAPABILITY_VERSION_3
+        pid: 0,
+    };
+    let d = [
+        Data {
+            effective: keep as u32,
+            permitted: keep as u32,
+            inheritable: 0,
+        },
+        Data {
+            effective: (keep >> 32) as u32,
+            permitted: (keep >> 32) as u32,
+            inheritable: 0,
+        },
+    ];
+    // SAFETY: capset with a v3 header and two data structs, as the ABI asks.
+    unsafe {
+        check(
+            libc::syscall(libc::SYS_capset, &mut h, d.as_ptr()) as libc::c_int,
+            "capset",
+        )?;
+        check(
+            libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0),
+            "no_new_privs",
+        )?;
+    }
+    Ok(())
+}
+
+/// Serves FUSE requests from `sock` until its peer (the VMM) closes it.
+pub fn serve(sock: OwnedFd, scratch: &Path, shares: &[Share]) -> io::Result<()> {
+    let fs = sandbox(scratch, shares)?;
+    let server = Server::new(fs);
+    let mut inbuf = vec![0u8; MAX_MESSAGE];
+    let mut outbuf = vec![0u8; MAX_MESSAGE];
+    let fd = sock.as_raw_fd();
+    loop {
+        // SAFETY: recv into a buffer of the length given.
+        let n = unsafe { libc::recv(fd, inbuf.as_mut_ptr().cast(), inbuf.len(), libc::MSG_TRUNC) };
+        if n < 0 {
+            let e = io::Error::last_os_error();
+            if e.kind() == io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(e);
+        }
+        let n = n as usize;
+        if n == 0 {
+            return Ok(());
+        }
+        if n > inbuf.len() {
+            log::warn!("fs-server: a request of {n} bytes; dropped");
+            continue;
+        }
+        let reader = Reader::from_fuse_buffer(FuseBuf::new(&mut inbuf[..n]))
+            .map_err(|e| io::Error::other(format!("{e:?}")))?;
+        let writer = FuseDevWriter::<()>::new(fd, &mut outbuf)
+            .map_err(|e| io::Error::other(format!("{e:?}")))?;
+        // A request the server cannot parse is answered by nothing; the
+        // device matches replies by id, so nothing else is held up.
+        if let Err(e) = server.handle_message(reader, writer.into(), None, None) {
+            log::debug!("fs-server: {e:?}");
+        }
+    }
+}
+
+/// A running file server; killed (and reaped) when dropped.
+pub struct Running(std::process::Child);
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// A SEQPACKET socket pair, both ends close-on-exec, with buffers that
+/// hold a few of the largest messages (root may set them past the
+/// system's default maximum; otherwise the default stands).
+pub fn socket_pair() -> io::Result<(OwnedFd, OwnedFd)> {
+    use std::os::fd::FromRawFd;
+    let mut fds = [0; 2];
+    // SAFETY: socketpair into a two-element array.
+    let r = unsafe {
+        libc::socketpair(
+            libc::AF_UNIX,
+            libc::SOCK_SEQPACKET | libc::SOCK_CLOEXEC,
+            0,
+            fds.as_mut_ptr(),
+        )
+    };
+    check(r, "socketpair")?;
+    // SAFETY: fresh descriptors we own.
+    let pair = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+    let size: libc::c_int = (4 * MAX_MESSAGE) as libc::c_int;
+    for fd in [pair.0.as_raw_fd(), pair.1.as_raw_fd()] {
+        for opt in [libc::SO_SNDBUFFORCE, libc::SO_RCVBUFFORCE] {
+            // SAFETY: setsockopt with an int of its size.
+            unsafe {
+                libc::setsockopt(
+                    fd,
+                    libc::SOL_SOCKET,
+                    opt,
+                    (&size as *const libc::c_int).cast(),
+                    std::mem::size_of::<libc::c_int>() as u32,
+                )
+            };
+        }
+    }
+    Ok(pair)
+}
+
+/// The command that starts a file server for `shares` (its root built in
+/// `scratch`) on socket `sock`, which the child gets as descriptor 3 and
+/// nothing else of this process's (every other descriptor above 2 is
+/// closed before the exec). It dies with the process that starts it.
+pub fn command(
+    sock: &OwnedFd,
+    scratch: &Path,
+    shares: &[Share],
+) -> io::Result<std::process::Command> {
+    use std::os::unix::process::CommandExt;
+    let fd = sock.as_raw_fd();
+    let mut cmd = std::process::Command::new(super::jail::vmc_binary());
+    cmd.arg0("vmc")
+        .arg("__fs-server")
+        .arg("--fd")
+        .arg("3")
+        .arg("--scratch")
+        .arg(scratch)
+        .arg("--shares")
+        .arg(serde_json::to_string(shares).map_err(io::Error::other)?);
+    // SAFETY: only async-signal-safe calls between fork and exec.
+    unsafe {
+        cmd.pre_exec(move || {
+            if fd == 3 {
+                if libc::fcntl(3, libc::F_SETFD, 0) < 0 {
+                    return Err(io::Error::last_os_error());
+                }
+            } else if libc::dup2(fd, 3) < 0 {
+                return Err(io::Error::last_os_error());
+            }
+            if libc::syscall(libc::SYS_close_range, 4u32, u32::MAX, 0u32) < 0
+                || libc::prctl(
+                    libc::PR_SET_PDEATHSIG,
+                    libc::SIGKILL as libc::c_ulong,
+                    0,
+                    0,
+                    0,
+                ) < 0
+            {
+                return Err(io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    Ok(cmd)
+}
+
+/// Starts a file server for `shares` (its root built in `scratch`, an
+/// empty directory); returns it and the VMM's end of its socket.
+pub fn start(shares: &[Share], scratch: &Path) -> io::Result<(Running, OwnedFd)> {
+    let (vmm_end, server_end) = socket_pair()?;
+    std::fs::create_dir_all(scratch)?;
+    let child = command(&server_end, scratch, shares)?
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .map_err(sys("starting the volume file server"))?;
+    drop(server_end);
+    Ok((Running(child), vmm_end))
+}
