@@ -125,19 +125,7 @@ fn sandbox(scratch: &Path, shares: &[Share]) -> io::Result<PassthroughFs> {
     })
     .map_err(sys("starting the passthrough filesystem"))?;
     let c = vmc_spawn::sys::cstr(scratch)?;
-    // SAFETY: chdir/pivot_root/umount2 on NUL-terminated paths.
-    unsafe {
-        check(libc::chdir(c.as_ptr()), "entering the server's root")?;
-        check(
-            libc::syscall(libc::SYS_pivot_root, c".".as_ptr(), c".".as_ptr()) as libc::c_int,
-            "pivot_root",
-        )?;
-        check(
-            libc::umount2(c".".as_ptr(), libc::MNT_DETACH),
-            "detaching the old root",
-        )?;
-        check(libc::chdir(c"/".as_ptr()), "chdir /")?;
-    }
+    crate::vmm::jail::pivot_into(&c).map_err(sys("entering the server's root"))?;
     fs.import().map_err(sys("opening the shares"))?;
     // The server holds a descriptor per inode the guest knows.
     let mut lim = libc::rlimit {
@@ -259,20 +247,7 @@ impl Drop for Running {
 /// hold a few of the largest messages (root may set them past the
 /// system's default maximum; otherwise the default stands).
 pub fn socket_pair() -> io::Result<(OwnedFd, OwnedFd)> {
-    use std::os::fd::FromRawFd;
-    let mut fds = [0; 2];
-    // SAFETY: socketpair into a two-element array.
-    let r = unsafe {
-        libc::socketpair(
-            libc::AF_UNIX,
-            libc::SOCK_SEQPACKET | libc::SOCK_CLOEXEC,
-            0,
-            fds.as_mut_ptr(),
-        )
-    };
-    check(r, "socketpair")?;
-    // SAFETY: fresh descriptors we own.
-    let pair = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+    let pair = crate::vmm::jail::seqpacket_pair()?;
     let size: libc::c_int = (4 * MAX_MESSAGE) as libc::c_int;
     for fd in [pair.0.as_raw_fd(), pair.1.as_raw_fd()] {
         for opt in [libc::SO_SNDBUFFORCE, libc::SO_RCVBUFFORCE] {

@@ -52,6 +52,53 @@ fn check(r: libc::c_int, what: &str) -> Result<(), String> {
 static ENTERED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
 /// Whether this process is in its jail (where no host path resolves).
+/// Makes directory `root` (a mount point) this process's root, with the
+/// old root detached: nothing above it can be reached again, not even by
+/// `..` from a descriptor opened before (as the kernel stops `..` at a
+/// process's root). The process must be in a mount namespace of its own.
+pub fn pivot_into(root: &std::ffi::CStr) -> std::io::Result<()> {
+    let ok = |r: libc::c_int| {
+        if r < 0 {
+            Err(std::io::Error::last_os_error())
+        } else {
+            Ok(())
+        }
+    };
+    // SAFETY: chdir/pivot_root/umount2 on NUL-terminated paths.
+    unsafe {
+        ok(libc::chdir(root.as_ptr()))?;
+        ok(libc::syscall(libc::SYS_pivot_root, c".".as_ptr(), c".".as_ptr()) as libc::c_int)?;
+        ok(libc::umount2(c".".as_ptr(), libc::MNT_DETACH))?;
+        ok(libc::chdir(c"/".as_ptr()))
+    }
+}
+
+/// A SEQPACKET socket pair, both ends close-on-exec: one message per
+/// write, kept whole (the control protocol, the virtio-fs server).
+pub fn seqpacket_pair() -> std::io::Result<(std::os::fd::OwnedFd, std::os::fd::OwnedFd)> {
+    use std::os::fd::FromRawFd;
+    let mut fds = [0; 2];
+    // SAFETY: fds has room for the two descriptors.
+    let r = unsafe {
+        libc::socketpair(
+            libc::AF_UNIX,
+            libc::SOCK_SEQPACKET | libc::SOCK_CLOEXEC,
+            0,
+            fds.as_mut_ptr(),
+        )
+    };
+    if r != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: both descriptors were just created and are owned here.
+    Ok(unsafe {
+        (
+            std::os::fd::OwnedFd::from_raw_fd(fds[0]),
+            std::os::fd::OwnedFd::from_raw_fd(fds[1]),
+        )
+    })
+}
+
 pub fn entered() -> bool {
     ENTERED.load(std::sync::atomic::Ordering::Relaxed)
 }
@@ -84,16 +131,7 @@ pub fn enter(spec: &JailSpec) -> Result<(), String> {
             ),
             "binding the jail directory",
         )?;
-        check(libc::chdir(root.as_ptr()), "entering the jail")?;
-        check(
-            libc::syscall(libc::SYS_pivot_root, c".".as_ptr(), c".".as_ptr()) as libc::c_int,
-            "pivot_root into the jail",
-        )?;
-        check(
-            libc::umount2(c".".as_ptr(), libc::MNT_DETACH),
-            "detaching the host's tree",
-        )?;
-        check(libc::chdir(c"/".as_ptr()), "chdir /")?;
+        pivot_into(&root).map_err(|e| format!("entering the jail: {e}"))?;
         // The mount's atime flags as they are: in a user namespace
         // (rootless) they are locked, and a remount must keep them.
         let mut st: libc::statvfs = std::mem::zeroed();

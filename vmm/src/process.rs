@@ -108,24 +108,6 @@ enum FromVmm {
     Exited(VmExit),
 }
 
-fn seqpacket_pair() -> std::io::Result<(OwnedFd, OwnedFd)> {
-    let mut fds = [0; 2];
-    // SAFETY: fds has room for the two descriptors.
-    let r = unsafe {
-        libc::socketpair(
-            libc::AF_UNIX,
-            libc::SOCK_SEQPACKET | libc::SOCK_CLOEXEC,
-            0,
-            fds.as_mut_ptr(),
-        )
-    };
-    if r != 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    // SAFETY: both descriptors were just created and are owned here.
-    Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
-}
-
 fn send<T: Serialize>(sock: RawFd, msg: &T, fds: &[RawFd]) -> std::io::Result<()> {
     let data = postcard::to_stdvec(msg).map_err(std::io::Error::other)?;
     let mut iov = libc::iovec {
@@ -378,7 +360,7 @@ impl VmmProcess {
     /// [`Self::launch`].
     pub fn start(cmd: &Command) -> Result<VmmProcess, VmmError> {
         let io = |e: std::io::Error| VmmError::Setup(format!("starting the VMM process: {e}"));
-        let (ours, theirs) = seqpacket_pair().map_err(io)?;
+        let (ours, theirs) = crate::jail::seqpacket_pair().map_err(io)?;
         let (report_r, report_w) = {
             let mut p = [0; 2];
             // SAFETY: p has room for two descriptors.

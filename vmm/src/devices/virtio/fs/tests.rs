@@ -1,5 +1,3 @@
-use std::os::fd::FromRawFd;
-
 use virtio_queue::desc::{split::Descriptor, RawDescriptor};
 use virtio_queue::mock::MockSplitQueue;
 use vm_memory::GuestAddress;
@@ -11,19 +9,7 @@ const W: u16 = 2; // VRING_DESC_F_WRITE
 const N: u16 = 1; // VRING_DESC_F_NEXT
 
 fn seqpacket_pair() -> (OwnedFd, OwnedFd) {
-    let mut fds = [0; 2];
-    // SAFETY: socketpair into a two-element array.
-    let r = unsafe {
-        libc::socketpair(
-            libc::AF_UNIX,
-            libc::SOCK_SEQPACKET | libc::SOCK_CLOEXEC,
-            0,
-            fds.as_mut_ptr(),
-        )
-    };
-    assert_eq!(r, 0);
-    // SAFETY: fresh descriptors we own.
-    unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) }
+    crate::jail::seqpacket_pair().unwrap()
 }
 
 /// A FUSE request: in header (len, opcode, unique, nodeid, uid, gid, pid,
