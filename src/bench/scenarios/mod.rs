@@ -148,6 +148,7 @@ impl Bench {
         let keep: Vec<Sandbox> = self
             .idle
             .values()
+            .chain(self.vol_idle.values())
             .cloned()
             .chain(self.service.values().map(|(s, _)| s.clone()))
             .collect();
@@ -158,6 +159,7 @@ impl Bench {
             }
         });
         self.idle.clear();
+        self.vol_idle.clear();
         self.service.clear();
         Outcome {
             rows: std::mem::take(&mut self.rows),
