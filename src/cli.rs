@@ -86,6 +86,9 @@ pub enum Command {
     Exec(ExecArgs),
     /// List a container's published ports.
     Port { container: String },
+    /// Copy files between a container and the host: `vmc cp NAME:PATH
+    /// DEST`, `vmc cp SRC NAME:PATH`; `-` for a tar on stdout or stdin.
+    Cp(CpArgs),
     /// Create a container (its VM restored and its disks mounted, or its
     /// namespaces made) without starting its command; `vmc start` starts it.
     /// Takes `vmc run`'s options.
@@ -598,6 +601,25 @@ pub struct RmArgs {
     pub volumes: bool,
     #[arg(required = true)]
     pub containers: Vec<String>,
+}
+
+#[derive(Args, Debug)]
+pub struct CpArgs {
+    /// Keep the owners (uid and gid) of what is copied; without it, files
+    /// copied out belong to the user running vmc, and files copied in to
+    /// the container's root user (Docker's rule).
+    #[arg(short, long)]
+    pub archive: bool,
+    /// Follow a symlink given as the source.
+    #[arg(short = 'L', long = "follow-link")]
+    pub follow_link: bool,
+    /// Print nothing (vmc prints no progress anyway).
+    #[arg(short, long)]
+    pub quiet: bool,
+    /// NAME:PATH, a host path, or `-` (a tar on stdin).
+    pub src: String,
+    /// NAME:PATH, a host path, or `-` (a tar on stdout).
+    pub dest: String,
 }
 
 #[derive(Args, Debug)]

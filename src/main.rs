@@ -159,7 +159,7 @@ fn enters_namespace_container(command: &Command) -> bool {
     match command {
         Command::Run(a) | Command::Create(a) => a.mode == Mode::Ns,
         Command::Build(a) => a.mode == Mode::Ns,
-        Command::Exec(_) | Command::Supervise { .. } => true,
+        Command::Exec(_) | Command::Cp(_) | Command::Supervise { .. } => true,
         _ => false,
     }
 }
@@ -186,6 +186,7 @@ fn dispatch(cli: Cli) -> Result<i32> {
         Command::Wait(a) => wait(a),
         Command::Exec(a) => exec(a),
         Command::Port { container } => port(&container),
+        Command::Cp(a) => cp(a),
         Command::Supervise { dir, created } => supervise(&dir, created),
         Command::MakeReady { job } => runtime::snapshot::make_pending(&job)
             .map(|_| 0)

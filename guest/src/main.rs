@@ -5,6 +5,7 @@
 //! its stdio and exit status carried over the connection. It reaps every
 //! process in the VM and reboots the VM when the host's main process exits.
 
+mod copy;
 mod init;
 mod laps;
 mod layers;

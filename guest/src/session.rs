@@ -164,6 +164,38 @@ fn handshake_and_start(
                 crate::layers::commit(&mut w).map_err(|e| format!("committing a layer: {e}"))?;
                 send(conn, &GuestMsg::Committed).map_err(|e| e.to_string())?;
             }
+            Ok(HostMsg::CopyOut {
+                path,
+                follow,
+                top,
+                owner,
+            }) => {
+                if !*MOUNTED.lock().unwrap_or_else(|e| e.into_inner()) {
+                    return Err("CopyOut before Mount".into());
+                }
+                let mut w = FrameWriter {
+                    conn,
+                    buf: Vec::with_capacity(IO_CHUNK),
+                };
+                crate::copy::copy_out(init::ROOT, &path, follow, &top, owner, &mut w)
+                    .and_then(|()| w.flush())
+                    .map_err(|e| format!("{path}: {e}"))?;
+                send(conn, &GuestMsg::Committed).map_err(|e| e.to_string())?;
+            }
+            Ok(HostMsg::CopyIn { path }) => {
+                if !*MOUNTED.lock().unwrap_or_else(|e| e.into_inner()) {
+                    return Err("CopyIn before Mount".into());
+                }
+                let reader = FrameReader {
+                    conn,
+                    buf: Vec::new(),
+                    pos: 0,
+                    done: false,
+                };
+                crate::copy::copy_in(init::ROOT, &path, reader)
+                    .map_err(|e| format!("{path}: {e}"))?;
+                send(conn, &GuestMsg::Applied).map_err(|e| e.to_string())?;
+            }
             Ok(HostMsg::Warm(spec)) => {
                 if !*MOUNTED.lock().unwrap_or_else(|e| e.into_inner()) {
                     return Err("Warm before Mount".into());

@@ -273,6 +273,21 @@ pub enum HostMsg {
     /// stdin; otherwise the process's stdin is closed). Answered like
     /// `Start`.
     StartParked { stdin: bool, reboot_on_exit: bool },
+    /// `vmc cp` out of the container: `path` of the root (symlinks along it
+    /// resolved inside the root; the last one too with `follow`) as a tar
+    /// whose top entry is named `top`, every entry's owner `owner` when
+    /// given. Answered with `Stdout` frames, then `Committed` (or `Error`).
+    CopyOut {
+        path: String,
+        follow: bool,
+        top: String,
+        owner: Option<(u32, u32)>,
+    },
+    /// `vmc cp` into the container: the tar that follows (`Stdin` frames
+    /// ended by `StdinEof`) is unpacked into `path` when it is a directory,
+    /// else into its parent with the top entry renamed to `path`'s last
+    /// name. Answered with `Applied` (or `Error`).
+    CopyIn { path: String },
 }
 
 /// Frames from the guest agent to the host.

@@ -38,6 +38,7 @@ pub mod testing;
 pub mod upper;
 /// `USER` resolution against the container's passwd and group files.
 pub mod user;
+pub mod walk;
 
 mod child;
 mod confine;

@@ -1,9 +1,9 @@
 //! Container verbs: ps, logs, stop, kill, rm, exec, wait.
 
-use std::io::IsTerminal;
+use std::io::{IsTerminal, Write};
 
 use anyhow::{bail, Context, Result};
-use vmc::cli::{ExecArgs, KillArgs, LogsArgs, PsArgs, RmArgs, StopArgs, WaitArgs};
+use vmc::cli::{CpArgs, ExecArgs, KillArgs, LogsArgs, PsArgs, RmArgs, StopArgs, WaitArgs};
 use vmc::image;
 use vmc::runtime;
 use vmc::runtime::spec;
@@ -384,6 +384,125 @@ pub(crate) fn exec(a: ExecArgs) -> Result<i32> {
     let code = engine.exec_attached(&c, &cfg, spec, forward_stdin);
     report_timings(a.timings);
     Ok(code?)
+}
+
+/// One side of `vmc cp`: `NAME:PATH` (a colon before any slash), `-`, or
+/// a host path (`./a:b` for a host name with a colon).
+enum CpSide<'a> {
+    Container(&'a str, &'a str),
+    Stdio,
+    Host(&'a std::path::Path),
+}
+
+fn cp_side(s: &str) -> CpSide<'_> {
+    if s == "-" {
+        return CpSide::Stdio;
+    }
+    match s.split_once(':') {
+        Some((name, path)) if !name.is_empty() && !name.contains('/') => {
+            CpSide::Container(name, if path.is_empty() { "/" } else { path })
+        }
+        _ => CpSide::Host(std::path::Path::new(s)),
+    }
+}
+
+/// `vmc cp`: Docker's rules. Out of a container: into DEST when it is a
+/// directory, else as DEST (its parent must exist); `-` writes a tar to
+/// stdout. Into one: the same at PATH; `-` reads a tar from stdin into
+/// the directory PATH.
+pub(crate) fn cp(a: CpArgs) -> Result<i32> {
+    use runtime::copy;
+    // SAFETY: getuid/getgid have no preconditions.
+    let me = unsafe { (libc::getuid(), libc::getgid()) };
+    let resolve = |name: &str| -> Result<(cstate::Container, runtime::ContainerConfig)> {
+        let mut c = cstate::resolve(name)?;
+        c.refresh();
+        let cfg = c.config().context("reading the container's config")?;
+        Ok((c, cfg))
+    };
+    match (cp_side(&a.src), cp_side(&a.dest)) {
+        (CpSide::Container(name, path), CpSide::Stdio) => {
+            let (c, cfg) = resolve(name)?;
+            let owner = (!a.archive).then_some(me);
+            let mut out = std::io::stdout();
+            copy::copy_out(
+                &c,
+                &cfg,
+                path,
+                a.follow_link,
+                &copy::base_name(path),
+                owner,
+                &mut out,
+            )?;
+            out.flush()?;
+        }
+        (CpSide::Container(name, path), CpSide::Host(dest)) => {
+            let (c, cfg) = resolve(name)?;
+            let (dir, top) = if dest.is_dir() {
+                (dest.to_path_buf(), copy::base_name(path))
+            } else {
+                let parent = match dest.parent() {
+                    Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+                    _ => std::path::PathBuf::from("."),
+                };
+                if !parent.is_dir() {
+                    bail!("{}: no such directory", parent.display());
+                }
+                let top = dest
+                    .file_name()
+                    .map(|n| n.to_string_lossy().into_owned())
+                    .context("the destination has no name")?;
+                (parent, top)
+            };
+            let owner = (!a.archive).then_some(me);
+            let (r, w) = vmc_spawn::sys::pipe()?;
+            let (mut r, mut w) = (std::fs::File::from(r), std::fs::File::from(w));
+            let unpacked = std::thread::scope(|s| {
+                let t = s.spawn(move || {
+                    vmc::image::layer::unpack(
+                        &mut r,
+                        &dir,
+                        vmc::image::layer::Whiteouts::Plain,
+                        vmc::image::layer::Limits::default(),
+                    )
+                });
+                let sent = copy::copy_out(&c, &cfg, path, a.follow_link, &top, owner, &mut w);
+                drop(w);
+                let got = t.join().map_err(|_| anyhow::anyhow!("the copy failed"))?;
+                sent?;
+                got.map(|_| ()).map_err(anyhow::Error::from)
+            });
+            unpacked.context("copying to the host")?;
+        }
+        (CpSide::Stdio, CpSide::Container(name, path)) => {
+            let (c, cfg) = resolve(name)?;
+            let mut stdin = std::io::stdin();
+            copy::copy_in(&c, &cfg, path, copy::Source::Tar(&mut stdin))?;
+        }
+        (CpSide::Host(src), CpSide::Container(name, path)) => {
+            let (c, cfg) = resolve(name)?;
+            let src = std::path::absolute(src)?;
+            if std::fs::symlink_metadata(&src).is_err() {
+                bail!("{}: no such file or directory", src.display());
+            }
+            let owner = (!a.archive).then_some((0, 0));
+            copy::copy_in(
+                &c,
+                &cfg,
+                path,
+                copy::Source::Host {
+                    path: &src,
+                    follow: a.follow_link,
+                    owner,
+                },
+            )?;
+        }
+        (CpSide::Container(..), CpSide::Container(..)) => {
+            bail!("copying between containers is not supported: copy to the host first")
+        }
+        _ => bail!("one of SRC and DEST must be a container's path (NAME:PATH)"),
+    }
+    Ok(0)
 }
 
 pub(crate) fn wait(a: WaitArgs) -> Result<i32> {

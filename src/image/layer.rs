@@ -33,6 +33,10 @@ pub enum Whiteouts {
     Apply,
     /// Write them as overlayfs whiteouts (each layer in its own directory).
     Overlay,
+    /// None: every entry is a plain file of its name, no xattr is set and
+    /// set-id bits are dropped (`vmc cp`: a container's files on the host,
+    /// or the host's in a container, are data, not a layer).
+    Plain,
 }
 
 /// Bounds on what a layer may contain.
@@ -323,6 +327,17 @@ pub fn unpack<R: Read>(
     let root = File::open(target)
         .map(OwnedFd::from)
         .map_err(io_at(&target.display().to_string()))?;
+    unpack_fd(reader, root, mode, limits)
+}
+
+/// [`unpack`] into the directory open as `root` (every entry resolved
+/// inside it).
+pub fn unpack_fd<R: Read>(
+    reader: R,
+    root: OwnedFd,
+    mode: Whiteouts,
+    limits: Limits,
+) -> Result<Stats, LayerError> {
     let mut u = Unpacker {
         root,
         mode,
@@ -406,13 +421,20 @@ impl Unpacker {
         let pfd = parent.as_raw_fd();
         let cname = cstr(name.as_bytes()).map_err(io_at(&shown))?;
 
+        let whiteout = if self.mode == Whiteouts::Plain {
+            Whiteout::None
+        } else {
+            whiteout
+        };
         match whiteout {
             Whiteout::None => {}
             Whiteout::Opaque => return self.opaque(pfd, &parent_path, &shown),
             Whiteout::Of(hidden) => {
                 let hidden_c = cstr(hidden.as_bytes()).map_err(io_at(&shown))?;
                 return match self.mode {
-                    Whiteouts::Apply => remove_at(pfd, &hidden_c).map_err(io_at(&shown)),
+                    Whiteouts::Apply | Whiteouts::Plain => {
+                        remove_at(pfd, &hidden_c).map_err(io_at(&shown))
+                    }
                     Whiteouts::Overlay => {
                         let _ = remove_at(pfd, &hidden_c);
                         // SAFETY: pfd open; hidden_c NUL-terminated; a 0/0 char device is overlayfs's whiteout.
@@ -612,14 +634,22 @@ impl Unpacker {
                 return Err(io_at(shown)(e));
             }
         }
+        let mode = if self.mode == Whiteouts::Plain {
+            mode & !0o6000
+        } else {
+            allowed_mode(mode)
+        };
         // SAFETY: as above.
-        check(unsafe { libc::fchmod(fd, allowed_mode(mode)) }).map_err(io_at(shown))?;
+        check(unsafe { libc::fchmod(fd, mode) }).map_err(io_at(shown))?;
         Ok(())
     }
 
     /// Applies PAX xattrs: `user.*` and `security.capability` only; trusted.*
     /// (overlayfs's own namespace) and anything else is left out.
     fn xattrs<R: Read>(&self, fd: RawFd, entry: &mut tar::Entry<'_, R>) {
+        if self.mode == Whiteouts::Plain {
+            return;
+        }
         let Ok(Some(exts)) = entry.pax_extensions() else {
             return;
         };
@@ -641,6 +671,8 @@ impl Unpacker {
 
     fn opaque(&mut self, pfd: RawFd, dir: &Path, shown: &str) -> Result<(), LayerError> {
         match self.mode {
+            // Not a whiteout there: never reached.
+            Whiteouts::Plain => Ok(()),
             Whiteouts::Apply => {
                 // Hide what lower layers put here, keep what this layer added.
                 // SAFETY: reopening the parent (an O_PATH fd) for reading its entries.

@@ -7,6 +7,7 @@ pub use crate::host::{new_id, private_dir, private_file};
 
 pub mod caps;
 pub mod cgroup;
+pub mod copy;
 pub mod devices;
 pub mod engine;
 pub mod fsserver;
@@ -238,6 +239,8 @@ pub enum RuntimeError {
     Namespace(String),
     #[error(transparent)]
     Volume(#[from] volume::VolumeError),
+    #[error("{0}")]
+    Copy(String),
     /// A running container whose process or VM is not recorded yet.
     #[error("the container's {0} is not known yet: try again")]
     NotReady(&'static str),
