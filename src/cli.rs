@@ -86,6 +86,8 @@ pub enum Command {
     Exec(ExecArgs),
     /// List a container's published ports.
     Port { container: String },
+    /// Give a container a new name.
+    Rename { container: String, name: String },
     /// Copy files between a container and the host: `vmc cp NAME:PATH
     /// DEST`, `vmc cp SRC NAME:PATH`; `-` for a tar on stdout or stdin.
     Cp(CpArgs),

@@ -187,6 +187,7 @@ fn dispatch(cli: Cli) -> Result<i32> {
         Command::Exec(a) => exec(a),
         Command::Port { container } => port(&container),
         Command::Cp(a) => cp(a),
+        Command::Rename { container, name } => rename(&container, &name),
         Command::Supervise { dir, created } => supervise(&dir, created),
         Command::MakeReady { job } => runtime::snapshot::make_pending(&job)
             .map(|_| 0)

@@ -680,3 +680,54 @@ fn chosen_host_ports_publish_all_and_ipv6() {
         stderr(&o)
     );
 }
+
+/// `vmc rename`: the new name is the container's for every verb and stays
+/// after its supervisor records the exit; the old one is free again; a
+/// taken or malformed name is refused.
+#[test]
+fn rename_gives_a_container_a_new_name_for_good() {
+    if !is_root() {
+        return;
+    }
+    let home = store_with_busybox();
+    let h = home.path();
+    for n in ["first", "other"] {
+        ok(&vmc(
+            h,
+            &[
+                "run", "-d", "--mode", "ns", "--name", n, "busybox", "sleep", "1000",
+            ],
+        ));
+    }
+    ok(&vmc(h, &["rename", "first", "second"]));
+    assert_eq!(ok(&vmc(h, &["exec", "second", "echo", "hi"])), "hi\n");
+    assert!(!vmc(h, &["exec", "first", "true"]).status.success());
+    let o = vmc(h, &["rename", "second", "other"]);
+    assert_eq!(o.status.code(), Some(125));
+    assert!(stderr(&o).contains("already in use"), "{}", stderr(&o));
+    let o = vmc(h, &["rename", "second", "bad/name"]);
+    assert_eq!(o.status.code(), Some(125));
+    assert!(stderr(&o).contains("use letters"), "{}", stderr(&o));
+    ok(&vmc(h, &["stop", "-t", "1", "second"]));
+    assert_eq!(
+        ok(&vmc(
+            h,
+            &[
+                "ps",
+                "-a",
+                "--filter",
+                "name=second",
+                "--format",
+                "{{.Names}} {{.State}}"
+            ]
+        )),
+        "second exited\n"
+    );
+    ok(&vmc(
+        h,
+        &[
+            "run", "--rm", "--mode", "ns", "--name", "first", "busybox", "true",
+        ],
+    ));
+    ok(&vmc(h, &["rm", "-f", "second", "other"]));
+}

@@ -425,7 +425,7 @@ mod fs_server {
     struct Session {
         sock: OwnedFd,
         unique: u64,
-        _child: std::process::Child,
+        child: std::process::Child,
     }
 
     impl Session {
@@ -443,7 +443,7 @@ mod fs_server {
             let mut s = Session {
                 sock: ours,
                 unique: 0,
-                _child: child,
+                child,
             };
             // FUSE_INIT, 7.31, no flags.
             let mut init = Vec::new();
@@ -532,6 +532,11 @@ mod fs_server {
             {"source": ro, "readonly": true},
         ]);
         let mut s = Session::start(home.path(), &scratch, &shares);
+        // Confined: six capabilities, no_new_privs, a seccomp filter.
+        let status = fs::read_to_string(format!("/proc/{}/status", s.child.id())).unwrap();
+        for want in ["CapBnd:\t00000000000000db", "NoNewPrivs:\t1", "Seccomp:\t2"] {
+            assert!(status.contains(want), "{want}: {status}");
+        }
         let root = s.root_ino();
         // `..` of the root, and of a share, is the server's root.
         let (err, _, ino) = s.lookup(ROOT_ID, b"..");

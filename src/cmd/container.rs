@@ -505,6 +505,17 @@ pub(crate) fn cp(a: CpArgs) -> Result<i32> {
     Ok(0)
 }
 
+/// `vmc rename OLD NEW`.
+pub(crate) fn rename(container: &str, name: &str) -> Result<i32> {
+    let c = cstate::resolve(container)?;
+    super::check_container_name(name)?;
+    if c.state.name == name {
+        bail!("renaming {container}: it already has the name {name}");
+    }
+    cstate::rename(&c, name)?;
+    Ok(0)
+}
+
 pub(crate) fn wait(a: WaitArgs) -> Result<i32> {
     for name in &a.containers {
         let mut c = cstate::resolve(name)?;

@@ -62,6 +62,18 @@ pub(crate) fn env_entry(e: &str) -> Option<String> {
     std::env::var(e).ok().map(|v| format!("{e}={v}"))
 }
 
+/// A container name as Docker takes it: letters, digits, `_`, `.`, `-`.
+pub(crate) fn check_container_name(n: &str) -> Result<()> {
+    if n.is_empty()
+        || !n
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "_.-".contains(c))
+    {
+        anyhow::bail!("name '{n}': use letters, digits, '_', '.' and '-'");
+    }
+    Ok(())
+}
+
 /// The image store at $VMC_HOME.
 pub(crate) fn store() -> Result<Store> {
     Ok(Store::open(&runtime::vmc_home())?)

@@ -103,13 +103,7 @@ pub(crate) fn run(args: RunArgs, create_only: bool) -> Result<i32> {
         start_timings(args.timings);
     }
     if let Some(n) = &args.name {
-        if n.is_empty()
-            || !n
-                .chars()
-                .all(|c| c.is_ascii_alphanumeric() || "_.-".contains(c))
-        {
-            bail!("--name '{n}': use letters, digits, '_', '.' and '-'");
-        }
+        check_container_name(n)?;
         cstate::check_name_free(n)?;
     }
     // Fail before anything else when KVM cannot be used at all.

@@ -13,7 +13,8 @@
 //! capabilities a file server needs to act for the guest's users (CHOWN,
 //! DAC_OVERRIDE, FOWNER, FSETID, SETUID, SETGID: files are made with the
 //! guest's uid and gid, as Docker's volumes show them), not MKNOD or
-//! SYS_ADMIN, and sets no_new_privs.
+//! SYS_ADMIN, sets no_new_privs, and takes a seccomp filter of the calls
+//! a file server makes ([`ALLOWED`]; any other fails with EPERM).
 
 use std::io;
 use std::os::fd::{AsRawFd, OwnedFd};
@@ -140,7 +141,130 @@ fn sandbox(scratch: &Path, shares: &[Share]) -> io::Result<PassthroughFs> {
         }
     }
     drop_capabilities()?;
+    install_filter()?;
     Ok(fs)
+}
+
+/// The system calls the server makes once it serves: a file server's on
+/// descriptors it holds (`*at` calls relative to them, reads and writes,
+/// owners, modes, times, links), its socket, switching to the guest's ids
+/// per request, memory, threads' locks, signals, time. Anything else
+/// (mount, ptrace, bpf, keyctl, namespaces, module loading, a new process,
+/// execve, sockets of its own...) fails with EPERM: a request the
+/// passthrough filesystem serves with a call not listed here is refused,
+/// not the server killed.
+const ALLOWED: &[i64] = &[
+    libc::SYS_read,
+    libc::SYS_write,
+    libc::SYS_readv,
+    libc::SYS_writev,
+    libc::SYS_pread64,
+    libc::SYS_pwrite64,
+    libc::SYS_preadv,
+    libc::SYS_pwritev,
+    libc::SYS_preadv2,
+    libc::SYS_pwritev2,
+    libc::SYS_recvfrom,
+    libc::SYS_sendto,
+    libc::SYS_recvmsg,
+    libc::SYS_sendmsg,
+    libc::SYS_close,
+    libc::SYS_openat,
+    libc::SYS_openat2,
+    libc::SYS_newfstatat,
+    libc::SYS_fstat,
+    libc::SYS_statx,
+    libc::SYS_fstatfs,
+    libc::SYS_statfs,
+    libc::SYS_lseek,
+    libc::SYS_getdents64,
+    libc::SYS_mkdirat,
+    libc::SYS_mknodat,
+    libc::SYS_unlinkat,
+    libc::SYS_renameat,
+    libc::SYS_renameat2,
+    libc::SYS_linkat,
+    libc::SYS_symlinkat,
+    libc::SYS_readlinkat,
+    libc::SYS_faccessat,
+    libc::SYS_faccessat2,
+    libc::SYS_fchmod,
+    libc::SYS_fchmodat,
+    libc::SYS_fchown,
+    libc::SYS_fchownat,
+    libc::SYS_utimensat,
+    libc::SYS_ftruncate,
+    libc::SYS_fallocate,
+    libc::SYS_fsync,
+    libc::SYS_fdatasync,
+    libc::SYS_syncfs,
+    libc::SYS_copy_file_range,
+    libc::SYS_flock,
+    libc::SYS_fcntl,
+    libc::SYS_dup,
+    libc::SYS_dup3,
+    libc::SYS_fgetxattr,
+    libc::SYS_fsetxattr,
+    libc::SYS_flistxattr,
+    libc::SYS_fremovexattr,
+    libc::SYS_getxattr,
+    libc::SYS_setxattr,
+    libc::SYS_listxattr,
+    libc::SYS_removexattr,
+    libc::SYS_lgetxattr,
+    libc::SYS_llistxattr,
+    libc::SYS_umask,
+    libc::SYS_setresuid,
+    libc::SYS_setresgid,
+    libc::SYS_setfsuid,
+    libc::SYS_setfsgid,
+    libc::SYS_getuid,
+    libc::SYS_geteuid,
+    libc::SYS_getgid,
+    libc::SYS_getegid,
+    libc::SYS_capget,
+    libc::SYS_capset,
+    libc::SYS_brk,
+    libc::SYS_mmap,
+    libc::SYS_munmap,
+    libc::SYS_mremap,
+    libc::SYS_madvise,
+    libc::SYS_mprotect,
+    libc::SYS_futex,
+    libc::SYS_rt_sigreturn,
+    libc::SYS_rt_sigprocmask,
+    libc::SYS_rt_sigaction,
+    libc::SYS_sigaltstack,
+    libc::SYS_exit,
+    libc::SYS_exit_group,
+    libc::SYS_sched_yield,
+    libc::SYS_clock_gettime,
+    libc::SYS_clock_nanosleep,
+    libc::SYS_nanosleep,
+    libc::SYS_gettid,
+    libc::SYS_getpid,
+    libc::SYS_getrandom,
+    libc::SYS_rseq,
+    libc::SYS_set_robust_list,
+    libc::SYS_prlimit64,
+];
+
+/// Installs the [`ALLOWED`] filter on the process (its one thread).
+fn install_filter() -> io::Result<()> {
+    use seccompiler::{BpfProgram, SeccompAction, SeccompFilter};
+    let rules = ALLOWED.iter().map(|&nr| (nr, Vec::new())).collect();
+    let arch = std::env::consts::ARCH
+        .try_into()
+        .map_err(|e| io::Error::other(format!("seccomp on {}: {e}", std::env::consts::ARCH)))?;
+    let filter = SeccompFilter::new(
+        rules,
+        SeccompAction::Errno(libc::EPERM as u32),
+        SeccompAction::Allow,
+        arch,
+    )
+    .and_then(BpfProgram::try_from)
+    .map_err(|e| io::Error::other(format!("the server's seccomp filter: {e}")))?;
+    seccompiler::apply_filter(&filter).map_err(|e| io::Error::other(format!("seccomp: {e}")))
 }
 
 /// Keeps only [`KEEP_CAPS`] (bounding, permitted, effective; inheritable

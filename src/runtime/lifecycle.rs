@@ -120,6 +120,10 @@ pub fn create(dir: &Path, cfg: &ContainerConfig, meta: Meta) -> Result<Container
                 labels: meta.labels,
             },
         };
+        // Checked again under the lock, as the name is taken: two runs
+        // given one name cannot both have it.
+        let _lock = state::names_lock()?;
+        state::check_name_free(&c.state.name)?;
         c.save()?;
         Ok(c)
     };

@@ -109,7 +109,15 @@ pub struct Container {
 impl Container {
     pub fn load(dir: &Path) -> Option<Container> {
         let data = fs::read(dir.join("state.json")).ok()?;
-        let state = serde_json::from_slice(&data).ok()?;
+        let mut state: State = serde_json::from_slice(&data).ok()?;
+        // `vmc rename` writes the name apart: the supervisor rewrites
+        // state.json with the name it started with.
+        if let Ok(n) = fs::read_to_string(dir.join(NAME_FILE)) {
+            let n = n.trim();
+            if !n.is_empty() {
+                state.name = n.to_string();
+            }
+        }
         Some(Container {
             dir: dir.to_path_buf(),
             state,
@@ -372,6 +380,40 @@ pub fn resolve(what: &str) -> Result<Container, StateError> {
         [] | [_] => Err(StateError::NotFound(what.to_string())),
         _ => Err(StateError::Ambiguous(what.to_string())),
     }
+}
+
+/// The file a renamed container's name is kept in (it wins over
+/// state.json's).
+const NAME_FILE: &str = "name";
+
+/// Holds the lock under which names are checked and taken (container
+/// creation and `vmc rename`), until dropped.
+pub fn names_lock() -> Result<fs::File, StateError> {
+    use std::os::fd::AsRawFd;
+    let dir = containers_dir();
+    let p = dir.join(".names.lock");
+    let f = crate::host::private_dir(&dir)
+        .and_then(|()| {
+            fs::OpenOptions::new()
+                .create(true)
+                .truncate(false)
+                .write(true)
+                .open(&p)
+        })
+        .map_err(io_at(&p))?;
+    // SAFETY: flock on a descriptor we hold.
+    if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX) } != 0 {
+        return Err(io_at(&p)(io::Error::last_os_error()));
+    }
+    Ok(f)
+}
+
+/// `vmc rename`: gives `c` the name `new` (which must be free).
+pub fn rename(c: &Container, new: &str) -> Result<(), StateError> {
+    let _lock = names_lock()?;
+    check_name_free(new)?;
+    let p = c.dir.join(NAME_FILE);
+    crate::image::store::write_atomic(&p, new.as_bytes()).map_err(io_at(&p))
 }
 
 /// Fails if `name` is taken.
