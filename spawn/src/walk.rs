@@ -137,12 +137,31 @@ fn visit(
             Ok(())
         }
         libc::S_IFREG => {
+            // Non-blocking: a file swapped for a fifo since the stat must
+            // not hang the copy; the descriptor must be the file stat saw.
             let file = if name.is_empty() {
                 // A resolved O_PATH descriptor: reopened through /proc.
-                File::open(format!("/proc/self/fd/{dir}"))?
+                let p = cstr(format!("/proc/self/fd/{dir}"))?;
+                open_at(libc::AT_FDCWD, &p, libc::O_RDONLY | libc::O_NONBLOCK)?
             } else {
-                File::from(open_at(dir, open_name, libc::O_RDONLY | libc::O_NOFOLLOW)?)
+                open_at(
+                    dir,
+                    open_name,
+                    libc::O_RDONLY | libc::O_NOFOLLOW | libc::O_NONBLOCK,
+                )?
             };
+            let now = stat_at(file.as_raw_fd(), c"", false)?;
+            if now.st_mode & libc::S_IFMT != libc::S_IFREG
+                || (now.st_dev, now.st_ino) != (st.st_dev, st.st_ino)
+            {
+                return Err(io::Error::other(format!("{shown} changed while copied")));
+            }
+            // SAFETY: fcntl on a descriptor we own.
+            unsafe {
+                let flags = libc::fcntl(file.as_raw_fd(), libc::F_GETFL);
+                libc::fcntl(file.as_raw_fd(), libc::F_SETFL, flags & !libc::O_NONBLOCK);
+            }
+            let file = File::from(file);
             f(Entry {
                 name: shown,
                 stat: &st,

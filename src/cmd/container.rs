@@ -458,19 +458,19 @@ pub(crate) fn cp(a: CpArgs) -> Result<i32> {
             let (r, w) = vmc_spawn::sys::pipe()?;
             let (mut r, mut w) = (std::fs::File::from(r), std::fs::File::from(w));
             let unpacked = std::thread::scope(|s| {
+                let name = top.clone();
                 let t = s.spawn(move || {
-                    vmc::image::layer::unpack(
-                        &mut r,
-                        &dir,
-                        vmc::image::layer::Whiteouts::Plain,
-                        vmc::image::layer::Limits::default(),
-                    )
+                    let dir = std::fs::File::open(&dir)?;
+                    // Checked on this side: the tar comes from the
+                    // container (a microVM's from its guest).
+                    vmc::image::layer::unpack_copy(&mut r, dir.into(), &name, owner)
+                        .map_err(anyhow::Error::from)
                 });
                 let sent = copy::copy_out(&c, &cfg, path, a.follow_link, &top, owner, &mut w);
                 drop(w);
                 let got = t.join().map_err(|_| anyhow::anyhow!("the copy failed"))?;
                 sent?;
-                got.map(|_| ()).map_err(anyhow::Error::from)
+                got.map(|_| ())
             });
             unpacked.context("copying to the host")?;
         }

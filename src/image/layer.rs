@@ -315,6 +315,11 @@ struct Unpacker {
     /// mode to another directory (the target's root included).
     dir_times: Vec<(PathBuf, i64, u32, (u64, u64))>,
     stats: Stats,
+    /// `vmc cp`: every entry must be `top` or below it (what a container
+    /// sends names nothing else of the destination).
+    top: Option<PathBuf>,
+    /// `vmc cp`: every entry's owner, whatever the tar says.
+    owner: Option<(u32, u32)>,
 }
 
 /// Unpacks the tar stream `reader` (already decompressed) into `target`.
@@ -338,6 +343,37 @@ pub fn unpack_fd<R: Read>(
     mode: Whiteouts,
     limits: Limits,
 ) -> Result<Stats, LayerError> {
+    unpack_with(reader, root, mode, limits, None, None)
+}
+
+/// `vmc cp`'s unpacking (entries as plain files, see [`Whiteouts::Plain`])
+/// into the directory open as `root`: every entry, and every hard link's
+/// target, must be `top` or below it, and every entry is owned by `owner`
+/// when given (a tar from a container says what it likes).
+pub fn unpack_copy<R: Read>(
+    reader: R,
+    root: OwnedFd,
+    top: &str,
+    owner: Option<(u32, u32)>,
+) -> Result<Stats, LayerError> {
+    unpack_with(
+        reader,
+        root,
+        Whiteouts::Plain,
+        Limits::default(),
+        Some(PathBuf::from(top)),
+        owner,
+    )
+}
+
+fn unpack_with<R: Read>(
+    reader: R,
+    root: OwnedFd,
+    mode: Whiteouts,
+    limits: Limits,
+    top: Option<PathBuf>,
+    owner: Option<(u32, u32)>,
+) -> Result<Stats, LayerError> {
     let mut u = Unpacker {
         root,
         mode,
@@ -345,6 +381,8 @@ pub fn unpack_fd<R: Read>(
         created: HashSet::new(),
         dir_times: Vec::new(),
         stats: Stats::default(),
+        top,
+        owner,
     };
     let mut archive = tar::Archive::new(reader);
     for entry in archive.entries().map_err(LayerError::Read)? {
@@ -368,8 +406,13 @@ pub fn unpack_fd<R: Read>(
         if identity(fd.as_raw_fd()) != Some(made) {
             continue; // replaced since (by a symlink, or removed and remade)
         }
+        let mode = if u.mode == Whiteouts::Plain {
+            mode & !0o7000
+        } else {
+            allowed_mode(mode)
+        };
         // SAFETY: fd is open.
-        unsafe { libc::fchmod(fd.as_raw_fd(), allowed_mode(mode)) };
+        unsafe { libc::fchmod(fd.as_raw_fd(), mode) };
         set_times(fd.as_raw_fd(), mtime);
     }
     Ok(u.stats)
@@ -415,6 +458,23 @@ impl Unpacker {
         else {
             return Ok(()); // the root directory itself
         };
+        if let Some(top) = &self.top {
+            if !path.starts_with(top) {
+                return Err(LayerError::Hostile {
+                    path: shown,
+                    why: "an entry outside what was asked for",
+                });
+            }
+            if let Ok(Some(target)) = entry.link_name() {
+                let hard = entry.header().entry_type() == tar::EntryType::Link;
+                if hard && !clean(&target).is_ok_and(|t| t.starts_with(top)) {
+                    return Err(LayerError::Hostile {
+                        path: shown,
+                        why: "a hard link to outside what was asked for",
+                    });
+                }
+            }
+        }
         let parent_path = path.parent().unwrap_or(Path::new("")).to_path_buf();
         let header = entry.header().clone();
         let parent = ensure_dir(self.root.as_raw_fd(), &parent_path).map_err(io_at(&shown))?;
@@ -448,8 +508,10 @@ impl Unpacker {
 
         let kind = header.entry_type();
         let mode = header.mode().unwrap_or(0o644) & 0o7777;
-        let uid = header.uid().unwrap_or(0) as libc::uid_t;
-        let gid = header.gid().unwrap_or(0) as libc::gid_t;
+        let (uid, gid) = self.owner.unwrap_or((
+            header.uid().unwrap_or(0) as libc::uid_t,
+            header.gid().unwrap_or(0) as libc::gid_t,
+        ));
         let mtime = header.mtime().unwrap_or(0) as i64;
         let existing = stat_at(pfd, &cname);
         let is_dir_now = existing.is_some_and(|st| st.st_mode & libc::S_IFMT == libc::S_IFDIR);
@@ -562,6 +624,11 @@ impl Unpacker {
                     libc::linkat(tparent.as_raw_fd(), tn.as_ptr(), pfd, cname.as_ptr(), 0)
                 })
                 .map_err(io_at(&shown))?;
+            }
+            tar::EntryType::Fifo if self.mode == Whiteouts::Plain => {
+                // Not data: a fifo would block whoever reads it.
+                self.stats.skipped.push(shown);
+                return Ok(());
             }
             tar::EntryType::Fifo => {
                 // SAFETY: pfd open; cname NUL-terminated.

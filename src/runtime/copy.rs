@@ -132,14 +132,24 @@ pub fn copy_in(
                     (d, name.to_string())
                 }
             };
-            let unpack = |r: &mut dyn Read| {
-                layer::unpack_fd(r, dir, Whiteouts::Plain, Limits::default())
-                    .map(|_| ())
-                    .map_err(|e| err(format!("{path}: {e}")))
-            };
+            let at = |e: layer::LayerError| err(format!("{path}: {e}"));
             match (tar.take(), host) {
-                (Some(r), _) => unpack(r),
-                (None, Some(h)) => piped(move |w| host_tar(&h, w, &top), unpack),
+                // The user's own tar, unpacked as it is.
+                (Some(r), _) => layer::unpack_fd(r, dir, Whiteouts::Plain, Limits::default())
+                    .map(|_| ())
+                    .map_err(at),
+                (None, Some(h)) => {
+                    let owner = h.2;
+                    let name = top.clone();
+                    piped(
+                        move |w| host_tar(&h, w, &top),
+                        move |r| {
+                            layer::unpack_copy(r, dir, &name, owner)
+                                .map(|_| ())
+                                .map_err(at)
+                        },
+                    )
+                }
                 (None, None) => Ok(()),
             }
         }),

@@ -390,8 +390,10 @@ const NAME_FILE: &str = "name";
 /// creation and `vmc rename`), until dropped.
 pub fn names_lock() -> Result<fs::File, StateError> {
     use std::os::fd::AsRawFd;
-    let dir = containers_dir();
-    let p = dir.join(".names.lock");
+    // Beside the containers' directory, not in it (whose entries are
+    // containers).
+    let dir = vmc_home();
+    let p = dir.join("names.lock");
     let f = crate::host::private_dir(&dir)
         .and_then(|()| {
             fs::OpenOptions::new()

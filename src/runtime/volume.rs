@@ -595,7 +595,12 @@ pub fn prepare(mounts: &[Mount]) -> Result<Vec<Mount>, VolumeError> {
                 .map_err(|e| VolumeError::Io(name.clone(), e))?
                 .next()
                 .is_none();
-            if is_empty && !nocopy {
+            // Filled once, from its first mount point (a volume mounted
+            // twice is one directory).
+            let twice = empty.iter().any(
+                |e: &Mount| matches!(&e.source, MountSource::Volume { name: n, .. } if n == name),
+            );
+            if is_empty && !nocopy && !twice {
                 empty.push(m.clone());
             }
         }

@@ -513,3 +513,40 @@ fn sparse_entries_count_at_their_apparent_size() {
     let s = verify(&data[..], Limits::default()).unwrap();
     assert_eq!(s.bytes, 64 << 20);
 }
+
+/// `vmc cp`'s unpacking of a container's tar: only what was asked for (the
+/// top name and below; hard links too) is written, owners are the host's
+/// choice, set-id bits (directories' too), fifos, whiteouts' meaning and
+/// xattrs are dropped.
+#[test]
+fn a_copy_takes_only_its_top_entry_with_the_owner_given() {
+    let open = |p: &Path| OwnedFd::from(std::fs::File::open(p).unwrap());
+    for bad in [
+        Tar::default()
+            .file("asked/f", b"x")
+            .file(".bashrc", b"evil")
+            .done(),
+        Tar::default().file("asked-not/f", b"x").done(),
+        Tar::default().hardlink("asked/h", "etc/shadow").done(),
+    ] {
+        let (sb, root) = sandbox();
+        let e = unpack_copy(&bad[..], open(&root), "asked", None).unwrap_err();
+        assert!(matches!(e, LayerError::Hostile { .. }), "{e}");
+        assert!(!root.join(".bashrc").exists());
+        outside_untouched(&sb);
+    }
+    let (sb, root) = sandbox();
+    let mut t = Tar::default();
+    t.header("asked/", tar::EntryType::Directory, 0, None, 0o6755);
+    let t = t
+        .file("asked/.wh.f", b"plain")
+        .special("asked/fifo", tar::EntryType::Fifo)
+        .done();
+    unpack_copy(&t[..], open(&root), "asked", Some((4321, 4321))).unwrap();
+    let d = std::fs::metadata(root.join("asked")).unwrap();
+    assert_eq!((d.uid(), d.mode() & 0o7777), (4321, 0o755));
+    let f = std::fs::metadata(root.join("asked/.wh.f")).unwrap();
+    assert_eq!((f.uid(), f.gid()), (4321, 4321));
+    assert!(!root.join("asked/fifo").exists());
+    outside_untouched(&sb);
+}

@@ -35,9 +35,15 @@ pub const MAX_MESSAGE: usize = (1 << 20) + 4096;
 pub const TAG: &str = "vmc";
 
 const QUEUE_SIZE: u16 = 128;
+const HIPRIO: usize = 0;
+const REQUEST: usize = 1;
 /// Requests sent and not yet answered, at most (a guest that posts more
 /// gets EBUSY: its driver never has more than its queues hold).
 const MAX_PENDING: usize = 2 * QUEUE_SIZE as usize;
+/// Bytes of requests waiting for room in the socket, at most: past it
+/// (or [`MAX_PENDING`]) the queues are left alone until the server
+/// answers, so a guest cannot make the VMM hold more.
+const MAX_OUTBOX_BYTES: usize = 4 << 20;
 const IN_HEADER: usize = 40;
 const OUT_HEADER: usize = 16;
 const FUSE_FORGET: u32 = 2;
@@ -66,6 +72,13 @@ pub struct Fs {
     pending: HashMap<u64, Pending>,
     /// Requests the socket had no room for yet, oldest first.
     outbox: VecDeque<(u64, Vec<u8>, Option<Pending>)>,
+    /// The bytes in `outbox`.
+    outbox_bytes: usize,
+    /// A queue was left with requests on it for want of room: taken again
+    /// once replies or the socket free some.
+    blocked: bool,
+    /// [`MAX_PENDING`] (lower in tests).
+    max_pending: usize,
 }
 
 impl Fs {
@@ -80,6 +93,9 @@ impl Fs {
             state: None,
             pending: HashMap::new(),
             outbox: VecDeque::new(),
+            outbox_bytes: 0,
+            blocked: false,
+            max_pending: MAX_PENDING,
         })
     }
 
@@ -99,14 +115,35 @@ impl Fs {
         };
         let mem = a.mem.clone();
         let mut chains = Vec::new();
+        // What may be taken now: each chain taken is a request held until
+        // its reply (or until the socket takes it).
+        let mut slots = self
+            .max_pending
+            .saturating_sub(self.pending.len() + self.outbox.len());
+        let mut bytes = MAX_OUTBOX_BYTES.saturating_sub(self.outbox_bytes);
         loop {
             if queue.disable_notification(&mem).is_err() {
                 break;
             }
             let mut popped = false;
-            while let Some(chain) = queue.pop_descriptor_chain(&mem) {
+            let mut full = false;
+            while slots > 0 && bytes > 0 {
+                let Some(chain) = queue.pop_descriptor_chain(&mem) else {
+                    break;
+                };
                 popped = true;
-                chains.push(read_chain(&mem, chain));
+                let c = read_chain(&mem, chain);
+                slots -= 1;
+                bytes = bytes.saturating_sub(c.1.as_ref().map_or(0, Vec::len));
+                chains.push(c);
+            }
+            if slots == 0 || bytes == 0 {
+                full = true;
+            }
+            if full {
+                self.blocked = true;
+                let _ = queue.enable_notification(&mem);
+                break;
             }
             match queue.enable_notification(&mem) {
                 Ok(true) if popped => continue,
@@ -160,6 +197,7 @@ impl Fs {
         }
         if matches!(opcode, FUSE_FORGET | FUSE_BATCH_FORGET) {
             // Never answered by FUSE: done once it is sent.
+            self.outbox_bytes += request.len();
             self.outbox.push_back((unique, request, None));
             self.complete(p, &[]);
             return Ok(());
@@ -170,9 +208,10 @@ impl Fs {
         {
             return Err((p, libc::EINVAL, unique));
         }
-        if self.pending.len() + waiting >= MAX_PENDING {
+        if self.pending.len() + waiting >= self.max_pending {
             return Err((p, libc::EBUSY, unique));
         }
+        self.outbox_bytes += request.len();
         self.outbox.push_back((unique, request, Some(p)));
         Ok(())
     }
@@ -201,7 +240,8 @@ impl Fs {
                     _ => {
                         // The server is gone, or refuses the message.
                         let unique = *unique;
-                        let (_, _, p) = self.outbox.pop_front().expect("a front");
+                        let (_, msg, p) = self.outbox.pop_front().expect("a front");
+                        self.outbox_bytes -= msg.len();
                         log::warn!("virtio-fs: the file server does not take a request: {e}");
                         if let Some(p) = p {
                             self.complete(p, &error_reply(unique, libc::EIO));
@@ -210,7 +250,8 @@ impl Fs {
                     }
                 }
             }
-            let (unique, _, p) = self.outbox.pop_front().expect("a front");
+            let (unique, msg, p) = self.outbox.pop_front().expect("a front");
+            self.outbox_bytes -= msg.len();
             if let Some(p) = p {
                 self.pending.insert(unique, p);
             }
@@ -296,10 +337,20 @@ impl Fs {
                     .filter_map(|(u, _, p)| p.map(|p| (u, p))),
             )
             .collect();
+        self.outbox_bytes = 0;
         for (unique, p) in waiting {
             self.complete(p, &error_reply(unique, libc::EIO));
         }
         self.notify();
+        self.resume();
+    }
+
+    /// Takes the queues again if they were left for want of room.
+    fn resume(&mut self) {
+        if std::mem::take(&mut self.blocked) {
+            self.process_queue(HIPRIO);
+            self.process_queue(REQUEST);
+        }
     }
 
     /// Writes `reply` into the request's buffers and returns the chain to
@@ -451,6 +502,8 @@ impl VirtioDevice for Fs {
         }
         self.pending.clear();
         self.outbox.clear();
+        self.outbox_bytes = 0;
+        self.blocked = false;
     }
 
     fn queues(&self) -> &[Queue] {
@@ -468,6 +521,7 @@ impl VirtioDevice for Fs {
         if events.intersects(EventSet::IN | EventSet::READ_HANG_UP | EventSet::HANG_UP) {
             self.read_replies();
         }
+        self.resume();
     }
 
     /// Requests in flight: a snapshot waits until the server answered them.

@@ -236,3 +236,47 @@ fn malformed_chains_are_refused() {
         "the tag the agent mounts"
     );
 }
+
+/// Found in review: a guest that keeps making requests available (its
+/// avail index raised again and again, one chain re-posted) made the
+/// device take and hold request after request, without bound. Now at most
+/// the bound are held (MAX_PENDING; 4 here); the rest stay on the ring
+/// until the server answers, and the device takes them then.
+#[test]
+fn a_guest_posting_more_than_the_bound_gets_no_more_held() {
+    let mem = memory();
+    let (ours, server) = seqpacket_pair();
+    let mut s = setup(&mem, Some(ours));
+    s.dev.max_pending = 4;
+    for n in 0..7u16 {
+        let at = 0x10000 + u64::from(n) * 0x2000;
+        post(
+            &mem,
+            &s.q,
+            n,
+            at,
+            &request(1, u64::from(n) + 1, b"name\0"),
+            64,
+        );
+    }
+    s.dev.queue_notify(1);
+    let mut seen = Vec::new();
+    while let Some(m) = recv(&server) {
+        seen.push(m);
+    }
+    assert_eq!(
+        (
+            s.dev.connection_count(),
+            seen.len(),
+            s.q.used().idx().load()
+        ),
+        (4, 4, 0),
+        "four held, three left on the ring"
+    );
+    // One answer frees one place: the device takes one more.
+    send(&server, &reply(1, b""));
+    s.dev.backend_event(BACKEND_SUB, EventSet::IN);
+    assert_eq!(s.q.used().idx().load(), 1);
+    assert_eq!(s.dev.connection_count(), 4);
+    assert_eq!(recv(&server).unwrap(), request(1, 5, b"name\0"));
+}
