@@ -90,11 +90,14 @@ if [ -s "$logs/failed" ]; then
     echo "failed: $(tr '\n' ' ' <"$logs/failed")"
     exit 1
 fi
-echo "slowest binaries: $(sort -rn "$logs/times" | head -5 | awk '{printf "%s %s s, ", $2, $1}' | sed 's/, $//')"
+# awk takes the first lines and reads to the end: `head` would close the
+# pipe early, and under pipefail sort's SIGPIPE (exit 141) failed the run
+# once the list outgrew sort's first write.
+echo "slowest binaries: $(sort -rn "$logs/times" | awk 'NR <= 5 {printf "%s %s s, ", $2, $1}' | sed 's/, $//')"
 echo "slowest tests:"
 for f in "$logs"/*.log; do
     sed -n "s/^test \(.*\) \.\.\. ok <\([0-9.]*\)s>$/\2 $(basename "$f" .log)::\1/p" "$f"
-done | sort -rn | head -10 | awk '{printf "  %7.1f s  %s\n", $1, $2}'
+done | sort -rn | awk 'NR <= 10 {printf "  %7.1f s  %s\n", $1, $2}'
 # libtest counts a skipped test as passed: the skips are listed and
 # subtracted (a test that skipped any of its checks counts as skipped, once).
 sort -u "$logs/unit-skips" "$logs/skips" | sed 's/^/SKIPPED /'
