@@ -4,23 +4,7 @@
 //! here the guest is the container's own machine.
 
 use std::io::{self, Read, Write};
-use std::os::fd::{FromRawFd, OwnedFd};
 use std::path::{Component, Path, PathBuf};
-
-use vmc_spawn::sys::{check, cstr};
-
-fn open_root(root: &str) -> io::Result<OwnedFd> {
-    let c = cstr(root)?;
-    // SAFETY: open on a NUL-terminated path; the result is checked.
-    let fd = check(unsafe {
-        libc::open(
-            c.as_ptr(),
-            libc::O_PATH | libc::O_DIRECTORY | libc::O_CLOEXEC,
-        )
-    })?;
-    // SAFETY: a fresh descriptor we own.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
-}
 
 /// `path` of the root at `root` as a tar on `out`.
 pub fn copy_out(
@@ -31,7 +15,7 @@ pub fn copy_out(
     owner: Option<(u32, u32)>,
     out: &mut dyn Write,
 ) -> io::Result<()> {
-    let root = open_root(root)?;
+    let root = vmc_spawn::sys::open_dir_path(root)?;
     vmc_spawn::walk::write_tar(&root, path, follow, top, owner, out)
 }
 
@@ -39,7 +23,7 @@ pub fn copy_out(
 /// `path` is not a directory, into its parent with the top entry renamed
 /// to `path`'s last name (Docker's rule for `cp SRC CONTAINER:DEST`).
 pub fn copy_in(root: &str, path: &str, r: impl Read) -> io::Result<()> {
-    let root_fd = open_root(root)?;
+    let root_fd = vmc_spawn::sys::open_dir_path(root)?;
     let clean = vmc_spawn::clean_path(path);
     let (dir, rename) = match vmc_spawn::open_dir_in_root(&root_fd, &clean) {
         Ok(d) => (d, None),

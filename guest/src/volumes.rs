@@ -8,10 +8,10 @@
 
 use std::fs;
 use std::io;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, OwnedFd};
 
 use vmc_proto::{GuestMount, GuestMountKind};
-use vmc_spawn::sys::{check, cstr, mount};
+use vmc_spawn::sys::{cstr, mount};
 
 /// Where the virtio-fs share is mounted in the guest.
 pub const SHARES: &str = "/run/vmc/shares";
@@ -40,7 +40,7 @@ pub fn mount_all(
         )
         .map_err(|e| io::Error::new(e.kind(), format!("mounting the volumes (virtiofs): {e}")))?;
     }
-    let root_fd = open_dir(root)?;
+    let root_fd = vmc_spawn::sys::open_dir_path(root)?;
     for m in mounts {
         let what = |e: io::Error| io::Error::new(e.kind(), format!("mounting {}: {e}", m.target));
         let file = matches!(m.kind, GuestMountKind::Share { file: true, .. });
@@ -91,19 +91,6 @@ pub fn mount_all(
         .map_err(|e| io::Error::new(e.kind(), format!("making the root read-only: {e}")))?;
     }
     Ok(())
-}
-
-fn open_dir(path: &str) -> io::Result<OwnedFd> {
-    let c = cstr(path)?;
-    // SAFETY: open on a NUL-terminated path; the result is checked.
-    let fd = check(unsafe {
-        libc::open(
-            c.as_ptr(),
-            libc::O_PATH | libc::O_DIRECTORY | libc::O_CLOEXEC,
-        )
-    })?;
-    // SAFETY: a fresh descriptor we own.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
 
 /// Makes `path` in the root (its directories, and the last part as a

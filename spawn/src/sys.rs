@@ -49,6 +49,43 @@ pub fn mount(
         .map_err(|e| io::Error::new(e.kind(), format!("mount {target}: {e}")))
 }
 
+/// Leaves the current mount namespace for a new one (`unshare(CLONE_NEWNS
+/// | flags)`) whose mounts are all private: what is mounted in it is seen
+/// nowhere else and goes with it. With `CLONE_FS` in `flags`, for the
+/// calling thread only.
+pub fn unshare_mounts(flags: libc::c_int) -> io::Result<()> {
+    // SAFETY: unshare takes flags only.
+    check(unsafe { libc::unshare(libc::CLONE_NEWNS | flags) })
+        .map_err(|e| io::Error::new(e.kind(), format!("unshare: {e}")))?;
+    // SAFETY: a null source, fstype and data with a NUL-terminated target.
+    check(unsafe {
+        libc::mount(
+            std::ptr::null(),
+            c"/".as_ptr(),
+            std::ptr::null(),
+            libc::MS_REC | libc::MS_PRIVATE,
+            std::ptr::null(),
+        )
+    })
+    .map(|_| ())
+    .map_err(|e| io::Error::new(e.kind(), format!("making / private: {e}")))
+}
+
+/// Opens directory `path` as an O_PATH descriptor (a root to resolve
+/// paths in, or a mount point).
+pub fn open_dir_path(path: impl AsRef<Path>) -> io::Result<OwnedFd> {
+    let c = cstr(path)?;
+    // SAFETY: open on a NUL-terminated path; the result is checked.
+    let fd = check(unsafe {
+        libc::open(
+            c.as_ptr(),
+            libc::O_PATH | libc::O_DIRECTORY | libc::O_CLOEXEC,
+        )
+    })?;
+    // SAFETY: a fresh descriptor we own.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
 /// Creates a pipe with both ends close-on-exec.
 pub fn pipe() -> io::Result<(OwnedFd, OwnedFd)> {
     let mut fds = [0 as RawFd; 2];

@@ -49,7 +49,8 @@ fn open_at(dir: libc::c_int, name: &CStr, flags: libc::c_int) -> io::Result<Owne
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
 
-fn read_link_at(dir: libc::c_int, name: &CStr) -> io::Result<CString> {
+/// The content of symlink `name` in directory `dir`.
+pub fn read_link_at(dir: libc::c_int, name: &CStr) -> io::Result<CString> {
     let mut buf = vec![0u8; libc::PATH_MAX as usize];
     // SAFETY: readlinkat into a buffer of the length given.
     let n = unsafe { libc::readlinkat(dir, name.as_ptr(), buf.as_mut_ptr().cast(), buf.len()) };

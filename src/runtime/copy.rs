@@ -12,7 +12,7 @@
 //! agent (`HostMsg::CopyOut`/`CopyIn`) while it runs.
 
 use std::io::{Read, Write};
-use std::os::fd::{FromRawFd, OwnedFd};
+use std::os::fd::OwnedFd;
 use std::path::Path;
 
 use vmc_proto::{GuestMsg, HostMsg};
@@ -270,7 +270,7 @@ fn with_ns_root<T: Send>(
         .ok()
         .and_then(|p| p.trim().parse().ok());
     if let (Status::Running | Status::Created, Some(pid)) = (c.state.status, pid) {
-        let root = open_dir(&format!("/proc/{pid}/root"))
+        let root = vmc_spawn::sys::open_dir_path(format!("/proc/{pid}/root"))
             .map_err(|e| err(format!("the container's root (process {pid}): {e}")))?;
         return f(&root);
     }
@@ -278,24 +278,9 @@ fn with_ns_root<T: Send>(
     let dir = c.dir.clone();
     std::thread::scope(|s| {
         s.spawn(move || {
-            // SAFETY: unshare/mount with valid arguments, for this thread
-            // only (CLONE_FS: its root and mounts are its own).
-            unsafe {
-                if libc::unshare(libc::CLONE_FS | libc::CLONE_NEWNS) < 0
-                    || libc::mount(
-                        std::ptr::null(),
-                        c"/".as_ptr(),
-                        std::ptr::null(),
-                        libc::MS_REC | libc::MS_PRIVATE,
-                        std::ptr::null(),
-                    ) < 0
-                {
-                    return Err(err(format!(
-                        "a mount namespace for the copy: {}",
-                        std::io::Error::last_os_error()
-                    )));
-                }
-            }
+            // This thread's own mounts (CLONE_FS), gone with it.
+            vmc_spawn::sys::unshare_mounts(libc::CLONE_FS)
+                .map_err(|e| err(format!("a mount namespace for the copy: {e}")))?;
             let at = dir.join("cp-root");
             let _mounted = super::ns::OverlayRoot::mount(
                 &lowers,
@@ -304,24 +289,11 @@ fn with_ns_root<T: Send>(
                 &at,
                 &dir,
             )?;
-            let root = open_dir(&at.display().to_string())
+            let root = vmc_spawn::sys::open_dir_path(&at)
                 .map_err(|e| err(format!("the container's root: {e}")))?;
             f(&root)
         })
         .join()
         .unwrap_or_else(|_| Err(err("the copy failed")))
     })
-}
-
-fn open_dir(path: &str) -> std::io::Result<OwnedFd> {
-    let c = vmc_spawn::sys::cstr(path)?;
-    // SAFETY: open on a NUL-terminated path; the result is checked.
-    let fd = vmc_spawn::sys::check(unsafe {
-        libc::open(
-            c.as_ptr(),
-            libc::O_PATH | libc::O_DIRECTORY | libc::O_CLOEXEC,
-        )
-    })?;
-    // SAFETY: a fresh descriptor we own.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }

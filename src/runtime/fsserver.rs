@@ -57,25 +57,7 @@ const KEEP_CAPS: [u32; 6] = [
 /// Builds the sandbox in `scratch` (an empty directory of the container's
 /// state) and enters it. The process must be single-threaded.
 fn sandbox(scratch: &Path, shares: &[Share]) -> io::Result<PassthroughFs> {
-    // SAFETY: unshare/mount with valid arguments; results checked.
-    unsafe {
-        check(
-            libc::unshare(
-                libc::CLONE_NEWNS | libc::CLONE_NEWNET | libc::CLONE_NEWIPC | libc::CLONE_NEWUTS,
-            ),
-            "unshare",
-        )?;
-        check(
-            libc::mount(
-                std::ptr::null(),
-                c"/".as_ptr(),
-                std::ptr::null(),
-                libc::MS_REC | libc::MS_PRIVATE,
-                std::ptr::null(),
-            ),
-            "making mounts private",
-        )?;
-    }
+    vmc_spawn::sys::unshare_mounts(libc::CLONE_NEWNET | libc::CLONE_NEWIPC | libc::CLONE_NEWUTS)?;
     std::fs::create_dir_all(scratch).map_err(sys("the server's root"))?;
     let root = scratch.display().to_string();
     vmc_spawn::sys::mount(

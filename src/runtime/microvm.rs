@@ -668,21 +668,8 @@ fn fill_from_image(id: &str, target: &str, data: &Path, dir: &Path) -> Result<()
         move |e: std::io::Error| std::io::Error::new(e.kind(), format!("{what}: {e}"))
     };
     let filled = std::thread::spawn(move || -> std::io::Result<()> {
-        // SAFETY: unshare/mount with valid arguments on this thread only
-        // (CLONE_FS: its root and mounts are its own).
-        unsafe {
-            if libc::unshare(libc::CLONE_FS | libc::CLONE_NEWNS) < 0
-                || libc::mount(
-                    std::ptr::null(),
-                    c"/".as_ptr(),
-                    std::ptr::null(),
-                    libc::MS_REC | libc::MS_PRIVATE,
-                    std::ptr::null(),
-                ) < 0
-            {
-                return Err(io("a mount namespace")(std::io::Error::last_os_error()));
-            }
-        }
+        // This thread's own mounts (CLONE_FS), gone with it.
+        vmc_spawn::sys::unshare_mounts(libc::CLONE_FS).map_err(io("a mount namespace"))?;
         let root = match layers.as_slice() {
             [] => return Ok(()),
             [one] => one.clone(),

@@ -735,7 +735,7 @@ fn copy_dir(src: &OwnedFd, dst: &OwnedFd, depth: usize) -> io::Result<()> {
                 copy_attrs(&s.into(), &d.into())?;
             }
             libc::S_IFLNK => {
-                let t = read_link_at(src, &c)?;
+                let t = vmc_spawn::walk::read_link_at(src.as_raw_fd(), &c)?;
                 // SAFETY: symlinkat and fchownat on NUL-terminated names.
                 unsafe {
                     vmc_spawn::sys::check(libc::symlinkat(
@@ -757,25 +757,6 @@ fn copy_dir(src: &OwnedFd, dst: &OwnedFd, depth: usize) -> io::Result<()> {
         }
     }
     Ok(())
-}
-
-/// The content of symlink `name` in directory `dir`.
-fn read_link_at(dir: &OwnedFd, name: &std::ffi::CStr) -> io::Result<std::ffi::CString> {
-    let mut buf = vec![0u8; libc::PATH_MAX as usize];
-    // SAFETY: readlinkat into a buffer of the length given.
-    let n = unsafe {
-        libc::readlinkat(
-            dir.as_raw_fd(),
-            name.as_ptr(),
-            buf.as_mut_ptr().cast(),
-            buf.len(),
-        )
-    };
-    if n < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    buf.truncate(n as usize);
-    cstr(&buf)
 }
 
 #[cfg(test)]

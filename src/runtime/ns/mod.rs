@@ -346,20 +346,7 @@ pub fn locked_flags(path: &Path) -> libc::c_ulong {
 /// Without root, inside a user namespace first ([`enter_user_namespace`]).
 pub fn private_mounts() -> Result<(), NsError> {
     user_namespace()?;
-    // SAFETY: unshare/mount with valid arguments; results checked.
-    unsafe {
-        check(libc::unshare(libc::CLONE_NEWNS), "unshare(CLONE_NEWNS)")?;
-        check(
-            libc::mount(
-                std::ptr::null(),
-                c"/".as_ptr(),
-                std::ptr::null(),
-                libc::MS_REC | libc::MS_PRIVATE,
-                std::ptr::null(),
-            ),
-            "making / private",
-        )
-    }
+    vmc_spawn::sys::unshare_mounts(0).map_err(sys("a private mount namespace"))
 }
 
 /// An overlayfs root mounted at `root`, unmounted (lazily) on drop.
