@@ -95,8 +95,11 @@ pub enum Command {
     /// namespaces made) without starting its command; `vmc start` starts it.
     /// Takes `vmc run`'s options.
     Create(RunArgs),
-    /// Start containers made by `vmc create`.
+    /// Start containers: made by `vmc create`, or exited (run again, their
+    /// writable layer kept).
     Start(StartArgs),
+    /// Stop containers (as `vmc stop`) and start them again.
+    Restart(StopArgs),
     /// (internal) Make a ready snapshot in the background (runtime/snapshot.rs).
     #[command(name = "__make-ready", hide = true)]
     MakeReady { job: PathBuf },
@@ -120,6 +123,9 @@ pub enum Command {
         /// Make the container and wait for `vmc start` (vmc create).
         #[arg(long)]
         created: bool,
+        /// Run a restarting container again after its backoff.
+        #[arg(long, conflicts_with = "created")]
+        restart: bool,
     },
     /// Show the virtualisation backend, guest kernel and agent vmc will use.
     Info,
@@ -312,6 +318,11 @@ pub struct RunArgs {
     /// Remove the container's state (scratch disk) when it exits.
     #[arg(long)]
     pub rm: bool,
+
+    /// Restart policy: no, on-failure[:N], always or unless-stopped (the
+    /// container's supervisor runs it again, with Docker's backoff).
+    #[arg(long, value_name = "POLICY", default_value = "no")]
+    pub restart: String,
 
     /// CPUs: the VM's vCPUs (default 1); in namespace mode a CPU-time
     /// limit (default none).
@@ -786,7 +797,7 @@ mod tests {
         for argv in [
             &["vmc", "run", "--privileged", "img"][..],
             &["vmc", "run", "--rm", "--device=/dev/sda", "img", "ls"],
-            &["vmc", "create", "--restart", "always", "img"],
+            &["vmc", "create", "--ipc", "host", "img"],
             &["vmc", "run", "--rootfs", "r", "--gpus", "x"],
             &["vmc", "exec", "--privileged", "c", "ls"],
             &["vmc", "ps", "--size"],

@@ -188,12 +188,17 @@ fn dispatch(cli: Cli) -> Result<i32> {
         Command::Port { container } => port(&container),
         Command::Cp(a) => cp(a),
         Command::Rename { container, name } => rename(&container, &name),
-        Command::Supervise { dir, created } => supervise(&dir, created),
+        Command::Supervise {
+            dir,
+            created,
+            restart,
+        } => supervise(&dir, created, restart),
         Command::MakeReady { job } => runtime::snapshot::make_pending(&job)
             .map(|_| 0)
             .map_err(Into::into),
         Command::Create(args) => create(args),
         Command::Start(a) => start(a),
+        Command::Restart(a) => restart(a),
         Command::Images(a) => images(a),
         Command::Inspect(a) => inspect(a),
         Command::Tag(a) => tag(a),

@@ -111,6 +111,7 @@ fn snapshots_made_under_load_all_restore() {
             extra_hosts: Vec::new(),
             mounts: Vec::new(),
             read_only: false,
+            restart: Default::default(),
             engine: vmc::runtime::EngineConfig::Vm(vmc::runtime::VmEngineConfig {
                 upper_in_memory: false,
                 parked: false,

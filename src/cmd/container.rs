@@ -80,6 +80,7 @@ fn status_word(s: Status) -> &'static str {
     match s {
         Status::Created => "created",
         Status::Running => "running",
+        Status::Restarting => "restarting",
         Status::Exited => "exited",
     }
 }
@@ -114,6 +115,11 @@ fn ps_row(c: &cstate::Container, no_trunc: bool, now: u64) -> serde_json::Value 
         ),
         Status::Exited => format!(
             "Exited ({}) {} ago",
+            s.exit_code.unwrap_or(0),
+            cstate::human_duration(now.saturating_sub(s.finished.unwrap_or(now)))
+        ),
+        Status::Restarting => format!(
+            "Restarting ({}) {} ago",
             s.exit_code.unwrap_or(0),
             cstate::human_duration(now.saturating_sub(s.finished.unwrap_or(now)))
         ),
@@ -162,7 +168,8 @@ pub(crate) fn ps(a: PsArgs) -> Result<i32> {
         c.refresh();
     }
     let last = if a.latest { Some(1) } else { a.last };
-    list.retain(|c| a.all || last.is_some() || c.state.status == Status::Running);
+    // A restarting container is listed with the running ones (Docker's).
+    list.retain(|c| a.all || last.is_some() || c.state.status.is_live());
     if let Some(n) = last {
         list.truncate(n);
     }
@@ -237,7 +244,7 @@ pub(crate) fn logs(a: LogsArgs) -> Result<i32> {
     if a.follow {
         let mut seen = lines.len();
         loop {
-            let running = c.refresh() == Status::Running;
+            let running = c.refresh().is_live();
             let lines = cstate::read_log(&path);
             for l in lines.iter().skip(seen) {
                 print(l);
@@ -276,26 +283,46 @@ fn each_container(
     Ok(if failed { 1 } else { 0 })
 }
 
-/// `vmc start NAME...`: starts containers made by `vmc create`, each name
-/// printed once its workload runs.
-pub(crate) fn start(a: vmc::cli::StartArgs) -> Result<i32> {
+/// Starts `c` (`vmc start`): Ok, or why not.
+fn start_one(name: &str, c: &mut Container) -> std::result::Result<(), Box<dyn std::error::Error>> {
     use vmc::runtime::lifecycle::{self, Started};
-    each_container(&a.containers, |name, mut c| {
-        Ok(match lifecycle::start_created(&mut c) {
-            Ok(Started::Running | Started::Removed) => Ok(()),
-            Ok(Started::Failed { why, .. }) => Err(format!("{name}: {why}").into()),
-            Err(e) => Err(e.into()),
-        })
-    })
+    match lifecycle::start(c) {
+        Ok(Started::Running | Started::Removed) => Ok(()),
+        Ok(Started::Failed { why, .. }) => Err(format!("{name}: {why}").into()),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// `vmc start NAME...`: starts containers made by `vmc create`, and runs
+/// exited ones again; each name printed once its workload runs.
+pub(crate) fn start(a: vmc::cli::StartArgs) -> Result<i32> {
+    each_container(&a.containers, |name, mut c| Ok(start_one(name, &mut c)))
+}
+
+/// Stops `c` as `vmc stop` does: its stop signal, SIGKILL after `grace`.
+/// Its restart policy does not run it again.
+fn stop_one(c: &mut Container, grace: std::time::Duration) {
+    if c.refresh().is_live() {
+        cstate::mark_stopped_by_user(&c.dir);
+    }
+    let sig = cstate::signal_number(&c.state.stop_signal).unwrap_or(libc::SIGTERM);
+    if c.signal(sig) && !c.wait_exit(grace) {
+        c.kill_now();
+    }
 }
 
 pub(crate) fn stop(a: StopArgs) -> Result<i32> {
     each_container(&a.containers, |_, mut c| {
-        let sig = cstate::signal_number(&c.state.stop_signal).unwrap_or(libc::SIGTERM);
-        if c.signal(sig) && !c.wait_exit(std::time::Duration::from_secs(a.time)) {
-            c.kill_now();
-        }
+        stop_one(&mut c, std::time::Duration::from_secs(a.time));
         Ok(Ok(()))
+    })
+}
+
+/// `vmc restart`: each container stopped (if it runs) and started again.
+pub(crate) fn restart(a: StopArgs) -> Result<i32> {
+    each_container(&a.containers, |name, mut c| {
+        stop_one(&mut c, std::time::Duration::from_secs(a.time));
+        Ok(start_one(name, &mut c))
     })
 }
 
@@ -309,8 +336,15 @@ pub(crate) fn kill(a: KillArgs) -> Result<i32> {
         );
     }
     each_container(&a.containers, |name, mut c| {
+        // A signal that ends the workload is a stop by the user: its
+        // restart policy does not run it again (Docker's rule).
+        let ending = [libc::SIGKILL, libc::SIGTERM, libc::SIGINT, libc::SIGQUIT].contains(&sig)
+            || cstate::signal_number(&c.state.stop_signal) == Some(sig);
+        if ending && c.refresh().is_live() {
+            cstate::mark_stopped_by_user(&c.dir);
+        }
         let sent = if sig == libc::SIGKILL {
-            let running = c.refresh() == Status::Running;
+            let running = c.refresh().is_live();
             if running {
                 c.kill_now();
             }
@@ -329,12 +363,12 @@ pub(crate) fn kill(a: KillArgs) -> Result<i32> {
 pub(crate) fn rm(a: RmArgs) -> Result<i32> {
     each_container(&a.containers, |name, mut c| {
         match c.refresh() {
-            Status::Running if !a.force => {
+            Status::Running | Status::Restarting if !a.force => {
                 return Ok(Err(
                     cstate::StateError::StillRunning(name.to_string()).into()
                 ));
             }
-            Status::Running => c.kill_now(),
+            Status::Running | Status::Restarting => c.kill_now(),
             // Made by `vmc create` (or still being made): its supervisor goes.
             Status::Created if c.supervisor_alive() => c.kill_now(),
             _ => {}
@@ -519,7 +553,7 @@ pub(crate) fn rename(container: &str, name: &str) -> Result<i32> {
 pub(crate) fn wait(a: WaitArgs) -> Result<i32> {
     for name in &a.containers {
         let mut c = cstate::resolve(name)?;
-        while !c.wait_exit(std::time::Duration::from_secs(3600)) {}
+        while !c.wait_next_exit(std::time::Duration::from_secs(3600)) {}
         println!("{}", c.state.exit_code.unwrap_or(0));
     }
     Ok(0)

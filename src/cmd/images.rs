@@ -72,10 +72,12 @@ pub(crate) fn inspect(a: InspectArgs) -> Result<i32> {
                 "Created": image::store::rfc3339(s.created as i64),
                 "Image": s.image,
                 "ImageId": cfg.as_ref().and_then(|c| c.image_id.clone()),
+                "RestartCount": s.restart_count,
                 "Mode": s.mode,
                 "State": {
                     "Status": s.status,
-                    "Running": s.status == Status::Running,
+                    "Running": s.status.is_live(),
+                    "Restarting": s.status == Status::Restarting,
                     "Pid": s.pid,
                     "ExitCode": s.exit_code,
                     "StartedAt": time(s.started),
@@ -97,6 +99,10 @@ pub(crate) fn inspect(a: InspectArgs) -> Result<i32> {
                 "HostConfig": cfg.as_ref().map(|c| serde_json::json!({
                     "PortBindings": port_bindings(&c.ports),
                     "AutoRemove": s.auto_remove,
+                    "RestartPolicy": {
+                        "Name": c.restart.name(),
+                        "MaximumRetryCount": c.restart.max_retries(),
+                    },
                     "ReadonlyRootfs": c.read_only,
                     "Binds": c.mounts.iter().filter_map(|m| match &m.source {
                         runtime::volume::MountSource::Bind { source } => Some(format!(

@@ -95,6 +95,10 @@ pub(crate) fn run(args: RunArgs, create_only: bool) -> Result<i32> {
     if args.timings && (args.detach || create_only) {
         bail!("--timings reports an attached run: leave out -d (and use vmc run, not vmc create)");
     }
+    let restart = runtime::restart::RestartPolicy::parse(&args.restart)?;
+    if args.rm && restart != runtime::restart::RestartPolicy::No {
+        bail!("conflicting options: --restart and --rm (a removed container cannot be restarted)");
+    }
     let parked = args.start == vmc::cli::StartMode::Parked;
     if parked && (ns || !args.rm || args.rootfs.is_some() || args.tty || args.cold) {
         bail!("--start=parked is for a --rm run of an image in a microVM, without -t or --cold");
@@ -279,6 +283,7 @@ pub(crate) fn run(args: RunArgs, create_only: bool) -> Result<i32> {
         extra_hosts,
         mounts,
         read_only: args.read_only,
+        restart,
         id: id.clone(),
         rootfs,
         image_id,
@@ -326,8 +331,7 @@ pub(crate) fn run(args: RunArgs, create_only: bool) -> Result<i32> {
         report_timings(args.timings);
         return code;
     }
-    let mut supervisor = std::process::Command::new(std::env::current_exe()?);
-    supervisor.arg("__supervise").arg(&dir);
+    let mut supervisor = lifecycle::supervisor_command(&dir);
     let until = if create_only {
         supervisor.arg("--created");
         Until::Created
@@ -401,9 +405,11 @@ pub(crate) fn network_for(ns: bool, requested: Option<&str>) -> Result<runtime::
 
 /// `vmc __supervise [--created] DIR`: the supervisor of a detached
 /// container.
-pub(crate) fn supervise(dir: &std::path::Path, created: bool) -> Result<i32> {
+pub(crate) fn supervise(dir: &std::path::Path, created: bool, restart: bool) -> Result<i32> {
     let until = if created {
         Until::Created
+    } else if restart {
+        Until::Restart
     } else {
         Until::Started
     };

@@ -118,6 +118,8 @@ pub fn create(dir: &Path, cfg: &ContainerConfig, meta: Meta) -> Result<Container
                 stop_signal: meta.stop_signal,
                 auto_remove: meta.auto_remove,
                 labels: meta.labels,
+                restart_count: 0,
+                restart_delay_ms: None,
             },
         };
         // Checked again under the lock, as the name is taken: two runs
@@ -188,6 +190,13 @@ pub fn run_here(
         control: None,
     };
     let result = engine::for_mode(cfg.mode()).run_attached(cfg, &dir, forward_stdin, &mut gate);
+    if let Ok(code) = result {
+        // With a restart policy the container lives on, detached, as
+        // Docker's does after its attached client returned.
+        if restart_due(c, cfg, code) && hand_over(c, code).is_ok() {
+            return Ok(code);
+        }
+    }
     let _ = c.mark_exited(*result.as_ref().unwrap_or(&EXIT_VMC_ERROR));
     if c.state.auto_remove || result.is_err() {
         let _ = state::remove_dir(&c.dir);
@@ -195,6 +204,85 @@ pub fn run_here(
         super::volume::remove_anonymous(&cfg.mounts);
     }
     Ok(result?)
+}
+
+/// Whether the restart policy runs the container again after the workload
+/// ended with `code` (never after an error of vmc's own).
+fn restart_due(c: &Container, cfg: &ContainerConfig, code: i32) -> bool {
+    cfg.restart
+        .should_restart(code, c.state.restart_count, state::stopped_by_user(&c.dir))
+}
+
+/// The backoff before the next restart of `c`, whose workload just ended.
+fn next_delay(c: &Container) -> Duration {
+    let ran = state::now_secs().saturating_sub(c.state.started.unwrap_or(0));
+    super::restart::backoff(
+        c.state.restart_delay_ms.map(Duration::from_millis),
+        Duration::from_secs(ran),
+    )
+}
+
+/// The command that supervises the container in `dir` (`vmc __supervise`).
+pub fn supervisor_command(dir: &Path) -> std::process::Command {
+    // This very binary, by /proc: its path may not lead to it any more (a
+    // namespace container's supervisor runs from a read-only bind of it in
+    // a mount namespace of its own, where readlink gives no usable path).
+    let mut cmd = std::process::Command::new("/proc/self/exe");
+    cmd.arg("__supervise").arg(dir);
+    cmd
+}
+
+/// An attached run's container that its restart policy runs again: a
+/// detached supervisor takes it over (`__supervise --restart`). Returns once
+/// that supervisor has recorded itself, so that the container is never
+/// without a live supervisor on record.
+fn hand_over(c: &mut Container, code: i32) -> Result<(), LifecycleError> {
+    let delay = next_delay(c);
+    c.mark_restarting(code, delay)?;
+    let mut cmd = supervisor_command(&c.dir);
+    cmd.arg("--restart");
+    crate::host::detach(&mut cmd);
+    let mut child = cmd.spawn().map_err(LifecycleError::Spawn)?;
+    let me = c.state.pid;
+    loop {
+        if Container::load(&c.dir).is_none_or(|now| now.state.pid != me) {
+            return Ok(());
+        }
+        if let Ok(Some(st)) = child.try_wait() {
+            // It ended before recording itself: the run ends here.
+            c.refresh();
+            return Err(LifecycleError::SupervisorDied {
+                id: c.state.id.chars().take(12).collect(),
+                status: st.to_string(),
+            });
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// Waits out a restart's backoff of `delay` with the forwarded signals
+/// blocked (they are taken here, not left pending for the next run);
+/// false if the user stopped the container meanwhile.
+fn backoff_wait(dir: &Path, delay: Duration) -> bool {
+    let set = super::ns::block_forwarded();
+    let end = Instant::now() + delay;
+    loop {
+        if state::stopped_by_user(dir) {
+            return false;
+        }
+        let left = end.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return true;
+        }
+        let step = left.min(Duration::from_millis(50));
+        let ts = libc::timespec {
+            tv_sec: step.as_secs() as libc::time_t,
+            tv_nsec: step.subsec_nanos() as libc::c_long,
+        };
+        // SAFETY: set and ts are valid for the call; the signal's details
+        // are not wanted.
+        unsafe { libc::sigtimedwait(&set, std::ptr::null_mut(), &ts) };
+    }
 }
 
 /// How a detached start went.
@@ -215,6 +303,10 @@ pub enum Until {
     Started,
     /// `vmc create`: it makes the container and waits for `vmc start`.
     Created,
+    /// A restart policy's next run of a `restarting` container: waits the
+    /// backoff, then starts the workload (or ends, if the user stopped the
+    /// container meanwhile).
+    Restart,
 }
 
 /// Starts a created container detached: `supervisor` (the command that
@@ -226,19 +318,69 @@ pub enum Until {
 /// leaves nothing behind.
 pub fn start_detached(
     c: &Container,
+    supervisor: std::process::Command,
+    until: Until,
+) -> Result<Started, LifecycleError> {
+    spawn_supervisor(c, supervisor, until, true)
+}
+
+/// [`start_detached`]; `new`: the container was made for this start (and
+/// goes if its supervisor cannot be spawned).
+fn spawn_supervisor(
+    c: &Container,
     mut supervisor: std::process::Command,
     until: Until,
+    new: bool,
 ) -> Result<Started, LifecycleError> {
     crate::host::detach(&mut supervisor);
     let mut child = match supervisor.spawn() {
         Ok(child) => child,
         Err(e) => {
-            let _ = std::fs::remove_dir_all(&c.dir);
+            if new {
+                let _ = std::fs::remove_dir_all(&c.dir);
+            }
             return Err(LifecycleError::Spawn(e));
         }
     };
     let mut gone = || child.try_wait().ok().flatten().map(|st| st.to_string());
     wait_for(&c.dir, &c.state.id, until, &mut gone)
+}
+
+/// `vmc start`: starts a container made by `vmc create` (see
+/// [`start_created`]), or runs an exited one again under a new supervisor,
+/// its writable layer kept; a running (or restarting) one is left as it is,
+/// as in Docker. Concurrent starts of one container start it once.
+pub fn start(c: &mut Container) -> Result<Started, LifecycleError> {
+    let lock = lock_dir(&c.dir)?;
+    let started = match c.refresh() {
+        Status::Created => {
+            drop(lock);
+            return start_created(c);
+        }
+        Status::Running | Status::Restarting => Ok(Started::Running),
+        Status::Exited => {
+            c.reset_for_start()?;
+            spawn_supervisor(c, supervisor_command(&c.dir), Until::Started, false)
+        }
+    };
+    drop(lock);
+    started
+}
+
+/// An exclusive lock on a container's state directory, until dropped.
+fn lock_dir(dir: &Path) -> Result<std::fs::File, LifecycleError> {
+    let io = |source| {
+        LifecycleError::State(StateError::Io {
+            path: dir.display().to_string(),
+            source,
+        })
+    };
+    let f = std::fs::File::open(dir).map_err(io)?;
+    // SAFETY: flock on a descriptor we hold.
+    if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX) } != 0 {
+        return Err(io(std::io::Error::last_os_error()));
+    }
+    Ok(f)
 }
 
 /// Starts a container made by `vmc create`: asks its supervisor over the
@@ -297,7 +439,7 @@ fn wait_for(
             return Ok(Started::Removed);
         };
         let reached = match until {
-            Until::Started => c.started(),
+            Until::Started | Until::Restart => c.started(),
             Until::Created => dir.join(CONTROL_SOCKET).exists() && c.state.pid.is_some(),
         };
         if reached {
@@ -345,6 +487,16 @@ fn wait_for(
 pub fn supervise(dir: &Path, until: Until) -> Result<(), LifecycleError> {
     let mut c = Container::load(dir).ok_or(StateError::NotFound(dir.display().to_string()))?;
     let cfg = c.config().ok_or(LifecycleError::Config)?;
+    if until == Until::Restart {
+        c.mark_supervising_restart()?;
+        let delay = Duration::from_millis(c.state.restart_delay_ms.unwrap_or(0));
+        if !backoff_wait(dir, delay) {
+            // Stopped in its backoff: the last run's exit stands.
+            let code = c.state.exit_code.unwrap_or(0);
+            c.mark_exited(code)?;
+            return Ok(());
+        }
+    }
     let log = c.log_path();
     let pipe = || -> std::io::Result<(std::fs::File, std::fs::File)> {
         let (r, w) = vmc_spawn::sys::pipe()?;
@@ -374,7 +526,7 @@ pub fn supervise(dir: &Path, until: Until) -> Result<(), LifecycleError> {
         }
     }
     let control = match until {
-        Until::Started => None,
+        Until::Started | Until::Restart => None,
         Until::Created => {
             let p = dir.join(CONTROL_SOCKET);
             let _ = std::fs::remove_file(&p);
@@ -392,7 +544,9 @@ pub fn supervise(dir: &Path, until: Until) -> Result<(), LifecycleError> {
             }
         }
     };
-    c.mark_supervised()?;
+    if until != Until::Restart {
+        c.mark_supervised()?;
+    }
     let (l1, l2) = (log.clone(), log.clone());
     let t1 = std::thread::spawn(move || state::log_stream(out_r, &l1, "stdout"));
     let t2 = std::thread::spawn(move || state::log_stream(err_r, &l2, "stderr"));
@@ -412,6 +566,20 @@ pub fn supervise(dir: &Path, until: Until) -> Result<(), LifecycleError> {
     }
     let _ = (t1.join(), t2.join());
     let _ = std::fs::remove_file(dir.join(CONTROL_SOCKET));
+    if result.is_ok() && restart_due(&c, &cfg, code) {
+        let delay = next_delay(&c);
+        c.mark_restarting(code, delay)?;
+        // The next run in a fresh image of this process: the same pid
+        // (the supervisor on record), none of this run's threads.
+        let mut next = supervisor_command(dir);
+        next.arg("--restart");
+        let e = std::os::unix::process::CommandExt::exec(&mut next);
+        state::log_stream(
+            format!("vmc: restarting the container: {e}\n").as_bytes(),
+            &log,
+            "stderr",
+        );
+    }
     c.mark_exited(code)?;
     if c.state.auto_remove {
         let _ = state::remove_dir(dir);
@@ -444,6 +612,7 @@ mod tests {
             extra_hosts: Vec::new(),
             mounts: Vec::new(),
             read_only: false,
+            restart: Default::default(),
             engine: EngineConfig::Ns(NsEngineConfig::default()),
         }
     }

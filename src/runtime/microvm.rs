@@ -31,6 +31,11 @@ pub enum Start {
     Warm,
 }
 
+/// Whether `scratch` is a scratch disk a run left (of the size made).
+fn scratch_kept(scratch: &Path) -> bool {
+    std::fs::metadata(scratch).is_ok_and(|m| m.is_file() && m.len() == SCRATCH_SIZE)
+}
+
 /// A booted (or booting) microVM.
 pub struct MicroVm {
     /// Restored from a parked snapshot: its process waits at its entry
@@ -118,6 +123,10 @@ impl MicroVm {
                 path: scratch.display().to_string(),
                 source,
             })?;
+        } else if super::state::was_started(dir) && scratch_kept(&scratch) {
+            // A container started again (`vmc start`, a restart policy)
+            // keeps its writable layer: the scratch disk of its last run.
+            disk::check_scratch(&scratch)?;
         } else {
             disk::build_scratch(&scratch, SCRATCH_SIZE)?;
         }

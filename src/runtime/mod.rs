@@ -19,6 +19,7 @@ pub mod microvm;
 pub mod net;
 pub mod ns;
 pub mod ports;
+pub mod restart;
 pub mod sandbox;
 pub mod seccomp;
 pub mod snapshot;
@@ -103,6 +104,9 @@ pub struct ContainerConfig {
     /// `--read-only`: the root filesystem is mounted read-only.
     #[serde(default)]
     pub read_only: bool,
+    /// `--restart`: what the supervisor does when the workload ends.
+    #[serde(default)]
+    pub restart: restart::RestartPolicy,
     /// What the engine of the container's [`Mode`] needs.
     pub engine: EngineConfig,
 }
@@ -383,6 +387,7 @@ pub(crate) mod tests {
             extra_hosts: Vec::new(),
             mounts: Vec::new(),
             read_only: false,
+            restart: Default::default(),
             engine,
         }
     }

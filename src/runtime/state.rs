@@ -19,6 +19,9 @@ use super::{vmc_home, ContainerConfig};
 pub enum Status {
     Created,
     Running,
+    /// Ended, and waiting its restart policy's backoff before running again
+    /// (its supervisor lives).
+    Restarting,
     Exited,
 }
 
@@ -47,6 +50,12 @@ pub struct State {
     /// `--label`s (`ps --filter label=...`).
     #[serde(default)]
     pub labels: std::collections::BTreeMap<String, String>,
+    /// Restarts by the restart policy since the last `vmc start`.
+    #[serde(default)]
+    pub restart_count: u32,
+    /// The backoff before the pending (or the last) restart, in ms.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub restart_delay_ms: Option<u64>,
 }
 
 /// Errors finding containers.
@@ -76,14 +85,24 @@ pub enum StateError {
 
 impl Status {
     /// The lifecycle: created -> running -> exited, or created -> exited
-    /// (a workload that could not start); nothing leaves `exited`.
+    /// (a workload that could not start); a restart policy's running ->
+    /// restarting -> running (or -> exited, when stopped in its backoff).
+    /// `exited` is left only by `vmc start` ([`Container::reset_for_start`]).
     pub fn can_become(self, to: Status) -> bool {
         matches!(
             (self, to),
             (Status::Created, Status::Running)
                 | (Status::Created, Status::Exited)
                 | (Status::Running, Status::Exited)
+                | (Status::Running, Status::Restarting)
+                | (Status::Restarting, Status::Running)
+                | (Status::Restarting, Status::Exited)
         )
+    }
+
+    /// Whether a supervisor holds the container (it runs, or waits to).
+    pub fn is_live(self) -> bool {
+        matches!(self, Status::Running | Status::Restarting)
     }
 }
 
@@ -153,8 +172,12 @@ impl Container {
         }
         // Running, or created by a supervisor still making it (or waiting
         // for `vmc start`): a supervisor that is gone is an exit.
-        let supervised =
-            |s: &State| matches!(s.status, Status::Running | Status::Created) && s.pid.is_some();
+        let supervised = |s: &State| {
+            matches!(
+                s.status,
+                Status::Running | Status::Restarting | Status::Created
+            ) && s.pid.is_some()
+        };
         if supervised(&self.state) && !self.supervisor_alive() {
             // A supervisor writes its state before it exits: read once more.
             if let Some(fresh) = Container::load(&self.dir) {
@@ -174,9 +197,10 @@ impl Container {
         self.dir.join("container.log")
     }
 
-    /// Whether the workload has been started (see [`mark_started`]).
+    /// Whether the workload has been started by the supervisor recorded
+    /// now (see [`mark_started`]).
     pub fn started(&self) -> bool {
-        was_started(&self.dir)
+        self.state.pid.is_some() && started_by(&self.dir) == self.state.pid
     }
 
     fn refused(&self, to: Status) -> StateError {
@@ -213,6 +237,16 @@ impl Container {
         self.save()
     }
 
+    /// Records that this process supervises the restarting container (the
+    /// next run of its restart policy).
+    pub fn mark_supervising_restart(&mut self) -> Result<(), StateError> {
+        if self.state.status != Status::Restarting {
+            return Err(self.refused(Status::Running));
+        }
+        self.record_supervisor();
+        self.save()
+    }
+
     /// Records that this process (the supervisor) runs the container, now.
     pub fn mark_running(&mut self) -> Result<(), StateError> {
         self.become_(Status::Running)?;
@@ -229,12 +263,44 @@ impl Container {
         self.save()
     }
 
+    /// Records that the workload ended with `code` and runs again after
+    /// `delay` (its restart policy's backoff): one more restart.
+    pub fn mark_restarting(
+        &mut self,
+        code: i32,
+        delay: std::time::Duration,
+    ) -> Result<(), StateError> {
+        self.become_(Status::Restarting)?;
+        self.state.exit_code = Some(code);
+        self.state.finished = Some(now_secs());
+        self.state.restart_count += 1;
+        self.state.restart_delay_ms = Some(delay.as_millis() as u64);
+        self.save()
+    }
+
+    /// `vmc start` of an exited container: it becomes `created` again (its
+    /// writable layer kept), with a new supervisor to come; the restart
+    /// count and a stop by the user are forgotten, as in Docker.
+    pub fn reset_for_start(&mut self) -> Result<(), StateError> {
+        if self.state.status != Status::Exited {
+            return Err(self.refused(Status::Created));
+        }
+        self.state.status = Status::Created;
+        self.state.pid = None;
+        self.state.pid_start = None;
+        self.state.exit_code = None;
+        self.state.restart_count = 0;
+        self.state.restart_delay_ms = None;
+        let _ = fs::remove_file(self.dir.join(STOPPED_BY_USER));
+        self.save()
+    }
+
     /// Sends `sig` to the supervisor of a running container (or of a
     /// created one whose supervisor lives); false if there was none.
     pub fn signal(&mut self, sig: i32) -> bool {
         let status = self.refresh();
         let created_alive = status == Status::Created && self.supervisor_alive();
-        if status != Status::Running && !created_alive {
+        if !status.is_live() && !created_alive {
             return false;
         }
         if let Some(pid) = self.state.pid {
@@ -245,7 +311,8 @@ impl Container {
     }
 
     /// Waits up to `timeout` for the container to stop running (the grace
-    /// period a user gave), and then for its supervisor to be gone: the
+    /// period a user gave; a restart's backoff counts as running), and then
+    /// for its supervisor to be gone: the
     /// supervisor records the exit before it ends, and its published ports
     /// are free only once it has, which is what a user of `docker stop` or
     /// `docker wait` relies on.
@@ -253,9 +320,24 @@ impl Container {
         let now = std::time::Instant::now;
         let end = now() + timeout;
         while now() < end {
-            if self.refresh() != Status::Running {
+            if !self.refresh().is_live() {
                 self.wait_supervisor_gone();
                 return true;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        false
+    }
+
+    /// `vmc wait`: waits up to `timeout` for the workload's next exit (a
+    /// restart policy's restart counts, as in Docker); true once it ended.
+    pub fn wait_next_exit(&mut self, timeout: std::time::Duration) -> bool {
+        let end = std::time::Instant::now() + timeout;
+        while std::time::Instant::now() < end {
+            match self.refresh() {
+                Status::Running => {}
+                Status::Restarting => return true,
+                _ => return self.wait_exit(timeout),
             }
             std::thread::sleep(std::time::Duration::from_millis(50));
         }
@@ -306,16 +388,40 @@ pub fn wait_gone(pid: u32, alive: impl Fn() -> bool) {
 
 const STARTED: &str = "started";
 
-/// Records in a container's state directory that its workload runs: what
-/// `vmc run -d` waits for before it returns, as Docker's does.
+/// Records in a container's state directory that its workload runs, started
+/// by this process (its supervisor): what `vmc run -d` and `vmc start` wait
+/// for before they return, as Docker's do.
 pub fn mark_started(dir: &Path) {
-    let _ = fs::write(dir.join(STARTED), b"");
+    let _ = fs::write(dir.join(STARTED), std::process::id().to_string());
 }
 
 /// Whether a workload of the container in `dir` has ever started (its
 /// writable layer may differ from the image since).
 pub fn was_started(dir: &Path) -> bool {
     dir.join(STARTED).exists()
+}
+
+/// The supervisor that started the container's workload last.
+fn started_by(dir: &Path) -> Option<i32> {
+    fs::read_to_string(dir.join(STARTED))
+        .ok()?
+        .trim()
+        .parse()
+        .ok()
+}
+
+/// The mark `vmc stop` and `vmc kill` leave: the restart policy is not to
+/// run the container again (until `vmc start`).
+const STOPPED_BY_USER: &str = "stopped-by-user";
+
+/// Records that the user is stopping the container (before the signal).
+pub fn mark_stopped_by_user(dir: &Path) {
+    let _ = fs::write(dir.join(STOPPED_BY_USER), b"");
+}
+
+/// Whether the user stopped the container since its last start.
+pub fn stopped_by_user(dir: &Path) -> bool {
+    dir.join(STOPPED_BY_USER).exists()
 }
 
 /// The start time of `pid` (field 22 of /proc/PID/stat), if it exists and
@@ -593,6 +699,8 @@ mod tests {
                 stop_signal: "SIGTERM".into(),
                 auto_remove: false,
                 labels: Default::default(),
+                restart_count: 0,
+                restart_delay_ms: None,
             },
         }
     }
@@ -613,6 +721,12 @@ mod tests {
             (Exited, Exited, false),
             (Exited, Created, false),
             (Created, Created, false),
+            (Running, Restarting, true),
+            (Restarting, Running, true),
+            (Restarting, Exited, true),
+            (Created, Restarting, false),
+            (Exited, Restarting, false),
+            (Restarting, Created, false),
         ] {
             assert_eq!(from.can_become(to), ok, "{from:?} -> {to:?}");
         }
@@ -647,6 +761,41 @@ mod tests {
         let mut c = container(d2.path(), Created);
         c.mark_exited(125).unwrap();
         assert_eq!(c.state.status, Exited);
+    }
+
+    /// A restart policy's turn: running -> restarting (the code, the count
+    /// and the backoff recorded) -> running; `vmc start` takes an exited
+    /// container back to created, forgetting the count and a user's stop,
+    /// and refuses any other.
+    #[test]
+    fn restarts_are_counted_and_start_resets_an_exited_container() {
+        use Status::*;
+        let d = tempfile::tempdir().unwrap();
+        let mut c = container(d.path(), Created);
+        c.save().unwrap();
+        c.mark_running().unwrap();
+        c.mark_restarting(2, std::time::Duration::from_millis(400))
+            .unwrap();
+        let on_disk = Container::load(d.path()).unwrap().state;
+        assert_eq!(
+            (on_disk.status, on_disk.exit_code, on_disk.restart_count),
+            (Restarting, Some(2), 1)
+        );
+        assert_eq!(on_disk.restart_delay_ms, Some(400));
+        assert!(c.reset_for_start().is_err(), "restarting is not exited");
+        c.mark_running().unwrap();
+        mark_stopped_by_user(d.path());
+        c.mark_exited(143).unwrap();
+        assert!(stopped_by_user(d.path()));
+        c.reset_for_start().unwrap();
+        let on_disk = Container::load(d.path()).unwrap().state;
+        assert_eq!(
+            (on_disk.status, on_disk.pid, on_disk.exit_code),
+            (Created, None, None)
+        );
+        assert_eq!(on_disk.restart_count, 0);
+        assert!(!stopped_by_user(d.path()));
+        assert!(c.reset_for_start().is_err(), "created is not exited");
     }
 
     /// A running state whose supervisor is gone is an exit nobody recorded

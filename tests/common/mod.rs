@@ -160,6 +160,7 @@ impl TestVm {
             extra_hosts: Vec::new(),
             mounts: Vec::new(),
             read_only: false,
+            restart: Default::default(),
             engine: vmc::runtime::EngineConfig::Vm(vmc::runtime::VmEngineConfig {
                 upper_in_memory: false,
                 parked: false,

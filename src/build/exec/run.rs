@@ -98,6 +98,7 @@ impl Builder<'_> {
                 extra_hosts: self.o.extra_hosts.clone(),
                 mounts: Vec::new(),
                 read_only: false,
+                restart: Default::default(),
                 engine,
             };
             let dir = self.tmp.join(format!("{}-{id}", self.o.mode));
