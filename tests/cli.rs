@@ -217,7 +217,7 @@ fn unknown_docker_flags_are_named() {
             "--device",
         ),
         (&["run", "--rm", "--gpus=all", "busybox"], "--gpus"),
-        (&["create", "--restart", "always", "busybox"], "--restart"),
+        (&["create", "--ipc", "host", "busybox"], "--ipc"),
         (&["run", "-d", "--privileged", "busybox"], "--privileged"),
         (&["exec", "--detach-keys", "x", "c", "ls"], "--detach-keys"),
         (&["build", "--squash", "."], "--squash"),
