@@ -100,6 +100,17 @@ pub enum Command {
     Start(StartArgs),
     /// Stop containers (as `vmc stop`) and start them again.
     Restart(StopArgs),
+    /// Pause containers: every process stopped where it is (namespace
+    /// mode: the freezer cgroup; a microVM: its VMM, vCPUs and all).
+    Pause {
+        #[arg(required = true)]
+        containers: Vec<String>,
+    },
+    /// Let paused containers run again.
+    Unpause {
+        #[arg(required = true)]
+        containers: Vec<String>,
+    },
     /// (internal) Make a ready snapshot in the background (runtime/snapshot.rs).
     #[command(name = "__make-ready", hide = true)]
     MakeReady { job: PathBuf },

@@ -199,6 +199,8 @@ fn dispatch(cli: Cli) -> Result<i32> {
         Command::Create(args) => create(args),
         Command::Start(a) => start(a),
         Command::Restart(a) => restart(a),
+        Command::Pause { containers } => pause(&containers, true),
+        Command::Unpause { containers } => pause(&containers, false),
         Command::Images(a) => images(a),
         Command::Inspect(a) => inspect(a),
         Command::Tag(a) => tag(a),

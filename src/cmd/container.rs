@@ -50,7 +50,13 @@ impl PsFilter {
                 Some((lk, lv)) => s.labels.get(lk).is_some_and(|v| v == lv),
                 None => s.labels.contains_key(val),
             },
-            "status" => status_word(s.status) == val,
+            "status" => {
+                if runtime::pause::is_paused(c) {
+                    val == "paused"
+                } else {
+                    status_word(s.status) == val
+                }
+            }
             "exited" => {
                 s.status == Status::Exited
                     && s.exit_code.map(|e| e.to_string()).as_deref() == Some(val)
@@ -108,10 +114,12 @@ fn ps_row(c: &cstate::Container, no_trunc: bool, now: u64) -> serde_json::Value 
     if !no_trunc && cmd.chars().count() > 22 {
         cmd = format!("{}…\"", cmd.chars().take(20).collect::<String>());
     }
+    let paused = runtime::pause::is_paused(c);
     let status = match s.status {
         Status::Running => format!(
-            "Up {}",
-            cstate::human_duration(now.saturating_sub(s.started.unwrap_or(now)))
+            "Up {}{}",
+            cstate::human_duration(now.saturating_sub(s.started.unwrap_or(now))),
+            if paused { " (Paused)" } else { "" }
         ),
         Status::Exited => format!(
             "Exited ({}) {} ago",
@@ -154,7 +162,7 @@ fn ps_row(c: &cstate::Container, no_trunc: bool, now: u64) -> serde_json::Value 
         "RunningFor": format!("{} ago", cstate::human_duration(now.saturating_sub(s.created))),
         "Ports": ports,
         "Status": status,
-        "State": status_word(s.status),
+        "State": if paused { "paused" } else { status_word(s.status) },
         "Names": s.name,
         "Labels": labels.join(","),
         "Mode": s.mode.to_string(),
@@ -306,7 +314,10 @@ fn stop_one(c: &mut Container, grace: std::time::Duration) {
         cstate::mark_stopped_by_user(&c.dir);
     }
     let sig = cstate::signal_number(&c.state.stop_signal).unwrap_or(libc::SIGTERM);
-    if c.signal(sig) && !c.wait_exit(grace) {
+    let sent = c.signal(sig);
+    // A paused container takes the signal as it is let go (Docker's).
+    runtime::pause::thaw_for_end(c);
+    if sent && !c.wait_exit(grace) {
         c.kill_now();
     }
 }
@@ -315,6 +326,18 @@ pub(crate) fn stop(a: StopArgs) -> Result<i32> {
     each_container(&a.containers, |_, mut c| {
         stop_one(&mut c, std::time::Duration::from_secs(a.time));
         Ok(Ok(()))
+    })
+}
+
+/// `vmc pause` (`on`) and `vmc unpause`.
+pub(crate) fn pause(names: &[String], on: bool) -> Result<i32> {
+    each_container(names, |_, mut c| {
+        let r = if on {
+            runtime::pause::pause(&mut c)
+        } else {
+            runtime::pause::unpause(&mut c)
+        };
+        Ok(r.map_err(Into::into))
     })
 }
 
@@ -344,13 +367,16 @@ pub(crate) fn kill(a: KillArgs) -> Result<i32> {
             cstate::mark_stopped_by_user(&c.dir);
         }
         let sent = if sig == libc::SIGKILL {
+            runtime::pause::thaw_for_end(&c);
             let running = c.refresh().is_live();
             if running {
                 c.kill_now();
             }
             running
         } else {
-            c.signal(sig)
+            let sent = c.signal(sig);
+            runtime::pause::thaw_for_end(&c);
+            sent
         };
         Ok(if sent {
             Ok(())
@@ -368,7 +394,10 @@ pub(crate) fn rm(a: RmArgs) -> Result<i32> {
                     cstate::StateError::StillRunning(name.to_string()).into()
                 ));
             }
-            Status::Running | Status::Restarting => c.kill_now(),
+            Status::Running | Status::Restarting => {
+                runtime::pause::thaw_for_end(&c);
+                c.kill_now()
+            }
             // Made by `vmc create` (or still being made): its supervisor goes.
             Status::Created if c.supervisor_alive() => c.kill_now(),
             _ => {}
@@ -396,6 +425,12 @@ pub(crate) fn exec(a: ExecArgs) -> Result<i32> {
     if c.refresh() != Status::Running {
         bail!(
             "container {} is not running: start a new one with vmc run",
+            a.container
+        );
+    }
+    if runtime::pause::is_paused(&c) {
+        bail!(
+            "container {0} is paused: unpause it first (vmc unpause {0})",
             a.container
         );
     }

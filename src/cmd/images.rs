@@ -75,7 +75,12 @@ pub(crate) fn inspect(a: InspectArgs) -> Result<i32> {
                 "RestartCount": s.restart_count,
                 "Mode": s.mode,
                 "State": {
-                    "Status": s.status,
+                    "Status": if runtime::pause::is_paused(&c) {
+                        serde_json::json!("paused")
+                    } else {
+                        serde_json::json!(s.status)
+                    },
+                    "Paused": runtime::pause::is_paused(&c),
                     "Running": s.status.is_live(),
                     "Restarting": s.status == Status::Restarting,
                     "Pid": s.pid,

@@ -163,6 +163,23 @@ impl Cgroup {
             for r in super::devices::ALLOWED {
                 write(&dir, "devices.allow", &super::devices::v1_line(r))?;
             }
+            // A container's processes are also kept together for `vmc
+            // pause` (the freezer) and counted for `vmc stats` (without a
+            // limit), where the host has those hierarchies.
+            for ctrl in ["freezer", "cpuacct"] {
+                match in_hierarchy(ctrl) {
+                    Ok(_) | Err(CgroupError::NoController(_)) => {}
+                    Err(e) => return Err(e),
+                }
+            }
+            for (ctrl, limited) in [("memory", limits.memory), ("pids", limits.pids.map(|_| 0))] {
+                if limited.is_none() {
+                    match in_hierarchy(ctrl) {
+                        Ok(_) | Err(CgroupError::NoController(_)) => {}
+                        Err(e) => return Err(e),
+                    }
+                }
+            }
         }
         if let Some(m) = limits.memory {
             let dir = in_hierarchy("memory")?;
@@ -253,6 +270,95 @@ pub fn join_listed(list: &Path) -> Result<(), CgroupError> {
     Ok(())
 }
 
+/// The cgroup directories recorded in `list` (one path per line), each
+/// checked to be under the cgroup mount and without `..`.
+pub fn listed(list: &Path) -> Vec<PathBuf> {
+    fs::read_to_string(list)
+        .unwrap_or_default()
+        .lines()
+        .map(PathBuf::from)
+        .filter(|d| {
+            d.starts_with(ROOT) && !d.components().any(|c| c == std::path::Component::ParentDir)
+        })
+        .collect()
+}
+
+/// The freezer of a container's cgroups: the v1 freezer hierarchy's
+/// directory, or the v2 directory (every non-root v2 cgroup has
+/// `cgroup.freeze`).
+pub fn freezer_of(dirs: &[PathBuf]) -> Option<PathBuf> {
+    dirs.iter()
+        .find(|d| d.join("freezer.state").exists())
+        .or_else(|| dirs.iter().find(|d| d.join("cgroup.freeze").exists()))
+        .cloned()
+}
+
+/// Freezes (`frozen`) or thaws the processes of the cgroup `dir` and waits
+/// until the kernel reports it done. Freezing ends when every task stopped;
+/// a task in an uninterruptible sleep can hold it up, so the wait is
+/// bounded (a minute, loosely) and then undone.
+pub fn set_frozen(dir: &Path, frozen: bool) -> Result<(), CgroupError> {
+    let v1 = dir.join("freezer.state").exists();
+    if v1 {
+        write(
+            dir,
+            "freezer.state",
+            if frozen { "FROZEN" } else { "THAWED" },
+        )?;
+    } else {
+        write(dir, "cgroup.freeze", if frozen { "1" } else { "0" })?;
+    }
+    let done = || {
+        if v1 {
+            let st = fs::read_to_string(dir.join("freezer.state")).unwrap_or_default();
+            st.trim() == if frozen { "FROZEN" } else { "THAWED" }
+        } else {
+            let want = if frozen { "frozen 1" } else { "frozen 0" };
+            fs::read_to_string(dir.join("cgroup.events"))
+                .unwrap_or_default()
+                .lines()
+                .any(|l| l.trim() == want)
+        }
+    };
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while !done() {
+        if std::time::Instant::now() > deadline {
+            if frozen {
+                let _ = set_frozen(dir, false);
+            }
+            return Err(CgroupError::Sys {
+                what: format!("freezing {}", dir.display()),
+                source: std::io::Error::from(std::io::ErrorKind::TimedOut),
+            });
+        }
+        // v1 moves FREEZING on to FROZEN only when asked again.
+        if v1 && frozen {
+            let _ = write(dir, "freezer.state", "FROZEN");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    Ok(())
+}
+
+/// Whether the cgroup `dir` is frozen.
+pub fn is_frozen(dir: &Path) -> bool {
+    if dir.join("freezer.state").exists() {
+        return fs::read_to_string(dir.join("freezer.state")).is_ok_and(|s| s.trim() != "THAWED");
+    }
+    fs::read_to_string(dir.join("cgroup.freeze")).is_ok_and(|s| s.trim() == "1")
+}
+
+/// Thaws `dir` if it is a frozen freezer cgroup.
+fn thaw(dir: &Path) -> Result<(), CgroupError> {
+    if dir.join("freezer.state").exists() && is_frozen(dir) {
+        return set_frozen(dir, false);
+    }
+    if dir.join("cgroup.freeze").exists() && is_frozen(dir) {
+        return set_frozen(dir, false);
+    }
+    Ok(())
+}
+
 /// Removes cgroup directories recorded in `list` (one path per line), for
 /// `vmc rm` after a container's supervisor is gone: whatever is still in
 /// them is that container's leftover, and is killed first (as `docker rm
@@ -266,6 +372,8 @@ pub fn remove_listed(list: &Path) {
         if !d.starts_with(ROOT) {
             continue;
         }
+        // A paused container's processes die only once thawed (v1).
+        let _ = thaw(&d);
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
         while fs::remove_dir(&d).is_err() && d.exists() && std::time::Instant::now() < deadline {
             for pid in fs::read_to_string(d.join("cgroup.procs"))

@@ -249,6 +249,12 @@ fn agent(c: &Container) -> Result<AgentConn, RuntimeError> {
             c.state.name
         )));
     }
+    if super::pause::is_paused(c) {
+        return Err(err(format!(
+            "container {0} is paused: its guest cannot answer; unpause it first (vmc unpause {0})",
+            c.state.name
+        )));
+    }
     let mut watch = super::guest::process_watch(vmm_pid(c)?);
     Ok(AgentConn::connect(
         &c.dir.join("vsock.sock"),

@@ -148,6 +148,7 @@ impl StartGate for Begin<'_> {
             await_start(&l);
             let _ = std::fs::remove_file(self.c.dir.join(CONTROL_SOCKET));
         }
+        super::pause::forget(&self.c.dir);
         Ok(self.c.mark_running()?)
     }
 }

@@ -128,6 +128,9 @@ fn common() -> Rules {
         libc::SYS_close,
         libc::SYS_futex,
         libc::SYS_rt_sigreturn,
+        // The kernel's continuation of a sleep a stop interrupted (`vmc
+        // pause`'s SIGSTOP, then SIGCONT).
+        libc::SYS_restart_syscall,
         libc::SYS_rt_sigprocmask,
         libc::SYS_sigaltstack,
         libc::SYS_munmap,

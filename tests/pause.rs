@@ -1,0 +1,99 @@
+//! `vmc pause`/`unpause` in both modes, through the binary: a paused
+//! container's processes make no progress, `ps` and `inspect` say so, exec
+//! is refused by name, and it runs on once unpaused; stop and kill end a
+//! paused container.
+
+mod common;
+
+use std::path::Path;
+use std::time::Duration;
+
+use common::{eventually, is_root, kvm_available, ok, store_with_busybox, vmc};
+
+fn lines(h: &Path, name: &str) -> usize {
+    ok(&vmc(h, &["logs", name])).lines().count()
+}
+
+fn pause_and_unpause(mode: &str) {
+    let home = store_with_busybox();
+    let h = home.path();
+    let script = "i=0; while true; do i=$((i+1)); echo $i; sleep 0.1; done";
+    ok(&vmc(
+        h,
+        &[
+            "run", "-d", "--mode", mode, "--name", "p", "busybox", "sh", "-c", script,
+        ],
+    ));
+    eventually("output", || (lines(h, "p") >= 2).then_some(()));
+    assert_eq!(ok(&vmc(h, &["pause", "p"])), "p\n");
+    let ps = ok(&vmc(h, &["ps", "--format", "{{.Status}} {{.State}}"]));
+    assert!(ps.contains("(Paused) paused"), "{ps}");
+    assert_eq!(
+        ok(&vmc(
+            h,
+            &["inspect", "-f", "{{.State.Status}} {{.State.Paused}}", "p"]
+        ))
+        .trim(),
+        "paused true"
+    );
+    assert_eq!(
+        ok(&vmc(h, &["ps", "-q", "--filter", "status=paused"]))
+            .lines()
+            .count(),
+        1
+    );
+    // No progress while paused (several of its loop's periods).
+    let n = lines(h, "p");
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(lines(h, "p"), n, "a paused container wrote output");
+    for (args, says) in [
+        (&["exec", "p", "true"][..], "is paused: unpause it first"),
+        (&["pause", "p"], "is already paused"),
+    ] {
+        let o = vmc(h, args);
+        assert!(!o.status.success(), "{args:?}");
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(err.contains(says), "{args:?}: {err}");
+    }
+    assert_eq!(ok(&vmc(h, &["unpause", "p"])), "p\n");
+    eventually("output after unpause", || (lines(h, "p") > n).then_some(()));
+    // The guest (or namespace) works on: an exec runs in it.
+    assert_eq!(ok(&vmc(h, &["exec", "p", "echo", "alive"])), "alive\n");
+    let o = vmc(h, &["unpause", "p"]);
+    assert!(String::from_utf8_lossy(&o.stderr).contains("is not paused"));
+    // A paused container is killed as it is.
+    ok(&vmc(h, &["pause", "p"]));
+    ok(&vmc(h, &["kill", "p"]));
+    assert_eq!(
+        ok(&vmc(
+            h,
+            &[
+                "inspect",
+                "-f",
+                "{{.State.Status}} {{.State.ExitCode}}",
+                "p"
+            ]
+        ))
+        .trim(),
+        "exited 137"
+    );
+    let o = vmc(h, &["pause", "p"]);
+    assert!(String::from_utf8_lossy(&o.stderr).contains("is not running"));
+}
+
+#[test]
+fn pause_in_namespace_mode() {
+    if is_root() {
+        pause_and_unpause("ns");
+    }
+}
+
+/// A microVM's VMM is stopped and continued: its seccomp filter lets the
+/// kernel resume an interrupted sleep (restart_syscall), or the VMM would
+/// be killed at the unpause.
+#[test]
+fn pause_in_vm_mode() {
+    if kvm_available() {
+        pause_and_unpause("vm");
+    }
+}
