@@ -111,6 +111,16 @@ pub enum Command {
         #[arg(required = true)]
         containers: Vec<String>,
     },
+    /// Show a container's processes (namespace mode: the host's ps with
+    /// the options given, default -ef; a microVM: its guest's, as ps -ef).
+    Top {
+        container: String,
+        /// ps options (namespace mode).
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        ps_args: Vec<String>,
+    },
+    /// Show containers' use of CPU, memory, network, disks and processes.
+    Stats(StatsArgs),
     /// (internal) Make a ready snapshot in the background (runtime/snapshot.rs).
     #[command(name = "__make-ready", hide = true)]
     MakeReady { job: PathBuf },
@@ -671,6 +681,25 @@ pub struct ExecArgs {
     /// The command and its arguments.
     #[arg(trailing_var_arg = true, allow_hyphen_values = true, required = true)]
     pub command: Vec<String>,
+}
+
+#[derive(Args, Debug)]
+pub struct StatsArgs {
+    /// Every container (default: running ones).
+    #[arg(short, long)]
+    pub all: bool,
+    /// Print one table and end (default: refresh every second).
+    #[arg(long)]
+    pub no_stream: bool,
+    /// Full ids.
+    #[arg(long)]
+    pub no_trunc: bool,
+    /// A Go template per container ('{{.Name}} {{.CPUPerc}}'); 'table ...'
+    /// adds a header; `json` one JSON object per line.
+    #[arg(long, value_name = "TEMPLATE")]
+    pub format: Option<String>,
+    /// Containers (default: every running one).
+    pub containers: Vec<String>,
 }
 
 #[derive(Args, Debug)]

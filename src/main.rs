@@ -200,6 +200,8 @@ fn dispatch(cli: Cli) -> Result<i32> {
         Command::Start(a) => start(a),
         Command::Restart(a) => restart(a),
         Command::Pause { containers } => pause(&containers, true),
+        Command::Top { container, ps_args } => top(&container, &ps_args),
+        Command::Stats(a) => stats(a),
         Command::Unpause { containers } => pause(&containers, false),
         Command::Images(a) => images(a),
         Command::Inspect(a) => inspect(a),

@@ -10,6 +10,7 @@ mod init;
 mod laps;
 mod layers;
 mod netcfg;
+mod procs;
 mod reaper;
 mod rootfs;
 mod session;

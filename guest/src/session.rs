@@ -196,6 +196,13 @@ fn handshake_and_start(
                     .map_err(|e| format!("{path}: {e}"))?;
                 send(conn, &GuestMsg::Applied).map_err(|e| e.to_string())?;
             }
+            Ok(HostMsg::Processes) => {
+                let list = crate::procs::processes(init::ROOT);
+                send(conn, &GuestMsg::Processes(list)).map_err(|e| e.to_string())?;
+            }
+            Ok(HostMsg::Stats) => {
+                send(conn, &GuestMsg::Stats(crate::procs::stats())).map_err(|e| e.to_string())?;
+            }
             Ok(HostMsg::Warm(spec)) => {
                 if !*MOUNTED.lock().unwrap_or_else(|e| e.into_inner()) {
                     return Err("Warm before Mount".into());

@@ -22,7 +22,7 @@ use std::io::{self, Read, Write};
 use serde::{Deserialize, Serialize};
 
 /// Version of the frames below; bumped on every incompatible change.
-pub const PROTOCOL_VERSION: u32 = 9;
+pub const PROTOCOL_VERSION: u32 = 10;
 
 /// vsock port on which the guest agent listens.
 pub const AGENT_PORT: u32 = 1024;
@@ -288,6 +288,52 @@ pub enum HostMsg {
     /// else into its parent with the top entry renamed to `path`'s last
     /// name. Answered with `Applied` (or `Error`).
     CopyIn { path: String },
+    /// `vmc top`: the container's processes (every process of the guest
+    /// but the agent and the kernel's threads). Answered with `Processes`.
+    Processes,
+    /// `vmc stats`: the guest's own view of its use. Answered with `Stats`.
+    Stats,
+}
+
+/// The most processes a [`GuestMsg::Processes`] lists.
+pub const MAX_PROCESSES: usize = 2000;
+/// The longest command line a [`ProcessInfo`] carries, in bytes.
+pub const MAX_CMDLINE: usize = 256;
+
+/// One process of the container, as `vmc top` shows it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ProcessInfo {
+    pub pid: u32,
+    pub ppid: u32,
+    pub uid: u32,
+    /// The user's name in the container's /etc/passwd (empty: none).
+    pub user: String,
+    /// CPU time used, user and system, in ms.
+    pub cpu_ms: u64,
+    /// When it started, in ms since the epoch (the guest's clock).
+    pub started_ms: u64,
+    /// Its controlling terminal (`pts/0`), or empty.
+    pub tty: String,
+    /// Its command line (arguments joined by spaces; `[name]` when it has
+    /// none), at most [`MAX_CMDLINE`] bytes.
+    pub cmd: String,
+}
+
+/// The guest's view of its use (`vmc stats`).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GuestStats {
+    /// Memory in use (total less what is available), bytes.
+    pub mem_used: u64,
+    /// The guest's memory, bytes.
+    pub mem_total: u64,
+    /// Bytes received and sent on its network interfaces (not loopback).
+    pub net_rx: u64,
+    pub net_tx: u64,
+    /// Bytes read from and written to its disks.
+    pub blk_read: u64,
+    pub blk_write: u64,
+    /// The container's processes.
+    pub pids: u32,
 }
 
 /// Frames from the guest agent to the host.
@@ -324,6 +370,10 @@ pub enum GuestMsg {
     Warmed,
     /// Answer to [`HostMsg::Park`]: the process waits at its entry.
     Parked { pid: u32 },
+    /// Answer to [`HostMsg::Processes`].
+    Processes(Vec<ProcessInfo>),
+    /// Answer to [`HostMsg::Stats`].
+    Stats(GuestStats),
 }
 
 /// Errors reading or writing frames.

@@ -602,3 +602,222 @@ pub(crate) fn port(container: &str) -> Result<i32> {
     }
     Ok(0)
 }
+
+/// `vmc top NAME [ps OPTIONS]`.
+pub(crate) fn top(container: &str, ps_args: &[String]) -> Result<i32> {
+    let mut c = cstate::resolve(container)?;
+    let rows = runtime::observe::top(&mut c, ps_args)?;
+    print_cells(&rows);
+    Ok(0)
+}
+
+/// `value` with at most `sig` significant digits, as C's `%g` without an
+/// exponent (Docker's sizes: `1.523MiB`, `648B`).
+fn g(value: f64, sig: i32) -> String {
+    if value == 0.0 {
+        return "0".into();
+    }
+    let digits = value.abs().log10().floor() as i32 + 1;
+    let decimals = (sig - digits).max(0) as usize;
+    let s = format!("{value:.decimals$}");
+    if s.contains('.') {
+        s.trim_end_matches('0').trim_end_matches('.').to_string()
+    } else {
+        s
+    }
+}
+
+/// Bytes in binary units (Docker's memory column): `1.523MiB`.
+fn binary_size(b: u64) -> String {
+    let units = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = b as f64;
+    let mut i = 0;
+    while v >= 1024.0 && i < units.len() - 1 {
+        v /= 1024.0;
+        i += 1;
+    }
+    format!("{}{}", g(v, 4), units[i])
+}
+
+/// Bytes in decimal units (Docker's network and block columns): `1.2kB`.
+fn decimal_size(b: u64) -> String {
+    let units = ["B", "kB", "MB", "GB", "TB"];
+    let mut v = b as f64;
+    let mut i = 0;
+    while v >= 1000.0 && i < units.len() - 1 {
+        v /= 1000.0;
+        i += 1;
+    }
+    format!("{}{}", g(v, 3), units[i])
+}
+
+/// Docker's column titles for `stats --format 'table ...'`.
+const STATS_HEADERS: &[(&str, &str)] = &[
+    ("Container", "CONTAINER"),
+    ("ID", "CONTAINER ID"),
+    ("Name", "NAME"),
+    ("CPUPerc", "CPU %"),
+    ("MemUsage", "MEM USAGE / LIMIT"),
+    ("MemPerc", "MEM %"),
+    ("NetIO", "NET I/O"),
+    ("BlockIO", "BLOCK I/O"),
+    ("PIDs", "PIDS"),
+    ("Mode", "MODE"),
+    ("VmmMem", "VMM MEM"),
+];
+
+/// One `stats` row, with Docker's field names (and vmc's `Mode` and
+/// `VmmMem`: a VM's VMM process's resident memory on the host).
+fn stats_row(
+    c: &Container,
+    now: &runtime::observe::Sample,
+    before: &runtime::observe::Sample,
+    no_trunc: bool,
+) -> serde_json::Value {
+    let id = if no_trunc {
+        c.state.id.clone()
+    } else {
+        c.state.id[..12].to_string()
+    };
+    let mem_perc = if now.mem_limit > 0 {
+        now.mem_used as f64 / now.mem_limit as f64 * 100.0
+    } else {
+        0.0
+    };
+    serde_json::json!({
+        "Container": id,
+        "ID": id,
+        "Name": c.state.name,
+        "CPUPerc": format!("{:.2}%", now.cpu_percent(before)),
+        "MemUsage": format!("{} / {}", binary_size(now.mem_used), binary_size(now.mem_limit)),
+        "MemPerc": format!("{mem_perc:.2}%"),
+        "NetIO": format!("{} / {}", decimal_size(now.net_rx), decimal_size(now.net_tx)),
+        "BlockIO": format!("{} / {}", decimal_size(now.blk_read), decimal_size(now.blk_write)),
+        "PIDs": now.pids.to_string(),
+        "Mode": c.state.mode.to_string(),
+        "VmmMem": now.vmm_rss.map(binary_size).unwrap_or_else(|| "--".into()),
+    })
+}
+
+/// `vmc stats`: every running container (or those named), sampled twice
+/// for the CPU column; with `--no-stream` one table, else one a second
+/// until interrupted.
+pub(crate) fn stats(a: vmc::cli::StatsArgs) -> Result<i32> {
+    use runtime::observe;
+    let pick = || -> Result<Vec<Container>> {
+        if a.containers.is_empty() {
+            let mut all = cstate::list();
+            all.retain_mut(|c| {
+                let st = c.refresh();
+                a.all || st == Status::Running
+            });
+            return Ok(all);
+        }
+        a.containers
+            .iter()
+            .map(|n| cstate::resolve(n).map_err(Into::into))
+            .collect()
+    };
+    let take = |cs: &mut [Container]| -> Vec<Option<observe::Sample>> {
+        cs.iter_mut()
+            .map(|c| match observe::sample(c) {
+                Ok(s) => Some(s),
+                Err(e) => {
+                    // A named container that cannot be looked at is an
+                    // error; one that ended meanwhile shows as zeros.
+                    if !a.containers.is_empty() && c.state.status == Status::Running {
+                        eprintln!("vmc: {}", vmc::host::error_line(&e));
+                    }
+                    None
+                }
+            })
+            .collect()
+    };
+    let mut containers = pick()?;
+    let mut before = take(&mut containers);
+    let interval = std::time::Duration::from_secs(1);
+    loop {
+        std::thread::sleep(if a.no_stream {
+            std::time::Duration::from_millis(500)
+        } else {
+            interval
+        });
+        let now = take(&mut containers);
+        let rows: Vec<serde_json::Value> = containers
+            .iter()
+            .zip(now.iter().zip(&before))
+            .map(|(c, (n, b))| {
+                let zero = observe::Sample::default();
+                stats_row(
+                    c,
+                    n.as_ref().unwrap_or(&zero),
+                    b.as_ref().unwrap_or(&zero),
+                    a.no_trunc,
+                )
+            })
+            .collect();
+        if !a.no_stream {
+            // Docker's redraw: clear the screen and go home.
+            print!("\x1b[2J\x1b[H");
+        }
+        match a.format.as_deref() {
+            Some("json") => {
+                for r in &rows {
+                    println!("{r}");
+                }
+            }
+            Some(f) => print_formatted(f, &rows, STATS_HEADERS)?,
+            None => {
+                let columns = [
+                    "ID", "Name", "CPUPerc", "MemUsage", "MemPerc", "NetIO", "BlockIO", "PIDs",
+                ];
+                let mut table = vec![columns.map(|c| {
+                    STATS_HEADERS
+                        .iter()
+                        .find(|(f, _)| *f == c)
+                        .map_or(c, |(_, h)| *h)
+                        .to_string()
+                })];
+                for r in &rows {
+                    table.push(columns.map(|c| r[c].as_str().unwrap_or_default().to_string()));
+                }
+                print_table(&table);
+            }
+        }
+        let _ = std::io::stdout().flush();
+        if a.no_stream {
+            return Ok(0);
+        }
+        before = now;
+        if a.containers.is_empty() {
+            // Containers that started or ended meanwhile come and go.
+            let fresh = pick()?;
+            if fresh
+                .iter()
+                .map(|c| &c.state.id)
+                .ne(containers.iter().map(|c| &c.state.id))
+            {
+                containers = fresh;
+                before = take(&mut containers);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod stats_tests {
+    use super::*;
+
+    /// Sizes as Docker prints them: binary for memory, decimal for I/O,
+    /// four and three significant digits.
+    #[test]
+    fn sizes_read_as_dockers() {
+        assert_eq!(binary_size(0), "0B");
+        assert_eq!(binary_size(1597000), "1.523MiB");
+        assert_eq!(binary_size(256 << 20), "256MiB");
+        assert_eq!(binary_size(8232000000), "7.667GiB");
+        assert_eq!(decimal_size(648), "648B");
+        assert_eq!(decimal_size(1234), "1.23kB");
+        assert_eq!(decimal_size(15_000_000), "15MB");
+    }
+}

@@ -164,9 +164,10 @@ impl Cgroup {
                 write(&dir, "devices.allow", &super::devices::v1_line(r))?;
             }
             // A container's processes are also kept together for `vmc
-            // pause` (the freezer) and counted for `vmc stats` (without a
-            // limit), where the host has those hierarchies.
-            for ctrl in ["freezer", "cpuacct"] {
+            // pause` (the freezer) and counted for `vmc stats` (cpuacct,
+            // blkio, and memory and pids without a limit), where the host
+            // has those hierarchies.
+            for ctrl in ["freezer", "cpuacct", "blkio"] {
                 match in_hierarchy(ctrl) {
                     Ok(_) | Err(CgroupError::NoController(_)) => {}
                     Err(e) => return Err(e),

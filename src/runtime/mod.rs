@@ -18,6 +18,7 @@ pub mod lifecycle;
 pub mod microvm;
 pub mod net;
 pub mod ns;
+pub mod observe;
 pub mod pause;
 pub mod ports;
 pub mod restart;

@@ -1,7 +1,8 @@
-//! `vmc pause`/`unpause` in both modes, through the binary: a paused
-//! container's processes make no progress, `ps` and `inspect` say so, exec
-//! is refused by name, and it runs on once unpaused; stop and kill end a
-//! paused container.
+//! A running container looked at and held, in both modes, through the
+//! binary: `vmc top` lists its processes (a VM's from its guest), `vmc
+//! stats` its use; `vmc pause`/`unpause`: a paused container's processes
+//! make no progress, `ps` and `inspect` say so, exec is refused by name,
+//! and it runs on once unpaused; stop and kill end a paused container.
 
 mod common;
 
@@ -82,7 +83,7 @@ fn pause_and_unpause(mode: &str) {
 }
 
 #[test]
-fn pause_in_namespace_mode() {
+fn top_stats_and_pause_in_namespace_mode() {
     if is_root() {
         pause_and_unpause("ns");
     }
@@ -92,7 +93,7 @@ fn pause_in_namespace_mode() {
 /// kernel resume an interrupted sleep (restart_syscall), or the VMM would
 /// be killed at the unpause.
 #[test]
-fn pause_in_vm_mode() {
+fn top_stats_and_pause_in_vm_mode() {
     if kvm_available() {
         pause_and_unpause("vm");
     }
