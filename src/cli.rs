@@ -340,6 +340,11 @@ pub struct RunArgs {
     #[arg(long)]
     pub rm: bool,
 
+    /// Run a tiny init as PID 1 that passes signals to the command and
+    /// reaps orphans (namespace mode; a microVM's agent already reaps).
+    #[arg(long)]
+    pub init: bool,
+
     /// Restart policy: no, on-failure[:N], always or unless-stopped (the
     /// container's supervisor runs it again, with Docker's backoff).
     #[arg(long, value_name = "POLICY", default_value = "no")]

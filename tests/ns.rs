@@ -877,3 +877,73 @@ fn stop_uses_the_stopsignal_then_sigkill_and_exec_takes_w_and_u() {
     );
     ok(&vmc(h, &["rm", "a", "b"]));
 }
+
+/// `--init`: a tiny init is PID 1 (the agent's static binary, read-only at
+/// Docker's /sbin/docker-init), the command its child: orphans are reaped,
+/// the stop signal reaches a command without handlers (143, where without
+/// the init the PID-1 command ignores it and is killed: 137), exit codes
+/// and a missing command's 127 pass through.
+#[test]
+fn init_is_pid_1_reaps_orphans_and_passes_signals() {
+    if !is_root() {
+        return;
+    }
+    let home = store_with_busybox();
+    let h = home.path();
+    let run = |args: &[&str]| {
+        let mut v = vec![
+            "run",
+            "--rm",
+            "--mode",
+            "ns",
+            "--network",
+            "none",
+            "--init",
+            "busybox",
+        ];
+        v.extend(args);
+        vmc(h, &v)
+    };
+    let o = run(&["sh", "-c", "ps -o pid,comm | sed 1d"]);
+    let procs: Vec<String> = stdout(&o)
+        .lines()
+        .map(|l| l.split_whitespace().collect::<Vec<_>>().join(" "))
+        .collect();
+    assert_eq!(procs[..2], ["1 docker-init", "2 sh"], "{procs:?}");
+    // An orphan (its parent sh exits at once) ends and is reaped by PID 1.
+    let o = run(&[
+        "sh",
+        "-c",
+        "sh -c 'sleep 0.2 &'; sleep 1; ps -o stat,comm | grep -c '^Z' || true",
+    ]);
+    assert_eq!(stdout(&o).trim(), "0", "zombies left: {o:?}");
+    let o = run(&["sh", "-c", "echo x > /sbin/docker-init"]);
+    assert!(!o.status.success(), "the init is writable");
+    assert_eq!(run(&["sh", "-c", "exit 3"]).status.code(), Some(3));
+    let o = run(&["nosuch"]);
+    assert_eq!(o.status.code(), Some(127), "{o:?}");
+    for (init, code) in [(true, "143"), (false, "137")] {
+        let name = format!("sleeper-{init}");
+        let mut args = vec![
+            "run",
+            "-d",
+            "--mode",
+            "ns",
+            "--network",
+            "none",
+            "--name",
+            &name,
+        ];
+        if init {
+            args.push("--init");
+        }
+        args.extend(["busybox", "sleep", "1000"]);
+        ok(&vmc(h, &args));
+        ok(&vmc(h, &["stop", "-t", "2", &name]));
+        assert_eq!(
+            ok(&vmc(h, &["inspect", "-f", "{{.State.ExitCode}}", &name])).trim(),
+            code,
+            "--init {init}"
+        );
+    }
+}

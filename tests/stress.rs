@@ -112,6 +112,7 @@ fn snapshots_made_under_load_all_restore() {
             mounts: Vec::new(),
             read_only: false,
             restart: Default::default(),
+            init: false,
             engine: vmc::runtime::EngineConfig::Vm(vmc::runtime::VmEngineConfig {
                 upper_in_memory: false,
                 parked: false,

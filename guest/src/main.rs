@@ -16,6 +16,7 @@ mod rootfs;
 mod session;
 #[cfg(test)]
 mod testns;
+mod tinyinit;
 mod volumes;
 mod vsock;
 
@@ -25,6 +26,10 @@ use std::sync::{Arc, Mutex};
 use vmc_proto::AGENT_PORT;
 
 fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    if args.first().is_some_and(|a| tinyinit::called_as_init(a)) {
+        tinyinit::main(args);
+    }
     if std::process::id() != 1 {
         eprintln!("vmc-guest: this is the init of a vmc microVM; it only runs as PID 1 there");
         std::process::exit(2);

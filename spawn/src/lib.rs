@@ -94,6 +94,16 @@ impl Prepared {
     pub fn stop_at_entry(&mut self) {
         self.trace_exec = true;
     }
+
+    /// The process execs `init` (a path in the root, which need not exist
+    /// yet: a mount op may put it there) with the prepared command after
+    /// `--` as its arguments (`--init`); the command was found as usual.
+    pub fn exec_through(&mut self, init: &str) -> Result<(), SpawnError> {
+        let c = |s: &str| CString::new(s).map_err(|_| SpawnError::setup("a path holds a NUL byte"));
+        self.path = c(init)?;
+        self.argv.splice(0..0, [c(init)?, c("--")?]);
+        Ok(())
+    }
 }
 
 /// Reads up to `limit` bytes of the executable `p` would exec, from inside

@@ -284,6 +284,7 @@ pub(crate) fn run(args: RunArgs, create_only: bool) -> Result<i32> {
         mounts,
         read_only: args.read_only,
         restart,
+        init: args.init,
         id: id.clone(),
         rootfs,
         image_id,

@@ -614,6 +614,7 @@ mod tests {
             mounts: Vec::new(),
             read_only: false,
             restart: Default::default(),
+            init: false,
             engine: EngineConfig::Ns(NsEngineConfig::default()),
         }
     }

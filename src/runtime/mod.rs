@@ -109,6 +109,10 @@ pub struct ContainerConfig {
     /// `--restart`: what the supervisor does when the workload ends.
     #[serde(default)]
     pub restart: restart::RestartPolicy,
+    /// `--init`: a tiny init runs the workload as its child (namespace
+    /// mode; in a VM the agent, PID 1 of the guest, reaps every orphan).
+    #[serde(default)]
+    pub init: bool,
     /// What the engine of the container's [`Mode`] needs.
     pub engine: EngineConfig,
 }
@@ -390,6 +394,7 @@ pub(crate) mod tests {
             mounts: Vec::new(),
             read_only: false,
             restart: Default::default(),
+            init: false,
             engine,
         }
     }

@@ -161,6 +161,7 @@ impl TestVm {
             mounts: Vec::new(),
             read_only: false,
             restart: Default::default(),
+            init: false,
             engine: vmc::runtime::EngineConfig::Vm(vmc::runtime::VmEngineConfig {
                 upper_in_memory: false,
                 parked: false,

@@ -99,6 +99,7 @@ impl Builder<'_> {
                 mounts: Vec::new(),
                 read_only: false,
                 restart: Default::default(),
+                init: false,
                 engine,
             };
             let dir = self.tmp.join(format!("{}-{id}", self.o.mode));

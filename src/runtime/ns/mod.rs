@@ -462,6 +462,9 @@ pub fn join_cgroups(
     Ok(cgroup)
 }
 
+/// Where `--init` puts the init in the container (Docker's place).
+pub const INIT_PATH: &str = "/sbin/docker-init";
+
 /// Runs `cfg` attached (stdio inherited) with its root made of `lowers`
 /// (bottom first, read-only) and a writable upper in `dir`; returns the exit
 /// code as Docker reports it.
@@ -502,6 +505,17 @@ pub fn run_attached(
         }
     }
     iso.ops.extend(mount_ops(&cfg.mounts));
+    // --init: the agent's static binary, bound read-only where Docker puts
+    // its docker-init, runs first and starts the command as its child.
+    if cfg.init {
+        let init = crate::assets::guest_binary()
+            .map_err(|e| RuntimeError::Namespace(format!("--init: {e}")))?;
+        iso.ops.extend(mount_ops(&[super::volume::Mount {
+            source: super::volume::MountSource::Bind { source: init },
+            target: INIT_PATH.into(),
+            readonly: true,
+        }]));
+    }
     for (name, file) in network_files(cfg, dir)? {
         let target = format!("/etc/{name}");
         iso.ops.push(RootOp::Touch(target.clone()));
@@ -518,13 +532,19 @@ pub fn run_attached(
     if cfg.read_only {
         iso.ops.push(read_only_root());
     }
-    let prepared = match spawn::prepare_isolated(&cfg.process, &root_s, &root_s, &iso) {
-        Ok(p) => p,
-        Err(e) => {
-            eprintln!("vmc: {}", e.message);
-            return Ok(e.kind.exit_code());
-        }
-    };
+    let prepared =
+        match spawn::prepare_isolated(&cfg.process, &root_s, &root_s, &iso).and_then(|mut p| {
+            if cfg.init {
+                p.exec_through(INIT_PATH)?;
+            }
+            Ok(p)
+        }) {
+            Ok(p) => p,
+            Err(e) => {
+                eprintln!("vmc: {}", e.message);
+                return Ok(e.kind.exit_code());
+            }
+        };
 
     // Signals for the container are forwarded from vmc; blocked before the
     // child exists so that none is lost (the child resets its mask).
