@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Installs the Debian packages vmc needs, if any are missing (idempotent).
 set -euo pipefail
-pkgs=(linux-source flex bison bc libelf-dev libssl-dev cpio erofs-utils e2fsprogs busybox-static skopeo umoci docker-registry mmdebstrap passt crun curl qemu-system-x86)
+pkgs=(gcc libc6-dev linux-source flex bison bc libelf-dev libssl-dev cpio erofs-utils e2fsprogs busybox-static skopeo umoci docker-registry mmdebstrap passt crun curl qemu-system-x86)
 missing=()
 for p in "${pkgs[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

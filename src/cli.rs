@@ -287,7 +287,7 @@ pub struct RunArgs {
     #[arg(short = 'd', long)]
     pub detach: bool,
 
-    /// Publish a container port on the host: [IP:][HOST_PORT:]CONTAINER_PORT[/tcp]
+    /// Publish a container port on the host: [IP:][HOST_PORT:]CONTAINER_PORT[/tcp|/udp]
     /// (ranges, [IPv6]; no host port: one the system chooses; repeatable).
     #[arg(short = 'p', long = "publish", value_name = "[IP:][HOST:]CONTAINER")]
     pub publish: Vec<String>,

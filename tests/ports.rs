@@ -132,7 +132,7 @@ fn published(mode: &str, size: usize, requests: usize) {
             "--mode",
             mode,
             "-p",
-            "53:53/udp",
+            "53:53/sctp",
             "busybox",
             "true",
         ],
@@ -140,8 +140,8 @@ fn published(mode: &str, size: usize, requests: usize) {
     assert_eq!(o.status.code(), Some(125), "{o:?}");
     assert_eq!(
         String::from_utf8_lossy(&o.stderr),
-        "vmc: -p 53:53/udp: only tcp ports can be published (vmc forwards TCP; UDP is not supported yet) \
-         (the form is [IP:][HOST_PORT:]CONTAINER_PORT[/tcp])\n"
+        "vmc: -p 53:53/sctp: only tcp and udp ports can be published \
+         (the form is [IP:][HOST_PORT:]CONTAINER_PORT[/tcp|/udp])\n"
     );
     assert_eq!(ok(&vmc(h, &["ps", "-aq"])), "", "no container was made");
 }
@@ -164,4 +164,140 @@ fn ports_in_vm_mode() {
     // there, and an echo through a published port moves 0.09 MB/s, so
     // 100 MiB would take about 20 minutes (measured; README).
     published("vm", 256 << 10, 8);
+}
+
+/// A static UDP echo server (busybox has none): each datagram comes back
+/// prefixed with `echo:`. Built once per test binary with the host's C
+/// compiler (Rust's linker, so always there).
+fn udp_echo_binary() -> std::path::PathBuf {
+    static BIN: std::sync::OnceLock<std::path::PathBuf> = std::sync::OnceLock::new();
+    BIN.get_or_init(|| {
+        let dir = tempfile::tempdir().unwrap().keep();
+        let src = dir.join("udpecho.c");
+        std::fs::write(
+            &src,
+            r#"#include <netinet/in.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/socket.h>
+int main(int argc, char **argv) {
+    int s = socket(AF_INET, SOCK_DGRAM, 0);
+    struct sockaddr_in a = {0};
+    a.sin_family = AF_INET;
+    a.sin_port = htons(atoi(argv[1]));
+    if (bind(s, (struct sockaddr *)&a, sizeof a) != 0) return 1;
+    static char b[70000];
+    for (;;) {
+        struct sockaddr_in f;
+        socklen_t l = sizeof f;
+        int n = recvfrom(s, b + 5, 65000, 0, (struct sockaddr *)&f, &l);
+        if (n < 0) continue;
+        memcpy(b, "echo:", 5);
+        sendto(s, b, n + 5, 0, (struct sockaddr *)&f, l);
+    }
+}
+"#,
+        )
+        .unwrap();
+        let bin = dir.join("udpecho");
+        let st = std::process::Command::new("cc")
+            .args(["-static", "-O2", "-o"])
+            .arg(&bin)
+            .arg(&src)
+            .status()
+            .unwrap();
+        assert!(st.success(), "cc -static udpecho.c");
+        bin
+    })
+    .clone()
+}
+
+/// `-p HOST:CTR/udp` in `mode`: datagrams from two clients reach the
+/// server in the container and each client gets its own replies, from the
+/// published address; `ps` and `port` say udp.
+fn udp_published(mode: &str) {
+    let home = store_with_busybox();
+    let h = home.path();
+    let ctx = tempfile::tempdir().unwrap();
+    std::fs::copy(udp_echo_binary(), ctx.path().join("udpecho")).unwrap();
+    std::fs::write(
+        ctx.path().join("Dockerfile"),
+        "FROM busybox\nCOPY udpecho /bin/udpecho\nEXPOSE 7007/udp\nCMD [\"/bin/udpecho\", \"7007\"]\n",
+    )
+    .unwrap();
+    ok(&vmc(
+        h,
+        &["build", "-q", "-t", "udp", ctx.path().to_str().unwrap()],
+    ));
+    let port = free_port();
+    ok(&vmc(
+        h,
+        &[
+            "run",
+            "-d",
+            "--mode",
+            mode,
+            "--name",
+            "udp",
+            "-p",
+            &format!("127.0.0.1:{port}:7007/udp"),
+            "udp",
+        ],
+    ));
+    let published: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let ask = |client: &std::net::UdpSocket, what: &str| -> Option<String> {
+        client.send_to(what.as_bytes(), published).ok()?;
+        let mut b = [0u8; 256];
+        let (n, from) = client.recv_from(&mut b).ok()?;
+        assert_eq!(from, published);
+        Some(String::from_utf8_lossy(&b[..n]).into_owned())
+    };
+    let a = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    a.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+    // Until the server inside answers (a datagram sent before it listens
+    // is lost, as UDP's are).
+    let deadline = Instant::now() + Duration::from_secs(300);
+    loop {
+        if let Some(r) = ask(&a, "a1") {
+            assert_eq!(r, "echo:a1");
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no UDP reply through port {port}"
+        );
+    }
+    let b = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    b.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+    assert_eq!(ask(&b, "b1").as_deref(), Some("echo:b1"));
+    a.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+    assert_eq!(ask(&a, "a2").as_deref(), Some("echo:a2"));
+    assert_eq!(
+        ok(&vmc(h, &["port", "udp"])).trim(),
+        format!("7007/udp -> 127.0.0.1:{port}")
+    );
+    let ps = ok(&vmc(h, &["ps", "--format", "{{.Ports}}"]));
+    assert_eq!(ps.trim(), format!("127.0.0.1:{port}->7007/udp"));
+    ok(&vmc(h, &["rm", "-f", "udp"]));
+    std::net::UdpSocket::bind(published).expect("the host port is free after rm -f");
+    // -P publishes the image's EXPOSEd UDP port.
+    ok(&vmc(
+        h,
+        &["run", "-d", "--mode", mode, "--name", "all", "-P", "udp"],
+    ));
+    assert!(ok(&vmc(h, &["port", "all"])).starts_with("7007/udp -> 0.0.0.0:"));
+}
+
+#[test]
+fn udp_ports_in_namespace_mode() {
+    if common::is_root() {
+        udp_published("ns");
+    }
+}
+
+#[test]
+fn udp_ports_in_vm_mode() {
+    if kvm_available() {
+        udp_published("vm");
+    }
 }

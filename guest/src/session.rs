@@ -268,6 +268,14 @@ fn handshake_and_start(
                 relay(conn, tcp);
                 return Ok(None);
             }
+            Ok(HostMsg::ConnectUdp { port }) => {
+                let udp = std::net::UdpSocket::bind(("127.0.0.1", 0))
+                    .and_then(|u| u.connect(("127.0.0.1", port)).map(|()| u))
+                    .map_err(|e| format!("udp port {port} in the guest: {e}"))?;
+                send(conn, &GuestMsg::Connected).map_err(|e| e.to_string())?;
+                relay_udp(conn, udp);
+                return Ok(None);
+            }
             Ok(HostMsg::Start(spec)) => {
                 if !*MOUNTED.lock().unwrap_or_else(|e| e.into_inner()) {
                     return Err("Start before Mount: the container root is not assembled".into());
@@ -751,6 +759,70 @@ fn relay(conn: &VsockStream, tcp: std::net::TcpStream) {
     }
     let _ = tcp_write.shutdown(std::net::Shutdown::Write);
     let _ = to_host.join();
+}
+
+/// Carries datagrams between the connection (each a little-endian `u16`
+/// length and its bytes) and `udp`, until the host closes the connection.
+fn relay_udp(conn: &VsockStream, udp: std::net::UdpSocket) {
+    let Ok(udp_read) = udp.try_clone() else {
+        return;
+    };
+    let vsock_fd = conn.as_raw_fd();
+    let closed = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let closing = closed.clone();
+    let to_host = std::thread::spawn(move || {
+        let mut buf = vec![0u8; 65_535];
+        loop {
+            let got = udp_read.recv(&mut buf);
+            if closing.load(std::sync::atomic::Ordering::SeqCst) {
+                break;
+            }
+            match got {
+                Ok(n) => {
+                    let mut frame = (n as u16).to_le_bytes().to_vec();
+                    frame.extend_from_slice(&buf[..n]);
+                    if sys::write_all(vsock_fd, &frame).is_err() {
+                        break;
+                    }
+                }
+                // Nothing listens on the port (yet): wait for more.
+                Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => {}
+                Err(_) => break,
+            }
+        }
+    });
+    let mut buf = vec![0u8; 65_535];
+    let read_exact = |buf: &mut [u8]| -> bool {
+        let mut got = 0;
+        while got < buf.len() {
+            match sys::read(vsock_fd, &mut buf[got..]) {
+                Ok(0) | Err(_) => return false,
+                Ok(n) => got += n,
+            }
+        }
+        true
+    };
+    loop {
+        let mut len = [0u8; 2];
+        if !read_exact(&mut len) {
+            break;
+        }
+        let n = u16::from_le_bytes(len) as usize;
+        if !read_exact(&mut buf[..n]) {
+            break;
+        }
+        let _ = udp.send(&buf[..n]);
+    }
+    // Wakes the reader (its recv returns), which sees the flag and ends;
+    // then the connection ends.
+    closed.store(true, std::sync::atomic::Ordering::SeqCst);
+    // SAFETY: shutdown on sockets this function holds.
+    unsafe {
+        libc::shutdown(udp.as_raw_fd(), libc::SHUT_RDWR);
+    }
+    let _ = to_host.join();
+    // SAFETY: as above.
+    unsafe { libc::shutdown(vsock_fd, libc::SHUT_WR) };
 }
 
 #[cfg(test)]

@@ -22,7 +22,7 @@ use std::io::{self, Read, Write};
 use serde::{Deserialize, Serialize};
 
 /// Version of the frames below; bumped on every incompatible change.
-pub const PROTOCOL_VERSION: u32 = 10;
+pub const PROTOCOL_VERSION: u32 = 11;
 
 /// vsock port on which the guest agent listens.
 pub const AGENT_PORT: u32 = 1024;
@@ -255,6 +255,11 @@ pub enum HostMsg {
     /// after `Connected` the connection carries the TCP stream's bytes both
     /// ways, unframed, with half-closes passed on.
     Connect { port: u16 },
+    /// Published UDP ports: a socket connected to this UDP port on the
+    /// guest's loopback; after `Connected` the connection carries
+    /// datagrams both ways, each a little-endian `u16` length and its
+    /// bytes.
+    ConnectUdp { port: u16 },
     /// Report the agent's own phases on this connection: answered at once
     /// with a [`GuestMsg::Phases`] of accepting it, then before each answer
     /// to `Mount` and `Start` a `Phases` of its steps.

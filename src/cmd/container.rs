@@ -141,9 +141,10 @@ fn ps_row(c: &cstate::Container, no_trunc: bool, now: u64) -> serde_json::Value 
                     .iter()
                     .map(|p| {
                         format!(
-                            "{}->{}/tcp",
+                            "{}->{}/{}",
                             std::net::SocketAddr::new(p.host_ip, p.host_port),
-                            p.container_port
+                            p.container_port,
+                            p.proto
                         )
                     })
                     .collect::<Vec<_>>()

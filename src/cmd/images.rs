@@ -164,7 +164,7 @@ fn port_bindings(ports: &[runtime::ports::PortMap]) -> serde_json::Value {
     let mut m = serde_json::Map::new();
     for p in ports {
         let e = m
-            .entry(format!("{}/tcp", p.container_port))
+            .entry(format!("{}/{}", p.container_port, p.proto))
             .or_insert_with(|| serde_json::json!([]));
         if let Some(a) = e.as_array_mut() {
             a.push(serde_json::json!({

@@ -216,7 +216,8 @@ pub(crate) fn run(args: RunArgs, create_only: bool) -> Result<i32> {
         {
             match e.split_once('/').unwrap_or((&e, "tcp")) {
                 (p, "tcp") => ports.extend(runtime::ports::parse(p)?),
-                _ => log::warn!("-P: EXPOSE {e} is not published (vmc forwards TCP only)"),
+                (p, "udp") => ports.extend(runtime::ports::parse(&format!("{p}/udp"))?),
+                _ => log::warn!("-P: EXPOSE {e} is not published (vmc forwards TCP and UDP)"),
             }
         }
     }

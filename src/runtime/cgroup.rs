@@ -483,10 +483,13 @@ mod tests {
         }
         let cg = Cgroup::create_in(r, membership, "0123456789abcdef", &limits(), true).unwrap();
         let name = "vmc-0123456789ab";
+        // cpuacct (for vmc stats) too, as the host has it; no freezer or
+        // blkio hierarchy here, so none.
         assert_eq!(
             cg.dirs(),
             [
                 r.join("devices/d").join(name),
+                r.join("cpuacct/b").join(name),
                 r.join("memory/a").join(name),
                 r.join("cpu/b").join(name),
                 r.join("pids").join(name)
@@ -507,7 +510,7 @@ mod tests {
         assert_eq!(read(&devices.join("devices.deny")), "a");
         assert_eq!(read(&devices.join("devices.allow")), "c 136:* rwm");
         std::mem::forget(cg);
-        // Without limits, the devices cgroup alone.
+        // Without limits: the devices cgroup, and those vmc stats reads.
         let cg = Cgroup::create_in(
             r,
             membership,
@@ -516,7 +519,15 @@ mod tests {
             true,
         )
         .unwrap();
-        assert_eq!(cg.dirs(), [r.join("devices/d/vmc-aaaabbbbcccc")]);
+        assert_eq!(
+            cg.dirs(),
+            [
+                r.join("devices/d/vmc-aaaabbbbcccc"),
+                r.join("cpuacct/b/vmc-aaaabbbbcccc"),
+                r.join("memory/a/vmc-aaaabbbbcccc"),
+                r.join("pids/vmc-aaaabbbbcccc")
+            ]
+        );
         std::mem::forget(cg);
         // A controller the host does not have is named.
         let err = Cgroup::create_in(

@@ -472,7 +472,7 @@ pub fn run_attached(
     cfg: &ContainerConfig,
     lowers: &[PathBuf],
     dir: &Path,
-    listeners: Vec<(std::net::TcpListener, super::ports::PortMap)>,
+    listeners: Vec<(super::ports::Listener, super::ports::PortMap)>,
     forward_stdin: bool,
     gate: &mut dyn crate::runtime::StartGate,
 ) -> Result<i32, RuntimeError> {
