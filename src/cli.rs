@@ -340,6 +340,29 @@ pub struct RunArgs {
     #[arg(long)]
     pub rm: bool,
 
+    /// A health check command, run in the container through /bin/sh -c
+    /// (replaces the image's HEALTHCHECK).
+    #[arg(long = "health-cmd", value_name = "CMD")]
+    pub health_cmd: Option<String>,
+    /// Time between health checks (30s, 1m30s, 500ms).
+    #[arg(long = "health-interval", value_name = "DURATION")]
+    pub health_interval: Option<String>,
+    /// The longest a health check may run.
+    #[arg(long = "health-timeout", value_name = "DURATION")]
+    pub health_timeout: Option<String>,
+    /// Failures in a row that make the container unhealthy.
+    #[arg(long = "health-retries", value_name = "N")]
+    pub health_retries: Option<u32>,
+    /// Time to start in, whose failures do not count.
+    #[arg(long = "health-start-period", value_name = "DURATION")]
+    pub health_start_period: Option<String>,
+    /// Time between health checks in the start period.
+    #[arg(long = "health-start-interval", value_name = "DURATION")]
+    pub health_start_interval: Option<String>,
+    /// Disable the image's HEALTHCHECK.
+    #[arg(long = "no-healthcheck")]
+    pub no_healthcheck: bool,
+
     /// Run a tiny init as PID 1 that passes signals to the command and
     /// reaps orphans (namespace mode; a microVM's agent already reaps).
     #[arg(long)]

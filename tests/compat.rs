@@ -635,15 +635,23 @@ fn chosen_host_ports_publish_all_and_ipv6() {
     ));
     let listed = ok(&vmc(h, &["port", "p"]));
     let lines: Vec<&str> = listed.lines().collect();
-    assert_eq!(lines.len(), 3, "{listed}");
+    // -P: the image's EXPOSEd 7000/tcp and 7001/udp, and the two -p.
+    assert_eq!(lines.len(), 4, "{listed}");
+    assert!(
+        lines.iter().any(|l| l.starts_with("7001/udp -> 0.0.0.0:")),
+        "{listed}"
+    );
     let port_of =
         |line: &str| -> std::net::SocketAddr { line.rsplit(' ').next().unwrap().parse().unwrap() };
     let loopback = port_of(lines[0]);
     assert!(lines[0].starts_with("7000/tcp -> 127.0.0.1:"), "{listed}");
     assert_ne!(loopback.port(), 0);
     assert_eq!(lines[1], format!("7000/tcp -> [::1]:{v6}"));
-    let all = port_of(lines[2]);
-    assert!(lines[2].starts_with("7000/tcp -> 0.0.0.0:"), "-P: {listed}");
+    let published_all = lines
+        .iter()
+        .find(|l| l.starts_with("7000/tcp -> 0.0.0.0:"))
+        .unwrap_or_else(|| panic!("-P: {listed}"));
+    let all = port_of(published_all);
     assert_ne!(all.port(), loopback.port());
     let targets = [
         loopback,

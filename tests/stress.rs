@@ -113,6 +113,7 @@ fn snapshots_made_under_load_all_restore() {
             read_only: false,
             restart: Default::default(),
             init: false,
+            healthcheck: None,
             engine: vmc::runtime::EngineConfig::Vm(vmc::runtime::VmEngineConfig {
                 upper_in_memory: false,
                 parked: false,

@@ -255,11 +255,6 @@ pub enum HostMsg {
     /// after `Connected` the connection carries the TCP stream's bytes both
     /// ways, unframed, with half-closes passed on.
     Connect { port: u16 },
-    /// Published UDP ports: a socket connected to this UDP port on the
-    /// guest's loopback; after `Connected` the connection carries
-    /// datagrams both ways, each a little-endian `u16` length and its
-    /// bytes.
-    ConnectUdp { port: u16 },
     /// Report the agent's own phases on this connection: answered at once
     /// with a [`GuestMsg::Phases`] of accepting it, then before each answer
     /// to `Mount` and `Start` a `Phases` of its steps.
@@ -298,6 +293,11 @@ pub enum HostMsg {
     Processes,
     /// `vmc stats`: the guest's own view of its use. Answered with `Stats`.
     Stats,
+    /// Published UDP ports: a socket connected to this UDP port on the
+    /// guest's loopback; after `Connected` the connection carries
+    /// datagrams both ways, each a little-endian `u16` length and its
+    /// bytes.
+    ConnectUdp { port: u16 },
 }
 
 /// The most processes a [`GuestMsg::Processes`] lists.

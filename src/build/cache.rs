@@ -14,6 +14,9 @@ use sha2::{Digest as _, Sha256};
 pub struct Entry {
     pub config: ImageConfiguration,
     pub layers: Vec<Descriptor>,
+    /// HEALTHCHECK and ONBUILD (older entries have none).
+    #[serde(default)]
+    pub extras: crate::image::extras::Extras,
 }
 
 /// The cache directory.

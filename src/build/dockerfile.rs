@@ -47,7 +47,11 @@ pub enum StepKind {
     Shell(Vec<String>),
     Stopsignal(String),
     Maintainer(String),
-    /// Parsed but not acted on (HEALTHCHECK, ONBUILD); reported.
+    /// `HEALTHCHECK ...` (`test` `["NONE"]` for `HEALTHCHECK NONE`).
+    Healthcheck(crate::image::extras::Healthcheck),
+    /// `ONBUILD INSTRUCTION`: the trigger, as written.
+    Onbuild(String),
+    /// Parsed but not acted on; reported.
     Ignored(&'static str),
 }
 
@@ -108,6 +112,105 @@ fn cmd(c: &Command<'_>) -> Cmd {
         // The enum is non-exhaustive; 0.1 has no other form. An empty command
         // fails when it runs, with Docker's "no command" message.
         _ => Cmd::Exec(Vec::new()),
+    }
+}
+
+/// The options HEALTHCHECK takes.
+const HEALTHCHECK_FLAGS: &[&str] = &[
+    "interval",
+    "timeout",
+    "start-period",
+    "start-interval",
+    "retries",
+];
+
+/// A Go duration (`30s`, `1m30s`, `500ms`, `1h`), in nanoseconds: what
+/// Docker's HEALTHCHECK options take.
+pub fn go_duration(s: &str) -> Option<u64> {
+    if s == "0" {
+        return Some(0);
+    }
+    let mut total: u64 = 0;
+    let mut rest = s;
+    if rest.is_empty() {
+        return None;
+    }
+    while !rest.is_empty() {
+        let num_end = rest
+            .find(|c: char| !c.is_ascii_digit() && c != '.')
+            .unwrap_or(rest.len());
+        let num: f64 = rest[..num_end].parse().ok()?;
+        rest = &rest[num_end..];
+        let unit_end = rest
+            .find(|c: char| c.is_ascii_digit() || c == '.')
+            .unwrap_or(rest.len());
+        let scale: f64 = match &rest[..unit_end] {
+            "ns" => 1.0,
+            "us" | "µs" => 1e3,
+            "ms" => 1e6,
+            "s" => 1e9,
+            "m" => 60e9,
+            "h" => 3600e9,
+            _ => return None,
+        };
+        rest = &rest[unit_end..];
+        total = total.checked_add((num * scale) as u64)?;
+    }
+    Some(total)
+}
+
+/// Checks HEALTHCHECK's options as Docker does; the message if one is
+/// wrong.
+fn check_healthcheck(h: &parse_dockerfile::HealthcheckInstruction<'_>) -> Result<(), String> {
+    for f in &h.options {
+        let name = f.name.value.as_ref();
+        if !HEALTHCHECK_FLAGS.contains(&name) {
+            return Err(format!(
+                "HEALTHCHECK --{name}: unknown option (it takes --interval, --timeout, --start-period, --start-interval and --retries)"
+            ));
+        }
+        let v = f.value.as_ref().map(|v| v.value.as_ref()).unwrap_or("");
+        if name == "retries" {
+            if v.parse::<u32>().is_err() {
+                return Err(format!("HEALTHCHECK --retries={v}: not a number"));
+            }
+        } else {
+            match go_duration(v) {
+                Some(d) if d == 0 || d >= 1_000_000 => {}
+                Some(_) => {
+                    return Err(format!("HEALTHCHECK --{name}={v}: cannot be less than 1ms"))
+                }
+                None => {
+                    return Err(format!(
+                        "HEALTHCHECK --{name}={v}: not a duration (30s, 1m30s, 500ms)"
+                    ))
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+fn healthcheck(
+    h: &parse_dockerfile::HealthcheckInstruction<'_>,
+) -> crate::image::extras::Healthcheck {
+    let d = |name| flag(&h.options, name).and_then(go_duration).unwrap_or(0);
+    let test = match &h.arguments {
+        parse_dockerfile::HealthcheckArguments::Cmd { arguments, .. } => match cmd(arguments) {
+            Cmd::Exec(v) => std::iter::once("CMD".to_string()).chain(v).collect(),
+            Cmd::Shell(s) => vec!["CMD-SHELL".into(), s],
+        },
+        _ => vec!["NONE".into()],
+    };
+    crate::image::extras::Healthcheck {
+        test,
+        interval: d("interval"),
+        timeout: d("timeout"),
+        start_period: d("start-period"),
+        start_interval: d("start-interval"),
+        retries: flag(&h.options, "retries")
+            .and_then(|r| r.parse().ok())
+            .unwrap_or(0),
     }
 }
 
@@ -305,8 +408,13 @@ fn step(text: &str, ins: &Instruction<'_>, span_start: usize, span_end: usize) -
         }
         Instruction::Stopsignal(s) => StepKind::Stopsignal(s.arguments.value.to_string()),
         Instruction::Maintainer(m) => StepKind::Maintainer(m.name.value.to_string()),
-        Instruction::Healthcheck(_) => StepKind::Ignored("HEALTHCHECK"),
-        Instruction::Onbuild(_) => StepKind::Ignored("ONBUILD"),
+        Instruction::Healthcheck(h) => StepKind::Healthcheck(healthcheck(h)),
+        Instruction::Onbuild(_) => StepKind::Onbuild(
+            raw.split_once(char::is_whitespace)
+                .map_or("", |(_, t)| t)
+                .trim()
+                .to_string(),
+        ),
         Instruction::From(_) => StepKind::Ignored("FROM"),
         _ => StepKind::Ignored("unknown"),
     };
@@ -383,6 +491,19 @@ fn span_of(ins: &Instruction<'_>) -> (usize, usize) {
 
 /// The text of an instruction: from its keyword to the end of its last
 /// non-comment line before the next instruction.
+/// An ONBUILD trigger of a base image as the step it stands for (a
+/// child's build runs it right after FROM).
+pub fn trigger_step(trigger: &str) -> Result<Step, ParseError> {
+    let df = parse(&format!("FROM scratch\n{trigger}\n"))?;
+    match df.stages.first().map(|s| s.steps.as_slice()) {
+        Some([one]) => Ok(one.clone()),
+        _ => Err(ParseError {
+            line: 1,
+            message: format!("the base image's ONBUILD trigger '{trigger}' is not one instruction"),
+        }),
+    }
+}
+
 fn instruction_text(text: &str, start: usize, next: usize) -> String {
     slice(text, start, next)
         .lines()
@@ -504,6 +625,30 @@ pub fn parse(text: &str) -> Result<Dockerfile, ParseError> {
                     message: format!(
                         "{what} --{f}: not supported by vmc build (it takes --from, --chown, --chmod and --link)"
                     ),
+                });
+            }
+            Instruction::Healthcheck(h) if check_healthcheck(h).is_err() => {
+                return Err(ParseError {
+                    line,
+                    message: check_healthcheck(h).err().unwrap_or_default(),
+                });
+            }
+            Instruction::Onbuild(o)
+                if matches!(
+                    *o.instruction,
+                    Instruction::Onbuild(_) | Instruction::From(_) | Instruction::Maintainer(_)
+                ) =>
+            {
+                let what = match *o.instruction {
+                    Instruction::Onbuild(_) => {
+                        "Chaining ONBUILD via `ONBUILD ONBUILD` isn't allowed"
+                    }
+                    Instruction::From(_) => "FROM isn't allowed as an ONBUILD trigger",
+                    _ => "MAINTAINER isn't allowed as an ONBUILD trigger",
+                };
+                return Err(ParseError {
+                    line,
+                    message: what.to_string(),
                 });
             }
             Instruction::Run(r) if !r.options.is_empty() => {

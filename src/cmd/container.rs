@@ -15,7 +15,9 @@ use super::*;
 /// key given, one of that key's values matches (Docker's rule).
 struct PsFilter(Vec<(String, String)>);
 
-const PS_FILTERS: &[&str] = &["id", "name", "label", "status", "exited", "ancestor"];
+const PS_FILTERS: &[&str] = &[
+    "id", "name", "label", "status", "exited", "ancestor", "health",
+];
 
 impl PsFilter {
     fn parse(given: &[String]) -> Result<PsFilter> {
@@ -60,6 +62,12 @@ impl PsFilter {
             "exited" => {
                 s.status == Status::Exited
                     && s.exit_code.map(|e| e.to_string()).as_deref() == Some(val)
+            }
+            "health" => {
+                let h = (s.status == Status::Running)
+                    .then(|| runtime::health::read(&c.dir).map(|h| h.status))
+                    .flatten();
+                h.as_deref().unwrap_or("none") == val
             }
             "ancestor" => {
                 s.image == val
@@ -115,9 +123,14 @@ fn ps_row(c: &cstate::Container, no_trunc: bool, now: u64) -> serde_json::Value 
         cmd = format!("{}…\"", cmd.chars().take(20).collect::<String>());
     }
     let paused = runtime::pause::is_paused(c);
+    let health = match runtime::health::read(&c.dir).map(|h| h.status) {
+        Some(h) if s.status == Status::Running && h == "starting" => " (health: starting)".into(),
+        Some(h) if s.status == Status::Running => format!(" ({h})"),
+        _ => String::new(),
+    };
     let status = match s.status {
         Status::Running => format!(
-            "Up {}{}",
+            "Up {}{}{health}",
             cstate::human_duration(now.saturating_sub(s.started.unwrap_or(now))),
             if paused { " (Paused)" } else { "" }
         ),

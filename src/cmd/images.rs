@@ -81,6 +81,7 @@ pub(crate) fn inspect(a: InspectArgs) -> Result<i32> {
                         serde_json::json!(s.status)
                     },
                     "Paused": runtime::pause::is_paused(&c),
+                    "Health": runtime::health::read(&c.dir),
                     "Running": s.status.is_live(),
                     "Restarting": s.status == Status::Restarting,
                     "Pid": s.pid,
@@ -98,6 +99,7 @@ pub(crate) fn inspect(a: InspectArgs) -> Result<i32> {
                     "Image": s.image,
                     "Labels": s.labels,
                     "Tty": c.process.tty.is_some(),
+                    "Healthcheck": c.healthcheck,
                 })),
                 // Docker's places for what `run` was told: ports (while
                 // running, as Docker shows them), --rm, the network.
@@ -146,7 +148,8 @@ pub(crate) fn inspect(a: InspectArgs) -> Result<i32> {
             "Architecture": img.config.architecture().to_string(),
             "Os": img.config.os().to_string(),
             "Size": img.size(),
-            "Config": img.config.config(),
+            // With Docker's Healthcheck and OnBuild, beside the OCI fields.
+            "Config": image_config_json(&img),
             "RootFS": img.config.rootfs(),
             "History": img.config.history(),
         }));
@@ -160,6 +163,14 @@ pub(crate) fn inspect(a: InspectArgs) -> Result<i32> {
 
 /// Published ports as Docker's inspect shows them:
 /// `{"80/tcp": [{"HostIp": "0.0.0.0", "HostPort": "8080"}]}`.
+/// An image's `Config` as Docker shows it: the OCI fields, and the
+/// Healthcheck and OnBuild kept beside them.
+fn image_config_json(img: &image::StoredImage) -> serde_json::Value {
+    let mut v = serde_json::json!({ "config": img.config.config() });
+    img.extras.add_to(&mut v);
+    v["config"].take()
+}
+
 fn port_bindings(ports: &[runtime::ports::PortMap]) -> serde_json::Value {
     let mut m = serde_json::Map::new();
     for p in ports {

@@ -153,6 +153,7 @@ pub(crate) fn run(args: RunArgs, create_only: bool) -> Result<i32> {
         }
     }
     env.extend(args.env.iter().filter_map(|e| env_entry(e)));
+    let mut image_health = None;
     let (rootfs, image_config, command, image_id) = match &args.rootfs {
         Some(dir) => {
             if !dir.is_dir() {
@@ -183,6 +184,7 @@ pub(crate) fn run(args: RunArgs, create_only: bool) -> Result<i32> {
                         .with_context(|| format!("building the root disk of {name}"))?,
                 )
             };
+            image_health = img.extras.healthcheck.clone();
             (
                 root,
                 img.config.config().clone(),
@@ -286,6 +288,7 @@ pub(crate) fn run(args: RunArgs, create_only: bool) -> Result<i32> {
         read_only: args.read_only,
         restart,
         init: args.init,
+        healthcheck: healthcheck(&args, image_health)?,
         id: id.clone(),
         rootfs,
         image_id,
@@ -350,6 +353,64 @@ pub(crate) fn run(args: RunArgs, create_only: bool) -> Result<i32> {
             Ok(code)
         }
     }
+}
+
+/// The container's health check: the image's HEALTHCHECK with the
+/// `--health-*` flags over it (Docker's rules), none with
+/// `--no-healthcheck`.
+fn healthcheck(
+    args: &RunArgs,
+    image: Option<image::extras::Healthcheck>,
+) -> Result<Option<image::extras::Healthcheck>> {
+    let given = args.health_cmd.is_some()
+        || args.health_interval.is_some()
+        || args.health_timeout.is_some()
+        || args.health_retries.is_some()
+        || args.health_start_period.is_some()
+        || args.health_start_interval.is_some();
+    if args.no_healthcheck {
+        if given {
+            bail!("--no-healthcheck conflicts with --health-* options");
+        }
+        return Ok(Some(image::extras::Healthcheck {
+            test: vec!["NONE".into()],
+            ..Default::default()
+        }));
+    }
+    let mut h = image.unwrap_or_default();
+    if let Some(cmd) = &args.health_cmd {
+        h.test = vec!["CMD-SHELL".into(), cmd.clone()];
+    }
+    let duration = |flag: &str, v: &Option<String>| -> Result<Option<u64>> {
+        let Some(v) = v else { return Ok(None) };
+        match vmc::build::dockerfile::go_duration(v) {
+            Some(d) if d == 0 || d >= 1_000_000 => Ok(Some(d)),
+            Some(_) => bail!("--{flag}: cannot be less than 1ms"),
+            None => bail!("--{flag} {v}: not a duration (30s, 1m30s, 500ms)"),
+        }
+    };
+    if let Some(d) = duration("health-interval", &args.health_interval)? {
+        h.interval = d;
+    }
+    if let Some(d) = duration("health-timeout", &args.health_timeout)? {
+        h.timeout = d;
+    }
+    if let Some(d) = duration("health-start-period", &args.health_start_period)? {
+        h.start_period = d;
+    }
+    if let Some(d) = duration("health-start-interval", &args.health_start_interval)? {
+        h.start_interval = d;
+    }
+    if let Some(r) = args.health_retries {
+        h.retries = r;
+    }
+    if h.test.is_empty() {
+        if given {
+            bail!("--health-* options need a health check: give --health-cmd (the image has no HEALTHCHECK)");
+        }
+        return Ok(None);
+    }
+    Ok(Some(h))
 }
 
 /// The container's mounts: `-v`, `--mount` and `--tmpfs`, and an anonymous

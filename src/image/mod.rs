@@ -3,6 +3,7 @@
 
 pub mod archive;
 pub mod disk;
+pub mod extras;
 pub mod import;
 pub mod layer;
 pub mod lookup;

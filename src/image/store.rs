@@ -59,6 +59,8 @@ pub struct StoredImage {
     pub manifest_size: u64,
     pub manifest: ImageManifest,
     pub config: ImageConfiguration,
+    /// Docker's HEALTHCHECK and ONBUILD, beside the OCI config.
+    pub extras: super::extras::Extras,
 }
 
 impl StoredImage {
@@ -358,7 +360,21 @@ impl Store {
         layers: Vec<Descriptor>,
         name: Option<&str>,
     ) -> Result<StoredImage, StoreError> {
-        let cfg = canonical_json(config)?;
+        self.commit_with(config, &super::extras::Extras::default(), layers, name)
+    }
+
+    /// [`Store::commit`] with Docker's config fields beyond the OCI spec.
+    pub fn commit_with(
+        &self,
+        config: &ImageConfiguration,
+        extras: &super::extras::Extras,
+        layers: Vec<Descriptor>,
+        name: Option<&str>,
+    ) -> Result<StoredImage, StoreError> {
+        let mut value =
+            serde_json::to_value(config).map_err(|e| StoreError::Damaged(e.to_string()))?;
+        extras.add_to(&mut value);
+        let cfg = canonical_json(&value)?;
         let (cd, cs) = self.put_bytes(cfg.as_bytes())?;
         let manifest = oci_spec::image::ImageManifestBuilder::default()
             .schema_version(2u32)
@@ -380,9 +396,10 @@ impl Store {
     fn load(&self, md: &Digest, size: u64) -> Result<StoredImage, StoreError> {
         let manifest = ImageManifest::from_reader(&self.read_blob(md)?[..])
             .map_err(|e| StoreError::Damaged(format!("manifest {md}: {e}")))?;
-        let config =
-            ImageConfiguration::from_reader(&self.read_blob(manifest.config().digest())?[..])
-                .map_err(|e| StoreError::Damaged(format!("config of {md}: {e}")))?;
+        let blob = self.read_blob(manifest.config().digest())?;
+        let config = ImageConfiguration::from_reader(&blob[..])
+            .map_err(|e| StoreError::Damaged(format!("config of {md}: {e}")))?;
+        let extras = super::extras::Extras::from_config_blob(&blob);
         let names = self
             .index()?
             .manifests()
@@ -396,6 +413,7 @@ impl Store {
             manifest_size: size,
             manifest,
             config,
+            extras,
         })
     }
 

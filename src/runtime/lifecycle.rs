@@ -140,6 +140,20 @@ pub fn create(dir: &Path, cfg: &ContainerConfig, meta: Meta) -> Result<Container
 struct Begin<'a> {
     c: &'a mut Container,
     control: Option<UnixListener>,
+    /// The health check, started with the workload.
+    check: Option<crate::image::extras::Healthcheck>,
+    monitor: Option<super::health::Monitor>,
+}
+
+impl<'a> Begin<'a> {
+    fn new(c: &'a mut Container, control: Option<UnixListener>, cfg: &ContainerConfig) -> Self {
+        Begin {
+            c,
+            control,
+            check: cfg.healthcheck.clone(),
+            monitor: None,
+        }
+    }
 }
 
 impl StartGate for Begin<'_> {
@@ -149,7 +163,10 @@ impl StartGate for Begin<'_> {
             let _ = std::fs::remove_file(self.c.dir.join(CONTROL_SOCKET));
         }
         super::pause::forget(&self.c.dir);
-        Ok(self.c.mark_running()?)
+        super::health::reset(&self.c.dir);
+        self.c.mark_running()?;
+        self.monitor = super::health::start(&self.c.state.id, &self.c.dir, self.check.as_ref());
+        Ok(())
     }
 }
 
@@ -186,11 +203,9 @@ pub fn run_here(
 ) -> Result<i32, LifecycleError> {
     c.mark_supervised()?;
     let dir = c.dir.clone();
-    let mut gate = Begin {
-        c: &mut *c,
-        control: None,
-    };
+    let mut gate = Begin::new(&mut *c, None, cfg);
     let result = engine::for_mode(cfg.mode()).run_attached(cfg, &dir, forward_stdin, &mut gate);
+    drop(gate);
     if let Ok(code) = result {
         // With a restart policy the container lives on, detached, as
         // Docker's does after its attached client returned.
@@ -551,8 +566,9 @@ pub fn supervise(dir: &Path, until: Until) -> Result<(), LifecycleError> {
     let (l1, l2) = (log.clone(), log.clone());
     let t1 = std::thread::spawn(move || state::log_stream(out_r, &l1, "stdout"));
     let t2 = std::thread::spawn(move || state::log_stream(err_r, &l2, "stderr"));
-    let mut gate = Begin { c: &mut c, control };
+    let mut gate = Begin::new(&mut c, control, &cfg);
     let result = engine::for_mode(cfg.mode()).run_attached(&cfg, dir, false, &mut gate);
+    drop(gate);
     let code = match &result {
         Ok(code) => *code,
         Err(e) => {
@@ -615,6 +631,7 @@ mod tests {
             read_only: false,
             restart: Default::default(),
             init: false,
+            healthcheck: None,
             engine: EngineConfig::Ns(NsEngineConfig::default()),
         }
     }
@@ -708,10 +725,7 @@ mod tests {
         let supervisor = {
             let mut c = c.clone();
             std::thread::spawn(move || {
-                let mut gate = Begin {
-                    c: &mut c,
-                    control: Some(listener),
-                };
+                let mut gate = Begin::new(&mut c, Some(listener), &config());
                 gate.open().unwrap();
                 state::mark_started(&c.dir);
             })

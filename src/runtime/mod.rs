@@ -12,6 +12,7 @@ pub mod devices;
 pub mod engine;
 pub mod fsserver;
 pub mod guest;
+pub mod health;
 pub mod jail;
 pub mod lifecycle;
 
@@ -109,6 +110,9 @@ pub struct ContainerConfig {
     /// `--restart`: what the supervisor does when the workload ends.
     #[serde(default)]
     pub restart: restart::RestartPolicy,
+    /// The health check (the image's HEALTHCHECK, or `--health-*`).
+    #[serde(default)]
+    pub healthcheck: Option<crate::image::extras::Healthcheck>,
     /// `--init`: a tiny init runs the workload as its child (namespace
     /// mode; in a VM the agent, PID 1 of the guest, reaps every orphan).
     #[serde(default)]
@@ -395,6 +399,7 @@ pub(crate) mod tests {
             read_only: false,
             restart: Default::default(),
             init: false,
+            healthcheck: None,
             engine,
         }
     }

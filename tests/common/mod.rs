@@ -162,6 +162,7 @@ impl TestVm {
             read_only: false,
             restart: Default::default(),
             init: false,
+            healthcheck: None,
             engine: vmc::runtime::EngineConfig::Vm(vmc::runtime::VmEngineConfig {
                 upper_in_memory: false,
                 parked: false,

@@ -108,6 +108,12 @@ impl Builder<'_> {
             StepKind::Maintainer(m) => {
                 st.config.set_author(Some(m.clone()));
             }
+            StepKind::Healthcheck(h) => {
+                st.extras.healthcheck = Some(h.clone());
+            }
+            StepKind::Onbuild(t) => {
+                st.extras.on_build.push(t.clone());
+            }
             StepKind::Ignored(what) => {
                 let msg = format!(" ---> {what} is not supported by vmc build and was ignored");
                 self.say(&msg);

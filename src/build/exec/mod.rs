@@ -28,6 +28,7 @@ use super::cache::{self, Cache};
 use super::context::{self, Context};
 use super::dockerfile::{self, Stage, Step, StepKind};
 use super::words;
+use crate::image::extras::Extras;
 use crate::image::store::{digest_of, rfc3339_now};
 use crate::image::{self, Reference, Store, StoredImage};
 use crate::runtime::sandbox::Sandbox;
@@ -124,6 +125,7 @@ fn first_line(s: &str) -> String {
 struct StageResult {
     name: Option<String>,
     config: ImageConfiguration,
+    extras: Extras,
     layers: Vec<Descriptor>,
     /// Its root filesystem, unpacked on first COPY --from.
     unpacked: Option<PathBuf>,
@@ -132,6 +134,8 @@ struct StageResult {
 /// The working state of one stage.
 struct State {
     config: ImageConfiguration,
+    /// HEALTHCHECK and ONBUILD, beside the OCI config.
+    extras: Extras,
     layers: Vec<Descriptor>,
     key: String,
     args: BTreeMap<String, String>,
@@ -355,8 +359,25 @@ impl Builder<'_> {
         let from = words::expand(&stage.from, &|k| global.get(k).cloned()).map_err(|e| {
             BuildError::Input(format!("Dockerfile:{}: {}: {e}", stage.line, stage.text))
         })?;
-        let mut st = self.base(&from, stage)?;
+        let (mut st, triggers) = self.base(&from, stage)?;
         self.say(&format!(" ---> {}", short(&st.config)));
+        // The base image's ONBUILD triggers run first, as if written
+        // right after FROM (they are not passed on to this image).
+        if !triggers.is_empty() {
+            self.say(&format!("# Executing {} build trigger(s)", triggers.len()));
+        }
+        for t in &triggers {
+            let step = dockerfile::trigger_step(t).map_err(|e| BuildError::Step {
+                line: stage.line,
+                text: format!("ONBUILD {t}"),
+                message: e.message,
+            })?;
+            self.say(&format!(
+                " ---> Running trigger: {}",
+                first_line(&step.text)
+            ));
+            self.step(&step, &mut st, ctx)?;
+        }
         for step in &stage.steps {
             *n += 1;
             self.say(&format!("Step {n}/{total} : {}", first_line(&step.text)));
@@ -369,33 +390,47 @@ impl Builder<'_> {
         Ok(StageResult {
             name: stage.name.clone(),
             config: st.config,
+            extras: st.extras,
             layers: st.layers,
             unpacked: None,
         })
     }
 
     /// The state a stage starts from: scratch, an earlier stage, or an
-    /// image; its config gets `DEFAULT_PATH` if it has no PATH.
-    fn base(&mut self, from: &str, stage: &Stage) -> Result<State, BuildError> {
-        let empty =
-            |config, layers: Vec<Descriptor>, key: String, base: Option<StoredImage>| State {
-                config: with_path(config),
-                base_layers: layers.len(),
-                sandbox_layers: layers.len(),
-                layers,
-                key,
-                args: BTreeMap::new(),
-                shell: vec!["/bin/sh".into(), "-c".into()],
-                base_image: base,
-                sandbox: None,
-                cmd_set: false,
-            };
+    /// image; its config gets `DEFAULT_PATH` if it has no PATH. Also the
+    /// base image's ONBUILD triggers, to run first.
+    fn base(&mut self, from: &str, stage: &Stage) -> Result<(State, Vec<String>), BuildError> {
+        let empty = |config,
+                     extras: Extras,
+                     layers: Vec<Descriptor>,
+                     key: String,
+                     base: Option<StoredImage>| State {
+            config: with_path(config),
+            // A HEALTHCHECK is inherited; ONBUILD triggers are not.
+            extras: Extras {
+                on_build: Vec::new(),
+                ..extras
+            },
+            base_layers: layers.len(),
+            sandbox_layers: layers.len(),
+            layers,
+            key,
+            args: BTreeMap::new(),
+            shell: vec!["/bin/sh".into(), "-c".into()],
+            base_image: base,
+            sandbox: None,
+            cmd_set: false,
+        };
         if from == "scratch" {
-            return Ok(empty(
-                default_config(),
+            return Ok((
+                empty(
+                    default_config(),
+                    Extras::default(),
+                    Vec::new(),
+                    cache::chain("", &["scratch"]),
+                    None,
+                ),
                 Vec::new(),
-                cache::chain("", &["scratch"]),
-                None,
             ));
         }
         if let Some(s) = self
@@ -405,21 +440,26 @@ impl Builder<'_> {
             .find(|s| s.name.as_deref() == Some(from))
         {
             // An earlier stage: its layers become this stage's base.
-            let (config, layers) = (s.config.clone(), s.layers.clone());
+            let (config, extras, layers) = (s.config.clone(), s.extras.clone(), s.layers.clone());
             let img = self.store.commit(&config, layers.clone(), None)?;
             let key = cache::chain("", &[&img.id()]);
-            return Ok(empty(config, layers, key, Some(img)));
+            return Ok((empty(config, extras, layers, key, Some(img)), Vec::new()));
         }
         let img = self.store.resolve(from).map_err(|e| BuildError::Step {
             line: stage.line,
             text: first_line(&stage.text),
             message: e.to_string(),
         })?;
-        Ok(empty(
-            img.config.clone(),
-            img.manifest.layers().clone(),
-            cache::chain("", &[&img.id()]),
-            Some(img),
+        let triggers = img.extras.on_build.clone();
+        Ok((
+            empty(
+                img.config.clone(),
+                img.extras.clone(),
+                img.manifest.layers().clone(),
+                cache::chain("", &[&img.id()]),
+                Some(img),
+            ),
+            triggers,
         ))
     }
 
@@ -528,6 +568,7 @@ impl Builder<'_> {
             return false;
         }
         st.config = e.config;
+        st.extras = e.extras;
         st.layers = e.layers;
         st.key = key.to_string();
         self.say(" ---> Using cache");
@@ -540,6 +581,7 @@ impl Builder<'_> {
             &cache::Entry {
                 config: st.config.clone(),
                 layers: st.layers.clone(),
+                extras: st.extras.clone(),
             },
         );
     }
@@ -602,9 +644,12 @@ impl Builder<'_> {
             .map(|t| Reference::parse(t).map(|r| r.store_name()))
             .collect::<Result<_, _>>()
             .map_err(|e| BuildError::Input(e.to_string()))?;
-        let img = self
-            .store
-            .commit(&config, r.layers, names.first().map(String::as_str))?;
+        let img = self.store.commit_with(
+            &config,
+            &r.extras,
+            r.layers,
+            names.first().map(String::as_str),
+        )?;
         let desc = Descriptor::new(
             MediaType::ImageManifest,
             img.manifest_size,

@@ -100,6 +100,7 @@ impl Builder<'_> {
                 read_only: false,
                 restart: Default::default(),
                 init: false,
+                healthcheck: None,
                 engine,
             };
             let dir = self.tmp.join(format!("{}-{id}", self.o.mode));
