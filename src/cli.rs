@@ -111,6 +111,10 @@ pub enum Command {
         #[arg(required = true)]
         containers: Vec<String>,
     },
+    /// Attach this terminal to a running container's output, and its stdin
+    /// when it was made with -i; ends with the container (ctrl-p ctrl-q
+    /// detaches).
+    Attach(AttachArgs),
     /// Show a container's processes (namespace mode: the host's ps with
     /// the options given, default -ef; a microVM: its guest's, as ps -ef).
     Top {
@@ -631,8 +635,29 @@ pub struct LogsArgs {
 
 #[derive(Args, Debug)]
 pub struct StartArgs {
+    /// Attach to the container's output (and with -i its stdin) and exit
+    /// with its exit code.
+    #[arg(short, long)]
+    pub attach: bool,
+    /// Attach stdin too (a container made with -i).
+    #[arg(short, long)]
+    pub interactive: bool,
     #[arg(required = true)]
     pub containers: Vec<String>,
+}
+
+#[derive(Args, Debug)]
+pub struct AttachArgs {
+    /// Do not attach stdin.
+    #[arg(long)]
+    pub no_stdin: bool,
+    /// Pass the signals vmc gets to the container (not with -t).
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set, value_name = "BOOL")]
+    pub sig_proxy: bool,
+    /// The keys that detach (Docker's spelling).
+    #[arg(long, default_value = "ctrl-p,ctrl-q", value_name = "KEYS")]
+    pub detach_keys: String,
+    pub container: String,
 }
 
 #[derive(Args, Debug)]

@@ -202,6 +202,7 @@ fn dispatch(cli: Cli) -> Result<i32> {
         Command::Pause { containers } => pause(&containers, true),
         Command::Top { container, ps_args } => top(&container, &ps_args),
         Command::Stats(a) => stats(a),
+        Command::Attach(a) => attach(a),
         Command::Unpause { containers } => pause(&containers, false),
         Command::Images(a) => images(a),
         Command::Inspect(a) => inspect(a),

@@ -98,3 +98,76 @@ fn top_stats_and_pause_in_vm_mode() {
         pause_and_unpause("vm");
     }
 }
+
+/// `vmc create -i` + `vmc start -a -i`, then `vmc attach`: the input goes
+/// to the workload's stdin, its output comes back, ctrl-p ctrl-q detaches
+/// (the container runs on), and an attached client ends with the
+/// container's exit code.
+fn attach_and_detach(mode: &str) {
+    use std::io::{BufRead, Write};
+    let home = store_with_busybox();
+    let h = home.path();
+    let script = "while read l; do echo got $l; done";
+    ok(&vmc(
+        h,
+        &[
+            "create", "-i", "--mode", mode, "--name", "a", "busybox", "sh", "-c", script,
+        ],
+    ));
+    let spawn = |args: &[&str]| {
+        common::vmc_command(h)
+            .args(args)
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+    let said = |child: &mut std::process::Child, input: &str, want: &str| {
+        let stdin = child.stdin.as_mut().unwrap();
+        stdin.write_all(input.as_bytes()).unwrap();
+        stdin.flush().unwrap();
+        let mut out = std::io::BufReader::new(child.stdout.as_mut().unwrap());
+        let mut line = String::new();
+        out.read_line(&mut line).unwrap();
+        assert_eq!(line, want);
+    };
+    let mut first = spawn(&["start", "-a", "-i", "a"]);
+    said(&mut first, "one\n", "got one\n");
+    // ctrl-p ctrl-q: detached, exit 0; the container runs on.
+    first.stdin.as_mut().unwrap().write_all(&[16, 17]).unwrap();
+    let st = first.wait().unwrap();
+    assert_eq!(st.code(), Some(0));
+    assert_eq!(
+        ok(&vmc(h, &["inspect", "-f", "{{.State.Status}}", "a"])).trim(),
+        "running"
+    );
+    let mut second = spawn(&["attach", "a"]);
+    said(&mut second, "two\n", "got two\n");
+    ok(&vmc(h, &["stop", "-t", "1", "a"]));
+    let code = second.wait().unwrap().code();
+    let recorded: i32 = ok(&vmc(h, &["inspect", "-f", "{{.State.ExitCode}}", "a"]))
+        .trim()
+        .parse()
+        .unwrap();
+    assert_eq!(code, Some(recorded));
+    let o = vmc(h, &["attach", "a"]);
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("you cannot attach to a stopped container"),
+        "{o:?}"
+    );
+}
+
+#[test]
+fn attach_in_namespace_mode() {
+    if is_root() {
+        attach_and_detach("ns");
+    }
+}
+
+#[test]
+fn attach_in_vm_mode() {
+    if kvm_available() {
+        attach_and_detach("vm");
+    }
+}

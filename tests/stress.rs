@@ -114,6 +114,7 @@ fn snapshots_made_under_load_all_restore() {
             restart: Default::default(),
             init: false,
             healthcheck: None,
+            stdin_open: false,
             engine: vmc::runtime::EngineConfig::Vm(vmc::runtime::VmEngineConfig {
                 upper_in_memory: false,
                 parked: false,

@@ -316,9 +316,56 @@ fn start_one(name: &str, c: &mut Container) -> std::result::Result<(), Box<dyn s
 }
 
 /// `vmc start NAME...`: starts containers made by `vmc create`, and runs
-/// exited ones again; each name printed once its workload runs.
+/// exited ones again; each name printed once its workload runs. With `-a`
+/// (one container) this process attaches to it and exits as it does.
 pub(crate) fn start(a: vmc::cli::StartArgs) -> Result<i32> {
-    each_container(&a.containers, |name, mut c| Ok(start_one(name, &mut c)))
+    if !a.attach && !a.interactive {
+        return each_container(&a.containers, |name, mut c| Ok(start_one(name, &mut c)));
+    }
+    let [name] = a.containers.as_slice() else {
+        bail!("vmc start -a/-i takes one container");
+    };
+    let mut c = cstate::resolve(name)?;
+    // The output from this start on: the log's end before it.
+    let log_len = std::fs::metadata(c.log_path()).map_or(0, |m| m.len());
+    if let Err(e) = start_one(name, &mut c) {
+        bail!("{}", vmc::host::error_line(&*e));
+    }
+    attach_to(&mut c, a.interactive, true, "ctrl-p,ctrl-q", Some(log_len))
+}
+
+/// `vmc attach`.
+pub(crate) fn attach(a: vmc::cli::AttachArgs) -> Result<i32> {
+    let mut c = cstate::resolve(&a.container)?;
+    runtime::follow::check_running(&mut c).map_err(|_| {
+        anyhow::anyhow!(
+            "you cannot attach to a stopped container, start it first (vmc start -a {})",
+            a.container
+        )
+    })?;
+    if runtime::pause::is_paused(&c) {
+        bail!(
+            "you cannot attach to a paused container, unpause it first (vmc unpause {})",
+            a.container
+        );
+    }
+    attach_to(&mut c, !a.no_stdin, a.sig_proxy, &a.detach_keys, None)
+}
+
+fn attach_to(
+    c: &mut Container,
+    stdin: bool,
+    sig_proxy: bool,
+    keys: &str,
+    from: Option<u64>,
+) -> Result<i32> {
+    use runtime::follow::{self, Ended};
+    let keys = follow::parse_detach_keys(keys)
+        .ok_or_else(|| anyhow::anyhow!("--detach-keys {keys}: expected keys like ctrl-p,ctrl-q"))?;
+    match follow::attach(c, stdin, sig_proxy, &keys, from)? {
+        Ended::Exited(code) => Ok(code),
+        Ended::Detached => Ok(0),
+    }
 }
 
 /// Stops `c` as `vmc stop` does: its stop signal, SIGKILL after `grace`.

@@ -289,6 +289,7 @@ pub(crate) fn run(args: RunArgs, create_only: bool) -> Result<i32> {
         restart,
         init: args.init,
         healthcheck: healthcheck(&args, image_health)?,
+        stdin_open: args.interactive && (args.detach || create_only),
         id: id.clone(),
         rootfs,
         image_id,
@@ -482,8 +483,8 @@ pub(crate) fn supervise(dir: &std::path::Path, created: bool, restart: bool) -> 
 
 /// `vmc create`: `vmc run -d`'s container, made but not started.
 pub(crate) fn create(args: RunArgs) -> Result<i32> {
-    if args.detach || args.interactive || args.tty || args.rm {
-        bail!("vmc create takes no -d, -i, -t or --rm: vmc start runs the container detached");
+    if args.detach || args.tty || args.rm {
+        bail!("vmc create takes no -d, -t or --rm: vmc start runs the container detached (-i keeps its stdin open for vmc attach and vmc start -a -i)");
     }
     run(args, true)
 }

@@ -6,6 +6,7 @@
 
 use std::io::Write;
 use std::os::fd::AsRawFd;
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
@@ -494,6 +495,38 @@ fn wait_for(
     }
 }
 
+/// The FIFO a detached `-i` container's stdin comes from.
+pub const STDIN_FIFO: &str = "stdin";
+
+/// Makes (once) and opens the container's stdin FIFO, read-write.
+fn open_stdin_fifo(dir: &Path) -> std::io::Result<std::fs::File> {
+    let p = dir.join(STDIN_FIFO);
+    let c = vmc_spawn::sys::cstr(&p)?;
+    // SAFETY: mkfifo with a NUL-terminated path.
+    if unsafe { libc::mkfifo(c.as_ptr(), 0o600) } != 0 {
+        let e = std::io::Error::last_os_error();
+        if e.kind() != std::io::ErrorKind::AlreadyExists {
+            return Err(e);
+        }
+    }
+    // Not a FIFO someone put there in its place: a FIFO, and ours.
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(&p)?;
+    use std::os::unix::fs::{FileTypeExt, MetadataExt};
+    let m = f.metadata()?;
+    // SAFETY: geteuid has no preconditions.
+    if !m.file_type().is_fifo() || m.uid() != unsafe { libc::geteuid() } {
+        return Err(std::io::Error::other(format!(
+            "{} is not the container's stdin FIFO",
+            p.display()
+        )));
+    }
+    Ok(f)
+}
+
 /// The supervisor of a detached container (`vmc __supervise DIR`): runs it
 /// with its output going to its log, and records how it ended. With
 /// `until` [`Until::Created`] it makes the container and then waits on its
@@ -521,12 +554,21 @@ pub fn supervise(dir: &Path, until: Until) -> Result<(), LifecycleError> {
     let (out_r, out_w) = pipe().map_err(LifecycleError::Pipes)?;
     let (err_r, err_w) = pipe().map_err(LifecycleError::Pipes)?;
     let null = std::fs::File::open("/dev/null").map_err(LifecycleError::Pipes)?;
+    // `-i`: the workload's stdin is the FIFO `vmc attach` writes to, held
+    // open for writing here too, so that it never reads an end of file
+    // when an attached client goes.
+    let stdin = if cfg.stdin_open {
+        open_stdin_fifo(dir).map_err(LifecycleError::Pipes)?
+    } else {
+        null.try_clone().map_err(LifecycleError::Pipes)?
+    };
     // SAFETY: dup2 onto our own standard descriptors.
     unsafe {
-        libc::dup2(null.as_raw_fd(), 0);
+        libc::dup2(stdin.as_raw_fd(), 0);
         libc::dup2(out_w.as_raw_fd(), 1);
         libc::dup2(err_w.as_raw_fd(), 2);
     }
+    drop(stdin);
     drop((out_w, err_w));
     // The signals the container gets forwarded are blocked before any thread
     // exists, so that only the runtime's forwarding ever receives them.
@@ -567,7 +609,7 @@ pub fn supervise(dir: &Path, until: Until) -> Result<(), LifecycleError> {
     let t1 = std::thread::spawn(move || state::log_stream(out_r, &l1, "stdout"));
     let t2 = std::thread::spawn(move || state::log_stream(err_r, &l2, "stderr"));
     let mut gate = Begin::new(&mut c, control, &cfg);
-    let result = engine::for_mode(cfg.mode()).run_attached(&cfg, dir, false, &mut gate);
+    let result = engine::for_mode(cfg.mode()).run_attached(&cfg, dir, cfg.stdin_open, &mut gate);
     drop(gate);
     let code = match &result {
         Ok(code) => *code,
@@ -632,6 +674,7 @@ mod tests {
             restart: Default::default(),
             init: false,
             healthcheck: None,
+            stdin_open: false,
             engine: EngineConfig::Ns(NsEngineConfig::default()),
         }
     }

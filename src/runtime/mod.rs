@@ -10,6 +10,7 @@ pub mod cgroup;
 pub mod copy;
 pub mod devices;
 pub mod engine;
+pub mod follow;
 pub mod fsserver;
 pub mod guest;
 pub mod health;
@@ -110,6 +111,10 @@ pub struct ContainerConfig {
     /// `--restart`: what the supervisor does when the workload ends.
     #[serde(default)]
     pub restart: restart::RestartPolicy,
+    /// `-i` of a detached container: its stdin stays open, fed by `vmc
+    /// attach` through the FIFO `stdin` in its state directory.
+    #[serde(default)]
+    pub stdin_open: bool,
     /// The health check (the image's HEALTHCHECK, or `--health-*`).
     #[serde(default)]
     pub healthcheck: Option<crate::image::extras::Healthcheck>,
@@ -400,6 +405,7 @@ pub(crate) mod tests {
             restart: Default::default(),
             init: false,
             healthcheck: None,
+            stdin_open: false,
             engine,
         }
     }

@@ -163,6 +163,7 @@ impl TestVm {
             restart: Default::default(),
             init: false,
             healthcheck: None,
+            stdin_open: false,
             engine: vmc::runtime::EngineConfig::Vm(vmc::runtime::VmEngineConfig {
                 upper_in_memory: false,
                 parked: false,

@@ -101,6 +101,7 @@ impl Builder<'_> {
                 restart: Default::default(),
                 init: false,
                 healthcheck: None,
+                stdin_open: false,
                 engine,
             };
             let dir = self.tmp.join(format!("{}-{id}", self.o.mode));
