@@ -1,5 +1,6 @@
 //! `vmc cp` through the binary: both directions, directories, `-` tar
-//! streams, running and stopped namespace containers, a running microVM,
+//! streams, running and stopped namespace containers, a running and a
+//! stopped microVM,
 //! and a container whose symlinks point at host paths (they resolve inside
 //! its root, or are copied as links: never followed onto the host).
 
@@ -268,6 +269,29 @@ fn cp_to_and_from_a_running_microvm() {
     assert!(fs::read_to_string(hp.join("passwd"))
         .unwrap()
         .starts_with("root:"));
+    // Stopped: a VM is started on its disks for the copy; what it wrote
+    // comes out, what is copied in is there at its next start.
+    ok(&vmc(h, &["stop", "-t", "1", "vm"]));
+    ok(&cp(
+        h,
+        "vm:/tmp/dir/f.txt",
+        &hp.join("stopped.txt").display().to_string(),
+    ));
+    assert_eq!(
+        fs::read_to_string(hp.join("stopped.txt")).unwrap(),
+        "into the vm\n"
+    );
+    write(hp, "late.txt", "copied while stopped\n");
+    ok(&cp(h, &hp.join("late.txt").display().to_string(), "vm:/tmp/"));
+    assert_eq!(
+        ok(&vmc(h, &["inspect", "-f", "{{.State.Status}}", "vm"])).trim(),
+        "exited"
+    );
+    ok(&vmc(h, &["start", "vm"]));
+    assert_eq!(
+        ok(&vmc(h, &["exec", "vm", "cat", "/tmp/late.txt", "/tmp/dir/f.txt"])),
+        "copied while stopped\ninto the vm\n"
+    );
     ok(&vmc(h, &["rm", "-f", "vm"]));
     let o = vmc(h, &["cp", "vm:/etc/passwd", "-"]);
     assert_ne!(o.status.code(), Some(0));

@@ -194,6 +194,10 @@ fn handshake_and_start(
                 };
                 crate::copy::copy_in(init::ROOT, &path, reader)
                     .map_err(|e| format!("{path}: {e}"))?;
+                // On the disk before the answer: a stopped container's copy
+                // runs in a VM that is stopped right after it.
+                // SAFETY: sync has no preconditions.
+                unsafe { libc::sync() };
                 send(conn, &GuestMsg::Applied).map_err(|e| e.to_string())?;
             }
             Ok(HostMsg::Processes) => {

@@ -63,9 +63,7 @@ pub fn copy_out(
             vmc_spawn::walk::write_tar(root, path, follow, top, owner, out)
                 .map_err(|e| err(format!("{path}: {e}")))
         }),
-        Mode::Vm => {
-            let mut conn = agent(c)?;
-            let mut watch = super::guest::process_watch(vmm_pid(c)?);
+        Mode::Vm => with_agent(c, cfg, |conn, watch| {
             conn.send(&HostMsg::CopyOut {
                 path: path.to_string(),
                 follow,
@@ -73,7 +71,7 @@ pub fn copy_out(
                 owner,
             })?;
             loop {
-                match conn.recv_watched(&mut watch)? {
+                match conn.recv_watched(watch)? {
                     GuestMsg::Stdout(d) => out
                         .write_all(&d)
                         .map_err(|e| err(format!("writing the copy: {e}")))?,
@@ -82,8 +80,59 @@ pub fn copy_out(
                     m => return Err(AgentError::unexpected(&m).into()),
                 }
             }
-        }
+        }),
     }
+}
+
+type Watch<'a> = &'a mut dyn FnMut() -> Result<(), AgentError>;
+
+/// Runs `f` with a connection to the agent of microVM container `c`: its
+/// own VM's while it runs (or waits for `vmc start`), else a VM started for
+/// the copy on the container's disks and stopped after it, the container
+/// locked against a `vmc start` meanwhile (its writable layer is the
+/// guest's ext4 filesystem, which the host never mounts).
+fn with_agent<T>(
+    c: &Container,
+    cfg: &ContainerConfig,
+    f: impl FnOnce(&mut AgentConn, Watch<'_>) -> Result<T, RuntimeError>,
+) -> Result<T, RuntimeError> {
+    let mut fresh = c.clone();
+    let live = fresh.refresh() == Status::Running
+        || (fresh.state.status == Status::Created && fresh.supervisor_alive());
+    if live {
+        let mut conn = agent(&fresh)?;
+        let mut watch = super::guest::process_watch(vmm_pid(&fresh)?);
+        return f(&mut conn, &mut watch);
+    }
+    let _lock = super::lifecycle::lock_dir(&c.dir).map_err(|e| err(e.to_string()))?;
+    if fresh.refresh() == Status::Running {
+        return Err(err(format!(
+            "container {} started during the copy: copy again",
+            c.state.name
+        )));
+    }
+    let dir = c.dir.clone();
+    let never = || false;
+    let root = |m: &super::microvm::MicroVm| {
+        let etc = super::net::etc_files(cfg, m.address().map(|a| a.to_string()).as_deref());
+        m.root_spec(&cfg.hostname, etc, false)
+    };
+    let (mvm, mut conn) = super::microvm::MicroVm::start_ready(
+        cfg,
+        &dir,
+        super::microvm::Start::Warm,
+        &root,
+        &never,
+    )?;
+    // Its writable layer is now what the copy leaves: a later start keeps it.
+    super::state::mark_started(&dir);
+    let result = {
+        let mut watch = mvm.watch(super::guest::ANSWER_CPU);
+        f(&mut conn, &mut watch)
+    };
+    conn.close();
+    mvm.stop();
+    result
 }
 
 /// Unpacks `src` at `path` in container `c`: into `path` when it is a
@@ -153,14 +202,12 @@ pub fn copy_in(
                 (None, None) => Ok(()),
             }
         }),
-        Mode::Vm => {
-            let mut conn = agent(c)?;
-            let mut watch = super::guest::process_watch(vmm_pid(c)?);
+        Mode::Vm => with_agent(c, cfg, |conn, watch| {
             conn.send(&HostMsg::CopyIn {
                 path: path.to_string(),
             })?;
             let mut sink = FrameSink {
-                conn: &mut conn,
+                conn: &mut *conn,
                 buf: Vec::with_capacity(CHUNK),
             };
             let sent = match (tar, &host) {
@@ -171,12 +218,12 @@ pub fn copy_in(
             sent.and_then(|()| sink.flush())
                 .map_err(|e| err(format!("sending the copy: {e}")))?;
             conn.send(&HostMsg::StdinEof)?;
-            match conn.recv_watched(&mut watch)? {
+            match conn.recv_watched(watch)? {
                 GuestMsg::Applied => Ok(()),
                 GuestMsg::Error(e) => Err(err(e)),
                 m => Err(AgentError::unexpected(&m).into()),
             }
-        }
+        }),
     }
 }
 
@@ -243,12 +290,6 @@ fn vmm_pid(c: &Container) -> Result<u32, RuntimeError> {
 
 /// A connection to a running microVM container's agent.
 fn agent(c: &Container) -> Result<AgentConn, RuntimeError> {
-    if c.state.status != Status::Running {
-        return Err(err(format!(
-            "container {} is not running: copying to or from a stopped microVM container is not supported yet (its disks are the guest's); start it, or use namespace mode",
-            c.state.name
-        )));
-    }
     if super::pause::is_paused(c) {
         return Err(err(format!(
             "container {0} is paused: its guest cannot answer; unpause it first (vmc unpause {0})",

@@ -384,8 +384,9 @@ pub fn start(c: &mut Container) -> Result<Started, LifecycleError> {
     started
 }
 
-/// An exclusive lock on a container's state directory, until dropped.
-fn lock_dir(dir: &Path) -> Result<std::fs::File, LifecycleError> {
+/// An exclusive lock on a container's state directory, until dropped
+/// (`vmc start`, and `vmc cp` with a stopped microVM container).
+pub fn lock_dir(dir: &Path) -> Result<std::fs::File, LifecycleError> {
     let io = |source| {
         LifecycleError::State(StateError::Io {
             path: dir.display().to_string(),
