@@ -282,14 +282,21 @@ fn cp_to_and_from_a_running_microvm() {
         "into the vm\n"
     );
     write(hp, "late.txt", "copied while stopped\n");
-    ok(&cp(h, &hp.join("late.txt").display().to_string(), "vm:/tmp/"));
+    ok(&cp(
+        h,
+        &hp.join("late.txt").display().to_string(),
+        "vm:/tmp/",
+    ));
     assert_eq!(
         ok(&vmc(h, &["inspect", "-f", "{{.State.Status}}", "vm"])).trim(),
         "exited"
     );
     ok(&vmc(h, &["start", "vm"]));
     assert_eq!(
-        ok(&vmc(h, &["exec", "vm", "cat", "/tmp/late.txt", "/tmp/dir/f.txt"])),
+        ok(&vmc(
+            h,
+            &["exec", "vm", "cat", "/tmp/late.txt", "/tmp/dir/f.txt"]
+        )),
         "copied while stopped\ninto the vm\n"
     );
     ok(&vmc(h, &["rm", "-f", "vm"]));

@@ -189,8 +189,18 @@ fn probe(id: &str, cmd: &[String], timeout: Duration, stop: &AtomicBool) -> Opti
     .flatten()
     .map(|r| {
         std::thread::spawn(move || {
+            // All of it is read (a check that writes more must not block on
+            // a full pipe), the first OUTPUT_MAX bytes kept.
+            let mut r = r;
             let mut kept = Vec::new();
-            let _ = r.take(OUTPUT_MAX as u64).read_to_end(&mut kept);
+            let mut buf = [0u8; 4096];
+            while let Ok(n) = r.read(&mut buf) {
+                if n == 0 {
+                    break;
+                }
+                let room = OUTPUT_MAX.saturating_sub(kept.len());
+                kept.extend_from_slice(&buf[..n.min(room)]);
+            }
             kept
         })
     })

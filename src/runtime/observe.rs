@@ -361,6 +361,14 @@ fn now_ms() -> u64 {
         .unwrap_or(0)
 }
 
+/// A text the guest sent, safe to print: control characters (a terminal's
+/// escape sequences) become `?`. The guest is not trusted.
+fn printable(s: &str) -> String {
+    s.chars()
+        .map(|c| if c.is_control() { '?' } else { c })
+        .collect()
+}
+
 /// `ps -ef`'s columns for a guest's processes (`now`: ms since the epoch).
 pub fn ps_ef(procs: &[ProcessInfo], now: u64) -> Vec<Vec<String>> {
     let mut rows = vec![["UID", "PID", "PPID", "C", "STIME", "TTY", "TIME", "CMD"]
@@ -379,7 +387,7 @@ pub fn ps_ef(procs: &[ProcessInfo], now: u64) -> Vec<Vec<String>> {
             if p.user.is_empty() {
                 p.uid.to_string()
             } else {
-                p.user.clone()
+                printable(&p.user)
             },
             p.pid.to_string(),
             p.ppid.to_string(),
@@ -388,10 +396,10 @@ pub fn ps_ef(procs: &[ProcessInfo], now: u64) -> Vec<Vec<String>> {
             if p.tty.is_empty() {
                 "?".into()
             } else {
-                p.tty.clone()
+                printable(&p.tty)
             },
             format!("{:02}:{:02}:{:02}", secs / 3600, secs / 60 % 60, secs % 60),
-            p.cmd.clone(),
+            printable(&p.cmd),
         ]);
     }
     rows
@@ -445,8 +453,9 @@ fn ns_top(c: &Container, ps_args: &[String]) -> Result<Vec<Vec<String>>, Observe
         if !pids.contains(&pid) || f.len() < n {
             continue;
         }
-        let mut row: Vec<String> = f[..n - 1].iter().map(|s| s.to_string()).collect();
-        row.push(f[n - 1..].join(" "));
+        // Command lines are the container's own: printed safely too.
+        let mut row: Vec<String> = f[..n - 1].iter().map(|s| printable(s)).collect();
+        row.push(printable(&f[n - 1..].join(" ")));
         rows.push(row);
     }
     Ok(rows)
@@ -481,6 +490,12 @@ mod tests {
         assert_eq!(rows[1][6], "01:02:03");
         assert_eq!(rows[1][7], "sh -c sleep 1");
         assert_eq!(rows[1][4].len(), 5, "HH:MM");
+        // A hostile guest's escape sequences do not reach the terminal.
+        let mut evil = p(7, "\u{1b}[2Jroot", "");
+        evil.cmd = "sh\u{1b}]0;pwned\u{7}".into();
+        let rows = ps_ef(&[evil], now);
+        assert_eq!(rows[1][0], "?[2Jroot");
+        assert_eq!(rows[1][7], "sh?]0;pwned?");
     }
 
     /// CPU % is CPU time over wall time between two samples.
