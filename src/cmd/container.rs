@@ -218,18 +218,28 @@ pub(crate) fn ps(a: PsArgs) -> Result<i32> {
         "Mode",
         "Names",
     ];
+    print_columns(&rows, &columns, PS_HEADERS);
+    Ok(0)
+}
+
+/// Prints `rows` (JSON objects) as a table of `columns` under Docker's
+/// titles (`headers`: field, title).
+fn print_columns<const N: usize>(
+    rows: &[serde_json::Value],
+    columns: &[&str; N],
+    headers: &[(&str, &str)],
+) {
     let mut table = vec![columns.map(|c| {
-        PS_HEADERS
+        headers
             .iter()
             .find(|(f, _)| *f == c)
             .map_or(c, |(_, h)| *h)
             .to_string()
     })];
-    for r in &rows {
+    for r in rows {
         table.push(columns.map(|c| r[c].as_str().unwrap_or_default().to_string()));
     }
     print_table(&table);
-    Ok(0)
 }
 
 pub(crate) fn logs(a: LogsArgs) -> Result<i32> {
@@ -832,17 +842,7 @@ pub(crate) fn stats(a: vmc::cli::StatsArgs) -> Result<i32> {
                 let columns = [
                     "ID", "Name", "CPUPerc", "MemUsage", "MemPerc", "NetIO", "BlockIO", "PIDs",
                 ];
-                let mut table = vec![columns.map(|c| {
-                    STATS_HEADERS
-                        .iter()
-                        .find(|(f, _)| *f == c)
-                        .map_or(c, |(_, h)| *h)
-                        .to_string()
-                })];
-                for r in &rows {
-                    table.push(columns.map(|c| r[c].as_str().unwrap_or_default().to_string()));
-                }
-                print_table(&table);
+                print_columns(&rows, &columns, STATS_HEADERS);
             }
         }
         let _ = std::io::stdout().flush();
