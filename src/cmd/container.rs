@@ -245,8 +245,8 @@ fn print_columns<const N: usize>(
 pub(crate) fn logs(a: LogsArgs) -> Result<i32> {
     use std::io::Write;
     let mut c = cstate::resolve(&a.container)?;
-    let path = c.log_path();
-    let lines = cstate::read_log(&path);
+    let mut follower = runtime::follow::LogFollower::new(&c.log_path(), Some(0));
+    let lines = follower.next_lines();
     let skip = match a.tail.as_str() {
         "all" => 0,
         n => {
@@ -274,14 +274,11 @@ pub(crate) fn logs(a: LogsArgs) -> Result<i32> {
         print(l);
     }
     if a.follow {
-        let mut seen = lines.len();
         loop {
             let running = c.refresh().is_live();
-            let lines = cstate::read_log(&path);
-            for l in lines.iter().skip(seen) {
+            for l in &follower.next_lines() {
                 print(l);
             }
-            seen = seen.max(lines.len());
             if !running {
                 break;
             }
@@ -347,12 +344,12 @@ pub(crate) fn start(a: vmc::cli::StartArgs) -> Result<i32> {
 /// `vmc attach`.
 pub(crate) fn attach(a: vmc::cli::AttachArgs) -> Result<i32> {
     let mut c = cstate::resolve(&a.container)?;
-    runtime::follow::check_running(&mut c).map_err(|_| {
-        anyhow::anyhow!(
+    if c.refresh() != Status::Running {
+        bail!(
             "you cannot attach to a stopped container, start it first (vmc start -a {})",
             a.container
-        )
-    })?;
+        );
+    }
     if runtime::pause::is_paused(&c) {
         bail!(
             "you cannot attach to a paused container, unpause it first (vmc unpause {})",

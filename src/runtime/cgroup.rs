@@ -351,10 +351,7 @@ pub fn is_frozen(dir: &Path) -> bool {
 
 /// Thaws `dir` if it is a frozen freezer cgroup.
 fn thaw(dir: &Path) -> Result<(), CgroupError> {
-    if dir.join("freezer.state").exists() && is_frozen(dir) {
-        return set_frozen(dir, false);
-    }
-    if dir.join("cgroup.freeze").exists() && is_frozen(dir) {
+    if is_frozen(dir) {
         return set_frozen(dir, false);
     }
     Ok(())

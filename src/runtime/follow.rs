@@ -15,7 +15,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use super::state::{self, Container, LogLine, Status};
+use super::state::{Container, LogLine, Status};
 
 /// A container's log read as it grows, from a byte offset.
 pub struct LogFollower {
@@ -188,14 +188,6 @@ fn pump(mut fifo: std::fs::File, keys: &[u8], detached: &AtomicBool) {
         if fifo.write_all(&out).is_err() {
             return;
         }
-    }
-}
-
-/// Whether `c` can be attached to: it runs (Docker's error otherwise).
-pub fn check_running(c: &mut Container) -> Result<(), state::StateError> {
-    match c.refresh() {
-        Status::Running => Ok(()),
-        _ => Err(state::StateError::NotRunning(c.state.name.clone())),
     }
 }
 

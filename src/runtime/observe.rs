@@ -15,6 +15,9 @@ use vmc_proto::{GuestMsg, GuestStats, HostMsg, ProcessInfo};
 use super::agent::AgentConn;
 use super::state::{Container, Status};
 use super::Mode;
+// A text the guest (or a container) sent, made safe to print: bounded, and
+// control characters (a terminal's escape sequences) become `?`.
+use crate::vmm::process::sanitize as printable;
 
 /// What stops a look at a container.
 #[derive(Debug, thiserror::Error)]
@@ -359,14 +362,6 @@ fn now_ms() -> u64 {
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_millis() as u64)
         .unwrap_or(0)
-}
-
-/// A text the guest sent, safe to print: control characters (a terminal's
-/// escape sequences) become `?`. The guest is not trusted.
-fn printable(s: &str) -> String {
-    s.chars()
-        .map(|c| if c.is_control() { '?' } else { c })
-        .collect()
 }
 
 /// `ps -ef`'s columns for a guest's processes (`now`: ms since the epoch).

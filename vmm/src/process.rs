@@ -204,9 +204,9 @@ fn recv<T: for<'a> Deserialize<'a>>(sock: RawFd) -> std::io::Result<Option<(T, V
 /// reason): a compromised VMM's words reach the user's terminal.
 const MAX_TEXT: usize = 1024;
 
-/// `text` from a VMM process as the host shows it: at most [`MAX_TEXT`]
-/// bytes, control characters (terminal escapes) replaced.
-fn sanitize(text: &str) -> String {
+/// `text` from a VMM process (or a guest) as the host shows it: at most
+/// [`MAX_TEXT`] bytes, control characters (terminal escapes) replaced.
+pub fn sanitize(text: &str) -> String {
     let mut out: String = text
         .chars()
         .map(|c| if c.is_control() { '?' } else { c })
