@@ -495,7 +495,18 @@ fn ps_and_inspect_take_dockers_filters_and_templates() {
     };
     assert_eq!(term(&[]), "xterm\r\n");
     assert_eq!(term(&["-e", "TERM=vt100"]), "vt100\r\n");
-    ok(&vmc(h, &["rm", "-f", "web", "ok", "three"]));
+    // An exec without -t has no terminal, in a container run with one.
+    ok(&vmc(
+        h,
+        &[
+            "run", "-d", "-t", "--mode", "ns", "--name", "tty", "busybox", "sleep", "100",
+        ],
+    ));
+    let o = ok(&vmc(h, &["exec", "tty", "sh", "-c", "tty || true"]));
+    assert_eq!(o, "not a tty\n");
+    let o = ok(&vmc(h, &["exec", "-t", "tty", "tty"]));
+    assert!(o.starts_with("/dev/pts/"), "{o}");
+    ok(&vmc(h, &["rm", "-f", "web", "ok", "three", "tty"]));
 }
 
 /// `version` (with `--format`), `system df`, Docker's management-command

@@ -2,7 +2,8 @@
 //! binary: `vmc top` lists its processes (a VM's from its guest), `vmc
 //! stats` its use; `vmc pause`/`unpause`: a paused container's processes
 //! make no progress, `ps` and `inspect` say so, exec is refused by name,
-//! and it runs on once unpaused; stop and kill end a paused container.
+//! and it runs on once unpaused; stop and kill end a paused container. The
+//! workload is PID 1 of the container's PID namespace, which execs join.
 
 mod common;
 
@@ -169,5 +170,73 @@ fn attach_in_namespace_mode() {
 fn attach_in_vm_mode() {
     if kvm_available() {
         attach_and_detach("vm");
+    }
+}
+
+/// The workload is PID 1 of the container's PID namespace, as in Docker:
+/// an exec joins that namespace and sees it as PID 1, and `stop` of a
+/// command without a SIGTERM handler ends it with SIGKILL after the
+/// timeout (137): a PID 1 ignores signals it does not handle. With
+/// `--init`, Docker's tiny init is PID 1 instead.
+fn workload_is_pid_1(mode: &str) {
+    let home = store_with_busybox();
+    let h = home.path();
+    let run = ["run", "--rm", "--mode", mode, "busybox", "sh", "-c"];
+    let o = ok(&vmc(
+        h,
+        &[&run[..], &["read c < /proc/1/comm; echo $$ $c"]].concat(),
+    ));
+    assert_eq!(o, "1 sh\n");
+    ok(&vmc(
+        h,
+        &[
+            "run", "-d", "--mode", mode, "--name", "s", "busybox", "sleep", "1000",
+        ],
+    ));
+    let script = "tr '\\0' ' ' < /proc/1/cmdline; echo; ps -o pid,comm | grep -c sleep";
+    let seen = ok(&vmc(h, &["exec", "s", "sh", "-c", script]));
+    assert_eq!(seen, "sleep 1000 \n1\n");
+    ok(&vmc(h, &["stop", "-t", "1", "s"]));
+    assert_eq!(
+        ok(&vmc(h, &["inspect", "-f", "{{.State.ExitCode}}", "s"])).trim(),
+        "137"
+    );
+    // --init: docker-init is PID 1, the command its child; it reaps an
+    // orphan (its parent sh exits at once) and passes the stop signal on.
+    let run = [
+        "run", "--rm", "--init", "--mode", mode, "busybox", "sh", "-c",
+    ];
+    let o = ok(&vmc(h, &[&run[..], &["ps -o pid,comm | sed 1d"]].concat()));
+    let procs: Vec<String> = o
+        .lines()
+        .map(|l| l.split_whitespace().collect::<Vec<_>>().join(" "))
+        .collect();
+    assert_eq!(procs[..2], ["1 docker-init", "2 sh"], "{procs:?}");
+    let script = "sh -c 'sleep 0.2 &'; sleep 1; ps -o stat,comm | grep -c '^Z' || true";
+    assert_eq!(ok(&vmc(h, &[&run[..], &[script]].concat())), "0\n");
+    ok(&vmc(
+        h,
+        &[
+            "run", "-d", "--init", "--mode", mode, "--name", "i", "busybox", "sleep", "1000",
+        ],
+    ));
+    ok(&vmc(h, &["stop", "-t", "5", "i"]));
+    assert_eq!(
+        ok(&vmc(h, &["inspect", "-f", "{{.State.ExitCode}}", "i"])).trim(),
+        "143"
+    );
+}
+
+#[test]
+fn workload_is_pid_1_in_namespace_mode() {
+    if is_root() {
+        workload_is_pid_1("ns");
+    }
+}
+
+#[test]
+fn workload_is_pid_1_in_vm_mode() {
+    if kvm_available() {
+        workload_is_pid_1("vm");
     }
 }

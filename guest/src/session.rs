@@ -23,6 +23,31 @@ static MOUNTED: Mutex<bool> = Mutex::new(false);
 /// until a `StartParked` (after the snapshot's restore) lets it run.
 static PARKED: Mutex<Option<(ProcessSpec, Running)>> = Mutex::new(None);
 
+/// The container's PID namespace, of which its workload (the process
+/// started to end the VM when it exits, or parked for that) is PID 1, as in
+/// Docker; `exec`s start in it. Unset before the workload starts.
+static WORKLOAD_PID_NS: Mutex<Option<OwnedFd>> = Mutex::new(None);
+
+/// Where a process for `spec` starts: the container's workload in a PID
+/// namespace of its own, anything else in the workload's when there is one
+/// (a build's steps, which end no VM, have none).
+fn pid_namespace(workload: bool) -> io::Result<spawn::PidNamespace> {
+    if workload {
+        return Ok(spawn::PidNamespace::New);
+    }
+    match &*WORKLOAD_PID_NS.lock().unwrap_or_else(|e| e.into_inner()) {
+        Some(ns) => Ok(spawn::PidNamespace::Join(ns.try_clone()?)),
+        None => Ok(spawn::PidNamespace::Inherit),
+    }
+}
+
+/// Records the PID namespace of a workload just started (`pid`, PID 1 in it).
+fn record_workload(pid: u32) -> io::Result<()> {
+    let ns = std::fs::File::open(format!("/proc/{pid}/ns/pid"))?;
+    *WORKLOAD_PID_NS.lock().unwrap_or_else(|e| e.into_inner()) = Some(ns.into());
+    Ok(())
+}
+
 /// The most of an executable a `Warm` reads.
 const WARM_LIMIT: u64 = 4 << 20;
 
@@ -311,6 +336,26 @@ fn handshake_and_start(
     }
 }
 
+/// `--init`: this agent's own binary runs the process as `docker-init`
+/// (see tinyinit.rs), exec'd from outside the container root.
+fn with_init(prepared: &mut spawn::Prepared, spec: &ProcessSpec) -> Result<(), spawn::SpawnError> {
+    if !spec.init {
+        return Ok(());
+    }
+    let me = std::fs::File::open("/proc/self/exe").map_err(|e| spawn::SpawnError {
+        kind: vmc_proto::StartFailure::Setup,
+        message: format!("--init: the agent's binary: {e}"),
+    })?;
+    prepared.exec_init("docker-init", me.into())
+}
+
+fn ns_error(e: io::Error) -> spawn::SpawnError {
+    spawn::SpawnError {
+        kind: vmc_proto::StartFailure::Setup,
+        message: format!("the container's PID namespace: {e}"),
+    }
+}
+
 /// The wait status of `pid`'s first stop (or exit). SIGCHLD is not sent
 /// for stops (the agent's handler has SA_NOCLDSTOP), so the reaper only
 /// sees it when another child wakes it, and then passes it on through the
@@ -417,7 +462,10 @@ struct Running {
 
 impl Running {
     fn start(spec: &ProcessSpec, laps: &mut Laps) -> Result<Running, spawn::SpawnError> {
-        let prepared = spawn::prepare(spec, init::ROOT)?;
+        let mut prepared = spawn::prepare(spec, init::ROOT)?;
+        with_init(&mut prepared, spec)?;
+        let workload = spec.reboot_on_exit;
+        prepared.set_pid_namespace(pid_namespace(workload).map_err(ns_error)?);
         laps.lap(if spec.resolved.is_some() {
             "resolved ahead"
         } else {
@@ -426,9 +474,12 @@ impl Running {
         let running = match spec.tty {
             Some(size) => Self::start_pty(&prepared, size),
             None => Self::start_piped(&prepared, spec.stdin),
-        };
+        }?;
+        if workload {
+            record_workload(running.pid).map_err(ns_error)?;
+        }
         laps.lap("fork+exec");
-        running
+        Ok(running)
     }
 
     /// Starts `spec` as [`Running::start`] would (stdin on a pipe), but
@@ -448,9 +499,13 @@ impl Running {
         // Its pages in the page cache too, as `Warm` leaves them: exec maps
         // them, it does not read them.
         let _ = spawn::warm(&prepared, WARM_LIMIT);
+        with_init(&mut prepared, spec)?;
         prepared.stop_at_entry();
+        // Parked only for a container's workload.
+        prepared.set_pid_namespace(spawn::PidNamespace::New);
         let running = Self::start_piped(&prepared, true)?;
         let pid = running.pid as libc::pid_t;
+        record_workload(running.pid).map_err(ns_error)?;
         let kill = || {
             // SAFETY: kill takes plain integers; pid is our child.
             unsafe { libc::kill(pid, libc::SIGKILL) };

@@ -1,6 +1,7 @@
-//! `--init`: a tiny init as PID 1 of a namespace container (Docker's
-//! `docker-init`, which is tini). The agent's static binary is bound
-//! read-only at `/sbin/docker-init` in the container and run under that name
+//! `--init`: a tiny init as PID 1 of a container (Docker's `docker-init`,
+//! which is tini). In namespace mode the agent's static binary is bound
+//! read-only at `/sbin/docker-init` in the container; in a microVM the
+//! agent execs its own binary from outside the root; either runs under that name
 //! with the command after it: it starts the command as its child, passes it
 //! every signal it gets, reaps every process that ends in the container
 //! (orphans are re-parented to it), and exits as the command did (128+N
@@ -47,6 +48,10 @@ fn fail(what: &str) -> ! {
 /// Runs the init over `args` (its own name first, then `--` optionally,
 /// then the command); never returns.
 pub fn main(args: Vec<String>) -> ! {
+    // Its name in ps when a microVM's agent exec'd it by descriptor (whose
+    // name would be the descriptor's number).
+    // SAFETY: PR_SET_NAME copies at most 16 bytes of a NUL-terminated string.
+    unsafe { libc::prctl(libc::PR_SET_NAME, c"docker-init".as_ptr()) };
     let mut cmd = &args[1..];
     if cmd.first().is_some_and(|a| a == "--") {
         cmd = &cmd[1..];
@@ -62,10 +67,15 @@ pub fn main(args: Vec<String>) -> ! {
         fail("an argument holds a NUL byte")
     };
     let set = forwarded();
-    // SAFETY: sigset_t is plain data, filled by sigprocmask below.
-    let mut old: libc::sigset_t = unsafe { std::mem::zeroed() };
+    // SAFETY: sigset_t is plain data, emptied by sigemptyset.
+    let mut none: libc::sigset_t = unsafe { std::mem::zeroed() };
     // SAFETY: valid sets; the mask is this (single-threaded) process's.
-    unsafe { libc::sigprocmask(libc::SIG_SETMASK, &set, &mut old) };
+    // vmc starts it with every signal blocked: what arrived before this
+    // stays pending and is passed on below.
+    unsafe {
+        libc::sigemptyset(&mut none);
+        libc::sigprocmask(libc::SIG_SETMASK, &set, std::ptr::null_mut());
+    }
     // SAFETY: fork in a single-threaded process.
     let child = unsafe { libc::fork() };
     if child < 0 {
@@ -74,11 +84,11 @@ pub fn main(args: Vec<String>) -> ! {
     if child == 0 {
         let mut ptrs: Vec<*const libc::c_char> = argv.iter().map(|a| a.as_ptr()).collect();
         ptrs.push(std::ptr::null());
-        // SAFETY: the child restores the mask it inherited and execs a
-        // NULL-terminated argv of live CStrings; execvp searches PATH as
-        // a shell would.
+        // SAFETY: the child unblocks every signal (the command starts as
+        // any other) and execs a NULL-terminated argv of live CStrings;
+        // execvp searches PATH as a shell would.
         unsafe {
-            libc::sigprocmask(libc::SIG_SETMASK, &old, std::ptr::null_mut());
+            libc::sigprocmask(libc::SIG_SETMASK, &none, std::ptr::null_mut());
             libc::execvp(ptrs[0], ptrs.as_ptr());
         }
         let e = std::io::Error::last_os_error();

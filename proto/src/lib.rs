@@ -22,7 +22,7 @@ use std::io::{self, Read, Write};
 use serde::{Deserialize, Serialize};
 
 /// Version of the frames below; bumped on every incompatible change.
-pub const PROTOCOL_VERSION: u32 = 11;
+pub const PROTOCOL_VERSION: u32 = 12;
 
 /// vsock port on which the guest agent listens.
 pub const AGENT_PORT: u32 = 1024;
@@ -147,6 +147,11 @@ pub struct ProcessSpec {
     /// agent then reads no passwd, group or PATH directory.
     #[serde(default)]
     pub resolved: Option<Resolved>,
+    /// `--init`: the agent's tiny init (`docker-init`) is the process, with
+    /// this one as its child that it passes signals to and reaps orphans
+    /// for.
+    #[serde(default)]
+    pub init: bool,
 }
 
 /// A process's executable and identity, resolved ahead of its start.

@@ -2,7 +2,7 @@
 //! container root, user, working directory, gate and seccomp, each step
 //! reported through the error pipe when it fails.
 
-use std::os::fd::RawFd;
+use std::os::fd::{AsRawFd, RawFd};
 
 use super::confine::{confine, isolate_root};
 use super::pty::{install_stdio, open_terminal};
@@ -52,9 +52,14 @@ pub(super) unsafe fn child_main(
         if gate_w >= 0 {
             libc::close(gate_w);
         }
-        // The agent blocks SIGCHLD; the workload starts with an empty mask.
+        // The agent blocks SIGCHLD; the workload starts with an empty mask
+        // (an init with a full one: see Prepared::exec_through).
         let mut set: libc::sigset_t = std::mem::zeroed();
-        libc::sigemptyset(&mut set);
+        if p.signals_blocked {
+            libc::sigfillset(&mut set);
+        } else {
+            libc::sigemptyset(&mut set);
+        }
         libc::sigprocmask(libc::SIG_SETMASK, &set, std::ptr::null_mut());
         libc::signal(libc::SIGPIPE, libc::SIG_DFL);
 
@@ -140,7 +145,21 @@ pub(super) unsafe fn child_main(
         if p.trace_exec && libc::ptrace(libc::PTRACE_TRACEME, 0, 0, 0) < 0 {
             fail(Step::Exec);
         }
-        libc::execve(p.path.as_ptr(), argv.as_ptr(), envp.as_ptr());
+        match &p.exec_fd {
+            Some(fd) => {
+                libc::syscall(
+                    libc::SYS_execveat,
+                    fd.as_raw_fd(),
+                    c"".as_ptr(),
+                    argv.as_ptr(),
+                    envp.as_ptr(),
+                    libc::AT_EMPTY_PATH,
+                );
+            }
+            None => {
+                libc::execve(p.path.as_ptr(), argv.as_ptr(), envp.as_ptr());
+            }
+        }
         fail(Step::Exec)
     }
 }
@@ -164,6 +183,19 @@ unsafe fn enter_root(p: &Prepared) -> Result<(), Step> {
         unsafe {
             if libc::chroot(p.root.as_ptr()) < 0 || libc::chdir(root_c.as_ptr()) < 0 {
                 return Err(Step::Root);
+            }
+            // PID 1 of a new PID namespace: its /proc over the guest's, in
+            // the mount namespace the container's processes share.
+            if matches!(p.pid_ns, super::PidNamespace::New)
+                && libc::mount(
+                    c"proc".as_ptr(),
+                    c"/proc".as_ptr(),
+                    c"proc".as_ptr(),
+                    libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC,
+                    std::ptr::null(),
+                ) < 0
+            {
+                return Err(Step::Proc);
             }
         }
         return Ok(());

@@ -84,6 +84,32 @@ pub struct Prepared {
     /// The child asks to be traced before its execve, so that it stops
     /// (SIGTRAP) at the entry of the new program: see [`Prepared::stop_at_entry`].
     trace_exec: bool,
+    /// In a microVM, which PID namespace the process starts in.
+    pid_ns: PidNamespace,
+    /// Exec'd instead of `path` (an executable outside the root, opened
+    /// before the fork): see [`Prepared::exec_init`].
+    exec_fd: Option<OwnedFd>,
+    /// The process starts with every signal blocked (an init that takes
+    /// them with sigtimedwait), not with an empty mask.
+    signals_blocked: bool,
+}
+
+/// The PID namespace of a process started without an isolation plan (in a
+/// microVM; a namespace container's come with its plan).
+#[derive(Default)]
+pub enum PidNamespace {
+    /// The caller's.
+    #[default]
+    Inherit,
+    /// A new one, of which the process is PID 1 (a container's workload, as
+    /// in Docker: signals it has no handler for do not end it, and orphans
+    /// are re-parented to it). It mounts that namespace's /proc over the
+    /// root's /proc before its exec, so that every process started in the
+    /// root later sees the container's processes under their own numbers.
+    New,
+    /// An existing one (`/proc/PID/ns/pid` of a workload started `New`):
+    /// `exec` into a running container.
+    Join(OwnedFd),
 }
 
 impl Prepared {
@@ -95,13 +121,33 @@ impl Prepared {
         self.trace_exec = true;
     }
 
+    /// The process execs `init` (an executable outside the container
+    /// root, opened by the caller) under the name `name`, with the prepared
+    /// command after `--` as its arguments: `--init` in a microVM, where the
+    /// agent's own binary is the init and nothing is added to the root.
+    pub fn exec_init(&mut self, name: &str, init: OwnedFd) -> Result<(), SpawnError> {
+        self.exec_through(name)?;
+        self.exec_fd = Some(init);
+        Ok(())
+    }
+
+    /// Where the process's PID namespace comes from; see [`PidNamespace`].
+    pub fn set_pid_namespace(&mut self, ns: PidNamespace) {
+        self.pid_ns = ns;
+    }
+
     /// The process execs `init` (a path in the root, which need not exist
     /// yet: a mount op may put it there) with the prepared command after
     /// `--` as its arguments (`--init`); the command was found as usual.
+    ///
+    /// The init starts with every signal blocked: one sent before it has
+    /// set up its forwarding waits for it (a PID 1 drops signals it has no
+    /// handler for), so a `stop` right after the start is not lost.
     pub fn exec_through(&mut self, init: &str) -> Result<(), SpawnError> {
         let c = |s: &str| CString::new(s).map_err(|_| SpawnError::setup("a path holds a NUL byte"));
         self.path = c(init)?;
         self.argv.splice(0..0, [c(init)?, c("--")?]);
+        self.signals_blocked = true;
         Ok(())
     }
 }
@@ -203,6 +249,9 @@ pub fn prepare(spec: &ProcessSpec, root: &str) -> Result<Prepared, SpawnError> {
         user,
         iso: None,
         trace_exec: false,
+        pid_ns: PidNamespace::Inherit,
+        exec_fd: None,
+        signals_blocked: false,
     })
 }
 
@@ -238,6 +287,7 @@ enum Step {
     Terminal,
     Gate,
     Seccomp,
+    Proc,
 }
 
 impl Step {
@@ -253,6 +303,7 @@ impl Step {
             9 => "open a pseudo-terminal (/dev/ptmx)",
             10 => "wait for the container's setup",
             11 => "install the seccomp filter",
+            12 => "mount /proc of the container's PID namespace",
             _ => "exec",
         }
     }
@@ -288,15 +339,15 @@ extern "C" fn vfork_child(arg: *mut libc::c_void) -> libc::c_int {
     }
 }
 
-/// Starts the child with clone(CLONE_VM | CLONE_VFORK) on a stack of its
-/// own: the parent is suspended until the child execs or exits. Returns
-/// its pid, or -1 (errno set).
+/// Starts the child with clone(CLONE_VM | CLONE_VFORK | `flags`) on a stack
+/// of its own: the parent is suspended until the child execs or exits.
+/// Returns its pid, or -1 (errno set).
 ///
 /// # Safety
 /// The child runs `child_main`, which only makes system calls on data
 /// prepared before (nothing allocates or takes a lock that the suspended
 /// parent could hold), then execs or `_exit`s.
-unsafe fn vfork_spawn(args: &VforkArgs) -> libc::pid_t {
+unsafe fn vfork_spawn(args: &VforkArgs, flags: libc::c_int) -> libc::pid_t {
     const STACK: usize = 256 * 1024;
     // Zeroed allocations this large are fresh mappings: only the pages the
     // child touches are faulted in.
@@ -311,9 +362,43 @@ unsafe fn vfork_spawn(args: &VforkArgs) -> libc::pid_t {
         libc::clone(
             vfork_child,
             top.cast(),
-            libc::CLONE_VM | libc::CLONE_VFORK | libc::SIGCHLD,
+            libc::CLONE_VM | libc::CLONE_VFORK | flags | libc::SIGCHLD,
             args as *const VforkArgs as *mut libc::c_void,
         )
+    }
+}
+
+impl PidNamespace {
+    fn is_join(&self) -> bool {
+        matches!(self, PidNamespace::Join(_))
+    }
+}
+
+/// The calling thread's children start in another PID namespace until this
+/// is dropped, which returns them to the thread's own.
+struct JoinedPidNs(OwnedFd);
+
+impl JoinedPidNs {
+    fn enter(ns: &OwnedFd) -> Result<JoinedPidNs, SpawnError> {
+        // The namespace this thread lives in (its "active" one), which it
+        // may always enter again.
+        let own = std::fs::File::open("/proc/thread-self/ns/pid")
+            .map_err(|e| SpawnError::setup(format!("/proc/thread-self/ns/pid: {e}")))?;
+        // SAFETY: setns on a namespace descriptor we hold.
+        if unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWPID) } < 0 {
+            return Err(SpawnError::setup(format!(
+                "entering the container's PID namespace: {}",
+                io::Error::last_os_error()
+            )));
+        }
+        Ok(JoinedPidNs(own.into()))
+    }
+}
+
+impl Drop for JoinedPidNs {
+    fn drop(&mut self) {
+        // SAFETY: setns on the thread's own namespace, which it may enter.
+        unsafe { libc::setns(self.0.as_raw_fd(), libc::CLONE_NEWPID) };
     }
 }
 
@@ -382,13 +467,23 @@ fn spawn_io(p: &Prepared, io: ChildIo, gate: Option<Gate>) -> Result<u32, SpawnE
     let gate_w = gate_pipe.as_ref().map_or(-1, |(_, w)| w.as_raw_fd());
 
     let gate_fds = [gate_fd, gate_w];
-    let pid = match p.iso.as_ref().map(|i| i.clone_flags).unwrap_or(0) {
+    let new_pid_ns = match p.pid_ns {
+        PidNamespace::New => libc::CLONE_NEWPID,
+        _ => 0,
+    };
+    // Joined for the clone below only (by this thread: a PID namespace
+    // entered with setns is where the caller's next children start).
+    let joined = match &p.pid_ns {
+        PidNamespace::Join(ns) => Some(JoinedPidNs::enter(ns)?),
+        _ => None,
+    };
+    let pid = match p.iso.as_ref().map(|i| i.clone_flags).unwrap_or(0) | new_pid_ns {
         // In a microVM (no isolation plan, no gate): share the memory
         // until the exec, as posix_spawn does, instead of copying the page
         // tables and taking a copy-on-write fault for every page either
         // side writes next; each is guest-kernel work that software
         // virtualisation interprets.
-        0 if gate_fds == [-1, -1] => {
+        0 | libc::CLONE_NEWPID if gate_fds == [-1, -1] && p.iso.is_none() => {
             let args = VforkArgs {
                 p,
                 io,
@@ -398,7 +493,7 @@ fn spawn_io(p: &Prepared, io: ChildIo, gate: Option<Gate>) -> Result<u32, SpawnE
                 err_fd: err_w.as_raw_fd(),
             };
             // SAFETY: see vfork_spawn.
-            unsafe { vfork_spawn(&args) }
+            unsafe { vfork_spawn(&args, new_pid_ns) }
         }
         // SAFETY: fork in a multithreaded process: the child below only makes
         // async-signal-safe system calls on data prepared before the fork,
@@ -417,11 +512,14 @@ fn spawn_io(p: &Prepared, io: ChildIo, gate: Option<Gate>) -> Result<u32, SpawnE
             ) as libc::pid_t
         },
     };
+    let clone_error = io::Error::last_os_error();
+    drop(joined);
     if pid < 0 {
-        return Err(SpawnError::setup(format!(
-            "fork (clone): {}",
-            io::Error::last_os_error()
-        )));
+        // A namespace whose PID 1 has exited takes no new process.
+        if p.pid_ns.is_join() && clone_error.raw_os_error() == Some(libc::ENOMEM) {
+            return Err(SpawnError::setup("the container's main process has exited"));
+        }
+        return Err(SpawnError::setup(format!("fork (clone): {clone_error}")));
     }
     if pid == 0 {
         // SAFETY: see above; child_main never returns.
@@ -980,5 +1078,87 @@ mod tests {
         );
         assert_eq!(libc::WEXITSTATUS(out.1), 1);
         assert!(d.path().join("work/dir").is_dir());
+    }
+
+    /// A workload started in a new PID namespace is its PID 1 and sees its
+    /// own /proc; a process joining the namespace sees the same; a signal
+    /// the workload has no handler for does not end it (Docker's PID 1).
+    #[test]
+    fn a_workload_is_pid_1_of_a_namespace_that_execs_join() {
+        if !crate::testing::root() {
+            return;
+        }
+        let _g = forks();
+        let d = passwd_root();
+        let root = d.path().to_path_buf();
+        fs::copy("/bin/busybox", root.join("bin/busybox")).unwrap();
+        fs::create_dir_all(root.join("proc")).unwrap();
+        let out = std::thread::spawn(move || {
+            // SAFETY: unshare and mount on NUL-terminated strings; this
+            // thread's mount namespace becomes its own.
+            unsafe {
+                assert_eq!(libc::unshare(libc::CLONE_NEWNS), 0);
+                let none = std::ptr::null();
+                let r = libc::mount(
+                    none,
+                    c"/".as_ptr(),
+                    none,
+                    libc::MS_REC | libc::MS_PRIVATE,
+                    none.cast(),
+                );
+                assert_eq!(r, 0);
+            }
+            let r = root.to_str().unwrap();
+            let (ready_r, ready_w) = sys::pipe().unwrap();
+            let null = OwnedFd::from(fs::File::open("/dev/null").unwrap());
+            let script = "echo $$ >&2; /bin/busybox sleep 1000";
+            let mut p = prepare(&spec(&["/bin/busybox", "sh", "-c", script]), r).unwrap();
+            p.set_pid_namespace(PidNamespace::New);
+            let io = [null.as_raw_fd(), null.as_raw_fd(), ready_w.as_raw_fd()];
+            let workload = spawn(&p, io).unwrap();
+            drop(ready_w);
+            let mut first = [0u8; 2];
+            assert_eq!(read_full(&ready_r, &mut first), 2);
+            let ns = OwnedFd::from(fs::File::open(format!("/proc/{workload}/ns/pid")).unwrap());
+            // Ignored by PID 1 without a handler (it would end it otherwise).
+            // SAFETY: kill takes plain integers; workload is our child.
+            unsafe { libc::kill(workload as i32, libc::SIGTERM) };
+            let script = "echo $$; /bin/busybox cat /proc/1/cmdline | /bin/busybox tr '\\0' ' '";
+            let mut p = prepare(&spec(&["/bin/busybox", "sh", "-c", script]), r).unwrap();
+            p.set_pid_namespace(PidNamespace::Join(ns.try_clone().unwrap()));
+            let (joined, status) = run(&p).unwrap();
+            assert_eq!(libc::WEXITSTATUS(status), 0);
+            // SAFETY: as above.
+            unsafe { libc::kill(workload as i32, libc::SIGKILL) };
+            let ended = wait(workload);
+            let mut p = prepare(&spec(&["/bin/busybox", "true"]), r).unwrap();
+            p.set_pid_namespace(PidNamespace::Join(ns));
+            let late = run(&p).map(|_| ()).unwrap_err().message;
+            // The thread's own namespace is back: its children are not
+            // started in the container's.
+            let (out_r, out_w) = sys::pipe().unwrap();
+            let p = prepare(&spec(&["/bin/busybox", "sh", "-c", "echo $$"]), r).unwrap();
+            let pid = spawn(&p, [null.as_raw_fd(), out_w.as_raw_fd(), out_w.as_raw_fd()]).unwrap();
+            drop(out_w);
+            let said = io::read_to_string(fs::File::from(out_r)).unwrap();
+            wait(pid);
+            let mine = said.trim() == pid.to_string();
+            (first, joined, ended, late, mine)
+        })
+        .join()
+        .unwrap();
+        let (first, joined, ended, late, mine) = out;
+        assert_eq!(&first, b"1\n");
+        let mut lines = joined.lines();
+        let exec_pid: u32 = lines.next().unwrap().parse().unwrap();
+        assert!(exec_pid > 1, "{joined}");
+        // The shell exec'd its last command.
+        assert_eq!(lines.next(), Some("/bin/busybox sleep 1000 "));
+        assert!(
+            libc::WIFSIGNALED(ended) && libc::WTERMSIG(ended) == libc::SIGKILL,
+            "{ended:#x}"
+        );
+        assert_eq!(late, "the container's main process has exited");
+        assert!(mine, "a later child started in the container's namespace");
     }
 }

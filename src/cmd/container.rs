@@ -513,9 +513,10 @@ pub(crate) fn exec(a: ExecArgs) -> Result<i32> {
     if let Some(u) = &a.user {
         spec.user = u.clone();
     }
-    if a.tty {
-        spec.tty = Some(runtime::tty::initial_size());
-    }
+    // Only what exec itself asks for: no terminal without -t (even in a
+    // container run with one), never the container's --init.
+    spec.tty = a.tty.then(runtime::tty::initial_size);
+    spec.init = false;
     let forward_stdin = a.interactive || (!a.tty && !std::io::stdin().is_terminal());
     let engine = runtime::engine::for_mode(c.state.mode);
     let code = engine.exec_attached(&c, &cfg, spec, forward_stdin);

@@ -242,6 +242,8 @@ pub(crate) fn run(args: RunArgs, create_only: bool) -> Result<i32> {
         .clone()
         .unwrap_or_else(|| id[..12].to_string());
     let mut process = process;
+    // The microVM's agent runs its init; namespace mode binds it (cfg.init).
+    process.init = args.init;
     if args.tty {
         process.tty = Some(runtime::tty::initial_size());
         // Docker's default for a terminal; the image's or -e's TERM wins.

@@ -727,6 +727,7 @@ mod tests {
             reboot_on_exit: true,
             tty: None,
             resolved: None,
+            init: true,
         };
         let w = warm_spec(&run);
         assert_eq!(w.args, ["app"]);

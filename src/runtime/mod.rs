@@ -119,7 +119,7 @@ pub struct ContainerConfig {
     #[serde(default)]
     pub healthcheck: Option<crate::image::extras::Healthcheck>,
     /// `--init`: a tiny init runs the workload as its child (namespace
-    /// mode; in a VM the agent, PID 1 of the guest, reaps every orphan).
+    /// mode; a microVM's agent is asked through `process.init`).
     #[serde(default)]
     pub init: bool,
     /// What the engine of the container's [`Mode`] needs.
