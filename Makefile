@@ -41,6 +41,7 @@ guest:
 build:
 	$(CARGO) build --release
 	@ln -sfn $(abspath $(VMC)) vmc
+	@ln -sfn $(abspath $(VMC)) vmc-runtime
 	@if [ "$(abspath $(CARGO_TARGET_DIR))" != "$(abspath target)" ]; then \
 		mkdir -p target/release && ln -sfn $(abspath $(VMC)) target/release/vmc; fi
 

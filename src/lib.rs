@@ -20,6 +20,7 @@ pub mod disk;
 pub mod fuzzing;
 pub mod host;
 pub mod image;
+pub mod oci;
 pub mod runtime;
 pub mod template;
 #[doc(hidden)]
@@ -35,7 +36,7 @@ pub const LAYERS: &[&[&str]] = &[
     &["disk"],
     &["image"],
     &["runtime"],
-    &["build"],
+    &["build", "oci"],
     &["bench"],
     &["cli", "fuzzing"],
 ];

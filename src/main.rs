@@ -52,6 +52,13 @@ fn main() {
         init_logging();
         std::process::exit(vmc::vmm::process::serve());
     }
+    // vmc as an OCI runtime (a link named vmc-runtime): runc's command
+    // line, and the descriptors its caller passes on (--preserve-fds) kept.
+    let args: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    if args.first().is_some_and(|a| vmc::oci::called_as_runtime(a)) {
+        init_logging();
+        std::process::exit(vmc::oci::main(args));
+    }
     // Descriptors inherited from whoever started vmc never reach a
     // container, passt, the VMM or a detached supervisor. (A volume file
     // server's parent passed it exactly its socket, as descriptor 3.)

@@ -39,9 +39,9 @@ fn run_pipes_stdin_separates_output_and_returns_the_exit_code() {
 }
 
 /// The first form's flags through the binary: `--cpus` and `--memory`
-/// size the VM (the size tests/vm.rs uses, so its snapshot serves), a
-/// workload killed by SIGKILL is 137, a missing command 127 with Docker's
-/// message on stderr.
+/// size the VM (the size tests/vm.rs uses, so its snapshot serves), the
+/// workload is PID 1 (its own SIGKILL does not end it), a command killed by
+/// SIGKILL is 137, a missing command 127 with Docker's message on stderr.
 #[test]
 fn cpus_memory_and_exit_codes_through_the_binary() {
     if !kvm_available() {
@@ -55,7 +55,8 @@ fn cpus_memory_and_exit_codes_through_the_binary() {
             "--",
             "sh",
             "-c",
-            "nproc; grep MemTotal /proc/meminfo | tr -s ' ' | cut -d' ' -f2; kill -9 $$",
+            "nproc; grep MemTotal /proc/meminfo | tr -s ' ' | cut -d' ' -f2; \
+             kill -9 $$; echo survived; sh -c 'kill -9 $$'; exit $?",
         ])
         .stdin(Stdio::null())
         .output()
@@ -65,6 +66,9 @@ fn cpus_memory_and_exit_codes_through_the_binary() {
     assert_eq!(lines.first(), Some(&"2"), "{out:?}");
     let kib: u64 = lines.get(1).and_then(|l| l.parse().ok()).unwrap_or(0);
     assert!((400_000..=524_288).contains(&kib), "MemTotal {kib} kB");
+    // PID 1 of the container's PID namespace ignores a SIGKILL from inside
+    // it (as in Docker); its child is killed, and the shell exits as it did.
+    assert_eq!(lines.get(2), Some(&"survived"), "{out:?}");
     assert_eq!(out.status.code(), Some(137), "{out:?}");
     let out = vmc(home.path())
         .args(["run", "--rm", "--cpus", "2", "--memory", "512M", "--rootfs"])

@@ -112,15 +112,22 @@ pub(super) unsafe fn child_main(
             fail(Step::Isolate);
         }
         if gate_fd >= 0 {
+            // At the gate, its setup done: a zero byte says so to a parent
+            // that waits for it (an error report starts with its step, 1
+            // or more).
+            if p.gate_after_setup && libc::write(err_fd, [0u8].as_ptr().cast(), 1) != 1 {
+                fail(Step::Gate);
+            }
             let mut go = 0u8;
             if libc::read(gate_fd, (&mut go as *mut u8).cast(), 1) != 1 {
                 *libc::__errno_location() = libc::ECANCELED;
                 fail(Step::Gate);
             }
         }
-        // Nothing but stdio crosses into the workload, whatever the
-        // parent held open (the error pipe closes with the exec).
-        if sys::cloexec_from_3() < 0 {
+        // Nothing but stdio (and descriptors passed on on purpose) crosses
+        // into the workload, whatever the parent held open (the error pipe
+        // closes with the exec).
+        if sys::cloexec_from(3 + p.pass_fds) < 0 {
             fail(Step::Stdio);
         }
         // Last, so that the filters judge the workload's system calls and

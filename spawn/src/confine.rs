@@ -143,13 +143,14 @@ pub(super) unsafe fn isolate_root(iso: &PreparedIsolation, root: RawFd) -> libc:
     unsafe {
         // A container on the host dies with the vmc process that supervises
         // it, even when that process is killed with SIGKILL.
-        if libc::prctl(
-            libc::PR_SET_PDEATHSIG,
-            libc::SIGKILL as libc::c_ulong,
-            0,
-            0,
-            0,
-        ) < 0
+        if !iso.outlives_parent
+            && libc::prctl(
+                libc::PR_SET_PDEATHSIG,
+                libc::SIGKILL as libc::c_ulong,
+                0,
+                0,
+                0,
+            ) < 0
         {
             return -1;
         }
@@ -266,7 +267,12 @@ pub(super) unsafe fn confine(iso: &PreparedIsolation) -> libc::c_int {
             version: 0x2008_0522, // _LINUX_CAPABILITY_VERSION_3
             pid: 0,
         };
-        let lo = keep as u32;
+        // CAP_SETGID and CAP_SETUID stay until the exec, whatever the set
+        // kept: switching the user needs them. The exec takes them away:
+        // a root process gets the bounding set (without them unless kept),
+        // and the switch to another user empties a process's sets.
+        let setid = (1u64 << 6) | (1u64 << 7);
+        let lo = (keep | setid) as u32;
         let hi = (keep >> 32) as u32;
         // The inheritable set is empty, as Docker's since 20.10.14
         // (CVE-2022-24769): a file with inheritable file capabilities gets

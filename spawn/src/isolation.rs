@@ -67,6 +67,10 @@ pub struct Isolation {
     /// ptrace it meanwhile. (Not in a user namespace vmc made: there the
     /// parent would lose access to the child's /proc files.)
     pub non_dumpable: bool,
+    /// The process lives on when its parent ends (an OCI runtime's
+    /// container, waited for by whoever adopts it); otherwise it is killed
+    /// with its parent, vmc's supervisor (PR_SET_PDEATHSIG).
+    pub outlives_parent: bool,
     /// seccomp filters installed, in order, right before the workload's
     /// execve (with `no_new_privs`, which they require); the kernel applies
     /// all of them to every system call and the most restrictive answer wins.
@@ -157,6 +161,7 @@ pub(super) struct PreparedIsolation {
     pub(super) no_new_privs: bool,
     pub(super) in_root: bool,
     pub(super) non_dumpable: bool,
+    pub(super) outlives_parent: bool,
     pub(super) seccomp: Vec<SeccompProgram>,
 }
 
@@ -282,6 +287,7 @@ pub(super) fn prepare_isolation(iso: &Isolation) -> io::Result<PreparedIsolation
         no_new_privs: iso.no_new_privs,
         in_root: iso.in_root,
         non_dumpable: iso.non_dumpable,
+        outlives_parent: iso.outlives_parent,
         seccomp: iso.seccomp.clone(),
     })
 }

@@ -92,6 +92,11 @@ pub struct Prepared {
     /// The process starts with every signal blocked (an init that takes
     /// them with sigtimedwait), not with an empty mask.
     signals_blocked: bool,
+    /// Descriptors 3 to 3 + this - 1 are passed on to the process.
+    pass_fds: libc::c_int,
+    /// The gate runs once the child's setup is done: see
+    /// [`Prepared::gate_after_setup`].
+    gate_after_setup: bool,
 }
 
 /// The PID namespace of a process started without an isolation plan (in a
@@ -129,6 +134,27 @@ impl Prepared {
         self.exec_through(name)?;
         self.exec_fd = Some(init);
         Ok(())
+    }
+
+    /// The process gets exactly these supplementary groups (an OCI
+    /// bundle's `additionalGids`), not the user's from the root's
+    /// /etc/group.
+    pub fn set_groups(&mut self, groups: Vec<libc::gid_t>) {
+        self.user.groups = groups;
+    }
+
+    /// Descriptors 3 to 3 + `n` - 1 of the caller reach the process as they
+    /// are (runc's `--preserve-fds`); every other one is closed at its exec.
+    pub fn pass_fds(&mut self, n: u32) {
+        self.pass_fds = n.min(1 << 20) as libc::c_int;
+    }
+
+    /// A [`Gate`] given to [`spawn_with`] runs only once the child has done
+    /// all its setup and waits to exec: a failure of that setup is reported
+    /// without the gate running at all. (Otherwise the gate runs while the
+    /// child sets up, which is faster.)
+    pub fn gate_after_setup(&mut self) {
+        self.gate_after_setup = true;
     }
 
     /// Where the process's PID namespace comes from; see [`PidNamespace`].
@@ -252,6 +278,8 @@ pub fn prepare(spec: &ProcessSpec, root: &str) -> Result<Prepared, SpawnError> {
         pid_ns: PidNamespace::Inherit,
         exec_fd: None,
         signals_blocked: false,
+        pass_fds: 0,
+        gate_after_setup: false,
     })
 }
 
@@ -527,7 +555,19 @@ fn spawn_io(p: &Prepared, io: ChildIo, gate: Option<Gate>) -> Result<u32, SpawnE
     }
     drop(err_w);
     let mut gate_failure = None;
-    if let (Some(gate), Some((r, w))) = (gate, gate_pipe) {
+    // Waiting for the child's word that its setup is done: a zero byte, or
+    // the start of an error report (kept for the read below), or nothing
+    // (it died).
+    let mut first = None;
+    let waited = p.gate_after_setup && gate_pipe.is_some();
+    if waited {
+        let mut b = [0u8; 1];
+        if read_full(&err_r, &mut b) == 1 {
+            first = Some(b[0]);
+        }
+    }
+    let child_ready = !waited || first == Some(0);
+    if let (Some(gate), Some((r, w)), true) = (gate, gate_pipe, child_ready) {
         drop(r);
         match gate(pid as u32) {
             // The child waits for this byte before it execs.
@@ -539,7 +579,20 @@ fn spawn_io(p: &Prepared, io: ChildIo, gate: Option<Gate>) -> Result<u32, SpawnE
         }
     }
     let mut buf = [0u8; 9];
-    let n = read_full(&err_r, &mut buf);
+    let n = match first {
+        // An error report's first byte, read above.
+        Some(step) if step != 0 => {
+            buf[0] = step;
+            1 + read_full(&err_r, &mut buf[1..])
+        }
+        // The child died before reaching the gate without a word.
+        None if waited => {
+            return Err(SpawnError::setup(
+                "the container's process ended during its setup",
+            ))
+        }
+        _ => read_full(&err_r, &mut buf),
+    };
     // A gate that failed because the child had already failed (its network
     // namespace gone with it) says less than the child's own report.
     if let Some(e) = gate_failure {

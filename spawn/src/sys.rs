@@ -271,19 +271,26 @@ pub fn close_inherited_fds() -> io::Result<()> {
     Ok(())
 }
 
-/// In a forked child right before execve: marks every descriptor from 3 up
-/// close-on-exec, so that nothing the parent held open without O_CLOEXEC
+/// In a forked child right before execve: marks every descriptor from
+/// `first` (3 but for descriptors passed on on purpose) up close-on-exec, so that nothing the parent held open without O_CLOEXEC
 /// reaches the new program; the child's own error pipe keeps working until
 /// the exec succeeds. Returns -1 when neither close_range nor the bounded
 /// fallback could be applied.
 ///
 /// # Safety
 /// Child after fork only (system calls, no allocation).
-pub unsafe fn cloexec_from_3() -> libc::c_int {
+pub unsafe fn cloexec_from(first: libc::c_int) -> libc::c_int {
     const CLOSE_RANGE_CLOEXEC: libc::c_uint = 1 << 2;
     // SAFETY: close_range and fcntl on plain integers.
     unsafe {
-        if libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, CLOSE_RANGE_CLOEXEC) == 0 {
+        let first = first.max(3);
+        if libc::syscall(
+            libc::SYS_close_range,
+            first as u32,
+            u32::MAX,
+            CLOSE_RANGE_CLOEXEC,
+        ) == 0
+        {
             return 0;
         }
         // Before 5.11: every possible descriptor below the open-files limit.
@@ -292,7 +299,7 @@ pub unsafe fn cloexec_from_3() -> libc::c_int {
             return -1;
         }
         let max = lim.rlim_cur.min(1 << 20) as libc::c_int;
-        for fd in 3..max {
+        for fd in first..max {
             let flags = libc::fcntl(fd, libc::F_GETFD);
             if flags >= 0 && flags & libc::FD_CLOEXEC == 0 {
                 libc::fcntl(fd, libc::F_SETFD, flags | libc::FD_CLOEXEC);

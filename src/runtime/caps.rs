@@ -56,6 +56,11 @@ const ALL: u64 = (1 << NAMES.len()) - 1;
 #[error("unknown capability '{0}' (use names such as NET_ADMIN, or ALL)")]
 pub struct UnknownCapability(pub String);
 
+/// Every capability's name as the OCI runtime spec writes it (`CAP_CHOWN`).
+pub fn names() -> Vec<String> {
+    NAMES.iter().map(|n| format!("CAP_{n}")).collect()
+}
+
 /// The bits `name` stands for: one capability (`NET_ADMIN`, `cap_net_admin`)
 /// or `ALL`.
 pub(crate) fn bits(name: &str) -> Result<u64, UnknownCapability> {

@@ -438,6 +438,7 @@ pub fn isolation(
         no_new_privs: true,
         in_root: false,
         non_dumpable: !rootless(),
+        outlives_parent: false,
         seccomp: seccomp.programs(caps)?,
     })
 }

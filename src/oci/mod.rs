@@ -1,0 +1,441 @@
+//! `vmc-runtime`: vmc as an OCI runtime, with runc's command line, so that
+//! podman (through conmon) and containerd (through its runc shim) run their
+//! containers with vmc. The same binary as `vmc`, called by another name
+//! (a link named `vmc-runtime`): `main` dispatches on argv\[0\].
+//!
+//! A container is a directory under `--root` (default /run/vmc-runtime)
+//! named by its id, holding its [`state::Record`]. Its process follows
+//! runc's model (see [`ns`]): `create` leaves it waiting before its execve,
+//! `start` lets it go, the caller waits for its pid.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use clap::{Parser, Subcommand};
+
+pub mod bundle;
+pub mod ns;
+pub mod state;
+
+use state::{Record, Status};
+
+/// The name vmc answers to as an OCI runtime.
+pub const RUNTIME_NAME: &str = "vmc-runtime";
+
+/// runc's global options (before or after the verb).
+#[derive(Parser, Debug)]
+#[command(
+    name = "vmc-runtime",
+    version,
+    about = "vmc as an OCI runtime (runc's command line)"
+)]
+pub struct RuntimeCli {
+    /// Where container state is kept.
+    #[arg(long, global = true)]
+    pub root: Option<PathBuf>,
+    /// Errors are also written here (what conmon and containerd read).
+    #[arg(long, global = true)]
+    pub log: Option<PathBuf>,
+    /// `text` or `json` (one object per line).
+    #[arg(long = "log-format", global = true, default_value = "text")]
+    pub log_format: String,
+    /// Accepted (vmc manages its cgroups itself).
+    #[arg(long = "systemd-cgroup", global = true)]
+    pub systemd_cgroup: bool,
+    /// Accepted.
+    #[arg(long, global = true)]
+    pub debug: bool,
+    /// Accepted (runc's `--rootless true|false|auto`).
+    #[arg(long, global = true)]
+    pub rootless: Option<String>,
+    /// Accepted (checkpointing is not supported).
+    #[arg(long, global = true)]
+    pub criu: Option<String>,
+    #[command(subcommand)]
+    pub verb: Verb,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Verb {
+    /// Create a container from a bundle; its process waits for `start`.
+    Create {
+        #[arg(long, short = 'b', default_value = ".")]
+        bundle: PathBuf,
+        #[arg(long = "pid-file")]
+        pid_file: Option<PathBuf>,
+        #[arg(long = "console-socket")]
+        console_socket: Option<PathBuf>,
+        #[arg(long = "preserve-fds", default_value_t = 0)]
+        preserve_fds: u32,
+        /// Accepted.
+        #[arg(long = "no-pivot")]
+        no_pivot: bool,
+        /// Accepted.
+        #[arg(long = "no-new-keyring")]
+        no_new_keyring: bool,
+        id: String,
+    },
+    /// Run a created container's process.
+    Start { id: String },
+    /// The container's state as the runtime spec's JSON.
+    State { id: String },
+    /// Send a signal (default SIGTERM) to the container's process.
+    Kill {
+        /// Every process of the container.
+        #[arg(long, short = 'a')]
+        all: bool,
+        id: String,
+        signal: Option<String>,
+    },
+    /// Remove a stopped (or created) container; `--force` kills it first.
+    Delete {
+        #[arg(long, short = 'f')]
+        force: bool,
+        id: String,
+    },
+    /// The container's processes (host pids).
+    Ps {
+        #[arg(long, short = 'f', default_value = "table")]
+        format: String,
+        id: String,
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        ps_args: Vec<String>,
+    },
+    /// Freeze every process of the container.
+    Pause { id: String },
+    /// Thaw a paused container.
+    Resume { id: String },
+    /// What this runtime supports, as JSON.
+    Features,
+}
+
+/// What `create` passes to the mode's engine.
+#[derive(Debug, Default)]
+pub struct CreateOpts {
+    pub pid_file: Option<PathBuf>,
+    pub console_socket: Option<PathBuf>,
+    pub preserve_fds: u32,
+}
+
+/// Whether this process was started as the runtime (by its name).
+pub fn called_as_runtime(argv0: &std::ffi::OsStr) -> bool {
+    Path::new(argv0)
+        .file_name()
+        .is_some_and(|n| n == RUNTIME_NAME)
+}
+
+/// The runtime's main: parses runc's command line, runs the verb, reports
+/// an error on stderr and in `--log`; returns the exit code.
+pub fn main(args: Vec<std::ffi::OsString>) -> i32 {
+    let cli = match RuntimeCli::try_parse_from(args) {
+        Ok(c) => c,
+        Err(e) if !e.use_stderr() => e.exit(),
+        Err(e) => {
+            let msg = e.to_string();
+            eprintln!(
+                "{RUNTIME_NAME}: {}",
+                msg.lines()
+                    .next()
+                    .unwrap_or("invalid arguments")
+                    .trim_start_matches("error: ")
+            );
+            return 1;
+        }
+    };
+    match run(&cli) {
+        Ok(()) => 0,
+        Err(e) => {
+            let line = format!("{e:#}");
+            eprintln!("{RUNTIME_NAME}: {line}");
+            if let Some(log) = &cli.log {
+                log_error(log, &cli.log_format, &line);
+            }
+            1
+        }
+    }
+}
+
+/// Appends an error to the log as runc writes it (conmon and containerd
+/// show the last one when a command fails).
+fn log_error(path: &Path, format: &str, msg: &str) {
+    let text = if format == "json" {
+        serde_json::json!({"level": "error", "msg": msg, "time": state::now_rfc3339()}).to_string()
+    } else {
+        format!(
+            "time=\"{}\" level=error msg=\"{}\"",
+            state::now_rfc3339(),
+            msg.replace('"', "\\\"")
+        )
+    };
+    if let Ok(mut f) = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+    {
+        let _ = writeln!(f, "{text}");
+    }
+}
+
+/// The state root: `--root`, else /run/vmc-runtime (root) or
+/// $XDG_RUNTIME_DIR/vmc-runtime.
+fn state_root(cli: &RuntimeCli) -> PathBuf {
+    if let Some(r) = &cli.root {
+        return r.clone();
+    }
+    if !crate::host::rootless() {
+        return PathBuf::from("/run/vmc-runtime");
+    }
+    match std::env::var_os("XDG_RUNTIME_DIR") {
+        Some(d) => PathBuf::from(d).join(RUNTIME_NAME),
+        None => {
+            // SAFETY: getuid has no preconditions.
+            let uid = unsafe { libc::getuid() };
+            std::env::temp_dir().join(format!("{RUNTIME_NAME}-{uid}"))
+        }
+    }
+}
+
+/// The directory of container `id` (which must be a valid id).
+fn container_dir(root: &Path, id: &str) -> Result<PathBuf> {
+    if !state::valid_id(id) {
+        bail!("invalid container id {id:?}: letters, digits and _ + - . only");
+    }
+    Ok(root.join(id))
+}
+
+/// The record of an existing container.
+fn existing(root: &Path, id: &str) -> Result<(PathBuf, Record)> {
+    let dir = container_dir(root, id)?;
+    match Record::load(&dir) {
+        Ok(r) => Ok((dir, r)),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            bail!("container {id} does not exist")
+        }
+        Err(e) => Err(e).with_context(|| format!("container {id}'s state")),
+    }
+}
+
+fn run(cli: &RuntimeCli) -> Result<()> {
+    let root = state_root(cli);
+    match &cli.verb {
+        Verb::Create {
+            bundle,
+            pid_file,
+            console_socket,
+            preserve_fds,
+            id,
+            ..
+        } => {
+            let opts = CreateOpts {
+                pid_file: pid_file.clone(),
+                console_socket: console_socket.clone(),
+                preserve_fds: *preserve_fds,
+            };
+            create(&root, id, bundle, &opts)
+        }
+        Verb::Start { id } => {
+            let (dir, r) = existing(&root, id)?;
+            match r.status(&dir) {
+                Status::Created => ns::start(&dir),
+                Status::Stopped => bail!("cannot start a container that has stopped"),
+                s => bail!("cannot start an already {} container", s.as_str()),
+            }
+        }
+        Verb::State { id } => {
+            let (dir, r) = existing(&root, id)?;
+            println!("{}", serde_json::to_string_pretty(&r.state_json(&dir))?);
+            Ok(())
+        }
+        Verb::Kill { all, id, signal } => {
+            let (dir, r) = existing(&root, id)?;
+            let sig = match signal {
+                None => libc::SIGTERM,
+                Some(s) => crate::runtime::state::signal_number(s)
+                    .with_context(|| format!("unknown signal {s:?}"))?,
+            };
+            kill(&dir, &r, sig, *all)
+        }
+        Verb::Delete { force, id } => delete(&root, id, *force),
+        Verb::Ps { format, id, .. } => {
+            let (_, r) = existing(&root, id)?;
+            let pids = pids_of(&r);
+            if format == "json" {
+                println!("{}", serde_json::to_string(&pids)?);
+            } else {
+                println!("PID");
+                for p in pids {
+                    println!("{p}");
+                }
+            }
+            Ok(())
+        }
+        Verb::Pause { id } => freeze(&root, id, true),
+        Verb::Resume { id } => freeze(&root, id, false),
+        Verb::Features => {
+            println!("{}", serde_json::to_string_pretty(&features())?);
+            Ok(())
+        }
+    }
+}
+
+fn create(root: &Path, id: &str, bundle: &Path, opts: &CreateOpts) -> Result<()> {
+    let dir = container_dir(root, id)?;
+    let b = bundle::load(bundle)?;
+    std::fs::create_dir_all(root).with_context(|| format!("{}", root.display()))?;
+    match std::fs::create_dir(&dir) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+            bail!("container with id {id} already exists")
+        }
+        Err(e) => return Err(e).with_context(|| format!("{}", dir.display())),
+    }
+    let made = match b.mode {
+        crate::runtime::Mode::Ns => ns::create(&dir, id, &b, opts),
+        crate::runtime::Mode::Vm => Err(anyhow::anyhow!(
+            "microVM mode is not implemented in vmc-runtime yet: annotate the container {}=ns",
+            bundle::MODE_ANNOTATION
+        )),
+    };
+    let record = match made.and_then(|r| r.save(&dir).map(|()| r).context("saving the state")) {
+        Ok(r) => r,
+        Err(e) => {
+            let _ = std::fs::remove_dir_all(&dir);
+            return Err(e);
+        }
+    };
+    if let Some(p) = &opts.pid_file {
+        write_atomic(p, &record.pid.to_string()).context("--pid-file")?;
+    }
+    Ok(())
+}
+
+/// Writes `text` to `path` through a temporary file renamed over it.
+fn write_atomic(path: &Path, text: &str) -> std::io::Result<()> {
+    let tmp = path.with_extension(format!("tmp{}", std::process::id()));
+    std::fs::write(&tmp, text)?;
+    std::fs::rename(&tmp, path)
+}
+
+fn kill(dir: &Path, r: &Record, sig: i32, all: bool) -> Result<()> {
+    let status = r.status(dir);
+    if status == Status::Stopped && !all {
+        bail!("container {} is not running", r.id);
+    }
+    let targets = if all { pids_of(r) } else { vec![r.pid] };
+    for pid in targets {
+        // SAFETY: kill takes plain integers.
+        if unsafe { libc::kill(pid, sig) } < 0 && !all {
+            bail!("signalling {pid}: {}", std::io::Error::last_os_error());
+        }
+    }
+    // A created container killed for good takes its holder with it.
+    if status == Status::Created && sig == libc::SIGKILL {
+        ns::end_holder(r);
+    }
+    Ok(())
+}
+
+/// The container's processes: its cgroup's, else its own process.
+fn pids_of(r: &Record) -> Vec<i32> {
+    let mut pids: Vec<i32> = r
+        .cgroups
+        .iter()
+        .filter_map(|d| std::fs::read_to_string(d.join("cgroup.procs")).ok())
+        .flat_map(|t| {
+            t.lines()
+                .filter_map(|l| l.trim().parse().ok())
+                .collect::<Vec<i32>>()
+        })
+        .collect();
+    pids.sort_unstable();
+    pids.dedup();
+    if pids.is_empty() && r.alive() {
+        pids.push(r.pid);
+    }
+    pids
+}
+
+fn delete(root: &Path, id: &str, force: bool) -> Result<()> {
+    let (dir, r) = match existing(root, id) {
+        Ok(v) => v,
+        // runc: deleting what is not there with --force is no error.
+        Err(_) if force && container_dir(root, id).is_ok_and(|d| !d.exists()) => return Ok(()),
+        Err(e) => return Err(e),
+    };
+    match r.status(&dir) {
+        Status::Stopped | Status::Created => {}
+        s if force => {
+            if s == Status::Paused {
+                let _ = set_frozen(&r, false);
+            }
+        }
+        s => bail!(
+            "cannot delete container {id} that is not stopped: {} (use --force)",
+            s.as_str()
+        ),
+    }
+    if r.alive() {
+        for pid in pids_of(&r) {
+            // SAFETY: kill takes plain integers.
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+        }
+        // Gone within moments of SIGKILL; a process stuck in the kernel
+        // (D state) is waited for at most this long.
+        let mut waited = 0;
+        while r.alive() && waited < 10_000 {
+            std::thread::sleep(std::time::Duration::from_millis(10));
+            waited += 10;
+        }
+        if r.alive() {
+            bail!(
+                "container {id}'s process {} did not end after SIGKILL",
+                r.pid
+            );
+        }
+    }
+    ns::end_holder(&r);
+    ns::clean_up(&r);
+    std::fs::remove_dir_all(&dir).with_context(|| format!("removing {}", dir.display()))
+}
+
+fn set_frozen(r: &Record, frozen: bool) -> Result<()> {
+    let f = crate::runtime::cgroup::freezer_of(&r.cgroups)
+        .context("the container has no freezer cgroup")?;
+    crate::runtime::cgroup::set_frozen(&f, frozen)?;
+    Ok(())
+}
+
+fn freeze(root: &Path, id: &str, frozen: bool) -> Result<()> {
+    let (dir, r) = existing(root, id)?;
+    match (r.status(&dir), frozen) {
+        (Status::Running, true) | (Status::Paused, false) => set_frozen(&r, frozen),
+        (s, true) => bail!("cannot pause a container that is {}", s.as_str()),
+        (s, false) => bail!("cannot resume a container that is {}", s.as_str()),
+    }
+}
+
+/// `features`: the runtime spec's features document for what vmc does.
+fn features() -> serde_json::Value {
+    serde_json::json!({
+        "ociVersionMin": "1.0.0",
+        "ociVersionMax": oci_spec::runtime::VERSION,
+        "hooks": [],
+        "mountOptions": [
+            "ro", "rw", "nosuid", "suid", "nodev", "dev", "noexec", "exec", "sync", "async",
+            "dirsync", "noatime", "atime", "nodiratime", "diratime", "relatime", "norelatime",
+            "strictatime", "nostrictatime", "bind", "rbind", "private", "rprivate"
+        ],
+        "linux": {
+            "namespaces": ["mount", "pid", "network", "uts", "ipc", "cgroup"],
+            "capabilities": crate::runtime::caps::names(),
+            "cgroup": {"v1": true, "v2": true, "systemd": false, "systemdUser": false},
+            "seccomp": {"enabled": true},
+            "apparmor": {"enabled": false},
+            "selinux": {"enabled": false}
+        },
+        "annotations": {
+            "io.vmc.mode": "vm (a microVM per container) or ns (Linux namespaces)"
+        }
+    })
+}
