@@ -381,3 +381,104 @@ fn bad_ids_unknown_containers_and_unsupported_bundles_are_refused() {
     let v = b.ok(&["--version"]);
     assert!(v.starts_with("vmc-runtime "), "{v}");
 }
+
+/// `exec` joins a running container: attached, it returns the process's
+/// exit code; `--detach --pid-file --process FILE` leaves the process to
+/// the caller, who waits for it.
+#[test]
+fn exec_runs_in_the_container_attached_or_detached() {
+    if !is_root() {
+        return;
+    }
+    become_subreaper();
+    let b = Bundle::new(&["sleep", "1000"]);
+    let out = b.path().join("out");
+    let pid = b.create("e1", &out);
+    b.fails(
+        &["exec", "e1", "true"],
+        "cannot exec in a container that is created",
+    );
+    b.ok(&["start", "e1"]);
+    let o = b.run(&[
+        "exec",
+        "e1",
+        "sh",
+        "-c",
+        "hostname; tr '\\0' ' ' < /proc/1/cmdline; echo; exit 5",
+    ]);
+    assert_eq!(o.status.code(), Some(5), "{o:?}");
+    assert_eq!(String::from_utf8_lossy(&o.stdout), "oci-box\nsleep 1000 \n");
+    let process = serde_json::json!({
+        "args": ["sh", "-c", "echo detached $(id -u) > /done"],
+        "cwd": "/",
+        "user": {"uid": 0, "gid": 0},
+        "env": ["PATH=/bin"]
+    });
+    let pf = b.path().join("process.json");
+    std::fs::write(&pf, process.to_string()).unwrap();
+    let epid = b.path().join("exec.pid");
+    let mut c = b.cmd(&["exec", "--detach", "--pid-file"]);
+    c.arg(&epid).arg("--process").arg(&pf).arg("e1");
+    let f = std::fs::File::create(b.path().join("exec-out")).unwrap();
+    let o = c.stdout(f.try_clone().unwrap()).stderr(f).status().unwrap();
+    assert!(o.success());
+    let exec_pid: i32 = std::fs::read_to_string(epid).unwrap().parse().unwrap();
+    let status = wait_for(exec_pid);
+    assert_eq!(libc::WEXITSTATUS(status), 0);
+    assert_eq!(
+        std::fs::read_to_string(b.path().join("rootfs/done")).unwrap(),
+        "detached 0\n"
+    );
+    b.ok(&["kill", "e1", "KILL"]);
+    wait_for(pid);
+    b.fails(
+        &["exec", "e1", "true"],
+        "cannot exec in a container that is stopped",
+    );
+    b.ok(&["delete", "e1"]);
+}
+
+/// A bundle with `process.terminal`: the terminal's master goes to the
+/// caller's console socket at `create` (SCM_RIGHTS, as runc sends it), and
+/// the process runs on its slave.
+#[test]
+fn a_terminal_goes_to_the_console_socket() {
+    if !is_root() {
+        return;
+    }
+    become_subreaper();
+    let mut cfg = config(&["sh", "-c", "tty; echo $TERM"], serde_json::json!({}));
+    cfg["process"]["terminal"] = serde_json::json!(true);
+    let b = Bundle::with(cfg);
+    let sock = b.path().join("console.sock");
+    let listener = std::os::unix::net::UnixListener::bind(&sock).unwrap();
+    let receiver = std::thread::spawn(move || {
+        let (s, _) = listener.accept().unwrap();
+        vmc_spawn::sys::recv_fd(&s).unwrap()
+    });
+    let pid_file = b.path().join("t.pid");
+    let o = b
+        .cmd(&["create", "--console-socket"])
+        .arg(&sock)
+        .arg("--pid-file")
+        .arg(&pid_file)
+        .arg("--bundle")
+        .arg(b.path())
+        .arg("t1")
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{o:?}");
+    let master = receiver.join().unwrap();
+    let pid: i32 = std::fs::read_to_string(pid_file).unwrap().parse().unwrap();
+    b.ok(&["start", "t1"]);
+    let status = wait_for(pid);
+    assert_eq!(libc::WEXITSTATUS(status), 0);
+    let mut text = Vec::new();
+    let mut f = std::fs::File::from(master);
+    // Until the slave's last holder is gone (EIO).
+    let _ = std::io::Read::read_to_end(&mut f, &mut text);
+    assert_eq!(String::from_utf8_lossy(&text), "/dev/pts/0\r\nxterm\r\n");
+    b.ok(&["delete", "t1"]);
+    let o = b.run(&["create", "--bundle", b.path().to_str().unwrap(), "t2"]);
+    assert!(String::from_utf8_lossy(&o.stderr).contains("needs --console-socket"));
+}

@@ -477,6 +477,35 @@ pub fn spawn_with(
     Ok((pid, Some(master)))
 }
 
+/// Like [`spawn_with`] on a new pseudo-terminal of `size`, for a process
+/// prepared with [`Prepared::gate_after_setup`]: the gate gets the
+/// terminal's master as well as the pid, before the process execs (an OCI
+/// runtime hands it to its caller's console socket at `create`).
+pub fn spawn_pty_gated(
+    p: &Prepared,
+    size: WinSize,
+    gate: &mut dyn FnMut(u32, OwnedFd) -> Result<(), Box<dyn std::error::Error>>,
+) -> Result<u32, SpawnError> {
+    if !p.gate_after_setup {
+        return Err(SpawnError::setup(
+            "spawn_pty_gated needs Prepared::gate_after_setup",
+        ));
+    }
+    let (ours, theirs) =
+        sys::socketpair().map_err(|e| SpawnError::setup(format!("socketpair: {e}")))?;
+    let mut with_master = |pid: u32| -> Result<(), Box<dyn std::error::Error>> {
+        // Sent by the child before it reported its setup done, which is
+        // when a gate run after setup runs.
+        let master = sys::recv_fd(&ours)?;
+        gate(pid, master)
+    };
+    let io = ChildIo::Pty {
+        sock: theirs.as_raw_fd(),
+        size,
+    };
+    spawn_io(p, io, Some(&mut with_master))
+}
+
 fn spawn_io(p: &Prepared, io: ChildIo, gate: Option<Gate>) -> Result<u32, SpawnError> {
     let ptrs = |v: &[CString]| {
         let mut out: Vec<*const libc::c_char> = v.iter().map(|s| s.as_ptr()).collect();

@@ -66,16 +66,22 @@ fn refuse(dir: &Path, what: impl Into<String>) -> BundleError {
 
 /// Reads `dir/config.json` (at most [`MAX_CONFIG`] bytes).
 pub fn read_spec(dir: &Path) -> Result<Spec, BundleError> {
-    let path = dir.join("config.json");
-    let file = std::fs::File::open(&path).map_err(|e| refuse(dir, format!("config.json: {e}")))?;
+    let text = read_bounded(&dir.join("config.json"))?;
+    serde_json::from_str(&text).map_err(|e| refuse(dir, format!("config.json: {e}")))
+}
+
+/// A JSON file of the caller's (config.json, an exec's process), at most
+/// [`MAX_CONFIG`] bytes.
+pub fn read_bounded(path: &Path) -> Result<String, BundleError> {
+    let file = std::fs::File::open(path).map_err(|e| refuse(path, e.to_string()))?;
     let mut text = String::new();
     file.take(MAX_CONFIG + 1)
         .read_to_string(&mut text)
-        .map_err(|e| refuse(dir, format!("config.json: {e}")))?;
+        .map_err(|e| refuse(path, e.to_string()))?;
     if text.len() as u64 > MAX_CONFIG {
-        return Err(refuse(dir, "config.json is larger than 4 MiB"));
+        return Err(refuse(path, "larger than 4 MiB"));
     }
-    serde_json::from_str(&text).map_err(|e| refuse(dir, format!("config.json: {e}")))
+    Ok(text)
 }
 
 /// Reads and checks the bundle in `dir`.

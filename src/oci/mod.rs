@@ -108,6 +108,47 @@ pub enum Verb {
     Resume { id: String },
     /// What this runtime supports, as JSON.
     Features,
+    /// Run a process in a running container.
+    Exec {
+        /// The process as the runtime spec's JSON (else the arguments).
+        #[arg(long, short = 'p')]
+        process: Option<PathBuf>,
+        /// Return at once; the caller waits for the process (its pid in
+        /// --pid-file).
+        #[arg(long, short = 'd')]
+        detach: bool,
+        #[arg(long = "pid-file")]
+        pid_file: Option<PathBuf>,
+        #[arg(long = "console-socket")]
+        console_socket: Option<PathBuf>,
+        #[arg(long, short = 't')]
+        tty: bool,
+        #[arg(long)]
+        cwd: Option<String>,
+        #[arg(long, short = 'e')]
+        env: Vec<String>,
+        /// UID[:GID].
+        #[arg(long, short = 'u')]
+        user: Option<String>,
+        #[arg(long = "additional-gids", short = 'g')]
+        additional_gids: Vec<u32>,
+        /// Capabilities added to the container's.
+        #[arg(long = "cap", short = 'c')]
+        caps: Vec<String>,
+        #[arg(long = "no-new-privs")]
+        no_new_privs: bool,
+        #[arg(long = "preserve-fds", default_value_t = 0)]
+        preserve_fds: u32,
+        /// Accepted (SELinux is not supported).
+        #[arg(long = "process-label")]
+        process_label: Option<String>,
+        /// Accepted (AppArmor is not supported).
+        #[arg(long)]
+        apparmor: Option<String>,
+        id: String,
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        command: Vec<String>,
+    },
 }
 
 /// What `create` passes to the mode's engine.
@@ -144,7 +185,7 @@ pub fn main(args: Vec<std::ffi::OsString>) -> i32 {
         }
     };
     match run(&cli) {
-        Ok(()) => 0,
+        Ok(code) => code,
         Err(e) => {
             let line = format!("{e:#}");
             eprintln!("{RUNTIME_NAME}: {line}");
@@ -216,9 +257,99 @@ fn existing(root: &Path, id: &str) -> Result<(PathBuf, Record)> {
     }
 }
 
-fn run(cli: &RuntimeCli) -> Result<()> {
+fn run(cli: &RuntimeCli) -> Result<i32> {
     let root = state_root(cli);
+    if let Verb::Exec { id, .. } = &cli.verb {
+        let (dir, r) = existing(&root, id)?;
+        if r.status(&dir) != Status::Running {
+            bail!(
+                "cannot exec in a container that is {}",
+                r.status(&dir).as_str()
+            );
+        }
+        return ns::exec(&r, &exec_plan(&cli.verb, &r)?);
+    }
+    run_verb(cli, &root).map(|()| 0)
+}
+
+/// The process `exec` asks for: `--process` (the runtime spec's process
+/// JSON) or the arguments over the container's own process (its
+/// environment, capabilities, user, filter), with the flags' changes.
+fn exec_plan(verb: &Verb, r: &Record) -> Result<ns::ExecPlan> {
+    let Verb::Exec {
+        process,
+        detach,
+        pid_file,
+        console_socket,
+        tty,
+        cwd,
+        env,
+        user,
+        additional_gids,
+        caps,
+        no_new_privs,
+        preserve_fds,
+        command,
+        ..
+    } = verb
+    else {
+        unreachable!("exec_plan of another verb")
+    };
+    let spec = bundle::read_spec(&r.bundle)?;
+    let b = bundle::from_spec(&r.bundle, &spec)?;
+    let mut plan = ns::ExecPlan {
+        process: b.process.clone(),
+        groups: b.groups.clone(),
+        terminal: *tty,
+        caps: b.caps,
+        no_new_privs: b.no_new_privs || *no_new_privs,
+        seccomp: b.seccomp.clone(),
+        detach: *detach,
+        pid_file: pid_file.clone(),
+        console_socket: console_socket.clone(),
+        preserve_fds: *preserve_fds,
+    };
+    match process {
+        Some(path) => {
+            let text = bundle::read_bounded(path)?;
+            let p: oci_spec::runtime::Process = serde_json::from_str(&text)
+                .with_context(|| format!("--process {}", path.display()))?;
+            let mut with = spec.clone();
+            with.set_process(Some(p));
+            let from = bundle::from_spec(&r.bundle, &with)?;
+            plan.process = from.process;
+            plan.groups = from.groups;
+            plan.terminal = from.terminal;
+            plan.caps = from.caps;
+            plan.no_new_privs = from.no_new_privs;
+        }
+        None => {
+            if command.is_empty() {
+                bail!("exec needs a command or --process");
+            }
+            plan.process.args = command.clone();
+        }
+    }
+    crate::runtime::spec::merge_env(&mut plan.process.env, env);
+    if let Some(c) = cwd {
+        plan.process.cwd = c.clone();
+    }
+    if let Some(u) = user {
+        plan.process.user = u.clone();
+        plan.groups = additional_gids.clone();
+    } else if !additional_gids.is_empty() {
+        plan.groups = additional_gids.clone();
+    }
+    for c in caps {
+        plan.caps |= crate::runtime::caps::bits(c)?;
+    }
+    Ok(plan)
+}
+
+fn run_verb(cli: &RuntimeCli, root: &Path) -> Result<()> {
+    let root = root.to_path_buf();
     match &cli.verb {
+        Verb::Exec { .. } => unreachable!("exec is run above"),
         Verb::Create {
             bundle,
             pid_file,
@@ -311,7 +442,7 @@ fn create(root: &Path, id: &str, bundle: &Path, opts: &CreateOpts) -> Result<()>
 }
 
 /// Writes `text` to `path` through a temporary file renamed over it.
-fn write_atomic(path: &Path, text: &str) -> std::io::Result<()> {
+pub(crate) fn write_atomic(path: &Path, text: &str) -> std::io::Result<()> {
     let tmp = path.with_extension(format!("tmp{}", std::process::id()));
     std::fs::write(&tmp, text)?;
     std::fs::rename(&tmp, path)

@@ -11,7 +11,7 @@
 //! the process exec'd (or why it could not), and exits.
 
 use std::io::{BufRead, BufReader, Read, Write};
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::Path;
 
@@ -26,8 +26,8 @@ use super::CreateOpts;
 /// caller): returns once its process waits for `start`, with its record
 /// written.
 pub fn create(dir: &Path, id: &str, b: &Bundle, opts: &CreateOpts) -> Result<Record> {
-    if b.terminal {
-        bail!("process.terminal: a terminal (--console-socket) is not supported yet in namespace mode");
+    if b.terminal && opts.console_socket.is_none() {
+        bail!("process.terminal needs --console-socket (where the terminal's master is sent)");
     }
     if b.hostname.is_some() && b.clone_flags & libc::CLONE_NEWUTS == 0 {
         bail!("a hostname needs a UTS namespace of the container's own (linux.namespaces)");
@@ -199,8 +199,22 @@ fn hold_inner(
     prepared.gate_after_setup();
 
     let mut started: Option<UnixStream> = None;
-    let mut gate = |pid: u32| -> Result<(), Box<dyn std::error::Error>> {
+    let mut gate = |pid: u32, master: Option<OwnedFd>| -> Result<(), Box<dyn std::error::Error>> {
+        if let (Some(m), Some(path)) = (master, &opts.console_socket) {
+            send_console(path, &m)?;
+        }
         set_sysctls(pid, &b.sysctls)?;
+        // The process has its own copies of the caller's stdio: this
+        // holder lets go of them, so that a caller reading them to their
+        // end waits for the container alone.
+        let null = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open("/dev/null")?;
+        for fd in 0..3 {
+            // SAFETY: dup2 of an open descriptor onto stdio.
+            unsafe { libc::dup2(null.as_raw_fd(), fd) };
+        }
         let (start, _) = state::start_time(pid as i32).ok_or("the process is gone")?;
         let line = format!("ok {pid} {start} {}\n", cgroups.join(" "));
         let mut r = report.take().ok_or("reported twice")?;
@@ -217,7 +231,13 @@ fn hold_inner(
             }
         }
     };
-    let spawned = vmc_spawn::spawn_with(&prepared, None, [0, 1, 2], Some(&mut gate));
+    let spawned = if b.terminal {
+        let mut gate = |pid: u32, master: OwnedFd| gate(pid, Some(master));
+        vmc_spawn::spawn_pty_gated(&prepared, vmc_proto::WinSize::default(), &mut gate)
+    } else {
+        let mut gate = |pid: u32| gate(pid, None);
+        vmc_spawn::spawn_with(&prepared, None, [0, 1, 2], Some(&mut gate)).map(|(pid, _)| pid)
+    };
     // Kept: the container outlives this holder; `delete` removes them.
     std::mem::forget(cgroup);
     match spawned {
@@ -241,6 +261,74 @@ fn hold_inner(
             }
             bail!("{}", e.message)
         }
+    }
+}
+
+/// Sends a terminal's master to the caller's console socket, as runc does
+/// (SCM_RIGHTS, one descriptor).
+pub fn send_console(path: &Path, master: &OwnedFd) -> std::io::Result<()> {
+    let s = UnixStream::connect(path)
+        .map_err(|e| std::io::Error::other(format!("console socket {}: {e}", path.display())))?;
+    send_fd(&s, master)
+}
+
+fn send_fd(s: &UnixStream, fd: &OwnedFd) -> std::io::Result<()> {
+    // SAFETY: both descriptors are open for the call.
+    if unsafe { vmc_spawn::sys::send_fd_raw(s.as_raw_fd(), fd.as_raw_fd()) } < 0 {
+        return Err(std::io::Error::other(format!(
+            "sending the terminal to the console socket: {}",
+            std::io::Error::last_os_error()
+        )));
+    }
+    Ok(())
+}
+
+/// A `--pid-file` whose directory was opened up front: written (to a
+/// temporary name, renamed over) from wherever this process is by then.
+struct PidFile {
+    dir: std::fs::File,
+    name: std::ffi::CString,
+    tmp: std::ffi::CString,
+}
+
+impl PidFile {
+    fn open(path: &Path) -> Result<PidFile> {
+        let path = std::path::absolute(path)?;
+        let (Some(parent), Some(name)) = (path.parent(), path.file_name()) else {
+            bail!("--pid-file {}: not a file path", path.display());
+        };
+        let dir = std::fs::File::open(parent)
+            .with_context(|| format!("--pid-file: {}", parent.display()))?;
+        let name = name.to_string_lossy();
+        Ok(PidFile {
+            dir,
+            name: std::ffi::CString::new(name.as_bytes())?,
+            tmp: std::ffi::CString::new(format!(".{name}.tmp{}", std::process::id()))?,
+        })
+    }
+
+    fn write(&self, pid: u32) -> std::io::Result<()> {
+        let d = self.dir.as_raw_fd();
+        // SAFETY: openat, write, renameat on a directory descriptor we hold
+        // and NUL-terminated names.
+        unsafe {
+            let fd = libc::openat(
+                d,
+                self.tmp.as_ptr(),
+                libc::O_WRONLY | libc::O_CREAT | libc::O_TRUNC | libc::O_CLOEXEC | libc::O_NOFOLLOW,
+                0o644,
+            );
+            if fd < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            let mut f = std::fs::File::from_raw_fd(fd);
+            f.write_all(pid.to_string().as_bytes())?;
+            drop(f);
+            if libc::renameat(d, self.tmp.as_ptr(), d, self.name.as_ptr()) < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+        }
+        Ok(())
     }
 }
 
@@ -290,4 +378,103 @@ pub fn clean_up(r: &Record) {
     for d in r.cgroups.iter().rev() {
         let _ = std::fs::remove_dir(d);
     }
+}
+
+/// What `exec` runs in a container.
+pub struct ExecPlan {
+    pub process: vmc_proto::ProcessSpec,
+    pub groups: Vec<u32>,
+    pub terminal: bool,
+    pub caps: u64,
+    pub no_new_privs: bool,
+    pub seccomp: Option<String>,
+    pub detach: bool,
+    pub pid_file: Option<std::path::PathBuf>,
+    pub console_socket: Option<std::path::PathBuf>,
+    pub preserve_fds: u32,
+}
+
+/// `exec`: a process in the running container `r`'s cgroups and
+/// namespaces. Detached, its parent is the caller (CLONE_PARENT), which
+/// waits for it; else this process waits and returns its exit code (128+N
+/// for a signal N).
+pub fn exec(r: &Record, plan: &ExecPlan) -> Result<i32> {
+    if plan.terminal && plan.console_socket.is_none() {
+        bail!("a terminal (--tty) needs --console-socket");
+    }
+    // The caller's paths (pid file, console socket) are the host's: opened
+    // before the container's mount namespace hides them.
+    let pid_file = plan.pid_file.as_deref().map(PidFile::open).transpose()?;
+    let console = match (&plan.console_socket, plan.terminal) {
+        (Some(path), true) => Some(
+            UnixStream::connect(path)
+                .with_context(|| format!("console socket {}", path.display()))?,
+        ),
+        _ => None,
+    };
+    for d in &r.cgroups {
+        std::fs::write(d.join("cgroup.procs"), "0")
+            .with_context(|| format!("joining cgroup {}", d.display()))?;
+    }
+    // This process is single-threaded: it may enter a mount namespace,
+    // which also takes it to the container's root.
+    for ns in ["ipc", "uts", "net", "cgroup", "pid", "mnt"] {
+        let p = format!("/proc/{}/ns/{ns}", r.pid);
+        let f = std::fs::File::open(&p).with_context(|| p.clone())?;
+        // SAFETY: setns on an open namespace file.
+        if unsafe { libc::setns(f.as_raw_fd(), 0) } < 0 {
+            bail!("joining {p}: {}", std::io::Error::last_os_error());
+        }
+    }
+    let seccomp = match &plan.seccomp {
+        Some(json) => crate::runtime::seccomp::Seccomp::Profile(json.clone())
+            .programs(plan.caps)
+            .context("linux.seccomp")?,
+        None => Vec::new(),
+    };
+    let iso = Isolation {
+        clone_flags: if plan.detach { libc::CLONE_PARENT } else { 0 },
+        keep_caps: Some(plan.caps),
+        no_new_privs: plan.no_new_privs || !seccomp.is_empty(),
+        in_root: true,
+        non_dumpable: true,
+        outlives_parent: plan.detach,
+        seccomp,
+        ..Default::default()
+    };
+    let mut prepared = vmc_spawn::prepare_isolated(&plan.process, "/", "/", &iso)
+        .map_err(|e| anyhow::anyhow!("{}", e.message))?;
+    prepared.set_groups(plan.groups.clone());
+    prepared.pass_fds(plan.preserve_fds);
+    let pid = if plan.terminal {
+        prepared.gate_after_setup();
+        let console = console.context("no console socket")?;
+        let mut gate = |_: u32, master: OwnedFd| -> Result<(), Box<dyn std::error::Error>> {
+            send_fd(&console, &master)?;
+            Ok(())
+        };
+        vmc_spawn::spawn_pty_gated(&prepared, vmc_proto::WinSize::default(), &mut gate)
+    } else {
+        vmc_spawn::spawn_with(&prepared, None, [0, 1, 2], None).map(|(pid, _)| pid)
+    }
+    .map_err(|e| anyhow::anyhow!("{}", e.message))?;
+    if let Some(p) = &pid_file {
+        p.write(pid).context("--pid-file")?;
+    }
+    if plan.detach {
+        return Ok(0);
+    }
+    let mut status = 0;
+    // SAFETY: waitpid on our own child with a valid status pointer.
+    while unsafe { libc::waitpid(pid as i32, &mut status, 0) } < 0 {
+        let e = std::io::Error::last_os_error();
+        if e.kind() != std::io::ErrorKind::Interrupted {
+            bail!("waiting for the process: {e}");
+        }
+    }
+    Ok(if libc::WIFSIGNALED(status) {
+        128 + libc::WTERMSIG(status)
+    } else {
+        libc::WEXITSTATUS(status)
+    })
 }
