@@ -373,6 +373,23 @@ fn bad_ids_unknown_containers_and_unsupported_bundles_are_refused() {
             .map(|mut d| d.next().is_none())
             .unwrap_or(true));
     }
+    // Without the annotation: the runtime's --mode (or VMC_RUNTIME_MODE),
+    // else vm, which is not there yet.
+    let mut cfg = config(&["true"], serde_json::json!({}));
+    cfg["annotations"] = serde_json::json!({});
+    let plain = Bundle::with(cfg);
+    let p = plain.path().to_str().unwrap();
+    plain.fails(&["create", "--bundle", p, "m1"], "(or --mode ns)");
+    let out = std::fs::File::create(plain.path().join("out")).unwrap();
+    let st = plain
+        .cmd(&["--mode", "ns", "create", "--bundle", p, "m1"])
+        .stdout(out.try_clone().unwrap())
+        .stderr(out)
+        .status()
+        .unwrap();
+    assert!(st.success());
+    assert_eq!(plain.state("m1")["status"], "created");
+    plain.ok(&["delete", "m1"]);
     let f: serde_json::Value = serde_json::from_str(&b.ok(&["features"])).unwrap();
     assert!(f["linux"]["namespaces"]
         .as_array()

@@ -34,7 +34,8 @@ pub struct Bundle {
     pub umask: Option<u32>,
     pub terminal: bool,
     pub hostname: Option<String>,
-    pub mode: Mode,
+    /// The annotation's mode, when the bundle names one.
+    pub mode: Option<Mode>,
     /// The root's preparation: mounts, masked and read-only paths.
     pub ops: Vec<RootOp>,
     /// Namespaces made new for the container.
@@ -243,8 +244,9 @@ pub fn from_spec(dir: &Path, spec: &Spec) -> Result<Bundle, BundleError> {
         .into_iter()
         .collect();
     let mode = match annotations.get(MODE_ANNOTATION).map(String::as_str) {
-        None | Some("vm") => Mode::Vm,
-        Some("ns") => Mode::Ns,
+        None => None,
+        Some("vm") => Some(Mode::Vm),
+        Some("ns") => Some(Mode::Ns),
         Some(other) => {
             return Err(no(&format!(
                 "annotation {MODE_ANNOTATION}={other}: the modes are vm and ns"

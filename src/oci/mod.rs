@@ -52,6 +52,11 @@ pub struct RuntimeCli {
     /// Accepted (checkpointing is not supported).
     #[arg(long, global = true)]
     pub criu: Option<String>,
+    /// The mode of a bundle without the io.vmc.mode annotation (a runtime
+    /// config's choice: podman's `--runtime-flag mode=ns`, or the
+    /// environment of containerd's shim); default vm.
+    #[arg(long, global = true, env = "VMC_RUNTIME_MODE", value_enum)]
+    pub mode: Option<crate::runtime::Mode>,
     #[command(subcommand)]
     pub verb: Verb,
 }
@@ -363,7 +368,7 @@ fn run_verb(cli: &RuntimeCli, root: &Path) -> Result<()> {
                 console_socket: console_socket.clone(),
                 preserve_fds: *preserve_fds,
             };
-            create(&root, id, bundle, &opts)
+            create(&root, id, bundle, &opts, cli.mode)
         }
         Verb::Start { id } => {
             let (dir, r) = existing(&root, id)?;
@@ -410,9 +415,16 @@ fn run_verb(cli: &RuntimeCli, root: &Path) -> Result<()> {
     }
 }
 
-fn create(root: &Path, id: &str, bundle: &Path, opts: &CreateOpts) -> Result<()> {
+fn create(
+    root: &Path,
+    id: &str,
+    bundle: &Path,
+    opts: &CreateOpts,
+    mode: Option<crate::runtime::Mode>,
+) -> Result<()> {
     let dir = container_dir(root, id)?;
     let b = bundle::load(bundle)?;
+    let mode = b.mode.or(mode).unwrap_or_default();
     std::fs::create_dir_all(root).with_context(|| format!("{}", root.display()))?;
     match std::fs::create_dir(&dir) {
         Ok(()) => {}
@@ -421,10 +433,10 @@ fn create(root: &Path, id: &str, bundle: &Path, opts: &CreateOpts) -> Result<()>
         }
         Err(e) => return Err(e).with_context(|| format!("{}", dir.display())),
     }
-    let made = match b.mode {
+    let made = match mode {
         crate::runtime::Mode::Ns => ns::create(&dir, id, &b, opts),
         crate::runtime::Mode::Vm => Err(anyhow::anyhow!(
-            "microVM mode is not implemented in vmc-runtime yet: annotate the container {}=ns",
+            "microVM mode is not implemented in vmc-runtime yet: annotate the container {}=ns (or --mode ns)",
             bundle::MODE_ANNOTATION
         )),
     };
