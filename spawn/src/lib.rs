@@ -1112,6 +1112,17 @@ mod tests {
         assert_eq!(libc::WEXITSTATUS(wait(pid)), 3);
     }
 
+    /// Runs `f` on a thread of its own whose mount namespace is its own
+    /// and private: what it mounts is seen nowhere else and goes with it.
+    fn in_private_mounts<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
+        std::thread::spawn(move || {
+            sys::unshare_mounts(libc::CLONE_FS).unwrap();
+            f()
+        })
+        .join()
+        .unwrap_or_else(|e| std::panic::resume_unwind(e))
+    }
+
     #[test]
     fn process_runs_pivoted_into_the_root_as_its_user() {
         if !crate::testing::root() {
@@ -1127,32 +1138,14 @@ mod tests {
         let mut s = spec(&["/bin/busybox", "sh", "-c", script]);
         s.user = "app".into();
         s.cwd = "/work/dir".into();
-        // pivot_root needs the root to be a mount point: bind it onto
-        // itself, in a mount namespace of this thread alone.
-        let out = std::thread::spawn(move || {
-            // SAFETY: unshare and mount on NUL-terminated strings; this
-            // thread's mount namespace becomes its own.
-            unsafe {
-                assert_eq!(libc::unshare(libc::CLONE_NEWNS), 0);
-                let none = std::ptr::null();
-                assert_eq!(
-                    libc::mount(
-                        none,
-                        c"/".as_ptr(),
-                        none,
-                        libc::MS_REC | libc::MS_PRIVATE,
-                        none.cast()
-                    ),
-                    0
-                );
-            }
+        // The root bound onto itself, in a mount namespace of this thread
+        // alone.
+        let out = in_private_mounts(move || {
             let r = root.to_str().unwrap();
             sys::mount(Some(r), r, None, libc::MS_BIND, None).unwrap();
             let p = prepare(&s, r).unwrap();
             run(&p).unwrap()
-        })
-        .join()
-        .unwrap();
+        });
         // The host's /tmp is not visible: the root has none.
         assert_eq!(
             out.0,
@@ -1175,21 +1168,9 @@ mod tests {
         let root = d.path().to_path_buf();
         fs::copy("/bin/busybox", root.join("bin/busybox")).unwrap();
         fs::create_dir_all(root.join("proc")).unwrap();
-        let out = std::thread::spawn(move || {
-            // SAFETY: unshare and mount on NUL-terminated strings; this
-            // thread's mount namespace becomes its own.
-            unsafe {
-                assert_eq!(libc::unshare(libc::CLONE_NEWNS), 0);
-                let none = std::ptr::null();
-                let r = libc::mount(
-                    none,
-                    c"/".as_ptr(),
-                    none,
-                    libc::MS_REC | libc::MS_PRIVATE,
-                    none.cast(),
-                );
-                assert_eq!(r, 0);
-            }
+        // The new namespace's /proc is mounted in this thread's own mount
+        // namespace.
+        let out = in_private_mounts(move || {
             let r = root.to_str().unwrap();
             let (ready_r, ready_w) = sys::pipe().unwrap();
             let null = OwnedFd::from(fs::File::open("/dev/null").unwrap());
@@ -1226,9 +1207,7 @@ mod tests {
             wait(pid);
             let mine = said.trim() == pid.to_string();
             (first, joined, ended, late, mine)
-        })
-        .join()
-        .unwrap();
+        });
         let (first, joined, ended, late, mine) = out;
         assert_eq!(&first, b"1\n");
         let mut lines = joined.lines();
