@@ -1182,6 +1182,18 @@ mod tests {
             drop(ready_w);
             let mut first = [0u8; 2];
             assert_eq!(read_full(&ready_r, &mut first), 2);
+            // The shell said its pid before it exec'd sleep: wait for the
+            // exec (meanwhile PID 1's cmdline is the shell's, or empty).
+            let cmdline = format!("/proc/{workload}/cmdline");
+            for _ in 0..10_000 {
+                if fs::read(&cmdline)
+                    .unwrap_or_default()
+                    .starts_with(b"/bin/busybox\0sleep")
+                {
+                    break;
+                }
+                std::thread::sleep(std::time::Duration::from_millis(1));
+            }
             let ns = OwnedFd::from(fs::File::open(format!("/proc/{workload}/ns/pid")).unwrap());
             // Ignored by PID 1 without a handler (it would end it otherwise).
             // SAFETY: kill takes plain integers; workload is our child.
