@@ -215,7 +215,8 @@ fn hold_inner(
             // SAFETY: dup2 of an open descriptor onto stdio.
             unsafe { libc::dup2(null.as_raw_fd(), fd) };
         }
-        let (start, _) = state::start_time(pid as i32).ok_or("the process is gone")?;
+        let start =
+            crate::runtime::state::process_start(pid as i32).ok_or("the process is gone")?;
         let line = format!("ok {pid} {start} {}\n", cgroups.join(" "));
         let mut r = report.take().ok_or("reported twice")?;
         r.write_all(line.as_bytes())?;

@@ -132,27 +132,11 @@ impl Record {
     }
 }
 
-/// The start time of `pid` (/proc/PID/stat field 22), and whether it is a
-/// zombie.
-pub fn start_time(pid: i32) -> Option<(u64, bool)> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // After the command's closing parenthesis: state is field 3.
-    let rest = &stat[stat.rfind(')')? + 1..];
-    let fields: Vec<&str> = rest.split_whitespace().collect();
-    let zombie = fields.first().is_some_and(|s| *s == "Z" || *s == "X");
-    Some((fields.get(19)?.parse().ok()?, zombie))
-}
-
 /// Whether `pid` runs (not a zombie), and is the process that started at
-/// `start` when given.
+/// `start` when given (runtime::state::process_start's reading of /proc).
 pub fn process_alive(pid: i32, start: Option<u64>) -> bool {
-    if pid <= 0 {
-        return false;
-    }
-    match start_time(pid) {
-        Some((t, zombie)) => !zombie && start.is_none_or(|s| s == t),
-        None => false,
-    }
+    pid > 0
+        && crate::runtime::state::process_start(pid).is_some_and(|t| start.is_none_or(|s| s == t))
 }
 
 /// Now, in RFC 3339 (UTC), as runc records `created`.
@@ -177,8 +161,7 @@ mod tests {
     #[test]
     fn this_process_is_alive_and_its_start_time_checked() {
         let me = std::process::id() as i32;
-        let (start, zombie) = start_time(me).unwrap();
-        assert!(!zombie);
+        let start = crate::runtime::state::process_start(me).unwrap();
         assert!(process_alive(me, Some(start)));
         assert!(!process_alive(me, Some(start + 1)));
         assert!(!process_alive(0, None));
