@@ -9,6 +9,7 @@
 //! `start` lets it go, the caller waits for its pid.
 
 use std::io::Write;
+use std::os::fd::{AsRawFd, FromRawFd};
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
@@ -448,16 +449,60 @@ fn create(
         }
     };
     if let Some(p) = &opts.pid_file {
-        write_atomic(p, &record.pid.to_string()).context("--pid-file")?;
+        PidFile::open(p)?
+            .write(record.pid as u32)
+            .context("--pid-file")?;
     }
     Ok(())
 }
 
-/// Writes `text` to `path` through a temporary file renamed over it.
-pub(crate) fn write_atomic(path: &Path, text: &str) -> std::io::Result<()> {
-    let tmp = path.with_extension(format!("tmp{}", std::process::id()));
-    std::fs::write(&tmp, text)?;
-    std::fs::rename(&tmp, path)
+/// A `--pid-file` whose directory was opened up front: written (to a
+/// temporary name, renamed over) from wherever this process is by then.
+pub(crate) struct PidFile {
+    dir: std::fs::File,
+    name: std::ffi::CString,
+    tmp: std::ffi::CString,
+}
+
+impl PidFile {
+    pub(crate) fn open(path: &Path) -> Result<PidFile> {
+        let path = std::path::absolute(path)?;
+        let (Some(parent), Some(name)) = (path.parent(), path.file_name()) else {
+            bail!("--pid-file {}: not a file path", path.display());
+        };
+        let dir = std::fs::File::open(parent)
+            .with_context(|| format!("--pid-file: {}", parent.display()))?;
+        let name = name.to_string_lossy();
+        Ok(PidFile {
+            dir,
+            name: std::ffi::CString::new(name.as_bytes())?,
+            tmp: std::ffi::CString::new(format!(".{name}.tmp{}", std::process::id()))?,
+        })
+    }
+
+    pub(crate) fn write(&self, pid: u32) -> std::io::Result<()> {
+        let d = self.dir.as_raw_fd();
+        // SAFETY: openat, write, renameat on a directory descriptor we hold
+        // and NUL-terminated names.
+        unsafe {
+            let fd = libc::openat(
+                d,
+                self.tmp.as_ptr(),
+                libc::O_WRONLY | libc::O_CREAT | libc::O_TRUNC | libc::O_CLOEXEC | libc::O_NOFOLLOW,
+                0o644,
+            );
+            if fd < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            let mut f = std::fs::File::from_raw_fd(fd);
+            f.write_all(pid.to_string().as_bytes())?;
+            drop(f);
+            if libc::renameat(d, self.tmp.as_ptr(), d, self.name.as_ptr()) < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+        }
+        Ok(())
+    }
 }
 
 fn kill(dir: &Path, r: &Record, sig: i32, all: bool) -> Result<()> {

@@ -11,7 +11,7 @@
 //! the process exec'd (or why it could not), and exits.
 
 use std::io::{BufRead, BufReader, Read, Write};
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::Path;
 
@@ -284,55 +284,6 @@ fn send_fd(s: &UnixStream, fd: &OwnedFd) -> std::io::Result<()> {
     Ok(())
 }
 
-/// A `--pid-file` whose directory was opened up front: written (to a
-/// temporary name, renamed over) from wherever this process is by then.
-struct PidFile {
-    dir: std::fs::File,
-    name: std::ffi::CString,
-    tmp: std::ffi::CString,
-}
-
-impl PidFile {
-    fn open(path: &Path) -> Result<PidFile> {
-        let path = std::path::absolute(path)?;
-        let (Some(parent), Some(name)) = (path.parent(), path.file_name()) else {
-            bail!("--pid-file {}: not a file path", path.display());
-        };
-        let dir = std::fs::File::open(parent)
-            .with_context(|| format!("--pid-file: {}", parent.display()))?;
-        let name = name.to_string_lossy();
-        Ok(PidFile {
-            dir,
-            name: std::ffi::CString::new(name.as_bytes())?,
-            tmp: std::ffi::CString::new(format!(".{name}.tmp{}", std::process::id()))?,
-        })
-    }
-
-    fn write(&self, pid: u32) -> std::io::Result<()> {
-        let d = self.dir.as_raw_fd();
-        // SAFETY: openat, write, renameat on a directory descriptor we hold
-        // and NUL-terminated names.
-        unsafe {
-            let fd = libc::openat(
-                d,
-                self.tmp.as_ptr(),
-                libc::O_WRONLY | libc::O_CREAT | libc::O_TRUNC | libc::O_CLOEXEC | libc::O_NOFOLLOW,
-                0o644,
-            );
-            if fd < 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            let mut f = std::fs::File::from_raw_fd(fd);
-            f.write_all(pid.to_string().as_bytes())?;
-            drop(f);
-            if libc::renameat(d, self.tmp.as_ptr(), d, self.name.as_ptr()) < 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-        }
-        Ok(())
-    }
-}
-
 /// Writes `net.*` sysctls in the network namespace of `pid` (a sysctl
 /// under /proc/sys/net is the writer's namespace's: the holder enters it).
 fn set_sysctls(pid: u32, sysctls: &[(String, String)]) -> std::io::Result<()> {
@@ -405,7 +356,11 @@ pub fn exec(r: &Record, plan: &ExecPlan) -> Result<i32> {
     }
     // The caller's paths (pid file, console socket) are the host's: opened
     // before the container's mount namespace hides them.
-    let pid_file = plan.pid_file.as_deref().map(PidFile::open).transpose()?;
+    let pid_file = plan
+        .pid_file
+        .as_deref()
+        .map(super::PidFile::open)
+        .transpose()?;
     let console = match (&plan.console_socket, plan.terminal) {
         (Some(path), true) => Some(
             UnixStream::connect(path)
