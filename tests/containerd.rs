@@ -1,5 +1,5 @@
 //! containerd (Debian's 1.6, its runc shim) running containers through
-//! `vmc-runtime` in namespace mode: the test starts its own containerd on a
+//! `vmc-runtime`, in a microVM each and in namespace mode: the test starts its own containerd on a
 //! socket and state directories of its own, imports a `vmc save` archive
 //! with `ctr image import`, and runs `ctr run --runc-binary vmc-runtime
 //! --rm` (output, exit code), a detached task with `ctr task exec` (exit
@@ -14,12 +14,15 @@ use common::{eventually, is_root, ok, store_with_busybox, vmc};
 
 struct Containerd {
     dir: tempfile::TempDir,
+    /// ctr's namespace: the shim keeps the runtime's state by namespace
+    /// under /run/containerd/runc, which every containerd shares.
+    namespace: String,
     daemon: Child,
     runtime: PathBuf,
 }
 
 impl Containerd {
-    fn start() -> Option<Containerd> {
+    fn start(namespace: &str) -> Option<Containerd> {
         if Command::new("containerd")
             .arg("--version")
             .output()
@@ -40,7 +43,11 @@ impl Containerd {
         );
         std::fs::write(d.join("config.toml"), config).unwrap();
         let log = std::fs::File::create(d.join("containerd.log")).unwrap();
+        // Through the shim to the runtime: the agent disk's cache and the
+        // tests' shared warm-start snapshots.
         let daemon = Command::new("containerd")
+            .env("VMC_HOME", d.join("vmc-home"))
+            .env("VMC_SNAPSHOTS", common::snapshots())
             .arg("--config")
             .arg(d.join("config.toml"))
             .stdin(Stdio::null())
@@ -52,6 +59,7 @@ impl Containerd {
         std::os::unix::fs::symlink(env!("CARGO_BIN_EXE_vmc"), &runtime).unwrap();
         let c = Containerd {
             dir,
+            namespace: namespace.to_string(),
             daemon,
             runtime,
         };
@@ -69,17 +77,18 @@ impl Containerd {
         Command::new("ctr")
             .arg("--address")
             .arg(self.path().join("c.sock"))
-            .args(["--namespace", "vmc-test"])
+            .args(["--namespace", &self.namespace])
             .args(args)
             .stdin(Stdio::null())
             .output()
             .unwrap()
     }
 
-    /// `ctr run` through vmc-runtime in namespace mode, with `args`
-    /// (options, image, id, command).
-    fn run(&self, args: &[&str]) -> Output {
+    /// `ctr run` through vmc-runtime in `mode`, with `args` (options,
+    /// image, id, command).
+    fn run(&self, mode: &str, args: &[&str]) -> Output {
         let rt = self.runtime.to_str().unwrap();
+        let mode = format!("io.vmc.mode={mode}");
         let mut v = vec![
             "run",
             "--runc-binary",
@@ -87,7 +96,7 @@ impl Containerd {
             "--snapshotter",
             "native",
             "--annotation",
-            "io.vmc.mode=ns",
+            &mode,
         ];
         v.extend(args);
         self.ctr(&v)
@@ -106,7 +115,24 @@ fn containerd_runs_tasks_through_vmc_runtime() {
     if !is_root() {
         return;
     }
-    let Some(c) = Containerd::start() else { return };
+    let Some(c) = Containerd::start("vmc-test-ns") else {
+        return;
+    };
+    runs_tasks(&c, "ns");
+}
+
+#[test]
+fn containerd_runs_tasks_in_microvms() {
+    if !(is_root() && common::kvm_available()) {
+        return;
+    }
+    let Some(c) = Containerd::start("vmc-test-vm") else {
+        return;
+    };
+    runs_tasks(&c, "vm");
+}
+
+fn runs_tasks(c: &Containerd, mode: &str) {
     let home = store_with_busybox();
     let archive = c.path().join("busybox.tar");
     ok(&vmc(
@@ -118,11 +144,11 @@ fn containerd_runs_tasks_through_vmc_runtime() {
     let image = "busybox:latest";
     assert!(ok(&c.ctr(&["image", "ls", "-q"])).contains(image));
 
-    let o = c.run(&["--rm", image, "c1", "sh", "-c", "echo hi; exit 3"]);
+    let o = c.run(mode, &["--rm", image, "c1", "sh", "-c", "echo hi; exit 3"]);
     assert_eq!(String::from_utf8_lossy(&o.stdout), "hi\n");
     assert_eq!(o.status.code(), Some(3), "{o:?}");
 
-    ok(&c.run(&["-d", image, "c2", "sleep", "1000"]));
+    ok(&c.run(mode, &["-d", image, "c2", "sleep", "1000"]));
     let o = c.ctr(&[
         "task",
         "exec",

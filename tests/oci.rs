@@ -115,6 +115,10 @@ impl Bundle {
     fn cmd(&self, args: &[&str]) -> Command {
         let mut c = Command::new(&self.runtime);
         c.arg("--root").arg(self.state.path()).args(args);
+        // A microVM's agent disk is cached in the bundle's directory; the
+        // warm-start snapshots are the tests' shared ones.
+        c.env("VMC_HOME", self.path().join("home"))
+            .env("VMC_SNAPSHOTS", common::snapshots());
         c.stdin(Stdio::null());
         c
     }
@@ -374,12 +378,11 @@ fn bad_ids_unknown_containers_and_unsupported_bundles_are_refused() {
             .unwrap_or(true));
     }
     // Without the annotation: the runtime's --mode (or VMC_RUNTIME_MODE),
-    // else vm, which is not there yet.
+    // else vm (the microVM tests below give no annotation).
     let mut cfg = config(&["true"], serde_json::json!({}));
     cfg["annotations"] = serde_json::json!({});
     let plain = Bundle::with(cfg);
     let p = plain.path().to_str().unwrap();
-    plain.fails(&["create", "--bundle", p, "m1"], "(or --mode ns)");
     let out = std::fs::File::create(plain.path().join("out")).unwrap();
     let st = plain
         .cmd(&["--mode", "ns", "create", "--bundle", p, "m1"])
@@ -389,6 +392,7 @@ fn bad_ids_unknown_containers_and_unsupported_bundles_are_refused() {
         .unwrap();
     assert!(st.success());
     assert_eq!(plain.state("m1")["status"], "created");
+    assert!(!plain.state.path().join("m1/vsock.sock").exists());
     plain.ok(&["delete", "m1"]);
     let f: serde_json::Value = serde_json::from_str(&b.ok(&["features"])).unwrap();
     assert!(f["linux"]["namespaces"]
@@ -498,4 +502,186 @@ fn a_terminal_goes_to_the_console_socket() {
     b.ok(&["delete", "t1"]);
     let o = b.run(&["create", "--bundle", b.path().to_str().unwrap(), "t2"]);
     assert!(String::from_utf8_lossy(&o.stderr).contains("needs --console-socket"));
+}
+
+/// A bundle for a microVM (the default mode: no annotation).
+fn vm_bundle(args: &[&str]) -> Bundle {
+    let mut cfg = config(args, serde_json::json!({}));
+    cfg["annotations"] = serde_json::json!({"org.example.note": "kept"});
+    Bundle::with(cfg)
+}
+
+/// The same lifecycle in a microVM: the pid `create` reports is vmc's
+/// holder of the VM, waiting with the guest ready; the bundle's live root
+/// is the guest's root (what the container writes is in it on the host at
+/// once), the spec's bind is there read-only; `start` runs the program,
+/// the caller gets its exit status from that pid; `exec` attached and
+/// detached runs through the agent; SIGKILL ends the VM.
+#[test]
+fn a_microvm_container_follows_the_lifecycle_and_runs_execs() {
+    if !(is_root() && common::kvm_available()) {
+        return;
+    }
+    become_subreaper();
+    let script = "echo started > /ran; hostname; cat /etc/motd; echo err >&2; \
+                  { echo x > /etc/motd; } 2>/dev/null || echo motd is read-only; \
+                  echo pid $$; grep -o rootfstype=erofs /proc/cmdline; echo ready; exec sleep 1000";
+    let b = vm_bundle(&["sh", "-c", script]);
+    let out = b.path().join("out");
+    let pid = b.create("v1", &out);
+    let s = b.state("v1");
+    assert_eq!(s["status"], "created", "{s}");
+    assert_eq!(s["pid"], pid);
+    assert_eq!(s["annotations"]["org.example.note"], "kept");
+    // No annotation: a microVM, its agent's socket in the state.
+    assert!(b.state.path().join("v1/vsock.sock").exists());
+    assert!(!b.path().join("rootfs/ran").exists(), "ran before start");
+    b.fails(
+        &["exec", "v1", "true"],
+        "cannot exec in a container that is created",
+    );
+    b.ok(&["start", "v1"]);
+    assert_eq!(b.state("v1")["status"], "running");
+    common::eventually("the workload's output", || {
+        std::fs::read_to_string(&out)
+            .ok()
+            .filter(|t| t.contains("ready\n"))
+    });
+    let text = std::fs::read_to_string(&out).unwrap();
+    for line in [
+        "oci-box",
+        "from the host",
+        "err",
+        "motd is read-only",
+        "pid 1",
+        // The guest kernel's command line, not the host's.
+        "rootfstype=erofs",
+    ] {
+        assert!(text.lines().any(|l| l == line), "{line:?} in {text}");
+    }
+    // Written in the guest, on the host's directory at once.
+    assert_eq!(
+        std::fs::read_to_string(b.path().join("rootfs/ran")).unwrap(),
+        "started\n"
+    );
+    let o = b.run(&["exec", "v1", "sh", "-c", "cat /ran; hostname; exit 5"]);
+    assert_eq!(o.status.code(), Some(5), "{o:?}");
+    assert_eq!(String::from_utf8_lossy(&o.stdout), "started\noci-box\n");
+    let process = serde_json::json!({
+        "args": ["sh", "-c", "echo detached $(id -u) > /done"],
+        "cwd": "/",
+        "user": {"uid": 0, "gid": 0},
+        "env": ["PATH=/bin"]
+    });
+    let pf = b.path().join("process.json");
+    std::fs::write(&pf, process.to_string()).unwrap();
+    let epid = b.path().join("exec.pid");
+    let mut c = b.cmd(&["exec", "--detach", "--pid-file"]);
+    c.arg(&epid).arg("--process").arg(&pf).arg("v1");
+    let f = std::fs::File::create(b.path().join("exec-out")).unwrap();
+    assert!(c
+        .stdout(f.try_clone().unwrap())
+        .stderr(f)
+        .status()
+        .unwrap()
+        .success());
+    let exec_pid: i32 = std::fs::read_to_string(epid).unwrap().parse().unwrap();
+    let status = wait_for(exec_pid);
+    assert!(libc::WIFEXITED(status), "{status:#x}");
+    assert_eq!(
+        libc::WEXITSTATUS(status),
+        0,
+        "{}",
+        std::fs::read_to_string(b.path().join("exec-out")).unwrap()
+    );
+    assert_eq!(
+        std::fs::read_to_string(b.path().join("rootfs/done")).unwrap(),
+        "detached 0\n"
+    );
+    b.fails(
+        &["delete", "v1"],
+        "that is not stopped: running (use --force)",
+    );
+    let vmm = std::fs::read_to_string(b.state.path().join("v1/vmm.json")).ok();
+    b.ok(&["kill", "v1", "KILL"]);
+    let status = wait_for(pid);
+    assert!(
+        libc::WIFSIGNALED(status) && libc::WTERMSIG(status) == libc::SIGKILL,
+        "{status:#x}"
+    );
+    assert_eq!(b.state("v1")["status"], "stopped");
+    // The jailed VMM (a child of the holder, now this subreaper's) ends.
+    if let Some(v) = vmm {
+        let v: serde_json::Value = serde_json::from_str(&v).unwrap();
+        wait_for(v["pid"].as_i64().unwrap() as i32);
+    }
+    b.ok(&["delete", "v1"]);
+    assert!(!b.state.path().join("v1").exists());
+    // The workload's exit status is the pid's.
+    let b = vm_bundle(&["sh", "-c", "exit 3"]);
+    let pid = b.create("v2", &b.path().join("out"));
+    b.ok(&["start", "v2"]);
+    let status = wait_for(pid);
+    assert!(libc::WIFEXITED(status), "{status:#x}");
+    assert_eq!(libc::WEXITSTATUS(status), 3);
+    b.ok(&["delete", "v2"]);
+}
+
+/// A microVM's terminal: the master of a host terminal goes to the console
+/// socket at `create`, the guest's terminal is relayed to its slave.
+#[test]
+fn a_microvm_terminal_goes_to_the_console_socket() {
+    if !(is_root() && common::kvm_available()) {
+        return;
+    }
+    become_subreaper();
+    let mut cfg = config(
+        &["sh", "-c", "tty; echo $TERM; stty size"],
+        serde_json::json!({}),
+    );
+    cfg["process"]["terminal"] = serde_json::json!(true);
+    cfg["annotations"] = serde_json::json!({});
+    let b = Bundle::with(cfg);
+    let sock = b.path().join("console.sock");
+    let listener = std::os::unix::net::UnixListener::bind(&sock).unwrap();
+    let receiver = std::thread::spawn(move || {
+        let (s, _) = listener.accept().unwrap();
+        vmc_spawn::sys::recv_fd(&s).unwrap()
+    });
+    let pid_file = b.path().join("t.pid");
+    let o = b
+        .cmd(&["create", "--console-socket"])
+        .arg(&sock)
+        .arg("--pid-file")
+        .arg(&pid_file)
+        .arg("--bundle")
+        .arg(b.path())
+        .arg("t1")
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{o:?}");
+    let master = receiver.join().unwrap();
+    // The caller sizes the terminal before start, as conmon does.
+    let ws = libc::winsize {
+        ws_row: 33,
+        ws_col: 101,
+        ws_xpixel: 0,
+        ws_ypixel: 0,
+    };
+    let fd = std::os::fd::AsRawFd::as_raw_fd(&master);
+    // SAFETY: TIOCSWINSZ with a valid winsize on the master we hold.
+    let r = unsafe { libc::ioctl(fd, libc::TIOCSWINSZ, &ws) };
+    assert_eq!(r, 0);
+    let pid: i32 = std::fs::read_to_string(pid_file).unwrap().parse().unwrap();
+    b.ok(&["start", "t1"]);
+    let status = wait_for(pid);
+    assert_eq!(libc::WEXITSTATUS(status), 0);
+    let mut text = Vec::new();
+    let mut f = std::fs::File::from(master);
+    let _ = std::io::Read::read_to_end(&mut f, &mut text);
+    assert_eq!(
+        String::from_utf8_lossy(&text),
+        "/dev/pts/0\r\nxterm\r\n33 101\r\n"
+    );
+    b.ok(&["delete", "t1"]);
 }

@@ -1,5 +1,6 @@
 //! podman (Debian's 4.3, with conmon) running its containers through
-//! `vmc-runtime` in namespace mode (annotation io.vmc.mode=ns): the image
+//! `vmc-runtime`, in a microVM each (the default) and in namespace mode
+//! (annotation io.vmc.mode=ns): the image
 //! comes from a `vmc save` archive (`podman load`, no registry); `run --rm`
 //! with output and exit codes, `-d` + `exec` + `logs` + `stop` with the exit
 //! code of the workload's trap, `-t` through the console socket, and a
@@ -63,7 +64,11 @@ impl Podman {
             .arg("--runtime")
             .arg(&self.runtime)
             .args(args)
-            .stdin(Stdio::null());
+            .stdin(Stdio::null())
+            // Through conmon to the runtime: the agent disk's cache and the
+            // tests' shared warm-start snapshots.
+            .env("VMC_HOME", d.join("vmc-home"))
+            .env("VMC_SNAPSHOTS", common::snapshots());
         c
     }
 
@@ -71,13 +76,14 @@ impl Podman {
         self.cmd(args).output().unwrap()
     }
 
-    /// `podman run` with vmc's namespace mode, limits this host allows
-    /// (its open-files limit is below podman's default) and `extra`.
-    fn container(&self, extra: &[&str]) -> Output {
+    /// `podman run` in vmc's `mode` (`vm` or `ns`), with limits this host
+    /// allows (its open-files limit is below podman's default) and `extra`.
+    fn container(&self, mode: &str, extra: &[&str]) -> Output {
+        let mode = format!("io.vmc.mode={mode}");
         let mut args = vec![
             "run",
             "--annotation",
-            "io.vmc.mode=ns",
+            &mode,
             "--ulimit",
             "nofile=1024:1024",
             "--ulimit",
@@ -100,24 +106,46 @@ fn podman_runs_its_containers_through_vmc_runtime() {
         return;
     }
     let Some(p) = Podman::new() else { return };
-    let o = p.container(&["--rm", "--network", "none", "busybox", "echo", "hi"]);
+    runs_its_containers(&p, "ns");
+}
+
+#[test]
+fn podman_runs_its_containers_in_microvms() {
+    if !(is_root() && common::kvm_available()) {
+        return;
+    }
+    let Some(p) = Podman::new() else { return };
+    runs_its_containers(&p, "vm");
+}
+
+fn runs_its_containers(p: &Podman, mode: &str) {
+    let o = p.container(
+        mode,
+        &["--rm", "--network", "none", "busybox", "echo", "hi"],
+    );
     assert_eq!(ok(&o), "hi\n");
-    let o = p.container(&["--rm", "--network", "none", "busybox", "sh", "-c", "exit 7"]);
+    let o = p.container(
+        mode,
+        &["--rm", "--network", "none", "busybox", "sh", "-c", "exit 7"],
+    );
     assert_eq!(o.status.code(), Some(7), "{o:?}");
 
     // Detached: exec, logs, stop (the trap's exit code comes through).
     let script = "echo started; trap 'echo bye; exit 4' TERM; while :; do sleep 0.1; done";
-    ok(&p.container(&[
-        "-d",
-        "--name",
-        "d1",
-        "--network",
-        "none",
-        "busybox",
-        "sh",
-        "-c",
-        script,
-    ]));
+    ok(&p.container(
+        mode,
+        &[
+            "-d",
+            "--name",
+            "d1",
+            "--network",
+            "none",
+            "busybox",
+            "sh",
+            "-c",
+            script,
+        ],
+    ));
     common::eventually("the container's output", || {
         let o = p.run(&["logs", "d1"]);
         String::from_utf8_lossy(&o.stdout)
@@ -137,7 +165,7 @@ fn podman_runs_its_containers_through_vmc_runtime() {
     ok(&p.run(&["rm", "d1"]));
 
     // -t: the terminal reaches podman through the console socket.
-    let o = p.container(&["--rm", "-t", "--network", "none", "busybox", "tty"]);
+    let o = p.container(mode, &["--rm", "-t", "--network", "none", "busybox", "tty"]);
     assert_eq!(ok(&o), "/dev/pts/0\r\n");
 }
 
@@ -147,13 +175,31 @@ fn a_published_port_answers_through_podmans_network() {
         return;
     }
     let Some(p) = Podman::new() else { return };
+    publishes_a_port(&p, "ns");
+}
+
+/// The VM takes over the interface podman's bridge gave the network
+/// namespace: the port forward reaches the guest's server.
+#[test]
+fn a_published_port_answers_from_a_microvm_through_podmans_network() {
+    if !(is_root() && common::kvm_available()) {
+        return;
+    }
+    let Some(p) = Podman::new() else { return };
+    publishes_a_port(&p, "vm");
+}
+
+fn publishes_a_port(p: &Podman, mode: &str) {
     let port = common::free_port();
     let publish = format!("127.0.0.1:{port}:8080");
     let www = "mkdir -p /www && echo served-by-vmc > /www/index.html && \
                exec httpd -f -p 8080 -h /www";
-    ok(&p.container(&[
-        "-d", "--name", "web", "-p", &publish, "busybox", "sh", "-c", www,
-    ]));
+    ok(&p.container(
+        mode,
+        &[
+            "-d", "--name", "web", "-p", &publish, "busybox", "sh", "-c", www,
+        ],
+    ));
     let body = common::eventually("the published port", || {
         let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
         use std::io::{Read, Write};

@@ -100,6 +100,7 @@ fn snapshots_made_under_load_all_restore() {
         let root = tempfile::tempdir().unwrap();
         let dir = tempfile::tempdir().unwrap();
         let cfg = ContainerConfig {
+            netns: None,
             id: vmc::runtime::new_id(),
             rootfs: vmc::runtime::Rootfs::Dir(rootfs()),
             image_id: None,

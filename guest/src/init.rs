@@ -201,6 +201,9 @@ pub static UPPER_IN_MEMORY: std::sync::atomic::AtomicBool =
 
 /// Assembles the container root at [`ROOT`] and sets the hostname.
 pub fn mount_root(spec: &RootSpec, lap: &mut dyn FnMut(&'static str)) -> io::Result<()> {
+    if let Some(index) = spec.root_share {
+        return mount_shared_root(index, spec, lap);
+    }
     for d in [IMAGE, SCRATCH, ROOT] {
         fs::create_dir_all(d)?;
     }
@@ -252,6 +255,35 @@ pub fn mount_root(spec: &RootSpec, lap: &mut dyn FnMut(&'static str)) -> io::Res
         lap("link up");
     }
     crate::layers::mount_stack(IMAGE, SCRATCH, ROOT, &spec.etc, spec.upper_in_memory, lap)?;
+    set_hostname(&spec.hostname)?;
+    lap("hostname");
+    if !spec.mounts.is_empty() || spec.read_only {
+        crate::volumes::mount_all(ROOT, &spec.mounts, &spec.etc, spec.read_only)?;
+        lap("volumes");
+    }
+    Ok(())
+}
+
+/// The root as a host directory shared as it is (`vmc-runtime`'s bundle
+/// root): bound at [`ROOT`], with the pseudo filesystems, /etc files,
+/// hostname, network and mounts as an image's root has them.
+fn mount_shared_root(
+    index: u32,
+    spec: &RootSpec,
+    lap: &mut dyn FnMut(&'static str),
+) -> io::Result<()> {
+    crate::volumes::bind_root(index, ROOT)?;
+    lap("shared root");
+    if let Some(net) = &spec.network {
+        crate::netcfg::configure(net)
+            .map_err(|e| io::Error::new(e.kind(), format!("network {}: {e}", net.ifname)))?;
+        lap("network");
+    }
+    crate::rootfs::mount_pseudo(ROOT)?;
+    lap("proc sys dev");
+    if !spec.etc.is_empty() {
+        crate::rootfs::bind_etc(ROOT, &spec.etc)?;
+    }
     set_hostname(&spec.hostname)?;
     lap("hostname");
     if !spec.mounts.is_empty() || spec.read_only {

@@ -91,6 +91,15 @@ pub fn configure(spec: &NetSpec) -> io::Result<()> {
     // lives across the call, of the type each request reads or writes.
     unsafe {
         let raw = fd.as_raw_fd();
+        if let Some(mac) = spec.mac {
+            let mut r = ifreq(&spec.ifname);
+            r.ifr_ifru.ifru_hwaddr.sa_family = libc::ARPHRD_ETHER;
+            for (d, s) in r.ifr_ifru.ifru_hwaddr.sa_data.iter_mut().zip(mac) {
+                *d = s as libc::c_char;
+            }
+            check(libc::ioctl(raw, libc::SIOCSIFHWADDR, &r))
+                .map_err(step("setting the MAC address"))?;
+        }
         // The MTU first: a missing interface is named by the first step.
         mtu_and_up(&fd, &spec.ifname, spec.mtu)?;
         let mut r = ifreq(&spec.ifname);
@@ -211,6 +220,7 @@ mod tests {
             prefix: 24,
             gateway: [10, 0, 2, 2],
             mtu: 1400,
+            mac: None,
         }
     }
 
@@ -274,6 +284,7 @@ mod tests {
                 prefix: 24,
                 gateway: [10, 0, 2, 2],
                 mtu: 1500,
+                mac: None,
             })
             .unwrap_err()
         });

@@ -28,17 +28,8 @@ pub fn mount_all(
     if mounts
         .iter()
         .any(|m| matches!(m.kind, GuestMountKind::Share { .. }))
-        && !is_mounted(SHARES)
     {
-        fs::create_dir_all(SHARES)?;
-        mount(
-            Some("vmc"),
-            SHARES,
-            Some("virtiofs"),
-            libc::MS_NOSUID | libc::MS_NODEV,
-            None,
-        )
-        .map_err(|e| io::Error::new(e.kind(), format!("mounting the volumes (virtiofs): {e}")))?;
+        mount_shares()?;
     }
     let root_fd = vmc_spawn::sys::open_dir_path(root)?;
     for m in mounts {
@@ -91,6 +82,38 @@ pub fn mount_all(
         .map_err(|e| io::Error::new(e.kind(), format!("making the root read-only: {e}")))?;
     }
     Ok(())
+}
+
+/// Mounts the virtio-fs share at [`SHARES`], once.
+pub fn mount_shares() -> io::Result<()> {
+    if is_mounted(SHARES) {
+        return Ok(());
+    }
+    fs::create_dir_all(SHARES)?;
+    mount(
+        Some("vmc"),
+        SHARES,
+        Some("virtiofs"),
+        libc::MS_NOSUID | libc::MS_NODEV,
+        None,
+    )
+    .map_err(|e| io::Error::new(e.kind(), format!("mounting the shares (virtiofs): {e}")))
+}
+
+/// Binds share entry `index` (a live host directory) at `root` as the
+/// container's root: suid and device files work in it as in any root;
+/// the host's file server decides what the guest may do to the files.
+pub fn bind_root(index: u32, root: &str) -> io::Result<()> {
+    mount_shares()?;
+    fs::create_dir_all(root)?;
+    mount(
+        Some(&format!("{SHARES}/{index}")),
+        root,
+        None,
+        libc::MS_BIND,
+        None,
+    )
+    .map_err(|e| io::Error::new(e.kind(), format!("binding the shared root: {e}")))
 }
 
 /// Makes `path` in the root (its directories, and the last part as a

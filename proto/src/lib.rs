@@ -22,7 +22,7 @@ use std::io::{self, Read, Write};
 use serde::{Deserialize, Serialize};
 
 /// Version of the frames below; bumped on every incompatible change.
-pub const PROTOCOL_VERSION: u32 = 12;
+pub const PROTOCOL_VERSION: u32 = 13;
 
 /// vsock port on which the guest agent listens.
 pub const AGENT_PORT: u32 = 1024;
@@ -84,6 +84,12 @@ pub struct RootSpec {
     /// `--read-only`: the root remounted read-only after the mounts.
     #[serde(default)]
     pub read_only: bool,
+    /// The root is entry `/N` of the virtio-fs share, used as it is: a
+    /// live directory of the host's (an OCI bundle's `root.path`), with no
+    /// image disk, overlay or scratch disk; what the container writes goes
+    /// straight into it.
+    #[serde(default)]
+    pub root_share: Option<u32>,
 }
 
 /// A mount the agent makes in the container root.
@@ -120,6 +126,10 @@ pub struct NetSpec {
     pub prefix: u8,
     pub gateway: [u8; 4],
     pub mtu: u16,
+    /// The hardware address to take (a network namespace's interface's,
+    /// whose frames the VM gets); none keeps the device's.
+    #[serde(default)]
+    pub mac: Option<[u8; 6]>,
 }
 
 /// A process to start in the container.

@@ -285,6 +285,7 @@ pub(crate) fn run(args: RunArgs, create_only: bool) -> Result<i32> {
         })
     };
     let cfg = ContainerConfig {
+        netns: None,
         extra_hosts,
         mounts,
         read_only: args.read_only,

@@ -38,6 +38,9 @@ pub struct Bundle {
     pub mode: Option<Mode>,
     /// The root's preparation: mounts, masked and read-only paths.
     pub ops: Vec<RootOp>,
+    /// The mounts a microVM's agent makes: binds (through virtio-fs) and
+    /// tmpfs; the guest has its own /proc, /sys and /dev.
+    pub vm_mounts: Vec<crate::runtime::volume::Mount>,
     /// Namespaces made new for the container.
     pub clone_flags: libc::c_int,
     /// Namespaces joined by path (`CLONE_NEWNET`, ...: setns's type).
@@ -226,8 +229,10 @@ pub fn from_spec(dir: &Path, spec: &Spec) -> Result<Bundle, BundleError> {
     sysctls.sort();
 
     let mut ops = Vec::new();
+    let mut vm_mounts = Vec::new();
     for m in spec.mounts().clone().unwrap_or_default() {
         ops.extend(mount_ops(dir, &m)?);
+        vm_mounts.extend(vm_mount(dir, &m));
     }
     for p in linux.masked_paths().clone().unwrap_or_default() {
         ops.push(masked(&p));
@@ -270,6 +275,7 @@ pub fn from_spec(dir: &Path, spec: &Spec) -> Result<Bundle, BundleError> {
         hostname: spec.hostname().clone(),
         mode,
         ops,
+        vm_mounts,
         clone_flags,
         join,
         caps,
@@ -465,6 +471,41 @@ fn mount_ops(dir: &Path, m: &Mount) -> Result<Vec<RootOp>, BundleError> {
         });
     }
     Ok(ops)
+}
+
+/// A spec mount as a microVM's agent makes it (checked by [`mount_ops`]
+/// first): a bind through the file server, a tmpfs of the guest's; the
+/// pseudo filesystems and /dev are the guest's own already.
+fn vm_mount(dir: &Path, m: &Mount) -> Option<crate::runtime::volume::Mount> {
+    use crate::runtime::volume::{Mount as VmMount, MountSource};
+    let target = m.destination().display().to_string();
+    let typ = m.typ().clone().unwrap_or_default();
+    let mut flags: libc::c_ulong = 0;
+    let mut data = Vec::new();
+    for o in m.options().clone().unwrap_or_default() {
+        match flag(&o) {
+            Some((true, f)) => flags |= f,
+            Some((false, f)) => flags &= !f,
+            None => data.push(o),
+        }
+    }
+    let readonly = flags & libc::MS_RDONLY != 0;
+    if flags & libc::MS_BIND != 0 || typ == "bind" {
+        let source = dir.join(m.source().as_ref()?);
+        return Some(VmMount {
+            source: MountSource::Bind { source },
+            target,
+            readonly,
+        });
+    }
+    (typ == "tmpfs" && target != "/dev").then(|| VmMount {
+        source: MountSource::Tmpfs {
+            flags: flags & !(libc::MS_RDONLY | libc::MS_BIND | libc::MS_REC),
+            data: data.join(","),
+        },
+        target,
+        readonly,
+    })
 }
 
 /// The device nodes and links runc makes in a container's /dev: the

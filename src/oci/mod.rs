@@ -18,6 +18,7 @@ use clap::{Parser, Subcommand};
 pub mod bundle;
 pub mod ns;
 pub mod state;
+pub mod vm;
 
 use state::{Record, Status};
 
@@ -273,7 +274,11 @@ fn run(cli: &RuntimeCli) -> Result<i32> {
                 r.status(&dir).as_str()
             );
         }
-        return ns::exec(&r, &exec_plan(&cli.verb, &r)?);
+        let plan = exec_plan(&cli.verb, &r)?;
+        return match r.mode {
+            crate::runtime::Mode::Ns => ns::exec(&r, &plan),
+            crate::runtime::Mode::Vm => vm::exec(&dir, &r, &plan),
+        };
     }
     run_verb(cli, &root).map(|()| 0)
 }
@@ -436,10 +441,7 @@ fn create(
     }
     let made = match mode {
         crate::runtime::Mode::Ns => ns::create(&dir, id, &b, opts),
-        crate::runtime::Mode::Vm => Err(anyhow::anyhow!(
-            "microVM mode is not implemented in vmc-runtime yet: annotate the container {}=ns (or --mode ns)",
-            bundle::MODE_ANNOTATION
-        )),
+        crate::runtime::Mode::Vm => vm::create(&dir, id, &b, opts),
     };
     let record = match made.and_then(|r| r.save(&dir).map(|()| r).context("saving the state")) {
         Ok(r) => r,
@@ -517,9 +519,13 @@ fn kill(dir: &Path, r: &Record, sig: i32, all: bool) -> Result<()> {
             bail!("signalling {pid}: {}", std::io::Error::last_os_error());
         }
     }
-    // A created container killed for good takes its holder with it.
+    // A created container killed for good takes its holder with it; a
+    // microVM's, its VMM.
     if status == Status::Created && sig == libc::SIGKILL {
         ns::end_holder(r);
+    }
+    if r.mode == crate::runtime::Mode::Vm && sig == libc::SIGKILL {
+        vm::kill_vmm(dir);
     }
     Ok(())
 }
@@ -583,6 +589,7 @@ fn delete(root: &Path, id: &str, force: bool) -> Result<()> {
         }
     }
     ns::end_holder(&r);
+    vm::kill_vmm(&dir);
     ns::clean_up(&r);
     std::fs::remove_dir_all(&dir).with_context(|| format!("removing {}", dir.display()))
 }

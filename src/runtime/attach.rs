@@ -101,6 +101,10 @@ pub fn run_attached(
         let mut spec = cfg.process.clone();
         spec.stdin = forward_stdin;
         spec.reboot_on_exit = true;
+        // The terminal's size now (it may have changed while created).
+        if let (Some(_), Some(now)) = (spec.tty, super::tty::host_size()) {
+            spec.tty = Some(now);
+        }
         spec.resolved = resolve_ahead(cfg, dir);
         HostMsg::Start(spec)
     };
@@ -110,8 +114,10 @@ pub fn run_attached(
             crate::phase!("process started");
             super::timings::mark("start");
             super::state::mark_started(dir);
+            gate.started(Ok(()));
         }
         Ok(GuestMsg::StartFailed { kind, message }) => {
+            gate.started(Err(&message));
             eprintln!("vmc: {message}");
             mvm.stop();
             return Ok(kind.exit_code());
@@ -192,6 +198,9 @@ pub fn exec_attached(
     super::timings::mark("prepare");
     spec.stdin = forward_stdin;
     spec.reboot_on_exit = false;
+    if let (Some(_), Some(now)) = (spec.tty, super::tty::host_size()) {
+        spec.tty = Some(now);
+    }
     // Start goes with the Hello: one round trip to the guest.
     let mut conn = AgentConn::connect_then(
         vsock,

@@ -657,6 +657,7 @@ mod tests {
 
     fn config() -> ContainerConfig {
         ContainerConfig {
+            netns: None,
             id: "0123456789abcdef0123".into(),
             rootfs: Rootfs::Dir("/nonexistent".into()),
             image_id: Some("sha256:feed".into()),

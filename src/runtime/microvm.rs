@@ -22,6 +22,15 @@ use crate::disk;
 use crate::vmm::progress::Watchdog;
 use crate::vmm::{self, Backend, VmExit, VmmError};
 
+/// What the guest's interface is given.
+#[derive(Debug, Clone, Copy)]
+struct Addressing {
+    ipv4: super::net::HostIpv4,
+    /// The address to take (a network namespace's interface's).
+    mac: Option<[u8; 6]>,
+    mtu: u16,
+}
+
 /// How a microVM starts.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Start {
@@ -48,8 +57,12 @@ pub struct MicroVm {
     restored: bool,
     /// When the vCPUs started (ms since process start), for `vmc bench`.
     running_ms: f64,
-    /// The VM's passt and the addressing it serves (with `--network passt`).
-    passt: Option<(super::net::Passt, super::net::HostIpv4)>,
+    /// The VM's passt (with `--network passt`), or the relay of the network
+    /// namespace's interface it took over (`netns`).
+    _passt: Option<super::net::Passt>,
+    _mirror: Option<super::mirror::Mirror>,
+    /// The guest interface's addressing (with a network).
+    addressing: Option<Addressing>,
     /// The snapshot it was restored from.
     snapshot: Option<snapshot::Restored>,
     /// The file server of its volumes (killed with the VM).
@@ -57,6 +70,8 @@ pub struct MicroVm {
     /// What the agent mounts in the root, and `--read-only`.
     mounts: Vec<vmc_proto::GuestMount>,
     read_only: bool,
+    /// The share that is the root ([`super::Rootfs::Shared`]).
+    root_share: Option<u32>,
 }
 
 impl MicroVm {
@@ -69,7 +84,7 @@ impl MicroVm {
     /// warm-start snapshot (`--debug` always boots cold, to show the boot).
     pub fn start(cfg: &ContainerConfig, dir: &Path, how: Start) -> Result<MicroVm, RuntimeError> {
         let vm_cfg = cfg.vm()?;
-        if let super::Rootfs::Dir(d) = &cfg.rootfs {
+        if let super::Rootfs::Dir(d) | super::Rootfs::Shared(d) = &cfg.rootfs {
             if !d.is_dir() {
                 return Err(RuntimeError::NoRootfs(d.display().to_string()));
             }
@@ -108,6 +123,16 @@ impl MicroVm {
                 image
             }
             super::Rootfs::Disk(p) => p.clone(),
+            // No image disk: an empty one in its slot (the device layout
+            // is the snapshots').
+            super::Rootfs::Shared(_) => {
+                let image = dir.join("image.empty");
+                std::fs::File::create(&image).map_err(|source| RuntimeError::State {
+                    path: image.display().to_string(),
+                    source,
+                })?;
+                image
+            }
             super::Rootfs::Layers(_) => {
                 return Err(RuntimeError::Namespace(
                     "unpacked layers are for namespace mode; a microVM takes the image's disk"
@@ -116,8 +141,9 @@ impl MicroVm {
             }
         };
         let scratch = dir.join("scratch.ext4");
-        if vm_cfg.upper_in_memory {
-            // The writable layer is in guest memory: an empty disk in the
+        if vm_cfg.upper_in_memory || matches!(cfg.rootfs, super::Rootfs::Shared(_)) {
+            // The writable layer is in guest memory (or the shared root
+            // takes the writes): an empty disk in the
             // slot (as in a ready snapshot, so its size does not change).
             std::fs::File::create(&scratch).map_err(|source| RuntimeError::State {
                 path: scratch.display().to_string(),
@@ -154,21 +180,46 @@ impl MicroVm {
             path: dir.display().to_string(),
             source,
         };
-        let (ours, passt) = match host {
-            Some(h) => {
+        let (ours, net, addressing) = match (&cfg.netns, host) {
+            (Some(ns), _) => {
+                let (ours, m) = super::mirror::take(ns)?;
+                let a = Addressing {
+                    ipv4: m.taken.ipv4,
+                    mac: Some(m.taken.mac),
+                    mtu: m.taken.mtu,
+                };
+                (ours, (None, Some(m)), Some(a))
+            }
+            (None, Some(h)) => {
                 let (ours, theirs) = std::os::unix::net::UnixStream::pair().map_err(state_err)?;
                 let p = super::net::Passt::start(
                     theirs,
                     &h,
                     super::net::maps_host_loopback(&cfg.extra_hosts),
                 )?;
-                (ours, Some((p, h)))
+                let a = Addressing {
+                    ipv4: h,
+                    mac: None,
+                    mtu: crate::devices::virtio::net::MTU,
+                };
+                (ours, (Some(p), None), Some(a))
             }
-            None => (unplugged().map_err(state_err)?, None),
+            (None, None) => (unplugged().map_err(state_err)?, (None, None), None),
         };
         // Volumes: made (and an empty one filled from the image), then
         // served by a file server of their own behind the virtio-fs device.
-        let (shares, mounts) = guest_mounts(&cfg.mounts);
+        let (mut shares, mounts) = guest_mounts(&cfg.mounts);
+        // A shared root is the last share.
+        let root_share = match &cfg.rootfs {
+            super::Rootfs::Shared(d) => {
+                shares.push(super::fsserver::Share {
+                    source: d.clone(),
+                    readonly: false,
+                });
+                Some(shares.len() as u32 - 1)
+            }
+            _ => None,
+        };
         for m in super::volume::prepare(&cfg.mounts)? {
             if let (Some(data), Some(id)) = (m.host_path(), &cfg.image_id) {
                 fill_from_image(id, &m.target, &data, dir)?;
@@ -222,11 +273,14 @@ impl MicroVm {
                 restored: snapshot.is_some(),
                 parked: false,
                 running_ms: super::elapsed_ms(),
-                passt,
+                _passt: net.0,
+                _mirror: net.1,
+                addressing,
                 snapshot,
                 _fs_server: fs_server,
                 mounts,
                 read_only: cfg.read_only,
+                root_share,
             }
         };
         if how == Start::Cold || vm_cfg.debug {
@@ -486,24 +540,26 @@ impl MicroVm {
             hostname: hostname.into(),
             image_sectors: self.disk_sectors.0,
             scratch_sectors: self.disk_sectors.1,
-            network: self.passt.as_ref().map(|(_, h)| vmc_proto::NetSpec {
+            network: self.addressing.map(|a| vmc_proto::NetSpec {
                 ifname: super::guest::NET_IF.into(),
-                address: h.address.octets(),
-                prefix: h.prefix,
-                gateway: h.gateway.octets(),
-                mtu: crate::devices::virtio::net::MTU,
+                address: a.ipv4.address.octets(),
+                prefix: a.ipv4.prefix,
+                gateway: a.ipv4.gateway.octets(),
+                mtu: a.mtu,
+                mac: a.mac,
             }),
             link: None,
             etc,
             upper_in_memory,
             mounts: self.mounts.clone(),
             read_only: self.read_only,
+            root_share: self.root_share,
         }
     }
 
     /// The guest's IPv4 address, if it has a network.
     pub fn address(&self) -> Option<std::net::Ipv4Addr> {
-        self.passt.as_ref().map(|(_, h)| h.address)
+        self.addressing.map(|a| a.ipv4.address)
     }
 
     /// For `vmc bench`: writes this process's peak RSS and the guest's

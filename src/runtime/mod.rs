@@ -18,6 +18,7 @@ pub mod jail;
 pub mod lifecycle;
 
 pub mod microvm;
+pub mod mirror;
 pub mod net;
 pub mod ns;
 pub mod observe;
@@ -62,6 +63,10 @@ pub enum Rootfs {
     /// An image's layers, each unpacked in its own directory, bottom first
     /// (namespace mode's overlayfs lowers).
     Layers(Vec<PathBuf>),
+    /// A live directory used as it is, writes included (an OCI bundle's
+    /// root, which its engine prepared): a microVM gets it through
+    /// virtio-fs, with no disk made of it.
+    Shared(PathBuf),
 }
 
 impl Rootfs {
@@ -71,6 +76,9 @@ impl Rootfs {
         match self {
             Rootfs::Layers(l) => Ok(l.clone()),
             Rootfs::Dir(d) => Ok(vec![d.clone()]),
+            Rootfs::Shared(_) => Err(RuntimeError::Namespace(
+                "a shared root is for a microVM; namespace mode binds it itself".into(),
+            )),
             Rootfs::Disk(_) => Err(RuntimeError::Namespace(
                 "namespace mode takes an image's layers, not its disk".into(),
             )),
@@ -95,6 +103,10 @@ pub struct ContainerConfig {
     /// How the container reaches the network.
     #[serde(default)]
     pub network: net::Network,
+    /// A network namespace whose interface a microVM takes over
+    /// ([`mirror`]: `vmc-runtime` given its caller's); over `network`.
+    #[serde(default)]
+    pub netns: Option<PathBuf>,
     /// `--dns`: nameservers for its /etc/resolv.conf (default: the host's).
     #[serde(default)]
     pub dns: Vec<String>,
@@ -296,6 +308,10 @@ pub trait StartGate {
     /// Blocks until the workload may start; an error ends the run before it
     /// does.
     fn open(&mut self) -> Result<(), RuntimeError>;
+
+    /// The workload's start went through (`Ok`) or failed (its message);
+    /// `vmc-runtime`'s `start` answers here. Nothing by default.
+    fn started(&mut self, _result: Result<(), &str>) {}
 }
 
 /// The signals vmc forwards from its own process to a container's workload
@@ -391,6 +407,7 @@ pub(crate) mod tests {
     /// A container of `engine` with its root a directory.
     pub(crate) fn config(engine: EngineConfig) -> ContainerConfig {
         ContainerConfig {
+            netns: None,
             id: "c".into(),
             rootfs: Rootfs::Dir("/r".into()),
             image_id: None,

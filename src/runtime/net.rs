@@ -87,6 +87,8 @@ pub enum NetError {
     },
     #[error("pasta is running but did not configure the container's network ({0})")]
     PastaStuck(String),
+    #[error("the network namespace's interface for the VM: {0}")]
+    Mirror(String),
 }
 
 /// Whether the sandbox may reach the host's loopback services through the

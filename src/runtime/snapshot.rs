@@ -549,6 +549,7 @@ fn create_ready(
         // A ready snapshot holds no volume: a run's are mounted after.
         mounts: Vec::new(),
         read_only: false,
+        root_share: None,
     };
     let answers = AgentConn::connect(&vsock, AGENT_PORT, &mut watch).and_then(|mut c| {
         let refreshed = c.request(&refresh_msg(), &mut watch)?;

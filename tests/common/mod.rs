@@ -149,6 +149,7 @@ impl TestVm {
         let dir = tempfile::tempdir().expect("tempdir");
         let hostname = "testvm".to_string();
         let cfg = ContainerConfig {
+            netns: None,
             id: vmc::runtime::new_id(),
             rootfs: vmc::runtime::Rootfs::Dir(rootfs.to_path_buf()),
             image_id: None,

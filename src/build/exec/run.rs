@@ -87,6 +87,7 @@ impl Builder<'_> {
                 }
             };
             let cfg = ContainerConfig {
+                netns: None,
                 id: crate::runtime::new_id(),
                 rootfs,
                 image_id: None,
