@@ -598,6 +598,17 @@ fn a_microvm_container_follows_the_lifecycle_and_runs_execs() {
         std::fs::read_to_string(b.path().join("rootfs/done")).unwrap(),
         "detached 0\n"
     );
+    // pause stops the VMM as a whole; exec waits for resume.
+    b.ok(&["pause", "v1"]);
+    assert_eq!(b.state("v1")["status"], "paused");
+    b.fails(
+        &["exec", "v1", "true"],
+        "cannot exec in a container that is paused",
+    );
+    b.ok(&["resume", "v1"]);
+    assert_eq!(b.state("v1")["status"], "running");
+    let o = b.run(&["exec", "v1", "cat", "/done"]);
+    assert_eq!(String::from_utf8_lossy(&o.stdout), "detached 0\n", "{o:?}");
     b.fails(
         &["delete", "v1"],
         "that is not stopped: running (use --force)",

@@ -561,7 +561,7 @@ fn delete(root: &Path, id: &str, force: bool) -> Result<()> {
         Status::Stopped | Status::Created => {}
         s if force => {
             if s == Status::Paused {
-                let _ = set_frozen(&r, false);
+                let _ = set_frozen(&dir, &r, false);
             }
         }
         s => bail!(
@@ -594,7 +594,10 @@ fn delete(root: &Path, id: &str, force: bool) -> Result<()> {
     std::fs::remove_dir_all(&dir).with_context(|| format!("removing {}", dir.display()))
 }
 
-fn set_frozen(r: &Record, frozen: bool) -> Result<()> {
+fn set_frozen(dir: &Path, r: &Record, frozen: bool) -> Result<()> {
+    if r.mode == crate::runtime::Mode::Vm {
+        return vm::set_paused(dir, frozen);
+    }
     let f = crate::runtime::cgroup::freezer_of(&r.cgroups)
         .context("the container has no freezer cgroup")?;
     crate::runtime::cgroup::set_frozen(&f, frozen)?;
@@ -604,7 +607,7 @@ fn set_frozen(r: &Record, frozen: bool) -> Result<()> {
 fn freeze(root: &Path, id: &str, frozen: bool) -> Result<()> {
     let (dir, r) = existing(root, id)?;
     match (r.status(&dir), frozen) {
-        (Status::Running, true) | (Status::Paused, false) => set_frozen(&r, frozen),
+        (Status::Running, true) | (Status::Paused, false) => set_frozen(&dir, &r, frozen),
         (s, true) => bail!("cannot pause a container that is {}", s.as_str()),
         (s, false) => bail!("cannot resume a container that is {}", s.as_str()),
     }

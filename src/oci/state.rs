@@ -97,8 +97,11 @@ impl Record {
         if dir.join(CREATED).exists() {
             return Status::Created;
         }
-        let frozen = crate::runtime::cgroup::freezer_of(&self.cgroups)
-            .is_some_and(|f| crate::runtime::cgroup::is_frozen(&f));
+        let frozen = match self.mode {
+            Mode::Vm => super::vm::paused(dir),
+            Mode::Ns => crate::runtime::cgroup::freezer_of(&self.cgroups)
+                .is_some_and(|f| crate::runtime::cgroup::is_frozen(&f)),
+        };
         if frozen {
             Status::Paused
         } else {

@@ -408,3 +408,28 @@ pub fn exec(dir: &Path, r: &Record, plan: &super::ns::ExecPlan) -> Result<i32> {
     }
     Ok(0)
 }
+
+/// `pause`/`resume` of a microVM: its VMM stopped with SIGSTOP (every vCPU
+/// out of the guest, the device threads too) or let go with SIGCONT, as
+/// `vmc pause` does.
+pub fn set_paused(dir: &Path, paused: bool) -> Result<()> {
+    let pid = crate::runtime::jail::Confinement::of_container(dir)
+        .map(|c| c.pid)
+        .filter(|&p| crate::runtime::pause::is_vmm(p))
+        .context("the container's VMM is not a process of its own (VMC_JAIL=0): pausing it would stop its holder too")?;
+    if paused {
+        if !crate::runtime::pause::stop_vmm(pid) {
+            bail!("the VMM's threads did not stop");
+        }
+    } else {
+        // SAFETY: kill with a pid just checked to be a VMM's.
+        unsafe { libc::kill(pid as libc::pid_t, libc::SIGCONT) };
+    }
+    Ok(())
+}
+
+/// Whether the microVM in `dir` is paused (its VMM stopped as a whole).
+pub fn paused(dir: &Path) -> bool {
+    crate::runtime::jail::Confinement::of_container(dir)
+        .is_some_and(|c| crate::runtime::pause::vmm_stopped(c.pid))
+}

@@ -71,7 +71,7 @@ fn hold(c: &Container) -> Result<Hold, PauseError> {
 }
 
 /// Whether `pid` is still a VMM process (named `vmm`).
-fn is_vmm(pid: u32) -> bool {
+pub fn is_vmm(pid: u32) -> bool {
     std::fs::read_to_string(format!("/proc/{pid}/comm")).is_ok_and(|c| c.trim() == "vmm")
 }
 
@@ -85,6 +85,29 @@ fn all_stopped(pid: u32) -> bool {
         stat.rsplit_once(')')
             .is_some_and(|(_, rest)| matches!(rest.trim_start().chars().next(), Some('T' | 't')))
     })
+}
+
+/// Stops the VMM `pid` with SIGSTOP and waits until every thread of it
+/// is stopped; one whose threads do not stop within a minute is let go
+/// again (false).
+pub fn stop_vmm(pid: u32) -> bool {
+    // SAFETY: kill with a pid the caller checked to be a VMM's.
+    unsafe { libc::kill(pid as libc::pid_t, libc::SIGSTOP) };
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !all_stopped(pid) {
+        if Instant::now() > deadline {
+            // SAFETY: as above.
+            unsafe { libc::kill(pid as libc::pid_t, libc::SIGCONT) };
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    true
+}
+
+/// Whether `pid` is a VMM stopped as a whole (paused).
+pub fn vmm_stopped(pid: u32) -> bool {
+    is_vmm(pid) && all_stopped(pid)
 }
 
 /// `vmc pause`.
@@ -103,16 +126,8 @@ pub fn pause(c: &mut Container) -> Result<(), PauseError> {
             })?
         }
         Hold::Vmm(pid) => {
-            // SAFETY: kill with a pid just checked to be the VMM's.
-            unsafe { libc::kill(pid as libc::pid_t, libc::SIGSTOP) };
-            let deadline = Instant::now() + Duration::from_secs(60);
-            while !all_stopped(pid) {
-                if Instant::now() > deadline {
-                    // SAFETY: as above.
-                    unsafe { libc::kill(pid as libc::pid_t, libc::SIGCONT) };
-                    return Err(PauseError::Stuck { id: short(c) });
-                }
-                std::thread::sleep(Duration::from_millis(2));
+            if !stop_vmm(pid) {
+                return Err(PauseError::Stuck { id: short(c) });
             }
         }
     }

@@ -14,6 +14,7 @@ use super::runtimes::{self, Env, Kind, MeasureError, Runtime, Sandbox, StartOpts
 use super::{BenchError, Sizes};
 
 mod net;
+mod podman;
 mod timing;
 
 use timing::{first_output_and_exit, markers};
@@ -344,6 +345,7 @@ impl Bench {
                 self.rows.push(row(name, VMM, m));
                 Ok(())
             }
+            "podman" => self.podman(),
             other => Err(BenchError::Scenario(other.into())),
         }
     }
