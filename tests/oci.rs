@@ -628,13 +628,35 @@ fn a_microvm_container_follows_the_lifecycle_and_runs_execs() {
     }
     b.ok(&["delete", "v1"]);
     assert!(!b.state.path().join("v1").exists());
-    // The workload's exit status is the pid's.
-    let b = vm_bundle(&["sh", "-c", "exit 3"]);
-    let pid = b.create("v2", &b.path().join("out"));
+    // The workload's exit status is the pid's. Its bundle joins a network
+    // namespace (made here) with loopback alone: the guest gets no address.
+    let netns = format!("vmc-oci-{}", std::process::id());
+    common::ok(
+        &Command::new("ip")
+            .args(["netns", "add", &netns])
+            .output()
+            .unwrap(),
+    );
+    let mut cfg = config(
+        &["sh", "-c", "ip -4 addr show eth0 | grep -c inet; exit 3"],
+        serde_json::json!({}),
+    );
+    cfg["annotations"] = serde_json::json!({});
+    cfg["linux"]["namespaces"] = serde_json::json!([
+        {"type": "pid"}, {"type": "ipc"}, {"type": "uts"}, {"type": "mount"},
+        {"type": "network", "path": format!("/run/netns/{netns}")}
+    ]);
+    let b = Bundle::with(cfg);
+    let out = b.path().join("out");
+    let pid = b.create("v2", &out);
     b.ok(&["start", "v2"]);
     let status = wait_for(pid);
+    let _ = Command::new("ip")
+        .args(["netns", "delete", &netns])
+        .status();
     assert!(libc::WIFEXITED(status), "{status:#x}");
     assert_eq!(libc::WEXITSTATUS(status), 3);
+    assert_eq!(std::fs::read_to_string(&out).unwrap(), "0\n");
     b.ok(&["delete", "v2"]);
 }
 

@@ -180,9 +180,9 @@ impl MicroVm {
             path: dir.display().to_string(),
             source,
         };
-        let (ours, net, addressing) = match (&cfg.netns, host) {
-            (Some(ns), _) => {
-                let (ours, m) = super::mirror::take(ns)?;
+        let taken = cfg.netns.as_deref().map(super::mirror::take).transpose()?;
+        let (ours, net, addressing) = match (taken.flatten(), host) {
+            (Some((ours, m)), _) => {
                 let a = Addressing {
                     ipv4: m.taken.ipv4,
                     mac: Some(m.taken.mac),
@@ -190,7 +190,7 @@ impl MicroVm {
                 };
                 (ours, (None, Some(m)), Some(a))
             }
-            (None, Some(h)) => {
+            (None, Some(h)) if cfg.netns.is_none() => {
                 let (ours, theirs) = std::os::unix::net::UnixStream::pair().map_err(state_err)?;
                 let p = super::net::Passt::start(
                     theirs,
@@ -204,7 +204,7 @@ impl MicroVm {
                 };
                 (ours, (Some(p), None), Some(a))
             }
-            (None, None) => (unplugged().map_err(state_err)?, (None, None), None),
+            (None, _) => (unplugged().map_err(state_err)?, (None, None), None),
         };
         // Volumes: made (and an empty one filled from the image), then
         // served by a file server of their own behind the virtio-fs device.

@@ -46,13 +46,15 @@ fn err(what: impl std::fmt::Display) -> NetError {
 }
 
 /// Takes the interface of the network namespace at `netns` for a VM:
-/// returns the device's end of the socket and what the guest copies.
-pub fn take(netns: &Path) -> Result<(UnixStream, Mirror), NetError> {
+/// returns the device's end of the socket and what the guest copies, or
+/// `None` for a namespace without an IPv4 default route (loopback alone:
+/// the guest gets no network either).
+pub fn take(netns: &Path) -> Result<Option<(UnixStream, Mirror)>, NetError> {
     let netns = netns.to_path_buf();
     // The namespace is entered by a thread of its own (a network namespace
     // is per thread; its children, `ip` and `tc`, start in it); the TAP's
     // descriptor keeps working from any thread.
-    let (tap, taken) = std::thread::spawn(move || -> Result<(OwnedFd, Taken), NetError> {
+    let taken = std::thread::spawn(move || -> Result<Option<(OwnedFd, Taken)>, NetError> {
         let f = std::fs::File::open(&netns)
             .map_err(|e| err(format!("network namespace {}: {e}", netns.display())))?;
         // SAFETY: setns on a namespace descriptor we hold, for this thread.
@@ -63,7 +65,9 @@ pub fn take(netns: &Path) -> Result<(UnixStream, Mirror), NetError> {
                 std::io::Error::last_os_error()
             )));
         }
-        let (ifname, taken) = interface()?;
+        let Some((ifname, taken)) = interface()? else {
+            return Ok(None);
+        };
         let tap = open_tap(TAP)?;
         run(&[
             "ip",
@@ -81,10 +85,13 @@ pub fn take(netns: &Path) -> Result<(UnixStream, Mirror), NetError> {
                 "match", "u32", "0", "0", "action", "mirred", "egress", "redirect", "dev", to,
             ])?;
         }
-        Ok((tap, taken))
+        Ok(Some((tap, taken)))
     })
     .join()
     .map_err(|_| err("the namespace's thread panicked"))??;
+    let Some((tap, taken)) = taken else {
+        return Ok(None);
+    };
     let (ours, theirs) = UnixStream::pair().map_err(|e| err(format!("socketpair: {e}")))?;
     let tap = std::fs::File::from(tap);
     let (tap_r, sock_w) = (
@@ -93,7 +100,7 @@ pub fn take(netns: &Path) -> Result<(UnixStream, Mirror), NetError> {
     );
     std::thread::spawn(move || to_device(tap_r, sock_w));
     std::thread::spawn(move || to_tap(theirs, tap));
-    Ok((ours, Mirror { taken }))
+    Ok(Some((ours, Mirror { taken })))
 }
 
 /// Frames from the TAP to the device, each after its length.
@@ -131,8 +138,21 @@ fn to_tap(mut sock: UnixStream, mut tap: std::fs::File) {
     }
 }
 
+/// iproute2's `name`: on `PATH`, else where Debian puts it (a shim's
+/// `PATH` may lack the sbin directories).
+fn tool(name: &str) -> std::path::PathBuf {
+    super::find_on_path(name)
+        .or_else(|| {
+            ["/usr/sbin", "/sbin"]
+                .iter()
+                .map(|d| Path::new(d).join(name))
+                .find(|p| p.is_file())
+        })
+        .unwrap_or_else(|| name.into())
+}
+
 fn run(args: &[&str]) -> Result<(), NetError> {
-    let o = Command::new(args[0])
+    let o = Command::new(tool(args[0]))
         .args(&args[1..])
         .output()
         .map_err(|e| err(format!("{}: {e} (iproute2 is needed)", args[0])))?;
@@ -147,27 +167,27 @@ fn run(args: &[&str]) -> Result<(), NetError> {
 }
 
 fn json(args: &[&str]) -> Result<serde_json::Value, NetError> {
-    let o = Command::new(args[0])
+    let o = Command::new(tool(args[0]))
         .args(&args[1..])
         .output()
         .map_err(|e| err(format!("{}: {e} (iproute2 is needed)", args[0])))?;
     serde_json::from_slice(&o.stdout).map_err(|e| err(format!("{}: {e}", args.join(" "))))
 }
 
-/// The namespace's interface with the default route, and its setup.
-fn interface() -> Result<(String, Taken), NetError> {
+/// The namespace's interface with the default route, and its setup (none
+/// without a default route).
+fn interface() -> Result<Option<(String, Taken)>, NetError> {
     let routes = json(&["ip", "-j", "-4", "route", "show", "default"])?;
-    let route = routes
-        .as_array()
-        .and_then(|r| r.first())
-        .ok_or_else(|| err("the network namespace has no IPv4 default route"))?;
+    let Some(route) = routes.as_array().and_then(|r| r.first()) else {
+        return Ok(None);
+    };
     let ifname = route["dev"].as_str().unwrap_or_default().to_string();
     let gateway = route["gateway"]
         .as_str()
         .and_then(|g| g.parse().ok())
         .ok_or_else(|| err("the default route has no gateway"))?;
     let addrs = json(&["ip", "-j", "addr", "show", "dev", &ifname])?;
-    parse_interface(&addrs, &ifname, gateway)
+    parse_interface(&addrs, &ifname, gateway).map(Some)
 }
 
 /// `ip -j addr show dev IF`'s answer for `ifname` (its MAC address is

@@ -337,14 +337,25 @@ impl RunningVm {
     /// [`Self::resume`]); returns their states, each saved by its own thread.
     pub fn pause(&self) -> Result<Vec<snapshot::VcpuState>, SnapshotError> {
         self.pause.request(self.vcpus.len());
-        let deadline = Instant::now() + Duration::from_secs(10);
+        // Bounded by the threads' progress, not by wall time: on a loaded
+        // host a kicked vCPU may wait long for a CPU to leave the guest on
+        // (it counts as busy meanwhile); one that sits idle without
+        // stopping, or runs on for the budget, is stuck.
+        let mut dog = progress::Watchdog::new(Duration::from_secs(10));
         let saved = loop {
             self.kick_vcpus();
             if let Some(s) = self.pause.wait_saved(Duration::from_millis(20)) {
                 break s;
             }
-            if Instant::now() > deadline || !self.is_running() {
-                return Err(SnapshotError::Pause("the vCPUs did not stop".into()));
+            if !self.is_running() {
+                return Err(SnapshotError::Pause(
+                    "the vCPUs did not stop: the VM ended".into(),
+                ));
+            }
+            if let progress::Verdict::Hung(why) = dog.observe(Instant::now(), self.activity()) {
+                return Err(SnapshotError::Pause(format!(
+                    "the vCPUs did not stop: {why}"
+                )));
             }
         };
         saved.into_iter().collect()
