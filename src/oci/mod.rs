@@ -430,7 +430,7 @@ fn create(
 ) -> Result<()> {
     let dir = container_dir(root, id)?;
     let b = bundle::load(bundle)?;
-    let mode = b.mode.or(mode).unwrap_or_default();
+    let mode = mode_of(&b.annotations, b.mode, mode);
     std::fs::create_dir_all(root).with_context(|| format!("{}", root.display()))?;
     match std::fs::create_dir(&dir) {
         Ok(()) => {}
@@ -456,6 +456,32 @@ fn create(
             .context("--pid-file")?;
     }
     Ok(())
+}
+
+/// The annotations Kubernetes' runtimes put on a pod's sandbox (pause)
+/// container: containerd's CRI and CRI-O's.
+const SANDBOX_MARKS: [&str; 2] = [
+    "io.kubernetes.cri.container-type",
+    "io.kubernetes.cri-o.ContainerType",
+];
+
+/// A bundle's mode: its `io.vmc.mode`, else the runtime's `--mode`, else a
+/// microVM, except for a pod's sandbox container, which only holds the
+/// pod's namespaces: namespace mode, so that the pod's network namespace
+/// stays free for a workload's VM to take over.
+fn mode_of(
+    annotations: &std::collections::BTreeMap<String, String>,
+    annotated: Option<crate::runtime::Mode>,
+    flag: Option<crate::runtime::Mode>,
+) -> crate::runtime::Mode {
+    let sandbox = SANDBOX_MARKS
+        .iter()
+        .any(|k| annotations.get(*k).is_some_and(|v| v == "sandbox"));
+    match (annotated, sandbox) {
+        (Some(m), _) => m,
+        (None, true) => crate::runtime::Mode::Ns,
+        (None, false) => flag.unwrap_or_default(),
+    }
 }
 
 /// A `--pid-file` whose directory was opened up front: written (to a
@@ -636,4 +662,29 @@ fn features() -> serde_json::Value {
             "io.vmc.mode": "vm (a microVM per container) or ns (Linux namespaces)"
         }
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::runtime::Mode;
+
+    /// The annotation wins, then the runtime's flag, then vm; a pod's
+    /// sandbox container without the annotation is namespace mode.
+    #[test]
+    fn the_mode_comes_from_the_annotation_the_flag_or_the_pod_role() {
+        let none = std::collections::BTreeMap::new();
+        assert_eq!(mode_of(&none, None, None), Mode::Vm);
+        assert_eq!(mode_of(&none, None, Some(Mode::Ns)), Mode::Ns);
+        assert_eq!(mode_of(&none, Some(Mode::Vm), Some(Mode::Ns)), Mode::Vm);
+        for key in SANDBOX_MARKS {
+            let mut a = std::collections::BTreeMap::new();
+            a.insert(key.to_string(), "sandbox".to_string());
+            assert_eq!(mode_of(&a, None, None), Mode::Ns);
+            assert_eq!(mode_of(&a, None, Some(Mode::Vm)), Mode::Ns);
+            assert_eq!(mode_of(&a, Some(Mode::Vm), None), Mode::Vm);
+            a.insert(key.to_string(), "container".to_string());
+            assert_eq!(mode_of(&a, None, None), Mode::Vm);
+        }
+    }
 }
