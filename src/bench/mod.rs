@@ -329,6 +329,16 @@ fn measure(args: &BenchArgs) -> Result<Report, BenchError> {
     let _ = std::fs::remove_dir_all(&tmp);
     result?;
     notes.append(&mut out.notes);
+    // Columns: the runtimes, then any other a scenario measured (podman's
+    // engine with each of its runtimes).
+    let mut columns: Vec<String> = rts.iter().map(|r| r.name.clone()).collect();
+    for row in &out.rows {
+        for name in row.results.keys() {
+            if !columns.contains(name) {
+                columns.push(name.clone());
+            }
+        }
+    }
     Ok(Report {
         vmc_version: env!("CARGO_PKG_VERSION").into(),
         date: crate::image::store::rfc3339_now(),
@@ -337,7 +347,7 @@ fn measure(args: &BenchArgs) -> Result<Report, BenchError> {
         quick,
         runs,
         warmup,
-        runtimes: rts.iter().map(|r| r.name.clone()).collect(),
+        runtimes: columns,
         workloads: out.workloads,
         durations_s: out.durations,
         rows: out.rows,
