@@ -361,6 +361,30 @@ fn flag(option: &str) -> Option<(bool, libc::c_ulong)> {
     })
 }
 
+/// A mount's options: its flags (set and cleared in the order given), the
+/// data options passed to the filesystem, and the first propagation option
+/// vmc refuses (shared, slave, unbindable), if any.
+fn options(m: &Mount) -> (libc::c_ulong, Vec<String>, Option<String>) {
+    let mut flags: libc::c_ulong = 0;
+    let mut data = Vec::new();
+    let mut refused = None;
+    for o in m.options().clone().unwrap_or_default() {
+        match flag(&o) {
+            Some((true, f)) => flags |= f,
+            Some((false, f)) => flags &= !f,
+            None if matches!(
+                o.as_str(),
+                "shared" | "rshared" | "slave" | "rslave" | "unbindable" | "runbindable"
+            ) =>
+            {
+                refused.get_or_insert(o);
+            }
+            None => data.push(o),
+        }
+    }
+    (flags, data, refused)
+}
+
 /// The steps for one of the spec's mounts.
 fn mount_ops(dir: &Path, m: &Mount) -> Result<Vec<RootOp>, BundleError> {
     let target = m.destination().display().to_string();
@@ -371,24 +395,12 @@ fn mount_ops(dir: &Path, m: &Mount) -> Result<Vec<RootOp>, BundleError> {
         ));
     }
     let typ = m.typ().clone().unwrap_or_default();
-    let mut flags: libc::c_ulong = 0;
-    let mut data = Vec::new();
-    for o in m.options().clone().unwrap_or_default() {
-        match flag(&o) {
-            Some((true, f)) => flags |= f,
-            Some((false, f)) => flags &= !f,
-            None if matches!(
-                o.as_str(),
-                "shared" | "rshared" | "slave" | "rslave" | "unbindable" | "runbindable"
-            ) =>
-            {
-                return Err(refuse(
-                    dir,
-                    format!("mount {target}: {o} propagation is not supported"),
-                ))
-            }
-            None => data.push(o),
-        }
+    let (flags, data, refused) = options(m);
+    if let Some(o) = refused {
+        return Err(refuse(
+            dir,
+            format!("mount {target}: {o} propagation is not supported"),
+        ));
     }
     let bind = flags & libc::MS_BIND != 0 || typ == "bind";
     let mount = |source: String, fstype: &str, flags, data: String| RootOp::Mount {
@@ -480,15 +492,7 @@ fn vm_mount(dir: &Path, m: &Mount) -> Option<crate::runtime::volume::Mount> {
     use crate::runtime::volume::{Mount as VmMount, MountSource};
     let target = m.destination().display().to_string();
     let typ = m.typ().clone().unwrap_or_default();
-    let mut flags: libc::c_ulong = 0;
-    let mut data = Vec::new();
-    for o in m.options().clone().unwrap_or_default() {
-        match flag(&o) {
-            Some((true, f)) => flags |= f,
-            Some((false, f)) => flags &= !f,
-            None => data.push(o),
-        }
-    }
+    let (flags, data, _) = options(m);
     let readonly = flags & libc::MS_RDONLY != 0;
     if flags & libc::MS_BIND != 0 || typ == "bind" {
         let source = dir.join(m.source().as_ref()?);

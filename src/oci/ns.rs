@@ -32,6 +32,39 @@ pub fn create(dir: &Path, id: &str, b: &Bundle, opts: &CreateOpts) -> Result<Rec
     if b.hostname.is_some() && b.clone_flags & libc::CLONE_NEWUTS == 0 {
         bail!("a hostname needs a UTS namespace of the container's own (linux.namespaces)");
     }
+    let (holder, ok) = fork_holder(dir, |listener, report| {
+        match hold(id, b, opts, listener, report) {
+            Ok(()) => 0,
+            Err(_) => 1,
+        }
+    })?;
+    let mut f = ok.split_whitespace();
+    let pid: i32 = f.next().and_then(|v| v.parse().ok()).unwrap_or(0);
+    let pid_start: u64 = f.next().and_then(|v| v.parse().ok()).unwrap_or(0);
+    let cgroups = f.map(std::path::PathBuf::from).collect();
+    Ok(Record {
+        id: id.to_string(),
+        bundle: b.dir.clone(),
+        rootfs: b.root.clone(),
+        mode: crate::runtime::Mode::Ns,
+        pid,
+        pid_start,
+        holder,
+        created: state::now_rfc3339(),
+        annotations: b.annotations.clone(),
+        cgroups,
+    })
+}
+
+/// Forks the holder of a container being created in `dir` (both modes):
+/// `hold` runs in it with the listener of `start.sock` and the write end
+/// of the report pipe, and returns its exit code. This process reads the
+/// one report line and returns the holder's pid and what follows `ok `;
+/// an `err WHY` line (or none: the holder ended) is `create`'s error.
+pub fn fork_holder(
+    dir: &Path,
+    hold: impl FnOnce(UnixListener, OwnedFd) -> i32,
+) -> Result<(i32, String)> {
     let listener = UnixListener::bind(dir.join("start.sock"))
         .with_context(|| format!("{}: a socket for start", dir.display()))?;
     std::fs::write(dir.join(state::CREATED), "").context("marking the container created")?;
@@ -44,10 +77,7 @@ pub fn create(dir: &Path, id: &str, b: &Bundle, opts: &CreateOpts) -> Result<Rec
     }
     if holder == 0 {
         drop(report_r);
-        let code = match hold(id, b, opts, listener, report_w) {
-            Ok(()) => 0,
-            Err(_) => 1,
-        };
+        let code = hold(listener, report_w);
         // SAFETY: leaving the forked holder without running the parent's
         // exit handlers twice.
         unsafe { libc::_exit(code) };
@@ -66,22 +96,7 @@ pub fn create(dir: &Path, id: &str, b: &Bundle, opts: &CreateOpts) -> Result<Rec
         }
         bail!("{why}");
     };
-    let mut f = ok.split_whitespace();
-    let pid: i32 = f.next().and_then(|v| v.parse().ok()).unwrap_or(0);
-    let pid_start: u64 = f.next().and_then(|v| v.parse().ok()).unwrap_or(0);
-    let cgroups = f.map(std::path::PathBuf::from).collect();
-    Ok(Record {
-        id: id.to_string(),
-        bundle: b.dir.clone(),
-        rootfs: b.root.clone(),
-        mode: crate::runtime::Mode::Ns,
-        pid,
-        pid_start,
-        holder,
-        created: state::now_rfc3339(),
-        annotations: b.annotations.clone(),
-        cgroups,
-    })
+    Ok((holder, ok.to_string()))
 }
 
 /// The holder: runs in the process `create` forked, reports on `report`.

@@ -46,36 +46,9 @@ pub fn create(dir: &Path, id: &str, b: &Bundle, opts: &CreateOpts) -> Result<Rec
     // Checked before anything starts: the whole config the VM runs.
     let cfg = config(id, b)?;
     crate::vmm::open_kvm().context("microVM mode")?;
-    let listener = UnixListener::bind(dir.join("start.sock"))
-        .with_context(|| format!("{}: a socket for start", dir.display()))?;
-    std::fs::write(dir.join(state::CREATED), "").context("marking the container created")?;
-    let (report_r, report_w) = vmc_spawn::sys::pipe().context("a pipe")?;
-    // SAFETY: vmc-runtime is single-threaded here (nothing started a
-    // thread before the command ran), so the child may go on as Rust code.
-    let holder = unsafe { libc::fork() };
-    if holder < 0 {
-        bail!("fork: {}", std::io::Error::last_os_error());
-    }
-    if holder == 0 {
-        drop(report_r);
-        let code = hold(dir, &cfg, b, opts, listener, report_w);
-        // SAFETY: leaving the forked holder without running the parent's
-        // exit handlers twice.
-        unsafe { libc::_exit(code) };
-    }
-    drop(report_w);
-    drop(listener);
-    let mut report = String::new();
-    let _ = BufReader::new(std::fs::File::from(report_r).take(64 << 10)).read_line(&mut report);
-    let Some(ok) = report.strip_prefix("ok ") else {
-        // SAFETY: waitpid on our own child.
-        unsafe { libc::waitpid(holder, std::ptr::null_mut(), 0) };
-        let why = report.strip_prefix("err ").unwrap_or(&report).trim();
-        if why.is_empty() {
-            bail!("the container's VM ended before it was ready");
-        }
-        bail!("{why}");
-    };
+    let (holder, ok) = super::ns::fork_holder(dir, |listener, report| {
+        hold(dir, &cfg, b, opts, listener, report)
+    })?;
     let pid_start: u64 = ok.trim().parse().unwrap_or(0);
     Ok(Record {
         id: id.to_string(),
