@@ -394,6 +394,29 @@ fn bad_ids_unknown_containers_and_unsupported_bundles_are_refused() {
     assert_eq!(plain.state("m1")["status"], "created");
     assert!(!plain.state.path().join("m1/vsock.sock").exists());
     plain.ok(&["delete", "m1"]);
+    // A --root that does not exist yet is made private (0700), as runc's.
+    let fresh = plain.state.path().join("fresh");
+    let out = std::fs::File::create(plain.path().join("out2")).unwrap();
+    let st = Command::new(&plain.runtime)
+        .arg("--root")
+        .arg(&fresh)
+        .args(["--mode", "ns", "create", "--bundle", p, "m2"])
+        .stdin(Stdio::null())
+        .stdout(out.try_clone().unwrap())
+        .stderr(out)
+        .status()
+        .unwrap();
+    assert!(st.success());
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(&fresh).unwrap().permissions().mode();
+    assert_eq!(mode & 0o777, 0o700, "{mode:o}");
+    let o = Command::new(&plain.runtime)
+        .arg("--root")
+        .arg(&fresh)
+        .args(["delete", "m2"])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{o:?}");
     let f: serde_json::Value = serde_json::from_str(&b.ok(&["features"])).unwrap();
     assert!(f["linux"]["namespaces"]
         .as_array()

@@ -431,7 +431,10 @@ fn create(
     let dir = container_dir(root, id)?;
     let b = bundle::load(bundle)?;
     let mode = mode_of(&b.annotations, b.mode, mode);
-    std::fs::create_dir_all(root).with_context(|| format!("{}", root.display()))?;
+    // Made private, as runc makes its own: the records name bundles and pids.
+    if !root.exists() {
+        crate::host::private_dir(root).with_context(|| format!("{}", root.display()))?;
+    }
     match std::fs::create_dir(&dir) {
         Ok(()) => {}
         Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
