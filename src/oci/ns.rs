@@ -166,12 +166,7 @@ fn hold_inner(
     vmc_spawn::sys::mount(Some(&root), &root, None, libc::MS_BIND | libc::MS_REC, None)
         .with_context(|| format!("binding the root {root}"))?;
 
-    let seccomp = match &b.seccomp {
-        Some(json) => crate::runtime::seccomp::Seccomp::Profile(json.clone())
-            .programs(b.caps)
-            .context("linux.seccomp")?,
-        None => Vec::new(),
-    };
+    let seccomp = filters(b.seccomp.as_deref(), b.caps)?;
     let mut ops = b.ops.clone();
     if b.root_readonly {
         ops.push(crate::runtime::ns::read_only_root());
@@ -277,6 +272,17 @@ fn hold_inner(
             }
             bail!("{}", e.message)
         }
+    }
+}
+
+/// A bundle's `linux.seccomp` (its JSON, if any) compiled for a process
+/// with capabilities `caps`: the programs the spawner installs.
+fn filters(json: Option<&str>, caps: u64) -> Result<Vec<vmc_spawn::SeccompProgram>> {
+    match json {
+        Some(json) => crate::runtime::seccomp::Seccomp::Profile(json.to_string())
+            .programs(caps)
+            .context("linux.seccomp"),
+        None => Ok(Vec::new()),
     }
 }
 
@@ -397,12 +403,7 @@ pub fn exec(r: &Record, plan: &ExecPlan) -> Result<i32> {
             bail!("joining {p}: {}", std::io::Error::last_os_error());
         }
     }
-    let seccomp = match &plan.seccomp {
-        Some(json) => crate::runtime::seccomp::Seccomp::Profile(json.clone())
-            .programs(plan.caps)
-            .context("linux.seccomp")?,
-        None => Vec::new(),
-    };
+    let seccomp = filters(plan.seccomp.as_deref(), plan.caps)?;
     let iso = Isolation {
         clone_flags: if plan.detach { libc::CLONE_PARENT } else { 0 },
         keep_caps: Some(plan.caps),
