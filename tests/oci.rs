@@ -164,6 +164,32 @@ impl Bundle {
         );
         std::fs::read_to_string(pid_file).unwrap().parse().unwrap()
     }
+
+    /// `create ID` with a console socket (as conmon listens on one): the
+    /// container's pid and the terminal's master the runtime sent there.
+    fn create_with_console(&self, id: &str) -> (i32, std::os::fd::OwnedFd) {
+        let sock = self.path().join("console.sock");
+        let listener = std::os::unix::net::UnixListener::bind(&sock).unwrap();
+        let receiver = std::thread::spawn(move || {
+            let (s, _) = listener.accept().unwrap();
+            vmc_spawn::sys::recv_fd(&s).unwrap()
+        });
+        let pid_file = self.path().join(format!("{id}.pid"));
+        let o = self
+            .cmd(&["create", "--console-socket"])
+            .arg(&sock)
+            .arg("--pid-file")
+            .arg(&pid_file)
+            .arg("--bundle")
+            .arg(self.path())
+            .arg(id)
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{o:?}");
+        let master = receiver.join().unwrap();
+        let pid = std::fs::read_to_string(pid_file).unwrap().parse().unwrap();
+        (pid, master)
+    }
 }
 
 /// This test process adopts orphans, as conmon and the shim do, so that
@@ -494,26 +520,7 @@ fn a_terminal_goes_to_the_console_socket() {
     let mut cfg = config(&["sh", "-c", "tty; echo $TERM"], serde_json::json!({}));
     cfg["process"]["terminal"] = serde_json::json!(true);
     let b = Bundle::with(cfg);
-    let sock = b.path().join("console.sock");
-    let listener = std::os::unix::net::UnixListener::bind(&sock).unwrap();
-    let receiver = std::thread::spawn(move || {
-        let (s, _) = listener.accept().unwrap();
-        vmc_spawn::sys::recv_fd(&s).unwrap()
-    });
-    let pid_file = b.path().join("t.pid");
-    let o = b
-        .cmd(&["create", "--console-socket"])
-        .arg(&sock)
-        .arg("--pid-file")
-        .arg(&pid_file)
-        .arg("--bundle")
-        .arg(b.path())
-        .arg("t1")
-        .output()
-        .unwrap();
-    assert!(o.status.success(), "{o:?}");
-    let master = receiver.join().unwrap();
-    let pid: i32 = std::fs::read_to_string(pid_file).unwrap().parse().unwrap();
+    let (pid, master) = b.create_with_console("t1");
     b.ok(&["start", "t1"]);
     let status = wait_for(pid);
     assert_eq!(libc::WEXITSTATUS(status), 0);
@@ -698,25 +705,7 @@ fn a_microvm_terminal_goes_to_the_console_socket() {
     cfg["process"]["terminal"] = serde_json::json!(true);
     cfg["annotations"] = serde_json::json!({});
     let b = Bundle::with(cfg);
-    let sock = b.path().join("console.sock");
-    let listener = std::os::unix::net::UnixListener::bind(&sock).unwrap();
-    let receiver = std::thread::spawn(move || {
-        let (s, _) = listener.accept().unwrap();
-        vmc_spawn::sys::recv_fd(&s).unwrap()
-    });
-    let pid_file = b.path().join("t.pid");
-    let o = b
-        .cmd(&["create", "--console-socket"])
-        .arg(&sock)
-        .arg("--pid-file")
-        .arg(&pid_file)
-        .arg("--bundle")
-        .arg(b.path())
-        .arg("t1")
-        .output()
-        .unwrap();
-    assert!(o.status.success(), "{o:?}");
-    let master = receiver.join().unwrap();
+    let (pid, master) = b.create_with_console("t1");
     // The caller sizes the terminal before start, as conmon does.
     let ws = libc::winsize {
         ws_row: 33,
@@ -728,7 +717,6 @@ fn a_microvm_terminal_goes_to_the_console_socket() {
     // SAFETY: TIOCSWINSZ with a valid winsize on the master we hold.
     let r = unsafe { libc::ioctl(fd, libc::TIOCSWINSZ, &ws) };
     assert_eq!(r, 0);
-    let pid: i32 = std::fs::read_to_string(pid_file).unwrap().parse().unwrap();
     b.ok(&["start", "t1"]);
     let status = wait_for(pid);
     assert_eq!(libc::WEXITSTATUS(status), 0);

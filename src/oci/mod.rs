@@ -275,6 +275,9 @@ fn run(cli: &RuntimeCli) -> Result<i32> {
             );
         }
         let plan = exec_plan(&cli.verb, &r)?;
+        if plan.terminal && plan.console_socket.is_none() {
+            bail!("a terminal (--tty) needs --console-socket");
+        }
         return match r.mode {
             crate::runtime::Mode::Ns => ns::exec(&r, &plan),
             crate::runtime::Mode::Vm => vm::exec(&dir, &r, &plan),
@@ -430,6 +433,9 @@ fn create(
 ) -> Result<()> {
     let dir = container_dir(root, id)?;
     let b = bundle::load(bundle)?;
+    if b.terminal && opts.console_socket.is_none() {
+        bail!("process.terminal needs --console-socket (where the terminal's master is sent)");
+    }
     let mode = mode_of(&b.annotations, b.mode, mode);
     // Made private, as runc makes its own: the records name bundles and pids.
     if !root.exists() {

@@ -34,9 +34,6 @@ pub const CPUS_ANNOTATION: &str = "io.vmc.cpus";
 /// Creates the container `id` of bundle `b` in `dir` (made, empty, by the
 /// caller): returns once its guest waits for the process, with the record.
 pub fn create(dir: &Path, id: &str, b: &Bundle, opts: &CreateOpts) -> Result<Record> {
-    if b.terminal && opts.console_socket.is_none() {
-        bail!("process.terminal needs --console-socket (where the terminal's master is sent)");
-    }
     if opts.preserve_fds > 0 {
         bail!(
             "--preserve-fds: a microVM's process cannot take host descriptors (annotate {}=ns)",
@@ -322,9 +319,6 @@ pub fn kill_vmm(dir: &Path) {
 /// and exits with the process's status; its pid is the one reported (the
 /// caller, a subreaper, adopts it when this process ends).
 pub fn exec(dir: &Path, r: &Record, plan: &super::ns::ExecPlan) -> Result<i32> {
-    if plan.terminal && plan.console_socket.is_none() {
-        bail!("a terminal (--tty) needs --console-socket");
-    }
     if plan.preserve_fds > 0 {
         bail!("--preserve-fds: a microVM's process cannot take host descriptors");
     }
@@ -336,11 +330,10 @@ pub fn exec(dir: &Path, r: &Record, plan: &super::ns::ExecPlan) -> Result<i32> {
     let vsock = dir.join("vsock.sock");
     let vmm = vmm_pid(dir, r);
     let mut spec = plan.process.clone();
+    // A terminal comes with a console socket (checked by the caller).
     let run = |spec: vmc_proto::ProcessSpec| -> Result<i32> {
-        if let Some(path) = &plan.console_socket {
-            if plan.terminal {
-                take_terminal(path)?;
-            }
+        if let (true, Some(path)) = (plan.terminal, &plan.console_socket) {
+            take_terminal(path)?;
         }
         Ok(runtime::attach::exec_attached(&vsock, vmm, spec, true)?)
     };
@@ -353,8 +346,7 @@ pub fn exec(dir: &Path, r: &Record, plan: &super::ns::ExecPlan) -> Result<i32> {
             // this process's controlling one).
             unsafe { libc::setsid() };
         }
-        let code = run(spec)?;
-        return Ok(code);
+        return run(spec);
     }
     // SAFETY: vmc-runtime is single-threaded here, so the child may go on
     // as Rust code.
